@@ -1,0 +1,88 @@
+// swift-tools-version:6.2
+import PackageDescription
+
+let package = Package(
+    name: "conveyor",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "conveyor", targets: ["conveyor"]),
+        .library(name: "ConveyorWorker", targets: ["ConveyorWorker"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
+        .package(url: "https://github.com/swift-otel/swift-w3c-trace-context.git", from: "1.0.0"),
+        // One trait only: SwiftPM 6.3 may rebuild a dependency with several traits from scratch.
+        .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["YAML"]),
+    ],
+    targets: [
+        // System libraries: module maps and shims only.
+        .systemLibrary(name: "CLibPQ", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
+        .systemLibrary(name: "CRabbitMQ", pkgConfig: "librabbitmq", providers: [.apt(["librabbitmq-dev"])]),
+
+        // The domain, pure: no I/O.
+        .target(name: "ConveyorCore"),
+
+        // C libraries made safe.
+        .target(name: "ConveyorPostgres", dependencies: [
+            "CLibPQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "ConveyorAMQP", dependencies: [
+            "CRabbitMQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        // The SQL of tasks, runs and workers.
+        .target(name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
+                resources: [.copy("Migrations")]),
+
+        // Trace context over AMQP headers.
+        .target(name: "ConveyorTelemetry", dependencies: [
+            "ConveyorAMQP",
+            .product(name: "Tracing", package: "swift-distributed-tracing"),
+            .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
+        ]),
+
+        .target(name: "ConveyorDispatcher", dependencies: [
+            "ConveyorCore", "ConveyorStore", "ConveyorAMQP", "ConveyorTelemetry",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+        // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
+        .target(name: "ConveyorWorker", dependencies: [
+            "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Configuration", package: "swift-configuration"),
+        ]),
+
+        .executableTarget(name: "conveyor", dependencies: [
+            "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Configuration", package: "swift-configuration"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+
+        .testTarget(name: "ConveyorCoreTests", dependencies: ["ConveyorCore", "ConveyorWorker", "ConveyorTelemetry"]),
+        .testTarget(name: "ConveyorIntegrationTests", dependencies: [
+            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
+            "ConveyorWorker", "ConveyorTelemetry",
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+    ],
+    swiftLanguageModes: [.v6]
+)
+
+for target in package.targets where target.type != .system {
+    target.swiftSettings = (target.swiftSettings ?? []) + [
+        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0335-existential-any.md
+        .enableUpcomingFeature("ExistentialAny"),
+        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0444-member-import-visibility.md
+        .enableUpcomingFeature("MemberImportVisibility"),
+        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0409-access-level-on-imports.md
+        .enableUpcomingFeature("InternalImportsByDefault"),
+        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0461-async-function-isolation.md
+        .enableUpcomingFeature("NonisolatedNonsendingByDefault"),
+    ]
+}

@@ -1,0 +1,58 @@
+import CRabbitMQ
+public import Foundation
+
+/// How to reach the broker.
+public struct AMQPConfiguration: Sendable {
+    /// `amqp://user:pass@host:port/vhost`. Env `CONVEYOR_AMQP_URL`. Missing parts take
+    /// rabbitmq-c's defaults (port 5672, vhost `/`).
+    public var url: String
+    /// Heartbeat interval negotiated with the broker. Default 10 s.
+    public var heartbeat: Duration = .seconds(10)
+    /// Bound on connect, login and every synchronous method. Default 10 s.
+    public var operationTimeout: Duration = .seconds(10)
+    /// Bound on waiting for a publisher confirm. Default 30 s.
+    public var confirmTimeout: Duration = .seconds(30)
+    /// Reconnect backoff: base and cap (full jitter). Default 100 ms, 5 s.
+    public var reconnectBase: Duration = .milliseconds(100)
+    public var reconnectCap: Duration = .seconds(5)
+    /// How long start-up waits for a first connection before failing with a clear error. Default 60 s.
+    public var connectRetryFor: Duration = .seconds(60)
+    /// Connection name for logs.
+    public var name: String = "conveyor"
+
+    public init(url: String) { self.url = url }
+
+    struct Endpoint: Sendable {
+        var host: String, port: Int, vhost: String, user: String, password: String
+    }
+
+    /// Parses the URL with rabbitmq-c's own parser.
+    func endpoint() throws(AMQPError) -> Endpoint {
+        var info = amqp_connection_info()
+        amqp_default_connection_info(&info)
+        guard let buffer = strdup(url) else { throw AMQPError(code: .invalidURL, message: "out of memory") }
+        defer { free(buffer) }
+        guard amqp_parse_url(buffer, &info) == AMQP_STATUS_OK.rawValue else {
+            throw AMQPError(code: .invalidURL, message: "CONVEYOR_AMQP_URL '\(redactedURL)' is not an AMQP URL: use amqp://user:password@host:5672/vhost (vhost '/' is %2F)")
+        }
+        return Endpoint(host: String(cString: info.host), port: Int(info.port), vhost: String(cString: info.vhost),
+                        user: String(cString: info.user), password: String(cString: info.password))
+    }
+
+    /// The URL with its password replaced by `***`.
+    public var redactedURL: String {
+        guard let scheme = url.range(of: "://"), let at = url[scheme.upperBound...].firstIndex(of: "@") else { return url }
+        let userinfo = url[scheme.upperBound..<at]
+        guard let colon = userinfo.firstIndex(of: ":") else { return url }
+        return String(url[..<url.index(after: colon)]) + "***" + String(url[at...])
+    }
+}
+
+extension Duration {
+    var timeval: timeval {
+        let c = components
+        return Glibc.timeval(tv_sec: Int(c.seconds), tv_usec: Int(c.attoseconds / 1_000_000_000_000))
+    }
+    var milliseconds: Int { Int(components.seconds) * 1000 + Int(components.attoseconds / 1_000_000_000_000_000) }
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}

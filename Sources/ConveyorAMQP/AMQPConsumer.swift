@@ -1,0 +1,258 @@
+import CRabbitMQ
+import Foundation
+public import Logging
+import Synchronization
+
+/// Consumes queues with manual acknowledgement on a connection owned by one thread.
+///
+/// Deliveries arrive on `deliveries`. Back-pressure is the broker's: `prefetch` bounds the
+/// unacknowledged deliveries per queue, so the stream never holds more than
+/// `prefetch × queues` elements, and nothing more is delivered until the caller acks.
+///
+/// `ack`, `reject` and `nack` are queued to the owner thread, which applies them between reads.
+/// After a reconnect (with backoff and jitter, topology re-declared, consumers resumed) the
+/// delivery tags of the old connection are void: acknowledging an old delivery is a no-op, and
+/// the broker redelivers that message.
+public final class AMQPConsumer: Sendable {
+    public let configuration: AMQPConfiguration
+    public let topology: AMQPTopology
+    public let queues: [String]
+    public let prefetch: UInt16
+    private let logger: Logger
+    private let wake = WakePipe()
+    private let commands = Mutex<[Command]>([])
+    private let stopped = Atomic<Bool>(false)
+    private let cancelRequested = Atomic<Bool>(false)
+    private let connected = Atomic<Bool>(false)
+    private let consuming = Atomic<Bool>(false)
+    private let reconnects = Atomic<Int>(0)
+    private let lastError = Mutex<AMQPError?>(nil)
+    /// Every delivery, in arrival order. Finishes when the consumer stops.
+    public let deliveries: AsyncStream<AMQPDelivery>
+    private let continuation: AsyncStream<AMQPDelivery>.Continuation
+
+    enum Command: Sendable {
+        case ack(tag: UInt64, generation: UInt64, multiple: Bool)
+        case reject(tag: UInt64, generation: UInt64, requeue: Bool)
+        case nack(tag: UInt64, generation: UInt64, multiple: Bool, requeue: Bool)
+    }
+
+    public init(configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger) {
+        self.configuration = configuration
+        self.topology = topology
+        self.queues = queues
+        self.prefetch = prefetch
+        self.logger = logger
+        (deliveries, continuation) = AsyncStream.makeStream(of: AMQPDelivery.self, bufferingPolicy: .unbounded)
+    }
+
+    public var isConnected: Bool { connected.load(ordering: .relaxed) }
+    /// Connected and with consumers registered (readiness).
+    public var isConsuming: Bool { consuming.load(ordering: .relaxed) }
+    public var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
+
+    public func start() {
+        let t = Thread { [self] in run() }
+        t.name = "conveyor.amqp.consume"
+        t.start()
+    }
+
+    /// Cancels the consumers (no new deliveries) but keeps the connection for acks of work in hand.
+    public func stopConsuming() {
+        cancelRequested.store(true, ordering: .relaxed)
+        wake.wake()
+    }
+
+    /// Closes the connection and finishes `deliveries`. Unacked deliveries return to their queues.
+    public func stop() {
+        stopped.store(true, ordering: .relaxed)
+        wake.wake()
+    }
+
+    public func waitUntilConsuming() async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.connectRetryFor
+        while !isConsuming {
+            if clock.now >= deadline {
+                let last = lastError.withLock { $0 }.map { ": \($0.message)" } ?? ""
+                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last). Check CONVEYOR_AMQP_URL and that RabbitMQ is running")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    public func ack(_ d: AMQPDelivery, multiple: Bool = false) {
+        send(.ack(tag: d.deliveryTag, generation: d.generation, multiple: multiple))
+    }
+
+    /// Rejects one delivery; with `requeue: false` it dead-letters.
+    public func reject(_ d: AMQPDelivery, requeue: Bool) {
+        send(.reject(tag: d.deliveryTag, generation: d.generation, requeue: requeue))
+    }
+
+    public func nack(_ d: AMQPDelivery, multiple: Bool, requeue: Bool) {
+        send(.nack(tag: d.deliveryTag, generation: d.generation, multiple: multiple, requeue: requeue))
+    }
+
+    private func send(_ c: Command) {
+        commands.withLock { $0.append(c) }
+        wake.wake()
+    }
+
+    // MARK: owner thread
+
+    private func run() {
+        var generation: UInt64 = 0
+        var attempt = 0
+        while !stopped.load(ordering: .relaxed) {
+            generation += 1
+            let session: AMQPSession
+            do {
+                session = try AMQPSession(configuration: configuration, topology: topology, generation: generation)
+                amqp_basic_qos(session.conn, session.channel, 0, prefetch, 0)
+                try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
+                if !cancelRequested.load(ordering: .relaxed) {
+                    let arena = CArena()
+                    for q in queues {
+                        amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                        try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
+                    }
+                }
+            } catch {
+                attempt += 1
+                lastError.withLock { $0 = error }
+                logger.warning("amqp consumer connect failed, retrying", metadata: [
+                    "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
+                sleepBackoff(attempt)
+                continue
+            }
+            if generation > 1 { reconnects.add(1, ordering: .relaxed) }
+            attempt = 0
+            connected.store(true, ordering: .relaxed)
+            consuming.store(!cancelRequested.load(ordering: .relaxed), ordering: .relaxed)
+            logger.info("amqp consumer connected", metadata: ["amqp.queues": "\(queues)", "amqp.generation": "\(generation)"])
+            let error = serve(session)
+            connected.store(false, ordering: .relaxed)
+            consuming.store(false, ordering: .relaxed)
+            commands.withLock { $0.removeAll() }   // tags of this connection are void now
+            if let error {
+                lastError.withLock { $0 = error }
+                logger.warning("amqp consumer connection lost", metadata: ["error": "\(error)"])
+                session.abandon()
+                attempt = 1
+                sleepBackoff(attempt)
+            } else {
+                session.close()
+            }
+        }
+        continuation.finish()
+    }
+
+    private func sleepBackoff(_ attempt: Int) {
+        let exp = min(attempt - 1, 16)
+        let cap = min(configuration.reconnectCap.seconds, configuration.reconnectBase.seconds * Double(1 << exp))
+        let end = Date().addingTimeInterval(Double.random(in: 0...max(cap, 0.01)))
+        while Date() < end && !stopped.load(ordering: .relaxed) {
+            wake.wait(on: nil, timeoutMS: Int32(max(1, min(100, end.timeIntervalSinceNow * 1000))))
+        }
+    }
+
+    private func serve(_ session: AMQPSession) -> AMQPError? {
+        var cancelled = false
+        while true {
+            if stopped.load(ordering: .relaxed) {
+                applyCommands(session)
+                return nil
+            }
+            if cancelRequested.load(ordering: .relaxed) && !cancelled {
+                cancelled = true
+                consuming.store(false, ordering: .relaxed)
+                let arena = CArena()
+                for q in queues { _ = amqp_basic_cancel(session.conn, session.channel, arena.bytes(q)) }
+                // basic.cancel-ok frames are read (and ignored) below.
+            }
+            if let e = applyCommands(session) { return e }
+
+            if !session.hasBufferedInput {
+                let readable = wake.wait(on: session.socketFD, timeoutMS: 500)
+                if !readable && !session.hasBufferedInput {
+                    // Still read with a zero timeout, so rabbitmq-c services heartbeats.
+                    var frame = amqp_frame_t()
+                    var tv = timeval(tv_sec: 0, tv_usec: 0)
+                    let rc = amqp_simple_wait_frame_noblock(session.conn, &frame, &tv)
+                    if rc == AMQP_STATUS_TIMEOUT.rawValue { continue }
+                    if rc != AMQP_STATUS_OK.rawValue { return AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc))) }
+                    if let e = handleStray(frame) { return e }
+                    continue
+                }
+            }
+            // Read every delivery that is available now.
+            while true {
+                amqp_maybe_release_buffers(session.conn)
+                var envelope = amqp_envelope_t()
+                var tv = timeval(tv_sec: 0, tv_usec: 0)
+                let reply = amqp_consume_message(session.conn, &envelope, &tv, 0)
+                if reply.reply_type == AMQP_RESPONSE_NORMAL {
+                    let d = AMQPDelivery(
+                        body: envelope.message.body.array,
+                        properties: AMQPSession.properties(envelope.message.properties),
+                        routingKey: envelope.routing_key.string,
+                        exchange: envelope.exchange.string,
+                        redelivered: envelope.redelivered != 0,
+                        queue: envelope.consumer_tag.string,
+                        deliveryTag: envelope.delivery_tag,
+                        generation: session.generation)
+                    amqp_destroy_envelope(&envelope)
+                    continuation.yield(d)
+                    continue
+                }
+                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && reply.library_error == AMQP_STATUS_TIMEOUT.rawValue { break }
+                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && reply.library_error == AMQP_STATUS_UNEXPECTED_STATE.rawValue {
+                    // A method frame other than basic.deliver is waiting.
+                    var frame = amqp_frame_t()
+                    let rc = amqp_simple_wait_frame_noblock(session.conn, &frame, &tv)
+                    if rc == AMQP_STATUS_TIMEOUT.rawValue { break }
+                    if rc != AMQP_STATUS_OK.rawValue { return AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc))) }
+                    if let e = handleStray(frame) { return e }
+                    continue
+                }
+                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION {
+                    return AMQPError(code: .connection, message: String(cString: amqp_error_string2(reply.library_error)))
+                }
+                return AMQPError(code: .protocolError, message: "unexpected reply while consuming")
+            }
+        }
+    }
+
+    private func handleStray(_ frame: amqp_frame_t) -> AMQPError? {
+        guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { return nil }
+        let id = frame.payload.method.id
+        if id == CRabbitMQ_CHANNEL_CLOSE_METHOD || id == CRabbitMQ_CONNECTION_CLOSE_METHOD {
+            return AMQPSession.closeError(id: id, decoded: frame.payload.method.decoded, what: "consumer")
+        }
+        return nil
+    }
+
+    @discardableResult
+    private func applyCommands(_ session: AMQPSession) -> AMQPError? {
+        let pending = commands.withLock { c in defer { c = [] }; return c }
+        for c in pending {
+            var rc: Int32 = 0
+            switch c {
+            case .ack(let tag, let gen, let multiple):
+                guard gen == session.generation else { continue }
+                rc = amqp_basic_ack(session.conn, session.channel, tag, multiple ? 1 : 0)
+            case .reject(let tag, let gen, let requeue):
+                guard gen == session.generation else { continue }
+                rc = amqp_basic_reject(session.conn, session.channel, tag, requeue ? 1 : 0)
+            case .nack(let tag, let gen, let multiple, let requeue):
+                guard gen == session.generation else { continue }
+                rc = amqp_basic_nack(session.conn, session.channel, tag, multiple ? 1 : 0, requeue ? 1 : 0)
+            }
+            if rc != AMQP_STATUS_OK.rawValue {
+                return AMQPError(code: .connection, message: "ack failed: \(String(cString: amqp_error_string2(rc)))")
+            }
+        }
+        return nil
+    }
+}

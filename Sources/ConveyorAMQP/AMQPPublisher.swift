@@ -1,0 +1,299 @@
+import CRabbitMQ
+import Foundation
+public import Logging
+import Synchronization
+
+/// Publishes persistent messages with publisher confirms, many in flight at once.
+///
+/// One dedicated thread owns the connection. Callers hand it batches and await the broker's
+/// verdict per message: `.success` only after basic.ack; a nack, a return (unroutable), a
+/// timeout or a broken connection fail that message. Up to `window` messages are unconfirmed at
+/// any time, so confirms cost no round trip per message.
+///
+/// While the connection is down the publisher is a circuit breaker: calls fail at once with
+/// `.notConnected` (nothing hammers the broker); the thread reconnects with backoff and
+/// jitter, re-declaring the topology.
+public final class AMQPPublisher: Sendable {
+    public let configuration: AMQPConfiguration
+    public let topology: AMQPTopology
+    /// Most unconfirmed messages. Default 1,024.
+    public let window: Int
+    private let logger: Logger
+    private let wake = WakePipe()
+    private let inbox = Mutex<[PublishBatch]>([])
+    private let stopped = Atomic<Bool>(false)
+    private let connected = Atomic<Bool>(false)
+    private let blocked = Atomic<Bool>(false)
+    private let reconnects = Atomic<Int>(0)
+    private let exited = Atomic<Bool>(false)
+    private let lastError = Mutex<AMQPError?>(nil)
+
+    public init(configuration: AMQPConfiguration, topology: AMQPTopology, window: Int = 1024, logger: Logger) {
+        self.configuration = configuration
+        self.topology = topology
+        self.window = window
+        self.logger = logger
+    }
+
+    /// Whether a connection is up (readiness).
+    public var isConnected: Bool { connected.load(ordering: .relaxed) }
+    /// Whether the broker has blocked publishing (memory or disk alarm).
+    public var isBlocked: Bool { blocked.load(ordering: .relaxed) }
+    /// How many times the connection was re-established.
+    public var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
+
+    /// Starts the owner thread.
+    public func start() {
+        let t = Thread { [self] in run() }
+        t.name = "conveyor.amqp.publish"
+        t.start()
+    }
+
+    /// Stops the thread; unconfirmed messages fail with `.stopped`.
+    public func stop() {
+        stopped.store(true, ordering: .relaxed)
+        wake.wake()
+    }
+
+    /// Waits for the first connection, up to `configuration.connectRetryFor`; throws a clear error naming the URL.
+    public func waitUntilConnected() async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.connectRetryFor
+        while !isConnected {
+            if clock.now >= deadline {
+                let last = lastError.withLock { $0 }.map { ": \($0.message)" } ?? ""
+                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last). Check CONVEYOR_AMQP_URL and that RabbitMQ is running")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// Publishes `messages` and returns, in order, whether the broker confirmed each.
+    public func publish(_ messages: [AMQPOutgoingMessage]) async -> [Result<Void, AMQPError>] {
+        if messages.isEmpty { return [] }
+        return await withCheckedContinuation { cont in
+            let batch = PublishBatch(messages: messages, continuation: cont)
+            if stopped.load(ordering: .relaxed) { batch.failAll(AMQPError(code: .stopped, message: "publisher stopped")); return }
+            if !isConnected { batch.failAll(AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)")); return }
+            inbox.withLock { $0.append(batch) }
+            wake.wake()
+        }
+    }
+
+    /// Publishes one message; throws unless the broker confirmed it.
+    public func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
+        try await publish([message])[0].get()
+    }
+
+    // MARK: owner thread
+
+    private struct InFlight {
+        var tag: UInt64
+        var batch: PublishBatch
+        var index: Int
+        var sentAt: ContinuousClock.Instant
+        var returned = false
+    }
+
+    private func run() {
+        var generation: UInt64 = 0
+        var attempt = 0
+        while !stopped.load(ordering: .relaxed) {
+            generation += 1
+            let session: AMQPSession
+            do {
+                session = try AMQPSession(configuration: configuration, topology: topology, generation: generation)
+                amqp_confirm_select(session.conn, session.channel)
+                try AMQPSession.check(amqp_get_rpc_reply(session.conn), "confirm.select")
+            } catch {
+                attempt += 1
+                lastError.withLock { $0 = error }
+                failInbox(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
+                logger.warning("amqp publisher connect failed, retrying", metadata: [
+                    "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
+                sleepBackoff(attempt)
+                continue
+            }
+            if attempt > 0 || generation > 1 { reconnects.add(1, ordering: .relaxed) }
+            attempt = 0
+            connected.store(true, ordering: .relaxed)
+            logger.info("amqp publisher connected", metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
+            let error = serve(session)
+            connected.store(false, ordering: .relaxed)
+            if let error {
+                lastError.withLock { $0 = error }
+                logger.warning("amqp publisher connection lost", metadata: ["error": "\(error)"])
+                session.abandon()
+                attempt = 1
+                sleepBackoff(attempt)
+            } else {
+                session.close()
+            }
+        }
+        failInbox(AMQPError(code: .stopped, message: "publisher stopped"))
+        exited.store(true, ordering: .relaxed)
+    }
+
+    private func sleepBackoff(_ attempt: Int) {
+        let exp = min(attempt - 1, 16)
+        let cap = min(configuration.reconnectCap.seconds, configuration.reconnectBase.seconds * Double(1 << exp))
+        let delay = Double.random(in: 0...max(cap, 0.01))
+        let end = Date().addingTimeInterval(delay)
+        while Date() < end && !stopped.load(ordering: .relaxed) {
+            wake.wait(on: nil, timeoutMS: Int32(max(1, min(100, end.timeIntervalSinceNow * 1000))))
+        }
+    }
+
+    private func failInbox(_ error: AMQPError) {
+        let batches = inbox.withLock { b in defer { b = [] }; return b }
+        for b in batches { b.failRemaining(error) }
+    }
+
+    /// Serves one connection until it breaks (returns the error) or the publisher stops (returns nil).
+    private func serve(_ session: AMQPSession) -> AMQPError? {
+        var nextTag: UInt64 = 1
+        var inflight: [InFlight] = []
+        var queued: [PublishBatch] = []
+        let clock = ContinuousClock()
+
+        func failAll(_ error: AMQPError) {
+            for f in inflight { f.batch.complete(f.index, .failure(error)) }
+            inflight = []
+            for b in queued { b.failRemaining(error) }
+            queued = []
+        }
+
+        func settle(tag: UInt64, multiple: Bool, ok: Bool) {
+            var i = 0
+            while i < inflight.count {
+                let f = inflight[i]
+                if f.tag == tag || (multiple && f.tag < tag) {
+                    let result: Result<Void, AMQPError> = !ok
+                        ? .failure(AMQPError(code: .nacked, message: "broker refused the message (basic.nack)"))
+                        : f.returned ? .failure(AMQPError(code: .unroutable, message: "no queue bound for routing key '\(f.batch.messages[f.index].routingKey)' on exchange '\(f.batch.messages[f.index].exchange)'"))
+                        : .success(())
+                    f.batch.complete(f.index, result)
+                    inflight.remove(at: i)
+                    if !multiple { return }
+                } else if f.tag > tag {
+                    return
+                } else {
+                    i += 1
+                }
+            }
+        }
+
+        while true {
+            if stopped.load(ordering: .relaxed) {
+                failAll(AMQPError(code: .stopped, message: "publisher stopped"))
+                return nil
+            }
+            queued.append(contentsOf: inbox.withLock { b in defer { b = [] }; return b })
+
+            // Publish while the window has room.
+            while inflight.count < window, let batch = queued.first {
+                let index = batch.cursor
+                let status = session.publish(batch.messages[index], mandatory: true)
+                if status != AMQP_STATUS_OK.rawValue {
+                    let e = AMQPError(code: .connection, message: "publish failed: \(String(cString: amqp_error_string2(status)))")
+                    failAll(e)
+                    return e
+                }
+                inflight.append(InFlight(tag: nextTag, batch: batch, index: index, sentAt: clock.now))
+                nextTag += 1
+                batch.cursor += 1
+                if batch.cursor == batch.messages.count { queued.removeFirst() }
+            }
+
+            // Wait for frames (confirms), new work, or a heartbeat tick.
+            if !session.hasBufferedInput {
+                let haveRoom = inflight.count < window && !queued.isEmpty
+                wake.wait(on: session.socketFD, timeoutMS: haveRoom ? 0 : (inflight.isEmpty ? 500 : 50))
+            }
+
+            // Read every frame that is available now.
+            while true {
+                var frame = amqp_frame_t()
+                var tv = timeval(tv_sec: 0, tv_usec: 0)
+                let rc = amqp_simple_wait_frame_noblock(session.conn, &frame, &tv)
+                if rc == AMQP_STATUS_TIMEOUT.rawValue { break }
+                if rc != AMQP_STATUS_OK.rawValue {
+                    let e = AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc)))
+                    failAll(e)
+                    return e
+                }
+                guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { continue }
+                let id = frame.payload.method.id
+                let decoded = frame.payload.method.decoded
+                switch id {
+                case CRabbitMQ_BASIC_ACK_METHOD:
+                    let ack = decoded!.assumingMemoryBound(to: amqp_basic_ack_t.self).pointee
+                    settle(tag: ack.delivery_tag, multiple: ack.multiple != 0, ok: true)
+                case CRabbitMQ_BASIC_NACK_METHOD:
+                    let nack = decoded!.assumingMemoryBound(to: amqp_basic_nack_t.self).pointee
+                    settle(tag: nack.delivery_tag, multiple: nack.multiple != 0, ok: false)
+                case CRabbitMQ_BASIC_RETURN_METHOD:
+                    var message = amqp_message_t()
+                    let reply = amqp_read_message(session.conn, session.channel, &message, 0)
+                    if reply.reply_type == AMQP_RESPONSE_NORMAL {
+                        let mid = AMQPSession.properties(message.properties).messageID
+                        if let i = inflight.firstIndex(where: { !$0.returned && $0.batch.messages[$0.index].properties.messageID == mid }) {
+                            inflight[i].returned = true
+                        }
+                        amqp_destroy_message(&message)
+                    }
+                case CRabbitMQ_CONNECTION_BLOCKED_METHOD:
+                    blocked.store(true, ordering: .relaxed)
+                    logger.warning("broker blocked publishing (resource alarm)")
+                case CRabbitMQ_CONNECTION_UNBLOCKED_METHOD:
+                    blocked.store(false, ordering: .relaxed)
+                    logger.info("broker unblocked publishing")
+                case CRabbitMQ_CHANNEL_CLOSE_METHOD, CRabbitMQ_CONNECTION_CLOSE_METHOD:
+                    let e = AMQPSession.closeError(id: id, decoded: decoded, what: "publisher")
+                    failAll(e)
+                    return e
+                default:
+                    break
+                }
+            }
+            amqp_maybe_release_buffers(session.conn)
+
+            // A confirm that never comes means the connection is not healthy.
+            if let oldest = inflight.first, clock.now - oldest.sentAt > configuration.confirmTimeout, !isBlocked {
+                let e = AMQPError(code: .timeout, message: "no publisher confirm within \(configuration.confirmTimeout)")
+                failAll(e)
+                return e
+            }
+        }
+    }
+}
+
+/// A caller's batch, handed to the publisher thread.
+final class PublishBatch: @unchecked Sendable {
+    // @unchecked Sendable: created by the caller, then touched only by the publisher's owner
+    // thread (or, before hand-off, by the caller alone); the continuation is resumed exactly once.
+    let messages: [AMQPOutgoingMessage]
+    var results: [Result<Void, AMQPError>?]
+    var remaining: Int
+    var cursor = 0
+    let continuation: CheckedContinuation<[Result<Void, AMQPError>], Never>
+
+    init(messages: [AMQPOutgoingMessage], continuation: CheckedContinuation<[Result<Void, AMQPError>], Never>) {
+        self.messages = messages
+        self.results = Array(repeating: nil, count: messages.count)
+        self.remaining = messages.count
+        self.continuation = continuation
+    }
+
+    func complete(_ index: Int, _ result: Result<Void, AMQPError>) {
+        guard results[index] == nil else { return }
+        results[index] = result
+        remaining -= 1
+        if remaining == 0 { continuation.resume(returning: results.map { $0! }) }
+    }
+
+    func failAll(_ error: AMQPError) { for i in messages.indices { complete(i, .failure(error)) } }
+
+    /// Fails the messages not yet published (in-flight ones are failed by their own entries).
+    func failRemaining(_ error: AMQPError) { for i in cursor..<messages.count { complete(i, .failure(error)) } }
+}

@@ -1,0 +1,92 @@
+/// Exchanges, queues and bindings, declared idempotently on every (re)connect.
+public struct AMQPTopology: Sendable, Hashable {
+    public struct Exchange: Sendable, Hashable {
+        public var name: String
+        public var type: String
+        public init(name: String, type: String) { self.name = name; self.type = type }
+    }
+    public struct Queue: Sendable, Hashable {
+        public var name: String
+        public var arguments: AMQPHeaders
+        public init(name: String, arguments: AMQPHeaders) { self.name = name; self.arguments = arguments }
+    }
+    public struct Binding: Sendable, Hashable {
+        public var queue: String
+        public var exchange: String
+        public var routingKey: String
+        public init(queue: String, exchange: String, routingKey: String) {
+            self.queue = queue; self.exchange = exchange; self.routingKey = routingKey
+        }
+    }
+
+    public var exchanges: [Exchange] = []
+    public var queues: [Queue] = []
+    public var bindings: [Binding] = []
+
+    public init(exchanges: [Exchange] = [], queues: [Queue] = [], bindings: [Binding] = []) {
+        self.exchanges = exchanges
+        self.queues = queues
+        self.bindings = bindings
+    }
+
+    public func merging(_ other: AMQPTopology) -> AMQPTopology {
+        func uniq<T: Hashable>(_ a: [T]) -> [T] { var seen = Set<T>(); return a.filter { seen.insert($0).inserted } }
+        return AMQPTopology(exchanges: uniq(exchanges + other.exchanges), queues: uniq(queues + other.queues),
+                            bindings: uniq(bindings + other.bindings))
+    }
+}
+
+/// The names and shapes of Conveyor's broker objects (docs/architecture.md, "Topology").
+public struct ConveyorTopology: Sendable, Hashable {
+    /// Prefix of every name. Default `conveyor`.
+    public var prefix: String
+    /// Deliveries of one message before the broker dead-letters it. Default 5.
+    public var deliveryLimit: Int
+
+    public init(prefix: String = "conveyor", deliveryLimit: Int = 5) {
+        self.prefix = prefix
+        self.deliveryLimit = deliveryLimit
+    }
+
+    public var tasksExchange: String { "\(prefix).tasks" }
+    public var statusExchange: String { "\(prefix).status" }
+    public var statusQueue: String { "\(prefix).status" }
+    public var deadLetterExchange: String { "\(prefix).dlx" }
+    public var deadQueue: String { "\(prefix).dead" }
+    /// The broker queue of a work queue: `conveyor.q.<queue>`.
+    public func workQueue(_ queue: String) -> String { "\(prefix).q.\(queue)" }
+
+    var quorumArguments: AMQPHeaders {
+        [
+            "x-queue-type": .string("quorum"),
+            "x-delivery-limit": .int(Int64(deliveryLimit)),
+            "x-dead-letter-exchange": .string(deadLetterExchange),
+            "x-dead-letter-strategy": .string("at-least-once"),
+            "x-overflow": .string("reject-publish"),
+        ]
+    }
+
+    /// Dead-letter exchange and queue: everything else points at them.
+    public var base: AMQPTopology {
+        AMQPTopology(
+            exchanges: [.init(name: deadLetterExchange, type: "fanout")],
+            queues: [.init(name: deadQueue, arguments: ["x-queue-type": .string("quorum")])],
+            bindings: [.init(queue: deadQueue, exchange: deadLetterExchange, routingKey: "")])
+    }
+
+    /// Tasks exchange plus one quorum queue per work queue, routed by the queue name.
+    public func work(queues: [String]) -> AMQPTopology {
+        base.merging(AMQPTopology(
+            exchanges: [.init(name: tasksExchange, type: "direct")],
+            queues: queues.map { .init(name: workQueue($0), arguments: quorumArguments) },
+            bindings: queues.map { .init(queue: workQueue($0), exchange: tasksExchange, routingKey: $0) }))
+    }
+
+    /// Status exchange and queue.
+    public var status: AMQPTopology {
+        base.merging(AMQPTopology(
+            exchanges: [.init(name: statusExchange, type: "direct")],
+            queues: [.init(name: statusQueue, arguments: quorumArguments)],
+            bindings: [.init(queue: statusQueue, exchange: statusExchange, routingKey: "status")]))
+    }
+}

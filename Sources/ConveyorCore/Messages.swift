@@ -1,0 +1,180 @@
+public import Foundation
+
+/// The AMQP `type` of a task message.
+public let taskMessageType = "conveyor.run.v1"
+/// The AMQP `type` of a status message.
+public let statusMessageType = "conveyor.status.v1"
+
+/// Body of a task message (`conveyor.run.v1`): everything a worker needs to run one attempt.
+public struct TaskMessage: Sendable, Hashable, Codable {
+    public var version: Int = 1
+    public var runID: UUID
+    public var taskID: UUID
+    public var taskName: String
+    public var occurrence: Date
+    public var attempt: Int
+    public var queue: String
+    public var executor: String
+    public var parameters: JSONValue
+    public var timeoutSeconds: Double
+    /// Equal to the run id: executors pass it on (`Idempotency-Key`, `CONVEYOR_RUN_ID`).
+    public var idempotencyKey: String
+
+    public init(runID: UUID, taskID: UUID, taskName: String, occurrence: Date, attempt: Int, queue: String,
+                executor: String, parameters: JSONValue, timeoutSeconds: Double) {
+        self.runID = runID
+        self.taskID = taskID
+        self.taskName = taskName
+        self.occurrence = occurrence
+        self.attempt = attempt
+        self.queue = queue
+        self.executor = executor
+        self.parameters = parameters
+        self.timeoutSeconds = timeoutSeconds
+        self.idempotencyKey = runID.uuidString.lowercased()
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case version, runID = "run_id", taskID = "task_id", taskName = "task_name", occurrence, attempt, queue,
+             executor, parameters, timeoutSeconds = "timeout_seconds", idempotencyKey = "idempotency_key"
+    }
+}
+
+/// What a status message reports.
+public enum StatusEvent: String, Sendable, Codable {
+    case started
+    case heartbeat
+    case finished
+}
+
+/// Body of a status message (`conveyor.status.v1`).
+public struct StatusMessage: Sendable, Hashable, Codable {
+    public var version: Int = 1
+    public var runID: UUID
+    public var attempt: Int
+    public var event: StatusEvent
+    /// Set when `event == .finished`.
+    public var outcome: Outcome?
+    public var exitCode: Int?
+    public var output: String?
+    public var errorClass: String?
+    public var errorMessage: String?
+    public var workerID: String
+    public var at: Date
+
+    public init(runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
+                output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
+                workerID: String, at: Date = Date()) {
+        self.runID = runID
+        self.attempt = attempt
+        self.event = event
+        self.outcome = outcome
+        self.exitCode = exitCode
+        self.output = output
+        self.errorClass = errorClass
+        self.errorMessage = errorMessage
+        self.workerID = workerID
+        self.at = at
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case version, runID = "run_id", attempt, event, outcome, exitCode = "exit_code", output,
+             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at
+    }
+}
+
+/// JSON encoding and decoding of the wire messages, with errors that name the field.
+public enum MessageCodec {
+    /// Largest body accepted, in bytes.
+    public static let maxBodyBytes = 1 << 20
+
+    public static func encode<T: Encodable>(_ value: T) -> [UInt8] {
+        // Encoding our own Codable types with ISO-8601 dates cannot fail.
+        (try? encoder.encode(value)).map { Array($0) } ?? []
+    }
+
+    public static func decodeTask(_ body: [UInt8]) throws(ValidationError) -> TaskMessage {
+        let m: TaskMessage = try decode(body, kind: "task message")
+        guard m.version == 1 else {
+            throw ValidationError(field: "version", value: String(m.version), hint: "this worker understands conveyor.run.v1 (version 1) only")
+        }
+        guard m.attempt >= 1 else { throw ValidationError(field: "attempt", value: String(m.attempt), hint: "attempts count from 1") }
+        guard m.timeoutSeconds > 0, m.timeoutSeconds.isFinite else {
+            throw ValidationError(field: "timeout_seconds", value: String(m.timeoutSeconds), hint: "must be a positive number of seconds")
+        }
+        guard !m.executor.isEmpty else { throw ValidationError(field: "executor", value: "", hint: "name one of the worker's executors") }
+        return m
+    }
+
+    public static func decodeStatus(_ body: [UInt8]) throws(ValidationError) -> StatusMessage {
+        let m: StatusMessage = try decode(body, kind: "status message")
+        guard m.version == 1 else {
+            throw ValidationError(field: "version", value: String(m.version), hint: "this dispatcher understands conveyor.status.v1 (version 1) only")
+        }
+        if m.event == .finished && m.outcome == nil {
+            throw ValidationError(field: "outcome", value: "null", hint: "a finished event must carry an outcome: succeeded, failed, timed_out or cancelled")
+        }
+        return m
+    }
+
+    /// Best effort: the run id of a message that failed to decode, so its run can be marked.
+    public static func runID(inMalformed body: [UInt8]) -> UUID? {
+        guard body.count <= maxBodyBytes,
+              let obj = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
+              let s = obj["run_id"] as? String else { return nil }
+        return UUID(uuidString: s)
+    }
+
+    static func decode<T: Decodable>(_ body: [UInt8], kind: String) throws(ValidationError) -> T {
+        guard body.count <= maxBodyBytes else {
+            throw ValidationError(field: "body", value: "\(body.count) bytes", hint: "a \(kind) may be at most \(maxBodyBytes) bytes")
+        }
+        do {
+            return try decoder.decode(T.self, from: Data(body))
+        } catch let error as DecodingError {
+            throw validation(from: error, kind: kind)
+        } catch {
+            throw ValidationError(field: "body", value: "", hint: "not valid JSON for a \(kind)")
+        }
+    }
+
+    static func validation(from error: DecodingError, kind: String) -> ValidationError {
+        func path(_ p: [any CodingKey]) -> String { p.map(\.stringValue).joined(separator: ".") }
+        switch error {
+        case .keyNotFound(let key, let ctx):
+            let full = path(ctx.codingPath + [key])
+            return ValidationError(field: full, value: "(missing)", hint: "a \(kind) must carry '\(full)'")
+        case .typeMismatch(_, let ctx), .valueNotFound(_, let ctx):
+            return ValidationError(field: path(ctx.codingPath), value: "", hint: "wrong type: \(ctx.debugDescription)")
+        case .dataCorrupted(let ctx):
+            let field = ctx.codingPath.isEmpty ? "body" : path(ctx.codingPath)
+            return ValidationError(field: field, value: "", hint: ctx.codingPath.isEmpty ? "not valid JSON (or not UTF-8) for a \(kind)" : ctx.debugDescription)
+        @unknown default:
+            return ValidationError(field: "body", value: "", hint: "cannot decode a \(kind)")
+        }
+    }
+
+    static let isoStyle = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+
+    static var encoder: JSONEncoder {
+        let e = JSONEncoder()
+        e.dateEncodingStrategy = .custom { date, enc in
+            var c = enc.singleValueContainer()
+            try c.encode(date.formatted(isoStyle))
+        }
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }
+
+    static var decoder: JSONDecoder {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .custom { dec in
+            let c = try dec.singleValueContainer()
+            let s = try c.decode(String.self)
+            if let d = try? isoStyle.parse(s) { return d }
+            if let d = try? Date.ISO8601FormatStyle().parse(s) { return d }
+            throw DecodingError.dataCorruptedError(in: c, debugDescription: "'\(s)' is not an ISO-8601 instant such as 2026-11-23T12:00:00.000Z")
+        }
+        return d
+    }
+}

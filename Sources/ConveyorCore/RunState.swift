@@ -1,0 +1,63 @@
+/// The lifecycle of one attempt of one occurrence of a task.
+///
+/// `scheduled → queued → dispatched → running → succeeded | failed | timed_out | cancelled | lost | dead`
+///
+/// Transitions only move forward. A final state is never left: a late or duplicate event for
+/// a final run is a no-op, which is what makes outcome recording exactly-once.
+public enum RunState: String, Sendable, Codable, CaseIterable {
+    case scheduled
+    case queued
+    case dispatched
+    case running
+    case succeeded
+    case failed
+    case timedOut = "timed_out"
+    case cancelled
+    case lost
+    case dead
+
+    /// Position in the lifecycle; all final states share the last rank.
+    public var rank: Int {
+        switch self {
+        case .scheduled: 0
+        case .queued: 1
+        case .dispatched: 2
+        case .running: 3
+        case .succeeded, .failed, .timedOut, .cancelled, .lost, .dead: 4
+        }
+    }
+
+    public var isFinal: Bool { rank == 4 }
+
+    /// Whether an event may move a run from `self` to `next`.
+    ///
+    /// `running → running` is allowed so that a redelivered task started by another worker can
+    /// take the run over; every other transition must strictly advance.
+    public func canTransition(to next: RunState) -> Bool {
+        if isFinal { return false }
+        if self == .running && next == .running { return true }
+        return next.rank > rank
+    }
+
+    /// The states a run may be in for a transition into `next` to apply (used to build SQL guards).
+    public static func predecessors(of next: RunState) -> [RunState] {
+        allCases.filter { $0.canTransition(to: next) }
+    }
+}
+
+/// How an attempt ended, as reported by a worker.
+public enum Outcome: String, Sendable, Codable, CaseIterable {
+    case succeeded
+    case failed
+    case timedOut = "timed_out"
+    case cancelled
+
+    public var runState: RunState {
+        switch self {
+        case .succeeded: .succeeded
+        case .failed: .failed
+        case .timedOut: .timedOut
+        case .cancelled: .cancelled
+        }
+    }
+}

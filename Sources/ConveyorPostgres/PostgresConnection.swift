@@ -1,0 +1,178 @@
+import CLibPQ
+import Foundation
+public import Dispatch
+public import Logging
+import Synchronization
+
+/// One libpq connection.
+///
+/// Every libpq call on the `PGconn` runs on this connection's own serial `DispatchQueue`, never
+/// on Swift's cooperative pool: a slow query blocks one GCD thread, not the executor that serves
+/// every other task. Callers `await` the result through a continuation.
+///
+/// Task cancellation of a running query sends a cancel request (`PQcancel`, which libpq
+/// documents as safe to call from another thread).
+public final class PostgresConnection: @unchecked Sendable {
+    // @unchecked Sendable: `conn` is only touched on `queue` (serial), and `cancelHandle` is
+    // immutable after init and used only through PQcancel, which is thread-safe.
+    private let conn: OpaquePointer
+    private let cancelHandle: OpaquePointer?
+    private let queue: DispatchQueue
+    private let closed = Atomic<Bool>(false)
+    public let logger: Logger
+
+    /// Options applied to every new session.
+    public struct Options: Sendable {
+        /// `statement_timeout` for every statement; `nil` leaves the server default. Default 30 s.
+        public var statementTimeout: Duration? = .seconds(30)
+        /// `application_name` shown in `pg_stat_activity`.
+        public var applicationName: String = "conveyor"
+        public init() {}
+    }
+
+    private init(conn: OpaquePointer, queue: DispatchQueue, logger: Logger) {
+        self.conn = conn
+        self.cancelHandle = PQgetCancel(conn)
+        self.queue = queue
+        self.logger = logger
+    }
+
+    deinit {
+        if let cancelHandle { PQfreeCancel(cancelHandle) }
+        PQfinish(conn)
+    }
+
+    /// Opens one connection (one attempt, no retry). The URL is a libpq URI or key=value string.
+    public static func connect(url: String, options: Options = .init(), logger: Logger) async throws(PostgresError) -> PostgresConnection {
+        let queue = DispatchQueue(label: "conveyor.postgres.connection")
+        let result: Result<PostgresConnection, PostgresError> = await withCheckedContinuation { cont in
+            queue.async {
+                guard let c = PQconnectdb(url) else {
+                    cont.resume(returning: .failure(PostgresError(code: .connection, message: "out of memory creating a libpq connection")))
+                    return
+                }
+                guard PQstatus(c) == CONNECTION_OK else {
+                    let msg = String(cString: PQerrorMessage(c)).trimmingCharacters(in: .whitespacesAndNewlines)
+                    PQfinish(c)
+                    cont.resume(returning: .failure(PostgresError(
+                        code: .connection, message: "cannot connect to \(redactDatabaseURL(url)): \(msg)")))
+                    return
+                }
+                cont.resume(returning: .success(PostgresConnection(conn: c, queue: queue, logger: logger)))
+            }
+        }
+        let connection = try result.get()
+        var setup = "SET TimeZone = 'UTC'; SET application_name = '\(options.applicationName.filter { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })'"
+        if let t = options.statementTimeout {
+            let ms = t.components.seconds * 1000 + t.components.attoseconds / 1_000_000_000_000_000
+            setup += "; SET statement_timeout = \(ms)"
+        }
+        try await connection.simple(setup)
+        return connection
+    }
+
+    /// Whether the connection is still usable.
+    public var isHealthy: Bool {
+        !closed.load(ordering: .relaxed) && queue.sync { PQstatus(conn) == CONNECTION_OK }
+    }
+
+    /// Runs one statement with bound parameters and returns its rows.
+    @discardableResult
+    public func query(_ sql: String, _ parameters: [any PostgresEncodable] = []) async throws(PostgresError) -> PostgresRows {
+        let texts = parameters.map(\.postgresText)
+        return try await run { conn throws(PostgresError) in
+            try Self.execParams(conn, sql, texts)
+        }
+    }
+
+    /// Runs statements without parameters (several may be separated by `;`). For fixed SQL only.
+    @discardableResult
+    public func simple(_ sql: String) async throws(PostgresError) -> PostgresRows {
+        try await run { conn throws(PostgresError) in
+            let res = PQexec(conn, sql)
+            defer { PQclear(res) }
+            return try Self.collect(conn, res)
+        }
+    }
+
+    /// Closes the connection; later calls fail with `.closed`.
+    public func close() {
+        closed.store(true, ordering: .relaxed)
+    }
+
+    /// Runs `body` with exclusive use of the `PGconn` on the connection's queue.
+    /// For LISTEN and other loops that need the raw handle; `body` must not block for long.
+    func withRawConnection<T: Sendable>(_ body: @Sendable @escaping (OpaquePointer) -> T) async -> T {
+        await withCheckedContinuation { cont in queue.async { cont.resume(returning: body(self.conn)) } }
+    }
+
+    private func run<T: Sendable>(_ body: @Sendable @escaping (OpaquePointer) throws(PostgresError) -> T) async throws(PostgresError) -> T {
+        if closed.load(ordering: .relaxed) { throw PostgresError(code: .closed, message: "connection is closed") }
+        let result: Result<T, PostgresError> = await withTaskCancellationHandler {
+            await withCheckedContinuation { cont in
+                queue.async {
+                    do throws(PostgresError) { cont.resume(returning: .success(try body(self.conn))) }
+                    catch { cont.resume(returning: .failure(error)) }
+                }
+            }
+        } onCancel: {
+            self.sendCancel()
+        }
+        return try result.get()
+    }
+
+    /// Asks the server to cancel the statement running on this connection. Thread-safe.
+    public func sendCancel() {
+        guard let cancelHandle else { return }
+        var buf = [CChar](repeating: 0, count: 256)
+        _ = PQcancel(cancelHandle, &buf, 256)
+    }
+
+    static func execParams(_ conn: OpaquePointer, _ sql: String, _ texts: [String?]) throws(PostgresError) -> PostgresRows {
+        // Copy each parameter into C memory that lives for the duration of the call.
+        var cStrings: [UnsafeMutablePointer<CChar>?] = texts.map { $0.map { strdup($0) } ?? nil }
+        defer { for p in cStrings { free(p) } }
+        let res: OpaquePointer? = cStrings.withUnsafeMutableBufferPointer { buf in
+            buf.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: max(buf.count, 1)) { ptr in
+                PQexecParams(conn, sql, Int32(texts.count), nil, texts.isEmpty ? nil : ptr, nil, nil, 0)
+            }
+        }
+        defer { PQclear(res) }
+        return try collect(conn, res)
+    }
+
+    static func collect(_ conn: OpaquePointer, _ res: OpaquePointer?) throws(PostgresError) -> PostgresRows {
+        guard let res else {
+            throw PostgresError(code: .connection, message: String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+        let status = PQresultStatus(res)
+        switch status {
+        case PGRES_TUPLES_OK, PGRES_COMMAND_OK, PGRES_EMPTY_QUERY:
+            let nf = Int(PQnfields(res))
+            let nt = Int(PQntuples(res))
+            var columns: [String] = []
+            columns.reserveCapacity(nf)
+            for f in 0..<nf { columns.append(String(cString: PQfname(res, Int32(f)))) }
+            var rows: [PostgresRow] = []
+            rows.reserveCapacity(nt)
+            for t in 0..<nt {
+                var values: [String?] = []
+                values.reserveCapacity(nf)
+                for f in 0..<nf {
+                    if PQgetisnull(res, Int32(t), Int32(f)) == 1 { values.append(nil) }
+                    else { values.append(String(cString: PQgetvalue(res, Int32(t), Int32(f)))) }
+                }
+                rows.append(PostgresRow(values: values))
+            }
+            let affected = Int(String(cString: PQcmdTuples(res))) ?? 0
+            return PostgresRows(columns: columns, rows: rows, affectedRows: affected)
+        default:
+            let sqlState = PQresultErrorField(res, Int32(UInt8(ascii: "C"))).map { String(cString: $0) }
+            let primary = PQresultErrorField(res, Int32(UInt8(ascii: "M"))).map { String(cString: $0) }
+                ?? String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines)
+            let detail = PQresultErrorField(res, Int32(UInt8(ascii: "D"))).map { String(cString: $0) }
+            let broken = PQstatus(conn) != CONNECTION_OK
+            throw PostgresError(code: broken && sqlState == nil ? .connection : .query, sqlState: sqlState, message: primary, detail: detail)
+        }
+    }
+}

@@ -1,0 +1,78 @@
+import Foundation
+
+/// An error from PostgreSQL or from talking to it.
+///
+/// `description` is safe to show (no SQL text, no parameter values); `debugDescription` adds the
+/// server's detail for logs.
+public struct PostgresError: Error, Sendable, CustomStringConvertible, CustomDebugStringConvertible {
+    public struct Code: Sendable, Hashable, CustomStringConvertible {
+        enum Base: String, Sendable { case connection, query, poolTimeout, closed, commitOutcomeUnknown, decoding }
+        let base: Base
+        /// The connection could not be made or broke.
+        public static let connection = Code(base: .connection)
+        /// The server refused a statement (see `sqlState`).
+        public static let query = Code(base: .query)
+        /// No pooled connection became free within the acquire timeout.
+        public static let poolTimeout = Code(base: .poolTimeout)
+        /// The pool or connection was shut down.
+        public static let closed = Code(base: .closed)
+        /// The connection broke during COMMIT: the transaction may or may not have committed.
+        /// Re-read before redoing.
+        public static let commitOutcomeUnknown = Code(base: .commitOutcomeUnknown)
+        /// A column could not be read as the requested type.
+        public static let decoding = Code(base: .decoding)
+        public var description: String { base.rawValue }
+    }
+
+    public var code: Code
+    /// The five-character SQLSTATE, when the server sent one.
+    public var sqlState: String?
+    public var message: String
+    var detail: String?
+
+    public init(code: Code, sqlState: String? = nil, message: String, detail: String? = nil) {
+        self.code = code
+        self.sqlState = sqlState
+        self.message = message
+        self.detail = detail
+    }
+
+    /// Whether running the same work again later may succeed: broken connections, serialization
+    /// failures, deadlocks, server shutdown, pool exhaustion, statement timeouts.
+    public var isRetriable: Bool {
+        switch code.base {
+        case .connection, .poolTimeout, .commitOutcomeUnknown: return true
+        case .closed, .decoding: return false
+        case .query:
+            guard let s = sqlState else { return false }
+            return s.hasPrefix("08") || s == "40001" || s == "40P01" || s.hasPrefix("57P") || s == "57014" || s == "53300"
+        }
+    }
+
+    /// A unique-constraint violation.
+    public var isUniqueViolation: Bool { sqlState == "23505" }
+
+    public var description: String {
+        "postgres \(code)\(sqlState.map { " (SQLSTATE \($0))" } ?? ""): \(message)"
+    }
+
+    public var debugDescription: String {
+        description + (detail.map { " — \($0)" } ?? "")
+    }
+}
+
+/// Replaces the password in a libpq URI or key=value string with `***`, for logs and errors.
+public func redactDatabaseURL(_ url: String) -> String {
+    if url.hasPrefix("postgres://") || url.hasPrefix("postgresql://") {
+        guard let schemeEnd = url.range(of: "://"),
+              let at = url[schemeEnd.upperBound...].firstIndex(of: "@") else { return url }
+        let userinfo = url[schemeEnd.upperBound..<at]
+        guard let colon = userinfo.firstIndex(of: ":") else { return url }
+        return String(url[..<url.index(after: colon)]) + "***" + String(url[at...])
+    }
+    var parts: [String] = []
+    for part in url.split(separator: " ", omittingEmptySubsequences: true) {
+        parts.append(part.lowercased().hasPrefix("password=") ? "password=***" : String(part))
+    }
+    return parts.joined(separator: " ")
+}

@@ -1,0 +1,133 @@
+import ConveyorAMQP
+import Foundation
+import Logging
+import Testing
+
+@Suite("AMQP (rabbitmq-c, real broker)", .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
+struct AMQPTests {
+    func make(_ prefix: String, queues: [String] = ["default"]) throws -> (ConveyorTopology, AMQPTopology, AMQPConfiguration) {
+        let t = ConveyorTopology(prefix: prefix, deliveryLimit: 3)
+        var cfg = AMQPConfiguration(url: try Servers.requireAMQP())
+        cfg.reconnectCap = .milliseconds(500)
+        return (t, t.work(queues: queues), cfg)
+    }
+
+    func message(_ t: ConveyorTopology, _ i: Int, key: String = "default", headers: AMQPHeaders = [:]) -> AMQPOutgoingMessage {
+        AMQPOutgoingMessage(exchange: t.tasksExchange, routingKey: key, body: Array("m\(i)".utf8),
+                            properties: AMQPProperties(messageID: "id-\(i)", type: "test", timestamp: 1_700_000_000, headers: headers))
+    }
+
+    @Test func windowedConfirmsThenConsumeAndAck() async throws {
+        let (t, topo, cfg) = try make(Servers.uniquePrefix())
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, window: 64, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        let results = await pub.publish((0..<500).map { message(t, $0) })
+        #expect(results.count == 500)
+        #expect(results.allSatisfy { (try? $0.get()) != nil })
+
+        let con = AMQPConsumer(configuration: cfg, topology: topo, queues: [t.workQueue("default")], prefetch: 100, logger: Servers.logger)
+        con.start(); defer { con.stop() }
+        var seen = Set<String>()
+        for await d in con.deliveries {
+            seen.insert(String(decoding: d.body, as: UTF8.self))
+            #expect(d.properties.persistent)
+            con.ack(d)
+            if seen.count == 500 { break }
+        }
+        #expect(seen.count == 500)
+    }
+
+    @Test func unroutableMessageFailsInsteadOfVanishing() async throws {
+        let (t, topo, cfg) = try make(Servers.uniquePrefix())
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        let r = await pub.publish([message(t, 1, key: "no-such-queue"), message(t, 2)])
+        #expect(throws: AMQPError.self) { try r[0].get() }
+        #expect((try? r[1].get()) != nil)
+    }
+
+    @Test func headersRoundTripIncludingNestedTables() async throws {
+        let (t, topo, cfg) = try make(Servers.uniquePrefix())
+        let headers: AMQPHeaders = [
+            "traceparent": .string("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            "conveyor-attempt": .int(3),
+            "flag": .bool(true),
+            "nested": .table(["a": .string("x"), "n": .int(-7), "deeper": .table(["z": .double(1.5)])]),
+            "list": .array([.string("p"), .int(1)]),
+        ]
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        try await pub.publish(message(t, 1, headers: headers))
+        let con = AMQPConsumer(configuration: cfg, topology: topo, queues: [t.workQueue("default")], prefetch: 1, logger: Servers.logger)
+        con.start(); defer { con.stop() }
+        var it = con.deliveries.makeAsyncIterator()
+        let d = try #require(await it.next())
+        #expect(d.properties.headers == headers)
+        #expect(d.properties.messageID == "id-1")
+        #expect(d.properties.type == "test")
+        #expect(d.properties.timestamp == 1_700_000_000)
+        con.ack(d)
+    }
+
+    @Test func rejectWithoutRequeueDeadLetters() async throws {
+        let (t, topo, cfg) = try make(Servers.uniquePrefix())
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        try await pub.publish(message(t, 9))
+        let con = AMQPConsumer(configuration: cfg, topology: topo, queues: [t.workQueue("default")], prefetch: 1, logger: Servers.logger)
+        con.start(); defer { con.stop() }
+        var it = con.deliveries.makeAsyncIterator()
+        let d = try #require(await it.next())
+        con.reject(d, requeue: false)
+
+        let dead = AMQPConsumer(configuration: cfg, topology: topo, queues: [t.deadQueue], prefetch: 1, logger: Servers.logger)
+        dead.start(); defer { dead.stop() }
+        var dit = dead.deliveries.makeAsyncIterator()
+        let dl = try #require(await dit.next())
+        #expect(dl.properties.messageID == "id-9")
+        #expect(dl.properties.headers["x-death"] != nil || dl.properties.headers["x-first-death-reason"] != nil)
+        dead.ack(dl)
+    }
+
+    @Test func reconnectsAfterTheBrokerClosesConnections() async throws {
+        let (t, topo, cfg) = try make(Servers.uniquePrefix())
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        let con = AMQPConsumer(configuration: cfg, topology: topo, queues: [t.workQueue("default")], prefetch: 10, logger: Servers.logger)
+        con.start(); defer { con.stop() }
+        try await pub.waitUntilConnected()
+        try await con.waitUntilConsuming()
+
+        try Servers.rabbitmqctl(["close_all_connections", "test: forced close"])
+        // Both notice and come back, topology re-declared, consumer resumed.
+        let deadline = ContinuousClock.now + .seconds(15)
+        while (pub.reconnectCount == 0 || con.reconnectCount == 0 || !pub.isConnected || !con.isConsuming) && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(pub.reconnectCount >= 1)
+        #expect(con.reconnectCount >= 1)
+        try await pub.publish(message(t, 42))
+        var it = con.deliveries.makeAsyncIterator()
+        let d = try #require(await it.next())
+        #expect(d.properties.messageID == "id-42")
+        con.ack(d)
+    }
+
+    @Test func unreachableBrokerFailsFastWithNotConnected() async throws {
+        let t = ConveyorTopology(prefix: Servers.uniquePrefix())
+        var cfg = AMQPConfiguration(url: "amqp://guest:hunter2@127.0.0.1:1/%2F")
+        cfg.connectRetryFor = .milliseconds(300)
+        let pub = AMQPPublisher(configuration: cfg, topology: t.work(queues: ["x"]), logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        let r = await pub.publish([AMQPOutgoingMessage(exchange: "e", routingKey: "x", body: [], properties: .init())])
+        #expect(throws: AMQPError.self) { try r[0].get() }
+        await #expect { try await pub.waitUntilConnected() } throws: { e in
+            let s = "\(e)"
+            return s.contains("127.0.0.1:1") && !s.contains("hunter2")
+        }
+    }
+}

@@ -1,0 +1,76 @@
+import ConveyorAMQP
+import ConveyorPostgres
+import Foundation
+import Logging
+import Testing
+
+/// Where the real servers are. `scripts/test.sh` starts them and exports these variables.
+/// Locally, without them, the suites are skipped with a message; under `CI=true` a missing
+/// server is a failure, never a skip.
+enum Servers {
+    static let env = ProcessInfo.processInfo.environment
+    static var databaseURL: String? { env["CONVEYOR_DATABASE_URL"] }
+    static var adminURL: String? { env["CONVEYOR_TEST_PG_ADMIN_URL"] }
+    static var amqpURL: String? { env["CONVEYOR_AMQP_URL"] }
+    static var isCI: Bool { env["CI"] == "true" }
+    /// Integration suites run when the servers are configured, and always under CI (where a
+    /// missing server then fails loudly instead of skipping).
+    static var available: Bool { isCI || (databaseURL != nil && amqpURL != nil && adminURL != nil) }
+    static let skipMessage = "integration servers not configured: run scripts/test.sh (or scripts/services.sh start && source .local/env)"
+
+    static func requireAdminURL() throws -> String {
+        try #require(adminURL, "CONVEYOR_TEST_PG_ADMIN_URL is not set: run the tests with scripts/test.sh")
+    }
+
+    static func requireAMQP() throws -> String {
+        try #require(amqpURL, "CONVEYOR_AMQP_URL is not set: run the tests with scripts/test.sh")
+    }
+
+    static let logger: Logger = {
+        var l = Logger(label: "test")
+        l.logLevel = env["CONVEYOR_TEST_LOG"] == "1" ? .debug : .critical
+        return l
+    }()
+
+    /// A fresh database for one test, dropped afterwards.
+    static func withDatabase<T>(_ body: (String) async throws -> T) async throws -> T {
+        let admin = try requireAdminURL()
+        let name = "conveyor_t_" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "").prefix(16)
+        let adminConn = try await PostgresConnection.connect(url: admin, logger: logger)
+        try await adminConn.simple("CREATE DATABASE \(name)")
+        let url = replaceDatabase(in: admin, with: String(name))
+        do {
+            let result = try await body(url)
+            _ = try? await adminConn.simple("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+            return result
+        } catch {
+            _ = try? await adminConn.simple("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+            throw error
+        }
+    }
+
+    static func replaceDatabase(in url: String, with db: String) -> String {
+        guard let slash = url.lastIndex(of: "/") else { return url }
+        return String(url[...slash]) + db
+    }
+
+    /// A unique topology prefix, so tests never share broker queues.
+    static func uniquePrefix() -> String { "t" + UUID().uuidString.lowercased().prefix(8) }
+
+    /// Runs `rabbitmqctl` against the test node.
+    @discardableResult
+    static func rabbitmqctl(_ args: [String]) throws -> String {
+        let ctl = try #require(env["CONVEYOR_RABBITMQCTL"], "CONVEYOR_RABBITMQCTL is not set: run the tests with scripts/test.sh")
+        let parts = ctl.split(separator: " ").map(String.init)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: parts[0])
+        p.arguments = Array(parts.dropFirst()) + args
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self)
+    }
+}

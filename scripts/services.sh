@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Local PostgreSQL 15 and RabbitMQ for development and tests, as plain background processes
+# under .local/ (git-ignored). No Docker, no systemd.
+#
+#   scripts/services.sh start    install what is missing, start both, wait until they accept connections
+#   scripts/services.sh stop     stop both
+#   scripts/services.sh status   say what runs
+#   scripts/services.sh env      print the export lines for CONVEYOR_DATABASE_URL / CONVEYOR_AMQP_URL
+#
+# Ports (override with the variables): CONVEYOR_PG_PORT=55432, CONVEYOR_AMQP_PORT=55672.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="${CONVEYOR_LOCAL_DIR:-$ROOT/.local}"
+PG_PORT="${CONVEYOR_PG_PORT:-55432}"
+AMQP_PORT="${CONVEYOR_AMQP_PORT:-55672}"
+DIST_PORT="${CONVEYOR_AMQP_DIST_PORT:-$((AMQP_PORT + 1))}"
+NODE="${CONVEYOR_AMQP_NODE:-conveyor-$AMQP_PORT@localhost}"
+PG_DIR="$LOCAL/pg"
+MQ_DIR="$LOCAL/rabbitmq"
+PG_USER=postgres
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+install_packages() {
+  local missing=()
+  command -v pg_config >/dev/null 2>&1 || missing+=(libpq-dev)
+  [ -d /usr/lib/postgresql/15/bin ] || missing+=(postgresql-15)
+  pkg-config --exists libpq 2>/dev/null || missing+=(libpq-dev)
+  pkg-config --exists librabbitmq 2>/dev/null || missing+=(librabbitmq-dev)
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+pg_bin() { echo "/usr/lib/postgresql/15/bin/$1"; }
+as_pg() { runuser -u "$PG_USER" -- "$@"; }
+
+pg_running() { [ -f "$PG_DIR/data/postmaster.pid" ] && as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" status >/dev/null 2>&1; }
+
+start_pg() {
+  mkdir -p "$PG_DIR"
+  chown "$PG_USER" "$PG_DIR"
+  # postgres must be able to reach the folder: make every parent traversable
+  local d="$PG_DIR"; while [ "$d" != "/" ]; do d="$(dirname "$d")"; chmod o+x "$d" 2>/dev/null || true; done
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    log "initdb into $PG_DIR/data"
+    as_pg "$(pg_bin initdb)" -D "$PG_DIR/data" -U postgres --auth-local=trust --auth-host=trust -E UTF8 >/dev/null
+    mkdir -p "$PG_DIR/run"; chown "$PG_USER" "$PG_DIR/run"
+    cat >> "$PG_DIR/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_DIR/run'
+max_connections = 300
+shared_buffers = 256MB
+fsync = on
+synchronous_commit = on
+logging_collector = off
+CONF
+  fi
+  if pg_running; then log "postgres already running on $PG_PORT"; else
+    log "starting postgres on 127.0.0.1:$PG_PORT"
+    as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null
+  fi
+  for _ in $(seq 1 60); do
+    if psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; then break; fi
+    sleep 0.5
+  done
+  psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc \
+    "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='conveyor') THEN CREATE ROLE conveyor LOGIN CREATEDB; END IF; END \$\$;" >/dev/null
+  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc "select 1 from pg_database where datname='conveyor'" | grep -q 1; then
+    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "CREATE DATABASE conveyor OWNER conveyor" >/dev/null
+  fi
+}
+
+mq_env() {
+  export RABBITMQ_NODENAME="$NODE"
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT="$AMQP_PORT"
+  export RABBITMQ_DIST_PORT="$DIST_PORT"
+  export RABBITMQ_MNESIA_BASE="$MQ_DIR/mnesia"
+  export RABBITMQ_LOG_BASE="$MQ_DIR/log"
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$MQ_DIR/enabled_plugins"
+  export RABBITMQ_CONFIG_FILE="$MQ_DIR/rabbitmq"
+  export RABBITMQ_ADVANCED_CONFIG_FILE="$MQ_DIR/advanced.config"
+  export RABBITMQ_PID_FILE="$MQ_DIR/rabbitmq.pid"
+  export RABBITMQ_CONF_ENV_FILE="$MQ_DIR/rabbitmq-env.conf"
+  export HOME="${HOME:-/root}"
+}
+
+mqctl() { mq_env; /usr/lib/rabbitmq/bin/rabbitmqctl -n "$NODE" "$@"; }
+mq_running() { mqctl -q status >/dev/null 2>&1; }
+
+start_mq() {
+  mkdir -p "$MQ_DIR/mnesia" "$MQ_DIR/log"
+  [ -f "$MQ_DIR/enabled_plugins" ] || echo '[].' > "$MQ_DIR/enabled_plugins"
+  touch "$MQ_DIR/rabbitmq-env.conf"
+  # consumer_timeout: long tasks are the worker's business (see docs/architecture.md); one hour here.
+  cat > "$MQ_DIR/rabbitmq.conf" <<CONF
+listeners.tcp.default = $AMQP_PORT
+consumer_timeout = ${CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS:-3600000}
+vm_memory_high_watermark.relative = 0.4
+disk_free_limit.absolute = 500MB
+log.console = false
+log.file.level = warning
+CONF
+  echo '[].' > "$MQ_DIR/advanced.config"
+  if mq_running; then log "rabbitmq already running on $AMQP_PORT"; return; fi
+  log "starting rabbitmq node $NODE on 127.0.0.1:$AMQP_PORT"
+  ( mq_env; nohup /usr/lib/rabbitmq/bin/rabbitmq-server > "$MQ_DIR/server.out" 2>&1 & )
+  mq_env
+  for _ in $(seq 1 120); do
+    if /usr/lib/rabbitmq/bin/rabbitmqctl -n "$NODE" -q await_startup --timeout 5 >/dev/null 2>&1; then return; fi
+    sleep 1
+  done
+  log "rabbitmq did not start; see $MQ_DIR/server.out and $MQ_DIR/log"; tail -20 "$MQ_DIR/server.out" >&2; exit 1
+}
+
+stop_all() {
+  if mq_running; then log "stopping rabbitmq"; mqctl -q stop >/dev/null 2>&1 || true; fi
+  if pg_running; then log "stopping postgres"; as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" -m fast -w stop >/dev/null || true; fi
+}
+
+print_env() {
+  echo "export CONVEYOR_DATABASE_URL='postgresql://conveyor@127.0.0.1:$PG_PORT/conveyor'"
+  echo "export CONVEYOR_AMQP_URL='amqp://127.0.0.1:$AMQP_PORT/%2F'"
+  echo "export CONVEYOR_TEST_PG_ADMIN_URL='postgresql://postgres@127.0.0.1:$PG_PORT/postgres'"
+  echo "export CONVEYOR_RABBITMQCTL='$ROOT/scripts/services.sh ctl'"
+}
+
+case "${1:-}" in
+  start) install_packages; start_pg; start_mq; print_env > "$LOCAL/env"; log "ready: source $LOCAL/env";;
+  stop) stop_all;;
+  status) pg_running && echo "postgres: running on $PG_PORT" || echo "postgres: stopped"
+          mq_running && echo "rabbitmq: running on $AMQP_PORT" || echo "rabbitmq: stopped";;
+  env) print_env;;
+  ctl) shift; mqctl "$@";;
+  restart-mq) mqctl -q stop_app; mqctl -q start_app;;
+  *) echo "usage: $0 start|stop|status|env|ctl ARGS..." >&2; exit 2;;
+esac

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test against real PostgreSQL 15 and RabbitMQ started by the project itself.
+# This is README command 2; .ci/run calls exactly this.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/services.sh start
+# shellcheck disable=SC1091
+source .local/env
+export CI="${CI:-false}"
+swift build --build-tests
+# Swift Testing suites run in parallel; suites that disturb the broker are .serialized inside.
+swift test --skip-build "$@"
