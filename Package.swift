@@ -16,6 +16,7 @@ let package = Package(
         .package(url: "https://github.com/swift-otel/swift-w3c-trace-context.git", from: "1.0.0"),
         // One trait only: SwiftPM 6.3 may rebuild a dependency with several traits from scratch.
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["YAML"]),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
     ],
     targets: [
         // System libraries: module maps and shims only.
@@ -46,25 +47,31 @@ let package = Package(
             .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
         ]),
 
+        // YAML files with CONVEYOR_* environment overrides, validated with errors that name the key.
+        .target(name: "ConveyorConfig", dependencies: [
+            "ConveyorCore",
+            .product(name: "Configuration", package: "swift-configuration"),
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorAMQP", "ConveyorTelemetry",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
         .target(name: "ConveyorWorker", dependencies: [
-            "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry",
+            "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "Configuration", package: "swift-configuration"),
         ]),
 
         .executableTarget(name: "conveyor", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry",
+            "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "Configuration", package: "swift-configuration"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
         ]),
 
-        .testTarget(name: "ConveyorCoreTests", dependencies: ["ConveyorCore", "ConveyorWorker", "ConveyorTelemetry"]),
+        .testTarget(name: "ConveyorCoreTests", dependencies: ["ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP"]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
             "ConveyorWorker", "ConveyorTelemetry",

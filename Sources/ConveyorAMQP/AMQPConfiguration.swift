@@ -26,6 +26,9 @@ public struct AMQPConfiguration: Sendable {
         var host: String, port: Int, vhost: String, user: String, password: String
     }
 
+    /// Checks the URL now, so a bad one stops start-up with a clear error.
+    public func validate() throws(AMQPError) { _ = try endpoint() }
+
     /// Parses the URL with rabbitmq-c's own parser.
     func endpoint() throws(AMQPError) -> Endpoint {
         var info = amqp_connection_info()

@@ -15,7 +15,9 @@ import Synchronization
 /// jitter, re-declaring the topology.
 public final class AMQPPublisher: Sendable {
     public let configuration: AMQPConfiguration
-    public let topology: AMQPTopology
+    /// What is declared on every (re)connect: the initial topology plus everything `ensureTopology` added.
+    private let topology: Mutex<AMQPTopology>
+    private let declarations = Mutex<[(AMQPTopology, CheckedContinuation<Result<Void, AMQPError>, Never>)]>([])
     /// Most unconfirmed messages. Default 1,024.
     public let window: Int
     private let logger: Logger
@@ -30,7 +32,7 @@ public final class AMQPPublisher: Sendable {
 
     public init(configuration: AMQPConfiguration, topology: AMQPTopology, window: Int = 1024, logger: Logger) {
         self.configuration = configuration
-        self.topology = topology
+        self.topology = Mutex(topology)
         self.window = window
         self.logger = logger
     }
@@ -80,6 +82,22 @@ public final class AMQPPublisher: Sendable {
         }
     }
 
+    /// Declares more exchanges, queues and bindings now, and on every later reconnect.
+    public func ensureTopology(_ more: AMQPTopology) async throws(AMQPError) {
+        topology.withLock { $0 = $0.merging(more) }
+        let r: Result<Void, AMQPError> = await withCheckedContinuation { cont in
+            if !isConnected { cont.resume(returning: .failure(AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)"))); return }
+            declarations.withLock { $0.append((more, cont)) }
+            wake.wake()
+        }
+        try r.get()
+    }
+
+    private func failDeclarations(_ error: AMQPError) {
+        let pending = declarations.withLock { d in defer { d = [] }; return d }
+        for (_, c) in pending { c.resume(returning: .failure(error)) }
+    }
+
     /// Publishes one message; throws unless the broker confirmed it.
     public func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
         try await publish([message])[0].get()
@@ -102,13 +120,14 @@ public final class AMQPPublisher: Sendable {
             generation += 1
             let session: AMQPSession
             do {
-                session = try AMQPSession(configuration: configuration, topology: topology, generation: generation)
+                session = try AMQPSession(configuration: configuration, topology: topology.withLock { $0 }, generation: generation)
                 amqp_confirm_select(session.conn, session.channel)
                 try AMQPSession.check(amqp_get_rpc_reply(session.conn), "confirm.select")
             } catch {
                 attempt += 1
                 lastError.withLock { $0 = error }
                 failInbox(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
+                failDeclarations(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
                 logger.warning("amqp publisher connect failed, retrying", metadata: [
                     "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
                 sleepBackoff(attempt)
@@ -131,6 +150,7 @@ public final class AMQPPublisher: Sendable {
             }
         }
         failInbox(AMQPError(code: .stopped, message: "publisher stopped"))
+        failDeclarations(AMQPError(code: .stopped, message: "publisher stopped"))
         exited.store(true, ordering: .relaxed)
     }
 
@@ -189,6 +209,16 @@ public final class AMQPPublisher: Sendable {
                 return nil
             }
             queued.append(contentsOf: inbox.withLock { b in defer { b = [] }; return b })
+            for (t, cont) in declarations.withLock({ d in defer { d = [] }; return d }) {
+                do throws(AMQPError) {
+                    try session.declare(t)
+                    cont.resume(returning: .success(()))
+                } catch {
+                    cont.resume(returning: .failure(error))
+                    failAll(error)
+                    return error   // a failed declare closes the channel: reconnect
+                }
+            }
 
             // Publish while the window has room.
             while inflight.count < window, let batch = queued.first {

@@ -1,0 +1,260 @@
+public import ConveyorAMQP
+public import ConveyorCore
+public import ConveyorPostgres
+public import ConveyorStore
+import ConveyorTelemetry
+import Foundation
+public import Logging
+public import ServiceLifecycle
+import Synchronization
+
+/// Scans PostgreSQL for due work and publishes it; consumes status events and records them.
+///
+/// Runs as one `Service`: on graceful shutdown it stops claiming, finishes the batch in hand,
+/// records the statuses already received, and closes its connections.
+public final class Dispatcher: Service, Sendable {
+    public let configuration: DispatcherConfiguration
+    public let store: Store
+    public let publisher: AMQPPublisher
+    public let statusConsumer: AMQPConsumer
+    let listener: PostgresListener?
+    let topology: ConveyorTopology
+    let logger: Logger
+    let wakeup = Wakeup()
+    let statusWakeup = Wakeup()
+    let statusBuffer = Mutex<[AMQPDelivery]>([])
+    let declaredQueues: Mutex<Set<String>>
+    let counters = Mutex(Counters())
+    let stopping = Atomic<Bool>(false)
+
+    /// Totals since start, for logs, `bench` and tests.
+    public struct Counters: Sendable {
+        public var published = 0
+        public var publishFailed = 0
+        public var statusApplied = 0
+        public var statusIgnored = 0
+        public var statusRejected = 0
+    }
+
+    public init(configuration: DispatcherConfiguration, store: Store, amqp: AMQPConfiguration, databaseURL: String?, logger: Logger) {
+        self.configuration = configuration
+        self.store = store
+        self.logger = logger
+        let topology = ConveyorTopology(prefix: configuration.prefix, deliveryLimit: configuration.deliveryLimit)
+        self.topology = topology
+        var pubConfig = amqp
+        pubConfig.name = "dispatcher-publish"
+        publisher = AMQPPublisher(configuration: pubConfig, topology: topology.work(queues: configuration.queues).merging(topology.status),
+                                  window: 1024, logger: logger)
+        statusConsumer = AMQPConsumer(configuration: amqp, topology: topology.status, queues: [topology.statusQueue],
+                                      prefetch: UInt16(min(configuration.statusBatchSize * 2, 60_000)), logger: logger)
+        listener = databaseURL.map { PostgresListener(url: $0, channels: ["conveyor_due"], logger: logger) }
+        declaredQueues = Mutex(Set(configuration.queues))
+    }
+
+    public var stats: Counters { counters.withLock { $0 } }
+
+    /// Ready when the database answers and both broker connections are up.
+    public var isReady: Bool { publisher.isConnected && statusConsumer.isConsuming }
+
+    public func run() async throws {
+        publisher.start()
+        statusConsumer.start()
+        listener?.start()
+        defer {
+            listener?.stop()
+            statusConsumer.stop()
+            publisher.stop()
+        }
+        try await store.pool.waitUntilReachable()
+        try await publisher.waitUntilConnected()
+        try await statusConsumer.waitUntilConsuming()
+        logger.info("dispatcher running", metadata: ["dispatcher.groups": "\(configuration.groups)", "dispatcher.batch_size": "\(configuration.batchSize)"])
+
+        try await withGracefulShutdownHandler {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { await self.scanLoop() }
+                group.addTask { await self.statusPump() }
+                group.addTask { await self.statusLoop() }
+                if let listener {
+                    group.addTask {
+                        for await _ in listener.notifications { self.wakeup.signal() }
+                    }
+                }
+                // The scan and status loops end on shutdown; then stop the pumps.
+                _ = try await group.next()
+                _ = try await group.next()
+                listener?.stop()
+                statusConsumer.stop()
+                group.cancelAll()
+            }
+        } onGracefulShutdown: {
+            self.stopping.store(true, ordering: .relaxed)
+            self.wakeup.signal()
+            self.statusWakeup.signal()
+            self.statusConsumer.stopConsuming()
+        }
+        logger.info("dispatcher stopped", metadata: ["dispatcher.published": "\(stats.published)", "dispatcher.recorded": "\(stats.statusApplied)"])
+    }
+
+    // MARK: scan and publish
+
+    func scanLoop() async {
+        while !stopping.load(ordering: .relaxed) {
+            var claimed = 0
+            if publisher.isConnected && !publisher.isBlocked {
+                claimed = await scanOnce()
+            }
+            if stopping.load(ordering: .relaxed) { break }
+            if claimed > 0 { continue }   // more may be due: scan again at once
+            var sleep = configuration.scanInterval
+            if let next = try? await store.secondsUntilNextDue(), next < sleep.seconds {
+                sleep = .milliseconds(Int64(max(next, 0) * 1000) + 1)
+            }
+            await wakeup.wait(timeout: sleep)
+        }
+    }
+
+    /// Claims and publishes one batch from every task group concurrently; returns how many runs it published.
+    public func scanOnce() async -> Int {
+        await withTaskGroup(of: Int.self) { group in
+            for g in 0..<configuration.groups {
+                group.addTask { await self.dispatchGroup(g) }
+            }
+            var total = 0
+            for await n in group { total += n }
+            return total
+        }
+    }
+
+    func dispatchGroup(_ g: Int) async -> Int {
+        let claimed: [ClaimedRun]
+        do {
+            claimed = try await store.claimDue(group: g, groups: configuration.groups, limit: configuration.batchSize,
+                                               lease: configuration.publishLease,
+                                               newTraceParent: { TraceIDs.dispatchTraceParent(parent: $0) })
+        } catch {
+            logger.warning("claim failed", metadata: ["dispatcher.group": "\(g)", "error": "\(error)"])
+            return 0
+        }
+        if claimed.isEmpty { return 0 }
+        let (ok, failed) = await publish(claimed)
+        do {
+            try await store.markDispatched(ok)
+            if !failed.isEmpty { try await store.retryPublishSoon(failed, delay: .seconds(1)) }
+        } catch {
+            // The rows stay `queued`: any dispatcher republishes them when the lease ends.
+            logger.warning("marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
+        }
+        counters.withLock { $0.published += ok.count; $0.publishFailed += failed.count }
+        return ok.count
+    }
+
+    /// Publishes runs with confirms; returns the confirmed and the failed run ids.
+    func publish(_ runs: [ClaimedRun]) async -> (ok: [UUID], failed: [UUID]) {
+        let newQueues = declaredQueues.withLock { known in Set(runs.map(\.message.queue)).subtracting(known) }
+        if !newQueues.isEmpty {
+            do {
+                try await publisher.ensureTopology(topology.work(queues: newQueues.sorted()))
+                declaredQueues.withLock { $0.formUnion(newQueues) }
+            } catch {
+                logger.warning("declaring work queues failed", metadata: ["amqp.queues": "\(newQueues.sorted())", "error": "\(error)"])
+            }
+        }
+        let now = Date()
+        let messages = runs.map { run in
+            var headers: AMQPHeaders = [
+                "traceparent": .string(run.traceparent),
+                "conveyor-task": .string(run.message.taskName),
+                "conveyor-attempt": .int(Int64(run.message.attempt)),
+                "conveyor-deadline": .string(now.addingTimeInterval(run.message.timeoutSeconds).formatted(.iso8601)),
+            ]
+            // tracestate/baggage of a stored parent ride along through the propagator.
+            TraceIDs.inject(TraceIDs.extract(headers), into: &headers)
+            return AMQPOutgoingMessage(
+                exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(run.message),
+                properties: AMQPProperties(contentType: "application/json", messageID: run.message.runID.uuidString.lowercased(),
+                                           type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
+                                           headers: headers))
+        }
+        let results = await publisher.publish(messages)
+        var ok: [UUID] = [], failed: [UUID] = []
+        for (run, r) in zip(runs, results) {
+            switch r {
+            case .success: ok.append(run.message.runID)
+            case .failure(let e):
+                failed.append(run.message.runID)
+                logger.debug("publish failed", metadata: ["run.id": "\(run.message.runID)", "error": "\(e)"])
+            }
+        }
+        if !failed.isEmpty { logger.warning("publishes failed; will retry", metadata: ["count": "\(failed.count)"]) }
+        return (ok, failed)
+    }
+
+    // MARK: status recording
+
+    /// Moves deliveries from the consumer's stream into a buffer the recorder drains in batches.
+    func statusPump() async {
+        for await d in statusConsumer.deliveries {
+            statusBuffer.withLock { $0.append(d) }
+            statusWakeup.signal()
+        }
+    }
+
+    func statusLoop() async {
+        while true {
+            let batch = statusBuffer.withLock { b -> [AMQPDelivery] in
+                let n = min(b.count, configuration.statusBatchSize)
+                defer { b.removeFirst(n) }
+                return Array(b.prefix(n))
+            }
+            if batch.isEmpty {
+                if stopping.load(ordering: .relaxed) { return }
+                await statusWakeup.wait(timeout: .milliseconds(500))
+                continue
+            }
+            await recordBatch(batch)
+        }
+    }
+
+    /// Records one batch; retries the transaction (it is idempotent) until it commits, then acks.
+    func recordBatch(_ batch: [AMQPDelivery]) async {
+        var events: [StatusMessage] = []
+        var last: AMQPDelivery?
+        for d in batch {
+            do throws(ValidationError) {
+                guard d.properties.type == nil || d.properties.type == statusMessageType else {
+                    throw ValidationError(field: "type", value: d.properties.type ?? "", hint: "status messages have type \(statusMessageType)")
+                }
+                events.append(try MessageCodec.decodeStatus(d.body))
+                last = d
+            } catch {
+                logger.warning("malformed status message dead-lettered", metadata: ["amqp.message_id": "\(d.properties.messageID ?? "")", "error": "\(error)"])
+                statusConsumer.reject(d, requeue: false)
+                counters.withLock { $0.statusRejected += 1 }
+            }
+        }
+        guard let last else { return }
+        var attempt = 0
+        while true {
+            do {
+                let r = try await store.record(events)
+                counters.withLock { $0.statusApplied += r.applied; $0.statusIgnored += r.ignored }
+                statusConsumer.ack(last, multiple: true)
+                return
+            } catch {
+                attempt += 1
+                logger.warning("recording statuses failed; retrying", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
+                if stopping.load(ordering: .relaxed) && attempt > 3 {
+                    // Not acked: the broker redelivers them to the next dispatcher.
+                    return
+                }
+                try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(100), cap: .seconds(5)))
+            }
+        }
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}

@@ -1,0 +1,187 @@
+public import ConveyorAMQP
+public import ConveyorCore
+import ConveyorTelemetry
+import Foundation
+public import Logging
+public import ServiceLifecycle
+import Synchronization
+
+/// Consumes task messages, runs each with its executor under the task's timeout, and reports
+/// `started` and `finished` on the status queue. A task message is acknowledged only after its
+/// `finished` status is confirmed by the broker, so a worker that dies mid-task loses nothing:
+/// the broker redelivers the message.
+///
+/// Workers never touch PostgreSQL; RabbitMQ is their only dependency.
+public final class Worker: Service, Sendable {
+    public let configuration: WorkerConfiguration
+    public let executors: [String: any Executor]
+    let consumer: AMQPConsumer
+    let publisher: AMQPPublisher
+    let topology: ConveyorTopology
+    let logger: Logger
+    let counters = Mutex(Counters())
+
+    public struct Counters: Sendable {
+        public var succeeded = 0
+        public var failed = 0
+        public var rejected = 0
+        public var inFlight = 0
+    }
+
+    public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger) {
+        self.configuration = configuration
+        self.executors = executors
+        var logger = logger
+        logger[metadataKey: "worker.id"] = "\(configuration.id)"
+        self.logger = logger
+        let topology = ConveyorTopology(prefix: configuration.prefix, deliveryLimit: configuration.deliveryLimit)
+        self.topology = topology
+        let work = topology.work(queues: configuration.queues)
+        consumer = AMQPConsumer(configuration: amqp, topology: work, queues: configuration.queues.map(topology.workQueue),
+                                prefetch: UInt16(min(configuration.concurrency, 65_535)), logger: logger)
+        publisher = AMQPPublisher(configuration: amqp, topology: topology.status, window: 1024, logger: logger)
+    }
+
+    public var stats: Counters { counters.withLock { $0 } }
+    /// Ready when connected and consuming.
+    public var isReady: Bool { consumer.isConsuming && publisher.isConnected }
+
+    public func run() async throws {
+        publisher.start()
+        consumer.start()
+        defer {
+            consumer.stop()
+            publisher.stop()
+        }
+        try await publisher.waitUntilConnected()
+        try await consumer.waitUntilConsuming()
+        logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
+                                                  "worker.executors": "\(executors.keys.sorted())"])
+        let stopping = Atomic<Bool>(false)
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                for await delivery in consumer.deliveries {
+                    if stopping.load(ordering: .relaxed) { break }
+                    counters.withLock { $0.inFlight += 1 }
+                    group.addTask {
+                        await self.handle(delivery)
+                        self.counters.withLock { $0.inFlight -= 1 }
+                    }
+                }
+            }
+        } onGracefulShutdown: {
+            stopping.store(true, ordering: .relaxed)
+            self.consumer.stopConsuming()
+            self.consumer.stop()
+        }
+        logger.info("worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
+    }
+
+    func handle(_ delivery: AMQPDelivery) async {
+        let message: TaskMessage
+        do throws(ValidationError) {
+            guard delivery.properties.type == nil || delivery.properties.type == taskMessageType else {
+                throw ValidationError(field: "type", value: delivery.properties.type ?? "", hint: "task messages have type \(taskMessageType)")
+            }
+            message = try MessageCodec.decodeTask(delivery.body)
+        } catch {
+            await refuse(delivery, runID: MessageCodec.runID(inMalformed: delivery.body), attempt: 1, errorClass: "malformed_message", reason: "\(error)")
+            return
+        }
+        guard let executor = executors[message.executor] else {
+            await refuse(delivery, runID: message.runID, attempt: message.attempt, errorClass: "unknown_executor",
+                         reason: "this worker offers executors \(executors.keys.sorted()), not '\(message.executor)'")
+            return
+        }
+        var log = logger
+        log[metadataKey: "run.id"] = "\(message.runID)"
+        log[metadataKey: "task.name"] = "\(message.taskName)"
+
+        // The execute span: a child of the dispatch span carried in the headers.
+        let span = TraceIDs.child(of: TraceIDs.extract(delivery.properties.headers))
+        log[metadataKey: "trace.id"] = "\(TraceIDs.traceID(span) ?? "")"
+        var statusHeaders: AMQPHeaders = [:]
+        TraceIDs.inject(span, into: &statusHeaders)
+
+        let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id)
+        async let startedConfirmed: Void = publishStatus(started, headers: statusHeaders, log: log)
+
+        let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
+        let context = ExecutionContext(runID: message.runID, taskName: message.taskName, attempt: message.attempt,
+                                       parameters: message.parameters, timeout: timeout,
+                                       traceparent: TraceIDs.traceparent(span),
+                                       tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey)
+        let result = await Self.run(executor, context)
+        await startedConfirmed
+
+        let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
+                                     exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
+                                     errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id)
+        await publishStatus(finished, headers: statusHeaders, log: log)
+        consumer.ack(delivery)
+        counters.withLock { if result.outcome == .succeeded { $0.succeeded += 1 } else { $0.failed += 1 } }
+    }
+
+    /// Runs the executor; past `timeout` its task is cancelled and the outcome is `timed_out`.
+    static func run(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
+        enum Step: Sendable { case done(ExecutionResult), timeout, timerStopped }
+        return await withTaskGroup(of: Step.self) { group in
+            group.addTask { .done(await executor.execute(context)) }
+            group.addTask {
+                do { try await Task.sleep(for: context.timeout) } catch { return .timerStopped }
+                return .timeout
+            }
+            var result: ExecutionResult?
+            var timedOut = false
+            while let step = await group.next() {
+                switch step {
+                case .done(let r): result = r; group.cancelAll()
+                case .timeout: timedOut = true; group.cancelAll()   // the executor's task is cancelled and stops
+                case .timerStopped: break
+                }
+            }
+            var final = result ?? ExecutionResult(outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
+            if timedOut {
+                final.outcome = .timedOut
+                final.errorClass = "timeout"
+                final.errorMessage = "exceeded the task timeout of \(context.timeout)"
+            }
+            return final
+        }
+    }
+
+    /// Publishes a status until the broker confirms it (retrying with backoff across reconnects).
+    func publishStatus(_ status: StatusMessage, headers: AMQPHeaders, log: Logger) async {
+        let message = AMQPOutgoingMessage(
+            exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(status),
+            properties: AMQPProperties(contentType: "application/json", messageID: "\(status.runID.uuidString.lowercased()):\(status.event.rawValue)",
+                                       type: statusMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: true, headers: headers))
+        var attempt = 0
+        while true {
+            do {
+                try await publisher.publish(message)
+                return
+            } catch {
+                attempt += 1
+                if attempt == 1 || attempt % 20 == 0 {
+                    log.warning("status publish failed; retrying", metadata: ["status.event": "\(status.event.rawValue)", "error": "\(error)"])
+                }
+                if error.code == .stopped { return }   // shutting down: not acked, so the broker redelivers the task
+                try? await Task.sleep(for: .milliseconds(min(50 * (1 << min(attempt, 6)), 2000)))
+            }
+        }
+    }
+
+    /// Reports a `failed` status when the run id is readable, then rejects without requeue (dead-letter).
+    func refuse(_ delivery: AMQPDelivery, runID: UUID?, attempt: Int, errorClass: String, reason: String) async {
+        logger.warning("task message refused and dead-lettered", metadata: [
+            "amqp.message_id": "\(delivery.properties.messageID ?? "")", "error.class": "\(errorClass)", "error": "\(reason)"])
+        if let runID {
+            let status = StatusMessage(runID: runID, attempt: attempt, event: .finished, outcome: .failed,
+                                       errorClass: errorClass, errorMessage: reason, workerID: configuration.id)
+            await publishStatus(status, headers: [:], log: logger)
+        }
+        consumer.reject(delivery, requeue: false)
+        counters.withLock { $0.rejected += 1 }
+    }
+}

@@ -1,0 +1,48 @@
+public import ConveyorConfig
+public import ConveyorCore
+import Foundation
+
+/// Settings of a worker, from `config/worker.yaml` (env overrides `CONVEYOR_WORKER_*`).
+///
+/// Keys:
+/// - `worker.id`: default `<host>-<pid>`.
+/// - `worker.queues`: work queues to consume, default `[default]`.
+/// - `worker.concurrency`: runs at once (also the prefetch), default 16.
+/// - `worker.executors`: names of the `executors.<name>` entries this worker offers, default `[noop]`.
+/// - `worker.shutdown_grace_ms`: drain time on SIGTERM, default 25000.
+/// - `amqp.prefix`, `amqp.delivery_limit`: broker names and dead-letter threshold (as the dispatcher's).
+public struct WorkerConfiguration: Sendable {
+    public var id: String
+    public var queues: [String]
+    public var concurrency: Int
+    public var executorNames: [String]
+    public var shutdownGrace: Duration
+    public var prefix: String
+    public var deliveryLimit: Int
+
+    public init(id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
+                shutdownGrace: Duration = .seconds(25), prefix: String = "conveyor", deliveryLimit: Int = 5) {
+        self.id = id ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+        self.queues = queues
+        self.concurrency = concurrency
+        self.executorNames = executorNames
+        self.shutdownGrace = shutdownGrace
+        self.prefix = prefix
+        self.deliveryLimit = deliveryLimit
+    }
+
+    public init(settings s: Settings) throws(ValidationError) {
+        self.init(id: try s.optionalString("worker.id"))
+        queues = try s.strings("worker.queues", default: ["default"])
+        guard !queues.isEmpty else { throw s.bad("worker.queues", "list at least one queue, e.g. [default]") }
+        for q in queues where q.isEmpty || !q.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }) {
+            throw ValidationError(field: "\(s.source): worker.queues", value: q, hint: "queue names use letters, digits, '-', '_' and '.' only")
+        }
+        concurrency = try s.int("worker.concurrency", default: 16, range: 1...10_000)
+        executorNames = try s.strings("worker.executors", default: ["noop"])
+        guard !executorNames.isEmpty else { throw s.bad("worker.executors", "list the executors this worker offers, e.g. [noop, shell]") }
+        shutdownGrace = try s.milliseconds("worker.shutdown_grace_ms", default: 25_000, range: 0...3_600_000)
+        prefix = try s.string("amqp.prefix", default: "conveyor")
+        deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
+    }
+}

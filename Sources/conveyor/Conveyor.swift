@@ -1,0 +1,197 @@
+import ArgumentParser
+import ConveyorAMQP
+import ConveyorConfig
+import ConveyorCore
+import ConveyorDispatcher
+import ConveyorPostgres
+import ConveyorStore
+import ConveyorWorker
+import Foundation
+import Logging
+import ServiceLifecycle
+import UnixSignals
+
+@main
+struct Conveyor: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "conveyor",
+        abstract: "Conveyor: a distributed task dispatcher on PostgreSQL and RabbitMQ.",
+        subcommands: [Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, Bench.self])
+}
+
+/// Options every server subcommand shares.
+struct CommonOptions: ParsableArguments {
+    @Option(name: .customLong("config-dir"), help: "Folder with dispatcher.yaml and worker.yaml (env CONVEYOR_CONFIG_DIR).")
+    var configDir: String?
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical (env CONVEYOR_LOG_LEVEL).")
+    var logLevel: String?
+
+    var directory: String {
+        configDir ?? ProcessInfo.processInfo.environment["CONVEYOR_CONFIG_DIR"] ?? "config"
+    }
+
+    func settings(_ file: String) async throws -> Settings {
+        try await Settings.load(file: "\(directory)/\(file)", required: configDir != nil)
+    }
+
+    func logger(_ label: String) throws -> Logger {
+        let raw = logLevel ?? ProcessInfo.processInfo.environment["CONVEYOR_LOG_LEVEL"] ?? "info"
+        guard let level = Logger.Level(rawValue: raw.lowercased()) else {
+            throw ValidationError(field: "--log-level (env CONVEYOR_LOG_LEVEL)", value: raw,
+                                  hint: "use one of trace, debug, info, notice, warning, error, critical")
+        }
+        Bootstrap.logging(level: level)
+        return Logger(label: label)
+    }
+}
+
+enum Bootstrap {
+    nonisolated(unsafe) private static var done = false   // set once from main before any other task runs
+
+    static func logging(level: Logger.Level) {
+        guard !done else { return }
+        done = true
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+    }
+}
+
+/// Connection settings shared by the processes. Keys `database.*` and `amqp.*`.
+struct Connections {
+    var databaseURL: String
+    var poolSize: Int
+    var amqp: AMQPConfiguration
+
+    static let defaultDatabaseURL = "postgresql://conveyor@127.0.0.1:55432/conveyor"
+    static let defaultAMQPURL = "amqp://127.0.0.1:55672/%2F"
+
+    init(settings s: Settings, poolSize defaultPool: Int = 10) throws {
+        databaseURL = try s.string("database.url", default: Self.defaultDatabaseURL)
+        poolSize = try s.int("database.pool_size", default: defaultPool, range: 1...500)
+        amqp = AMQPConfiguration(url: try s.string("amqp.url", default: Self.defaultAMQPURL))
+        amqp.heartbeat = .seconds(try s.int("amqp.heartbeat_seconds", default: 10, range: 0...600))
+        amqp.connectRetryFor = .seconds(try s.int("amqp.connect_retry_seconds", default: 60, range: 0...3600))
+        try amqp.validate()
+    }
+
+    func pool(logger: Logger, connectRetryFor: Duration = .seconds(60)) -> PostgresPool {
+        var c = PostgresPool.Configuration(url: databaseURL)
+        c.maxConnections = poolSize
+        c.connectRetryFor = connectRetryFor
+        return PostgresPool(configuration: c, logger: logger)
+    }
+}
+
+extension DispatcherConfiguration {
+    init(settings s: Settings) throws {
+        self.init()
+        groups = try s.int("dispatcher.groups", default: 4, range: 1...64)
+        batchSize = try s.int("dispatcher.batch_size", default: 500, range: 1...10_000)
+        scanInterval = try s.milliseconds("dispatcher.scan_interval_ms", default: 1000, range: 10...60_000)
+        publishLease = .seconds(try s.int("dispatcher.publish_lease_seconds", default: 30, range: 1...3600))
+        statusBatchSize = try s.int("dispatcher.status_batch_size", default: 1000, range: 1...20_000)
+        queues = try s.strings("dispatcher.queues", default: ["default"])
+        prefix = try s.string("amqp.prefix", default: "conveyor")
+        deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
+    }
+}
+
+struct Migrate: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Apply database migrations (safe to run twice or concurrently).")
+    @OptionGroup var common: CommonOptions
+
+    func run() async throws {
+        let logger = try common.logger("conveyor.migrate")
+        let c = try Connections(settings: try await common.settings("dispatcher.yaml"), poolSize: 1)
+        let pool = c.pool(logger: logger)
+        defer { pool.close() }
+        let applied = try await Migrator(logger: logger).migrate(pool)
+        print(applied.isEmpty ? "schema up to date" : "applied: \(applied.joined(separator: ", "))")
+    }
+}
+
+struct DispatcherCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "dispatcher", abstract: "Run a dispatcher (any number may run at once).")
+    @OptionGroup var common: CommonOptions
+
+    func run() async throws {
+        let logger = try common.logger("conveyor.dispatcher")
+        let s = try await common.settings("dispatcher.yaml")
+        let dc = try DispatcherConfiguration(settings: s)
+        let c = try Connections(settings: s, poolSize: dc.groups + 4)
+        let pool = c.pool(logger: logger)
+        defer { pool.close() }
+        let dispatcher = Dispatcher(configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger)
+        try await ServiceGroup(configuration: .init(services: [dispatcher], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+    }
+}
+
+struct WorkerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "worker", abstract: "Run a worker (needs only RabbitMQ).")
+    @OptionGroup var common: CommonOptions
+
+    func run() async throws {
+        let logger = try common.logger("conveyor.worker")
+        let s = try await common.settings("worker.yaml")
+        let wc = try WorkerConfiguration(settings: s)
+        let executors = try ExecutorFactory().make(names: wc.executorNames, settings: s)
+        let c = try Connections(settings: s)
+        let worker = Worker(configuration: wc, executors: executors, amqp: c.amqp, logger: logger)
+        try await ServiceGroup(configuration: .init(services: [worker], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+    }
+}
+
+struct Dev: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Migrate, then run a dispatcher and workers in one process (for a laptop).")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "Workers to run in this process.") var workers = 2
+    @Flag(help: "Create the demo tasks (a few interval tasks and one shell task) if missing.") var demo = false
+
+    func run() async throws {
+        let logger = try common.logger("conveyor.dev")
+        let ds = try await common.settings("dispatcher.yaml")
+        let ws = try await common.settings("worker.yaml")
+        let dc = try DispatcherConfiguration(settings: ds)
+        let c = try Connections(settings: ds, poolSize: dc.groups + 4)
+        let pool = c.pool(logger: logger)
+        defer { pool.close() }
+        try await Migrator(logger: logger).migrate(pool)
+        let store = Store(pool: pool)
+        if demo { try await Demo.create(store, logger: logger) }
+        var services: [any Service] = [Dispatcher(configuration: dc, store: store, amqp: c.amqp, databaseURL: c.databaseURL, logger: logger)]
+        var wc = try WorkerConfiguration(settings: ws)
+        let executors = try ExecutorFactory().make(names: wc.executorNames, settings: ws)
+        let baseID = wc.id
+        for i in 0..<max(workers, 1) {
+            wc.id = "\(baseID)-w\(i)"
+            services.append(Worker(configuration: wc, executors: executors, amqp: c.amqp, logger: logger))
+        }
+        try await ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+    }
+}
+
+enum Demo {
+    static func create(_ store: Store, logger: Logger) async throws {
+        var tasks: [NewTask] = []
+        var heartbeat = NewTask(name: "demo-heartbeat", executor: "noop", schedule: .interval(seconds: 5))
+        heartbeat.timeoutSeconds = 10
+        tasks.append(heartbeat)
+        var nap = NewTask(name: "demo-nap", executor: "sleep", schedule: .interval(seconds: 10))
+        nap.parameters = .object(["seconds": .number(1.5)])
+        tasks.append(nap)
+        var flaky = NewTask(name: "demo-fails", executor: "sleep", schedule: .interval(seconds: 15))
+        flaky.parameters = .object(["seconds": .number(0.2), "fail": .bool(true)])
+        tasks.append(flaky)
+        var shell = NewTask(name: "demo-shell", executor: "shell", schedule: .interval(seconds: 10))
+        shell.parameters = .object(["argv": .array([.string("/bin/echo"), .string("hello from conveyor")])])
+        tasks.append(shell)
+        for t in tasks where try await store.task(named: t.name) == nil {
+            try await store.createTasks([t])
+            logger.info("demo task created", metadata: ["task.name": "\(t.name)", "task.schedule": "\(t.schedule.text)"])
+        }
+    }
+}
