@@ -10,4 +10,4 @@ source .local/env
 export CI="${CI:-false}"
 swift build --build-tests
 # Swift Testing suites run in parallel; suites that disturb the broker are .serialized inside.
-swift test --skip-build "$@"
+swift test --skip-build --no-parallel "$@"

@@ -107,16 +107,21 @@ public final class AMQPConsumer: Sendable {
         while !stopped.load(ordering: .relaxed) {
             generation += 1
             let session: AMQPSession
-            do {
+            do throws(AMQPError) {
                 session = try AMQPSession(configuration: configuration, topology: topology, generation: generation)
-                amqp_basic_qos(session.conn, session.channel, 0, prefetch, 0)
-                try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
-                if !cancelRequested.load(ordering: .relaxed) {
-                    let arena = CArena()
-                    for q in queues {
-                        amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
-                        try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
+                do throws(AMQPError) {
+                    amqp_basic_qos(session.conn, session.channel, 0, prefetch, 0)
+                    try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
+                    if !cancelRequested.load(ordering: .relaxed) {
+                        let arena = CArena()
+                        for q in queues {
+                            amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                            try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
+                        }
                     }
+                } catch {
+                    session.abandon()   // never a polite close on a connection the broker dropped
+                    throw error
                 }
             } catch {
                 attempt += 1
@@ -174,18 +179,11 @@ public final class AMQPConsumer: Sendable {
             if let e = applyCommands(session) { return e }
 
             if !session.hasBufferedInput {
-                let readable = wake.wait(on: session.socketFD, timeoutMS: 500)
-                if !readable && !session.hasBufferedInput {
-                    // Still read with a zero timeout, so rabbitmq-c services heartbeats.
-                    var frame = amqp_frame_t()
-                    var tv = timeval(tv_sec: 0, tv_usec: 0)
-                    let rc = amqp_simple_wait_frame_noblock(session.conn, &frame, &tv)
-                    if rc == AMQP_STATUS_TIMEOUT.rawValue { continue }
-                    if rc != AMQP_STATUS_OK.rawValue { return AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc))) }
-                    if let e = handleStray(frame) { return e }
-                    continue
-                }
+                wake.wait(on: session.socketFD, timeoutMS: 500)
             }
+            // Always read through amqp_consume_message, even when poll() saw nothing: it also
+            // services heartbeats, and a frame read any other way could be a basic.deliver
+            // that would then be lost (never yielded, never acked).
             // Read every delivery that is available now.
             while true {
                 amqp_maybe_release_buffers(session.conn)

@@ -119,10 +119,15 @@ public final class AMQPPublisher: Sendable {
         while !stopped.load(ordering: .relaxed) {
             generation += 1
             let session: AMQPSession
-            do {
+            do throws(AMQPError) {
                 session = try AMQPSession(configuration: configuration, topology: topology.withLock { $0 }, generation: generation)
                 amqp_confirm_select(session.conn, session.channel)
-                try AMQPSession.check(amqp_get_rpc_reply(session.conn), "confirm.select")
+                do throws(AMQPError) {
+                    try AMQPSession.check(amqp_get_rpc_reply(session.conn), "confirm.select")
+                } catch {
+                    session.abandon()
+                    throw error
+                }
             } catch {
                 attempt += 1
                 lastError.withLock { $0 = error }

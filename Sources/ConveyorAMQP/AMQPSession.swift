@@ -32,7 +32,9 @@ final class AMQPSession {
             try Self.check(amqp_get_rpc_reply(conn), "channel.open")
             try declare(topology)
         } catch {
-            close()
+            // The broker may already have closed the connection: a polite close would wait for
+            // replies that never come (up to the RPC timeout). Drop it instead.
+            abandon()
             throw error
         }
     }

@@ -237,7 +237,11 @@ public struct Store: Sendable {
     public func markDispatched(_ runIDs: [UUID]) async throws {
         guard !runIDs.isEmpty else { return }
         try await pool.withConnection { c in
-            try await c.query("UPDATE runs SET state = 'dispatched', dispatched_at = now() WHERE id = ANY($1::uuid[]) AND state = 'queued'", [runIDs])
+            // Rows locked in id order, as status recording does, so the two never deadlock.
+            try await c.query("""
+                UPDATE runs SET state = 'dispatched', dispatched_at = now()
+                WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)
+                """, [runIDs])
         }
     }
 
@@ -246,7 +250,10 @@ public struct Store: Sendable {
         guard !runIDs.isEmpty else { return }
         let secs = Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18
         try await pool.withConnection { c in
-            try await c.query("UPDATE runs SET available_at = now() + make_interval(secs => $2) WHERE id = ANY($1::uuid[]) AND state = 'queued'", [runIDs, secs])
+            try await c.query("""
+                UPDATE runs SET available_at = now() + make_interval(secs => $2)
+                WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)
+                """, [runIDs, secs])
         }
     }
 
@@ -281,8 +288,12 @@ public struct Store: Sendable {
         let startable = RunState.predecessors(of: .running).map(\.rawValue)
         let finishable = RunState.predecessors(of: .succeeded).map(\.rawValue)
         let s = Array(started.values), f = Array(finished.values)
+        let allIDs = Array(Set(s.map(\.runID) + f.map(\.runID))).sorted { $0.uuidString < $1.uuidString }
         let applied: Int = try await pool.withTransaction { c in
             var n = 0
+            // Lock the rows in one order (by id) first: dispatchers recording overlapping
+            // batches then wait for each other instead of deadlocking.
+            try await c.query("SELECT 1 FROM runs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", [allIDs])
             if !s.isEmpty {
                 n += try await c.query("""
                     UPDATE runs r SET state = 'running', started_at = coalesce(r.started_at, u.at), worker_id = u.worker

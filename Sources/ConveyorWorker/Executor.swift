@@ -111,6 +111,8 @@ public struct NoopExecutor: Executor {
 public struct SleepExecutor: Executor {
     public var maxSeconds: Double
 
+    public init(maxSeconds: Double = 3600) { self.maxSeconds = maxSeconds }
+
     public init(settings: Settings) throws(ValidationError) {
         maxSeconds = try settings.double("max_seconds", default: 3600, range: 0...86_400)
     }

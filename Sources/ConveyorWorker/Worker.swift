@@ -43,6 +43,8 @@ public final class Worker: Service, Sendable {
     }
 
     public var stats: Counters { counters.withLock { $0 } }
+    /// How often the task consumer reconnected.
+    public var consumerReconnects: Int { consumer.reconnectCount }
     /// Ready when connected and consuming.
     public var isReady: Bool { consumer.isConsuming && publisher.isConnected }
 

@@ -1,0 +1,205 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorDispatcher
+import ConveyorPostgres
+import ConveyorStore
+import ConveyorWorker
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@Suite("End to end: Postgres → dispatcher → RabbitMQ → worker → status → Postgres",
+       .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
+struct EndToEndTests {
+    @Test func thousandDueTasksAreEachRecordedOnceWithTheirTraceContext() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let workers = [sys.worker(["record": RecordingExecutor(recorder: recorder)]),
+                           sys.worker(["record": RecordingExecutor(recorder: recorder)])]
+            try await withServices([dispatcher] + workers) {
+                try await sys.store.createTasks(sys.tasks(1000))
+                let done = try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1000
+                }
+                let states = try await sys.store.runCounts()
+                #expect(done, "runs by state: \(states), executions \(recorder.total)")
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 1000)
+            #expect(try await sys.count("SELECT count(DISTINCT task_id) FROM runs") == 1000)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE finished_at IS NULL OR started_at IS NULL OR worker_id IS NULL") == 0)
+            // Each run's outcome was applied once: one started and one finished event moved it.
+            #expect(dispatcher.stats.statusApplied == 2000)
+            // Every task message carried a traceparent: the worker's execute span continues the
+            // trace the dispatcher stored on the run.
+            let runs = try await sys.store.runs(limit: 2000)
+            let traceparents = recorder.traceparents.withLock { $0 }
+            #expect(traceparents.count == 1000)
+            for r in runs {
+                let seen = try #require(traceparents[r.id])
+                #expect(seen.split(separator: "-")[1] == Substring(r.traceID ?? "?"))
+                #expect(seen != r.traceparent, "the worker's span must be a child, not the dispatch span itself")
+            }
+        }
+    }
+
+    @Test func twoDispatchersNeverDispatchAnOccurrenceTwice() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let d1 = sys.dispatcher(), d2 = sys.dispatcher()
+            let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)], concurrency: 64)
+            try await withServices([d1, d2, worker]) {
+                // Interval tasks keep both dispatchers contending for the same rows, tick after tick,
+                // and a burst of one-offs lands at once.
+                try await sys.store.createTasks(sys.tasks(200, schedule: .interval(seconds: 0.2), name: "every"))
+                try await sys.store.createTasks(sys.tasks(1000, name: "once"))
+                try await Task.sleep(for: .seconds(4))
+                try await sys.pool.withConnection { c in try await c.simple("UPDATE tasks SET paused = true") }
+                let quiet = try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state NOT IN ('succeeded')") == 0
+                }
+                let states = try await sys.store.runCounts()
+                let stuck = try await sys.pool.withConnection { c in
+                    try await c.query("SELECT id, state, publish_count, dispatched_at IS NOT NULL, worker_id FROM runs WHERE state <> 'succeeded' LIMIT 5").rows.map { $0.values }
+                }
+                #expect(quiet, "runs by state: \(states); stuck: \(stuck); executions \(recorder.total); d1 \(d1.stats) d2 \(d2.stats) worker \(worker.stats)")
+            }
+            let runs = try await sys.count("SELECT count(*) FROM runs")
+            #expect(runs > 1000 + 200 * 5, "both dispatchers did real work")
+            #expect(d1.stats.published > 0 && d2.stats.published > 0, "both dispatchers claimed work")
+            #expect(try await sys.count("SELECT count(*) FROM (SELECT task_id, occurrence FROM runs GROUP BY 1, 2 HAVING count(*) > 1) d") == 0)
+            // No run was published twice: every run executed exactly once.
+            let executions = recorder.executions.withLock { $0 }
+            #expect(executions.count == runs)
+            #expect(executions.values.allSatisfy { $0 == 1 })
+            #expect(d1.stats.published + d2.stats.published == runs)
+        }
+    }
+
+    @Test func aWorkerKilledMidTaskLosesNothing() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let env = ["CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
+                       "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4", "CONVEYOR_WORKER_ID": "doomed"]
+            let doomed = try spawnConveyor(["worker"], env: env)
+            defer { if doomed.isRunning { kill(doomed.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(3, executor: "sleep", parameters: .object(["seconds": .number(2)])))
+                let running = try await sys.eventually(timeout: .seconds(30)) {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'doomed'") == 3
+                }
+                try #require(running)
+                kill(doomed.processIdentifier, SIGKILL)
+                doomed.waitUntilExit()
+                // Another worker picks up the redelivered messages.
+                let survivor = sys.worker(["sleep": SleepExecutor()], id: "survivor")
+                try await withServices([survivor]) {
+                    let done = try await sys.eventually(timeout: .seconds(60)) {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 3
+                    }
+                    #expect(done)
+                }
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 3)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'survivor'") == 3)
+        }
+    }
+
+    @Test func duplicateAndReorderedStatusesAreNoOps() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let topo = ConveyorTopology(prefix: sys.prefix)
+            let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.status, logger: Servers.logger)
+            pub.start(); defer { pub.stop() }
+            try await pub.waitUntilConnected()
+            // Nobody consumes the work queue: the runs stay dispatched until we report on them.
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(20))
+                #expect(try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20 })
+                let runs = try await sys.store.runs(limit: 100)
+                let t0 = Date(timeIntervalSince1970: 1_800_000_000)
+                var statuses: [StatusMessage] = []
+                for (i, r) in runs.enumerated() {
+                    let outcome: Outcome = i % 2 == 0 ? .succeeded : .failed
+                    let finished = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: outcome, exitCode: i % 2, workerID: "w-real", at: t0)
+                    let late = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: outcome == .succeeded ? .failed : .succeeded,
+                                             workerID: "w-late", at: t0.addingTimeInterval(60))
+                    let started = StatusMessage(runID: r.id, attempt: 1, event: .started, workerID: "w-started", at: t0.addingTimeInterval(-1))
+                    // finished first, then its duplicate, then a contradicting late result, then a reordered started.
+                    statuses += [finished, finished, late, started]
+                }
+                for s in statuses {
+                    try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(s),
+                                                              properties: AMQPProperties(type: statusMessageType)))
+                }
+                #expect(try await sys.eventually {
+                    dispatcher.stats.statusApplied + dispatcher.stats.statusIgnored == statuses.count
+                })
+            }
+            #expect(dispatcher.stats.statusApplied == 20)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'w-real' AND finished_at = $1::timestamptz",
+                                        [Date(timeIntervalSince1970: 1_800_000_000)]) == 20)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 10)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 10)
+        }
+    }
+
+    @Test func malformedMessagesAndUnknownExecutorsAreDeadLetteredWithAReason() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
+            let topo = ConveyorTopology(prefix: sys.prefix)
+            let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
+            pub.start(); defer { pub.stop() }
+            try await pub.waitUntilConnected()
+            let dead = AMQPConsumer(configuration: sys.amqp, topology: topo.base, queues: [topo.deadQueue], prefetch: 50, logger: Servers.logger)
+            dead.start(); defer { dead.stop() }
+            try await withServices([dispatcher, worker]) {
+                try await sys.store.createTasks(sys.tasks(5, executor: "no-such-executor", name: "unknown"))
+                try await sys.store.createTasks(sys.tasks(5, name: "good"))
+                for body in ["{not json", "{\"version\": 1}", "\u{FF}\u{FE}"] {
+                    try await pub.publish(AMQPOutgoingMessage(exchange: topo.tasksExchange, routingKey: sys.queue, body: Array(body.utf8),
+                                                              properties: AMQPProperties(type: taskMessageType)))
+                }
+                #expect(try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state IN ('succeeded', 'failed')") == 10
+                })
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed' AND error_class = 'unknown_executor' AND error_message LIKE '%no-such-executor%'") == 5)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 5)
+            var deadLettered = 0
+            var it = dead.deliveries.makeAsyncIterator()
+            while deadLettered < 8, let d = await it.next() {
+                deadLettered += 1
+                dead.ack(d)
+            }
+            #expect(deadLettered == 8)
+            #expect(worker.stats.rejected == 8)
+        }
+    }
+
+    @Test func brokerDroppingEveryConnectionMidRunLosesNothing() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher(lease: .seconds(3))
+            let worker = sys.worker(["record": RecordingExecutor(recorder: recorder, delay: .milliseconds(20))], concurrency: 16)
+            try await withServices([dispatcher, worker]) {
+                try await sys.store.createTasks(sys.tasks(1500))
+                #expect(try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > 100 })
+                try Servers.rabbitmqctl(["close_all_connections", "test: broker drops connections"])
+                #expect(try await sys.eventually(timeout: .seconds(90)) {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1500
+                })
+                // Everyone that was connected came back.
+                #expect(try await sys.eventually(timeout: .seconds(15)) {
+                    dispatcher.statusConsumer.reconnectCount >= 1 && worker.consumerReconnects >= 1 && dispatcher.publisher.reconnectCount >= 1
+                        && dispatcher.isReady && worker.isReady
+                })
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 1500)
+            #expect(recorder.executions.withLock { $0.count } == 1500)
+        }
+    }
+}

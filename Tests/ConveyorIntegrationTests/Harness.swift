@@ -1,0 +1,139 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorDispatcher
+import ConveyorPostgres
+import ConveyorStore
+import ConveyorWorker
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+import Testing
+
+/// Remembers what executors saw: executions per run and the traceparent each got.
+final class Recorder: Sendable {
+    let executions = Mutex<[UUID: Int]>([:])
+    let traceparents = Mutex<[UUID: String]>([:])
+
+    var total: Int { executions.withLock { $0.values.reduce(0, +) } }
+}
+
+struct RecordingExecutor: Executor {
+    let recorder: Recorder
+    var delay: Duration = .zero
+
+    func execute(_ context: ExecutionContext) async -> ExecutionResult {
+        recorder.executions.withLock { $0[context.runID, default: 0] += 1 }
+        if let tp = context.traceparent { recorder.traceparents.withLock { $0[context.runID] = tp } }
+        if delay > .zero { try? await Task.sleep(for: delay) }
+        return .succeeded
+    }
+}
+
+/// One isolated system: its own database and broker names.
+struct System {
+    let databaseURL: String
+    let pool: PostgresPool
+    let store: Store
+    let prefix: String
+    let amqp: AMQPConfiguration
+    let queue: String
+
+    static func with<T>(_ body: (System) async throws -> T) async throws -> T {
+        try await Servers.withDatabase { url in
+            var cfg = PostgresPool.Configuration(url: url)
+            cfg.maxConnections = 12
+            let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
+            defer { pool.close() }
+            try await Migrator(logger: Servers.logger).migrate(pool)
+            var amqp = AMQPConfiguration(url: try Servers.requireAMQP())
+            amqp.reconnectCap = .milliseconds(500)
+            let system = System(databaseURL: url, pool: pool, store: Store(pool: pool), prefix: Servers.uniquePrefix(), amqp: amqp, queue: "work")
+            return try await body(system)
+        }
+    }
+
+    func dispatcher(lease: Duration = .seconds(30)) -> Dispatcher {
+        var c = DispatcherConfiguration()
+        c.prefix = prefix
+        c.queues = [queue]
+        c.scanInterval = .milliseconds(200)
+        c.publishLease = lease
+        return Dispatcher(configuration: c, store: Store(pool: pool), amqp: amqp, databaseURL: databaseURL, logger: Servers.logger)
+    }
+
+    func worker(_ executors: [String: any Executor], concurrency: Int = 32, id: String = UUID().uuidString) -> Worker {
+        Worker(configuration: WorkerConfiguration(id: id, queues: [queue], concurrency: concurrency, executorNames: Array(executors.keys), prefix: prefix),
+               executors: executors, amqp: amqp, logger: Servers.logger)
+    }
+
+    func tasks(_ n: Int, executor: String = "record", schedule: Schedule = .once, parameters: JSONValue = .object([:]),
+               name: String = "t") -> [NewTask] {
+        (0..<n).map { i in
+            var t = NewTask(name: "\(name)-\(i)", executor: executor, schedule: schedule)
+            t.queue = queue
+            t.parameters = parameters
+            t.timeoutSeconds = 30
+            return t
+        }
+    }
+
+    func count(_ sql: String, _ params: [any PostgresEncodable] = []) async throws -> Int {
+        try await pool.withConnection { c in try await c.query(sql, params).first?.int(0) ?? 0 }
+    }
+
+    /// Polls until `condition` holds or `timeout` passes; returns whether it held.
+    func eventually(timeout: Duration = .seconds(60), _ condition: () async throws -> Bool) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await condition() { return true }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        return try await condition()
+    }
+}
+
+/// Runs `services` in a ServiceGroup for the duration of `body`, then shuts them down gracefully.
+func withServices<T: Sendable>(_ services: [any Service], _ body: () async throws -> T) async throws -> T {
+    let group = ServiceGroup(configuration: .init(services: services, logger: Servers.logger))
+    return try await withThrowingTaskGroup(of: Void.self) { g in
+        g.addTask { try await group.run() }
+        do {
+            let result = try await body()
+            await group.triggerGracefulShutdown()
+            try await g.waitForAll()
+            return result
+        } catch {
+            await group.triggerGracefulShutdown()
+            try? await g.waitForAll()
+            throw error
+        }
+    }
+}
+
+/// The `conveyor` binary built next to the test bundle.
+func conveyorBinary() throws -> String {
+    var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    for _ in 0..<4 {
+        let candidate = dir.appendingPathComponent("conveyor").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    let fallback = FileManager.default.currentDirectoryPath + "/.build/debug/conveyor"
+    return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "conveyor binary not built: run swift build first")
+}
+
+/// Starts `conveyor <args>` as a child process with extra environment.
+func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: try conveyorBinary())
+    p.arguments = args
+    var e = ProcessInfo.processInfo.environment
+    for (k, v) in env { e[k] = v }
+    e["CONVEYOR_CONFIG_DIR"] = e["CONVEYOR_CONFIG_DIR"] ?? FileManager.default.currentDirectoryPath + "/config"
+    p.environment = e
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
+    try p.run()
+    return p
+}
