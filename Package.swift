@@ -71,7 +71,9 @@ let package = Package(
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
         ]),
 
-        .testTarget(name: "ConveyorCoreTests", dependencies: ["ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP"]),
+        .testTarget(name: "ConveyorCoreTests", dependencies: [
+            "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres",
+        ]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
             "ConveyorWorker", "ConveyorTelemetry",

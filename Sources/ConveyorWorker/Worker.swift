@@ -124,6 +124,11 @@ public final class Worker: Service, Sendable {
         counters.withLock { if result.outcome == .succeeded { $0.succeeded += 1 } else { $0.failed += 1 } }
     }
 
+    /// `run(_:_:)` for tests: the timeout mechanism alone.
+    public static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
+        await run(executor, context)
+    }
+
     /// Runs the executor; past `timeout` its task is cancelled and the outcome is `timed_out`.
     static func run(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
         enum Step: Sendable { case done(ExecutionResult), timeout, timerStopped }

@@ -1,0 +1,136 @@
+import ConveyorAMQP
+import ConveyorConfig
+import ConveyorCore
+import ConveyorPostgres
+import ConveyorTelemetry
+import Foundation
+import Testing
+
+@Suite struct RunStateTests {
+    @Test func transitionsOnlyMoveForward() {
+        #expect(RunState.queued.canTransition(to: .dispatched))
+        #expect(RunState.dispatched.canTransition(to: .running))
+        #expect(RunState.queued.canTransition(to: .succeeded), "a fast worker's result may beat the dispatched mark")
+        #expect(!RunState.running.canTransition(to: .dispatched))
+        #expect(!RunState.dispatched.canTransition(to: .queued))
+        #expect(RunState.running.canTransition(to: .running), "a redelivered run may be taken over")
+        for final in RunState.allCases where final.isFinal {
+            for next in RunState.allCases { #expect(!final.canTransition(to: next), "\(final) → \(next) must be refused") }
+        }
+    }
+
+    @Test func predecessorsAreTheSQLGuards() {
+        #expect(Set(RunState.predecessors(of: .succeeded)) == [.scheduled, .queued, .dispatched, .running])
+        #expect(Set(RunState.predecessors(of: .running)) == [.scheduled, .queued, .dispatched, .running])
+    }
+}
+
+@Suite struct ScheduleTests {
+    @Test func parsesIntervalsAndOnce() throws {
+        #expect(try Schedule(parsing: "every 30s") == .interval(seconds: 30))
+        #expect(try Schedule(parsing: "every 5m") == .interval(seconds: 300))
+        #expect(try Schedule(parsing: "every 250ms") == .interval(seconds: 0.25))
+        #expect(try Schedule(parsing: "once") == .once)
+        #expect(try Schedule(parsing: "every 2h").text == "every 7200s")
+        #expect(try Schedule(parsing: Schedule.interval(seconds: 0.2).text) == .interval(seconds: 0.2))
+    }
+
+    @Test(arguments: ["every", "every 0s", "every -5s", "every 5x", "daily", "every 1ms"])
+    func refusesBadSchedulesNamingTheField(_ text: String) {
+        #expect { try Schedule(parsing: text) } throws: { e in
+            let v = try #require(e as? ValidationError)
+            return v.field == "schedule" && v.value == text && !v.hint.isEmpty
+        }
+    }
+
+    @Test func intervalAdvancesAndCatchesUpOnce() {
+        let t0 = Date(timeIntervalSince1970: 1000)
+        let s = Schedule.interval(seconds: 10)
+        #expect(s.next(after: t0, now: t0.addingTimeInterval(1)) == t0.addingTimeInterval(10))
+        // Dispatchers were down for 95 s: the next occurrence is the first one after now, not 9 catch-ups.
+        let next = s.next(after: t0, now: t0.addingTimeInterval(95))!
+        #expect(next == t0.addingTimeInterval(100))
+        #expect(Schedule.once.next(after: t0, now: t0) == nil)
+    }
+}
+
+@Suite struct MessageCodecTests {
+    let message = TaskMessage(runID: UUID(), taskID: UUID(), taskName: "n", occurrence: Date(timeIntervalSince1970: 1_700_000_000.5),
+                              attempt: 2, queue: "q", executor: "shell", parameters: .object(["argv": .array([.string("/bin/echo")])]),
+                              timeoutSeconds: 30)
+
+    @Test func taskMessageRoundTrips() throws {
+        let decoded = try MessageCodec.decodeTask(MessageCodec.encode(message))
+        #expect(decoded == message)
+        #expect(decoded.idempotencyKey == message.runID.uuidString.lowercased())
+    }
+
+    @Test func missingFieldIsNamed() throws {
+        var obj = try JSONSerialization.jsonObject(with: Data(MessageCodec.encode(message))) as! [String: Any]
+        obj.removeValue(forKey: "executor")
+        let body = Array(try JSONSerialization.data(withJSONObject: obj))
+        #expect { try MessageCodec.decodeTask(body) } throws: { ($0 as? ValidationError)?.field == "executor" }
+        #expect(MessageCodec.runID(inMalformed: body) == message.runID, "the run id is still readable, so the run can be marked")
+    }
+
+    @Test func wrongVersionAndGarbageAreRefused() throws {
+        var m = message
+        m.version = 2
+        #expect { try MessageCodec.decodeTask(MessageCodec.encode(m)) } throws: { ($0 as? ValidationError)?.field == "version" }
+        #expect { try MessageCodec.decodeTask(Array("{nope".utf8)) } throws: { ($0 as? ValidationError)?.field == "body" }
+        #expect { try MessageCodec.decodeTask([0xff, 0xfe, 0x00]) } throws: { $0 is ValidationError }
+        #expect(MessageCodec.runID(inMalformed: Array("{nope".utf8)) == nil)
+    }
+
+    @Test func finishedStatusNeedsAnOutcome() {
+        let s = StatusMessage(runID: UUID(), attempt: 1, event: .finished, workerID: "w")
+        #expect { try MessageCodec.decodeStatus(MessageCodec.encode(s)) } throws: { ($0 as? ValidationError)?.field == "outcome" }
+    }
+}
+
+@Suite struct TracePropagationTests {
+    @Test func injectAndExtractRoundTripThroughAMQPHeaders() throws {
+        var root = TraceIDs.newRoot()
+        root.baggageHeader = "tenant=42"
+        var headers: AMQPHeaders = [:]
+        TraceIDs.inject(root, into: &headers)
+        #expect(headers["traceparent"]?.stringValue?.hasPrefix("00-") == true)
+        #expect(headers["baggage"] == .string("tenant=42"))
+        let extracted = TraceIDs.extract(headers)
+        #expect(TraceIDs.traceID(extracted) == TraceIDs.traceID(root))
+        #expect(extracted.baggageHeader == "tenant=42")
+        let child = TraceIDs.child(of: extracted)
+        #expect(TraceIDs.traceID(child) == TraceIDs.traceID(root))
+        #expect(TraceIDs.traceparent(child) != TraceIDs.traceparent(root))
+    }
+
+    @Test func dispatchSpanContinuesAStoredParentOrStartsARoot() throws {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        let tp = TraceIDs.dispatchTraceParent(parent: parent)
+        #expect(tp.split(separator: "-")[1] == "0af7651916cd43dd8448eb211c80319c")
+        #expect(tp != parent)
+        let bad = TraceIDs.dispatchTraceParent(parent: "garbage")
+        #expect(bad.split(separator: "-").count == 4)
+        #expect(TraceIDs.traceID(TraceIDs.extract(["traceparent": .string("00-zz")])) == nil)
+    }
+}
+
+@Suite struct PostgresValueTests {
+    @Test func arrayLiteralsQuoteAndEscapeEveryElement() {
+        #expect(["a", "b\"c", "d\\e", "{,}"].postgresText == #"{"a","b\"c","d\\e","{,}"}"#)
+        #expect([String?.some("x"), nil].postgresText == #"{"x",NULL}"#)
+    }
+
+    @Test func timestampsParseWhatTheServerPrints() {
+        #expect(PostgresTimestamp.parse("2026-11-23 12:00:00+00")?.timeIntervalSince1970 == 1_795_435_200)
+        #expect(PostgresTimestamp.parse("2026-11-23 12:00:00.25+00")?.timeIntervalSince1970 == 1_795_435_200.25)
+        #expect(PostgresTimestamp.parse("2026-11-23 13:30:00+01:30")?.timeIntervalSince1970 == 1_795_435_200)
+        #expect(PostgresTimestamp.parse("nonsense") == nil)
+    }
+
+    @Test func urlsAreRedacted() {
+        #expect(redactDatabaseURL("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db")
+        #expect(redactDatabaseURL("host=h password=secret user=u") == "host=h password=*** user=u")
+        #expect(AMQPConfiguration(url: "amqp://u:secret@h:5672/%2F").redactedURL == "amqp://u:***@h:5672/%2F")
+    }
+}
