@@ -28,7 +28,7 @@ let package = Package(
 
         // C libraries made safe.
         .target(name: "ConveyorPostgres", dependencies: [
-            "CLibPQ",
+            "CLibPQ", "ConveyorCore",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ConveyorAMQP", dependencies: [

@@ -114,9 +114,11 @@ public final class AMQPConsumer: Sendable {
                     try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
                     if !cancelRequested.load(ordering: .relaxed) {
                         let arena = CArena()
-                        for q in queues {
-                            amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
-                            try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
+                        try withExtendedLifetime(arena) { () throws(AMQPError) in
+                            for q in queues {
+                                amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                                try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
+                            }
                         }
                     }
                 } catch {
@@ -173,7 +175,9 @@ public final class AMQPConsumer: Sendable {
                 cancelled = true
                 consuming.store(false, ordering: .relaxed)
                 let arena = CArena()
-                for q in queues { _ = amqp_basic_cancel(session.conn, session.channel, arena.bytes(q)) }
+                withExtendedLifetime(arena) {
+                    for q in queues { _ = amqp_basic_cancel(session.conn, session.channel, arena.bytes(q)) }
+                }
                 // basic.cancel-ok frames are read (and ignored) below.
             }
             if let e = applyCommands(session) { return e }

@@ -47,18 +47,22 @@ final class AMQPSession {
     var hasBufferedInput: Bool { amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 }
 
     func declare(_ topology: AMQPTopology) throws(AMQPError) {
+        // The arena owns the C strings and tables: keep it alive until the last C call returns
+        // (without this, an optimized build may free it before the call reads them).
         let arena = CArena()
-        for e in topology.exchanges {
-            amqp_exchange_declare(conn, channel, arena.bytes(e.name), arena.bytes(e.type), 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
-            try Self.check(amqp_get_rpc_reply(conn), "exchange.declare \(e.name)")
-        }
-        for q in topology.queues {
-            amqp_queue_declare(conn, channel, arena.bytes(q.name), 0, 1, 0, 0, arena.table(q.arguments))
-            try Self.check(amqp_get_rpc_reply(conn), "queue.declare \(q.name)")
-        }
-        for b in topology.bindings {
-            amqp_queue_bind(conn, channel, arena.bytes(b.queue), arena.bytes(b.exchange), arena.bytes(b.routingKey), amqp_table_t(num_entries: 0, entries: nil))
-            try Self.check(amqp_get_rpc_reply(conn), "queue.bind \(b.queue)")
+        try withExtendedLifetime(arena) { () throws(AMQPError) in
+            for e in topology.exchanges {
+                amqp_exchange_declare(conn, channel, arena.bytes(e.name), arena.bytes(e.type), 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                try Self.check(amqp_get_rpc_reply(conn), "exchange.declare \(e.name)")
+            }
+            for q in topology.queues {
+                amqp_queue_declare(conn, channel, arena.bytes(q.name), 0, 1, 0, 0, arena.table(q.arguments))
+                try Self.check(amqp_get_rpc_reply(conn), "queue.declare \(q.name)")
+            }
+            for b in topology.bindings {
+                amqp_queue_bind(conn, channel, arena.bytes(b.queue), arena.bytes(b.exchange), arena.bytes(b.routingKey), amqp_table_t(num_entries: 0, entries: nil))
+                try Self.check(amqp_get_rpc_reply(conn), "queue.bind \(b.queue)")
+            }
         }
     }
 

@@ -88,9 +88,49 @@ public enum MessageCodec {
     /// Largest body accepted, in bytes.
     public static let maxBodyBytes = 1 << 20
 
-    public static func encode<T: Encodable>(_ value: T) -> [UInt8] {
-        // Encoding our own Codable types with ISO-8601 dates cannot fail.
-        (try? encoder.encode(value)).map { Array($0) } ?? []
+    /// The JSON body of a task message.
+    public static func encode(_ m: TaskMessage) -> [UInt8] {
+        var w = JSONWriter()
+        w.beginObject()
+        w.key("attempt"); w.int(m.attempt)
+        w.key("executor"); w.string(m.executor)
+        w.key("idempotency_key"); w.string(m.idempotencyKey)
+        w.key("occurrence"); w.string(Timestamp.format(m.occurrence))
+        w.key("parameters"); w.value(m.parameters)
+        w.key("queue"); w.string(m.queue)
+        w.key("run_id"); w.string(m.runID.uuidString.lowercased())
+        w.key("task_id"); w.string(m.taskID.uuidString.lowercased())
+        w.key("task_name"); w.string(m.taskName)
+        w.key("timeout_seconds"); w.double(m.timeoutSeconds)
+        w.key("version"); w.int(m.version)
+        w.endObject()
+        return w.bytes
+    }
+
+    /// The JSON body of a status message.
+    public static func encode(_ m: StatusMessage) -> [UInt8] {
+        var w = JSONWriter()
+        w.beginObject()
+        w.key("at"); w.string(Timestamp.format(m.at))
+        w.key("attempt"); w.int(m.attempt)
+        if let v = m.errorClass { w.key("error_class"); w.string(v) }
+        if let v = m.errorMessage { w.key("error_message"); w.string(v) }
+        w.key("event"); w.string(m.event.rawValue)
+        if let v = m.exitCode { w.key("exit_code"); w.int(v) }
+        if let v = m.outcome { w.key("outcome"); w.string(v.rawValue) }
+        if let v = m.output { w.key("output"); w.string(v) }
+        w.key("run_id"); w.string(m.runID.uuidString.lowercased())
+        w.key("version"); w.int(m.version)
+        w.key("worker_id"); w.string(m.workerID)
+        w.endObject()
+        return w.bytes
+    }
+
+    /// A JSON value as text (parameters stored in the database).
+    public static func encode(_ v: JSONValue) -> [UInt8] {
+        var w = JSONWriter()
+        w.value(v)
+        return w.bytes
     }
 
     public static func decodeTask(_ body: [UInt8]) throws(ValidationError) -> TaskMessage {
@@ -154,25 +194,12 @@ public enum MessageCodec {
         }
     }
 
-    static let isoStyle = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
-
-    static var encoder: JSONEncoder {
-        let e = JSONEncoder()
-        e.dateEncodingStrategy = .custom { date, enc in
-            var c = enc.singleValueContainer()
-            try c.encode(date.formatted(isoStyle))
-        }
-        e.outputFormatting = [.sortedKeys]
-        return e
-    }
-
     static var decoder: JSONDecoder {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .custom { dec in
             let c = try dec.singleValueContainer()
             let s = try c.decode(String.self)
-            if let d = try? isoStyle.parse(s) { return d }
-            if let d = try? Date.ISO8601FormatStyle().parse(s) { return d }
+            if let d = Timestamp.parse(s) { return d }
             throw DecodingError.dataCorruptedError(in: c, debugDescription: "'\(s)' is not an ISO-8601 instant such as 2026-11-23T12:00:00.000Z")
         }
         return d

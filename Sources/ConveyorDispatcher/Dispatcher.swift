@@ -32,6 +32,8 @@ public final class Dispatcher: Service, Sendable {
         public var published = 0
         public var publishFailed = 0
         public var statusApplied = 0
+        /// Final outcomes recorded.
+        public var outcomesRecorded = 0
         public var statusIgnored = 0
         public var statusRejected = 0
     }
@@ -167,7 +169,7 @@ public final class Dispatcher: Service, Sendable {
                 "traceparent": .string(run.traceparent),
                 "conveyor-task": .string(run.message.taskName),
                 "conveyor-attempt": .int(Int64(run.message.attempt)),
-                "conveyor-deadline": .string(now.addingTimeInterval(run.message.timeoutSeconds).formatted(.iso8601)),
+                "conveyor-deadline": .string(Timestamp.format(now.addingTimeInterval(run.message.timeoutSeconds))),
             ]
             // tracestate/baggage of a stored parent ride along through the propagator.
             TraceIDs.inject(TraceIDs.extract(headers), into: &headers)
@@ -239,7 +241,7 @@ public final class Dispatcher: Service, Sendable {
         while true {
             do {
                 let r = try await store.record(events)
-                counters.withLock { $0.statusApplied += r.applied; $0.statusIgnored += r.ignored }
+                counters.withLock { $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes }
                 statusConsumer.ack(last, multiple: true)
                 return
             } catch {

@@ -84,6 +84,8 @@ public struct RecordResult: Sendable, Equatable {
     public var applied: Int
     /// Duplicates, late events, unknown runs: recorded as no-ops.
     public var ignored: Int
+    /// Outcomes recorded (final states set): at most one per run, ever.
+    public var outcomes: Int
 }
 
 /// The SQL of tasks, runs and workers. Every statement uses bound parameters; hot paths take
@@ -289,8 +291,8 @@ public struct Store: Sendable {
         let finishable = RunState.predecessors(of: .succeeded).map(\.rawValue)
         let s = Array(started.values), f = Array(finished.values)
         let allIDs = Array(Set(s.map(\.runID) + f.map(\.runID))).sorted { $0.uuidString < $1.uuidString }
-        let applied: Int = try await pool.withTransaction { c in
-            var n = 0
+        let (applied, outcomes): (Int, Int) = try await pool.withTransaction { c in
+            var n = 0, outcomes = 0
             // Lock the rows in one order (by id) first: dispatchers recording overlapping
             // batches then wait for each other instead of deadlocking.
             try await c.query("SELECT 1 FROM runs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", [allIDs])
@@ -302,7 +304,7 @@ public struct Store: Sendable {
                     """, [s.map(\.runID), s.map(\.at), s.map(\.workerID), startable]).affectedRows
             }
             if !f.isEmpty {
-                n += try await c.query("""
+                outcomes = try await c.query("""
                     UPDATE runs r SET state = u.state, finished_at = u.at, started_at = coalesce(r.started_at, u.at),
                                       worker_id = u.worker, exit_code = u.exit_code, output = u.output,
                                       error_class = u.error_class, error_message = u.error_message
@@ -311,10 +313,11 @@ public struct Store: Sendable {
                     WHERE r.id = u.id AND r.state = ANY($9::text[])
                     """, [f.map(\.runID), f.map { ($0.outcome ?? .failed).runState.rawValue }, f.map(\.at), f.map(\.workerID),
                           f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable]).affectedRows
+                n += outcomes
             }
-            return n
+            return (n, outcomes)
         }
-        return RecordResult(applied: applied, ignored: events.count - applied)
+        return RecordResult(applied: applied, ignored: events.count - applied, outcomes: outcomes)
     }
 
     // MARK: runs

@@ -105,8 +105,10 @@ public final class Worker: Service, Sendable {
         var statusHeaders: AMQPHeaders = [:]
         TraceIDs.inject(span, into: &statusHeaders)
 
+        // `started` is confirmed before the executor runs. (An `async let` here, to overlap the
+        // confirm with execution, crashed optimized builds under load: see docs/architecture.md.)
         let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id)
-        async let startedConfirmed: Void = publishStatus(started, headers: statusHeaders, log: log)
+        await publishStatus(started, headers: statusHeaders, log: log)
 
         let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
         let context = ExecutionContext(runID: message.runID, taskName: message.taskName, attempt: message.attempt,
@@ -114,7 +116,6 @@ public final class Worker: Service, Sendable {
                                        traceparent: TraceIDs.traceparent(span),
                                        tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey)
         let result = await Self.run(executor, context)
-        await startedConfirmed
 
         let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
                                      exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },

@@ -1,6 +1,164 @@
 import ArgumentParser
+import ConveyorCore
+import ConveyorPostgres
+import ConveyorStore
 import Foundation
+import Logging
+
+/// `conveyor bench`: N no-op tasks due at one instant, a dispatcher and W workers as separate
+/// processes, and the end-to-end figures: throughput (first due → last outcome committed),
+/// fire lateness (due → started) percentiles, and each process's RSS.
 struct Bench: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Measure end-to-end throughput and lateness.")
-    func run() async throws {}
+    static let configuration = CommandConfiguration(abstract: "Measure end-to-end throughput, lateness and memory on the configured servers.")
+    @OptionGroup var common: CommonOptions
+    @Option(help: "No-op tasks due at the same instant.") var tasks = 20_000
+    @Option(help: "Worker processes.") var workers = 2
+    @Option(help: "Concurrency of each worker.") var concurrency = 64
+    @Option(help: "Dispatcher processes.") var dispatchers = 1
+    @Option(help: "Give up after this many seconds.") var timeout = 300
+    @Flag(help: "Print one JSON object instead of text.") var json = false
+
+    func validate() throws {
+        guard tasks > 0 else { throw ValidationError(field: "--tasks", value: String(tasks), hint: "must be at least 1") }
+        guard (1...64).contains(workers) else { throw ValidationError(field: "--workers", value: String(workers), hint: "1 to 64") }
+        guard (1...8).contains(dispatchers) else { throw ValidationError(field: "--dispatchers", value: String(dispatchers), hint: "1 to 8") }
+    }
+
+    func run() async throws {
+        let logger = try common.logger("conveyor.bench")
+        let settings = try await common.settings("dispatcher.yaml")
+        let c = try Connections(settings: settings, poolSize: 4)
+        let pool = c.pool(logger: logger, connectRetryFor: .seconds(10))
+        defer { pool.close() }
+        try await Migrator(logger: logger).migrate(pool)
+        let store = Store(pool: pool)
+        let queue = "bench-" + UUID().uuidString.lowercased().prefix(8)
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+
+        var env = ProcessInfo.processInfo.environment
+        env["CONVEYOR_CONFIG_DIR"] = common.directory
+        env["CONVEYOR_LOG_LEVEL"] = env["CONVEYOR_BENCH_CHILD_LOG_LEVEL"] ?? "warning"
+        env["CONVEYOR_DISPATCHER_QUEUES"] = queue
+        env["CONVEYOR_WORKER_QUEUES"] = queue
+        env["CONVEYOR_WORKER_EXECUTORS"] = "noop"
+        env["CONVEYOR_WORKER_CONCURRENCY"] = String(concurrency)
+        var children: [(role: String, process: Process)] = []
+        defer { for (_, p) in children where p.isRunning { p.terminate() } }
+        for i in 0..<workers {
+            var e = env
+            e["CONVEYOR_WORKER_ID"] = "bench-worker-\(i)"
+            children.append(("worker-\(i)", try spawn(exe, ["worker"], e)))
+        }
+        for i in 0..<dispatchers { children.append(("dispatcher-\(i)", try spawn(exe, ["dispatcher"], env))) }
+
+        // Let them connect and settle, then take the idle footprint.
+        try await Task.sleep(for: .seconds(3))
+        for (role, p) in children where !p.isRunning {
+            throw ValidationError(field: role, value: "exited with status \(p.terminationStatus)", hint: "run 'conveyor \(role.hasPrefix("worker") ? "worker" : "dispatcher")' by hand to see why")
+        }
+        let idleRSS = Dictionary(uniqueKeysWithValues: children.map { ($0.role, rssMB($0.process.processIdentifier)) })
+
+        // N tasks due together, 2 s from now on the database clock.
+        let due = try await pool.withConnection { c in try await c.query("SELECT now() + interval '2 seconds'").first!.date(0) }
+        var created = 0
+        while created < tasks {
+            let n = min(5000, tasks - created)
+            try await store.createTasks((created..<(created + n)).map { i in
+                var t = NewTask(name: "\(queue)-\(i)", executor: "noop", schedule: .once)
+                t.queue = queue
+                t.timeoutSeconds = 60
+                t.startAt = due
+                return t
+            })
+            created += n
+        }
+
+        var peakRSS = idleRSS
+        let deadline = ContinuousClock.now + .seconds(timeout)
+        var doneAt: Date?
+        while ContinuousClock.now < deadline {
+            for (role, p) in children { peakRSS[role] = max(peakRSS[role] ?? 0, rssMB(p.processIdentifier)) }
+            let r = try await pool.withConnection { c in
+                try await c.query("""
+                    SELECT count(*) FILTER (WHERE state IN ('succeeded','failed','timed_out','cancelled','lost','dead')), now()
+                    FROM runs WHERE queue = $1
+                    """, [queue]).first!
+            }
+            if try r.int(0) >= tasks { doneAt = try r.date(1); break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let stats = try await pool.withConnection { c in
+            try await c.query("""
+                SELECT count(*), count(*) FILTER (WHERE state = 'succeeded'),
+                       extract(epoch FROM min(occurrence)), extract(epoch FROM max(finished_at)),
+                       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - occurrence)),
+                       count(*) - count(DISTINCT task_id)
+                FROM runs WHERE queue = $1
+                """, [queue]).first!
+        }
+        for (_, p) in children where p.isRunning { p.terminate() }
+        try await pool.withConnection { c in
+            try await c.query("DELETE FROM runs WHERE queue = $1", [queue])
+            try await c.query("DELETE FROM tasks WHERE queue = $1", [queue])
+        }
+
+        let runs = try stats.int(0), succeeded = try stats.int(1)
+        let firstDue = Double(stats[2] ?? "") ?? 0
+        let lastFinished = Double(stats[3] ?? "") ?? 0
+        let lateness = (stats[4] ?? "{}").trimmingCharacters(in: CharacterSet(charactersIn: "{}")).split(separator: ",").compactMap { Double($0) }
+        let committedSpan = (doneAt?.timeIntervalSince1970 ?? Date().timeIntervalSince1970) - firstDue
+        let result = BenchResult(
+            tasks: tasks, workers: workers, dispatchers: dispatchers, workerConcurrency: concurrency,
+            completed: doneAt != nil, runs: runs, succeeded: succeeded, duplicateRuns: try stats.int(5),
+            seconds: committedSpan, throughputPerSecond: Double(runs) / max(committedSpan, 0.001),
+            executionSpanSeconds: lastFinished - firstDue,
+            latenessP50ms: (lateness.first ?? 0) * 1000, latenessP95ms: (lateness.dropFirst().first ?? 0) * 1000,
+            latenessP99ms: (lateness.last ?? 0) * 1000, idleRSSMB: idleRSS, peakRSSMB: peakRSS)
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.sortedKeys]
+            print(String(decoding: try e.encode(result), as: UTF8.self))
+        } else {
+            print(result.text)
+        }
+        if !result.completed { throw ExitCode(2) }
+    }
+
+    func spawn(_ exe: String, _ args: [String], _ env: [String: String]) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = args
+        p.environment = env
+        try p.run()
+        return p
+    }
+
+    /// Resident set size in MB, from /proc.
+    func rssMB(_ pid: Int32) -> Double {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kb = Double(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+        return (kb / 1024 * 10).rounded() / 10
+    }
+}
+
+struct BenchResult: Encodable {
+    var tasks, workers, dispatchers, workerConcurrency: Int
+    var completed: Bool
+    var runs, succeeded, duplicateRuns: Int
+    var seconds, throughputPerSecond, executionSpanSeconds: Double
+    var latenessP50ms, latenessP95ms, latenessP99ms: Double
+    var idleRSSMB, peakRSSMB: [String: Double]
+
+    var text: String {
+        func f(_ d: Double, _ p: Int = 1) -> String { String(format: "%.\(p)f", d) }
+        var s = """
+            conveyor bench: \(tasks) no-op tasks, \(dispatchers) dispatcher(s), \(workers) worker(s) × \(workerConcurrency)
+              completed        \(completed ? "yes" : "NO (timed out)")  runs \(runs), succeeded \(succeeded), duplicate runs \(duplicateRuns)
+              throughput       \(f(throughputPerSecond, 0)) tasks/s  (first due → last outcome committed: \(f(seconds, 2)) s)
+              fire lateness    p50 \(f(latenessP50ms)) ms   p95 \(f(latenessP95ms)) ms   p99 \(f(latenessP99ms)) ms
+            """
+        s += "\n  RSS (MB)         " + idleRSSMB.keys.sorted().map { "\($0) idle \(idleRSSMB[$0]!) peak \(peakRSSMB[$0] ?? 0)" }.joined(separator: "; ")
+        return s
+    }
 }

@@ -33,7 +33,7 @@ struct TaskCommand: AsyncParsableCommand {
             t.queue = queue
             t.timeoutSeconds = timeout
             if let start {
-                guard let d = try? Date.ISO8601FormatStyle().parse(start) else {
+                guard let d = Timestamp.parse(start) else {
                     throw ValidationError(field: "--start", value: start, hint: "an ISO-8601 instant such as 2026-11-23T12:00:00Z")
                 }
                 t.startAt = d
@@ -66,7 +66,7 @@ struct TaskCommand: AsyncParsableCommand {
             for t in tasks {
                 print(t.name.padding(toLength: 28, withPad: " ", startingAt: 0), t.executor.padding(toLength: 10, withPad: " ", startingAt: 0),
                       t.schedule.padding(toLength: 14, withPad: " ", startingAt: 0), t.queue.padding(toLength: 10, withPad: " ", startingAt: 0),
-                      t.paused ? "paused" : (t.nextRunAt.map { $0.formatted(.iso8601) } ?? "-"))
+                      t.paused ? "paused" : (t.nextRunAt.map { Timestamp.format($0) } ?? "-"))
             }
         }
     }
@@ -89,9 +89,9 @@ struct TaskCommand: AsyncParsableCommand {
             print("task \(t.name) (\(t.id.uuidString.lowercased()))")
             print("  executor \(t.executor)  schedule \(t.schedule)  queue \(t.queue)  timeout \(t.timeoutSeconds)s")
             print("  parameters \(t.parameters)")
-            print("  next run \(t.nextRunAt.map { $0.formatted(.iso8601) } ?? "-")\(t.paused ? " (paused)" : "")")
+            print("  next run \(t.nextRunAt.map { Timestamp.format($0) } ?? "-")\(t.paused ? " (paused)" : "")")
             for r in try await store.runs(taskID: t.id, limit: runs) {
-                var line = "  run \(r.id.uuidString.lowercased()) #\(r.attempt) \(r.state.rawValue) due \(r.occurrence.formatted(.iso8601))"
+                var line = "  run \(r.id.uuidString.lowercased()) #\(r.attempt) \(r.state.rawValue) due \(Timestamp.format(r.occurrence))"
                 if let w = r.workerID { line += " on \(w)" }
                 if let e = r.exitCode { line += " exit \(e)" }
                 if let m = r.errorMessage { line += " — \(m)" }

@@ -82,6 +82,18 @@ import Testing
         #expect(MessageCodec.runID(inMalformed: Array("{nope".utf8)) == nil)
     }
 
+    @Test func escapingRoundTripsThroughAStandardDecoder() throws {
+        let nasty = "quote\" back\\ nl\n tab\t ctl\u{01} é 😀 </script>"
+        var m = message
+        m.taskName = nasty
+        m.parameters = .object(["s": .string(nasty), "n": .number(1.5), "i": .number(-3), "b": .bool(false), "z": .null,
+                                "a": .array([.string("x"), .object([:])])])
+        #expect(try MessageCodec.decodeTask(MessageCodec.encode(m)) == m)
+        let st = StatusMessage(runID: UUID(), attempt: 2, event: .finished, outcome: .timedOut, exitCode: 137, output: nasty,
+                               errorClass: "timeout", errorMessage: nasty, workerID: "w-1", at: Date(timeIntervalSince1970: 1_795_435_200.5))
+        #expect(try MessageCodec.decodeStatus(MessageCodec.encode(st)) == st)
+    }
+
     @Test func finishedStatusNeedsAnOutcome() {
         let s = StatusMessage(runID: UUID(), attempt: 1, event: .finished, workerID: "w")
         #expect { try MessageCodec.decodeStatus(MessageCodec.encode(s)) } throws: { ($0 as? ValidationError)?.field == "outcome" }
@@ -132,5 +144,32 @@ import Testing
         #expect(redactDatabaseURL("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db")
         #expect(redactDatabaseURL("host=h password=secret user=u") == "host=h password=*** user=u")
         #expect(AMQPConfiguration(url: "amqp://u:secret@h:5672/%2F").redactedURL == "amqp://u:***@h:5672/%2F")
+    }
+}
+
+@Suite struct TimestampTests {
+    @Test func formatsAndParsesToTheMicrosecond() {
+        for t in [0.0, 1_795_435_200.123456, 951_782_400.5, -86_400.25, 4_102_444_799.999999] {
+            let d = Date(timeIntervalSince1970: t)
+            let back = Timestamp.parse(Timestamp.format(d))
+            #expect(back.map { abs($0.timeIntervalSince1970 - t) < 0.000_001 } == true, "\(t) → \(Timestamp.format(d))")
+        }
+        #expect(Timestamp.format(Date(timeIntervalSince1970: 1_795_435_200.25)) == "2026-11-23T12:00:00.250000Z")
+        #expect(Timestamp.format(Date(timeIntervalSince1970: 951_782_400)) == "2000-02-29T00:00:00.000000Z")
+    }
+
+    @Test(arguments: ["", "2026-13-01T00:00:00Z", "2026-11-23T12:00:00", "2026-11-23T12:00:00Zjunk", "2026-11-23X12:00:00Z", "2026-11-23T12:00:00.Z"])
+    func refusesWhatIsNotAnInstant(_ s: String) {
+        #expect(Timestamp.parse(s) == nil)
+    }
+
+    @Test func formattingIsSafeFromManyThreadsAtOnce() async {
+        // Foundation's ISO8601FormatStyle crashed the worker here under load; this must not.
+        await withTaskGroup(of: Bool.self) { g in
+            for i in 0..<64 {
+                g.addTask { (0..<2000).allSatisfy { j in Timestamp.parse(Timestamp.format(Date(timeIntervalSince1970: Double(i * 1000 + j)))) != nil } }
+            }
+            for await ok in g { #expect(ok) }
+        }
     }
 }
