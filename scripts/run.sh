@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# README command 1: install what is missing, start PostgreSQL and RabbitMQ under .local/,
+# build, migrate, create the demo tasks and run `conveyor dev` (dispatcher + 2 workers).
+# Ctrl-C stops Conveyor gracefully; `scripts/services.sh stop` stops the servers.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/services.sh start
+# shellcheck disable=SC1091
+source .local/env
+swift build
+.build/debug/conveyor migrate
+echo "[run] conveyor dev --demo: watch with '.build/debug/conveyor task list' and 'task show demo-shell' in another shell (after 'source .local/env')" >&2
+exec .build/debug/conveyor dev --demo --workers 2 "$@"
