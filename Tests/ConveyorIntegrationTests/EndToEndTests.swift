@@ -203,3 +203,56 @@ struct EndToEndTests {
         }
     }
 }
+
+@Suite("Outbox and migrations", .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
+struct OutboxAndMigrationTests {
+    @Test func migrateIsSafeToRunConcurrentlyAndTwice() async throws {
+        try await Servers.withDatabase { url in
+            let pool = PostgresPool(configuration: .init(url: url), logger: Servers.logger)
+            defer { pool.close() }
+            let migrator = try Migrator(logger: Servers.logger)
+            let applied = try await withThrowingTaskGroup(of: [String].self) { g in
+                for _ in 0..<3 { g.addTask { try await migrator.migrate(pool) } }
+                var all: [[String]] = []
+                for try await a in g { all.append(a) }
+                return all
+            }
+            #expect(applied.flatMap { $0 }.sorted() == migrator.migrations.map(\.version).sorted(), "each migration applied exactly once")
+            #expect(try await migrator.migrate(pool).isEmpty)
+            let n = try await pool.withConnection { c in try await c.query("SELECT count(*) FROM schema_migrations").first!.int(0) }
+            #expect(n == migrator.migrations.count)
+        }
+    }
+
+    @Test func runsLeftQueuedByADeadDispatcherAreRepublishedAfterTheirLease() async throws {
+        try await System.with { sys in
+            // A dispatcher "died" after committing its claim and before the broker confirmed:
+            // the run is queued, the task already advanced, nothing was published.
+            try await sys.store.createTasks(sys.tasks(1, schedule: .once))
+            try await sys.pool.withConnection { c in
+                try await c.query("""
+                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, traceparent, trace_id, publish_count)
+                    SELECT $1, id, next_run_at, 1, 'queued', queue, shard, now() + interval '2 seconds',
+                           '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', '0af7651916cd43dd8448eb211c80319c', 1
+                    FROM tasks
+                    """, [UUID()])
+                try await c.query("UPDATE tasks SET next_run_at = NULL")
+            }
+            let recorder = Recorder()
+            let survivor = sys.dispatcher()
+            let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
+            try await withServices([survivor, worker]) {
+                // Not before the lease ends…
+                try await Task.sleep(for: .seconds(1))
+                #expect(recorder.total == 0)
+                // …then republished, run once, recorded once, in the stored trace.
+                #expect(try await sys.eventually(timeout: .seconds(20)) {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND publish_count = 2") == 1
+                })
+            }
+            #expect(recorder.total == 1)
+            #expect(recorder.traceparents.withLock { $0.values.first?.contains("0af7651916cd43dd8448eb211c80319c") } == true)
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 1)
+        }
+    }
+}
