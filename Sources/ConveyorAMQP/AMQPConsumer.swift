@@ -19,14 +19,12 @@ public final class AMQPConsumer: Sendable {
     public let queues: [String]
     public let prefetch: UInt16
     private let logger: Logger
-    private let wake = WakePipe()
+    private let owner: ConnectionOwner
+    private var wake: WakePipe { owner.wake }
     private let commands = Mutex<[Command]>([])
-    private let stopped = Atomic<Bool>(false)
     private let cancelRequested = Atomic<Bool>(false)
     private let connected = Atomic<Bool>(false)
     private let consuming = Atomic<Bool>(false)
-    private let reconnects = Atomic<Int>(0)
-    private let lastError = Mutex<AMQPError?>(nil)
     /// Every delivery, in arrival order. Finishes when the consumer stops.
     public let deliveries: AsyncStream<AMQPDelivery>
     private let continuation: AsyncStream<AMQPDelivery>.Continuation
@@ -39,6 +37,7 @@ public final class AMQPConsumer: Sendable {
 
     public init(configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger) {
         self.configuration = configuration
+        self.owner = ConnectionOwner(configuration: configuration)
         self.topology = topology
         self.queues = queues
         self.prefetch = prefetch
@@ -49,13 +48,9 @@ public final class AMQPConsumer: Sendable {
     public var isConnected: Bool { connected.load(ordering: .relaxed) }
     /// Connected and with consumers registered (readiness).
     public var isConsuming: Bool { consuming.load(ordering: .relaxed) }
-    public var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
+    public var reconnectCount: Int { owner.reconnectCount }
 
-    public func start() {
-        let t = Thread { [self] in run() }
-        t.name = "conveyor.amqp.consume"
-        t.start()
-    }
+    public func start() { owner.start(name: "conveyor.amqp.consume") { [self] in run() } }
 
     /// Cancels the consumers (no new deliveries) but keeps the connection for acks of work in hand.
     public func stopConsuming() {
@@ -64,22 +59,9 @@ public final class AMQPConsumer: Sendable {
     }
 
     /// Closes the connection and finishes `deliveries`. Unacked deliveries return to their queues.
-    public func stop() {
-        stopped.store(true, ordering: .relaxed)
-        wake.wake()
-    }
+    public func stop() { owner.stop() }
 
-    public func waitUntilConsuming() async throws {
-        let clock = ContinuousClock()
-        let deadline = clock.now + configuration.connectRetryFor
-        while !isConsuming {
-            if clock.now >= deadline {
-                let last = lastError.withLock { $0 }.map { ": \($0.message)" } ?? ""
-                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last). Check CONVEYOR_AMQP_URL and that RabbitMQ is running")
-            }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-    }
+    public func waitUntilConsuming() async throws { try await owner.waitUntil { isConsuming } }
 
     public func ack(_ d: AMQPDelivery, multiple: Bool = false) {
         send(.ack(tag: d.deliveryTag, generation: d.generation, multiple: multiple))
@@ -104,7 +86,7 @@ public final class AMQPConsumer: Sendable {
     private func run() {
         var generation: UInt64 = 0
         var attempt = 0
-        while !stopped.load(ordering: .relaxed) {
+        while !owner.isStopped {
             generation += 1
             let session: AMQPSession
             do throws(AMQPError) {
@@ -127,13 +109,13 @@ public final class AMQPConsumer: Sendable {
                 }
             } catch {
                 attempt += 1
-                lastError.withLock { $0 = error }
+                owner.failed(error)
                 logger.warning("amqp consumer connect failed, retrying", metadata: [
                     "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
-                sleepBackoff(attempt)
+                owner.sleepBackoff(attempt)
                 continue
             }
-            if generation > 1 { reconnects.add(1, ordering: .relaxed) }
+            if generation > 1 { owner.reconnected() }
             attempt = 0
             connected.store(true, ordering: .relaxed)
             consuming.store(!cancelRequested.load(ordering: .relaxed), ordering: .relaxed)
@@ -143,11 +125,11 @@ public final class AMQPConsumer: Sendable {
             consuming.store(false, ordering: .relaxed)
             commands.withLock { $0.removeAll() }   // tags of this connection are void now
             if let error {
-                lastError.withLock { $0 = error }
+                owner.failed(error)
                 logger.warning("amqp consumer connection lost", metadata: ["error": "\(error)"])
                 session.abandon()
                 attempt = 1
-                sleepBackoff(attempt)
+                owner.sleepBackoff(attempt)
             } else {
                 session.close()
             }
@@ -155,19 +137,10 @@ public final class AMQPConsumer: Sendable {
         continuation.finish()
     }
 
-    private func sleepBackoff(_ attempt: Int) {
-        let exp = min(attempt - 1, 16)
-        let cap = min(configuration.reconnectCap.seconds, configuration.reconnectBase.seconds * Double(1 << exp))
-        let end = Date().addingTimeInterval(Double.random(in: 0...max(cap, 0.01)))
-        while Date() < end && !stopped.load(ordering: .relaxed) {
-            wake.wait(on: nil, timeoutMS: Int32(max(1, min(100, end.timeIntervalSinceNow * 1000))))
-        }
-    }
-
     private func serve(_ session: AMQPSession) -> AMQPError? {
         var cancelled = false
         while true {
-            if stopped.load(ordering: .relaxed) {
+            if owner.isStopped {
                 applyCommands(session)
                 return nil
             }

@@ -21,17 +21,15 @@ public final class AMQPPublisher: Sendable {
     /// Most unconfirmed messages. Default 1,024.
     public let window: Int
     private let logger: Logger
-    private let wake = WakePipe()
+    private let owner: ConnectionOwner
+    private var wake: WakePipe { owner.wake }
     private let inbox = Mutex<[PublishBatch]>([])
-    private let stopped = Atomic<Bool>(false)
     private let connected = Atomic<Bool>(false)
     private let blocked = Atomic<Bool>(false)
-    private let reconnects = Atomic<Int>(0)
-    private let exited = Atomic<Bool>(false)
-    private let lastError = Mutex<AMQPError?>(nil)
 
     public init(configuration: AMQPConfiguration, topology: AMQPTopology, window: Int = 1024, logger: Logger) {
         self.configuration = configuration
+        self.owner = ConnectionOwner(configuration: configuration)
         self.topology = Mutex(topology)
         self.window = window
         self.logger = logger
@@ -42,40 +40,23 @@ public final class AMQPPublisher: Sendable {
     /// Whether the broker has blocked publishing (memory or disk alarm).
     public var isBlocked: Bool { blocked.load(ordering: .relaxed) }
     /// How many times the connection was re-established.
-    public var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
+    public var reconnectCount: Int { owner.reconnectCount }
 
     /// Starts the owner thread.
-    public func start() {
-        let t = Thread { [self] in run() }
-        t.name = "conveyor.amqp.publish"
-        t.start()
-    }
+    public func start() { owner.start(name: "conveyor.amqp.publish") { [self] in run() } }
 
     /// Stops the thread; unconfirmed messages fail with `.stopped`.
-    public func stop() {
-        stopped.store(true, ordering: .relaxed)
-        wake.wake()
-    }
+    public func stop() { owner.stop() }
 
     /// Waits for the first connection, up to `configuration.connectRetryFor`; throws a clear error naming the URL.
-    public func waitUntilConnected() async throws {
-        let clock = ContinuousClock()
-        let deadline = clock.now + configuration.connectRetryFor
-        while !isConnected {
-            if clock.now >= deadline {
-                let last = lastError.withLock { $0 }.map { ": \($0.message)" } ?? ""
-                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last). Check CONVEYOR_AMQP_URL and that RabbitMQ is running")
-            }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-    }
+    public func waitUntilConnected() async throws { try await owner.waitUntil { isConnected } }
 
     /// Publishes `messages` and returns, in order, whether the broker confirmed each.
     public func publish(_ messages: [AMQPOutgoingMessage]) async -> [Result<Void, AMQPError>] {
         if messages.isEmpty { return [] }
         return await withCheckedContinuation { cont in
             let batch = PublishBatch(messages: messages, continuation: cont)
-            if stopped.load(ordering: .relaxed) { batch.failAll(AMQPError(code: .stopped, message: "publisher stopped")); return }
+            if owner.isStopped { batch.failAll(AMQPError(code: .stopped, message: "publisher stopped")); return }
             if !isConnected { batch.failAll(AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)")); return }
             inbox.withLock { $0.append(batch) }
             wake.wake()
@@ -116,7 +97,7 @@ public final class AMQPPublisher: Sendable {
     private func run() {
         var generation: UInt64 = 0
         var attempt = 0
-        while !stopped.load(ordering: .relaxed) {
+        while !owner.isStopped {
             generation += 1
             let session: AMQPSession
             do throws(AMQPError) {
@@ -130,43 +111,32 @@ public final class AMQPPublisher: Sendable {
                 }
             } catch {
                 attempt += 1
-                lastError.withLock { $0 = error }
+                owner.failed(error)
                 failInbox(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
                 failDeclarations(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
                 logger.warning("amqp publisher connect failed, retrying", metadata: [
                     "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
-                sleepBackoff(attempt)
+                owner.sleepBackoff(attempt)
                 continue
             }
-            if attempt > 0 || generation > 1 { reconnects.add(1, ordering: .relaxed) }
+            if attempt > 0 || generation > 1 { owner.reconnected() }
             attempt = 0
             connected.store(true, ordering: .relaxed)
             logger.info("amqp publisher connected", metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
             let error = serve(session)
             connected.store(false, ordering: .relaxed)
             if let error {
-                lastError.withLock { $0 = error }
+                owner.failed(error)
                 logger.warning("amqp publisher connection lost", metadata: ["error": "\(error)"])
                 session.abandon()
                 attempt = 1
-                sleepBackoff(attempt)
+                owner.sleepBackoff(attempt)
             } else {
                 session.close()
             }
         }
         failInbox(AMQPError(code: .stopped, message: "publisher stopped"))
         failDeclarations(AMQPError(code: .stopped, message: "publisher stopped"))
-        exited.store(true, ordering: .relaxed)
-    }
-
-    private func sleepBackoff(_ attempt: Int) {
-        let exp = min(attempt - 1, 16)
-        let cap = min(configuration.reconnectCap.seconds, configuration.reconnectBase.seconds * Double(1 << exp))
-        let delay = Double.random(in: 0...max(cap, 0.01))
-        let end = Date().addingTimeInterval(delay)
-        while Date() < end && !stopped.load(ordering: .relaxed) {
-            wake.wait(on: nil, timeoutMS: Int32(max(1, min(100, end.timeIntervalSinceNow * 1000))))
-        }
     }
 
     private func failInbox(_ error: AMQPError) {
@@ -209,7 +179,7 @@ public final class AMQPPublisher: Sendable {
         }
 
         while true {
-            if stopped.load(ordering: .relaxed) {
+            if owner.isStopped {
                 failAll(AMQPError(code: .stopped, message: "publisher stopped"))
                 return nil
             }

@@ -24,7 +24,6 @@ struct TaskCommand: AsyncParsableCommand {
         @Option(help: "First due time, ISO-8601 (default: now).") var start: String?
 
         func run() async throws {
-            let logger = try common.logger("conveyor.task")
             var t = NewTask(name: name, executor: executor, schedule: try Schedule(parsing: schedule))
             guard let data = params.data(using: .utf8), let p = try? JSONDecoder().decode(JSONValue.self, from: data), p.objectValue != nil else {
                 throw ValidationError(field: "--params", value: params, hint: "must be a JSON object, e.g. '{\"seconds\": 2}'")
@@ -38,11 +37,8 @@ struct TaskCommand: AsyncParsableCommand {
                 }
                 t.startAt = d
             }
-            let c = try Connections(settings: try await common.settings("dispatcher.yaml"), poolSize: 1)
-            let pool = c.pool(logger: logger, connectRetryFor: .seconds(5))
-            defer { pool.close() }
             do {
-                try await Store(pool: pool).createTasks([t])
+                try await common.withStore { try await $0.createTasks([t]) }
             } catch let e as PostgresError where e.isUniqueViolation {
                 throw ValidationError(field: "--name", value: name, hint: "a task with this name exists; pick another name")
             }
@@ -56,11 +52,7 @@ struct TaskCommand: AsyncParsableCommand {
         @Option var limit = 100
 
         func run() async throws {
-            let logger = try common.logger("conveyor.task")
-            let c = try Connections(settings: try await common.settings("dispatcher.yaml"), poolSize: 1)
-            let pool = c.pool(logger: logger, connectRetryFor: .seconds(5))
-            defer { pool.close() }
-            let tasks = try await Store(pool: pool).tasks(limit: limit)
+            let tasks = try await common.withStore { try await $0.tasks(limit: limit) }
             print("NAME".padding(toLength: 28, withPad: " ", startingAt: 0), "EXECUTOR".padding(toLength: 10, withPad: " ", startingAt: 0),
                   "SCHEDULE".padding(toLength: 14, withPad: " ", startingAt: 0), "QUEUE".padding(toLength: 10, withPad: " ", startingAt: 0), "NEXT RUN")
             for t in tasks {
@@ -78,26 +70,23 @@ struct TaskCommand: AsyncParsableCommand {
         @Option var runs = 10
 
         func run() async throws {
-            let logger = try common.logger("conveyor.task")
-            let c = try Connections(settings: try await common.settings("dispatcher.yaml"), poolSize: 1)
-            let pool = c.pool(logger: logger, connectRetryFor: .seconds(5))
-            defer { pool.close() }
-            let store = Store(pool: pool)
-            guard let t = try await store.task(named: name) else {
-                throw ValidationError(field: "name", value: name, hint: "no such task; see 'conveyor task list'")
-            }
-            print("task \(t.name) (\(t.id.uuidString.lowercased()))")
-            print("  executor \(t.executor)  schedule \(t.schedule)  queue \(t.queue)  timeout \(t.timeoutSeconds)s")
-            print("  parameters \(t.parameters)")
-            print("  next run \(t.nextRunAt.map { Timestamp.format($0) } ?? "-")\(t.paused ? " (paused)" : "")")
-            for r in try await store.runs(taskID: t.id, limit: runs) {
-                var line = "  run \(r.id.uuidString.lowercased()) #\(r.attempt) \(r.state.rawValue) due \(Timestamp.format(r.occurrence))"
-                if let w = r.workerID { line += " on \(w)" }
-                if let e = r.exitCode { line += " exit \(e)" }
-                if let m = r.errorMessage { line += " — \(m)" }
-                if let tid = r.traceID { line += " trace \(tid)" }
-                print(line)
-                if let o = r.output, !o.isEmpty { print("    output: \(o.prefix(200).replacingOccurrences(of: "\n", with: "⏎"))") }
+            try await common.withStore { store in
+                guard let t = try await store.task(named: name) else {
+                    throw ValidationError(field: "name", value: name, hint: "no such task; see 'conveyor task list'")
+                }
+                print("task \(t.name) (\(t.id.uuidString.lowercased()))")
+                print("  executor \(t.executor)  schedule \(t.schedule)  queue \(t.queue)  timeout \(t.timeoutSeconds)s")
+                print("  parameters \(t.parameters)")
+                print("  next run \(t.nextRunAt.map { Timestamp.format($0) } ?? "-")\(t.paused ? " (paused)" : "")")
+                for r in try await store.runs(taskID: t.id, limit: runs) {
+                    var line = "  run \(r.id.uuidString.lowercased()) #\(r.attempt) \(r.state.rawValue) due \(Timestamp.format(r.occurrence))"
+                    if let w = r.workerID { line += " on \(w)" }
+                    if let e = r.exitCode { line += " exit \(e)" }
+                    if let m = r.errorMessage { line += " — \(m)" }
+                    if let tid = r.traceID { line += " trace \(tid)" }
+                    print(line)
+                    if let o = r.output, !o.isEmpty { print("    output: \(o.prefix(200).replacingOccurrences(of: "\n", with: "⏎"))") }
+                }
             }
         }
     }
@@ -108,16 +97,24 @@ struct TaskCommand: AsyncParsableCommand {
         @Argument var name: String
 
         func run() async throws {
-            let logger = try common.logger("conveyor.task")
-            let c = try Connections(settings: try await common.settings("dispatcher.yaml"), poolSize: 1)
-            let pool = c.pool(logger: logger, connectRetryFor: .seconds(5))
-            defer { pool.close() }
-            let store = Store(pool: pool)
-            guard let t = try await store.task(named: name) else {
-                throw ValidationError(field: "name", value: name, hint: "no such task; see 'conveyor task list'")
+            try await common.withStore { store in
+                guard let t = try await store.task(named: name) else {
+                    throw ValidationError(field: "name", value: name, hint: "no such task; see 'conveyor task list'")
+                }
+                try await store.trigger(taskID: t.id)
+                print("triggered \(t.name)")
             }
-            try await store.trigger(taskID: t.id)
-            print("triggered \(t.name)")
         }
+    }
+}
+
+extension CommonOptions {
+    /// Runs `body` with a one-connection store (admin commands), closing it afterwards.
+    func withStore<T: Sendable>(_ body: (Store) async throws -> T) async throws -> T {
+        let logger = try logger("conveyor.task")
+        let c = try Connections(settings: try await settings("dispatcher.yaml"), poolSize: 1)
+        let pool = c.pool(logger: logger, connectRetryFor: .seconds(5))
+        defer { pool.close() }
+        return try await body(Store(pool: pool))
     }
 }

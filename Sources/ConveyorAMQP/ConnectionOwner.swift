@@ -1,0 +1,57 @@
+import Foundation
+import Synchronization
+
+/// What a connection-owning thread shares with the Swift side: the wake-up pipe, the stop flag,
+/// the reconnect counter and backoff, and the last connection error (for start-up errors).
+/// Used by `AMQPPublisher` and `AMQPConsumer`.
+final class ConnectionOwner: Sendable {
+    let configuration: AMQPConfiguration
+    let wake = WakePipe()
+    private let stopped = Atomic<Bool>(false)
+    private let reconnects = Atomic<Int>(0)
+    private let lastError = Mutex<AMQPError?>(nil)
+
+    init(configuration: AMQPConfiguration) { self.configuration = configuration }
+
+    var isStopped: Bool { stopped.load(ordering: .relaxed) }
+    var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
+
+    /// Starts the owner thread running `body`.
+    func start(name: String, _ body: @escaping @Sendable () -> Void) {
+        let t = Thread(block: body)
+        t.name = name
+        t.start()
+    }
+
+    func stop() {
+        stopped.store(true, ordering: .relaxed)
+        wake.wake()
+    }
+
+    func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }
+    func reconnected() { reconnects.add(1, ordering: .relaxed) }
+
+    /// Sleeps a full-jitter exponential backoff (base and cap from the configuration), waking early on stop.
+    func sleepBackoff(_ attempt: Int) {
+        let exp = min(attempt - 1, 16)
+        let cap = min(configuration.reconnectCap.seconds, configuration.reconnectBase.seconds * Double(1 << exp))
+        let end = Date().addingTimeInterval(Double.random(in: 0...max(cap, 0.01)))
+        while Date() < end && !isStopped {
+            wake.wait(on: nil, timeoutMS: Int32(max(1, min(100, end.timeIntervalSinceNow * 1000))))
+        }
+    }
+
+    /// Waits until `ready()` holds, up to `configuration.connectRetryFor`; then throws an error
+    /// that names the URL (password redacted) and the last failure.
+    func waitUntil(_ ready: () -> Bool) async throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + configuration.connectRetryFor
+        while !ready() {
+            if clock.now >= deadline {
+                let last = lastError.withLock { $0 }.map { ": \($0.message)" } ?? ""
+                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last). Check CONVEYOR_AMQP_URL and that RabbitMQ is running")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+}
