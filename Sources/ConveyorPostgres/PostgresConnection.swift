@@ -19,6 +19,11 @@ public final class PostgresConnection: @unchecked Sendable {
     private let cancelHandle: OpaquePointer?
     private let queue: DispatchQueue
     private let closed = Atomic<Bool>(false)
+    /// `PQstatus == CONNECTION_OK` after the last call, recorded on `queue`, so callers never
+    /// block on the queue to ask.
+    private let healthy = Atomic<Bool>(true)
+    /// `PQtransactionStatus == PQTRANS_IDLE` after the last call: no transaction left open.
+    private let idle = Atomic<Bool>(true)
     public let logger: Logger
 
     /// Options applied to every new session.
@@ -73,7 +78,7 @@ public final class PostgresConnection: @unchecked Sendable {
 
     /// Whether the connection is still usable.
     public var isHealthy: Bool {
-        !closed.load(ordering: .relaxed) && queue.sync { PQstatus(conn) == CONNECTION_OK }
+        !closed.load(ordering: .relaxed) && healthy.load(ordering: .acquiring)
     }
 
     /// Runs one statement with bound parameters and returns its rows.
@@ -84,6 +89,11 @@ public final class PostgresConnection: @unchecked Sendable {
             try Self.execParams(conn, sql, texts)
         }
     }
+
+    /// Whether no transaction is open (or aborted) on this connection, as of the last call.
+    /// A pool must only reuse idle connections: anything else would run the next caller's
+    /// statements inside someone else's transaction.
+    public var isIdle: Bool { idle.load(ordering: .acquiring) }
 
     /// Runs statements without parameters (several may be separated by `;`). For fixed SQL only.
     @discardableResult
@@ -111,8 +121,12 @@ public final class PostgresConnection: @unchecked Sendable {
         let result: Result<T, PostgresError> = await withTaskCancellationHandler {
             await withCheckedContinuation { cont in
                 queue.async {
-                    do throws(PostgresError) { cont.resume(returning: .success(try body(self.conn))) }
-                    catch { cont.resume(returning: .failure(error)) }
+                    let result: Result<T, PostgresError>
+                    do throws(PostgresError) { result = .success(try body(self.conn)) }
+                    catch { result = .failure(error) }
+                    self.healthy.store(PQstatus(self.conn) == CONNECTION_OK, ordering: .releasing)
+                    self.idle.store(PQtransactionStatus(self.conn) == PQTRANS_IDLE, ordering: .releasing)
+                    cont.resume(returning: result)
                 }
             }
         } onCancel: {

@@ -184,7 +184,11 @@ public final class PostgresPool: Sendable {
     }
 
     private func release(_ connection: PostgresConnection) {
-        let healthy = connection.isHealthy
+        // Only an idle connection (no transaction open or aborted) may be reused.
+        if connection.isHealthy && !connection.isIdle {
+            logger.warning("connection returned inside a transaction; closing it instead of reusing it")
+        }
+        let healthy = connection.isHealthy && connection.isIdle
         enum After { case handed(Waiter), idle, dropped(Waiter?), closeIt }
         let after: After = state.withLock { s in
             if s.closed { s.open -= 1; return .closeIt }

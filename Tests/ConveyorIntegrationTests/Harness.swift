@@ -82,8 +82,20 @@ struct System {
         try await pool.withConnection { c in try await c.query(sql, params).first?.int(0) ?? 0 }
     }
 
-    /// Polls until `condition` holds or `timeout` passes; returns whether it held.
-    func eventually(timeout: Duration = .seconds(60), _ condition: () async throws -> Bool) async throws -> Bool {
+    /// Polls until `condition` holds or `timeout` passes; records a test issue if it never does.
+    ///
+    /// Call it directly, never inside `#expect(…)`: an async closure passed inside the macro's
+    /// expansion was seen to be run by a later call in its place (Swift 6.3.1), so waits passed
+    /// without waiting.
+    @discardableResult
+    func eventually(timeout: Duration = .seconds(60), _ what: String = "condition", sourceLocation: SourceLocation = #_sourceLocation,
+                    _ condition: () async throws -> Bool) async throws -> Bool {
+        if try await poll(timeout: timeout, condition) { return true }
+        Issue.record("\(what) did not hold within \(timeout)", sourceLocation: sourceLocation)
+        return false
+    }
+
+    private func poll(timeout: Duration, _ condition: () async throws -> Bool) async throws -> Bool {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if try await condition() { return true }

@@ -1,6 +1,7 @@
 import ConveyorPostgres
 import Foundation
 import Logging
+import Synchronization
 import Testing
 
 @Suite("Postgres (libpq, real server)", .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)))
@@ -119,6 +120,44 @@ struct PostgresTests {
             }
             let n = try await pool.withConnection { c in try await c.query("SELECT 1").count }
             #expect(n == 1)
+        }
+    }
+
+    @Test func thePoolNeverHandsOneConnectionToTwoCallers() async throws {
+        try await Servers.withDatabase { url in
+            var cfg = PostgresPool.Configuration(url: url)
+            cfg.maxConnections = 3
+            cfg.acquireTimeout = .milliseconds(50)
+            let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
+            defer { pool.close() }
+            final class Tally: Sendable {
+                let inUse = Mutex<Set<ObjectIdentifier>>([])
+                let overlaps = Mutex(0)
+                let timeouts = Mutex(0)
+            }
+            let tally = Tally()
+            await withTaskGroup(of: Void.self) { g in
+                for i in 0..<300 {
+                    g.addTask {
+                        do {
+                            try await pool.withConnection { c in
+                                let id = ObjectIdentifier(c)
+                                if !tally.inUse.withLock({ $0.insert(id).inserted }) { tally.overlaps.withLock { $0 += 1 } }
+                                try await c.query("SELECT pg_sleep($1)", [Double(i % 4) / 1000])
+                                tally.inUse.withLock { _ = $0.remove(id) }
+                            }
+                        } catch let e as PostgresError where e.code == .poolTimeout {
+                            tally.timeouts.withLock { $0 += 1 }
+                        } catch {
+                            Issue.record("unexpected \(error)")
+                        }
+                    }
+                }
+            }
+            #expect(tally.overlaps.withLock { $0 } == 0)
+            #expect(pool.usage.open <= 3)
+            let after = try await pool.withConnection { c in try await c.query("SELECT 1").count }
+            #expect(after == 1, "the pool still works after timeouts: \(tally.timeouts.withLock { $0 }) timed out")
         }
     }
 
