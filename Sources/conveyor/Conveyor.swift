@@ -46,6 +46,11 @@ struct CommonOptions: ParsableArguments {
     }
 }
 
+/// Runs `services` in one ServiceGroup; SIGTERM and SIGINT start a graceful shutdown.
+func runUntilSignalled(_ services: [any Service], logger: Logger) async throws {
+    try await ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+}
+
 enum Bootstrap {
     nonisolated(unsafe) private static var done = false   // set once from main before any other task runs
 
@@ -126,7 +131,7 @@ struct DispatcherCommand: AsyncParsableCommand {
         let pool = c.pool(logger: logger)
         defer { pool.close() }
         let dispatcher = Dispatcher(configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger)
-        try await ServiceGroup(configuration: .init(services: [dispatcher], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+        try await runUntilSignalled([dispatcher], logger: logger)
     }
 }
 
@@ -141,7 +146,7 @@ struct WorkerCommand: AsyncParsableCommand {
         let executors = try ExecutorFactory().make(names: wc.executorNames, settings: s)
         let c = try Connections(settings: s)
         let worker = Worker(configuration: wc, executors: executors, amqp: c.amqp, logger: logger)
-        try await ServiceGroup(configuration: .init(services: [worker], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+        try await runUntilSignalled([worker], logger: logger)
     }
 }
 
@@ -170,7 +175,7 @@ struct Dev: AsyncParsableCommand {
             wc.id = "\(baseID)-w\(i)"
             services.append(Worker(configuration: wc, executors: executors, amqp: c.amqp, logger: logger))
         }
-        try await ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+        try await runUntilSignalled(services, logger: logger)
     }
 }
 
