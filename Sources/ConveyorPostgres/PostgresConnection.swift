@@ -43,8 +43,10 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 
     deinit {
-        if let cancelHandle { PQfreeCancel(cancelHandle) }
-        PQfinish(conn)
+        // PQfinish writes to the socket: run it on the connection's own queue, never on the
+        // thread (possibly the cooperative pool) that dropped the last reference.
+        let handles = FinishHandles(conn: conn, cancel: cancelHandle)
+        queue.async { handles.finish() }
     }
 
     /// Opens one connection (one attempt, no retry). The URL is a libpq URI or key=value string.
@@ -188,5 +190,18 @@ public final class PostgresConnection: @unchecked Sendable {
             let broken = PQstatus(conn) != CONNECTION_OK
             throw PostgresError(code: broken && sqlState == nil ? .connection : .query, sqlState: sqlState, message: primary, detail: detail)
         }
+    }
+}
+
+/// The raw handles of a connection being closed.
+private struct FinishHandles: @unchecked Sendable {
+    // @unchecked Sendable: created in `deinit`, when no other reference to the connection exists,
+    // and used once, on the connection's serial queue.
+    let conn: OpaquePointer
+    let cancel: OpaquePointer?
+
+    func finish() {
+        if let cancel { PQfreeCancel(cancel) }
+        PQfinish(conn)
     }
 }
