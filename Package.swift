@@ -32,7 +32,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "ConveyorAMQP", dependencies: [
-            "CRabbitMQ",
+            "CRabbitMQ", "ConveyorCore",
             .product(name: "Logging", package: "swift-log"),
         ]),
 

@@ -1,4 +1,5 @@
 import CRabbitMQ
+import ConveyorCore
 public import Foundation
 
 /// How to reach the broker.
@@ -43,12 +44,7 @@ public struct AMQPConfiguration: Sendable {
     }
 
     /// The URL with its password replaced by `***`.
-    public var redactedURL: String {
-        guard let scheme = url.range(of: "://"), let at = url[scheme.upperBound...].firstIndex(of: "@") else { return url }
-        let userinfo = url[scheme.upperBound..<at]
-        guard let colon = userinfo.firstIndex(of: ":") else { return url }
-        return String(url[..<url.index(after: colon)]) + "***" + String(url[at...])
-    }
+    public var redactedURL: String { redactPassword(in: url) }
 }
 
 extension Duration {
@@ -56,6 +52,4 @@ extension Duration {
         let c = components
         return Glibc.timeval(tv_sec: Int(c.seconds), tv_usec: Int(c.attoseconds / 1_000_000_000_000))
     }
-    var milliseconds: Int { Int(components.seconds) * 1000 + Int(components.attoseconds / 1_000_000_000_000_000) }
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -1,3 +1,4 @@
+import ConveyorCore
 import Foundation
 import Synchronization
 
@@ -31,11 +32,10 @@ final class ConnectionOwner: Sendable {
     func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }
     func reconnected() { reconnects.add(1, ordering: .relaxed) }
 
-    /// Sleeps a full-jitter exponential backoff (base and cap from the configuration), waking early on stop.
+    /// Sleeps `Backoff.delay` (base and cap from the configuration), waking early on stop.
     func sleepBackoff(_ attempt: Int) {
-        let exp = min(attempt - 1, 16)
-        let cap = min(configuration.reconnectCap.seconds, configuration.reconnectBase.seconds * Double(1 << exp))
-        let end = Date().addingTimeInterval(Double.random(in: 0...max(cap, 0.01)))
+        let delay = Backoff.delay(attempt: attempt, base: configuration.reconnectBase, cap: configuration.reconnectCap)
+        let end = Date().addingTimeInterval(delay.inSeconds)
         while Date() < end && !isStopped {
             wake.wait(on: nil, timeoutMS: Int32(max(1, min(100, end.timeIntervalSinceNow * 1000))))
         }

@@ -110,7 +110,7 @@ public final class Dispatcher: Service, Sendable {
             if stopping.load(ordering: .relaxed) { break }
             if claimed > 0 { continue }   // more may be due: scan again at once
             var sleep = configuration.scanInterval
-            if let next = try? await store.secondsUntilNextDue(), next < sleep.seconds {
+            if let next = try? await store.secondsUntilNextDue(), next < sleep.inSeconds {
                 sleep = .milliseconds(Int64(max(next, 0) * 1000) + 1)
             }
             await wakeup.wait(timeout: sleep)
@@ -255,8 +255,4 @@ public final class Dispatcher: Service, Sendable {
             }
         }
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

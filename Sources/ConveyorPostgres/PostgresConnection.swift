@@ -1,4 +1,5 @@
 import CLibPQ
+import ConveyorCore
 import Foundation
 public import Dispatch
 public import Logging
@@ -62,7 +63,7 @@ public final class PostgresConnection: @unchecked Sendable {
                     let msg = String(cString: PQerrorMessage(c)).trimmingCharacters(in: .whitespacesAndNewlines)
                     PQfinish(c)
                     cont.resume(returning: .failure(PostgresError(
-                        code: .connection, message: "cannot connect to \(redactDatabaseURL(url)): \(msg)")))
+                        code: .connection, message: "cannot connect to \(redactPassword(in: url)): \(msg)")))
                     return
                 }
                 cont.resume(returning: .success(PostgresConnection(conn: c, queue: queue, logger: logger)))
@@ -71,8 +72,7 @@ public final class PostgresConnection: @unchecked Sendable {
         let connection = try result.get()
         var setup = "SET TimeZone = 'UTC'; SET application_name = '\(options.applicationName.filter { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })'"
         if let t = options.statementTimeout {
-            let ms = t.components.seconds * 1000 + t.components.attoseconds / 1_000_000_000_000_000
-            setup += "; SET statement_timeout = \(ms)"
+            setup += "; SET statement_timeout = \(Int64(t.inMilliseconds))"
         }
         try await connection.simple(setup)
         return connection

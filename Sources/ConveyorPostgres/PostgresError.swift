@@ -1,5 +1,3 @@
-import Foundation
-
 /// An error from PostgreSQL or from talking to it.
 ///
 /// `description` is safe to show (no SQL text, no parameter values); `debugDescription` adds the
@@ -59,20 +57,4 @@ public struct PostgresError: Error, Sendable, CustomStringConvertible, CustomDeb
     public var debugDescription: String {
         description + (detail.map { " — \($0)" } ?? "")
     }
-}
-
-/// Replaces the password in a libpq URI or key=value string with `***`, for logs and errors.
-public func redactDatabaseURL(_ url: String) -> String {
-    if url.hasPrefix("postgres://") || url.hasPrefix("postgresql://") {
-        guard let schemeEnd = url.range(of: "://"),
-              let at = url[schemeEnd.upperBound...].firstIndex(of: "@") else { return url }
-        let userinfo = url[schemeEnd.upperBound..<at]
-        guard let colon = userinfo.firstIndex(of: ":") else { return url }
-        return String(url[..<url.index(after: colon)]) + "***" + String(url[at...])
-    }
-    var parts: [String] = []
-    for part in url.split(separator: " ", omittingEmptySubsequences: true) {
-        parts.append(part.lowercased().hasPrefix("password=") ? "password=***" : String(part))
-    }
-    return parts.joined(separator: " ")
 }

@@ -1,4 +1,5 @@
 import CLibPQ
+import ConveyorCore
 import Foundation
 public import Logging
 import Synchronization
@@ -40,9 +41,9 @@ public final class PostgresListener: Sendable {
         while !stopped.load(ordering: .relaxed) {
             guard let conn = PQconnectdb(url), PQstatus(conn) == CONNECTION_OK else {
                 attempt += 1
-                logger.warning("listener cannot connect, retrying", metadata: ["db.url": "\(redactDatabaseURL(url))", "attempt": "\(attempt)"])
+                logger.warning("listener cannot connect, retrying", metadata: ["db.url": "\(redactPassword(in: url))", "attempt": "\(attempt)"])
                 let d = Backoff.delay(attempt: attempt, base: .milliseconds(200), cap: .seconds(5))
-                Thread.sleep(forTimeInterval: Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18)
+                Thread.sleep(forTimeInterval: d.inSeconds)
                 continue
             }
             defer { PQfinish(conn) }

@@ -1,3 +1,4 @@
+import ConveyorCore
 import Foundation
 public import Logging
 import Synchronization
@@ -171,12 +172,12 @@ public final class PostgresPool: Sendable {
                 let delay = Backoff.delay(attempt: attempt, base: .milliseconds(200), cap: .seconds(5))
                 if clock.now + delay > deadline {
                     logger.error("database unreachable, giving up", metadata: [
-                        "db.url": "\(redactDatabaseURL(configuration.url))", "attempts": "\(attempt)", "error": "\(error)"])
+                        "db.url": "\(redactPassword(in: configuration.url))", "attempts": "\(attempt)", "error": "\(error)"])
                     throw PostgresError(code: .connection, message:
-                        "database \(redactDatabaseURL(configuration.url)) unreachable after \(attempt) attempts over \(configuration.connectRetryFor): \(error.message). Check CONVEYOR_DATABASE_URL and that PostgreSQL is running")
+                        "database \(redactPassword(in: configuration.url)) unreachable after \(attempt) attempts over \(configuration.connectRetryFor): \(error.message). Check CONVEYOR_DATABASE_URL and that PostgreSQL is running")
                 }
                 logger.warning("database connect failed, retrying", metadata: [
-                    "db.url": "\(redactDatabaseURL(configuration.url))", "attempt": "\(attempt)",
+                    "db.url": "\(redactPassword(in: configuration.url))", "attempt": "\(attempt)",
                     "retry.in": "\(delay)", "error": "\(error.message)"])
                 try await Task.sleep(for: delay)
             }
@@ -209,16 +210,5 @@ public final class PostgresPool: Sendable {
             w?.continuation.resume(returning: nil)
         case .closeIt: connection.close()
         }
-    }
-}
-
-/// Exponential backoff with full jitter.
-public enum Backoff {
-    /// A random delay in `0 ... min(cap, base * 2^(attempt-1))`.
-    public static func delay(attempt: Int, base: Duration, cap: Duration) -> Duration {
-        let exp = min(attempt - 1, 20)
-        let ceiling = min(cap, base * (1 << exp))
-        let ms = Double(ceiling.components.seconds) * 1000 + Double(ceiling.components.attoseconds) / 1e15
-        return .milliseconds(Int64(Double.random(in: 0...max(ms, 1))))
     }
 }

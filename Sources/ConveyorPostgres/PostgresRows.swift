@@ -1,4 +1,5 @@
 public import Foundation
+import ConveyorCore
 
 /// The rows a statement returned, in text format, copied out of libpq's result.
 public struct PostgresRows: Sendable {
@@ -38,7 +39,7 @@ public struct PostgresRow: Sendable {
         return v
     }
     public func date(_ i: Int) throws(PostgresError) -> Date {
-        guard let s = values[i], let v = PostgresTimestamp.parse(s) else { throw PostgresError(code: .decoding, message: "column \(i) is not a timestamptz") }
+        guard let s = values[i], let v = Timestamp.parse(s) else { throw PostgresError(code: .decoding, message: "column \(i) is not a timestamptz") }
         return v
     }
     public func optionalDate(_ i: Int) throws(PostgresError) -> Date? { values[i] == nil ? nil : try date(i) }

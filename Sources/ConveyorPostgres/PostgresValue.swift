@@ -18,7 +18,7 @@ extension Double: PostgresEncodable { public var postgresText: String? { String(
 extension Bool: PostgresEncodable { public var postgresText: String? { self ? "t" : "f" } }
 extension UUID: PostgresEncodable { public var postgresText: String? { uuidString.lowercased() } }
 extension Date: PostgresEncodable {
-    public var postgresText: String? { PostgresTimestamp.format(self) }
+    public var postgresText: String? { Timestamp.format(self) }   // the session runs with TimeZone=UTC
 }
 extension Optional: PostgresEncodable where Wrapped: PostgresEncodable {
     public var postgresText: String? { self?.postgresText }
@@ -39,11 +39,4 @@ extension Array: PostgresEncodable where Element: PostgresEncodable {
         }
         return out + "}"
     }
-}
-
-/// `timestamptz` text, through Core's `Timestamp` (the session runs with `TimeZone=UTC`; the
-/// server accepts and prints ISO-8601 with a space or a `T`).
-public enum PostgresTimestamp {
-    public static func format(_ date: Date) -> String { Timestamp.format(date) }
-    public static func parse(_ s: String) -> Date? { Timestamp.parse(s) }
 }

@@ -161,7 +161,7 @@ public struct Store: Sendable {
     ///   context (the request that created or triggered it), if any.
     public func claimDue(group: Int, groups: Int, limit: Int, lease: Duration,
                          newTraceParent: @Sendable (String?) -> String) async throws -> [ClaimedRun] {
-        let leaseSeconds = Double(lease.components.seconds) + Double(lease.components.attoseconds) / 1e18
+        let leaseSeconds = lease.inSeconds
         return try await pool.withTransaction { c in
             let due = try await c.query("""
                 SELECT id, name, executor, parameters::text, schedule, queue, timeout_seconds, next_run_at, now(), trace_parent, shard
@@ -250,7 +250,7 @@ public struct Store: Sendable {
     /// Shortens the lease of runs whose publish failed, so they are republished after `delay`.
     public func retryPublishSoon(_ runIDs: [UUID], delay: Duration) async throws {
         guard !runIDs.isEmpty else { return }
-        let secs = Double(delay.components.seconds) + Double(delay.components.attoseconds) / 1e18
+        let secs = delay.inSeconds
         try await pool.withConnection { c in
             try await c.query("""
                 UPDATE runs SET available_at = now() + make_interval(secs => $2)

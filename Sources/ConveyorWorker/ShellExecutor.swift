@@ -101,8 +101,7 @@ enum ChildProcess {
             guard !done.load(ordering: .acquiring) else { return }
             killed.store(true, ordering: .relaxed)
             kill(-pid, SIGTERM)
-            let ms = Int(grace.components.seconds) * 1000 + Int(grace.components.attoseconds / 1_000_000_000_000_000)
-            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(ms)) { [self] in
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Int(grace.inMilliseconds))) { [self] in
                 if !done.load(ordering: .acquiring) { kill(-pid, SIGKILL) }
             }
         }

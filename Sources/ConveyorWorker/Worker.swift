@@ -175,7 +175,7 @@ public final class Worker: Service, Sendable {
                     log.warning("status publish failed; retrying", metadata: ["status.event": "\(status.event.rawValue)", "error": "\(error)"])
                 }
                 if error.code == .stopped { return }   // shutting down: not acked, so the broker redelivers the task
-                try? await Task.sleep(for: .milliseconds(min(50 * (1 << min(attempt, 6)), 2000)))
+                try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(50), cap: .seconds(2)))
             }
         }
     }

@@ -134,15 +134,15 @@ import Testing
     }
 
     @Test func timestampsParseWhatTheServerPrints() {
-        #expect(PostgresTimestamp.parse("2026-11-23 12:00:00+00")?.timeIntervalSince1970 == 1_795_435_200)
-        #expect(PostgresTimestamp.parse("2026-11-23 12:00:00.25+00")?.timeIntervalSince1970 == 1_795_435_200.25)
-        #expect(PostgresTimestamp.parse("2026-11-23 13:30:00+01:30")?.timeIntervalSince1970 == 1_795_435_200)
-        #expect(PostgresTimestamp.parse("nonsense") == nil)
+        #expect(Timestamp.parse("2026-11-23 12:00:00+00")?.timeIntervalSince1970 == 1_795_435_200)
+        #expect(Timestamp.parse("2026-11-23 12:00:00.25+00")?.timeIntervalSince1970 == 1_795_435_200.25)
+        #expect(Timestamp.parse("2026-11-23 13:30:00+01:30")?.timeIntervalSince1970 == 1_795_435_200)
+        #expect(Timestamp.parse("nonsense") == nil)
     }
 
     @Test func urlsAreRedacted() {
-        #expect(redactDatabaseURL("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db")
-        #expect(redactDatabaseURL("host=h password=secret user=u") == "host=h password=*** user=u")
+        #expect(redactPassword(in: "postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db")
+        #expect(redactPassword(in: "host=h password=secret user=u") == "host=h password=*** user=u")
         #expect(AMQPConfiguration(url: "amqp://u:secret@h:5672/%2F").redactedURL == "amqp://u:***@h:5672/%2F")
     }
 }
