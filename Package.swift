@@ -55,7 +55,7 @@ let package = Package(
         ]),
 
         .target(name: "ConveyorDispatcher", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorAMQP", "ConveyorTelemetry",
+            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.

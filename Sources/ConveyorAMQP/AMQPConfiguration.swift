@@ -1,6 +1,6 @@
 import CRabbitMQ
 import ConveyorCore
-public import Foundation
+import Foundation
 
 /// How to reach the broker.
 public struct AMQPConfiguration: Sendable {

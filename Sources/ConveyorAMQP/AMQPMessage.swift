@@ -1,4 +1,4 @@
-public import Foundation
+import Foundation
 
 /// Properties of a message, the subset Conveyor reads and writes.
 public struct AMQPProperties: Sendable, Hashable {

@@ -1,6 +1,6 @@
 public import ConveyorAMQP
-public import ConveyorCore
-public import ConveyorPostgres
+import ConveyorCore
+import ConveyorPostgres
 public import ConveyorStore
 import ConveyorTelemetry
 import Foundation
@@ -166,13 +166,12 @@ public final class Dispatcher: Service, Sendable {
         let now = Date()
         let messages = runs.map { run in
             var headers: AMQPHeaders = [
-                "traceparent": .string(run.traceparent),
                 "conveyor-task": .string(run.message.taskName),
                 "conveyor-attempt": .int(Int64(run.message.attempt)),
                 "conveyor-deadline": .string(Timestamp.format(now.addingTimeInterval(run.message.timeoutSeconds))),
             ]
-            // tracestate/baggage of a stored parent ride along through the propagator.
-            TraceIDs.inject(TraceIDs.extract(headers), into: &headers)
+            // The run's stored dispatch span context, written through the propagator (W3C headers).
+            TraceIDs.inject(TraceIDs.context(traceparent: run.traceparent), into: &headers)
             return AMQPOutgoingMessage(
                 exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(run.message),
                 properties: AMQPProperties(contentType: "application/json", messageID: run.message.runID.uuidString.lowercased(),

@@ -1,7 +1,7 @@
 import CLibPQ
 import ConveyorCore
 import Foundation
-public import Dispatch
+import Dispatch
 public import Logging
 import Synchronization
 
@@ -110,12 +110,6 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Closes the connection; later calls fail with `.closed`.
     public func close() {
         closed.store(true, ordering: .relaxed)
-    }
-
-    /// Runs `body` with exclusive use of the `PGconn` on the connection's queue.
-    /// For LISTEN and other loops that need the raw handle; `body` must not block for long.
-    func withRawConnection<T: Sendable>(_ body: @Sendable @escaping (OpaquePointer) -> T) async -> T {
-        await withCheckedContinuation { cont in queue.async { cont.resume(returning: body(self.conn)) } }
     }
 
     private func run<T: Sendable>(_ body: @Sendable @escaping (OpaquePointer) throws(PostgresError) -> T) async throws(PostgresError) -> T {

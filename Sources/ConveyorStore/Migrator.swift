@@ -55,8 +55,8 @@ public struct Migrator: Sendable {
                 try await c.simple("COMMIT")
             } catch {
                 _ = try? await c.simple("ROLLBACK")
-                throw PostgresError(code: .query, sqlState: (error as? PostgresError)?.sqlState,
-                                    message: "migration \(m.version) failed and was rolled back: \((error as? PostgresError)?.message ?? "\(error)")")
+                throw PostgresError(code: .query, sqlState: error.sqlState,
+                                    message: "migration \(m.version) failed and was rolled back: \(error.message)")
             }
             logger.info("migration applied", metadata: ["migration.version": "\(m.version)"])
             applied.append(m.version)

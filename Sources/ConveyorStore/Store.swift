@@ -74,8 +74,6 @@ public struct RunRecord: Sendable {
 public struct ClaimedRun: Sendable {
     public var message: TaskMessage
     public var traceparent: String
-    /// When it was due (for lateness).
-    public var dueAt: Date
 }
 
 /// What one status batch did.
@@ -101,7 +99,7 @@ public struct Store: Sendable {
     public func createTasks(_ tasks: [NewTask]) async throws {
         for t in tasks { try t.validate() }
         guard !tasks.isEmpty else { return }
-        try await pool.withConnection { c in
+        _ = try await pool.withConnection { c in
             try await c.query("""
                 INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, next_run_at, shard, trace_parent)
                 SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout,
@@ -186,7 +184,7 @@ public struct Store: Sendable {
                 let params = try Self.json(try r.string(3))
                 let m = TaskMessage(runID: runID, taskID: taskID, taskName: try r.string(1), occurrence: occurrence, attempt: 1,
                                     queue: try r.string(5), executor: try r.string(2), parameters: params, timeoutSeconds: try r.double(6))
-                claimed.append(ClaimedRun(message: m, traceparent: tp, dueAt: occurrence))
+                claimed.append(ClaimedRun(message: m, traceparent: tp))
                 ids.append(runID); taskIDs.append(taskID); occurrences.append(occurrence); queues.append(m.queue)
                 traceIDs.append(Self.traceID(of: tp)); traceparents.append(tp); shards.append(try r.int(10))
                 advanceIDs.append(taskID); nextTimes.append(schedule.next(after: occurrence, now: now))
@@ -224,11 +222,10 @@ public struct Store: Sendable {
                     """, [groups, group, room, leaseSeconds])
                 for r in again.rows {
                     let tp = r[9] ?? newTraceParent(nil)
-                    var m = TaskMessage(runID: try r.uuid(0), taskID: try r.uuid(1), taskName: try r.string(2), occurrence: try r.date(7),
+                    let m = TaskMessage(runID: try r.uuid(0), taskID: try r.uuid(1), taskName: try r.string(2), occurrence: try r.date(7),
                                         attempt: try r.int(8), queue: try r.string(5), executor: try r.string(3),
                                         parameters: try Self.json(try r.string(4)), timeoutSeconds: try r.double(6))
-                    m.idempotencyKey = m.runID.uuidString.lowercased()
-                    claimed.append(ClaimedRun(message: m, traceparent: tp, dueAt: m.occurrence))
+                    claimed.append(ClaimedRun(message: m, traceparent: tp))
                 }
             }
             return claimed
@@ -238,7 +235,7 @@ public struct Store: Sendable {
     /// Marks runs the broker confirmed as `dispatched` (forward only).
     public func markDispatched(_ runIDs: [UUID]) async throws {
         guard !runIDs.isEmpty else { return }
-        try await pool.withConnection { c in
+        _ = try await pool.withConnection { c in
             // Rows locked in id order, as status recording does, so the two never deadlock.
             try await c.query("""
                 UPDATE runs SET state = 'dispatched', dispatched_at = now()
@@ -251,7 +248,7 @@ public struct Store: Sendable {
     public func retryPublishSoon(_ runIDs: [UUID], delay: Duration) async throws {
         guard !runIDs.isEmpty else { return }
         let secs = delay.inSeconds
-        try await pool.withConnection { c in
+        _ = try await pool.withConnection { c in
             try await c.query("""
                 UPDATE runs SET available_at = now() + make_interval(secs => $2)
                 WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)

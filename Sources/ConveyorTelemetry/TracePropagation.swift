@@ -1,6 +1,6 @@
 public import ConveyorAMQP
 public import Instrumentation
-public import ServiceContextModule
+import ServiceContextModule
 public import W3CTraceContext
 
 /// Writes trace headers into AMQP message headers.
@@ -25,11 +25,6 @@ public struct DictionaryExtractor: Extractor {
     public func extract(key: String, from carrier: [String: String]) -> String? { carrier[key] }
 }
 
-/// Writes trace headers into a plain dictionary.
-public struct DictionaryInjector: Injector {
-    public init() {}
-    public func inject(_ value: String, forKey key: String, into carrier: inout [String: String]) { carrier[key] = value }
-}
 
 extension ServiceContext {
     /// The W3C trace context of the current span.
@@ -98,10 +93,15 @@ public enum TraceIDs {
     /// The `traceparent` of a new dispatch span: a child of `parent` (the request that created
     /// or triggered the task) when it parses, else a new root.
     public static func dispatchTraceParent(parent: String?) -> String {
-        var ctx = ServiceContext.topLevel
-        if let parent { W3CPropagation().extract(["traceparent": parent], into: &ctx, using: DictionaryExtractor()) }
-        let span = ctx.traceContext == nil ? newRoot() : child(of: ctx)
+        let span = parent.map { child(of: context(traceparent: $0)) } ?? newRoot()
         return span.traceContext!.traceParentHeaderValue
+    }
+
+    /// The context of a stored `traceparent` (empty when it does not parse).
+    public static func context(traceparent: String) -> ServiceContext {
+        var ctx = ServiceContext.topLevel
+        W3CPropagation().extract(["traceparent": traceparent], into: &ctx, using: DictionaryExtractor())
+        return ctx
     }
 
     /// The context carried by message headers (empty when there is none or it is malformed).

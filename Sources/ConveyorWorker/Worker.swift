@@ -1,5 +1,5 @@
 public import ConveyorAMQP
-public import ConveyorCore
+import ConveyorCore
 import ConveyorTelemetry
 import Foundation
 public import Logging
