@@ -52,7 +52,7 @@ public final class AMQPConsumer: Sendable {
 
     public func start() { owner.start(name: "conveyor.amqp.consume") { [self] in run() } }
 
-    /// Cancels the consumers (no new deliveries) but keeps the connection for acks of work in hand.
+    /// Cancels the consumers and ends `deliveries`, but keeps the connection for the acks of work in hand.
     public func stopConsuming() {
         cancelRequested.store(true, ordering: .relaxed)
         wake.wake()
@@ -151,7 +151,9 @@ public final class AMQPConsumer: Sendable {
                 withExtendedLifetime(arena) {
                     for q in queues { _ = amqp_basic_cancel(session.conn, session.channel, arena.bytes(q)) }
                 }
-                // basic.cancel-ok frames are read (and ignored) below.
+                // No new work: end the stream. Deliveries already on the wire are not yielded; they
+                // stay unacked and return to the queue when the connection closes.
+                continuation.finish()
             }
             if let e = applyCommands(session) { return e }
 

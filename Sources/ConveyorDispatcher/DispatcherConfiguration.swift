@@ -18,8 +18,6 @@ public struct DispatcherConfiguration: Sendable {
     public var prefix = "conveyor"
     /// Deliveries before the broker dead-letters a message. Key `amqp.delivery_limit`, default 5.
     public var deliveryLimit = 5
-    /// Grace period for draining on shutdown. Key `shutdown_grace_seconds`, default 10.
-    public var shutdownGrace: Duration = .seconds(10)
 
     public init() {}
 }

@@ -59,22 +59,33 @@ public final class Worker: Service, Sendable {
         try await consumer.waitUntilConsuming()
         logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
                                                   "worker.executors": "\(executors.keys.sorted())"])
-        let stopping = Atomic<Bool>(false)
-        await withGracefulShutdownHandler {
-            await withDiscardingTaskGroup { group in
-                for await delivery in consumer.deliveries {
-                    if stopping.load(ordering: .relaxed) { break }
-                    counters.withLock { $0.inFlight += 1 }
+        do {
+            try await withGracefulShutdownHandler {
+                try await withThrowingDiscardingTaskGroup { group in
+                    // Ends when graceful shutdown stops consuming.
+                    for await delivery in consumer.deliveries {
+                        counters.withLock { $0.inFlight += 1 }
+                        group.addTask {
+                            await self.handle(delivery)
+                            self.counters.withLock { $0.inFlight -= 1 }
+                        }
+                    }
+                    // Drain: in-flight runs get `shutdownGrace` to finish; past it, the group is
+                    // cancelled and the runs left are not acked, so the broker redelivers them.
+                    let deadline = ContinuousClock.now + configuration.shutdownGrace
                     group.addTask {
-                        await self.handle(delivery)
-                        self.counters.withLock { $0.inFlight -= 1 }
+                        while self.stats.inFlight > 0 {
+                            if ContinuousClock.now >= deadline { throw DrainDeadlinePassed(left: self.stats.inFlight) }
+                            try await Task.sleep(for: .milliseconds(50))
+                        }
                     }
                 }
+            } onGracefulShutdown: {
+                self.consumer.stopConsuming()
             }
-        } onGracefulShutdown: {
-            stopping.store(true, ordering: .relaxed)
-            self.consumer.stopConsuming()
-            self.consumer.stop()
+        } catch let e as DrainDeadlinePassed {
+            logger.warning("drain deadline passed; runs left unacked for redelivery", metadata: [
+                "worker.shutdown_grace": "\(configuration.shutdownGrace)", "worker.in_flight": "\(e.left)"])
         }
         logger.info("worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
     }
@@ -116,14 +127,22 @@ public final class Worker: Service, Sendable {
                                        traceparent: TraceIDs.traceparent(span),
                                        tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey)
         let result = await Self.run(executor, context)
+        if Task.isCancelled {
+            // The drain deadline passed: report nothing and do not ack; the broker redelivers it.
+            log.warning("run cancelled by shutdown; left for redelivery")
+            return
+        }
 
         let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
                                      exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
                                      errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id)
-        await publishStatus(finished, headers: statusHeaders, log: log)
+        // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
+        guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
         consumer.ack(delivery)
         counters.withLock { if result.outcome == .succeeded { $0.succeeded += 1 } else { $0.failed += 1 } }
     }
+
+    struct DrainDeadlinePassed: Error { var left: Int }
 
     /// `run(_:_:)` for tests: the timeout mechanism alone.
     public static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
@@ -159,7 +178,9 @@ public final class Worker: Service, Sendable {
     }
 
     /// Publishes a status until the broker confirms it (retrying with backoff across reconnects).
-    func publishStatus(_ status: StatusMessage, headers: AMQPHeaders, log: Logger) async {
+    /// Returns `false` only when shutdown ended the retries before a confirm.
+    @discardableResult
+    func publishStatus(_ status: StatusMessage, headers: AMQPHeaders, log: Logger) async -> Bool {
         let message = AMQPOutgoingMessage(
             exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(status),
             properties: AMQPProperties(contentType: "application/json", messageID: "\(status.runID.uuidString.lowercased()):\(status.event.rawValue)",
@@ -168,13 +189,14 @@ public final class Worker: Service, Sendable {
         while true {
             do {
                 try await publisher.publish(message)
-                return
+                return true
             } catch {
                 attempt += 1
                 if attempt == 1 || attempt % 20 == 0 {
                     log.warning("status publish failed; retrying", metadata: ["status.event": "\(status.event.rawValue)", "error": "\(error)"])
                 }
-                if error.code == .stopped { return }   // shutting down: not acked, so the broker redelivers the task
+                // Shutting down or past the drain deadline: not acked, so the broker redelivers the task.
+                if error.code == .stopped || Task.isCancelled { return false }
                 try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(50), cap: .seconds(2)))
             }
         }
@@ -187,7 +209,8 @@ public final class Worker: Service, Sendable {
         if let runID {
             let status = StatusMessage(runID: runID, attempt: attempt, event: .finished, outcome: .failed,
                                        errorClass: errorClass, errorMessage: reason, workerID: configuration.id)
-            await publishStatus(status, headers: [:], log: logger)
+            // Unconfirmed (shutting down): leave it for redelivery rather than dead-letter it unreported.
+            guard await publishStatus(status, headers: [:], log: logger) else { return }
         }
         consumer.reject(delivery, requeue: false)
         counters.withLock { $0.rejected += 1 }

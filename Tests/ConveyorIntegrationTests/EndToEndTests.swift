@@ -180,6 +180,62 @@ struct EndToEndTests {
         }
     }
 
+    /// SIGTERM to a worker process with runs in hand.
+    enum Drain: String, CaseIterable, Sendable, CustomTestStringConvertible {
+        /// The grace outlasts the runs: they finish where they are, acked, never redelivered.
+        case withinGrace
+        /// The grace is shorter than the runs: the worker exits, the broker redelivers them.
+        case pastGrace
+        var testDescription: String { rawValue }
+        var graceMS: String { self == .withinGrace ? "20000" : "300" }
+    }
+
+    @Test(arguments: Drain.allCases)
+    func sigtermDrainsAWorker(_ drain: Drain) async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let env = ["CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
+                       "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4", "CONVEYOR_WORKER_ID": "draining",
+                       "CONVEYOR_WORKER_SHUTDOWN_GRACE_MS": drain.graceMS]
+            let draining = try spawnConveyor(["worker"], env: env)
+            defer { if draining.isRunning { kill(draining.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(3, executor: "sleep", parameters: .object(["seconds": .number(2)])))
+                let running = try await sys.eventually(timeout: .seconds(30), "3 runs on the worker") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'draining'") == 3
+                }
+                try #require(running)
+                let signalled = ContinuousClock.now
+                kill(draining.processIdentifier, SIGTERM)
+                try await sys.eventually(timeout: .seconds(30), "the worker exits") { !draining.isRunning }
+                #expect(draining.terminationStatus == 0, "a drained worker exits 0")
+                if drain == .pastGrace {
+                    #expect(ContinuousClock.now - signalled < .seconds(2), "it did not wait for the 2 s runs")
+                }
+                // A second worker now shows what the broker still holds.
+                let recorder = Recorder()
+                let survivor = sys.worker(["sleep": RecordingExecutor(recorder: recorder)], id: "survivor")
+                try await withServices([survivor]) {
+                    try await sys.eventually(timeout: .seconds(30), "all 3 succeeded") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 3
+                    }
+                    if drain == .withinGrace {
+                        try await Task.sleep(for: .seconds(2))   // time for any redelivery to show up
+                    }
+                }
+                switch drain {
+                case .withinGrace:
+                    #expect(recorder.total == 0, "nothing was redelivered: the drained runs were acked")
+                    #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'draining' AND state = 'succeeded'") == 3)
+                case .pastGrace:
+                    #expect(recorder.total == 3, "the runs cut off by the deadline were redelivered")
+                    #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'survivor' AND state = 'succeeded'") == 3)
+                }
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 3)
+        }
+    }
+
     /// How the broker goes away in the middle of a run.
     enum BrokerFault: String, CaseIterable, Sendable, CustomTestStringConvertible {
         /// `rabbitmqctl close_all_connections`: every connection is closed, the port stays open.
