@@ -125,12 +125,8 @@ struct DispatcherCommand: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try common.logger("conveyor.dispatcher")
-        let s = try await common.settings("dispatcher.yaml")
-        let dc = try DispatcherConfiguration(settings: s)
-        let c = try Connections(settings: s, poolSize: dc.groups + 4)
-        let pool = c.pool(logger: logger)
+        let (dispatcher, pool) = try await common.makeDispatcher(logger: logger)
         defer { pool.close() }
-        let dispatcher = Dispatcher(configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger)
         try await runUntilSignalled([dispatcher], logger: logger)
     }
 }
@@ -141,12 +137,7 @@ struct WorkerCommand: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try common.logger("conveyor.worker")
-        let s = try await common.settings("worker.yaml")
-        let wc = try WorkerConfiguration(settings: s)
-        let executors = try ExecutorFactory().make(names: wc.executorNames, settings: s)
-        let c = try Connections(settings: s)
-        let worker = Worker(configuration: wc, executors: executors, amqp: c.amqp, logger: logger)
-        try await runUntilSignalled([worker], logger: logger)
+        try await runUntilSignalled(try await common.makeWorkers(count: 1, logger: logger), logger: logger)
     }
 }
 
@@ -158,24 +149,38 @@ struct Dev: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try common.logger("conveyor.dev")
-        let ds = try await common.settings("dispatcher.yaml")
-        let ws = try await common.settings("worker.yaml")
-        let dc = try DispatcherConfiguration(settings: ds)
-        let c = try Connections(settings: ds, poolSize: dc.groups + 4)
-        let pool = c.pool(logger: logger)
+        let (dispatcher, pool) = try await common.makeDispatcher(logger: logger)
         defer { pool.close() }
         try await Migrator(logger: logger).migrate(pool)
-        let store = Store(pool: pool)
-        if demo { try await Demo.create(store, logger: logger) }
-        var services: [any Service] = [Dispatcher(configuration: dc, store: store, amqp: c.amqp, databaseURL: c.databaseURL, logger: logger)]
-        var wc = try WorkerConfiguration(settings: ws)
-        let executors = try ExecutorFactory().make(names: wc.executorNames, settings: ws)
-        let baseID = wc.id
-        for i in 0..<max(workers, 1) {
-            wc.id = "\(baseID)-w\(i)"
-            services.append(Worker(configuration: wc, executors: executors, amqp: c.amqp, logger: logger))
+        if demo { try await Demo.create(dispatcher.store, logger: logger) }
+        let workers = try await common.makeWorkers(count: max(workers, 1), logger: logger)
+        try await runUntilSignalled([dispatcher] + workers, logger: logger)
+    }
+}
+
+extension CommonOptions {
+    /// The dispatcher configured by dispatcher.yaml (and the environment), with the pool it uses:
+    /// close the pool when the dispatcher is done.
+    func makeDispatcher(logger: Logger) async throws -> (Dispatcher, PostgresPool) {
+        let s = try await settings("dispatcher.yaml")
+        let dc = try DispatcherConfiguration(settings: s)
+        let c = try Connections(settings: s, poolSize: dc.groups + 4)
+        let pool = c.pool(logger: logger)
+        return (Dispatcher(configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger), pool)
+    }
+
+    /// `count` workers configured by worker.yaml (and the environment), sharing one set of
+    /// executors; with more than one, their ids get `-w0`, `-w1`, ….
+    func makeWorkers(count: Int, logger: Logger) async throws -> [Worker] {
+        let s = try await settings("worker.yaml")
+        let base = try WorkerConfiguration(settings: s)
+        let executors = try ExecutorFactory().make(names: base.executorNames, settings: s)
+        let amqp = try Connections(settings: s).amqp
+        return (0..<count).map { i in
+            var wc = base
+            if count > 1 { wc.id = "\(base.id)-w\(i)" }
+            return Worker(configuration: wc, executors: executors, amqp: amqp, logger: logger)
         }
-        try await runUntilSignalled(services, logger: logger)
     }
 }
 
