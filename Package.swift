@@ -17,6 +17,8 @@ let package = Package(
         // One trait only: SwiftPM 6.3 may rebuild a dependency with several traits from scratch.
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["YAML"]),
         .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
+        // Already built for swift-configuration's YAML trait; the CLI reads task files with it.
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
     ],
     targets: [
         // System libraries: module maps and shims only.
@@ -69,6 +71,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            .product(name: "Yams", package: "Yams"),
         ]),
 
         .testTarget(name: "ConveyorCoreTests", dependencies: [

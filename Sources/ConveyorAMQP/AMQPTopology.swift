@@ -53,6 +53,10 @@ public struct ConveyorTopology: Sendable, Hashable {
     public var statusQueue: String { "\(prefix).status" }
     public var deadLetterExchange: String { "\(prefix).dlx" }
     public var deadQueue: String { "\(prefix).dead" }
+    /// Fanout of control messages (cancel a run) to every worker.
+    public var controlExchange: String { "\(prefix).control" }
+    /// One worker's control queue: `conveyor.control.<worker id>`, removed a minute after its worker goes.
+    public func controlQueue(worker: String) -> String { "\(prefix).control.\(worker)" }
     /// The broker queue of a work queue: `conveyor.q.<queue>`.
     public func workQueue(_ queue: String) -> String { "\(prefix).q.\(queue)" }
 
@@ -88,5 +92,18 @@ public struct ConveyorTopology: Sendable, Hashable {
             exchanges: [.init(name: statusExchange, type: "direct")],
             queues: [.init(name: statusQueue, arguments: quorumArguments)],
             bindings: [.init(queue: statusQueue, exchange: statusExchange, routingKey: "status")]))
+    }
+
+    /// The control exchange alone (what the dispatcher publishes to).
+    public var controlPublish: AMQPTopology {
+        AMQPTopology(exchanges: [.init(name: controlExchange, type: "fanout")])
+    }
+
+    /// The control exchange and one worker's own queue on it.
+    public func control(worker: String) -> AMQPTopology {
+        AMQPTopology(
+            exchanges: [.init(name: controlExchange, type: "fanout")],
+            queues: [.init(name: controlQueue(worker: worker), arguments: ["x-queue-type": .string("classic"), "x-expires": .int(60_000)])],
+            bindings: [.init(queue: controlQueue(worker: worker), exchange: controlExchange, routingKey: "")])
     }
 }

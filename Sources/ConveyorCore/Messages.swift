@@ -40,6 +40,18 @@ public struct TaskMessage: Sendable, Hashable, Codable {
     }
 }
 
+/// The AMQP `type` of a control message.
+public let controlMessageType = "conveyor.control.v1"
+
+/// Body of a control message (`conveyor.control.v1`), fanned out to every worker.
+public struct ControlMessage: Sendable, Hashable, Codable {
+    public var version: Int = 1
+    /// The run to cancel.
+    public var cancel: UUID
+
+    public init(cancel: UUID) { self.cancel = cancel }
+}
+
 /// What a status message reports.
 public enum StatusEvent: String, Sendable, Codable {
     case started
@@ -124,6 +136,20 @@ public enum MessageCodec {
         w.key("worker_id"); w.string(m.workerID)
         w.endObject()
         return w.bytes
+    }
+
+    /// The JSON body of a control message.
+    public static func encode(_ m: ControlMessage) -> [UInt8] {
+        var w = JSONWriter()
+        w.beginObject()
+        w.key("cancel"); w.string(m.cancel.uuidString.lowercased())
+        w.key("version"); w.int(m.version)
+        w.endObject()
+        return w.bytes
+    }
+
+    public static func decodeControl(_ body: [UInt8]) throws(ValidationError) -> ControlMessage {
+        try decode(body, kind: "control message")
     }
 
     /// A JSON value as text (parameters stored in the database).

@@ -1,6 +1,6 @@
 /// The lifecycle of one attempt of one occurrence of a task.
 ///
-/// `scheduled → queued → dispatched → running → succeeded | failed | timed_out | cancelled | lost | dead`
+/// `scheduled → queued → dispatched → running → succeeded | failed | timed_out | cancelled | lost | dead | skipped`
 ///
 /// Transitions only move forward. A final state is never left: a late or duplicate event for
 /// a final run is a no-op, which is what makes outcome recording exactly-once.
@@ -15,6 +15,8 @@ public enum RunState: String, Sendable, Codable, CaseIterable {
     case cancelled
     case lost
     case dead
+    /// A dependent whose upstreams' outcomes ruled it out (its trigger rule); never executed.
+    case skipped
 
     /// Position in the lifecycle; all final states share the last rank.
     public var rank: Int {
@@ -23,7 +25,7 @@ public enum RunState: String, Sendable, Codable, CaseIterable {
         case .queued: 1
         case .dispatched: 2
         case .running: 3
-        case .succeeded, .failed, .timedOut, .cancelled, .lost, .dead: 4
+        case .succeeded, .failed, .timedOut, .cancelled, .lost, .dead, .skipped: 4
         }
     }
 

@@ -11,18 +11,9 @@ public enum Timestamp {
         let totalMicros = Int64((date.timeIntervalSince1970 * 1_000_000).rounded())
         var secs = totalMicros >= 0 ? totalMicros / 1_000_000 : (totalMicros - 999_999) / 1_000_000
         let micros = totalMicros - secs * 1_000_000
-        var days = secs >= 0 ? secs / 86_400 : (secs - 86_399) / 86_400
+        let days = secs >= 0 ? secs / 86_400 : (secs - 86_399) / 86_400
         secs -= days * 86_400
-        // civil from days (Howard Hinnant)
-        days += 719_468
-        let era = (days >= 0 ? days : days - 146_096) / 146_097
-        let doe = days - era * 146_097
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
-        let mp = (5 * doy + 2) / 153
-        let d = doy - (153 * mp + 2) / 5 + 1
-        let m = mp < 10 ? mp + 3 : mp - 9
-        let y = yoe + era * 400 + (m <= 2 ? 1 : 0)
+        let (y, m, d) = Civil.date(fromDays: days)
         func pad(_ v: Int64, _ w: Int) -> String {
             let s = String(v)
             return s.count >= w ? s : String(repeating: "0", count: w - s.count) + s
@@ -71,13 +62,41 @@ public enum Timestamp {
             return nil
         }
         guard i == b.count else { return nil }
-        let yy = mo <= 2 ? y - 1 : y
+        let days = Civil.days(year: Int64(y), month: Int64(mo), day: Int64(d))
+        return Date(timeIntervalSince1970: Double(days * 86_400 + Int64(h * 3600 + mi * 60 + sec - offset)) + frac)
+    }
+}
+
+/// Proleptic Gregorian calendar arithmetic on day numbers (days since 1970-01-01), after
+/// Howard Hinnant's `days_from_civil` and `civil_from_days`.
+public enum Civil {
+    /// Days since 1970-01-01 of a calendar date.
+    public static func days(year y: Int64, month m: Int64, day d: Int64) -> Int64 {
+        let yy = m <= 2 ? y - 1 : y
         let era = (yy >= 0 ? yy : yy - 399) / 400
         let yoe = yy - era * 400
-        let mp = (mo + 9) % 12
+        let mp = (m + 9) % 12
         let doy = (153 * mp + 2) / 5 + d - 1
         let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
-        let days = era * 146_097 + doe - 719_468
-        return Date(timeIntervalSince1970: Double(days * 86_400 + h * 3600 + mi * 60 + sec - offset) + frac)
+        return era * 146_097 + doe - 719_468
+    }
+
+    /// The calendar date of a day number.
+    public static func date(fromDays z: Int64) -> (year: Int64, month: Int64, day: Int64) {
+        let days = z + 719_468
+        let era = (days >= 0 ? days : days - 146_096) / 146_097
+        let doe = days - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        return (yoe + era * 400 + (m <= 2 ? 1 : 0), m, d)
+    }
+
+    /// Day of the week of a day number: 0 is Sunday (1970-01-01 was a Thursday).
+    public static func weekday(days: Int64) -> Int64 {
+        let w = (days + 4) % 7
+        return w < 0 ? w + 7 : w
     }
 }

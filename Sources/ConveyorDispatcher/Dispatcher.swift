@@ -17,11 +17,14 @@ public final class Dispatcher: Service, Sendable {
     public let store: Store
     public let publisher: AMQPPublisher
     public let statusConsumer: AMQPConsumer
+    /// Consumes `conveyor.dead`: dead-lettered messages end their runs `dead`.
+    public let deadConsumer: AMQPConsumer
     let listener: PostgresListener?
     let topology: ConveyorTopology
     let logger: Logger
     let wakeup = Wakeup()
     let statusWakeup = Wakeup()
+    let maintenanceWakeup = Wakeup()
     let statusBuffer = Mutex<[AMQPDelivery]>([])
     let declaredQueues: Mutex<Set<String>>
     let counters = Mutex(Counters())
@@ -36,6 +39,12 @@ public final class Dispatcher: Service, Sendable {
         public var outcomesRecorded = 0
         public var statusIgnored = 0
         public var statusRejected = 0
+        /// Retries scheduled, runs ended dead, runs declared lost, dead letters recorded.
+        public var retried = 0
+        public var dead = 0
+        public var lost = 0
+        public var deadLetters = 0
+        public var cancelsSent = 0
     }
 
     public init(configuration: DispatcherConfiguration, store: Store, amqp: AMQPConfiguration, databaseURL: String?, logger: Logger) {
@@ -46,10 +55,12 @@ public final class Dispatcher: Service, Sendable {
         self.topology = topology
         var pubConfig = amqp
         pubConfig.name = "dispatcher-publish"
-        publisher = AMQPPublisher(configuration: pubConfig, topology: topology.work(queues: configuration.queues).merging(topology.status),
+        publisher = AMQPPublisher(configuration: pubConfig,
+                                  topology: topology.work(queues: configuration.queues).merging(topology.status).merging(topology.controlPublish),
                                   window: 1024, logger: logger)
         statusConsumer = AMQPConsumer(configuration: amqp, topology: topology.status, queues: [topology.statusQueue],
                                       prefetch: UInt16(min(configuration.statusBatchSize * 2, 60_000)), logger: logger)
+        deadConsumer = AMQPConsumer(configuration: amqp, topology: topology.base, queues: [topology.deadQueue], prefetch: 200, logger: logger)
         listener = databaseURL.map { PostgresListener(url: $0, channels: ["conveyor_due"], logger: logger) }
         declaredQueues = Mutex(Set(configuration.queues))
     }
@@ -62,9 +73,11 @@ public final class Dispatcher: Service, Sendable {
     public func run() async throws {
         publisher.start()
         statusConsumer.start()
+        deadConsumer.start()
         listener?.start()
         defer {
             listener?.stop()
+            deadConsumer.stop()
             statusConsumer.stop()
             publisher.stop()
         }
@@ -78,23 +91,29 @@ public final class Dispatcher: Service, Sendable {
                 group.addTask { await self.scanLoop() }
                 group.addTask { await self.statusPump() }
                 group.addTask { await self.statusLoop() }
+                group.addTask { await self.maintenanceLoop() }
+                group.addTask { await self.deadLetterLoop() }
                 if let listener {
                     group.addTask {
                         for await _ in listener.notifications { self.wakeup.signal() }
                     }
                 }
-                // The scan and status loops end on shutdown; then stop the pumps.
+                // The scan, status and maintenance loops end on shutdown; then stop the pumps.
+                _ = try await group.next()
                 _ = try await group.next()
                 _ = try await group.next()
                 listener?.stop()
                 statusConsumer.stop()
+                deadConsumer.stop()
                 group.cancelAll()
             }
         } onGracefulShutdown: {
             self.stopping.store(true, ordering: .relaxed)
             self.wakeup.signal()
             self.statusWakeup.signal()
+            self.maintenanceWakeup.signal()
             self.statusConsumer.stopConsuming()
+            self.deadConsumer.stopConsuming()
         }
         logger.info("dispatcher stopped", metadata: ["dispatcher.published": "\(stats.published)", "dispatcher.recorded": "\(stats.statusApplied)"])
     }
@@ -119,9 +138,20 @@ public final class Dispatcher: Service, Sendable {
 
     /// Claims and publishes one batch from every task group concurrently; returns how many runs it published.
     public func scanOnce() async -> Int {
-        await withTaskGroup(of: Int.self) { group in
-            for g in 0..<configuration.groups {
-                group.addTask { await self.dispatchGroup(g) }
+        // Each queue's broker backlog is bounded: what is over it waits in PostgreSQL, where
+        // priority orders it. The room is shared out among the groups.
+        let backlog: [String: Int]
+        do { backlog = try await store.backlog() } catch {
+            logger.warning("reading the backlog failed", metadata: ["error": "\(error)"])
+            return 0
+        }
+        let groups = configuration.groups
+        func share(_ room: Int) -> Int { room <= 0 ? 0 : (room + groups - 1) / groups }
+        let room = backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
+        let defaultRoom = share(configuration.maxBacklogPerQueue)
+        return await withTaskGroup(of: Int.self) { group in
+            for g in 0..<groups {
+                group.addTask { await self.dispatchGroup(g, room: room, defaultRoom: defaultRoom) }
             }
             var total = 0
             for await n in group { total += n }
@@ -129,17 +159,22 @@ public final class Dispatcher: Service, Sendable {
         }
     }
 
-    func dispatchGroup(_ g: Int) async -> Int {
-        let claimed: [ClaimedRun]
+    func dispatchGroup(_ g: Int, room: [String: Int], defaultRoom: Int) async -> Int {
+        var request = ClaimRequest(group: g, groups: configuration.groups, limit: configuration.batchSize, lease: configuration.publishLease,
+                                   newTraceParent: { TraceIDs.dispatchTraceParent(parent: $0) })
+        request.misfireGrace = configuration.misfireGrace
+        request.room = room
+        request.defaultRoom = defaultRoom
+        let result: ClaimResult
         do {
-            claimed = try await store.claimDue(group: g, groups: configuration.groups, limit: configuration.batchSize,
-                                               lease: configuration.publishLease,
-                                               newTraceParent: { TraceIDs.dispatchTraceParent(parent: $0) })
+            result = try await store.claimDue(request)
         } catch {
             logger.warning("claim failed", metadata: ["dispatcher.group": "\(g)", "error": "\(error)"])
             return 0
         }
-        if claimed.isEmpty { return 0 }
+        if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
+        let claimed = result.runs
+        if claimed.isEmpty { return result.created > 0 ? 1 : 0 }
         let (ok, failed) = await publish(claimed)
         do {
             try await store.markDispatched(ok)
@@ -149,7 +184,7 @@ public final class Dispatcher: Service, Sendable {
             logger.warning("marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
         }
         counters.withLock { $0.published += ok.count; $0.publishFailed += failed.count }
-        return ok.count
+        return max(ok.count, result.created > 0 ? 1 : 0)
     }
 
     /// Publishes runs with confirms; returns the confirmed and the failed run ids.
@@ -239,9 +274,14 @@ public final class Dispatcher: Service, Sendable {
         var attempt = 0
         while true {
             do {
-                let r = try await store.record(events)
-                counters.withLock { $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes }
+                let r = try await store.record(events, lostGrace: configuration.lostGrace)
+                counters.withLock {
+                    $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes
+                    $0.retried += r.settled.retried; $0.dead += r.settled.dead
+                }
                 statusConsumer.ack(last, multiple: true)
+                // Started runs free broker backlog; retries and dependents may be due now.
+                if r.applied > 0 { wakeup.signal() }
                 return
             } catch {
                 attempt += 1

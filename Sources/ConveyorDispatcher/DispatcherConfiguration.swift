@@ -19,5 +19,21 @@ public struct DispatcherConfiguration: Sendable {
     /// Deliveries before the broker dead-letters a message. Key `amqp.delivery_limit`, default 5.
     public var deliveryLimit = 5
 
+    /// Occurrences older than this when claimed are *missed* and go by the task's misfire
+    /// policy. Key `misfire_grace_ms`, default 60000.
+    public var misfireGrace: Duration = .seconds(60)
+    /// Most runs per work queue that may wait in the broker (`queued` or `dispatched`); the rest
+    /// wait in PostgreSQL, where priority orders them. Key `max_backlog_per_queue`, default 1000.
+    public var maxBacklogPerQueue = 1000
+    /// A running run with no outcome by its timeout plus this is declared `lost`.
+    /// Key `lost_grace_ms`, default 30000.
+    public var lostGrace: Duration = .seconds(30)
+    /// How often lost runs, cancels, callbacks and retention are looked after. Key `maintenance_interval_ms`, default 1000.
+    public var maintenanceInterval: Duration = .seconds(1)
+    /// Ended runs (and dead letters) older than this are deleted. Key `retention.runs_days`, default 30.
+    public var runRetention: Duration = .seconds(30 * 86_400)
+    /// Soft-deleted tasks older than this are purged. Key `retention.deleted_tasks_days`, default 7.
+    public var deletedTaskRetention: Duration = .seconds(7 * 86_400)
+
     public init() {}
 }

@@ -10,9 +10,28 @@ public struct NewTask: Sendable {
     public var executor: String
     public var parameters: JSONValue = .object([:])
     public var schedule: Schedule
+    /// IANA time zone of a cron schedule.
+    public var timeZone = "UTC"
+    public var misfire: MisfirePolicy = .once
+    /// Most missed occurrences run by misfire policy `all` (and per catch-up otherwise).
+    public var maxCatchup = 10
     public var queue = "default"
+    public var priority: Priority = .normal
     public var timeoutSeconds: Double = 300
-    /// First due time; `nil` means now (the database clock).
+    public var retry = RetryPolicy()
+    public var overlap: OverlapPolicy = .allow
+    /// At most `concurrencyLimit` runs in flight per key, across dispatchers.
+    public var concurrencyKey: String?
+    public var concurrencyLimit: Int?
+    public var group: String?
+    public var labels: [String: String] = [:]
+    /// Names of upstream tasks (same namespace); a dependent runs per `triggerRule`.
+    public var dependsOn: [String] = []
+    public var triggerRule: TriggerRule = .allSuccess
+    /// Notified with a POST of the outcome (succeeded, failed, dead).
+    public var callbackURL: String?
+    public var paused = false
+    /// First due time; `nil` means now (the database clock), or for cron the first fire after now.
     public var startAt: Date?
     public var traceParent: String?
 
@@ -34,6 +53,42 @@ public struct NewTask: Sendable {
         guard timeoutSeconds > 0, timeoutSeconds.isFinite else {
             throw ValidationError(field: "timeout", value: String(timeoutSeconds), hint: "a positive number of seconds")
         }
+        guard TimeZone(identifier: timeZone) != nil else {
+            throw ValidationError(field: "timezone", value: timeZone, hint: "an IANA time zone such as UTC, Europe/London or America/New_York")
+        }
+        guard (1...10_000).contains(maxCatchup) else {
+            throw ValidationError(field: "max_catchup", value: String(maxCatchup), hint: "a whole number from 1 to 10000")
+        }
+        if concurrencyKey != nil || concurrencyLimit != nil {
+            guard let k = concurrencyKey, !k.isEmpty, k.count <= 200 else {
+                throw ValidationError(field: "concurrency_key", value: concurrencyKey ?? "", hint: "1 to 200 characters, given together with concurrency_limit")
+            }
+            guard let n = concurrencyLimit, n >= 1 else {
+                throw ValidationError(field: "concurrency_limit", value: concurrencyLimit.map(String.init) ?? "(missing)",
+                                      hint: "a whole number of at least 1, given together with concurrency_key '\(k)'")
+            }
+        }
+        if let g = group, g.isEmpty || g.count > 200 {
+            throw ValidationError(field: "group", value: g, hint: "1 to 200 characters")
+        }
+        if let u = callbackURL {
+            guard let url = URL(string: u), ["http", "https"].contains(url.scheme?.lowercased() ?? ""), url.host != nil else {
+                throw ValidationError(field: "callback_url", value: u, hint: "an absolute http or https URL")
+            }
+        }
+        if !dependsOn.isEmpty {
+            if dependsOn.contains(name) {
+                throw ValidationError(field: "depends_on", value: name, hint: "a task cannot depend on itself")
+            }
+            if Set(dependsOn).count != dependsOn.count {
+                let dup = dependsOn.first { d in dependsOn.filter { $0 == d }.count > 1 }!
+                throw ValidationError(field: "depends_on", value: dup, hint: "listed twice; name each upstream once")
+            }
+            if case .manual = schedule {} else {
+                throw ValidationError(field: "schedule", value: schedule.text,
+                                      hint: "a task with depends_on runs when its upstreams end; give it schedule 'manual'")
+            }
+        }
     }
 }
 
@@ -48,6 +103,19 @@ public struct TaskRecord: Sendable {
     public var timeoutSeconds: Double
     public var paused: Bool
     public var nextRunAt: Date?
+    public var timeZone: String
+    public var misfire: String
+    public var priority: Priority
+    public var overlap: String
+    public var maxAttempts: Int
+    public var retryPolicy: String
+    public var group: String?
+    public var concurrencyKey: String?
+    public var concurrencyLimit: Int?
+    public var skippedOccurrences: Int
+    public var dependsOn: [String]
+    public var triggerRule: String
+    public var callbackURL: String?
 }
 
 /// A run as stored.
@@ -68,22 +136,10 @@ public struct RunRecord: Sendable {
     public var dispatchedAt: Date?
     public var startedAt: Date?
     public var finishedAt: Date?
-}
-
-/// A run claimed for publishing: everything its task message needs.
-public struct ClaimedRun: Sendable {
-    public var message: TaskMessage
-    public var traceparent: String
-}
-
-/// What one status batch did.
-public struct RecordResult: Sendable, Equatable {
-    /// Events that moved a run forward.
-    public var applied: Int
-    /// Duplicates, late events, unknown runs: recorded as no-ops.
-    public var ignored: Int
-    /// Outcomes recorded (final states set): at most one per run, ever.
-    public var outcomes: Int
+    public var reason: String?
+    public var priority: Priority
+    public var workflowRunID: UUID?
+    public var availableAt: Date?
 }
 
 /// The SQL of tasks, runs and workers. Every statement uses bound parameters; hot paths take
@@ -95,41 +151,139 @@ public struct Store: Sendable {
 
     // MARK: tasks
 
-    /// Inserts tasks in one statement. Fails with a unique violation if a name exists.
+    /// Inserts tasks in one transaction. Fails with a unique violation if a name exists, and with
+    /// a `ValidationError` for a bad field, an unknown upstream, a cycle or a DAG with two roots.
     public func createTasks(_ tasks: [NewTask]) async throws {
         for t in tasks { try t.validate() }
         guard !tasks.isEmpty else { return }
-        _ = try await pool.withConnection { c in
+        try await pool.withTransaction { c in
+            let now = try await c.query("SELECT now()").rows[0].date(0)
+            let edges = try await Self.resolveDependencies(tasks, connection: c)
+            var nextTimes: [Date?] = []
+            for t in tasks {
+                let zone = TimeZone(identifier: t.timeZone)!
+                switch t.schedule {
+                case .manual: nextTimes.append(nil)
+                case .once, .interval: nextTimes.append(t.startAt ?? now)
+                case .cron(let cron):
+                    guard let first = cron.next(after: (t.startAt ?? now).addingTimeInterval(-0.001), in: zone) else {
+                        throw ValidationError(field: "schedule", value: t.schedule.text, hint: "this expression never fires after \(Timestamp.format(t.startAt ?? now))")
+                    }
+                    nextTimes.append(first)
+                }
+            }
             try await c.query("""
-                INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, next_run_at, shard, trace_parent)
-                SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout,
-                       coalesce(u.start_at, now()), abs(hashtext(u.id::text)), u.tp
-                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                            $8::float8[], $9::timestamptz[], $10::text[])
-                     AS u(id, ns, name, executor, params, schedule, queue, timeout, start_at, tp)
+                INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, next_run_at, anchor_at,
+                                   shard, trace_parent, timezone, misfire_policy, max_catchup, priority, max_attempts, retry_policy,
+                                   overlap_policy, concurrency_key, concurrency_limit, group_name, labels, trigger_rule, callback_url, paused)
+                SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
+                       abs(hashtext(u.id::text)), u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts, u.retry::jsonb,
+                       u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused
+                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::float8[],
+                            $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[], $15::int[],
+                            $16::text[], $17::text[], $18::text[], $19::int[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bool[])
+                     AS u(id, ns, name, executor, params, schedule, queue, timeout, next, tp, tz, misfire, catchup, prio, attempts,
+                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused)
                 """, [
                     tasks.map(\.id), tasks.map(\.namespace), tasks.map(\.name), tasks.map(\.executor),
                     tasks.map { String(decoding: MessageCodec.encode($0.parameters), as: UTF8.self) },
-                    tasks.map(\.schedule.text), tasks.map(\.queue), tasks.map(\.timeoutSeconds),
-                    tasks.map(\.startAt), tasks.map(\.traceParent),
+                    tasks.map(\.schedule.text), tasks.map(\.queue), tasks.map(\.timeoutSeconds), nextTimes, tasks.map(\.traceParent),
+                    tasks.map(\.timeZone), tasks.map(\.misfire.rawValue), tasks.map(\.maxCatchup), tasks.map(\.priority.rawValue),
+                    tasks.map(\.retry.maxAttempts), tasks.map { String(decoding: MessageCodec.encode($0.retry.json), as: UTF8.self) },
+                    tasks.map(\.overlap.rawValue), tasks.map(\.concurrencyKey), tasks.map(\.concurrencyLimit), tasks.map(\.group),
+                    tasks.map { String(decoding: MessageCodec.encode(.object($0.labels.mapValues(JSONValue.string))), as: UTF8.self) },
+                    tasks.map(\.triggerRule.rawValue), tasks.map(\.callbackURL), tasks.map(\.paused),
                 ])
+            if !edges.isEmpty {
+                try await c.query("""
+                    INSERT INTO task_dependencies (task_id, upstream_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])
+                    """, [edges.map(\.task), edges.map(\.upstream)])
+            }
         }
     }
 
-    public func tasks(limit: Int = 100) async throws -> [TaskRecord] {
+    /// Upstream names → ids (from the batch or existing tasks of the namespace); refuses unknown
+    /// upstreams, cycles, and a DAG with more than one root (a workflow run starts at one task).
+    static func resolveDependencies(_ tasks: [NewTask], connection c: PostgresConnection) async throws -> [(task: UUID, upstream: UUID)] {
+        guard tasks.contains(where: { !$0.dependsOn.isEmpty }) else { return [] }
+        let namespace = tasks[0].namespace
+        var idByName: [String: UUID] = [:]
+        var upstreams: [UUID: [UUID]] = [:]
+        var nameByID: [UUID: String] = [:]
+        for r in try await c.query("SELECT id, name FROM tasks WHERE namespace = $1 AND deleted_at IS NULL", [namespace]).rows {
+            idByName[try r.string(1)] = try r.uuid(0); nameByID[try r.uuid(0)] = try r.string(1)
+        }
+        for r in try await c.query("""
+            SELECT d.task_id, d.upstream_id FROM task_dependencies d JOIN tasks t ON t.id = d.task_id
+            WHERE t.namespace = $1 AND t.deleted_at IS NULL
+            """, [namespace]).rows {
+            upstreams[try r.uuid(0), default: []].append(try r.uuid(1))
+        }
+        for t in tasks { idByName[t.name] = t.id; nameByID[t.id] = t.name }
+        var edges: [(task: UUID, upstream: UUID)] = []
+        for t in tasks {
+            for u in t.dependsOn {
+                guard let uid = idByName[u] else {
+                    throw ValidationError(field: "depends_on", value: u, hint: "no task named '\(u)' in namespace '\(namespace)'; create it first or in the same file")
+                }
+                upstreams[t.id, default: []].append(uid)
+                edges.append((t.id, uid))
+            }
+        }
+        // Cycles: depth-first search from each new task, naming the cycle found.
+        func findCycle(_ start: UUID) -> [UUID]? {
+            var path: [UUID] = [], onPath: Set<UUID> = [], done: Set<UUID> = []
+            func visit(_ n: UUID) -> [UUID]? {
+                if onPath.contains(n) { return Array(path[path.firstIndex(of: n)!...]) + [n] }
+                if done.contains(n) { return nil }
+                path.append(n); onPath.insert(n)
+                for u in upstreams[n] ?? [] { if let c = visit(u) { return c } }
+                path.removeLast(); onPath.remove(n); done.insert(n)
+                return nil
+            }
+            return visit(start)
+        }
+        for t in tasks {
+            if let cycle = findCycle(t.id) {
+                let names = cycle.reversed().map { nameByID[$0] ?? $0.uuidString }
+                throw ValidationError(field: "depends_on", value: t.name, hint: "dependencies form a cycle: \(names.joined(separator: " → ")); remove one edge")
+            }
+        }
+        func roots(_ n: UUID) -> Set<UUID> {
+            let ups = upstreams[n] ?? []
+            return ups.isEmpty ? [n] : ups.reduce(into: Set<UUID>()) { $0.formUnion(roots($1)) }
+        }
+        for t in tasks where !t.dependsOn.isEmpty {
+            let r = roots(t.id)
+            if r.count > 1 {
+                throw ValidationError(field: "depends_on", value: t.dependsOn.joined(separator: ","),
+                                      hint: "these upstreams start from different root tasks (\(r.compactMap { nameByID[$0] }.sorted().joined(separator: ", "))); a workflow has one root task")
+            }
+        }
+        return edges
+    }
+
+    static let taskColumns = """
+        t.id, t.name, t.executor, t.parameters::text, t.schedule, t.queue, t.timeout_seconds, t.paused, t.next_run_at,
+        t.timezone, t.misfire_policy, t.priority, t.overlap_policy, t.max_attempts, t.retry_policy::text, t.group_name,
+        t.concurrency_key, t.concurrency_limit, t.skipped_occurrences, t.trigger_rule, t.callback_url,
+        coalesce((SELECT array_agg(u.name ORDER BY u.name) FROM task_dependencies d JOIN tasks u ON u.id = d.upstream_id
+                  WHERE d.task_id = t.id), '{}')::text
+        """
+
+    public func tasks(limit: Int = 100, group: String? = nil) async throws -> [TaskRecord] {
         try await pool.withConnection { c in
             try await c.query("""
-                SELECT id, name, executor, parameters::text, schedule, queue, timeout_seconds, paused, next_run_at
-                FROM tasks WHERE deleted_at IS NULL ORDER BY name LIMIT $1
-                """, [limit]).rows.map(Self.task)
+                SELECT \(Self.taskColumns)
+                FROM tasks t WHERE t.deleted_at IS NULL AND ($2::text IS NULL OR t.group_name = $2) ORDER BY t.name LIMIT $1
+                """, [limit, group]).rows.map(Self.task)
         }
     }
 
     public func task(named name: String, namespace: String = "default") async throws -> TaskRecord? {
         try await pool.withConnection { c in
             try await c.query("""
-                SELECT id, name, executor, parameters::text, schedule, queue, timeout_seconds, paused, next_run_at
-                FROM tasks WHERE namespace = $1 AND name = $2 AND deleted_at IS NULL
+                SELECT \(Self.taskColumns) FROM tasks t WHERE t.namespace = $1 AND t.name = $2 AND t.deleted_at IS NULL
                 """, [namespace, name]).rows.first.map(Self.task)
         }
     }
@@ -145,176 +299,18 @@ public struct Store: Sendable {
     static func task(_ r: PostgresRow) throws -> TaskRecord {
         TaskRecord(id: try r.uuid(0), name: try r.string(1), executor: try r.string(2), parameters: try r.string(3),
                    schedule: try r.string(4), queue: try r.string(5), timeoutSeconds: try r.double(6),
-                   paused: try r.bool(7), nextRunAt: try r.optionalDate(8))
+                   paused: try r.bool(7), nextRunAt: try r.optionalDate(8), timeZone: try r.string(9), misfire: try r.string(10),
+                   priority: Priority(rawValue: try r.int(11)) ?? .normal, overlap: try r.string(12), maxAttempts: try r.int(13),
+                   retryPolicy: try r.string(14), group: r[15], concurrencyKey: r[16], concurrencyLimit: try r.optionalInt(17),
+                   skippedOccurrences: try r.int(18), dependsOn: Self.textArray(r[21] ?? "{}"), triggerRule: try r.string(19),
+                   callbackURL: r[20])
     }
 
-    // MARK: dispatch
-
-    /// Claims due work of task group `group` (of `groups`) in one transaction: due tasks become
-    /// new `queued` runs (and their `next_run_at` advances), and runs left `queued` past their
-    /// lease (a dispatcher died before the broker confirmed) or `scheduled` and due are claimed
-    /// again. Every claimed run gets a new lease of `lease`.
-    ///
-    /// - Parameter newTraceParent: makes the trace context of a new run, given the task's stored
-    ///   context (the request that created or triggered it), if any.
-    public func claimDue(group: Int, groups: Int, limit: Int, lease: Duration,
-                         newTraceParent: @Sendable (String?) -> String) async throws -> [ClaimedRun] {
-        let leaseSeconds = lease.inSeconds
-        return try await pool.withTransaction { c in
-            let due = try await c.query("""
-                SELECT id, name, executor, parameters::text, schedule, queue, timeout_seconds, next_run_at, now(), trace_parent, shard
-                FROM tasks
-                WHERE next_run_at <= now() AND NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL
-                  AND shard % $1 = $2
-                ORDER BY next_run_at
-                LIMIT $3
-                FOR UPDATE SKIP LOCKED
-                """, [groups, group, limit])
-            var claimed: [ClaimedRun] = []
-            var ids: [UUID] = [], taskIDs: [UUID] = [], occurrences: [Date] = [], queues: [String] = []
-            var traceIDs: [String] = [], traceparents: [String] = [], shards: [Int] = []
-            var advanceIDs: [UUID] = [], nextTimes: [Date?] = []
-            for r in due.rows {
-                let taskID = try r.uuid(0)
-                let occurrence = try r.date(7)
-                let now = try r.date(8)
-                let schedule = try Schedule(parsing: try r.string(4))
-                let tp = newTraceParent(r[9])
-                let runID = UUID()
-                let params = try Self.json(try r.string(3))
-                let m = TaskMessage(runID: runID, taskID: taskID, taskName: try r.string(1), occurrence: occurrence, attempt: 1,
-                                    queue: try r.string(5), executor: try r.string(2), parameters: params, timeoutSeconds: try r.double(6))
-                claimed.append(ClaimedRun(message: m, traceparent: tp))
-                ids.append(runID); taskIDs.append(taskID); occurrences.append(occurrence); queues.append(m.queue)
-                traceIDs.append(Self.traceID(of: tp)); traceparents.append(tp); shards.append(try r.int(10))
-                advanceIDs.append(taskID); nextTimes.append(schedule.next(after: occurrence, now: now))
-            }
-            if !ids.isEmpty {
-                let inserted = try await c.query("""
-                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, trace_id, traceparent, publish_count)
-                    SELECT u.id, u.task_id, u.occ, 1, 'queued', u.queue, u.shard, now() + make_interval(secs => $8), u.trace_id, u.tp, 1
-                    FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[], $5::int[], $6::text[], $7::text[])
-                         AS u(id, task_id, occ, queue, shard, trace_id, tp)
-                    ON CONFLICT (task_id, occurrence, attempt) DO NOTHING
-                    RETURNING id
-                    """, [ids, taskIDs, occurrences, queues, shards, traceIDs, traceparents, leaseSeconds])
-                let insertedIDs = Set(try inserted.rows.map { try $0.uuid(0) })
-                claimed.removeAll { !insertedIDs.contains($0.message.runID) }
-                try await c.query("""
-                    UPDATE tasks SET next_run_at = u.next, updated_at = now()
-                    FROM unnest($1::uuid[], $2::timestamptz[]) AS u(id, next)
-                    WHERE tasks.id = u.id
-                    """, [advanceIDs, nextTimes])
-            }
-            // The outbox: runs whose lease ran out while queued, and scheduled runs now due.
-            let room = limit - claimed.count
-            if room > 0 {
-                let again = try await c.query("""
-                    UPDATE runs r SET state = 'queued', available_at = now() + make_interval(secs => $4),
-                                      publish_count = r.publish_count + 1
-                    FROM tasks t
-                    WHERE t.id = r.task_id AND r.id IN (
-                        SELECT id FROM runs
-                        WHERE state IN ('scheduled', 'queued') AND available_at <= now() AND shard % $1 = $2
-                        ORDER BY available_at LIMIT $3 FOR UPDATE SKIP LOCKED)
-                    RETURNING r.id, r.task_id, t.name, t.executor, t.parameters::text, r.queue, t.timeout_seconds,
-                              r.occurrence, r.attempt, r.traceparent
-                    """, [groups, group, room, leaseSeconds])
-                for r in again.rows {
-                    let tp = r[9] ?? newTraceParent(nil)
-                    let m = TaskMessage(runID: try r.uuid(0), taskID: try r.uuid(1), taskName: try r.string(2), occurrence: try r.date(7),
-                                        attempt: try r.int(8), queue: try r.string(5), executor: try r.string(3),
-                                        parameters: try Self.json(try r.string(4)), timeoutSeconds: try r.double(6))
-                    claimed.append(ClaimedRun(message: m, traceparent: tp))
-                }
-            }
-            return claimed
-        }
-    }
-
-    /// Marks runs the broker confirmed as `dispatched` (forward only).
-    public func markDispatched(_ runIDs: [UUID]) async throws {
-        guard !runIDs.isEmpty else { return }
-        _ = try await pool.withConnection { c in
-            // Rows locked in id order, as status recording does, so the two never deadlock.
-            try await c.query("""
-                UPDATE runs SET state = 'dispatched', dispatched_at = now()
-                WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)
-                """, [runIDs])
-        }
-    }
-
-    /// Shortens the lease of runs whose publish failed, so they are republished after `delay`.
-    public func retryPublishSoon(_ runIDs: [UUID], delay: Duration) async throws {
-        guard !runIDs.isEmpty else { return }
-        let secs = delay.inSeconds
-        _ = try await pool.withConnection { c in
-            try await c.query("""
-                UPDATE runs SET available_at = now() + make_interval(secs => $2)
-                WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)
-                """, [runIDs, secs])
-        }
-    }
-
-    /// Seconds until the next task or run falls due (capped by the caller), `nil` if nothing is scheduled.
-    public func secondsUntilNextDue() async throws -> Double? {
-        try await pool.withConnection { c in
-            let r = try await c.query("""
-                SELECT extract(epoch FROM (least(
-                    (SELECT min(next_run_at) FROM tasks WHERE NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL),
-                    (SELECT min(available_at) FROM runs WHERE state IN ('scheduled', 'queued'))) - now()))
-                """)
-            return r.first?[0].flatMap(Double.init)
-        }
-    }
-
-    // MARK: status
-
-    /// Applies status events in one transaction: `started` moves a run to `running`, `finished`
-    /// to its outcome. Guards in SQL make every transition forward-only, so a duplicate or late
-    /// event changes nothing and each attempt's outcome is recorded exactly once.
-    public func record(_ events: [StatusMessage]) async throws -> RecordResult {
-        var started: [UUID: StatusMessage] = [:]
-        var finished: [UUID: StatusMessage] = [:]
-        var duplicatesInBatch = 0
-        for e in events {
-            switch e.event {
-            case .started: if started[e.runID] == nil { started[e.runID] = e } else { duplicatesInBatch += 1 }
-            case .finished: if finished[e.runID] == nil { finished[e.runID] = e } else { duplicatesInBatch += 1 }
-            case .heartbeat: duplicatesInBatch += 1
-            }
-        }
-        let startable = RunState.predecessors(of: .running).map(\.rawValue)
-        let finishable = RunState.predecessors(of: .succeeded).map(\.rawValue)
-        let s = Array(started.values), f = Array(finished.values)
-        let allIDs = Array(Set(s.map(\.runID) + f.map(\.runID))).sorted { $0.uuidString < $1.uuidString }
-        let (applied, outcomes): (Int, Int) = try await pool.withTransaction { c in
-            var n = 0, outcomes = 0
-            // Lock the rows in one order (by id) first: dispatchers recording overlapping
-            // batches then wait for each other instead of deadlocking.
-            try await c.query("SELECT 1 FROM runs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", [allIDs])
-            if !s.isEmpty {
-                n += try await c.query("""
-                    UPDATE runs r SET state = 'running', started_at = coalesce(r.started_at, u.at), worker_id = u.worker
-                    FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS u(id, at, worker)
-                    WHERE r.id = u.id AND r.state = ANY($4::text[])
-                    """, [s.map(\.runID), s.map(\.at), s.map(\.workerID), startable]).affectedRows
-            }
-            if !f.isEmpty {
-                outcomes = try await c.query("""
-                    UPDATE runs r SET state = u.state, finished_at = u.at, started_at = coalesce(r.started_at, u.at),
-                                      worker_id = u.worker, exit_code = u.exit_code, output = u.output,
-                                      error_class = u.error_class, error_message = u.error_message
-                    FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[])
-                         AS u(id, state, at, worker, exit_code, output, error_class, error_message)
-                    WHERE r.id = u.id AND r.state = ANY($9::text[])
-                    """, [f.map(\.runID), f.map { ($0.outcome ?? .failed).runState.rawValue }, f.map(\.at), f.map(\.workerID),
-                          f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable]).affectedRows
-                n += outcomes
-            }
-            return (n, outcomes)
-        }
-        return RecordResult(applied: applied, ignored: events.count - applied, outcomes: outcomes)
+    /// Parses a PostgreSQL text array of simple names (`{a,b}`, quoted elements allowed).
+    static func textArray(_ s: String) -> [String] {
+        let inner = s.dropFirst().dropLast()
+        guard !inner.isEmpty else { return [] }
+        return inner.split(separator: ",").map { $0.hasPrefix("\"") ? String($0.dropFirst().dropLast()) : String($0) }
     }
 
     // MARK: runs
@@ -322,8 +318,7 @@ public struct Store: Sendable {
     public func runs(taskID: UUID? = nil, limit: Int = 100) async throws -> [RunRecord] {
         try await pool.withConnection { c in
             try await c.query("""
-                SELECT id, task_id, occurrence, attempt, state, worker_id, exit_code, output, error_class, error_message,
-                       trace_id, traceparent, publish_count, dispatched_at, started_at, finished_at
+                SELECT \(Self.runColumns)
                 FROM runs WHERE ($1::uuid IS NULL OR task_id = $1) ORDER BY occurrence DESC, attempt DESC LIMIT $2
                 """, [taskID, limit]).rows.map(Self.run)
         }
@@ -332,9 +327,7 @@ public struct Store: Sendable {
     public func run(id: UUID) async throws -> RunRecord? {
         try await pool.withConnection { c in
             try await c.query("""
-                SELECT id, task_id, occurrence, attempt, state, worker_id, exit_code, output, error_class, error_message,
-                       trace_id, traceparent, publish_count, dispatched_at, started_at, finished_at
-                FROM runs WHERE id = $1
+                SELECT \(Self.runColumns) FROM runs WHERE id = $1
                 """, [id]).rows.first.map(Self.run)
         }
     }
@@ -350,12 +343,19 @@ public struct Store: Sendable {
         }
     }
 
+    static let runColumns = """
+        id, task_id, occurrence, attempt, state, worker_id, exit_code, output, error_class, error_message,
+        trace_id, traceparent, publish_count, dispatched_at, started_at, finished_at, reason, priority, workflow_run_id,
+        CASE WHEN available_at < 'infinity' THEN available_at END
+        """
+
     static func run(_ r: PostgresRow) throws -> RunRecord {
         RunRecord(id: try r.uuid(0), taskID: try r.uuid(1), occurrence: try r.date(2), attempt: try r.int(3),
                   state: RunState(rawValue: try r.string(4)) ?? .lost, workerID: r[5], exitCode: try r.optionalInt(6),
                   output: r[7], errorClass: r[8], errorMessage: r[9], traceID: r[10], traceparent: r[11],
                   publishCount: try r.int(12), dispatchedAt: try r.optionalDate(13), startedAt: try r.optionalDate(14),
-                  finishedAt: try r.optionalDate(15))
+                  finishedAt: try r.optionalDate(15), reason: r[16], priority: Priority(rawValue: try r.int(17)) ?? .normal,
+                  workflowRunID: r[18].flatMap(UUID.init(uuidString:)), availableAt: try r.optionalDate(19))
     }
 
     static func json(_ text: String) throws -> JSONValue {

@@ -16,7 +16,12 @@ public final class Worker: Service, Sendable {
     public let configuration: WorkerConfiguration
     public let executors: [String: any Executor]
     let consumer: AMQPConsumer
+    /// This worker's control queue: cancel requests fanned out by dispatchers.
+    let control: AMQPConsumer
     let publisher: AMQPPublisher
+    /// Cancel signals of the runs in flight, and runs cancelled recently (a task message that
+    /// arrives after its cancel is skipped).
+    let cancels = CancelRegistry()
     let topology: ConveyorTopology
     let logger: Logger
     let counters = Mutex(Counters())
@@ -40,6 +45,8 @@ public final class Worker: Service, Sendable {
         consumer = AMQPConsumer(configuration: amqp, topology: work, queues: configuration.queues.map(topology.workQueue),
                                 prefetch: UInt16(min(configuration.concurrency, 65_535)), logger: logger)
         publisher = AMQPPublisher(configuration: amqp, topology: topology.status, window: 1024, logger: logger)
+        control = AMQPConsumer(configuration: amqp, topology: topology.control(worker: configuration.id),
+                               queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
     }
 
     public var stats: Counters { counters.withLock { $0 } }
@@ -51,7 +58,9 @@ public final class Worker: Service, Sendable {
     public func run() async throws {
         publisher.start()
         consumer.start()
+        control.start()
         defer {
+            control.stop()
             consumer.stop()
             publisher.stop()
         }
@@ -62,6 +71,7 @@ public final class Worker: Service, Sendable {
         do {
             try await withGracefulShutdownHandler {
                 try await withThrowingDiscardingTaskGroup { group in
+                    group.addTask { await self.controlLoop() }
                     // Ends when graceful shutdown stops consuming.
                     for await delivery in consumer.deliveries {
                         counters.withLock { $0.inFlight += 1 }
@@ -82,6 +92,7 @@ public final class Worker: Service, Sendable {
                 }
             } onGracefulShutdown: {
                 self.consumer.stopConsuming()
+                self.control.stopConsuming()
             }
         } catch let e as DrainDeadlinePassed {
             logger.warning("drain deadline passed; runs left unacked for redelivery", metadata: [
@@ -126,7 +137,14 @@ public final class Worker: Service, Sendable {
                                        parameters: message.parameters, timeout: timeout,
                                        traceparent: TraceIDs.traceparent(span),
                                        tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey)
-        let result = await Self.run(executor, context)
+        let cancelSignal = cancels.register(message.runID)
+        defer { cancels.unregister(message.runID) }
+        var result: ExecutionResult
+        if cancels.wasCancelled(message.runID) {
+            result = ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled before it started")
+        } else {
+            result = await Self.run(executor, context, cancel: cancelSignal)
+        }
         if Task.isCancelled {
             // The drain deadline passed: report nothing and do not ack; the broker redelivers it.
             log.warning("run cancelled by shutdown; left for redelivery")
@@ -149,31 +167,56 @@ public final class Worker: Service, Sendable {
         await run(executor, context)
     }
 
-    /// Runs the executor; past `timeout` its task is cancelled and the outcome is `timed_out`.
-    static func run(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
-        enum Step: Sendable { case done(ExecutionResult), timeout, timerStopped }
+    /// Runs the executor; past `timeout`, or when `cancel` is signalled, its task is cancelled
+    /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
+    static func run(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async -> ExecutionResult {
+        enum Step: Sendable { case done(ExecutionResult), timeout, cancelRequested, stopped }
         return await withTaskGroup(of: Step.self) { group in
             group.addTask { .done(await executor.execute(context)) }
             group.addTask {
-                do { try await Task.sleep(for: context.timeout) } catch { return .timerStopped }
+                do { try await Task.sleep(for: context.timeout) } catch { return .stopped }
                 return .timeout
             }
+            if let cancel {
+                group.addTask { await cancel.wait(timeout: context.timeout + .seconds(1)) && !Task.isCancelled ? .cancelRequested : .stopped }
+            }
             var result: ExecutionResult?
-            var timedOut = false
+            var ended: Step?
             while let step = await group.next() {
                 switch step {
                 case .done(let r): result = r; group.cancelAll()
-                case .timeout: timedOut = true; group.cancelAll()   // the executor's task is cancelled and stops
-                case .timerStopped: break
+                case .timeout, .cancelRequested:
+                    if ended == nil && result == nil { ended = step }
+                    group.cancelAll()   // the executor's task is cancelled and stops
+                case .stopped: break
                 }
             }
             var final = result ?? ExecutionResult(outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
-            if timedOut {
+            switch ended {
+            case .timeout?:
                 final.outcome = .timedOut
                 final.errorClass = "timeout"
                 final.errorMessage = "exceeded the task timeout of \(context.timeout)"
+            case .cancelRequested?:
+                final.outcome = .cancelled
+                final.errorClass = "cancelled"
+                final.errorMessage = "cancelled by request; the executor was stopped"
+            default: break
             }
             return final
+        }
+    }
+
+    /// Applies control messages: a cancel for a run in flight stops its executor; one for a run
+    /// not here yet is remembered, so its task message is skipped if it comes.
+    func controlLoop() async {
+        for await d in control.deliveries {
+            if let m = try? MessageCodec.decodeControl(d.body) {
+                if cancels.cancel(m.cancel) { logger.info("run cancelled by request", metadata: ["run.id": "\(m.cancel)"]) }
+            } else {
+                logger.warning("malformed control message ignored", metadata: ["amqp.message_id": "\(d.properties.messageID ?? "")"])
+            }
+            control.ack(d)
         }
     }
 
@@ -214,5 +257,41 @@ public final class Worker: Service, Sendable {
         }
         consumer.reject(delivery, requeue: false)
         counters.withLock { $0.rejected += 1 }
+    }
+}
+
+/// Cancel signals for runs in flight, and cancels that arrived before their run.
+final class CancelRegistry: Sendable {
+    struct State {
+        var inFlight: [UUID: Wakeup] = [:]
+        /// Cancelled run ids in arrival order, at most `limit`.
+        var recent: [UUID] = []
+        var recentSet: Set<UUID> = []
+    }
+    let state = Mutex(State())
+    let limit = 10_000
+
+    func register(_ id: UUID) -> Wakeup {
+        let w = Wakeup()
+        state.withLock { $0.inFlight[id] = w }
+        return w
+    }
+
+    func unregister(_ id: UUID) { _ = state.withLock { $0.inFlight.removeValue(forKey: id) } }
+
+    func wasCancelled(_ id: UUID) -> Bool { state.withLock { $0.recentSet.contains(id) } }
+
+    /// Marks the run cancelled and signals it if in flight; returns whether it was in flight.
+    @discardableResult
+    func cancel(_ id: UUID) -> Bool {
+        let w: Wakeup? = state.withLock { s in
+            if s.recentSet.insert(id).inserted {
+                s.recent.append(id)
+                if s.recent.count > limit { s.recentSet.remove(s.recent.removeFirst()) }
+            }
+            return s.inFlight[id]
+        }
+        w?.signal()
+        return w != nil
     }
 }

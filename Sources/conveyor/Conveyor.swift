@@ -16,7 +16,8 @@ struct Conveyor: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "conveyor",
         abstract: "Conveyor: a distributed task dispatcher on PostgreSQL and RabbitMQ.",
-        subcommands: [Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, Bench.self])
+        subcommands: [Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, RunCommand.self,
+                      GroupCommand.self, QueueCommand.self, CronCommand.self, Bench.self])
 }
 
 /// Options every server subcommand shares.
@@ -102,6 +103,12 @@ extension DispatcherConfiguration {
         queues = try s.strings("dispatcher.queues", default: ["default"])
         prefix = try s.string("amqp.prefix", default: "conveyor")
         deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
+        misfireGrace = try s.milliseconds("dispatcher.misfire_grace_ms", default: 60_000, range: 0...86_400_000)
+        maxBacklogPerQueue = try s.int("dispatcher.max_backlog_per_queue", default: 1000, range: 1...1_000_000)
+        lostGrace = try s.milliseconds("dispatcher.lost_grace_ms", default: 30_000, range: 0...86_400_000)
+        maintenanceInterval = try s.milliseconds("dispatcher.maintenance_interval_ms", default: 1000, range: 10...60_000)
+        runRetention = .seconds(86_400 * (try s.int("retention.runs_days", default: 30, range: 1...36_500)))
+        deletedTaskRetention = .seconds(86_400 * (try s.int("retention.deleted_tasks_days", default: 7, range: 0...36_500)))
     }
 }
 

@@ -42,16 +42,6 @@ import Testing
             return v.field == "schedule" && v.value == text && !v.hint.isEmpty
         }
     }
-
-    @Test func intervalAdvancesAndCatchesUpOnce() {
-        let t0 = Date(timeIntervalSince1970: 1000)
-        let s = Schedule.interval(seconds: 10)
-        #expect(s.next(after: t0, now: t0.addingTimeInterval(1)) == t0.addingTimeInterval(10))
-        // Dispatchers were down for 95 s: the next occurrence is the first one after now, not 9 catch-ups.
-        let next = s.next(after: t0, now: t0.addingTimeInterval(95))!
-        #expect(next == t0.addingTimeInterval(100))
-        #expect(Schedule.once.next(after: t0, now: t0) == nil)
-    }
 }
 
 @Suite struct MessageCodecTests {

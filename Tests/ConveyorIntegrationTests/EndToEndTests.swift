@@ -154,8 +154,6 @@ struct EndToEndTests {
             let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
             pub.start(); defer { pub.stop() }
             try await pub.waitUntilConnected()
-            let dead = AMQPConsumer(configuration: sys.amqp, topology: topo.base, queues: [topo.deadQueue], prefetch: 50, logger: Servers.logger)
-            dead.start(); defer { dead.stop() }
             try await withServices([dispatcher, worker]) {
                 try await sys.store.createTasks(sys.tasks(5, executor: "no-such-executor", name: "unknown"))
                 try await sys.store.createTasks(sys.tasks(5, name: "good"))
@@ -163,19 +161,19 @@ struct EndToEndTests {
                     try await pub.publish(AMQPOutgoingMessage(exchange: topo.tasksExchange, routingKey: sys.queue, body: Array(body.utf8),
                                                               properties: AMQPProperties(type: taskMessageType)))
                 }
+                // The dispatcher consumes conveyor.dead and keeps every dead letter.
                 try await sys.eventually {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state IN ('succeeded', 'failed')") == 10
+                    let ended = try await sys.count("SELECT count(*) FROM runs WHERE state IN ('succeeded', 'dead')")
+                    let letters = try await sys.count("SELECT count(*) FROM dead_letters")
+                    return ended == 10 && letters == 8
                 }
             }
-            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed' AND error_class = 'unknown_executor' AND error_message LIKE '%no-such-executor%'") == 5)
+            // A poison message is never retried: the run ends dead with the worker's reason.
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dead' AND error_class = 'unknown_executor' AND error_message LIKE '%no-such-executor%' AND reason LIKE '%refused%'") == 5)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 5)
-            var deadLettered = 0
-            var it = dead.deliveries.makeAsyncIterator()
-            while deadLettered < 8, let d = await it.next() {
-                deadLettered += 1
-                dead.ack(d)
-            }
-            #expect(deadLettered == 8)
+            #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE reason LIKE 'rejected by a worker%'") == 8)
+            #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE run_id IS NOT NULL") == 5)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE attempt > 1") == 0)
             #expect(worker.stats.rejected == 8)
         }
     }

@@ -1,0 +1,96 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorStore
+import Foundation
+import Logging
+import Synchronization
+
+/// The dispatcher's slower duties: lost runs, cancels for workers, dead letters and retention.
+extension Dispatcher {
+    /// Every `maintenance_interval_ms`: declares lost the runs past their deadline, tells workers
+    /// about cancelled runs, and deletes what retention allows (one batch a minute).
+    func maintenanceLoop() async {
+        var lastPurge = ContinuousClock.now
+        while !stopping.load(ordering: .relaxed) {
+            do {
+                let (lost, settled) = try await store.declareLost()
+                if lost > 0 {
+                    logger.warning("runs declared lost: no outcome within timeout plus grace", metadata: ["runs": "\(lost)", "retried": "\(settled.retried)"])
+                    counters.withLock { $0.lost += lost; $0.retried += settled.retried; $0.dead += settled.dead }
+                    wakeup.signal()
+                }
+                try await sendCancels()
+                if ContinuousClock.now - lastPurge > .seconds(60) {
+                    lastPurge = ContinuousClock.now
+                    let n = try await store.purgeBatch(runsAge: configuration.runRetention, tasksAge: configuration.deletedTaskRetention)
+                    if n > 0 { logger.info("retention: deleted old rows", metadata: ["rows": "\(n)"]) }
+                }
+            } catch {
+                logger.warning("maintenance failed; will retry", metadata: ["error": "\(error)"])
+            }
+            await maintenanceWakeup.wait(timeout: configuration.maintenanceInterval)
+        }
+    }
+
+    /// Publishes one control message per cancelled run to every worker (fanout). A worker holding
+    /// the run kills its executor; one that gets the task message later skips it.
+    func sendCancels() async throws {
+        let ids = try await store.pendingCancels()
+        guard !ids.isEmpty, publisher.isConnected else { return }
+        let messages = ids.map { id in
+            AMQPOutgoingMessage(exchange: topology.controlExchange, routingKey: "", body: MessageCodec.encode(ControlMessage(cancel: id)),
+                                properties: AMQPProperties(messageID: "cancel:\(id.uuidString.lowercased())", type: controlMessageType,
+                                                           timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
+        }
+        var sent: [UUID] = []
+        for (id, r) in zip(ids, await publisher.publish(messages)) {
+            switch r {
+            case .success: sent.append(id)
+            // No worker is bound: nobody holds the run, and nobody will be told.
+            case .failure(let e) where e.code == .unroutable: sent.append(id)
+            case .failure(let e): logger.debug("cancel publish failed; will retry", metadata: ["run.id": "\(id)", "error": "\(e)"])
+            }
+        }
+        try await store.markCancelsSent(sent)
+        counters.withLock { $0.cancelsSent += sent.count }
+    }
+
+    /// Records what the broker dead-lettered: keeps the message and ends its run `dead` with the
+    /// reason (`x-first-death-reason`: rejected by a worker, or past the delivery limit).
+    func deadLetterLoop() async {
+        for await d in deadConsumer.deliveries { await recordDeadLetters([d]) }
+    }
+
+    func recordDeadLetters(_ batch: [AMQPDelivery]) async {
+        let letters = batch.map { d -> DeadLetter in
+            let h = d.properties.headers
+            let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
+            let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
+            let explained = switch reason {
+            case "delivery_limit": "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
+            case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"
+            case "expired": "expired in \(queue)"
+            default: "\(reason) in \(queue)"
+            }
+            let runID = d.properties.type == taskMessageType
+                ? (d.properties.messageID.flatMap(UUID.init(uuidString:)) ?? MessageCodec.runID(inMalformed: d.body))
+                : nil
+            return DeadLetter(runID: runID, reason: explained, source: queue, type: d.properties.type,
+                              body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
+        }
+        var attempt = 0
+        while true {
+            do {
+                let ended = try await store.recordDeadLetters(letters)
+                counters.withLock { $0.deadLetters += letters.count; $0.dead += ended }
+                if let last = batch.last { deadConsumer.ack(last, multiple: true) }
+                return
+            } catch {
+                attempt += 1
+                logger.warning("recording dead letters failed; retrying", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
+                if stopping.load(ordering: .relaxed) && attempt > 3 { return }
+                try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(100), cap: .seconds(5)))
+            }
+        }
+    }
+}

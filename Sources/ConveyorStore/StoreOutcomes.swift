@@ -1,0 +1,451 @@
+public import ConveyorCore
+import ConveyorPostgres
+public import Foundation
+
+/// What one status batch did.
+public struct RecordResult: Sendable, Equatable {
+    /// Events that moved a run forward.
+    public var applied: Int
+    /// Duplicates, late events, unknown runs: recorded as no-ops.
+    public var ignored: Int
+    /// Outcomes recorded (final states set): at most one per run, ever.
+    public var outcomes: Int
+    /// What followed from the outcomes (retries, dead runs, dependents).
+    public var settled = SettleResult()
+}
+
+/// What followed from runs ending.
+public struct SettleResult: Sendable, Equatable {
+    /// New attempts scheduled by retry policy.
+    public var retried = 0
+    /// Runs ended `dead` (retries exhausted, or a poison message).
+    public var dead = 0
+    /// Dependent runs created (`scheduled`) or ended `skipped`.
+    public var dependentsScheduled = 0
+    public var dependentsSkipped = 0
+    /// Waiting runs released (overlap `queue`).
+    public var released = 0
+    /// Callbacks queued.
+    public var callbacks = 0
+
+    static func + (a: Self, b: Self) -> Self {
+        SettleResult(retried: a.retried + b.retried, dead: a.dead + b.dead, dependentsScheduled: a.dependentsScheduled + b.dependentsScheduled,
+                     dependentsSkipped: a.dependentsSkipped + b.dependentsSkipped, released: a.released + b.released,
+                     callbacks: a.callbacks + b.callbacks)
+    }
+}
+
+/// A message the broker dead-lettered.
+public struct DeadLetter: Sendable {
+    public var runID: UUID?
+    public var reason: String
+    public var source: String
+    public var type: String?
+    public var body: String
+
+    public init(runID: UUID?, reason: String, source: String, type: String?, body: String) {
+        self.runID = runID
+        self.reason = reason
+        self.source = source
+        self.type = type
+        self.body = body
+    }
+}
+
+/// A run that just reached a final state, with what deciding its follow-up needs.
+struct Ended {
+    var id: UUID, task: UUID, occurrence: Date, attempt: Int, state: RunState, exitCode: Int?, errorClass: String?
+    var workflow: UUID?, queue: String, shard: Int, priority: Int, key: String?, traceparent: String?
+
+    static let columns = """
+        runs.id, runs.task_id, runs.occurrence, runs.attempt, runs.state, runs.exit_code, runs.error_class, runs.workflow_run_id,
+        runs.queue, runs.shard, runs.priority, runs.concurrency_key, runs.traceparent
+        """
+
+    init(_ r: PostgresRow) throws {
+        id = try r.uuid(0); task = try r.uuid(1); occurrence = try r.date(2); attempt = try r.int(3)
+        state = RunState(rawValue: try r.string(4)) ?? .failed; exitCode = try r.optionalInt(5); errorClass = r[6]
+        workflow = r[7].flatMap(UUID.init(uuidString:)); queue = try r.string(8); shard = try r.int(9); priority = try r.int(10)
+        key = r[11]; traceparent = r[12]
+    }
+}
+
+extension Store {
+    // MARK: status
+
+    /// Applies status events in one transaction: `started` moves a run to `running` (with a
+    /// deadline of timeout + `lostGrace`), `finished` to its outcome. Guards in SQL make every
+    /// transition forward-only, so a duplicate or late event changes nothing and each attempt's
+    /// outcome is recorded exactly once. Outcomes are settled in the same transaction.
+    public func record(_ events: [StatusMessage], lostGrace: Duration = .seconds(30)) async throws -> RecordResult {
+        var started: [UUID: StatusMessage] = [:]
+        var finished: [UUID: StatusMessage] = [:]
+        for e in events {
+            switch e.event {
+            case .started: if started[e.runID] == nil { started[e.runID] = e }
+            case .finished: if finished[e.runID] == nil { finished[e.runID] = e }
+            case .heartbeat: break
+            }
+        }
+        let startable = RunState.predecessors(of: .running).map(\.rawValue)
+        let finishable = RunState.predecessors(of: .succeeded).map(\.rawValue)
+        let s = Array(started.values), f = Array(finished.values)
+        let allIDs = Array(Set(s.map(\.runID) + f.map(\.runID))).sorted { $0.uuidString < $1.uuidString }
+        return try await pool.withTransaction { c in
+            var n = 0
+            // Lock the rows in one order (by id) first: dispatchers recording overlapping
+            // batches then wait for each other instead of deadlocking.
+            try await c.query("SELECT 1 FROM runs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", [allIDs])
+            if !s.isEmpty {
+                n += try await c.query("""
+                    UPDATE runs r SET state = 'running', started_at = coalesce(r.started_at, u.at), worker_id = u.worker,
+                                      deadline_at = now() + make_interval(secs => t.timeout_seconds + $5)
+                    FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS u(id, at, worker), tasks t
+                    WHERE r.id = u.id AND t.id = r.task_id AND r.state = ANY($4::text[])
+                    """, [s.map(\.runID), s.map(\.at), s.map(\.workerID), startable, lostGrace.inSeconds]).affectedRows
+            }
+            var ended: [Ended] = []
+            if !f.isEmpty {
+                ended = try await c.query("""
+                    UPDATE runs SET state = u.state, finished_at = u.at, started_at = coalesce(runs.started_at, u.at),
+                                    worker_id = u.worker, exit_code = u.exit_code, output = u.output,
+                                    error_class = u.error_class, error_message = u.error_message
+                    FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[])
+                         AS u(id, state, at, worker, exit_code, output, error_class, error_message)
+                    WHERE runs.id = u.id AND runs.state = ANY($9::text[])
+                    RETURNING \(Ended.columns)
+                    """, [f.map(\.runID), f.map { ($0.outcome ?? .failed).runState.rawValue }, f.map(\.at), f.map(\.workerID),
+                          f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable]).rows.map(Ended.init)
+                n += ended.count
+            }
+            let settled = try await Self.settle(ended, c)
+            return RecordResult(applied: n, ignored: events.count - n, outcomes: ended.count, settled: settled)
+        }
+    }
+
+    // MARK: what follows an outcome
+
+    /// Decides what follows runs that just ended, in the caller's transaction: a retry (a new
+    /// attempt `scheduled` at `now() + backoff`, same trace), or `dead` when retries are used up
+    /// or the message was poison; callbacks; the waiting run of an overlap `queue` task; and the
+    /// dependents of a workflow run, repeatedly, until nothing more follows.
+    static func settle(_ initial: [Ended], _ c: PostgresConnection) async throws -> SettleResult {
+        var result = SettleResult()
+        var pending = initial
+        while !pending.isEmpty {
+            let batch = pending
+            pending = []
+            let taskIDs = Array(Set(batch.map(\.task)))
+            struct Policy { var retry: RetryPolicy; var overlap: String; var callback: String?; var name: String }
+            var policies: [UUID: Policy] = [:]
+            for r in try await c.query("""
+                SELECT id, max_attempts, retry_policy::text, overlap_policy, callback_url, name FROM tasks WHERE id = ANY($1::uuid[])
+                """, [taskIDs]).rows {
+                let retry = (try? RetryPolicy(maxAttempts: try r.int(1), json: try json(try r.string(2)))) ?? RetryPolicy()
+                policies[try r.uuid(0)] = Policy(retry: retry, overlap: try r.string(3), callback: r[4], name: try r.string(5))
+            }
+            var retries = NewRuns()
+            var dead: [(UUID, String)] = []
+            var occurrenceDone: [Ended] = []
+            var callbacks: [(UUID, String, String)] = []
+            for e in batch {
+                guard let p = policies[e.task] else { continue }
+                var finalState = e.state
+                if p.retry.shouldRetry(attempt: e.attempt, state: e.state, exitCode: e.exitCode, errorClass: e.errorClass) {
+                    retries.append(id: UUID(), task: e.task, occurrence: e.occurrence, attempt: e.attempt + 1, queue: e.queue, shard: e.shard,
+                                   delay: p.retry.delay(afterAttempt: e.attempt), priority: e.priority, key: e.key, workflow: e.workflow,
+                                   traceparent: e.traceparent)
+                    continue
+                }
+                let poison = e.errorClass.map(RetryPolicy.poisonClasses.contains) ?? false
+                if poison || ([.failed, .timedOut, .lost].contains(e.state) && p.retry.maxAttempts > 1) {
+                    let why = poison ? "the worker refused the message (\(e.errorClass!))"
+                        : "retries exhausted: attempt \(e.attempt) of \(p.retry.maxAttempts) ended \(e.state.rawValue)"
+                    dead.append((e.id, why))
+                    finalState = .dead
+                }
+                var done = e
+                done.state = finalState
+                occurrenceDone.append(done)
+                if let url = p.callback, [.succeeded, .failed, .dead, .timedOut, .lost].contains(finalState) {
+                    callbacks.append((e.id, url, Self.callbackPayload(done, task: p.name)))
+                }
+            }
+            result.retried += try await retries.insert(state: "scheduled", c)
+            if !dead.isEmpty {
+                result.dead += try await c.query("""
+                    UPDATE runs SET state = 'dead', reason = u.reason, finished_at = coalesce(finished_at, now())
+                    FROM unnest($1::uuid[], $2::text[]) AS u(id, reason) WHERE runs.id = u.id
+                    """, [dead.map(\.0), dead.map(\.1)]).affectedRows
+            }
+            if !callbacks.isEmpty {
+                result.callbacks += try await c.query("""
+                    INSERT INTO callbacks (run_id, url, payload) SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
+                    """, [callbacks.map(\.0), callbacks.map(\.1), callbacks.map(\.2)]).affectedRows
+            }
+            let queueTasks = Array(Set(occurrenceDone.filter { policies[$0.task]?.overlap == "queue" }.map(\.task)))
+            if !queueTasks.isEmpty {
+                result.released += try await c.query("""
+                    UPDATE runs SET available_at = now()
+                    WHERE task_id = ANY($1::uuid[]) AND state = 'scheduled' AND available_at = 'infinity'
+                    """, [queueTasks]).affectedRows
+            }
+            let (next, scheduled) = try await dependents(of: occurrenceDone.filter { $0.workflow != nil }, c)
+            result.dependentsScheduled += scheduled
+            result.dependentsSkipped += next.count
+            pending = next
+        }
+        return result
+    }
+
+    /// Runs or skips the dependents of occurrences that ended in a workflow run. Returns the
+    /// dependents ended `skipped` (whose own dependents are decided next) and how many were scheduled.
+    static func dependents(of done: [Ended], _ c: PostgresConnection) async throws -> ([Ended], Int) {
+        guard !done.isEmpty else { return ([], 0) }
+        // One workflow run at a time: two dispatchers ending two upstreams of one dependent
+        // serialize here, and the second sees the first's outcome.
+        let workflows = Array(Set(done.compactMap(\.workflow))).sorted { $0.uuidString < $1.uuidString }
+        try await c.query("SELECT pg_advisory_xact_lock(hashtext('conveyor.wf:' || w::text)) FROM (SELECT w FROM unnest($1::uuid[]) w ORDER BY w) s",
+                          [workflows])
+        var skipped: [Ended] = []
+        var toRun = NewRuns(), toSkip = NewRuns()
+        var decided: Set<String> = []
+        for e in done {
+            guard let wf = e.workflow else { continue }
+            let deps = try await c.query("""
+                SELECT t.id, t.trigger_rule, t.queue, t.shard, t.priority, t.concurrency_key, w.occurrence,
+                       EXISTS (SELECT 1 FROM runs x WHERE x.workflow_run_id = $2 AND x.task_id = t.id)
+                FROM task_dependencies d JOIN tasks t ON t.id = d.task_id JOIN workflow_runs w ON w.id = $2
+                WHERE d.upstream_id = $1 AND t.deleted_at IS NULL
+                """, [e.task, wf])
+            for d in deps.rows {
+                let depID = try d.uuid(0)
+                guard !(try d.bool(7)), decided.insert("\(wf)/\(depID)").inserted else { continue }
+                let ups = try await c.query("""
+                    SELECT u.name, (SELECT r.state FROM runs r WHERE r.workflow_run_id = $1 AND r.task_id = d.upstream_id
+                                    ORDER BY r.attempt DESC LIMIT 1)
+                    FROM task_dependencies d JOIN tasks u ON u.id = d.upstream_id WHERE d.task_id = $2
+                    """, [wf, depID])
+                var finals: [RunState] = [], failedNames: [String] = []
+                for u in ups.rows {
+                    guard let st = u[1].flatMap(RunState.init(rawValue:)), st.isFinal else { continue }
+                    finals.append(st)
+                    if st != .succeeded { failedNames.append("\(try u.string(0)) ended \(st.rawValue)") }
+                }
+                let rule = (try? TriggerRule(parsing: try d.string(1))) ?? .allSuccess
+                guard let run = rule.decide(final: finals, total: ups.rows.count) else { continue }
+                let id = UUID()
+                let reason = run ? nil : (failedNames.isEmpty ? "no upstream failed (trigger rule \(rule.rawValue))"
+                                                              : "upstream \(failedNames.joined(separator: ", ")) (trigger rule \(rule.rawValue))")
+                if run {
+                    toRun.append(id: id, task: depID, occurrence: try d.date(6), attempt: 1, queue: try d.string(2), shard: try d.int(3),
+                                 delay: 0, priority: try d.int(4), key: d[5], workflow: wf, traceparent: e.traceparent)
+                } else {
+                    toSkip.append(id: id, task: depID, occurrence: try d.date(6), attempt: 1, queue: try d.string(2), shard: try d.int(3),
+                                  delay: 0, priority: try d.int(4), key: d[5], workflow: wf, traceparent: e.traceparent, reason: reason)
+                    var s = e
+                    s.id = id; s.task = depID; s.state = .skipped; s.attempt = 1; s.exitCode = nil; s.errorClass = nil
+                    skipped.append(s)
+                }
+            }
+        }
+        let scheduled = try await toRun.insert(state: "scheduled", c)
+        _ = try await toSkip.insert(state: "skipped", c)
+        return (skipped, scheduled)
+    }
+
+    static func callbackPayload(_ e: Ended, task: String) -> String {
+        let payload: JSONValue = .object([
+            "attempt": .number(Double(e.attempt)), "occurrence": .string(Timestamp.format(e.occurrence)),
+            "run_id": .string(e.id.uuidString.lowercased()), "state": .string(e.state.rawValue), "task": .string(task),
+            "task_id": .string(e.task.uuidString.lowercased()),
+        ])
+        return String(decoding: MessageCodec.encode(payload), as: UTF8.self)
+    }
+
+    // MARK: lost runs and dead letters
+
+    /// Declares `lost` the running runs whose deadline (timeout + grace from their start) passed
+    /// with no outcome, and settles them (retry by policy). Returns how many.
+    public func declareLost(limit: Int = 500) async throws -> (lost: Int, settled: SettleResult) {
+        try await pool.withTransaction { c in
+            let ended = try await c.query("""
+                UPDATE runs SET state = 'lost', finished_at = now(),
+                                reason = 'no outcome from worker ' || coalesce(worker_id, '?') || ' within the timeout plus grace'
+                WHERE id IN (SELECT id FROM runs WHERE state = 'running' AND deadline_at < now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING \(Ended.columns)
+                """, [limit]).rows.map(Ended.init)
+            return (ended.count, try await Self.settle(ended, c))
+        }
+    }
+
+    /// Keeps dead-lettered messages and ends their runs (when identifiable and not yet final) `dead`.
+    public func recordDeadLetters(_ letters: [DeadLetter]) async throws -> Int {
+        guard !letters.isEmpty else { return 0 }
+        return try await pool.withTransaction { c in
+            try await c.query("""
+                INSERT INTO dead_letters (run_id, reason, source, type, body) SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+                """, [letters.map(\.runID), letters.map(\.reason), letters.map(\.source), letters.map(\.type), letters.map(\.body)])
+            let withRun = letters.filter { $0.runID != nil }
+            guard !withRun.isEmpty else { return 0 }
+            let open = RunState.predecessors(of: .dead).map(\.rawValue)
+            let ended = try await c.query("""
+                UPDATE runs SET state = 'dead', finished_at = now(), reason = 'dead-lettered: ' || u.reason
+                FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
+                WHERE runs.id = u.id AND runs.id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = ANY($3::text[]) ORDER BY id FOR UPDATE)
+                RETURNING \(Ended.columns)
+                """, [withRun.map(\.runID), withRun.map(\.reason), open]).rows.map(Ended.init)
+            // Dead is final: no retry, but dependents, callbacks and waiting runs still follow.
+            _ = try await Self.settle(ended, c)
+            return ended.count
+        }
+    }
+
+    // MARK: operations
+
+    /// Cancels runs that have not ended; workers holding them are told (`cancel_pending`).
+    /// Returns the runs cancelled.
+    @discardableResult
+    public func cancel(runs ids: [UUID], reason: String = "cancelled by an operator") async throws -> [UUID] {
+        try await cancel(where: "id = ANY($1::uuid[])", [ids], reason: reason)
+    }
+
+    /// Cancels every open run of a task.
+    @discardableResult
+    public func cancel(task: UUID, reason: String = "task cancelled by an operator") async throws -> [UUID] {
+        try await cancel(where: "task_id = $1", [task], reason: reason)
+    }
+
+    /// Cancels every open run of the tasks of a group.
+    @discardableResult
+    public func cancel(group: String, reason: String = "group cancelled by an operator") async throws -> [UUID] {
+        try await cancel(where: "task_id IN (SELECT id FROM tasks WHERE group_name = $1)", [group], reason: reason)
+    }
+
+    func cancel(where condition: String, _ params: [any PostgresEncodable], reason: String) async throws -> [UUID] {
+        try await pool.withTransaction { c in
+            let ended = try await c.query("""
+                UPDATE runs SET state = 'cancelled', finished_at = now(), reason = $\(params.count + 1),
+                                cancel_pending = state IN ('queued', 'dispatched', 'running')
+                WHERE id IN (SELECT id FROM runs WHERE \(condition) AND state IN ('scheduled', 'queued', 'dispatched', 'running')
+                             ORDER BY id FOR UPDATE)
+                RETURNING \(Ended.columns)
+                """, params + [reason]).rows.map(Ended.init)
+            _ = try await Self.settle(ended, c)
+            return ended.map(\.id)
+        }
+    }
+
+    /// Cancelled runs whose workers have not been told yet.
+    public func pendingCancels(limit: Int = 500) async throws -> [UUID] {
+        try await pool.withConnection { c in
+            try await c.query("SELECT id FROM runs WHERE cancel_pending LIMIT $1", [limit]).rows.map { try $0.uuid(0) }
+        }
+    }
+
+    public func markCancelsSent(_ ids: [UUID]) async throws {
+        guard !ids.isEmpty else { return }
+        _ = try await pool.withConnection { c in
+            try await c.query("UPDATE runs SET cancel_pending = false WHERE id = ANY($1::uuid[])", [ids])
+        }
+    }
+
+    /// Re-drives an ended run (dead, failed, timed out, lost or cancelled) as a new attempt of its
+    /// occurrence, due now, in the same trace. Refused when a newer attempt exists.
+    public func redrive(run id: UUID) async throws -> UUID {
+        let newID = UUID()
+        let done = try await pool.withTransaction { c in
+            try await c.query("""
+                INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority, concurrency_key,
+                                  workflow_run_id, trace_id, traceparent)
+                SELECT $2, r.task_id, r.occurrence, r.attempt + 1, 'scheduled', r.queue, r.shard, now(), r.priority, r.concurrency_key,
+                       r.workflow_run_id, r.trace_id, r.traceparent
+                FROM runs r
+                WHERE r.id = $1 AND r.state IN ('dead', 'failed', 'timed_out', 'lost', 'cancelled')
+                  AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.task_id = r.task_id AND x.occurrence = r.occurrence AND x.attempt > r.attempt)
+                """, [id, newID]).affectedRows
+        }
+        guard done == 1 else {
+            throw ValidationError(field: "run", value: id.uuidString.lowercased(),
+                                  hint: "only the latest attempt of an occurrence that ended dead, failed, timed_out, lost or cancelled can be re-driven")
+        }
+        return newID
+    }
+
+    /// Pauses or resumes tasks by name, or every task of a group. Returns how many changed.
+    @discardableResult
+    public func setPaused(_ paused: Bool, names: [String] = [], group: String? = nil, namespace: String = "default") async throws -> Int {
+        try await pool.withConnection { c in
+            try await c.query("""
+                UPDATE tasks SET paused = $1, updated_at = now()
+                WHERE namespace = $2 AND deleted_at IS NULL AND paused <> $1 AND (name = ANY($3::text[]) OR group_name = $4)
+                """, [paused, namespace, names, group]).affectedRows
+        }
+    }
+
+    /// Soft-deletes a task: it stops being scheduled; it is purged after the retention period.
+    @discardableResult
+    public func deleteTask(named name: String, namespace: String = "default") async throws -> Bool {
+        try await pool.withConnection { c in
+            try await c.query("UPDATE tasks SET deleted_at = now(), updated_at = now() WHERE namespace = $1 AND name = $2 AND deleted_at IS NULL",
+                              [namespace, name]).affectedRows == 1
+        }
+    }
+
+    /// Runs by state for one group's tasks (or every task).
+    public func runCounts(group: String? = nil) async throws -> [RunState: Int] {
+        try await pool.withConnection { c in
+            var out: [RunState: Int] = [:]
+            for r in try await c.query("""
+                SELECT r.state, count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE $1::text IS NULL OR t.group_name = $1 GROUP BY r.state
+                """, [group]).rows {
+                if let s = RunState(rawValue: try r.string(0)) { out[s] = try r.int(1) }
+            }
+            return out
+        }
+    }
+
+    /// Retries scheduled in all (attempts after the first).
+    public func retryCount() async throws -> Int {
+        try await pool.withConnection { c in try await c.query("SELECT count(*) FROM runs WHERE attempt > 1").rows[0].int(0) }
+    }
+
+    /// Sets (or with `rate` nil removes) a queue's rate limit in runs per second.
+    public func setRateLimit(queue: String, rate: Double?, burst: Double? = nil) async throws {
+        _ = try await pool.withConnection { c in
+            if let rate {
+                let b = burst ?? max(1, rate)
+                try await c.query("""
+                    INSERT INTO queue_limits (queue, rate_per_second, burst, tokens) VALUES ($1, $2, $3, $3)
+                    ON CONFLICT (queue) DO UPDATE SET rate_per_second = $2, burst = $3, tokens = least(queue_limits.tokens, $3)
+                    """, [queue, rate, b])
+            } else {
+                try await c.query("DELETE FROM queue_limits WHERE queue = $1", [queue])
+            }
+        }
+    }
+
+    /// Deletes, in one batch, ended runs older than `runsAge` and then soft-deleted tasks older
+    /// than `tasksAge` (their runs first). Returns rows deleted; call until 0.
+    public func purgeBatch(runsAge: Duration, tasksAge: Duration, batch: Int = 1000) async throws -> Int {
+        try await pool.withConnection { c in
+            var n = try await c.query("""
+                DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE finished_at < now() - make_interval(secs => $1) LIMIT $2)
+                """, [runsAge.inSeconds, batch]).affectedRows
+            n += try await c.query("""
+                DELETE FROM runs WHERE id IN (SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id
+                                              WHERE t.deleted_at < now() - make_interval(secs => $1) LIMIT $2)
+                """, [tasksAge.inSeconds, batch]).affectedRows
+            if n == 0 {
+                n += try await c.query("""
+                    DELETE FROM tasks WHERE id IN (SELECT id FROM tasks t WHERE deleted_at < now() - make_interval(secs => $1)
+                                                   AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id) LIMIT $2)
+                    """, [tasksAge.inSeconds, batch]).affectedRows
+            }
+            n += try await c.query("""
+                DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)
+                """, [runsAge.inSeconds, batch]).affectedRows
+            return n
+        }
+    }
+}

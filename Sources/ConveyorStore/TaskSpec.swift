@@ -1,0 +1,166 @@
+public import ConveyorCore
+public import Foundation
+
+/// A task definition as people write it (a YAML task file, CLI flags, later API bodies),
+/// decoded into a `NewTask` with errors that name the field path, the value and the fix.
+///
+/// ```yaml
+/// name: nightly-report            # required
+/// executor: shell                 # required
+/// parameters: {argv: [/usr/bin/env, echo, hi]}
+/// schedule: "30 2 * * *"          # cron, 'every 30s', 'once', 'manual'
+/// timezone: Europe/London         # cron's zone, default UTC
+/// start: 2026-12-01T00:00:00Z     # or after: 10m  (first due time)
+/// misfire: once                   # skip | once | all
+/// max_catchup: 10
+/// queue: reports
+/// priority: high                  # critical | high | normal | low | background
+/// timeout: 600                    # seconds
+/// retry: {max_attempts: 3, base_seconds: 5, factor: 2, cap_seconds: 300, jitter: true, retry_on: [timeout, "exit:75"]}
+/// overlap: forbid                 # allow | forbid | replace | queue
+/// concurrency: {key: "customer:42", limit: 2}
+/// group: reports
+/// labels: {team: data}
+/// depends_on: [extract]           # then schedule must be 'manual'
+/// trigger_rule: all_success       # all_success | all_done | one_failed
+/// callback_url: https://example.com/hooks/conveyor
+/// paused: false
+/// ```
+public enum TaskSpec {
+    static let keys: Set<String> = [
+        "name", "namespace", "executor", "parameters", "schedule", "timezone", "start", "after", "misfire", "max_catchup", "queue",
+        "priority", "timeout", "retry", "overlap", "concurrency", "group", "labels", "depends_on", "trigger_rule", "callback_url", "paused",
+    ]
+
+    /// Decodes one task. `path` prefixes field names in errors (for example `tasks[3]`).
+    public static func decode(_ value: JSONValue, path: String = "", now: Date = Date()) throws(ValidationError) -> NewTask {
+        func field(_ k: String) -> String { path.isEmpty ? k : "\(path).\(k)" }
+        guard let o = value.objectValue else {
+            throw ValidationError(field: path.isEmpty ? "task" : path, value: "\(value)", hint: "a task is a mapping with at least name and executor")
+        }
+        if let unknown = o.keys.sorted().first(where: { !keys.contains($0) }) {
+            throw ValidationError(field: field(unknown), value: "\(o[unknown]!)", hint: "unknown field; known fields are \(keys.sorted().joined(separator: ", "))")
+        }
+        func string(_ k: String) throws(ValidationError) -> String? {
+            guard let v = o[k], v != .null else { return nil }
+            switch v {
+            case .string(let s): return s
+            case .number(let n): return n.rounded() == n ? String(Int(n)) : String(n)
+            case .bool(let b): return String(b)
+            default: throw ValidationError(field: field(k), value: "\(v)", hint: "a single value (text)")
+            }
+        }
+        func number(_ k: String) throws(ValidationError) -> Double? {
+            guard let v = o[k], v != .null else { return nil }
+            if let n = v.doubleValue { return n }
+            if let s = v.stringValue, let n = Double(s) { return n }
+            throw ValidationError(field: field(k), value: "\(v)", hint: "a number")
+        }
+        func wholeNumber(_ k: String) throws(ValidationError) -> Int? {
+            guard let n = try number(k) else { return nil }
+            guard n.rounded() == n, abs(n) < 1e9 else { throw ValidationError(field: field(k), value: "\(n)", hint: "a whole number") }
+            return Int(n)
+        }
+        func parsed<T>(_ k: String, _ parse: (String) throws(ValidationError) -> T) throws(ValidationError) -> T? {
+            guard let s = try string(k) else { return nil }
+            do { return try parse(s) } catch { throw ValidationError(field: field(k), value: error.value, hint: error.hint) }
+        }
+        guard let name = try string("name") else {
+            throw ValidationError(field: field("name"), value: "(missing)", hint: "every task needs a unique name")
+        }
+        guard let executor = try string("executor") else {
+            throw ValidationError(field: field("executor"), value: "(missing)", hint: "name an executor your workers offer, e.g. noop, sleep, shell")
+        }
+        let dependsOn: [String]
+        switch o["depends_on"] {
+        case nil, .null?: dependsOn = []
+        case .string(let s)?: dependsOn = [s]
+        case .array(let a)?:
+            var names: [String] = []
+            for item in a {
+                guard let s = item.stringValue else { throw ValidationError(field: field("depends_on"), value: "\(item)", hint: "a list of task names") }
+                names.append(s)
+            }
+            dependsOn = names
+        case let v?: throw ValidationError(field: field("depends_on"), value: "\(v)", hint: "a list of task names")
+        }
+        let schedule = try parsed("schedule") { s throws(ValidationError) in try Schedule(parsing: s) } ?? (dependsOn.isEmpty ? .once : .manual)
+        var t = NewTask(name: name, executor: executor, schedule: schedule)
+        t.dependsOn = dependsOn
+        if let ns = try string("namespace") { t.namespace = ns }
+        if let p = o["parameters"], p != .null {
+            guard p.objectValue != nil else { throw ValidationError(field: field("parameters"), value: "\(p)", hint: "a mapping, e.g. {argv: [/bin/echo, hi]}") }
+            t.parameters = p
+        }
+        if let tz = try string("timezone") { t.timeZone = tz }
+        if let m = try parsed("misfire", { s throws(ValidationError) in try MisfirePolicy(parsing: s) }) { t.misfire = m }
+        if let n = try wholeNumber("max_catchup") { t.maxCatchup = n }
+        if let q = try string("queue") { t.queue = q }
+        if let p = try parsed("priority", { s throws(ValidationError) in try Priority(parsing: s) }) { t.priority = p }
+        if let n = try number("timeout") { t.timeoutSeconds = n }
+        if let r = o["retry"], r != .null {
+            guard var ro = r.objectValue else { throw ValidationError(field: field("retry"), value: "\(r)", hint: "a mapping such as {max_attempts: 3}") }
+            var attempts = 3
+            if let a = ro.removeValue(forKey: "max_attempts") {
+                guard let n = a.doubleValue, n.rounded() == n else {
+                    throw ValidationError(field: field("retry.max_attempts"), value: "\(a)", hint: "a whole number from 1 (no retries) to 1000")
+                }
+                attempts = Int(n)
+            }
+            do { t.retry = try RetryPolicy(maxAttempts: attempts, json: .object(ro)) } catch {
+                throw ValidationError(field: field(error.field), value: error.value, hint: error.hint)
+            }
+        }
+        if let p = try parsed("overlap", { s throws(ValidationError) in try OverlapPolicy(parsing: s) }) { t.overlap = p }
+        if let c = o["concurrency"], c != .null {
+            guard let co = c.objectValue, let key = co["key"]?.stringValue, let limit = co["limit"]?.doubleValue, limit.rounded() == limit,
+                  co.count == 2 else {
+                throw ValidationError(field: field("concurrency"), value: "\(c)", hint: "a mapping {key: \"customer:42\", limit: 2}")
+            }
+            t.concurrencyKey = key
+            t.concurrencyLimit = Int(limit)
+        }
+        t.group = try string("group")
+        if let l = o["labels"], l != .null {
+            guard let lo = l.objectValue else { throw ValidationError(field: field("labels"), value: "\(l)", hint: "a mapping of text to text") }
+            for (k, v) in lo {
+                guard let s = v.stringValue ?? v.doubleValue.map({ String($0) }) else {
+                    throw ValidationError(field: field("labels.\(k)"), value: "\(v)", hint: "label values are text")
+                }
+                t.labels[k] = s
+            }
+        }
+        if let r = try parsed("trigger_rule", { s throws(ValidationError) in try TriggerRule(parsing: s) }) { t.triggerRule = r }
+        t.callbackURL = try string("callback_url")
+        if let p = o["paused"], p != .null {
+            guard case .bool(let b) = p else { throw ValidationError(field: field("paused"), value: "\(p)", hint: "true or false") }
+            t.paused = b
+        }
+        if let s = try string("start") {
+            guard let d = Timestamp.parse(s) else {
+                throw ValidationError(field: field("start"), value: s, hint: "an ISO-8601 instant such as 2026-11-23T12:00:00Z")
+            }
+            t.startAt = d
+        }
+        if let a = try string("after") {
+            guard t.startAt == nil else { throw ValidationError(field: field("after"), value: a, hint: "give start or after, not both") }
+            t.startAt = now.addingTimeInterval(try Schedule.duration(a, field: field("after")))
+        }
+        do { try t.validate() } catch { throw ValidationError(field: field(error.field), value: error.value, hint: error.hint) }
+        return t
+    }
+
+    /// Decodes a task file: a list of tasks, or a mapping with a `tasks` list, or one task.
+    public static func decodeFile(_ value: JSONValue, now: Date = Date()) throws(ValidationError) -> [NewTask] {
+        if let list = value.arrayValue ?? value["tasks"]?.arrayValue {
+            var out: [NewTask] = []
+            for (i, v) in list.enumerated() { out.append(try decode(v, path: "tasks[\(i)]", now: now)) }
+            var seen: Set<String> = []
+            for t in out where !seen.insert(t.name).inserted {
+                throw ValidationError(field: "tasks", value: t.name, hint: "two tasks in the file have this name")
+            }
+            return out
+        }
+        return [try decode(value, now: now)]
+    }
+}
