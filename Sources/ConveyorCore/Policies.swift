@@ -125,7 +125,13 @@ public struct RetryPolicy: Sendable, Hashable {
 
     /// Whether an attempt that ended in `state` is retried.
     public func shouldRetry(attempt: Int, state: RunState, exitCode: Int?, errorClass: String?) -> Bool {
-        guard attempt < maxAttempts, [.failed, .timedOut, .lost].contains(state) else { return false }
+        attempt < maxAttempts && isRetryable(state: state, exitCode: exitCode, errorClass: errorClass)
+    }
+
+    /// Whether the policy retries this kind of ending at all (attempts aside). A retryable ending
+    /// whose attempts are used up makes the run `dead`; any other failure stays as it ended.
+    public func isRetryable(state: RunState, exitCode: Int?, errorClass: String?) -> Bool {
+        guard maxAttempts > 1, [.failed, .timedOut, .lost].contains(state) else { return false }
         if let c = errorClass, Self.poisonClasses.contains(c) { return false }
         let classes = Self.classes(state: state, exitCode: exitCode, errorClass: errorClass)
         if !classes.isDisjoint(with: noRetryOn) { return false }

@@ -158,7 +158,7 @@ extension Store {
                     continue
                 }
                 let poison = e.errorClass.map(RetryPolicy.poisonClasses.contains) ?? false
-                if poison || ([.failed, .timedOut, .lost].contains(e.state) && p.retry.maxAttempts > 1) {
+                if poison || p.retry.isRetryable(state: e.state, exitCode: e.exitCode, errorClass: e.errorClass) {
                     let why = poison ? "the worker refused the message (\(e.errorClass!))"
                         : "retries exhausted: attempt \(e.attempt) of \(p.retry.maxAttempts) ended \(e.state.rawValue)"
                     dead.append((e.id, why))

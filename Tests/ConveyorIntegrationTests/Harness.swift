@@ -14,8 +14,33 @@ import Testing
 final class Recorder: Sendable {
     let executions = Mutex<[UUID: Int]>([:])
     let traceparents = Mutex<[UUID: String]>([:])
+    /// Task names in the order executions started.
+    let starts = Mutex<[(String, ContinuousClock.Instant)]>([])
+    let cancelled = Mutex<Set<UUID>>([])
 
     var total: Int { executions.withLock { $0.values.reduce(0, +) } }
+}
+
+/// Behaves as its parameters say: `sleep_ms` (stops early when cancelled), `fail_times` (fails
+/// attempts 1…k with exit code 1), `fail` (always fails). Records starts in order.
+struct ScriptedExecutor: Executor {
+    let recorder: Recorder
+
+    func execute(_ context: ExecutionContext) async -> ExecutionResult {
+        recorder.executions.withLock { $0[context.runID, default: 0] += 1 }
+        recorder.starts.withLock { $0.append((context.taskName, ContinuousClock.now)) }
+        if let ms = context.parameters["sleep_ms"]?.doubleValue {
+            do { try await Task.sleep(for: .milliseconds(Int64(ms))) } catch {
+                recorder.cancelled.withLock { $0.insert(context.runID) }
+                return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "stopped")
+            }
+        }
+        if let k = context.parameters["fail_times"]?.doubleValue, context.attempt <= Int(k) {
+            return .failed("exit_code", "scripted failure of attempt \(context.attempt)", exitCode: 1)
+        }
+        if context.parameters["fail"] == .bool(true) { return .failed("exit_code", "scripted failure", exitCode: 1) }
+        return .succeeded
+    }
 }
 
 struct RecordingExecutor: Executor {
@@ -53,12 +78,14 @@ struct System {
         }
     }
 
-    func dispatcher(lease: Duration = .seconds(30)) -> Dispatcher {
+    func dispatcher(lease: Duration = .seconds(30), _ configure: (inout DispatcherConfiguration) -> Void = { _ in }) -> Dispatcher {
         var c = DispatcherConfiguration()
         c.prefix = prefix
         c.queues = [queue]
         c.scanInterval = .milliseconds(200)
+        c.maintenanceInterval = .milliseconds(200)
         c.publishLease = lease
+        configure(&c)
         return Dispatcher(configuration: c, store: Store(pool: pool), amqp: amqp, databaseURL: databaseURL, logger: Servers.logger)
     }
 
@@ -76,6 +103,19 @@ struct System {
             t.timeoutSeconds = 30
             return t
         }
+    }
+
+    /// One task from a spec mapping (the same decoder as task files), on the test queue.
+    func task(_ spec: [String: JSONValue]) throws -> NewTask {
+        var o = spec
+        o["queue"] = o["queue"] ?? .string(queue)
+        o["executor"] = o["executor"] ?? .string("script")
+        return try TaskSpec.decode(.object(o))
+    }
+
+    /// Rows of text.
+    func rows(_ sql: String, _ params: [any PostgresEncodable] = []) async throws -> [[String?]] {
+        try await pool.withConnection { c in try await c.query(sql, params).rows.map(\.values) }
     }
 
     func count(_ sql: String, _ params: [any PostgresEncodable] = []) async throws -> Int {

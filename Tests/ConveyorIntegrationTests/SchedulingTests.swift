@@ -1,0 +1,371 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorDispatcher
+import ConveyorPostgres
+import ConveyorStore
+import ConveyorWorker
+import Foundation
+import Synchronization
+import Testing
+
+/// Scheduling semantics on the real servers (docs/scheduling.md).
+@Suite("Scheduling semantics (real PostgreSQL and RabbitMQ)", .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
+struct SchedulingTests {
+    // MARK: retries, timeouts, lost, dead letters
+
+    @Test func retriesWithBackoffOnTheDatabaseClockThenDeadThenRedrive() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
+            try await withServices([dispatcher, worker]) {
+                let retry: JSONValue = .object(["max_attempts": .number(3), "base_seconds": .number(0.4), "factor": .number(2),
+                                                "cap_seconds": .number(0.6), "jitter": .bool(false)])
+                try await sys.store.createTasks([
+                    try sys.task(["name": "flaky", "parameters": .object(["fail_times": .number(2)]), "retry": retry]),
+                    try sys.task(["name": "broken", "parameters": .object(["fail": .bool(true)]), "retry": retry]),
+                    try sys.task(["name": "no-retry-on-1", "parameters": .object(["fail": .bool(true)]),
+                                  "retry": .object(["max_attempts": .number(3), "no_retry_on": .array([.string("exit:1")])])]),
+                ])
+                try await sys.eventually("flaky succeeded, broken dead, no-retry-on-1 failed") {
+                    let s = try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'flaky' AND r.state = 'succeeded'")
+                    let d = try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'broken' AND r.state = 'dead'")
+                    let f = try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'no-retry-on-1' AND r.state = 'failed'")
+                    return s == 1 && d == 1 && f == 1
+                }
+                // Exactly k + 1 attempts for k failures, one occurrence, one trace.
+                let flaky = try await sys.rows("""
+                    SELECT r.attempt, r.state, extract(epoch FROM r.dispatched_at - r.created_at), r.trace_id
+                    FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'flaky' ORDER BY attempt
+                    """)
+                #expect(flaky.map { $0[0]! } == ["1", "2", "3"])
+                #expect(flaky.map { $0[1]! } == ["failed", "failed", "succeeded"])
+                #expect(Set(flaky.map { $0[3]! }).count == 1, "retries stay in the same trace")
+                // The retry waited its backoff (0.4 s, then 0.6 s capped) on the database clock, and not much more.
+                for (row, delay) in zip(flaky.dropFirst(), [0.4, 0.6]) {
+                    let waited = Double(row[2]!)!
+                    #expect(waited >= delay && waited < delay + 1.5, "attempt \(row[0]!) waited \(waited)s for a \(delay)s backoff")
+                }
+                let broken = try await sys.rows("SELECT attempt, state, reason FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'broken' ORDER BY attempt")
+                #expect(broken.map { $0[1]! } == ["failed", "failed", "dead"])
+                #expect(broken.last?[2]?.contains("retries exhausted: attempt 3 of 3") == true)
+                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'no-retry-on-1'") == 1)
+                #expect(try await sys.store.retryCount() == 4)
+                // Dead is never republished; re-drive makes a new attempt that runs (and fails again: attempt 4 > fail).
+                let deadRow = try await sys.rows("SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'broken' AND state = 'dead'")
+                let deadID = try #require(deadRow.first?[0].flatMap(UUID.init(uuidString:)))
+                let again = try await sys.store.redrive(run: deadID)
+                try await sys.eventually("re-driven attempt ran") { try await sys.store.run(id: again)?.state.isFinal == true }
+                #expect(try await sys.store.run(id: again)?.attempt == 4)
+                await #expect(throws: ValidationError.self) { _ = try await sys.store.redrive(run: deadID) }
+            }
+        }
+    }
+
+    @Test func aRunWhoseWorkerVanishedIsDeclaredLostAndRetried() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher { $0.lostGrace = .milliseconds(500) }
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks([try sys.task(["name": "orphan", "timeout": .number(1),
+                                                                "retry": .object(["max_attempts": .number(2), "retry_on": .array([.string("lost")])])])])
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1 }
+                // A worker starts it (its `started` status goes through the broker) and is never heard of again.
+                let run = try #require(try await sys.store.runs().first)
+                let topo = ConveyorTopology(prefix: sys.prefix)
+                let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.status, logger: Servers.logger)
+                pub.start(); defer { pub.stop() }
+                try await pub.waitUntilConnected()
+                let started = StatusMessage(runID: run.id, attempt: 1, event: .started, workerID: "vanished")
+                try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(started),
+                                                          properties: AMQPProperties(type: statusMessageType)))
+                try await sys.eventually("lost after timeout + grace, then retried") {
+                    let lost = try await sys.count("SELECT count(*) FROM runs WHERE attempt = 1 AND state = 'lost' AND reason LIKE '%vanished%'")
+                    let retried = try await sys.count("SELECT count(*) FROM runs WHERE attempt = 2 AND state IN ('scheduled', 'queued', 'dispatched')")
+                    return lost == 1 && retried == 1
+                }
+                // Its late result is a no-op.
+                let late = try await sys.store.record([StatusMessage(runID: run.id, attempt: 1, event: .finished, outcome: .succeeded, workerID: "vanished")])
+                #expect(late.outcomes == 0)
+                let lostFor = try await sys.rows("SELECT extract(epoch FROM finished_at - started_at) FROM runs WHERE attempt = 1")
+                #expect(Double(lostFor[0][0]!)! >= 1.5, "not declared lost before timeout (1 s) + grace (0.5 s)")
+            }
+        }
+    }
+
+    @Test func theWorkerTimesOutAndTheRetryPolicyDecides() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                try await sys.store.createTasks([try sys.task(["name": "slow", "timeout": .number(0.3), "parameters": .object(["sleep_ms": .number(5000)]),
+                                                               "retry": .object(["max_attempts": .number(2), "base_seconds": .number(0.1)])])])
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state IN ('timed_out', 'dead')") == 2 }
+                #expect(try await sys.rows("SELECT state, error_class FROM runs ORDER BY attempt").map { $0.compactMap { $0 } }
+                        == [["timed_out", "timeout"], ["dead", "timeout"]])
+                #expect(recorder.cancelled.withLock { $0.count } == 2, "the executor was stopped each time")
+            }
+        }
+    }
+
+    @Test func messagesPastTheDeliveryLimitEndTheirRunDead() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher { $0.deliveryLimit = 2 }
+            let topo = ConveyorTopology(prefix: sys.prefix, deliveryLimit: 2)
+            // A "worker" that dies on every delivery: it takes the message and hands it back.
+            let crashing = AMQPConsumer(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
+                                        prefetch: 1, logger: Servers.logger)
+            try await withServices([dispatcher]) {
+                crashing.start(); defer { crashing.stop() }
+                try await crashing.waitUntilConsuming()
+                let pump = Task { for await d in crashing.deliveries { crashing.nack(d, multiple: false, requeue: true) } }
+                defer { pump.cancel() }
+                try await sys.store.createTasks([try sys.task(["name": "poison"])])
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dead' AND reason LIKE '%delivery limit%'") == 1 }
+                #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE run_id IS NOT NULL AND reason LIKE 'delivery limit exceeded%'") == 1)
+            }
+        }
+    }
+
+    // MARK: priorities
+
+    /// Workers saturated by background work; critical work added later starts within the broker
+    /// backlog plus the in-flight work, not behind the whole backlog.
+    @Test func criticalWorkOvertakesABackgroundBacklog() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let backlog = 4, concurrency = 2
+            let dispatcher = sys.dispatcher { $0.maxBacklogPerQueue = backlog; $0.groups = 1 }
+            let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: concurrency)
+            try await withServices([dispatcher, worker]) {
+                try await sys.store.createTasks(try (0..<60).map {
+                    try sys.task(["name": .string("bg-\($0)"), "priority": "background", "parameters": .object(["sleep_ms": .number(100)])])
+                })
+                try await sys.eventually { recorder.starts.withLock { $0.count } >= 6 }
+                let added = ContinuousClock.now
+                try await sys.store.createTasks(try (0..<5).map {
+                    try sys.task(["name": .string("crit-\($0)"), "priority": "critical", "parameters": .object(["sleep_ms": .number(100)])])
+                })
+                try await sys.eventually(timeout: .seconds(30)) { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 65 }
+                let starts = recorder.starts.withLock { $0 }
+                let lastCritical = try #require(starts.lastIndex { $0.0.hasPrefix("crit-") })
+                let backgroundInBetween = starts[..<lastCritical].filter { $0.0.hasPrefix("bg-") && $0.1 > added }.count
+                #expect(backgroundInBetween <= backlog + concurrency,
+                        "\(backgroundInBetween) background runs started between adding the critical work and its last start")
+                #expect(starts.filter { $0.0.hasPrefix("bg-") }.count == 60)
+            }
+        }
+    }
+
+    // MARK: schedules and misfires
+
+    @Test func cronTasksFireOnTheirSecondsAndIntervalsStayOnTheGrid() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                try await sys.store.createTasks([try sys.task(["name": "every-second", "schedule": "* * * * * *", "timezone": "Europe/London"]),
+                                                 try sys.task(["name": "interval", "schedule": "every 700ms"])])
+                try await Task.sleep(for: .seconds(3.2))
+                try await sys.store.setPaused(true, names: ["every-second", "interval"])
+                let cron = try await sys.rows("SELECT extract(epoch FROM occurrence) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'every-second' ORDER BY 1")
+                    .map { Double($0[0]!)! }
+                #expect((3...4).contains(cron.count), "\(cron)")
+                #expect(cron.allSatisfy { $0 == $0.rounded() }, "cron occurrences are whole seconds")
+                #expect(zip(cron, cron.dropFirst()).allSatisfy { $1 - $0 == 1 })
+                let grid = try await sys.rows("SELECT extract(epoch FROM occurrence) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'interval' ORDER BY 1")
+                    .map { Double($0[0]!)! }
+                #expect(grid.count >= 4)
+                #expect(zip(grid, grid.dropFirst()).allSatisfy { abs($1 - $0 - 0.7) < 0.0011 }, "\(grid)")
+            }
+        }
+    }
+
+    /// Ten occurrences missed (the task's first due time is 95 s ago), decided by each policy,
+    /// exactly once although two dispatchers race for them.
+    @Test func misfirePoliciesDecideMissedOccurrencesOnce() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let config: (inout DispatcherConfiguration) -> Void = { $0.misfireGrace = .seconds(2) }
+            try await withServices([sys.dispatcher(config), sys.dispatcher(config), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                let start = Timestamp.format(Date().addingTimeInterval(-95))
+                try await sys.store.createTasks(try ["skip", "once", "all"].map { p in
+                    try sys.task(["name": .string(p), "schedule": "every 10s", "start": .string(start), "misfire": .string(p), "max_catchup": 3])
+                })
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 4 }
+                try await Task.sleep(for: .milliseconds(500))
+                let byTask = Dictionary(uniqueKeysWithValues: try await sys.rows("""
+                    SELECT t.name, count(r.id), t.skipped_occurrences, extract(epoch FROM t.next_run_at - now()) FROM tasks t
+                    LEFT JOIN runs r ON r.task_id = t.id GROUP BY t.id
+                    """).map { ($0[0]!, ($0[1]!, $0[2]!, Double($0[3]!)!)) })
+                #expect(byTask["skip"]?.0 == "0" && byTask["skip"]?.1 == "10")
+                #expect(byTask["once"]?.0 == "1" && byTask["once"]?.1 == "9")
+                #expect(byTask["all"]?.0 == "3" && byTask["all"]?.1 == "7")
+                for (_, v) in byTask { #expect(v.2 > 0 && v.2 <= 10, "next occurrence is the next one on the grid") }
+            }
+        }
+    }
+
+    // MARK: overlap, concurrency keys, rate limits
+
+    @Test func overlapPolicies() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: 8)]) {
+                let slow: JSONValue = .object(["sleep_ms": .number(900)])
+                try await sys.store.createTasks(try ["forbid", "queue", "replace"].map { p in
+                    try sys.task(["name": .string(p), "schedule": "every 300ms", "overlap": .string(p), "parameters": slow])
+                })
+                try await Task.sleep(for: .seconds(3))
+                try await sys.store.setPaused(true, names: ["forbid", "queue", "replace"])
+                try await Task.sleep(for: .seconds(2))
+                for name in ["forbid", "queue"] {
+                    let spans = try await sys.rows("""
+                        SELECT extract(epoch FROM started_at), extract(epoch FROM finished_at) FROM runs r JOIN tasks t ON t.id = r.task_id
+                        WHERE t.name = $1 AND started_at IS NOT NULL ORDER BY started_at
+                        """, [name]).map { (Double($0[0]!)!, Double($0[1] ?? "1e12")!) }
+                    #expect(spans.count >= 2, "\(name) ran")
+                    #expect(zip(spans, spans.dropFirst()).allSatisfy { $1.0 >= $0.1 - 0.01 }, "\(name): runs never overlap: \(spans)")
+                    #expect(try await sys.count("SELECT skipped_occurrences FROM tasks WHERE name = $1", [name]) > 0)
+                }
+                // queue: at most one waiting, which ran when the active one ended.
+                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'queue' AND r.state = 'scheduled'") <= 1)
+                // replace: each new occurrence cancelled the running one.
+                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'replace' AND r.state = 'cancelled' AND r.reason LIKE 'replaced%'") >= 2)
+                #expect(recorder.cancelled.withLock { $0.count } >= 1, "a replaced run's executor was stopped on the worker")
+            }
+        }
+    }
+
+    @Test func concurrencyKeysHoldAcrossDispatchersAndQueueRatesAreLimited() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: 12)]) {
+                try await sys.store.createTasks(try (0..<12).map {
+                    try sys.task(["name": .string("keyed-\($0)"), "concurrency": .object(["key": "customer:42", "limit": 2]),
+                                  "parameters": .object(["sleep_ms": .number(300)])])
+                })
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 12 }
+                let spans = try await sys.rows("SELECT extract(epoch FROM started_at), extract(epoch FROM finished_at) FROM runs")
+                    .map { (Double($0[0]!)!, Double($0[1]!)!) }
+                let most = spans.map { s in spans.filter { $0.0 <= s.0 && $0.1 > s.0 }.count }.max() ?? 0
+                #expect(most <= 2, "at most 2 in flight for the key, saw \(most)")
+
+                try await sys.store.setRateLimit(queue: sys.queue, rate: 5, burst: 1)
+                try await sys.store.createTasks(try (0..<11).map { try sys.task(["name": .string("rated-\($0)")]) })
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 23 }
+                let spread = try await sys.rows("""
+                    SELECT extract(epoch FROM max(dispatched_at) - min(dispatched_at)) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name LIKE 'rated-%'
+                    """)
+                #expect(Double(spread[0][0]!)! >= 1.8, "11 runs at 5/s with a burst of 1 take at least 2 s")
+            }
+        }
+    }
+
+    // MARK: DAGs, groups, cancel
+
+    @Test func dependenciesRunAsOneWorkflowAndFailuresSkipDependents() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                let fail: JSONValue = .object(["fail": .bool(true)])
+                try await sys.store.createTasks([
+                    try sys.task(["name": "extract"]),
+                    try sys.task(["name": "clean", "depends_on": ["extract"]]),
+                    try sys.task(["name": "enrich", "depends_on": ["extract"], "parameters": fail]),
+                    try sys.task(["name": "load", "depends_on": ["clean", "enrich"]]),
+                    try sys.task(["name": "report", "depends_on": ["load"]]),
+                    try sys.task(["name": "alert", "depends_on": ["enrich"], "trigger_rule": "one_failed"]),
+                    try sys.task(["name": "cleanup", "depends_on": ["clean", "enrich"], "trigger_rule": "all_done"]),
+                ])
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state IN ('succeeded', 'failed', 'skipped')") == 7 }
+                let states = Dictionary(uniqueKeysWithValues: try await sys.rows("SELECT t.name, r.state FROM runs r JOIN tasks t ON t.id = r.task_id").map { ($0[0]!, $0[1]!) })
+                #expect(states == ["extract": "succeeded", "clean": "succeeded", "enrich": "failed", "load": "skipped", "report": "skipped",
+                                   "alert": "succeeded", "cleanup": "succeeded"])
+                #expect(try await sys.count("SELECT count(DISTINCT workflow_run_id) FROM runs") == 1)
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE workflow_run_id IS NULL") == 0)
+                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'load' AND r.reason LIKE '%enrich ended failed%'") == 1)
+                // Dependents never start before their upstreams end.
+                let clean = try await sys.rows("SELECT extract(epoch FROM r.started_at) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'cleanup'")
+                let ups = try await sys.rows("SELECT max(extract(epoch FROM r.finished_at)) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name IN ('clean', 'enrich')")
+                #expect(Double(clean[0][0]!)! >= Double(ups[0][0]!)!)
+                // A second trigger of the root is a second workflow run.
+                let extract = try await sys.store.task(named: "extract")
+                try await sys.store.trigger(taskID: try #require(extract).id)
+                try await sys.eventually {
+                    let workflows = try await sys.count("SELECT count(DISTINCT workflow_run_id) FROM runs WHERE state IN ('succeeded', 'failed', 'skipped')")
+                    let ended = try await sys.count("SELECT count(*) FROM runs WHERE state IN ('succeeded', 'failed', 'skipped')")
+                    return workflows == 2 && ended == 14
+                }
+            }
+        }
+    }
+
+    @Test func cyclesSelfDependenciesDuplicatesAndTwoRootsAreRefused() async throws {
+        try await System.with { sys in
+            func refused(_ specs: [[String: JSONValue]], _ mention: String) async throws {
+                let tasks = try specs.map { try sys.task($0) }
+                await #expect { try await sys.store.createTasks(tasks) } throws: { e in
+                    guard let v = e as? ValidationError else { return false }
+                    return v.field == "depends_on" && (v.hint.contains(mention) || v.value.contains(mention))
+                }
+            }
+            try await refused([["name": "a", "schedule": "manual", "depends_on": ["b"]], ["name": "b", "schedule": "manual", "depends_on": ["c"]],
+                               ["name": "c", "schedule": "manual", "depends_on": ["a"]]], "cycle")
+            try await refused([["name": "x"], ["name": "y"], ["name": "z", "depends_on": ["x", "y"]]], "different root")
+            try await refused([["name": "p"], ["name": "q", "depends_on": ["nope"]]], "nope")
+            #expect(throws: ValidationError.self) { try sys.task(["name": "s", "depends_on": ["s"]]) }
+            #expect(throws: ValidationError.self) { try sys.task(["name": "d", "depends_on": ["p", "p"]]) }
+            #expect(throws: ValidationError.self) { try sys.task(["name": "d", "schedule": "every 5s", "depends_on": ["p"]]) }
+            #expect(try await sys.count("SELECT count(*) FROM tasks") == 0, "a refused batch creates nothing")
+        }
+    }
+
+    @Test func cancellingARunningRunStopsItsExecutorAndGroupsPauseAndCount() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                try await sys.store.createTasks([
+                    try sys.task(["name": "long", "group": "nightly", "parameters": .object(["sleep_ms": .number(30_000)])]),
+                    try sys.task(["name": "ticker", "group": "nightly", "schedule": "every 200ms"]),
+                ])
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'long' AND r.state = 'running'") == 1 }
+                let longRow = try await sys.rows("SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'long'")
+                let run = try #require(longRow.first?[0].flatMap(UUID.init(uuidString:)))
+                let asked = ContinuousClock.now
+                #expect(try await sys.store.cancel(runs: [run]) == [run])
+                try await sys.eventually("the worker stopped the executor") { recorder.cancelled.withLock { $0.contains(run) } }
+                #expect(ContinuousClock.now - asked < .seconds(5))
+                #expect(try await sys.store.run(id: run)?.state == .cancelled)
+
+                #expect(try await sys.store.setPaused(true, group: "nightly") == 2)
+                try await Task.sleep(for: .milliseconds(600))
+                let before = try await sys.count("SELECT count(*) FROM runs")
+                try await Task.sleep(for: .milliseconds(800))
+                #expect(try await sys.count("SELECT count(*) FROM runs") == before, "a paused group starts nothing")
+                let counts = try await sys.store.runCounts(group: "nightly")
+                #expect(counts[.cancelled] == 1 && (counts[.succeeded] ?? 0) >= 2)
+            }
+        }
+    }
+
+    @Test func retentionDeletesOldRunsAndPurgesDeletedTasksInBatches() async throws {
+        try await System.with { sys in
+            try await sys.store.createTasks([try sys.task(["name": "old"]), try sys.task(["name": "gone"])])
+            try await sys.pool.withConnection { c in
+                try await c.simple("""
+                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, finished_at)
+                    SELECT gen_random_uuid(), t.id, now() - make_interval(mins => g), 1, 'succeeded', 'work', 0, now(), now() - interval '40 days'
+                    FROM tasks t, generate_series(1, 1500) g
+                    """)
+            }
+            #expect(try await sys.store.deleteTask(named: "gone"))
+            var deleted = 0
+            while true {
+                let n = try await sys.store.purgeBatch(runsAge: .seconds(30 * 86_400), tasksAge: .zero, batch: 1000)
+                if n == 0 { break }
+                deleted += n
+            }
+            #expect(deleted == 3001)
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 0)
+            #expect(try await sys.count("SELECT count(*) FROM tasks") == 1)
+        }
+    }
+}
