@@ -189,3 +189,22 @@ func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
     try p.run()
     return p
 }
+
+/// Runs `conveyor <args>` to completion; returns its exit status, standard output and error.
+func runConveyor(_ args: [String], env: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: try conveyorBinary())
+    p.arguments = args
+    var e = ProcessInfo.processInfo.environment
+    for (k, v) in env { e[k] = v }
+    e["CONVEYOR_CONFIG_DIR"] = e["CONVEYOR_CONFIG_DIR"] ?? FileManager.default.currentDirectoryPath + "/config"
+    p.environment = e
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    let r = err.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: r, as: UTF8.self))
+}
