@@ -141,8 +141,12 @@ public final class Dispatcher: Service, Sendable {
         // Each queue's broker backlog is bounded: what is over it waits in PostgreSQL, where
         // priority orders it. The room is shared out among the groups.
         let backlog: [String: Int]
-        do { backlog = try await store.backlog() } catch {
-            logger.warning("reading the backlog failed", metadata: ["error": "\(error)"])
+        do {
+            let probe = try await store.scanProbe()
+            guard probe.due else { return 0 }
+            backlog = probe.backlog
+        } catch {
+            logger.warning("scan probe failed", metadata: ["error": "\(error)"])
             return 0
         }
         let groups = configuration.groups

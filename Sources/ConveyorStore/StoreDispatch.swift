@@ -265,16 +265,31 @@ extension Store {
         return ClaimedRun(message: m, traceparent: r[9] ?? q.newTraceParent(nil))
     }
 
-    /// Runs `queued` or `dispatched` per queue: what the broker holds that no worker has started.
-    public func backlog() async throws -> [String: Int] {
+    /// One round trip before a scan: whether anything is due (a task, a ready run, an expired
+    /// lease), and each queue's backlog (runs `queued` or `dispatched`: what the broker holds that
+    /// no worker has started). Every part is an index probe, so an idle tick costs one query.
+    public func scanProbe() async throws -> (due: Bool, backlog: [String: Int]) {
         try await pool.withConnection { c in
-            var out: [String: Int] = [:]
-            for r in try await c.query("SELECT queue, count(*) FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue").rows {
-                out[try r.string(0)] = try r.int(1)
+            var backlog: [String: Int] = [:]
+            var due = false
+            for r in try await c.query(Self.probeSQL).rows {
+                due = try r.bool(0)
+                if let q = r[1] { backlog[q] = try r.int(2) }
             }
-            return out
+            return (due, backlog)
         }
     }
+
+    public static let probeSQL = """
+        WITH due AS (
+            SELECT EXISTS (SELECT 1 FROM tasks WHERE next_run_at <= now() AND NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL)
+                OR EXISTS (SELECT 1 FROM runs WHERE state = 'scheduled' AND available_at <= now())
+                OR EXISTS (SELECT 1 FROM runs WHERE state = 'queued' AND available_at <= now()) AS any
+        ), backlog AS (
+            SELECT queue, count(*) AS n FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue
+        )
+        SELECT due.any, backlog.queue, backlog.n FROM due LEFT JOIN backlog ON true
+        """
 
     /// Marks runs the broker confirmed as `dispatched` (forward only).
     public func markDispatched(_ runIDs: [UUID]) async throws {

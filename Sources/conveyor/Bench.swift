@@ -1,5 +1,7 @@
 import ArgumentParser
+import ConveyorConfig
 import ConveyorCore
+import ConveyorDispatcher
 import ConveyorPostgres
 import ConveyorStore
 import Foundation
@@ -17,8 +19,11 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Dispatcher processes.") var dispatchers = 1
     @Option(help: "Give up after this many seconds.") var timeout = 300
     @Flag(help: "Print one JSON object instead of text.") var json = false
+    @Option(name: .customLong("idle-tasks"), help: "Tasks that are not due (next run in a year), present during the run.") var idleTasks = 0
+    @Flag(name: .customLong("scan-only"), help: "Only time the dispatcher's scan tick over --idle-tasks (nothing due) and show the plan.") var scanOnly = false
 
     func validate() throws {
+        guard idleTasks >= 0, idleTasks <= 10_000_000 else { throw ValidationError(field: "--idle-tasks", value: String(idleTasks), hint: "0 to 10000000") }
         guard tasks > 0 else { throw ValidationError(field: "--tasks", value: String(tasks), hint: "must be at least 1") }
         guard (1...64).contains(workers) else { throw ValidationError(field: "--workers", value: String(workers), hint: "1 to 64") }
         guard (1...8).contains(dispatchers) else { throw ValidationError(field: "--dispatchers", value: String(dispatchers), hint: "1 to 8") }
@@ -33,6 +38,12 @@ struct Bench: AsyncParsableCommand {
         try await Migrator(logger: logger).migrate(pool)
         let store = Store(pool: pool)
         let queue = "bench-" + UUID().uuidString.lowercased().prefix(8)
+        if idleTasks > 0 { try await createIdleTasks(pool, queue: queue) }
+        if scanOnly {
+            try await measureScan(pool, store: store, settings: settings, logger: logger, queue: queue)
+            try await pool.withConnection { c in _ = try await c.query("DELETE FROM tasks WHERE queue = $1", [queue]) }
+            return
+        }
         let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
 
         var env = ProcessInfo.processInfo.environment
@@ -122,6 +133,54 @@ struct Bench: AsyncParsableCommand {
             print(result.text)
         }
         if !result.completed { throw ExitCode(2) }
+    }
+
+    /// `idleTasks` tasks due in a year, inserted by the database in batches of 100,000.
+    func createIdleTasks(_ pool: PostgresPool, queue: String) async throws {
+        var made = 0
+        let started = ContinuousClock.now
+        while made < idleTasks {
+            let n = min(100_000, idleTasks - made)
+            try await pool.withConnection { c in
+                _ = try await c.query("""
+                    INSERT INTO tasks (id, name, executor, schedule, queue, next_run_at, shard)
+                    SELECT u, $1 || '-idle-' || g, 'noop', 'every 1d', $1, now() + interval '365 days' + g * interval '1 second', abs(hashtext(u::text))
+                    FROM (SELECT gen_random_uuid() AS u, g FROM generate_series($2::int, $3::int) g) s
+                    """, [queue, made, made + n - 1])
+            }
+            made += n
+        }
+        try await pool.withConnection { c in _ = try await c.simple("ANALYZE tasks") }
+        FileHandle.standardError.write(Data("[bench] \(idleTasks) idle tasks inserted in \(ContinuousClock.now - started)\n".utf8))
+    }
+
+    /// Times the dispatcher's scan tick (every task group's claim, the backlog read, and the
+    /// next-due query) with nothing due, and prints the claim's plan.
+    func measureScan(_ pool: PostgresPool, store: Store, settings: Settings, logger: Logger, queue: String) async throws {
+        let c = try Connections(settings: settings)
+        let dc = try DispatcherConfiguration(settings: settings)
+        let dispatcher = Dispatcher(configuration: dc, store: store, amqp: c.amqp, databaseURL: nil, logger: logger)
+        var ticks: [Double] = []
+        for i in 0..<220 {
+            let t0 = ContinuousClock.now
+            let n = await dispatcher.scanOnce()
+            _ = try await store.secondsUntilNextDue()
+            let ms = (ContinuousClock.now - t0).inMilliseconds
+            if i >= 20 { ticks.append(ms) }   // the first ones warm the pool and the caches
+            if n != 0 { throw ValidationError(field: "--scan-only", value: "\(n)", hint: "something was due; run it on a quiet database") }
+        }
+        ticks.sort()
+        let plan = try await pool.withConnection { c in
+            try await c.query("EXPLAIN (ANALYZE, BUFFERS) " + Store.probeSQL).rows.compactMap { $0[0] }
+        }
+        let total = try await pool.withConnection { c in try await c.query("SELECT count(*) FROM tasks").first!.int(0) }
+        func p(_ q: Double) -> String { String(format: "%.2f", ticks[min(ticks.count - 1, Int(Double(ticks.count) * q))]) }
+        print("""
+            conveyor bench --scan-only: \(total) tasks in the database, none due; \(dc.groups) task groups per tick
+              scan tick        p50 \(p(0.5)) ms   p95 \(p(0.95)) ms   p99 \(p(0.99)) ms   max \(p(1)) ms  (\(ticks.count) ticks)
+              probe plan (what an idle tick runs):
+            """)
+        for line in plan { print("    " + line) }
     }
 
     func spawn(_ exe: String, _ args: [String], _ env: [String: String]) throws -> Process {
