@@ -94,11 +94,14 @@ extension Store {
         var taskIDs: [UUID] = [], nextTimes: [Date?] = [], skips: [Int] = []
         var replaceTasks: [UUID] = []
         var workflows: (ids: [UUID], roots: [UUID], occurrences: [Date]) = ([], [], [])
+        var zones: [String: TimeZone] = [:]
         for r in due.rows {
             let taskID = try r.uuid(0)
             let now = try r.date(6)
             let schedule = try Schedule(parsing: try r.string(1))
-            let zone = TimeZone(identifier: try r.string(2)) ?? .gmt
+            let zoneName = try r.string(2)
+            let zone = zones[zoneName] ?? TimeZone(identifier: zoneName) ?? .gmt
+            zones[zoneName] = zone
             let misfire = (try? MisfirePolicy(parsing: try r.string(3))) ?? .once
             let overlap = (try? OverlapPolicy(parsing: try r.string(7))) ?? .allow
             let dueAt = try r.date(5)

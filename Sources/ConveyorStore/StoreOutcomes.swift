@@ -138,10 +138,15 @@ extension Store {
             let taskIDs = Array(Set(batch.map(\.task)))
             struct Policy { var retry: RetryPolicy; var overlap: String; var callback: String?; var name: String }
             var policies: [UUID: Policy] = [:]
+            // Retry policies are decoded only for tasks with a failed ending: the common case
+            // (everything succeeded) decodes no JSON.
+            let failing = Set(batch.filter { [.failed, .timedOut, .lost].contains($0.state) }.map(\.task))
             for r in try await c.query("""
-                SELECT id, max_attempts, retry_policy::text, overlap_policy, callback_url, name FROM tasks WHERE id = ANY($1::uuid[])
-                """, [taskIDs]).rows {
-                let retry = (try? RetryPolicy(maxAttempts: try r.int(1), json: try json(try r.string(2)))) ?? RetryPolicy()
+                SELECT id, max_attempts, CASE WHEN id = ANY($2::uuid[]) THEN retry_policy::text END, overlap_policy, callback_url, name
+                FROM tasks WHERE id = ANY($1::uuid[])
+                """, [taskIDs, Array(failing)]).rows {
+                var retry = RetryPolicy()
+                if let text = r[2] { retry = (try? RetryPolicy(maxAttempts: try r.int(1), json: try json(text))) ?? RetryPolicy() }
                 policies[try r.uuid(0)] = Policy(retry: retry, overlap: try r.string(3), callback: r[4], name: try r.string(5))
             }
             var retries = NewRuns()

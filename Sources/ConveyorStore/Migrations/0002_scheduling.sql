@@ -40,6 +40,11 @@ ALTER TABLE runs
 -- The claim: ready runs by priority, then due time. Waiting runs (overlap 'queue') have
 -- available_at = 'infinity' and are never ready until released.
 DROP INDEX runs_due;
+-- Every index a run's row versions touch costs on each state change (no HOT updates: state is in
+-- the partial predicates). runs_active is read by nothing now; the unique (task_id, occurrence,
+-- attempt) index serves "runs of a task, newest first" by a backward scan.
+DROP INDEX runs_active;
+DROP INDEX runs_by_task;
 CREATE INDEX runs_ready ON runs (priority, available_at) WHERE state = 'scheduled';
 CREATE INDEX runs_lease ON runs (available_at) WHERE state = 'queued';
 CREATE INDEX runs_deadline ON runs (deadline_at) WHERE state = 'running';
