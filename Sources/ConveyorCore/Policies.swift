@@ -14,8 +14,24 @@ public enum Priority: Int, Sendable, CaseIterable, Codable {
     }
 }
 
+/// A setting chosen by name (`misfire: skip`): parsed case-insensitively, with an error that
+/// lists the choices.
+public protocol NamedChoice: RawRepresentable<String>, CaseIterable {
+    /// The field name in errors.
+    static var field: String { get }
+}
+
+extension NamedChoice {
+    public init(parsing text: String) throws(ValidationError) {
+        guard let v = Self(rawValue: text.lowercased()) else {
+            throw ValidationError(field: Self.field, value: text, hint: "one of \(Self.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        self = v
+    }
+}
+
 /// What happens to occurrences missed while dispatchers were down or the task was paused.
-public enum MisfirePolicy: String, Sendable, CaseIterable {
+public enum MisfirePolicy: String, Sendable, CaseIterable, NamedChoice {
     /// Run none of them; only the next future occurrence.
     case skip
     /// One catch-up run now (the default).
@@ -23,16 +39,11 @@ public enum MisfirePolicy: String, Sendable, CaseIterable {
     /// Every missed occurrence, at most `max_catchup`.
     case all
 
-    public init(parsing text: String) throws(ValidationError) {
-        guard let p = Self(rawValue: text.lowercased()) else {
-            throw ValidationError(field: "misfire", value: text, hint: "one of skip, once, all")
-        }
-        self = p
-    }
+    public static let field = "misfire"
 }
 
 /// What happens when an occurrence comes due while an earlier run of the task is still active.
-public enum OverlapPolicy: String, Sendable, CaseIterable {
+public enum OverlapPolicy: String, Sendable, CaseIterable, NamedChoice {
     /// Run both.
     case allow
     /// Skip the new occurrence.
@@ -42,26 +53,16 @@ public enum OverlapPolicy: String, Sendable, CaseIterable {
     /// Keep at most one waiting; it starts when the active run ends.
     case queue
 
-    public init(parsing text: String) throws(ValidationError) {
-        guard let p = Self(rawValue: text.lowercased()) else {
-            throw ValidationError(field: "overlap", value: text, hint: "one of allow, forbid, replace, queue")
-        }
-        self = p
-    }
+    public static let field = "overlap"
 }
 
 /// When a dependent task runs, given its upstreams' final states in one workflow run.
-public enum TriggerRule: String, Sendable, CaseIterable {
+public enum TriggerRule: String, Sendable, CaseIterable, NamedChoice {
     case allSuccess = "all_success"
     case allDone = "all_done"
     case oneFailed = "one_failed"
 
-    public init(parsing text: String) throws(ValidationError) {
-        guard let r = Self(rawValue: text.lowercased()) else {
-            throw ValidationError(field: "trigger_rule", value: text, hint: "one of all_success, all_done, one_failed")
-        }
-        self = r
-    }
+    public static let field = "trigger_rule"
 
     /// The decision once enough upstream states are known: `true` run, `false` skip, `nil` wait.
     /// `states` holds the final state of each upstream that has finished; `total` upstreams in all.

@@ -175,8 +175,8 @@ func conveyorBinary() throws -> String {
     return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "conveyor binary not built: run swift build first")
 }
 
-/// Starts `conveyor <args>` as a child process with extra environment.
-func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
+/// `conveyor <args>` with the test environment plus `env`, not started.
+func conveyorProcess(_ args: [String], env: [String: String]) throws -> Process {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: try conveyorBinary())
     p.arguments = args
@@ -184,6 +184,12 @@ func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
     for (k, v) in env { e[k] = v }
     e["CONVEYOR_CONFIG_DIR"] = e["CONVEYOR_CONFIG_DIR"] ?? FileManager.default.currentDirectoryPath + "/config"
     p.environment = e
+    return p
+}
+
+/// Starts `conveyor <args>` as a child process with extra environment.
+func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
+    let p = try conveyorProcess(args, env: env)
     p.standardOutput = FileHandle.nullDevice
     p.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
     try p.run()
@@ -192,13 +198,7 @@ func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
 
 /// Runs `conveyor <args>` to completion; returns its exit status, standard output and error.
 func runConveyor(_ args: [String], env: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: try conveyorBinary())
-    p.arguments = args
-    var e = ProcessInfo.processInfo.environment
-    for (k, v) in env { e[k] = v }
-    e["CONVEYOR_CONFIG_DIR"] = e["CONVEYOR_CONFIG_DIR"] ?? FileManager.default.currentDirectoryPath + "/config"
-    p.environment = e
+    let p = try conveyorProcess(args, env: env)
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
