@@ -86,19 +86,21 @@ public enum Schedule: Sendable, Hashable {
     /// What to do with a task whose occurrence `due` has come, judged at `now` (the database
     /// clock): which occurrences to run, how many to skip, and the next due time.
     ///
-    /// Occurrences older than `grace` are *missed* (dispatchers were down, or the task was
-    /// paused); the misfire policy decides them. One-off and manual tasks always run.
-    public func plan(due: Date, now: Date, timeZone: TimeZone, misfire: MisfirePolicy, maxCatchup: Int,
+    /// Intervals keep to the grid of `anchor` (the task's first due time), even after a trigger
+    /// made `due` fall off it. Occurrences older than `grace` are *missed* (dispatchers were
+    /// down, or the task was paused); the misfire policy decides them. One-off and manual tasks
+    /// always run.
+    public func plan(due: Date, anchor: Date, now: Date, timeZone: TimeZone, misfire: MisfirePolicy, maxCatchup: Int,
                      grace: Double) -> OccurrencePlan {
         guard repeats else { return OccurrencePlan(fire: [due], skipped: 0, next: nil) }
         var list = [due]
         var last = due
         // Count at most 10,000 missed occurrences; beyond that they are skipped without counting.
-        while list.count < 10_000, let n = next(after: last, anchor: due, timeZone: timeZone), n <= now {
+        while list.count < 10_000, let n = next(after: last, anchor: anchor, timeZone: timeZone), n <= now {
             list.append(n)
             last = n
         }
-        let nextDue = next(after: max(last, now), anchor: due, timeZone: timeZone)
+        let nextDue = next(after: max(last, now), anchor: anchor, timeZone: timeZone)
         let onTime = list.filter { now.timeIntervalSince($0) <= grace }
         let missed = list.count - onTime.count
         let fire: [Date]

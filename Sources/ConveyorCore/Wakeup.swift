@@ -34,6 +34,13 @@ package final class Wakeup: Sendable {
         }
     }
 
+    /// Waits for a signal with no timeout; returns `false` if the waiting task was cancelled first.
+    package func waitUntilSignalled() async -> Bool {
+        if state.withLock({ s in defer { s.pending = false }; return s.pending }) { return true }
+        await waitForSignal()
+        return !Task.isCancelled
+    }
+
     private func waitForSignal() async {
         state.withLock { $0.cancelled = false }
         await withTaskCancellationHandler {

@@ -122,64 +122,73 @@ public final class Dispatcher: Service, Sendable {
 
     func scanLoop() async {
         while !stopping.load(ordering: .relaxed) {
-            var claimed = 0
+            var tick = (work: 0, nextDueIn: Double?.none)
             if publisher.isConnected && !publisher.isBlocked {
-                claimed = await scanOnce()
+                tick = await scanTick()
             }
             if stopping.load(ordering: .relaxed) { break }
-            if claimed > 0 { continue }   // more may be due: scan again at once
+            if tick.work > 0 { continue }   // more may be due: scan again at once
+            // Nothing moved. Sleep until the next due time, but never spin on work that is due and
+            // held back (a full broker backlog, a rate limit): a recorded status batch, a NOTIFY or
+            // the scan interval wakes the loop.
             var sleep = configuration.scanInterval
-            if let next = try? await store.secondsUntilNextDue(), next < sleep.inSeconds {
-                sleep = .milliseconds(Int64(max(next, 0) * 1000) + 1)
+            if let next = tick.nextDueIn, next > 0, next < sleep.inSeconds {
+                sleep = .milliseconds(Int64(next * 1000) + 1)
             }
             await wakeup.wait(timeout: sleep)
         }
     }
 
-    /// Claims and publishes one batch from every task group concurrently; returns how many runs it published.
-    public func scanOnce() async -> Int {
+    /// One scan tick; returns how much it did (runs created plus runs published: 0 means nothing
+    /// was due, or nothing due could move).
+    public func scanOnce() async -> Int { await scanTick().work }
+
+    /// One scan tick: the probe, then every task group's claim and publish, concurrently. Returns
+    /// the work done and the seconds until something is next due (from the probe).
+    func scanTick() async -> (work: Int, nextDueIn: Double?) {
+        let probe: ScanProbe
+        do { probe = try await store.scanProbe() } catch {
+            logger.warning("scan probe failed", metadata: ["error": "\(error)"])
+            return (0, nil)
+        }
+        guard probe.due else { return (0, probe.nextDueIn) }
         // Each queue's broker backlog is bounded: what is over it waits in PostgreSQL, where
         // priority orders it. The room is shared out among the groups.
-        let backlog: [String: Int]
-        do {
-            let probe = try await store.scanProbe()
-            guard probe.due else { return 0 }
-            backlog = probe.backlog
-        } catch {
-            logger.warning("scan probe failed", metadata: ["error": "\(error)"])
-            return 0
-        }
         let groups = configuration.groups
         func share(_ room: Int) -> Int { room <= 0 ? 0 : (room + groups - 1) / groups }
-        let room = backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
+        let room = probe.backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
         let defaultRoom = share(configuration.maxBacklogPerQueue)
-        return await withTaskGroup(of: Int.self) { group in
+        let work = await withTaskGroup(of: Int.self) { group in
             for g in 0..<groups {
-                group.addTask { await self.dispatchGroup(g, room: room, defaultRoom: defaultRoom) }
+                group.addTask {
+                    var request = ClaimRequest(group: g, groups: groups, limit: self.configuration.batchSize,
+                                               lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
+                                               newTraceParent: { TraceIDs.dispatchTraceParent(parent: $0) })
+                    request.room = room
+                    request.defaultRoom = defaultRoom
+                    request.rateLimited = probe.rateLimited
+                    return await self.dispatchGroup(request)
+                }
             }
             var total = 0
             for await n in group { total += n }
             return total
         }
+        return (work, probe.nextDueIn)
     }
 
-    func dispatchGroup(_ g: Int, room: [String: Int], defaultRoom: Int) async -> Int {
-        var request = ClaimRequest(group: g, groups: configuration.groups, limit: configuration.batchSize, lease: configuration.publishLease,
-                                   newTraceParent: { TraceIDs.dispatchTraceParent(parent: $0) })
-        request.misfireGrace = configuration.misfireGrace
-        request.room = room
-        request.defaultRoom = defaultRoom
+    /// Claims one task group and publishes what it claimed; returns runs created plus runs published.
+    func dispatchGroup(_ request: ClaimRequest) async -> Int {
         let result: ClaimResult
         do {
             result = try await store.claimDue(request)
         } catch {
-            logger.warning("claim failed", metadata: ["dispatcher.group": "\(g)", "error": "\(error)"])
+            logger.warning("claim failed", metadata: ["dispatcher.group": "\(request.group)", "error": "\(error)"])
             return 0
         }
         if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
-        let claimed = result.runs
-        if claimed.isEmpty { return result.created > 0 ? 1 : 0 }
-        let (ok, failed) = await publish(claimed)
+        if result.runs.isEmpty { return result.created }
+        let (ok, failed) = await publish(result.runs)
         do {
             try await store.markDispatched(ok)
             if !failed.isEmpty { try await store.retryPublishSoon(failed, delay: .seconds(1)) }
@@ -188,7 +197,7 @@ public final class Dispatcher: Service, Sendable {
             logger.warning("marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
         }
         counters.withLock { $0.published += ok.count; $0.publishFailed += failed.count }
-        return max(ok.count, result.created > 0 ? 1 : 0)
+        return result.created + ok.count
     }
 
     /// Publishes runs with confirms; returns the confirmed and the failed run ids.
@@ -275,25 +284,32 @@ public final class Dispatcher: Service, Sendable {
             }
         }
         guard let last else { return }
+        await untilCommitted("recording statuses") {
+            let r = try await store.record(events, lostGrace: configuration.lostGrace)
+            counters.withLock {
+                $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes
+                $0.retried += r.settled.retried; $0.dead += r.settled.dead
+            }
+            statusConsumer.ack(last, multiple: true)
+            // Started runs free broker backlog; retries and dependents may be due now.
+            if r.applied > 0 { wakeup.signal() }
+        }
+    }
+
+    /// Runs `body` (a transaction, then the ack of what it recorded) until it succeeds, with
+    /// backoff. The transactions are idempotent, so a commit of unknown outcome is safe to redo.
+    /// Past three failures during shutdown it gives up: nothing was acked, so the broker
+    /// redelivers the messages to another dispatcher.
+    func untilCommitted(_ what: String, _ body: () async throws -> Void) async {
         var attempt = 0
         while true {
             do {
-                let r = try await store.record(events, lostGrace: configuration.lostGrace)
-                counters.withLock {
-                    $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes
-                    $0.retried += r.settled.retried; $0.dead += r.settled.dead
-                }
-                statusConsumer.ack(last, multiple: true)
-                // Started runs free broker backlog; retries and dependents may be due now.
-                if r.applied > 0 { wakeup.signal() }
+                try await body()
                 return
             } catch {
                 attempt += 1
-                logger.warning("recording statuses failed; retrying", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
-                if stopping.load(ordering: .relaxed) && attempt > 3 {
-                    // Not acked: the broker redelivers them to the next dispatcher.
-                    return
-                }
+                logger.warning("\(what) failed; retrying", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
+                if stopping.load(ordering: .relaxed) && attempt > 3 { return }
                 try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(100), cap: .seconds(5)))
             }
         }

@@ -58,39 +58,30 @@ extension Dispatcher {
     /// Records what the broker dead-lettered: keeps the message and ends its run `dead` with the
     /// reason (`x-first-death-reason`: rejected by a worker, or past the delivery limit).
     func deadLetterLoop() async {
-        for await d in deadConsumer.deliveries { await recordDeadLetters([d]) }
+        for await d in deadConsumer.deliveries {
+            let letter = Self.deadLetter(d)
+            await untilCommitted("recording dead letters") {
+                let ended = try await store.recordDeadLetters([letter])
+                counters.withLock { $0.deadLetters += 1; $0.dead += ended }
+                deadConsumer.ack(d)
+            }
+        }
     }
 
-    func recordDeadLetters(_ batch: [AMQPDelivery]) async {
-        let letters = batch.map { d -> DeadLetter in
-            let h = d.properties.headers
-            let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
-            let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
-            let explained = switch reason {
-            case "delivery_limit": "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
-            case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"
-            case "expired": "expired in \(queue)"
-            default: "\(reason) in \(queue)"
-            }
-            let runID = d.properties.type == taskMessageType
-                ? (d.properties.messageID.flatMap(UUID.init(uuidString:)) ?? MessageCodec.runID(inMalformed: d.body))
-                : nil
-            return DeadLetter(runID: runID, reason: explained, source: queue, type: d.properties.type,
-                              body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
+    static func deadLetter(_ d: AMQPDelivery) -> DeadLetter {
+        let h = d.properties.headers
+        let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
+        let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
+        let explained = switch reason {
+        case "delivery_limit": "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
+        case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"
+        case "expired": "expired in \(queue)"
+        default: "\(reason) in \(queue)"
         }
-        var attempt = 0
-        while true {
-            do {
-                let ended = try await store.recordDeadLetters(letters)
-                counters.withLock { $0.deadLetters += letters.count; $0.dead += ended }
-                if let last = batch.last { deadConsumer.ack(last, multiple: true) }
-                return
-            } catch {
-                attempt += 1
-                logger.warning("recording dead letters failed; retrying", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
-                if stopping.load(ordering: .relaxed) && attempt > 3 { return }
-                try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(100), cap: .seconds(5)))
-            }
-        }
+        let runID = d.properties.type == taskMessageType
+            ? (d.properties.messageID.flatMap(UUID.init(uuidString:)) ?? MessageCodec.runID(inMalformed: d.body))
+            : nil
+        return DeadLetter(runID: runID, reason: explained, source: queue, type: d.properties.type,
+                          body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
     }
 }

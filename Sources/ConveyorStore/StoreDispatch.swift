@@ -8,6 +8,19 @@ public struct ClaimedRun: Sendable {
     public var traceparent: String
 }
 
+/// What a scan tick learns before claiming (`Store.scanProbe`).
+public struct ScanProbe: Sendable {
+    /// Seconds until something is due; ≤ 0 means due now, `nil` nothing scheduled.
+    public var nextDueIn: Double?
+    public var backlog: [String: Int] = [:]
+    /// Queues with a rate limit (`queue_limits`).
+    public var rateLimited: Set<String> = []
+
+    public init() {}
+
+    public var due: Bool { (nextDueIn ?? 1) <= 0 }
+}
+
 /// How one task group is claimed (see docs/architecture.md, "Dispatch").
 public struct ClaimRequest: Sendable {
     public var group: Int
@@ -17,19 +30,23 @@ public struct ClaimRequest: Sendable {
     /// The outbox lease: a `queued` run not confirmed by then is republished by any dispatcher.
     public var lease: Duration
     /// Occurrences older than this are *missed* and go by the task's misfire policy.
-    public var misfireGrace: Duration = .seconds(60)
+    public var misfireGrace: Duration
     /// How many more runs each queue may have `queued` or `dispatched` (its broker backlog), for
     /// this group; queues not named get `defaultRoom`.
     public var room: [String: Int] = [:]
     public var defaultRoom = Int.max
+    /// Queues with a rate limit; the token buckets are read only when a candidate is in one.
+    public var rateLimited: Set<String> = []
     /// Makes the trace context of a new run, given the task's stored context (if any).
     public var newTraceParent: @Sendable (String?) -> String
 
-    public init(group: Int, groups: Int, limit: Int, lease: Duration, newTraceParent: @escaping @Sendable (String?) -> String) {
+    public init(group: Int, groups: Int, limit: Int, lease: Duration, misfireGrace: Duration,
+                newTraceParent: @escaping @Sendable (String?) -> String) {
         self.group = group
         self.groups = groups
         self.limit = limit
         self.lease = lease
+        self.misfireGrace = misfireGrace
         self.newTraceParent = newTraceParent
     }
 }
@@ -105,12 +122,8 @@ extension Store {
             let misfire = (try? MisfirePolicy(parsing: try r.string(3))) ?? .once
             let overlap = (try? OverlapPolicy(parsing: try r.string(7))) ?? .allow
             let dueAt = try r.date(5)
-            var plan = schedule.plan(due: dueAt, now: now, timeZone: zone, misfire: misfire, maxCatchup: try r.int(4),
-                                     grace: q.misfireGrace.inSeconds)
-            // Intervals stay on the grid of their anchor.
-            if case .interval = schedule {
-                plan.next = schedule.next(after: max(plan.fire.last ?? dueAt, now), anchor: try r.date(13), timeZone: zone)
-            }
+            let plan = schedule.plan(due: dueAt, anchor: try r.date(13), now: now, timeZone: zone, misfire: misfire,
+                                     maxCatchup: try r.int(4), grace: q.misfireGrace.inSeconds)
             var fire = plan.fire
             var skipped = plan.skipped
             var waiting = false
@@ -180,17 +193,17 @@ extension Store {
         struct Candidate { var id: UUID; var queue: String; var key: String?; var limit: Int? }
         let list = try candidates.rows.map { Candidate(id: try $0.uuid(0), queue: try $0.string(1), key: $0[2], limit: try $0.optionalInt(3)) }
 
-        // Rate limits: refill the queues' token buckets (row locks serialize dispatchers per queue).
+        // Rate limits: refill the token buckets of the limited queues among the candidates (row
+        // locks serialize dispatchers per queue). Most claims touch no limited queue and skip this.
         var tokens: [String: Double] = [:], rates: [String: Double] = [:]
-        let queues = Array(Set(list.map(\.queue))).sorted()
-        for r in try await c.query("""
+        let limited = Array(Set(list.map(\.queue)).intersection(q.rateLimited)).sorted()
+        let buckets = limited.isEmpty ? [] : try await c.query("""
             UPDATE queue_limits SET tokens = least(burst, tokens + extract(epoch FROM now() - refilled_at) * rate_per_second),
                                     refilled_at = now()
             WHERE queue IN (SELECT queue FROM queue_limits WHERE queue = ANY($1::text[]) ORDER BY queue FOR UPDATE)
             RETURNING queue, tokens, rate_per_second
-            """, [queues]).rows {
-            tokens[try r.string(0)] = try r.double(1); rates[try r.string(0)] = try r.double(2)
-        }
+            """, [limited]).rows
+        for r in buckets { tokens[try r.string(0)] = try r.double(1); rates[try r.string(0)] = try r.double(2) }
         // Concurrency keys: one advisory lock per key, in key order, then count what is in flight.
         let keys = Array(Set(list.compactMap(\.key))).sorted()
         var inFlight: [String: Int] = [:]
@@ -268,30 +281,36 @@ extension Store {
         return ClaimedRun(message: m, traceparent: r[9] ?? q.newTraceParent(nil))
     }
 
-    /// One round trip before a scan: whether anything is due (a task, a ready run, an expired
-    /// lease), and each queue's backlog (runs `queued` or `dispatched`: what the broker holds that
-    /// no worker has started). Every part is an index probe, so an idle tick costs one query.
-    public func scanProbe() async throws -> (due: Bool, backlog: [String: Int]) {
+    /// One round trip before a scan: when something is next due (a task, a ready run, an expired
+    /// lease: due now when ≤ 0), each queue's broker backlog (runs `queued` or `dispatched`), and
+    /// the queues with a rate limit. Every part is an index probe, so an idle tick costs one query
+    /// whatever the number of tasks or waiting runs.
+    public func scanProbe() async throws -> ScanProbe {
         try await pool.withConnection { c in
-            var backlog: [String: Int] = [:]
-            var due = false
-            for r in try await c.query(Self.probeSQL).rows {
-                due = try r.bool(0)
-                if let q = r[1] { backlog[q] = try r.int(2) }
+            var probe = ScanProbe()
+            for r in try await c.query(Self.probeSQL, [Priority.allCases.map(\.rawValue)]).rows {
+                probe.nextDueIn = r[0].flatMap(Double.init)
+                probe.rateLimited = Set(Self.textArray(r[1] ?? "{}"))
+                if let q = r[2] { probe.backlog[q] = try r.int(3) }
             }
-            return (due, backlog)
+            return probe
         }
     }
 
+    /// `runs_ready` is ordered by (priority, available_at), so the earliest ready run is found with
+    /// one probe per priority; waiting runs (`'infinity'`) are not due.
     public static let probeSQL = """
-        WITH due AS (
-            SELECT EXISTS (SELECT 1 FROM tasks WHERE next_run_at <= now() AND NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL)
-                OR EXISTS (SELECT 1 FROM runs WHERE state = 'scheduled' AND available_at <= now())
-                OR EXISTS (SELECT 1 FROM runs WHERE state = 'queued' AND available_at <= now()) AS any
+        WITH next AS (
+            SELECT least(
+                (SELECT min(next_run_at) FROM tasks WHERE NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL),
+                (SELECT min((SELECT r.available_at FROM runs r WHERE r.state = 'scheduled' AND r.priority = p AND r.available_at < 'infinity'
+                             ORDER BY r.available_at LIMIT 1)) FROM unnest($1::smallint[]) p),
+                (SELECT min(available_at) FROM runs WHERE state = 'queued')) AS at,
+                (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_limits) AS limited
         ), backlog AS (
             SELECT queue, count(*) AS n FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue
         )
-        SELECT due.any, backlog.queue, backlog.n FROM due LEFT JOIN backlog ON true
+        SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n FROM next LEFT JOIN backlog ON true
         """
 
     /// Marks runs the broker confirmed as `dispatched` (forward only).
@@ -315,19 +334,6 @@ extension Store {
                 UPDATE runs SET available_at = now() + make_interval(secs => $2)
                 WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)
                 """, [runIDs, secs])
-        }
-    }
-
-    /// Seconds until the next task or run falls due (capped by the caller), `nil` if nothing is scheduled.
-    public func secondsUntilNextDue() async throws -> Double? {
-        try await pool.withConnection { c in
-            let r = try await c.query("""
-                SELECT extract(epoch FROM (least(
-                    (SELECT min(next_run_at) FROM tasks WHERE NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL),
-                    (SELECT min(available_at) FROM runs WHERE state = 'scheduled'),
-                    (SELECT min(available_at) FROM runs WHERE state = 'queued')) - now()))
-                """)
-            return r.first?[0].flatMap(Double.init)
         }
     }
 }

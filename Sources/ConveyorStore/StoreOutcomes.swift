@@ -77,7 +77,7 @@ extension Store {
     /// deadline of timeout + `lostGrace`), `finished` to its outcome. Guards in SQL make every
     /// transition forward-only, so a duplicate or late event changes nothing and each attempt's
     /// outcome is recorded exactly once. Outcomes are settled in the same transaction.
-    public func record(_ events: [StatusMessage], lostGrace: Duration = .seconds(30)) async throws -> RecordResult {
+    public func record(_ events: [StatusMessage], lostGrace: Duration) async throws -> RecordResult {
         var started: [UUID: StatusMessage] = [:]
         var finished: [UUID: StatusMessage] = [:]
         for e in events {

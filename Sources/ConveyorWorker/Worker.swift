@@ -178,7 +178,8 @@ public final class Worker: Service, Sendable {
                 return .timeout
             }
             if let cancel {
-                group.addTask { await cancel.wait(timeout: context.timeout + .seconds(1)) && !Task.isCancelled ? .cancelRequested : .stopped }
+                // No timer of its own: the group's cancellation (result or timeout) ends the wait.
+                group.addTask { await cancel.waitUntilSignalled() ? .cancelRequested : .stopped }
             }
             var result: ExecutionResult?
             var ended: Step?

@@ -154,8 +154,8 @@ struct Bench: AsyncParsableCommand {
         FileHandle.standardError.write(Data("[bench] \(idleTasks) idle tasks inserted in \(ContinuousClock.now - started)\n".utf8))
     }
 
-    /// Times the dispatcher's scan tick (every task group's claim, the backlog read, and the
-    /// next-due query) with nothing due, and prints the claim's plan.
+    /// Times the dispatcher's scan tick with nothing due (the probe: next due time, backlog, rate
+    /// limits), and prints the probe's plan.
     func measureScan(_ pool: PostgresPool, store: Store, settings: Settings, logger: Logger, queue: String) async throws {
         let c = try Connections(settings: settings)
         let dc = try DispatcherConfiguration(settings: settings)
@@ -163,15 +163,14 @@ struct Bench: AsyncParsableCommand {
         var ticks: [Double] = []
         for i in 0..<220 {
             let t0 = ContinuousClock.now
-            let n = await dispatcher.scanOnce()
-            _ = try await store.secondsUntilNextDue()
+            let n = await dispatcher.scanOnce()   // the probe, which also yields the next due time
             let ms = (ContinuousClock.now - t0).inMilliseconds
             if i >= 20 { ticks.append(ms) }   // the first ones warm the pool and the caches
             if n != 0 { throw ValidationError(field: "--scan-only", value: "\(n)", hint: "something was due; run it on a quiet database") }
         }
         ticks.sort()
         let plan = try await pool.withConnection { c in
-            try await c.query("EXPLAIN (ANALYZE, BUFFERS) " + Store.probeSQL).rows.compactMap { $0[0] }
+            try await c.query("EXPLAIN (ANALYZE, BUFFERS) " + Store.probeSQL, [Priority.allCases.map(\.rawValue)]).rows.compactMap { $0[0] }
         }
         let total = try await pool.withConnection { c in try await c.query("SELECT count(*) FROM tasks").first!.int(0) }
         func p(_ q: Double) -> String { String(format: "%.2f", ticks[min(ticks.count - 1, Int(Double(ticks.count) * q))]) }

@@ -166,23 +166,23 @@ private func fires(_ expr: String, tz: String, from: String, count: Int) throws 
     @Test func misfirePolicies() {
         let s = Schedule.interval(seconds: 10)
         let now = t0.addingTimeInterval(95)
-        let skip = s.plan(due: t0, now: now, timeZone: .gmt, misfire: .skip, maxCatchup: 100, grace: 30)
+        let skip = s.plan(due: t0, anchor: t0, now: now, timeZone: .gmt, misfire: .skip, maxCatchup: 100, grace: 30)
         #expect(skip.fire == [t0.addingTimeInterval(70), t0.addingTimeInterval(80), t0.addingTimeInterval(90)])   // within grace
         #expect(skip.skipped == 7)
         #expect(skip.next == t0.addingTimeInterval(100))
-        let strict = s.plan(due: t0, now: now, timeZone: .gmt, misfire: .skip, maxCatchup: 100, grace: 1)
+        let strict = s.plan(due: t0, anchor: t0, now: now, timeZone: .gmt, misfire: .skip, maxCatchup: 100, grace: 1)
         #expect(strict.fire.isEmpty && strict.skipped == 10 && strict.next == t0.addingTimeInterval(100))
-        let once = s.plan(due: t0, now: now, timeZone: .gmt, misfire: .once, maxCatchup: 100, grace: 1)
+        let once = s.plan(due: t0, anchor: t0, now: now, timeZone: .gmt, misfire: .once, maxCatchup: 100, grace: 1)
         #expect(once.fire == [t0.addingTimeInterval(90)] && once.skipped == 9)
-        let all = s.plan(due: t0, now: now, timeZone: .gmt, misfire: .all, maxCatchup: 4, grace: 1)
+        let all = s.plan(due: t0, anchor: t0, now: now, timeZone: .gmt, misfire: .all, maxCatchup: 4, grace: 1)
         #expect(all.fire == (6...9).map { t0.addingTimeInterval(Double($0) * 10) } && all.skipped == 6)
         // On time: one occurrence, whatever the policy.
         for p in MisfirePolicy.allCases {
-            let plan = s.plan(due: t0, now: t0.addingTimeInterval(0.3), timeZone: .gmt, misfire: p, maxCatchup: 10, grace: 1)
+            let plan = s.plan(due: t0, anchor: t0, now: t0.addingTimeInterval(0.3), timeZone: .gmt, misfire: p, maxCatchup: 10, grace: 1)
             #expect(plan == OccurrencePlan(fire: [t0], skipped: 0, next: t0.addingTimeInterval(10)))
         }
         // One-offs always run.
-        #expect(Schedule.once.plan(due: t0, now: now, timeZone: .gmt, misfire: .skip, maxCatchup: 1, grace: 1).fire == [t0])
+        #expect(Schedule.once.plan(due: t0, anchor: t0, now: now, timeZone: .gmt, misfire: .skip, maxCatchup: 1, grace: 1).fire == [t0])
     }
 }
 

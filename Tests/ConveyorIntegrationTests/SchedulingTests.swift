@@ -84,7 +84,8 @@ struct SchedulingTests {
                     return lost == 1 && retried == 1
                 }
                 // Its late result is a no-op.
-                let late = try await sys.store.record([StatusMessage(runID: run.id, attempt: 1, event: .finished, outcome: .succeeded, workerID: "vanished")])
+                let late = try await sys.store.record([StatusMessage(runID: run.id, attempt: 1, event: .finished, outcome: .succeeded, workerID: "vanished")],
+                                                     lostGrace: .milliseconds(500))
                 #expect(late.outcomes == 0)
                 let lostFor = try await sys.rows("SELECT extract(epoch FROM finished_at - started_at) FROM runs WHERE attempt = 1")
                 #expect(Double(lostFor[0][0]!)! >= 1.5, "not declared lost before timeout (1 s) + grace (0.5 s)")
