@@ -19,6 +19,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
         // Already built for swift-configuration's YAML trait; the CLI reads task files with it.
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+        // Outbound HTTP: callbacks from the dispatcher, the http executor in workers.
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        // Already built for async-http-client; the tests' HTTP receiver uses it directly.
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
     ],
     targets: [
         // System libraries: module maps and shims only.
@@ -56,8 +60,18 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
 
+        // Outbound HTTP behind one guard: host allowlist, addresses checked and pinned, redirects re-checked.
+        .target(name: "ConveyorHTTP", dependencies: [
+            "ConveyorCore",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
         .target(name: "ConveyorDispatcher", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
+            "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
@@ -67,7 +81,7 @@ let package = Package(
         ]),
 
         .executableTarget(name: "conveyor", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig",
+            "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -75,12 +89,15 @@ let package = Package(
         ]),
 
         .testTarget(name: "ConveyorCoreTests", dependencies: [
-            "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres",
+            "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
         ]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
-            "ConveyorWorker", "ConveyorTelemetry",
+            "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
     ],
     swiftLanguageModes: [.v6]

@@ -25,6 +25,7 @@ public final class Dispatcher: Service, Sendable {
     let wakeup = Wakeup()
     let statusWakeup = Wakeup()
     let maintenanceWakeup = Wakeup()
+    let callbackWakeup = Wakeup()
     let statusBuffer = Mutex<[AMQPDelivery]>([])
     let declaredQueues: Mutex<Set<String>>
     let counters = Mutex(Counters())
@@ -45,6 +46,10 @@ public final class Dispatcher: Service, Sendable {
         public var lost = 0
         public var deadLetters = 0
         public var cancelsSent = 0
+        /// Callback attempts: delivered, to be retried, given up.
+        public var callbacksDelivered = 0
+        public var callbacksRetried = 0
+        public var callbacksFailed = 0
     }
 
     public init(configuration: DispatcherConfiguration, store: Store, amqp: AMQPConfiguration, databaseURL: String?, logger: Logger) {
@@ -93,15 +98,15 @@ public final class Dispatcher: Service, Sendable {
                 group.addTask { await self.statusLoop() }
                 group.addTask { await self.maintenanceLoop() }
                 group.addTask { await self.deadLetterLoop() }
+                group.addTask { await self.callbackLoop() }
                 if let listener {
                     group.addTask {
                         for await _ in listener.notifications { self.wakeup.signal() }
                     }
                 }
-                // The scan, status and maintenance loops end on shutdown; then stop the pumps.
-                _ = try await group.next()
-                _ = try await group.next()
-                _ = try await group.next()
+                // The scan, status, maintenance and callback loops end on shutdown (callbacks once
+                // their POSTs in flight end); then stop the pumps.
+                for _ in 0..<4 { _ = try await group.next() }
                 listener?.stop()
                 statusConsumer.stop()
                 deadConsumer.stop()
@@ -112,6 +117,7 @@ public final class Dispatcher: Service, Sendable {
             self.wakeup.signal()
             self.statusWakeup.signal()
             self.maintenanceWakeup.signal()
+            self.callbackWakeup.signal()
             self.statusConsumer.stopConsuming()
             self.deadConsumer.stopConsuming()
         }
@@ -293,6 +299,7 @@ public final class Dispatcher: Service, Sendable {
             statusConsumer.ack(last, multiple: true)
             // Started runs free broker backlog; retries and dependents may be due now.
             if r.applied > 0 { wakeup.signal() }
+            if r.settled.callbacks > 0 { callbackWakeup.signal() }
         }
     }
 

@@ -34,6 +34,8 @@ public struct DispatcherConfiguration: Sendable {
     public var runRetention: Duration = .seconds(30 * 86_400)
     /// Soft-deleted tasks older than this are purged. Key `retention.deleted_tasks_days`, default 7.
     public var deletedTaskRetention: Duration = .seconds(7 * 86_400)
+    /// Callback delivery: keys under `callbacks.`.
+    public var callbacks = CallbackConfiguration()
 
     public init() {}
 }

@@ -259,12 +259,19 @@ extension Store {
         return (skipped, scheduled)
     }
 
+    /// The JSON POSTed to a task's callback URL (docs/scheduling.md, "Callbacks").
     static func callbackPayload(_ e: Ended, task: String) -> String {
-        let payload: JSONValue = .object([
+        var fields: [String: JSONValue] = [
             "attempt": .number(Double(e.attempt)), "occurrence": .string(Timestamp.format(e.occurrence)),
             "run_id": .string(e.id.uuidString.lowercased()), "state": .string(e.state.rawValue), "task": .string(task),
             "task_id": .string(e.task.uuidString.lowercased()),
-        ])
+        ]
+        if let code = e.exitCode { fields["exit_code"] = .number(Double(code)) }
+        if let c = e.errorClass { fields["error_class"] = .string(c) }
+        if let w = e.workflow { fields["workflow_run_id"] = .string(w.uuidString.lowercased()) }
+        // traceparent is 00-<trace id>-<span id>-<flags>: receivers can find the run's trace.
+        if let tp = e.traceparent?.split(separator: "-"), tp.count == 4 { fields["trace_id"] = .string(String(tp[1])) }
+        let payload: JSONValue = .object(fields)
         return String(decoding: MessageCodec.encode(payload), as: UTF8.self)
     }
 
@@ -410,9 +417,13 @@ extension Store {
         }
     }
 
-    /// Retries scheduled in all (attempts after the first).
-    public func retryCount() async throws -> Int {
-        try await pool.withConnection { c in try await c.query("SELECT count(*) FROM runs WHERE attempt > 1").rows[0].int(0) }
+    /// Retries in all (attempts after the first, re-drives included), for one group's tasks or every task.
+    public func retryCount(group: String? = nil) async throws -> Int {
+        try await pool.withConnection { c in
+            try await c.query("""
+                SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.attempt > 1 AND ($1::text IS NULL OR t.group_name = $1)
+                """, [group]).rows[0].int(0)
+        }
     }
 
     /// Sets (or with `rate` nil removes) a queue's rate limit in runs per second.
@@ -449,6 +460,9 @@ extension Store {
             }
             n += try await c.query("""
                 DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)
+                """, [runsAge.inSeconds, batch]).affectedRows
+            n += try await c.query("""
+                DELETE FROM callbacks WHERE id IN (SELECT id FROM callbacks WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)
                 """, [runsAge.inSeconds, batch]).affectedRows
             return n
         }

@@ -38,6 +38,12 @@ struct RunCommand: AsyncParsableCommand {
                 throw ValidationError(field: "run id", value: self.id, hint: "no such run")
             }
             RunCommand.printRun(r)
+            for c in try await common.withStore({ try await $0.callbacks(run: id) }) {
+                var line = "  callback \(c.url) \(c.state) after \(c.attempts) attempt(s)"
+                if let s = c.lastStatus { line += " HTTP \(s)" }
+                if let e = c.lastError, c.state != "delivered" { line += " — \(e)" }
+                print(line)
+            }
         }
     }
 
@@ -73,13 +79,14 @@ struct GroupCommand: AsyncParsableCommand {
         subcommands: [Counts.self, Pause.self, Resume.self, Cancel.self])
 
     struct Counts: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Runs of the group's tasks by state.")
+        static let configuration = CommandConfiguration(abstract: "Runs of the group's tasks by state, and their retries.")
         @OptionGroup var common: CommonOptions
-        @Argument var group: String
+        @Argument(help: "The group; every task when left out.") var group: String?
 
         func run() async throws {
-            let counts = try await common.withStore { try await $0.runCounts(group: group) }
+            let (counts, retries) = try await common.withStore { (try await $0.runCounts(group: group), try await $0.retryCount(group: group)) }
             Table.print(["STATE", "RUNS"], RunState.allCases.compactMap { s in counts[s].map { [s.rawValue, String($0)] } })
+            print("retries: \(retries) (attempts after the first, re-drives included)")
         }
     }
 

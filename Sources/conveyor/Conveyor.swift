@@ -3,6 +3,7 @@ import ConveyorAMQP
 import ConveyorConfig
 import ConveyorCore
 import ConveyorDispatcher
+import ConveyorHTTP
 import ConveyorPostgres
 import ConveyorStore
 import ConveyorWorker
@@ -109,6 +110,24 @@ extension DispatcherConfiguration {
         maintenanceInterval = try s.milliseconds("dispatcher.maintenance_interval_ms", default: 1000, range: 10...60_000)
         runRetention = .seconds(86_400 * (try s.int("retention.runs_days", default: 30, range: 1...36_500)))
         deletedTaskRetention = .seconds(86_400 * (try s.int("retention.deleted_tasks_days", default: 7, range: 0...36_500)))
+        callbacks.concurrency = try s.int("callbacks.concurrency", default: 16, range: 1...1000)
+        callbacks.timeout = try s.milliseconds("callbacks.timeout_ms", default: 10_000, range: 100...300_000)
+        callbacks.maxAttempts = try s.int("callbacks.max_attempts", default: 8, range: 1...100)
+        callbacks.backoffBase = try s.milliseconds("callbacks.backoff_base_ms", default: 1000, range: 1...3_600_000)
+        callbacks.backoffCap = try s.milliseconds("callbacks.backoff_cap_ms", default: 300_000, range: 1...86_400_000)
+        try callbacks.policy.read(s, prefix: "callbacks")
+    }
+}
+
+extension OutboundPolicy {
+    /// Reads `<prefix>.allowed_hosts` and `<prefix>.allowed_networks`.
+    mutating func read(_ s: Settings, prefix: String) throws {
+        allowedHosts = try s.strings("\(prefix).allowed_hosts", default: [])
+        allowedNetworks = try s.strings("\(prefix).allowed_networks", default: []).map { text in
+            do { return try Network(parsing: text) } catch {
+                throw ValidationError(field: "\(prefix).allowed_networks", value: text, hint: "a CIDR block such as 10.0.0.0/8 or fd00::/8, or one address")
+            }
+        }
     }
 }
 

@@ -77,7 +77,7 @@ import Testing
     }
 
     @Test func runsArgvWithoutAShellAndCapturesOutput() async throws {
-        let r = await try shell().execute(context(.object(["argv": .array([.string("/bin/echo"), .string("$HOME; rm -rf /")])])))
+        let r = try await shell().execute(context(.object(["argv": .array([.string("/bin/echo"), .string("$HOME; rm -rf /")])])))
         #expect(r.outcome == .succeeded)
         #expect(r.exitCode == 0)
         #expect(r.output == "$HOME; rm -rf /\n", "arguments reach the program verbatim: no shell expansion")
@@ -85,7 +85,7 @@ import Testing
 
     @Test func exitCodeEnvironmentAndStderrAreRecorded() async throws {
         let script = "echo run=$CONVEYOR_RUN_ID attempt=$CONVEYOR_ATTEMPT tp=$TRACEPARENT home=${HOME:-unset}; echo oops >&2; exit 3"
-        let r = await try shell().execute(context(.object(["argv": .array([.string("/bin/sh"), .string("-c"), .string(script)])])))
+        let r = try await shell().execute(context(.object(["argv": .array([.string("/bin/sh"), .string("-c"), .string(script)])])))
         #expect(r.outcome == .failed)
         #expect(r.exitCode == 3)
         let out = try #require(r.output)
@@ -94,11 +94,11 @@ import Testing
     }
 
     @Test func commandsOutsideTheAllowlistAndReservedEnvAreRefused() async throws {
-        let r = await try shell().execute(context(.object(["argv": .array([.string("/usr/bin/id")])])))
+        let r = try await shell().execute(context(.object(["argv": .array([.string("/usr/bin/id")])])))
         #expect(r.errorClass == "command_not_allowed")
-        let e = await try shell().execute(context(.object(["argv": .array([.string("/bin/echo")]), "env": .object(["LD_PRELOAD": .string("x")])])))
+        let e = try await shell().execute(context(.object(["argv": .array([.string("/bin/echo")]), "env": .object(["LD_PRELOAD": .string("x")])])))
         #expect(e.errorClass == "bad_parameters")
-        let noArgv = await try shell().execute(context(.object([:])))
+        let noArgv = try await shell().execute(context(.object([:])))
         #expect(noArgv.errorClass == "bad_parameters")
     }
 

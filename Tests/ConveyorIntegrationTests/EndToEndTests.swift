@@ -55,7 +55,7 @@ struct EndToEndTests {
                 try await sys.store.createTasks(sys.tasks(200, schedule: .interval(seconds: 0.2), name: "every"))
                 try await sys.store.createTasks(sys.tasks(1000, name: "once"))
                 try await Task.sleep(for: .seconds(4))
-                try await sys.pool.withConnection { c in try await c.simple("UPDATE tasks SET paused = true") }
+                _ = try await sys.pool.withConnection { c in try await c.simple("UPDATE tasks SET paused = true") }
                 let quiet = try await sys.eventually {
                     try await sys.count("SELECT count(*) FROM runs WHERE state NOT IN ('succeeded')") == 0
                 }

@@ -31,7 +31,7 @@ struct ScriptedExecutor: Executor {
         recorder.starts.withLock { $0.append((context.taskName, ContinuousClock.now)) }
         if let ms = context.parameters["sleep_ms"]?.doubleValue {
             do { try await Task.sleep(for: .milliseconds(Int64(ms))) } catch {
-                recorder.cancelled.withLock { $0.insert(context.runID) }
+                _ = recorder.cancelled.withLock { $0.insert(context.runID) }
                 return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "stopped")
             }
         }

@@ -42,7 +42,7 @@ struct PostgresTests {
         try await Servers.withDatabase { url in
             let pool = PostgresPool(configuration: .init(url: url), logger: Servers.logger)
             defer { pool.close() }
-            try await pool.withConnection { try await $0.simple("CREATE TABLE t (v int)") }
+            _ = try await pool.withConnection { try await $0.simple("CREATE TABLE t (v int)") }
             struct Boom: Error {}
             await #expect(throws: Boom.self) {
                 try await pool.withTransaction { c in
@@ -50,7 +50,7 @@ struct PostgresTests {
                     throw Boom()
                 }
             }
-            try await pool.withTransaction { c in try await c.query("INSERT INTO t VALUES ($1)", [2]) }
+            _ = try await pool.withTransaction { c in try await c.query("INSERT INTO t VALUES ($1)", [2]) }
             let rows = try await pool.withConnection { try await $0.query("SELECT v FROM t") }
             #expect(rows.rows.map { $0[0] } == ["2"])
         }
@@ -113,7 +113,7 @@ struct PostgresTests {
             cfg.acquireTimeout = .milliseconds(200)
             let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
             defer { pool.close() }
-            try await pool.withConnection { _ in
+            _ = try await pool.withConnection { _ in
                 await #expect { try await pool.withConnection { _ in } } throws: { e in
                     (e as? PostgresError)?.code == .poolTimeout
                 }

@@ -350,7 +350,7 @@ struct SchedulingTests {
     @Test func retentionDeletesOldRunsAndPurgesDeletedTasksInBatches() async throws {
         try await System.with { sys in
             try await sys.store.createTasks([try sys.task(["name": "old"]), try sys.task(["name": "gone"])])
-            try await sys.pool.withConnection { c in
+            _ = try await sys.pool.withConnection { c in
                 try await c.simple("""
                     INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, finished_at)
                     SELECT gen_random_uuid(), t.id, now() - make_interval(mins => g), 1, 'succeeded', 'work', 0, now(), now() - interval '40 days'

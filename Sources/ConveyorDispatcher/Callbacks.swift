@@ -1,0 +1,104 @@
+import ConveyorCore
+public import ConveyorHTTP
+import ConveyorStore
+import Foundation
+import Logging
+import Synchronization
+
+/// Settings of callback delivery. Keys under `callbacks.` in `config/dispatcher.yaml`.
+public struct CallbackConfiguration: Sendable {
+    /// Deliveries in flight at once per dispatcher. Key `concurrency`, default 16.
+    public var concurrency = 16
+    /// One delivery attempt, connect to last byte. Key `timeout_ms`, default 10000.
+    public var timeout: Duration = .seconds(10)
+    /// Attempts before a callback is given up. Key `max_attempts`, default 8.
+    public var maxAttempts = 8
+    /// Backoff between attempts: full jitter up to base × 2^(n−1), capped. Keys `backoff_base_ms`
+    /// (default 1000) and `backoff_cap_ms` (default 300000).
+    public var backoffBase: Duration = .seconds(1)
+    public var backoffCap: Duration = .seconds(300)
+    /// Where callbacks may go: keys `allowed_hosts` and `allowed_networks`. Redirects are not
+    /// followed (a 3xx is a failed attempt).
+    public var policy: OutboundPolicy = {
+        var p = OutboundPolicy()
+        p.maxRedirects = 0
+        return p
+    }()
+
+    public init() {}
+}
+
+extension Dispatcher {
+    /// Delivers callbacks: keeps up to `callbacks.concurrency` POSTs in flight, claims more as
+    /// they finish or when a recorded outcome queued some, and records each attempt. It runs
+    /// beside status recording and never holds it up: outcomes only insert rows.
+    func callbackLoop() async {
+        enum Event: Sendable { case done(Int, CallbackOutcome), tick }
+        let settings = configuration.callbacks
+        let http = OutboundHTTP(policy: settings.policy, logger: logger)
+        // A claimed callback is leased for two attempt timeouts: a dispatcher that dies mid-POST
+        // leaves it to be retried by any dispatcher when the lease ends.
+        let lease = settings.timeout * 2 + .seconds(5)
+        await withTaskGroup(of: Event.self) { group in
+            var inFlight = 0
+            group.addTask { await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval); return .tick }
+            while let event = await group.next() {
+                let stop = stopping.load(ordering: .relaxed)
+                switch event {
+                case .done(let id, let outcome):
+                    inFlight -= 1
+                    await untilCommitted("recording a callback attempt") { try await store.finishCallbacks([(id, outcome)]) }
+                    counters.withLock { c in
+                        switch outcome {
+                        case .delivered: c.callbacksDelivered += 1
+                        case .retry: c.callbacksRetried += 1
+                        case .failed: c.callbacksFailed += 1
+                        }
+                    }
+                case .tick:
+                    if !stop {
+                        group.addTask { await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval); return .tick }
+                    }
+                }
+                guard !stop, inFlight < settings.concurrency else { continue }
+                do {
+                    for d in try await store.claimCallbacks(limit: settings.concurrency - inFlight, lease: lease) {
+                        inFlight += 1
+                        group.addTask { .done(d.id, await self.deliver(d, http: http, settings: settings)) }
+                    }
+                } catch {
+                    logger.warning("claiming callbacks failed; will retry", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    /// One POST of a run's outcome. 2xx delivers it; anything else is tried again with backoff
+    /// until `max_attempts`, except a URL the outbound policy refuses, which is given up at once.
+    func deliver(_ d: CallbackDelivery, http: OutboundHTTP, settings: CallbackConfiguration) async -> CallbackOutcome {
+        let request = OutboundRequest(method: "POST", url: d.url, headers: [
+            ("Content-Type", "application/json"), ("User-Agent", "conveyor-callbacks"),
+            ("Idempotency-Key", d.runID.uuidString.lowercased()), ("X-Conveyor-Attempt", "\(d.attempt)"),
+        ], body: Array(d.payload.utf8))
+        let status: Int?, error: String
+        do {
+            let response = try await http.send(request, timeout: settings.timeout)
+            if (200..<300).contains(response.status) { return .delivered(status: response.status) }
+            status = response.status
+            error = "HTTP \(response.status)"
+        } catch let e {
+            guard e.retryable else {
+                logger.warning("callback given up: refused", metadata: ["run.id": "\(d.runID)", "error": "\(e)"])
+                return .failed(status: nil, error: e.description)
+            }
+            status = nil
+            error = e.description
+        }
+        guard d.attempt < settings.maxAttempts else {
+            logger.warning("callback given up: attempts used up", metadata: ["run.id": "\(d.runID)", "attempts": "\(d.attempt)", "error": "\(error)"])
+            return .failed(status: status, error: "\(error) (gave up after \(d.attempt) attempts)")
+        }
+        logger.debug("callback attempt failed; will retry", metadata: ["run.id": "\(d.runID)", "attempt": "\(d.attempt)", "error": "\(error)"])
+        return .retry(after: Backoff.delay(attempt: d.attempt, base: settings.backoffBase, cap: settings.backoffCap), status: status, error: error)
+    }
+}

@@ -1,0 +1,242 @@
+import AsyncHTTPClient
+import ConveyorCore
+import Dispatch
+import Foundation
+public import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// Where outbound HTTP may go. One guard for every request Conveyor makes on a user's behalf
+/// (callbacks, the http executor): a host allowlist, then every resolved address checked
+/// against the refused kinds, the connection pinned to the address checked, and each redirect
+/// checked again.
+public struct OutboundPolicy: Sendable {
+    /// Host names allowed; empty allows any host. `*.example.com` allows the subdomains of
+    /// `example.com` (not `example.com` itself).
+    public var allowedHosts: [String] = []
+    /// Networks allowed although they are loopback, private, link-local or metadata ranges
+    /// (for example `10.20.0.0/16` for an internal service, `127.0.0.1` in tests).
+    public var allowedNetworks: [Network] = []
+    /// `http` and `https` by default.
+    public var allowedSchemes: Set<String> = ["http", "https"]
+    /// Redirects followed, each one checked like the first request. 0 refuses every redirect.
+    public var maxRedirects = 5
+    /// Response body bytes kept; the rest is read and dropped.
+    public var maxResponseBytes = 65_536
+    public var connectTimeout: Duration = .seconds(5)
+
+    public init() {}
+
+    /// Whether the host name passes the allowlist.
+    public func allows(host: String) -> Bool {
+        guard !allowedHosts.isEmpty else { return true }
+        let h = host.lowercased()
+        return allowedHosts.contains { pattern in
+            let p = pattern.lowercased()
+            if p.hasPrefix("*.") { return h.hasSuffix(String(p.dropFirst())) }
+            return h == p
+        }
+    }
+
+    /// Why the address is refused, or nil when it may be used.
+    public func refusal(of ip: IPAddress) -> String? {
+        let kind = ip.kind
+        if kind == .public || allowedNetworks.contains(where: { $0.contains(ip) }) { return nil }
+        return "\(ip) is a \(kind.rawValue) address"
+    }
+}
+
+/// A refused or failed outbound request. `retryable` tells callers whether trying again later
+/// may help (a timeout, a refused connection) or cannot (a refused host, a bad URL).
+public struct OutboundError: Error, Sendable, CustomStringConvertible {
+    public enum Kind: String, Sendable { case refused, invalidURL = "invalid_url", connect, timeout, transport }
+    public var kind: Kind
+    public var message: String
+    public var retryable: Bool { kind == .connect || kind == .timeout || kind == .transport }
+    public var description: String { message }
+}
+
+public struct OutboundRequest: Sendable {
+    public var method: String
+    public var url: String
+    public var headers: [(String, String)]
+    public var body: [UInt8]
+
+    public init(method: String = "GET", url: String, headers: [(String, String)] = [], body: [UInt8] = []) {
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.body = body
+    }
+}
+
+public struct OutboundResponse: Sendable {
+    public var status: Int
+    public var headers: [(String, String)]
+    /// At most `maxResponseBytes`; `truncated` says whether more came.
+    public var body: [UInt8]
+    public var truncated: Bool
+    /// The URL that answered, after redirects.
+    public var url: String
+}
+
+/// Sends requests through the guard. Each request gets a client pinned to the address that was
+/// checked (async-http-client's `dnsOverride`, so TLS still verifies the host name), and no
+/// redirect is followed by the client itself.
+public struct OutboundHTTP: Sendable {
+    public let policy: OutboundPolicy
+    let logger: Logger
+
+    public init(policy: OutboundPolicy, logger: Logger) {
+        self.policy = policy
+        self.logger = logger
+    }
+
+    /// Sends the request, following redirects the policy allows (303, and 301/302 for a POST,
+    /// become a GET without body; 307/308 keep method and body). `timeout` bounds the whole
+    /// exchange, redirects included.
+    public func send(_ request: OutboundRequest, timeout: Duration) async throws(OutboundError) -> OutboundResponse {
+        let deadline = NIODeadline.now() + .nanoseconds(Int64(timeout.inSeconds * 1e9))
+        var current = request
+        var hops = 0
+        while true {
+            let response = try await sendOnce(current, deadline: deadline)
+            guard [301, 302, 303, 307, 308].contains(response.status),
+                  let location = response.headers.first(where: { $0.0.lowercased() == "location" })?.1 else {
+                return response
+            }
+            guard hops < policy.maxRedirects else {
+                if policy.maxRedirects == 0 { return response }
+                throw OutboundError(kind: .refused, message: "more than \(policy.maxRedirects) redirects from \(request.url)")
+            }
+            guard let next = URL(string: location, relativeTo: URL(string: current.url))?.absoluteURL.absoluteString else {
+                throw OutboundError(kind: .invalidURL, message: "redirect to an invalid location '\(location)'")
+            }
+            hops += 1
+            if response.status == 303 || (current.method == "POST" && [301, 302].contains(response.status)) {
+                current.method = "GET"
+                current.body = []
+                current.headers.removeAll { ["content-type", "content-length"].contains($0.0.lowercased()) }
+            }
+            current.url = next
+        }
+    }
+
+    /// Checks the URL, resolves and checks its host, and sends one request pinned to the
+    /// checked address.
+    func sendOnce(_ request: OutboundRequest, deadline: NIODeadline) async throws(OutboundError) -> OutboundResponse {
+        let (host, port) = try check(url: request.url)
+        let ip = try await resolveChecked(host: host, port: port)
+        var configuration = HTTPClient.Configuration()
+        configuration.redirectConfiguration = .disallow
+        configuration.timeout = .init(connect: .nanoseconds(Int64(policy.connectTimeout.inSeconds * 1e9)))
+        if IPAddress(host) == nil { configuration.dnsOverride = [host: ip.description] }
+        let client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: configuration)
+        let result: Result<OutboundResponse, OutboundError>
+        do {
+            var r = HTTPClientRequest(url: request.url)
+            r.method = HTTPMethod(rawValue: request.method)
+            for (k, v) in request.headers { r.headers.add(name: k, value: v) }
+            if !request.body.isEmpty { r.body = .bytes(ByteBuffer(bytes: request.body)) }
+            let response = try await client.execute(r, deadline: deadline, logger: logger)
+            var body: [UInt8] = []
+            var truncated = false
+            for try await chunk in response.body {
+                let room = policy.maxResponseBytes - body.count
+                if chunk.readableBytes > room { truncated = true }
+                if room > 0 { body += chunk.readableBytesView.prefix(room) }
+            }
+            result = .success(OutboundResponse(status: Int(response.status.code), headers: response.headers.map { ($0.name, $0.value) },
+                                               body: body, truncated: truncated, url: request.url))
+        } catch {
+            result = .failure(Self.classify(error, url: request.url))
+        }
+        try? await client.shutdown()
+        return try result.get()
+    }
+
+    /// The URL's host and port, if the scheme and host are allowed.
+    func check(url text: String) throws(OutboundError) -> (String, Int) {
+        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty else {
+            throw OutboundError(kind: .invalidURL, message: "'\(text)' is not an absolute URL")
+        }
+        guard policy.allowedSchemes.contains(scheme) else {
+            throw OutboundError(kind: .refused, message: "scheme '\(scheme)' of \(text) is not allowed (allowed: \(policy.allowedSchemes.sorted().joined(separator: ", ")))")
+        }
+        guard policy.allows(host: host) else {
+            throw OutboundError(kind: .refused, message: "host '\(host)' is not in the allowed hosts (\(policy.allowedHosts.joined(separator: ", ")))")
+        }
+        return (host, url.port ?? (scheme == "https" ? 443 : 80))
+    }
+
+    /// Resolves the host (off the cooperative pool) and refuses it when any of its addresses is
+    /// refused: a name that mixes public and private addresses is not used at all.
+    func resolveChecked(host: String, port: Int) async throws(OutboundError) -> IPAddress {
+        let addresses: [IPAddress]
+        if let literal = IPAddress(host) {
+            addresses = [literal]
+        } else {
+            addresses = try await Self.resolve(host)
+        }
+        guard !addresses.isEmpty else { throw OutboundError(kind: .connect, message: "\(host) resolved to no address") }
+        for ip in addresses {
+            if let why = policy.refusal(of: ip) {
+                throw OutboundError(kind: .refused, message: "\(host) refused: \(why); allow its network in allowed_networks if it is meant to be reached")
+            }
+        }
+        return addresses[0]
+    }
+
+    /// getaddrinfo on a Dispatch thread: it blocks, so never on the cooperative pool.
+    static func resolve(_ host: String) async throws(OutboundError) -> [IPAddress] {
+        let result: Result<[IPAddress], OutboundError> = await withCheckedContinuation { continuation in
+            DispatchQueue.global().async {
+                var hints = addrinfo()
+                hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+                var list: UnsafeMutablePointer<addrinfo>?
+                let rc = getaddrinfo(host, nil, &hints, &list)
+                guard rc == 0 else {
+                    let why = String(cString: gai_strerror(rc))
+                    continuation.resume(returning: .failure(OutboundError(kind: .connect, message: "cannot resolve \(host): \(why)")))
+                    return
+                }
+                defer { freeaddrinfo(list) }
+                var out: [IPAddress] = []
+                var p = list
+                while let ai = p {
+                    if let sa = ai.pointee.ai_addr {
+                        if ai.pointee.ai_family == AF_INET {
+                            var a = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
+                            out.append(IPAddress(bytes: withUnsafeBytes(of: &a) { Array($0) }))
+                        } else if ai.pointee.ai_family == AF_INET6 {
+                            var a = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
+                            let b = withUnsafeBytes(of: &a) { Array($0) }
+                            out.append(IPAddress(IPAddress(bytes: b).description) ?? IPAddress(bytes: b))
+                        }
+                    }
+                    p = ai.pointee.ai_next
+                }
+                var seen = Set<IPAddress>()
+                continuation.resume(returning: .success(out.filter { seen.insert($0).inserted }))
+            }
+        }
+        return try result.get()
+    }
+
+    static func classify(_ error: any Error, url: String) -> OutboundError {
+        if let e = error as? HTTPClientError {
+            if e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout || e == .writeTimeout {
+                return OutboundError(kind: .timeout, message: "\(url): timed out (\(e))")
+            }
+            if e == .remoteConnectionClosed || e == .connectTimeout {
+                return OutboundError(kind: .connect, message: "\(url): \(e)")
+            }
+            return OutboundError(kind: .transport, message: "\(url): \(e)")
+        }
+        if error is NIOConnectionError || error is IOError {
+            return OutboundError(kind: .connect, message: "\(url): cannot connect (\(error))")
+        }
+        return OutboundError(kind: .transport, message: "\(url): \(error)")
+    }
+}

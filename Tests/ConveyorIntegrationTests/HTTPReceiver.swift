@@ -1,0 +1,93 @@
+import ConveyorCore
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// A real HTTP server on 127.0.0.1 for tests: records every request and answers what `respond`
+/// says (a status, after an optional delay).
+final class HTTPReceiver: Sendable {
+    struct Request: Sendable {
+        var method: String
+        var path: String
+        var headers: [String: String]
+        var body: String
+    }
+    struct Reply: Sendable {
+        var status: Int
+        var delay: Duration = .zero
+        var headers: [(String, String)] = []
+    }
+
+    let requests = Mutex<[Request]>([])
+    let respond: @Sendable (Request, Int) -> Reply
+    private let channel: any Channel
+    let port: Int
+
+    /// `respond` gets the request and how many requests came to its path before it.
+    init(respond: @escaping @Sendable (Request, Int) -> Reply = { _, _ in Reply(status: 200) }) async throws {
+        self.respond = respond
+        let box = Mutex<HTTPReceiver?>(nil)
+        let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(Handler(receiver: { box.withLock { $0 } }))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        self.channel = channel
+        port = channel.localAddress?.port ?? 0
+        box.withLock { $0 = self }
+    }
+
+    var url: String { "http://127.0.0.1:\(port)" }
+
+    func received(path: String? = nil) -> [Request] {
+        requests.withLock { all in all.filter { path == nil || $0.path == path } }
+    }
+
+    func close() async { try? await channel.close() }
+
+    /// Handles one connection: collects a request, records it, replies.
+    final class Handler: ChannelInboundHandler {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+        let receiver: @Sendable () -> HTTPReceiver?
+        var head: HTTPRequestHead?
+        var body = ""
+
+        init(receiver: @escaping @Sendable () -> HTTPReceiver?) { self.receiver = receiver }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data) {
+            case .head(let h): head = h; body = ""
+            case .body(let b): body += String(buffer: b)
+            case .end:
+                guard let head, let receiver = receiver() else { return }
+                let request = Request(method: head.method.rawValue, path: head.uri,
+                                      headers: Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a }),
+                                      body: body)
+                let before = receiver.requests.withLock { all in
+                    defer { all.append(request) }
+                    return all.filter { $0.path == request.path }.count
+                }
+                let reply = receiver.respond(request, before)
+                let keepAlive = head.isKeepAlive
+                let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+                context.eventLoop.scheduleTask(in: .nanoseconds(Int64(reply.delay.inSeconds * 1e9))) {
+                    let context = loopBound.value
+                    var headers = HTTPHeaders([("content-length", "2")])
+                    for (k, v) in reply.headers { headers.add(name: k, value: v) }
+                    if !keepAlive { headers.add(name: "connection", value: "close") }
+                    context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: head.version, status: .init(statusCode: reply.status), headers: headers))), promise: nil)
+                    context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: "ok")))), promise: nil)
+                    let done = context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)))
+                    if !keepAlive { done.whenComplete { _ in loopBound.value.close(promise: nil) } }
+                }
+            }
+        }
+    }
+}
