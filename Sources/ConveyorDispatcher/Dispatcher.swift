@@ -173,6 +173,7 @@ public final class Dispatcher: Service, Sendable {
                     request.room = room
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited
+                    request.straightToQueue = !probe.runsReady
                     return await self.dispatchGroup(request)
                 }
             }

@@ -177,7 +177,7 @@ public struct Store: Sendable {
                                    shard, trace_parent, timezone, misfire_policy, max_catchup, priority, max_attempts, retry_policy,
                                    overlap_policy, concurrency_key, concurrency_limit, group_name, labels, trigger_rule, callback_url, paused)
                 SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
-                       abs(hashtext(u.id::text)), u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts, u.retry::jsonb,
+                       hashtext(u.id::text) & 2147483647, u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts, u.retry::jsonb,
                        u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::float8[],
                             $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[], $15::int[],

@@ -12,6 +12,9 @@ public struct ClaimedRun: Sendable {
 public struct ScanProbe: Sendable {
     /// Seconds until something is due; ≤ 0 means due now, `nil` nothing scheduled.
     public var nextDueIn: Double?
+    /// Whether a `scheduled` run is ready now (a retry, a held-back run, work over a backlog).
+    /// When none is, due tasks may skip `scheduled` and go straight to `queued`.
+    public var runsReady = true
     public var backlog: [String: Int] = [:]
     /// Queues with a rate limit (`queue_limits`).
     public var rateLimited: Set<String> = []
@@ -37,6 +40,10 @@ public struct ClaimRequest: Sendable {
     public var defaultRoom = Int.max
     /// Queues with a rate limit; the token buckets are read only when a candidate is in one.
     public var rateLimited: Set<String> = []
+    /// Due occurrences may be written straight as `queued` (claimed) when nothing else is ready
+    /// ahead of them (no `scheduled` run ready, from the probe), their queue has room, and no
+    /// concurrency key, rate limit or overlap wait applies. One row version fewer per run.
+    public var straightToQueue = false
     /// Makes the trace context of a new run, given the task's stored context (if any).
     public var newTraceParent: @Sendable (String?) -> String
 
@@ -48,6 +55,15 @@ public struct ClaimRequest: Sendable {
         self.lease = lease
         self.misfireGrace = misfireGrace
         self.newTraceParent = newTraceParent
+    }
+
+    /// The shards of this group: a contiguous slice of `0 ..< 2^31`. A range (not `shard % groups`)
+    /// so that PostgreSQL estimates it from the column's histogram and walks the ready index in
+    /// priority order, stopping at the limit; with a modulus it guessed 0.5 % and sorted every
+    /// ready row instead (docs/benchmarks.md, "100,000 tasks due at once").
+    public var shards: (lower: Int, upper: Int) {
+        let span = 1 << 31
+        return (group * span / groups, (group + 1) * span / groups)
     }
 }
 
@@ -75,11 +91,13 @@ extension Store {
     public func claimDue(_ q: ClaimRequest) async throws -> ClaimResult {
         try await pool.withTransaction { c in
             var result = ClaimResult()
-            let (created, cancelled) = try await Self.materialize(q, c)
+            let (created, cancelled, direct) = try await Self.materialize(q, c)
             result.created = created
             result.cancelled = cancelled
-            let (ready, held) = try await Self.claimReady(q, c)
-            result.runs = ready
+            var rest = q
+            for run in direct { rest.room[run.message.queue] = (rest.room[run.message.queue] ?? q.defaultRoom) - 1 }
+            let (ready, held) = try await Self.claimReady(rest, c)
+            result.runs = direct + ready
             result.heldBack = held
             let room = q.limit - result.runs.count
             if room > 0 { result.runs += try await Self.claimExpiredLeases(q, room: room, c) }
@@ -89,7 +107,7 @@ extension Store {
 
     /// Step 1: due tasks → `scheduled` runs. Returns how many runs it created and which active
     /// runs it cancelled (overlap `replace`).
-    static func materialize(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> (Int, [UUID]) {
+    static func materialize(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> (Int, [UUID], [ClaimedRun]) {
         let due = try await c.query("""
             SELECT t.id, t.schedule, t.timezone, t.misfire_policy, t.max_catchup, t.next_run_at, now(), t.overlap_policy,
                    t.queue, t.priority, t.concurrency_key, t.shard, t.trace_parent, coalesce(t.anchor_at, t.next_run_at),
@@ -101,13 +119,14 @@ extension Store {
                    EXISTS (SELECT 1 FROM task_dependencies d WHERE d.upstream_id = t.id)
             FROM tasks t
             WHERE t.next_run_at <= now() AND NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL
-              AND t.shard % $1 = $2
+              AND t.shard >= $1::bigint AND t.shard < $2::bigint
             ORDER BY t.next_run_at
             LIMIT $3
             FOR UPDATE SKIP LOCKED
-            """, [q.groups, q.group, q.limit])
-        guard !due.rows.isEmpty else { return (0, []) }
-        var runs = NewRuns()
+            """, [q.shards.lower, q.shards.upper, q.limit])
+        guard !due.rows.isEmpty else { return (0, [], []) }
+        var runs = NewRuns(), direct = NewRuns()
+        var room = q.room
         var taskIDs: [UUID] = [], nextTimes: [Date?] = [], skips: [Int] = []
         var replaceTasks: [UUID] = []
         var workflows: (ids: [UUID], roots: [UUID], occurrences: [Date]) = ([], [], [])
@@ -146,8 +165,16 @@ extension Store {
                     workflow = UUID()
                     workflows.ids.append(workflow!); workflows.roots.append(taskID); workflows.occurrences.append(occurrence)
                 }
-                runs.append(id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: try r.string(8), shard: try r.int(11),
-                            delay: waiting ? nil : 0, priority: try r.int(9), key: r[10], workflow: workflow, traceparent: tp)
+                let queue = try r.string(8)
+                let queueRoom = room[queue] ?? q.defaultRoom
+                if q.straightToQueue && !waiting && r[10] == nil && !q.rateLimited.contains(queue) && queueRoom > 0 {
+                    room[queue] = queueRoom - 1
+                    direct.append(id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: queue, shard: try r.int(11),
+                                  delay: q.lease.inSeconds, priority: try r.int(9), key: nil, workflow: workflow, traceparent: tp)
+                } else {
+                    runs.append(id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: queue, shard: try r.int(11),
+                                delay: waiting ? nil : 0, priority: try r.int(9), key: r[10], workflow: workflow, traceparent: tp)
+                }
             }
             taskIDs.append(taskID); nextTimes.append(plan.next); skips.append(skipped)
         }
@@ -168,27 +195,39 @@ extension Store {
                 INSERT INTO workflow_runs (id, root_task_id, occurrence) SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[])
                 """, [workflows.ids, workflows.roots, workflows.occurrences])
         }
-        let created = try await runs.insert(state: "scheduled", c)
+        var created = try await runs.insert(state: "scheduled", c)
+        var queued: [ClaimedRun] = []
+        if !direct.isEmpty {
+            created += try await direct.insert(state: "queued", c)
+            // The inserted ones (a conflict on the occurrence key inserts nothing), as messages.
+            queued = try await c.query("""
+                SELECT \(messageColumns) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.id = ANY($1::uuid[]) AND r.state = 'queued'
+                """, [direct.ids]).rows.map { try claimed($0, q) }
+        }
         try await c.query("""
             UPDATE tasks SET next_run_at = u.next, skipped_occurrences = skipped_occurrences + u.skipped, updated_at = now()
             FROM unnest($1::uuid[], $2::timestamptz[], $3::int[]) AS u(id, next, skipped)
             WHERE tasks.id = u.id
             """, [taskIDs, nextTimes, skips])
-        return (created, cancelled)
+        return (created, cancelled, queued)
     }
 
     /// Step 2: ready runs by priority within each queue's room, rate limit and concurrency keys.
     static func claimReady(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> ([ClaimedRun], Int) {
         let full = q.room.filter { $0.value <= 0 }.map(\.key)
         if q.defaultRoom <= 0 { return ([], 0) }
+        // No join: the task's concurrency limit is looked up only for runs that have a key. The
+        // limit is the room: candidates past it would be locked for nothing.
+        let roomBound = max(q.defaultRoom, q.room.values.max() ?? 0)
         let candidates = try await c.query("""
-            SELECT r.id, r.queue, r.concurrency_key, t.concurrency_limit
-            FROM runs r JOIN tasks t ON t.id = r.task_id
-            WHERE r.state = 'scheduled' AND r.available_at <= now() AND r.shard % $1 = $2 AND r.queue <> ALL($4::text[])
+            SELECT r.id, r.queue, r.concurrency_key,
+                   CASE WHEN r.concurrency_key IS NOT NULL THEN (SELECT t.concurrency_limit FROM tasks t WHERE t.id = r.task_id) END
+            FROM runs r
+            WHERE r.state = 'scheduled' AND r.available_at <= now() AND r.shard >= $1::bigint AND r.shard < $2::bigint AND r.queue <> ALL($4::text[])
             ORDER BY r.priority, r.available_at
             LIMIT $3
             FOR UPDATE OF r SKIP LOCKED
-            """, [q.groups, q.group, q.limit, full])
+            """, [q.shards.lower, q.shards.upper, min(q.limit, roomBound), full])
         guard !candidates.rows.isEmpty else { return ([], 0) }
         struct Candidate { var id: UUID; var queue: String; var key: String?; var limit: Int? }
         let list = try candidates.rows.map { Candidate(id: try $0.uuid(0), queue: try $0.string(1), key: $0[2], limit: try $0.optionalInt(3)) }
@@ -264,10 +303,10 @@ extension Store {
             UPDATE runs r SET available_at = now() + make_interval(secs => $4), publish_count = r.publish_count + 1
             FROM tasks t
             WHERE t.id = r.task_id AND r.id IN (
-                SELECT id FROM runs WHERE state = 'queued' AND available_at <= now() AND shard % $1 = $2
+                SELECT id FROM runs WHERE state = 'queued' AND available_at <= now() AND shard >= $1::bigint AND shard < $2::bigint
                 ORDER BY available_at LIMIT $3 FOR UPDATE SKIP LOCKED)
             RETURNING \(messageColumns)
-            """, [q.groups, q.group, room, q.lease.inSeconds]).rows.map { try claimed($0, q) }
+            """, [q.shards.lower, q.shards.upper, room, q.lease.inSeconds]).rows.map { try claimed($0, q) }
     }
 
     static let messageColumns = """
@@ -292,6 +331,7 @@ extension Store {
                 probe.nextDueIn = r[0].flatMap(Double.init)
                 probe.rateLimited = Set(Self.textArray(r[1] ?? "{}"))
                 if let q = r[2] { probe.backlog[q] = try r.int(3) }
+                probe.runsReady = try r.bool(4)
             }
             return probe
         }
@@ -300,17 +340,21 @@ extension Store {
     /// `runs_ready` is ordered by (priority, available_at), so the earliest ready run is found with
     /// one probe per priority; waiting runs (`'infinity'`) are not due.
     public static let probeSQL = """
-        WITH next AS (
+        WITH ready AS (
+            SELECT min((SELECT r.available_at FROM runs r WHERE r.state = 'scheduled' AND r.priority = p AND r.available_at < 'infinity'
+                        ORDER BY r.available_at LIMIT 1)) AS at FROM unnest($1::smallint[]) p
+        ), next AS (
             SELECT least(
                 (SELECT min(next_run_at) FROM tasks WHERE NOT paused AND deleted_at IS NULL AND next_run_at IS NOT NULL),
-                (SELECT min((SELECT r.available_at FROM runs r WHERE r.state = 'scheduled' AND r.priority = p AND r.available_at < 'infinity'
-                             ORDER BY r.available_at LIMIT 1)) FROM unnest($1::smallint[]) p),
+                (SELECT at FROM ready),
                 (SELECT min(available_at) FROM runs WHERE state = 'queued')) AS at,
-                (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_limits) AS limited
+                (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_limits) AS limited,
+                coalesce((SELECT at <= now() FROM ready), false) AS runs_ready
         ), backlog AS (
             SELECT queue, count(*) AS n FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue
         )
-        SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n FROM next LEFT JOIN backlog ON true
+        SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n, next.runs_ready
+        FROM next LEFT JOIN backlog ON true
         """
 
     /// Marks runs the broker confirmed as `dispatched` (forward only).
@@ -359,11 +403,11 @@ struct NewRuns {
         guard !isEmpty else { return 0 }
         return try await c.query("""
             INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority, concurrency_key,
-                              workflow_run_id, trace_id, traceparent, reason, finished_at)
+                              workflow_run_id, trace_id, traceparent, reason, finished_at, publish_count)
             SELECT u.id, u.task, u.occ, u.attempt, $14::text, u.queue, u.shard,
                    CASE WHEN u.delay IS NULL THEN 'infinity'::timestamptz ELSE now() + make_interval(secs => u.delay) END,
                    u.prio, u.key, u.wf, nullif(u.trace_id, ''), u.tp, u.reason,
-                   CASE WHEN $14::text = 'skipped' THEN now() END
+                   CASE WHEN $14::text = 'skipped' THEN now() END, CASE WHEN $14::text = 'queued' THEN 1 ELSE 0 END
             FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[], $5::text[], $6::int[], $7::float8[], $8::smallint[],
                         $9::text[], $10::uuid[], $11::text[], $12::text[], $13::text[])
                  AS u(id, task, occ, attempt, queue, shard, delay, prio, key, wf, trace_id, tp, reason)

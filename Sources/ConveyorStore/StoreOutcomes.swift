@@ -117,6 +117,17 @@ extension Store {
                     """, [f.map(\.runID), f.map { ($0.outcome ?? .failed).runState.rawValue }, f.map(\.at), f.map(\.workerID),
                           f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable]).rows.map(Ended.init)
                 n += ended.count
+                // A worker that refuses a message reports why, then rejects it; the dead letter can
+                // be recorded first. The run stays dead, and gets the worker's error when it has none.
+                let endedIDs = Set(ended.map(\.id))
+                let late = f.filter { !endedIDs.contains($0.runID) && $0.errorClass.map(RetryPolicy.poisonClasses.contains) == true }
+                if !late.isEmpty {
+                    try await c.query("""
+                        UPDATE runs SET error_class = u.error_class, error_message = u.error_message, worker_id = coalesce(runs.worker_id, u.worker)
+                        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, error_class, error_message, worker)
+                        WHERE runs.id = u.id AND runs.state = 'dead' AND runs.error_class IS NULL
+                        """, [late.map(\.runID), late.map(\.errorClass), late.map(\.errorMessage), late.map(\.workerID)])
+                }
             }
             let settled = try await Self.settle(ended, c)
             return RecordResult(applied: n, ignored: events.count - n, outcomes: ended.count, settled: settled)
