@@ -5,7 +5,7 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import ConveyorCore
+public import ConveyorCore
 
 /// An IPv4 or IPv6 address as its bytes (4 or 16). IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`)
 /// are unwrapped to IPv4, so a check on `127.0.0.1` also catches `::ffff:127.0.0.1`.
@@ -17,16 +17,19 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
         if t.hasPrefix("[") && t.hasSuffix("]") { t = String(t.dropFirst().dropLast()) }
         var v4 = in_addr(), v6 = in6_addr()
         if inet_pton(AF_INET, t, &v4) == 1 {
-            bytes = withUnsafeBytes(of: &v4) { Array($0) }
+            self.init(bytes: withUnsafeBytes(of: &v4) { Array($0) })
         } else if inet_pton(AF_INET6, t, &v6) == 1 {
-            let b = withUnsafeBytes(of: &v6) { Array($0) }
-            bytes = b[0..<10].allSatisfy { $0 == 0 } && b[10] == 0xff && b[11] == 0xff ? Array(b[12...]) : b
+            self.init(bytes: withUnsafeBytes(of: &v6) { Array($0) })
         } else {
             return nil
         }
     }
 
-    init(bytes: [UInt8]) { self.bytes = bytes }
+    /// From 4 or 16 bytes in network order; an IPv4-mapped IPv6 address becomes its IPv4 address.
+    init(bytes b: [UInt8]) {
+        let mapped = b.count == 16 && b[0..<10].allSatisfy { $0 == 0 } && b[10] == 0xff && b[11] == 0xff
+        bytes = mapped ? Array(b[12...]) : b
+    }
 
     public var isV4: Bool { bytes.count == 4 }
 
@@ -68,16 +71,17 @@ public struct Network: Sendable, Hashable, CustomStringConvertible {
     public let address: IPAddress
     public let prefix: Int
 
-    public init(parsing text: String) throws {
+    /// `field` names where the text came from, for the error.
+    public init(parsing text: String, field: String = "network") throws(ValidationError) {
         let parts = text.split(separator: "/", maxSplits: 1).map(String.init)
         guard let first = parts.first, let a = IPAddress(first) else {
-            throw ValidationError(field: "network", value: text, hint: "a CIDR block such as 10.0.0.0/8 or fd00::/8, or one address")
+            throw ValidationError(field: field, value: text, hint: "a CIDR block such as 10.0.0.0/8 or fd00::/8, or one address")
         }
         let max = a.bytes.count * 8
         var p = max
         if parts.count == 2 {
             guard let n = Int(parts[1]), (0...max).contains(n) else {
-                throw ValidationError(field: "network", value: text, hint: "the prefix length must be 0–\(max)")
+                throw ValidationError(field: field, value: text, hint: "the prefix length must be 0–\(max)")
             }
             p = n
         }

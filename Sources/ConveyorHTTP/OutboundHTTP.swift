@@ -211,8 +211,7 @@ public struct OutboundHTTP: Sendable {
                             out.append(IPAddress(bytes: withUnsafeBytes(of: &a) { Array($0) }))
                         } else if ai.pointee.ai_family == AF_INET6 {
                             var a = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee.sin6_addr }
-                            let b = withUnsafeBytes(of: &a) { Array($0) }
-                            out.append(IPAddress(IPAddress(bytes: b).description) ?? IPAddress(bytes: b))
+                            out.append(IPAddress(bytes: withUnsafeBytes(of: &a) { Array($0) }))
                         }
                     }
                     p = ai.pointee.ai_next
@@ -229,7 +228,7 @@ public struct OutboundHTTP: Sendable {
             if e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout || e == .writeTimeout {
                 return OutboundError(kind: .timeout, message: "\(url): timed out (\(e))")
             }
-            if e == .remoteConnectionClosed || e == .connectTimeout {
+            if e == .remoteConnectionClosed {
                 return OutboundError(kind: .connect, message: "\(url): \(e)")
             }
             return OutboundError(kind: .transport, message: "\(url): \(e)")

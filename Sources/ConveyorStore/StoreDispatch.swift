@@ -91,11 +91,11 @@ extension Store {
     public func claimDue(_ q: ClaimRequest) async throws -> ClaimResult {
         try await pool.withTransaction { c in
             var result = ClaimResult()
-            let (created, cancelled, direct) = try await Self.materialize(q, c)
+            let (created, cancelled, direct, roomLeft) = try await Self.materialize(q, c)
             result.created = created
             result.cancelled = cancelled
             var rest = q
-            for run in direct { rest.room[run.message.queue] = (rest.room[run.message.queue] ?? q.defaultRoom) - 1 }
+            rest.room = roomLeft
             let (ready, held) = try await Self.claimReady(rest, c)
             result.runs = direct + ready
             result.heldBack = held
@@ -105,9 +105,10 @@ extension Store {
         }
     }
 
-    /// Step 1: due tasks → `scheduled` runs. Returns how many runs it created and which active
-    /// runs it cancelled (overlap `replace`).
-    static func materialize(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> (Int, [UUID], [ClaimedRun]) {
+    /// Step 1: due tasks → `scheduled` runs (or `queued`, see `straightToQueue`). Returns how many
+    /// runs it created, which active runs it cancelled (overlap `replace`), the runs it wrote
+    /// `queued`, and each queue's room left after them.
+    static func materialize(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> (Int, [UUID], [ClaimedRun], [String: Int]) {
         let due = try await c.query("""
             SELECT t.id, t.schedule, t.timezone, t.misfire_policy, t.max_catchup, t.next_run_at, now(), t.overlap_policy,
                    t.queue, t.priority, t.concurrency_key, t.shard, t.trace_parent, coalesce(t.anchor_at, t.next_run_at),
@@ -124,7 +125,7 @@ extension Store {
             LIMIT $3
             FOR UPDATE SKIP LOCKED
             """, [q.shards.lower, q.shards.upper, q.limit])
-        guard !due.rows.isEmpty else { return (0, [], []) }
+        guard !due.rows.isEmpty else { return (0, [], [], q.room) }
         var runs = NewRuns(), direct = NewRuns()
         var room = q.room
         var taskIDs: [UUID] = [], nextTimes: [Date?] = [], skips: [Int] = []
@@ -209,7 +210,7 @@ extension Store {
             FROM unnest($1::uuid[], $2::timestamptz[], $3::int[]) AS u(id, next, skipped)
             WHERE tasks.id = u.id
             """, [taskIDs, nextTimes, skips])
-        return (created, cancelled, queued)
+        return (created, cancelled, queued, room)
     }
 
     /// Step 2: ready runs by priority within each queue's room, rate limit and concurrency keys.

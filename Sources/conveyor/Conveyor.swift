@@ -123,11 +123,7 @@ extension OutboundPolicy {
     /// Reads `<prefix>.allowed_hosts` and `<prefix>.allowed_networks`.
     mutating func read(_ s: Settings, prefix: String) throws {
         allowedHosts = try s.strings("\(prefix).allowed_hosts", default: [])
-        allowedNetworks = try s.strings("\(prefix).allowed_networks", default: []).map { text in
-            do { return try Network(parsing: text) } catch {
-                throw ValidationError(field: "\(prefix).allowed_networks", value: text, hint: "a CIDR block such as 10.0.0.0/8 or fd00::/8, or one address")
-            }
-        }
+        allowedNetworks = try s.strings("\(prefix).allowed_networks", default: []).map { try Network(parsing: $0, field: "\(prefix).allowed_networks") }
     }
 }
 

@@ -1,6 +1,7 @@
 import ConveyorCore
 import ConveyorDispatcher
 import ConveyorHTTP
+import ConveyorPostgres
 import ConveyorStore
 import ConveyorWorker
 import Foundation
@@ -66,6 +67,26 @@ struct CallbackTests {
                 let show = try runConveyor(["run", "show", dead], env: env)
                 #expect(show.out.contains("callback \(receiver.url)/ok delivered after 1 attempt(s) HTTP 204"), "\(show.out)\(show.err)")
             }
+        }
+    }
+
+    /// A dispatcher that dies mid-POST never records the attempt: the lease runs out and any
+    /// dispatcher claims the callback again, as its next attempt.
+    @Test func aLeasedCallbackIsClaimedAgainOnlyAfterItsLease() async throws {
+        try await System.with { sys in
+            let run = UUID()
+            _ = try await sys.pool.withConnection { c in
+                try await c.query("INSERT INTO callbacks (run_id, url, payload) VALUES ($1, 'https://example.com/hook', '{}')", [run])
+            }
+            let first = try await sys.store.claimCallbacks(limit: 10, lease: .milliseconds(800))
+            #expect(first.map(\.runID) == [run] && first.first?.attempt == 1)
+            #expect(try await sys.store.claimCallbacks(limit: 10, lease: .milliseconds(800)).isEmpty, "leased: nobody else takes it")
+            try await Task.sleep(for: .milliseconds(1200))
+            let again = try await sys.store.claimCallbacks(limit: 10, lease: .seconds(30))
+            #expect(again.map(\.id) == first.map(\.id) && again.first?.attempt == 2)
+            try await sys.store.finishCallbacks([(again[0].id, .delivered(status: 200))])
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(try await sys.store.claimCallbacks(limit: 10, lease: .zero).isEmpty, "a delivered callback is never claimed")
         }
     }
 

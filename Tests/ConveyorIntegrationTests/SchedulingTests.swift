@@ -354,7 +354,11 @@ struct SchedulingTests {
                 try await c.simple("""
                     INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, finished_at)
                     SELECT gen_random_uuid(), t.id, now() - make_interval(mins => g), 1, 'succeeded', 'work', 0, now(), now() - interval '40 days'
-                    FROM tasks t, generate_series(1, 1500) g
+                    FROM tasks t, generate_series(1, 1500) g;
+                    INSERT INTO callbacks (run_id, url, payload, created_at)
+                    VALUES (gen_random_uuid(), 'https://example.com/a', '{}', now() - interval '40 days'),
+                           (gen_random_uuid(), 'https://example.com/b', '{}', now() - interval '40 days'),
+                           (gen_random_uuid(), 'https://example.com/c', '{}', now());
                     """)
             }
             #expect(try await sys.store.deleteTask(named: "gone"))
@@ -364,8 +368,9 @@ struct SchedulingTests {
                 if n == 0 { break }
                 deleted += n
             }
-            #expect(deleted == 3001)
+            #expect(deleted == 3003)
             #expect(try await sys.count("SELECT count(*) FROM runs") == 0)
+            #expect(try await sys.rows("SELECT url FROM callbacks") == [["https://example.com/c"]], "only old callbacks are deleted")
             #expect(try await sys.count("SELECT count(*) FROM tasks") == 1)
         }
     }
