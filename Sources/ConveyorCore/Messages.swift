@@ -73,10 +73,13 @@ public struct StatusMessage: Sendable, Hashable, Codable {
     public var errorMessage: String?
     public var workerID: String
     public var at: Date
+    /// On `finished`: when the executor started. A run shorter than the worker's
+    /// `started_after_ms` sends no `started` event, so its start time travels here.
+    public var startedAt: Date?
 
     public init(runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
                 output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
-                workerID: String, at: Date = Date()) {
+                workerID: String, at: Date = Date(), startedAt: Date? = nil) {
         self.runID = runID
         self.attempt = attempt
         self.event = event
@@ -87,11 +90,12 @@ public struct StatusMessage: Sendable, Hashable, Codable {
         self.errorMessage = errorMessage
         self.workerID = workerID
         self.at = at
+        self.startedAt = startedAt
     }
 
     enum CodingKeys: String, CodingKey {
         case version, runID = "run_id", attempt, event, outcome, exitCode = "exit_code", output,
-             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at
+             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at"
     }
 }
 
@@ -132,6 +136,7 @@ public enum MessageCodec {
         if let v = m.outcome { w.key("outcome"); w.string(v.rawValue) }
         if let v = m.output { w.key("output"); w.string(v) }
         w.key("run_id"); w.string(m.runID.uuidString.lowercased())
+        if let v = m.startedAt { w.key("started_at"); w.string(Timestamp.format(v)) }
         w.key("version"); w.int(m.version)
         w.key("worker_id"); w.string(m.workerID)
         w.endObject()

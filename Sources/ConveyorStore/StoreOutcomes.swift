@@ -107,15 +107,16 @@ extension Store {
             var ended: [Ended] = []
             if !f.isEmpty {
                 ended = try await c.query("""
-                    UPDATE runs SET state = u.state, finished_at = u.at, started_at = coalesce(runs.started_at, u.at),
+                    UPDATE runs SET state = u.state, finished_at = u.at, started_at = coalesce(runs.started_at, u.started, u.at),
                                     worker_id = u.worker, exit_code = u.exit_code, output = u.output,
                                     error_class = u.error_class, error_message = u.error_message
-                    FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[])
-                         AS u(id, state, at, worker, exit_code, output, error_class, error_message)
+                    FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[], $10::timestamptz[])
+                         AS u(id, state, at, worker, exit_code, output, error_class, error_message, started)
                     WHERE runs.id = u.id AND runs.state = ANY($9::text[])
                     RETURNING \(Ended.columns)
                     """, [f.map(\.runID), f.map { ($0.outcome ?? .failed).runState.rawValue }, f.map(\.at), f.map(\.workerID),
-                          f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable]).rows.map(Ended.init)
+                          f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable,
+                          f.map(\.startedAt)]).rows.map(Ended.init)
                 n += ended.count
                 // A worker that refuses a message reports why, then rejects it; the dead letter can
                 // be recorded first. The run stays dead, and gets the worker's error when it has none.

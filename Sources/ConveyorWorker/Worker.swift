@@ -127,11 +127,6 @@ public final class Worker: Service, Sendable {
         var statusHeaders: AMQPHeaders = [:]
         TraceIDs.inject(span, into: &statusHeaders)
 
-        // `started` is confirmed before the executor runs. (An `async let` here, to overlap the
-        // confirm with execution, crashed optimized builds under load: see docs/architecture.md.)
-        let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id)
-        await publishStatus(started, headers: statusHeaders, log: log)
-
         let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
         let context = ExecutionContext(runID: message.runID, taskName: message.taskName, attempt: message.attempt,
                                        parameters: message.parameters, timeout: timeout,
@@ -139,11 +134,32 @@ public final class Worker: Service, Sendable {
                                        tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey)
         let cancelSignal = cancels.register(message.runID)
         defer { cancels.unregister(message.runID) }
+        let startedAt = Date()
+        let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt)
         var result: ExecutionResult
         if cancels.wasCancelled(message.runID) {
             result = ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled before it started")
-        } else {
+        } else if configuration.startedAfter == .zero {
+            await publishStatus(started, headers: statusHeaders, log: log)
             result = await Self.run(executor, context, cancel: cancelSignal)
+        } else {
+            // `started` only for a run still going after `startedAfter`: most runs are shorter, and
+            // their `finished` carries the start time, which saves a message and a row version each.
+            let after = configuration.startedAfter
+            let headers = statusHeaders, log = log
+            result = await withTaskGroup(of: ExecutionResult?.self) { group in
+                group.addTask {
+                    do { try await Task.sleep(for: after) } catch { return nil }
+                    await self.publishStatus(started, headers: headers, log: log)
+                    return nil
+                }
+                group.addTask { await Self.run(executor, context, cancel: cancelSignal) }
+                var result: ExecutionResult?
+                while let r = await group.next() {
+                    if let r { result = r; group.cancelAll() }
+                }
+                return result ?? ExecutionResult(outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
+            }
         }
         if Task.isCancelled {
             // The drain deadline passed: report nothing and do not ack; the broker redelivers it.
@@ -153,7 +169,8 @@ public final class Worker: Service, Sendable {
 
         let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
                                      exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
-                                     errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id)
+                                     errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
+                                     startedAt: startedAt)
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
         consumer.ack(delivery)

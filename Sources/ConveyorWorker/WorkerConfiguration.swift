@@ -10,6 +10,8 @@ import Foundation
 /// - `worker.concurrency`: runs at once (also the prefetch), default 16.
 /// - `worker.executors`: names of the `executors.<name>` entries this worker offers, default `[noop]`.
 /// - `worker.shutdown_grace_ms`: drain time on SIGTERM, default 25000.
+/// - `worker.started_after_ms`: a run still going after this long reports `started`; shorter runs
+///   carry their start time in `finished` instead. 0 reports every start. Default 1000.
 /// - `amqp.prefix`, `amqp.delivery_limit`: broker names and dead-letter threshold (as the dispatcher's).
 public struct WorkerConfiguration: Sendable {
     public var id: String
@@ -17,16 +19,19 @@ public struct WorkerConfiguration: Sendable {
     public var concurrency: Int
     public var executorNames: [String]
     public var shutdownGrace: Duration
+    public var startedAfter: Duration
     public var prefix: String
     public var deliveryLimit: Int
 
     public init(id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
-                shutdownGrace: Duration = .seconds(25), prefix: String = "conveyor", deliveryLimit: Int = 5) {
+                shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),
+                prefix: String = "conveyor", deliveryLimit: Int = 5) {
         self.id = id ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
         self.queues = queues
         self.concurrency = concurrency
         self.executorNames = executorNames
         self.shutdownGrace = shutdownGrace
+        self.startedAfter = startedAfter
         self.prefix = prefix
         self.deliveryLimit = deliveryLimit
     }
@@ -42,6 +47,7 @@ public struct WorkerConfiguration: Sendable {
         executorNames = try s.strings("worker.executors", default: ["noop"])
         guard !executorNames.isEmpty else { throw s.bad("worker.executors", "list the executors this worker offers, e.g. [noop, shell]") }
         shutdownGrace = try s.milliseconds("worker.shutdown_grace_ms", default: 25_000, range: 0...3_600_000)
+        startedAfter = try s.milliseconds("worker.started_after_ms", default: 1_000, range: 0...600_000)
         prefix = try s.string("amqp.prefix", default: "conveyor")
         deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
     }
