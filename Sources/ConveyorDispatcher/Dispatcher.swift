@@ -30,6 +30,8 @@ public final class Dispatcher: Service, Sendable {
     let declaredQueues: Mutex<Set<String>>
     let counters = Mutex(Counters())
     let stopping = Atomic<Bool>(false)
+    /// Runs this dispatcher created since its last `ANALYZE` (see `refreshStatisticsAfterBursts`).
+    let createdSinceAnalyze = Atomic<Int>(0)
 
     /// Totals since start, for logs, `bench` and tests.
     public struct Counters: Sendable {
@@ -46,6 +48,7 @@ public final class Dispatcher: Service, Sendable {
         public var lost = 0
         public var deadLetters = 0
         public var cancelsSent = 0
+        public var analyzes = 0
         /// Callback attempts: delivered, to be retried, given up.
         public var callbacksDelivered = 0
         public var callbacksRetried = 0
@@ -194,6 +197,10 @@ public final class Dispatcher: Service, Sendable {
             return 0
         }
         if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
+        if result.created > 0 {
+            let total = createdSinceAnalyze.add(result.created, ordering: .relaxed).newValue
+            if total >= Self.analyzeAfterRuns && total - result.created < Self.analyzeAfterRuns { maintenanceWakeup.signal() }
+        }
         if result.runs.isEmpty { return result.created }
         let (ok, failed) = await publish(result.runs)
         do {

@@ -453,6 +453,12 @@ extension Store {
         }
     }
 
+    /// Refreshes the planner's statistics of the tables a burst changes (see the dispatcher's
+    /// `refreshStatisticsAfterBursts`).
+    public func analyze() async throws {
+        try await pool.withConnection { c in _ = try await c.query("ANALYZE runs, tasks") }
+    }
+
     /// Deletes, in one batch, ended runs older than `runsAge` and then soft-deleted tasks older
     /// than `tasksAge` (their runs first). Returns rows deleted; call until 0.
     public func purgeBatch(runsAge: Duration, tasksAge: Duration, batch: Int = 1000) async throws -> Int {

@@ -80,7 +80,8 @@ import Testing
                                 "a": .array([.string("x"), .object([:])])])
         #expect(try MessageCodec.decodeTask(MessageCodec.encode(m)) == m)
         let st = StatusMessage(runID: UUID(), attempt: 2, event: .finished, outcome: .timedOut, exitCode: 137, output: nasty,
-                               errorClass: "timeout", errorMessage: nasty, workerID: "w-1", at: Date(timeIntervalSince1970: 1_795_435_200.5))
+                               errorClass: "timeout", errorMessage: nasty, workerID: "w-1", at: Date(timeIntervalSince1970: 1_795_435_200.5),
+                               startedAt: Date(timeIntervalSince1970: 1_795_435_199.25))
         #expect(try MessageCodec.decodeStatus(MessageCodec.encode(st)) == st)
     }
 
