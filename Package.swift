@@ -62,7 +62,7 @@ let package = Package(
 
         // Outbound HTTP behind one guard: host allowlist, addresses checked and pinned, redirects re-checked.
         .target(name: "ConveyorHTTP", dependencies: [
-            "ConveyorCore",
+            "ConveyorCore", "ConveyorConfig",
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -76,7 +76,7 @@ let package = Package(
         ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
         .target(name: "ConveyorWorker", dependencies: [
-            "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig",
+            "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
 

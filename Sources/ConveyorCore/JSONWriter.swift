@@ -69,3 +69,12 @@ struct JSONWriter {
         bytes.append(UInt8(ascii: "\""))
     }
 }
+
+extension JSONValue {
+    /// The value as compact JSON (object keys sorted).
+    public var jsonBytes: [UInt8] {
+        var w = JSONWriter()
+        w.value(self)
+        return w.bytes
+    }
+}

@@ -124,6 +124,9 @@ public struct RetryPolicy: Sendable, Hashable {
     /// Error classes that mean the message itself is bad: retrying cannot help.
     public static let poisonClasses: Set<String> = ["malformed_message", "unknown_executor"]
 
+    /// Error classes of failures that retrying cannot fix, not retried unless `retry_on` names them.
+    public static let notRetriedByDefault: Set<String> = ["http_refused", "http_invalid_url", "bad_parameters", "command_not_allowed"]
+
     /// Whether an attempt that ended in `state` is retried.
     public func shouldRetry(attempt: Int, state: RunState, exitCode: Int?, errorClass: String?) -> Bool {
         attempt < maxAttempts && isRetryable(state: state, exitCode: exitCode, errorClass: errorClass)
@@ -136,8 +139,12 @@ public struct RetryPolicy: Sendable, Hashable {
         if let c = errorClass, Self.poisonClasses.contains(c) { return false }
         let classes = Self.classes(state: state, exitCode: exitCode, errorClass: errorClass)
         if !classes.isDisjoint(with: noRetryOn) { return false }
-        let on = retryOn.isEmpty ? ["timeout", "lost", "error"] : retryOn
-        return !classes.isDisjoint(with: on)
+        guard retryOn.isEmpty else { return !classes.isDisjoint(with: retryOn) }
+        // The default: timeouts, lost runs and errors, except what retrying cannot fix: an HTTP
+        // 4xx other than 408 and 429, and a URL the outbound guard refuses or cannot parse.
+        if classes.contains("http:4xx") && !classes.contains("http:408") && !classes.contains("http:429") { return false }
+        if let c = errorClass, Self.notRetriedByDefault.contains(c) { return false }
+        return !classes.isDisjoint(with: ["timeout", "lost", "error"])
     }
 
     /// The ceiling of the delay before attempt `attempt + 1`.

@@ -74,6 +74,7 @@ public struct ExecutorFactory: Sendable {
         register("noop") { _ in NoopExecutor() }
         register("sleep") { s throws(ValidationError) in try SleepExecutor(settings: s) }
         register("shell") { s throws(ValidationError) in try ShellExecutor(settings: s) }
+        register("http") { s throws(ValidationError) in try HTTPExecutor(settings: s) }
     }
 
     public mutating func register(_ type: String, _ constructor: @escaping Constructor) {

@@ -115,15 +115,8 @@ extension DispatcherConfiguration {
         callbacks.maxAttempts = try s.int("callbacks.max_attempts", default: 8, range: 1...100)
         callbacks.backoffBase = try s.milliseconds("callbacks.backoff_base_ms", default: 1000, range: 1...3_600_000)
         callbacks.backoffCap = try s.milliseconds("callbacks.backoff_cap_ms", default: 300_000, range: 1...86_400_000)
-        try callbacks.policy.read(s, prefix: "callbacks")
-    }
-}
-
-extension OutboundPolicy {
-    /// Reads `<prefix>.allowed_hosts` and `<prefix>.allowed_networks`.
-    mutating func read(_ s: Settings, prefix: String) throws {
-        allowedHosts = try s.strings("\(prefix).allowed_hosts", default: [])
-        allowedNetworks = try s.strings("\(prefix).allowed_networks", default: []).map { try Network(parsing: $0, field: "\(prefix).allowed_networks") }
+        try callbacks.policy.read(s.scoped("callbacks"))
+        callbacks.policy.maxRedirects = 0
     }
 }
 

@@ -24,10 +24,13 @@ final class HTTPReceiver: Sendable {
     let respond: @Sendable (Request, Int) -> Reply
     private let channel: any Channel
     let port: Int
+    let host: String
 
-    /// `respond` gets the request and how many requests came to its path before it.
-    init(respond: @escaping @Sendable (Request, Int) -> Reply = { _, _ in Reply(status: 200) }) async throws {
+    /// `respond` gets the request and how many requests came to its path before it. `host` is
+    /// any loopback address (Linux answers on all of 127.0.0.0/8).
+    init(host: String = "127.0.0.1", respond: @escaping @Sendable (Request, Int) -> Reply = { _, _ in Reply(status: 200) }) async throws {
         self.respond = respond
+        self.host = host
         let box = Mutex<HTTPReceiver?>(nil)
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -37,13 +40,13 @@ final class HTTPReceiver: Sendable {
                     try channel.pipeline.syncOperations.addHandler(Handler(receiver: { box.withLock { $0 } }))
                 }
             }
-            .bind(host: "127.0.0.1", port: 0).get()
+            .bind(host: host, port: 0).get()
         self.channel = channel
         port = channel.localAddress?.port ?? 0
         box.withLock { $0 = self }
     }
 
-    var url: String { "http://127.0.0.1:\(port)" }
+    var url: String { "http://\(host):\(port)" }
 
     func received(path: String? = nil) -> [Request] {
         requests.withLock { all in all.filter { path == nil || $0.path == path } }

@@ -1,0 +1,106 @@
+public import ConveyorConfig
+public import ConveyorCore
+public import ConveyorHTTP
+import Foundation
+public import Logging
+
+/// Calls an HTTP endpoint through the outbound guard (`ConveyorHTTP`): hosts from an allowlist,
+/// every resolved address checked (loopback, private, link-local, metadata and reserved ranges
+/// refused unless `allowed_networks` lists them), the connection pinned to the address checked,
+/// and each redirect checked again.
+///
+/// Settings (`executors.<name>.*`): `allowed_hosts`, `allowed_networks`, `allowed_schemes`,
+/// `max_redirects` (5), `max_response_bytes` (65536), `connect_timeout_ms` (5000).
+///
+/// Parameters: `url` (required), `method` (GET, HEAD, POST, PUT, PATCH or DELETE; default GET),
+/// `headers` (object of strings), `body` (a string sent as is, or any other JSON value sent as
+/// JSON). The task's timeout bounds the whole exchange.
+///
+/// Sent with every request: `Idempotency-Key: <run id>`, `traceparent` and `tracestate`.
+/// Outcome: 2xx succeeds (the body is the output); any other status fails with error class
+/// `http_<status>` (408, 429 and 5xx are retried by default, other 4xx are not); a refused or
+/// invalid URL fails as `http_refused` / `http_invalid_url` (not retried by default); connect,
+/// timeout and transport errors as `http_connect`, `http_timeout`, `http_transport` (retried).
+public struct HTTPExecutor: Executor {
+    public var policy: OutboundPolicy
+    let http: OutboundHTTP
+
+    static let methods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    /// Headers the executor sets itself, or that would let a task break the framing.
+    static let reservedHeaders: Set<String> = ["host", "content-length", "transfer-encoding", "connection", "upgrade",
+                                               "idempotency-key", "traceparent", "tracestate"]
+
+    public init(policy: OutboundPolicy, logger: Logger = Logger(label: "conveyor.executor.http")) {
+        self.policy = policy
+        http = OutboundHTTP(policy: policy, logger: logger)
+    }
+
+    public init(settings: Settings) throws(ValidationError) {
+        var policy = OutboundPolicy()
+        try policy.read(settings)
+        self.init(policy: policy)
+    }
+
+    public func execute(_ context: ExecutionContext) async -> ExecutionResult {
+        let request: OutboundRequest
+        do throws(ValidationError) { request = try Self.request(context) } catch {
+            return .failed("bad_parameters", error.description)
+        }
+        do {
+            let response = try await http.send(request, timeout: context.timeout)
+            var output = String(decoding: response.body, as: UTF8.self)
+            if response.truncated { output += "\n[… response truncated at \(policy.maxResponseBytes) bytes]" }
+            if (200..<300).contains(response.status) {
+                return ExecutionResult(outcome: .succeeded, output: output)
+            }
+            return .failed("http_\(response.status)", "HTTP \(response.status) from \(response.url)", output: output)
+        } catch {
+            if Task.isCancelled {
+                return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled during the request")
+            }
+            return .failed("http_\(error.kind.rawValue)", error.message)
+        }
+    }
+
+    static func request(_ context: ExecutionContext) throws(ValidationError) -> OutboundRequest {
+        let p = context.parameters
+        guard let url = p["url"]?.stringValue, !url.isEmpty else {
+            throw ValidationError(field: "parameters.url", value: "\(p["url"] ?? .null)", hint: "the URL to call, e.g. \"https://api.example.com/hook\"")
+        }
+        let method = (p["method"]?.stringValue ?? "GET").uppercased()
+        guard methods.contains(method) else {
+            throw ValidationError(field: "parameters.method", value: method, hint: "one of \(methods.sorted().joined(separator: ", "))")
+        }
+        var headers: [(String, String)] = []
+        if let h = p["headers"] {
+            guard let o = h.objectValue else {
+                throw ValidationError(field: "parameters.headers", value: "\(h)", hint: "an object of header names to string values")
+            }
+            for (name, value) in o.sorted(by: { $0.key < $1.key }) {
+                let tokenChars = CharacterSet(charactersIn: "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+                guard !name.isEmpty, name.unicodeScalars.allSatisfy(tokenChars.contains) else {
+                    throw ValidationError(field: "parameters.headers", value: name, hint: "header names are HTTP tokens (letters, digits, '-')")
+                }
+                guard !reservedHeaders.contains(name.lowercased()) else {
+                    throw ValidationError(field: "parameters.headers.\(name)", value: name, hint: "set by Conveyor or by HTTP itself; remove it")
+                }
+                guard let v = value.stringValue, !v.contains("\r"), !v.contains("\n"), !v.contains("\0") else {
+                    throw ValidationError(field: "parameters.headers.\(name)", value: "\(value)", hint: "a string without line breaks")
+                }
+                headers.append((name, v))
+            }
+        }
+        var body: [UInt8] = []
+        switch p["body"] {
+        case nil, .null?: break
+        case .string(let s)?: body = Array(s.utf8)
+        case let v?:
+            body = v.jsonBytes
+            if !headers.contains(where: { $0.0.lowercased() == "content-type" }) { headers.append(("Content-Type", "application/json")) }
+        }
+        headers.append(("Idempotency-Key", context.idempotencyKey))
+        if let tp = context.traceparent { headers.append(("traceparent", tp)) }
+        if let ts = context.tracestate, !ts.isEmpty { headers.append(("tracestate", ts)) }
+        return OutboundRequest(method: method, url: url, headers: headers, body: body)
+    }
+}

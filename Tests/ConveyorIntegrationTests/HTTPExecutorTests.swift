@@ -1,0 +1,104 @@
+import ConveyorCore
+import ConveyorHTTP
+import ConveyorWorker
+import Foundation
+import Testing
+
+/// The http executor against real HTTP servers on loopback addresses.
+@Suite("http executor (real HTTP servers)")
+struct HTTPExecutorTests {
+    static func context(_ parameters: JSONValue, timeout: Duration = .seconds(5)) -> ExecutionContext {
+        ExecutionContext(runID: UUID(), taskName: "call", attempt: 2, parameters: parameters, timeout: timeout,
+                         traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", tracestate: "vendor=1",
+                         idempotencyKey: "run-key-1")
+    }
+
+    /// An executor that may reach only the loopback address `allowed`.
+    static func executor(allowing allowed: String) -> HTTPExecutor {
+        var p = OutboundPolicy()
+        p.allowedNetworks = [try! Network(parsing: allowed)]
+        return HTTPExecutor(policy: p)
+    }
+
+    @Test func outcomeFollowsTheStatusClassAndTheRequestCarriesRunAndTrace() async throws {
+        let server = try await HTTPReceiver(host: "127.0.0.2") { request, _ in
+            switch request.path {
+            case "/busy": .init(status: 503)
+            case "/missing": .init(status: 404)
+            default: .init(status: 201)
+            }
+        }
+        defer { Task { await server.close() } }
+        let http = Self.executor(allowing: "127.0.0.2")
+
+        let ok = await http.execute(Self.context(["url": .string(server.url + "/hook"), "method": "post",
+                                                  "headers": ["X-Tenant": "42"], "body": ["n": 1]]))
+        #expect(ok.outcome == .succeeded)
+        #expect(ok.output == "ok")
+        let got = try #require(server.received(path: "/hook").first)
+        #expect(got.method == "POST")
+        #expect(got.headers["idempotency-key"] == "run-key-1")
+        #expect(got.headers["traceparent"] == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        #expect(got.headers["tracestate"] == "vendor=1")
+        #expect(got.headers["x-tenant"] == "42")
+        #expect(got.headers["content-type"] == "application/json")
+        #expect(got.body == #"{"n":1}"#)
+
+        let busy = await http.execute(Self.context(["url": .string(server.url + "/busy")]))
+        #expect(busy.outcome == .failed && busy.errorClass == "http_503")
+        let missing = await http.execute(Self.context(["url": .string(server.url + "/missing")]))
+        #expect(missing.outcome == .failed && missing.errorClass == "http_404")
+
+        // The default retry policy: 5xx, 408 and 429 are retried; other 4xx and refusals are not.
+        let policy = try RetryPolicy(maxAttempts: 3, json: .object([:]))
+        #expect(policy.isRetryable(state: .failed, exitCode: nil, errorClass: "http_503"))
+        #expect(policy.isRetryable(state: .failed, exitCode: nil, errorClass: "http_429"))
+        #expect(!policy.isRetryable(state: .failed, exitCode: nil, errorClass: "http_404"))
+        #expect(!policy.isRetryable(state: .failed, exitCode: nil, errorClass: "http_refused"))
+    }
+
+    @Test func ssrfAttemptsNeverReachTheCanary() async throws {
+        // The canary listens on 127.0.0.1; the executor may reach 127.0.0.2 only.
+        let canary = try await HTTPReceiver()
+        defer { Task { await canary.close() } }
+        let relay = try await HTTPReceiver(host: "127.0.0.2") { request, _ in
+            .init(status: 302, headers: [("Location", "http://127.0.0.1:\(canary.port)/via-redirect")])
+        }
+        defer { Task { await relay.close() } }
+        let http = Self.executor(allowing: "127.0.0.2")
+        let p = canary.port
+        let attempts = [
+            "http://127.0.0.1:\(p)/direct",
+            "http://[::1]:\(p)/v6",
+            "http://0.0.0.0:\(p)/unspecified",
+            "http://localhost:\(p)/name",
+            "http://2130706433:\(p)/decimal",      // 127.0.0.1 written as one number
+            "http://0x7f.0.0.1:\(p)/hex",
+            "http://127.1:\(p)/short",
+            "http://[::ffff:127.0.0.1]:\(p)/mapped",
+            "http://169.254.169.254/latest/meta-data/",
+            relay.url + "/redirect",
+        ]
+        for url in attempts {
+            let r = await http.execute(Self.context(["url": .string(url)], timeout: .seconds(3)))
+            #expect(r.outcome == .failed, "\(url): \(r)")
+            #expect(["http_refused", "http_invalid_url", "http_connect"].contains(r.errorClass ?? ""), "\(url): \(r)")
+        }
+        #expect(relay.received(path: "/redirect").count == 1, "the allowed relay was reached")
+        #expect(canary.received().isEmpty, "the canary was reached: \(canary.received().map(\.path))")
+    }
+
+    @Test func badParametersNameTheField() async throws {
+        let http = Self.executor(allowing: "127.0.0.2")
+        let cases: [(JSONValue, String)] = [
+            ([:], "parameters.url"),
+            (["url": "http://127.0.0.2:1/", "method": "TRACE"], "parameters.method"),
+            (["url": "http://127.0.0.2:1/", "headers": ["Host": "evil"]], "parameters.headers.Host"),
+            (["url": "http://127.0.0.2:1/", "headers": ["X-A": "a\r\nX-Injected: 1"]], "parameters.headers.X-A"),
+        ]
+        for (parameters, field) in cases {
+            let r = await http.execute(Self.context(parameters))
+            #expect(r.errorClass == "bad_parameters" && (r.errorMessage ?? "").contains(field), "\(parameters): \(r)")
+        }
+    }
+}
