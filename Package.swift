@@ -90,6 +90,7 @@ let package = Package(
 
         .testTarget(name: "ConveyorCoreTests", dependencies: [
             "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",

@@ -125,7 +125,7 @@ public struct RetryPolicy: Sendable, Hashable {
     public static let poisonClasses: Set<String> = ["malformed_message", "unknown_executor"]
 
     /// Error classes of failures that retrying cannot fix, not retried unless `retry_on` names them.
-    public static let notRetriedByDefault: Set<String> = ["http_refused", "http_invalid_url", "bad_parameters", "command_not_allowed"]
+    public static let notRetriedByDefault: Set<String> = ["http_refused", "http_invalid_url", "bad_parameters", "command_not_allowed", "argument_blocked", "cwd_not_allowed"]
 
     /// Whether an attempt that ended in `state` is retried.
     public func shouldRetry(attempt: Int, state: RunState, exitCode: Int?, errorClass: String?) -> Bool {

@@ -1,6 +1,7 @@
 public import ConveyorConfig
 public import ConveyorCore
 public import Foundation
+public import Logging
 
 /// What an executor is given for one attempt.
 public struct ExecutionContext: Sendable {
@@ -14,9 +15,12 @@ public struct ExecutionContext: Sendable {
     public var tracestate: String?
     /// Equal to the run id.
     public var idempotencyKey: String
+    /// The worker's logger, with `run.id`, `task.name` and `trace.id` set.
+    public var logger: Logger
 
     public init(runID: UUID, taskName: String, attempt: Int, parameters: JSONValue, timeout: Duration,
-                traceparent: String?, tracestate: String?, idempotencyKey: String) {
+                traceparent: String?, tracestate: String?, idempotencyKey: String,
+                logger: Logger = Logger(label: "conveyor.executor")) {
         self.runID = runID
         self.taskName = taskName
         self.attempt = attempt
@@ -25,6 +29,7 @@ public struct ExecutionContext: Sendable {
         self.traceparent = traceparent
         self.tracestate = tracestate
         self.idempotencyKey = idempotencyKey
+        self.logger = logger
     }
 }
 
@@ -55,6 +60,13 @@ public struct ExecutionResult: Sendable, Equatable {
 /// `execute`: an executor must stop promptly when cancelled (and clean up what it started).
 public protocol Executor: Sendable {
     func execute(_ context: ExecutionContext) async -> ExecutionResult
+    /// Called once after every attempt, whatever its end (success, failure, timeout, cancel), with
+    /// the result the worker reports. The default does nothing.
+    func cleanup(_ context: ExecutionContext, result: ExecutionResult) async
+}
+
+extension Executor {
+    public func cleanup(_ context: ExecutionContext, result: ExecutionResult) async {}
 }
 
 /// Builds executors from configuration by type name. The built-in types are registered by

@@ -25,6 +25,8 @@ public final class Worker: Service, Sendable {
     let topology: ConveyorTopology
     let logger: Logger
     let counters = Mutex(Counters())
+    /// Per-executor concurrency limits (`executors.<name>.max_concurrency`).
+    let slots: [String: Slots]
 
     public struct Counters: Sendable {
         public var succeeded = 0
@@ -36,6 +38,7 @@ public final class Worker: Service, Sendable {
     public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger) {
         self.configuration = configuration
         self.executors = executors
+        slots = configuration.executorLimits.mapValues { Slots($0) }
         var logger = logger
         logger[metadataKey: "worker.id"] = "\(configuration.id)"
         self.logger = logger
@@ -131,7 +134,11 @@ public final class Worker: Service, Sendable {
         let context = ExecutionContext(runID: message.runID, taskName: message.taskName, attempt: message.attempt,
                                        parameters: message.parameters, timeout: timeout,
                                        traceparent: TraceIDs.traceparent(span),
-                                       tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey)
+                                       tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey, logger: log)
+        // A run past its executor's limit waits here, before its timeout starts.
+        let slot = slots[message.executor]
+        if let slot, !(await slot.acquire()) { return }   // shutdown while waiting: left for redelivery
+        defer { slot?.release() }
         let cancelSignal = cancels.register(message.runID)
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()
@@ -188,7 +195,7 @@ public final class Worker: Service, Sendable {
     /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
     static func run(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async -> ExecutionResult {
         enum Step: Sendable { case done(ExecutionResult), timeout, cancelRequested, stopped }
-        return await withTaskGroup(of: Step.self) { group in
+        let result = await withTaskGroup(of: Step.self) { group in
             group.addTask { .done(await executor.execute(context)) }
             group.addTask {
                 do { try await Task.sleep(for: context.timeout) } catch { return .stopped }
@@ -223,6 +230,9 @@ public final class Worker: Service, Sendable {
             }
             return final
         }
+        // The cleanup hook runs whatever the end: success, failure, timeout, cancel or shutdown.
+        await executor.cleanup(context, result: result)
+        return result
     }
 
     /// Applies control messages: a cancel for a run in flight stops its executor; one for a run

@@ -12,6 +12,8 @@ import Foundation
 /// - `worker.shutdown_grace_ms`: drain time on SIGTERM, default 25000.
 /// - `worker.started_after_ms`: a run still going after this long reports `started`; shorter runs
 ///   carry their start time in `finished` instead. 0 reports every start. Default 1000.
+/// - `executors.<name>.max_concurrency`: runs of that executor at once on this worker (default:
+///   no limit below `worker.concurrency`). Runs past it wait for a slot before their timeout starts.
 /// - `amqp.prefix`, `amqp.delivery_limit`: broker names and dead-letter threshold (as the dispatcher's).
 public struct WorkerConfiguration: Sendable {
     public var id: String
@@ -20,6 +22,8 @@ public struct WorkerConfiguration: Sendable {
     public var executorNames: [String]
     public var shutdownGrace: Duration
     public var startedAfter: Duration
+    /// Per-executor limits below `concurrency`, by executor name.
+    public var executorLimits: [String: Int] = [:]
     public var prefix: String
     public var deliveryLimit: Int
 
@@ -48,6 +52,10 @@ public struct WorkerConfiguration: Sendable {
         guard !executorNames.isEmpty else { throw s.bad("worker.executors", "list the executors this worker offers, e.g. [noop, shell]") }
         shutdownGrace = try s.milliseconds("worker.shutdown_grace_ms", default: 25_000, range: 0...3_600_000)
         startedAfter = try s.milliseconds("worker.started_after_ms", default: 1_000, range: 0...600_000)
+        for name in executorNames {
+            let limit = try s.int("executors.\(name).max_concurrency", default: 0, range: 0...10_000)
+            if limit > 0 && limit < concurrency { executorLimits[name] = limit }
+        }
         prefix = try s.string("amqp.prefix", default: "conveyor")
         deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
     }

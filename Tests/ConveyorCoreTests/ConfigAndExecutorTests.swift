@@ -2,6 +2,8 @@ import ConveyorConfig
 import ConveyorCore
 import ConveyorWorker
 import Foundation
+import Logging
+import Synchronization
 import Testing
 
 @Suite struct SettingsTests {
@@ -64,10 +66,28 @@ import Testing
     }
 }
 
+@Suite struct ShippedConfigTests {
+    @Test func theShippedWorkerConfigBuildsEveryExecutorItOffers() async throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let s = try await Settings.load(file: root.appendingPathComponent("config/worker.yaml").path, environment: [:])
+        let c = try WorkerConfiguration(settings: s)
+        let made = try ExecutorFactory().make(names: c.executorNames, settings: s)
+        #expect(Set(made.keys) == ["noop", "sleep", "shell", "http"])
+        #expect(c.executorLimits == ["shell": 8])
+        let shell = try #require(made["shell"] as? ShellExecutor)
+        #expect(!shell.allowedCommands.contains("/bin/sh") && !shell.allowedCommands.contains("/usr/bin/env"))
+        let r = await shell.execute(ExecutionContext(runID: UUID(), taskName: "t", attempt: 1, parameters: ["argv": ["/bin/echo", "-e", "x"]],
+                                                     timeout: .seconds(5), traceparent: nil, tracestate: nil, idempotencyKey: "k"))
+        #expect(r.errorClass == "argument_blocked")
+    }
+}
+
 @Suite struct ShellExecutorTests {
+    /// A shell executor; `extra` adds settings, and may replace `allowed_commands`.
     func shell(_ extra: String = "") async throws -> ShellExecutor {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("sh-\(UUID()).yaml").path
-        try "type: shell\nallowed_commands: [/bin/echo, /bin/sh, /bin/sleep]\nkill_grace_ms: 200\n\(extra)".write(toFile: path, atomically: true, encoding: .utf8)
+        let commands = extra.contains("allowed_commands:") ? "" : "allowed_commands: [/bin/echo, /bin/sh, /bin/sleep]\n"
+        try "type: shell\n\(commands)kill_grace_ms: 200\n\(extra)".write(toFile: path, atomically: true, encoding: .utf8)
         return try ShellExecutor(settings: try await Settings.load(file: path, environment: [:]))
     }
 
@@ -111,6 +131,173 @@ import Testing
         #expect(out.contains("bytes dropped"))
     }
 
+    @Test func injectionAttemptsNeverCreateTheCanary() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("inj-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let canary = dir + "/canary"
+        let s = try await shell("""
+            allowed_commands: [/bin/echo, /usr/bin/find, /bin/cat]
+            blocked_arguments: ["^-", "(^|/)\\\\.\\\\.(/|$)"]
+            allowed_roots: [\(dir)]
+            """)
+        let touch = "/usr/bin/touch \(canary)"
+        let attempts: [JSONValue] = [
+            ["argv": ["/bin/echo", .string("; \(touch)")]],
+            ["argv": ["/bin/echo", .string("$(\(touch))")]],
+            ["argv": ["/bin/echo", .string("`\(touch)`")]],
+            ["argv": ["/bin/echo", .string("x | \(touch)")]],
+            ["argv": ["/bin/echo", .string("x\n\(touch)")]],
+            ["argv": ["/bin/echo", .string("x && \(touch)")]],
+            ["argv": [.string("/bin/echo; \(touch)")]],
+            ["argv": [.string(touch)]],
+            ["argv": ["/bin/sh", "-c", .string(touch)]],
+            ["argv": ["/bin/../usr/bin/touch", .string(canary)]],
+            ["argv": ["/usr/bin/find", .string(dir), "-exec", "/usr/bin/touch", .string(canary), ";"]],
+            ["argv": ["/usr/bin/find", "-fprint", .string(canary)]],
+            ["argv": ["/bin/cat", "../../../etc/passwd"]],
+            ["argv": ["/bin/echo", "x"], "cwd": "../../"],
+            ["argv": ["/bin/echo", "x"], "env": ["LD_PRELOAD": .string(dir + "/evil.so")]],
+            ["argv": ["/bin/echo", "x"], "env": ["BASH_ENV": .string(dir + "/evil.sh")]],
+            ["argv": ["/bin/echo", "x"], "env": ["PATH": .string(dir)]],
+        ]
+        for a in attempts {
+            let r = await s.execute(context(a))
+            if r.outcome == .succeeded {
+                // Only the echoes may run, and they print their argument verbatim.
+                #expect(a["argv"]?.arrayValue?.first == "/bin/echo", "\(a) ran: \(r)")
+                #expect(r.output?.contains("touch") == true, "\(a): \(r)")
+            } else {
+                #expect(["command_not_allowed", "argument_blocked", "bad_parameters", "cwd_not_allowed"].contains(r.errorClass ?? ""), "\(a): \(r)")
+            }
+        }
+        #expect(!FileManager.default.fileExists(atPath: canary), "an injection attempt created the canary")
+    }
+
+    @Test func workingDirectoryStaysInsideTheAllowedRoots() async throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("root-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: root + "/jobs", withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(atPath: root + "/etc-link", withDestinationPath: "/etc")
+        let s = try await shell("allowed_commands: [/bin/pwd]\nallowed_roots: [\(root)]\n")
+        let inside = await s.execute(context(["argv": ["/bin/pwd"], "cwd": "jobs"]))
+        #expect(inside.outcome == .succeeded && inside.output == root + "/jobs\n", "\(inside)")
+        let byDefault = await s.execute(context(["argv": ["/bin/pwd"]]))
+        #expect(byDefault.output == root + "\n")
+        for escape in ["..", "jobs/../..", "etc-link", "/etc", "/"] {
+            let r = await s.execute(context(["argv": ["/bin/pwd"], "cwd": .string(escape)]))
+            #expect(r.errorClass == "cwd_not_allowed", "\(escape): \(r)")
+        }
+    }
+
+    @Test func theChildInheritsNoDescriptorOfTheWorker() async throws {
+        // A descriptor opened without O_CLOEXEC, as a C library might.
+        let fd = open("/dev/null", O_RDONLY)
+        #expect(fd > 2)
+        defer { close(fd) }
+        let s = try await shell("allowed_commands: [/bin/ls]\n")
+        let r = await s.execute(context(["argv": ["/bin/ls", "/proc/self/fd"]]))
+        let fds = Set((r.output ?? "").split(separator: "\n").map(String.init))
+        // 0-2, and the descriptor ls opened to list the folder.
+        #expect(fds.isSubset(of: ["0", "1", "2", "3"]), "descriptors seen by the child: \(fds.sorted())")
+        #expect(!fds.contains(String(fd)) || fd == 3)
+    }
+
+    @Test func whatTheCommandLeavesRunningIsKilledWhenItExits() async throws {
+        let s = try await shell()
+        let started = ContinuousClock.now
+        let r = await s.execute(context(["argv": ["/bin/sh", "-c", "/bin/sleep 30 & echo $!"]]))
+        #expect(r.outcome == .succeeded)
+        #expect(ContinuousClock.now - started < .seconds(5), "a background child held the run open")
+        let pid = try #require(Int32((r.output ?? "").trimmingCharacters(in: .whitespacesAndNewlines)))
+        try await Task.sleep(for: .milliseconds(200))
+        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+        let state = stat.split(separator: ")").last?.split(separator: " ").first.map(String.init)
+        #expect(state == nil || state == "Z", "the background sleep is still running: \(stat)")
+    }
+
+    @Test func resourceLimitsHoldFromTheFirstInstruction() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lim-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let s = try await shell("allowed_roots: [\(dir)]\nlimits:\n  file_size_bytes: 1000\n")
+        let r = await s.execute(context(["argv": ["/bin/sh", "-c", "/usr/bin/head -c 5000 /dev/zero > big; echo wrote"]]))
+        let size = (try? FileManager.default.attributesOfItem(atPath: dir + "/big")[.size] as? Int) ?? -1
+        #expect(size <= 1000, "the file grew past the limit: \(size) bytes; \(r)")
+    }
+
+    @Test func outputLinesAreStreamedToTheLog() async throws {
+        let lines = Recorded<[String]>([])
+        let logger = Logger(label: "test") { _ in CapturingLogHandler(lines: lines) }
+        var c = context(["argv": ["/bin/sh", "-c", "echo one; echo two >&2; echo three"]])
+        c.logger = logger
+        let r = try await shell().execute(c)
+        #expect(r.outcome == .succeeded)
+        #expect(Set(lines.value) == ["stdout: one", "stderr: two", "stdout: three"])
+    }
+
+    @Test func cleanupRunsAfterEveryEnding() async throws {
+        let seen = Recorded<[Outcome]>([])
+        struct Probe: Executor {
+            let seen: Recorded<[Outcome]>
+            func execute(_ context: ExecutionContext) async -> ExecutionResult {
+                if context.parameters["fail"] != nil { return .failed("x", "asked to fail") }
+                if context.parameters["hang"] != nil { try? await Task.sleep(for: .seconds(30)) }
+                return .succeeded
+            }
+            func cleanup(_ context: ExecutionContext, result: ExecutionResult) async { seen.update { $0.append(result.outcome) } }
+        }
+        let probe = Probe(seen: seen)
+        _ = await Worker.runForTesting(probe, context([:]))
+        _ = await Worker.runForTesting(probe, context(["fail": true]))
+        _ = await Worker.runForTesting(probe, context(["hang": true], timeout: .milliseconds(100)))
+        #expect(seen.value == [.succeeded, .failed, .timedOut])
+    }
+
+    /// Descriptors open in this process.
+    static func openDescriptors() -> Int { descriptors().count }
+
+    /// Each open descriptor and what it refers to.
+    static func descriptors() -> Set<String> {
+        Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).map { fd in
+            "\(fd)->" + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?")
+        })
+    }
+
+    /// This process's children that are zombies (exited, never reaped).
+    static func zombieChildren() -> [String] {
+        let me = getpid()
+        return ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { pid in
+            guard Int32(pid) != nil, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                  let tail = stat.split(separator: ")").last?.split(separator: " "), tail.count > 2 else { return nil }
+            return tail[0] == "Z" && Int32(tail[1]) == me ? pid : nil
+        }
+    }
+
+    @Test func tenThousandRunsLeaveNoZombieAndNoDescriptor() async throws {
+        let s = try await shell("allowed_commands: [/bin/true, /bin/false]\nlog_output: false\n")
+        // Warm up first: the runtime opens a few descriptors once (dispatch queues, timers).
+        for _ in 0..<20 { _ = await s.execute(context(["argv": ["/bin/true"]])) }
+        try await Task.sleep(for: .milliseconds(10))
+        let before = Self.descriptors()
+        let failures = await withTaskGroup(of: Int.self) { group in
+            for lane in 0..<16 {
+                group.addTask {
+                    var failed = 0
+                    for i in stride(from: lane, to: 10_000, by: 16) {
+                        let r = await s.execute(self.context(["argv": [i % 10 == 0 ? "/bin/false" : "/bin/true"]]))
+                        if r.outcome != (i % 10 == 0 ? .failed : .succeeded) { failed += 1 }
+                    }
+                    return failed
+                }
+            }
+            return await group.reduce(0, +)
+        }
+        #expect(failures == 0)
+        // The reader threads close their pipe ends as they finish.
+        try await Task.sleep(for: .milliseconds(200))
+        let after = Self.descriptors()
+        #expect(after.count <= before.count, "new descriptors: \(after.subtracting(before).sorted())")
+        #expect(Self.zombieChildren().isEmpty, "zombies: \(Self.zombieChildren())")
+    }
+
     @Test func timeoutKillsTheWholeProcessGroup() async throws {
         let marker = FileManager.default.temporaryDirectory.appendingPathComponent("child-\(UUID())").path
         // The shell starts a grandchild that would write the marker after 2 s, then waits.
@@ -123,4 +310,27 @@ import Testing
         try await Task.sleep(for: .seconds(2.5))
         #expect(!FileManager.default.fileExists(atPath: marker), "the grandchild in the process group was killed too")
     }
+}
+
+/// Collects `"<output.stream>: <message>"` of each record.
+struct CapturingLogHandler: LogHandler {
+    let lines: Recorded<[String]>
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) {
+        let stream = event.metadata?["output.stream"].map { "\($0)" } ?? "-"
+        lines.update { $0.append("\(stream): \(event.message)") }
+    }
+}
+
+/// A value shared with concurrent code under a lock.
+final class Recorded<Value: Sendable>: Sendable {
+    private let state: Mutex<Value>
+    init(_ value: Value) { state = Mutex(value) }
+    var value: Value { state.withLock { $0 } }
+    func update(_ body: (inout Value) -> Void) { state.withLock { body(&$0) } }
 }
