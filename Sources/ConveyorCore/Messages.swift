@@ -52,6 +52,41 @@ public struct ControlMessage: Sendable, Hashable, Codable {
     public init(cancel: UUID) { self.cancel = cancel }
 }
 
+/// The AMQP `type` of a heartbeat, sent by each worker on the status exchange.
+public let heartbeatMessageType = "conveyor.heartbeat.v1"
+
+/// Body of a heartbeat (`conveyor.heartbeat.v1`): who the worker is and what it holds.
+public struct HeartbeatMessage: Sendable, Hashable, Codable {
+    public var version: Int = 1
+    public var workerID: String
+    public var host: String
+    public var queues: [String]
+    public var executors: [String]
+    public var concurrency: Int
+    /// Runs this worker is executing now.
+    public var inFlight: [UUID]
+    /// How often this worker sends heartbeats; the dispatcher declares it lost after a few missed.
+    public var intervalSeconds: Double
+    public var at: Date
+
+    public init(workerID: String, host: String, queues: [String], executors: [String], concurrency: Int,
+                inFlight: [UUID], intervalSeconds: Double, at: Date = Date()) {
+        self.workerID = workerID
+        self.host = host
+        self.queues = queues
+        self.executors = executors
+        self.concurrency = concurrency
+        self.inFlight = inFlight
+        self.intervalSeconds = intervalSeconds
+        self.at = at
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case version, workerID = "worker_id", host, queues, executors, concurrency, inFlight = "in_flight",
+             intervalSeconds = "interval_seconds", at
+    }
+}
+
 /// What a status message reports.
 public enum StatusEvent: String, Sendable, Codable {
     case started
@@ -76,10 +111,14 @@ public struct StatusMessage: Sendable, Hashable, Codable {
     /// On `finished`: when the executor started. A run shorter than the worker's
     /// `started_after_ms` sends no `started` event, so its start time travels here.
     public var startedAt: Date?
+    /// On `started`: the worker has acknowledged the task message (a long run, past
+    /// `worker.detach_after_ms`), so the broker will not redeliver it; the worker's heartbeats
+    /// protect it instead.
+    public var detached: Bool?
 
     public init(runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
                 output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
-                workerID: String, at: Date = Date(), startedAt: Date? = nil) {
+                workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil) {
         self.runID = runID
         self.attempt = attempt
         self.event = event
@@ -91,11 +130,12 @@ public struct StatusMessage: Sendable, Hashable, Codable {
         self.workerID = workerID
         self.at = at
         self.startedAt = startedAt
+        self.detached = detached
     }
 
     enum CodingKeys: String, CodingKey {
         case version, runID = "run_id", attempt, event, outcome, exitCode = "exit_code", output,
-             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at"
+             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at", detached
     }
 }
 
@@ -129,6 +169,7 @@ public enum MessageCodec {
         w.beginObject()
         w.key("at"); w.string(Timestamp.format(m.at))
         w.key("attempt"); w.int(m.attempt)
+        if let v = m.detached { w.key("detached"); w.bool(v) }
         if let v = m.errorClass { w.key("error_class"); w.string(v) }
         if let v = m.errorMessage { w.key("error_message"); w.string(v) }
         w.key("event"); w.string(m.event.rawValue)
@@ -141,6 +182,31 @@ public enum MessageCodec {
         w.key("worker_id"); w.string(m.workerID)
         w.endObject()
         return w.bytes
+    }
+
+    /// The JSON body of a heartbeat.
+    public static func encode(_ m: HeartbeatMessage) -> [UInt8] {
+        let body: JSONValue = .object([
+            "version": .number(Double(m.version)), "worker_id": .string(m.workerID), "host": .string(m.host),
+            "queues": .array(m.queues.map(JSONValue.string)), "executors": .array(m.executors.map(JSONValue.string)),
+            "concurrency": .number(Double(m.concurrency)), "in_flight": .array(m.inFlight.map { .string($0.uuidString.lowercased()) }),
+            "interval_seconds": .number(m.intervalSeconds), "at": .string(Timestamp.format(m.at)),
+        ])
+        return body.jsonBytes
+    }
+
+    public static func decodeHeartbeat(_ body: [UInt8]) throws(ValidationError) -> HeartbeatMessage {
+        let m: HeartbeatMessage = try decode(body, kind: "heartbeat")
+        guard m.version == 1 else {
+            throw ValidationError(field: "version", value: String(m.version), hint: "this dispatcher understands conveyor.heartbeat.v1 (version 1) only")
+        }
+        guard !m.workerID.isEmpty, m.workerID.count <= 200 else {
+            throw ValidationError(field: "worker_id", value: m.workerID, hint: "a worker id of 1 to 200 characters")
+        }
+        guard m.intervalSeconds > 0, m.intervalSeconds <= 3600 else {
+            throw ValidationError(field: "interval_seconds", value: "\(m.intervalSeconds)", hint: "between 0 and 3600 seconds")
+        }
+        return m
     }
 
     /// The JSON body of a control message.

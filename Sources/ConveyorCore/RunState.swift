@@ -53,6 +53,9 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     case failed
     case timedOut = "timed_out"
     case cancelled
+    /// The worker gave the run up without an outcome (it was shutting down with a run whose
+    /// message it had already acknowledged); the run is retried by policy like any lost run.
+    case lost
 
     public var runState: RunState {
         switch self {
@@ -60,6 +63,7 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
         case .failed: .failed
         case .timedOut: .timedOut
         case .cancelled: .cancelled
+        case .lost: .lost
         }
     }
 }

@@ -49,6 +49,8 @@ public final class Dispatcher: Service, Sendable {
         public var deadLetters = 0
         public var cancelsSent = 0
         public var analyzes = 0
+        public var heartbeats = 0
+        public var workersLost = 0
         /// Callback attempts: delivered, to be retried, given up.
         public var callbacksDelivered = 0
         public var callbacksRetried = 0
@@ -283,13 +285,16 @@ public final class Dispatcher: Service, Sendable {
     /// Records one batch; retries the transaction (it is idempotent) until it commits, then acks.
     func recordBatch(_ batch: [AMQPDelivery]) async {
         var events: [StatusMessage] = []
+        var beats: [HeartbeatMessage] = []
         var last: AMQPDelivery?
         for d in batch {
             do throws(ValidationError) {
-                guard d.properties.type == nil || d.properties.type == statusMessageType else {
-                    throw ValidationError(field: "type", value: d.properties.type ?? "", hint: "status messages have type \(statusMessageType)")
+                switch d.properties.type {
+                case heartbeatMessageType?: beats.append(try MessageCodec.decodeHeartbeat(d.body))
+                case nil, statusMessageType?: events.append(try MessageCodec.decodeStatus(d.body))
+                case let other?:
+                    throw ValidationError(field: "type", value: other, hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")
                 }
-                events.append(try MessageCodec.decodeStatus(d.body))
                 last = d
             } catch {
                 logger.warning("malformed status message dead-lettered", metadata: ["amqp.message_id": "\(d.properties.messageID ?? "")", "error": "\(error)"])
@@ -299,6 +304,8 @@ public final class Dispatcher: Service, Sendable {
         }
         guard let last else { return }
         await untilCommitted("recording statuses") {
+            try await store.recordHeartbeats(beats)
+            counters.withLock { $0.heartbeats += beats.count }
             let r = try await store.record(events, lostGrace: configuration.lostGrace)
             counters.withLock {
                 $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes

@@ -28,6 +28,9 @@ public struct DispatcherConfiguration: Sendable {
     /// A running run with no outcome by its timeout plus this is declared `lost`.
     /// Key `lost_grace_ms`, default 30000.
     public var lostGrace: Duration = .seconds(30)
+    /// A worker whose heartbeats stopped for this many of its intervals is declared `lost`, and
+    /// the runs it had detached from the broker are retried. Key `worker_lost_after_missed`, default 3.
+    public var workerLostAfterMissed = 3
     /// How often lost runs, cancels, callbacks and retention are looked after. Key `maintenance_interval_ms`, default 1000.
     public var maintenanceInterval: Duration = .seconds(1)
     /// Ended runs (and dead letters) older than this are deleted. Key `retention.runs_days`, default 30.

@@ -5,7 +5,7 @@ import Foundation
 import Logging
 import Synchronization
 
-/// The dispatcher's slower duties: lost runs, cancels for workers, dead letters and retention.
+/// The dispatcher's slower duties: lost runs, lost workers, cancels for workers, dead letters and retention.
 extension Dispatcher {
     /// Every `maintenance_interval_ms`: declares lost the runs past their deadline, tells workers
     /// about cancelled runs, and deletes what retention allows (one batch a minute).
@@ -20,6 +20,16 @@ extension Dispatcher {
                     logger.warning("runs declared lost: no outcome within timeout plus grace", metadata: ["runs": "\(lost)", "retried": "\(settled.retried)"])
                     counters.withLock { $0.lost += lost; $0.retried += settled.retried; $0.dead += settled.dead }
                     wakeup.signal()
+                }
+                let gone = try await store.declareLostWorkers(missed: configuration.workerLostAfterMissed)
+                if !gone.workers.isEmpty || gone.runs > 0 {
+                    logger.warning("workers declared lost: no heartbeat for \(configuration.workerLostAfterMissed) intervals", metadata: [
+                        "workers": "\(gone.workers)", "runs.lost": "\(gone.runs)", "retried": "\(gone.settled.retried)"])
+                    counters.withLock {
+                        $0.workersLost += gone.workers.count
+                        $0.lost += gone.runs; $0.retried += gone.settled.retried; $0.dead += gone.settled.dead
+                    }
+                    if gone.runs > 0 { wakeup.signal() }
                 }
                 try await sendCancels()
                 if ContinuousClock.now - lastPurge > .seconds(60) {

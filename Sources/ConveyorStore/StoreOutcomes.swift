@@ -82,7 +82,13 @@ extension Store {
         var finished: [UUID: StatusMessage] = [:]
         for e in events {
             switch e.event {
-            case .started: if started[e.runID] == nil { started[e.runID] = e }
+            case .started:
+                // Keep the first start; a later one may add that the run was detached.
+                if var first = started[e.runID] {
+                    if e.detached == true { first.detached = true; started[e.runID] = first }
+                } else {
+                    started[e.runID] = e
+                }
             case .finished: if finished[e.runID] == nil { finished[e.runID] = e }
             case .heartbeat: break
             }
@@ -99,10 +105,21 @@ extension Store {
             if !s.isEmpty {
                 n += try await c.query("""
                     UPDATE runs r SET state = 'running', started_at = coalesce(r.started_at, u.at), worker_id = u.worker,
-                                      deadline_at = now() + make_interval(secs => t.timeout_seconds + $5)
-                    FROM unnest($1::uuid[], $2::timestamptz[], $3::text[]) AS u(id, at, worker), tasks t
+                                      deadline_at = now() + make_interval(secs => t.timeout_seconds + $5),
+                                      detached = r.detached OR u.detached
+                    FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $6::bool[]) AS u(id, at, worker, detached), tasks t
                     WHERE r.id = u.id AND t.id = r.task_id AND r.state = ANY($4::text[])
-                    """, [s.map(\.runID), s.map(\.at), s.map(\.workerID), startable, lostGrace.inSeconds]).affectedRows
+                    """, [s.map(\.runID), s.map(\.at), s.map(\.workerID), startable, lostGrace.inSeconds,
+                          s.map { $0.detached ?? false }]).affectedRows
+                // A run already running that its worker has now detached (acknowledged to the broker).
+                let detaching = s.filter { $0.detached == true }
+                if !detaching.isEmpty {
+                    try await c.query("""
+                        UPDATE runs SET detached = true
+                        FROM unnest($1::uuid[], $2::text[]) AS u(id, worker)
+                        WHERE runs.id = u.id AND runs.state = 'running' AND runs.worker_id = u.worker AND NOT runs.detached
+                        """, [detaching.map(\.runID), detaching.map(\.workerID)])
+                }
             }
             var ended: [Ended] = []
             if !f.isEmpty {
@@ -303,6 +320,72 @@ extension Store {
         }
     }
 
+    /// Records heartbeats: one row per worker, back to `active` if it had been declared lost.
+    /// The database clock stamps them, so a worker's clock cannot make it look alive or lost.
+    public func recordHeartbeats(_ beats: [HeartbeatMessage]) async throws {
+        guard !beats.isEmpty else { return }
+        var latest: [String: HeartbeatMessage] = [:]
+        for b in beats where latest[b.workerID].map({ $0.at <= b.at }) ?? true { latest[b.workerID] = b }
+        let l = latest.values.sorted { $0.workerID < $1.workerID }
+        try await pool.withConnection { c in
+            try await c.query("""
+                INSERT INTO workers (id, host, queues, executors, concurrency, in_flight, heartbeat_interval_ms, last_heartbeat, state)
+                SELECT u.id, u.host, string_to_array(u.queues, ','), string_to_array(u.executors, ','), u.concurrency,
+                       coalesce(string_to_array(u.in_flight, ',')::uuid[], '{}'), u.interval_ms, now(), 'active'
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::int[])
+                     AS u(id, host, queues, executors, concurrency, in_flight, interval_ms)
+                ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, queues = EXCLUDED.queues, executors = EXCLUDED.executors,
+                    concurrency = EXCLUDED.concurrency, in_flight = EXCLUDED.in_flight,
+                    heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms, last_heartbeat = now(), state = 'active', lost_at = NULL
+                """, [l.map(\.workerID), l.map(\.host), l.map { $0.queues.joined(separator: ",") }, l.map { $0.executors.joined(separator: ",") },
+                      l.map(\.concurrency), l.map { $0.inFlight.isEmpty ? nil : $0.inFlight.map { $0.uuidString.lowercased() }.joined(separator: ",") },
+                      l.map { Int(($0.intervalSeconds * 1000).rounded()) }])
+        }
+    }
+
+    /// Declares `lost` the workers silent for `missed` of their heartbeat intervals, and with
+    /// them the runs they had detached from the broker (acknowledged early because they ran
+    /// long): nobody else will redeliver those, so they are ended `lost` and retried by policy.
+    /// A lost worker's other runs are still unacknowledged: the broker redelivers them when it
+    /// drops the worker's connection, and retrying them here as well would run them twice.
+    public func declareLostWorkers(missed: Int, limit: Int = 500) async throws -> (workers: [String], runs: Int, settled: SettleResult) {
+        try await pool.withTransaction { c in
+            let workers = try await c.query("""
+                UPDATE workers SET state = 'lost', lost_at = now()
+                WHERE id IN (SELECT id FROM workers WHERE state = 'active'
+                             AND last_heartbeat < now() - make_interval(secs => heartbeat_interval_ms * $1 / 1000.0)
+                             FOR UPDATE SKIP LOCKED)
+                RETURNING id
+                """, [missed]).rows.compactMap { $0[0] }
+            // Also the detached runs of workers declared lost earlier (a dispatcher that died
+            // between the two statements, or more runs than `limit`).
+            let ended = try await c.query("""
+                UPDATE runs SET state = 'lost', finished_at = now(),
+                                reason = 'worker ' || worker_id || ' stopped sending heartbeats while running it'
+                WHERE id IN (SELECT r.id FROM runs r JOIN workers w ON w.id = r.worker_id
+                             WHERE r.state = 'running' AND r.detached AND w.state = 'lost'
+                             ORDER BY r.id LIMIT $1 FOR UPDATE OF r SKIP LOCKED)
+                RETURNING \(Ended.columns)
+                """, [limit]).rows.map(Ended.init)
+            return (workers, ended.count, try await Self.settle(ended, c))
+        }
+    }
+
+    /// The workers known from heartbeats, most recently heard first.
+    public func workers() async throws -> [WorkerRecord] {
+        try await pool.withConnection { c in
+            try await c.query("""
+                SELECT id, host, array_to_string(queues, ','), array_to_string(executors, ','), concurrency,
+                       cardinality(in_flight), state, extract(epoch FROM now() - last_heartbeat)::float8
+                FROM workers ORDER BY last_heartbeat DESC
+                """).rows.map { r in
+                WorkerRecord(id: r[0] ?? "", host: r[1] ?? "", queues: (r[2] ?? "").split(separator: ",").map(String.init),
+                             executors: (r[3] ?? "").split(separator: ",").map(String.init), concurrency: Int(r[4] ?? "") ?? 0,
+                             inFlight: Int(r[5] ?? "") ?? 0, state: r[6] ?? "", secondsSinceHeartbeat: Double(r[7] ?? "") ?? 0)
+            }
+        }
+    }
+
     /// Keeps dead-lettered messages and ends their runs (when identifiable and not yet final) `dead`.
     public func recordDeadLetters(_ letters: [DeadLetter]) async throws -> Int {
         guard !letters.isEmpty else { return 0 }
@@ -485,4 +568,16 @@ extension Store {
             return n
         }
     }
+}
+
+/// A worker as its heartbeats describe it.
+public struct WorkerRecord: Sendable {
+    public var id: String
+    public var host: String
+    public var queues: [String]
+    public var executors: [String]
+    public var concurrency: Int
+    public var inFlight: Int
+    public var state: String
+    public var secondsSinceHeartbeat: Double
 }

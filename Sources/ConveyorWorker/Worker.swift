@@ -33,6 +33,9 @@ public final class Worker: Service, Sendable {
         public var failed = 0
         public var rejected = 0
         public var inFlight = 0
+        /// Runs acknowledged early because they ran past `detach_after_ms`.
+        public var detached = 0
+        public var heartbeats = 0
     }
 
     public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger) {
@@ -71,6 +74,42 @@ public final class Worker: Service, Sendable {
         try await consumer.waitUntilConsuming()
         logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
                                                   "worker.executors": "\(executors.keys.sorted())"])
+        // Heartbeats go on through the drain, so a draining worker is not declared lost.
+        await withTaskGroup(of: Void.self) { beats in
+            beats.addTask { await self.heartbeatLoop() }
+            await consumeUntilDrained()
+            beats.cancelAll()
+        }
+        logger.info("worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
+    }
+
+    /// Publishes a heartbeat every `heartbeat_interval_ms` until cancelled: who this worker is,
+    /// what it offers, and the runs it holds.
+    func heartbeatLoop() async {
+        let host = ProcessInfo.processInfo.hostName
+        let interval = configuration.heartbeatInterval
+        while !Task.isCancelled {
+            let beat = HeartbeatMessage(workerID: configuration.id, host: host, queues: configuration.queues,
+                                        executors: executors.keys.sorted(), concurrency: configuration.concurrency,
+                                        inFlight: cancels.inFlightIDs, intervalSeconds: interval.inSeconds)
+            let message = AMQPOutgoingMessage(
+                exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(beat),
+                properties: AMQPProperties(contentType: "application/json", messageID: "heartbeat:\(configuration.id)",
+                                           type: heartbeatMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
+            if publisher.isConnected {
+                do {
+                    try await publisher.publish(message)
+                    counters.withLock { $0.heartbeats += 1 }
+                } catch {
+                    logger.debug("heartbeat not published", metadata: ["error": "\(error)"])
+                }
+            }
+            try? await Task.sleep(for: interval)
+        }
+    }
+
+    /// Consumes until graceful shutdown, then drains: in-flight runs get `shutdown_grace_ms`.
+    func consumeUntilDrained() async {
         do {
             try await withGracefulShutdownHandler {
                 try await withThrowingDiscardingTaskGroup { group in
@@ -98,10 +137,11 @@ public final class Worker: Service, Sendable {
                 self.control.stopConsuming()
             }
         } catch let e as DrainDeadlinePassed {
-            logger.warning("drain deadline passed; runs left unacked for redelivery", metadata: [
+            logger.warning("drain deadline passed; runs stopped (redelivered by the broker, or reported lost when detached)", metadata: [
                 "worker.shutdown_grace": "\(configuration.shutdownGrace)", "worker.in_flight": "\(e.left)"])
+        } catch {
+            logger.error("worker consumption ended with an error", metadata: ["error": "\(error)"])
         }
-        logger.info("worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
     }
 
     func handle(_ delivery: AMQPDelivery) async {
@@ -143,21 +183,15 @@ public final class Worker: Service, Sendable {
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()
         let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt)
+        let detached = Flag()
         var result: ExecutionResult
         if cancels.wasCancelled(message.runID) {
             result = ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled before it started")
-        } else if configuration.startedAfter == .zero {
-            await publishStatus(started, headers: statusHeaders, log: log)
-            result = await Self.run(executor, context, cancel: cancelSignal)
         } else {
-            // `started` only for a run still going after `startedAfter`: most runs are shorter, and
-            // their `finished` carries the start time, which saves a message and a row version each.
-            let after = configuration.startedAfter
             let headers = statusHeaders, log = log
             result = await withTaskGroup(of: ExecutionResult?.self) { group in
                 group.addTask {
-                    do { try await Task.sleep(for: after) } catch { return nil }
-                    await self.publishStatus(started, headers: headers, log: log)
+                    await self.reportWhileRunning(started, delivery: delivery, detached: detached, headers: headers, log: log)
                     return nil
                 }
                 group.addTask { await Self.run(executor, context, cancel: cancelSignal) }
@@ -169,8 +203,17 @@ public final class Worker: Service, Sendable {
             }
         }
         if Task.isCancelled {
-            // The drain deadline passed: report nothing and do not ack; the broker redelivers it.
-            log.warning("run cancelled by shutdown; left for redelivery")
+            // The drain deadline passed. A run still held by the broker is left unacked, and the
+            // broker redelivers it; a detached one is reported lost, so the dispatcher retries it.
+            if detached.isSet {
+                let lost = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: .lost,
+                                         errorClass: "worker_shutdown", errorMessage: "the worker shut down before the run finished",
+                                         workerID: configuration.id, startedAt: startedAt)
+                await publishStatus(lost, headers: statusHeaders, log: log)
+                log.warning("run stopped by shutdown; reported lost for retry")
+            } else {
+                log.warning("run stopped by shutdown; left for redelivery")
+            }
             return
         }
 
@@ -180,11 +223,40 @@ public final class Worker: Service, Sendable {
                                      startedAt: startedAt)
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
-        consumer.ack(delivery)
+        if !detached.isSet { consumer.ack(delivery) }
         counters.withLock { if result.outcome == .succeeded { $0.succeeded += 1 } else { $0.failed += 1 } }
     }
 
     struct DrainDeadlinePassed: Error { var left: Int }
+
+    /// Reports a run while it goes: `started` once it has run `started_after_ms` (shorter runs
+    /// report only `finished`), and once it has run `detach_after_ms`, `started` again marked
+    /// detached and then the ack of its task message. A detached run no longer depends on the
+    /// broker's consumer timeout; this worker's heartbeats protect it instead. Ends early when
+    /// the run ends (the task is cancelled).
+    func reportWhileRunning(_ started: StatusMessage, delivery: AMQPDelivery, detached: Flag, headers: AMQPHeaders, log: Logger) async {
+        let after = configuration.startedAfter
+        let detachAfter = configuration.detachAfter
+        let detachNow = detachAfter != nil && detachAfter! <= after
+        do { try await Task.sleep(for: after) } catch { return }
+        var first = started
+        if detachNow { first.detached = true }
+        guard await publishStatus(first, headers: headers, log: log), !Task.isCancelled else { return }
+        if detachNow { return detach(delivery, flag: detached, log: log) }
+        guard let detachAfter else { return }
+        do { try await Task.sleep(for: detachAfter - after) } catch { return }
+        var second = started
+        second.detached = true
+        guard await publishStatus(second, headers: headers, log: log), !Task.isCancelled else { return }
+        detach(delivery, flag: detached, log: log)
+    }
+
+    func detach(_ delivery: AMQPDelivery, flag: Flag, log: Logger) {
+        flag.set()
+        consumer.ack(delivery)
+        counters.withLock { $0.detached += 1 }
+        log.info("long run detached: task message acknowledged, heartbeats protect the run from here")
+    }
 
     /// `run(_:_:)` for tests: the timeout mechanism alone.
     public static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
@@ -307,6 +379,9 @@ final class CancelRegistry: Sendable {
 
     func unregister(_ id: UUID) { _ = state.withLock { $0.inFlight.removeValue(forKey: id) } }
 
+    /// The runs in flight now.
+    var inFlightIDs: [UUID] { state.withLock { Array($0.inFlight.keys) } }
+
     func wasCancelled(_ id: UUID) -> Bool { state.withLock { $0.recentSet.contains(id) } }
 
     /// Marks the run cancelled and signals it if in flight; returns whether it was in flight.
@@ -322,4 +397,11 @@ final class CancelRegistry: Sendable {
         w?.signal()
         return w != nil
     }
+}
+
+/// A flag set once, read after the tasks that may set it have ended.
+final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .releasing) }
+    var isSet: Bool { value.load(ordering: .acquiring) }
 }

@@ -12,6 +12,11 @@ import Foundation
 /// - `worker.shutdown_grace_ms`: drain time on SIGTERM, default 25000.
 /// - `worker.started_after_ms`: a run still going after this long reports `started`; shorter runs
 ///   carry their start time in `finished` instead. 0 reports every start. Default 1000.
+/// - `worker.detach_after_ms`: a run still going after this long is *detached*: the worker
+///   acknowledges its task message (reporting it first), so the broker's `consumer_timeout`
+///   cannot cancel it, and its heartbeats protect it instead. Keep it well below the broker's
+///   consumer_timeout. 0 never detaches. Default 300000 (5 minutes).
+/// - `worker.heartbeat_interval_ms`: how often the worker reports itself and its runs, default 5000.
 /// - `executors.<name>.max_concurrency`: runs of that executor at once on this worker (default:
 ///   no limit below `worker.concurrency`). Runs past it wait for a slot before their timeout starts.
 /// - `amqp.prefix`, `amqp.delivery_limit`: broker names and dead-letter threshold (as the dispatcher's).
@@ -22,6 +27,9 @@ public struct WorkerConfiguration: Sendable {
     public var executorNames: [String]
     public var shutdownGrace: Duration
     public var startedAfter: Duration
+    /// nil: never detach.
+    public var detachAfter: Duration? = .seconds(300)
+    public var heartbeatInterval: Duration = .seconds(5)
     /// Per-executor limits below `concurrency`, by executor name.
     public var executorLimits: [String: Int] = [:]
     public var prefix: String
@@ -52,6 +60,9 @@ public struct WorkerConfiguration: Sendable {
         guard !executorNames.isEmpty else { throw s.bad("worker.executors", "list the executors this worker offers, e.g. [noop, shell]") }
         shutdownGrace = try s.milliseconds("worker.shutdown_grace_ms", default: 25_000, range: 0...3_600_000)
         startedAfter = try s.milliseconds("worker.started_after_ms", default: 1_000, range: 0...600_000)
+        let detach = try s.milliseconds("worker.detach_after_ms", default: 300_000, range: 0...86_400_000)
+        detachAfter = detach == .zero ? nil : detach
+        heartbeatInterval = try s.milliseconds("worker.heartbeat_interval_ms", default: 5_000, range: 100...600_000)
         for name in executorNames {
             let limit = try s.int("executors.\(name).max_concurrency", default: 0, range: 0...10_000)
             if limit > 0 && limit < concurrency { executorLimits[name] = limit }

@@ -116,6 +116,20 @@ struct GroupCommand: AsyncParsableCommand {
 }
 
 /// `conveyor queue limit`: a work queue's rate limit.
+struct WorkersCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "workers", abstract: "Workers known from their heartbeats: state, last heartbeat, runs in flight (needs database access).")
+    @OptionGroup var common: CommonOptions
+
+    func run() async throws {
+        let workers = try await common.withStore { try await $0.workers() }
+        Table.print(["WORKER", "STATE", "LAST HEARTBEAT", "IN FLIGHT", "CONCURRENCY", "QUEUES", "EXECUTORS", "HOST"], workers.map { w in
+            [w.id, w.state, String(format: "%.1f s ago", w.secondsSinceHeartbeat), String(w.inFlight), String(w.concurrency),
+             w.queues.joined(separator: ","), w.executors.joined(separator: ","), w.host]
+        })
+    }
+}
+
 struct QueueCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "queue", abstract: "Rate-limit work queues (needs database access).",
                                                     subcommands: [Limit.self])

@@ -18,7 +18,7 @@ struct Conveyor: AsyncParsableCommand {
         commandName: "conveyor",
         abstract: "Conveyor: a distributed task dispatcher on PostgreSQL and RabbitMQ.",
         subcommands: [Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, RunCommand.self,
-                      GroupCommand.self, QueueCommand.self, CronCommand.self, Bench.self])
+                      GroupCommand.self, QueueCommand.self, WorkersCommand.self, CronCommand.self, Bench.self])
 }
 
 /// Options every server subcommand shares.
@@ -107,6 +107,7 @@ extension DispatcherConfiguration {
         misfireGrace = try s.milliseconds("dispatcher.misfire_grace_ms", default: 60_000, range: 0...86_400_000)
         maxBacklogPerQueue = try s.int("dispatcher.max_backlog_per_queue", default: 1000, range: 1...1_000_000)
         lostGrace = try s.milliseconds("dispatcher.lost_grace_ms", default: 30_000, range: 0...86_400_000)
+        workerLostAfterMissed = try s.int("dispatcher.worker_lost_after_missed", default: 3, range: 2...100)
         maintenanceInterval = try s.milliseconds("dispatcher.maintenance_interval_ms", default: 1000, range: 10...60_000)
         runRetention = .seconds(86_400 * (try s.int("retention.runs_days", default: 30, range: 1...36_500)))
         deletedTaskRetention = .seconds(86_400 * (try s.int("retention.deleted_tasks_days", default: 7, range: 0...36_500)))

@@ -89,9 +89,17 @@ struct System {
         return Dispatcher(configuration: c, store: Store(pool: pool), amqp: amqp, databaseURL: databaseURL, logger: Servers.logger)
     }
 
-    func worker(_ executors: [String: any Executor], concurrency: Int = 32, id: String = UUID().uuidString) -> Worker {
-        Worker(configuration: WorkerConfiguration(id: id, queues: [queue], concurrency: concurrency, executorNames: Array(executors.keys), prefix: prefix),
-               executors: executors, amqp: amqp, logger: Servers.logger)
+    func worker(_ executors: [String: any Executor], concurrency: Int = 32, id: String = UUID().uuidString,
+                _ configure: (inout WorkerConfiguration) -> Void = { _ in }) -> Worker {
+        var c = WorkerConfiguration(id: id, queues: [queue], concurrency: concurrency, executorNames: Array(executors.keys), prefix: prefix)
+        configure(&c)
+        return Worker(configuration: c, executors: executors, amqp: amqp, logger: Servers.logger)
+    }
+
+    /// The environment of a `conveyor worker` process on this system.
+    func workerEnvironment(id: String, executors: String = "sleep", concurrency: Int = 4) -> [String: String] {
+        ["CONVEYOR_AMQP_URL": amqp.url, "CONVEYOR_AMQP_PREFIX": prefix, "CONVEYOR_WORKER_QUEUES": queue,
+         "CONVEYOR_WORKER_EXECUTORS": executors, "CONVEYOR_WORKER_CONCURRENCY": "\(concurrency)", "CONVEYOR_WORKER_ID": id]
     }
 
     func tasks(_ n: Int, executor: String = "record", schedule: Schedule = .once, parameters: JSONValue = .object([:]),

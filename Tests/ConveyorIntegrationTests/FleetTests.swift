@@ -1,0 +1,124 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorDispatcher
+import ConveyorPostgres
+import ConveyorStore
+import ConveyorWorker
+import Foundation
+import Testing
+
+/// Heartbeats, lost workers, and long runs against the broker's consumer timeout.
+@Suite("Worker fleet (real PostgreSQL and RabbitMQ)", .serialized)
+struct FleetTests {
+    @Test func heartbeatsRecordEachWorkerAndTheRunsItHolds() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let worker = sys.worker(["sleep": SleepExecutor()], concurrency: 3, id: "beating") {
+                $0.heartbeatInterval = .milliseconds(200)
+            }
+            try await withServices([dispatcher, worker]) {
+                try await sys.store.createTasks(sys.tasks(1, executor: "sleep", parameters: ["seconds": 3]))
+                let holding = try await sys.eventually(timeout: .seconds(20), "the worker's heartbeat lists its run") {
+                    try await sys.count("""
+                        SELECT count(*) FROM workers w JOIN runs r ON r.id = ANY(w.in_flight)
+                        WHERE w.id = 'beating' AND w.state = 'active' AND w.concurrency = 3 AND w.executors = '{sleep}'
+                        """) == 1
+                }
+                try #require(holding)
+                _ = try await sys.eventually(timeout: .seconds(20), "the run ends and the heartbeat lists nothing") {
+                    try await sys.count("""
+                        SELECT count(*) FROM workers w, runs r WHERE w.id = 'beating' AND cardinality(w.in_flight) = 0 AND r.state = 'succeeded'
+                        """) == 1
+                }
+                let workers = try await sys.store.workers()
+                #expect(workers.map(\.id) == ["beating"])
+                #expect(workers.first?.secondsSinceHeartbeat ?? 99 < 2)
+            }
+            #expect(dispatcher.stats.heartbeats > 5)
+            #expect(dispatcher.stats.statusRejected == 0)
+        }
+    }
+
+    /// A worker killed while it runs a detached (already acknowledged) run: the broker cannot
+    /// redeliver it, so the dispatcher declares the silent worker lost and retries the run.
+    @Test func aSilentWorkersDetachedRunIsRetriedOnce() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            var env = sys.workerEnvironment(id: "doomed")
+            env["CONVEYOR_WORKER_HEARTBEAT_INTERVAL_MS"] = "300"
+            env["CONVEYOR_WORKER_STARTED_AFTER_MS"] = "100"
+            env["CONVEYOR_WORKER_DETACH_AFTER_MS"] = "500"
+            let doomed = try spawnConveyor(["worker"], env: env)
+            defer { if doomed.isRunning { kill(doomed.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                var task = sys.tasks(1, executor: "sleep", parameters: ["seconds": 3])[0]
+                task.retry.maxAttempts = 2
+                try await sys.store.createTasks([task])
+                let detached = try await sys.eventually(timeout: .seconds(30), "the run is detached on the doomed worker") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND detached AND worker_id = 'doomed'") == 1
+                }
+                try #require(detached)
+                kill(doomed.processIdentifier, SIGKILL)
+                doomed.waitUntilExit()
+                let lost = try await sys.eventually(timeout: .seconds(10), "the silent worker and its run are declared lost") {
+                    try await sys.count("""
+                        SELECT count(*) FROM workers w, runs r WHERE w.id = 'doomed' AND w.state = 'lost' AND r.attempt = 1 AND r.state = 'lost'
+                        """) == 1
+                }
+                try #require(lost)
+                let survivor = sys.worker(["sleep": SleepExecutor()], id: "survivor")
+                try await withServices([survivor]) {
+                    _ = try await sys.eventually(timeout: .seconds(30), "attempt 2 succeeds elsewhere") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE attempt = 2 AND state = 'succeeded' AND worker_id = 'survivor'") == 1
+                    }
+                    // The acknowledged message is not redelivered: attempt 1 never runs again.
+                    try await Task.sleep(for: .seconds(1))
+                }
+                #expect(survivor.stats.succeeded == 1)
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 2)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE attempt = 1 AND reason LIKE '%doomed stopped sending heartbeats%'") == 1)
+            #expect(dispatcher.stats.workersLost == 1)
+        }
+    }
+
+    /// RabbitMQ closes the channel of a consumer that holds a delivery unacknowledged past
+    /// `consumer_timeout`, and redelivers it. Set short here (2 s, checked every 250 ms): without
+    /// detaching, a 5 s run executes twice; detached, it executes once and nothing reconnects.
+    @Test func aRunLongerThanTheConsumerTimeoutIsNeitherKilledNorDuplicated() async throws {
+        try Servers.rabbitmqctl(["eval", "application:set_env(rabbit, channel_tick_interval, 250), application:set_env(rabbit, consumer_timeout, 2000)."])
+        defer { _ = try? Servers.rabbitmqctl(["eval", "application:set_env(rabbit, consumer_timeout, 3600000), application:set_env(rabbit, channel_tick_interval, 60000)."]) }
+        for detach in [false, true] {
+            try await System.with { sys in
+                let recorder = Recorder()
+                let dispatcher = sys.dispatcher()
+                let worker = sys.worker(["long": ScriptedExecutor(recorder: recorder)], id: "long-\(detach)") {
+                    $0.startedAfter = .milliseconds(100)
+                    $0.detachAfter = detach ? .milliseconds(500) : nil
+                }
+                var reconnectsBefore = 0
+                try await withServices([dispatcher, worker]) {
+                    // A connect retry at start-up is not what this test is about: count from here.
+                    try #require(try await sys.eventually(timeout: .seconds(20), "the worker consumes") { worker.isReady })
+                    reconnectsBefore = worker.consumerReconnects
+                    var task = sys.tasks(1, executor: "long", parameters: ["sleep_ms": 5000])[0]
+                    task.timeoutSeconds = 60
+                    try await sys.store.createTasks([task])
+                    _ = try await sys.eventually(timeout: .seconds(40), "the long run ends (detach \(detach))") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1
+                    }
+                    try await Task.sleep(for: .seconds(1))
+                }
+                if detach {
+                    #expect(recorder.total == 1, "executions of the long run with detaching")
+                    #expect(worker.consumerReconnects == reconnectsBefore, "the broker never closed the worker's channel")
+                    #expect(worker.stats.detached == 1)
+                } else {
+                    // The control: the broker's consumer timeout really is short here.
+                    #expect(recorder.total >= 2, "without detaching, the broker redelivered the long run")
+                }
+                #expect(try await sys.count("SELECT count(*) FROM runs") == 1)
+            }
+        }
+    }
+}
