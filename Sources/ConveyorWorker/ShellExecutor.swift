@@ -263,9 +263,9 @@ enum ChildProcess {
     typealias FileActionFD = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
     typealias FileActionPath = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, UnsafePointer<CChar>) -> Int32
     /// glibc 2.34+ and 2.29+; Swift's Glibc module does not declare them (they need _GNU_SOURCE).
-    nonisolated(unsafe) static let addCloseFrom: FileActionFD? =
+    static let addCloseFrom: FileActionFD? =
         dlsym(nil, "posix_spawn_file_actions_addclosefrom_np").map { unsafeBitCast($0, to: FileActionFD.self) }
-    nonisolated(unsafe) static let addChdir: FileActionPath? =
+    static let addChdir: FileActionPath? =
         dlsym(nil, "posix_spawn_file_actions_addchdir_np").map { unsafeBitCast($0, to: FileActionPath.self) }
 
     static func run(argv: [String], environment: [String: String], directory: String, outputLimit: Int, killGrace: Duration,

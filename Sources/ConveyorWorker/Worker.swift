@@ -1,5 +1,6 @@
+public import ConveyorConfig
 public import ConveyorAMQP
-import ConveyorCore
+public import ConveyorCore
 import ConveyorTelemetry
 import Foundation
 public import Logging
@@ -14,7 +15,9 @@ import Synchronization
 /// Workers never touch PostgreSQL; RabbitMQ is their only dependency.
 public final class Worker: Service, Sendable {
     public let configuration: WorkerConfiguration
-    public let executors: [String: any Executor]
+    /// The executors and their limits, replaced as a whole by `reload`; each run takes the set
+    /// current when it starts and keeps it to the end.
+    let current: Mutex<ExecutorSet>
     let consumer: AMQPConsumer
     /// This worker's control queue: cancel requests fanned out by dispatchers.
     let control: AMQPConsumer
@@ -25,8 +28,6 @@ public final class Worker: Service, Sendable {
     let topology: ConveyorTopology
     let logger: Logger
     let counters = Mutex(Counters())
-    /// Per-executor concurrency limits (`executors.<name>.max_concurrency`).
-    let slots: [String: Slots]
 
     public struct Counters: Sendable {
         public var succeeded = 0
@@ -40,8 +41,7 @@ public final class Worker: Service, Sendable {
 
     public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger) {
         self.configuration = configuration
-        self.executors = executors
-        slots = configuration.executorLimits.mapValues { Slots($0) }
+        current = Mutex(ExecutorSet(executors: executors, limits: configuration.executorLimits))
         var logger = logger
         logger[metadataKey: "worker.id"] = "\(configuration.id)"
         self.logger = logger
@@ -56,6 +56,26 @@ public final class Worker: Service, Sendable {
     }
 
     public var stats: Counters { counters.withLock { $0 } }
+    /// The names of the executors offered now.
+    public var executorNames: [String] { current.withLock { $0.executors.keys.sorted() } }
+
+    /// Replaces the executors from `settings` (the worker's YAML and environment), as on SIGHUP:
+    /// runs that start from now on use the new ones; runs in flight finish on the old. When the
+    /// new settings are invalid, throws the error and keeps the old executors. Settings that
+    /// need a restart (queues, concurrency, id) are reported in the returned notes and left as
+    /// they are.
+    @discardableResult
+    public func reload(from settings: Settings, factory: ExecutorFactory = ExecutorFactory()) throws(ValidationError) -> [String] {
+        let next = try WorkerConfiguration(settings: settings)
+        let executors = try factory.make(names: next.executorNames, settings: settings)
+        var notes: [String] = []
+        if next.queues != configuration.queues { notes.append("worker.queues changed to \(next.queues): takes effect at restart") }
+        if next.concurrency != configuration.concurrency { notes.append("worker.concurrency changed to \(next.concurrency): takes effect at restart") }
+        current.withLock { $0 = ExecutorSet(executors: executors, limits: next.executorLimits) }
+        logger.info("executors reloaded", metadata: ["worker.executors": "\(executors.keys.sorted())"])
+        for n in notes { logger.warning("\(n)") }
+        return notes
+    }
     /// How often the task consumer reconnected.
     public var consumerReconnects: Int { consumer.reconnectCount }
     /// Ready when connected and consuming.
@@ -73,7 +93,7 @@ public final class Worker: Service, Sendable {
         try await publisher.waitUntilConnected()
         try await consumer.waitUntilConsuming()
         logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
-                                                  "worker.executors": "\(executors.keys.sorted())"])
+                                                  "worker.executors": "\(executorNames)"])
         // Heartbeats go on through the drain, so a draining worker is not declared lost.
         await withTaskGroup(of: Void.self) { beats in
             beats.addTask { await self.heartbeatLoop() }
@@ -90,7 +110,7 @@ public final class Worker: Service, Sendable {
         let interval = configuration.heartbeatInterval
         while !Task.isCancelled {
             let beat = HeartbeatMessage(workerID: configuration.id, host: host, queues: configuration.queues,
-                                        executors: executors.keys.sorted(), concurrency: configuration.concurrency,
+                                        executors: executorNames, concurrency: configuration.concurrency,
                                         inFlight: cancels.inFlightIDs, intervalSeconds: interval.inSeconds)
             let message = AMQPOutgoingMessage(
                 exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(beat),
@@ -155,9 +175,10 @@ public final class Worker: Service, Sendable {
             await refuse(delivery, runID: MessageCodec.runID(inMalformed: delivery.body), attempt: 1, errorClass: "malformed_message", reason: "\(error)")
             return
         }
-        guard let executor = executors[message.executor] else {
+        let set = current.withLock { $0 }
+        guard let executor = set.executors[message.executor] else {
             await refuse(delivery, runID: message.runID, attempt: message.attempt, errorClass: "unknown_executor",
-                         reason: "this worker offers executors \(executors.keys.sorted()), not '\(message.executor)'")
+                         reason: "this worker offers executors \(set.executors.keys.sorted()), not '\(message.executor)'")
             return
         }
         var log = logger
@@ -176,7 +197,7 @@ public final class Worker: Service, Sendable {
                                        traceparent: TraceIDs.traceparent(span),
                                        tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey, logger: log)
         // A run past its executor's limit waits here, before its timeout starts.
-        let slot = slots[message.executor]
+        let slot = set.slots[message.executor]
         if let slot, !(await slot.acquire()) { return }   // shutdown while waiting: left for redelivery
         defer { slot?.release() }
         let cancelSignal = cancels.register(message.runID)
@@ -404,4 +425,15 @@ final class Flag: Sendable {
     private let value = Atomic<Bool>(false)
     func set() { value.store(true, ordering: .releasing) }
     var isSet: Bool { value.load(ordering: .acquiring) }
+}
+
+/// The executors a run may use, with their concurrency limits.
+struct ExecutorSet: Sendable {
+    var executors: [String: any Executor]
+    var slots: [String: Slots]
+
+    init(executors: [String: any Executor], limits: [String: Int]) {
+        self.executors = executors
+        slots = limits.filter { executors[$0.key] != nil }.mapValues { Slots($0) }
+    }
 }

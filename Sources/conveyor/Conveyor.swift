@@ -153,7 +153,10 @@ struct WorkerCommand: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try common.logger("conveyor.worker")
-        try await runUntilSignalled(try await common.makeWorkers(count: 1, logger: logger), logger: logger)
+        let workers = try await common.makeWorkers(count: 1, logger: logger)
+        let hangup = common.reloadOnHangup(workers, logger: logger)
+        defer { hangup.cancel() }
+        try await runUntilSignalled(workers, logger: logger)
     }
 }
 
@@ -170,6 +173,8 @@ struct Dev: AsyncParsableCommand {
         try await Migrator(logger: logger).migrate(pool)
         if demo { try await Demo.create(dispatcher.store, logger: logger) }
         let workers = try await common.makeWorkers(count: max(workers, 1), logger: logger)
+        let hangup = common.reloadOnHangup(workers, logger: logger)
+        defer { hangup.cancel() }
         try await runUntilSignalled([dispatcher] + workers, logger: logger)
     }
 }
@@ -183,6 +188,26 @@ extension CommonOptions {
         let c = try Connections(settings: s, poolSize: dc.groups + 4)
         let pool = c.pool(logger: logger)
         return (Dispatcher(configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger), pool)
+    }
+
+    /// On SIGHUP, reads worker.yaml (and the environment) again and gives the workers the new
+    /// executors. An invalid file is refused with its error, and the workers keep what they had.
+    func reloadOnHangup(_ workers: [Worker], logger: Logger) -> any DispatchSourceSignal {
+        signal(SIGHUP, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
+        let options = self
+        source.setEventHandler {
+            Task {
+                do {
+                    let s = try await options.settings("worker.yaml")
+                    for w in workers { try w.reload(from: s) }
+                } catch {
+                    logger.error("configuration reload refused; the previous configuration stays", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+        source.resume()
+        return source
     }
 
     /// `count` workers configured by worker.yaml (and the environment), sharing one set of

@@ -122,3 +122,57 @@ struct FleetTests {
         }
     }
 }
+
+/// SIGHUP re-reads worker.yaml in a real `conveyor worker` process.
+@Suite("Worker configuration reload (real processes)", .serialized)
+struct ReloadTests {
+    @Test func sighupAppliesNewExecutorSettingsAndRefusesAnInvalidFile() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("reload-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        func write(_ commands: String) throws {
+            try "executors:\n  sh:\n    type: shell\n    allowed_commands: \(commands)\n    log_output: false\n"
+                .write(toFile: dir + "/worker.yaml", atomically: true, encoding: .utf8)
+        }
+        try write("[/bin/echo]")
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            var env = sys.workerEnvironment(id: "reloading", executors: "sh")
+            env["CONVEYOR_CONFIG_DIR"] = dir
+            let worker = try spawnConveyor(["worker"], env: env)
+            defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                func run(_ name: String) async throws -> String {
+                    var t = NewTask(name: name, executor: "sh", schedule: .once)
+                    t.queue = sys.queue
+                    t.parameters = ["argv": ["/bin/true"]]
+                    try await sys.store.createTasks([t])
+                    var state = ""
+                    _ = try await sys.eventually(timeout: .seconds(30), "\(name) ends") {
+                        state = try await sys.pool.withConnection { c in
+                            try await c.query("SELECT r.state || ':' || coalesce(r.error_class, '') FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = $1", [name]).rows.first?[0] ?? ""
+                        }
+                        return state.hasPrefix("succeeded") || state.hasPrefix("failed")
+                    }
+                    return state
+                }
+                #expect(try await run("before") == "failed:command_not_allowed")
+                try write("[/bin/echo, /bin/true]")
+                kill(worker.processIdentifier, SIGHUP)
+                try await Task.sleep(for: .seconds(1))
+                #expect(try await run("after-reload") == "succeeded:")
+                // A file that does not parse, then one that parses but is invalid: both refused.
+                try "executors: [[[".write(toFile: dir + "/worker.yaml", atomically: true, encoding: .utf8)
+                kill(worker.processIdentifier, SIGHUP)
+                try await Task.sleep(for: .milliseconds(500))
+                try write("[bin/true]")
+                kill(worker.processIdentifier, SIGHUP)
+                try await Task.sleep(for: .milliseconds(500))
+                #expect(worker.isRunning, "the worker survived the invalid files")
+                #expect(try await run("after-invalid") == "succeeded:", "the previous executors stayed")
+            }
+            kill(worker.processIdentifier, SIGTERM)
+            worker.waitUntilExit()
+            #expect(worker.terminationStatus == 0)
+        }
+    }
+}
