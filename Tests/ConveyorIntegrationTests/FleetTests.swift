@@ -82,6 +82,84 @@ struct FleetTests {
         }
     }
 
+    /// A worker paused past its heartbeats (SIGSTOP): the broker drops its connection and
+    /// redelivers its runs to another worker; when it resumes (SIGCONT) its late results change
+    /// nothing, and it rejoins without crashing.
+    @Test func aStoppedWorkersRunsAreRecoveredAndItsLateResultsAreNoOps() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            var env = sys.workerEnvironment(id: "frozen", concurrency: 4)
+            env["CONVEYOR_AMQP_HEARTBEAT_SECONDS"] = "1"
+            env["CONVEYOR_WORKER_HEARTBEAT_INTERVAL_MS"] = "300"
+            env["CONVEYOR_WORKER_STARTED_AFTER_MS"] = "100"
+            let frozen = try spawnConveyor(["worker"], env: env)
+            defer { kill(frozen.processIdentifier, SIGCONT); if frozen.isRunning { kill(frozen.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(4, executor: "sleep", parameters: ["seconds": 3]))
+                try #require(try await sys.eventually(timeout: .seconds(30), "four runs on the frozen worker") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'frozen'") == 4
+                })
+                kill(frozen.processIdentifier, SIGSTOP)
+                let survivor = sys.worker(["sleep": SleepExecutor()], id: "survivor")
+                try await withServices([survivor]) {
+                    _ = try await sys.eventually(timeout: .seconds(40), "the broker redelivers the four runs and they succeed elsewhere") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'survivor'") == 4
+                    }
+                    #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'frozen' AND state = 'lost'") == 1)
+                    let ignoredBefore = dispatcher.stats.statusIgnored
+                    kill(frozen.processIdentifier, SIGCONT)
+                    _ = try await sys.eventually(timeout: .seconds(30), "the resumed worker reports its late results and rejoins") {
+                        let active = try await sys.count("SELECT count(*) FROM workers WHERE id = 'frozen' AND state = 'active'") == 1
+                        return active && dispatcher.stats.statusIgnored >= ignoredBefore + 4
+                    }
+                }
+                #expect(frozen.isRunning, "the resumed worker is still running")
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 4)
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'survivor'") == 4,
+                    "the late results did not change the recorded outcomes")
+            kill(frozen.processIdentifier, SIGTERM)
+            frozen.waitUntilExit()
+            #expect(frozen.terminationStatus == 0)
+        }
+    }
+
+    /// kill -9 a worker process every few seconds while 2,000 runs of 200 ms go through three
+    /// workers (a killed one is replaced): nothing is lost and every run is recorded once.
+    @Test func killingWorkersEveryFewSecondsLosesNothing() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher { $0.maxBacklogPerQueue = 200 }
+            var generation = 0
+            func spawn() throws -> Process {
+                generation += 1
+                var env = sys.workerEnvironment(id: "w\(generation)", concurrency: 16)
+                env["CONVEYOR_WORKER_STARTED_AFTER_MS"] = "100"
+                return try spawnConveyor(["worker"], env: env)
+            }
+            var workers = try (0..<3).map { _ in try spawn() }
+            defer { for w in workers where w.isRunning { kill(w.processIdentifier, SIGKILL) } }
+            var killed = 0
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(2000, executor: "sleep", parameters: ["seconds": 0.2]))
+                let deadline = ContinuousClock.now + .seconds(180)
+                while try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") < 2000, ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .seconds(2))
+                    let victim = killed % workers.count
+                    kill(workers[victim].processIdentifier, SIGKILL)
+                    workers[victim].waitUntilExit()
+                    killed += 1
+                    workers[victim] = try spawn()
+                }
+                #expect(killed >= 3, "workers were killed while runs went through")
+            }
+            let states = try await sys.store.runCounts()
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2000, "runs by state: \(states)")
+            #expect(try await sys.count("SELECT count(*) FROM runs") == 2000, "no retry was needed: redelivery kept each run's attempt")
+            #expect(try await sys.count("SELECT count(*) FROM (SELECT task_id FROM runs GROUP BY 1 HAVING count(*) > 1) d") == 0)
+            #expect(dispatcher.stats.outcomesRecorded == 2000, "each outcome was recorded once")
+        }
+    }
+
     /// RabbitMQ closes the channel of a consumer that holds a delivery unacknowledged past
     /// `consumer_timeout`, and redelivers it. Set short here (2 s, checked every 250 ms): without
     /// detaching, a 5 s run executes twice; detached, it executes once and nothing reconnects.
