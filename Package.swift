@@ -6,7 +6,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "conveyor", targets: ["conveyor"]),
-        .library(name: "ConveyorWorker", targets: ["ConveyorWorker"]),
+        // For programs that embed a worker with executors of their own (Examples/CustomExecutor).
+        .library(name: "ConveyorWorker", targets: ["ConveyorWorker", "ConveyorConfig", "ConveyorCore", "ConveyorAMQP"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -68,6 +69,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
 
         .target(name: "ConveyorDispatcher", dependencies: [
@@ -87,6 +89,14 @@ let package = Package(
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             .product(name: "Yams", package: "Yams"),
         ]),
+
+        // Examples/CustomExecutor's program, built here so CI compiles it on every change.
+        .executableTarget(name: "conveyor-example-worker", dependencies: [
+            "ConveyorWorker", "ConveyorConfig", "ConveyorCore",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+        ], path: "Examples/CustomExecutor/Sources/CustomWorker"),
 
         .testTarget(name: "ConveyorCoreTests", dependencies: [
             "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",

@@ -39,8 +39,13 @@ public final class Worker: Service, Sendable {
         public var heartbeats = 0
     }
 
-    public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger) {
+    /// Builds executors on reload.
+    let factory: ExecutorFactory
+
+    public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger,
+                factory: ExecutorFactory = ExecutorFactory()) {
         self.configuration = configuration
+        self.factory = factory
         current = Mutex(ExecutorSet(executors: executors, limits: configuration.executorLimits))
         var logger = logger
         logger[metadataKey: "worker.id"] = "\(configuration.id)"
@@ -56,6 +61,33 @@ public final class Worker: Service, Sendable {
     }
 
     public var stats: Counters { counters.withLock { $0 } }
+    /// A worker from its settings (`config/worker.yaml` and the environment), with executors
+    /// built by `factory`: register your own types on it first. The factory is kept for reloads.
+    public static func make(settings s: Settings, factory: ExecutorFactory = ExecutorFactory(), logger: Logger,
+                            idSuffix: String = "") throws -> Worker {
+        var c = try WorkerConfiguration(settings: s)
+        c.id += idSuffix
+        let executors = try factory.make(names: c.executorNames, settings: s)
+        return Worker(configuration: c, executors: executors, amqp: try AMQPConfiguration(settings: s), logger: logger, factory: factory)
+    }
+
+    /// The worker's counters in Prometheus text format (label `worker`).
+    public var metricsText: String {
+        let c = stats
+        let w = "worker=\"\(configuration.id.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\""))\""
+        func family(_ name: String, _ type: String, _ help: String, _ samples: [(String, Int)]) -> String {
+            "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" + samples.map { "\(name){\(w)\($0.0)} \($0.1)\n" }.joined()
+        }
+        return family("conveyor_worker_runs_total", "counter", "Runs this worker finished and reported, by outcome.",
+                      [(",outcome=\"succeeded\"", c.succeeded), (",outcome=\"failed\"", c.failed)])
+            + family("conveyor_worker_messages_rejected_total", "counter", "Task messages refused and dead-lettered (malformed, unknown executor).", [("", c.rejected)])
+            + family("conveyor_worker_in_flight", "gauge", "Runs executing now.", [("", c.inFlight)])
+            + family("conveyor_worker_detached_total", "counter", "Long runs acknowledged early (past worker.detach_after_ms).", [("", c.detached)])
+            + family("conveyor_worker_heartbeats_total", "counter", "Heartbeats published.", [("", c.heartbeats)])
+            + family("conveyor_worker_amqp_reconnects_total", "counter", "Reconnections of the task consumer.", [("", consumerReconnects)])
+            + family("conveyor_worker_ready", "gauge", "1 when connected and consuming.", [("", isReady ? 1 : 0)])
+    }
+
     /// The names of the executors offered now.
     public var executorNames: [String] { current.withLock { $0.executors.keys.sorted() } }
 
@@ -65,7 +97,7 @@ public final class Worker: Service, Sendable {
     /// need a restart (queues, concurrency, id) are reported in the returned notes and left as
     /// they are.
     @discardableResult
-    public func reload(from settings: Settings, factory: ExecutorFactory = ExecutorFactory()) throws(ValidationError) -> [String] {
+    public func reload(from settings: Settings) throws(ValidationError) -> [String] {
         let next = try WorkerConfiguration(settings: settings)
         let executors = try factory.make(names: next.executorNames, settings: settings)
         var notes: [String] = []

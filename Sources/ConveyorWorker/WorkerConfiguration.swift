@@ -1,3 +1,4 @@
+public import ConveyorAMQP
 public import ConveyorConfig
 public import ConveyorCore
 import Foundation
@@ -17,6 +18,8 @@ import Foundation
 ///   cannot cancel it, and its heartbeats protect it instead. Keep it well below the broker's
 ///   consumer_timeout. 0 never detaches. Default 300000 (5 minutes).
 /// - `worker.heartbeat_interval_ms`: how often the worker reports itself and its runs, default 5000.
+/// - `worker.http_port` (default 9091; 0 disables) and `worker.http_host` (default 0.0.0.0): the
+///   worker's `/healthz`, `/readyz` and `/metrics`.
 /// - `executors.<name>.max_concurrency`: runs of that executor at once on this worker (default:
 ///   no limit below `worker.concurrency`). Runs past it wait for a slot before their timeout starts.
 /// - `amqp.prefix`, `amqp.delivery_limit`: broker names and dead-letter threshold (as the dispatcher's).
@@ -30,6 +33,9 @@ public struct WorkerConfiguration: Sendable {
     /// nil: never detach.
     public var detachAfter: Duration? = .seconds(300)
     public var heartbeatInterval: Duration = .seconds(5)
+    public var httpHost = "0.0.0.0"
+    /// 0: no status endpoint.
+    public var httpPort = 0
     /// Per-executor limits below `concurrency`, by executor name.
     public var executorLimits: [String: Int] = [:]
     public var prefix: String
@@ -63,11 +69,24 @@ public struct WorkerConfiguration: Sendable {
         let detach = try s.milliseconds("worker.detach_after_ms", default: 300_000, range: 0...86_400_000)
         detachAfter = detach == .zero ? nil : detach
         heartbeatInterval = try s.milliseconds("worker.heartbeat_interval_ms", default: 5_000, range: 100...600_000)
+        httpHost = try s.string("worker.http_host", default: "0.0.0.0")
+        httpPort = try s.int("worker.http_port", default: 9091, range: 0...65_535)
         for name in executorNames {
             let limit = try s.int("executors.\(name).max_concurrency", default: 0, range: 0...10_000)
             if limit > 0 && limit < concurrency { executorLimits[name] = limit }
         }
         prefix = try s.string("amqp.prefix", default: "conveyor")
         deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
+    }
+}
+
+extension AMQPConfiguration {
+    /// `amqp.url` (default `amqp://127.0.0.1:55672/%2F`), `amqp.heartbeat_seconds` (10) and
+    /// `amqp.connect_retry_seconds` (60), from a settings file and the environment.
+    public init(settings s: Settings) throws {
+        self.init(url: try s.string("amqp.url", default: "amqp://127.0.0.1:55672/%2F"))
+        heartbeat = .seconds(try s.int("amqp.heartbeat_seconds", default: 10, range: 0...600))
+        connectRetryFor = .seconds(try s.int("amqp.connect_retry_seconds", default: 60, range: 0...3600))
+        try validate()
     }
 }

@@ -74,15 +74,11 @@ struct Connections {
     var amqp: AMQPConfiguration
 
     static let defaultDatabaseURL = "postgresql://conveyor@127.0.0.1:55432/conveyor"
-    static let defaultAMQPURL = "amqp://127.0.0.1:55672/%2F"
 
     init(settings s: Settings, poolSize defaultPool: Int = 10) throws {
         databaseURL = try s.string("database.url", default: Self.defaultDatabaseURL)
         poolSize = try s.int("database.pool_size", default: defaultPool, range: 1...500)
-        amqp = AMQPConfiguration(url: try s.string("amqp.url", default: Self.defaultAMQPURL))
-        amqp.heartbeat = .seconds(try s.int("amqp.heartbeat_seconds", default: 10, range: 0...600))
-        amqp.connectRetryFor = .seconds(try s.int("amqp.connect_retry_seconds", default: 60, range: 0...3600))
-        try amqp.validate()
+        amqp = try AMQPConfiguration(settings: s)
     }
 
     func pool(logger: Logger, connectRetryFor: Duration = .seconds(60)) -> PostgresPool {
@@ -156,8 +152,16 @@ struct WorkerCommand: AsyncParsableCommand {
         let workers = try await common.makeWorkers(count: 1, logger: logger)
         let hangup = common.reloadOnHangup(workers, logger: logger)
         defer { hangup.cancel() }
-        try await runUntilSignalled(workers, logger: logger)
+        try await runUntilSignalled(workers + statusServer(for: workers, logger: logger), logger: logger)
     }
+}
+
+/// The workers' `/healthz`, `/readyz` (every worker consuming) and `/metrics`, on the first
+/// worker's `worker.http_port`; none when it is 0.
+func statusServer(for workers: [Worker], logger: Logger) -> [any Service] {
+    guard let first = workers.first, first.configuration.httpPort > 0 else { return [] }
+    return [StatusServer(host: first.configuration.httpHost, port: first.configuration.httpPort, logger: logger,
+                         ready: { workers.allSatisfy(\.isReady) }, metrics: { workers.map(\.metricsText).joined() })]
 }
 
 struct Dev: AsyncParsableCommand {
@@ -175,7 +179,7 @@ struct Dev: AsyncParsableCommand {
         let workers = try await common.makeWorkers(count: max(workers, 1), logger: logger)
         let hangup = common.reloadOnHangup(workers, logger: logger)
         defer { hangup.cancel() }
-        try await runUntilSignalled([dispatcher] + workers, logger: logger)
+        try await runUntilSignalled([dispatcher] + workers + statusServer(for: workers, logger: logger), logger: logger)
     }
 }
 
@@ -214,14 +218,7 @@ extension CommonOptions {
     /// executors; with more than one, their ids get `-w0`, `-w1`, ….
     func makeWorkers(count: Int, logger: Logger) async throws -> [Worker] {
         let s = try await settings("worker.yaml")
-        let base = try WorkerConfiguration(settings: s)
-        let executors = try ExecutorFactory().make(names: base.executorNames, settings: s)
-        let amqp = try Connections(settings: s).amqp
-        return (0..<count).map { i in
-            var wc = base
-            if count > 1 { wc.id = "\(base.id)-w\(i)" }
-            return Worker(configuration: wc, executors: executors, amqp: amqp, logger: logger)
-        }
+        return try (0..<count).map { i in try Worker.make(settings: s, logger: logger, idSuffix: count > 1 ? "-w\(i)" : "") }
     }
 }
 

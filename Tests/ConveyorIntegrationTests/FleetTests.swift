@@ -1,6 +1,7 @@
 import ConveyorAMQP
 import ConveyorCore
 import ConveyorDispatcher
+import ConveyorHTTP
 import ConveyorPostgres
 import ConveyorStore
 import ConveyorWorker
@@ -197,6 +198,81 @@ struct FleetTests {
                 }
                 #expect(try await sys.count("SELECT count(*) FROM runs") == 1)
             }
+        }
+    }
+}
+
+/// The worker's status endpoint in a real process.
+@Suite("Worker status endpoint (real process)")
+struct WorkerEndpointTests {
+    @Test func healthReadinessAndMetricsAreServed() async throws {
+        try await System.with { sys in
+            let port = Int.random(in: 20_000...40_000)
+            var env = sys.workerEnvironment(id: "probed")
+            env["CONVEYOR_WORKER_HTTP_PORT"] = "\(port)"
+            env["CONVEYOR_WORKER_HTTP_HOST"] = "127.0.0.1"
+            let worker = try spawnConveyor(["worker"], env: env)
+            defer { if worker.isRunning { kill(worker.processIdentifier, SIGKILL) } }
+            var policy = OutboundPolicy()
+            policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+            let http = OutboundHTTP(policy: policy, logger: Servers.logger)
+            func get(_ path: String) async -> (Int, String) {
+                guard let r = try? await http.send(OutboundRequest(url: "http://127.0.0.1:\(port)\(path)"), timeout: .seconds(2)) else { return (0, "") }
+                return (r.status, String(decoding: r.body, as: UTF8.self))
+            }
+            var ready = (0, "")
+            _ = try await sys.eventually(timeout: .seconds(20), "the worker reports ready") {
+                ready = await get("/readyz")
+                return ready.0 == 200
+            }
+            #expect(await get("/healthz").0 == 200)
+            let metrics = await get("/metrics")
+            #expect(metrics.0 == 200)
+            for name in ["conveyor_worker_runs_total", "conveyor_worker_in_flight", "conveyor_worker_ready", "conveyor_worker_heartbeats_total"] {
+                #expect(metrics.1.contains("# TYPE \(name) "), "\(name) missing from /metrics")
+            }
+            #expect(metrics.1.contains("conveyor_worker_ready{worker=\"probed\"} 1"))
+            #expect(await get("/nope").0 == 404)
+            kill(worker.processIdentifier, SIGTERM)
+            worker.waitUntilExit()
+            #expect(worker.terminationStatus == 0)
+        }
+    }
+}
+
+/// Examples/CustomExecutor: a program that registers its own executor type.
+@Suite("Embedding a worker with a custom executor (real process)")
+struct ExampleWorkerTests {
+    @Test func theExampleProgramRunsItsOwnExecutorType() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("example-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try "worker: {executors: [upper]}\nexecutors:\n  upper: {type: uppercase, max_length: 100}\n"
+            .write(toFile: dir + "/worker.yaml", atomically: true, encoding: .utf8)
+        let binary = URL(fileURLWithPath: try conveyorBinary()).deletingLastPathComponent().appendingPathComponent("conveyor-example-worker").path
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: binary)
+            var env = ProcessInfo.processInfo.environment
+            for (k, v) in sys.workerEnvironment(id: "example", executors: "upper") { env[k] = v }
+            env["CONVEYOR_CONFIG_DIR"] = dir
+            env["CONVEYOR_WORKER_HTTP_PORT"] = "0"
+            p.environment = env
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                var t = NewTask(name: "shout", executor: "upper", schedule: .once)
+                t.queue = sys.queue
+                t.parameters = ["text": "hello"]
+                try await sys.store.createTasks([t])
+                _ = try await sys.eventually(timeout: .seconds(30), "the custom executor's run succeeds") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND output = 'HELLO' AND worker_id = 'example'") == 1
+                }
+            }
+            kill(p.processIdentifier, SIGTERM)
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 0)
         }
     }
 }

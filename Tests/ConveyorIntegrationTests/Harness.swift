@@ -191,6 +191,8 @@ func conveyorProcess(_ args: [String], env: [String: String]) throws -> Process 
     var e = ProcessInfo.processInfo.environment
     for (k, v) in env { e[k] = v }
     e["CONVEYOR_CONFIG_DIR"] = e["CONVEYOR_CONFIG_DIR"] ?? FileManager.default.currentDirectoryPath + "/config"
+    // Several workers run at once in tests: no status endpoint unless a test asks for one.
+    e["CONVEYOR_WORKER_HTTP_PORT"] = env["CONVEYOR_WORKER_HTTP_PORT"] ?? "0"
     p.environment = e
     return p
 }
