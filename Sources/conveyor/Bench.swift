@@ -4,6 +4,7 @@ import ConveyorCore
 import ConveyorDispatcher
 import ConveyorPostgres
 import ConveyorStore
+import ConveyorWorker
 import Foundation
 import Logging
 
@@ -20,6 +21,8 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Give up after this many seconds.") var timeout = 300
     @Flag(help: "Print one JSON object instead of text.") var json = false
     @Option(name: .customLong("idle-tasks"), help: "Tasks that are not due (next run in a year), present during the run.") var idleTasks = 0
+    @Option(name: .customLong("sleep-ms"), help: "Tasks run the sleep executor for this long instead of no-op (memory with runs in flight).") var sleepMS = 0
+    @Option(name: .customLong("shell-runs"), help: "Only time the shell executor: spawn to exit of /bin/true, this many times (no servers needed).") var shellRuns = 0
     @Flag(name: .customLong("scan-only"), help: "Only time the dispatcher's scan tick over --idle-tasks (nothing due) and show the plan.") var scanOnly = false
 
     func validate() throws {
@@ -31,6 +34,7 @@ struct Bench: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try common.logger("conveyor.bench")
+        if shellRuns > 0 { return try await measureShell() }
         let settings = try await common.settings("dispatcher.yaml")
         let c = try Connections(settings: settings, poolSize: 4)
         let pool = c.pool(logger: logger, connectRetryFor: .seconds(10))
@@ -51,7 +55,8 @@ struct Bench: AsyncParsableCommand {
         env["CONVEYOR_LOG_LEVEL"] = env["CONVEYOR_BENCH_CHILD_LOG_LEVEL"] ?? "warning"
         env["CONVEYOR_DISPATCHER_QUEUES"] = queue
         env["CONVEYOR_WORKER_QUEUES"] = queue
-        env["CONVEYOR_WORKER_EXECUTORS"] = "noop"
+        env["CONVEYOR_WORKER_EXECUTORS"] = sleepMS > 0 ? "sleep" : "noop"
+        env["CONVEYOR_WORKER_HTTP_PORT"] = "0"
         env["CONVEYOR_WORKER_CONCURRENCY"] = String(concurrency)
         var children: [(role: String, process: Process)] = []
         defer { for (_, p) in children where p.isRunning { p.terminate() } }
@@ -77,7 +82,8 @@ struct Bench: AsyncParsableCommand {
         while created < tasks {
             let n = min(5000, tasks - created)
             try await store.createTasks((created..<(created + n)).map { i in
-                var t = NewTask(name: "\(queue)-\(i)", executor: "noop", schedule: .once)
+                var t = NewTask(name: "\(queue)-\(i)", executor: sleepMS > 0 ? "sleep" : "noop", schedule: .once)
+                if sleepMS > 0 { t.parameters = ["seconds": .number(Double(sleepMS) / 1000)] }
                 t.queue = queue
                 t.timeoutSeconds = 60
                 t.startAt = later
@@ -146,6 +152,39 @@ struct Bench: AsyncParsableCommand {
             print(result.text)
         }
         if !result.completed { throw ExitCode(2) }
+    }
+
+    /// Spawn-to-exit of `/bin/true` through the shell executor, one at a time and 8 at a time.
+    func measureShell() async throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("bench-shell-\(UUID()).yaml").path
+        try "allowed_commands: [/bin/true]\nlog_output: false\n".write(toFile: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        let shell = try ShellExecutor(settings: try await Settings.load(file: file, environment: [:]))
+        let context = ExecutionContext(runID: UUID(), taskName: "bench", attempt: 1, parameters: ["argv": ["/bin/true"]],
+                                       timeout: .seconds(10), traceparent: nil, tracestate: nil, idempotencyKey: "bench")
+        for _ in 0..<20 { _ = await shell.execute(context) }
+        var samples: [Double] = []
+        let clock = ContinuousClock()
+        let serial = clock.now
+        for _ in 0..<shellRuns {
+            let t0 = clock.now
+            let r = await shell.execute(context)
+            guard r.outcome == .succeeded else { throw ValidationError(field: "/bin/true", value: "\(r)", hint: "the shell executor failed") }
+            samples.append((clock.now - t0).inMilliseconds)
+        }
+        let serialTotal = (clock.now - serial).inSeconds
+        samples.sort()
+        func p(_ q: Double) -> Double { samples[min(samples.count - 1, Int(Double(samples.count) * q))] }
+        let parallel = clock.now
+        await withTaskGroup(of: Void.self) { g in
+            for lane in 0..<8 { g.addTask { for _ in stride(from: lane, to: shellRuns, by: 8) { _ = await shell.execute(context) } } }
+        }
+        let parallelTotal = (clock.now - parallel).inSeconds
+        print("""
+            conveyor bench --shell-runs \(shellRuns): the shell executor, spawn to exit of /bin/true
+              one at a time    p50 \(String(format: "%.2f", p(0.5))) ms   p95 \(String(format: "%.2f", p(0.95))) ms   p99 \(String(format: "%.2f", p(0.99))) ms   (\(String(format: "%.0f", Double(shellRuns) / serialTotal)) runs/s)
+              8 at a time      \(String(format: "%.0f", Double(shellRuns) / parallelTotal)) runs/s
+            """)
     }
 
     /// `idleTasks` tasks due in a year, inserted by the database in batches of 100,000.
