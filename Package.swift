@@ -24,6 +24,12 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         // Already built for async-http-client; the tests' HTTP receiver uses it directly.
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        // The REST API and the dashboard.
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        // API key hashing now; JWT (jwt-kit) and callback signatures build on it.
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        // Already built for Hummingbird: header names.
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
     ],
     targets: [
         // System libraries: module maps and shims only.
@@ -72,6 +78,17 @@ let package = Package(
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
 
+        // The REST API: authentication, validation, problem+json errors.
+        .target(name: "ConveyorAPI", dependencies: [
+            "ConveyorCore", "ConveyorStore", "ConveyorPostgres",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
+
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -84,6 +101,7 @@ let package = Package(
 
         .executableTarget(name: "conveyor", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
+            "ConveyorAPI",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
@@ -104,7 +122,7 @@ let package = Package(
         ]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
-            "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP",
+            "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

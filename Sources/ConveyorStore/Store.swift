@@ -280,6 +280,17 @@ public struct Store: Sendable {
         }
     }
 
+    /// One page of a namespace's tasks by name, after `after` (the cursor); `nil` namespace is every one.
+    public func tasks(namespace: String?, after: String?, limit: Int) async throws -> [TaskRecord] {
+        try await pool.withConnection { c in
+            try await c.query("""
+                SELECT \(Self.taskColumns)
+                FROM tasks t WHERE t.deleted_at IS NULL AND ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS NULL OR t.name > $2)
+                ORDER BY t.name LIMIT $3
+                """, [namespace, after, limit]).rows.map(Self.task)
+        }
+    }
+
     public func task(named name: String, namespace: String = "default") async throws -> TaskRecord? {
         try await pool.withConnection { c in
             try await c.query("""
@@ -322,6 +333,11 @@ public struct Store: Sendable {
                 FROM runs WHERE ($1::uuid IS NULL OR task_id = $1) ORDER BY occurrence DESC, attempt DESC LIMIT $2
                 """, [taskID, limit]).rows.map(Self.run)
         }
+    }
+
+    /// The namespace of a task (deleted or not).
+    public func namespace(ofTask id: UUID) async throws -> String? {
+        try await pool.withConnection { c in try await c.query("SELECT namespace FROM tasks WHERE id = $1", [id]).rows.first?[0] }
     }
 
     public func run(id: UUID) async throws -> RunRecord? {

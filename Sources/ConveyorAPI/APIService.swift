@@ -1,0 +1,43 @@
+public import ConveyorStore
+import Hummingbird
+public import Logging
+public import ServiceLifecycle
+
+/// The API as a service: the HTTP server, and the writer of API key usage (every 10 s).
+public struct APIService: Service {
+    public let host: String
+    public let port: Int
+    let store: Store
+    let keys: KeyAuthenticator
+    let logger: Logger
+    /// Called with the bound port once listening (tests bind port 0).
+    let onListening: @Sendable (Int) -> Void
+
+    public init(host: String, port: Int, store: Store, logger: Logger, keyCacheTTL: Duration = .seconds(30),
+                onListening: @escaping @Sendable (Int) -> Void = { _ in }) {
+        self.host = host
+        self.port = port
+        self.store = store
+        self.keys = KeyAuthenticator(store: store, ttl: keyCacheTTL)
+        self.logger = logger
+        self.onListening = onListening
+    }
+
+    public func run() async throws {
+        let app = Application(router: APIServer.router(store: store, keys: keys),
+                              configuration: .init(address: .hostname(host, port: port), serverName: "conveyor"),
+                              onServerRunning: { channel in onListening(channel.localAddress?.port ?? port) },
+                              logger: logger)
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask {
+                while !Task.isCancelled && !Task.isShuttingDownGracefully {
+                    try? await Task.sleep(for: .seconds(10))
+                    do { try await keys.flush() } catch { logger.debug("API key usage not written yet", metadata: ["error": "\(error)"]) }
+                }
+                try? await keys.flush()
+            }
+            try await app.runService()
+            group.cancelAll()
+        }
+    }
+}

@@ -1,0 +1,90 @@
+import ArgumentParser
+import ConveyorAPI
+import ConveyorConfig
+import ConveyorCore
+import ConveyorPostgres
+import ConveyorStore
+import Foundation
+import Logging
+
+struct APICommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "api", abstract: "Run the REST API (needs PostgreSQL). Every route but /healthz and /readyz needs an API key: see 'conveyor apikey'.")
+    @OptionGroup var common: CommonOptions
+
+    func run() async throws {
+        let logger = try common.logger("conveyor.api")
+        let s = try await common.settings("api.yaml")
+        let host = try s.string("api.host", default: "0.0.0.0")
+        let port = try s.int("api.port", default: 8080, range: 1...65_535)
+        let c = try Connections(settings: s, poolSize: try s.int("database.pool_size", default: 10, range: 1...500))
+        let pool = c.pool(logger: logger)
+        defer { pool.close() }
+        try await runUntilSignalled([APIService(host: host, port: port, store: Store(pool: pool), logger: logger)], logger: logger)
+    }
+}
+
+struct APIKeyCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "apikey", abstract: "Create, list and revoke API keys (needs database access).",
+        subcommands: [Create.self, List.self, Revoke.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a key and print it once: it is stored only as a hash.")
+        @OptionGroup var common: CommonOptions
+        @Option(help: "What the key is for (shown in lists).") var name: String
+        @Option(help: "admin, operator, submitter or viewer.") var role: String
+        @Option(help: "The namespace it acts in; '*' (admin only) for every namespace.") var namespace = "default"
+        @Option(name: .customLong("expires-days"), help: "Days until it expires; none when left out.") var expiresDays: Int?
+
+        func validate() throws {
+            guard let r = Role(rawValue: role) else {
+                throw ValidationError(field: "--role", value: role, hint: "one of admin, operator, submitter, viewer")
+            }
+            guard namespace != "*" || r == .admin else {
+                throw ValidationError(field: "--namespace", value: namespace, hint: "'*' (every namespace) is for admin keys only")
+            }
+            guard namespace == "*" || (!namespace.isEmpty && namespace.count <= 63 && namespace.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })) else {
+                throw ValidationError(field: "--namespace", value: namespace, hint: "letters, digits, '-' and '_', at most 63")
+            }
+            if let d = expiresDays, !(1...3650).contains(d) {
+                throw ValidationError(field: "--expires-days", value: String(d), hint: "1 to 3650")
+            }
+        }
+
+        func run() async throws {
+            let (key, prefix, hash) = APIKeyFormat.generate()
+            let expires = expiresDays.map { Date().addingTimeInterval(Double($0) * 86_400) }
+            try await common.withStore { try await $0.createAPIKey(prefix: prefix, secretHash: hash, name: name, role: Role(rawValue: role)!,
+                                                                 namespace: namespace, expiresAt: expires) }
+            print(key)
+            FileHandle.standardError.write(Data("API key \(prefix) created (\(role), namespace \(namespace)). It is shown only now: store it as a secret.\n".utf8))
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Keys by prefix: role, namespace, expiry, revocation, last use and count.")
+        @OptionGroup var common: CommonOptions
+
+        func run() async throws {
+            let keys = try await common.withStore { try await $0.apiKeys() }
+            Table.print(["PREFIX", "NAME", "ROLE", "NAMESPACE", "EXPIRES", "REVOKED", "LAST USED", "USES"], keys.map { k in
+                [k.prefix, k.name, k.role.rawValue, k.namespace, k.expiresAt.map(Timestamp.format) ?? "-", k.revokedAt.map(Timestamp.format) ?? "-",
+                 k.lastUsedAt.map(Timestamp.format) ?? "-", String(k.useCount)]
+            })
+        }
+    }
+
+    struct Revoke: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Revoke a key by its prefix; every API process refuses it within 30 s.")
+        @OptionGroup var common: CommonOptions
+        @Argument(help: "The key's prefix (the 12 hex digits after cvk_).") var prefix: String
+
+        func run() async throws {
+            guard try await common.withStore({ try await $0.revokeAPIKey(prefix: prefix) }) else {
+                throw ValidationError(field: "prefix", value: prefix, hint: "no active key has this prefix; see 'conveyor apikey list'")
+            }
+            print("revoked \(prefix)")
+        }
+    }
+}

@@ -1,0 +1,140 @@
+import ConveyorAPI
+import ConveyorCore
+import ConveyorHTTP
+import ConveyorStore
+import Foundation
+import Synchronization
+import Testing
+
+/// The REST API in-process against the real database, called over HTTP.
+@Suite("REST API (real PostgreSQL)", .serialized)
+struct APITests {
+    struct Client {
+        let base: String
+        let http: OutboundHTTP
+
+        func call(_ method: String, _ path: String, key: String? = nil, body: String? = nil, headers: [(String, String)] = [])
+            async throws -> (status: Int, json: JSONValue, headers: [(String, String)]) {
+            var h = headers
+            if let key { h.append(("Authorization", "Bearer \(key)")) }
+            if body != nil { h.append(("Content-Type", "application/json")) }
+            let r = try await http.send(OutboundRequest(method: method, url: base + path, headers: h, body: Array((body ?? "").utf8)), timeout: .seconds(5))
+            let json = (try? JSONDecoder().decode(JSONValue.self, from: Data(r.body))) ?? .null
+            return (r.status, json, r.headers)
+        }
+    }
+
+    /// Runs `body` with the API listening on a free port.
+    static func withAPI(_ sys: System, ttl: Duration = .seconds(30), _ body: (Client, APIService) async throws -> Void) async throws {
+        let port = Mutex<Int>(0)
+        let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, keyCacheTTL: ttl) { p in port.withLock { $0 = p } }
+        try await withServices([api]) {
+            _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
+            var policy = OutboundPolicy()
+            policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+            try await body(Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger)), api)
+        }
+    }
+
+    static func key(_ sys: System, role: Role, namespace: String) async throws -> String {
+        let (key, prefix, hash) = APIKeyFormat.generate()
+        try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "test", role: role, namespace: namespace, expiresAt: nil)
+        return key
+    }
+
+    @Test func everyRouteButHealthNeedsAValidKey() async throws {
+        try await System.with { sys in
+            try await Self.withAPI(sys) { api, _ in
+                #expect(try await api.call("GET", "/healthz").status == 200)
+                #expect(try await api.call("GET", "/readyz").status == 200)
+                let none = try await api.call("GET", "/v1/tasks", headers: [("X-Request-ID", "req-42")])
+                #expect(none.status == 401)
+                #expect(none.json["title"] == "authentication required")
+                #expect(none.json["request_id"] == "req-42")
+                #expect(none.headers.contains { $0.0.lowercased() == "x-request-id" && $0.1 == "req-42" })
+                #expect(none.headers.contains { $0.0.lowercased() == "content-type" && $0.1 == "application/problem+json" })
+                #expect(try await api.call("GET", "/v1/tasks", key: "not-a-key").json["detail"] == "the credential is not an API key (cvk_<prefix>_<secret>)")
+                let real = try await Self.key(sys, role: .viewer, namespace: "default")
+                let forged = String(real.dropLast(4)) + "AAAA"
+                #expect(try await api.call("GET", "/v1/tasks", key: forged).status == 401, "a key with a wrong secret")
+                let ok = try await api.call("GET", "/v1/tasks", key: real)
+                #expect(ok.status == 200)
+                #expect(ok.headers.contains { $0.0.lowercased() == "x-request-id" && !$0.1.isEmpty }, "a request id is generated")
+            }
+        }
+    }
+
+    @Test func tasksAreCreatedReadAndTriggeredInTheKeysNamespaceOnly() async throws {
+        try await System.with { sys in
+            try await Self.withAPI(sys) { api, _ in
+                let a = try await Self.key(sys, role: .submitter, namespace: "team-a")
+                let b = try await Self.key(sys, role: .admin, namespace: "team-b")
+                let viewerA = try await Self.key(sys, role: .viewer, namespace: "team-a")
+                let created = try await api.call("POST", "/v1/tasks", key: a,
+                                                 body: #"{"name": "nightly", "executor": "noop", "schedule": "0 3 * * *", "timezone": "Europe/London"}"#)
+                #expect(created.status == 201, "\(created.json)")
+                #expect(created.json["name"] == "nightly")
+                #expect(created.json["timezone"] == "Europe/London")
+                #expect(try await sys.count("SELECT count(*) FROM tasks WHERE name = 'nightly' AND namespace = 'team-a'") == 1)
+
+                let got = try await api.call("GET", "/v1/tasks/nightly", key: viewerA)
+                #expect(got.status == 200)
+                #expect(got.json["recent_runs"] == .array([]))
+                // Another tenant, even an admin of it, gets 404: not 403, which would confirm it exists.
+                #expect(try await api.call("GET", "/v1/tasks/nightly", key: b).status == 404)
+                #expect(try await api.call("POST", "/v1/tasks/nightly/trigger", key: b).status == 404)
+                #expect(try await api.call("GET", "/v1/tasks", key: b).json["tasks"] == .array([]))
+
+                #expect(try await api.call("POST", "/v1/tasks/nightly/trigger", key: viewerA).status == 403, "a viewer cannot trigger")
+                #expect(try await api.call("POST", "/v1/tasks/nightly/trigger", key: a).status == 202)
+                #expect(try await api.call("POST", "/v1/tasks/nightly/pause", key: a).status == 403, "pausing needs the operator role")
+                let duplicate = try await api.call("POST", "/v1/tasks", key: a, body: #"{"name": "nightly", "executor": "noop"}"#)
+                #expect(duplicate.status == 409)
+                #expect(duplicate.json["field"] == "name")
+            }
+        }
+    }
+
+    @Test func badBodiesGetProblemsThatNameTheField() async throws {
+        try await System.with { sys in
+            try await Self.withAPI(sys) { api, _ in
+                let k = try await Self.key(sys, role: .submitter, namespace: "default")
+                let massAssign = try await api.call("POST", "/v1/tasks", key: k, body: #"{"name": "x", "executor": "noop", "state": "succeeded"}"#)
+                #expect(massAssign.status == 400)
+                #expect(massAssign.json["field"] == "state", "unknown fields are refused: \(massAssign.json)")
+                let badCron = try await api.call("POST", "/v1/tasks", key: k, body: #"{"name": "x", "executor": "noop", "schedule": "61 * * * *"}"#)
+                #expect(badCron.status == 400)
+                #expect(badCron.json["field"] == "schedule", "\(badCron.json)")
+                let deep = String(repeating: "[", count: 40) + String(repeating: "]", count: 40)
+                let tooDeep = try await api.call("POST", "/v1/tasks", key: k, body: deep)
+                #expect(tooDeep.status == 400)
+                #expect(tooDeep.json["detail"] == "JSON may nest at most 32 levels")
+                let huge = #"{"name": "x", "executor": "noop", "parameters": {"blob": ""# + String(repeating: "a", count: 1_100_000) + #""}}"#
+                let tooBig = try await api.call("POST", "/v1/tasks", key: k, body: huge)
+                #expect(tooBig.status == 413, "\(tooBig.status) \(tooBig.json)")
+                #expect(try await api.call("POST", "/v1/tasks", key: k, body: "{not json").status == 400)
+                #expect(try await api.call("GET", "/v1/tasks?limit=1000", key: k).json["field"] == "limit")
+                #expect(try await sys.count("SELECT count(*) FROM tasks") == 0)
+            }
+        }
+    }
+
+    @Test func aRevokedKeyStopsWorkingWithinTheCacheTimeAndUsesAreCounted() async throws {
+        try await System.with { sys in
+            try await Self.withAPI(sys, ttl: .milliseconds(500)) { api, _ in
+                let k = try await Self.key(sys, role: .viewer, namespace: "default")
+                for _ in 0..<3 { #expect(try await api.call("GET", "/v1/tasks", key: k).status == 200) }
+                let prefix = try #require(APIKeyFormat.parse(k)?.prefix)
+                try await sys.store.revokeAPIKey(prefix: prefix)
+                try await Task.sleep(for: .milliseconds(600))
+                let refused = try await api.call("GET", "/v1/tasks", key: k)
+                #expect(refused.status == 401)
+                #expect(refused.json["detail"] == "this API key was revoked")
+            }
+            // The usage writer flushes on shutdown.
+            let keys = try await sys.store.apiKeys()
+            #expect(keys.first?.useCount == 3)
+            #expect(keys.first?.lastUsedAt != nil)
+        }
+    }
+}
