@@ -87,7 +87,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-        ]),
+        ], resources: [.copy("openapi.yaml")]),
 
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
@@ -124,6 +124,7 @@ let package = Package(
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
             "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

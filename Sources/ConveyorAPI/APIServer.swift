@@ -10,7 +10,7 @@ import NIOCore
 /// The REST API (`conveyor api`): tasks and runs, behind API keys.
 ///
 /// Routes so far: `GET /healthz`, `GET /readyz`, `POST /v1/tasks`, `GET /v1/tasks`,
-/// `GET /v1/tasks/{name}`, `POST /v1/tasks/{name}/trigger|pause|resume`, `GET /v1/runs/{id}`.
+/// `GET /v1/tasks/{name}`, `POST /v1/tasks/{name}/trigger|pause|resume`, `GET /v1/runs/{id}`, `GET /openapi.yaml`.
 /// Errors are `application/problem+json` (RFC 9457) with the field, the value and a hint.
 public enum APIServer {
     /// Largest request body; larger ones get 413 before decoding.
@@ -21,11 +21,25 @@ public enum APIServer {
     public static let defaultPage = 50, maxPage = 100
 
     public static func router(store: Store, keys: KeyAuthenticator) -> Router<APIContext> {
+        build(store: store, keys: keys).router
+    }
+
+    /// The router, and each route as `METHOD /path/{param}` (what `openapi.yaml` must list).
+    public static func build(store: Store, keys: KeyAuthenticator) -> (router: Router<APIContext>, routes: [String]) {
         let router = Router(context: APIContext.self)
         router.add(middleware: RequestIDMiddleware())
         router.add(middleware: AuthMiddleware(keys: keys))
-        router.get("/healthz") { _, _ in json(["status": "ok"]) }
-        router.get("/readyz") { _, _ in
+        var routes: [String] = []
+        func on(_ method: HTTPRequest.Method, _ path: String, _ handler: @escaping @Sendable (Request, APIContext) async throws -> Response) {
+            routes.append("\(method.rawValue) " + path.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }
+                .reduce("") { $0 + "/" + $1 })
+            router.on(RouterPath(path), method: method, use: handler)
+        }
+        on(.get, "/openapi.yaml") { _, _ in
+            Response(status: .ok, headers: [.contentType: "application/yaml"], body: .init(byteBuffer: ByteBuffer(bytes: openAPIDocument)))
+        }
+        on(.get, "/healthz") { _, _ in json(["status": "ok"]) }
+        on(.get, "/readyz") { _, _ in
             do {
                 _ = try await store.pool.withConnection { c in try await c.query("SELECT 1") }
                 return json(["status": "ready"])
@@ -33,7 +47,7 @@ public enum APIServer {
                 throw Problem(.serviceUnavailable, "not ready", "the database is unreachable")
             }
         }
-        router.post("/v1/tasks") { request, context in
+        on(.post, "/v1/tasks") { request, context in
             let who = try context.require(.submitter)
             var task = try TaskSpec.decode(try await body(request, context), now: Date())
             if who.namespace != "*" {
@@ -52,7 +66,7 @@ public enum APIServer {
             let created = try await store.task(named: task.name, namespace: task.namespace)
             return json(created.map(view) ?? .null, status: .created)
         }
-        router.get("/v1/tasks") { request, context in
+        on(.get, "/v1/tasks") { request, context in
             let who = try context.require(.viewer)
             let limitText = request.uri.queryParameters.get("limit") ?? "\(defaultPage)"
             guard let limit = Int(limitText), (1...maxPage).contains(limit) else {
@@ -65,7 +79,7 @@ public enum APIServer {
             if page.count > limit, let last = page.prefix(limit).last { out["next_cursor"] = .string(last.name) }
             return json(.object(out))
         }
-        router.get("/v1/tasks/:name") { request, context in
+        on(.get, "/v1/tasks/:name") { request, context in
             let who = try context.require(.viewer)
             let task = try await findTask(request, context, who, store)
             var v = view(task)
@@ -75,21 +89,21 @@ public enum APIServer {
             }
             return json(v)
         }
-        router.post("/v1/tasks/:name/trigger") { request, context in
+        on(.post, "/v1/tasks/:name/trigger") { request, context in
             let who = try context.require(.submitter)
             let task = try await findTask(request, context, who, store)
             try await store.trigger(taskID: task.id)
             return json(["task": .string(task.name), "triggered": true], status: .accepted)
         }
         for (action, paused) in [("pause", true), ("resume", false)] {
-            router.post("/v1/tasks/:name/\(action)") { request, context in
+            on(.post, "/v1/tasks/:name/\(action)") { request, context in
                 let who = try context.require(.operator)
                 let task = try await findTask(request, context, who, store)
                 _ = try await store.setPaused(paused, names: [task.name], namespace: namespaceOf(who, request))
                 return json(["task": .string(task.name), "paused": .bool(paused)])
             }
         }
-        router.get("/v1/runs/:id") { request, context in
+        on(.get, "/v1/runs/:id") { request, context in
             let who = try context.require(.viewer)
             let text = context.parameters.get("id") ?? ""
             guard let id = UUID(uuidString: text) else { throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text) }
@@ -98,8 +112,16 @@ public enum APIServer {
             }
             return json(view(run))
         }
-        return router
+        return (router, routes)
     }
+
+    /// `openapi.yaml`, as shipped in the module's resources.
+    public static let openAPIDocument: [UInt8] = {
+        guard let url = Bundle.module.url(forResource: "openapi", withExtension: "yaml"), let data = try? Data(contentsOf: url) else {
+            return Array("openapi.yaml is missing from the ConveyorAPI bundle\n".utf8)
+        }
+        return Array(data)
+    }()
 
     /// The task named in the path, in the caller's namespace; another namespace's task is 404,
     /// never 403, so a key cannot learn what other tenants have.

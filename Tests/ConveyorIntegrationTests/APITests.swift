@@ -5,6 +5,7 @@ import ConveyorStore
 import Foundation
 import Synchronization
 import Testing
+import Yams
 
 /// The REST API in-process against the real database, called over HTTP.
 @Suite("REST API (real PostgreSQL)", .serialized)
@@ -136,5 +137,107 @@ struct APITests {
             #expect(keys.first?.useCount == 3)
             #expect(keys.first?.lastUsedAt != nil)
         }
+    }
+}
+
+/// `openapi.yaml` against the router and the responses.
+@Suite("OpenAPI document (real PostgreSQL)")
+struct OpenAPITests {
+    static func document() throws -> [String: Any] {
+        let text = String(decoding: APIServer.openAPIDocument, as: UTF8.self)
+        return try #require(try Yams.load(yaml: text) as? [String: Any], "openapi.yaml does not parse")
+    }
+
+    @Test func everyDocumentedRouteExistsAndEveryRouteIsDocumented() async throws {
+        try await System.with { sys in
+            let doc = try Self.document()
+            #expect(doc["openapi"] as? String == "3.1.0")
+            let paths = try #require(doc["paths"] as? [String: Any])
+            var documented: Set<String> = []
+            for (path, item) in paths {
+                for method in ["get", "post", "put", "patch", "delete"] where (item as? [String: Any])?[method] != nil {
+                    documented.insert("\(method.uppercased()) \(path)")
+                }
+            }
+            let routed = Set(APIServer.build(store: sys.store, keys: KeyAuthenticator(store: sys.store)).routes)
+            #expect(routed.subtracting(documented).isEmpty, "routes missing from openapi.yaml: \(routed.subtracting(documented).sorted())")
+            #expect(documented.subtracting(routed).isEmpty, "documented routes the router lacks: \(documented.subtracting(routed).sorted())")
+        }
+    }
+
+    @Test func responsesMatchTheirSchemas() async throws {
+        try await System.with { sys in
+            let doc = try Self.document()
+            try await APITests.withAPI(sys) { api, _ in
+                let k = try await APITests.key(sys, role: .admin, namespace: "default")
+                func check(_ method: String, _ route: String, _ path: String, body: String? = nil, key: String? = nil) async throws {
+                    let r = try await api.call(method, path, key: key ?? k, body: body)
+                    let schema = try #require(Self.responseSchema(doc, route: route, method: method, status: r.status),
+                                              "\(method) \(route) answered \(r.status), which the document does not list")
+                    let problems = Self.validate(r.json, schema, doc, at: "$")
+                    #expect(problems.isEmpty, "\(method) \(path) \(r.status): \(problems)")
+                }
+                try await check("GET", "/healthz", "/healthz")
+                try await check("POST", "/v1/tasks", "/v1/tasks", body: #"{"name": "a", "executor": "noop", "schedule": "every 30s", "group": "g"}"#)
+                try await check("POST", "/v1/tasks", "/v1/tasks", body: #"{"name": "a", "executor": "noop"}"#)
+                try await check("POST", "/v1/tasks", "/v1/tasks", body: #"{"name": "b", "executor": "noop", "bogus": 1}"#)
+                try await check("GET", "/v1/tasks", "/v1/tasks?limit=1")
+                try await check("GET", "/v1/tasks/{name}", "/v1/tasks/a")
+                try await check("GET", "/v1/tasks/{name}", "/v1/tasks/nope")
+                try await check("POST", "/v1/tasks/{name}/trigger", "/v1/tasks/a/trigger")
+                try await check("POST", "/v1/tasks/{name}/pause", "/v1/tasks/a/pause")
+                try await check("POST", "/v1/tasks/{name}/resume", "/v1/tasks/a/resume")
+                try await check("GET", "/v1/runs/{id}", "/v1/runs/\(UUID())")
+                try await check("GET", "/v1/runs/{id}", "/v1/runs/not-a-uuid")
+                try await check("GET", "/v1/tasks", "/v1/tasks", key: "cvk_000000000000_nope-nope-nope-nope-nope")
+            }
+        }
+    }
+
+    /// The JSON schema of a response, following `$ref`s of responses.
+    static func responseSchema(_ doc: [String: Any], route: String, method: String, status: Int) -> [String: Any]? {
+        guard let op = ((doc["paths"] as? [String: Any])?[route] as? [String: Any])?[method.lowercased()] as? [String: Any],
+              var response = (op["responses"] as? [String: Any])?[String(status)] as? [String: Any] else { return nil }
+        if let ref = response["$ref"] as? String { response = resolve(ref, doc) ?? [:] }
+        let content = response["content"] as? [String: Any]
+        return (content?.values.first as? [String: Any])?["schema"] as? [String: Any]
+    }
+
+    static func resolve(_ ref: String, _ doc: [String: Any]) -> [String: Any]? {
+        var node: Any = doc
+        for part in ref.dropFirst(2).split(separator: "/") { node = (node as? [String: Any])?[String(part)] as Any }
+        return node as? [String: Any]
+    }
+
+    /// What is wrong with `value` under `schema` (a subset of JSON Schema: $ref, allOf, type,
+    /// required, properties, additionalProperties false, items, enum).
+    static func validate(_ value: JSONValue, _ schema: [String: Any], _ doc: [String: Any], at path: String) -> [String] {
+        if let ref = schema["$ref"] as? String { return validate(value, resolve(ref, doc) ?? [:], doc, at: path) }
+        var problems: [String] = []
+        for sub in schema["allOf"] as? [[String: Any]] ?? [] { problems += validate(value, sub, doc, at: path) }
+        let types: [String] = (schema["type"] as? String).map { [$0] } ?? (schema["type"] as? [String] ?? [])
+        if !types.isEmpty {
+            let ok = types.contains { t in
+                switch (t, value) {
+                case ("object", .object), ("array", .array), ("string", .string), ("boolean", .bool), ("number", .number): true
+                case ("integer", .number(let n)): n.rounded() == n
+                default: false
+                }
+            }
+            if !ok { return problems + ["\(path): expected \(types), got \(value)"] }
+        }
+        if let e = schema["enum"] as? [String], case .string(let s) = value, !e.contains(s) { problems.append("\(path): '\(s)' not in \(e)") }
+        if case .object(let o) = value {
+            for r in schema["required"] as? [String] ?? [] where o[r] == nil { problems.append("\(path): missing '\(r)'") }
+            let props = schema["properties"] as? [String: Any] ?? [:]
+            for (k, v) in o {
+                if let p = props[k] as? [String: Any] { problems += validate(v, p, doc, at: "\(path).\(k)") }
+                else if schema["additionalProperties"] as? Bool == false { problems.append("\(path): unexpected '\(k)'") }
+            }
+        }
+        if case .array(let a) = value, let items = schema["items"] as? [String: Any] {
+            for (i, v) in a.enumerated() { problems += validate(v, items, doc, at: "\(path)[\(i)]") }
+        }
+        return problems
     }
 }
