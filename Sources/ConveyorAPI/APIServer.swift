@@ -105,12 +105,34 @@ public enum APIServer {
         }
         on(.get, "/v1/runs/:id") { request, context in
             let who = try context.require(.viewer)
-            let text = context.parameters.get("id") ?? ""
-            guard let id = UUID(uuidString: text) else { throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text) }
-            guard let run = try await store.run(id: id), let ns = try await store.namespace(ofTask: run.taskID), who.sees(namespace: ns) else {
-                throw Problem(.notFound, "not found", "no run \(text)")
+            return json(view(try await findRun(context, who, store)))
+        }
+        on(.post, "/v1/runs/:id/cancel") { request, context in
+            let who = try context.require(.operator)
+            let run = try await findRun(context, who, store)
+            guard try await !store.cancel(runs: [run.id], reason: "cancelled through the API by key \(who.keyPrefix)").isEmpty else {
+                throw Problem(.conflict, "run already ended", "run \(run.id.uuidString.lowercased()) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
             }
-            return json(view(run))
+            return json(["run_id": .string(run.id.uuidString.lowercased()), "state": "cancelled"])
+        }
+        on(.post, "/v1/runs/:id/redrive") { request, context in
+            let who = try context.require(.operator)
+            let run = try await findRun(context, who, store)
+            do {
+                let next = try await store.redrive(run: run.id)
+                return json(["run_id": .string(next.uuidString.lowercased()), "attempt": .number(Double(run.attempt + 1))], status: .created)
+            } catch let v as ValidationError {
+                throw Problem(.conflict, "cannot re-drive", v.hint, field: "id", value: v.value)
+            }
+        }
+        on(.get, "/v1/workers") { _, context in
+            _ = try context.require(.viewer)
+            let workers = try await store.workers()
+            return json(["workers": .array(workers.map { w in
+                .object(["id": .string(w.id), "host": .string(w.host), "state": .string(w.state), "concurrency": .number(Double(w.concurrency)),
+                         "in_flight": .number(Double(w.inFlight)), "queues": .array(w.queues.map(JSONValue.string)),
+                         "executors": .array(w.executors.map(JSONValue.string)), "seconds_since_heartbeat": .number(w.secondsSinceHeartbeat)])
+            })])
         }
         return (router, routes)
     }
@@ -131,6 +153,16 @@ public enum APIServer {
             throw Problem(.notFound, "not found", "no task named '\(name)'")
         }
         return task
+    }
+
+    /// The run named in the path, if its task is in the caller's namespace (404 otherwise).
+    static func findRun(_ context: APIContext, _ who: Identity, _ store: Store) async throws -> RunRecord {
+        let text = context.parameters.get("id") ?? ""
+        guard let id = UUID(uuidString: text) else { throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text) }
+        guard let run = try await store.run(id: id), let ns = try await store.namespace(ofTask: run.taskID), who.sees(namespace: ns) else {
+            throw Problem(.notFound, "not found", "no run \(text)")
+        }
+        return run
     }
 
     static func namespaceOf(_ who: Identity, _ request: Request) -> String {

@@ -1,7 +1,9 @@
 import ConveyorAPI
 import ConveyorCore
 import ConveyorHTTP
+import ConveyorPostgres
 import ConveyorStore
+import ConveyorWorker
 import Foundation
 import Synchronization
 import Testing
@@ -190,6 +192,52 @@ struct OpenAPITests {
                 try await check("GET", "/v1/runs/{id}", "/v1/runs/\(UUID())")
                 try await check("GET", "/v1/runs/{id}", "/v1/runs/not-a-uuid")
                 try await check("GET", "/v1/tasks", "/v1/tasks", key: "cvk_000000000000_nope-nope-nope-nope-nope")
+            }
+        }
+    }
+
+    @Test func runsCanBeReadCancelledAndRedrivenAndWorkersListed() async throws {
+        try await System.with { sys in
+            let doc = try Self.document()
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let worker = sys.worker(["long": ScriptedExecutor(recorder: recorder)], id: "api-worker") {
+                $0.heartbeatInterval = .milliseconds(200)
+                $0.startedAfter = .milliseconds(50)
+            }
+            try await withServices([dispatcher, worker]) {
+                try await APITests.withAPI(sys) { api, _ in
+                    let op = try await APITests.key(sys, role: .operator, namespace: "default")
+                    let other = try await APITests.key(sys, role: .admin, namespace: "elsewhere")
+                    func checked(_ method: String, _ route: String, _ path: String, key: String) async throws -> (Int, JSONValue) {
+                        let r = try await api.call(method, path, key: key)
+                        let schema = try #require(Self.responseSchema(doc, route: route, method: method, status: r.status), "\(method) \(route) \(r.status) undocumented")
+                        let problems = Self.validate(r.json, schema, doc, at: "$")
+                        #expect(problems.isEmpty, "\(method) \(path) \(r.status): \(problems)")
+                        return (r.status, r.json)
+                    }
+                    let created = try await api.call("POST", "/v1/tasks", key: op,
+                                                     body: "{\"name\": \"slow\", \"executor\": \"long\", \"queue\": \"\(sys.queue)\", \"parameters\": {\"sleep_ms\": 30000}}")
+                    #expect(created.status == 201, "\(created.json)")
+                    var runID = ""
+                    _ = try await sys.eventually(timeout: .seconds(20), "the run starts") {
+                        runID = try await sys.pool.withConnection { c in try await c.query("SELECT id::text FROM runs WHERE state = 'running'").rows.first?[0] ?? "" }
+                        return !runID.isEmpty
+                    }
+                    let (status, run) = try await checked("GET", "/v1/runs/{id}", "/v1/runs/\(runID)", key: op)
+                    #expect(status == 200 && run["state"] == "running" && run["worker_id"] == "api-worker")
+                    #expect(try await api.call("POST", "/v1/runs/\(runID)/cancel", key: other).status == 404, "another namespace cannot see the run")
+                    #expect(try await checked("POST", "/v1/runs/{id}/cancel", "/v1/runs/\(runID)/cancel", key: op).0 == 200)
+                    #expect(try await checked("POST", "/v1/runs/{id}/cancel", "/v1/runs/\(runID)/cancel", key: op).0 == 409, "a second cancel")
+                    _ = try await sys.eventually(timeout: .seconds(10), "the worker stops the cancelled run") {
+                        recorder.cancelled.withLock { $0.count } == 1
+                    }
+                    let (redriven, next) = try await checked("POST", "/v1/runs/{id}/redrive", "/v1/runs/\(runID)/redrive", key: op)
+                    #expect(redriven == 201 && next["attempt"] == 2)
+                    #expect(try await checked("POST", "/v1/runs/{id}/redrive", "/v1/runs/\(runID)/redrive", key: op).0 == 409, "only the latest attempt")
+                    let (_, workers) = try await checked("GET", "/v1/workers", "/v1/workers", key: op)
+                    #expect(workers["workers"]?.arrayValue?.first?["id"] == "api-worker")
+                }
             }
         }
     }
