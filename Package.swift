@@ -26,8 +26,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         // The REST API and the dashboard.
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
-        // API key hashing now; JWT (jwt-kit) and callback signatures build on it.
-        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        // API key hashing; jwt-kit needs the 4.x line.
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        // JWT bearer tokens (HS256 secret, RS256/ES256 from a JWKS file).
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
         // Already built for Hummingbird: header names.
         .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
     ],
@@ -83,6 +85,7 @@ let package = Package(
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
@@ -123,6 +126,7 @@ let package = Package(
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
             "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
+            .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"),

@@ -20,15 +20,15 @@ public enum APIServer {
     /// Page size of lists: default and largest.
     public static let defaultPage = 50, maxPage = 100
 
-    public static func router(store: Store, keys: KeyAuthenticator) -> Router<APIContext> {
-        build(store: store, keys: keys).router
+    public static func router(store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil) -> Router<APIContext> {
+        build(store: store, keys: keys, jwt: jwt).router
     }
 
     /// The router, and each route as `METHOD /path/{param}` (what `openapi.yaml` must list).
-    public static func build(store: Store, keys: KeyAuthenticator) -> (router: Router<APIContext>, routes: [String]) {
+    public static func build(store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil) -> (router: Router<APIContext>, routes: [String]) {
         let router = Router(context: APIContext.self)
         router.add(middleware: RequestIDMiddleware())
-        router.add(middleware: AuthMiddleware(keys: keys))
+        router.add(middleware: AuthMiddleware(keys: keys, jwt: jwt))
         var routes: [String] = []
         func on(_ method: HTTPRequest.Method, _ path: String, _ handler: @escaping @Sendable (Request, APIContext) async throws -> Response) {
             routes.append("\(method.rawValue) " + path.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }

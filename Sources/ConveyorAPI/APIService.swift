@@ -9,12 +9,14 @@ public struct APIService: Service {
     public let port: Int
     let store: Store
     let keys: KeyAuthenticator
+    let jwt: JWTVerifier?
     let logger: Logger
     /// Called with the bound port once listening (tests bind port 0).
     let onListening: @Sendable (Int) -> Void
 
-    public init(host: String, port: Int, store: Store, logger: Logger, keyCacheTTL: Duration = .seconds(30),
+    public init(host: String, port: Int, store: Store, logger: Logger, keyCacheTTL: Duration = .seconds(30), jwt: JWTVerifier? = nil,
                 onListening: @escaping @Sendable (Int) -> Void = { _ in }) {
+        self.jwt = jwt
         self.host = host
         self.port = port
         self.store = store
@@ -24,7 +26,7 @@ public struct APIService: Service {
     }
 
     public func run() async throws {
-        let app = Application(router: APIServer.router(store: store, keys: keys),
+        let app = Application(router: APIServer.router(store: store, keys: keys, jwt: jwt),
                               configuration: .init(address: .hostname(host, port: port), serverName: "conveyor"),
                               onServerRunning: { channel in onListening(channel.localAddress?.port ?? port) },
                               logger: logger)

@@ -97,14 +97,26 @@ struct RequestIDMiddleware: RouterMiddleware {
 /// Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`.
 struct AuthMiddleware: RouterMiddleware {
     let keys: KeyAuthenticator
+    let jwt: JWTVerifier?
     static let open: Set<String> = ["/healthz", "/readyz"]
 
     func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
         if Self.open.contains(request.uri.path) { return try await next(request, context) }
         guard let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") else {
-            throw Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key>")
+            throw Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key or JWT>")
         }
-        switch try await keys.authenticate(String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)) {
+        let credential = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
+        if !credential.hasPrefix("cvk_"), let jwt {
+            switch await jwt.verify(credential) {
+            case .success(let identity):
+                var context = context
+                context.identity = identity
+                return try await next(request, context)
+            case .failure(let why):
+                throw Problem(.unauthorized, "authentication failed", why.description)
+            }
+        }
+        switch try await keys.authenticate(credential) {
         case .success(let identity):
             var context = context
             context.identity = identity

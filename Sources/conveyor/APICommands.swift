@@ -18,9 +18,37 @@ struct APICommand: AsyncParsableCommand {
         let host = try s.string("api.host", default: "0.0.0.0")
         let port = try s.int("api.port", default: 8080, range: 1...65_535)
         let c = try Connections(settings: s, poolSize: try s.int("database.pool_size", default: 10, range: 1...500))
+        let jwt = try await Self.jwt(s)
         let pool = c.pool(logger: logger)
         defer { pool.close() }
-        try await runUntilSignalled([APIService(host: host, port: port, store: Store(pool: pool), logger: logger)], logger: logger)
+        logger.info("API authentication", metadata: ["auth.api_keys": "on", "auth.jwt": "\(jwt == nil ? "off" : "on")"])
+        try await runUntilSignalled([APIService(host: host, port: port, store: Store(pool: pool), logger: logger, jwt: jwt)], logger: logger)
+    }
+
+    /// The JWT verifier when `auth.jwt.enabled`; it refuses to start without a key, an issuer
+    /// and an audience. The HS256 secret comes from a file or the environment only.
+    static func jwt(_ s: Settings) async throws -> JWTVerifier? {
+        guard try s.bool("auth.jwt.enabled", default: false) else { return nil }
+        var secret: [UInt8]?
+        if let file = try s.optionalString("auth.jwt.hs256_secret_file") {
+            guard let data = FileManager.default.contents(atPath: file) else {
+                throw ValidationError(field: "auth.jwt.hs256_secret_file", value: file, hint: "the file cannot be read")
+            }
+            secret = Array(String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+        } else if let env = ProcessInfo.processInfo.environment["CONVEYOR_AUTH_JWT_HS256_SECRET"], !env.isEmpty {
+            secret = Array(env.utf8)
+        }
+        var jwks: String?
+        if let file = try s.optionalString("auth.jwt.jwks_file") {
+            guard let data = FileManager.default.contents(atPath: file) else {
+                throw ValidationError(field: "auth.jwt.jwks_file", value: file, hint: "the file cannot be read")
+            }
+            jwks = String(decoding: data, as: UTF8.self)
+        }
+        let settings = JWTSettings(issuer: try s.string("auth.jwt.issuer", default: ""), audience: try s.string("auth.jwt.audience", default: ""),
+                                   leeway: .seconds(try s.int("auth.jwt.leeway_seconds", default: 30, range: 0...60)),
+                                   hs256Secret: secret, jwksJSON: jwks)
+        return try await JWTVerifier(settings)
     }
 }
 

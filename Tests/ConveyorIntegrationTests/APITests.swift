@@ -5,6 +5,7 @@ import ConveyorPostgres
 import ConveyorStore
 import ConveyorWorker
 import Foundation
+import JWTKit
 import Synchronization
 import Testing
 import Yams
@@ -287,5 +288,82 @@ struct OpenAPITests {
             for (i, v) in a.enumerated() { problems += validate(v, items, doc, at: "\(path)[\(i)]") }
         }
         return problems
+    }
+}
+
+/// JWT bearer tokens against the real API.
+@Suite("REST API: JWT (real PostgreSQL)", .serialized)
+struct JWTTests {
+    struct Claims: JWTPayload {
+        var iss: IssuerClaim
+        var aud: AudienceClaim
+        var sub: SubjectClaim
+        var exp: ExpirationClaim
+        var nbf: NotBeforeClaim?
+        var role: String
+        var namespace: String
+        func verify(using algorithm: some JWTAlgorithm) async throws {}
+    }
+
+    static let secret = Array("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".utf8)
+
+    static func token(iss: String = "https://auth.test", aud: String = "conveyor", expiresIn: TimeInterval = 300, role: String = "viewer",
+                      namespace: String = "default", digest: DigestAlgorithm = .sha256, key: [UInt8] = secret) async throws -> String {
+        let keys = JWTKeyCollection()
+        await keys.add(hmac: HMACKey(from: key), digestAlgorithm: digest)
+        return try await keys.sign(Claims(iss: .init(value: iss), aud: .init(value: [aud]), sub: "user-1", exp: .init(value: Date().addingTimeInterval(expiresIn)),
+                                          nbf: nil, role: role, namespace: namespace))
+    }
+
+    @Test func tokensAreCheckedForSignatureAlgorithmIssuerAudienceAndExpiry() async throws {
+        let verifier = try await JWTVerifier(JWTSettings(issuer: "https://auth.test", audience: "conveyor", leeway: .seconds(30), hs256Secret: Self.secret))
+        try await System.with { sys in
+            let port = Mutex<Int>(0)
+            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, jwt: verifier) { p in port.withLock { $0 = p } }
+            try await withServices([api]) {
+                _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
+                var policy = OutboundPolicy()
+                policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+                let client = APITests.Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+                func status(_ token: String) async throws -> (Int, String) {
+                    let r = try await client.call("GET", "/v1/tasks", key: token)
+                    return (r.status, r.json["detail"]?.stringValue ?? "")
+                }
+                #expect(try await status(try await Self.token()).0 == 200)
+                #expect(try await status(try await Self.token(expiresIn: -10)).0 == 200, "expired 10 s ago: within the 30 s leeway")
+                #expect(try await status(try await Self.token(expiresIn: -120)) == (401, "the token has expired"))
+                #expect(try await status(try await Self.token(aud: "someone-else")) == (401, "the token's aud claim is not accepted"))
+                #expect(try await status(try await Self.token(iss: "https://evil.test")) == (401, "the token's iss claim is not accepted"))
+                #expect(try await status(try await Self.token(key: Array("another-secret-another-secret-another-secret-another-secret-xx".utf8))) == (401, "the token's signature does not verify"))
+                #expect(try await status(try await Self.token(digest: .sha384)).0 == 401, "HS384 is not the algorithm pinned for the secret")
+                #expect(try await status(try await Self.token(role: "superuser")).0 == 401)
+                #expect(try await status(try await Self.token(role: "viewer", namespace: "*")).0 == 401, "only admins may span namespaces")
+                // alg "none", unsigned.
+                let header = Data(#"{"alg":"none","typ":"JWT"}"#.utf8).base64EncodedString().replacingOccurrences(of: "=", with: "")
+                let body = Data(#"{"iss":"https://auth.test","aud":"conveyor","sub":"x","exp":9999999999,"role":"admin","namespace":"*"}"#.utf8)
+                    .base64EncodedString().replacingOccurrences(of: "=", with: "")
+                #expect(try await status("\(header).\(body).").0 == 401, "an unsigned token")
+                // The token's role and namespace apply like a key's.
+                let viewer = try await Self.token(role: "viewer", namespace: "team-a")
+                #expect(try await client.call("POST", "/v1/tasks", key: viewer, body: #"{"name": "t", "executor": "noop"}"#).status == 403)
+                let submitter = try await Self.token(role: "submitter", namespace: "team-a")
+                #expect(try await client.call("POST", "/v1/tasks", key: submitter, body: #"{"name": "t", "executor": "noop"}"#).status == 201)
+                #expect(try await sys.count("SELECT count(*) FROM tasks WHERE namespace = 'team-a'") == 1)
+            }
+        }
+    }
+
+    @Test func misconfiguredJWTRefusesToStart() async throws {
+        await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a")) } throws: { "\($0)".contains("auth.jwt") }
+        await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a", hs256Secret: Array("short".utf8))) } throws: {
+            "\($0)".contains("at least 32")
+        }
+        await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "", audience: "a", hs256Secret: Self.secret)) } throws: { "\($0)".contains("issuer") }
+        await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a", leeway: .seconds(120), hs256Secret: Self.secret)) } throws: {
+            "\($0)".contains("at most 60")
+        }
+        await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a", jwksJSON: #"{"keys": [{"kty": "RSA", "kid": "k1"}]}"#)) } throws: {
+            "\($0)".contains("alg")
+        }
     }
 }
