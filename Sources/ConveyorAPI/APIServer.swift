@@ -103,6 +103,55 @@ public enum APIServer {
                 return json(["task": .string(task.name), "paused": .bool(paused)])
             }
         }
+        on(.delete, "/v1/tasks/:name") { request, context in
+            let who = try context.require(.operator)
+            let task = try await findTask(request, context, who, store)
+            _ = try await store.deleteTask(named: task.name, namespace: namespaceOf(who, request))
+            return json(["task": .string(task.name), "deleted": true])
+        }
+        on(.get, "/v1/runs") { request, context in
+            let who = try context.require(.viewer)
+            let q = request.uri.queryParameters
+            var f = Store.RunFilter()
+            f.namespace = who.namespace == "*" ? q.get("namespace") : who.namespace
+            if let name = q.get("task") {
+                guard let task = try await store.task(named: name, namespace: namespaceOf(who, request)) else {
+                    throw Problem(.notFound, "not found", "no task named '\(name)'", field: "task", value: name)
+                }
+                f.taskID = task.id
+            }
+            if let text = q.get("state") {
+                guard let state = RunState(rawValue: text) else {
+                    throw Problem(.badRequest, "invalid request", "one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))", field: "state", value: text)
+                }
+                f.state = state
+            }
+            for (key, keyPath) in [("since", \Store.RunFilter.since), ("until", \Store.RunFilter.until)] {
+                if let text = q.get(key) {
+                    guard let d = Timestamp.parse(text) else {
+                        throw Problem(.badRequest, "invalid request", "an ISO-8601 instant such as 2026-11-23T10:00:00Z", field: key, value: text)
+                    }
+                    f[keyPath: keyPath] = d
+                }
+            }
+            let limitText = q.get("limit") ?? "\(defaultPage)"
+            guard let limit = Int(limitText), (1...maxPage).contains(limit) else {
+                throw Problem(.badRequest, "invalid request", "a whole number from 1 to \(maxPage)", field: "limit", value: limitText)
+            }
+            if let cursor = q.get("cursor") {
+                let parts = cursor.split(separator: "_", maxSplits: 1).map(String.init)
+                guard parts.count == 2, let d = Timestamp.parse(parts[0]), let id = UUID(uuidString: parts[1]) else {
+                    throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: cursor)
+                }
+                f.after = (d, id)
+            }
+            let page = try await store.runs(f, limit: limit + 1)
+            var out: [String: JSONValue] = ["runs": .array(page.prefix(limit).map(view))]
+            if page.count > limit, let last = page.prefix(limit).last {
+                out["next_cursor"] = .string(Timestamp.format(last.occurrence) + "_" + last.id.uuidString.lowercased())
+            }
+            return json(.object(out))
+        }
         on(.get, "/v1/runs/:id") { request, context in
             let who = try context.require(.viewer)
             return json(view(try await findRun(context, who, store)))

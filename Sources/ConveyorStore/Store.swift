@@ -335,6 +335,32 @@ public struct Store: Sendable {
         }
     }
 
+    /// A filter over runs for listings; every part is optional.
+    public struct RunFilter: Sendable {
+        public var namespace: String?
+        public var taskID: UUID?
+        public var state: RunState?
+        public var since: Date?
+        public var until: Date?
+        /// The last run of the previous page (occurrence and id): the page continues after it.
+        public var after: (occurrence: Date, id: UUID)?
+        public init() {}
+    }
+
+    /// Runs, newest occurrence first, one page.
+    public func runs(_ f: RunFilter, limit: Int) async throws -> [RunRecord] {
+        try await pool.withConnection { c in
+            try await c.query("""
+                SELECT \(Self.runColumns) FROM runs
+                WHERE ($1::text IS NULL OR task_id IN (SELECT id FROM tasks WHERE namespace = $1))
+                  AND ($2::uuid IS NULL OR task_id = $2) AND ($3::text IS NULL OR state = $3)
+                  AND ($4::timestamptz IS NULL OR occurrence >= $4) AND ($5::timestamptz IS NULL OR occurrence < $5)
+                  AND ($6::timestamptz IS NULL OR (occurrence, id) < ($6, $7::uuid))
+                ORDER BY occurrence DESC, id DESC LIMIT $8
+                """, [f.namespace, f.taskID, f.state?.rawValue, f.since, f.until, f.after?.occurrence, f.after?.id, limit]).rows.map(Self.run)
+        }
+    }
+
     /// The namespace of a task (deleted or not).
     public func namespace(ofTask id: UUID) async throws -> String? {
         try await pool.withConnection { c in try await c.query("SELECT namespace FROM tasks WHERE id = $1", [id]).rows.first?[0] }

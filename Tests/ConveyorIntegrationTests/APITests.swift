@@ -238,6 +238,23 @@ struct OpenAPITests {
                     #expect(try await checked("POST", "/v1/runs/{id}/redrive", "/v1/runs/\(runID)/redrive", key: op).0 == 409, "only the latest attempt")
                     let (_, workers) = try await checked("GET", "/v1/workers", "/v1/workers", key: op)
                     #expect(workers["workers"]?.arrayValue?.first?["id"] == "api-worker")
+
+                    // Listing: two attempts of one occurrence, a page at a time.
+                    let (_, first) = try await checked("GET", "/v1/runs", "/v1/runs?task=slow&limit=1", key: op)
+                    let cursor = try #require(first["next_cursor"]?.stringValue)
+                    let (_, second) = try await checked("GET", "/v1/runs", "/v1/runs?task=slow&limit=1&cursor=\(cursor)", key: op)
+                    #expect(second["next_cursor"] == nil)
+                    let ids = [first, second].compactMap { $0["runs"]?.arrayValue?.first?["id"]?.stringValue }
+                    #expect(Set(ids).count == 2 && ids.contains(runID.lowercased()), "\(ids)")
+                    let (_, cancelled) = try await checked("GET", "/v1/runs", "/v1/runs?state=cancelled", key: op)
+                    #expect(cancelled["runs"]?.arrayValue?.map { $0["id"] } == [.string(runID.lowercased())])
+                    #expect(try await api.call("GET", "/v1/runs", key: other).json["runs"] == .array([]), "another namespace sees none")
+                    #expect(try await checked("GET", "/v1/runs", "/v1/runs?state=bogus", key: op).0 == 400)
+                    #expect(try await checked("GET", "/v1/runs", "/v1/runs?since=yesterday", key: op).0 == 400)
+                    #expect(try await checked("GET", "/v1/runs", "/v1/runs?task=nope", key: op).0 == 404)
+
+                    #expect(try await checked("DELETE", "/v1/tasks/{name}", "/v1/tasks/slow", key: op).0 == 200)
+                    #expect(try await checked("GET", "/v1/tasks/{name}", "/v1/tasks/slow", key: op).0 == 404)
                 }
             }
         }
