@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: install what is missing, start PostgreSQL and RabbitMQ under .local/,
-# build, migrate, create the demo tasks and run `conveyor dev` (dispatcher + 2 workers).
+# build, migrate, create the demo tasks and run `conveyor dev` (dispatcher + 2 workers + the API on
+# 127.0.0.1:8080; the first run prints an admin API key once).
 # Ctrl-C stops Conveyor gracefully; `scripts/services.sh stop` stops the servers.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

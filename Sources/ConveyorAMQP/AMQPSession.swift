@@ -23,6 +23,12 @@ final class AMQPSession {
             guard status == AMQP_STATUS_OK.rawValue else {
                 throw AMQPError(code: .connection, message: "cannot connect to \(configuration.redactedURL): \(String(cString: amqp_error_string2(status)))")
             }
+            // With nothing listening on a local port inside the ephemeral range, a reconnect can
+            // pick that very port as its source and connect to itself (TCP simultaneous open).
+            // Kept open, it holds the port, and the broker cannot listen on it when it restarts.
+            guard !Self.isSelfConnected(amqp_get_sockfd(conn)) else {
+                throw AMQPError(code: .connection, message: "cannot connect to \(configuration.redactedURL): nothing listens there (the socket connected to itself)")
+            }
             _ = amqp_set_handshake_timeout(conn, &tv)
             _ = amqp_set_rpc_timeout(conn, &tv)
             let heartbeat = Int32(configuration.heartbeat.components.seconds)
@@ -40,6 +46,21 @@ final class AMQPSession {
     }
 
     deinit { close() }
+
+    /// Whether the socket's local and peer addresses are the same (a self-connected socket).
+    static func isSelfConnected(_ fd: Int32) -> Bool {
+        guard fd >= 0 else { return false }
+        var local = sockaddr_storage(), peer = sockaddr_storage()
+        var localLen = socklen_t(MemoryLayout<sockaddr_storage>.size), peerLen = localLen
+        let ok = withUnsafeMutablePointer(to: &local) { l in
+            withUnsafeMutablePointer(to: &peer) { p in
+                l.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &localLen) } == 0
+                    && p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &peerLen) } == 0
+            }
+        }
+        guard ok, localLen == peerLen else { return false }
+        return withUnsafeBytes(of: &local) { l in withUnsafeBytes(of: &peer) { p in l.prefix(Int(localLen)).elementsEqual(p.prefix(Int(peerLen))) } }
+    }
 
     var socketFD: Int32 { amqp_get_sockfd(conn) }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ConveyorAMQP
+import ConveyorAPI
 import ConveyorConfig
 import ConveyorCore
 import ConveyorDispatcher
@@ -165,10 +166,11 @@ func statusServer(for workers: [Worker], logger: Logger) -> [any Service] {
 }
 
 struct Dev: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Migrate, then run a dispatcher and workers in one process (for a laptop).")
+    static let configuration = CommandConfiguration(abstract: "Migrate, then run a dispatcher, workers and the API in one process (for a laptop).")
     @OptionGroup var common: CommonOptions
     @Option(help: "Workers to run in this process.") var workers = 2
     @Flag(help: "Create the demo tasks (a few interval tasks and one shell task) if missing.") var demo = false
+    @Option(name: .customLong("api-port"), help: "Port of the REST API on 127.0.0.1; 0 runs no API.") var apiPort = 8080
 
     func run() async throws {
         let logger = try common.logger("conveyor.dev")
@@ -179,7 +181,17 @@ struct Dev: AsyncParsableCommand {
         let workers = try await common.makeWorkers(count: max(workers, 1), logger: logger)
         let hangup = common.reloadOnHangup(workers, logger: logger)
         defer { hangup.cancel() }
-        try await runUntilSignalled([dispatcher] + workers + statusServer(for: workers, logger: logger), logger: logger)
+        var api: [any Service] = []
+        if apiPort > 0 {
+            // On a laptop with no key yet, make one admin key and show it once.
+            if try await dispatcher.store.apiKeys().isEmpty {
+                let (key, prefix, hash) = APIKeyFormat.generate()
+                try await dispatcher.store.createAPIKey(prefix: prefix, secretHash: hash, name: "conveyor dev", role: .admin, namespace: "*", expiresAt: nil)
+                FileHandle.standardError.write(Data("[dev] API on http://127.0.0.1:\(apiPort); admin key (shown once): \(key)\n".utf8))
+            }
+            api = [APIService(host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger)]
+        }
+        try await runUntilSignalled([dispatcher] + workers + statusServer(for: workers, logger: logger) + api, logger: logger)
     }
 }
 

@@ -1,3 +1,4 @@
+import ConveyorAMQP
 import ConveyorAPI
 import ConveyorCore
 import ConveyorHTTP
@@ -381,6 +382,42 @@ struct JWTTests {
         }
         await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a", jwksJSON: #"{"keys": [{"kty": "RSA", "kid": "k1"}]}"#)) } throws: {
             "\($0)".contains("alg")
+        }
+    }
+}
+
+/// `conveyor dev` (what `scripts/run.sh` runs) serves the API and hands out a first admin key.
+@Suite("conveyor dev with the API (real processes)")
+struct DevCommandTests {
+    @Test func devServesTheAPIAndPrintsAFirstAdminKeyOnce() async throws {
+        try await System.with { sys in
+            let port = Int.random(in: 20_000...40_000)
+            let log = FileManager.default.temporaryDirectory.appendingPathComponent("dev-\(UUID()).log").path
+            FileManager.default.createFile(atPath: log, contents: nil)
+            let p = try conveyorProcess(["dev", "--workers", "1", "--api-port", "\(port)"],
+                                        env: ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix])
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+            try p.run()
+            defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+            var key = ""
+            _ = try await sys.eventually(timeout: .seconds(30), "dev prints an admin key") {
+                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+                key = text.components(separatedBy: "admin key (shown once): ").dropFirst().first?.prefix { !$0.isNewline }.description ?? ""
+                return !key.isEmpty
+            }
+            var policy = OutboundPolicy()
+            policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+            let client = APITests.Client(base: "http://127.0.0.1:\(port)", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+            var status = 0
+            _ = try await sys.eventually(timeout: .seconds(20), "the API answers with the printed key") {
+                status = (try? await client.call("GET", "/v1/tasks", key: key).status) ?? 0
+                return status == 200
+            }
+            kill(p.processIdentifier, SIGTERM)
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 0)
+            #expect(try await sys.count("SELECT count(*) FROM api_keys WHERE role = 'admin' AND namespace = '*'") == 1)
         }
     }
 }

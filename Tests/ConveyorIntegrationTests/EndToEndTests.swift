@@ -256,10 +256,10 @@ struct EndToEndTests {
                 try Servers.rabbitmqctl(["close_all_connections", "test: broker drops connections"])
             case .restart:
                 try Servers.rabbitmqctl(["stop_app"])
-                defer { _ = try? Servers.rabbitmqctl(["start_app"]) }
+                defer { _ = try? Servers.startBrokerApp() }
                 try await Task.sleep(for: .seconds(3))
                 try await whileDown()
-                try Servers.rabbitmqctl(["start_app"])
+                try Servers.startBrokerApp()
             }
         }
     }

@@ -59,6 +59,17 @@ enum Servers {
 
     /// Runs `rabbitmqctl` against the test node.
     @discardableResult
+    /// `rabbitmqctl start_app`, tried again while it fails: a client's socket may hold the
+    /// broker's port for a moment (a reconnect that connected to itself while nothing listened).
+    static func startBrokerApp() throws {
+        for attempt in 1...10 {
+            let out = try rabbitmqctl(["start_app"])
+            if try rabbitmqctl(["await_startup", "--timeout", "10"]).contains("Error") == false { return }
+            Thread.sleep(forTimeInterval: 0.5 * Double(attempt))
+            if attempt == 10 { Issue.record("the broker did not start again: \(out)") }
+        }
+    }
+
     static func rabbitmqctl(_ args: [String]) throws -> String {
         let ctl = try #require(env["CONVEYOR_RABBITMQCTL"], "CONVEYOR_RABBITMQCTL is not set: run the tests with scripts/test.sh")
         let parts = ctl.split(separator: " ").map(String.init)
