@@ -82,7 +82,7 @@ let package = Package(
 
         // The REST API: authentication, validation, problem+json errors.
         .target(name: "ConveyorAPI", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorPostgres",
+            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorHTTP",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "JWTKit", package: "jwt-kit"),
@@ -90,7 +90,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-        ], resources: [.copy("openapi.yaml")]),
+        ], resources: [.copy("openapi.yaml"), .copy("Dashboard")]),
 
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",

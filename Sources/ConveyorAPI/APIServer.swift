@@ -1,3 +1,4 @@
+public import ConveyorAMQP
 public import ConveyorCore
 public import ConveyorStore
 import ConveyorPostgres
@@ -6,184 +7,102 @@ import HTTPTypes
 public import Hummingbird
 public import Logging
 import NIOCore
+import Synchronization
 
-/// The REST API (`conveyor api`): tasks and runs, behind API keys.
+/// Everything the routes share: the store, authentication, limits, the broker, metrics.
+public struct APIEnvironment: Sendable {
+    public let store: Store
+    public let keys: KeyAuthenticator
+    public let jwt: JWTVerifier?
+    public let options: APIOptions
+    /// The broker, for queue depths and readiness; nil when the API runs without one (tests).
+    public let broker: AMQPConfiguration?
+    public let topology: ConveyorTopology
+    public let limiter = RateLimiter()
+    public let metrics = APIMetrics()
+    public let logger: Logger
+
+    public init(store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil, options: APIOptions = APIOptions(),
+                broker: AMQPConfiguration? = nil, topology: ConveyorTopology = ConveyorTopology(), logger: Logger = Logger(label: "conveyor.api")) {
+        self.store = store
+        self.keys = keys
+        self.jwt = jwt
+        self.options = options
+        self.broker = broker
+        self.topology = topology
+        self.logger = logger
+    }
+
+    /// Writes an audit entry after a change committed. A failure to write it is logged as an
+    /// error with the request id (the change itself stands).
+    func audit(_ context: APIContext, _ who: Identity, _ action: String, _ target: String, namespace: String,
+               _ detail: [String: JSONValue] = [:]) async {
+        let entry = Store.AuditEntry(actor: who.keyPrefix, role: who.role.rawValue, namespace: namespace, action: action, target: target,
+                                     requestID: context.requestID, client: context.client, detail: .object(detail))
+        do { try await store.audit(entry) } catch {
+            context.logger.error("audit entry not written", metadata: ["audit.action": "\(action)", "audit.target": "\(target)", "error": "\(error)"])
+        }
+    }
+}
+
+/// The routes being registered, and their list as `METHOD /path/{param}` (what `openapi.yaml` must list).
+struct Routes {
+    let router: Router<APIContext>
+    var list: [String] = []
+
+    mutating func on(_ method: HTTPRequest.Method, _ path: String, _ handler: @escaping @Sendable (Request, APIContext) async throws -> Response) {
+        let documented = path.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }.reduce("") { $0 + "/" + $1 }
+        list.append("\(method.rawValue) " + (documented.isEmpty ? "/" : documented))
+        router.on(RouterPath(path), method: method, use: handler)
+    }
+}
+
+/// The REST API (`conveyor api`) and the dashboard it serves.
 ///
-/// Routes so far: `GET /healthz`, `GET /readyz`, `POST /v1/tasks`, `GET /v1/tasks`,
-/// `GET /v1/tasks/{name}`, `POST /v1/tasks/{name}/trigger|pause|resume`, `GET /v1/runs/{id}`, `GET /openapi.yaml`.
+/// Routes are in `TaskRoutes.swift` (tasks, templates) and `OperationRoutes.swift` (runs,
+/// workers, groups, queues, keys, audit, events, metrics); `openapi.yaml` documents each.
 /// Errors are `application/problem+json` (RFC 9457) with the field, the value and a hint.
 public enum APIServer {
     /// Largest request body; larger ones get 413 before decoding.
     public static let maxBodyBytes = 1 << 20
     /// Deepest JSON nesting accepted; deeper gets 400 before decoding.
     public static let maxDepth = 32
-    /// Page size of lists: default and largest.
-    public static let defaultPage = 50, maxPage = 100
+    /// Default page size of lists (the largest is `APIOptions.maxPage`).
+    public static let defaultPage = 50
 
-    public static func router(store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil) -> Router<APIContext> {
-        build(store: store, keys: keys, jwt: jwt).router
-    }
+    public static func router(_ env: APIEnvironment) -> Router<APIContext> { build(env).router }
 
-    /// The router, and each route as `METHOD /path/{param}` (what `openapi.yaml` must list).
-    public static func build(store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil) -> (router: Router<APIContext>, routes: [String]) {
+    /// The router, and each route as `METHOD /path/{param}`.
+    public static func build(_ env: APIEnvironment) -> (router: Router<APIContext>, routes: [String]) {
         let router = Router(context: APIContext.self)
-        router.add(middleware: RequestIDMiddleware())
-        router.add(middleware: AuthMiddleware(keys: keys, jwt: jwt))
-        var routes: [String] = []
-        func on(_ method: HTTPRequest.Method, _ path: String, _ handler: @escaping @Sendable (Request, APIContext) async throws -> Response) {
-            routes.append("\(method.rawValue) " + path.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }
-                .reduce("") { $0 + "/" + $1 })
-            router.on(RouterPath(path), method: method, use: handler)
-        }
-        on(.get, "/openapi.yaml") { _, _ in
+        router.add(middleware: RequestIDMiddleware(env: env))
+        router.add(middleware: AuthMiddleware(env: env))
+        var r = Routes(router: router)
+        r.on(.get, "/openapi.yaml") { _, _ in
             Response(status: .ok, headers: [.contentType: "application/yaml"], body: .init(byteBuffer: ByteBuffer(bytes: openAPIDocument)))
         }
-        on(.get, "/healthz") { _, _ in json(["status": "ok"]) }
-        on(.get, "/readyz") { _, _ in
+        r.on(.get, "/healthz") { _, _ in json(["status": "ok"]) }
+        r.on(.get, "/readyz") { _, _ in
             do {
-                _ = try await store.pool.withConnection { c in try await c.query("SELECT 1") }
-                return json(["status": "ready"])
+                _ = try await env.store.pool.withConnection { c in try await c.query("SELECT 1") }
             } catch {
-                throw Problem(.serviceUnavailable, "not ready", "the database is unreachable")
+                var p = Problem(.serviceUnavailable, "not ready", "the database is unreachable")
+                p.retryAfter = 5
+                throw p
             }
-        }
-        on(.post, "/v1/tasks") { request, context in
-            let who = try context.require(.submitter)
-            var task = try TaskSpec.decode(try await body(request, context), now: Date())
-            if who.namespace != "*" {
-                guard task.namespace == "default" || task.namespace == who.namespace else {
-                    throw Problem(.badRequest, "invalid request", "this key creates tasks in namespace '\(who.namespace)' only",
-                                  field: "namespace", value: task.namespace)
-                }
-                task.namespace = who.namespace
-            }
-            do {
-                try await store.createTasks([task])
-            } catch let e as PostgresError where e.sqlState == "23505" {
-                throw Problem(.conflict, "task exists", "a task named '\(task.name)' exists in namespace '\(task.namespace)'; PATCH it or pick another name",
-                              field: "name", value: task.name)
-            }
-            let created = try await store.task(named: task.name, namespace: task.namespace)
-            return json(created.map(view) ?? .null, status: .created)
-        }
-        on(.get, "/v1/tasks") { request, context in
-            let who = try context.require(.viewer)
-            let limitText = request.uri.queryParameters.get("limit") ?? "\(defaultPage)"
-            guard let limit = Int(limitText), (1...maxPage).contains(limit) else {
-                throw Problem(.badRequest, "invalid request", "a whole number from 1 to \(maxPage)", field: "limit", value: limitText)
-            }
-            let cursor = request.uri.queryParameters.get("cursor")
-            let namespace = who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace
-            let page = try await store.tasks(namespace: namespace, after: cursor, limit: limit + 1)
-            var out: [String: JSONValue] = ["tasks": .array(page.prefix(limit).map(view))]
-            if page.count > limit, let last = page.prefix(limit).last { out["next_cursor"] = .string(last.name) }
-            return json(.object(out))
-        }
-        on(.get, "/v1/tasks/:name") { request, context in
-            let who = try context.require(.viewer)
-            let task = try await findTask(request, context, who, store)
-            var v = view(task)
-            if case .object(var o) = v {
-                o["recent_runs"] = .array(try await store.runs(taskID: task.id, limit: 10).map(view))
-                v = .object(o)
-            }
-            return json(v)
-        }
-        on(.post, "/v1/tasks/:name/trigger") { request, context in
-            let who = try context.require(.submitter)
-            let task = try await findTask(request, context, who, store)
-            try await store.trigger(taskID: task.id)
-            return json(["task": .string(task.name), "triggered": true], status: .accepted)
-        }
-        for (action, paused) in [("pause", true), ("resume", false)] {
-            on(.post, "/v1/tasks/:name/\(action)") { request, context in
-                let who = try context.require(.operator)
-                let task = try await findTask(request, context, who, store)
-                _ = try await store.setPaused(paused, names: [task.name], namespace: namespaceOf(who, request))
-                return json(["task": .string(task.name), "paused": .bool(paused)])
-            }
-        }
-        on(.delete, "/v1/tasks/:name") { request, context in
-            let who = try context.require(.operator)
-            let task = try await findTask(request, context, who, store)
-            _ = try await store.deleteTask(named: task.name, namespace: namespaceOf(who, request))
-            return json(["task": .string(task.name), "deleted": true])
-        }
-        on(.get, "/v1/runs") { request, context in
-            let who = try context.require(.viewer)
-            let q = request.uri.queryParameters
-            var f = Store.RunFilter()
-            f.namespace = who.namespace == "*" ? q.get("namespace") : who.namespace
-            if let name = q.get("task") {
-                guard let task = try await store.task(named: name, namespace: namespaceOf(who, request)) else {
-                    throw Problem(.notFound, "not found", "no task named '\(name)'", field: "task", value: name)
-                }
-                f.taskID = task.id
-            }
-            if let text = q.get("state") {
-                guard let state = RunState(rawValue: text) else {
-                    throw Problem(.badRequest, "invalid request", "one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))", field: "state", value: text)
-                }
-                f.state = state
-            }
-            for (key, keyPath) in [("since", \Store.RunFilter.since), ("until", \Store.RunFilter.until)] {
-                if let text = q.get(key) {
-                    guard let d = Timestamp.parse(text) else {
-                        throw Problem(.badRequest, "invalid request", "an ISO-8601 instant such as 2026-11-23T10:00:00Z", field: key, value: text)
-                    }
-                    f[keyPath: keyPath] = d
+            if let broker = env.broker {
+                do { _ = try await AMQPInspector.queues([], configuration: broker) } catch {
+                    var p = Problem(.serviceUnavailable, "not ready", "the broker is unreachable: \(error)")
+                    p.retryAfter = 5
+                    throw p
                 }
             }
-            let limitText = q.get("limit") ?? "\(defaultPage)"
-            guard let limit = Int(limitText), (1...maxPage).contains(limit) else {
-                throw Problem(.badRequest, "invalid request", "a whole number from 1 to \(maxPage)", field: "limit", value: limitText)
-            }
-            if let cursor = q.get("cursor") {
-                let parts = cursor.split(separator: "_", maxSplits: 1).map(String.init)
-                guard parts.count == 2, let d = Timestamp.parse(parts[0]), let id = UUID(uuidString: parts[1]) else {
-                    throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: cursor)
-                }
-                f.after = (d, id)
-            }
-            let page = try await store.runs(f, limit: limit + 1)
-            var out: [String: JSONValue] = ["runs": .array(page.prefix(limit).map(view))]
-            if page.count > limit, let last = page.prefix(limit).last {
-                out["next_cursor"] = .string(Timestamp.format(last.occurrence) + "_" + last.id.uuidString.lowercased())
-            }
-            return json(.object(out))
+            return json(["status": "ready"])
         }
-        on(.get, "/v1/runs/:id") { request, context in
-            let who = try context.require(.viewer)
-            return json(view(try await findRun(context, who, store)))
-        }
-        on(.post, "/v1/runs/:id/cancel") { request, context in
-            let who = try context.require(.operator)
-            let run = try await findRun(context, who, store)
-            guard try await !store.cancel(runs: [run.id], reason: "cancelled through the API by key \(who.keyPrefix)").isEmpty else {
-                throw Problem(.conflict, "run already ended", "run \(run.id.uuidString.lowercased()) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
-            }
-            return json(["run_id": .string(run.id.uuidString.lowercased()), "state": "cancelled"])
-        }
-        on(.post, "/v1/runs/:id/redrive") { request, context in
-            let who = try context.require(.operator)
-            let run = try await findRun(context, who, store)
-            do {
-                let next = try await store.redrive(run: run.id)
-                return json(["run_id": .string(next.uuidString.lowercased()), "attempt": .number(Double(run.attempt + 1))], status: .created)
-            } catch let v as ValidationError {
-                throw Problem(.conflict, "cannot re-drive", v.hint, field: "id", value: v.value)
-            }
-        }
-        on(.get, "/v1/workers") { _, context in
-            _ = try context.require(.viewer)
-            let workers = try await store.workers()
-            return json(["workers": .array(workers.map { w in
-                .object(["id": .string(w.id), "host": .string(w.host), "state": .string(w.state), "concurrency": .number(Double(w.concurrency)),
-                         "in_flight": .number(Double(w.inFlight)), "queues": .array(w.queues.map(JSONValue.string)),
-                         "executors": .array(w.executors.map(JSONValue.string)), "seconds_since_heartbeat": .number(w.secondsSinceHeartbeat)])
-            })])
-        }
-        return (router, routes)
+        taskRoutes(&r, env)
+        operationRoutes(&r, env)
+        Dashboard.routes(&r)
+        return (router, r.list)
     }
 
     /// `openapi.yaml`, as shipped in the module's resources.
@@ -212,6 +131,15 @@ public enum APIServer {
             throw Problem(.notFound, "not found", "no run \(text)")
         }
         return run
+    }
+
+    /// `?limit=`: from 1 to the configured largest page, 50 when absent.
+    static func pageLimit(_ request: Request, _ env: APIEnvironment) throws(Problem) -> Int {
+        let text = request.uri.queryParameters.get("limit") ?? "\(min(defaultPage, env.options.maxPage))"
+        guard let limit = Int(text), (1...env.options.maxPage).contains(limit) else {
+            throw Problem(.badRequest, "invalid request", "a whole number from 1 to \(env.options.maxPage)", field: "limit", value: text)
+        }
+        return limit
     }
 
     static func namespaceOf(_ who: Identity, _ request: Request) -> String {
@@ -269,6 +197,17 @@ public enum APIServer {
         if let n = t.nextRunAt { o["next_run_at"] = .string(Timestamp.format(n)) }
         if let g = t.group { o["group"] = .string(g) }
         if !t.dependsOn.isEmpty { o["depends_on"] = .array(t.dependsOn.map(JSONValue.string)) }
+        o["namespace"] = .string(t.namespace)
+        o["labels"] = .object(t.labels.mapValues(JSONValue.string))
+        o["priority"] = .string(t.priority.name)
+        if let b = t.batchID { o["batch_id"] = .string(b.uuidString.lowercased()) }
+        if let d = t.createdAt { o["created_at"] = .string(Timestamp.format(d)) }
+        if let d = t.updatedAt { o["updated_at"] = .string(Timestamp.format(d)) }
+        if let u = t.callbackURL { o["callback_url"] = .string(u) }
+        if let k = t.concurrencyKey, let n = t.concurrencyLimit { o["concurrency"] = .object(["key": .string(k), "limit": .number(Double(n))]) }
+        o["misfire"] = .string(t.misfire)
+        o["overlap"] = .string(t.overlap)
+        o["trigger_rule"] = .string(t.triggerRule)
         return .object(o)
     }
 
@@ -286,6 +225,8 @@ public enum APIServer {
         if let v = r.traceID { o["trace_id"] = .string(v) }
         if let v = r.startedAt { o["started_at"] = .string(Timestamp.format(v)) }
         if let v = r.finishedAt { o["finished_at"] = .string(Timestamp.format(v)) }
+        if let v = r.dispatchedAt { o["dispatched_at"] = .string(Timestamp.format(v)) }
+        o["priority"] = .string(r.priority.name)
         return .object(o)
     }
 }

@@ -11,8 +11,15 @@ public struct APIContext: RequestContext {
     public var coreContext: CoreRequestContextStorage
     public var identity: Identity?
     public var requestID = ""
+    /// The TCP peer's address.
+    public var peer: String?
+    /// The client's address: the peer, or what a trusted proxy forwarded.
+    public var client = "unknown"
 
-    public init(source: Source) { coreContext = .init(source: source) }
+    public init(source: Source) {
+        coreContext = .init(source: source)
+        peer = source.channel.remoteAddress?.ipAddress
+    }
 
     /// Request bodies larger than this are refused with 413 before any decoding.
     public var maxUploadSize: Int { APIServer.maxBodyBytes }
@@ -35,6 +42,8 @@ public struct Problem: Error, Sendable {
     public var detail: String
     public var field: String?
     public var value: String?
+    /// Seconds, for 429 and 503 (`Retry-After`).
+    public var retryAfter: Int?
 
     public init(_ status: HTTPResponse.Status, _ title: String, _ detail: String, field: String? = nil, value: String? = nil) {
         self.status = status
@@ -55,6 +64,7 @@ public struct Problem: Error, Sendable {
         if let value { o["value"] = .string(value) }
         var headers: HTTPFields = [.contentType: "application/problem+json"]
         if status == .unauthorized { headers[.wwwAuthenticate] = "Bearer" }
+        if let retryAfter { headers[.retryAfter] = String(retryAfter) }
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: JSONValue.object(o).jsonBytes)))
     }
 }
@@ -66,8 +76,12 @@ extension HTTPField.Name {
 /// Outermost: gives every request an id (a sane `X-Request-ID` it brought, or a new one), puts
 /// it in the logs and the response, and turns every error into a problem response.
 struct RequestIDMiddleware: RouterMiddleware {
+    let env: APIEnvironment
+
     func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+        let started = ContinuousClock.now
         var context = context
+        context.client = ClientAddress.resolve(peer: context.peer, forwardedFor: request.headers[.xForwardedFor], trusted: env.options.trustedProxies)
         let given = request.headers[.requestID] ?? ""
         context.requestID = given.count <= 128 && !given.isEmpty && given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) })
             ? given : UUID().uuidString.lowercased()
@@ -88,39 +102,56 @@ struct RequestIDMiddleware: RouterMiddleware {
             response = Problem(.internalServerError, "internal error", "the server could not complete the request; quote the request id").response(requestID: context.requestID)
         }
         response.headers[.requestID] = context.requestID
+        env.metrics.record(route: context.endpointPath ?? "unmatched", method: request.method.rawValue, status: response.status.code,
+                           seconds: (ContinuousClock.now - started).seconds)
         context.logger.info("request", metadata: ["http.method": "\(request.method)", "http.path": "\(request.uri.path)",
-                                                  "http.status": "\(response.status.code)", "auth.key": "\(context.identity?.keyPrefix ?? "-")"])
+                                                  "http.status": "\(response.status.code)", "client.address": "\(context.client)"])
         return response
     }
 }
 
-/// Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <API key>`.
+/// Every route but `/healthz`, `/readyz` and the dashboard's static files needs
+/// `Authorization: Bearer <API key or JWT>`. Requests are rate-limited per key; requests
+/// without valid credentials per client address.
 struct AuthMiddleware: RouterMiddleware {
-    let keys: KeyAuthenticator
-    let jwt: JWTVerifier?
+    let env: APIEnvironment
     static let open: Set<String> = ["/healthz", "/readyz"]
 
     func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
-        if Self.open.contains(request.uri.path) { return try await next(request, context) }
+        let path = request.uri.path
+        if Self.open.contains(path) || Dashboard.serves(path) { return try await next(request, context) }
+        // Failures count against the client's address: past its burst they get 429, not 401.
+        // Valid credentials from the same address are not held up.
+        func refuse(_ problem: Problem) -> Problem {
+            if let wait = env.limiter.take("addr:" + context.client, env.options.perAddress) {
+                return Self.tooMany(wait, "too many requests without valid credentials from \(context.client)")
+            }
+            return problem
+        }
         guard let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") else {
-            throw Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key or JWT>")
+            throw refuse(Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key or JWT>"))
         }
         let credential = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
-        if !credential.hasPrefix("cvk_"), let jwt {
-            switch await jwt.verify(credential) {
-            case .success(let identity):
-                var context = context
-                context.identity = identity
-                return try await next(request, context)
-            case .failure(let why):
-                throw Problem(.unauthorized, "authentication failed", why.description)
+        func admit(_ identity: Identity) async throws -> Response {
+            if let wait = env.limiter.take("key:" + identity.keyPrefix, env.options.perKey) {
+                throw Self.tooMany(wait, "this key made more than \(Int(env.options.perKey.burst)) requests in a burst; at most \(env.options.perKey.rate) per second on average")
             }
-        }
-        switch try await keys.authenticate(credential) {
-        case .success(let identity):
             var context = context
             context.identity = identity
+            context.logger[metadataKey: "auth.key"] = "\(identity.keyPrefix)"
             return try await next(request, context)
+        }
+        guard credential.count <= 8192 else {
+            throw refuse(Problem(.unauthorized, "authentication failed", "the credential is longer than 8192 characters"))
+        }
+        if !credential.hasPrefix("cvk_"), let jwt = env.jwt {
+            switch await jwt.verify(credential) {
+            case .success(let identity): return try await admit(identity)
+            case .failure(let why): throw refuse(Problem(.unauthorized, "authentication failed", why.description))
+            }
+        }
+        switch try await env.keys.authenticate(credential) {
+        case .success(let identity): return try await admit(identity)
         case .failure(let why):
             let detail = switch why {
             case .malformed: "the credential is not an API key (cvk_<prefix>_<secret>)"
@@ -128,7 +159,21 @@ struct AuthMiddleware: RouterMiddleware {
             case .revoked: "this API key was revoked"
             case .expired: "this API key has expired"
             }
-            throw Problem(.unauthorized, "authentication failed", detail)
+            throw refuse(Problem(.unauthorized, "authentication failed", detail))
         }
     }
+
+    static func tooMany(_ wait: Duration, _ detail: String) -> Problem {
+        var p = Problem(.tooManyRequests, "too many requests", detail + "; retry after the Retry-After seconds")
+        p.retryAfter = max(1, Int(wait.seconds.rounded(.up)))
+        return p
+    }
+}
+
+extension HTTPField.Name {
+    static let xForwardedFor = HTTPField.Name("X-Forwarded-For")!
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -16,6 +16,8 @@ public struct PostgresRows: Sendable {
 public struct PostgresRow: Sendable {
     public var values: [String?]
 
+    public init(values: [String?]) { self.values = values }
+
     public subscript(_ i: Int) -> String? { values[i] }
 
     public func string(_ i: Int) throws(PostgresError) -> String {

@@ -34,6 +34,8 @@ public struct NewTask: Sendable {
     /// First due time; `nil` means now (the database clock), or for cron the first fire after now.
     public var startAt: Date?
     public var traceParent: String?
+    /// Shared by the tasks of one API batch (`X-Batch-ID`).
+    public var batchID: UUID?
 
     public init(name: String, executor: String, schedule: Schedule) {
         self.name = name
@@ -116,6 +118,13 @@ public struct TaskRecord: Sendable {
     public var dependsOn: [String]
     public var triggerRule: String
     public var callbackURL: String?
+    public var namespace = "default"
+    public var labels: [String: String] = [:]
+    public var batchID: UUID?
+    /// The definition as submitted (`TaskSpec.encode`), which PATCH merges into.
+    public var spec = "{}"
+    public var createdAt: Date?
+    public var updatedAt: Date?
 }
 
 /// A run as stored.
@@ -160,30 +169,21 @@ public struct Store: Sendable {
             let now = try await c.query("SELECT now()").rows[0].date(0)
             let edges = try await Self.resolveDependencies(tasks, connection: c)
             var nextTimes: [Date?] = []
-            for t in tasks {
-                let zone = TimeZone(identifier: t.timeZone)!
-                switch t.schedule {
-                case .manual: nextTimes.append(nil)
-                case .once, .interval: nextTimes.append(t.startAt ?? now)
-                case .cron(let cron):
-                    guard let first = cron.next(after: (t.startAt ?? now).addingTimeInterval(-0.001), in: zone) else {
-                        throw ValidationError(field: "schedule", value: t.schedule.text, hint: "this expression never fires after \(Timestamp.format(t.startAt ?? now))")
-                    }
-                    nextTimes.append(first)
-                }
-            }
+            for t in tasks { nextTimes.append(try Self.firstDue(t, now: now)) }
             try await c.query("""
                 INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, next_run_at, anchor_at,
                                    shard, trace_parent, timezone, misfire_policy, max_catchup, priority, max_attempts, retry_policy,
-                                   overlap_policy, concurrency_key, concurrency_limit, group_name, labels, trigger_rule, callback_url, paused)
+                                   overlap_policy, concurrency_key, concurrency_limit, group_name, labels, trigger_rule, callback_url, paused,
+                                   spec, batch_id)
                 SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
                        hashtext(u.id::text) & 2147483647, u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts, u.retry::jsonb,
-                       u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused
+                       u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused, u.spec::jsonb, u.batch
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::float8[],
                             $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[], $15::int[],
-                            $16::text[], $17::text[], $18::text[], $19::int[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bool[])
+                            $16::text[], $17::text[], $18::text[], $19::int[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bool[],
+                            $25::text[], $26::uuid[])
                      AS u(id, ns, name, executor, params, schedule, queue, timeout, next, tp, tz, misfire, catchup, prio, attempts,
-                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused)
+                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch)
                 """, [
                     tasks.map(\.id), tasks.map(\.namespace), tasks.map(\.name), tasks.map(\.executor),
                     tasks.map { String(decoding: MessageCodec.encode($0.parameters), as: UTF8.self) },
@@ -193,12 +193,27 @@ public struct Store: Sendable {
                     tasks.map(\.overlap.rawValue), tasks.map(\.concurrencyKey), tasks.map(\.concurrencyLimit), tasks.map(\.group),
                     tasks.map { String(decoding: MessageCodec.encode(.object($0.labels.mapValues(JSONValue.string))), as: UTF8.self) },
                     tasks.map(\.triggerRule.rawValue), tasks.map(\.callbackURL), tasks.map(\.paused),
+                    tasks.map { String(decoding: MessageCodec.encode(TaskSpec.encode($0)), as: UTF8.self) }, tasks.map(\.batchID),
                 ])
             if !edges.isEmpty {
                 try await c.query("""
                     INSERT INTO task_dependencies (task_id, upstream_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])
                     """, [edges.map(\.task), edges.map(\.upstream)])
             }
+        }
+    }
+
+    /// When a new (or re-scheduled) task first comes due: `nil` for manual tasks.
+    static func firstDue(_ t: NewTask, now: Date) throws(ValidationError) -> Date? {
+        switch t.schedule {
+        case .manual: return nil
+        case .once, .interval: return t.startAt ?? now
+        case .cron(let cron):
+            let zone = TimeZone(identifier: t.timeZone) ?? TimeZone(identifier: "UTC")!
+            guard let first = cron.next(after: (t.startAt ?? now).addingTimeInterval(-0.001), in: zone) else {
+                throw ValidationError(field: "schedule", value: t.schedule.text, hint: "this expression never fires after \(Timestamp.format(t.startAt ?? now))")
+            }
+            return first
         }
     }
 
@@ -268,7 +283,8 @@ public struct Store: Sendable {
         t.timezone, t.misfire_policy, t.priority, t.overlap_policy, t.max_attempts, t.retry_policy::text, t.group_name,
         t.concurrency_key, t.concurrency_limit, t.skipped_occurrences, t.trigger_rule, t.callback_url,
         coalesce((SELECT array_agg(u.name ORDER BY u.name) FROM task_dependencies d JOIN tasks u ON u.id = d.upstream_id
-                  WHERE d.task_id = t.id), '{}')::text
+                  WHERE d.task_id = t.id), '{}')::text,
+        t.namespace, t.labels::text, t.batch_id, coalesce(t.spec, '{}'::jsonb)::text, t.created_at, t.updated_at
         """
 
     public func tasks(limit: Int = 100, group: String? = nil) async throws -> [TaskRecord] {
@@ -314,7 +330,10 @@ public struct Store: Sendable {
                    priority: Priority(rawValue: try r.int(11)) ?? .normal, overlap: try r.string(12), maxAttempts: try r.int(13),
                    retryPolicy: try r.string(14), group: r[15], concurrencyKey: r[16], concurrencyLimit: try r.optionalInt(17),
                    skippedOccurrences: try r.int(18), dependsOn: Self.textArray(r[21] ?? "{}"), triggerRule: try r.string(19),
-                   callbackURL: r[20])
+                   callbackURL: r[20], namespace: try r.string(22),
+                   labels: (try? json(r[23] ?? "{}"))?.objectValue?.compactMapValues(\.stringValue) ?? [:],
+                   batchID: r[24].flatMap(UUID.init(uuidString:)), spec: r[25] ?? "{}", createdAt: try r.optionalDate(26),
+                   updatedAt: try r.optionalDate(27))
     }
 
     /// Parses a PostgreSQL text array of simple names (`{a,b}`, quoted elements allowed).

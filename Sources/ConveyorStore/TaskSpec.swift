@@ -27,7 +27,7 @@ public import Foundation
 /// paused: false
 /// ```
 public enum TaskSpec {
-    static let keys: Set<String> = [
+    public static let keys: Set<String> = [
         "name", "namespace", "executor", "parameters", "schedule", "timezone", "start", "after", "misfire", "max_catchup", "queue",
         "priority", "timeout", "retry", "overlap", "concurrency", "group", "labels", "depends_on", "trigger_rule", "callback_url", "paused",
     ]
@@ -148,6 +148,38 @@ public enum TaskSpec {
         }
         do { try t.validate() } catch { throw ValidationError(field: field(error.field), value: error.value, hint: error.hint) }
         return t
+    }
+
+    /// The definition as stored in `tasks.spec`: every field `decode` reads, less `start` and
+    /// `after` (they only place the first occurrence) and `paused` (a state kept in its own column). Decoding it gives the same task back,
+    /// which is what PATCH builds on: merge the patch into this, decode, store.
+    public static func encode(_ t: NewTask) -> JSONValue {
+        var o: [String: JSONValue] = [
+            "name": .string(t.name), "executor": .string(t.executor), "parameters": t.parameters, "schedule": .string(t.schedule.text),
+            "timezone": .string(t.timeZone), "misfire": .string(t.misfire.rawValue), "max_catchup": .number(Double(t.maxCatchup)),
+            "queue": .string(t.queue), "priority": .string(t.priority.name), "timeout": .number(t.timeoutSeconds),
+            "overlap": .string(t.overlap.rawValue), "trigger_rule": .string(t.triggerRule.rawValue),
+            "labels": .object(t.labels.mapValues(JSONValue.string)),
+        ]
+        var retry = t.retry.json.objectValue ?? [:]
+        retry["max_attempts"] = .number(Double(t.retry.maxAttempts))
+        o["retry"] = .object(retry)
+        if let k = t.concurrencyKey, let n = t.concurrencyLimit { o["concurrency"] = .object(["key": .string(k), "limit": .number(Double(n))]) }
+        if let g = t.group { o["group"] = .string(g) }
+        if !t.dependsOn.isEmpty { o["depends_on"] = .array(t.dependsOn.map(JSONValue.string)) }
+        if let u = t.callbackURL { o["callback_url"] = .string(u) }
+        return .object(o)
+    }
+
+    /// RFC 7396 JSON merge patch: an absent field is unchanged, `null` removes (so the default
+    /// applies), an object merges into an object, anything else replaces.
+    public static func merge(_ patch: JSONValue, into target: JSONValue) -> JSONValue {
+        guard let p = patch.objectValue else { return patch }
+        var out = target.objectValue ?? [:]
+        for (k, v) in p {
+            if v == .null { out.removeValue(forKey: k) } else { out[k] = merge(v, into: out[k] ?? .null) }
+        }
+        return .object(out)
     }
 
     /// Decodes a task file: a list of tasks, or a mapping with a `tasks` list, or one task.

@@ -2,6 +2,8 @@ import ArgumentParser
 import ConveyorAPI
 import ConveyorConfig
 import ConveyorCore
+import ConveyorHTTP
+import ConveyorAMQP
 import ConveyorPostgres
 import ConveyorStore
 import Foundation
@@ -21,8 +23,30 @@ struct APICommand: AsyncParsableCommand {
         let jwt = try await Self.jwt(s)
         let pool = c.pool(logger: logger)
         defer { pool.close() }
+        let options = try Self.options(s)
         logger.info("API authentication", metadata: ["auth.api_keys": "on", "auth.jwt": "\(jwt == nil ? "off" : "on")"])
-        try await runUntilSignalled([APIService(host: host, port: port, store: Store(pool: pool), logger: logger, jwt: jwt)], logger: logger)
+        try await runUntilSignalled([APIService(host: host, port: port, store: Store(pool: pool), logger: logger, jwt: jwt, options: options,
+                                                broker: c.amqp, topology: ConveyorTopology(prefix: try s.string("amqp.prefix", default: "conveyor")))],
+                                    logger: logger)
+    }
+
+    /// Rate limits, trusted proxies and page size (`api.*`).
+    static func options(_ s: Settings) throws -> APIOptions {
+        var o = APIOptions()
+        func limit(_ key: String, _ d: APIOptions.Limit) throws -> APIOptions.Limit {
+            APIOptions.Limit(rate: try s.double("\(key).rate_per_second", default: d.rate, range: 0.01...100_000),
+                             burst: try s.double("\(key).burst", default: d.burst, range: 1...1_000_000))
+        }
+        o.perKey = try limit("api.rate_limit.per_key", o.perKey)
+        o.perAddress = try limit("api.rate_limit.per_address", o.perAddress)
+        for p in Priority.allCases {
+            o.submitByPriority[p] = try limit("api.rate_limit.submit.\(p.name)", o.submitByPriority[p] ?? o.perKey)
+        }
+        o.trustedProxies = try s.strings("api.trusted_proxies", default: []).map { text throws(ConveyorCore.ValidationError) in
+            try Network(parsing: text, field: "api.trusted_proxies")
+        }
+        o.maxPage = try s.int("api.max_page_size", default: 100, range: 1...1000)
+        return o
     }
 
     /// The JWT verifier when `auth.jwt.enabled`; it refuses to start without a key, an issuer

@@ -189,7 +189,9 @@ struct Dev: AsyncParsableCommand {
                 try await dispatcher.store.createAPIKey(prefix: prefix, secretHash: hash, name: "conveyor dev", role: .admin, namespace: "*", expiresAt: nil)
                 FileHandle.standardError.write(Data("[dev] API on http://127.0.0.1:\(apiPort); admin key (shown once): \(key)\n".utf8))
             }
-            api = [APIService(host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger)]
+            let s = try await common.settings("api.yaml")
+            api = [APIService(host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger, options: try APICommand.options(s),
+                              broker: try Connections(settings: s).amqp, topology: ConveyorTopology(prefix: try s.string("amqp.prefix", default: "conveyor")))]
         }
         try await runUntilSignalled([dispatcher] + workers + statusServer(for: workers, logger: logger) + api, logger: logger)
     }

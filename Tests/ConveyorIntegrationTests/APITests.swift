@@ -30,9 +30,11 @@ struct APITests {
     }
 
     /// Runs `body` with the API listening on a free port.
-    static func withAPI(_ sys: System, ttl: Duration = .seconds(30), _ body: (Client, APIService) async throws -> Void) async throws {
+    static func withAPI(_ sys: System, ttl: Duration = .seconds(30), options: APIOptions = APIOptions(), broker: Bool = false,
+                        _ body: (Client, APIService) async throws -> Void) async throws {
         let port = Mutex<Int>(0)
-        let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, keyCacheTTL: ttl) { p in port.withLock { $0 = p } }
+        let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, keyCacheTTL: ttl, options: options,
+                             broker: broker ? sys.amqp : nil, topology: ConveyorTopology(prefix: sys.prefix)) { p in port.withLock { $0 = p } }
         try await withServices([api]) {
             _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
             var policy = OutboundPolicy()
@@ -163,7 +165,7 @@ struct OpenAPITests {
                     documented.insert("\(method.uppercased()) \(path)")
                 }
             }
-            let routed = Set(APIServer.build(store: sys.store, keys: KeyAuthenticator(store: sys.store)).routes)
+            let routed = Set(APIServer.build(APIEnvironment(store: sys.store, keys: KeyAuthenticator(store: sys.store))).routes)
             #expect(routed.subtracting(documented).isEmpty, "routes missing from openapi.yaml: \(routed.subtracting(documented).sorted())")
             #expect(documented.subtracting(routed).isEmpty, "documented routes the router lacks: \(documented.subtracting(routed).sorted())")
         }

@@ -1,0 +1,285 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorStore
+import Foundation
+import Hummingbird
+import NIOCore
+
+extension APIServer {
+    /// Runs, workers, groups, queues, keys, the audit log, live events and metrics.
+    static func operationRoutes(_ r: inout Routes, _ env: APIEnvironment) {
+        let store = env.store
+        r.on(.get, "/v1/runs") { request, context in
+            let who = try context.require(.viewer)
+            let q = request.uri.queryParameters
+            var f = Store.RunFilter()
+            f.namespace = who.namespace == "*" ? q.get("namespace") : who.namespace
+            if let name = q.get("task") {
+                guard let task = try await store.task(named: name, namespace: namespaceOf(who, request)) else {
+                    throw Problem(.notFound, "not found", "no task named '\(name)'", field: "task", value: name)
+                }
+                f.taskID = task.id
+            }
+            if let text = q.get("state") {
+                guard let state = RunState(rawValue: text) else {
+                    throw Problem(.badRequest, "invalid request", "one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))", field: "state", value: text)
+                }
+                f.state = state
+            }
+            for (key, keyPath) in [("since", \Store.RunFilter.since), ("until", \Store.RunFilter.until)] {
+                if let text = q.get(key) {
+                    guard let d = Timestamp.parse(text) else {
+                        throw Problem(.badRequest, "invalid request", "an ISO-8601 instant such as 2026-11-23T10:00:00Z", field: key, value: text)
+                    }
+                    f[keyPath: keyPath] = d
+                }
+            }
+            let limit = try pageLimit(request, env)
+            if let cursor = q.get("cursor") {
+                let parts = cursor.split(separator: "_", maxSplits: 1).map(String.init)
+                guard parts.count == 2, let d = Timestamp.parse(parts[0]), let id = UUID(uuidString: parts[1]) else {
+                    throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: cursor)
+                }
+                f.after = (d, id)
+            }
+            let page = try await store.runs(f, limit: limit + 1)
+            var out: [String: JSONValue] = ["runs": .array(page.prefix(limit).map(view))]
+            if page.count > limit, let last = page.prefix(limit).last {
+                out["next_cursor"] = .string(Timestamp.format(last.occurrence) + "_" + last.id.uuidString.lowercased())
+            }
+            return json(.object(out))
+        }
+        r.on(.get, "/v1/runs/:id") { _, context in
+            let who = try context.require(.viewer)
+            return json(view(try await findRun(context, who, store)))
+        }
+        r.on(.post, "/v1/runs/:id/cancel") { _, context in
+            let who = try context.require(.operator)
+            let run = try await findRun(context, who, store)
+            guard try await !store.cancel(runs: [run.id], reason: "cancelled through the API by \(who.keyPrefix)").isEmpty else {
+                throw Problem(.conflict, "run already ended", "run \(run.id.uuidString.lowercased()) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
+            }
+            await env.audit(context, who, "run.cancel", run.id.uuidString.lowercased(), namespace: try await store.namespace(ofTask: run.taskID) ?? "")
+            return json(["run_id": .string(run.id.uuidString.lowercased()), "state": "cancelled"])
+        }
+        r.on(.post, "/v1/runs/:id/redrive") { _, context in
+            let who = try context.require(.operator)
+            let run = try await findRun(context, who, store)
+            do {
+                let next = try await store.redrive(run: run.id)
+                await env.audit(context, who, "run.redrive", run.id.uuidString.lowercased(), namespace: try await store.namespace(ofTask: run.taskID) ?? "",
+                                ["new_run_id": .string(next.uuidString.lowercased())])
+                return json(["run_id": .string(next.uuidString.lowercased()), "attempt": .number(Double(run.attempt + 1))], status: .created)
+            } catch let v as ValidationError {
+                throw Problem(.conflict, "cannot re-drive", v.hint, field: "id", value: v.value)
+            }
+        }
+
+        r.on(.get, "/v1/workers") { _, context in
+            _ = try context.require(.viewer)
+            return json(["workers": .array(try await store.workers().map(view))])
+        }
+        r.on(.get, "/v1/workers/:id") { _, context in
+            let who = try context.require(.viewer)
+            let id = context.parameters.get("id") ?? ""
+            guard let (worker, runs) = try await store.worker(id: id, namespace: who.namespace == "*" ? nil : who.namespace) else {
+                throw Problem(.notFound, "not found", "no worker '\(id)' has sent a heartbeat")
+            }
+            guard case .object(var o) = view(worker) else { return json(view(worker)) }
+            o["runs"] = .array(runs.map(view))
+            return json(.object(o))
+        }
+
+        r.on(.get, "/v1/groups") { request, context in
+            let who = try context.require(.viewer)
+            let groups = try await store.groups(namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace)
+            return json(["groups": .array(groups.map(view))])
+        }
+        r.on(.get, "/v1/groups/:name") { request, context in
+            let who = try context.require(.viewer)
+            let name = context.parameters.get("name") ?? ""
+            guard let group = try await store.groups(namespace: namespaceOf(who, request), name: name).first else {
+                throw Problem(.notFound, "not found", "no group named '\(name)'")
+            }
+            return json(view(group))
+        }
+        for (action, paused) in [("pause", true), ("resume", false)] {
+            r.on(.post, "/v1/groups/:name/\(action)") { request, context in
+                let who = try context.require(.operator)
+                let name = context.parameters.get("name") ?? ""
+                let namespace = namespaceOf(who, request)
+                guard try await !store.groups(namespace: namespace, name: name).isEmpty else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
+                let changed = try await store.setPaused(paused, group: name, namespace: namespace)
+                await env.audit(context, who, "group.\(action)", name, namespace: namespace, ["tasks": .number(Double(changed))])
+                return json(["group": .string(name), "paused": .bool(paused), "tasks_changed": .number(Double(changed))])
+            }
+        }
+        r.on(.post, "/v1/groups/:name/cancel") { request, context in
+            let who = try context.require(.operator)
+            let name = context.parameters.get("name") ?? ""
+            let namespace = namespaceOf(who, request)
+            guard try await !store.groups(namespace: namespace, name: name).isEmpty else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
+            let cancelled = try await store.cancel(group: name, namespace: namespace, reason: "group cancelled through the API by \(who.keyPrefix)")
+            await env.audit(context, who, "group.cancel", name, namespace: namespace, ["runs": .number(Double(cancelled.count))])
+            return json(["group": .string(name), "runs_cancelled": .number(Double(cancelled.count))])
+        }
+
+        r.on(.get, "/v1/queues") { request, context in
+            let who = try context.require(.viewer)
+            let stats = try await store.queueStats(namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace)
+            var broker: [String: QueueStats] = [:]
+            var brokerError: String?
+            if let config = env.broker {
+                do {
+                    for s in try await AMQPInspector.queues(stats.map { env.topology.workQueue($0.queue) }, configuration: config) { broker[s.name] = s }
+                } catch { brokerError = "\(error)" }
+            }
+            var out: [String: JSONValue] = ["queues": .array(stats.map { s in
+                var o: [String: JSONValue] = ["name": .string(s.queue), "tasks": .number(Double(s.tasks)), "backlog": .number(Double(s.backlog)),
+                                              "running": .number(Double(s.running)), "finished_last_minute": .number(Double(s.finishedLastMinute))]
+                if let b = broker[env.topology.workQueue(s.queue)] {
+                    o["broker"] = .object(["queue": .string(b.name), "ready": .number(Double(b.messages)), "consumers": .number(Double(b.consumers))])
+                }
+                return .object(o)
+            })]
+            if let brokerError { out["broker_error"] = .string(brokerError) }
+            return json(.object(out))
+        }
+
+        r.on(.post, "/v1/keys") { request, context in
+            let who = try context.require(.admin)
+            let body = try await body(request, context)
+            guard let o = body.objectValue else { throw Problem(.badRequest, "invalid request", "send {\"name\": ..., \"role\": ..., \"namespace\": ...}", field: "body") }
+            if let unknown = o.keys.sorted().first(where: { !["name", "role", "namespace", "expires_days"].contains($0) }) {
+                throw Problem(.badRequest, "invalid request", "unknown field; known fields are expires_days, name, namespace, role", field: unknown, value: "\(o[unknown]!)")
+            }
+            guard let name = o["name"]?.stringValue, !name.isEmpty, name.count <= 200 else {
+                throw Problem(.badRequest, "invalid request", "what the key is for, 1 to 200 characters", field: "name", value: "\(o["name"] ?? .null)")
+            }
+            guard let roleText = o["role"]?.stringValue, let role = Role(rawValue: roleText) else {
+                throw Problem(.badRequest, "invalid request", "one of admin, operator, submitter, viewer", field: "role", value: "\(o["role"] ?? .null)")
+            }
+            let namespace = o["namespace"]?.stringValue ?? (who.namespace == "*" ? "default" : who.namespace)
+            guard who.namespace == "*" || namespace == who.namespace else {
+                throw Problem(.forbidden, "forbidden", "this admin key manages keys of namespace '\(who.namespace)' only", field: "namespace", value: namespace)
+            }
+            guard namespace != "*" || role == .admin else {
+                throw Problem(.badRequest, "invalid request", "'*' (every namespace) is for admin keys only", field: "namespace", value: namespace)
+            }
+            guard namespace == "*" || (!namespace.isEmpty && namespace.count <= 63 && namespace.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })) else {
+                throw Problem(.badRequest, "invalid request", "letters, digits, '-' and '_', at most 63", field: "namespace", value: namespace)
+            }
+            var expires: Date?
+            if let d = o["expires_days"], d != .null {
+                guard let n = d.doubleValue, n.rounded() == n, (1...3650).contains(n) else {
+                    throw Problem(.badRequest, "invalid request", "a whole number of days from 1 to 3650", field: "expires_days", value: "\(d)")
+                }
+                expires = Date().addingTimeInterval(n * 86_400)
+            }
+            let (key, prefix, hash) = APIKeyFormat.generate()
+            try await store.createAPIKey(prefix: prefix, secretHash: hash, name: name, role: role, namespace: namespace, expiresAt: expires)
+            await env.audit(context, who, "key.create", prefix, namespace: namespace, ["role": .string(role.rawValue), "name": .string(name)])
+            var v = try await store.apiKey(prefix: prefix).map(view) ?? .object([:])
+            if case .object(var obj) = v { obj["key"] = .string(key); v = .object(obj) }
+            return json(v, status: .created)
+        }
+        r.on(.get, "/v1/keys") { _, context in
+            let who = try context.require(.admin)
+            let keys = try await store.apiKeys().filter { who.namespace == "*" || $0.namespace == who.namespace }
+            return json(["keys": .array(keys.map(view))])
+        }
+        r.on(.delete, "/v1/keys/:prefix") { _, context in
+            let who = try context.require(.admin)
+            let prefix = context.parameters.get("prefix") ?? ""
+            guard let key = try await store.apiKey(prefix: prefix), who.namespace == "*" || key.namespace == who.namespace else {
+                throw Problem(.notFound, "not found", "no key with prefix '\(prefix)'")
+            }
+            guard try await store.revokeAPIKey(prefix: prefix) else {
+                throw Problem(.conflict, "already revoked", "key \(prefix) was revoked at \(key.revokedAt.map(Timestamp.format) ?? "?")")
+            }
+            await env.audit(context, who, "key.revoke", prefix, namespace: key.namespace)
+            return json(["prefix": .string(prefix), "revoked": true])
+        }
+
+        r.on(.get, "/v1/audit") { request, context in
+            let who = try context.require(.admin)
+            let q = request.uri.queryParameters
+            let limit = try pageLimit(request, env)
+            var before: Int64?
+            if let c = q.get("cursor") {
+                guard let n = Int64(c), n > 0 else { throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: c) }
+                before = n
+            }
+            let entries = try await store.auditLog(namespace: who.namespace == "*" ? q.get("namespace") : who.namespace, action: q.get("action"),
+                                                   before: before, limit: limit + 1)
+            var out: [String: JSONValue] = ["entries": .array(entries.prefix(limit).map { e in
+                var o: [String: JSONValue] = ["id": .number(Double(e.id)), "at": .string(e.at.map(Timestamp.format) ?? ""), "actor": .string(e.actor),
+                                              "role": .string(e.role), "namespace": .string(e.namespace), "action": .string(e.action),
+                                              "target": .string(e.target), "request_id": .string(e.requestID), "detail": e.detail]
+                if let c = e.client { o["client"] = .string(c) }
+                return .object(o)
+            })]
+            if entries.count > limit, let last = entries.prefix(limit).last { out["next_cursor"] = .string(String(last.id)) }
+            return json(.object(out))
+        }
+
+        // Live figures for the dashboard: server-sent events, one `stats` event every 2 s.
+        r.on(.get, "/v1/events") { request, context in
+            let who = try context.require(.viewer)
+            let namespace = who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace
+            let interval = Duration.milliseconds(Int64(request.uri.queryParameters.get("interval_ms").flatMap(Int.init).map { min(max($0, 200), 60_000) } ?? 2000))
+            return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-store"],
+                            body: ResponseBody { writer in
+                                var sent = 0
+                                while !Task.isCancelled && sent < 10_000 {
+                                    let payload = try await overview(store, namespace: namespace)
+                                    try await writer.write(ByteBuffer(string: "event: stats\ndata: " + String(decoding: payload.jsonBytes, as: UTF8.self) + "\n\n"))
+                                    sent += 1
+                                    try await Task.sleep(for: interval)
+                                }
+                                try await writer.finish(nil)
+                            })
+        }
+        r.on(.get, "/v1/overview") { request, context in
+            let who = try context.require(.viewer)
+            return json(try await overview(store, namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace))
+        }
+        r.on(.get, "/metrics") { _, context in
+            _ = try context.require(.viewer)
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: env.metrics.render())))
+        }
+    }
+
+    /// Runs by state, completions per minute over the last 30 minutes, and queue backlogs.
+    static func overview(_ store: Store, namespace: String?) async throws -> JSONValue {
+        let o = try await store.overview(namespace: namespace)
+        return .object([
+            "at": .string(Timestamp.format(o.at)),
+            "runs_by_state": .object(Dictionary(uniqueKeysWithValues: o.runsByState.map { ($0.key.rawValue, JSONValue.number(Double($0.value))) })),
+            "throughput": .array(o.perMinute.map { .object(["minute": .string(Timestamp.format($0.minute)), "succeeded": .number(Double($0.succeeded)),
+                                                           "failed": .number(Double($0.failed))]) }),
+            "queues": .array(o.queues.map { .object(["name": .string($0.queue), "backlog": .number(Double($0.backlog)), "running": .number(Double($0.running))]) }),
+            "workers": .number(Double(o.activeWorkers)),
+        ])
+    }
+
+    static func view(_ w: WorkerRecord) -> JSONValue {
+        .object(["id": .string(w.id), "host": .string(w.host), "state": .string(w.state), "concurrency": .number(Double(w.concurrency)),
+                 "in_flight": .number(Double(w.inFlight)), "queues": .array(w.queues.map(JSONValue.string)),
+                 "executors": .array(w.executors.map(JSONValue.string)), "seconds_since_heartbeat": .number(w.secondsSinceHeartbeat)])
+    }
+
+    static func view(_ g: Store.GroupSummary) -> JSONValue {
+        .object(["name": .string(g.name), "tasks": .number(Double(g.tasks)), "paused_tasks": .number(Double(g.paused)),
+                 "runs_by_state": .object(Dictionary(uniqueKeysWithValues: g.runs.map { ($0.key.rawValue, JSONValue.number(Double($0.value))) }))])
+    }
+
+    static func view(_ k: APIKeyRecord) -> JSONValue {
+        var o: [String: JSONValue] = ["prefix": .string(k.prefix), "name": .string(k.name), "role": .string(k.role.rawValue),
+                                      "namespace": .string(k.namespace), "use_count": .number(Double(k.useCount))]
+        if let d = k.expiresAt { o["expires_at"] = .string(Timestamp.format(d)) }
+        if let d = k.revokedAt { o["revoked_at"] = .string(Timestamp.format(d)) }
+        if let d = k.lastUsedAt { o["last_used_at"] = .string(Timestamp.format(d)) }
+        return .object(o)
+    }
+}
