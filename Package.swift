@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "conveyor", targets: ["conveyor"]),
+        .executable(name: "conveyorctl", targets: ["conveyorctl"]),
         // For programs that embed a worker with executors of their own (Examples/CustomExecutor).
         .library(name: "ConveyorWorker", targets: ["ConveyorWorker", "ConveyorConfig", "ConveyorCore", "ConveyorAMQP"]),
     ],
@@ -108,6 +109,16 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            .product(name: "Yams", package: "Yams"),
+        ]),
+
+        // The API's client: talks HTTP only (no database, no broker).
+        .executableTarget(name: "conveyorctl", dependencies: [
+            "ConveyorCore",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Yams", package: "Yams"),
         ]),
 

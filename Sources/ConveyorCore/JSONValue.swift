@@ -1,3 +1,5 @@
+import Foundation
+
 /// A JSON value, for executor parameters that Conveyor carries without interpreting.
 public enum JSONValue: Sendable, Hashable, Codable {
     case null
@@ -45,4 +47,23 @@ extension JSONValue: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral, Ex
     public init(booleanLiteral value: Bool) { self = .bool(value) }
     public init(arrayLiteral elements: JSONValue...) { self = .array(elements) }
     public init(dictionaryLiteral elements: (String, JSONValue)...) { self = .object(Dictionary(elements, uniquingKeysWith: { $1 })) }
+}
+
+extension JSONValue {
+    /// A value as a YAML or JSON loader returns it (`Yams.load`, `JSONSerialization`):
+    /// strings, numbers, booleans, dates (written as ISO-8601), arrays and mappings.
+    public init(loaded any: Any?) {
+        switch any {
+        case nil, is NSNull: self = .null
+        case let s as String: self = .string(s)
+        case let b as Bool: self = .bool(b)
+        case let i as Int: self = .number(Double(i))
+        case let d as Double: self = .number(d)
+        case let d as Date: self = .string(Timestamp.format(d))
+        case let a as [Any]: self = .array(a.map { JSONValue(loaded: $0) })
+        case let o as [String: Any]: self = .object(o.mapValues { JSONValue(loaded: $0) })
+        case let o as [AnyHashable: Any]: self = .object(Dictionary(o.map { ("\($0.key)", JSONValue(loaded: $0.value)) }, uniquingKeysWith: { a, _ in a }))
+        case let other?: self = .string("\(other)")
+        }
+    }
 }

@@ -229,37 +229,12 @@ enum YAMLFile {
         }
     }
 
-    static func value(_ any: Any) throws -> JSONValue {
-        switch any {
-        case let s as String: return .string(s)
-        case let b as Bool: return .bool(b)
-        case let i as Int: return .number(Double(i))
-        case let d as Double: return .number(d)
-        case let d as Date: return .string(Timestamp.format(d))
-        case let a as [Any]: return .array(try a.map(value))
-        case let o as [String: Any]: return .object(try o.mapValues(value))
-        case let o as [AnyHashable: Any]:
-            var out: [String: JSONValue] = [:]
-            for (k, v) in o { out["\(k)"] = try value(v) }
-            return .object(out)
-        case is NSNull, Optional<Any>.none: return .null
-        default: return .string("\(any)")
-        }
-    }
+    static func value(_ any: Any) throws -> JSONValue { JSONValue(loaded: any) }
 }
 
 /// Plain aligned columns for people.
 enum Table {
-    static func print(_ header: [String], _ rows: [[String]]) {
-        var widths = header.map(\.count)
-        for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], min(c.count, 48)) } }
-        func line(_ cells: [String]) -> String {
-            cells.enumerated().map { i, c in i == cells.count - 1 ? c : c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }
-                .joined(separator: "  ")
-        }
-        Swift.print(line(header))
-        for r in rows { Swift.print(line(r)) }
-    }
+    static func print(_ header: [String], _ rows: [[String]]) { Swift.print(TextTable.render(header, rows)) }
 }
 
 extension CommonOptions {

@@ -171,16 +171,16 @@ func withServices<T: Sendable>(_ services: [any Service], _ body: () async throw
     }
 }
 
-/// The `conveyor` binary built next to the test bundle.
-func conveyorBinary() throws -> String {
+/// The `conveyor` binary (or another of the package's executables) built next to the test bundle.
+func conveyorBinary(_ name: String = "conveyor") throws -> String {
     var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
     for _ in 0..<4 {
-        let candidate = dir.appendingPathComponent("conveyor").path
+        let candidate = dir.appendingPathComponent(name).path
         if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
         dir = dir.deletingLastPathComponent()
     }
-    let fallback = FileManager.default.currentDirectoryPath + "/.build/debug/conveyor"
-    return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "conveyor binary not built: run swift build first")
+    let fallback = FileManager.default.currentDirectoryPath + "/.build/debug/" + name
+    return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "\(name) binary not built: run swift build first")
 }
 
 /// `conveyor <args>` with the test environment plus `env`, not started.
