@@ -31,6 +31,9 @@ install_packages() {
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  # The dashboard test drives Debian's chromium headless; the API and broker tests use curl.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -5,6 +5,9 @@
 const store = window.sessionStorage;
 let stream = null;        // the live-events reader of the current page, cancelled on navigation
 let onStats = null;       // what the current page does with each live `stats` event
+let flash = "";           // the result of the last action, shown once on the next page drawn
+
+function takeFlash() { const f = flash; flash = ""; return f; }
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -133,9 +136,9 @@ const pages = {
 
   async task(view, name) {
     const t = await api("GET", "/v1/tasks/" + encodeURIComponent(name));
-    const message = h("p", { id: "action-result", role: "status" });
+    const message = h("p", { id: "action-result", role: "status" }, takeFlash());
     const act = (what) => async () => {
-      try { await api("POST", "/v1/tasks/" + encodeURIComponent(name) + "/" + what); message.textContent = what + ": done"; route(); }
+      try { await api("POST", "/v1/tasks/" + encodeURIComponent(name) + "/" + what); flash = what + ": done"; route(); }
       catch (e) { message.textContent = String(e.message); }
     };
     view.append(h("h2", {}, "Task ", t.name),
@@ -181,11 +184,11 @@ const pages = {
 
   async dead(view) {
     const data = await api("GET", "/v1/runs?limit=100&state=dead");
-    const message = h("p", { id: "action-result", role: "status" });
+    const message = h("p", { id: "action-result", role: "status" }, takeFlash());
     view.append(h("h2", {}, "Dead letters"), h("p", { class: "muted" }, "Runs that ended dead: out of attempts, or dead-lettered by the broker."), message,
       table(["Run", "Task", "Attempt", "Reason", ""], data.runs.map(r => [link("#/run/" + r.id, r.id.slice(0, 8)), r.task_id.slice(0, 8), r.attempt,
         r.reason || r.error_message || "–", h("button", { type: "button", "data-run": r.id, onclick: async () => {
-          try { const n = await api("POST", "/v1/runs/" + r.id + "/redrive"); message.textContent = "Re-driven as attempt " + n.attempt; route(); }
+          try { const n = await api("POST", "/v1/runs/" + r.id + "/redrive"); flash = "Re-driven as attempt " + n.attempt; route(); }
           catch (e) { message.textContent = String(e.message); }
         } }, "Re-drive")]), "No dead runs."));
   },
