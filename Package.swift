@@ -138,6 +138,7 @@ let package = Package(
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
             "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
             .product(name: "JWTKit", package: "jwt-kit"),
+            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"),

@@ -7,6 +7,7 @@ import ConveyorStore
 import ConveyorWorker
 import Foundation
 import JWTKit
+import Crypto
 import Synchronization
 import Testing
 import Yams
@@ -369,6 +370,68 @@ struct JWTTests {
                 let submitter = try await Self.token(role: "submitter", namespace: "team-a")
                 #expect(try await client.call("POST", "/v1/tasks", key: submitter, body: #"{"name": "t", "executor": "noop"}"#).status == 201)
                 #expect(try await sys.count("SELECT count(*) FROM tasks WHERE namespace = 'team-a'") == 1)
+            }
+        }
+    }
+
+    /// Forgeries against a verifier holding an HS256 secret and an ES256 public key (JWKS).
+    @Test func forgedTokensAreRefused() async throws {
+        let ec = try ES256PrivateKey(backing: P256.Signing.PrivateKey())
+        let params = try #require(ec.parameters)
+        let jwks = #"{"keys": [{"kty": "EC", "crv": "P-256", "kid": "ec-1", "alg": "ES256", "x": "\#(params.x)", "y": "\#(params.y)"}]}"#
+        let verifier = try await JWTVerifier(JWTSettings(issuer: "https://auth.test", audience: "conveyor", leeway: .seconds(30),
+                                                         hs256Secret: Self.secret, jwksJSON: jwks))
+        func claims(role: String = "viewer", nbf: Date? = nil) -> Claims {
+            Claims(iss: .init(value: "https://auth.test"), aud: .init(value: ["conveyor"]), sub: "user-1", exp: .init(value: Date().addingTimeInterval(300)),
+                   nbf: nbf.map { .init(value: $0) }, role: role, namespace: "default")
+        }
+        func refused(_ token: String) async -> String? {
+            if case .failure(let why) = await verifier.verify(token) { return why.description }
+            return nil
+        }
+        // The control: a token signed with the EC private key is accepted.
+        let signer = JWTKeyCollection()
+        await signer.add(ecdsa: ec, kid: "ec-1")
+        let good = try await signer.sign(claims(), kid: "ec-1")
+        #expect(await refused(good) == nil)
+
+        // HS/RS confusion: HMAC with the public key as the secret, claiming the EC key's kid.
+        let confused = JWTKeyCollection()
+        await confused.add(hmac: HMACKey(from: Array(jwks.utf8)), digestAlgorithm: .sha256, kid: "ec-1")
+        #expect(await refused(try await confused.sign(claims(role: "admin"), kid: "ec-1")) == "the token's algorithm HS256 is not the one pinned for its key")
+        // The secret's key used with the EC kid, and the EC kid with no kid at all.
+        let hsWithECKid = JWTKeyCollection()
+        await hsWithECKid.add(hmac: HMACKey(from: Self.secret), digestAlgorithm: .sha256, kid: "ec-1")
+        #expect(await refused(try await hsWithECKid.sign(claims(), kid: "ec-1")) != nil)
+
+        // A future nbf (beyond the leeway).
+        let hs = JWTKeyCollection()
+        await hs.add(hmac: HMACKey(from: Self.secret), digestAlgorithm: .sha256)
+        #expect(await refused(try await hs.sign(claims(nbf: Date().addingTimeInterval(600)))) == "the token's nbf claim is not accepted")
+        #expect(await refused(try await hs.sign(claims(nbf: Date().addingTimeInterval(10)))) == nil, "within the leeway")
+
+        // A tampered payload: role raised to admin, signature kept.
+        let parts = try await hs.sign(claims()).split(separator: ".").map(String.init)
+        let raised = Data(#"{"iss":"https://auth.test","aud":["conveyor"],"sub":"user-1","exp":9999999999,"role":"admin","namespace":"*"}"#.utf8)
+            .base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        #expect(await refused([parts[0], raised, parts[2]].joined(separator: ".")) == "the token's signature does not verify")
+        // Garbage and a header with no alg.
+        #expect(await refused("a.b.c") == "the bearer token is neither an API key nor a JWT")
+        #expect(await refused("e30.e30.") == "the bearer token is neither an API key nor a JWT")
+
+        // An oversized token is refused by the API before any parsing.
+        try await System.with { sys in
+            let port = Mutex<Int>(0)
+            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, jwt: verifier) { p in port.withLock { $0 = p } }
+            try await withServices([api]) {
+                _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
+                var policy = OutboundPolicy()
+                policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+                let client = APITests.Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+                let huge = try await client.call("GET", "/v1/tasks", key: good + String(repeating: "A", count: 9000))
+                #expect(huge.status == 401)
+                #expect(huge.json["detail"] == "the credential is longer than 8192 characters")
+                #expect(try await client.call("GET", "/v1/tasks", key: good).status == 200)
             }
         }
     }
