@@ -366,17 +366,28 @@ public struct Store: Sendable {
         public init() {}
     }
 
-    /// Runs, newest occurrence first, one page.
+    /// Runs, newest occurrence first, one page. Only the filters given become conditions (all
+    /// bound parameters): an `x IS NULL OR …` form would keep PostgreSQL from walking the
+    /// `runs_by_occurrence` index and make it hash every task of the namespace first.
     public func runs(_ f: RunFilter, limit: Int) async throws -> [RunRecord] {
-        try await pool.withConnection { c in
+        var conditions: [String] = []
+        var params: [any PostgresEncodable] = []
+        func bind(_ v: any PostgresEncodable) -> String { params.append(v); return "$\(params.count)" }
+        if let id = f.taskID {
+            conditions.append("task_id = \(bind(id))")
+        } else if let ns = f.namespace {
+            conditions.append("EXISTS (SELECT 1 FROM tasks t WHERE t.id = runs.task_id AND t.namespace = \(bind(ns)))")
+        }
+        if let s = f.state { conditions.append("state = \(bind(s.rawValue))") }
+        if let d = f.since { conditions.append("occurrence >= \(bind(d))") }
+        if let d = f.until { conditions.append("occurrence < \(bind(d))") }
+        if let (d, id) = f.after { conditions.append("(occurrence, id) < (\(bind(d))::timestamptz, \(bind(id))::uuid)") }
+        let whereClause = conditions.isEmpty ? "" : "WHERE " + conditions.joined(separator: " AND ")
+        let limitParam = bind(limit)
+        return try await pool.withConnection { c in
             try await c.query("""
-                SELECT \(Self.runColumns) FROM runs
-                WHERE ($1::text IS NULL OR task_id IN (SELECT id FROM tasks WHERE namespace = $1))
-                  AND ($2::uuid IS NULL OR task_id = $2) AND ($3::text IS NULL OR state = $3)
-                  AND ($4::timestamptz IS NULL OR occurrence >= $4) AND ($5::timestamptz IS NULL OR occurrence < $5)
-                  AND ($6::timestamptz IS NULL OR (occurrence, id) < ($6, $7::uuid))
-                ORDER BY occurrence DESC, id DESC LIMIT $8
-                """, [f.namespace, f.taskID, f.state?.rawValue, f.since, f.until, f.after?.occurrence, f.after?.id, limit]).rows.map(Self.run)
+                SELECT \(Self.runColumns) FROM runs \(whereClause) ORDER BY occurrence DESC, id DESC LIMIT \(limitParam)
+                """, params).rows.map(Self.run)
         }
     }
 

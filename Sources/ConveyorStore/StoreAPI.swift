@@ -23,11 +23,28 @@ extension Store {
         public init() {}
     }
 
-    /// A page of tasks by name, each with its latest run: one statement, no query per task.
+    /// A page of tasks by name (byte order), each with its latest run: one statement, no query
+    /// per task. Only the filters given become conditions, so each plan fits its filters.
     public func tasks(_ f: TaskFilter, limit: Int) async throws -> [(task: TaskRecord, last: RunRecord?)] {
-        let prefixPattern = f.prefix.map { p in
-            p.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(of: "_", with: "\\_") + "%"
+        var conditions = ["t.deleted_at IS NULL"]
+        var params: [any PostgresEncodable] = []
+        func bind(_ v: any PostgresEncodable) -> String { params.append(v); return "$\(params.count)" }
+        if let ns = f.namespace { conditions.append("t.namespace = \(bind(ns))") }
+        if let s = f.state { conditions.append("l.state = \(bind(s.rawValue))") }
+        if let q = f.queue { conditions.append("t.queue = \(bind(q))") }
+        if let g = f.group { conditions.append("t.group_name = \(bind(g))") }
+        if let (key, value) = f.label {
+            conditions.append(value == nil ? "t.labels ? \(bind(key))" : "t.labels ->> \(bind(key)) = \(bind(value!))")
         }
+        if let b = f.batchID { conditions.append("t.batch_id = \(bind(b))") }
+        if let p = f.prefix {
+            let escaped = p.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "%", with: "\\%").replacingOccurrences(of: "_", with: "\\_")
+            conditions.append("(t.name COLLATE \"C\") LIKE \(bind(escaped + "%"))")
+        }
+        if let p = f.paused { conditions.append("t.paused = \(bind(p))") }
+        if let a = f.after { conditions.append("(t.name COLLATE \"C\") > \(bind(a))") }
+        if let n = f.names { conditions.append("t.name = ANY(\(bind(n)))") }
+        let limitParam = bind(limit)
         let runColumns = Self.runColumns.split(separator: ",").map { "l." + $0.trimmingCharacters(in: .whitespacesAndNewlines) }
             .joined(separator: ", ").replacingOccurrences(of: "l.CASE WHEN available_at < 'infinity' THEN available_at END",
                                                           with: "CASE WHEN l.available_at < 'infinity' THEN l.available_at END")
@@ -36,16 +53,9 @@ extension Store {
                 SELECT \(Self.taskColumns), l.id IS NOT NULL, \(runColumns)
                 FROM tasks t
                 LEFT JOIN LATERAL (SELECT * FROM runs r WHERE r.task_id = t.id ORDER BY r.occurrence DESC, r.attempt DESC LIMIT 1) l ON true
-                WHERE t.deleted_at IS NULL
-                  AND ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS NULL OR l.state = $2)
-                  AND ($3::text IS NULL OR t.queue = $3) AND ($4::text IS NULL OR t.group_name = $4)
-                  AND ($5::text IS NULL OR (CASE WHEN $6::text IS NULL THEN t.labels ? $5 ELSE t.labels ->> $5 = $6 END))
-                  AND ($7::uuid IS NULL OR t.batch_id = $7) AND ($8::text IS NULL OR t.name LIKE $8)
-                  AND ($9::bool IS NULL OR t.paused = $9) AND ($10::text IS NULL OR t.name > $10)
-                  AND ($12::text[] IS NULL OR t.name = ANY($12))
-                ORDER BY t.name LIMIT $11
-                """, [f.namespace, f.state?.rawValue, f.queue, f.group, f.label?.key, f.label?.value, f.batchID, prefixPattern,
-                      f.paused, f.after, limit, f.names]).rows.map { r in
+                WHERE \(conditions.joined(separator: " AND "))
+                ORDER BY (t.name COLLATE "C") LIMIT \(limitParam)
+                """, params).rows.map { r in
                 let task = try Self.task(r)
                 guard r[28] == "t" else { return (task, nil) }
                 return (task, try Self.run(PostgresRow(values: Array(r.values.dropFirst(29)))))

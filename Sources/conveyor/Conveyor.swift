@@ -19,7 +19,7 @@ struct Conveyor: AsyncParsableCommand {
         commandName: "conveyor",
         abstract: "Conveyor: a distributed task dispatcher on PostgreSQL and RabbitMQ.",
         subcommands: [Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, RunCommand.self,
-                      GroupCommand.self, QueueCommand.self, WorkersCommand.self, APICommand.self, APIKeyCommand.self, CronCommand.self, Bench.self])
+                      GroupCommand.self, QueueCommand.self, WorkersCommand.self, APICommand.self, APIKeyCommand.self, CronCommand.self, Bench.self, BenchAPI.self])
 }
 
 /// Options every server subcommand shares.

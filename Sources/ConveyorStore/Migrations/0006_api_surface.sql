@@ -44,5 +44,9 @@ CREATE TABLE audit_log (
 );
 CREATE INDEX audit_log_at ON audit_log (at DESC, id DESC);
 
+-- Task pages in byte order of names: a name prefix (LIKE 'abc%') becomes an index range in any
+-- database collation, and a page stops after its last row.
+CREATE INDEX tasks_name_c ON tasks (namespace, (name COLLATE "C")) WHERE deleted_at IS NULL;
+
 -- Listing runs newest first, across tasks, without sorting the table.
 CREATE INDEX runs_by_occurrence ON runs (occurrence DESC, id DESC);
