@@ -43,12 +43,22 @@ public struct NewTask: Sendable {
         self.schedule = schedule
     }
 
+    /// Largest `parameters` (encoded JSON): they are copied into every run's message.
+    public static let maxParameterBytes = 64 * 1024
+
     /// Checks the fields a database constraint would otherwise reject with a less helpful message.
     public func validate() throws(ValidationError) {
         guard !name.isEmpty, name.count <= 200, name.allSatisfy({ !$0.isWhitespace && !$0.isNewline }) else {
             throw ValidationError(field: "name", value: name, hint: "1 to 200 characters, no spaces")
         }
-        guard !executor.isEmpty else { throw ValidationError(field: "executor", value: executor, hint: "name an executor that your workers offer, e.g. 'noop'") }
+        guard !executor.isEmpty, executor.count <= 100, executor.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }) else {
+            throw ValidationError(field: "executor", value: executor, hint: "name an executor that your workers offer, e.g. 'noop' (letters, digits, '-', '_', '.'; at most 100)")
+        }
+        let parameterBytes = MessageCodec.encode(parameters).count
+        guard parameterBytes <= Self.maxParameterBytes else {
+            throw ValidationError(field: "parameters", value: "\(parameterBytes) bytes",
+                                  hint: "at most \(Self.maxParameterBytes) bytes of JSON travel in each task message; store large inputs elsewhere and pass a reference")
+        }
         guard !queue.isEmpty, queue.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }) else {
             throw ValidationError(field: "queue", value: queue, hint: "letters, digits, '-', '_' and '.' only")
         }

@@ -56,6 +56,11 @@ struct APISurfaceTests {
                     #expect(r.json["field"]?.stringValue == field, "\(body) → \(r.json)")
                 }
                 #expect(try await api.call("PATCH", "/v1/tasks/p", key: k, body: "[1]").status == 400)
+                let blob = String(repeating: "x", count: 70_000)
+                let tooBig = try await api.call("PATCH", "/v1/tasks/p", key: k, body: #"{"parameters": {"blob": "\#(blob)"}}"#)
+                #expect(tooBig.status == 400 && tooBig.json["field"] == "parameters", "\(tooBig.json["detail"] ?? .null)")
+                let badExecutor = try await api.call("PATCH", "/v1/tasks/p", key: k, body: #"{"executor": "rm -rf"}"#)
+                #expect(badExecutor.status == 400 && badExecutor.json["field"] == "executor")
                 #expect(try await api.call("PATCH", "/v1/tasks/nope", key: k, body: "{}").status == 404)
                 let viewer = try await APITests.key(sys, role: .viewer, namespace: "default")
                 #expect(try await api.call("PATCH", "/v1/tasks/p", key: viewer, body: "{}").status == 403)
@@ -148,6 +153,8 @@ struct APISurfaceTests {
                     for param in ["task", "state", "since", "until", "cursor"] {
                         #expect([200, 400, 404].contains(try await api.call("GET", "/v1/runs?\(param)=\(q)", key: k).status))
                     }
+                    #expect(try await api.call("GET", "/v1/groups/\(q)", key: k).status == 404)
+                    #expect(try await api.call("GET", "/v1/tasks/\(q)", key: k).status == 404)
                 }
                 #expect(try await sys.count("SELECT count(*) FROM tasks") == 10, "the table is intact")
 
