@@ -51,7 +51,16 @@ extension APIServer {
         }
         r.on(.get, "/v1/runs/:id") { _, context in
             let who = try context.require(.viewer)
-            return json(view(try await findRun(context, who, store)))
+            let run = try await findRun(context, who, store)
+            guard case .object(var o) = view(run) else { return json(view(run)) }
+            // The occurrence's attempts, so a retried run shows its history in one call.
+            o["attempts"] = .array(try await store.attempts(of: run).map { a in
+                var x: [String: JSONValue] = ["id": .string(a.id.uuidString.lowercased()), "attempt": .number(Double(a.attempt)), "state": .string(a.state.rawValue)]
+                if let e = a.errorMessage { x["error_message"] = .string(e) }
+                if let f = a.finishedAt { x["finished_at"] = .string(Timestamp.format(f)) }
+                return .object(x)
+            })
+            return json(.object(o))
         }
         r.on(.post, "/v1/runs/:id/cancel") { _, context in
             let who = try context.require(.operator)

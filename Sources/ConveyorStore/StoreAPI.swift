@@ -112,6 +112,15 @@ extension Store {
         }
     }
 
+    /// Every attempt of a run's occurrence, first to last.
+    public func attempts(of run: RunRecord) async throws -> [RunRecord] {
+        try await pool.withConnection { c in
+            try await c.query("""
+                SELECT \(Self.runColumns) FROM runs WHERE task_id = $1 AND occurrence = $2 ORDER BY attempt
+                """, [run.taskID, run.occurrence]).rows.map(Self.run)
+        }
+    }
+
     // MARK: groups
 
     /// A group's tasks and runs by state, in one namespace (`nil`: every namespace).

@@ -239,6 +239,9 @@ struct OpenAPITests {
                     }
                     let (redriven, next) = try await checked("POST", "/v1/runs/{id}/redrive", "/v1/runs/\(runID)/redrive", key: op)
                     #expect(redriven == 201 && next["attempt"] == 2)
+                    let (_, secondAttempt) = try await checked("GET", "/v1/runs/{id}", "/v1/runs/\(next["run_id"]?.stringValue ?? "")", key: op)
+                    #expect(secondAttempt["attempts"]?.arrayValue?.map { $0["attempt"] } == [1, 2], "the run shows its occurrence's attempts")
+                    #expect(secondAttempt["attempts"]?.arrayValue?.first?["state"] == "cancelled")
                     #expect(try await checked("POST", "/v1/runs/{id}/redrive", "/v1/runs/\(runID)/redrive", key: op).0 == 409, "only the latest attempt")
                     let (_, workers) = try await checked("GET", "/v1/workers", "/v1/workers", key: op)
                     #expect(workers["workers"]?.arrayValue?.first?["id"] == "api-worker")

@@ -68,6 +68,7 @@ struct DashboardTests {
                     #expect(page("task").contains("Run history") && page("task").contains(traceID), "the task page shows its runs with trace ids")
                     #expect(page("run").contains(runID) && page("run").contains(traceID), "\(page("run"))")
                     #expect(page("run").contains("report for acme written"), "the run's output")
+                    #expect(page("run").contains("Attempts of this occurrence") && page("run").contains("(this)"))
                     #expect(page("workers").contains("dash-worker"))
                     #expect(page("dead").contains("Re-drive"), "\(page("dead"))")
                     #expect(seen["redrive"]?.stringValue == "Re-driven as attempt 3", "\(seen["redrive"] ?? .null)")

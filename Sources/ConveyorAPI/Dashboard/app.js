@@ -159,6 +159,9 @@ const pages = {
         ["Finished", when(r.finished_at)], ["Worker", r.worker_id || "–"], ["Exit code", r.exit_code ?? "–"], ["Trace id", h("code", { id: "trace-id" }, r.trace_id || "–")],
         ["Error", r.error_message ? (r.error_class || "") + ": " + r.error_message : "–"], ["Reason", r.reason || "–"]]
         .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+      h("h3", {}, "Attempts of this occurrence"),
+      table(["Run", "Attempt", "State", "Finished", "Error"], (r.attempts || []).map(a =>
+        [a.id === r.id ? a.id.slice(0, 8) + " (this)" : link("#/run/" + a.id, a.id.slice(0, 8)), a.attempt, stateCell(a.state), when(a.finished_at), a.error_message || "–"])),
       h("h3", {}, "Output"), h("pre", { id: "output" }, r.output || "(no output)"));
   },
 
