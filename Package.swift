@@ -56,9 +56,10 @@ let package = Package(
         .target(name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
                 resources: [.copy("Migrations")]),
 
-        // Trace context over AMQP headers.
+        // Trace context over AMQP headers; the structured log handler.
         .target(name: "ConveyorTelemetry", dependencies: [
             "ConveyorAMQP",
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
             .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
         ]),

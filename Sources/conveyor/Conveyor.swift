@@ -7,6 +7,7 @@ import ConveyorDispatcher
 import ConveyorHTTP
 import ConveyorPostgres
 import ConveyorStore
+import ConveyorTelemetry
 import ConveyorWorker
 import Foundation
 import Logging
@@ -44,7 +45,11 @@ struct CommonOptions: ParsableArguments {
             throw ValidationError(field: "--log-level (env CONVEYOR_LOG_LEVEL)", value: raw,
                                   hint: "use one of trace, debug, info, notice, warning, error, critical")
         }
-        Bootstrap.logging(level: level)
+        let formatText = ProcessInfo.processInfo.environment["CONVEYOR_LOG_FORMAT"] ?? "text"
+        guard let format = StructuredLogHandler.Format(rawValue: formatText.lowercased()) else {
+            throw ValidationError(field: "CONVEYOR_LOG_FORMAT", value: formatText, hint: "use json (for log collectors), logfmt or text")
+        }
+        Bootstrap.logging(level: level, format: format)
         return Logger(label: label)
     }
 }
@@ -57,14 +62,10 @@ func runUntilSignalled(_ services: [any Service], logger: Logger) async throws {
 enum Bootstrap {
     nonisolated(unsafe) private static var done = false   // set once from main before any other task runs
 
-    static func logging(level: Logger.Level) {
+    static func logging(level: Logger.Level, format: StructuredLogHandler.Format) {
         guard !done else { return }
         done = true
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
+        LoggingSystem.bootstrap { label in StructuredLogHandler(label: label, format: format, level: level) }
     }
 }
 

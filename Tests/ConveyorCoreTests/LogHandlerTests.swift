@@ -1,0 +1,74 @@
+import ConveyorTelemetry
+import Foundation
+import Logging
+import Testing
+
+/// The structured log handler: shapes, flattening and redaction (pure; a pipe as the sink).
+@Suite("Structured logs")
+struct LogHandlerTests {
+    /// Logs through a handler writing into a pipe, and returns the lines.
+    static func capture(_ format: StructuredLogHandler.Format, _ body: (Logger) -> Void) throws -> [String] {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        let sink = LogSink(fd: fds[1])
+        var logger = Logger(label: "test") { StructuredLogHandler(label: $0, format: format, level: .trace, sink: sink) }
+        logger[metadataKey: "worker.id"] = "w1"
+        body(logger)
+        close(fds[1])
+        let data = FileHandle(fileDescriptor: fds[0], closeOnDealloc: true).readDataToEndOfFile()
+        return String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init)
+    }
+
+    @Test func jsonLinesCarryDotKeysAndNeverCredentials() throws {
+        let lines = try Self.capture(.json) { log in
+            log.info("run finished \"quoted\"\nsecond line", metadata: [
+                "run.id": "r-1", "trace.id": "abc", "db": ["url": "postgresql://u:canary-1@db:5432/x", "password": "canary-2"],
+                "auth.token": "canary-3", "client_secret": "canary-4", "Authorization": "Bearer canary-5", "count": "\(3)",
+            ])
+            log.error("cannot connect to amqp://guest:canary-6@broker:5672/%2F, retrying")
+        }
+        #expect(lines.count == 2)
+        for line in lines {
+            #expect(!line.contains("canary"), "\(line)")
+            let o = try #require(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "not JSON: \(line)")
+            #expect(o["time"] is String && o["level"] is String && o["message"] is String && o["logger"] as? String == "test")
+            #expect(o["worker.id"] as? String == "w1", "the logger's own metadata")
+        }
+        let first = try #require(try JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any])
+        #expect(first["message"] as? String == "run finished \"quoted\"\nsecond line")
+        #expect(first["run.id"] as? String == "r-1")
+        #expect(first["db.url"] as? String == "postgresql://u:***@db:5432/x", "nested metadata is flattened with dots; URL passwords masked")
+        #expect(first["db.password"] as? String == "[redacted]")
+        #expect(first["auth.token"] as? String == "[redacted]")
+        #expect(first["client_secret"] as? String == "[redacted]")
+        #expect(first["Authorization"] as? String == "[redacted]")
+        #expect(first["level"] as? String == "info")
+        #expect((try #require(try JSONSerialization.jsonObject(with: Data(lines[1].utf8)) as? [String: Any]))["message"] as? String
+                == "cannot connect to amqp://guest:***@broker:5672/%2F, retrying")
+    }
+
+    @Test func logfmtQuotesWhatNeedsIt() throws {
+        let lines = try Self.capture(.logfmt) { $0.warning("a b", metadata: ["run.id": "r-1", "error": "x=y \"z\""]) }
+        #expect(lines.count == 1)
+        #expect(lines[0].contains(#" level=warning logger=test message="a b" error="x=y \"z\"" run.id=r-1 worker.id=w1"#), "\(lines[0])")
+    }
+
+    @Test func levelsBelowTheHandlersAreDropped() throws {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        let sink = LogSink(fd: fds[1])
+        let logger = Logger(label: "t") { StructuredLogHandler(label: $0, format: .text, level: .warning, sink: sink) }
+        logger.info("hidden")
+        logger.warning("shown")
+        close(fds[1])
+        let text = String(decoding: FileHandle(fileDescriptor: fds[0], closeOnDealloc: true).readDataToEndOfFile(), as: UTF8.self)
+        #expect(!text.contains("hidden") && text.contains("warning t: shown"))
+    }
+
+    @Test func maskingLeavesOrdinaryTextAlone() {
+        #expect(Redaction.maskURLPasswords("no url here @ all") == "no url here @ all")
+        #expect(Redaction.maskURLPasswords("http://host/path?a=b@c") == "http://host/path?a=b@c")
+        #expect(Redaction.maskURLPasswords("a https://u:p@h/x and amqp://v:q@i") == "a https://u:***@h/x and amqp://v:***@i")
+        #expect(Redaction.isSecret("db.password") && Redaction.isSecret("API_KEY") && !Redaction.isSecret("run.id") && !Redaction.isSecret("tokens_used"))
+    }
+}
