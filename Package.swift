@@ -25,6 +25,9 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         // Already built for async-http-client; the tests' HTTP receiver uses it directly.
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        // Metrics: swift-metrics (already built for Hummingbird) exported as Prometheus text.
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         // The REST API and the dashboard.
         .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
         // API key hashing; jwt-kit needs the 4.x line.
@@ -56,10 +59,13 @@ let package = Package(
         .target(name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
                 resources: [.copy("Migrations")]),
 
-        // Trace context over AMQP headers; the structured log handler.
+        // Trace context over AMQP headers; the structured log handler; metrics.
         .target(name: "ConveyorTelemetry", dependencies: [
             "ConveyorAMQP",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
             .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
         ]),
@@ -84,7 +90,7 @@ let package = Package(
 
         // The REST API: authentication, validation, problem+json errors.
         .target(name: "ConveyorAPI", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorHTTP",
+            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorHTTP", "ConveyorTelemetry",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "JWTKit", package: "jwt-kit"),

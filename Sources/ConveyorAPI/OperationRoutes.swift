@@ -1,6 +1,7 @@
 import ConveyorAMQP
 import ConveyorCore
 import ConveyorStore
+import ConveyorTelemetry
 import Foundation
 import Hummingbird
 import NIOCore
@@ -255,7 +256,7 @@ extension APIServer {
         }
         r.on(.get, "/metrics") { _, context in
             _ = try context.require(.viewer)
-            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: env.metrics.render())))
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: env.metrics.render() + ConveyorMetrics.text())))
         }
     }
 

@@ -157,6 +157,8 @@ public final class Dispatcher: Service, Sendable {
     /// One scan tick: the probe, then every task group's claim and publish, concurrently. Returns
     /// the work done and the seconds until something is next due (from the probe).
     func scanTick() async -> (work: Int, nextDueIn: Double?) {
+        let began = ContinuousClock.now
+        defer { ConveyorMetrics.scanDuration(ContinuousClock.now - began) }
         let probe: ScanProbe
         do { probe = try await store.scanProbe() } catch {
             logger.warning("scan probe failed", metadata: ["error": "\(error)"])
@@ -204,7 +206,13 @@ public final class Dispatcher: Service, Sendable {
             if total >= Self.analyzeAfterRuns && total - result.created < Self.analyzeAfterRuns { maintenanceWakeup.signal() }
         }
         if result.runs.isEmpty { return result.created }
+        ConveyorMetrics.claimBatch(result.runs.count)
         let (ok, failed) = await publish(result.runs)
+        let okSet = Set(ok)
+        for (queue, runs) in Dictionary(grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: \.message.queue) {
+            ConveyorMetrics.dispatched(queue: queue, count: runs.count)
+        }
+        if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
         do {
             try await store.markDispatched(ok)
             if !failed.isEmpty { try await store.retryPublishSoon(failed, delay: .seconds(1)) }
@@ -242,7 +250,9 @@ public final class Dispatcher: Service, Sendable {
                                            type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
                                            headers: headers))
         }
+        let sent = ContinuousClock.now
         let results = await publisher.publish(messages)
+        ConveyorMetrics.publishConfirm(ContinuousClock.now - sent)
         var ok: [UUID] = [], failed: [UUID] = []
         for (run, r) in zip(runs, results) {
             switch r {
@@ -307,6 +317,13 @@ public final class Dispatcher: Service, Sendable {
             try await store.recordHeartbeats(beats)
             counters.withLock { $0.heartbeats += beats.count }
             let r = try await store.record(events, lostGrace: configuration.lostGrace)
+            let now = Date()
+            for e in events {
+                ConveyorMetrics.statusLag(seconds: now.timeIntervalSince(e.at))
+                if e.event == .finished, let o = e.outcome { ConveyorMetrics.finished(outcome: o.rawValue) }
+            }
+            if r.settled.retried > 0 { ConveyorMetrics.retried(r.settled.retried) }
+            if r.settled.dead > 0 { ConveyorMetrics.dead(r.settled.dead) }
             counters.withLock {
                 $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes
                 $0.retried += r.settled.retried; $0.dead += r.settled.dead

@@ -1,6 +1,7 @@
 import ConveyorAMQP
 import ConveyorCore
 import ConveyorStore
+import ConveyorTelemetry
 import Foundation
 import Logging
 import Synchronization
@@ -101,6 +102,7 @@ extension Dispatcher {
             await untilCommitted("recording dead letters") {
                 let ended = try await store.recordDeadLetters([letter])
                 counters.withLock { $0.deadLetters += 1; $0.dead += ended }
+                ConveyorMetrics.deadLetter()
                 deadConsumer.ack(d)
             }
         }

@@ -247,7 +247,13 @@ public final class Worker: Service, Sendable {
                     await self.reportWhileRunning(started, delivery: delivery, detached: detached, headers: headers, log: log)
                     return nil
                 }
-                group.addTask { await Self.run(executor, context, cancel: cancelSignal) }
+                let executorName = message.executor
+                group.addTask {
+                    let began = ContinuousClock.now
+                    let r = await Self.run(executor, context, cancel: cancelSignal)
+                    ConveyorMetrics.executorDuration(executor: executorName, ContinuousClock.now - began)
+                    return r
+                }
                 var result: ExecutionResult?
                 while let r = await group.next() {
                     if let r { result = r; group.cancelAll() }

@@ -57,6 +57,7 @@ struct Bench: AsyncParsableCommand {
         env["CONVEYOR_WORKER_QUEUES"] = queue
         env["CONVEYOR_WORKER_EXECUTORS"] = sleepMS > 0 ? "sleep" : "noop"
         env["CONVEYOR_WORKER_HTTP_PORT"] = "0"
+        env["CONVEYOR_DISPATCHER_HTTP_PORT"] = "0"
         env["CONVEYOR_WORKER_CONCURRENCY"] = String(concurrency)
         var children: [(role: String, process: Process)] = []
         defer { for (_, p) in children where p.isRunning { p.terminate() } }

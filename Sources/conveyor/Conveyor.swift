@@ -50,6 +50,7 @@ struct CommonOptions: ParsableArguments {
             throw ValidationError(field: "CONVEYOR_LOG_FORMAT", value: formatText, hint: "use json (for log collectors), logfmt or text")
         }
         Bootstrap.logging(level: level, format: format)
+        ConveyorMetrics.bootstrap()
         return Logger(label: label)
     }
 }
@@ -141,7 +142,15 @@ struct DispatcherCommand: AsyncParsableCommand {
         let logger = try common.logger("conveyor.dispatcher")
         let (dispatcher, pool) = try await common.makeDispatcher(logger: logger)
         defer { pool.close() }
-        try await runUntilSignalled([dispatcher], logger: logger)
+        let s = try await common.settings("dispatcher.yaml")
+        let port = try s.int("dispatcher.http_port", default: 9090, range: 0...65_535)
+        var services: [any Service] = [dispatcher]
+        if port > 0 {
+            // /healthz, /readyz (publishing and consuming statuses), /metrics.
+            services.append(StatusServer(host: try s.string("dispatcher.http_host", default: "0.0.0.0"), port: port, logger: logger,
+                                         ready: { dispatcher.isReady }, metrics: { ConveyorMetrics.text() }))
+        }
+        try await runUntilSignalled(services, logger: logger)
     }
 }
 
@@ -163,7 +172,7 @@ struct WorkerCommand: AsyncParsableCommand {
 func statusServer(for workers: [Worker], logger: Logger) -> [any Service] {
     guard let first = workers.first, first.configuration.httpPort > 0 else { return [] }
     return [StatusServer(host: first.configuration.httpHost, port: first.configuration.httpPort, logger: logger,
-                         ready: { workers.allSatisfy(\.isReady) }, metrics: { workers.map(\.metricsText).joined() })]
+                         ready: { workers.allSatisfy(\.isReady) }, metrics: { workers.map(\.metricsText).joined() + ConveyorMetrics.text() })]
 }
 
 struct Dev: AsyncParsableCommand {

@@ -193,6 +193,7 @@ func conveyorProcess(_ args: [String], env: [String: String]) throws -> Process 
     e["CONVEYOR_CONFIG_DIR"] = e["CONVEYOR_CONFIG_DIR"] ?? FileManager.default.currentDirectoryPath + "/config"
     // Several workers run at once in tests: no status endpoint unless a test asks for one.
     e["CONVEYOR_WORKER_HTTP_PORT"] = env["CONVEYOR_WORKER_HTTP_PORT"] ?? "0"
+    e["CONVEYOR_DISPATCHER_HTTP_PORT"] = env["CONVEYOR_DISPATCHER_HTTP_PORT"] ?? "0"
     p.environment = e
     return p
 }

@@ -1,0 +1,49 @@
+public import CoreMetrics
+import Metrics
+public import Prometheus
+import Synchronization
+
+/// Metrics through swift-metrics, exported in the Prometheus text format by each process's
+/// status endpoint (`/metrics`). `bootstrap()` once in `main`; until then (and in tests that run
+/// components in-process) every metric is a no-op.
+///
+/// Names follow Prometheus conventions (`_total` counters, `_seconds` histograms); labels are
+/// bounded sets (queue, executor, outcome), never run or task ids.
+public enum ConveyorMetrics {
+    public static let registry = PrometheusCollectorRegistry()
+    static let done = Atomic<Bool>(false)
+
+    public static func bootstrap() {
+        guard !done.exchange(true, ordering: .relaxed) else { return }
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.valueHistogramBuckets["conveyor_dispatcher_claim_batch_size"] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000]
+        factory.durationHistogramBuckets["conveyor_status_lag_seconds"] = [.milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
+                                                                          .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60)]
+        MetricsSystem.bootstrap(factory)
+    }
+
+    /// The registry in the Prometheus text format.
+    public static func text() -> String { registry.emitToString() }
+
+    // The metrics the components record. Each is created on use: swift-metrics caches handlers by
+    // label and dimensions in the factory's registry.
+    public static func dispatched(queue: String, count: Int) {
+        Counter(label: "conveyor_dispatched_runs_total", dimensions: [("queue", queue)]).increment(by: count)
+    }
+    public static func scanDuration(_ d: Duration) { Timer(label: "conveyor_dispatcher_scan_duration_seconds").recordNanoseconds(d.nanoseconds) }
+    public static func claimBatch(_ n: Int) { Recorder(label: "conveyor_dispatcher_claim_batch_size").record(n) }
+    public static func publishConfirm(_ d: Duration) { Timer(label: "conveyor_publish_confirm_seconds").recordNanoseconds(d.nanoseconds) }
+    public static func publishFailed(_ n: Int) { Counter(label: "conveyor_publish_failures_total").increment(by: n) }
+    public static func statusLag(seconds: Double) { Timer(label: "conveyor_status_lag_seconds").recordNanoseconds(Int64(max(0, seconds) * 1e9)) }
+    public static func finished(outcome: String) { Counter(label: "conveyor_runs_finished_total", dimensions: [("outcome", outcome)]).increment() }
+    public static func retried(_ n: Int) { Counter(label: "conveyor_retries_total").increment(by: n) }
+    public static func dead(_ n: Int) { Counter(label: "conveyor_runs_dead_total").increment(by: n) }
+    public static func deadLetter() { Counter(label: "conveyor_dead_letters_total").increment() }
+    public static func executorDuration(executor: String, _ d: Duration) {
+        Timer(label: "conveyor_executor_duration_seconds", dimensions: [("executor", executor)]).recordNanoseconds(d.nanoseconds)
+    }
+}
+
+extension Duration {
+    var nanoseconds: Int64 { components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000 }
+}
