@@ -49,10 +49,12 @@ let package = Package(
         .target(name: "ConveyorPostgres", dependencies: [
             "CLibPQ", "ConveyorCore",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
         ]),
         .target(name: "ConveyorAMQP", dependencies: [
             "CRabbitMQ", "ConveyorCore",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
         ]),
 
         // The SQL of tasks, runs and workers.

@@ -1,3 +1,4 @@
+import CoreMetrics
 import ConveyorCore
 import Foundation
 import Synchronization
@@ -11,6 +12,8 @@ final class ConnectionOwner: Sendable {
     private let stopped = Atomic<Bool>(false)
     private let reconnects = Atomic<Int>(0)
     private let lastError = Mutex<AMQPError?>(nil)
+    /// `publish` or `consume`: the reconnect counter's label.
+    private let role = Mutex("amqp")
 
     init(configuration: AMQPConfiguration) { self.configuration = configuration }
 
@@ -19,6 +22,9 @@ final class ConnectionOwner: Sendable {
 
     /// Starts the owner thread running `body`.
     func start(name: String, _ body: @escaping @Sendable () -> Void) {
+        role.withLock { $0 = name.split(separator: ".").last.map(String.init) ?? name }
+        // Present at 0 from the start, so a dashboard sees the series before the first reconnect.
+        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role.withLock { $0 })]).increment(by: 0)
         let t = Thread(block: body)
         t.name = name
         t.start()
@@ -30,7 +36,10 @@ final class ConnectionOwner: Sendable {
     }
 
     func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }
-    func reconnected() { reconnects.add(1, ordering: .relaxed) }
+    func reconnected() {
+        reconnects.add(1, ordering: .relaxed)
+        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role.withLock { $0 })]).increment()
+    }
 
     /// Sleeps `Backoff.delay` (base and cap from the configuration), waking early on stop.
     func sleepBackoff(_ attempt: Int) {

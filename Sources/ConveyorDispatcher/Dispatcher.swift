@@ -209,8 +209,8 @@ public final class Dispatcher: Service, Sendable {
         ConveyorMetrics.claimBatch(result.runs.count)
         let (ok, failed) = await publish(result.runs)
         let okSet = Set(ok)
-        for (queue, runs) in Dictionary(grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: \.message.queue) {
-            ConveyorMetrics.dispatched(queue: queue, count: runs.count)
+        for (key, runs) in Dictionary(grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) }) {
+            ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
         }
         if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
         do {
@@ -353,4 +353,10 @@ public final class Dispatcher: Service, Sendable {
             }
         }
     }
+}
+
+/// A metrics key: runs dispatched are counted by queue and priority.
+struct QueuePriority: Hashable {
+    var queue: String
+    var priority: Priority
 }

@@ -13,8 +13,13 @@ extension Dispatcher {
     func maintenanceLoop() async {
         var lastPurge = ContinuousClock.now
         var lastAnalyze = ContinuousClock.now - .seconds(3600)
+        var lastDepths = ContinuousClock.now - .seconds(3600)
         while !stopping.load(ordering: .relaxed) {
             await refreshStatisticsAfterBursts(last: &lastAnalyze)
+            if ContinuousClock.now - lastDepths > .seconds(15) {
+                lastDepths = ContinuousClock.now
+                await measureQueueDepths()
+            }
             do {
                 let (lost, settled) = try await store.declareLost()
                 if lost > 0 {
@@ -42,6 +47,20 @@ extension Dispatcher {
                 logger.warning("maintenance failed; will retry", metadata: ["error": "\(error)"])
             }
             await maintenanceWakeup.wait(timeout: configuration.maintenanceInterval)
+        }
+    }
+
+    /// The broker's ready messages per work queue this dispatcher publishes to (a passive declare
+    /// on a short connection of its own), as the gauge `conveyor_queue_depth{queue}`.
+    func measureQueueDepths() async {
+        let queues = declaredQueues.withLock { $0 }.sorted()
+        do {
+            let stats = try await AMQPInspector.queues(queues.map(topology.workQueue), configuration: publisher.configuration)
+            for (queue, name) in zip(queues, queues.map(topology.workQueue)) {
+                if let s = stats.first(where: { $0.name == name }) { ConveyorMetrics.queueDepth(queue: queue, s.messages, consumers: s.consumers) }
+            }
+        } catch {
+            logger.debug("queue depths not measured", metadata: ["error": "\(error)"])
         }
     }
 

@@ -1,3 +1,4 @@
+import CoreMetrics
 import ConveyorCore
 import Foundation
 public import Logging
@@ -48,7 +49,13 @@ public final class PostgresPool: Sendable {
 
     /// Runs `body` with a connection of its own.
     public func withConnection<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        let asked = ContinuousClock.now
         let connection = try await acquire()
+        let waited = ContinuousClock.now - asked
+        Self.waitTimer.recordNanoseconds(waited.components.seconds * 1_000_000_000 + waited.components.attoseconds / 1_000_000_000)
+        let inUse = state.withLock { $0.open - $0.idle.count }
+        Self.inUseGauge.record(inUse)
+        defer { Self.inUseGauge.record(state.withLock { $0.open - $0.idle.count }) }
         do {
             let result = try await body(connection)
             release(connection)
@@ -92,6 +99,11 @@ public final class PostgresPool: Sendable {
         for c in idle { c.close() }
         for w in waiters { w.continuation.resume(throwing: PostgresError(code: .closed, message: "pool is closed")) }
     }
+
+    /// swift-metrics (a no-op until the process bootstraps a backend): time spent waiting for a
+    /// connection, and connections handed out now (of this process's pools, the last one measured).
+    static let waitTimer = CoreMetrics.Timer(label: "conveyor_db_pool_wait_seconds")
+    static let inUseGauge = CoreMetrics.Gauge(label: "conveyor_db_pool_in_use")
 
     /// Connections open now, and callers waiting for one.
     public var usage: (open: Int, idle: Int, waiting: Int) {

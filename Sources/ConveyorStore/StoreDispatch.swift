@@ -6,6 +6,8 @@ public import Foundation
 public struct ClaimedRun: Sendable {
     public var message: TaskMessage
     public var traceparent: String
+    /// The run's priority (a metrics label; the message itself does not carry it).
+    public var priority: Priority = .normal
 }
 
 /// What a scan tick learns before claiming (`Store.scanProbe`).
@@ -311,14 +313,14 @@ extension Store {
     }
 
     static let messageColumns = """
-        r.id, r.task_id, t.name, t.executor, t.parameters::text, r.queue, t.timeout_seconds, r.occurrence, r.attempt, r.traceparent
+        r.id, r.task_id, t.name, t.executor, t.parameters::text, r.queue, t.timeout_seconds, r.occurrence, r.attempt, r.traceparent, r.priority
         """
 
     static func claimed(_ r: PostgresRow, _ q: ClaimRequest) throws -> ClaimedRun {
         let m = TaskMessage(runID: try r.uuid(0), taskID: try r.uuid(1), taskName: try r.string(2), occurrence: try r.date(7),
                             attempt: try r.int(8), queue: try r.string(5), executor: try r.string(3),
                             parameters: try json(try r.string(4)), timeoutSeconds: try r.double(6))
-        return ClaimedRun(message: m, traceparent: r[9] ?? q.newTraceParent(nil))
+        return ClaimedRun(message: m, traceparent: r[9] ?? q.newTraceParent(nil), priority: Priority(rawValue: try r.int(10)) ?? .normal)
     }
 
     /// One round trip before a scan: when something is next due (a task, a ready run, an expired

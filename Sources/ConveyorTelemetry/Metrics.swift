@@ -17,6 +17,9 @@ public enum ConveyorMetrics {
         guard !done.exchange(true, ordering: .relaxed) else { return }
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.valueHistogramBuckets["conveyor_dispatcher_claim_batch_size"] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000]
+        factory.durationHistogramBuckets["conveyor_run_fire_lateness_seconds"] = [.milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
+                                                                                 .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30),
+                                                                                 .seconds(60), .seconds(300)]
         factory.durationHistogramBuckets["conveyor_status_lag_seconds"] = [.milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
                                                                           .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60)]
         MetricsSystem.bootstrap(factory)
@@ -27,9 +30,11 @@ public enum ConveyorMetrics {
 
     // The metrics the components record. Each is created on use: swift-metrics caches handlers by
     // label and dimensions in the factory's registry.
-    public static func dispatched(queue: String, count: Int) {
-        Counter(label: "conveyor_dispatched_runs_total", dimensions: [("queue", queue)]).increment(by: count)
+    public static func dispatched(queue: String, priority: String, count: Int) {
+        Counter(label: "conveyor_dispatched_runs_total", dimensions: [("queue", queue), ("priority", priority)]).increment(by: count)
     }
+    /// Due time → started, for first attempts (retries wait on purpose), on the worker's clock.
+    public static func fireLateness(seconds: Double) { Timer(label: "conveyor_run_fire_lateness_seconds").recordNanoseconds(Int64(max(0, seconds) * 1e9)) }
     public static func scanDuration(_ d: Duration) { Timer(label: "conveyor_dispatcher_scan_duration_seconds").recordNanoseconds(d.nanoseconds) }
     public static func claimBatch(_ n: Int) { Recorder(label: "conveyor_dispatcher_claim_batch_size").record(n) }
     public static func publishConfirm(_ d: Duration) { Timer(label: "conveyor_publish_confirm_seconds").recordNanoseconds(d.nanoseconds) }
@@ -39,6 +44,10 @@ public enum ConveyorMetrics {
     public static func retried(_ n: Int) { Counter(label: "conveyor_retries_total").increment(by: n) }
     public static func dead(_ n: Int) { Counter(label: "conveyor_runs_dead_total").increment(by: n) }
     public static func deadLetter() { Counter(label: "conveyor_dead_letters_total").increment() }
+    public static func queueDepth(queue: String, _ ready: Int, consumers: Int) {
+        Gauge(label: "conveyor_queue_depth", dimensions: [("queue", queue)]).record(ready)
+        Gauge(label: "conveyor_queue_consumers", dimensions: [("queue", queue)]).record(consumers)
+    }
     public static func executorDuration(executor: String, _ d: Duration) {
         Timer(label: "conveyor_executor_duration_seconds", dimensions: [("executor", executor)]).recordNanoseconds(d.nanoseconds)
     }

@@ -236,6 +236,7 @@ public final class Worker: Service, Sendable {
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()
         let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt)
+        if message.attempt == 1 { ConveyorMetrics.fireLateness(seconds: startedAt.timeIntervalSince(message.occurrence)) }
         let detached = Flag()
         var result: ExecutionResult
         if cancels.wasCancelled(message.runID) {

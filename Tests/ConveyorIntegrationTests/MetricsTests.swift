@@ -59,18 +59,23 @@ struct MetricsTests {
             for (name, type) in [("conveyor_dispatched_runs_total", "counter"), ("conveyor_dispatcher_scan_duration_seconds", "histogram"),
                                  ("conveyor_dispatcher_claim_batch_size", "histogram"), ("conveyor_publish_confirm_seconds", "histogram"),
                                  ("conveyor_status_lag_seconds", "histogram"), ("conveyor_runs_finished_total", "counter"),
-                                 ("conveyor_retries_total", "counter"), ("conveyor_runs_dead_total", "counter")] {
+                                 ("conveyor_retries_total", "counter"), ("conveyor_runs_dead_total", "counter"),
+                                 ("conveyor_queue_depth", "gauge"), ("conveyor_queue_consumers", "gauge"),
+                                 ("conveyor_db_pool_wait_seconds", "histogram"), ("conveyor_db_pool_in_use", "gauge"),
+                                 ("conveyor_amqp_reconnects_total", "counter")] {
                 #expect(d[name]?.type == type, "dispatcher \(name): \(d[name].map { "\($0)" } ?? "missing")")
             }
-            #expect(d["conveyor_dispatched_runs_total"]?.samples.contains("conveyor_dispatched_runs_total{queue=\"\(sys.queue)\"} 22") == true,
+            #expect(d["conveyor_dispatched_runs_total"]?.samples.contains("conveyor_dispatched_runs_total{queue=\"\(sys.queue)\",priority=\"normal\"} 22") == true,
                     "20 + 2 attempts: \(d["conveyor_dispatched_runs_total"]?.samples ?? [])")
             #expect(d["conveyor_runs_finished_total"]?.samples.contains("conveyor_runs_finished_total{outcome=\"succeeded\"} 20") == true,
                     "\(d["conveyor_runs_finished_total"]?.samples ?? [])")
             #expect(d["conveyor_retries_total"]?.samples.contains("conveyor_retries_total 1") == true)
+            #expect(d["conveyor_queue_depth"]?.samples.contains { $0.hasPrefix("conveyor_queue_depth{queue=\"\(sys.queue)\"}") } == true)
 
             let w = Self.parse(try await Self.scrape(workerPort))
             for (name, type) in [("conveyor_executor_duration_seconds", "histogram"), ("conveyor_worker_in_flight", "gauge"),
-                                 ("conveyor_worker_runs_total", "counter"), ("conveyor_worker_amqp_reconnects_total", "counter")] {
+                                 ("conveyor_worker_runs_total", "counter"), ("conveyor_worker_amqp_reconnects_total", "counter"),
+                                 ("conveyor_run_fire_lateness_seconds", "histogram")] {
                 #expect(w[name]?.type == type, "worker \(name): \(w[name].map { "\($0)" } ?? "missing")")
             }
             #expect(w["conveyor_executor_duration_seconds"]?.samples.contains { $0.hasPrefix("conveyor_executor_duration_seconds_count{executor=\"noop\"} 20") } == true,
