@@ -54,6 +54,9 @@ extension APIServer {
             let who = try context.require(.viewer)
             let run = try await findRun(context, who, store)
             guard case .object(var o) = view(run) else { return json(view(run)) }
+            if let template = env.options.traceLinkTemplate, let trace = run.traceID, !trace.isEmpty {
+                o["trace_url"] = .string(template.replacingOccurrences(of: "{trace_id}", with: trace))
+            }
             // The occurrence's attempts, so a retried run shows its history in one call.
             o["attempts"] = .array(try await store.attempts(of: run).map { a in
                 var x: [String: JSONValue] = ["id": .string(a.id.uuidString.lowercased()), "attempt": .number(Double(a.attempt)), "state": .string(a.state.rawValue)]

@@ -30,6 +30,9 @@ public struct APIOptions: Sendable {
     public var trustedProxies: [Network] = []
     /// Largest page a list returns.
     public var maxPage = 100
+    /// A link to a run's trace in a trace UI, `{trace_id}` replaced (`api.trace_link_template`,
+    /// e.g. `http://jaeger:16686/trace/{trace_id}` or a Grafana Tempo explore URL).
+    public var traceLinkTemplate: String?
 
     public init() {}
 }

@@ -46,6 +46,14 @@ struct APICommand: AsyncParsableCommand {
             try Network(parsing: text, field: "api.trusted_proxies")
         }
         o.maxPage = try s.int("api.max_page_size", default: 100, range: 1...1000)
+        if let t = try s.optionalString("api.trace_link_template") {
+            guard t.contains("{trace_id}"), let u = URL(string: t.replacingOccurrences(of: "{trace_id}", with: "x")),
+                  ["http", "https"].contains(u.scheme ?? ""), u.host != nil else {
+                throw ValidationError(field: "api.trace_link_template", value: t,
+                                      hint: "an http(s) URL containing {trace_id}, e.g. http://jaeger:16686/trace/{trace_id}")
+            }
+            o.traceLinkTemplate = t
+        }
         return o
     }
 

@@ -341,6 +341,31 @@ struct APISurfaceTests {
         }
     }
 
+    @Test func runsLinkToTheirTraceWhenATemplateIsSet() async throws {
+        try await System.with { sys in
+            var options = APIOptions()
+            options.traceLinkTemplate = "http://jaeger.example:16686/trace/{trace_id}"
+            try await APITests.withAPI(sys, options: options) { api, _ in
+                let k = try await APITests.key(sys, role: .viewer, namespace: "default")
+                try await sys.store.createTasks([NewTask(name: "traced", executor: "noop", schedule: .manual)])
+                let id = UUID()
+                try await sys.pool.withConnection { c in
+                    try await c.query("""
+                        INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, trace_id)
+                        SELECT $1, id, now(), 1, 'succeeded', queue, shard, now(), '4bf92f3577b34da6a3ce929d0e0e4736' FROM tasks WHERE name = 'traced'
+                        """, [id])
+                }
+                let run = try await api.call("GET", "/v1/runs/\(id)", key: k)
+                #expect(run.json["trace_url"] == "http://jaeger.example:16686/trace/4bf92f3577b34da6a3ce929d0e0e4736", "\(run.json)")
+            }
+            try await APITests.withAPI(sys) { api, _ in
+                let k = try await APITests.key(sys, role: .viewer, namespace: "default")
+                let id = try #require(try await sys.rows("SELECT id::text FROM runs").first?[0])
+                #expect(try await api.call("GET", "/v1/runs/\(id)", key: k).json["trace_url"] == nil, "no template, no link")
+            }
+        }
+    }
+
     @Test func everyRoleAgainstEveryRoute() async throws {
         try await System.with { sys in
             let routes = APIServer.build(APIEnvironment(store: sys.store, keys: KeyAuthenticator(store: sys.store))).routes

@@ -439,6 +439,34 @@ struct JWTTests {
         }
     }
 
+    /// Bad API settings stop `conveyor api` with the key, the value and the fix.
+    @Test func badAPISettingsStopStartUp() async throws {
+        for (variable, value, expected) in [
+            ("CONVEYOR_API_TRACE_LINK_TEMPLATE", "ftp://x", "invalid api.trace_link_template 'ftp://x': an http(s) URL containing {trace_id}"),
+            ("CONVEYOR_API_TRUSTED_PROXIES", "10.0.0.0/99", "api.trusted_proxies"),
+            ("CONVEYOR_API_MAX_PAGE_SIZE", "0", "api.max_page_size"),
+            ("CONVEYOR_API_RATE_LIMIT_PER_KEY_RATE_PER_SECOND", "-1", "api.rate_limit.per_key.rate_per_second"),
+        ] {
+            // Under timeout(1): were the value accepted, the API would serve until killed (status 124).
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/timeout")
+            p.arguments = ["15", try conveyorBinary(), "api"]
+            var e = ProcessInfo.processInfo.environment
+            e["CONVEYOR_CONFIG_DIR"] = FileManager.default.currentDirectoryPath + "/config"
+            e[variable] = value
+            e["CONVEYOR_API_PORT"] = String(Int.random(in: 40_001...50_000))
+            p.environment = e
+            let err = Pipe()
+            p.standardError = err
+            p.standardOutput = FileHandle.nullDevice
+            try p.run()
+            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 1, "\(variable)=\(value) was accepted (status \(p.terminationStatus))")
+            #expect(text.contains(expected), "\(variable)=\(value): \(text)")
+        }
+    }
+
     @Test func misconfiguredJWTRefusesToStart() async throws {
         await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a")) } throws: { "\($0)".contains("auth.jwt") }
         await #expect { _ = try await JWTVerifier(JWTSettings(issuer: "i", audience: "a", hs256Secret: Array("short".utf8))) } throws: {

@@ -156,7 +156,8 @@ const pages = {
     const r = await api("GET", "/v1/runs/" + encodeURIComponent(id));
     view.append(h("h2", {}, "Run ", r.id),
       h("dl", {}, ...[["State", stateCell(r.state)], ["Attempt", r.attempt], ["Occurrence", when(r.occurrence)], ["Started", when(r.started_at)],
-        ["Finished", when(r.finished_at)], ["Worker", r.worker_id || "–"], ["Exit code", r.exit_code ?? "–"], ["Trace id", h("code", { id: "trace-id" }, r.trace_id || "–")],
+        ["Finished", when(r.finished_at)], ["Worker", r.worker_id || "–"], ["Exit code", r.exit_code ?? "–"], ["Trace id", r.trace_url ? h("a", { id: "trace-id", href: r.trace_url, target: "_blank", rel: "noopener noreferrer" }, r.trace_id)
+                                   : h("code", { id: "trace-id" }, r.trace_id || "–")],
         ["Error", r.error_message ? (r.error_class || "") + ": " + r.error_message : "–"], ["Reason", r.reason || "–"]]
         .flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
       h("h3", {}, "Attempts of this occurrence"),
