@@ -22,7 +22,7 @@ func path(_ s: String) -> String { s.addingPercentEncoding(withAllowedCharacters
 
 struct TaskGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "task", abstract: "Define, list, trigger, pause and delete tasks.",
-                                                    subcommands: [Submit.self, List.self, Get.self, Trigger.self, Pause.self, Resume.self, Delete.self])
+                                                    subcommands: [Submit.self, List.self, Get.self, Post<TriggerTask>.self, Post<PauseTask>.self, Post<ResumeTask>.self, Delete.self])
 
     struct Submit: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create tasks from a YAML or JSON file (one task, a list, or {tasks: [...]}), in batches.")
@@ -134,36 +134,6 @@ struct TaskGroup: AsyncParsableCommand {
         }
     }
 
-    struct Trigger: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Run a task now.")
-        @OptionGroup var global: GlobalOptions
-        @Argument var name: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/tasks/\(path(name))/trigger").json
-            Output.print(r, json: global.json) { "triggered \(name)" }
-        }
-    }
-
-    struct Pause: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Pause a task: no new runs until resumed.")
-        @OptionGroup var global: GlobalOptions
-        @Argument var name: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/tasks/\(path(name))/pause").json
-            Output.print(r, json: global.json) { "paused \(name)" }
-        }
-    }
-
-    struct Resume: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Resume a paused task.")
-        @OptionGroup var global: GlobalOptions
-        @Argument var name: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/tasks/\(path(name))/resume").json
-            Output.print(r, json: global.json) { "resumed \(name)" }
-        }
-    }
-
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Delete a task (soft: its runs stay); --purge removes it and its runs (admin).")
         @OptionGroup var global: GlobalOptions
@@ -180,7 +150,7 @@ struct TaskGroup: AsyncParsableCommand {
 
 struct RunGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "run", abstract: "List and inspect runs; cancel and re-drive them.",
-                                                    subcommands: [List.self, Get.self, Logs.self, Cancel.self, Redrive.self])
+                                                    subcommands: [List.self, Get.self, Logs.self, Post<CancelRun>.self, Post<RedriveRun>.self])
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Runs, newest first.")
@@ -222,26 +192,6 @@ struct RunGroup: AsyncParsableCommand {
             Output.print(.object(["id": r["id"] ?? .null, "output": r["output"] ?? .null]), json: global.json) { r["output"]?.stringValue ?? "(no output captured)" }
         }
     }
-
-    struct Cancel: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Cancel a run that has not ended.")
-        @OptionGroup var global: GlobalOptions
-        @Argument var id: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/runs/\(path(id))/cancel").json
-            Output.print(r, json: global.json) { "cancelled \(id)" }
-        }
-    }
-
-    struct Redrive: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Run an ended run's occurrence again as a new attempt.")
-        @OptionGroup var global: GlobalOptions
-        @Argument var id: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/runs/\(path(id))/redrive").json
-            Output.print(r, json: global.json) { "re-driven as run \(Output.text(r["run_id"])) (attempt \(Output.text(r["attempt"])))" }
-        }
-    }
 }
 
 // MARK: workers, groups, keys
@@ -280,7 +230,7 @@ struct WorkerGroup: AsyncParsableCommand {
 
 struct GroupGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "group", abstract: "Task groups: counts, pause, resume, cancel.",
-                                                    subcommands: [List.self, Get.self, Pause.self, Resume.self, Cancel.self])
+                                                    subcommands: [List.self, Get.self, Post<PauseGroup>.self, Post<ResumeGroup>.self, Post<CancelGroup>.self])
 
     static func rows(_ groups: [JSONValue]) -> String {
         TextTable.render(["GROUP", "TASKS", "PAUSED", "RUNS BY STATE"], groups.map { g in
@@ -303,33 +253,6 @@ struct GroupGroup: AsyncParsableCommand {
         func run() async throws {
             let r = try await global.client().call(.GET, "/v1/groups/" + path(name)).json
             Output.print(r, json: global.json) { GroupGroup.rows([r]) }
-        }
-    }
-
-    struct Pause: AsyncParsableCommand {
-        @OptionGroup var global: GlobalOptions
-        @Argument var name: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/groups/\(path(name))/pause").json
-            Output.print(r, json: global.json) { "paused \(Output.text(r["tasks_changed"])) tasks of \(name)" }
-        }
-    }
-
-    struct Resume: AsyncParsableCommand {
-        @OptionGroup var global: GlobalOptions
-        @Argument var name: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/groups/\(path(name))/resume").json
-            Output.print(r, json: global.json) { "resumed \(Output.text(r["tasks_changed"])) tasks of \(name)" }
-        }
-    }
-
-    struct Cancel: AsyncParsableCommand {
-        @OptionGroup var global: GlobalOptions
-        @Argument var name: String
-        func run() async throws {
-            let r = try await global.client().call(.POST, "/v1/groups/\(path(name))/cancel").json
-            Output.print(r, json: global.json) { "cancelled \(Output.text(r["runs_cancelled"])) runs of \(name)" }
         }
     }
 }
@@ -376,4 +299,67 @@ struct KeyGroup: AsyncParsableCommand {
             Output.print(r, json: global.json) { "revoked \(prefix); every API process refuses it within 30 s" }
         }
     }
+}
+
+// MARK: one-word actions
+
+/// An action that is one POST on one object: `conveyorctl task trigger NAME`, `run cancel ID`, …
+protocol PostAction {
+    static var name: String { get }
+    static var abstract: String { get }
+    static var argument: String { get }
+    static func path(_ subject: String) -> String
+    static func said(_ subject: String, _ reply: JSONValue) -> String
+}
+
+struct Post<Action: PostAction>: AsyncParsableCommand {
+    static var configuration: CommandConfiguration { CommandConfiguration(commandName: Action.name, abstract: Action.abstract) }
+    @OptionGroup var global: GlobalOptions
+    @Argument(help: ArgumentHelp(Action.argument)) var subject: String
+
+    func run() async throws {
+        let reply = try await global.client().call(.POST, Action.path(path(subject))).json
+        Output.print(reply, json: global.json) { Action.said(subject, reply) }
+    }
+}
+
+enum TriggerTask: PostAction {
+    static let name = "trigger", abstract = "Run a task now.", argument = "The task's name."
+    static func path(_ s: String) -> String { "/v1/tasks/\(s)/trigger" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "triggered \(s)" }
+}
+enum PauseTask: PostAction {
+    static let name = "pause", abstract = "Pause a task: no new runs until resumed.", argument = "The task's name."
+    static func path(_ s: String) -> String { "/v1/tasks/\(s)/pause" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "paused \(s)" }
+}
+enum ResumeTask: PostAction {
+    static let name = "resume", abstract = "Resume a paused task.", argument = "The task's name."
+    static func path(_ s: String) -> String { "/v1/tasks/\(s)/resume" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "resumed \(s)" }
+}
+enum CancelRun: PostAction {
+    static let name = "cancel", abstract = "Cancel a run that has not ended.", argument = "The run's id."
+    static func path(_ s: String) -> String { "/v1/runs/\(s)/cancel" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "cancelled \(s)" }
+}
+enum RedriveRun: PostAction {
+    static let name = "redrive", abstract = "Run an ended run's occurrence again as a new attempt.", argument = "The run's id."
+    static func path(_ s: String) -> String { "/v1/runs/\(s)/redrive" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "re-driven as run \(Output.text(r["run_id"])) (attempt \(Output.text(r["attempt"])))" }
+}
+enum PauseGroup: PostAction {
+    static let name = "pause", abstract = "Pause every task of a group.", argument = "The group's name."
+    static func path(_ s: String) -> String { "/v1/groups/\(s)/pause" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "paused \(Output.text(r["tasks_changed"])) tasks of \(s)" }
+}
+enum ResumeGroup: PostAction {
+    static let name = "resume", abstract = "Resume every task of a group.", argument = "The group's name."
+    static func path(_ s: String) -> String { "/v1/groups/\(s)/resume" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "resumed \(Output.text(r["tasks_changed"])) tasks of \(s)" }
+}
+enum CancelGroup: PostAction {
+    static let name = "cancel", abstract = "Cancel every open run of a group's tasks.", argument = "The group's name."
+    static func path(_ s: String) -> String { "/v1/groups/\(s)/cancel" }
+    static func said(_ s: String, _ r: JSONValue) -> String { "cancelled \(Output.text(r["runs_cancelled"])) runs of \(s)" }
 }

@@ -32,9 +32,9 @@ struct APITests {
 
     /// Runs `body` with the API listening on a free port.
     static func withAPI(_ sys: System, ttl: Duration = .seconds(30), options: APIOptions = APIOptions(), broker: Bool = false,
-                        _ body: (Client, APIService) async throws -> Void) async throws {
+                        jwt: JWTVerifier? = nil, _ body: (Client, APIService) async throws -> Void) async throws {
         let port = Mutex<Int>(0)
-        let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, keyCacheTTL: ttl, options: options,
+        let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, keyCacheTTL: ttl, jwt: jwt, options: options,
                              broker: broker ? sys.amqp : nil, topology: ConveyorTopology(prefix: sys.prefix)) { p in port.withLock { $0 = p } }
         try await withServices([api]) {
             _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
@@ -342,13 +342,7 @@ struct JWTTests {
     @Test func tokensAreCheckedForSignatureAlgorithmIssuerAudienceAndExpiry() async throws {
         let verifier = try await JWTVerifier(JWTSettings(issuer: "https://auth.test", audience: "conveyor", leeway: .seconds(30), hs256Secret: Self.secret))
         try await System.with { sys in
-            let port = Mutex<Int>(0)
-            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, jwt: verifier) { p in port.withLock { $0 = p } }
-            try await withServices([api]) {
-                _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
-                var policy = OutboundPolicy()
-                policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
-                let client = APITests.Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+            try await APITests.withAPI(sys, jwt: verifier) { client, _ in
                 func status(_ token: String) async throws -> (Int, String) {
                     let r = try await client.call("GET", "/v1/tasks", key: token)
                     return (r.status, r.json["detail"]?.stringValue ?? "")
@@ -424,13 +418,7 @@ struct JWTTests {
 
         // An oversized token is refused by the API before any parsing.
         try await System.with { sys in
-            let port = Mutex<Int>(0)
-            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, jwt: verifier) { p in port.withLock { $0 = p } }
-            try await withServices([api]) {
-                _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
-                var policy = OutboundPolicy()
-                policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
-                let client = APITests.Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+            try await APITests.withAPI(sys, jwt: verifier) { client, _ in
                 let huge = try await client.call("GET", "/v1/tasks", key: good + String(repeating: "A", count: 9000))
                 #expect(huge.status == 401)
                 #expect(huge.json["detail"] == "the credential is longer than 8192 characters")
