@@ -19,6 +19,9 @@ public struct APIEnvironment: Sendable {
     public let broker: AMQPConfiguration?
     public let topology: ConveyorTopology
     public let limiter = RateLimiter()
+    /// `/readyz` needs no key: its answer is reused for 2 s, so probes (or anyone) calling it
+    /// often cost one database query and one broker connection per 2 s, not per call.
+    let readiness = ReadinessCache()
     public let metrics = APIMetrics()
     public let logger: Logger
 
@@ -43,6 +46,11 @@ public struct APIEnvironment: Sendable {
             context.logger.error("audit entry not written", metadata: ["audit.action": "\(action)", "audit.target": "\(target)", "error": "\(error)"])
         }
     }
+}
+
+/// The last readiness answer and when it was found.
+final class ReadinessCache: Sendable {
+    let state = Mutex<(at: ContinuousClock.Instant, problem: Problem?)?>(nil)
 }
 
 /// The routes being registered, and their list as `METHOD /path/{param}` (what `openapi.yaml` must list).
@@ -83,26 +91,39 @@ public enum APIServer {
         }
         r.on(.get, "/healthz") { _, _ in json(["status": "ok"]) }
         r.on(.get, "/readyz") { _, _ in
-            do {
-                _ = try await env.store.pool.withConnection { c in try await c.query("SELECT 1") }
-            } catch {
-                var p = Problem(.serviceUnavailable, "not ready", "the database is unreachable")
-                p.retryAfter = 5
-                throw p
+            let now = ContinuousClock.now
+            if let cached = env.readiness.state.withLock({ $0 }), now - cached.at < .seconds(2) {
+                if let p = cached.problem { throw p }
+                return json(["status": "ready"])
             }
-            if let broker = env.broker {
-                do { _ = try await AMQPInspector.queues([], configuration: broker) } catch {
-                    var p = Problem(.serviceUnavailable, "not ready", "the broker is unreachable: \(error)")
-                    p.retryAfter = 5
-                    throw p
-                }
-            }
+            let problem = await readinessProblem(env)
+            env.readiness.state.withLock { $0 = (now, problem) }
+            if let problem { throw problem }
             return json(["status": "ready"])
         }
         taskRoutes(&r, env)
         operationRoutes(&r, env)
         Dashboard.routes(&r)
         return (router, r.list)
+    }
+
+    /// Why the API is not ready (the database or the broker does not answer), or nil.
+    static func readinessProblem(_ env: APIEnvironment) async -> Problem? {
+        do {
+            _ = try await env.store.pool.withConnection { c in try await c.query("SELECT 1") }
+        } catch {
+            var p = Problem(.serviceUnavailable, "not ready", "the database is unreachable")
+            p.retryAfter = 5
+            return p
+        }
+        if let broker = env.broker {
+            do { _ = try await AMQPInspector.queues([], configuration: broker) } catch {
+                var p = Problem(.serviceUnavailable, "not ready", "the broker is unreachable: \(error)")
+                p.retryAfter = 5
+                return p
+            }
+        }
+        return nil
     }
 
     /// `openapi.yaml`, as shipped in the module's resources.

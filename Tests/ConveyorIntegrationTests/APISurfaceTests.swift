@@ -4,6 +4,7 @@ import ConveyorCore
 import ConveyorHTTP
 import ConveyorPostgres
 import ConveyorStore
+import Synchronization
 import Foundation
 import Testing
 
@@ -363,6 +364,28 @@ struct APISurfaceTests {
                 let id = try #require(try await sys.rows("SELECT id::text FROM runs").first?[0])
                 #expect(try await api.call("GET", "/v1/runs/\(id)", key: k).json["trace_url"] == nil, "no template, no link")
             }
+        }
+    }
+
+    @Test func readinessSaysWhatIsDownAndIsCachedBriefly() async throws {
+        // A database that does not answer (nothing listens on port 1), a broker that does.
+        var cfg = PostgresPool.Configuration(url: "postgresql://conveyor@127.0.0.1:1/conveyor")
+        cfg.connectRetryFor = .zero
+        let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
+        defer { pool.close() }
+        let store = Store(pool: pool)
+        let port = Mutex(0)
+        let api = APIService(host: "127.0.0.1", port: 0, store: store, logger: Servers.logger) { p in port.withLock { $0 = p } }
+        try await withServices([api]) {
+            while port.withLock({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(20)) }
+            var policy = OutboundPolicy()
+            policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+            let client = Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+            let r = try await client.call("GET", "/readyz")
+            #expect(r.status == 503)
+            #expect(r.json["detail"] == "the database is unreachable")
+            #expect(r.headers.contains { $0.0.lowercased() == "retry-after" && $0.1 == "5" })
+            #expect(try await client.call("GET", "/healthz").status == 200, "the process itself is up")
         }
     }
 
