@@ -63,7 +63,7 @@ let package = Package(
 
         // Trace context over AMQP headers; the structured log handler; metrics.
         .target(name: "ConveyorTelemetry", dependencies: [
-            "ConveyorAMQP",
+            "ConveyorCore", "ConveyorAMQP",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "CoreMetrics", package: "swift-metrics"),

@@ -37,7 +37,7 @@ public final class AMQPConsumer: Sendable {
 
     public init(configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger) {
         self.configuration = configuration
-        self.owner = ConnectionOwner(configuration: configuration)
+        self.owner = ConnectionOwner(configuration: configuration, role: "consume")
         self.topology = topology
         self.queues = queues
         self.prefetch = prefetch

@@ -29,7 +29,7 @@ public final class AMQPPublisher: Sendable {
 
     public init(configuration: AMQPConfiguration, topology: AMQPTopology, window: Int = 1024, logger: Logger) {
         self.configuration = configuration
-        self.owner = ConnectionOwner(configuration: configuration)
+        self.owner = ConnectionOwner(configuration: configuration, role: "publish")
         self.topology = Mutex(topology)
         self.window = window
         self.logger = logger

@@ -13,18 +13,20 @@ final class ConnectionOwner: Sendable {
     private let reconnects = Atomic<Int>(0)
     private let lastError = Mutex<AMQPError?>(nil)
     /// `publish` or `consume`: the reconnect counter's label.
-    private let role = Mutex("amqp")
+    let role: String
 
-    init(configuration: AMQPConfiguration) { self.configuration = configuration }
+    init(configuration: AMQPConfiguration, role: String) {
+        self.configuration = configuration
+        self.role = role
+        // Present at 0 from the start, so a dashboard sees the series before the first reconnect.
+        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment(by: 0)
+    }
 
     var isStopped: Bool { stopped.load(ordering: .relaxed) }
     var reconnectCount: Int { reconnects.load(ordering: .relaxed) }
 
     /// Starts the owner thread running `body`.
     func start(name: String, _ body: @escaping @Sendable () -> Void) {
-        role.withLock { $0 = name.split(separator: ".").last.map(String.init) ?? name }
-        // Present at 0 from the start, so a dashboard sees the series before the first reconnect.
-        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role.withLock { $0 })]).increment(by: 0)
         let t = Thread(block: body)
         t.name = name
         t.start()
@@ -38,7 +40,7 @@ final class ConnectionOwner: Sendable {
     func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }
     func reconnected() {
         reconnects.add(1, ordering: .relaxed)
-        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role.withLock { $0 })]).increment()
+        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment()
     }
 
     /// Sleeps `Backoff.delay` (base and cap from the configuration), waking early on stop.

@@ -103,7 +103,7 @@ struct RequestIDMiddleware: RouterMiddleware {
         }
         response.headers[.requestID] = context.requestID
         env.metrics.record(route: context.endpointPath ?? "unmatched", method: request.method.rawValue, status: response.status.code,
-                           seconds: (ContinuousClock.now - started).seconds)
+                           seconds: (ContinuousClock.now - started).inSeconds)
         context.logger.info("request", metadata: ["http.method": "\(request.method)", "http.path": "\(request.uri.path)",
                                                   "http.status": "\(response.status.code)", "client.address": "\(context.client)"])
         return response
@@ -165,7 +165,7 @@ struct AuthMiddleware: RouterMiddleware {
 
     static func tooMany(_ wait: Duration, _ detail: String) -> Problem {
         var p = Problem(.tooManyRequests, "too many requests", detail + "; retry after the Retry-After seconds")
-        p.retryAfter = max(1, Int(wait.seconds.rounded(.up)))
+        p.retryAfter = max(1, Int(wait.inSeconds.rounded(.up)))
         return p
     }
 }
@@ -174,6 +174,3 @@ extension HTTPField.Name {
     static let xForwardedFor = HTTPField.Name("X-Forwarded-For")!
 }
 
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
-}

@@ -50,9 +50,7 @@ public final class RateLimiter: Sendable {
         buckets.withLock { b in
             if b.count > 100_000 { Self.evictFull(&b, now: now, limit: limit) }
             var bucket = b[key] ?? Bucket(tokens: limit.burst, at: now)
-            let elapsed = now - bucket.at
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            bucket.tokens = min(limit.burst, bucket.tokens + seconds * limit.rate)
+            bucket.tokens = min(limit.burst, bucket.tokens + (now - bucket.at).inSeconds * limit.rate)
             bucket.at = now
             if bucket.tokens >= 1 {
                 bucket.tokens -= 1
@@ -61,16 +59,6 @@ public final class RateLimiter: Sendable {
             }
             b[key] = bucket
             return .milliseconds(Int64(((1 - bucket.tokens) / limit.rate * 1000).rounded(.up)))
-        }
-    }
-
-    /// When `key`'s bucket is empty, how long until it has a token (nothing is taken).
-    public func peek(_ key: String, _ limit: APIOptions.Limit, now: ContinuousClock.Instant = .now) -> Duration? {
-        buckets.withLock { b in
-            guard let bucket = b[key] else { return nil }
-            let elapsed = now - bucket.at
-            let tokens = min(limit.burst, bucket.tokens + (Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18) * limit.rate)
-            return tokens >= 1 ? nil : .milliseconds(Int64(((1 - tokens) / limit.rate * 1000).rounded(.up)))
         }
     }
 

@@ -318,10 +318,12 @@ public final class Dispatcher: Service, Sendable {
             counters.withLock { $0.heartbeats += beats.count }
             let r = try await store.record(events, lostGrace: configuration.lostGrace)
             let now = Date()
+            var finished: [String: Int] = [:]
             for e in events {
                 ConveyorMetrics.statusLag(seconds: now.timeIntervalSince(e.at))
-                if e.event == .finished, let o = e.outcome { ConveyorMetrics.finished(outcome: o.rawValue) }
+                if e.event == .finished, let o = e.outcome { finished[o.rawValue, default: 0] += 1 }
             }
+            ConveyorMetrics.finished(finished)
             if r.settled.retried > 0 { ConveyorMetrics.retried(r.settled.retried) }
             if r.settled.dead > 0 { ConveyorMetrics.dead(r.settled.dead) }
             counters.withLock {

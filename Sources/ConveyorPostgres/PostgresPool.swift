@@ -51,8 +51,7 @@ public final class PostgresPool: Sendable {
     public func withConnection<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
         let asked = ContinuousClock.now
         let connection = try await acquire()
-        let waited = ContinuousClock.now - asked
-        Self.waitTimer.recordNanoseconds(waited.components.seconds * 1_000_000_000 + waited.components.attoseconds / 1_000_000_000)
+        Self.waitTimer.recordNanoseconds((ContinuousClock.now - asked).inNanoseconds)
         let inUse = state.withLock { $0.open - $0.idle.count }
         Self.inUseGauge.record(inUse)
         defer { Self.inUseGauge.record(state.withLock { $0.open - $0.idle.count }) }

@@ -1,3 +1,4 @@
+import ConveyorCore
 public import CoreMetrics
 import Metrics
 public import Prometheus
@@ -28,31 +29,42 @@ public enum ConveyorMetrics {
     /// The registry in the Prometheus text format.
     public static func text() -> String { registry.emitToString() }
 
-    // The metrics the components record. Each is created on use: swift-metrics caches handlers by
-    // label and dimensions in the factory's registry.
+    // The metrics the components record. Those without labels are made once, on first use
+    // (after `bootstrap()`, which every command runs before anything else), so the per-status
+    // and per-scan paths do not look a handler up each time. Labelled ones are made per call:
+    // swift-metrics caches them by label and dimensions in the factory's registry.
+    static let fireLatenessTimer = Timer(label: "conveyor_run_fire_lateness_seconds")
+    static let scanTimer = Timer(label: "conveyor_dispatcher_scan_duration_seconds")
+    static let claimBatchRecorder = Recorder(label: "conveyor_dispatcher_claim_batch_size")
+    static let publishConfirmTimer = Timer(label: "conveyor_publish_confirm_seconds")
+    static let publishFailures = Counter(label: "conveyor_publish_failures_total")
+    static let statusLagTimer = Timer(label: "conveyor_status_lag_seconds")
+    static let retries = Counter(label: "conveyor_retries_total")
+    static let deadRuns = Counter(label: "conveyor_runs_dead_total")
+    static let deadLetters = Counter(label: "conveyor_dead_letters_total")
+
     public static func dispatched(queue: String, priority: String, count: Int) {
         Counter(label: "conveyor_dispatched_runs_total", dimensions: [("queue", queue), ("priority", priority)]).increment(by: count)
     }
     /// Due time → started, for first attempts (retries wait on purpose), on the worker's clock.
-    public static func fireLateness(seconds: Double) { Timer(label: "conveyor_run_fire_lateness_seconds").recordNanoseconds(Int64(max(0, seconds) * 1e9)) }
-    public static func scanDuration(_ d: Duration) { Timer(label: "conveyor_dispatcher_scan_duration_seconds").recordNanoseconds(d.nanoseconds) }
-    public static func claimBatch(_ n: Int) { Recorder(label: "conveyor_dispatcher_claim_batch_size").record(n) }
-    public static func publishConfirm(_ d: Duration) { Timer(label: "conveyor_publish_confirm_seconds").recordNanoseconds(d.nanoseconds) }
-    public static func publishFailed(_ n: Int) { Counter(label: "conveyor_publish_failures_total").increment(by: n) }
-    public static func statusLag(seconds: Double) { Timer(label: "conveyor_status_lag_seconds").recordNanoseconds(Int64(max(0, seconds) * 1e9)) }
-    public static func finished(outcome: String) { Counter(label: "conveyor_runs_finished_total", dimensions: [("outcome", outcome)]).increment() }
-    public static func retried(_ n: Int) { Counter(label: "conveyor_retries_total").increment(by: n) }
-    public static func dead(_ n: Int) { Counter(label: "conveyor_runs_dead_total").increment(by: n) }
-    public static func deadLetter() { Counter(label: "conveyor_dead_letters_total").increment() }
+    public static func fireLateness(seconds: Double) { fireLatenessTimer.recordNanoseconds(Int64(max(0, seconds) * 1e9)) }
+    public static func scanDuration(_ d: Duration) { scanTimer.recordNanoseconds(d.inNanoseconds) }
+    public static func claimBatch(_ n: Int) { claimBatchRecorder.record(n) }
+    public static func publishConfirm(_ d: Duration) { publishConfirmTimer.recordNanoseconds(d.inNanoseconds) }
+    public static func publishFailed(_ n: Int) { publishFailures.increment(by: n) }
+    public static func statusLag(seconds: Double) { statusLagTimer.recordNanoseconds(Int64(max(0, seconds) * 1e9)) }
+    /// Finished statuses of one recorded batch, by outcome.
+    public static func finished(_ byOutcome: [String: Int]) {
+        for (outcome, n) in byOutcome { Counter(label: "conveyor_runs_finished_total", dimensions: [("outcome", outcome)]).increment(by: n) }
+    }
+    public static func retried(_ n: Int) { retries.increment(by: n) }
+    public static func dead(_ n: Int) { deadRuns.increment(by: n) }
+    public static func deadLetter() { deadLetters.increment() }
     public static func queueDepth(queue: String, _ ready: Int, consumers: Int) {
         Gauge(label: "conveyor_queue_depth", dimensions: [("queue", queue)]).record(ready)
         Gauge(label: "conveyor_queue_consumers", dimensions: [("queue", queue)]).record(consumers)
     }
     public static func executorDuration(executor: String, _ d: Duration) {
-        Timer(label: "conveyor_executor_duration_seconds", dimensions: [("executor", executor)]).recordNanoseconds(d.nanoseconds)
+        Timer(label: "conveyor_executor_duration_seconds", dimensions: [("executor", executor)]).recordNanoseconds(d.inNanoseconds)
     }
-}
-
-extension Duration {
-    var nanoseconds: Int64 { components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000 }
 }

@@ -1,3 +1,4 @@
+import ConveyorCore
 import Foundation
 public import Logging
 import Synchronization
@@ -6,8 +7,8 @@ import Synchronization
 /// (`CONVEYOR_LOG_FORMAT`). Metadata keys stay in dot notation (`run.id`, `task.name`,
 /// `trace.id`); nested metadata is flattened the same way. Values under a key that names a
 /// credential (`password`, `secret`, `token`, `authorization`, `api_key`, … or ending in one)
-/// are written as `[redacted]`, and a password inside a URL (`scheme://user:password@host`) is
-/// masked wherever it appears, in messages too.
+/// are written as `[redacted]`, and passwords in URLs or `password=` settings are masked
+/// wherever they appear, in messages too (`redactPassword(in:)`).
 public struct StructuredLogHandler: LogHandler {
     public enum Format: String, Sendable, CaseIterable { case json, logfmt, text }
 
@@ -36,7 +37,7 @@ public struct StructuredLogHandler: LogHandler {
         Self.flatten(merged, prefix: "", into: &fields)
         fields.sort { $0.0 < $1.0 }
         let time = Self.timestamp()
-        let message = Redaction.maskURLPasswords("\(event.message)")
+        let message = redactPassword(in: "\(event.message)")
         let line: String
         switch format {
         case .json:
@@ -98,23 +99,66 @@ public struct StructuredLogHandler: LogHandler {
     }
 }
 
-/// Where log lines go: one `write(2)` per line, serialized so lines never interleave.
+/// Where log lines go. Callers only enqueue (a lock held for an append): a thread of the
+/// sink's own writes them with `write(2)`, one line at a time, so a slow reader of standard
+/// error never blocks a task on Swift's cooperative pool. Past `capacity` lines waiting, new
+/// lines are counted instead of kept, and a line saying how many were dropped follows.
 public final class LogSink: Sendable {
+    struct Queue { var lines: [String] = []; var dropped = 0; var writing = false }
     let fd: Int32
-    let lock = Mutex(())
+    let capacity: Int
+    let queue = Mutex(Queue())
+    let ready = DispatchSemaphore(value: 0)
 
-    public init(fd: Int32) { self.fd = fd }
+    public init(fd: Int32, capacity: Int = 100_000) {
+        self.fd = fd
+        self.capacity = capacity
+        let thread = Thread { [self] in drain() }
+        thread.name = "conveyor.log"
+        thread.start()
+    }
+
     public static let standardError = LogSink(fd: 2)
 
+    /// Writes what is still queued on standard error when the process exits normally.
+    public static func flushAtExit() {
+        atexit { LogSink.standardError.flush() }
+    }
+
     func write(_ line: String) {
-        lock.withLock { _ in
-            var bytes = Array(line.utf8)
-            var offset = 0
-            while offset < bytes.count {
-                let n = bytes.withUnsafeMutableBytes { Foundation.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-                if n <= 0 { if errno == EINTR { continue }; return }
-                offset += n
+        let accepted = queue.withLock { q in
+            guard q.lines.count < capacity else { q.dropped += 1; return false }
+            q.lines.append(line)
+            return true
+        }
+        if accepted { ready.signal() }
+    }
+
+    /// Waits until every line enqueued so far is written (tests, and `exit`: see `flushAtExit`).
+    public func flush() {
+        while queue.withLock({ !$0.lines.isEmpty || $0.writing }) { usleep(1000) }
+    }
+
+    private func drain() {
+        while true {
+            ready.wait()
+            let (lines, dropped) = queue.withLock { q in
+                defer { q.lines = []; q.dropped = 0; q.writing = true }
+                return (q.lines, q.dropped)
             }
+            for line in lines { writeAll(line) }
+            if dropped > 0 { writeAll("{\"level\":\"warning\",\"message\":\"\(dropped) log lines dropped: standard error was not read fast enough\"}\n") }
+            queue.withLock { $0.writing = false }
+        }
+    }
+
+    private func writeAll(_ line: String) {
+        var bytes = Array(line.utf8)
+        var offset = 0
+        while offset < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { Foundation.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if n <= 0 { if errno == EINTR { continue }; return }
+            offset += n
         }
     }
 }
@@ -133,27 +177,6 @@ public enum Redaction {
     }
 
     static func value(for key: String, _ value: String) -> String {
-        isSecret(key) ? "[redacted]" : maskURLPasswords(value)
-    }
-
-    /// `scheme://user:password@host` → `scheme://user:***@host`, anywhere in `text`.
-    public static func maskURLPasswords(_ text: String) -> String {
-        guard text.contains("://"), text.contains("@") else { return text }
-        var out = ""
-        var rest = Substring(text)
-        while let scheme = rest.range(of: "://") {
-            out += rest[..<scheme.upperBound]
-            rest = rest[scheme.upperBound...]
-            // The authority ends at the first '/', '?', '#' or whitespace.
-            let end = rest.firstIndex { "/?# \n\t\"'".contains($0) } ?? rest.endIndex
-            let authority = rest[..<end]
-            if let at = authority.lastIndex(of: "@"), let colon = authority[..<at].firstIndex(of: ":") {
-                out += authority[..<colon] + ":***" + authority[at...]
-            } else {
-                out += authority
-            }
-            rest = rest[end...]
-        }
-        return out + rest
+        isSecret(key) ? "[redacted]" : redactPassword(in: value)
     }
 }

@@ -67,6 +67,7 @@ enum Bootstrap {
         guard !done else { return }
         done = true
         LoggingSystem.bootstrap { label in StructuredLogHandler(label: label, format: format, level: level) }
+        LogSink.flushAtExit()
     }
 }
 

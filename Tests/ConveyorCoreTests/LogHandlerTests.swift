@@ -1,3 +1,4 @@
+import ConveyorCore
 import ConveyorTelemetry
 import Foundation
 import Logging
@@ -14,6 +15,7 @@ struct LogHandlerTests {
         var logger = Logger(label: "test") { StructuredLogHandler(label: $0, format: format, level: .trace, sink: sink) }
         logger[metadataKey: "worker.id"] = "w1"
         body(logger)
+        sink.flush()
         close(fds[1])
         let data = FileHandle(fileDescriptor: fds[0], closeOnDealloc: true).readDataToEndOfFile()
         return String(decoding: data, as: UTF8.self).split(separator: "\n").map(String.init)
@@ -60,15 +62,16 @@ struct LogHandlerTests {
         let logger = Logger(label: "t") { StructuredLogHandler(label: $0, format: .text, level: .warning, sink: sink) }
         logger.info("hidden")
         logger.warning("shown")
+        sink.flush()
         close(fds[1])
         let text = String(decoding: FileHandle(fileDescriptor: fds[0], closeOnDealloc: true).readDataToEndOfFile(), as: UTF8.self)
         #expect(!text.contains("hidden") && text.contains("warning t: shown"))
     }
 
     @Test func maskingLeavesOrdinaryTextAlone() {
-        #expect(Redaction.maskURLPasswords("no url here @ all") == "no url here @ all")
-        #expect(Redaction.maskURLPasswords("http://host/path?a=b@c") == "http://host/path?a=b@c")
-        #expect(Redaction.maskURLPasswords("a https://u:p@h/x and amqp://v:q@i") == "a https://u:***@h/x and amqp://v:***@i")
+        #expect(redactPassword(in: "no url here @ all") == "no url here @ all")
+        #expect(redactPassword(in: "http://host/path?a=b@c") == "http://host/path?a=b@c")
+        #expect(redactPassword(in: "a https://u:p@h/x and amqp://v:q@i") == "a https://u:***@h/x and amqp://v:***@i")
         #expect(Redaction.isSecret("db.password") && Redaction.isSecret("API_KEY") && !Redaction.isSecret("run.id") && !Redaction.isSecret("tokens_used"))
     }
 }
