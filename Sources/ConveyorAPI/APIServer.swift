@@ -144,14 +144,21 @@ public enum APIServer {
         return task
     }
 
-    /// The run named in the path, if its task is in the caller's namespace (404 otherwise).
-    static func findRun(_ context: APIContext, _ who: Identity, _ store: Store) async throws -> RunRecord {
+    /// The run named in the path and its task's namespace, if the caller sees that namespace
+    /// (404 otherwise).
+    static func findRun(_ context: APIContext, _ who: Identity, _ store: Store) async throws -> (run: RunRecord, namespace: String) {
         let text = context.parameters.get("id") ?? ""
         guard let id = UUID(uuidString: text) else { throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text) }
         guard let run = try await store.run(id: id), let ns = try await store.namespace(ofTask: run.taskID), who.sees(namespace: ns) else {
             throw Problem(.notFound, "not found", "no run \(text)")
         }
-        return run
+        return (run, ns)
+    }
+
+    /// The namespace a list reads: the caller's own, or for an every-namespace admin
+    /// `?namespace=` (all of them when absent).
+    static func listScope(_ who: Identity, _ request: Request) -> String? {
+        who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace
     }
 
     /// `?limit=`: from 1 to the configured largest page, 50 when absent.

@@ -14,7 +14,7 @@ extension APIServer {
             let who = try context.require(.viewer)
             let q = request.uri.queryParameters
             var f = Store.RunFilter()
-            f.namespace = who.namespace == "*" ? q.get("namespace") : who.namespace
+            f.namespace = listScope(who, request)
             if let name = q.get("task") {
                 guard let task = try await store.task(named: name, namespace: namespaceOf(who, request)) else {
                     throw Problem(.notFound, "not found", "no task named '\(name)'", field: "task", value: name)
@@ -52,8 +52,8 @@ extension APIServer {
         }
         r.on(.get, "/v1/runs/:id") { _, context in
             let who = try context.require(.viewer)
-            let run = try await findRun(context, who, store)
-            guard case .object(var o) = view(run) else { return json(view(run)) }
+            let run = try await findRun(context, who, store).run
+            var o = view(run).objectValue ?? [:]
             if let template = env.options.traceLinkTemplate, let trace = run.traceID, !trace.isEmpty {
                 o["trace_url"] = .string(template.replacingOccurrences(of: "{trace_id}", with: trace))
             }
@@ -68,19 +68,19 @@ extension APIServer {
         }
         r.on(.post, "/v1/runs/:id/cancel") { _, context in
             let who = try context.require(.operator)
-            let run = try await findRun(context, who, store)
+            let (run, namespace) = try await findRun(context, who, store)
             guard try await !store.cancel(runs: [run.id], reason: "cancelled through the API by \(who.keyPrefix)").isEmpty else {
                 throw Problem(.conflict, "run already ended", "run \(run.id.uuidString.lowercased()) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
             }
-            await env.audit(context, who, "run.cancel", run.id.uuidString.lowercased(), namespace: try await store.namespace(ofTask: run.taskID) ?? "")
+            await env.audit(context, who, "run.cancel", run.id.uuidString.lowercased(), namespace: namespace)
             return json(["run_id": .string(run.id.uuidString.lowercased()), "state": "cancelled"])
         }
         r.on(.post, "/v1/runs/:id/redrive") { _, context in
             let who = try context.require(.operator)
-            let run = try await findRun(context, who, store)
+            let (run, namespace) = try await findRun(context, who, store)
             do {
                 let next = try await store.redrive(run: run.id)
-                await env.audit(context, who, "run.redrive", run.id.uuidString.lowercased(), namespace: try await store.namespace(ofTask: run.taskID) ?? "",
+                await env.audit(context, who, "run.redrive", run.id.uuidString.lowercased(), namespace: namespace,
                                 ["new_run_id": .string(next.uuidString.lowercased())])
                 return json(["run_id": .string(next.uuidString.lowercased()), "attempt": .number(Double(run.attempt + 1))], status: .created)
             } catch let v as ValidationError {
@@ -92,20 +92,20 @@ extension APIServer {
             _ = try context.require(.viewer)
             return json(["workers": .array(try await store.workers().map(view))])
         }
-        r.on(.get, "/v1/workers/:id") { _, context in
+        r.on(.get, "/v1/workers/:id") { request, context in
             let who = try context.require(.viewer)
             let id = context.parameters.get("id") ?? ""
-            guard let (worker, runs) = try await store.worker(id: id, namespace: who.namespace == "*" ? nil : who.namespace) else {
+            guard let (worker, runs) = try await store.worker(id: id, namespace: listScope(who, request)) else {
                 throw Problem(.notFound, "not found", "no worker '\(id)' has sent a heartbeat")
             }
-            guard case .object(var o) = view(worker) else { return json(view(worker)) }
+            var o = view(worker).objectValue ?? [:]
             o["runs"] = .array(runs.map(view))
             return json(.object(o))
         }
 
         r.on(.get, "/v1/groups") { request, context in
             let who = try context.require(.viewer)
-            let groups = try await store.groups(namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace)
+            let groups = try await store.groups(namespace: listScope(who, request))
             return json(["groups": .array(groups.map(view))])
         }
         r.on(.get, "/v1/groups/:name") { request, context in
@@ -121,7 +121,7 @@ extension APIServer {
                 let who = try context.require(.operator)
                 let name = context.parameters.get("name") ?? ""
                 let namespace = namespaceOf(who, request)
-                guard try await !store.groups(namespace: namespace, name: name).isEmpty else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
+                guard try await store.groupExists(name, namespace: namespace) else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
                 let changed = try await store.setPaused(paused, group: name, namespace: namespace)
                 await env.audit(context, who, "group.\(action)", name, namespace: namespace, ["tasks": .number(Double(changed))])
                 return json(["group": .string(name), "paused": .bool(paused), "tasks_changed": .number(Double(changed))])
@@ -131,7 +131,7 @@ extension APIServer {
             let who = try context.require(.operator)
             let name = context.parameters.get("name") ?? ""
             let namespace = namespaceOf(who, request)
-            guard try await !store.groups(namespace: namespace, name: name).isEmpty else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
+            guard try await store.groupExists(name, namespace: namespace) else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
             let cancelled = try await store.cancel(group: name, namespace: namespace, reason: "group cancelled through the API by \(who.keyPrefix)")
             await env.audit(context, who, "group.cancel", name, namespace: namespace, ["runs": .number(Double(cancelled.count))])
             return json(["group": .string(name), "runs_cancelled": .number(Double(cancelled.count))])
@@ -139,7 +139,7 @@ extension APIServer {
 
         r.on(.get, "/v1/queues") { request, context in
             let who = try context.require(.viewer)
-            let stats = try await store.queueStats(namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace)
+            let stats = try await store.queueStats(namespace: listScope(who, request))
             var broker: [String: QueueStats] = [:]
             var brokerError: String?
             if let config = env.broker {
@@ -169,32 +169,26 @@ extension APIServer {
             guard let name = o["name"]?.stringValue, !name.isEmpty, name.count <= 200 else {
                 throw Problem(.badRequest, "invalid request", "what the key is for, 1 to 200 characters", field: "name", value: "\(o["name"] ?? .null)")
             }
-            guard let roleText = o["role"]?.stringValue, let role = Role(rawValue: roleText) else {
-                throw Problem(.badRequest, "invalid request", "one of admin, operator, submitter, viewer", field: "role", value: "\(o["role"] ?? .null)")
-            }
             let namespace = o["namespace"]?.stringValue ?? (who.namespace == "*" ? "default" : who.namespace)
             guard who.namespace == "*" || namespace == who.namespace else {
                 throw Problem(.forbidden, "forbidden", "this admin key manages keys of namespace '\(who.namespace)' only", field: "namespace", value: namespace)
             }
-            guard namespace != "*" || role == .admin else {
-                throw Problem(.badRequest, "invalid request", "'*' (every namespace) is for admin keys only", field: "namespace", value: namespace)
-            }
-            guard namespace == "*" || (!namespace.isEmpty && namespace.count <= 63 && namespace.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })) else {
-                throw Problem(.badRequest, "invalid request", "letters, digits, '-' and '_', at most 63", field: "namespace", value: namespace)
-            }
-            var expires: Date?
+            var days: Int?
             if let d = o["expires_days"], d != .null {
-                guard let n = d.doubleValue, n.rounded() == n, (1...3650).contains(n) else {
+                guard let n = d.doubleValue, n.rounded() == n, abs(n) < 1e9 else {
                     throw Problem(.badRequest, "invalid request", "a whole number of days from 1 to 3650", field: "expires_days", value: "\(d)")
                 }
-                expires = Date().addingTimeInterval(n * 86_400)
+                days = Int(n)
             }
+            let role = try APIKeyRules.check(role: o["role"]?.stringValue ?? "\(o["role"] ?? .null)", namespace: namespace, expiresDays: days,
+                                             fields: ("role", "namespace", "expires_days"))
+            let expires = days.map { Date().addingTimeInterval(Double($0) * 86_400) }
             let (key, prefix, hash) = APIKeyFormat.generate()
             try await store.createAPIKey(prefix: prefix, secretHash: hash, name: name, role: role, namespace: namespace, expiresAt: expires)
             await env.audit(context, who, "key.create", prefix, namespace: namespace, ["role": .string(role.rawValue), "name": .string(name)])
-            var v = try await store.apiKey(prefix: prefix).map(view) ?? .object([:])
-            if case .object(var obj) = v { obj["key"] = .string(key); v = .object(obj) }
-            return json(v, status: .created)
+            var created = try await store.apiKey(prefix: prefix).map(view)?.objectValue ?? [:]
+            created["key"] = .string(key)
+            return json(.object(created), status: .created)
         }
         r.on(.get, "/v1/keys") { _, context in
             let who = try context.require(.admin)
@@ -223,7 +217,7 @@ extension APIServer {
                 guard let n = Int64(c), n > 0 else { throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: c) }
                 before = n
             }
-            let entries = try await store.auditLog(namespace: who.namespace == "*" ? q.get("namespace") : who.namespace, action: q.get("action"),
+            let entries = try await store.auditLog(namespace: listScope(who, request), action: q.get("action"),
                                                    before: before, limit: limit + 1)
             var out: [String: JSONValue] = ["entries": .array(entries.prefix(limit).map { e in
                 var o: [String: JSONValue] = ["id": .number(Double(e.id)), "at": .string(e.at.map(Timestamp.format) ?? ""), "actor": .string(e.actor),
@@ -239,7 +233,7 @@ extension APIServer {
         // Live figures for the dashboard: server-sent events, one `stats` event every 2 s.
         r.on(.get, "/v1/events") { request, context in
             let who = try context.require(.viewer)
-            let namespace = who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace
+            let namespace = listScope(who, request)
             let interval = Duration.milliseconds(Int64(request.uri.queryParameters.get("interval_ms").flatMap(Int.init).map { min(max($0, 200), 60_000) } ?? 2000))
             return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-store"],
                             body: ResponseBody { writer in
@@ -255,7 +249,7 @@ extension APIServer {
         }
         r.on(.get, "/v1/overview") { request, context in
             let who = try context.require(.viewer)
-            return json(try await overview(store, namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace))
+            return json(try await overview(store, namespace: listScope(who, request)))
         }
         r.on(.get, "/metrics") { _, context in
             _ = try context.require(.viewer)

@@ -19,49 +19,26 @@ extension APIServer {
         r.on(.post, "/v1/tasks") { request, context in
             let who = try context.require(.submitter)
             let body = try await body(request, context)
-            let batch: [JSONValue]? = body.arrayValue ?? (body.objectValue?.keys.sorted() == ["tasks"] ? body["tasks"]?.arrayValue : nil)
-            var tasks: [NewTask] = []
-            if let batch {
-                guard (1...maxBatch).contains(batch.count) else {
-                    throw Problem(.badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files", field: "tasks", value: "\(batch.count) tasks")
-                }
-                let batchID = UUID()
-                for (i, item) in batch.enumerated() {
-                    var t = try TaskSpec.decode(item, path: "tasks[\(i)]", now: Date())
-                    t.batchID = batchID
-                    tasks.append(t)
-                }
-                var seen: Set<String> = []
-                for t in tasks where !seen.insert(t.name).inserted {
-                    throw Problem(.badRequest, "invalid request", "two tasks in the batch have this name", field: "tasks", value: t.name)
-                }
-            } else {
-                tasks = [try TaskSpec.decode(body, now: Date())]
+            // A list, or {"tasks": [...]}, is a batch; anything else one task. Both decode as a task file does.
+            let batch = body.arrayValue ?? (body.objectValue?.keys.sorted() == ["tasks"] ? body["tasks"]?.arrayValue : nil)
+            if let batch, !(1...maxBatch).contains(batch.count) {
+                throw Problem(.badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files", field: "tasks", value: "\(batch.count) tasks")
             }
-            let namespace = try placement(tasks, who)
-            for i in tasks.indices { tasks[i].namespace = namespace }
-            try submitLimit(env, who, priorities: Set(tasks.map(\.priority)))
-            do {
-                try await store.createTasks(tasks)
-            } catch let e as PostgresError where e.sqlState == "23505" {
-                let names = tasks.map(\.name)
-                let existing = try await store.tasks(Store.TaskFilter.named(names, namespace: namespace), limit: names.count).map(\.task.name)
-                let name = existing.first ?? names[0]
-                throw Problem(.conflict, "task exists", "a task named '\(name)' exists in namespace '\(namespace)'; PATCH it or pick another name",
-                              field: "name", value: name)
+            var tasks = try TaskSpec.decodeFile(body, now: Date())
+            guard batch != nil else {
+                let task = try await create(tasks, who, env)[0]
+                await env.audit(context, who, "task.create", task.name, namespace: task.namespace)
+                return json(try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null, status: .created)
             }
-            if tasks.count == 1 && batch == nil {
-                let t = tasks[0]
-                await env.audit(context, who, "task.create", t.name, namespace: namespace)
-                let created = try await store.task(named: t.name, namespace: namespace)
-                return json(created.map(view) ?? .null, status: .created)
-            }
-            let batchID = tasks[0].batchID!.uuidString.lowercased()
-            await env.audit(context, who, "task.create_batch", batchID, namespace: namespace, ["count": .number(Double(tasks.count))])
-            var response = json(["batch_id": .string(batchID), "count": .number(Double(tasks.count)),
+            let batchID = UUID()
+            for i in tasks.indices { tasks[i].batchID = batchID }
+            tasks = try await create(tasks, who, env)
+            await env.audit(context, who, "task.create_batch", batchID.uuidString.lowercased(), namespace: tasks[0].namespace,
+                            ["count": .number(Double(tasks.count))])
+            var response = json(["batch_id": .string(batchID.uuidString.lowercased()), "count": .number(Double(tasks.count)),
                                  "tasks": .array(tasks.map { .object(["id": .string($0.id.uuidString.lowercased()), "name": .string($0.name)]) })],
                                 status: .created)
-            response.headers[.batchID] = batchID
+            response.headers[.batchID] = batchID.uuidString.lowercased()
             return response
         }
         r.on(.get, "/v1/tasks") { request, context in
@@ -69,7 +46,7 @@ extension APIServer {
             let q = request.uri.queryParameters
             let limit = try pageLimit(request, env)
             var f = Store.TaskFilter()
-            f.namespace = who.namespace == "*" ? q.get("namespace") : who.namespace
+            f.namespace = listScope(who, request)
             if let text = q.get("state") {
                 guard let state = RunState(rawValue: text) else {
                     throw Problem(.badRequest, "invalid request", "the state of the task's latest run: one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))",
@@ -100,8 +77,8 @@ extension APIServer {
             }
             let page = try await store.tasks(f, limit: limit + 1)
             var out: [String: JSONValue] = ["tasks": .array(page.prefix(limit).map { t, last in
-                guard case .object(var o) = view(t) else { return view(t) }
-                if let last { o["last_run"] = view(last) }
+                var o = view(t).objectValue ?? [:]
+                o["last_run"] = last.map(view)
                 return .object(o)
             })]
             if page.count > limit, let last = page.prefix(limit).last { out["next_cursor"] = .string(last.task.name) }
@@ -110,11 +87,11 @@ extension APIServer {
         r.on(.get, "/v1/tasks/:name") { request, context in
             let who = try context.require(.viewer)
             let task = try await findTask(request, context, who, store)
-            guard case .object(var o) = view(task) else { return json(view(task)) }
+            var o = view(task).objectValue ?? [:]
             // Two statements for the task and its runs, whatever the number of runs.
             let runs = try await store.runs(taskID: task.id, limit: 10)
             o["recent_runs"] = .array(runs.map(view))
-            if let last = runs.first { o["last_run"] = view(last) }
+            o["last_run"] = runs.first.map(view)
             return json(.object(o))
         }
         r.on(.patch, "/v1/tasks/:name") { request, context in
@@ -135,14 +112,11 @@ extension APIServer {
                 throw Problem(.badRequest, "invalid request", "start and after place a new task's first run; to run now use POST /v1/tasks/{name}/trigger", field: key, value: "\(fields[key]!)")
             }
             let current = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
-            var merged = TaskSpec.merge(.object(fields.filter { $0.key != "paused" }), into: current)
-            if case .object(var m) = merged { m["name"] = .string(task.name); merged = .object(m) }
-            var updated = try TaskSpec.decode(merged, now: Date())
+            // The name is the path's (checked above to be unchanged).
+            var changes = fields.filter { $0.key != "paused" }
+            changes["name"] = .string(task.name)
+            var updated = try TaskSpec.decode(TaskSpec.merge(.object(changes), into: current), now: Date())
             updated.namespace = task.namespace
-            if Set(updated.dependsOn) != Set(task.dependsOn) {
-                throw Problem(.badRequest, "invalid request", "dependencies cannot change in place; delete and recreate the task with the new depends_on",
-                              field: "depends_on", value: updated.dependsOn.joined(separator: ","))
-            }
             var paused: Bool?
             if let p = fields["paused"], p != .null {
                 guard case .bool(let b) = p else { throw Problem(.badRequest, "invalid request", "true or false", field: "paused", value: "\(p)") }
@@ -221,7 +195,7 @@ extension APIServer {
         }
         r.on(.get, "/v1/templates") { request, context in
             let who = try context.require(.viewer)
-            let list = try await store.templates(namespace: who.namespace == "*" ? request.uri.queryParameters.get("namespace") : who.namespace)
+            let list = try await store.templates(namespace: listScope(who, request))
             return json(["templates": .array(list.map { t in
                 .object(["name": .string(t.name), "namespace": .string(t.namespace), "parameters": .array(t.parameters.map(JSONValue.string)), "task": t.body])
             })])
@@ -250,15 +224,30 @@ extension APIServer {
                 throw Problem(.internalServerError, "template broken", "template '\(name)' is not an object")
             }
             filled["name"] = .string(taskName)
-            var task = try TaskSpec.decode(.object(filled), now: Date())
-            task.namespace = namespace
-            try submitLimit(env, who, priorities: [task.priority])
-            do { try await store.createTasks([task]) } catch let e as PostgresError where e.sqlState == "23505" {
-                throw Problem(.conflict, "task exists", "a task named '\(taskName)' exists in namespace '\(namespace)'", field: "name", value: taskName)
-            }
+            filled["namespace"] = .string(namespace)
+            _ = try await create([try TaskSpec.decode(.object(filled), now: Date())], who, env)
             await env.audit(context, who, "task.create", taskName, namespace: namespace, ["template": .string(name)])
             return json(try await store.task(named: taskName, namespace: namespace).map(view) ?? .null, status: .created)
         }
+    }
+
+    /// Creates tasks in the namespace `placement` gives, within the caller's submission limits;
+    /// a name that exists is 409, naming it. Returns the tasks as created.
+    static func create(_ tasks: [NewTask], _ who: Identity, _ env: APIEnvironment) async throws -> [NewTask] {
+        var tasks = tasks
+        let namespace = try placement(tasks, who)
+        for i in tasks.indices { tasks[i].namespace = namespace }
+        try submitLimit(env, who, priorities: Set(tasks.map(\.priority)))
+        do {
+            try await env.store.createTasks(tasks)
+        } catch let e as PostgresError where e.sqlState == "23505" {
+            let names = tasks.map(\.name)
+            let existing = try await env.store.tasks(Store.TaskFilter.named(names, namespace: namespace), limit: names.count).map(\.task.name)
+            let name = existing.first ?? names[0]
+            throw Problem(.conflict, "task exists", "a task named '\(name)' exists in namespace '\(namespace)'; PATCH it or pick another name",
+                          field: "name", value: name)
+        }
+        return tasks
     }
 
     /// The namespace new tasks go to: the key's own (a body naming another is refused), or for

@@ -52,9 +52,6 @@ public final class PostgresPool: Sendable {
         let asked = ContinuousClock.now
         let connection = try await acquire()
         Self.waitTimer.recordNanoseconds((ContinuousClock.now - asked).inNanoseconds)
-        let inUse = state.withLock { $0.open - $0.idle.count }
-        Self.inUseGauge.record(inUse)
-        defer { Self.inUseGauge.record(state.withLock { $0.open - $0.idle.count }) }
         do {
             let result = try await body(connection)
             release(connection)
@@ -100,7 +97,8 @@ public final class PostgresPool: Sendable {
     }
 
     /// swift-metrics (a no-op until the process bootstraps a backend): time spent waiting for a
-    /// connection, and connections handed out now (of this process's pools, the last one measured).
+    /// connection, and connections handed out now (open less idle, recorded where a connection
+    /// is taken or given back; of this process's pools, the last one measured).
     static let waitTimer = CoreMetrics.Timer(label: "conveyor_db_pool_wait_seconds")
     static let inUseGauge = CoreMetrics.Gauge(label: "conveyor_db_pool_in_use")
 
@@ -113,13 +111,16 @@ public final class PostgresPool: Sendable {
 
     func acquire() async throws -> PostgresConnection {
         let max = configuration.maxConnections
+        var inUse = 0
         let decision: Decision = state.withLock { s in
+            defer { inUse = s.open - s.idle.count }
             if s.closed { return .closed }
             if let c = s.idle.popLast() { return .use(c) }
             if s.open < max { s.open += 1; return .create }
             s.nextWaiterID += 1
             return .wait(s.nextWaiterID)
         }
+        Self.inUseGauge.record(inUse)
         switch decision {
         case .closed: throw PostgresError(code: .closed, message: "pool is closed")
         case .use(let c): return c
@@ -202,7 +203,9 @@ public final class PostgresPool: Sendable {
         }
         let healthy = connection.isHealthy && connection.isIdle
         enum After { case handed(Waiter), idle, dropped(Waiter?), closeIt }
+        var inUse = 0
         let after: After = state.withLock { s in
+            defer { inUse = s.open - s.idle.count }
             if s.closed { s.open -= 1; return .closeIt }
             if healthy {
                 if let w = s.waiters.first { s.waiters.removeFirst(); return .handed(w) }
@@ -213,6 +216,7 @@ public final class PostgresPool: Sendable {
             s.open -= 1
             return .dropped(nil)
         }
+        Self.inUseGauge.record(inUse)
         switch after {
         case .handed(let w): w.continuation.resume(returning: connection)
         case .idle: break

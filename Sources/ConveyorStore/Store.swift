@@ -425,11 +425,16 @@ public struct Store: Sendable {
         }
     }
 
-    static let runColumns = """
-        id, task_id, occurrence, attempt, state, worker_id, exit_code, output, error_class, error_message,
-        trace_id, traceparent, publish_count, dispatched_at, started_at, finished_at, reason, priority, workflow_run_id,
-        CASE WHEN available_at < 'infinity' THEN available_at END
+    static let runColumns = runColumns(of: "")
+
+    /// The columns `run(_:)` reads, of the runs table under `alias` (`"l."`, or `""` for none).
+    static func runColumns(of a: String) -> String {
         """
+        \(a)id, \(a)task_id, \(a)occurrence, \(a)attempt, \(a)state, \(a)worker_id, \(a)exit_code, \(a)output, \(a)error_class,
+        \(a)error_message, \(a)trace_id, \(a)traceparent, \(a)publish_count, \(a)dispatched_at, \(a)started_at, \(a)finished_at,
+        \(a)reason, \(a)priority, \(a)workflow_run_id, CASE WHEN \(a)available_at < 'infinity' THEN \(a)available_at END
+        """
+    }
 
     static func run(_ r: PostgresRow) throws -> RunRecord {
         RunRecord(id: try r.uuid(0), taskID: try r.uuid(1), occurrence: try r.date(2), attempt: try r.int(3),

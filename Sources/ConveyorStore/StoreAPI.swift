@@ -45,12 +45,9 @@ extension Store {
         if let a = f.after { conditions.append("(t.name COLLATE \"C\") > \(bind(a))") }
         if let n = f.names { conditions.append("t.name = ANY(\(bind(n)))") }
         let limitParam = bind(limit)
-        let runColumns = Self.runColumns.split(separator: ",").map { "l." + $0.trimmingCharacters(in: .whitespacesAndNewlines) }
-            .joined(separator: ", ").replacingOccurrences(of: "l.CASE WHEN available_at < 'infinity' THEN available_at END",
-                                                          with: "CASE WHEN l.available_at < 'infinity' THEN l.available_at END")
         return try await pool.withConnection { c in
             try await c.query("""
-                SELECT \(Self.taskColumns), l.id IS NOT NULL, \(runColumns)
+                SELECT \(Self.taskColumns), l.id IS NOT NULL, \(Self.runColumns(of: "l."))
                 FROM tasks t
                 LEFT JOIN LATERAL (SELECT * FROM runs r WHERE r.task_id = t.id ORDER BY r.occurrence DESC, r.attempt DESC LIMIT 1) l ON true
                 WHERE \(conditions.joined(separator: " AND "))
@@ -164,15 +161,25 @@ extension Store {
 
     /// One worker and the runs it holds now (in `namespace` only, when given).
     public func worker(id: String, namespace: String?) async throws -> (WorkerRecord, [RunRecord])? {
-        guard let w = try await workers().first(where: { $0.id == id }) else { return nil }
+        guard let w = try await workers(id: id).first else { return nil }
         let runs = try await pool.withConnection { c in
             try await c.query("""
                 SELECT \(Self.runColumns) FROM runs
-                WHERE worker_id = $1 AND state = 'running' AND ($2::text IS NULL OR task_id IN (SELECT id FROM tasks WHERE namespace = $2))
+                WHERE worker_id = $1 AND state = 'running'
+                  AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM tasks t WHERE t.id = runs.task_id AND t.namespace = $2))
                 ORDER BY started_at LIMIT 1000
                 """, [id, namespace]).rows.map(Self.run)
         }
         return (w, runs)
+    }
+
+    /// Whether a namespace has a group of this name (among tasks not deleted).
+    public func groupExists(_ name: String, namespace: String) async throws -> Bool {
+        try await pool.withConnection { c in
+            try await c.query("""
+                SELECT EXISTS (SELECT 1 FROM tasks WHERE namespace = $1 AND group_name = $2 AND deleted_at IS NULL)
+                """, [namespace, name]).rows[0].bool(0)
+        }
     }
 
     // MARK: templates

@@ -371,14 +371,14 @@ extension Store {
         }
     }
 
-    /// The workers known from heartbeats, most recently heard first.
-    public func workers() async throws -> [WorkerRecord] {
+    /// The workers known from heartbeats, most recently heard first (or the one with `id`).
+    public func workers(id: String? = nil) async throws -> [WorkerRecord] {
         try await pool.withConnection { c in
             try await c.query("""
                 SELECT id, host, array_to_string(queues, ','), array_to_string(executors, ','), concurrency,
                        cardinality(in_flight), state, extract(epoch FROM now() - last_heartbeat)::float8
-                FROM workers ORDER BY last_heartbeat DESC
-                """).rows.map { r in
+                FROM workers WHERE $1::text IS NULL OR id = $1 ORDER BY last_heartbeat DESC
+                """, [id]).rows.map { r in
                 WorkerRecord(id: r[0] ?? "", host: r[1] ?? "", queues: (r[2] ?? "").split(separator: ",").map(String.init),
                              executors: (r[3] ?? "").split(separator: ",").map(String.init), concurrency: Int(r[4] ?? "") ?? 0,
                              inFlight: Int(r[5] ?? "") ?? 0, state: r[6] ?? "", secondsSinceHeartbeat: Double(r[7] ?? "") ?? 0)

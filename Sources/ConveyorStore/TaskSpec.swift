@@ -189,7 +189,7 @@ public enum TaskSpec {
             for (i, v) in list.enumerated() { out.append(try decode(v, path: "tasks[\(i)]", now: now)) }
             var seen: Set<String> = []
             for t in out where !seen.insert(t.name).inserted {
-                throw ValidationError(field: "tasks", value: t.name, hint: "two tasks in the file have this name")
+                throw ValidationError(field: "tasks", value: t.name, hint: "two tasks in the list have this name")
             }
             return out
         }

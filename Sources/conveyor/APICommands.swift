@@ -98,18 +98,8 @@ struct APIKeyCommand: AsyncParsableCommand {
         @Option(name: .customLong("expires-days"), help: "Days until it expires; none when left out.") var expiresDays: Int?
 
         func validate() throws {
-            guard let r = Role(rawValue: role) else {
-                throw ValidationError(field: "--role", value: role, hint: "one of admin, operator, submitter, viewer")
-            }
-            guard namespace != "*" || r == .admin else {
-                throw ValidationError(field: "--namespace", value: namespace, hint: "'*' (every namespace) is for admin keys only")
-            }
-            guard namespace == "*" || (!namespace.isEmpty && namespace.count <= 63 && namespace.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })) else {
-                throw ValidationError(field: "--namespace", value: namespace, hint: "letters, digits, '-' and '_', at most 63")
-            }
-            if let d = expiresDays, !(1...3650).contains(d) {
-                throw ValidationError(field: "--expires-days", value: String(d), hint: "1 to 3650")
-            }
+            _ = try APIKeyRules.check(role: role, namespace: namespace, expiresDays: expiresDays,
+                                      fields: ("--role", "--namespace", "--expires-days"))
         }
 
         func run() async throws {

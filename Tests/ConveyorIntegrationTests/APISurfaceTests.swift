@@ -6,6 +6,8 @@ import ConveyorPostgres
 import ConveyorStore
 import Synchronization
 import Foundation
+import NIOPosix
+import NIOCore
 import Testing
 
 /// PATCH, batches, filters, templates, groups, queues, keys, the audit log, rate limits and
@@ -367,9 +369,29 @@ struct APISurfaceTests {
         }
     }
 
+    /// Counts the connections made to it and closes each at once: a database that does not answer.
+    final class ConnectionCounter: Sendable {
+        let count = Mutex(0)
+        final class Handler: ChannelInboundHandler {
+            typealias InboundIn = ByteBuffer
+            let counter: ConnectionCounter
+            init(_ counter: ConnectionCounter) { self.counter = counter }
+            func channelActive(context: ChannelHandlerContext) {
+                counter.count.withLock { $0 += 1 }
+                context.close(promise: nil)
+            }
+        }
+    }
+
     @Test func readinessSaysWhatIsDownAndIsCachedBriefly() async throws {
-        // A database that does not answer (nothing listens on port 1), a broker that does.
-        var cfg = PostgresPool.Configuration(url: "postgresql://conveyor@127.0.0.1:1/conveyor")
+        let counter = ConnectionCounter()
+        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(ConnectionCounter.Handler(counter)) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        defer { listener.close(promise: nil) }
+        var cfg = PostgresPool.Configuration(url: "postgresql://conveyor@127.0.0.1:\(listener.localAddress?.port ?? 1)/conveyor")
         cfg.connectRetryFor = .zero
         let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
         defer { pool.close() }
@@ -385,6 +407,13 @@ struct APISurfaceTests {
             #expect(r.status == 503)
             #expect(r.json["detail"] == "the database is unreachable")
             #expect(r.headers.contains { $0.0.lowercased() == "retry-after" && $0.1 == "5" })
+            let tried = counter.count.withLock { $0 }
+            #expect(tried >= 1, "the first probe tried the database")
+            for _ in 0..<5 { #expect(try await client.call("GET", "/readyz").status == 503) }
+            #expect(counter.count.withLock { $0 } == tried, "calls within 2 s reuse the answer")
+            try await Task.sleep(for: .milliseconds(2100))
+            #expect(try await client.call("GET", "/readyz").status == 503)
+            #expect(counter.count.withLock { $0 } > tried, "after 2 s the database is asked again")
             #expect(try await client.call("GET", "/healthz").status == 200, "the process itself is up")
         }
     }

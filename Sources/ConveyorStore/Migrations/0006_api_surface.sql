@@ -29,7 +29,8 @@ CREATE TABLE task_templates (
     PRIMARY KEY (namespace, name)
 );
 
--- Who did what, when, from where. Written in the same transaction as the change where there is one.
+-- Who did what, when, from where. Written right after the change commits (a failure to write
+-- it is logged as an error with the request id; the change stands).
 CREATE TABLE audit_log (
     id          bigserial PRIMARY KEY,
     at          timestamptz NOT NULL DEFAULT now(),
