@@ -16,6 +16,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-distributed-tracing.git", from: "1.7.3"),
         .package(url: "https://github.com/swift-otel/swift-w3c-trace-context.git", from: "1.0.0"),
+        // Spans exported over OTLP/HTTP; the gRPC trait (grpc-swift and its HTTP/2 stack) is left off.
+        .package(url: "https://github.com/swift-otel/swift-otel.git", from: "1.6.0", traits: ["OTLPHTTP"]),
         // One trait only: SwiftPM 6.3 may rebuild a dependency with several traits from scratch.
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["YAML"]),
         .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
@@ -70,6 +72,8 @@ let package = Package(
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
             .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
+            .product(name: "OTel", package: "swift-otel"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
 
         // YAML files with CONVEYOR_* environment overrides, validated with errors that name the key.
@@ -100,16 +104,19 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Tracing", package: "swift-distributed-tracing"),
         ], resources: [.copy("openapi.yaml"), .copy("Dashboard")]),
 
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
         .target(name: "ConveyorWorker", dependencies: [
             "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),
 
         .executableTarget(name: "conveyor", dependencies: [
@@ -142,6 +149,7 @@ let package = Package(
         .testTarget(name: "ConveyorCoreTests", dependencies: [
             "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
             "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",

@@ -83,6 +83,9 @@ public enum APIServer {
     /// The router, and each route as `METHOD /path/{param}`.
     public static func build(_ env: APIEnvironment) -> (router: Router<APIContext>, routes: [String]) {
         let router = Router(context: APIContext.self)
+        // A server span per request, continuing a caller's `traceparent` (docs/tracing.md).
+        router.add(middleware: TracingMiddleware())
+        router.add(middleware: BaggageMiddleware())
         router.add(middleware: RequestIDMiddleware(env: env))
         router.add(middleware: AuthMiddleware(env: env))
         var r = Routes(router: router)

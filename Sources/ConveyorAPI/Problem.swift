@@ -1,5 +1,7 @@
 public import ConveyorCore
 import ConveyorStore
+import ConveyorTelemetry
+import Tracing
 import Foundation
 public import HTTPTypes
 public import Hummingbird
@@ -75,6 +77,20 @@ extension HTTPField.Name {
 
 /// Outermost: gives every request an id (a sane `X-Request-ID` it brought, or a new one), puts
 /// it in the logs and the response, and turns every error into a problem response.
+/// Puts the request's W3C `baggage` (at most 8192 bytes, the W3C limit) into the task-local
+/// context, beside the span context `TracingMiddleware` extracted: tasks created or triggered by
+/// the request carry it to their runs.
+struct BaggageMiddleware: RouterMiddleware {
+    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+        guard let baggage = request.headers[HTTPField.Name("baggage")!], !baggage.isEmpty, baggage.utf8.count <= 8192 else {
+            return try await next(request, context)
+        }
+        var trace = ServiceContext.current ?? .topLevel
+        trace.baggageHeader = baggage
+        return try await ServiceContext.$current.withValue(trace) { try await next(request, context) }
+    }
+}
+
 struct RequestIDMiddleware: RouterMiddleware {
     let env: APIEnvironment
 

@@ -1,6 +1,8 @@
 import ConveyorCore
 import ConveyorPostgres
 import ConveyorStore
+import ConveyorTelemetry
+import Tracing
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -133,7 +135,8 @@ extension APIServer {
             let who = try context.require(.submitter)
             let task = try await findTask(request, context, who, store)
             try submitLimit(env, who, priorities: [task.priority])
-            try await store.trigger(taskID: task.id)
+            let trace = Traces.headers(ServiceContext.current ?? .topLevel)
+            try await store.trigger(taskID: task.id, traceParent: trace["traceparent"], baggage: trace["baggage"])
             await env.audit(context, who, "task.trigger", task.name, namespace: task.namespace)
             return json(["task": .string(task.name), "triggered": true], status: .accepted)
         }
@@ -236,7 +239,13 @@ extension APIServer {
     static func create(_ tasks: [NewTask], _ who: Identity, _ env: APIEnvironment) async throws -> [NewTask] {
         var tasks = tasks
         let namespace = try placement(tasks, who)
-        for i in tasks.indices { tasks[i].namespace = namespace }
+        // The request's span is the parent of each task's first dispatch span.
+        let trace = Traces.headers(ServiceContext.current ?? .topLevel)
+        for i in tasks.indices {
+            tasks[i].namespace = namespace
+            tasks[i].traceParent = trace["traceparent"]
+            tasks[i].traceBaggage = trace["baggage"]
+        }
         try submitLimit(env, who, priorities: Set(tasks.map(\.priority)))
         do {
             try await env.store.createTasks(tasks)

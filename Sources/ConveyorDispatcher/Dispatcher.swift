@@ -7,6 +7,7 @@ import Foundation
 public import Logging
 public import ServiceLifecycle
 import Synchronization
+import Tracing
 
 /// Scans PostgreSQL for due work and publishes it; consumes status events and records them.
 ///
@@ -174,14 +175,15 @@ public final class Dispatcher: Service, Sendable {
         let work = await withTaskGroup(of: Int.self) { group in
             for g in 0..<groups {
                 group.addTask {
+                    let spans = DispatchSpans()
                     var request = ClaimRequest(group: g, groups: groups, limit: self.configuration.batchSize,
                                                lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
-                                               newTraceParent: { TraceIDs.dispatchTraceParent(parent: $0) })
+                                               newTraceParent: { spans.start(parent: $0) })
                     request.room = room
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited
                     request.straightToQueue = !probe.runsReady
-                    return await self.dispatchGroup(request)
+                    return await self.dispatchGroup(request, spans: spans)
                 }
             }
             var total = 0
@@ -192,14 +194,16 @@ public final class Dispatcher: Service, Sendable {
     }
 
     /// Claims one task group and publishes what it claimed; returns runs created plus runs published.
-    func dispatchGroup(_ request: ClaimRequest) async -> Int {
+    func dispatchGroup(_ request: ClaimRequest, spans: DispatchSpans = DispatchSpans()) async -> Int {
         let result: ClaimResult
         do {
             result = try await store.claimDue(request)
         } catch {
+            spans.end(failed: error)
             logger.warning("claim failed", metadata: ["dispatcher.group": "\(request.group)", "error": "\(error)"])
             return 0
         }
+        spans.end(claimed: result.runs)
         if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
         if result.created > 0 {
             let total = createdSinceAnalyze.add(result.created, ordering: .relaxed).newValue
@@ -236,14 +240,20 @@ public final class Dispatcher: Service, Sendable {
             }
         }
         let now = Date()
+        var spans: [any Span] = []
+        spans.reserveCapacity(runs.count)
         let messages = runs.map { run in
+            var parent = Traces.context(traceparent: run.traceparent)
+            parent.baggageHeader = run.baggage
+            spans.append(Traces.startSpan("publish \(run.message.queue)", context: parent, kind: .producer,
+                                          attributes: Self.publishAttributes(run, exchange: topology.tasksExchange)))
             var headers: AMQPHeaders = [
                 "conveyor-task": .string(run.message.taskName),
                 "conveyor-attempt": .int(Int64(run.message.attempt)),
                 "conveyor-deadline": .string(Timestamp.format(now.addingTimeInterval(run.message.timeoutSeconds))),
             ]
-            // The run's stored dispatch span context, written through the propagator (W3C headers).
-            TraceIDs.inject(TraceIDs.context(traceparent: run.traceparent), into: &headers)
+            // The publish span, a child of the run's stored dispatch span; its context travels in the headers.
+            Traces.inject(spans[spans.count - 1].context, into: &headers)
             return AMQPOutgoingMessage(
                 exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(run.message),
                 properties: AMQPProperties(contentType: "application/json", messageID: run.message.runID.uuidString.lowercased(),
@@ -254,10 +264,13 @@ public final class Dispatcher: Service, Sendable {
         let results = await publisher.publish(messages)
         ConveyorMetrics.publishConfirm(ContinuousClock.now - sent)
         var ok: [UUID] = [], failed: [UUID] = []
-        for (run, r) in zip(runs, results) {
+        for ((run, r), span) in zip(zip(runs, results), spans) {
+            defer { span.end() }
             switch r {
             case .success: ok.append(run.message.runID)
             case .failure(let e):
+                span.recordError(e)
+                span.setStatus(SpanStatus(code: .error, message: "publish not confirmed; republished later"))
                 failed.append(run.message.runID)
                 logger.debug("publish failed", metadata: ["run.id": "\(run.message.runID)", "error": "\(e)"])
             }
@@ -297,11 +310,18 @@ public final class Dispatcher: Service, Sendable {
         var events: [StatusMessage] = []
         var beats: [HeartbeatMessage] = []
         var last: AMQPDelivery?
+        // A record span per status message, a child of the worker's execute span; ended at the commit.
+        var spans: [any Span] = []
+        defer { for span in spans { span.end() } }
         for d in batch {
             do throws(ValidationError) {
                 switch d.properties.type {
                 case heartbeatMessageType?: beats.append(try MessageCodec.decodeHeartbeat(d.body))
-                case nil, statusMessageType?: events.append(try MessageCodec.decodeStatus(d.body))
+                case nil, statusMessageType?:
+                    let e = try MessageCodec.decodeStatus(d.body)
+                    events.append(e)
+                    spans.append(Traces.startSpan("record \(e.event.rawValue)", context: Traces.context(headers: d.properties.headers),
+                                                  kind: .consumer, attributes: Self.recordAttributes(e, queue: topology.statusQueue)))
                 case let other?:
                     throw ValidationError(field: "type", value: other, hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")
                 }
@@ -353,6 +373,78 @@ public final class Dispatcher: Service, Sendable {
                 if stopping.load(ordering: .relaxed) && attempt > 3 { return }
                 try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(100), cap: .seconds(5)))
             }
+        }
+    }
+}
+
+extension Dispatcher {
+    static func recordAttributes(_ e: StatusMessage, queue: String) -> SpanAttributes {
+        var a = SpanAttributes()
+        a["messaging.system"] = "rabbitmq"
+        a["messaging.operation.type"] = "process"
+        a["messaging.destination.name"] = queue
+        a["conveyor.run.id"] = e.runID.uuidString.lowercased()
+        a["conveyor.attempt"] = e.attempt
+        a["conveyor.event"] = e.event.rawValue
+        if let o = e.outcome { a["conveyor.outcome"] = o.rawValue }
+        return a
+    }
+
+    /// OpenTelemetry messaging attributes of a task message's publish span.
+    static func publishAttributes(_ run: ClaimedRun, exchange: String) -> SpanAttributes {
+        var a = SpanAttributes()
+        a["messaging.system"] = "rabbitmq"
+        a["messaging.operation.type"] = "send"
+        a["messaging.operation.name"] = "publish"
+        a["messaging.destination.name"] = exchange
+        a["messaging.rabbitmq.destination.routing_key"] = run.message.queue
+        a["messaging.message.id"] = run.message.runID.uuidString.lowercased()
+        a["conveyor.run.id"] = run.message.runID.uuidString.lowercased()
+        a["conveyor.task.name"] = run.message.taskName
+        a["conveyor.attempt"] = run.message.attempt
+        return a
+    }
+}
+
+/// The dispatch spans of one claim: one per run created, started when the claim makes the
+/// run's trace context (a child of the context stored on the task, or a new root) and ended
+/// when the claim transaction is over. The run stores the span's `traceparent`; every publish
+/// of every attempt is a child of it, so retries stay in the run's trace.
+final class DispatchSpans: Sendable {
+    let started = Mutex<[String: any Span]>([:])
+
+    /// Starts a dispatch span; returns its `traceparent`.
+    func start(parent: String?) -> String {
+        let span = Traces.startSpan("dispatch", context: Traces.context(traceparent: parent))
+        guard let tp = Traces.traceparent(span.context) else {
+            // A tracer that makes no context (sampler always_off): the run still gets ids.
+            return Traces.traceparent(PropagatingTracer().startSpan("dispatch", context: .topLevel).context)!
+        }
+        started.withLock { $0[tp] = span }
+        return tp
+    }
+
+    /// The claim committed: spans of runs claimed for publishing get the run's attributes.
+    func end(claimed runs: [ClaimedRun]) {
+        let spans = started.withLock { s in defer { s = [:] }; return s }
+        for run in runs {
+            guard let span = spans[run.traceparent] else { continue }
+            span.attributes["conveyor.run.id"] = run.message.runID.uuidString.lowercased()
+            span.attributes["conveyor.task.name"] = run.message.taskName
+            span.attributes["conveyor.task.id"] = run.message.taskID.uuidString.lowercased()
+            span.attributes["conveyor.attempt"] = run.message.attempt
+            span.attributes["conveyor.queue"] = run.message.queue
+        }
+        for span in spans.values { span.end() }
+    }
+
+    /// The claim rolled back: its runs do not exist.
+    func end(failed error: any Error) {
+        let spans = started.withLock { s in defer { s = [:] }; return s }
+        for span in spans.values {
+            span.recordError(error)
+            span.setStatus(SpanStatus(code: .error, message: "claim rolled back"))
+            span.end()
         }
     }
 }

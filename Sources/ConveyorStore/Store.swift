@@ -33,7 +33,10 @@ public struct NewTask: Sendable {
     public var paused = false
     /// First due time; `nil` means now (the database clock), or for cron the first fire after now.
     public var startAt: Date?
+    /// The context of the request that created the task: the parent of its first dispatch span.
     public var traceParent: String?
+    /// That request's W3C `baggage`, carried by the first occurrence's messages.
+    public var traceBaggage: String?
     /// Shared by the tasks of one API batch (`X-Batch-ID`).
     public var batchID: UUID?
 
@@ -184,16 +187,16 @@ public struct Store: Sendable {
                 INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, next_run_at, anchor_at,
                                    shard, trace_parent, timezone, misfire_policy, max_catchup, priority, max_attempts, retry_policy,
                                    overlap_policy, concurrency_key, concurrency_limit, group_name, labels, trigger_rule, callback_url, paused,
-                                   spec, batch_id)
+                                   spec, batch_id, trace_baggage)
                 SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
                        hashtext(u.id::text) & 2147483647, u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts, u.retry::jsonb,
-                       u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused, u.spec::jsonb, u.batch
+                       u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused, u.spec::jsonb, u.batch, u.baggage
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::float8[],
                             $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[], $15::int[],
                             $16::text[], $17::text[], $18::text[], $19::int[], $20::text[], $21::text[], $22::text[], $23::text[], $24::bool[],
-                            $25::text[], $26::uuid[])
+                            $25::text[], $26::uuid[], $27::text[])
                      AS u(id, ns, name, executor, params, schedule, queue, timeout, next, tp, tz, misfire, catchup, prio, attempts,
-                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch)
+                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch, baggage)
                 """, [
                     tasks.map(\.id), tasks.map(\.namespace), tasks.map(\.name), tasks.map(\.executor),
                     tasks.map { String(decoding: MessageCodec.encode($0.parameters), as: UTF8.self) },
@@ -204,6 +207,7 @@ public struct Store: Sendable {
                     tasks.map { String(decoding: MessageCodec.encode(.object($0.labels.mapValues(JSONValue.string))), as: UTF8.self) },
                     tasks.map(\.triggerRule.rawValue), tasks.map(\.callbackURL), tasks.map(\.paused),
                     tasks.map { String(decoding: MessageCodec.encode(TaskSpec.encode($0)), as: UTF8.self) }, tasks.map(\.batchID),
+                    tasks.map(\.traceBaggage),
                 ])
             if !edges.isEmpty {
                 try await c.query("""
@@ -325,11 +329,15 @@ public struct Store: Sendable {
         }
     }
 
-    /// Makes a task due now; dispatchers are woken through NOTIFY.
+    /// Makes a task due now; dispatchers are woken through NOTIFY. `traceParent`, the context of the request that triggered it,
+    /// becomes the parent of the next occurrence's dispatch span; `baggage` travels with it.
     @discardableResult
-    public func trigger(taskID: UUID) async throws -> Bool {
+    public func trigger(taskID: UUID, traceParent: String? = nil, baggage: String? = nil) async throws -> Bool {
         try await pool.withConnection { c in
-            try await c.query("UPDATE tasks SET next_run_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL", [taskID]).affectedRows == 1
+            try await c.query("""
+                UPDATE tasks SET next_run_at = now(), updated_at = now(), trace_parent = $2, trace_baggage = $3
+                WHERE id = $1 AND deleted_at IS NULL
+                """, [taskID, traceParent, baggage]).affectedRows == 1
         }
     }
 

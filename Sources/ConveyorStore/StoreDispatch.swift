@@ -6,6 +6,8 @@ public import Foundation
 public struct ClaimedRun: Sendable {
     public var message: TaskMessage
     public var traceparent: String
+    /// W3C baggage of the request behind the run, for the message's `baggage` header.
+    public var baggage: String?
     /// The run's priority (a metrics label; the message itself does not carry it).
     public var priority: Priority = .normal
 }
@@ -119,7 +121,7 @@ extension Store {
                           AND r.available_at < 'infinity') ELSE 0 END,
                    CASE WHEN t.overlap_policy = 'queue' THEN
                        (SELECT count(*) FROM runs r WHERE r.task_id = t.id AND r.state = 'scheduled' AND r.available_at = 'infinity') ELSE 0 END,
-                   EXISTS (SELECT 1 FROM task_dependencies d WHERE d.upstream_id = t.id)
+                   EXISTS (SELECT 1 FROM task_dependencies d WHERE d.upstream_id = t.id), t.trace_baggage
             FROM tasks t
             WHERE t.next_run_at <= now() AND NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL
               AND t.shard >= $1::bigint AND t.shard < $2::bigint
@@ -173,10 +175,10 @@ extension Store {
                 if q.straightToQueue && !waiting && r[10] == nil && !q.rateLimited.contains(queue) && queueRoom > 0 {
                     room[queue] = queueRoom - 1
                     direct.append(id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: queue, shard: try r.int(11),
-                                  delay: q.lease.inSeconds, priority: try r.int(9), key: nil, workflow: workflow, traceparent: tp)
+                                  delay: q.lease.inSeconds, priority: try r.int(9), key: nil, workflow: workflow, traceparent: tp, baggage: r[17])
                 } else {
                     runs.append(id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: queue, shard: try r.int(11),
-                                delay: waiting ? nil : 0, priority: try r.int(9), key: r[10], workflow: workflow, traceparent: tp)
+                                delay: waiting ? nil : 0, priority: try r.int(9), key: r[10], workflow: workflow, traceparent: tp, baggage: r[17])
                 }
             }
             taskIDs.append(taskID); nextTimes.append(plan.next); skips.append(skipped)
@@ -208,7 +210,8 @@ extension Store {
                 """, [direct.ids]).rows.map { try claimed($0, q) }
         }
         try await c.query("""
-            UPDATE tasks SET next_run_at = u.next, skipped_occurrences = skipped_occurrences + u.skipped, updated_at = now()
+            UPDATE tasks SET next_run_at = u.next, skipped_occurrences = skipped_occurrences + u.skipped, updated_at = now(),
+                             trace_parent = NULL, trace_baggage = NULL
             FROM unnest($1::uuid[], $2::timestamptz[], $3::int[]) AS u(id, next, skipped)
             WHERE tasks.id = u.id
             """, [taskIDs, nextTimes, skips])
@@ -313,14 +316,15 @@ extension Store {
     }
 
     static let messageColumns = """
-        r.id, r.task_id, t.name, t.executor, t.parameters::text, r.queue, t.timeout_seconds, r.occurrence, r.attempt, r.traceparent, r.priority
+        r.id, r.task_id, t.name, t.executor, t.parameters::text, r.queue, t.timeout_seconds, r.occurrence, r.attempt, r.traceparent, r.priority, r.baggage
         """
 
     static func claimed(_ r: PostgresRow, _ q: ClaimRequest) throws -> ClaimedRun {
         let m = TaskMessage(runID: try r.uuid(0), taskID: try r.uuid(1), taskName: try r.string(2), occurrence: try r.date(7),
                             attempt: try r.int(8), queue: try r.string(5), executor: try r.string(3),
                             parameters: try json(try r.string(4)), timeoutSeconds: try r.double(6))
-        return ClaimedRun(message: m, traceparent: r[9] ?? q.newTraceParent(nil), priority: Priority(rawValue: try r.int(10)) ?? .normal)
+        return ClaimedRun(message: m, traceparent: r[9] ?? q.newTraceParent(nil), baggage: r[11],
+                          priority: Priority(rawValue: try r.int(10)) ?? .normal)
     }
 
     /// One round trip before a scan: when something is next due (a task, a ready run, an expired
@@ -389,16 +393,17 @@ extension Store {
 struct NewRuns {
     var ids: [UUID] = [], tasks: [UUID] = [], occurrences: [Date] = [], attempts: [Int] = [], queues: [String] = []
     var shards: [Int] = [], delays: [Double?] = [], priorities: [Int] = [], keys: [String?] = [], workflows: [UUID?] = []
-    var traceIDs: [String] = [], traceparents: [String?] = [], reasons: [String?] = []
+    var traceIDs: [String] = [], traceparents: [String?] = [], baggages: [String?] = [], reasons: [String?] = []
 
     var isEmpty: Bool { ids.isEmpty }
 
     /// `delay` in seconds from now; `nil` waits until released (overlap `queue`).
     mutating func append(id: UUID, task: UUID, occurrence: Date, attempt: Int, queue: String, shard: Int, delay: Double?,
-                         priority: Int, key: String?, workflow: UUID?, traceparent: String?, reason: String? = nil) {
+                         priority: Int, key: String?, workflow: UUID?, traceparent: String?, baggage: String?, reason: String? = nil) {
         ids.append(id); tasks.append(task); occurrences.append(occurrence); attempts.append(attempt); queues.append(queue)
         shards.append(shard); delays.append(delay); priorities.append(priority); keys.append(key); workflows.append(workflow)
-        traceIDs.append(traceparent.map(Store.traceID(of:)) ?? ""); traceparents.append(traceparent); reasons.append(reason)
+        traceIDs.append(traceparent.map(Store.traceID(of:)) ?? ""); traceparents.append(traceparent); baggages.append(baggage)
+        reasons.append(reason)
     }
 
     /// Inserts as `state`; an occurrence's attempt that exists already is left alone. Returns the rows inserted.
@@ -406,16 +411,16 @@ struct NewRuns {
         guard !isEmpty else { return 0 }
         return try await c.query("""
             INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority, concurrency_key,
-                              workflow_run_id, trace_id, traceparent, reason, finished_at, publish_count)
+                              workflow_run_id, trace_id, traceparent, reason, finished_at, publish_count, baggage)
             SELECT u.id, u.task, u.occ, u.attempt, $14::text, u.queue, u.shard,
                    CASE WHEN u.delay IS NULL THEN 'infinity'::timestamptz ELSE now() + make_interval(secs => u.delay) END,
                    u.prio, u.key, u.wf, nullif(u.trace_id, ''), u.tp, u.reason,
-                   CASE WHEN $14::text = 'skipped' THEN now() END, CASE WHEN $14::text = 'queued' THEN 1 ELSE 0 END
+                   CASE WHEN $14::text = 'skipped' THEN now() END, CASE WHEN $14::text = 'queued' THEN 1 ELSE 0 END, u.baggage
             FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[], $5::text[], $6::int[], $7::float8[], $8::smallint[],
-                        $9::text[], $10::uuid[], $11::text[], $12::text[], $13::text[])
-                 AS u(id, task, occ, attempt, queue, shard, delay, prio, key, wf, trace_id, tp, reason)
+                        $9::text[], $10::uuid[], $11::text[], $12::text[], $13::text[], $15::text[])
+                 AS u(id, task, occ, attempt, queue, shard, delay, prio, key, wf, trace_id, tp, reason, baggage)
             ON CONFLICT (task_id, occurrence, attempt) DO NOTHING
             """, [ids, tasks, occurrences, attempts, queues, shards, delays, priorities, keys, workflows, traceIDs, traceparents,
-                  reasons, state]).affectedRows
+                  reasons, state, baggages]).affectedRows
     }
 }

@@ -55,18 +55,18 @@ public struct DeadLetter: Sendable {
 /// A run that just reached a final state, with what deciding its follow-up needs.
 struct Ended {
     var id: UUID, task: UUID, occurrence: Date, attempt: Int, state: RunState, exitCode: Int?, errorClass: String?
-    var workflow: UUID?, queue: String, shard: Int, priority: Int, key: String?, traceparent: String?
+    var workflow: UUID?, queue: String, shard: Int, priority: Int, key: String?, traceparent: String?, baggage: String?
 
     static let columns = """
         runs.id, runs.task_id, runs.occurrence, runs.attempt, runs.state, runs.exit_code, runs.error_class, runs.workflow_run_id,
-        runs.queue, runs.shard, runs.priority, runs.concurrency_key, runs.traceparent
+        runs.queue, runs.shard, runs.priority, runs.concurrency_key, runs.traceparent, runs.baggage
         """
 
     init(_ r: PostgresRow) throws {
         id = try r.uuid(0); task = try r.uuid(1); occurrence = try r.date(2); attempt = try r.int(3)
         state = RunState(rawValue: try r.string(4)) ?? .failed; exitCode = try r.optionalInt(5); errorClass = r[6]
         workflow = r[7].flatMap(UUID.init(uuidString:)); queue = try r.string(8); shard = try r.int(9); priority = try r.int(10)
-        key = r[11]; traceparent = r[12]
+        key = r[11]; traceparent = r[12]; baggage = r[13]
     }
 }
 
@@ -188,7 +188,7 @@ extension Store {
                 if p.retry.shouldRetry(attempt: e.attempt, state: e.state, exitCode: e.exitCode, errorClass: e.errorClass) {
                     retries.append(id: UUID(), task: e.task, occurrence: e.occurrence, attempt: e.attempt + 1, queue: e.queue, shard: e.shard,
                                    delay: p.retry.delay(afterAttempt: e.attempt), priority: e.priority, key: e.key, workflow: e.workflow,
-                                   traceparent: e.traceparent)
+                                   traceparent: e.traceparent, baggage: e.baggage)
                     continue
                 }
                 let poison = e.errorClass.map(RetryPolicy.poisonClasses.contains) ?? false
@@ -273,10 +273,10 @@ extension Store {
                                                               : "upstream \(failedNames.joined(separator: ", ")) (trigger rule \(rule.rawValue))")
                 if run {
                     toRun.append(id: id, task: depID, occurrence: try d.date(6), attempt: 1, queue: try d.string(2), shard: try d.int(3),
-                                 delay: 0, priority: try d.int(4), key: d[5], workflow: wf, traceparent: e.traceparent)
+                                 delay: 0, priority: try d.int(4), key: d[5], workflow: wf, traceparent: e.traceparent, baggage: e.baggage)
                 } else {
                     toSkip.append(id: id, task: depID, occurrence: try d.date(6), attempt: 1, queue: try d.string(2), shard: try d.int(3),
-                                  delay: 0, priority: try d.int(4), key: d[5], workflow: wf, traceparent: e.traceparent, reason: reason)
+                                  delay: 0, priority: try d.int(4), key: d[5], workflow: wf, traceparent: e.traceparent, baggage: e.baggage, reason: reason)
                     var s = e
                     s.id = id; s.task = depID; s.state = .skipped; s.attempt = 1; s.exitCode = nil; s.errorClass = nil
                     skipped.append(s)
@@ -464,9 +464,9 @@ extension Store {
         let done = try await pool.withTransaction { c in
             try await c.query("""
                 INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority, concurrency_key,
-                                  workflow_run_id, trace_id, traceparent)
+                                  workflow_run_id, trace_id, traceparent, baggage)
                 SELECT $2, r.task_id, r.occurrence, r.attempt + 1, 'scheduled', r.queue, r.shard, now(), r.priority, r.concurrency_key,
-                       r.workflow_run_id, r.trace_id, r.traceparent
+                       r.workflow_run_id, r.trace_id, r.traceparent, r.baggage
                 FROM runs r
                 WHERE r.id = $1 AND r.state IN ('dead', 'failed', 'timed_out', 'lost', 'cancelled')
                   AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.task_id = r.task_id AND x.occurrence = r.occurrence AND x.attempt > r.attempt)

@@ -1,6 +1,7 @@
 public import ConveyorAMQP
 public import Instrumentation
 import ServiceContextModule
+public import Tracing
 public import W3CTraceContext
 
 /// Writes trace headers into AMQP message headers.
@@ -25,42 +26,133 @@ public struct DictionaryExtractor: Extractor {
     public func extract(key: String, from carrier: [String: String]) -> String? { carrier[key] }
 }
 
+/// Writes trace headers into a plain dictionary.
+public struct DictionaryInjector: Injector {
+    public init() {}
+    public func inject(_ value: String, forKey key: String, into carrier: inout [String: String]) { carrier[key] = value }
+}
 
 extension ServiceContext {
-    /// The W3C trace context of the current span.
-    public var traceContext: TraceContext? {
-        get { self[TraceContextKey.self] }
-        set { self[TraceContextKey.self] = newValue }
-    }
-
-    /// The raw `baggage` header, carried through unchanged.
+    /// The raw `baggage` header, carried through unchanged (swift-otel has no baggage propagator).
     public var baggageHeader: String? {
         get { self[BaggageKey.self] }
         set { self[BaggageKey.self] = newValue }
     }
+
+    /// The W3C context of a `PropagatingTracer` span.
+    var propagatedTraceContext: TraceContext? {
+        get { self[PropagatedTraceContextKey.self] }
+        set { self[PropagatedTraceContextKey.self] = newValue }
+    }
 }
 
-private enum TraceContextKey: ServiceContextKey { typealias Value = TraceContext }
 private enum BaggageKey: ServiceContextKey { typealias Value = String }
+private enum PropagatedTraceContextKey: ServiceContextKey { typealias Value = TraceContext }
 
-/// W3C Trace Context propagation (`traceparent`, `tracestate`, `baggage`), with no exporter
-/// needed: ids are generated and carried whether or not spans are exported.
+/// Spans and their propagation for every hop of a run (see docs/tracing.md).
 ///
-/// The OpenTelemetry bootstrap (a later step) replaces this with swift-otel's propagator; the
-/// headers on the wire stay the same.
-public struct W3CPropagation: Instrument {
+/// The tracer is the one bootstrapped into `InstrumentationSystem` (swift-otel's, by
+/// `Traces.bootstrap`). A process that bootstrapped none (a program embedding a worker, the
+/// in-process tests) gets `PropagatingTracer`: ids are still made and carried, nothing is
+/// recorded. Contexts are made and read by the same tracer, so one process never mixes the two.
+public enum Traces {
+    /// The tracer spans start on.
+    public static var tracer: any Tracer {
+        let bootstrapped = InstrumentationSystem.tracer
+        return bootstrapped is NoOpTracer ? PropagatingTracer() : bootstrapped
+    }
+
+    /// Starts a span; the caller ends it.
+    public static func startSpan(_ name: String, context: ServiceContext, kind: SpanKind = .internal,
+                                 attributes: SpanAttributes = [:]) -> any Span {
+        let span = tracer.startSpan(name, context: context, ofKind: kind)
+        if !attributes.isEmpty { span.attributes = attributes }
+        return span
+    }
+
+    /// The context carried by AMQP headers (a new trace's parent when none or malformed).
+    public static func context(headers: AMQPHeaders) -> ServiceContext {
+        var ctx = ServiceContext.topLevel
+        tracer.extract(headers, into: &ctx, using: AMQPHeadersExtractor())
+        if let baggage = headers["baggage"]?.stringValue, !baggage.isEmpty { ctx.baggageHeader = baggage }
+        return ctx
+    }
+
+    /// The context of W3C headers in a dictionary (`traceparent`, `tracestate`, `baggage`).
+    public static func context(headers: [String: String]) -> ServiceContext {
+        var ctx = ServiceContext.topLevel
+        tracer.extract(headers, into: &ctx, using: DictionaryExtractor())
+        if let baggage = headers["baggage"], !baggage.isEmpty { ctx.baggageHeader = baggage }
+        return ctx
+    }
+
+    /// The context of a stored `traceparent` (top level when nil or malformed).
+    public static func context(traceparent: String?) -> ServiceContext {
+        guard let traceparent else { return .topLevel }
+        return context(headers: ["traceparent": traceparent])
+    }
+
+    /// `traceparent`, `tracestate` (when not empty) and `baggage` of `context`.
+    public static func headers(_ context: ServiceContext) -> [String: String] {
+        var out: [String: String] = [:]
+        tracer.inject(context, into: &out, using: DictionaryInjector())
+        if out["tracestate"]?.isEmpty == true { out["tracestate"] = nil }
+        if let baggage = context.baggageHeader, !baggage.isEmpty { out["baggage"] = baggage }
+        return out
+    }
+
+    /// Writes `context` into AMQP headers.
+    public static func inject(_ context: ServiceContext, into headers: inout AMQPHeaders) {
+        for (k, v) in Self.headers(context) { headers[k] = .string(v) }
+    }
+
+    /// The `traceparent` header value of `context`.
+    public static func traceparent(_ context: ServiceContext) -> String? { headers(context)["traceparent"] }
+
+    /// The trace id (32 lowercase hex digits) of a `traceparent`.
+    public static func traceID(traceparent: String?) -> String? {
+        guard let parts = traceparent?.split(separator: "-"), parts.count == 4, parts[1].count == 32 else { return nil }
+        return String(parts[1])
+    }
+
+    /// The trace id of `context`.
+    public static func traceID(_ context: ServiceContext) -> String? { traceID(traceparent: traceparent(context)) }
+}
+
+/// The tracer of a process that bootstrapped none: W3C ids made and propagated, nothing
+/// recorded or exported.
+public struct PropagatingTracer: Tracer {
     public init() {}
+
+    public struct Span: Tracing.Span {
+        public let context: ServiceContext
+        public var operationName: String { get { "" } nonmutating set {} }
+        public var attributes: SpanAttributes { get { [:] } nonmutating set {} }
+        public var isRecording: Bool { false }
+        public func setStatus(_ status: SpanStatus) {}
+        public func addEvent(_ event: SpanEvent) {}
+        public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {}
+        public func addLink(_ link: SpanLink) {}
+        public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {}
+    }
+
+    public func startSpan<Instant: TracerInstant>(_ operationName: String, context: @autoclosure () -> ServiceContext, ofKind kind: SpanKind,
+                                                  at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt) -> Span {
+        var ctx = context()
+        let parent = ctx.propagatedTraceContext
+        ctx.propagatedTraceContext = TraceContext(traceID: parent?.traceID ?? .random(), spanID: .random(),
+                                                  flags: parent?.flags ?? .sampled, state: parent?.state ?? TraceState([]))
+        return Span(context: ctx)
+    }
+
+    public func activeSpan(identifiedBy context: ServiceContext) -> Span? { nil }
+    public func forceFlush() {}
 
     public func inject<Carrier, Inject: Injector>(_ context: ServiceContext, into carrier: inout Carrier, using injector: Inject)
     where Inject.Carrier == Carrier {
-        guard let tc = context.traceContext else { return }
+        guard let tc = context.propagatedTraceContext else { return }
         injector.inject(tc.traceParentHeaderValue, forKey: "traceparent", into: &carrier)
-        if let state = tc.traceStateHeaderValue, !state.isEmpty {
-            injector.inject(state, forKey: "tracestate", into: &carrier)
-        }
-        if let baggage = context.baggageHeader, !baggage.isEmpty {
-            injector.inject(baggage, forKey: "baggage", into: &carrier)
-        }
+        if let state = tc.traceStateHeaderValue, !state.isEmpty { injector.inject(state, forKey: "tracestate", into: &carrier) }
     }
 
     public func extract<Carrier, Extract: Extractor>(_ carrier: Carrier, into context: inout ServiceContext, using extractor: Extract)
@@ -68,62 +160,6 @@ public struct W3CPropagation: Instrument {
         guard let parent = extractor.extract(key: "traceparent", from: carrier),
               let tc = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: extractor.extract(key: "tracestate", from: carrier))
         else { return }
-        context.traceContext = tc
-        if let baggage = extractor.extract(key: "baggage", from: carrier) { context.baggageHeader = baggage }
-    }
-}
-
-/// Making and deriving span contexts.
-public enum TraceIDs {
-    /// A new root context (a scheduled occurrence with no parent), sampled.
-    public static func newRoot() -> ServiceContext {
-        var c = ServiceContext.topLevel
-        c.traceContext = TraceContext(traceID: .random(), spanID: .random(), flags: .sampled, state: TraceState([]))
-        return c
-    }
-
-    /// A child of `parent`: same trace and baggage, new span id. A context without a trace becomes a new root.
-    public static func child(of parent: ServiceContext) -> ServiceContext {
-        guard let p = parent.traceContext else { return newRoot() }
-        var c = parent
-        c.traceContext = TraceContext(traceID: p.traceID, spanID: .random(), flags: p.flags, state: p.state)
-        return c
-    }
-
-    /// The `traceparent` of a new dispatch span: a child of `parent` (the request that created
-    /// or triggered the task) when it parses, else a new root.
-    public static func dispatchTraceParent(parent: String?) -> String {
-        let span = parent.map { child(of: context(traceparent: $0)) } ?? newRoot()
-        return span.traceContext!.traceParentHeaderValue
-    }
-
-    /// The context of a stored `traceparent` (empty when it does not parse).
-    public static func context(traceparent: String) -> ServiceContext {
-        var ctx = ServiceContext.topLevel
-        W3CPropagation().extract(["traceparent": traceparent], into: &ctx, using: DictionaryExtractor())
-        return ctx
-    }
-
-    /// The context carried by message headers (empty when there is none or it is malformed).
-    public static func extract(_ headers: AMQPHeaders) -> ServiceContext {
-        var ctx = ServiceContext.topLevel
-        W3CPropagation().extract(headers, into: &ctx, using: AMQPHeadersExtractor())
-        return ctx
-    }
-
-    /// Headers for `context`.
-    public static func inject(_ context: ServiceContext, into headers: inout AMQPHeaders) {
-        W3CPropagation().inject(context, into: &headers, using: AMQPHeadersInjector())
-    }
-
-    /// The `traceparent` header value of `context`.
-    public static func traceparent(_ context: ServiceContext) -> String? { context.traceContext?.traceParentHeaderValue }
-
-    /// The `tracestate` header value of `context`, if any.
-    public static func tracestate(_ context: ServiceContext) -> String? { context.traceContext?.traceStateHeaderValue }
-
-    /// The trace id, 32 lowercase hex digits.
-    public static func traceID(_ context: ServiceContext) -> String? {
-        context.traceContext.map { "\($0.traceID)" }
+        context.propagatedTraceContext = tc
     }
 }

@@ -2,6 +2,8 @@ public import ConveyorConfig
 public import ConveyorCore
 public import Foundation
 public import Logging
+import ConveyorTelemetry
+public import Tracing
 
 /// What an executor is given for one attempt.
 public struct ExecutionContext: Sendable {
@@ -15,12 +17,15 @@ public struct ExecutionContext: Sendable {
     public var tracestate: String?
     /// Equal to the run id.
     public var idempotencyKey: String
-    /// The worker's logger, with `run.id`, `task.name` and `trace.id` set.
+    /// The worker's logger, with `run.id`, `task.name`, `trace.id` and `span.id` set.
     public var logger: Logger
+    /// The execute span's context: an executor's own spans are its children
+    /// (`Traces.startSpan(_:context:)`), as the HTTP and shell executors' are.
+    public var trace: ServiceContext
 
     public init(runID: UUID, taskName: String, attempt: Int, parameters: JSONValue, timeout: Duration,
                 traceparent: String?, tracestate: String?, idempotencyKey: String,
-                logger: Logger = Logger(label: "conveyor.executor")) {
+                logger: Logger = Logger(label: "conveyor.executor"), trace: ServiceContext = .topLevel) {
         self.runID = runID
         self.taskName = taskName
         self.attempt = attempt
@@ -30,6 +35,15 @@ public struct ExecutionContext: Sendable {
         self.tracestate = tracestate
         self.idempotencyKey = idempotencyKey
         self.logger = logger
+        self.trace = trace
+    }
+}
+
+extension ExecutionContext {
+    /// The parent of an executor's spans: `trace`, or, for a context made without one, the
+    /// context of its `traceparent`.
+    public var spanParent: ServiceContext {
+        Traces.traceparent(trace) != nil ? trace : Traces.context(headers: ["traceparent": traceparent ?? "", "tracestate": tracestate ?? ""])
     }
 }
 

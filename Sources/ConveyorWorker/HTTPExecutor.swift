@@ -3,6 +3,8 @@ public import ConveyorCore
 public import ConveyorHTTP
 import Foundation
 public import Logging
+import ConveyorTelemetry
+import Tracing
 
 /// Calls an HTTP endpoint through the outbound guard (`ConveyorHTTP`): hosts from an allowlist,
 /// every resolved address checked (loopback, private, link-local, metadata and reserved ranges
@@ -16,7 +18,8 @@ public import Logging
 /// `headers` (object of strings), `body` (a string sent as is, or any other JSON value sent as
 /// JSON). The task's timeout bounds the whole exchange.
 ///
-/// Sent with every request: `Idempotency-Key: <run id>`, `traceparent` and `tracestate`.
+/// Sent with every request: `Idempotency-Key: <run id>`, and the W3C `traceparent`, `tracestate`
+/// and `baggage` of the request's client span (a child of the worker's execute span).
 /// Outcome: 2xx succeeds (the body is the output); any other status fails with error class
 /// `http_<status>` (408, 429 and 5xx are retried by default, other 4xx are not); a refused or
 /// invalid URL fails as `http_refused` / `http_invalid_url` (not retried by default); connect,
@@ -28,7 +31,7 @@ public struct HTTPExecutor: Executor {
     static let methods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
     /// Headers the executor sets itself, or that would let a task break the framing.
     static let reservedHeaders: Set<String> = ["host", "content-length", "transfer-encoding", "connection", "upgrade",
-                                               "idempotency-key", "traceparent", "tracestate"]
+                                               "idempotency-key", "traceparent", "tracestate", "baggage"]
 
     public init(policy: OutboundPolicy, logger: Logger = Logger(label: "conveyor.executor.http")) {
         self.policy = policy
@@ -42,24 +45,46 @@ public struct HTTPExecutor: Executor {
     }
 
     public func execute(_ context: ExecutionContext) async -> ExecutionResult {
-        let request: OutboundRequest
+        var request: OutboundRequest
         do throws(ValidationError) { request = try Self.request(context) } catch {
             return .failed("bad_parameters", error.description)
         }
+        // The client span; the server continues the trace from the headers it carries.
+        let span = Traces.startSpan(request.method, context: context.spanParent, kind: .client, attributes: Self.attributes(request))
+        defer { span.end() }
+        for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
         do {
             let response = try await http.send(request, timeout: context.timeout)
+            span.attributes["http.response.status_code"] = response.status
             var output = String(decoding: response.body, as: UTF8.self)
             if response.truncated { output += "\n[… response truncated at \(policy.maxResponseBytes) bytes]" }
             if (200..<300).contains(response.status) {
                 return ExecutionResult(outcome: .succeeded, output: output)
             }
+            span.attributes["error.type"] = "\(response.status)"
+            span.setStatus(SpanStatus(code: .error, message: "HTTP \(response.status)"))
             return .failed("http_\(response.status)", "HTTP \(response.status) from \(response.url)", output: output)
         } catch {
+            span.attributes["error.type"] = "http_\(error.kind.rawValue)"
+            span.setStatus(SpanStatus(code: .error, message: error.message))
             if Task.isCancelled {
                 return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled during the request")
             }
             return .failed("http_\(error.kind.rawValue)", error.message)
         }
+    }
+
+    /// OpenTelemetry HTTP client attributes. The query is left out: it may carry secrets.
+    static func attributes(_ request: OutboundRequest) -> SpanAttributes {
+        var a = SpanAttributes()
+        a["http.request.method"] = request.method
+        if let u = URLComponents(string: request.url) {
+            if let scheme = u.scheme { a["url.scheme"] = scheme }
+            if let host = u.host { a["server.address"] = host }
+            if let port = u.port ?? (u.scheme == "https" ? 443 : u.scheme == "http" ? 80 : nil) { a["server.port"] = port }
+            a["url.path"] = u.path.isEmpty ? "/" : u.path
+        }
+        return a
     }
 
     static func request(_ context: ExecutionContext) throws(ValidationError) -> OutboundRequest {
@@ -99,8 +124,6 @@ public struct HTTPExecutor: Executor {
             if !headers.contains(where: { $0.0.lowercased() == "content-type" }) { headers.append(("Content-Type", "application/json")) }
         }
         headers.append(("Idempotency-Key", context.idempotencyKey))
-        if let tp = context.traceparent { headers.append(("traceparent", tp)) }
-        if let ts = context.tracestate, !ts.isEmpty { headers.append(("tracestate", ts)) }
         return OutboundRequest(method: method, url: url, headers: headers, body: body)
     }
 }

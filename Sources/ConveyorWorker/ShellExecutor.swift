@@ -3,6 +3,8 @@ public import ConveyorCore
 import Foundation
 import Logging
 import Synchronization
+import ConveyorTelemetry
+import Tracing
 
 /// Runs a command from an allowlist, exec'd as argv (never through a shell), in a process group
 /// of its own, with stdout and stderr captured up to a cap (the tail is kept) and streamed to the
@@ -46,7 +48,7 @@ public struct ShellExecutor: Executor {
     /// Environment names a task may never set: they change how programs are loaded or started.
     static let reservedEnvPrefixes = ["LD_", "DYLD_", "CONVEYOR_", "BASH_FUNC_", "MALLOC_"]
     static let reservedEnv: Set<String> = [
-        "PATH", "TRACEPARENT", "TRACESTATE", "BASH_ENV", "ENV", "IFS", "PS4", "SHELLOPTS", "BASHOPTS", "CDPATH",
+        "PATH", "TRACEPARENT", "TRACESTATE", "BAGGAGE", "BASH_ENV", "ENV", "IFS", "PS4", "SHELLOPTS", "BASHOPTS", "CDPATH",
         "GLIBC_TUNABLES", "GCONV_PATH", "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS", "NLSPATH", "LOCPATH",
         "NODE_OPTIONS", "NODE_PATH", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONINSPECT", "PERL5LIB", "PERL5OPT",
         "PERLLIB", "RUBYOPT", "RUBYLIB", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "GIT_SSH_COMMAND", "EDITOR",
@@ -154,8 +156,6 @@ public struct ShellExecutor: Executor {
         env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
         env["CONVEYOR_RUN_ID"] = context.idempotencyKey
         env["CONVEYOR_ATTEMPT"] = String(context.attempt)
-        if let tp = context.traceparent { env["TRACEPARENT"] = tp }
-        if let ts = context.tracestate { env["TRACESTATE"] = ts }
 
         var cwd = allowedRoots[0]
         if let requested = context.parameters["cwd"] {
@@ -176,17 +176,30 @@ public struct ShellExecutor: Executor {
     }
 
     public func execute(_ context: ExecutionContext) async -> ExecutionResult {
-        let (argv, env, cwd): ([String], [String: String], String)
+        let argv: [String], cwd: String
+        var env: [String: String]
         switch prepare(context) {
         case .failure(let f): return .failed(f.errorClass, f.message)
         case .success(let p): (argv, env, cwd) = p
         }
+        // The process span; the program continues the trace from TRACEPARENT / TRACESTATE / BAGGAGE.
+        let program = context.parameters["argv"]?.arrayValue?.first?.stringValue ?? argv[0]
+        let span = Traces.startSpan("exec \((program as NSString).lastPathComponent)", context: context.spanParent,
+                                    attributes: ["process.executable.path": .string(program)])
+        defer { span.end() }
+        for (name, value) in Traces.headers(span.context) { env[name.uppercased()] = value }
         var log: ChildProcess.LineSink?
         if logOutput {
             let logger = context.logger
             log = { stream, line in logger.info("\(line)", metadata: ["output.stream": "\(stream)"]) }
         }
         let r = await ChildProcess.run(argv: argv, environment: env, directory: cwd, outputLimit: outputLimit, killGrace: killGrace, log: log)
+        if case .success(let p) = r, let code = p.exitCode {
+            span.attributes["process.exit.code"] = Int(code)
+            if code != 0 { span.setStatus(SpanStatus(code: .error, message: "exited with status \(code)")) }
+        } else {
+            span.setStatus(SpanStatus(code: .error, message: "not started, or ended by a signal"))
+        }
         switch r {
         case .failure(let message):
             return .failed("spawn_failed", message)

@@ -6,6 +6,7 @@ import Foundation
 public import Logging
 public import ServiceLifecycle
 import Synchronization
+import Tracing
 
 /// Consumes task messages, runs each with its executor under the task's timeout, and reports
 /// `started` and `finished` on the status queue. A task message is acknowledged only after its
@@ -217,17 +218,24 @@ public final class Worker: Service, Sendable {
         log[metadataKey: "run.id"] = "\(message.runID)"
         log[metadataKey: "task.name"] = "\(message.taskName)"
 
-        // The execute span: a child of the dispatch span carried in the headers.
-        let span = TraceIDs.child(of: TraceIDs.extract(delivery.properties.headers))
-        log[metadataKey: "trace.id"] = "\(TraceIDs.traceID(span) ?? "")"
+        // The execute span: a child of the publish span carried in the headers. Status messages
+        // carry its context, so the dispatcher's record spans are its children.
+        let span = Traces.startSpan("execute \(message.executor)", context: Traces.context(headers: delivery.properties.headers),
+                                    kind: .consumer, attributes: executeAttributes(message))
+        defer { span.end() }
+        let trace = Traces.headers(span.context)
+        if let tp = trace["traceparent"]?.split(separator: "-"), tp.count == 4 {
+            log[metadataKey: "trace.id"] = "\(tp[1])"
+            log[metadataKey: "span.id"] = "\(tp[2])"
+        }
         var statusHeaders: AMQPHeaders = [:]
-        TraceIDs.inject(span, into: &statusHeaders)
+        for (k, v) in trace { statusHeaders[k] = .string(v) }
 
         let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
         let context = ExecutionContext(runID: message.runID, taskName: message.taskName, attempt: message.attempt,
                                        parameters: message.parameters, timeout: timeout,
-                                       traceparent: TraceIDs.traceparent(span),
-                                       tracestate: TraceIDs.tracestate(span), idempotencyKey: message.idempotencyKey, logger: log)
+                                       traceparent: trace["traceparent"], tracestate: trace["tracestate"],
+                                       idempotencyKey: message.idempotencyKey, logger: log, trace: span.context)
         // A run past its executor's limit waits here, before its timeout starts.
         let slot = set.slots[message.executor]
         if let slot, !(await slot.acquire()) { return }   // shutdown while waiting: left for redelivery
@@ -277,6 +285,10 @@ public final class Worker: Service, Sendable {
             return
         }
 
+        span.attributes["conveyor.outcome"] = result.outcome.rawValue
+        if result.outcome != .succeeded {
+            span.setStatus(SpanStatus(code: .error, message: [result.errorClass, result.errorMessage].compactMap { $0 }.joined(separator: ": ")))
+        }
         let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
                                      exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
                                      errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
@@ -285,6 +297,22 @@ public final class Worker: Service, Sendable {
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
         if !detached.isSet { consumer.ack(delivery) }
         counters.withLock { if result.outcome == .succeeded { $0.succeeded += 1 } else { $0.failed += 1 } }
+    }
+
+    /// The execute span's attributes: the run, and OpenTelemetry messaging attributes.
+    func executeAttributes(_ m: TaskMessage) -> SpanAttributes {
+        var a = SpanAttributes()
+        a["conveyor.run.id"] = m.runID.uuidString.lowercased()
+        a["conveyor.task.name"] = m.taskName
+        a["conveyor.attempt"] = m.attempt
+        a["conveyor.executor"] = m.executor
+        a["conveyor.queue"] = m.queue
+        a["conveyor.worker.id"] = configuration.id
+        a["messaging.system"] = "rabbitmq"
+        a["messaging.operation.type"] = "process"
+        a["messaging.destination.name"] = m.queue
+        a["messaging.message.id"] = m.runID.uuidString.lowercased()
+        return a
     }
 
     struct DrainDeadlinePassed: Error { var left: Int }

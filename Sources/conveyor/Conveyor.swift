@@ -51,13 +51,18 @@ struct CommonOptions: ParsableArguments {
         }
         Bootstrap.logging(level: level, format: format)
         ConveyorMetrics.bootstrap()
-        return Logger(label: label)
+        let logger = Logger(label: label)
+        // conveyor.dispatcher → service name conveyor-dispatcher (OTEL_SERVICE_NAME overrides).
+        try Bootstrap.tracing(serviceName: label.replacingOccurrences(of: ".", with: "-"), logger: logger)
+        return logger
     }
 }
 
-/// Runs `services` in one ServiceGroup; SIGTERM and SIGINT start a graceful shutdown.
+/// Runs `services` in one ServiceGroup; SIGTERM and SIGINT start a graceful shutdown. The span
+/// exporter comes first, so it stops last and flushes the spans the others ended.
 func runUntilSignalled(_ services: [any Service], logger: Logger) async throws {
-    try await ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+    let all = (Bootstrap.tracingService.map { [$0] } ?? []) + services
+    try await ServiceGroup(configuration: .init(services: all, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
 }
 
 enum Bootstrap {
@@ -68,6 +73,15 @@ enum Bootstrap {
         done = true
         LoggingSystem.bootstrap { label in StructuredLogHandler(label: label, format: format, level: level) }
         LogSink.flushAtExit()
+    }
+
+    nonisolated(unsafe) private(set) static var tracingService: (any Service)?   // set once from main, like `done`
+    nonisolated(unsafe) private static var tracingDone = false
+
+    static func tracing(serviceName: String, logger: Logger) throws {
+        guard !tracingDone else { return }
+        tracingDone = true
+        tracingService = try Traces.bootstrap(serviceName: serviceName, environment: ProcessInfo.processInfo.environment, logger: logger)
     }
 }
 

@@ -2,9 +2,10 @@ import ConveyorAMQP
 import ConveyorConfig
 import ConveyorCore
 import ConveyorPostgres
-import ConveyorTelemetry
+@testable import ConveyorTelemetry
 import Foundation
 import Testing
+import Tracing
 
 @Suite struct RunStateTests {
     @Test func transitionsOnlyMoveForward() {
@@ -92,29 +93,46 @@ import Testing
 }
 
 @Suite struct TracePropagationTests {
+    // No tracer is bootstrapped in this process: Traces falls back to PropagatingTracer.
     @Test func injectAndExtractRoundTripThroughAMQPHeaders() throws {
-        var root = TraceIDs.newRoot()
+        var root = Traces.startSpan("root", context: .topLevel).context
         root.baggageHeader = "tenant=42"
         var headers: AMQPHeaders = [:]
-        TraceIDs.inject(root, into: &headers)
+        Traces.inject(root, into: &headers)
         #expect(headers["traceparent"]?.stringValue?.hasPrefix("00-") == true)
         #expect(headers["baggage"] == .string("tenant=42"))
-        let extracted = TraceIDs.extract(headers)
-        #expect(TraceIDs.traceID(extracted) == TraceIDs.traceID(root))
+        let extracted = Traces.context(headers: headers)
+        #expect(Traces.traceID(extracted) != nil)
+        #expect(Traces.traceID(extracted) == Traces.traceID(root))
         #expect(extracted.baggageHeader == "tenant=42")
-        let child = TraceIDs.child(of: extracted)
-        #expect(TraceIDs.traceID(child) == TraceIDs.traceID(root))
-        #expect(TraceIDs.traceparent(child) != TraceIDs.traceparent(root))
+        let child = Traces.startSpan("child", context: extracted).context
+        #expect(Traces.traceID(child) == Traces.traceID(root))
+        #expect(Traces.traceparent(child) != Traces.traceparent(root))
+        #expect(child.baggageHeader == "tenant=42", "baggage is carried to children")
     }
 
-    @Test func dispatchSpanContinuesAStoredParentOrStartsARoot() throws {
+    @Test func aStoredParentIsContinuedAndGarbageStartsARoot() throws {
         let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        let tp = TraceIDs.dispatchTraceParent(parent: parent)
-        #expect(tp.split(separator: "-")[1] == "0af7651916cd43dd8448eb211c80319c")
+        let tp = try #require(Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: parent)).context))
+        #expect(Traces.traceID(traceparent: tp) == "0af7651916cd43dd8448eb211c80319c")
         #expect(tp != parent)
-        let bad = TraceIDs.dispatchTraceParent(parent: "garbage")
-        #expect(bad.split(separator: "-").count == 4)
-        #expect(TraceIDs.traceID(TraceIDs.extract(["traceparent": .string("00-zz")])) == nil)
+        let root = try #require(Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: "garbage")).context))
+        #expect(root.split(separator: "-").count == 4)
+        #expect(Traces.traceID(traceparent: root) != "0af7651916cd43dd8448eb211c80319c")
+        #expect(Traces.traceID(Traces.context(headers: ["traceparent": .string("00-zz")] as AMQPHeaders)) == nil)
+    }
+
+    @Test func otelVariablesSwiftOTelWouldStopTheProcessOnAreRefusedByName() throws {
+        for (key, value) in [("OTEL_PROPAGATORS", "tracecontext,b3"), ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+                             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+                             ("OTEL_TRACES_EXPORTER", "zipkin")] {
+            #expect { try Traces.validate([key: value]) } throws: { e in
+                let v = e as? ValidationError
+                return v?.field == key && v?.value == value && v?.hint.isEmpty == false
+            }
+        }
+        try Traces.validate(["OTEL_PROPAGATORS": "tracecontext,baggage", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_TRACES_EXPORTER": "otlp"])
     }
 }
 

@@ -434,6 +434,9 @@ struct JWTTests {
             ("CONVEYOR_API_TRUSTED_PROXIES", "10.0.0.0/99", "api.trusted_proxies"),
             ("CONVEYOR_API_MAX_PAGE_SIZE", "0", "api.max_page_size"),
             ("CONVEYOR_API_RATE_LIMIT_PER_KEY_RATE_PER_SECOND", "-1", "api.rate_limit.per_key.rate_per_second"),
+            // swift-otel would stop the process with fatalError on these; Conveyor refuses them by name.
+            ("OTEL_PROPAGATORS", "tracecontext,b3", "invalid OTEL_PROPAGATORS 'tracecontext,b3'"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "invalid OTEL_EXPORTER_OTLP_PROTOCOL 'grpc': this build exports OTLP over HTTP"),
         ] {
             // Under timeout(1): were the value accepted, the API would serve until killed (status 124).
             let p = Process()

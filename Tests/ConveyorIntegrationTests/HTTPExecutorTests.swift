@@ -38,7 +38,9 @@ struct HTTPExecutorTests {
         let got = try #require(server.received(path: "/hook").first)
         #expect(got.method == "POST")
         #expect(got.headers["idempotency-key"] == "run-key-1")
-        #expect(got.headers["traceparent"] == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        // The request carries the executor's client span: the run's trace, a new span id.
+        let tp = try #require(got.headers["traceparent"]).split(separator: "-")
+        #expect(tp.count == 4 && tp[1] == "4bf92f3577b34da6a3ce929d0e0e4736" && tp[2] != "00f067aa0ba902b7")
         #expect(got.headers["tracestate"] == "vendor=1")
         #expect(got.headers["x-tenant"] == "42")
         #expect(got.headers["content-type"] == "application/json")

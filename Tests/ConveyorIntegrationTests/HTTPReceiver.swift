@@ -18,6 +18,7 @@ final class HTTPReceiver: Sendable {
         var status: Int
         var delay: Duration = .zero
         var headers: [(String, String)] = []
+        var body = "ok"
     }
 
     let requests = Mutex<[Request]>([])
@@ -82,11 +83,11 @@ final class HTTPReceiver: Sendable {
                 let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
                 context.eventLoop.scheduleTask(in: .nanoseconds(Int64(reply.delay.inSeconds * 1e9))) {
                     let context = loopBound.value
-                    var headers = HTTPHeaders([("content-length", "2")])
+                    var headers = HTTPHeaders([("content-length", "\(reply.body.utf8.count)")])
                     for (k, v) in reply.headers { headers.add(name: k, value: v) }
                     if !keepAlive { headers.add(name: "connection", value: "close") }
                     context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: head.version, status: .init(statusCode: reply.status), headers: headers))), promise: nil)
-                    context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: "ok")))), promise: nil)
+                    context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: reply.body)))), promise: nil)
                     let done = context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)))
                     if !keepAlive { done.whenComplete { _ in loopBound.value.close(promise: nil) } }
                 }

@@ -1,0 +1,176 @@
+import ConveyorAMQP
+import ConveyorAPI
+import ConveyorCore
+import ConveyorHTTP
+import ConveyorStore
+import Foundation
+import Testing
+
+/// One span as an OTLP/JSON export carries it.
+struct ExportedSpan: CustomStringConvertible {
+    var service: String
+    var traceID: String
+    var spanID: String
+    var parentID: String
+    var name: String
+    /// OTLP's SpanKind: 1 internal, 2 server, 3 client, 4 producer, 5 consumer.
+    var kind: Int
+    var attributes: [String: String]
+
+    var description: String { "\(service) \(name) kind=\(kind) \(spanID)←\(parentID.isEmpty ? "root" : parentID) \(attributes)" }
+
+    /// Ids are hex in the OTLP/JSON spec, base64 from protobuf's JSON mapping: either is read.
+    static func hex(_ s: String) -> String {
+        if s.count % 2 == 0, s.allSatisfy(\.isHexDigit) { return s.lowercased() }
+        return Data(base64Encoded: s).map { $0.map { String(format: "%02x", $0) }.joined() } ?? s
+    }
+
+    static func parse(_ body: String) -> [ExportedSpan] {
+        guard let root = try? JSONSerialization.jsonObject(with: Data(body.utf8)) as? [String: Any] else { return [] }
+        func attributes(_ list: Any?) -> [String: String] {
+            var out: [String: String] = [:]
+            for a in list as? [[String: Any]] ?? [] {
+                guard let key = a["key"] as? String, let value = (a["value"] as? [String: Any])?.values.first else { continue }
+                out[key] = "\(value)"
+            }
+            return out
+        }
+        var spans: [ExportedSpan] = []
+        for rs in root["resourceSpans"] as? [[String: Any]] ?? [] {
+            let service = attributes((rs["resource"] as? [String: Any])?["attributes"])["service.name"] ?? ""
+            for ss in rs["scopeSpans"] as? [[String: Any]] ?? [] {
+                for s in ss["spans"] as? [[String: Any]] ?? [] {
+                    spans.append(ExportedSpan(service: service, traceID: hex(s["traceId"] as? String ?? ""), spanID: hex(s["spanId"] as? String ?? ""),
+                                              parentID: hex(s["parentSpanId"] as? String ?? ""), name: s["name"] as? String ?? "",
+                                              kind: s["kind"] as? Int ?? 0, attributes: attributes(s["attributes"])))
+                }
+            }
+        }
+        return spans
+    }
+}
+
+/// Spans exported by real API, dispatcher and worker processes to the test's own OTLP/HTTP
+/// receiver, checked as one tree per run.
+@Suite("OpenTelemetry traces across real processes (real PostgreSQL and RabbitMQ)")
+struct TracingTests {
+    static func call(_ method: String, _ url: String, headers: [(String, String)] = [], body: String = "") async throws -> (status: Int, body: String) {
+        var policy = OutboundPolicy()
+        policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+        let r = try await OutboundHTTP(policy: policy, logger: Servers.logger)
+            .send(OutboundRequest(method: method, url: url, headers: headers, body: Array(body.utf8)), timeout: .seconds(5))
+        return (r.status, String(decoding: r.body, as: UTF8.self))
+    }
+
+    @Test func oneTracePerRunFromTheAPIRequestThroughARetryToTheCalledService() async throws {
+        try await System.with { sys in
+            let collector = try await HTTPReceiver { _, _ in .init(status: 200, headers: [("content-type", "application/json")], body: "{}") }
+            // The service the http executor calls: 500 the first time (the run retries), then 200.
+            let service = try await HTTPReceiver(host: "127.0.0.3") { _, n in .init(status: n == 0 ? 500 : 200) }
+            defer { Task { await collector.close(); await service.close() } }
+            let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_BSP_SCHEDULE_DELAY": "100"]
+            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix]
+                .merging(otel) { a, _ in a }
+            let apiPort = Int.random(in: 40_001...50_000)
+            let dispatcher = try spawnConveyor(["dispatcher"], env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue,
+                                                                                  "CONVEYOR_DISPATCHER_HTTP_PORT": "0"]) { a, _ in a })
+            let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "trace-worker", executors: "http,shell").merging(otel) { a, _ in a }
+                .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32",
+                          "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv"]) { a, _ in a })
+            let api = try spawnConveyor(["api"], env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1"]) { a, _ in a })
+            defer { for p in [dispatcher, worker, api] where p.isRunning { p.terminate() } }
+            let (key, prefix, hash) = APIKeyFormat.generate()
+            try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "trace", role: .admin, namespace: "*", expiresAt: nil)
+            let base = "http://127.0.0.1:\(apiPort)"
+            _ = try await sys.eventually(timeout: .seconds(30), "the API answers") { (try? await Self.call("GET", base + "/healthz"))?.status == 200 }
+
+            // The caller's own span: the API request continues it.
+            let clientTrace = (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 1...UInt32.max)) }.joined()
+            let clientSpan = String(format: "%08x%08x", UInt32.random(in: 1...UInt32.max), UInt32.random(in: 1...UInt32.max))
+            let body = """
+                {"name": "traced", "executor": "http", "queue": "\(sys.queue)", "timeout": 10,
+                 "parameters": {"url": "\(service.url)/hook", "method": "POST"},
+                 "retry": {"max_attempts": 2, "base_seconds": 0.1, "jitter": false}}
+                """
+            let created = try await Self.call("POST", base + "/v1/tasks", headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json"),
+                                                                                  ("traceparent", "00-\(clientTrace)-\(clientSpan)-01"),
+                                                                                  ("baggage", "tenant=acme")], body: body)
+            #expect(created.status == 201, "\(created.body)")
+            // A task the scheduler fires with no request behind it: a new root; its program sees TRACEPARENT.
+            var shell = NewTask(name: "printenv", executor: "shell", schedule: .once)
+            shell.queue = sys.queue
+            shell.parameters = ["argv": ["/usr/bin/printenv", "TRACEPARENT"]]
+            try await sys.store.createTasks([shell])
+
+            _ = try await sys.eventually(timeout: .seconds(60), "both tasks succeed, the http one on its second attempt") {
+                try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
+            }
+            let runs = try await sys.rows("""
+                SELECT t.name, r.id::text, r.attempt::text, r.trace_id, coalesce(r.output, '') FROM runs r JOIN tasks t ON t.id = r.task_id ORDER BY t.name, r.attempt
+                """)
+            let traced = runs.filter { $0[0] == "traced" }
+            #expect(traced.count == 2 && traced.allSatisfy { $0[3] == clientTrace }, "every attempt is in the caller's trace: \(runs)")
+            let printenv = try #require(runs.first { $0[0] == "printenv" })
+            let rootTrace = try #require(printenv[3])
+            #expect(rootTrace != clientTrace && rootTrace.count == 32)
+            #expect(printenv[4]?.hasPrefix("00-\(rootTrace)-") == true, "the program got its span's TRACEPARENT: \(printenv[4] ?? "")")
+
+            // Every hop's span reaches the receiver (batches every 100 ms).
+            func spans() -> [ExportedSpan] { collector.received(path: "/v1/traces").flatMap { ExportedSpan.parse($0.body) } }
+            _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts are exported") {
+                let s = spans().filter { $0.traceID == clientTrace }
+                return s.filter { $0.name.hasPrefix("record") }.count >= 2 && s.filter { $0.kind == 3 }.count == 2
+            }
+            let all = spans().filter { $0.traceID == clientTrace }
+            let tree = all.map(\.description).joined(separator: "\n")
+            let byID = Dictionary(all.map { ($0.spanID, $0) }, uniquingKeysWith: { a, _ in a })
+            func children(of parent: ExportedSpan?, _ name: (String) -> Bool) -> [ExportedSpan] {
+                all.filter { $0.parentID == (parent?.spanID ?? "") && name($0.name) }
+            }
+
+            // API: the server span continues the caller's span.
+            let server = try #require(all.first { $0.kind == 2 && $0.service == "conveyor-api" }, "\(tree)")
+            #expect(server.parentID == clientSpan)
+            // Dispatcher: one dispatch span, a child of the request; a publish span per attempt under it.
+            let dispatch = children(of: server, { $0 == "dispatch" })
+            #expect(dispatch.count == 1 && dispatch.first?.service == "conveyor-dispatcher", "\(tree)")
+            let publishes = children(of: dispatch.first, { $0 == "publish \(sys.queue)" })
+            #expect(publishes.count == 2 && publishes.allSatisfy { $0.kind == 4 && $0.attributes["messaging.system"] == "rabbitmq" }, "\(tree)")
+            #expect(Set(publishes.compactMap { $0.attributes["conveyor.attempt"] }) == ["1", "2"])
+            // Worker: an execute span under each publish, with the run's attributes.
+            for publish in publishes {
+                let execute = children(of: publish, { $0 == "execute http" })
+                #expect(execute.count == 1, "\(tree)")
+                guard let e = execute.first else { continue }
+                #expect(e.service == "conveyor-worker" && e.kind == 5)
+                #expect(e.attributes["conveyor.run.id"] == publish.attributes["conveyor.run.id"])
+                #expect(e.attributes["conveyor.attempt"] == publish.attributes["conveyor.attempt"])
+                #expect(e.attributes["conveyor.task.name"] == "traced" && e.attributes["conveyor.executor"] == "http"
+                        && e.attributes["conveyor.queue"] == sys.queue)
+                // The executor's client span, whose context the called service received.
+                let client = children(of: e, { $0 == "POST" })
+                #expect(client.count == 1 && client.first?.kind == 3, "\(tree)")
+                // The dispatcher's record spans continue from the status messages.
+                #expect(children(of: e, { $0.hasPrefix("record") }).contains { $0.service == "conveyor-dispatcher" && $0.kind == 5 }, "\(tree)")
+            }
+            let calls = service.received(path: "/hook")
+            #expect(calls.count == 2)
+            for call in calls {
+                let tp = try #require(call.headers["traceparent"]).split(separator: "-").map(String.init)
+                #expect(tp[1] == clientTrace, "the called service continues the run's trace")
+                #expect(byID[tp[2]]?.name == "POST", "its parent is the executor's client span: \(tp)")
+                #expect(call.headers["baggage"] == "tenant=acme", "baggage travels from the API request to the called service")
+            }
+            // Nothing of this trace is orphaned: every parent is in the trace, but the caller's own span.
+            for span in all where span.parentID != clientSpan {
+                #expect(byID[span.parentID] != nil, "\(span) has a parent that was not exported\n\(tree)")
+            }
+
+            // The scheduled task: a root dispatch span, then publish → execute → exec.
+            let rootSpans = spans().filter { $0.traceID == rootTrace }
+            let rootDispatch = rootSpans.first { $0.name == "dispatch" }
+            #expect(rootDispatch?.parentID == "", "\(rootSpans)")
+            #expect(rootSpans.contains { $0.name == "exec printenv" && printenv[4]?.contains($0.spanID) == true }, "\(rootSpans)")
+        }
+    }
+}
