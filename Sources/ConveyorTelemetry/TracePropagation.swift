@@ -2,7 +2,7 @@ public import ConveyorAMQP
 public import Instrumentation
 import ServiceContextModule
 public import Tracing
-public import W3CTraceContext
+import W3CTraceContext
 
 /// Writes trace headers into AMQP message headers.
 public struct AMQPHeadersInjector: Injector {
@@ -51,10 +51,11 @@ private enum PropagatedTraceContextKey: ServiceContextKey { typealias Value = Tr
 
 /// Spans and their propagation for every hop of a run (see docs/tracing.md).
 ///
-/// The tracer is the one bootstrapped into `InstrumentationSystem` (swift-otel's, by
-/// `Traces.bootstrap`). A process that bootstrapped none (a program embedding a worker, the
-/// in-process tests) gets `PropagatingTracer`: ids are still made and carried, nothing is
-/// recorded. Contexts are made and read by the same tracer, so one process never mixes the two.
+/// The tracer is the one bootstrapped into `InstrumentationSystem` by `Traces.bootstrap`:
+/// swift-otel's when spans are exported, else `PropagatingTracer` (ids made and carried, nothing
+/// recorded). A process that bootstrapped none (a program embedding a worker, the in-process
+/// tests) gets `PropagatingTracer` too. Contexts are made and read by the same tracer, so one
+/// process never mixes the two.
 public enum Traces {
     /// The tracer spans start on.
     public static var tracer: any Tracer {

@@ -3,6 +3,7 @@ import Foundation
 public import Logging
 import OTel
 public import ServiceLifecycle
+import Tracing
 
 extension Traces {
     /// Bootstraps swift-otel's tracer from the standard `OTEL_*` variables and returns the
@@ -10,13 +11,20 @@ extension Traces {
     /// it shuts down last and flushes what the others ended.
     ///
     /// - Without `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`, or an explicit
-    ///   `OTEL_TRACES_EXPORTER=otlp`) nothing is exported, and ids are still made and propagated.
-    /// - `OTEL_SDK_DISABLED=true` leaves the propagating tracer (ids, no spans); nil is returned.
+    ///   `OTEL_TRACES_EXPORTER=otlp`), or with `OTEL_SDK_DISABLED=true` or
+    ///   `OTEL_TRACES_EXPORTER=none`, the tracer is `PropagatingTracer`: ids are made and
+    ///   propagated, nothing is recorded (recording spans that go nowhere cost measurable
+    ///   throughput: docs/benchmarks.md), and nil is returned.
     /// - Values swift-otel would stop the process on (a gRPC protocol, B3 propagation, a Jaeger
     ///   sampler) are refused here with an error that names the variable.
     public static func bootstrap(serviceName: String, environment env: [String: String], logger: Logger) throws(ValidationError) -> (any Service)? {
-        if env["OTEL_SDK_DISABLED"]?.lowercased() == "true" { return nil }
         try validate(env)
+        let endpoint = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] ?? env["OTEL_EXPORTER_OTLP_ENDPOINT"] ?? ""
+        let exporter = env["OTEL_TRACES_EXPORTER"]?.lowercased() ?? (endpoint.isEmpty ? "none" : "otlp")
+        if env["OTEL_SDK_DISABLED"]?.lowercased() == "true" || exporter == "none" {
+            InstrumentationSystem.bootstrap(PropagatingTracer())
+            return nil
+        }
         var config = OTel.Configuration.default
         config.serviceName = serviceName
         config.diagnosticLogger = .custom(logger)
@@ -24,8 +32,6 @@ extension Traces {
         config.propagators = [.traceContext]   // baggage is carried by Traces itself
         config.metrics.enabled = false          // metrics are Prometheus (/metrics)
         config.logs.enabled = false             // logs are the structured handler's
-        let endpoint = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] ?? env["OTEL_EXPORTER_OTLP_ENDPOINT"] ?? ""
-        if endpoint.isEmpty { config.traces.exporter = .none }
         // Only the variables about traces reach swift-otel; the others were handled above.
         let passed = env.filter { key, _ in
             key == "OTEL_SERVICE_NAME" || key == "OTEL_RESOURCE_ATTRIBUTES" || key.hasPrefix("OTEL_TRACES_") || key.hasPrefix("OTEL_BSP_")
