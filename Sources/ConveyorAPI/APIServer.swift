@@ -219,7 +219,7 @@ public enum APIServer {
 
     static func view(_ t: TaskRecord) -> JSONValue {
         var o: [String: JSONValue] = [
-            "id": .string(t.id.uuidString.lowercased()), "name": .string(t.name), "executor": .string(t.executor),
+            "id": .string(t.id.lowercasedString), "name": .string(t.name), "executor": .string(t.executor),
             "schedule": .string(t.schedule), "timezone": .string(t.timeZone), "queue": .string(t.queue),
             "priority": .string("\(t.priority)"), "timeout": .number(t.timeoutSeconds), "paused": .bool(t.paused),
             "max_attempts": .number(Double(t.maxAttempts)),
@@ -231,7 +231,7 @@ public enum APIServer {
         o["namespace"] = .string(t.namespace)
         o["labels"] = .object(t.labels.mapValues(JSONValue.string))
         o["priority"] = .string(t.priority.name)
-        if let b = t.batchID { o["batch_id"] = .string(b.uuidString.lowercased()) }
+        if let b = t.batchID { o["batch_id"] = .string(b.lowercasedString) }
         if let d = t.createdAt { o["created_at"] = .string(Timestamp.format(d)) }
         if let d = t.updatedAt { o["updated_at"] = .string(Timestamp.format(d)) }
         if let u = t.callbackURL { o["callback_url"] = .string(u) }
@@ -244,7 +244,7 @@ public enum APIServer {
 
     static func view(_ r: RunRecord) -> JSONValue {
         var o: [String: JSONValue] = [
-            "id": .string(r.id.uuidString.lowercased()), "task_id": .string(r.taskID.uuidString.lowercased()),
+            "id": .string(r.id.lowercasedString), "task_id": .string(r.taskID.lowercasedString),
             "occurrence": .string(Timestamp.format(r.occurrence)), "attempt": .number(Double(r.attempt)), "state": .string(r.state.rawValue),
         ]
         if let v = r.workerID { o["worker_id"] = .string(v) }

@@ -46,7 +46,7 @@ extension APIServer {
             let page = try await store.runs(f, limit: limit + 1)
             var out: [String: JSONValue] = ["runs": .array(page.prefix(limit).map(view))]
             if page.count > limit, let last = page.prefix(limit).last {
-                out["next_cursor"] = .string(Timestamp.format(last.occurrence) + "_" + last.id.uuidString.lowercased())
+                out["next_cursor"] = .string(Timestamp.format(last.occurrence) + "_" + last.id.lowercasedString)
             }
             return json(.object(out))
         }
@@ -59,7 +59,7 @@ extension APIServer {
             }
             // The occurrence's attempts, so a retried run shows its history in one call.
             o["attempts"] = .array(try await store.attempts(of: run).map { a in
-                var x: [String: JSONValue] = ["id": .string(a.id.uuidString.lowercased()), "attempt": .number(Double(a.attempt)), "state": .string(a.state.rawValue)]
+                var x: [String: JSONValue] = ["id": .string(a.id.lowercasedString), "attempt": .number(Double(a.attempt)), "state": .string(a.state.rawValue)]
                 if let e = a.errorMessage { x["error_message"] = .string(e) }
                 if let f = a.finishedAt { x["finished_at"] = .string(Timestamp.format(f)) }
                 return .object(x)
@@ -70,19 +70,19 @@ extension APIServer {
             let who = try context.require(.operator)
             let (run, namespace) = try await findRun(context, who, store)
             guard try await !store.cancel(runs: [run.id], reason: "cancelled through the API by \(who.keyPrefix)").isEmpty else {
-                throw Problem(.conflict, "run already ended", "run \(run.id.uuidString.lowercased()) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
+                throw Problem(.conflict, "run already ended", "run \(run.id.lowercasedString) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
             }
-            await env.audit(context, who, "run.cancel", run.id.uuidString.lowercased(), namespace: namespace)
-            return json(["run_id": .string(run.id.uuidString.lowercased()), "state": "cancelled"])
+            await env.audit(context, who, "run.cancel", run.id.lowercasedString, namespace: namespace)
+            return json(["run_id": .string(run.id.lowercasedString), "state": "cancelled"])
         }
         r.on(.post, "/v1/runs/:id/redrive") { _, context in
             let who = try context.require(.operator)
             let (run, namespace) = try await findRun(context, who, store)
             do {
                 let next = try await store.redrive(run: run.id)
-                await env.audit(context, who, "run.redrive", run.id.uuidString.lowercased(), namespace: namespace,
-                                ["new_run_id": .string(next.uuidString.lowercased())])
-                return json(["run_id": .string(next.uuidString.lowercased()), "attempt": .number(Double(run.attempt + 1))], status: .created)
+                await env.audit(context, who, "run.redrive", run.id.lowercasedString, namespace: namespace,
+                                ["new_run_id": .string(next.lowercasedString)])
+                return json(["run_id": .string(next.lowercasedString), "attempt": .number(Double(run.attempt + 1))], status: .created)
             } catch let v as ValidationError {
                 throw Problem(.conflict, "cannot re-drive", v.hint, field: "id", value: v.value)
             }

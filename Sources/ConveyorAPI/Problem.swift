@@ -100,7 +100,7 @@ struct RequestIDMiddleware: RouterMiddleware {
         context.client = ClientAddress.resolve(peer: context.peer, forwardedFor: request.headers[.xForwardedFor], trusted: env.options.trustedProxies)
         let given = request.headers[.requestID] ?? ""
         context.requestID = given.count <= 128 && !given.isEmpty && given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) })
-            ? given : UUID().uuidString.lowercased()
+            ? given : UUID().lowercasedString
         context.logger[metadataKey: "request.id"] = "\(context.requestID)"
         var response: Response
         do {

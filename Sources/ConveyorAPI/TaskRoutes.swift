@@ -35,12 +35,12 @@ extension APIServer {
             let batchID = UUID()
             for i in tasks.indices { tasks[i].batchID = batchID }
             tasks = try await create(tasks, who, env)
-            await env.audit(context, who, "task.create_batch", batchID.uuidString.lowercased(), namespace: tasks[0].namespace,
+            await env.audit(context, who, "task.create_batch", batchID.lowercasedString, namespace: tasks[0].namespace,
                             ["count": .number(Double(tasks.count))])
-            var response = json(["batch_id": .string(batchID.uuidString.lowercased()), "count": .number(Double(tasks.count)),
-                                 "tasks": .array(tasks.map { .object(["id": .string($0.id.uuidString.lowercased()), "name": .string($0.name)]) })],
+            var response = json(["batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
+                                 "tasks": .array(tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) })],
                                 status: .created)
-            response.headers[.batchID] = batchID.uuidString.lowercased()
+            response.headers[.batchID] = batchID.lowercasedString
             return response
         }
         r.on(.get, "/v1/tasks") { request, context in

@@ -31,7 +31,7 @@ public struct TaskMessage: Sendable, Hashable, Codable {
         self.executor = executor
         self.parameters = parameters
         self.timeoutSeconds = timeoutSeconds
-        self.idempotencyKey = runID.uuidString.lowercased()
+        self.idempotencyKey = runID.lowercasedString
     }
 
     enum CodingKeys: String, CodingKey {
@@ -154,8 +154,8 @@ public enum MessageCodec {
         w.key("occurrence"); w.string(Timestamp.format(m.occurrence))
         w.key("parameters"); w.value(m.parameters)
         w.key("queue"); w.string(m.queue)
-        w.key("run_id"); w.string(m.runID.uuidString.lowercased())
-        w.key("task_id"); w.string(m.taskID.uuidString.lowercased())
+        w.key("run_id"); w.string(m.runID.lowercasedString)
+        w.key("task_id"); w.string(m.taskID.lowercasedString)
         w.key("task_name"); w.string(m.taskName)
         w.key("timeout_seconds"); w.double(m.timeoutSeconds)
         w.key("version"); w.int(m.version)
@@ -176,7 +176,7 @@ public enum MessageCodec {
         if let v = m.exitCode { w.key("exit_code"); w.int(v) }
         if let v = m.outcome { w.key("outcome"); w.string(v.rawValue) }
         if let v = m.output { w.key("output"); w.string(v) }
-        w.key("run_id"); w.string(m.runID.uuidString.lowercased())
+        w.key("run_id"); w.string(m.runID.lowercasedString)
         if let v = m.startedAt { w.key("started_at"); w.string(Timestamp.format(v)) }
         w.key("version"); w.int(m.version)
         w.key("worker_id"); w.string(m.workerID)
@@ -189,7 +189,7 @@ public enum MessageCodec {
         let body: JSONValue = .object([
             "version": .number(Double(m.version)), "worker_id": .string(m.workerID), "host": .string(m.host),
             "queues": .array(m.queues.map(JSONValue.string)), "executors": .array(m.executors.map(JSONValue.string)),
-            "concurrency": .number(Double(m.concurrency)), "in_flight": .array(m.inFlight.map { .string($0.uuidString.lowercased()) }),
+            "concurrency": .number(Double(m.concurrency)), "in_flight": .array(m.inFlight.map { .string($0.lowercasedString) }),
             "interval_seconds": .number(m.intervalSeconds), "at": .string(Timestamp.format(m.at)),
         ])
         return body.jsonBytes
@@ -213,7 +213,7 @@ public enum MessageCodec {
     public static func encode(_ m: ControlMessage) -> [UInt8] {
         var w = JSONWriter()
         w.beginObject()
-        w.key("cancel"); w.string(m.cancel.uuidString.lowercased())
+        w.key("cancel"); w.string(m.cancel.lowercasedString)
         w.key("version"); w.int(m.version)
         w.endObject()
         return w.bytes

@@ -78,7 +78,7 @@ extension Dispatcher {
     func deliver(_ d: CallbackDelivery, http: OutboundHTTP, settings: CallbackConfiguration) async -> CallbackOutcome {
         let request = OutboundRequest(method: "POST", url: d.url, headers: [
             ("Content-Type", "application/json"), ("User-Agent", "conveyor-callbacks"),
-            ("Idempotency-Key", d.runID.uuidString.lowercased()), ("X-Conveyor-Attempt", "\(d.attempt)"),
+            ("Idempotency-Key", d.runID.lowercasedString), ("X-Conveyor-Attempt", "\(d.attempt)"),
         ], body: Array(d.payload.utf8))
         let status: Int?, error: String
         do {

@@ -203,7 +203,7 @@ public final class Dispatcher: Service, Sendable {
             logger.warning("claim failed", metadata: ["dispatcher.group": "\(request.group)", "error": "\(error)"])
             return 0
         }
-        spans.end(claimed: result.runs)
+        let live = spans.claimed(result.runs, exchange: topology.tasksExchange)
         if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
         if result.created > 0 {
             let total = createdSinceAnalyze.add(result.created, ordering: .relaxed).newValue
@@ -211,7 +211,7 @@ public final class Dispatcher: Service, Sendable {
         }
         if result.runs.isEmpty { return result.created }
         ConveyorMetrics.claimBatch(result.runs.count)
-        let (ok, failed) = await publish(result.runs)
+        let (ok, failed) = await publish(result.runs, spans: live)
         let okSet = Set(ok)
         for (key, runs) in Dictionary(grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) }) {
             ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
@@ -228,8 +228,10 @@ public final class Dispatcher: Service, Sendable {
         return result.created + ok.count
     }
 
-    /// Publishes runs with confirms; returns the confirmed and the failed run ids.
-    func publish(_ runs: [ClaimedRun]) async -> (ok: [UUID], failed: [UUID]) {
+    /// Publishes runs with confirms; returns the confirmed and the failed run ids. A run's
+    /// producer span is its dispatch span when this claim created the run (`spans`), else a new
+    /// `publish` span, a child of the run's stored dispatch span (a retry, a run that waited).
+    func publish(_ runs: [ClaimedRun], spans live: [UUID: any Span] = [:]) async -> (ok: [UUID], failed: [UUID]) {
         let newQueues = declaredQueues.withLock { known in Set(runs.map(\.message.queue)).subtracting(known) }
         if !newQueues.isEmpty {
             do {
@@ -243,20 +245,26 @@ public final class Dispatcher: Service, Sendable {
         var spans: [any Span] = []
         spans.reserveCapacity(runs.count)
         let messages = runs.map { run in
-            var parent = Traces.context(traceparent: run.traceparent)
-            parent.baggageHeader = run.baggage
-            spans.append(Traces.startSpan("publish \(run.message.queue)", context: parent, kind: .producer,
-                                          attributes: Self.publishAttributes(run, exchange: topology.tasksExchange)))
+            if let span = live[run.message.runID] {
+                spans.append(span)
+            } else {
+                var parent = Traces.context(traceparent: run.traceparent)
+                parent.baggageHeader = run.baggage
+                spans.append(Traces.startSpan("publish \(run.message.queue)", context: parent, kind: .producer,
+                                              attributes: Self.publishAttributes(run, exchange: topology.tasksExchange)))
+            }
             var headers: AMQPHeaders = [
                 "conveyor-task": .string(run.message.taskName),
                 "conveyor-attempt": .int(Int64(run.message.attempt)),
                 "conveyor-deadline": .string(Timestamp.format(now.addingTimeInterval(run.message.timeoutSeconds))),
             ]
             // The publish span, a child of the run's stored dispatch span; its context travels in the headers.
-            Traces.inject(spans[spans.count - 1].context, into: &headers)
+            var context = spans[spans.count - 1].context
+            context.baggageHeader = run.baggage
+            Traces.inject(context, into: &headers)
             return AMQPOutgoingMessage(
                 exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(run.message),
-                properties: AMQPProperties(contentType: "application/json", messageID: run.message.runID.uuidString.lowercased(),
+                properties: AMQPProperties(contentType: "application/json", messageID: run.message.runID.lowercasedString,
                                            type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
                                            headers: headers))
         }
@@ -383,7 +391,7 @@ extension Dispatcher {
         a["messaging.system"] = "rabbitmq"
         a["messaging.operation.type"] = "process"
         a["messaging.destination.name"] = queue
-        a["conveyor.run.id"] = e.runID.uuidString.lowercased()
+        a["conveyor.run.id"] = e.runID.lowercasedString
         a["conveyor.attempt"] = e.attempt
         a["conveyor.event"] = e.event.rawValue
         if let o = e.outcome { a["conveyor.outcome"] = o.rawValue }
@@ -393,13 +401,15 @@ extension Dispatcher {
     /// OpenTelemetry messaging attributes of a task message's publish span.
     static func publishAttributes(_ run: ClaimedRun, exchange: String) -> SpanAttributes {
         var a = SpanAttributes()
+        a["conveyor.task.id"] = run.message.taskID.lowercasedString
+        a["conveyor.queue"] = run.message.queue
         a["messaging.system"] = "rabbitmq"
         a["messaging.operation.type"] = "send"
         a["messaging.operation.name"] = "publish"
         a["messaging.destination.name"] = exchange
         a["messaging.rabbitmq.destination.routing_key"] = run.message.queue
-        a["messaging.message.id"] = run.message.runID.uuidString.lowercased()
-        a["conveyor.run.id"] = run.message.runID.uuidString.lowercased()
+        a["messaging.message.id"] = run.message.runID.lowercasedString
+        a["conveyor.run.id"] = run.message.runID.lowercasedString
         a["conveyor.task.name"] = run.message.taskName
         a["conveyor.attempt"] = run.message.attempt
         return a
@@ -407,15 +417,18 @@ extension Dispatcher {
 }
 
 /// The dispatch spans of one claim: one per run created, started when the claim makes the
-/// run's trace context (a child of the context stored on the task, or a new root) and ended
-/// when the claim transaction is over. The run stores the span's `traceparent`; every publish
-/// of every attempt is a child of it, so retries stay in the run's trace.
+/// run's trace context (a child of the context stored on the task, or a new root). The run
+/// stores the span's `traceparent`. A run the same claim hands out for publishing keeps its
+/// dispatch span open as its producer span (messaging attributes), ended when the broker
+/// confirms; the others' end with the claim. Later publishes of the run (retries, runs that
+/// waited, republishes) are `publish` spans, children of the stored one, so one occurrence is
+/// one trace.
 final class DispatchSpans: Sendable {
     let started = Mutex<[String: any Span]>([:])
 
     /// Starts a dispatch span; returns its `traceparent`.
     func start(parent: String?) -> String {
-        let span = Traces.startSpan("dispatch", context: Traces.context(traceparent: parent))
+        let span = Traces.startSpan("dispatch", context: Traces.context(traceparent: parent), kind: .producer)
         guard let tp = Traces.traceparent(span.context) else {
             // A tracer that makes no context (sampler always_off): the run still gets ids.
             return Traces.traceparent(PropagatingTracer().startSpan("dispatch", context: .topLevel).context)!
@@ -424,18 +437,18 @@ final class DispatchSpans: Sendable {
         return tp
     }
 
-    /// The claim committed: spans of runs claimed for publishing get the run's attributes.
-    func end(claimed runs: [ClaimedRun]) {
-        let spans = started.withLock { s in defer { s = [:] }; return s }
+    /// The claim committed. Returns the open spans of the runs about to be published, by run id,
+    /// with their attributes set; ends the spans of runs created to wait (`scheduled`).
+    func claimed(_ runs: [ClaimedRun], exchange: String) -> [UUID: any Span] {
+        var spans = started.withLock { s in defer { s = [:] }; return s }
+        var live: [UUID: any Span] = [:]
         for run in runs {
-            guard let span = spans[run.traceparent] else { continue }
-            span.attributes["conveyor.run.id"] = run.message.runID.uuidString.lowercased()
-            span.attributes["conveyor.task.name"] = run.message.taskName
-            span.attributes["conveyor.task.id"] = run.message.taskID.uuidString.lowercased()
-            span.attributes["conveyor.attempt"] = run.message.attempt
-            span.attributes["conveyor.queue"] = run.message.queue
+            guard let span = spans.removeValue(forKey: run.traceparent) else { continue }
+            span.attributes = Dispatcher.publishAttributes(run, exchange: exchange)
+            live[run.message.runID] = span
         }
         for span in spans.values { span.end() }
+        return live
     }
 
     /// The claim rolled back: its runs do not exist.

@@ -97,7 +97,7 @@ extension Dispatcher {
         guard !ids.isEmpty, publisher.isConnected else { return }
         let messages = ids.map { id in
             AMQPOutgoingMessage(exchange: topology.controlExchange, routingKey: "", body: MessageCodec.encode(ControlMessage(cancel: id)),
-                                properties: AMQPProperties(messageID: "cancel:\(id.uuidString.lowercased())", type: controlMessageType,
+                                properties: AMQPProperties(messageID: "cancel:\(id.lowercasedString)", type: controlMessageType,
                                                            timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
         }
         var sent: [UUID] = []

@@ -37,7 +37,7 @@ public struct PostgresRow: Sendable {
         return s == "t"
     }
     public func uuid(_ i: Int) throws(PostgresError) -> UUID {
-        guard let s = values[i], let v = UUID(uuidString: s) else { throw PostgresError(code: .decoding, message: "column \(i) is not a uuid") }
+        guard let s = values[i], let v = UUID(canonical: s) else { throw PostgresError(code: .decoding, message: "column \(i) is not a uuid") }
         return v
     }
     public func date(_ i: Int) throws(PostgresError) -> Date {

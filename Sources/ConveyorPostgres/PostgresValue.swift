@@ -16,7 +16,7 @@ extension Int32: PostgresEncodable { public var postgresText: String? { String(s
 extension Int64: PostgresEncodable { public var postgresText: String? { String(self) } }
 extension Double: PostgresEncodable { public var postgresText: String? { String(self) } }
 extension Bool: PostgresEncodable { public var postgresText: String? { self ? "t" : "f" } }
-extension UUID: PostgresEncodable { public var postgresText: String? { uuidString.lowercased() } }
+extension UUID: PostgresEncodable { public var postgresText: String? { lowercasedString } }
 extension Date: PostgresEncodable {
     public var postgresText: String? { Timestamp.format(self) }   // the session runs with TimeZone=UTC
 }
@@ -25,18 +25,22 @@ extension Optional: PostgresEncodable where Wrapped: PostgresEncodable {
 }
 extension Array: PostgresEncodable where Element: PostgresEncodable {
     /// An array literal (`{"a","b",NULL}`) with every element quoted and escaped.
+    /// Built as UTF-8 bytes: the quote and backslash escaped are ASCII, so no character is split
+    /// (appending scalar by scalar cost a fifth of a dispatcher's CPU in a profile).
     public var postgresText: String? {
-        var out = "{"
+        var out: [UInt8] = [UInt8(ascii: "{")]
+        out.reserveCapacity(2 + count * 40)
         for (i, e) in enumerated() {
-            if i > 0 { out += "," }
-            guard let t = e.postgresText else { out += "NULL"; continue }
-            out += "\""
-            for ch in t.unicodeScalars {
-                if ch == "\"" || ch == "\\" { out += "\\" }
-                out.unicodeScalars.append(ch)
+            if i > 0 { out.append(UInt8(ascii: ",")) }
+            guard let t = e.postgresText else { out.append(contentsOf: "NULL".utf8); continue }
+            out.append(UInt8(ascii: "\""))
+            for b in t.utf8 {
+                if b == UInt8(ascii: "\"") || b == UInt8(ascii: "\\") { out.append(UInt8(ascii: "\\")) }
+                out.append(b)
             }
-            out += "\""
+            out.append(UInt8(ascii: "\""))
         }
-        return out + "}"
+        out.append(UInt8(ascii: "}"))
+        return String(decoding: out, as: UTF8.self)
     }
 }

@@ -96,7 +96,7 @@ extension Store {
         let startable = RunState.predecessors(of: .running).map(\.rawValue)
         let finishable = RunState.predecessors(of: .succeeded).map(\.rawValue)
         let s = Array(started.values), f = Array(finished.values)
-        let allIDs = Array(Set(s.map(\.runID) + f.map(\.runID))).sorted { $0.uuidString < $1.uuidString }
+        let allIDs = Array(Set(s.map(\.runID) + f.map(\.runID))).sorted { $0.precedes($1) }
         return try await pool.withTransaction { c in
             var n = 0
             // Lock the rows in one order (by id) first: dispatchers recording overlapping
@@ -238,7 +238,7 @@ extension Store {
         guard !done.isEmpty else { return ([], 0) }
         // One workflow run at a time: two dispatchers ending two upstreams of one dependent
         // serialize here, and the second sees the first's outcome.
-        let workflows = Array(Set(done.compactMap(\.workflow))).sorted { $0.uuidString < $1.uuidString }
+        let workflows = Array(Set(done.compactMap(\.workflow))).sorted { $0.precedes($1) }
         try await c.query("SELECT pg_advisory_xact_lock(hashtext('conveyor.wf:' || w::text)) FROM (SELECT w FROM unnest($1::uuid[]) w ORDER BY w) s",
                           [workflows])
         var skipped: [Ended] = []
@@ -292,12 +292,12 @@ extension Store {
     static func callbackPayload(_ e: Ended, task: String) -> String {
         var fields: [String: JSONValue] = [
             "attempt": .number(Double(e.attempt)), "occurrence": .string(Timestamp.format(e.occurrence)),
-            "run_id": .string(e.id.uuidString.lowercased()), "state": .string(e.state.rawValue), "task": .string(task),
-            "task_id": .string(e.task.uuidString.lowercased()),
+            "run_id": .string(e.id.lowercasedString), "state": .string(e.state.rawValue), "task": .string(task),
+            "task_id": .string(e.task.lowercasedString),
         ]
         if let code = e.exitCode { fields["exit_code"] = .number(Double(code)) }
         if let c = e.errorClass { fields["error_class"] = .string(c) }
-        if let w = e.workflow { fields["workflow_run_id"] = .string(w.uuidString.lowercased()) }
+        if let w = e.workflow { fields["workflow_run_id"] = .string(w.lowercasedString) }
         // traceparent is 00-<trace id>-<span id>-<flags>: receivers can find the run's trace.
         if let tp = e.traceparent?.split(separator: "-"), tp.count == 4 { fields["trace_id"] = .string(String(tp[1])) }
         let payload: JSONValue = .object(fields)
@@ -338,7 +338,7 @@ extension Store {
                     concurrency = EXCLUDED.concurrency, in_flight = EXCLUDED.in_flight,
                     heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms, last_heartbeat = now(), state = 'active', lost_at = NULL
                 """, [l.map(\.workerID), l.map(\.host), l.map { $0.queues.joined(separator: ",") }, l.map { $0.executors.joined(separator: ",") },
-                      l.map(\.concurrency), l.map { $0.inFlight.isEmpty ? nil : $0.inFlight.map { $0.uuidString.lowercased() }.joined(separator: ",") },
+                      l.map(\.concurrency), l.map { $0.inFlight.isEmpty ? nil : $0.inFlight.map { $0.lowercasedString }.joined(separator: ",") },
                       l.map { Int(($0.intervalSeconds * 1000).rounded()) }])
         }
     }
@@ -473,7 +473,7 @@ extension Store {
                 """, [id, newID]).affectedRows
         }
         guard done == 1 else {
-            throw ValidationError(field: "run", value: id.uuidString.lowercased(),
+            throw ValidationError(field: "run", value: id.lowercasedString,
                                   hint: "only the latest attempt of an occurrence that ended dead, failed, timed_out, lost or cancelled can be re-driven")
         }
         return newID

@@ -1,6 +1,7 @@
 public import ConveyorAMQP
 public import Instrumentation
 import ServiceContextModule
+import Synchronization
 public import Tracing
 import W3CTraceContext
 
@@ -57,11 +58,15 @@ private enum PropagatedTraceContextKey: ServiceContextKey { typealias Value = Tr
 /// tests) gets `PropagatingTracer` too. Contexts are made and read by the same tracer, so one
 /// process never mixes the two.
 public enum Traces {
-    /// The tracer spans start on.
+    /// The tracer spans start on. Kept once `bootstrap` ran: `InstrumentationSystem.tracer`
+    /// searches and casts on every call, and a run reads it several times.
     public static var tracer: any Tracer {
-        let bootstrapped = InstrumentationSystem.tracer
-        return bootstrapped is NoOpTracer ? PropagatingTracer() : bootstrapped
+        if let kept = bootstrapped.withLock({ $0 }) { return kept }
+        let found = InstrumentationSystem.tracer
+        return found is NoOpTracer ? PropagatingTracer() : found
     }
+
+    static let bootstrapped = Mutex<(any Tracer)?>(nil)
 
     /// Starts a span; the caller ends it.
     public static func startSpan(_ name: String, context: ServiceContext, kind: SpanKind = .internal,

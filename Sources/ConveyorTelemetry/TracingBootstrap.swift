@@ -3,6 +3,7 @@ import Foundation
 public import Logging
 import OTel
 public import ServiceLifecycle
+import Synchronization
 import Tracing
 
 extension Traces {
@@ -23,6 +24,7 @@ extension Traces {
         let exporter = env["OTEL_TRACES_EXPORTER"]?.lowercased() ?? (endpoint.isEmpty ? "none" : "otlp")
         if env["OTEL_SDK_DISABLED"]?.lowercased() == "true" || exporter == "none" {
             InstrumentationSystem.bootstrap(PropagatingTracer())
+            bootstrapped.withLock { $0 = PropagatingTracer() }
             return nil
         }
         var config = OTel.Configuration.default
@@ -38,7 +40,9 @@ extension Traces {
                 || (key.hasPrefix("OTEL_EXPORTER_OTLP_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_METRICS_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_LOGS_"))
         }
         do {
-            return try OTel.bootstrap(configuration: config, environment: passed)
+            let service = try OTel.bootstrap(configuration: config, environment: passed)
+            bootstrapped.withLock { $0 = InstrumentationSystem.tracer }
+            return service
         } catch {
             throw ValidationError(field: "OTEL_* environment", value: "\(error)", hint: "see docs/tracing.md for the variables Conveyor reads")
         }

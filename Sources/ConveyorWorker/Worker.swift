@@ -302,7 +302,7 @@ public final class Worker: Service, Sendable {
     /// The execute span's attributes: the run, and OpenTelemetry messaging attributes.
     func executeAttributes(_ m: TaskMessage) -> SpanAttributes {
         var a = SpanAttributes()
-        a["conveyor.run.id"] = m.runID.uuidString.lowercased()
+        a["conveyor.run.id"] = m.runID.lowercasedString
         a["conveyor.task.name"] = m.taskName
         a["conveyor.attempt"] = m.attempt
         a["conveyor.executor"] = m.executor
@@ -311,7 +311,7 @@ public final class Worker: Service, Sendable {
         a["messaging.system"] = "rabbitmq"
         a["messaging.operation.type"] = "process"
         a["messaging.destination.name"] = m.queue
-        a["messaging.message.id"] = m.runID.uuidString.lowercased()
+        a["messaging.message.id"] = m.runID.lowercasedString
         return a
     }
 
@@ -414,7 +414,7 @@ public final class Worker: Service, Sendable {
     func publishStatus(_ status: StatusMessage, headers: AMQPHeaders, log: Logger) async -> Bool {
         let message = AMQPOutgoingMessage(
             exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(status),
-            properties: AMQPProperties(contentType: "application/json", messageID: "\(status.runID.uuidString.lowercased()):\(status.event.rawValue)",
+            properties: AMQPProperties(contentType: "application/json", messageID: "\(status.runID.lowercasedString):\(status.event.rawValue)",
                                        type: statusMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: true, headers: headers))
         var attempt = 0
         while true {

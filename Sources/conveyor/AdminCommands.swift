@@ -10,7 +10,7 @@ struct RunCommand: AsyncParsableCommand {
         subcommands: [Show.self, Cancel.self, Redrive.self])
 
     static func printRun(_ r: RunRecord, indent: String = "") {
-        var line = "\(indent)run \(r.id.uuidString.lowercased()) #\(r.attempt) \(r.state.rawValue) due \(Timestamp.format(r.occurrence))"
+        var line = "\(indent)run \(r.id.lowercasedString) #\(r.attempt) \(r.state.rawValue) due \(Timestamp.format(r.occurrence))"
         if let w = r.workerID { line += " on \(w)" }
         if let e = r.exitCode { line += " exit \(e)" }
         if r.state == .scheduled, let a = r.availableAt { line += " available \(Timestamp.format(a))" }
@@ -67,7 +67,7 @@ struct RunCommand: AsyncParsableCommand {
         func run() async throws {
             let id = try RunCommand.runID(id)
             let new = try await common.withStore { try await $0.redrive(run: id) }
-            print(new.uuidString.lowercased())
+            print(new.lowercasedString)
         }
     }
 }

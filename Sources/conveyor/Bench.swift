@@ -41,7 +41,7 @@ struct Bench: AsyncParsableCommand {
         defer { pool.close() }
         try await Migrator(logger: logger).migrate(pool)
         let store = Store(pool: pool)
-        let queue = "bench-" + UUID().uuidString.lowercased().prefix(8)
+        let queue = "bench-" + UUID().lowercasedString.prefix(8)
         if idleTasks > 0 { try await createIdleTasks(pool, queue: queue) }
         if scanOnly {
             try await measureScan(pool, store: store, settings: settings, logger: logger, queue: queue)
@@ -74,6 +74,7 @@ struct Bench: AsyncParsableCommand {
             throw ValidationError(field: role, value: "exited with status \(p.terminationStatus)", hint: "run 'conveyor \(role.hasPrefix("worker") ? "worker" : "dispatcher")' by hand to see why")
         }
         let idleRSS = Dictionary(uniqueKeysWithValues: children.map { ($0.role, rssMB($0.process.processIdentifier)) })
+        let idleCPU = Dictionary(uniqueKeysWithValues: children.map { ($0.role, cpuSeconds($0.process.processIdentifier)) })
 
         // N tasks due together. They are created due in an hour, then one UPDATE makes them all due
         // 2 s after its start (database clock); if it commits later than that, the delay counts
@@ -127,6 +128,10 @@ struct Bench: AsyncParsableCommand {
                 FROM runs WHERE queue = $1
                 """, [queue]).first!
         }
+        // CPU each process spent on the burst (user + system), read before they stop.
+        let cpu = Dictionary(uniqueKeysWithValues: children.map { c in
+            (c.role, ((cpuSeconds(c.process.processIdentifier) - (idleCPU[c.role] ?? 0)) * 100).rounded() / 100)
+        })
         for (_, p) in children where p.isRunning { p.terminate() }
         try await pool.withConnection { c in
             try await c.query("DELETE FROM runs WHERE queue = $1", [queue])
@@ -144,7 +149,7 @@ struct Bench: AsyncParsableCommand {
             seconds: committedSpan, throughputPerSecond: Double(runs) / max(committedSpan, 0.001),
             executionSpanSeconds: lastFinished - firstDue,
             latenessP50ms: (lateness.first ?? 0) * 1000, latenessP95ms: (lateness.dropFirst().first ?? 0) * 1000,
-            latenessP99ms: (lateness.last ?? 0) * 1000, idleRSSMB: idleRSS, peakRSSMB: peakRSS)
+            latenessP99ms: (lateness.last ?? 0) * 1000, idleRSSMB: idleRSS, peakRSSMB: peakRSS, cpuSeconds: cpu)
         if json {
             let e = JSONEncoder()
             e.outputFormatting = [.sortedKeys]
@@ -245,6 +250,16 @@ struct Bench: AsyncParsableCommand {
     }
 
     /// Resident set size in MB, from /proc.
+    /// User plus system CPU seconds of a process so far (`/proc/<pid>/stat`, fields 14 and 15).
+    func cpuSeconds(_ pid: Int32) -> Double {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return 0 }
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let f = text[text.index(after: close)...].split(separator: " ")
+        guard f.count > 12, let user = Double(f[11]), let system = Double(f[12]) else { return 0 }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
     func rssMB(_ pid: Int32) -> Double {
         guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
               let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
@@ -260,6 +275,8 @@ struct BenchResult: Encodable {
     var seconds, throughputPerSecond, executionSpanSeconds: Double
     var latenessP50ms, latenessP95ms, latenessP99ms: Double
     var idleRSSMB, peakRSSMB: [String: Double]
+    /// CPU seconds each process spent from the burst's start until all runs ended.
+    var cpuSeconds: [String: Double]
 
     var text: String {
         func f(_ d: Double, _ p: Int = 1) -> String { String(format: "%.\(p)f", d) }
@@ -269,6 +286,7 @@ struct BenchResult: Encodable {
               throughput       \(f(throughputPerSecond, 0)) tasks/s  (first due → last outcome committed: \(f(seconds, 2)) s)
               fire lateness    p50 \(f(latenessP50ms)) ms   p95 \(f(latenessP95ms)) ms   p99 \(f(latenessP99ms)) ms
             """
+        s += "\n  CPU (s)          " + cpuSeconds.keys.sorted().map { "\($0) \(cpuSeconds[$0]!)" }.joined(separator: "; ")
         s += "\n  RSS (MB)         " + idleRSSMB.keys.sorted().map { "\($0) idle \(idleRSSMB[$0]!) peak \(peakRSSMB[$0] ?? 0)" }.joined(separator: "; ")
         return s
     }

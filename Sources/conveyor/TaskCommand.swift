@@ -59,7 +59,7 @@ struct TaskCommand: AsyncParsableCommand {
                 throw ValidationError(field: "name", value: tasks.map(\.name).joined(separator: ", "),
                                       hint: "a task with this name exists; pick another name or delete it first")
             }
-            for t in tasks { print("\(t.id.uuidString.lowercased())  \(t.name)") }
+            for t in tasks { print("\(t.id.lowercasedString)  \(t.name)") }
         }
 
         /// The flags as the same mapping a task file holds, so one decoder checks both.
@@ -120,7 +120,7 @@ struct TaskCommand: AsyncParsableCommand {
         func run() async throws {
             try await common.withStore { store in
                 let t = try await store.requireTask(name)
-                print("task \(t.name) (\(t.id.uuidString.lowercased()))\(t.paused ? " PAUSED" : "")")
+                print("task \(t.name) (\(t.id.lowercasedString))\(t.paused ? " PAUSED" : "")")
                 print("  executor \(t.executor)  queue \(t.queue)  priority \(t.priority.name)  timeout \(t.timeoutSeconds)s")
                 print("  schedule \(t.schedule) in \(t.timeZone)  misfire \(t.misfire)  overlap \(t.overlap)  skipped occurrences \(t.skippedOccurrences)")
                 print("  retry max_attempts \(t.maxAttempts) \(t.retryPolicy)")

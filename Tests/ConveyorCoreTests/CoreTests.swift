@@ -140,6 +140,25 @@ import Tracing
     @Test func arrayLiteralsQuoteAndEscapeEveryElement() {
         #expect(["a", "b\"c", "d\\e", "{,}"].postgresText == #"{"a","b\"c","d\\e","{,}"}"#)
         #expect([String?.some("x"), nil].postgresText == #"{"x",NULL}"#)
+        #expect(["žluť \"ok\"", "日本", ""].postgresText == #"{"žluť \"ok\"","日本",""}"#, "multi-byte text passes through whole")
+    }
+
+    @Test func uuidTextIsTheLowercaseCanonicalForm() {
+        for _ in 0..<1000 {
+            let id = UUID()
+            #expect(id.lowercasedString == id.uuidString.lowercased())
+        }
+        for _ in 0..<1000 {
+            let id = UUID()
+            #expect(UUID(canonical: id.lowercasedString) == id && UUID(canonical: id.uuidString) == id)
+        }
+        for bad in ["", "0af7651916cd43dd8448eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319", "0af76519-16cd-43dd-8448-eb211c80319cc",
+                    "0af76519+16cd-43dd-8448-eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319g", "0af76519-16cd-43dd-8448-eb211c8031é"] {
+            #expect(UUID(canonical: bad) == nil, "\(bad)")
+        }
+        let ids = (0..<200).map { _ in UUID() }
+        #expect(ids.sorted { $0.precedes($1) } == ids.sorted { $0.uuidString < $1.uuidString }, "byte order is text order")
+        #expect([UUID(uuidString: "0AF76519-16CD-43DD-8448-EB211C80319C")!].postgresText == #"{"0af76519-16cd-43dd-8448-eb211c80319c"}"#)
     }
 
     @Test func timestampsParseWhatTheServerPrints() {
