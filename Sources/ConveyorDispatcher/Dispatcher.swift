@@ -280,7 +280,8 @@ public final class Dispatcher: Service, Sendable {
                 span.recordError(e)
                 span.setStatus(SpanStatus(code: .error, message: "publish not confirmed; republished later"))
                 failed.append(run.message.runID)
-                logger.debug("publish failed", metadata: ["run.id": "\(run.message.runID)", "error": "\(e)"])
+                logger.debug("publish failed", metadata: ["run.id": "\(run.message.runID)", "task.name": "\(run.message.taskName)",
+                                                          "trace.id": "\(Traces.traceID(traceparent: run.traceparent) ?? "")", "error": "\(e)"])
             }
         }
         if !failed.isEmpty { logger.warning("publishes failed; will retry", metadata: ["count": "\(failed.count)"]) }
