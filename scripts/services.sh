@@ -34,11 +34,20 @@ install_packages() {
   # The dashboard test drives Debian's chromium headless; the API and broker tests use curl.
   command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # The deployment files are validated offline (scripts/validate_deploy.py): docker-compose
+  # renders the compose file, kubectl's kustomize renders the overlays.
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # Kubernetes schemas, bundled (no network when validating).
+  if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+    log "installing kubernetes-validate (PyPI)"
+    python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML >/dev/null
   fi
 }
 

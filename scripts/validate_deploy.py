@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Validates the deployment files offline; part of the test command (DeployTests).
+
+    python3 scripts/validate_deploy.py [ROOT]
+
+- docker-compose.yml: `docker-compose config` (Debian's docker-compose) with placeholder secrets.
+- deploy/overlays/*: rendered with `kubectl kustomize` (Debian's kubernetes-client), every object
+  validated against the Kubernetes schemas by kubernetes-validate (PyPI), strictly; KEDA objects,
+  whose CRD schema is not bundled, are checked field by field here.
+- Against what the binaries read: probe paths and container ports match config/*.yaml, every
+  CONVEYOR_* variable is one the code reads (a settings key or a literal), every OTEL_* is one
+  docs/tracing.md lists, the worker's grace period covers its drain, the KEDA queue is the real
+  queue name, deploy/base/config equals config/, and every container is non-root, read-only and
+  drops all capabilities, with requests and limits.
+
+Exits 1 with one line per problem.
+"""
+import itertools
+import os
+import re
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), ".."))
+K8S_VERSION = "1.30"
+problems = []
+
+
+def problem(where, what):
+    problems.append(f"{where}: {what}")
+
+
+def load(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return yaml.safe_load(f)
+
+
+config = {name: load(f"config/{name}.yaml") for name in ("dispatcher", "worker", "api")}
+sources = ""
+for d, _, files in os.walk(os.path.join(ROOT, "Sources")):
+    for f in files:
+        if f.endswith(".swift"):
+            with open(os.path.join(d, f)) as fh:
+                sources += fh.read()
+
+
+def conveyor_variable_is_read(name):
+    """CONVEYOR_API_TRACE_LINK_TEMPLATE is read if the code names it, or names a settings key that
+    maps to it (api.trace_link_template: dots and underscores both become underscores)."""
+    if f'"{name}"' in sources:
+        return True
+    parts = name[len("CONVEYOR_"):].lower().split("_")
+    for dots in itertools.product([".", "_"], repeat=len(parts) - 1):
+        key = parts[0] + "".join(sep + p for sep, p in zip(dots, parts[1:]))
+        if "." in key and f'"{key}"' in sources:
+            return True
+    return False
+
+
+with open(os.path.join(ROOT, "docs/tracing.md")) as f:
+    documented_otel = set(re.findall(r"`(OTEL_[A-Z_]+)`", f.read()))
+
+
+def check_env_names(where, names):
+    for n in names:
+        if n.startswith("CONVEYOR_") and not conveyor_variable_is_read(n):
+            problem(where, f"{n} is not read by any Conveyor binary")
+        elif n.startswith("OTEL_") and n not in documented_otel:
+            problem(where, f"{n} is not an OTEL_* variable docs/tracing.md lists")
+
+
+# docker-compose.yml
+env = dict(os.environ, POSTGRES_PASSWORD="placeholder", RABBITMQ_PASSWORD="placeholder")
+r = subprocess.run(["docker-compose", "-f", os.path.join(ROOT, "docker-compose.yml"), "config"],
+                   capture_output=True, text=True, env=env, cwd=ROOT)
+if r.returncode != 0:
+    problem("docker-compose.yml", r.stderr.strip() or r.stdout.strip())
+else:
+    compose = yaml.safe_load(r.stdout)
+    for name, svc in compose.get("services", {}).items():
+        check_env_names(f"docker-compose.yml {name}", (svc.get("environment") or {}).keys())
+    if compose["services"].get("api", {}).get("ports", [{}])[0].get("target") not in (config["api"]["api"]["port"], None):
+        problem("docker-compose.yml api", "the published port is not api.port")
+
+# Kubernetes overlays
+try:
+    import kubernetes_validate
+except ImportError:
+    kubernetes_validate = None
+    problem("kubernetes-validate", "not installed (pip install kubernetes-validate)")
+
+ports = {"dispatcher": config["dispatcher"]["dispatcher"]["http_port"], "worker": config["worker"]["worker"]["http_port"],
+         "api": config["api"]["api"]["port"]}
+queue = f'{config["worker"]["amqp"]["prefix"]}.q.{config["worker"]["worker"]["queues"][0]}'
+drain = config["worker"]["worker"]["shutdown_grace_ms"] / 1000
+
+for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
+    where = f"deploy/overlays/{overlay}"
+    r = subprocess.run(["kubectl", "kustomize", os.path.join(ROOT, where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        problem(where, "kustomize: " + r.stderr.strip())
+        continue
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for d in docs:
+        name = f'{where} {d["kind"]}/{d["metadata"]["name"]}'
+        if d["apiVersion"].startswith("keda.sh/"):
+            if d["kind"] == "ScaledObject":
+                target = d["spec"]["scaleTargetRef"]["name"]
+                if ("Deployment", target) not in kinds:
+                    problem(name, f"scaleTargetRef {target} is not a Deployment here")
+                for t in d["spec"]["triggers"]:
+                    if t["type"] == "rabbitmq":
+                        if t["metadata"].get("queueName") != queue:
+                            problem(name, f'queueName {t["metadata"].get("queueName")} is not the work queue {queue}')
+                        if t["metadata"].get("mode") != "QueueLength":
+                            problem(name, "mode must be QueueLength (ready and unacknowledged messages)")
+                        ref = t.get("authenticationRef", {}).get("name")
+                        if ref and ("TriggerAuthentication", ref) not in kinds:
+                            problem(name, f"authenticationRef {ref} is missing")
+            continue
+        if kubernetes_validate:
+            try:
+                kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                problem(name, f"{'.'.join(str(p) for p in e.path)}: {e.message}")
+            except Exception as e:  # a kind the bundled schemas lack
+                problem(name, f"not validated: {e}")
+        if d["kind"] not in ("Deployment", "Job"):
+            continue
+        spec = d["spec"]["template"]["spec"]
+        pod_sc = spec.get("securityContext", {})
+        if not pod_sc.get("runAsNonRoot"):
+            problem(name, "pod securityContext.runAsNonRoot is not true")
+        for c in spec["containers"]:
+            sc = c.get("securityContext", {})
+            if not sc.get("readOnlyRootFilesystem") or sc.get("allowPrivilegeEscalation") is not False \
+                    or "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                problem(name, f"container {c['name']}: needs readOnlyRootFilesystem, no privilege escalation, capabilities drop ALL")
+            res = c.get("resources", {})
+            if "requests" not in res or "memory" not in res.get("limits", {}):
+                problem(name, f"container {c['name']}: needs resource requests and a memory limit")
+            check_env_names(name, [e["name"] for e in c.get("env", [])])
+            role = c["args"][0] if c.get("args") else ""
+            if role in ports:
+                declared = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+                if ports[role] not in declared.values():
+                    problem(name, f"container port is not {role}'s configured port {ports[role]}")
+                for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    probe = c.get(kind, {}).get("httpGet")
+                    if not probe:
+                        problem(name, f"{kind} is missing")
+                        continue
+                    if probe["path"] not in ("/healthz", "/readyz"):
+                        problem(name, f"{kind} path {probe['path']} is not served (/healthz, /readyz)")
+                    port = declared.get(probe["port"], probe["port"])
+                    if port != ports[role]:
+                        problem(name, f"{kind} port {probe['port']} is not {role}'s port {ports[role]}")
+                if role == "worker" and spec.get("terminationGracePeriodSeconds", 30) <= drain:
+                    problem(name, f"terminationGracePeriodSeconds must exceed worker.shutdown_grace_ms ({drain:g} s)")
+
+# The ConfigMap's files are config/'s.
+for f in ("dispatcher.yaml", "worker.yaml", "api.yaml"):
+    with open(os.path.join(ROOT, "config", f)) as a, open(os.path.join(ROOT, "deploy/base/config", f)) as b:
+        if a.read() != b.read():
+            problem(f"deploy/base/config/{f}", f"differs from config/{f}: copy it (cp config/*.yaml deploy/base/config/)")
+
+for p in problems:
+    print(p)
+print(f"deploy validation: {len(problems)} problem(s)", file=sys.stderr)
+sys.exit(1 if problems else 0)
