@@ -48,14 +48,9 @@ struct DashboardTests {
                     p.arguments = ["python3", FileManager.default.currentDirectoryPath + "/scripts/dashboard_check.py", "--url", api.base,
                                    "--key-file", dir.appendingPathComponent("key").path, "--task", "nightly-report", "--run", runID,
                                    "--shots", dir.appendingPathComponent("shots").path]
-                    let out = Pipe(), err = Pipe()
-                    p.standardOutput = out
-                    p.standardError = err
-                    try p.run()
-                    let stdout = out.fileHandleForReading.readDataToEndOfFile(), stderr = err.fileHandleForReading.readDataToEndOfFile()
-                    p.waitUntilExit()
-                    try #require(p.terminationStatus == 0, "dashboard_check.py failed: \(String(decoding: stderr, as: UTF8.self))")
-                    let seen = try JSONDecoder().decode(JSONValue.self, from: stdout)
+                    let r = try runCapturing(p)
+                    try #require(r.status == 0, "dashboard_check.py failed: \(r.err)")
+                    let seen = try JSONDecoder().decode(JSONValue.self, from: Data(r.out.utf8))
                     func page(_ name: String) -> String { seen[name]?.stringValue ?? "" }
 
                     #expect(page("signin").contains("API key or token"))

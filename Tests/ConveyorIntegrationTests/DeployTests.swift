@@ -9,13 +9,8 @@ struct DeployTests {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["python3", FileManager.default.currentDirectoryPath + "/scripts/validate_deploy.py", root]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        return (p.terminationStatus, text)
+        let r = try runCapturing(p)
+        return (r.status, r.out + r.err)
     }
 
     @Test func theFilesAsCommittedAreValid() throws {

@@ -209,13 +209,24 @@ func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
 
 /// Runs `conveyor <args>` to completion; returns its exit status, standard output and error.
 func runConveyor(_ args: [String], env: [String: String] = [:]) throws -> (status: Int32, out: String, err: String) {
-    let p = try conveyorProcess(args, env: env)
+    try runCapturing(try conveyorProcess(args, env: env))
+}
+
+/// Runs `p` to completion; returns its exit status, standard output and error. Standard error
+/// is read on another thread, so a program filling one pipe while the other is read never stalls.
+func runCapturing(_ p: Process) throws -> (status: Int32, out: String, err: String) {
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
     try p.run()
+    let errorText = Mutex(Data())
+    let readErrors = DispatchGroup()
+    DispatchQueue.global().async(group: readErrors) {
+        let data = err.fileHandleForReading.readDataToEndOfFile()
+        errorText.withLock { $0 = data }
+    }
     let o = out.fileHandleForReading.readDataToEndOfFile()
-    let r = err.fileHandleForReading.readDataToEndOfFile()
+    readErrors.wait()
     p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: r, as: UTF8.self))
+    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: errorText.withLock { $0 }, as: UTF8.self))
 }
