@@ -11,3 +11,10 @@ export CI="${CI:-false}"
 swift build --build-tests
 # Swift Testing suites run in parallel; suites that disturb the broker are .serialized inside.
 swift test --skip-build --no-parallel "$@"
+# A full run (no arguments, as CI runs it) also proves the image's build steps: the Dockerfile
+# runs scripts/build-release.sh, and its binaries must start away from the build folder with
+# their resource bundles (the migrations here).
+if [ $# -eq 0 ]; then
+  scripts/build-release.sh "$ROOT/.local/dist"
+  (cd / && "$ROOT/.local/dist/conveyor" migrate)
+fi
