@@ -264,7 +264,7 @@ public final class Dispatcher: Service, Sendable {
             Traces.inject(context, into: &headers)
             return AMQPOutgoingMessage(
                 exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(run.message),
-                properties: AMQPProperties(contentType: "application/json", messageID: run.message.runID.lowercasedString,
+                properties: AMQPProperties(contentType: "application/json", messageID: run.message.idempotencyKey,
                                            type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
                                            headers: headers))
         }
@@ -409,8 +409,9 @@ extension Dispatcher {
         a["messaging.operation.name"] = "publish"
         a["messaging.destination.name"] = exchange
         a["messaging.rabbitmq.destination.routing_key"] = run.message.queue
-        a["messaging.message.id"] = run.message.runID.lowercasedString
-        a["conveyor.run.id"] = run.message.runID.lowercasedString
+        // The message was made here: its idempotency key is the run id's text, already made.
+        a["messaging.message.id"] = run.message.idempotencyKey
+        a["conveyor.run.id"] = run.message.idempotencyKey
         a["conveyor.task.name"] = run.message.taskName
         a["conveyor.attempt"] = run.message.attempt
         return a

@@ -302,7 +302,9 @@ public final class Worker: Service, Sendable {
     /// The execute span's attributes: the run, and OpenTelemetry messaging attributes.
     func executeAttributes(_ m: TaskMessage) -> SpanAttributes {
         var a = SpanAttributes()
-        a["conveyor.run.id"] = m.runID.lowercasedString
+        // Not the message's idempotency_key: a received message's is not checked to be the run id.
+        let runID = m.runID.lowercasedString
+        a["conveyor.run.id"] = runID
         a["conveyor.task.name"] = m.taskName
         a["conveyor.attempt"] = m.attempt
         a["conveyor.executor"] = m.executor
@@ -311,7 +313,7 @@ public final class Worker: Service, Sendable {
         a["messaging.system"] = "rabbitmq"
         a["messaging.operation.type"] = "process"
         a["messaging.destination.name"] = m.queue
-        a["messaging.message.id"] = m.runID.lowercasedString
+        a["messaging.message.id"] = runID
         return a
     }
 
