@@ -6,6 +6,13 @@
 #   scripts/services.sh stop     stop both
 #   scripts/services.sh status   say what runs
 #   scripts/services.sh env      print the export lines for CONVEYOR_DATABASE_URL / CONVEYOR_AMQP_URL
+#   scripts/services.sh pg-crash  `pg_ctl restart -m immediate` (the fault suite's database crash)
+#   scripts/services.sh mq-kill   kill -9 the broker's Erlang VM (`start` brings it back)
+#   scripts/services.sh mq-pid    the broker VM's process id
+#
+# A second pair (the fault suite's) runs beside the first with its own CONVEYOR_LOCAL_DIR and ports.
+# CONVEYOR_AMQP_BIND (127.0.0.1) is the broker's listen address; CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS
+# (one hour) its consumer_timeout.
 #
 # Ports (override with the variables): CONVEYOR_PG_PORT=55432, CONVEYOR_AMQP_PORT=55672.
 set -euo pipefail
@@ -93,7 +100,7 @@ CONF
 
 mq_env() {
   export RABBITMQ_NODENAME="$NODE"
-  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_IP_ADDRESS="${CONVEYOR_AMQP_BIND:-127.0.0.1}"
   export RABBITMQ_NODE_PORT="$AMQP_PORT"
   export RABBITMQ_DIST_PORT="$DIST_PORT"
   export RABBITMQ_MNESIA_BASE="$MQ_DIR/mnesia"
@@ -115,7 +122,7 @@ start_mq() {
   touch "$MQ_DIR/rabbitmq-env.conf"
   # consumer_timeout: long tasks are the worker's business (see docs/architecture.md); one hour here.
   cat > "$MQ_DIR/rabbitmq.conf" <<CONF
-listeners.tcp.default = $AMQP_PORT
+listeners.tcp.default = ${CONVEYOR_AMQP_BIND:-127.0.0.1}:$AMQP_PORT
 consumer_timeout = ${CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS:-3600000}
 vm_memory_high_watermark.relative = 0.4
 disk_free_limit.absolute = 500MB
@@ -146,6 +153,15 @@ print_env() {
   echo "export CONVEYOR_RABBITMQCTL='$ROOT/scripts/services.sh ctl'"
 }
 
+mq_pid() {
+  mq_env
+  local pid
+  pid="$(cat "$RABBITMQ_PID_FILE" 2>/dev/null || true)"
+  [ -n "$pid" ] || pid="$(pgrep -f "beam.smp.*-sname $NODE" | head -1 || true)"
+  [ -n "$pid" ] || { log "no broker VM found for $NODE"; exit 1; }
+  echo "$pid"
+}
+
 case "${1:-}" in
   start) install_packages; start_pg; start_mq; print_env > "$LOCAL/env"; log "ready: source $LOCAL/env";;
   stop) stop_all;;
@@ -154,5 +170,9 @@ case "${1:-}" in
   env) print_env;;
   ctl) shift; mqctl "$@";;
   restart-mq) mqctl -q stop_app; mqctl -q start_app;;
-  *) echo "usage: $0 start|stop|status|env|ctl ARGS..." >&2; exit 2;;
+  pg-crash) as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -m immediate -w -t 60 restart >/dev/null;;
+  mq-pid) mq_pid;;
+  mq-kill) pid="$(mq_pid)"
+           kill -9 "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; rm -f "$RABBITMQ_PID_FILE";;
+  *) echo "usage: $0 start|stop|status|env|ctl ARGS...|restart-mq|pg-crash|mq-kill" >&2; exit 2;;
 esac

@@ -9,12 +9,15 @@ scripts/services.sh start
 source .local/env
 export CI="${CI:-false}"
 swift build --build-tests
-# Swift Testing suites run in parallel; suites that disturb the broker are .serialized inside.
-swift test --skip-build --no-parallel "$@"
-# A full run (no arguments, as CI runs it) also proves the image's build steps: the Dockerfile
-# runs scripts/build-release.sh, and its binaries must start away from the build folder with
-# their resource bundles (the migrations here).
+# Every suite but the fault suite, which needs servers of its own (it restarts and kills them).
+swift test --skip-build --no-parallel --skip FaultSuite "$@"
 if [ $# -eq 0 ]; then
+  # A full run (no arguments, as CI runs it) also runs the fault suite's fast profile
+  # (docs/reliability.md) against its own PostgreSQL and RabbitMQ ...
+  scripts/faults.sh
+  # ... and proves the image's build steps: the Dockerfile runs scripts/build-release.sh, and
+  # its binaries must start away from the build folder with their resource bundles (the
+  # migrations here).
   scripts/build-release.sh "$ROOT/.local/dist"
   (cd / && "$ROOT/.local/dist/conveyor" migrate)
 fi

@@ -20,6 +20,9 @@ public struct AMQPConfiguration: Sendable {
     public var connectRetryFor: Duration = .seconds(60)
     /// Connection name for logs.
     public var name: String = "conveyor"
+    /// Test only (the fault suite's negative control): a publish counts as confirmed once it is
+    /// written to the socket, without waiting for the broker. Never set in production.
+    public var publishWithoutConfirms = false
 
     public init(url: String) { self.url = url }
 

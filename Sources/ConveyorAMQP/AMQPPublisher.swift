@@ -204,7 +204,11 @@ public final class AMQPPublisher: Sendable {
                     failAll(e)
                     return e
                 }
-                inflight.append(InFlight(tag: nextTag, batch: batch, index: index, sentAt: clock.now))
+                if configuration.publishWithoutConfirms {
+                    batch.complete(index, .success(()))
+                } else {
+                    inflight.append(InFlight(tag: nextTag, batch: batch, index: index, sentAt: clock.now))
+                }
                 nextTag += 1
                 batch.cursor += 1
                 if batch.cursor == batch.messages.count { queued.removeFirst() }

@@ -66,6 +66,7 @@ public final class Dispatcher: Service, Sendable {
         self.topology = topology
         var pubConfig = amqp
         pubConfig.name = "dispatcher-publish"
+        pubConfig.publishWithoutConfirms = configuration.faults.publishWithoutConfirms
         publisher = AMQPPublisher(configuration: pubConfig,
                                   topology: topology.work(queues: configuration.queues).merging(topology.status).merging(topology.controlPublish),
                                   window: 1024, logger: logger)
@@ -210,8 +211,10 @@ public final class Dispatcher: Service, Sendable {
             if total >= Self.analyzeAfterRuns && total - result.created < Self.analyzeAfterRuns { maintenanceWakeup.signal() }
         }
         if result.runs.isEmpty { return result.created }
+        if configuration.faults.dispatcherCrash == .afterClaim { FaultInjection.crash() }
         ConveyorMetrics.claimBatch(result.runs.count)
         let (ok, failed) = await publish(result.runs, spans: live)
+        if configuration.faults.dispatcherCrash == .afterPublish { FaultInjection.crash() }
         let okSet = Set(ok)
         for (key, runs) in Dictionary(grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) }) {
             ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
@@ -269,6 +272,10 @@ public final class Dispatcher: Service, Sendable {
                                            headers: headers))
         }
         let sent = ContinuousClock.now
+        if configuration.faults.dispatcherCrash == .midBatch, messages.count >= 2 {
+            _ = await publisher.publish(Array(messages.prefix(messages.count / 2)))
+            FaultInjection.crash()
+        }
         let results = await publisher.publish(messages)
         ConveyorMetrics.publishConfirm(ContinuousClock.now - sent)
         var ok: [UUID] = [], failed: [UUID] = []

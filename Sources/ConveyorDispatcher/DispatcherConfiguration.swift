@@ -1,3 +1,4 @@
+public import ConveyorCore
 /// Settings of the dispatcher. Keys under `dispatcher.` in `config/dispatcher.yaml`, each
 /// overridable by `CONVEYOR_DISPATCHER_<KEY>`.
 public struct DispatcherConfiguration: Sendable {
@@ -39,6 +40,8 @@ public struct DispatcherConfiguration: Sendable {
     public var deletedTaskRetention: Duration = .seconds(7 * 86_400)
     /// Callback delivery: keys under `callbacks.`.
     public var callbacks = CallbackConfiguration()
+    /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.
+    public var faults = FaultInjection()
 
     public init() {}
 }

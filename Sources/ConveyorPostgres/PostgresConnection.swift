@@ -87,6 +87,11 @@ public final class PostgresConnection: @unchecked Sendable {
     @discardableResult
     public func query(_ sql: String, _ parameters: [any PostgresEncodable] = []) async throws(PostgresError) -> PostgresRows {
         let texts = parameters.map(\.postgresText)
+        // libpq takes parameters as C strings: a NUL would silently cut the value short.
+        if let i = texts.firstIndex(where: { $0?.utf8.contains(0) ?? false }) {
+            throw PostgresError(code: .query, sqlState: "22021",
+                                message: "parameter $\(i + 1) contains a NUL byte, which PostgreSQL text cannot hold: remove or replace it before storing")
+        }
         return try await run { conn throws(PostgresError) in
             try Self.execParams(conn, sql, texts)
         }

@@ -214,6 +214,7 @@ public final class Worker: Service, Sendable {
                          reason: "this worker offers executors \(set.executors.keys.sorted()), not '\(message.executor)'")
             return
         }
+        if let poison = configuration.faults.workerCrashOnTask, poison == message.taskName { FaultInjection.crash() }
         var log = logger
         log[metadataKey: "run.id"] = "\(message.runID)"
         log[metadataKey: "task.name"] = "\(message.taskName)"

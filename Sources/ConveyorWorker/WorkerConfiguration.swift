@@ -40,6 +40,8 @@ public struct WorkerConfiguration: Sendable {
     public var executorLimits: [String: Int] = [:]
     public var prefix: String
     public var deliveryLimit: Int
+    /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.
+    public var faults = FaultInjection()
 
     public init(id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
                 shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),
@@ -77,6 +79,7 @@ public struct WorkerConfiguration: Sendable {
         }
         prefix = try s.string("amqp.prefix", default: "conveyor")
         deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
+        faults = try FaultInjection.parse(ProcessInfo.processInfo.environment[FaultInjection.variable])
     }
 }
 

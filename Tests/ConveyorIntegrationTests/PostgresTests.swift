@@ -23,6 +23,23 @@ struct PostgresTests {
         }
     }
 
+    /// libpq takes parameters as C strings: a NUL inside one is refused with an error naming the
+    /// parameter, never sent cut short (found by the fault suite: a dead letter whose body held
+    /// a NUL made its array literal malformed, and blocked the dead-letter queue).
+    @Test func aNulByteInAParameterIsRefusedNotTruncated() async throws {
+        try await Servers.withDatabase { url in
+            let c = try await PostgresConnection.connect(url: url, logger: Servers.logger)
+            let values: [any PostgresEncodable] = ["before\0after", ["ok", "a\0b"]]
+            for value in values {
+                await #expect { try await c.query("SELECT $1::text", [value]) } throws: { e in
+                    let e = try #require(e as? PostgresError)
+                    return e.description.contains("parameter $1 contains a NUL byte") && !e.isRetriable
+                }
+            }
+            #expect(try await c.query("SELECT $1::text", ["still usable"]).first?.string(0) == "still usable")
+        }
+    }
+
     @Test func errorsCarrySQLStateAndRetriability() async throws {
         try await Servers.withDatabase { url in
             let c = try await PostgresConnection.connect(url: url, logger: Servers.logger)

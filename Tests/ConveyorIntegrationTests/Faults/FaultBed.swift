@@ -1,0 +1,513 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorHTTP
+import ConveyorPostgres
+import ConveyorStore
+import Foundation
+import Synchronization
+import Testing
+
+/// The fault suite's profile, from `scripts/faults.sh`: `fast` (CI) or `full`.
+enum FaultProfile {
+    static var name: String { Servers.env["CONVEYOR_FAULT_PROFILE"] ?? "" }
+    /// The suite runs only under `scripts/faults.sh`, which gives it servers of its own (it
+    /// restarts, kills and starves them). `scripts/test.sh` runs it after the other suites.
+    static var enabled: Bool { !name.isEmpty }
+    static var full: Bool { name == "full" }
+    static func n(fast: Int, full: Int) -> Int { self.full ? full : fast }
+}
+
+/// What the oracle counts once the system is quiet (see docs/reliability.md).
+struct OracleCounts: Sendable, CustomStringConvertible {
+    /// Due occurrences with no final outcome: no run at all, or a latest attempt not final.
+    var lost = 0
+    /// Transitions out of a final state, backwards moves, and attempts recorded twice.
+    var doubleRecorded = 0
+    /// Non-final runs whose lease or deadline has passed.
+    var stuck = 0
+    /// Rows in `dead_letters`.
+    var deadLettered = 0
+    /// Runs ended `dead`.
+    var dead = 0
+    /// Sink calls, distinct runs called, and calls beyond one per run.
+    var executions = 0
+    var executedRuns = 0
+    var duplicateExecutions: Int { executions - executedRuns }
+    /// Runs by state, for the report.
+    var states: [String: Int] = [:]
+    /// A few audit rows behind a double-recorded count.
+    var examples: [String] = []
+
+    var description: String {
+        "lost=\(lost) double-recorded=\(doubleRecorded) executions=\(executions) (+\(duplicateExecutions) repeated) stuck=\(stuck) dead-lettered=\(deadLettered)"
+    }
+}
+
+/// One scenario's result line (printed, and appended to `$CONVEYOR_FAULT_RESULTS`).
+struct FaultReport {
+    var name: String
+    var n: Int
+    var counts = OracleCounts()
+    var recovery: Duration?
+    var notes: [String] = []
+    var failures: [String] = []
+    var pass: Bool { failures.isEmpty }
+
+    mutating func require(_ ok: Bool, _ what: String) { if !ok { failures.append(what) } }
+
+    /// The standard verdict: nothing lost, recorded twice or stuck, dead letters as injected.
+    mutating func standard(deadLettered expected: Int = 0) {
+        require(counts.lost == 0, "lost \(counts.lost)")
+        require(counts.doubleRecorded == 0, "double-recorded \(counts.doubleRecorded)")
+        require(counts.stuck == 0, "stuck \(counts.stuck)")
+        require(counts.deadLettered == expected, "dead-lettered \(counts.deadLettered), expected \(expected)")
+    }
+
+    var line: String {
+        let rec = recovery.map { String(format: "%.1fs", $0.inSeconds) } ?? "-"
+        var s = "\(name.padding(toLength: 28, withPad: " ", startingAt: 0)) N=\(n) lost=\(counts.lost) double=\(counts.doubleRecorded) "
+            + "executions=\(counts.executions)(+\(counts.duplicateExecutions)) stuck=\(counts.stuck) dead-lettered=\(counts.deadLettered) "
+            + "recovery=\(rec) \(pass ? "PASS" : "FAIL")"
+        if !notes.isEmpty { s += " | " + notes.joined(separator: "; ") }
+        if !failures.isEmpty { s += " | failed: " + failures.joined(separator: "; ") }
+        if !counts.examples.isEmpty { s += " | audit: " + counts.examples.joined(separator: ", ") }
+        return s
+    }
+
+    /// Prints the line, appends it to the results file, and records a test issue when it failed.
+    func publish(sourceLocation: SourceLocation = #_sourceLocation) {
+        print("fault: " + line)
+        if let path = Servers.env["CONVEYOR_FAULT_RESULTS"], let h = FileHandle(forWritingAtPath: path) {
+            h.seekToEndOfFile()
+            h.write(Data((line + "\n").utf8))
+            try? h.close()
+        }
+        if !pass { Issue.record("scenario \(name) failed: \(line)", sourceLocation: sourceLocation) }
+    }
+}
+
+/// The sink's counts, shared with its request handler.
+final class SinkCounts: Sendable {
+    /// Calls per run id (the `Idempotency-Key` the http executor sends).
+    let calls = Mutex<[String: Int]>([:])
+    /// Calls per task name; the sink replies 500 to the first `k` (query `fail=k&task=NAME`).
+    let failuresByTask = Mutex<[String: Int]>([:])
+}
+
+/// One scenario's system: a fresh database and broker prefix, the sink, and dispatcher and
+/// worker processes started from the `conveyor` binary. Used from one task only.
+final class FaultBed {
+    let sys: System
+    let name: String
+    let sink: HTTPReceiver
+    /// What the sink counted.
+    let counts = SinkCounts()
+    private let logDir: String
+    let sinkHost: String
+
+    static let finalStates = "('succeeded', 'failed', 'timed_out', 'cancelled', 'lost', 'dead', 'skipped')"
+
+    /// Runs `body` on a fresh bed; stops every process afterwards, whatever happens.
+    static func run<T>(_ name: String, sinkHost: String = "127.0.0.5", _ body: (FaultBed) async throws -> T) async throws -> T {
+        try await System.with { sys in
+            let bed = try await FaultBed(sys: sys, name: name, sinkHost: sinkHost)
+            do {
+                let result = try await body(bed)
+                await bed.stopAll()
+                await bed.sink.close()
+                return result
+            } catch {
+                await bed.stopAll()
+                await bed.sink.close()
+                throw error
+            }
+        }
+    }
+
+    private init(sys: System, name: String, sinkHost: String) async throws {
+        self.sys = sys
+        self.name = name
+        self.sinkHost = sinkHost
+        let counts = counts
+        // The sink: counts each run's calls, waits `ms`, and fails the first `fail` calls of `task`.
+        sink = try await HTTPReceiver(host: sinkHost == "10.77.0.1" ? "0.0.0.0" : sinkHost, keepRequests: false) { request, _ in
+            let key = request.headers["idempotency-key"] ?? "?"
+            counts.calls.withLock { $0[key, default: 0] += 1 }
+            let query = FaultBed.query(request.path)
+            var reply = HTTPReceiver.Reply(status: 200, delay: .milliseconds(Int64(query["ms"] ?? "0") ?? 0))
+            if let k = Int(query["fail"] ?? ""), let task = query["task"] {
+                let n = counts.failuresByTask.withLock { f in defer { f[task, default: 0] += 1 }; return f[task, default: 0] }
+                if n < k { reply.status = 500 }
+            }
+            return reply
+        }
+        logDir = (Servers.env["CONVEYOR_FAULT_LOGS"] ?? NSTemporaryDirectory()) + "/" + name
+        try? FileManager.default.removeItem(atPath: logDir)
+        try FileManager.default.createDirectory(atPath: logDir, withIntermediateDirectories: true)
+        try await sys.pool.withConnection { c in try await c.simple(Self.auditSQL) }
+    }
+
+    static func query(_ path: String) -> [String: String] {
+        guard let q = path.split(separator: "?", maxSplits: 1).dropFirst().first else { return [:] }
+        var out: [String: String] = [:]
+        for pair in q.split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1).map(String.init)
+            if kv.count == 2 { out[kv[0]] = kv[1] }
+        }
+        return out
+    }
+
+    /// Every change of a run's state, and any overwrite of an outcome field of a run already
+    /// final, written by the database itself with its transaction id: the oracle reads double
+    /// recording and backwards moves from here, not from Conveyor's own counters. Steps inside
+    /// one transaction are one recording (an attempt that used up its retries goes `failed` then
+    /// `dead` in the transaction that records it); filling a field still empty is not an
+    /// overwrite (a worker's error arriving after the dead letter that ended the run).
+    static let auditSQL = """
+        CREATE TABLE fault_audit (run_id uuid NOT NULL, old_state text, new_state text NOT NULL, overwrote boolean NOT NULL DEFAULT false,
+                                  tx bigint NOT NULL DEFAULT txid_current(), at timestamptz NOT NULL DEFAULT clock_timestamp());
+        CREATE FUNCTION fault_rank(s text) RETURNS int LANGUAGE sql IMMUTABLE AS $$
+          SELECT CASE WHEN s IS NULL THEN -1 ELSE CASE s WHEN 'scheduled' THEN 0 WHEN 'queued' THEN 1 WHEN 'dispatched' THEN 2 WHEN 'running' THEN 3 ELSE 4 END END $$;
+        CREATE FUNCTION fault_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE over boolean := fault_rank(OLD.state) = 4 AND (
+            (OLD.finished_at IS NOT NULL AND NEW.finished_at IS DISTINCT FROM OLD.finished_at)
+            OR (OLD.exit_code IS NOT NULL AND NEW.exit_code IS DISTINCT FROM OLD.exit_code)
+            OR (OLD.error_class IS NOT NULL AND NEW.error_class IS DISTINCT FROM OLD.error_class)
+            OR (OLD.worker_id IS NOT NULL AND NEW.worker_id IS DISTINCT FROM OLD.worker_id)
+            OR (OLD.output IS NOT NULL AND NEW.output IS DISTINCT FROM OLD.output));
+        BEGIN
+          IF TG_OP = 'INSERT' THEN
+            INSERT INTO fault_audit (run_id, old_state, new_state) VALUES (NEW.id, NULL, NEW.state);
+          ELSIF NEW.state IS DISTINCT FROM OLD.state OR over THEN
+            INSERT INTO fault_audit (run_id, old_state, new_state, overwrote) VALUES (NEW.id, OLD.state, NEW.state, over);
+          END IF;
+          RETURN NULL;
+        END $$;
+        CREATE TRIGGER fault_audit AFTER INSERT OR UPDATE ON runs FOR EACH ROW EXECUTE FUNCTION fault_audit();
+        CREATE VIEW fault_double AS
+          WITH settled AS (SELECT run_id, min(tx) AS tx FROM fault_audit WHERE fault_rank(new_state) = 4 GROUP BY run_id)
+          SELECT a.* FROM fault_audit a JOIN settled s USING (run_id)
+          WHERE a.tx <> s.tx AND fault_rank(a.old_state) = 4 AND (a.new_state <> a.old_state OR a.overwrote)
+          UNION ALL
+          SELECT a.* FROM fault_audit a WHERE fault_rank(a.new_state) < fault_rank(a.old_state);
+        """
+
+    // MARK: processes
+
+    var commonEnvironment: [String: String] {
+        ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix,
+         "CONVEYOR_AMQP_HEARTBEAT_SECONDS": "2", "CONVEYOR_LOG_LEVEL": "info"]
+    }
+
+    /// A dispatcher process: 200 ms scans, a 3 s publish lease, 2 s lost grace.
+    func startDispatcher(_ id: String, env extra: [String: String] = [:], httpPort: Int = 0) throws {
+        var env = commonEnvironment
+        env["CONVEYOR_DISPATCHER_QUEUES"] = sys.queue
+        env["CONVEYOR_DISPATCHER_SCAN_INTERVAL_MS"] = "200"
+        env["CONVEYOR_DISPATCHER_MAINTENANCE_INTERVAL_MS"] = "200"
+        env["CONVEYOR_DISPATCHER_PUBLISH_LEASE_SECONDS"] = "3"
+        env["CONVEYOR_DISPATCHER_LOST_GRACE_MS"] = "2000"
+        env["CONVEYOR_DISPATCHER_GROUPS"] = "2"
+        env["CONVEYOR_DISPATCHER_HTTP_PORT"] = "\(httpPort)"
+        env["CONVEYOR_DISPATCHER_HTTP_HOST"] = "127.0.0.1"
+        try start(id, ["dispatcher"], env: env.merging(extra) { _, b in b })
+    }
+
+    /// A worker process offering http, noop and sleep; heartbeats every 500 ms, `started` after
+    /// 100 ms, detached after 5 s (the fault broker's consumer timeout is 20 s).
+    func startWorker(_ id: String, concurrency: Int = 8, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = []) throws {
+        var env = commonEnvironment
+        env.removeValue(forKey: "CONVEYOR_DATABASE_URL")
+        env["CONVEYOR_WORKER_QUEUES"] = sys.queue
+        env["CONVEYOR_WORKER_EXECUTORS"] = "http,noop,sleep"
+        env["CONVEYOR_WORKER_CONCURRENCY"] = "\(concurrency)"
+        env["CONVEYOR_WORKER_ID"] = id
+        env["CONVEYOR_WORKER_HEARTBEAT_INTERVAL_MS"] = "500"
+        env["CONVEYOR_WORKER_STARTED_AFTER_MS"] = "100"
+        env["CONVEYOR_WORKER_DETACH_AFTER_MS"] = "5000"
+        env["CONVEYOR_WORKER_SHUTDOWN_GRACE_MS"] = "5000"
+        env["CONVEYOR_WORKER_HTTP_PORT"] = "\(httpPort)"
+        env["CONVEYOR_WORKER_HTTP_HOST"] = "127.0.0.1"
+        env["CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS"] = "127.0.0.0/8,10.77.0.0/24"
+        try start(id, ["worker"], env: env.merging(extra) { _, b in b }, wrapper: wrapper)
+    }
+
+    /// Starts `conveyor <args>` (through `wrapper`, e.g. `ip netns exec …`), its output in the
+    /// bed's log folder. Spawned with posix_spawn and reaped with waitpid by the bed itself:
+    /// Foundation's `Process` was seen to miss children's exits here and hang in `waitUntilExit`.
+    func start(_ id: String, _ args: [String], env: [String: String], wrapper: [String] = []) throws {
+        let template = try conveyorProcess(args, env: env)
+        let argv = wrapper + [template.executableURL!.path] + args
+        let environment = (template.environment ?? [:]).map { "\($0.key)=\($0.value)" }
+        let path = logPath(id)
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, path, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = environment.map { strdup($0) } + [nil]
+        defer { for p in cArgs + cEnv { free(p) } }
+        // Its own process group, so a signal reaches a wrapper's child too (faketime forks).
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+        posix_spawnattr_setpgroup(&attributes, 0)
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
+        guard rc == 0 else { throw FaultSetupError(what: "spawning \(argv): \(String(cString: strerror(rc)))") }
+        children[id] = Child(pid: pid)
+    }
+
+    struct Child {
+        var pid: pid_t
+        /// The exit status, or 128 + the signal that ended it; nil while it runs.
+        var exit: Int32?
+    }
+
+    private(set) var children: [String: Child] = [:]
+
+    func pid(_ id: String) -> pid_t { children[id]?.pid ?? 0 }
+
+    func logPath(_ id: String) -> String { "\(logDir)/\(id).log" }
+
+    /// The exit status if it has ended (reaping it), nil while it runs.
+    @discardableResult
+    func exitStatus(_ id: String) -> Int32? {
+        guard var c = children[id] else { return nil }
+        if let e = c.exit { return e }
+        var st: Int32 = 0
+        let r = waitpid(c.pid, &st, WNOHANG)
+        guard r == c.pid else { return r < 0 ? -1 : nil }
+        c.exit = (st & 0x7f) == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+        children[id] = c
+        return c.exit
+    }
+
+    func isRunning(_ id: String) -> Bool { children[id] != nil && exitStatus(id) == nil }
+
+    /// Waits until it has ended; returns its status (128 + signal when killed).
+    @discardableResult
+    func waitExit(_ id: String) async -> Int32 {
+        while true {
+            if let e = exitStatus(id) { return e }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// Signals the process's group: the process and, under a wrapper, the wrapped program.
+    func signal(_ id: String, _ sig: Int32) {
+        guard isRunning(id) else { return }
+        kill(-pid(id), sig)
+    }
+
+    /// `kill -9`, waiting until it is gone.
+    func kill9(_ id: String) async {
+        signal(id, SIGKILL)
+        await waitExit(id)
+    }
+
+    func stopAll() async {
+        for id in children.keys where isRunning(id) {
+            kill(-pid(id), SIGCONT)
+            kill(-pid(id), SIGKILL)
+            await waitExit(id)
+        }
+    }
+
+    // MARK: tasks
+
+    /// `n` once-tasks calling the sink, each waiting `ms` there.
+    func sinkTasks(_ n: Int, ms: Int = 0, name: String = "t", query: String = "", maxAttempts: Int = 1,
+                   timeoutSeconds: Double = 30) -> [NewTask] {
+        (0..<n).map { i in
+            var t = NewTask(name: "\(name)-\(i)", executor: "http", schedule: .once)
+            t.queue = sys.queue
+            var url = "http://\(sinkHost):\(sink.port)/run?ms=\(ms)&task=\(name)-\(i)"
+            if !query.isEmpty { url += "&" + query }
+            t.parameters = .object(["url": .string(url), "method": .string("POST")])
+            t.timeoutSeconds = timeoutSeconds
+            t.retry.maxAttempts = maxAttempts
+            return t
+        }
+    }
+
+    func create(_ tasks: [NewTask]) async throws {
+        for chunk in stride(from: 0, to: tasks.count, by: 2000) {
+            try await sys.store.createTasks(Array(tasks[chunk..<min(chunk + 2000, tasks.count)]))
+        }
+    }
+
+    // MARK: the oracle
+
+    /// A count, tried again for up to 30 s while the database is away (scenario 5 restarts it
+    /// under the harness's own connections too).
+    func count(_ sql: String) async throws -> Int { try await retrying { try await self.sys.count(sql) } }
+
+    func rows(_ sql: String) async throws -> [[String?]] { try await retrying { try await self.sys.rows(sql) } }
+
+    func retrying<T>(_ body: () async throws -> T) async throws -> T {
+        let deadline = ContinuousClock.now + .seconds(30)
+        while true {
+            do { return try await body() } catch let e as PostgresError where e.isRetriable && ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(200))
+            }
+        }
+    }
+
+    /// Occurrences without a final outcome (the oracle's `lost` while the system still works).
+    func unfinished() async throws -> Int {
+        try await count("""
+            SELECT (SELECT count(*) FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id))
+                 + (SELECT count(*) FROM (SELECT DISTINCT ON (task_id, occurrence) state FROM runs
+                                          ORDER BY task_id, occurrence, attempt DESC) l WHERE state NOT IN \(Self.finalStates))
+            """)
+    }
+
+    /// Waits until every due occurrence has a final outcome, up to `timeout`; returns when it
+    /// became quiet (nil if it never did).
+    @discardableResult
+    func waitQuiet(timeout: Duration) async throws -> ContinuousClock.Instant? {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await unfinished() == 0 { return ContinuousClock.now }
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        return nil
+    }
+
+    func oracle() async throws -> OracleCounts {
+        var c = OracleCounts()
+        c.lost = try await unfinished()
+        c.doubleRecorded = try await count("""
+            SELECT (SELECT count(DISTINCT run_id) FROM fault_double)
+                 + (SELECT count(*) FROM (SELECT 1 FROM runs GROUP BY task_id, occurrence, attempt HAVING count(*) > 1) d)
+            """)
+        c.stuck = try await count("""
+            SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE
+              (r.state IN ('scheduled', 'queued') AND r.available_at < now() - interval '5 seconds')
+              OR (r.state IN ('dispatched', 'running')
+                  AND coalesce(r.started_at, r.dispatched_at, r.created_at) + make_interval(secs => t.timeout_seconds + 5) < now())
+            """)
+        c.deadLettered = try await count("SELECT count(*) FROM dead_letters")
+        c.dead = try await count("SELECT count(*) FROM runs WHERE state = 'dead'")
+        let calls = counts.calls.withLock { $0 }
+        c.executions = calls.values.reduce(0, +)
+        c.executedRuns = calls.count
+        if c.doubleRecorded > 0 {
+            c.examples = try await rows("""
+                SELECT a.run_id::text || ' ' || coalesce(a.old_state, '-') || '>' || a.new_state || CASE WHEN a.overwrote THEN ' (overwrote)' ELSE '' END
+                FROM fault_audit a WHERE a.run_id IN (SELECT run_id FROM fault_double) ORDER BY a.run_id, a.at LIMIT 8
+                """).compactMap { $0[0] }
+        }
+        for row in try await rows("SELECT state, count(*)::text FROM runs GROUP BY 1 ORDER BY 1") {
+            c.states[row[0] ?? "?"] = Int(row[1] ?? "") ?? 0
+        }
+        return c
+    }
+
+    /// Runs that were executed more than once by the sink's count.
+    func repeatedRuns() -> Int { counts.calls.withLock { $0.values.filter { $0 > 1 }.count } }
+
+    // MARK: servers and probes
+
+    /// `scripts/services.sh <args>` against the fault suite's servers (the environment says which).
+    @discardableResult
+    static func services(_ args: [String]) async throws -> (status: Int32, out: String) {
+        try await spawnAndWait(FileManager.default.currentDirectoryPath + "/scripts/services.sh", args)
+    }
+
+    /// Runs a program to its end with posix_spawn and waits for it with waitpid on a thread of
+    /// its own (never on the cooperative pool). Foundation's `Process.waitUntilExit` was seen to
+    /// miss the exit of a script run while other children (the fleet) were alive, and hang.
+    static func spawnAndWait(_ program: String, _ args: [String]) async throws -> (status: Int32, out: String) {
+        let output = NSTemporaryDirectory() + "fault-spawn-\(UUID().uuidString).out"
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let argv = ([program] + args).map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, program, &actions, nil, argv, environ)
+        guard rc == 0 else { throw POSIXError(POSIXErrorCode(rawValue: rc) ?? .EINVAL) }
+        let child = pid
+        let status: Int32 = await withCheckedContinuation { cont in
+            Thread.detachNewThread {
+                var st: Int32 = 0
+                while waitpid(child, &st, 0) < 0 && errno == EINTR {}
+                cont.resume(returning: (st & 0x7f) == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f))
+            }
+        }
+        return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
+    }
+
+    /// `rabbitmqctl <args>` against the fault suite's broker.
+    @discardableResult
+    static func rabbitmqctl(_ args: [String]) async throws -> String {
+        try await services(["ctl"] + args).out
+    }
+
+    /// GET `http://127.0.0.1:<port><path>`; nil when nothing answers.
+    static func httpStatus(port: Int, path: String = "/readyz") async -> Int? {
+        var policy = OutboundPolicy()
+        policy.allowedNetworks = [try! Network(parsing: "127.0.0.1")]
+        return try? await OutboundHTTP(policy: policy, logger: Servers.logger)
+            .send(OutboundRequest(method: "GET", url: "http://127.0.0.1:\(port)\(path)", headers: [], body: []), timeout: .seconds(2)).status
+    }
+
+    /// Resident memory of a process in MB (`VmRSS`).
+    static func residentMB(_ pid: Int32) -> Double? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kb = Double(line.split(separator: " ").dropFirst().first ?? "") else { return nil }
+        return kb / 1024
+    }
+
+    static func freePort() -> Int { Int.random(in: 20_000...30_000) }
+}
+
+/// A network namespace joined to the host by a veth pair (10.77.x.1 on the host, .2 inside),
+/// whose traffic can be dropped without closing anyone's sockets.
+enum Netns {
+    static let hostAddress = "10.77.0.1"
+
+    static func ip(_ args: [String]) async throws {
+        let r = try await FaultBed.spawnAndWait("/usr/sbin/ip", args)
+        if r.status != 0 { throw FaultSetupError(what: "ip \(args.joined(separator: " ")): \(r.out)") }
+    }
+
+    static func create(_ ns: String) async throws {
+        await delete(ns)
+        try await ip(["netns", "add", ns])
+        try await ip(["link", "add", "\(ns)-h", "type", "veth", "peer", "name", "\(ns)-n"])
+        try await ip(["link", "set", "\(ns)-n", "netns", ns])
+        try await ip(["addr", "add", "\(hostAddress)/24", "dev", "\(ns)-h"])
+        try await ip(["link", "set", "\(ns)-h", "up"])
+        try await ip(["netns", "exec", ns, "ip", "addr", "add", "10.77.0.2/24", "dev", "\(ns)-n"])
+        try await ip(["netns", "exec", ns, "ip", "link", "set", "\(ns)-n", "up"])
+        try await ip(["netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+    }
+
+    static func delete(_ ns: String) async {
+        _ = try? await FaultBed.spawnAndWait("/usr/sbin/ip", ["link", "del", "\(ns)-h"])
+        _ = try? await FaultBed.spawnAndWait("/usr/sbin/ip", ["netns", "del", ns])
+    }
+
+    /// Drops (or lets through again) every packet in and out of the namespace.
+    static func drop(_ ns: String, _ on: Bool) async throws {
+        for chain in ["INPUT", "OUTPUT"] {
+            try await ip(["netns", "exec", ns, "iptables", on ? "-I" : "-D", chain, "-j", "DROP"])
+        }
+    }
+}
+
+struct FaultSetupError: Error, CustomStringConvertible {
+    var what: String
+    var description: String { "fault setup failed: \(what)" }
+}

@@ -1,0 +1,660 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorPostgres
+import ConveyorStore
+import Foundation
+import Testing
+
+/// The fault suite (issue 8, docs/reliability.md): each scenario runs real dispatcher and worker
+/// processes against the suite's own PostgreSQL and RabbitMQ, injects one kind of fault, waits
+/// until the system is quiet and asks the oracle (`FaultBed.oracle`). Run it with
+/// `scripts/faults.sh` (fast profile; `--full` for the full one).
+@Suite("FaultSuite", .enabled(if: FaultProfile.enabled, "run by scripts/faults.sh (its own servers)"), .serialized)
+struct FaultSuite {
+    /// Two dispatchers and `workers` workers (8 runs at once each).
+    static func fleet(_ bed: FaultBed, workers: Int = 3, concurrency: Int = 8, workerEnv: [String: String] = [:]) throws {
+        try bed.startDispatcher("d1")
+        try bed.startDispatcher("d2")
+        for i in 1...workers { try bed.startWorker("w\(i)", concurrency: concurrency, env: workerEnv) }
+    }
+
+    // MARK: 0. negative control
+
+    /// Publisher confirms off (test-only switch), and the broker frozen (SIGSTOP) mid-burst, then
+    /// killed: what the dispatcher wrote to its socket meanwhile never reached the broker's disk.
+    /// The oracle must report that loss, or it could not see loss at all. (Scenario 4 does the
+    /// same kill with confirms on, and loses nothing.)
+    @Test func negativeControlOracleSeesLossWithoutConfirms() async throws {
+        let n = FaultProfile.n(fast: 20_000, full: 50_000)
+        try await FaultBed.run("negative-control") { bed in
+            var report = FaultReport(name: "0 negative control", n: n)
+            try bed.startDispatcher("d1", env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"])
+            try await bed.create(bed.sys.tasks(n, executor: "noop"))
+            _ = try await bed.sys.eventually(timeout: .seconds(60), "some dispatched") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") >= n / 10
+            }
+            let vm = Int32(try await FaultBed.services(["mq-pid"]).out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            kill(vm, SIGSTOP)
+            try await Task.sleep(for: .seconds(2))
+            try await FaultBed.services(["mq-kill"])
+            try await FaultBed.services(["start"])
+            try bed.startWorker("w1", concurrency: 64)
+            try bed.startWorker("w2", concurrency: 64)
+            // Give the system every chance to finish what it can.
+            try await bed.waitQuiet(timeout: .seconds(40))
+            report.counts = try await bed.oracle()
+            report.notes.append("states \(report.counts.states.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
+            report.require(report.counts.lost > 0, "the oracle saw no loss with confirms off")
+            // And it sees a recording moved backwards, then recorded again, in later transactions.
+            try await bed.sys.pool.withConnection { c in
+                try await c.simple("UPDATE runs SET state = 'running' WHERE id = (SELECT id FROM runs WHERE state = 'succeeded' LIMIT 1)")
+                try await c.simple("UPDATE runs SET state = 'failed', exit_code = 1 WHERE state = 'running'")
+            }
+            let tampered = try await bed.oracle().doubleRecorded
+            report.require(tampered == 1, "the oracle counted \(tampered) for one run moved back and recorded again, not 1")
+            report.notes.append("tampering seen: double-recorded \(tampered)")
+            report.publish()
+        }
+    }
+
+    // MARK: 1. kill -9 workers
+
+    @Test func s01KillWorkersEveryFewSeconds() async throws {
+        let n = FaultProfile.n(fast: 1500, full: 10_000)
+        try await FaultBed.run("kill-workers") { bed in
+            var report = FaultReport(name: "1 kill -9 workers", n: n)
+            try Self.fleet(bed)
+            try await bed.create(bed.sinkTasks(n, ms: 200))
+            var killed = 0, inFlightAtKills = 0
+            let began = ContinuousClock.now
+            while try await bed.unfinished() > 0, ContinuousClock.now - began < .seconds(300) {
+                try await Task.sleep(for: .seconds(2))
+                let victim = "w\(killed % 3 + 1)"
+                inFlightAtKills += try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = '\(victim)'")
+                await bed.kill9(victim)
+                killed += 1
+                try bed.startWorker(victim)
+            }
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.notes.append("\(killed) kills")
+            // A killed worker holds at most its prefetch (8) of unacknowledged runs.
+            report.require(report.counts.duplicateExecutions <= killed * 8,
+                           "repeated executions \(report.counts.duplicateExecutions) > killed workers' in-flight bound \(killed * 8)")
+            report.require(killed >= 3, "only \(killed) kills")
+            report.publish()
+        }
+    }
+
+    // MARK: 2. SIGSTOP past the heartbeat timeout
+
+    @Test func s02StoppedWorkerPastHeartbeat() async throws {
+        let n = FaultProfile.n(fast: 40, full: 400)
+        try await FaultBed.run("sigstop") { bed in
+            var report = FaultReport(name: "2 SIGSTOP worker", n: n)
+            try Self.fleet(bed, workers: 2)
+            try await bed.create(bed.sinkTasks(n, ms: 2000))
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "w1 runs some") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'w1'") >= 4
+            }
+            let held = try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'w1'")
+            bed.signal("w1", SIGSTOP)
+            let stopped = ContinuousClock.now
+            // Broker heartbeat 2 s: the connection is dropped after about 4-6 s; stay stopped 10 s.
+            try await Task.sleep(for: .seconds(10))
+            bed.signal("w1", SIGCONT)
+            let quiet = try await bed.waitQuiet(timeout: .seconds(90))
+            report.recovery = quiet.map { $0 - stopped }
+            try await Task.sleep(for: .seconds(2))   // the late results arrive and must change nothing
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.require(bed.isRunning("w1"), "the resumed worker exited")
+            let rejoined = try await bed.sys.eventually(timeout: .seconds(20), "w1 active again") {
+                try await bed.count("SELECT count(*) FROM workers WHERE id = 'w1' AND state = 'active'") == 1
+            }
+            report.require(rejoined, "w1 did not rejoin")
+            report.require(report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what w1 held")
+            report.notes.append("w1 held \(held)")
+            report.publish()
+        }
+    }
+
+    // MARK: 3. a worker cut off the broker
+
+    /// A worker in its own network namespace, whose traffic is dropped for a minute (its sockets
+    /// stay open: nothing tells it), then let through again.
+    @Test func s03WorkerPartitionedFromTheBroker() async throws {
+        let n = FaultProfile.n(fast: 300, full: 3000)
+        let ns = "cvf\(Int.random(in: 100...999))"
+        try await Netns.create(ns)
+        defer { Task { await Netns.delete(ns) } }
+        try await FaultBed.run("partition", sinkHost: Netns.hostAddress) { bed in
+            var report = FaultReport(name: "3 worker partitioned", n: n)
+            try bed.startDispatcher("d1")
+            try bed.startDispatcher("d2")
+            try bed.startWorker("w1")
+            try bed.startWorker("w2")
+            // RabbitMQ lets `guest` in over loopback only: the namespaced worker gets a user of its
+            // own for this scenario, with a random password.
+            let port = URLComponents(string: bed.sys.amqp.url)?.port ?? 5672
+            let user = "fault-\(UUID().uuidString.prefix(8).lowercased())", password = UUID().uuidString
+            try await FaultBed.rabbitmqctl(["add_user", user, password])
+            try await FaultBed.rabbitmqctl(["set_permissions", "-p", "/", user, ".*", ".*", ".*"])
+            try bed.startWorker("cut", env: ["CONVEYOR_AMQP_URL": "amqp://\(user):\(password)@\(Netns.hostAddress):\(port)/%2F"],
+                                wrapper: ["/usr/sbin/ip", "netns", "exec", ns])
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "the namespaced worker joins") {
+                try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active'") == 1
+            }
+            try await bed.create(bed.sinkTasks(n, ms: 1000))
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "the namespaced worker runs some") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'cut'") >= 4
+            }
+            let held = try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'cut'")
+            try await Netns.drop(ns, true)
+            let cut = ContinuousClock.now
+            try await Task.sleep(for: FaultProfile.full ? .seconds(60) : .seconds(30))
+            let declaredLost = try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'lost'")
+            try await Netns.drop(ns, false)
+            let healed = ContinuousClock.now
+            let rejoined = try await bed.sys.eventually(timeout: .seconds(30), "the worker rejoins after the heal") {
+                try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active' AND last_heartbeat > now() - interval '2 seconds'") == 1
+            }
+            report.recovery = ContinuousClock.now - healed
+            try await bed.waitQuiet(timeout: .seconds(120))
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.require(rejoined, "the cut worker did not rejoin")
+            report.require(bed.isRunning("cut"), "the cut worker exited")
+            report.require(report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what the cut worker held")
+            report.notes.append("cut held \(held); declared lost during the cut: \(declaredLost > 0); partition \(Int((healed - cut).inSeconds)) s")
+            report.publish()
+        }
+    }
+
+    // MARK: 4. broker restart mid-burst
+
+    enum BrokerRestart: String, CaseIterable, Sendable {
+        case stopApp = "stop_app"
+        case killVM = "kill-vm"
+        /// The negative control's fault with confirms on: frozen (SIGSTOP) 2 s, then killed.
+        case freezeAndKill = "freeze-kill"
+    }
+
+    @Test(arguments: BrokerRestart.allCases)
+    func s04BrokerRestartMidBurst(_ how: BrokerRestart) async throws {
+        let n = FaultProfile.n(fast: 3000, full: 10_000)
+        try await FaultBed.run("broker-\(how.rawValue)") { bed in
+            var report = FaultReport(name: "4 broker \(how.rawValue)", n: n)
+            let ports = (0..<5).map { _ in FaultBed.freePort() }
+            try bed.startDispatcher("d1", httpPort: ports[0])
+            try bed.startDispatcher("d2", httpPort: ports[1])
+            for i in 1...3 { try bed.startWorker("w\(i)", concurrency: 16, httpPort: ports[1 + i]) }
+            for p in ports { _ = try await bed.sys.eventually(timeout: .seconds(30), "ready on \(p)") { await FaultBed.httpStatus(port: p) == 200 } }
+            try await bed.create(bed.sinkTasks(n, ms: 20))
+            _ = try await bed.sys.eventually(timeout: .seconds(60), "30 % dispatched") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state IN ('dispatched', 'running', 'succeeded')") >= n * 3 / 10
+            }
+            switch how {
+            case .stopApp: try await FaultBed.rabbitmqctl(["stop_app"])
+            case .killVM: try await FaultBed.services(["mq-kill"])
+            case .freezeAndKill:
+                let vm = Int32(try await FaultBed.services(["mq-pid"]).out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+                kill(vm, SIGSTOP)
+                try await Task.sleep(for: .seconds(2))
+                try await FaultBed.services(["mq-kill"])
+            }
+            try await Task.sleep(for: .seconds(3))
+            switch how {
+            case .stopApp:
+                try await FaultBed.rabbitmqctl(["start_app"])
+                try await FaultBed.rabbitmqctl(["await_startup", "--timeout", "30"])
+            case .killVM, .freezeAndKill: try await FaultBed.services(["start"])
+            }
+            let reopened = ContinuousClock.now
+            var allReady = false
+            while ContinuousClock.now - reopened < .seconds(30) {
+                var ready = true
+                for p in ports where await FaultBed.httpStatus(port: p) != 200 { ready = false }
+                if ready { allReady = true; break }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            report.recovery = allReady ? ContinuousClock.now - reopened : nil
+            try await bed.waitQuiet(timeout: .seconds(120))
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.require(allReady, "not every process was ready again within 30 s")
+            report.require((report.recovery ?? .seconds(99)) <= .seconds(5), "reconnect took longer than 5 s")
+            report.publish()
+        }
+    }
+
+    // MARK: 5. PostgreSQL immediate restart
+
+    @Test func s05PostgresImmediateRestart() async throws {
+        let n = FaultProfile.n(fast: 2000, full: 10_000)
+        try await FaultBed.run("pg-restart") { bed in
+            var report = FaultReport(name: "5 postgres restart", n: n)
+            try Self.fleet(bed, concurrency: 16)
+            let apiPort = FaultBed.freePort()
+            try bed.start("api", ["api"], env: bed.commonEnvironment.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1"]) { _, b in b })
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "api ready") { await FaultBed.httpStatus(port: apiPort) == 200 }
+            try await bed.create(bed.sinkTasks(n, ms: 20))
+            _ = try await bed.sys.eventually(timeout: .seconds(60), "30 % done") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n * 3 / 10
+            }
+            // Watch the API's readiness while the database is down.
+            let watch = Task { () -> Set<Int> in
+                var seen = Set<Int>()
+                let end = ContinuousClock.now + .seconds(6)
+                while ContinuousClock.now < end {
+                    seen.insert(await FaultBed.httpStatus(port: apiPort) ?? 0)
+                    try? await Task.sleep(for: .milliseconds(20))
+                }
+                return seen
+            }
+            try await Task.sleep(for: .milliseconds(200))
+            let (status, out) = try await FaultBed.services(["pg-crash"])
+            report.require(status == 0, "pg_ctl restart failed: \(out)")
+            let restarted = ContinuousClock.now
+            let before = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "progress after the restart") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > before + 50
+            }
+            report.recovery = ContinuousClock.now - restarted
+            let seen = await watch.value
+            try await bed.waitQuiet(timeout: .seconds(120))
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.require((report.recovery ?? .seconds(99)) < .seconds(10), "recovery took 10 s or more")
+            report.notes.append("api readiness answers seen: \(seen.sorted())")
+            report.require(seen.contains(503), "the API never answered 503 while the database was down")
+            report.publish()
+        }
+    }
+
+    // MARK: 6. dispatcher crash points
+
+    @Test(arguments: FaultInjection.CrashPoint.allCases)
+    func s06DispatcherCrashPoint(_ point: FaultInjection.CrashPoint) async throws {
+        let n = FaultProfile.n(fast: 600, full: 10_000)
+        try await FaultBed.run("dispatcher-\(point.rawValue)") { bed in
+            var report = FaultReport(name: "6 dispatcher \(point.rawValue)", n: n)
+            for i in 1...3 { try bed.startWorker("w\(i)", concurrency: 16) }
+            try bed.startDispatcher("doomed", env: ["CONVEYOR_TEST_FAULTS": "dispatcher-crash=\(point.rawValue)"])
+            try bed.startDispatcher("survivor")
+            try await Task.sleep(for: .seconds(2))
+            // The survivor is paused while the tasks arrive, so the doomed one claims them (it
+            // would otherwise be a race); it resumes the moment the doomed one dies.
+            bed.signal("survivor", SIGSTOP)
+            try await bed.create(bed.sinkTasks(n, ms: 10))
+            let crashed = try await bed.sys.eventually(timeout: .seconds(20), "the doomed dispatcher reaches its crash point") {
+                !bed.isRunning("doomed")
+            }
+            let died = ContinuousClock.now
+            bed.signal("survivor", SIGCONT)
+            report.require(crashed && bed.exitStatus("doomed") == 128 + SIGKILL, "the crash point was not reached")
+            // Taken over: nothing the dead dispatcher claimed is still waiting to be published.
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "every claimed run published") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state IN ('scheduled', 'queued')") == 0
+            }
+            report.recovery = ContinuousClock.now - died
+            try await bed.waitQuiet(timeout: .seconds(120))
+            report.counts = try await bed.oracle()
+            report.standard()
+            // Lease 3 s + scan 0.2 s, plus a second for the publish itself.
+            report.require((report.recovery ?? .seconds(99)) <= .milliseconds(4200), "takeover slower than lease + one scan interval")
+            report.publish()
+        }
+    }
+
+    // MARK: 7. poison messages
+
+    @Test func s07PoisonMessages() async throws {
+        let good = FaultProfile.n(fast: 1000, full: 10_000)
+        let perKind = max(2, good / 600)
+        try await FaultBed.run("poison") { bed in
+            var report = FaultReport(name: "7 poison", n: good + 6 * perKind)
+            try Self.fleet(bed)
+            let pids = (1...3).map { bed.pid("w\($0)") }
+            // Runs whose real messages go to a queue nobody consumes ("parked"): the test sends
+            // its own, broken, messages for them to the work queue.
+            var parked = bed.sinkTasks(3 * perKind, name: "parked")
+            for i in parked.indices { parked[i].queue = "parked" }
+            try await bed.create(parked)
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "parked runs dispatched") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched' AND queue = 'parked'") == parked.count
+            }
+            let rows = try await bed.rows("""
+                SELECT r.id::text, t.id::text, t.name, r.occurrence::text, t.parameters::text FROM runs r JOIN tasks t ON t.id = r.task_id
+                WHERE r.queue = 'parked' ORDER BY t.name
+                """)
+            func message(_ row: [String?]) throws -> TaskMessage {
+                let params = try JSONDecoder().decode(JSONValue.self, from: Data((row[4] ?? "{}").utf8))
+                return TaskMessage(runID: UUID(uuidString: row[0]!)!, taskID: UUID(uuidString: row[1]!)!, taskName: row[2]!,
+                                   occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params, timeoutSeconds: 30)
+            }
+            let topo = ConveyorTopology(prefix: bed.sys.prefix)
+            let pub = AMQPPublisher(configuration: bed.sys.amqp, topology: topo.work(queues: [bed.sys.queue]), logger: Servers.logger)
+            pub.start(); defer { pub.stop() }
+            try await pub.waitUntilConnected()
+            func send(_ body: [UInt8], headers: AMQPHeaders = [:]) async throws {
+                try await pub.publish(AMQPOutgoingMessage(exchange: topo.tasksExchange, routingKey: bed.sys.queue, body: body,
+                                                          properties: AMQPProperties(type: taskMessageType, persistent: true, headers: headers)))
+            }
+            try await bed.create(bed.sinkTasks(good, ms: 5, name: "good"))
+            try await bed.create(bed.sys.tasks(perKind, executor: "no-such-executor", name: "unknown"))
+            var poison = 0, identifiable = perKind   // the unknown-executor runs
+            for i in 0..<perKind {
+                try await send(Array("{not json \(i)".utf8)); poison += 1
+                try await send([0xFF, 0xFE, 0x7B, 0x22, UInt8(i % 200)]); poison += 1
+                try await send(Array("{\"pad\": \"".utf8) + Array(repeating: UInt8(ascii: "x"), count: MessageCodec.maxBodyBytes) + Array("\"}".utf8)); poison += 1
+                var v99 = try message(rows[i])
+                v99.version = 99
+                try await send(MessageCodec.encode(v99)); poison += 1; identifiable += 1
+                // A broken traceparent is not poison: W3C Trace Context says to ignore it, so the
+                // run executes under a new trace.
+                try await send(MessageCodec.encode(try message(rows[perKind + i])), headers: ["traceparent": .string("00-zz-not-a-trace-01")])
+            }
+            poison += perKind   // unknown executor
+            // The rest of the parked runs get their proper message.
+            for i in (2 * perKind)..<(3 * perKind) { try await send(MessageCodec.encode(try message(rows[i]))) }
+            try await bed.waitQuiet(timeout: .seconds(120))
+            _ = try await bed.sys.eventually(timeout: .seconds(20), "every poison message dead-lettered") {
+                try await bed.count("SELECT count(*) FROM dead_letters") >= poison
+            }
+            report.counts = try await bed.oracle()
+            report.standard(deadLettered: poison)
+            report.require(report.counts.dead == identifiable, "dead runs \(report.counts.dead), expected \(identifiable)")
+            let reasons = try await bed.count("SELECT count(*) FROM dead_letters WHERE reason <> ''")
+            report.require(reasons == poison, "dead letters with a reason: \(reasons)")
+            let succeeded = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
+            report.require(succeeded == good + 2 * perKind, "succeeded \(succeeded), expected \(good + 2 * perKind)")
+            report.require(zip(1...3, pids).allSatisfy { bed.isRunning("w\($0)") && bed.pid("w\($0)") == $1 },
+                           "a worker restarted or exited")
+            report.publish()
+        }
+    }
+
+    // MARK: 8. a task that crashes its worker
+
+    /// One task's executor kills the worker process (test switch `worker-crash-on-task`); a
+    /// supervisor restarts each worker at once, as Kubernetes would.
+    @Test func s08TaskThatCrashesTheWorker() async throws {
+        let n = FaultProfile.n(fast: 600, full: 5000)
+        try await FaultBed.run("crasher") { bed in
+            var report = FaultReport(name: "8 worker-crashing task", n: n + 1)
+            let crash = ["CONVEYOR_TEST_FAULTS": "worker-crash-on-task=crasher-0"]
+            try Self.fleet(bed, workerEnv: crash)
+            try await bed.create(bed.sinkTasks(n / 2, ms: 200, name: "before"))
+            try await bed.create(bed.sinkTasks(1, ms: 200, name: "crasher"))
+            try await bed.create(bed.sinkTasks(n - n / 2, ms: 200, name: "after"))
+            var restarts = 0
+            let began = ContinuousClock.now
+            while try await bed.unfinished() > 0, ContinuousClock.now - began < .seconds(180) {
+                for i in 1...3 where !bed.isRunning("w\(i)") {
+                    restarts += 1
+                    try bed.startWorker("w\(i)", env: crash)
+                }
+                try await Task.sleep(for: .milliseconds(300))
+            }
+            report.counts = try await bed.oracle()
+            report.standard(deadLettered: 1)
+            let crasher = try await bed.rows("SELECT r.state, coalesce(r.reason, '') FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'crasher-0'")
+            report.require(crasher.first?[0] == "dead", "the crashing task's run is \(crasher.first?[0] ?? "missing"), not dead")
+            let innocentsDead = try await bed.count("SELECT count(*) FROM runs WHERE state <> 'succeeded'") - 1
+            report.require(innocentsDead == 0, "\(innocentsDead) innocent runs did not succeed")
+            report.notes.append("\(restarts) worker restarts; crasher: \(crasher.first?[1] ?? "")")
+            report.publish()
+        }
+    }
+
+    // MARK: 9. duplicate and reordered statuses
+
+    @Test func s09DuplicateAndReorderedStatuses() async throws {
+        let n = FaultProfile.n(fast: 1000, full: 10_000)
+        try await FaultBed.run("statuses") { bed in
+            var report = FaultReport(name: "9 duplicate statuses", n: n)
+            try bed.startDispatcher("d1")
+            try bed.startDispatcher("d2")
+            // No worker: the test is the worker, and says everything twice in a shuffled order.
+            try await bed.create(bed.sys.tasks(n, executor: "noop"))
+            _ = try await bed.sys.eventually(timeout: .seconds(60), "all dispatched") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == n
+            }
+            let ids = try await bed.rows("SELECT id::text FROM runs").compactMap { $0[0].flatMap(UUID.init(uuidString:)) }
+            let topo = ConveyorTopology(prefix: bed.sys.prefix)
+            let pub = AMQPPublisher(configuration: bed.sys.amqp, topology: topo.status, logger: Servers.logger)
+            pub.start(); defer { pub.stop() }
+            try await pub.waitUntilConnected()
+            let t0 = Date()
+            var statuses: [StatusMessage] = []
+            for (i, id) in ids.enumerated() {
+                let outcome: Outcome = i % 3 == 0 ? .failed : .succeeded
+                let started = StatusMessage(runID: id, attempt: 1, event: .started, workerID: "w-real", at: t0)
+                let finished = StatusMessage(runID: id, attempt: 1, event: .finished, outcome: outcome, exitCode: outcome == .failed ? 1 : 0,
+                                             workerID: "w-real", at: t0.addingTimeInterval(1))
+                statuses += [started, started, finished, finished]
+            }
+            statuses.shuffle()
+            let results = await pub.publish(statuses.map {
+                AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode($0),
+                                    properties: AMQPProperties(type: statusMessageType, persistent: true))
+            })
+            report.require(results.allSatisfy { if case .success = $0 { true } else { false } }, "a status publish failed")
+            try await bed.waitQuiet(timeout: .seconds(60))
+            try await Task.sleep(for: .seconds(1))
+            report.counts = try await bed.oracle()
+            report.standard()
+            let attempts = try await bed.count("SELECT count(*) FROM runs WHERE attempt <> 1")
+            report.require(attempts == 0, "\(attempts) runs with another attempt")
+            let failed = try await bed.count("SELECT count(*) FROM runs WHERE state = 'failed'")
+            report.require(failed == (n + 2) / 3, "failed \(failed), expected \((n + 2) / 3)")
+            report.publish()
+        }
+    }
+
+    // MARK: 10. retries
+
+    @Test func s10RetriesWithBackoff() async throws {
+        let n = FaultProfile.n(fast: 60, full: 1000)
+        let k = 2
+        try await FaultBed.run("retries") { bed in
+            var report = FaultReport(name: "10 retries", n: n)
+            try Self.fleet(bed, workers: 2)
+            // Half succeed on attempt k + 1; half are allowed only k attempts and end dead.
+            var tasks = bed.sinkTasks(n / 2, name: "recovers", query: "fail=\(k)", maxAttempts: k + 1)
+                + bed.sinkTasks(n / 2, name: "gives-up", query: "fail=\(k)", maxAttempts: k)
+            for i in tasks.indices {
+                tasks[i].retry.baseSeconds = 0.5
+                tasks[i].retry.factor = 2
+                tasks[i].retry.capSeconds = 10
+            }
+            try await bed.create(tasks)
+            try await bed.waitQuiet(timeout: .seconds(120))
+            try await Task.sleep(for: .seconds(2))   // anything republished after the end would show now
+            report.counts = try await bed.oracle()
+            report.standard()
+            let recovered = try await bed.count("""
+                SELECT count(*) FROM tasks t WHERE t.name LIKE 'recovers-%'
+                AND (SELECT count(*) FROM runs r WHERE r.task_id = t.id) = \(k + 1)
+                AND EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.attempt = \(k + 1) AND r.state = 'succeeded')
+                """)
+            report.require(recovered == n / 2, "tasks with exactly k + 1 attempts ending succeeded: \(recovered) of \(n / 2)")
+            let gaveUp = try await bed.count("""
+                SELECT count(*) FROM tasks t WHERE t.name LIKE 'gives-up-%'
+                AND (SELECT count(*) FROM runs r WHERE r.task_id = t.id) = \(k)
+                AND EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.attempt = \(k) AND r.state = 'dead')
+                """)
+            report.require(gaveUp == n / 2, "tasks ending dead after \(k) attempts: \(gaveUp) of \(n / 2)")
+            // Each retry waits between 0 and base * factor^(attempt - 1) (full jitter), on the
+            // database clock: from the failed attempt's end to the retry's dispatch.
+            let early = try await bed.count("""
+                SELECT count(*) FROM runs a JOIN runs b ON b.task_id = a.task_id AND b.attempt = a.attempt + 1
+                WHERE b.dispatched_at - a.finished_at > make_interval(secs => 0.5 * 2 ^ (a.attempt - 1) + 1.0)
+                   OR b.dispatched_at < a.finished_at
+                """)
+            report.require(early == 0, "\(early) retries outside the policy's bounds")
+            let republished = try await bed.count("SELECT count(*) FROM runs WHERE state = 'dead' AND publish_count > 1")
+            report.require(republished == 0, "dead runs published again")
+            report.require(report.counts.executions == n / 2 * (k + 1) + n / 2 * k, "executions \(report.counts.executions)")
+            report.publish()
+        }
+    }
+
+    // MARK: 11. longer than the consumer timeout
+
+    @Test func s11LongerThanConsumerTimeout() async throws {
+        let n = FaultProfile.n(fast: 3, full: 10)
+        try await FaultBed.run("long") { bed in
+            var report = FaultReport(name: "11 consumer timeout", n: n)
+            try Self.fleet(bed, workers: 2)
+            // The fault broker's consumer_timeout is 20 s; the runs last 25 s.
+            try await bed.create(bed.sinkTasks(n, ms: 25_000, timeoutSeconds: 60))
+            try await bed.waitQuiet(timeout: .seconds(90))
+            try await Task.sleep(for: .seconds(1))
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.require(report.counts.executions == n, "executions \(report.counts.executions), expected \(n)")
+            report.require(try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == n, "not all succeeded")
+            report.publish()
+        }
+    }
+
+    // MARK: 12. clock skew
+
+    /// Ahead is the direction that could dispatch early or take a lease early. Behind (-10m) is
+    /// not run: under libfaketime the dispatcher hangs at start-up in the Swift runtime's timed
+    /// waits (its pthread_cond_timedwait interposition; FAKETIME_FORCE_MONOTONIC_FIX changed the
+    /// behaviour run to run), which no real clock step does. See docs/reliability.md.
+    enum Skew: String, CaseIterable, Sendable {
+        case ahead = "+10m"
+    }
+
+    /// One dispatcher's clock 10 minutes off (libfaketime): due times and leases are decided on
+    /// the database's clock, so it dispatches nothing early and takes no lease early.
+    @Test(arguments: Skew.allCases)
+    func s12DispatcherClockSkew(_ skew: Skew) async throws {
+        let n = FaultProfile.n(fast: 400, full: 5000)
+        try await FaultBed.run("skew\(skew.rawValue)") { bed in
+            var report = FaultReport(name: "12 dispatcher clock \(skew.rawValue)", n: n)
+            try bed.start("skewed", ["dispatcher"], env: bed.commonEnvironment.merging([
+                "CONVEYOR_DISPATCHER_QUEUES": bed.sys.queue, "CONVEYOR_DISPATCHER_SCAN_INTERVAL_MS": "200",
+                "CONVEYOR_DISPATCHER_PUBLISH_LEASE_SECONDS": "3", "CONVEYOR_DISPATCHER_HTTP_PORT": "0",
+                // Only the wall clock is skewed, as NTP trouble would: libfaketime also shifts the
+                // monotonic clock by default, which no real skew does (and which stretches every
+                // sleep), and without its monotonic fix its pthread_cond_timedwait wrapper made
+                // the Swift runtime's timed waits hang when the clock is behind.
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1"]) { _, b in b },
+                          wrapper: ["/usr/bin/faketime", "-f", skew.rawValue])
+            try bed.startDispatcher("d2")
+            for i in 1...2 { try bed.startWorker("w\(i)", concurrency: 16) }
+            let dbNow = try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init) ?? Date().timeIntervalSince1970
+            var tasks = bed.sinkTasks(n, ms: 10)
+            // Due in 10 to 20 s, spread over the seconds.
+            for i in tasks.indices { tasks[i].startAt = Date(timeIntervalSince1970: dbNow + 10 + Double(i % 10)) }
+            try await bed.create(tasks)
+            try await bed.waitQuiet(timeout: .seconds(90))
+            report.counts = try await bed.oracle()
+            report.standard()
+            let early = try await bed.count("SELECT count(*) FROM runs WHERE dispatched_at < occurrence OR created_at < occurrence - interval '1 second'")
+            report.require(early == 0, "\(early) runs created or dispatched before they were due")
+            let republished = try await bed.count("SELECT count(*) FROM runs WHERE publish_count > 1")
+            report.require(republished == 0, "\(republished) runs published twice: a lease was taken early")
+            report.require(bed.isRunning("skewed"), "the skewed dispatcher exited")
+            let skewedLog = (try? String(contentsOfFile: bed.logPath("skewed"), encoding: .utf8)) ?? ""
+            report.require(skewedLog.contains("dispatcher running"), "the skewed dispatcher never ran")
+            report.notes.append("skewed log starts \(skewedLog.prefix(24))")
+            report.publish()
+        }
+    }
+
+    // MARK: 13. broker memory alarm
+
+    @Test func s13MemoryAlarm() async throws {
+        let n = FaultProfile.n(fast: 3000, full: 10_000)
+        let alarm: Duration = FaultProfile.full ? .seconds(30) : .seconds(15)
+        try await FaultBed.run("memory-alarm") { bed in
+            var report = FaultReport(name: "13 memory alarm", n: n)
+            try Self.fleet(bed, concurrency: 16)
+            try await bed.create(bed.sinkTasks(n, ms: 10))
+            _ = try await bed.sys.eventually(timeout: .seconds(60), "under way") {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n / 10
+            }
+            try await FaultBed.rabbitmqctl(["set_vm_memory_high_watermark", "0.000001"])
+            let pid = bed.pid("d1")
+            var peak = 0.0
+            let startMB = FaultBed.residentMB(pid) ?? 0
+            let end = ContinuousClock.now + alarm
+            while ContinuousClock.now < end {
+                peak = max(peak, FaultBed.residentMB(pid) ?? 0)
+                try await Task.sleep(for: .milliseconds(250))
+            }
+            let duringAlarm = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
+            try await FaultBed.rabbitmqctl(["set_vm_memory_high_watermark", "0.4"])
+            let cleared = ContinuousClock.now
+            try await bed.waitQuiet(timeout: .seconds(120))
+            report.recovery = ContinuousClock.now - cleared
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.notes.append(String(format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared", startMB, peak, duringAlarm))
+            report.require(peak < startMB + 100, "dispatcher memory grew by more than 100 MB during the alarm")
+            report.publish()
+        }
+    }
+
+    // MARK: 14. a burst due at the same second
+
+    @Test func s14BurstDueAtOnce() async throws {
+        let n = FaultProfile.n(fast: 10_000, full: 100_000)
+        try await FaultBed.run("burst") { bed in
+            var report = FaultReport(name: "14 burst at one second", n: n)
+            let due = Date().addingTimeInterval(Double(max(8, n / 4000)))
+            var tasks = bed.sys.tasks(n, executor: "noop")
+            for i in tasks.indices { tasks[i].startAt = due }
+            try await bed.create(tasks)
+            try Self.fleet(bed, workers: 3, concurrency: 64)
+            try await bed.waitQuiet(timeout: .seconds(FaultProfile.full ? 600 : 180))
+            report.counts = try await bed.oracle()
+            report.standard()
+            let stats = try await bed.rows("""
+                SELECT count(*)::text, extract(epoch FROM max(finished_at) - min(occurrence))::text,
+                       extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY started_at - occurrence))::text,
+                       extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - occurrence))::text,
+                       extract(epoch FROM max(started_at - occurrence))::text
+                FROM runs WHERE state = 'succeeded'
+                """)[0].map { Double($0 ?? "") ?? 0 }
+            report.require(Int(stats[0]) == n, "succeeded \(Int(stats[0])) of \(n)")
+            report.notes.append(String(format: "%.0f runs/s; lateness p50 %.2fs p99 %.2fs max %.2fs", stats[0] / max(stats[1], 0.001), stats[2], stats[3], stats[4]))
+            report.publish()
+        }
+    }
+
+    // MARK: 15. rolling restart
+
+    @Test func s15RollingRestartWithSIGTERM() async throws {
+        let n = FaultProfile.n(fast: 1200, full: 10_000)
+        try await FaultBed.run("rolling") { bed in
+            var report = FaultReport(name: "15 rolling SIGTERM", n: n)
+            try Self.fleet(bed)
+            try await bed.create(bed.sinkTasks(n, ms: 500))
+            var restarts = 0, exitCodes: [Int32] = []
+            let began = ContinuousClock.now
+            while try await bed.unfinished() > 0, ContinuousClock.now - began < .seconds(300) {
+                try await Task.sleep(for: .seconds(2))
+                let victim = "w\(restarts % 3 + 1)"
+                bed.signal(victim, SIGTERM)
+                exitCodes.append(await bed.waitExit(victim))
+                restarts += 1
+                try bed.startWorker(victim)
+            }
+            try await Task.sleep(for: .seconds(1))
+            report.counts = try await bed.oracle()
+            report.standard()
+            report.notes.append("\(restarts) restarts")
+            report.require(restarts >= 3, "only \(restarts) restarts")
+            report.require(exitCodes.allSatisfy { $0 == 0 }, "a drained worker exited with \(exitCodes)")
+            report.require(report.counts.duplicateExecutions == 0, "runs shorter than the drain executed twice")
+            report.publish()
+        }
+    }
+}

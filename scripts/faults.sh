@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The fault suite (docs/reliability.md): every scenario against real servers of its own, with
+# separate dispatcher and worker processes, one summary line per scenario.
+#
+#   scripts/faults.sh              the fast profile (what CI runs, part of scripts/test.sh)
+#   scripts/faults.sh --full       the full profile (N = 10,000 where it applies)
+#   scripts/faults.sh --filter X   only the scenarios whose test name contains X
+#
+# It starts its own PostgreSQL and RabbitMQ under .local/faults (ports: the main pair's + 1000),
+# because it restarts, kills and starves them; the broker listens on every address (one scenario
+# runs a worker in its own network namespace) with a short consumer_timeout. Exit status: non-zero
+# when any scenario fails.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PROFILE=fast
+FILTER=FaultSuite
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --full) PROFILE=full;;
+    --filter) FILTER="FaultSuite.*$2"; shift;;
+    *) echo "usage: $0 [--full] [--filter NAME]" >&2; exit 2;;
+  esac
+  shift
+done
+export CONVEYOR_LOCAL_DIR="$ROOT/.local/faults"
+export CONVEYOR_PG_PORT=$(( ${CONVEYOR_PG_PORT:-55432} + 1000 ))
+export CONVEYOR_AMQP_PORT=$(( ${CONVEYOR_AMQP_PORT:-55672} + 1000 ))
+unset CONVEYOR_AMQP_DIST_PORT CONVEYOR_AMQP_NODE
+export CONVEYOR_AMQP_BIND=0.0.0.0
+export CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS=20000
+mkdir -p "$CONVEYOR_LOCAL_DIR/logs"
+scripts/services.sh start
+# shellcheck disable=SC1091
+source "$CONVEYOR_LOCAL_DIR/env"
+export CI="${CI:-false}"
+export CONVEYOR_FAULT_PROFILE="$PROFILE"
+export CONVEYOR_FAULT_LOGS="$CONVEYOR_LOCAL_DIR/logs"
+export CONVEYOR_FAULT_RESULTS="$CONVEYOR_LOCAL_DIR/results-$PROFILE.txt"
+: > "$CONVEYOR_FAULT_RESULTS"
+swift build --build-tests
+status=0
+swift test --skip-build --no-parallel --filter "$FILTER" || status=$?
+echo
+echo "fault suite, $PROFILE profile ($(date -u +%FT%TZ), $(nproc) cores):"
+cat "$CONVEYOR_FAULT_RESULTS"
+if grep -q ' FAIL' "$CONVEYOR_FAULT_RESULTS"; then status=1; fi
+if [ ! -s "$CONVEYOR_FAULT_RESULTS" ]; then echo "no scenario ran"; status=1; fi
+exit $status
