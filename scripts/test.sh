@@ -20,4 +20,6 @@ if [ $# -eq 0 ]; then
   # migrations here).
   scripts/build-release.sh "$ROOT/.local/dist"
   (cd / && "$ROOT/.local/dist/conveyor" migrate)
+  # Each long-running process of that build answers /readyz and stops cleanly on SIGTERM.
+  scripts/smoke_dist.sh "$ROOT/.local/dist"
 fi

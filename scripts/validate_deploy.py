@@ -115,6 +115,8 @@ for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
                     if t["type"] == "rabbitmq":
                         if t["metadata"].get("queueName") != queue:
                             problem(name, f'queueName {t["metadata"].get("queueName")} is not the work queue {queue}')
+                        if t["metadata"].get("protocol") != "http":
+                            problem(name, "protocol must be http: over AMQP KEDA counts ready messages only, not the unacknowledged ones being run")
                         if t["metadata"].get("mode") != "QueueLength":
                             problem(name, "mode must be QueueLength (ready and unacknowledged messages)")
                         ref = t.get("authenticationRef", {}).get("name")

@@ -41,6 +41,7 @@ struct DeployTests {
         try edit("deploy/base/api.yaml", "terminationGracePeriodSeconds: 20", "terminationGracePeriodSeconds: 20\n      restartPolicyy: Always")
         try edit("deploy/base/dispatcher.yaml", "containerPort: 9090", "containerPort: 9000")
         try edit("deploy/base/worker-scaledobject.yaml", "queueName: conveyor.q.default", "queueName: default")
+        try edit("deploy/base/worker-scaledobject.yaml", "protocol: http", "protocol: amqp")
         try edit("docker-compose.yml", "CONVEYOR_LOG_FORMAT: json", "CONVEYOR_LOGFORMAT: json")
         try edit("deploy/base/config/api.yaml", "port: 8080", "port: 8081")
         let r = try Self.validate(root)
@@ -52,6 +53,7 @@ struct DeployTests {
             "Deployment/conveyor-api: spec.template.spec: Additional properties are not allowed ('restartPolicyy' was unexpected)",
             "Deployment/conveyor-dispatcher: container port is not dispatcher's configured port 9090",
             "ScaledObject/conveyor-worker: queueName default is not the work queue conveyor.q.default",
+            "ScaledObject/conveyor-worker: protocol must be http: over AMQP KEDA counts ready messages only",
             "docker-compose.yml worker: CONVEYOR_LOGFORMAT is not read by any Conveyor binary",
             "deploy/base/config/api.yaml: differs from config/api.yaml",
         ] {

@@ -124,6 +124,16 @@ final class FaultBed {
         }
     }
 
+    /// One scenario: a fresh bed, a report named `title` that `body` fills in, published at the end.
+    static func scenario(_ name: String, _ title: String, n: Int, sinkHost: String = "127.0.0.5",
+                         _ body: (FaultBed, inout FaultReport) async throws -> Void) async throws {
+        try await run(name, sinkHost: sinkHost) { bed in
+            var report = FaultReport(name: title, n: n)
+            try await body(bed, &report)
+            report.publish()
+        }
+    }
+
     private init(sys: System, name: String, sinkHost: String) async throws {
         self.sys = sys
         self.name = name
@@ -200,35 +210,28 @@ final class FaultBed {
     }
 
     /// A dispatcher process: 200 ms scans, a 3 s publish lease, 2 s lost grace.
-    func startDispatcher(_ id: String, env extra: [String: String] = [:], httpPort: Int = 0) throws {
-        var env = commonEnvironment
-        env["CONVEYOR_DISPATCHER_QUEUES"] = sys.queue
-        env["CONVEYOR_DISPATCHER_SCAN_INTERVAL_MS"] = "200"
-        env["CONVEYOR_DISPATCHER_MAINTENANCE_INTERVAL_MS"] = "200"
-        env["CONVEYOR_DISPATCHER_PUBLISH_LEASE_SECONDS"] = "3"
-        env["CONVEYOR_DISPATCHER_LOST_GRACE_MS"] = "2000"
-        env["CONVEYOR_DISPATCHER_GROUPS"] = "2"
-        env["CONVEYOR_DISPATCHER_HTTP_PORT"] = "\(httpPort)"
-        env["CONVEYOR_DISPATCHER_HTTP_HOST"] = "127.0.0.1"
-        try start(id, ["dispatcher"], env: env.merging(extra) { _, b in b })
+    func startDispatcher(_ id: String, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = []) throws {
+        let env = commonEnvironment.merging([
+            "CONVEYOR_DISPATCHER_QUEUES": sys.queue, "CONVEYOR_DISPATCHER_SCAN_INTERVAL_MS": "200",
+            "CONVEYOR_DISPATCHER_MAINTENANCE_INTERVAL_MS": "200", "CONVEYOR_DISPATCHER_PUBLISH_LEASE_SECONDS": "3",
+            "CONVEYOR_DISPATCHER_LOST_GRACE_MS": "2000", "CONVEYOR_DISPATCHER_GROUPS": "2",
+            "CONVEYOR_DISPATCHER_HTTP_PORT": "\(httpPort)", "CONVEYOR_DISPATCHER_HTTP_HOST": "127.0.0.1",
+        ]) { _, b in b }
+        try start(id, ["dispatcher"], env: env.merging(extra) { _, b in b }, wrapper: wrapper)
     }
 
     /// A worker process offering http, noop and sleep; heartbeats every 500 ms, `started` after
-    /// 100 ms, detached after 5 s (the fault broker's consumer timeout is 20 s).
+    /// 100 ms, detached after 5 s (the fault broker's consumer timeout is 20 s), drained in 5 s.
     func startWorker(_ id: String, concurrency: Int = 8, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = []) throws {
-        var env = commonEnvironment
+        var env = commonEnvironment.merging([
+            "CONVEYOR_WORKER_QUEUES": sys.queue, "CONVEYOR_WORKER_EXECUTORS": "http,noop,sleep",
+            "CONVEYOR_WORKER_CONCURRENCY": "\(concurrency)", "CONVEYOR_WORKER_ID": id,
+            "CONVEYOR_WORKER_HEARTBEAT_INTERVAL_MS": "500", "CONVEYOR_WORKER_STARTED_AFTER_MS": "100",
+            "CONVEYOR_WORKER_DETACH_AFTER_MS": "5000", "CONVEYOR_WORKER_SHUTDOWN_GRACE_MS": "5000",
+            "CONVEYOR_WORKER_HTTP_PORT": "\(httpPort)", "CONVEYOR_WORKER_HTTP_HOST": "127.0.0.1",
+            "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.0/8,10.77.0.0/24",
+        ]) { _, b in b }
         env.removeValue(forKey: "CONVEYOR_DATABASE_URL")
-        env["CONVEYOR_WORKER_QUEUES"] = sys.queue
-        env["CONVEYOR_WORKER_EXECUTORS"] = "http,noop,sleep"
-        env["CONVEYOR_WORKER_CONCURRENCY"] = "\(concurrency)"
-        env["CONVEYOR_WORKER_ID"] = id
-        env["CONVEYOR_WORKER_HEARTBEAT_INTERVAL_MS"] = "500"
-        env["CONVEYOR_WORKER_STARTED_AFTER_MS"] = "100"
-        env["CONVEYOR_WORKER_DETACH_AFTER_MS"] = "5000"
-        env["CONVEYOR_WORKER_SHUTDOWN_GRACE_MS"] = "5000"
-        env["CONVEYOR_WORKER_HTTP_PORT"] = "\(httpPort)"
-        env["CONVEYOR_WORKER_HTTP_HOST"] = "127.0.0.1"
-        env["CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS"] = "127.0.0.0/8,10.77.0.0/24"
         try start(id, ["worker"], env: env.merging(extra) { _, b in b }, wrapper: wrapper)
     }
 

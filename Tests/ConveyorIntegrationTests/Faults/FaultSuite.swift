@@ -26,8 +26,7 @@ struct FaultSuite {
     /// same kill with confirms on, and loses nothing.)
     @Test func negativeControlOracleSeesLossWithoutConfirms() async throws {
         let n = FaultProfile.n(fast: 20_000, full: 50_000)
-        try await FaultBed.run("negative-control") { bed in
-            var report = FaultReport(name: "0 negative control", n: n)
+        try await FaultBed.scenario("negative-control", "0 negative control", n: n) { bed, report in
             try bed.startDispatcher("d1", env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"])
             try await bed.create(bed.sys.tasks(n, executor: "noop"))
             _ = try await bed.sys.eventually(timeout: .seconds(60), "some dispatched") {
@@ -53,7 +52,6 @@ struct FaultSuite {
             let tampered = try await bed.oracle().doubleRecorded
             report.require(tampered == 1, "the oracle counted \(tampered) for one run moved back and recorded again, not 1")
             report.notes.append("tampering seen: double-recorded \(tampered)")
-            report.publish()
         }
     }
 
@@ -61,8 +59,7 @@ struct FaultSuite {
 
     @Test func s01KillWorkersEveryFewSeconds() async throws {
         let n = FaultProfile.n(fast: 1500, full: 10_000)
-        try await FaultBed.run("kill-workers") { bed in
-            var report = FaultReport(name: "1 kill -9 workers", n: n)
+        try await FaultBed.scenario("kill-workers", "1 kill -9 workers", n: n) { bed, report in
             try Self.fleet(bed)
             try await bed.create(bed.sinkTasks(n, ms: 200))
             var killed = 0, inFlightAtKills = 0
@@ -82,7 +79,6 @@ struct FaultSuite {
             report.require(report.counts.duplicateExecutions <= killed * 8,
                            "repeated executions \(report.counts.duplicateExecutions) > killed workers' in-flight bound \(killed * 8)")
             report.require(killed >= 3, "only \(killed) kills")
-            report.publish()
         }
     }
 
@@ -90,8 +86,7 @@ struct FaultSuite {
 
     @Test func s02StoppedWorkerPastHeartbeat() async throws {
         let n = FaultProfile.n(fast: 40, full: 400)
-        try await FaultBed.run("sigstop") { bed in
-            var report = FaultReport(name: "2 SIGSTOP worker", n: n)
+        try await FaultBed.scenario("sigstop", "2 SIGSTOP worker", n: n) { bed, report in
             try Self.fleet(bed, workers: 2)
             try await bed.create(bed.sinkTasks(n, ms: 2000))
             _ = try await bed.sys.eventually(timeout: .seconds(30), "w1 runs some") {
@@ -115,7 +110,6 @@ struct FaultSuite {
             report.require(rejoined, "w1 did not rejoin")
             report.require(report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what w1 held")
             report.notes.append("w1 held \(held)")
-            report.publish()
         }
     }
 
@@ -128,8 +122,7 @@ struct FaultSuite {
         let ns = "cvf\(Int.random(in: 100...999))"
         try await Netns.create(ns)
         defer { Task { await Netns.delete(ns) } }
-        try await FaultBed.run("partition", sinkHost: Netns.hostAddress) { bed in
-            var report = FaultReport(name: "3 worker partitioned", n: n)
+        try await FaultBed.scenario("partition", "3 worker partitioned", n: n, sinkHost: Netns.hostAddress) { bed, report in
             try bed.startDispatcher("d1")
             try bed.startDispatcher("d2")
             try bed.startWorker("w1")
@@ -167,7 +160,6 @@ struct FaultSuite {
             report.require(bed.isRunning("cut"), "the cut worker exited")
             report.require(report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what the cut worker held")
             report.notes.append("cut held \(held); declared lost during the cut: \(declaredLost > 0); partition \(Int((healed - cut).inSeconds)) s")
-            report.publish()
         }
     }
 
@@ -183,8 +175,7 @@ struct FaultSuite {
     @Test(arguments: BrokerRestart.allCases)
     func s04BrokerRestartMidBurst(_ how: BrokerRestart) async throws {
         let n = FaultProfile.n(fast: 3000, full: 10_000)
-        try await FaultBed.run("broker-\(how.rawValue)") { bed in
-            var report = FaultReport(name: "4 broker \(how.rawValue)", n: n)
+        try await FaultBed.scenario("broker-\(how.rawValue)", "4 broker \(how.rawValue)", n: n) { bed, report in
             let ports = (0..<5).map { _ in FaultBed.freePort() }
             try bed.startDispatcher("d1", httpPort: ports[0])
             try bed.startDispatcher("d2", httpPort: ports[1])
@@ -224,7 +215,6 @@ struct FaultSuite {
             report.standard()
             report.require(allReady, "not every process was ready again within 30 s")
             report.require((report.recovery ?? .seconds(99)) <= .seconds(5), "reconnect took longer than 5 s")
-            report.publish()
         }
     }
 
@@ -232,8 +222,7 @@ struct FaultSuite {
 
     @Test func s05PostgresImmediateRestart() async throws {
         let n = FaultProfile.n(fast: 2000, full: 10_000)
-        try await FaultBed.run("pg-restart") { bed in
-            var report = FaultReport(name: "5 postgres restart", n: n)
+        try await FaultBed.scenario("pg-restart", "5 postgres restart", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
             let apiPort = FaultBed.freePort()
             try bed.start("api", ["api"], env: bed.commonEnvironment.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1"]) { _, b in b })
@@ -268,7 +257,6 @@ struct FaultSuite {
             report.require((report.recovery ?? .seconds(99)) < .seconds(10), "recovery took 10 s or more")
             report.notes.append("api readiness answers seen: \(seen.sorted())")
             report.require(seen.contains(503), "the API never answered 503 while the database was down")
-            report.publish()
         }
     }
 
@@ -277,8 +265,7 @@ struct FaultSuite {
     @Test(arguments: FaultInjection.CrashPoint.allCases)
     func s06DispatcherCrashPoint(_ point: FaultInjection.CrashPoint) async throws {
         let n = FaultProfile.n(fast: 600, full: 10_000)
-        try await FaultBed.run("dispatcher-\(point.rawValue)") { bed in
-            var report = FaultReport(name: "6 dispatcher \(point.rawValue)", n: n)
+        try await FaultBed.scenario("dispatcher-\(point.rawValue)", "6 dispatcher \(point.rawValue)", n: n) { bed, report in
             for i in 1...3 { try bed.startWorker("w\(i)", concurrency: 16) }
             try bed.startDispatcher("doomed", env: ["CONVEYOR_TEST_FAULTS": "dispatcher-crash=\(point.rawValue)"])
             try bed.startDispatcher("survivor")
@@ -291,19 +278,26 @@ struct FaultSuite {
                 !bed.isRunning("doomed")
             }
             let died = ContinuousClock.now
+            // What the dead dispatcher held: the runs it claimed (`queued`, under its lease; the
+            // survivor was paused, so every queued run is its). Runs still waiting as `scheduled`
+            // for broker room are not a takeover, just the backlog.
+            let held = try await bed.count("SELECT count(*) FROM runs WHERE state = 'queued'")
+            try await bed.sys.pool.withConnection { c in try await c.simple("CREATE TABLE fault_held AS SELECT id FROM runs WHERE state = 'queued'") }
             bed.signal("survivor", SIGCONT)
             report.require(crashed && bed.exitStatus("doomed") == 128 + SIGKILL, "the crash point was not reached")
-            // Taken over: nothing the dead dispatcher claimed is still waiting to be published.
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "every claimed run published") {
-                try await bed.count("SELECT count(*) FROM runs WHERE state IN ('scheduled', 'queued')") == 0
+            report.require(held > 0, "the dead dispatcher held no claimed run")
+            // Taken over: every run the dead dispatcher held has been published again (or, after
+            // its confirm, started by a worker).
+            _ = try await bed.sys.eventually(timeout: .seconds(30), "every run the dead dispatcher held is published") {
+                try await bed.count("SELECT count(*) FROM runs r JOIN fault_held h USING (id) WHERE r.state = 'queued'") == 0
             }
+            report.notes.append("the dead dispatcher held \(held) claimed runs")
             report.recovery = ContinuousClock.now - died
             try await bed.waitQuiet(timeout: .seconds(120))
             report.counts = try await bed.oracle()
             report.standard()
             // Lease 3 s + scan 0.2 s, plus a second for the publish itself.
             report.require((report.recovery ?? .seconds(99)) <= .milliseconds(4200), "takeover slower than lease + one scan interval")
-            report.publish()
         }
     }
 
@@ -312,8 +306,7 @@ struct FaultSuite {
     @Test func s07PoisonMessages() async throws {
         let good = FaultProfile.n(fast: 1000, full: 10_000)
         let perKind = max(2, good / 600)
-        try await FaultBed.run("poison") { bed in
-            var report = FaultReport(name: "7 poison", n: good + 6 * perKind)
+        try await FaultBed.scenario("poison", "7 poison", n: good + 6 * perKind) { bed, report in
             try Self.fleet(bed)
             let pids = (1...3).map { bed.pid("w\($0)") }
             // Runs whose real messages go to a queue nobody consumes ("parked"): the test sends
@@ -371,7 +364,6 @@ struct FaultSuite {
             report.require(succeeded == good + 2 * perKind, "succeeded \(succeeded), expected \(good + 2 * perKind)")
             report.require(zip(1...3, pids).allSatisfy { bed.isRunning("w\($0)") && bed.pid("w\($0)") == $1 },
                            "a worker restarted or exited")
-            report.publish()
         }
     }
 
@@ -381,8 +373,7 @@ struct FaultSuite {
     /// supervisor restarts each worker at once, as Kubernetes would.
     @Test func s08TaskThatCrashesTheWorker() async throws {
         let n = FaultProfile.n(fast: 600, full: 5000)
-        try await FaultBed.run("crasher") { bed in
-            var report = FaultReport(name: "8 worker-crashing task", n: n + 1)
+        try await FaultBed.scenario("crasher", "8 worker-crashing task", n: n + 1) { bed, report in
             let crash = ["CONVEYOR_TEST_FAULTS": "worker-crash-on-task=crasher-0"]
             try Self.fleet(bed, workerEnv: crash)
             try await bed.create(bed.sinkTasks(n / 2, ms: 200, name: "before"))
@@ -404,7 +395,6 @@ struct FaultSuite {
             let innocentsDead = try await bed.count("SELECT count(*) FROM runs WHERE state <> 'succeeded'") - 1
             report.require(innocentsDead == 0, "\(innocentsDead) innocent runs did not succeed")
             report.notes.append("\(restarts) worker restarts; crasher: \(crasher.first?[1] ?? "")")
-            report.publish()
         }
     }
 
@@ -412,8 +402,7 @@ struct FaultSuite {
 
     @Test func s09DuplicateAndReorderedStatuses() async throws {
         let n = FaultProfile.n(fast: 1000, full: 10_000)
-        try await FaultBed.run("statuses") { bed in
-            var report = FaultReport(name: "9 duplicate statuses", n: n)
+        try await FaultBed.scenario("statuses", "9 duplicate statuses", n: n) { bed, report in
             try bed.startDispatcher("d1")
             try bed.startDispatcher("d2")
             // No worker: the test is the worker, and says everything twice in a shuffled order.
@@ -449,7 +438,6 @@ struct FaultSuite {
             report.require(attempts == 0, "\(attempts) runs with another attempt")
             let failed = try await bed.count("SELECT count(*) FROM runs WHERE state = 'failed'")
             report.require(failed == (n + 2) / 3, "failed \(failed), expected \((n + 2) / 3)")
-            report.publish()
         }
     }
 
@@ -458,8 +446,7 @@ struct FaultSuite {
     @Test func s10RetriesWithBackoff() async throws {
         let n = FaultProfile.n(fast: 60, full: 1000)
         let k = 2
-        try await FaultBed.run("retries") { bed in
-            var report = FaultReport(name: "10 retries", n: n)
+        try await FaultBed.scenario("retries", "10 retries", n: n) { bed, report in
             try Self.fleet(bed, workers: 2)
             // Half succeed on attempt k + 1; half are allowed only k attempts and end dead.
             var tasks = bed.sinkTasks(n / 2, name: "recovers", query: "fail=\(k)", maxAttempts: k + 1)
@@ -497,7 +484,6 @@ struct FaultSuite {
             let republished = try await bed.count("SELECT count(*) FROM runs WHERE state = 'dead' AND publish_count > 1")
             report.require(republished == 0, "dead runs published again")
             report.require(report.counts.executions == n / 2 * (k + 1) + n / 2 * k, "executions \(report.counts.executions)")
-            report.publish()
         }
     }
 
@@ -505,8 +491,7 @@ struct FaultSuite {
 
     @Test func s11LongerThanConsumerTimeout() async throws {
         let n = FaultProfile.n(fast: 3, full: 10)
-        try await FaultBed.run("long") { bed in
-            var report = FaultReport(name: "11 consumer timeout", n: n)
+        try await FaultBed.scenario("long", "11 consumer timeout", n: n) { bed, report in
             try Self.fleet(bed, workers: 2)
             // The fault broker's consumer_timeout is 20 s; the runs last 25 s.
             try await bed.create(bed.sinkTasks(n, ms: 25_000, timeoutSeconds: 60))
@@ -516,7 +501,6 @@ struct FaultSuite {
             report.standard()
             report.require(report.counts.executions == n, "executions \(report.counts.executions), expected \(n)")
             report.require(try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == n, "not all succeeded")
-            report.publish()
         }
     }
 
@@ -535,17 +519,13 @@ struct FaultSuite {
     @Test(arguments: Skew.allCases)
     func s12DispatcherClockSkew(_ skew: Skew) async throws {
         let n = FaultProfile.n(fast: 400, full: 5000)
-        try await FaultBed.run("skew\(skew.rawValue)") { bed in
-            var report = FaultReport(name: "12 dispatcher clock \(skew.rawValue)", n: n)
-            try bed.start("skewed", ["dispatcher"], env: bed.commonEnvironment.merging([
-                "CONVEYOR_DISPATCHER_QUEUES": bed.sys.queue, "CONVEYOR_DISPATCHER_SCAN_INTERVAL_MS": "200",
-                "CONVEYOR_DISPATCHER_PUBLISH_LEASE_SECONDS": "3", "CONVEYOR_DISPATCHER_HTTP_PORT": "0",
-                // Only the wall clock is skewed, as NTP trouble would: libfaketime also shifts the
-                // monotonic clock by default, which no real skew does (and which stretches every
-                // sleep), and without its monotonic fix its pthread_cond_timedwait wrapper made
-                // the Swift runtime's timed waits hang when the clock is behind.
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1"]) { _, b in b },
-                          wrapper: ["/usr/bin/faketime", "-f", skew.rawValue])
+        try await FaultBed.scenario("skew\(skew.rawValue)", "12 dispatcher clock \(skew.rawValue)", n: n) { bed, report in
+            // Only the wall clock is skewed, as NTP trouble would: libfaketime also shifts the
+            // monotonic clock by default, which no real skew does (and which stretches every
+            // sleep), and without its monotonic fix its pthread_cond_timedwait wrapper made the
+            // Swift runtime's timed waits hang when the clock is behind.
+            try bed.startDispatcher("skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1"],
+                                    wrapper: ["/usr/bin/faketime", "-f", skew.rawValue])
             try bed.startDispatcher("d2")
             for i in 1...2 { try bed.startWorker("w\(i)", concurrency: 16) }
             let dbNow = try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init) ?? Date().timeIntervalSince1970
@@ -564,7 +544,6 @@ struct FaultSuite {
             let skewedLog = (try? String(contentsOfFile: bed.logPath("skewed"), encoding: .utf8)) ?? ""
             report.require(skewedLog.contains("dispatcher running"), "the skewed dispatcher never ran")
             report.notes.append("skewed log starts \(skewedLog.prefix(24))")
-            report.publish()
         }
     }
 
@@ -573,8 +552,7 @@ struct FaultSuite {
     @Test func s13MemoryAlarm() async throws {
         let n = FaultProfile.n(fast: 3000, full: 10_000)
         let alarm: Duration = FaultProfile.full ? .seconds(30) : .seconds(15)
-        try await FaultBed.run("memory-alarm") { bed in
-            var report = FaultReport(name: "13 memory alarm", n: n)
+        try await FaultBed.scenario("memory-alarm", "13 memory alarm", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
             try await bed.create(bed.sinkTasks(n, ms: 10))
             _ = try await bed.sys.eventually(timeout: .seconds(60), "under way") {
@@ -598,7 +576,6 @@ struct FaultSuite {
             report.standard()
             report.notes.append(String(format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared", startMB, peak, duringAlarm))
             report.require(peak < startMB + 100, "dispatcher memory grew by more than 100 MB during the alarm")
-            report.publish()
         }
     }
 
@@ -606,8 +583,7 @@ struct FaultSuite {
 
     @Test func s14BurstDueAtOnce() async throws {
         let n = FaultProfile.n(fast: 10_000, full: 100_000)
-        try await FaultBed.run("burst") { bed in
-            var report = FaultReport(name: "14 burst at one second", n: n)
+        try await FaultBed.scenario("burst", "14 burst at one second", n: n) { bed, report in
             let due = Date().addingTimeInterval(Double(max(8, n / 4000)))
             var tasks = bed.sys.tasks(n, executor: "noop")
             for i in tasks.indices { tasks[i].startAt = due }
@@ -625,7 +601,6 @@ struct FaultSuite {
                 """)[0].map { Double($0 ?? "") ?? 0 }
             report.require(Int(stats[0]) == n, "succeeded \(Int(stats[0])) of \(n)")
             report.notes.append(String(format: "%.0f runs/s; lateness p50 %.2fs p99 %.2fs max %.2fs", stats[0] / max(stats[1], 0.001), stats[2], stats[3], stats[4]))
-            report.publish()
         }
     }
 
@@ -633,8 +608,7 @@ struct FaultSuite {
 
     @Test func s15RollingRestartWithSIGTERM() async throws {
         let n = FaultProfile.n(fast: 1200, full: 10_000)
-        try await FaultBed.run("rolling") { bed in
-            var report = FaultReport(name: "15 rolling SIGTERM", n: n)
+        try await FaultBed.scenario("rolling", "15 rolling SIGTERM", n: n) { bed, report in
             try Self.fleet(bed)
             try await bed.create(bed.sinkTasks(n, ms: 500))
             var restarts = 0, exitCodes: [Int32] = []
@@ -654,7 +628,6 @@ struct FaultSuite {
             report.require(restarts >= 3, "only \(restarts) restarts")
             report.require(exitCodes.allSatisfy { $0 == 0 }, "a drained worker exited with \(exitCodes)")
             report.require(report.counts.duplicateExecutions == 0, "runs shorter than the drain executed twice")
-            report.publish()
         }
     }
 }
