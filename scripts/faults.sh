@@ -6,7 +6,10 @@
 #   scripts/faults.sh --full       the full profile (N = 10,000 where it applies)
 #   scripts/faults.sh --filter X   only the scenarios whose test name contains X
 #
-# It starts its own PostgreSQL and RabbitMQ under .local/faults (ports: the main pair's + 1000),
+# It starts its own PostgreSQL and RabbitMQ under .local/faults (ports 25432 and 25672, below
+# Linux's ephemeral range: a client reconnecting while a server is down can otherwise connect to
+# itself on the server's port and keep it from starting again; CONVEYOR_FAULT_PG_PORT and
+# CONVEYOR_FAULT_AMQP_PORT change them),
 # because it restarts, kills and starves them; the broker listens on every address (one scenario
 # runs a worker in its own network namespace) with a short consumer_timeout. Exit status: non-zero
 # when any scenario fails.
@@ -24,8 +27,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 export CONVEYOR_LOCAL_DIR="$ROOT/.local/faults"
-export CONVEYOR_PG_PORT=$(( ${CONVEYOR_PG_PORT:-55432} + 1000 ))
-export CONVEYOR_AMQP_PORT=$(( ${CONVEYOR_AMQP_PORT:-55672} + 1000 ))
+export CONVEYOR_PG_PORT="${CONVEYOR_FAULT_PG_PORT:-25432}"
+export CONVEYOR_AMQP_PORT="${CONVEYOR_FAULT_AMQP_PORT:-25672}"
 unset CONVEYOR_AMQP_DIST_PORT CONVEYOR_AMQP_NODE
 export CONVEYOR_AMQP_BIND=0.0.0.0
 export CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS=20000

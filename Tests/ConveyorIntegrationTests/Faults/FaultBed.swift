@@ -51,6 +51,8 @@ struct FaultReport {
     var recovery: Duration?
     var notes: [String] = []
     var failures: [String] = []
+    /// Failed conditions of a known, documented, open defect: shown on the line as KNOWN-ISSUE.
+    var knownIssues: [String] = []
     var pass: Bool { failures.isEmpty }
 
     mutating func require(_ ok: Bool, _ what: String) { if !ok { failures.append(what) } }
@@ -67,9 +69,10 @@ struct FaultReport {
         let rec = recovery.map { String(format: "%.1fs", $0.inSeconds) } ?? "-"
         var s = "\(name.padding(toLength: 28, withPad: " ", startingAt: 0)) N=\(n) lost=\(counts.lost) double=\(counts.doubleRecorded) "
             + "executions=\(counts.executions)(+\(counts.duplicateExecutions)) stuck=\(counts.stuck) dead-lettered=\(counts.deadLettered) "
-            + "recovery=\(rec) \(pass ? "PASS" : "FAIL")"
+            + "recovery=\(rec) \(!pass ? "FAIL" : knownIssues.isEmpty ? "PASS" : "PASS-EXCEPT-KNOWN-ISSUE")"
         if !notes.isEmpty { s += " | " + notes.joined(separator: "; ") }
         if !failures.isEmpty { s += " | failed: " + failures.joined(separator: "; ") }
+        if !knownIssues.isEmpty { s += " | KNOWN ISSUE: " + knownIssues.joined(separator: "; ") }
         if !counts.examples.isEmpty { s += " | audit: " + counts.examples.joined(separator: ", ") }
         return s
     }
@@ -242,25 +245,8 @@ final class FaultBed {
         let template = try conveyorProcess(args, env: env)
         let argv = wrapper + [template.executableURL!.path] + args
         let environment = (template.environment ?? [:]).map { "\($0.key)=\($0.value)" }
-        let path = logPath(id)
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, path, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let cArgs = argv.map { strdup($0) } + [nil]
-        let cEnv = environment.map { strdup($0) } + [nil]
-        defer { for p in cArgs + cEnv { free(p) } }
         // Its own process group, so a signal reaches a wrapper's child too (faketime forks).
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
-        posix_spawnattr_setpgroup(&attributes, 0)
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
-        guard rc == 0 else { throw FaultSetupError(what: "spawning \(argv): \(String(cString: strerror(rc)))") }
+        let pid = try Self.spawn(argv, environment: environment, output: logPath(id), append: true, ownGroup: true)
         children[id] = Child(pid: pid)
     }
 
@@ -284,7 +270,7 @@ final class FaultBed {
         var st: Int32 = 0
         let r = waitpid(c.pid, &st, WNOHANG)
         guard r == c.pid else { return r < 0 ? -1 : nil }
-        c.exit = (st & 0x7f) == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
+        c.exit = Self.exitCode(st)
         children[id] = c
         return c.exit
     }
@@ -428,27 +414,45 @@ final class FaultBed {
     static func spawnAndWait(_ program: String, _ args: [String]) async throws -> (status: Int32, out: String) {
         let output = NSTemporaryDirectory() + "fault-spawn-\(UUID().uuidString).out"
         defer { try? FileManager.default.removeItem(atPath: output) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        let argv = ([program] + args).map { strdup($0) } + [nil]
-        defer { for a in argv { free(a) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, program, &actions, nil, argv, environ)
-        guard rc == 0 else { throw POSIXError(POSIXErrorCode(rawValue: rc) ?? .EINVAL) }
-        let child = pid
+        let child = try spawn([program] + args, environment: nil, output: output, append: false, ownGroup: false)
         let status: Int32 = await withCheckedContinuation { cont in
             Thread.detachNewThread {
                 var st: Int32 = 0
                 while waitpid(child, &st, 0) < 0 && errno == EINTR {}
-                cont.resume(returning: (st & 0x7f) == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f))
+                cont.resume(returning: exitCode(st))
             }
         }
         return (status, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
     }
+
+    /// posix_spawn: standard input from /dev/null, output and errors to `output`; `environment`
+    /// nil inherits this process's. Returns the child's pid.
+    static func spawn(_ argv: [String], environment: [String]?, output: String, append: Bool, ownGroup: Bool) throws -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC), 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        if ownGroup {
+            posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+            posix_spawnattr_setpgroup(&attributes, 0)
+        }
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = environment.map { $0.map { strdup($0) } + [nil] }
+        defer { for p in cArgs + (cEnv ?? []) { free(p) } }
+        var pid: pid_t = 0
+        let rc = cEnv.map { posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, $0) }
+            ?? posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, environ)
+        guard rc == 0 else { throw FaultSetupError(what: "spawning \(argv): \(String(cString: strerror(rc)))") }
+        return pid
+    }
+
+    /// A waitpid status as a shell shows it: the exit code, or 128 + the signal that ended it.
+    static func exitCode(_ status: Int32) -> Int32 { (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
 
     /// `rabbitmqctl <args>` against the fault suite's broker.
     @discardableResult
