@@ -196,7 +196,11 @@ public enum MessageCodec {
     }
 
     public static func decodeHeartbeat(_ body: [UInt8]) throws(ValidationError) -> HeartbeatMessage {
-        let m: HeartbeatMessage = try decode(body, kind: "heartbeat")
+        var m: HeartbeatMessage = try decode(body, kind: "heartbeat")
+        m.workerID = m.workerID.storable
+        m.host = m.host.storable
+        m.queues = m.queues.map(\.storable)
+        m.executors = m.executors.map(\.storable)
         guard m.version == 1 else {
             throw ValidationError(field: "version", value: String(m.version), hint: "this dispatcher understands conveyor.heartbeat.v1 (version 1) only")
         }
@@ -244,7 +248,13 @@ public enum MessageCodec {
     }
 
     public static func decodeStatus(_ body: [UInt8]) throws(ValidationError) -> StatusMessage {
-        let m: StatusMessage = try decode(body, kind: "status message")
+        var m: StatusMessage = try decode(body, kind: "status message")
+        // Its text is stored as it came (an executor's output may hold any byte), but as text
+        // PostgreSQL can hold: see `String.storable`.
+        m.output = m.output?.storable
+        m.errorClass = m.errorClass?.storable
+        m.errorMessage = m.errorMessage?.storable
+        m.workerID = m.workerID.storable
         guard m.version == 1 else {
             throw ValidationError(field: "version", value: String(m.version), hint: "this dispatcher understands conveyor.status.v1 (version 1) only")
         }
@@ -301,4 +311,12 @@ public enum MessageCodec {
         }
         return d
     }
+}
+
+extension String {
+    /// This text as PostgreSQL's `text` type can hold it: NUL, which it cannot, becomes U+FFFD,
+    /// as invalid UTF-8 already does when bytes become a `String`. Applied where text from the
+    /// wire is about to be stored (status and heartbeat messages, dead letters); unchanged, and
+    /// not copied, when it holds no NUL.
+    public var storable: String { utf8.contains(0) ? replacingOccurrences(of: "\0", with: "\u{FFFD}") : self }
 }

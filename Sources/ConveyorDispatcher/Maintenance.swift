@@ -140,8 +140,7 @@ extension Dispatcher {
         let runID = d.properties.type == taskMessageType
             ? (d.properties.messageID.flatMap(UUID.init(uuidString:)) ?? MessageCodec.runID(inMalformed: d.body))
             : nil
-        // Kept as text: invalid UTF-8 becomes U+FFFD, and NUL (which PostgreSQL text cannot hold) "?".
-        let body = String(decoding: d.body.prefix(65_536).map { $0 == 0 ? UInt8(ascii: "?") : $0 }, as: UTF8.self)
-        return DeadLetter(runID: runID, reason: explained.replacingOccurrences(of: "\0", with: "?"), source: queue, type: d.properties.type, body: body)
+        return DeadLetter(runID: runID, reason: explained, source: queue, type: d.properties.type,
+                          body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
     }
 }

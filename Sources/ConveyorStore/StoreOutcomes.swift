@@ -43,12 +43,13 @@ public struct DeadLetter: Sendable {
     public var type: String?
     public var body: String
 
+    /// Every text is kept `storable`: a dead letter is whatever reached the broker.
     public init(runID: UUID?, reason: String, source: String, type: String?, body: String) {
         self.runID = runID
-        self.reason = reason
-        self.source = source
-        self.type = type
-        self.body = body
+        self.reason = reason.storable
+        self.source = source.storable
+        self.type = type?.storable
+        self.body = body.storable
     }
 }
 

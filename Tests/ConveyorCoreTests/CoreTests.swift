@@ -222,3 +222,14 @@ import Tracing
         }
     }
 }
+
+@Suite struct StorableTextTests {
+    @Test func nulBecomesTheReplacementCharacterAndNothingElseChanges() throws {
+        #expect("a\0b\0".storable == "a\u{FFFD}b\u{FFFD}")
+        #expect("plain – ünïcode".storable == "plain – ünïcode")
+        let s = StatusMessage(runID: UUID(), attempt: 1, event: .finished, outcome: .failed, exitCode: 1,
+                              output: "out\0", errorClass: "c\0", errorMessage: "m\0", workerID: "w\0", at: Date())
+        let d = try MessageCodec.decodeStatus(MessageCodec.encode(s))
+        #expect([d.output, d.errorClass, d.errorMessage, d.workerID] == ["out\u{FFFD}", "c\u{FFFD}", "m\u{FFFD}", "w\u{FFFD}"])
+    }
+}

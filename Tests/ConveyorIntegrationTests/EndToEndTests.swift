@@ -148,6 +148,34 @@ struct EndToEndTests {
         }
     }
 
+    /// A program may print NUL bytes, which PostgreSQL text cannot hold: such an output is
+    /// recorded (NUL as U+FFFD), and the statuses behind it are not held up.
+    @Test func anOutputHoldingANulIsRecordedAndHoldsNothingUp() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(2))
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 2 }
+                let runs = try await sys.store.runs(limit: 10)
+                try await sys.withPublisher(ConveyorTopology(prefix: sys.prefix).status) { pub, topo in
+                    for (i, r) in runs.enumerated() {
+                        let s = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: .succeeded, exitCode: 0,
+                                              output: i == 0 ? "before\0after" : "plain", errorMessage: i == 0 ? "a\0b" : nil,
+                                              workerID: "w\0nul", at: Date())
+                        try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(s),
+                                                                  properties: AMQPProperties(type: statusMessageType)))
+                    }
+                }
+                try await sys.eventually(timeout: .seconds(20), "both outcomes recorded") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
+                }
+            }
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE output = $1 AND error_message = $2 AND worker_id = $3",
+                                        ["before\u{FFFD}after", "a\u{FFFD}b", "w\u{FFFD}nul"]) == 1)
+            #expect(dispatcher.stats.outcomesRecorded == 2)
+        }
+    }
+
     @Test func malformedMessagesAndUnknownExecutorsAreDeadLetteredWithAReason() async throws {
         try await System.with { sys in
             let recorder = Recorder()

@@ -121,6 +121,15 @@ struct System {
         return try TaskSpec.decode(.object(o))
     }
 
+    /// A connected publisher on this system's broker, declaring `topology`, for `body` only.
+    func withPublisher<T>(_ topology: AMQPTopology, _ body: (AMQPPublisher, ConveyorTopology) async throws -> T) async throws -> T {
+        let pub = AMQPPublisher(configuration: amqp, topology: topology, logger: Servers.logger)
+        pub.start()
+        defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        return try await body(pub, ConveyorTopology(prefix: prefix))
+    }
+
     /// Rows of text.
     func rows(_ sql: String, _ params: [any PostgresEncodable] = []) async throws -> [[String?]] {
         try await pool.withConnection { c in try await c.query(sql, params).rows.map(\.values) }
