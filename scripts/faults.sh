@@ -5,24 +5,26 @@
 #   scripts/faults.sh              the fast profile (what CI runs, part of scripts/test.sh)
 #   scripts/faults.sh --full       the full profile (N = 10,000 where it applies)
 #   scripts/faults.sh --filter X   only the scenarios whose test name contains X
+#   scripts/faults.sh --no-build   use the test build already made (scripts/test.sh does)
 #
-# It starts its own PostgreSQL and RabbitMQ under .local/faults (ports 25432 and 25672, below
-# Linux's ephemeral range: a client reconnecting while a server is down can otherwise connect to
-# itself on the server's port and keep it from starting again; CONVEYOR_FAULT_PG_PORT and
-# CONVEYOR_FAULT_AMQP_PORT change them),
-# because it restarts, kills and starves them; the broker listens on every address (one scenario
-# runs a worker in its own network namespace) with a short consumer_timeout. Exit status: non-zero
-# when any scenario fails.
+# It starts its own PostgreSQL and RabbitMQ under .local/faults, because it restarts, kills and
+# starves them. Their ports, 25432 and 25672 (CONVEYOR_FAULT_PG_PORT, CONVEYOR_FAULT_AMQP_PORT),
+# sit below Linux's ephemeral range: a client reconnecting while a server is down can otherwise be
+# given the server's port, connect to itself, and keep the server from starting again. The broker
+# listens on every address (one scenario runs a worker in its own network namespace), with a
+# short consumer_timeout. Exit status: non-zero when any scenario fails.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PROFILE=fast
 FILTER=FaultSuite
+BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) PROFILE=full;;
     --filter) FILTER="FaultSuite.*$2"; shift;;
-    *) echo "usage: $0 [--full] [--filter NAME]" >&2; exit 2;;
+    --no-build) BUILD=0;;
+    *) echo "usage: $0 [--full] [--filter NAME] [--no-build]" >&2; exit 2;;
   esac
   shift
 done
@@ -41,7 +43,7 @@ export CONVEYOR_FAULT_PROFILE="$PROFILE"
 export CONVEYOR_FAULT_LOGS="$CONVEYOR_LOCAL_DIR/logs"
 export CONVEYOR_FAULT_RESULTS="$CONVEYOR_LOCAL_DIR/results-$PROFILE.txt"
 : > "$CONVEYOR_FAULT_RESULTS"
-swift build --build-tests
+if [ "$BUILD" = 1 ]; then swift build --build-tests; fi
 status=0
 swift test --skip-build --no-parallel --filter "$FILTER" || status=$?
 echo

@@ -174,5 +174,5 @@ case "${1:-}" in
   mq-pid) mq_pid;;
   mq-kill) pid="$(mq_pid)"
            kill -9 "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; rm -f "$RABBITMQ_PID_FILE";;
-  *) echo "usage: $0 start|stop|status|env|ctl ARGS...|restart-mq|pg-crash|mq-kill" >&2; exit 2;;
+  *) echo "usage: $0 start|stop|status|env|ctl ARGS...|restart-mq|pg-crash|mq-pid|mq-kill" >&2; exit 2;;
 esac

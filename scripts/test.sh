@@ -14,7 +14,7 @@ swift test --skip-build --no-parallel --skip FaultSuite "$@"
 if [ $# -eq 0 ]; then
   # A full run (no arguments, as CI runs it) also runs the fault suite's fast profile
   # (docs/reliability.md) against its own PostgreSQL and RabbitMQ ...
-  scripts/faults.sh
+  scripts/faults.sh --no-build
   # ... and proves the image's build steps: the Dockerfile runs scripts/build-release.sh, and
   # its binaries must start away from the build folder with their resource bundles (the
   # migrations here).

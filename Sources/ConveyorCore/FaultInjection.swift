@@ -29,6 +29,11 @@ public struct FaultInjection: Sendable, Equatable {
 
     public var isEmpty: Bool { self == FaultInjection() }
 
+    /// This process's switches, from `CONVEYOR_TEST_FAULTS`.
+    public static func fromEnvironment() throws(ValidationError) -> FaultInjection {
+        try parse(ProcessInfo.processInfo.environment[variable])
+    }
+
     public static func parse(_ text: String?) throws(ValidationError) -> FaultInjection {
         var f = FaultInjection()
         guard let text, !text.isEmpty else { return f }

@@ -79,7 +79,7 @@ public struct WorkerConfiguration: Sendable {
         }
         prefix = try s.string("amqp.prefix", default: "conveyor")
         deliveryLimit = try s.int("amqp.delivery_limit", default: 5, range: 1...1000)
-        faults = try FaultInjection.parse(ProcessInfo.processInfo.environment[FaultInjection.variable])
+        faults = try FaultInjection.fromEnvironment()
     }
 }
 

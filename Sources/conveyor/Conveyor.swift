@@ -132,7 +132,7 @@ extension DispatcherConfiguration {
         callbacks.backoffCap = try s.milliseconds("callbacks.backoff_cap_ms", default: 300_000, range: 1...86_400_000)
         try callbacks.policy.read(s.scoped("callbacks"))
         callbacks.policy.maxRedirects = 0
-        faults = try FaultInjection.parse(ProcessInfo.processInfo.environment[FaultInjection.variable])
+        faults = try FaultInjection.fromEnvironment()
     }
 }
 

@@ -18,7 +18,7 @@ enum FaultProfile {
 }
 
 /// What the oracle counts once the system is quiet (see docs/reliability.md).
-struct OracleCounts: Sendable, CustomStringConvertible {
+struct OracleCounts: Sendable {
     /// Due occurrences with no final outcome: no run at all, or a latest attempt not final.
     var lost = 0
     /// Transitions out of a final state, backwards moves, and attempts recorded twice.
@@ -37,10 +37,6 @@ struct OracleCounts: Sendable, CustomStringConvertible {
     var states: [String: Int] = [:]
     /// A few audit rows behind a double-recorded count.
     var examples: [String] = []
-
-    var description: String {
-        "lost=\(lost) double-recorded=\(doubleRecorded) executions=\(executions) (+\(duplicateExecutions) repeated) stuck=\(stuck) dead-lettered=\(deadLettered)"
-    }
 }
 
 /// One scenario's result line (printed, and appended to `$CONVEYOR_FAULT_RESULTS`).
@@ -333,7 +329,9 @@ final class FaultBed {
 
     /// A count, tried again for up to 30 s while the database is away (scenario 5 restarts it
     /// under the harness's own connections too).
-    func count(_ sql: String) async throws -> Int { try await retrying { try await self.sys.count(sql) } }
+    func count(_ sql: String, _ params: [any PostgresEncodable] = []) async throws -> Int {
+        try await retrying { try await self.sys.count(sql, params) }
+    }
 
     func rows(_ sql: String) async throws -> [[String?]] { try await retrying { try await self.sys.rows(sql) } }
 
@@ -396,9 +394,6 @@ final class FaultBed {
         }
         return c
     }
-
-    /// Runs that were executed more than once by the sink's count.
-    func repeatedRuns() -> Int { counts.calls.withLock { $0.values.filter { $0 > 1 }.count } }
 
     // MARK: servers and probes
 
@@ -476,7 +471,39 @@ final class FaultBed {
         return kb / 1024
     }
 
-    static func freePort() -> Int { Int.random(in: 20_000...30_000) }
+    /// A TCP port free on 127.0.0.1 now, as the kernel assigns it (a random pick could land on
+    /// the fault servers' own ports).
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw FaultSetupError(what: "socket: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        guard ok else { throw FaultSetupError(what: "bind: \(String(cString: strerror(errno)))") }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    /// Whether every one of `ports` answers 200 on /readyz.
+    static func allReady(_ ports: [Int]) async -> Bool {
+        for p in ports where await httpStatus(port: p) != 200 { return false }
+        return true
+    }
+
+    /// Freezes the broker's VM (SIGSTOP) for `frozen`, then kills it: what clients wrote to it
+    /// meanwhile never reached its disk. `services.sh start` brings it back.
+    static func freezeThenKillBroker(frozen: Duration = .seconds(2)) async throws {
+        let out = try await services(["mq-pid"]).out.trimmingCharacters(in: .whitespacesAndNewlines)
+        // kill(0, …) would stop this test's own process group: a pid must have been read.
+        guard let vm = Int32(out), vm > 1 else { throw FaultSetupError(what: "no broker VM pid: \(out)") }
+        kill(vm, SIGSTOP)
+        try await Task.sleep(for: frozen)
+        try await services(["mq-kill"])
+    }
 }
 
 /// A network namespace joined to the host by a veth pair (10.77.x.1 on the host, .2 inside),
