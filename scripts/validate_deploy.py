@@ -93,7 +93,9 @@ except ImportError:
 
 ports = {"dispatcher": config["dispatcher"]["dispatcher"]["http_port"], "worker": config["worker"]["worker"]["http_port"],
          "api": config["api"]["api"]["port"]}
-queue = f'{config["worker"]["amqp"]["prefix"]}.q.{config["worker"]["worker"]["queues"][0]}'
+prefix, first_queue = config["worker"]["amqp"]["prefix"], config["worker"]["worker"]["queues"][0]
+# The work queue and its isolation lane (docs/workers.md): both must scale the workers.
+scaled_queues = {f"{prefix}.q.{first_queue}", f"{prefix}.isolated.{first_queue}"}
 drain = config["worker"]["worker"]["shutdown_grace_ms"] / 1000
 
 for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
@@ -111,10 +113,11 @@ for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
                 target = d["spec"]["scaleTargetRef"]["name"]
                 if ("Deployment", target) not in kinds:
                     problem(name, f"scaleTargetRef {target} is not a Deployment here")
+                triggered = {t["metadata"].get("queueName") for t in d["spec"]["triggers"] if t["type"] == "rabbitmq"}
+                if triggered != scaled_queues:
+                    problem(name, f"rabbitmq triggers watch {sorted(triggered)}, not the work queue and its isolation lane {sorted(scaled_queues)}")
                 for t in d["spec"]["triggers"]:
                     if t["type"] == "rabbitmq":
-                        if t["metadata"].get("queueName") != queue:
-                            problem(name, f'queueName {t["metadata"].get("queueName")} is not the work queue {queue}')
                         if t["metadata"].get("protocol") != "http":
                             problem(name, "protocol must be http: over AMQP KEDA counts ready messages only, not the unacknowledged ones being run")
                         if t["metadata"].get("mode") != "QueueLength":

@@ -5,9 +5,9 @@ import Synchronization
 
 /// Consumes queues with manual acknowledgement on a connection owned by one thread.
 ///
-/// Deliveries arrive on `deliveries`. Back-pressure is the broker's: `prefetch` bounds the
-/// unacknowledged deliveries per queue, so the stream never holds more than
-/// `prefetch × queues` elements, and nothing more is delivered until the caller acks.
+/// Deliveries arrive on `deliveries`. Back-pressure is the broker's: each queue's `prefetch`
+/// bounds its unacknowledged deliveries, so the stream never holds more than the sum of them,
+/// and nothing more is delivered until the caller acks.
 ///
 /// `ack`, `reject` and `nack` are queued to the owner thread, which applies them between reads.
 /// After a reconnect (with backoff and jitter, topology re-declared, consumers resumed) the
@@ -16,8 +16,9 @@ import Synchronization
 public final class AMQPConsumer: Sendable {
     public let configuration: AMQPConfiguration
     public let topology: AMQPTopology
-    public let queues: [String]
-    public let prefetch: UInt16
+    /// The queues consumed, each with its own prefetch (`basic.qos` is per consumer: set before each `basic.consume`).
+    public let subscriptions: [Subscription]
+    public var queues: [String] { subscriptions.map(\.queue) }
     private let logger: Logger
     private let owner: ConnectionOwner
     private var wake: WakePipe { owner.wake }
@@ -35,12 +36,23 @@ public final class AMQPConsumer: Sendable {
         case nack(tag: UInt64, generation: UInt64, multiple: Bool, requeue: Bool)
     }
 
-    public init(configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger) {
+    /// A queue to consume and how many of its deliveries may be unacknowledged at once.
+    public struct Subscription: Sendable, Hashable {
+        public var queue: String
+        public var prefetch: UInt16
+        public init(queue: String, prefetch: UInt16) { self.queue = queue; self.prefetch = prefetch }
+    }
+
+    /// Consumes `queues`, each with the same `prefetch`.
+    public convenience init(configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger) {
+        self.init(configuration: configuration, topology: topology, subscriptions: queues.map { Subscription(queue: $0, prefetch: prefetch) }, logger: logger)
+    }
+
+    public init(configuration: AMQPConfiguration, topology: AMQPTopology, subscriptions: [Subscription], logger: Logger) {
         self.configuration = configuration
         self.owner = ConnectionOwner(configuration: configuration, role: "consume")
         self.topology = topology
-        self.queues = queues
-        self.prefetch = prefetch
+        self.subscriptions = subscriptions
         self.logger = logger
         (deliveries, continuation) = AsyncStream.makeStream(of: AMQPDelivery.self, bufferingPolicy: .unbounded)
     }
@@ -92,12 +104,18 @@ public final class AMQPConsumer: Sendable {
             do throws(AMQPError) {
                 session = try AMQPSession(configuration: configuration, topology: topology, generation: generation)
                 do throws(AMQPError) {
-                    amqp_basic_qos(session.conn, session.channel, 0, prefetch, 0)
-                    try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
                     if !cancelRequested.load(ordering: .relaxed) {
                         let arena = CArena()
                         try withExtendedLifetime(arena) { () throws(AMQPError) in
-                            for q in queues {
+                            var qos: UInt16?
+                            for s in subscriptions {
+                                // Per consumer (global = 0): applies to the consumers started after it.
+                                if qos != s.prefetch {
+                                    amqp_basic_qos(session.conn, session.channel, 0, s.prefetch, 0)
+                                    try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
+                                    qos = s.prefetch
+                                }
+                                let q = s.queue
                                 amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
                                 try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
                             }

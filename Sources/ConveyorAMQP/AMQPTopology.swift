@@ -59,6 +59,12 @@ public struct ConveyorTopology: Sendable, Hashable {
     public func controlQueue(worker: String) -> String { "\(prefix).control.\(worker)" }
     /// The broker queue of a work queue: `conveyor.q.<queue>`.
     public func workQueue(_ queue: String) -> String { "\(prefix).q.\(queue)" }
+    /// A work queue's isolation lane: `conveyor.isolated.<queue>`. Workers move every redelivered
+    /// task message here and take these one at a time, so a message that kills its worker is
+    /// redelivered alone and reaches the delivery limit alone. Bound to no exchange: workers
+    /// publish to it by name through the default exchange. (Not `conveyor.q.<queue>.isolated`,
+    /// which a work queue named `<queue>.isolated` would own.)
+    public func isolationQueue(_ queue: String) -> String { "\(prefix).isolated.\(queue)" }
 
     var quorumArguments: AMQPHeaders {
         [
@@ -78,11 +84,13 @@ public struct ConveyorTopology: Sendable, Hashable {
             bindings: [.init(queue: deadQueue, exchange: deadLetterExchange, routingKey: "")])
     }
 
-    /// Tasks exchange plus one quorum queue per work queue, routed by the queue name.
+    /// Tasks exchange plus, per work queue, a quorum queue routed by the queue name and its
+    /// isolation lane (same delivery limit and dead-letter exchange).
     public func work(queues: [String]) -> AMQPTopology {
         base.merging(AMQPTopology(
             exchanges: [.init(name: tasksExchange, type: "direct")],
-            queues: queues.map { .init(name: workQueue($0), arguments: quorumArguments) },
+            queues: queues.flatMap { [.init(name: workQueue($0), arguments: quorumArguments),
+                                      .init(name: isolationQueue($0), arguments: quorumArguments)] },
             bindings: queues.map { .init(queue: workQueue($0), exchange: tasksExchange, routingKey: $0) }))
     }
 

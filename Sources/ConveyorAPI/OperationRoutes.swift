@@ -144,14 +144,16 @@ extension APIServer {
             var brokerError: String?
             if let config = env.broker {
                 do {
-                    for s in try await AMQPInspector.queues(stats.map { env.topology.workQueue($0.queue) }, configuration: config) { broker[s.name] = s }
+                    let names = stats.flatMap { [env.topology.workQueue($0.queue), env.topology.isolationQueue($0.queue)] }
+                    for s in try await AMQPInspector.queues(names, configuration: config) { broker[s.name] = s }
                 } catch { brokerError = "\(error)" }
             }
             var out: [String: JSONValue] = ["queues": .array(stats.map { s in
                 var o: [String: JSONValue] = ["name": .string(s.queue), "tasks": .number(Double(s.tasks)), "backlog": .number(Double(s.backlog)),
                                               "running": .number(Double(s.running)), "finished_last_minute": .number(Double(s.finishedLastMinute))]
                 if let b = broker[env.topology.workQueue(s.queue)] {
-                    o["broker"] = .object(["queue": .string(b.name), "ready": .number(Double(b.messages)), "consumers": .number(Double(b.consumers))])
+                    o["broker"] = .object(["queue": .string(b.name), "ready": .number(Double(b.messages)), "consumers": .number(Double(b.consumers)),
+                                           "isolated": .number(Double(broker[env.topology.isolationQueue(s.queue)]?.messages ?? 0))])
                 }
                 return .object(o)
             })]

@@ -50,14 +50,19 @@ extension Dispatcher {
         }
     }
 
-    /// The broker's ready messages per work queue this dispatcher publishes to (a passive declare
-    /// on a short connection of its own), as the gauge `conveyor_queue_depth{queue}`.
+    /// The broker's ready messages per work queue this dispatcher publishes to, its isolation
+    /// lane included (a passive declare on a short connection of its own), as the gauge
+    /// `conveyor_queue_depth{queue}`.
     func measureQueueDepths() async {
         let queues = declaredQueues.withLock { $0 }.sorted()
         do {
-            let stats = try await AMQPInspector.queues(queues.map(topology.workQueue), configuration: publisher.configuration)
-            for (queue, name) in zip(queues, queues.map(topology.workQueue)) {
-                if let s = stats.first(where: { $0.name == name }) { ConveyorMetrics.queueDepth(queue: queue, s.messages, consumers: s.consumers) }
+            let stats = try await AMQPInspector.queues(queues.flatMap { [topology.workQueue($0), topology.isolationQueue($0)] },
+                                                       configuration: publisher.configuration)
+            for queue in queues {
+                if let s = stats.first(where: { $0.name == topology.workQueue(queue) }) {
+                    let lane = stats.first(where: { $0.name == topology.isolationQueue(queue) })?.messages ?? 0
+                    ConveyorMetrics.queueDepth(queue: queue, s.messages + lane, consumers: s.consumers)
+                }
             }
         } catch {
             logger.debug("queue depths not measured", metadata: ["error": "\(error)"])
@@ -132,6 +137,8 @@ extension Dispatcher {
         let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
         let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
         let explained = switch reason {
+        case "delivery_limit" where h["x-conveyor-isolated-from"] != nil:
+            "delivery limit exceeded in \(queue), the isolation lane: taken alone, it never settled; its worker crashed or was killed each time"
         case "delivery_limit": "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
         case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"
         case "expired": "expired in \(queue)"

@@ -19,7 +19,11 @@ public final class Worker: Service, Sendable {
     /// The executors and their limits, replaced as a whole by `reload`; each run takes the set
     /// current when it starts and keeps it to the end.
     let current: Mutex<ExecutorSet>
+    /// Consumes the work queues (prefetch `concurrency`) and their isolation lanes (prefetch 1)
+    /// on one connection, so every ack goes back where its delivery came from.
     let consumer: AMQPConsumer
+    /// Each work queue's broker name → its isolation lane.
+    let isolationLanes: [String: String]
     /// This worker's control queue: cancel requests fanned out by dispatchers.
     let control: AMQPConsumer
     let publisher: AMQPPublisher
@@ -38,6 +42,8 @@ public final class Worker: Service, Sendable {
         /// Runs acknowledged early because they ran past `detach_after_ms`.
         public var detached = 0
         public var heartbeats = 0
+        /// Redelivered task messages moved to their isolation lane.
+        public var isolated = 0
     }
 
     /// Builds executors on reload.
@@ -54,8 +60,13 @@ public final class Worker: Service, Sendable {
         let topology = ConveyorTopology(prefix: configuration.prefix, deliveryLimit: configuration.deliveryLimit)
         self.topology = topology
         let work = topology.work(queues: configuration.queues)
-        consumer = AMQPConsumer(configuration: amqp, topology: work, queues: configuration.queues.map(topology.workQueue),
-                                prefetch: UInt16(min(configuration.concurrency, 65_535)), logger: logger)
+        let prefetch = UInt16(min(configuration.concurrency, 65_535))
+        consumer = AMQPConsumer(
+            configuration: amqp, topology: work,
+            subscriptions: configuration.queues.map { .init(queue: topology.workQueue($0), prefetch: prefetch) }
+                + configuration.queues.map { .init(queue: topology.isolationQueue($0), prefetch: 1) },
+            logger: logger)
+        isolationLanes = Dictionary(uniqueKeysWithValues: configuration.queues.map { (topology.workQueue($0), topology.isolationQueue($0)) })
         publisher = AMQPPublisher(configuration: amqp, topology: topology.status, window: 1024, logger: logger)
         control = AMQPConsumer(configuration: amqp, topology: topology.control(worker: configuration.id),
                                queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
@@ -84,6 +95,7 @@ public final class Worker: Service, Sendable {
             + family("conveyor_worker_messages_rejected_total", "counter", "Task messages refused and dead-lettered (malformed, unknown executor).", [("", c.rejected)])
             + family("conveyor_worker_in_flight", "gauge", "Runs executing now.", [("", c.inFlight)])
             + family("conveyor_worker_detached_total", "counter", "Long runs acknowledged early (past worker.detach_after_ms).", [("", c.detached)])
+            + family("conveyor_worker_isolated_total", "counter", "Redelivered task messages moved to their queue's isolation lane (run one at a time).", [("", c.isolated)])
             + family("conveyor_worker_heartbeats_total", "counter", "Heartbeats published.", [("", c.heartbeats)])
             + family("conveyor_worker_amqp_reconnects_total", "counter", "Reconnections of the task consumer.", [("", consumerReconnects)])
             + family("conveyor_worker_ready", "gauge", "1 when connected and consuming.", [("", isReady ? 1 : 0)])
@@ -171,7 +183,11 @@ public final class Worker: Service, Sendable {
                     for await delivery in consumer.deliveries {
                         counters.withLock { $0.inFlight += 1 }
                         group.addTask {
-                            await self.handle(delivery)
+                            if let lane = self.isolationLanes[delivery.queue], delivery.redelivered, await self.isolate(delivery, to: lane) {
+                                // Moved (or left for redelivery at shutdown): not run here.
+                            } else {
+                                await self.handle(delivery)
+                            }
                             self.counters.withLock { $0.inFlight -= 1 }
                         }
                     }
@@ -195,6 +211,35 @@ public final class Worker: Service, Sendable {
         } catch {
             logger.error("worker consumption ended with an error", metadata: ["error": "\(error)"])
         }
+    }
+
+    /// Moves a redelivered task message to its queue's isolation lane: publishes a copy there,
+    /// and acks the original once the broker has confirmed the copy.
+    ///
+    /// Why: when a worker dies, the quorum queue returns every message it held, each with its
+    /// delivery count + 1, to the head of the queue. Redelivered together, a message that kills
+    /// its worker would take its neighbours to the delivery limit with it. In the lane, taken one
+    /// at a time (prefetch 1), it dies alone; an innocent neighbour pays one redelivery, and its
+    /// count starts again in the lane. Returns `false` when the copy was not confirmed (the broker
+    /// is unreachable, the lane is missing): the caller then runs the message here, as before the
+    /// lane existed. During shutdown the message is left unacked for the broker to redeliver.
+    func isolate(_ delivery: AMQPDelivery, to lane: String) async -> Bool {
+        var properties = delivery.properties
+        properties.headers["x-delivery-count"] = nil   // the old queue's count; the lane keeps its own
+        properties.headers["x-conveyor-isolated-from"] = .string(delivery.queue)
+        do {
+            try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: lane, body: delivery.body, properties: properties))
+        } catch {
+            if error.code == .stopped || Task.isCancelled { return true }
+            logger.warning("redelivered task message not moved to the isolation lane; running it here", metadata: [
+                "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)", "error": "\(error)"])
+            return false
+        }
+        consumer.ack(delivery)
+        counters.withLock { $0.isolated += 1 }
+        logger.debug("redelivered task message moved to the isolation lane", metadata: [
+            "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)"])
+        return true
     }
 
     func handle(_ delivery: AMQPDelivery) async {

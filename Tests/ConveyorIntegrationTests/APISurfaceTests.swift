@@ -254,11 +254,13 @@ struct APISurfaceTests {
                 for _ in 0..<2 {
                     try await publisher.publish(AMQPOutgoingMessage(exchange: topology.tasksExchange, routingKey: sys.queue, body: Array("{}".utf8), properties: AMQPProperties()))
                 }
+                try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: topology.isolationQueue(sys.queue), body: Array("{}".utf8), properties: AMQPProperties()))
                 let r = try await api.call("GET", "/v1/queues", key: k)
                 #expect(r.status == 200, "\(r.json)")
                 let q = r.json["queues"]?.arrayValue?.first { $0["name"] == .string(sys.queue) }
                 #expect(q?["broker"]?["ready"] == 2, "\(r.json)")
                 #expect(q?["broker"]?["consumers"] == 0)
+                #expect(q?["broker"]?["isolated"] == 1, "the isolation lane's one message, counted apart")
                 #expect(q?["tasks"] == 1)
                 #expect(try await api.call("GET", "/readyz").status == 200, "the broker is reachable")
             }

@@ -52,7 +52,7 @@ struct DeployTests {
             "Deployment/conveyor-api: CONVEYOR_LOG_FROMAT is not read by any Conveyor binary",
             "Deployment/conveyor-api: spec.template.spec: Additional properties are not allowed ('restartPolicyy' was unexpected)",
             "Deployment/conveyor-dispatcher: container port is not dispatcher's configured port 9090",
-            "ScaledObject/conveyor-worker: queueName default is not the work queue conveyor.q.default",
+            "ScaledObject/conveyor-worker: rabbitmq triggers watch ['conveyor.isolated.default', 'default'], not the work queue and its isolation lane",
             "ScaledObject/conveyor-worker: protocol must be http: over AMQP KEDA counts ready messages only",
             "docker-compose.yml worker: CONVEYOR_LOGFORMAT is not read by any Conveyor binary",
             "deploy/base/config/api.yaml: differs from config/api.yaml",

@@ -228,7 +228,7 @@ struct WorkerEndpointTests {
             #expect(await get("/healthz").0 == 200)
             let metrics = await get("/metrics")
             #expect(metrics.0 == 200)
-            for name in ["conveyor_worker_runs_total", "conveyor_worker_in_flight", "conveyor_worker_ready", "conveyor_worker_heartbeats_total"] {
+            for name in ["conveyor_worker_runs_total", "conveyor_worker_in_flight", "conveyor_worker_ready", "conveyor_worker_heartbeats_total", "conveyor_worker_isolated_total"] {
                 #expect(metrics.1.contains("# TYPE \(name) "), "\(name) missing from /metrics")
             }
             #expect(metrics.1.contains("conveyor_worker_ready{worker=\"probed\"} 1"))

@@ -126,6 +126,38 @@ struct SchedulingTests {
         }
     }
 
+    /// A message handed back by a dying consumer comes back redelivered; the worker moves it to
+    /// the queue's isolation lane (confirm, then ack), takes it from there and runs it once; the
+    /// message that was never returned runs straight from the work queue.
+    @Test func aRedeliveredMessageIsRunFromTheIsolationLane() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let topo = ConveyorTopology(prefix: sys.prefix)
+            // A "worker" that dies holding the message: takes it and closes without an ack.
+            let dying = AMQPConsumer(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
+                                     prefetch: 1, logger: Servers.logger)
+            try await withServices([dispatcher]) {
+                dying.start()
+                try await dying.waitUntilConsuming()
+                try await sys.store.createTasks([try sys.task(["name": "returned"]), try sys.task(["name": "fresh"])])
+                var taken: AMQPDelivery?
+                for await d in dying.deliveries { taken = d; break }
+                #expect(taken?.redelivered == false)
+                dying.stop()
+                let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
+                try await withServices([worker]) {
+                    try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2 }
+                }
+                #expect(worker.stats.isolated == 1, "only the returned message went through the lane")
+                #expect(recorder.executions.withLock { $0.values.sorted() } == [1, 1], "each run executed once")
+                #expect(try await sys.count("SELECT count(*) FROM dead_letters") == 0)
+                let inspected = try await AMQPInspector.queues([topo.workQueue(sys.queue), topo.isolationQueue(sys.queue)], configuration: sys.amqp)
+                #expect(inspected.map(\.messages) == [0, 0], "nothing left behind in either queue: \(inspected)")
+            }
+        }
+    }
+
     // MARK: priorities
 
     /// Workers saturated by background work; critical work added later starts within the broker

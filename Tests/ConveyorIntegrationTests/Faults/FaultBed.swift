@@ -47,8 +47,6 @@ struct FaultReport {
     var recovery: Duration?
     var notes: [String] = []
     var failures: [String] = []
-    /// Failed conditions of a known, documented, open defect: shown on the line as KNOWN-ISSUE.
-    var knownIssues: [String] = []
     var pass: Bool { failures.isEmpty }
 
     mutating func require(_ ok: Bool, _ what: String) { if !ok { failures.append(what) } }
@@ -65,10 +63,9 @@ struct FaultReport {
         let rec = recovery.map { String(format: "%.1fs", $0.inSeconds) } ?? "-"
         var s = "\(name.padding(toLength: 28, withPad: " ", startingAt: 0)) N=\(n) lost=\(counts.lost) double=\(counts.doubleRecorded) "
             + "executions=\(counts.executions)(+\(counts.duplicateExecutions)) stuck=\(counts.stuck) dead-lettered=\(counts.deadLettered) "
-            + "recovery=\(rec) \(!pass ? "FAIL" : knownIssues.isEmpty ? "PASS" : "PASS-EXCEPT-KNOWN-ISSUE")"
+            + "recovery=\(rec) \(pass ? "PASS" : "FAIL")"
         if !notes.isEmpty { s += " | " + notes.joined(separator: "; ") }
         if !failures.isEmpty { s += " | failed: " + failures.joined(separator: "; ") }
-        if !knownIssues.isEmpty { s += " | KNOWN ISSUE: " + knownIssues.joined(separator: "; ") }
         if !counts.examples.isEmpty { s += " | audit: " + counts.examples.joined(separator: ", ") }
         return s
     }
