@@ -125,9 +125,30 @@ final class FaultBed {
                          _ body: (FaultBed, inout FaultReport) async throws -> Void) async throws {
         try await run(name, sinkHost: sinkHost) { bed in
             var report = FaultReport(name: title, n: n)
-            try await body(bed, &report)
+            do {
+                try await body(bed, &report)
+            } catch {
+                // A scenario that stopped half-way still prints its line, as a failure.
+                report.require(false, "stopped by \(error)")
+                report.publish()
+                throw error
+            }
             report.publish()
         }
+    }
+
+    /// Waits up to `timeout` for `condition`; if it never holds, the scenario fails with `what`
+    /// on its line. Returns whether it held.
+    @discardableResult
+    func until(_ what: String, timeout: Duration, _ report: inout FaultReport, _ condition: () async throws -> Bool) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try await condition() { return true }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let held = try await condition()
+        report.require(held, "\(what) did not hold within \(timeout)")
+        return held
     }
 
     private init(sys: System, name: String, sinkHost: String) async throws {
@@ -454,10 +475,24 @@ final class FaultBed {
 
     /// GET `http://127.0.0.1:<port><path>`; nil when nothing answers.
     static func httpStatus(port: Int, path: String = "/readyz") async -> Int? {
+        await httpGet(port: port, path: path)?.status
+    }
+
+    /// A GET to a local status port; nil when nothing answers.
+    static func httpGet(port: Int, path: String) async -> OutboundResponse? {
         var policy = OutboundPolicy()
         policy.allowedNetworks = [try! Network(parsing: "127.0.0.1")]
         return try? await OutboundHTTP(policy: policy, logger: Servers.logger)
-            .send(OutboundRequest(method: "GET", url: "http://127.0.0.1:\(port)\(path)", headers: [], body: []), timeout: .seconds(2)).status
+            .send(OutboundRequest(method: "GET", url: "http://127.0.0.1:\(port)\(path)", headers: [], body: []), timeout: .seconds(2))
+    }
+
+    /// The sum of a metric's samples (all label sets) on a process's `/metrics`, or nil.
+    static func metricSum(port: Int, _ name: String) async -> Double? {
+        guard let r = await httpGet(port: port, path: "/metrics"), r.status == 200 else { return nil }
+        return String(decoding: r.body, as: UTF8.self).split(separator: "\n")
+            .filter { $0.hasPrefix(name + "{") || $0.hasPrefix(name + " ") }
+            .compactMap { $0.split(separator: " ").last.flatMap { Double($0) } }
+            .reduce(0, +)
     }
 
     /// Resident memory of a process in MB (`VmRSS`).

@@ -29,7 +29,7 @@ struct FaultSuite {
         try await FaultBed.scenario("negative-control", "0 negative control", n: n) { bed, report in
             try bed.startDispatcher("d1", env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"])
             try await bed.create(bed.sys.tasks(n, executor: "noop"))
-            _ = try await bed.sys.eventually(timeout: .seconds(60), "some dispatched") {
+            try await bed.until("some dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") >= n / 10
             }
             try await FaultBed.freezeThenKillBroker()
@@ -86,7 +86,7 @@ struct FaultSuite {
         try await FaultBed.scenario("sigstop", "2 SIGSTOP worker", n: n) { bed, report in
             try Self.fleet(bed, workers: 2)
             try await bed.create(bed.sinkTasks(n, ms: 2000))
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "w1 runs some") {
+            try await bed.until("w1 runs some", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'w1'") >= 4
             }
             let held = try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'w1'")
@@ -101,10 +101,9 @@ struct FaultSuite {
             report.counts = try await bed.oracle()
             report.standard()
             report.require(bed.isRunning("w1"), "the resumed worker exited")
-            let rejoined = try await bed.sys.eventually(timeout: .seconds(20), "w1 active again") {
+            try await bed.until("w1 active again (rejoined)", timeout: .seconds(20), &report) {
                 try await bed.count("SELECT count(*) FROM workers WHERE id = 'w1' AND state = 'active'") == 1
             }
-            report.require(rejoined, "w1 did not rejoin")
             report.require(report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what w1 held")
             report.notes.append("w1 held \(held)")
         }
@@ -141,11 +140,11 @@ struct FaultSuite {
             try await FaultBed.rabbitmqctl(["set_permissions", "-p", "/", user, ".*", ".*", ".*"])
             try bed.startWorker("cut", env: ["CONVEYOR_AMQP_URL": "amqp://\(user):\(password)@\(Netns.hostAddress):\(port)/%2F"],
                                 wrapper: ["/usr/sbin/ip", "netns", "exec", ns])
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "the namespaced worker joins") {
+            try await bed.until("the namespaced worker joins", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active'") == 1
             }
             try await bed.create(bed.sinkTasks(n, ms: 1000))
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "the namespaced worker runs some") {
+            try await bed.until("the namespaced worker runs some", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'cut'") >= 4
             }
             let held = try await bed.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'cut'")
@@ -155,7 +154,7 @@ struct FaultSuite {
             let declaredLost = try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'lost'")
             try await Netns.drop(ns, false)
             let healed = ContinuousClock.now
-            let rejoined = try await bed.sys.eventually(timeout: .seconds(30), "the worker rejoins after the heal") {
+            let rejoined = try await bed.until("the worker rejoins after the heal", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active' AND last_heartbeat > now() - interval '2 seconds'") == 1
             }
             report.recovery = ContinuousClock.now - healed
@@ -187,9 +186,9 @@ struct FaultSuite {
             try bed.startDispatcher("d1", httpPort: ports[0])
             try bed.startDispatcher("d2", httpPort: ports[1])
             for i in 1...3 { try bed.startWorker("w\(i)", concurrency: 16, httpPort: ports[1 + i]) }
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "every process ready") { await FaultBed.allReady(ports) }
+            try await bed.until("every process ready", timeout: .seconds(30), &report) { await FaultBed.allReady(ports) }
             try await bed.create(bed.sinkTasks(n, ms: 20))
-            _ = try await bed.sys.eventually(timeout: .seconds(60), "30 % dispatched") {
+            try await bed.until("30 % dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state IN ('dispatched', 'running', 'succeeded')") >= n * 3 / 10
             }
             switch how {
@@ -227,9 +226,9 @@ struct FaultSuite {
             try Self.fleet(bed, concurrency: 16)
             let apiPort = try FaultBed.freePort()
             try bed.start("api", ["api"], env: bed.commonEnvironment.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1"]) { _, b in b })
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "api ready") { await FaultBed.httpStatus(port: apiPort) == 200 }
+            try await bed.until("api ready", timeout: .seconds(30), &report) { await FaultBed.httpStatus(port: apiPort) == 200 }
             try await bed.create(bed.sinkTasks(n, ms: 20))
-            _ = try await bed.sys.eventually(timeout: .seconds(60), "30 % done") {
+            try await bed.until("30 % done", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n * 3 / 10
             }
             // Watch the API's readiness while the database is down.
@@ -247,7 +246,7 @@ struct FaultSuite {
             report.require(status == 0, "pg_ctl restart failed: \(out)")
             let restarted = ContinuousClock.now
             let before = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "progress after the restart") {
+            try await bed.until("progress after the restart", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > before + 50
             }
             report.recovery = ContinuousClock.now - restarted
@@ -275,7 +274,7 @@ struct FaultSuite {
             // would otherwise be a race); it resumes the moment the doomed one dies.
             bed.signal("survivor", SIGSTOP)
             try await bed.create(bed.sinkTasks(n, ms: 10))
-            let crashed = try await bed.sys.eventually(timeout: .seconds(20), "the doomed dispatcher reaches its crash point") {
+            let crashed = try await bed.until("the doomed dispatcher reaches its crash point", timeout: .seconds(20), &report) {
                 !bed.isRunning("doomed")
             }
             let died = ContinuousClock.now
@@ -289,7 +288,7 @@ struct FaultSuite {
             report.require(held > 0, "the dead dispatcher held no claimed run")
             // Taken over: every run the dead dispatcher held has been published again (or, after
             // its confirm, started by a worker).
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "every run the dead dispatcher held is published") {
+            try await bed.until("every run the dead dispatcher held is published", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued'", [heldIDs]) == 0
             }
             report.notes.append("the dead dispatcher held \(held) claimed runs")
@@ -315,7 +314,7 @@ struct FaultSuite {
             var parked = bed.sinkTasks(3 * perKind, name: "parked")
             for i in parked.indices { parked[i].queue = "parked" }
             try await bed.create(parked)
-            _ = try await bed.sys.eventually(timeout: .seconds(30), "parked runs dispatched") {
+            try await bed.until("parked runs dispatched", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched' AND queue = 'parked'") == parked.count
             }
             let rows = try await bed.rows("""
@@ -350,7 +349,7 @@ struct FaultSuite {
                 for i in (2 * perKind)..<(3 * perKind) { try await send(MessageCodec.encode(try message(rows[i]))) }
             }
             try await bed.waitQuiet(timeout: .seconds(120))
-            _ = try await bed.sys.eventually(timeout: .seconds(20), "every poison message dead-lettered") {
+            try await bed.until("every poison message dead-lettered", timeout: .seconds(20), &report) {
                 try await bed.count("SELECT count(*) FROM dead_letters") >= poison
             }
             report.counts = try await bed.oracle()
@@ -405,11 +404,13 @@ struct FaultSuite {
     @Test func s09DuplicateAndReorderedStatuses() async throws {
         let n = FaultProfile.n(fast: 1000, full: 10_000)
         try await FaultBed.scenario("statuses", "9 duplicate statuses", n: n) { bed, report in
-            try bed.startDispatcher("d1")
-            try bed.startDispatcher("d2")
             // No worker: the test is the worker, and says everything twice in a shuffled order.
+            // So every run must reach the broker: no backlog bound holds them in PostgreSQL.
+            let unbounded = ["CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "\(n)"]
+            try bed.startDispatcher("d1", env: unbounded)
+            try bed.startDispatcher("d2", env: unbounded)
             try await bed.create(bed.sys.tasks(n, executor: "noop"))
-            _ = try await bed.sys.eventually(timeout: .seconds(60), "all dispatched") {
+            try await bed.until("all dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == n
             }
             let ids = try await bed.rows("SELECT id::text FROM runs").compactMap { $0[0].flatMap(UUID.init(uuidString:)) }
@@ -506,24 +507,28 @@ struct FaultSuite {
 
     // MARK: 12. clock skew
 
-    /// Ahead is the direction that could dispatch early or take a lease early. Behind (-10m) is
-    /// not run: under libfaketime the dispatcher hangs at start-up in the Swift runtime's timed
-    /// waits (its pthread_cond_timedwait interposition; FAKETIME_FORCE_MONOTONIC_FIX changed the
-    /// behaviour run to run), which no real clock step does. See docs/reliability.md.
+    /// Ahead is the direction that could dispatch early or take a lease early; behind, the one
+    /// that could hold due work back.
     enum Skew: String, CaseIterable, Sendable {
         case ahead = "+10m"
+        case behind = "-10m"
     }
 
     /// One dispatcher's clock 10 minutes off (libfaketime): due times and leases are decided on
-    /// the database's clock, so it dispatches nothing early and takes no lease early.
+    /// the database's clock, so it dispatches nothing early or late and takes no lease early.
     @Test(arguments: Skew.allCases)
     func s12DispatcherClockSkew(_ skew: Skew) async throws {
         let n = FaultProfile.n(fast: 400, full: 5000)
         try await FaultBed.scenario("skew\(skew.rawValue)", "12 dispatcher clock \(skew.rawValue)", n: n) { bed, report in
             // Only the wall clock is skewed, as NTP trouble would: libfaketime also shifts the
-            // monotonic clock by default, which no real skew does.
-            try bed.startDispatcher("skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1"],
-                                    wrapper: ["/usr/bin/faketime", "-f", skew.rawValue])
+            // monotonic clock by default, which no real skew does, and its timerfd deadlines
+            // even when told not to; scripts/faketime_timerfd.c, preloaded first, undoes that.
+            let shim = Servers.env["CONVEYOR_FAULT_FAKETIME_SHIM"] ?? ""
+            report.require(FileManager.default.fileExists(atPath: shim), "no timerfd shim at '\(shim)' (scripts/faults.sh builds it)")
+            guard report.pass else { return }
+            let skewedPort = try FaultBed.freePort()
+            try bed.startDispatcher("skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1", "LD_PRELOAD": shim],
+                                    httpPort: skewedPort, wrapper: ["/usr/bin/faketime", "-f", skew.rawValue])
             try bed.startDispatcher("d2")
             for i in 1...2 { try bed.startWorker("w\(i)", concurrency: 16) }
             let dbNow = try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init) ?? Date().timeIntervalSince1970
@@ -537,7 +542,16 @@ struct FaultSuite {
             let early = try await bed.count("SELECT count(*) FROM runs WHERE dispatched_at < occurrence OR created_at < occurrence - interval '1 second'")
             report.require(early == 0, "\(early) runs created or dispatched before they were due")
             let republished = try await bed.count("SELECT count(*) FROM runs WHERE publish_count > 1")
-            report.require(republished == 0, "\(republished) runs published twice: a lease was taken early")
+            report.require(republished == 0, "\(republished) runs claimed twice: a lease was taken early, or ran out on a run")
+            // Each claim counts in publish_count, so a run the skewed dispatcher claimed and then
+            // sat on (waiting for its own clock) would be claimed again when its lease ran out,
+            // and show above. Lateness is noted only: it measures the fleet's throughput.
+            let lateness = try await bed.rows("SELECT round(extract(epoch FROM max(dispatched_at - occurrence))::numeric, 2)::text FROM runs")
+            report.notes.append("dispatch lateness max \(lateness.first?[0] ?? "?") s")
+            // It took its share: a dispatcher that ran but dispatched nothing would prove nothing.
+            let skewedDispatched = Int(await FaultBed.metricSum(port: skewedPort, "conveyor_dispatched_runs_total") ?? 0)
+            report.require(skewedDispatched > 0, "the skewed dispatcher dispatched nothing")
+            report.notes.append("the skewed dispatcher dispatched \(skewedDispatched)")
             report.require(bed.isRunning("skewed"), "the skewed dispatcher exited")
             let skewedLog = (try? String(contentsOfFile: bed.logPath("skewed"), encoding: .utf8)) ?? ""
             report.require(skewedLog.contains("dispatcher running"), "the skewed dispatcher never ran")
@@ -553,7 +567,7 @@ struct FaultSuite {
         try await FaultBed.scenario("memory-alarm", "13 memory alarm", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
             try await bed.create(bed.sinkTasks(n, ms: 10))
-            _ = try await bed.sys.eventually(timeout: .seconds(60), "under way") {
+            try await bed.until("under way", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n / 10
             }
             let pid = bed.pid("d1")
