@@ -44,7 +44,7 @@ export CONVEYOR_FAULT_LOGS="$CONVEYOR_LOCAL_DIR/logs"
 export CONVEYOR_FAULT_RESULTS="$CONVEYOR_LOCAL_DIR/results-$PROFILE.txt"
 # Scenario 12 preloads this in front of libfaketime (see the file for why). clang comes with Swift.
 export CONVEYOR_FAULT_FAKETIME_SHIM="$CONVEYOR_LOCAL_DIR/faketime_timerfd.so"
-clang -shared -fPIC -O2 -o "$CONVEYOR_FAULT_FAKETIME_SHIM" scripts/faketime_timerfd.c
+"$(command -v clang || command -v cc)" -shared -fPIC -O2 -o "$CONVEYOR_FAULT_FAKETIME_SHIM" scripts/faketime_timerfd.c
 : > "$CONVEYOR_FAULT_RESULTS"
 if [ "$BUILD" = 1 ]; then swift build --build-tests; fi
 status=0

@@ -298,6 +298,8 @@ struct FaultSuite {
             report.standard()
             // Lease 3 s + scan 0.2 s, plus a second for the publish itself.
             report.require((report.recovery ?? .seconds(99)) <= .milliseconds(4200), "takeover slower than lease + one scan interval")
+            // Only a run published by both dispatchers may run twice: at most what the dead one held.
+            report.require(report.counts.duplicateExecutions <= held, "repeated executions \(report.counts.duplicateExecutions) > the \(held) runs the dead dispatcher held")
         }
     }
 
