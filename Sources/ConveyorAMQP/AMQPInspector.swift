@@ -9,6 +9,19 @@ public struct QueueStats: Sendable, Equatable {
     public var consumers: Int
 }
 
+/// A work queue as the broker sees it, with its isolation lane.
+public struct WorkQueueDepth: Sendable, Equatable {
+    /// The work queue's broker name (`conveyor.q.<queue>`).
+    public var queue: String
+    /// Ready messages in the work queue, and in its isolation lane.
+    public var ready: Int
+    public var isolated: Int
+    /// Consumers of the work queue.
+    public var consumers: Int
+    /// Everything waiting for a worker: both queues' ready messages.
+    public var waiting: Int { ready + isolated }
+}
+
 /// One-shot questions to the broker on a connection of their own, asked on a thread of their
 /// own (rabbitmq-c blocks): is it reachable, and how deep are these queues.
 public enum AMQPInspector {
@@ -20,6 +33,21 @@ public enum AMQPInspector {
             }
         }
         return try result.get()
+    }
+
+    /// Each work queue's depth with its isolation lane's (docs/workers.md), keyed by the work
+    /// queue's name (`default`, not `conveyor.q.default`); a work queue not declared yet is left out.
+    public static func workQueues(_ queues: [String], topology: ConveyorTopology,
+                                  configuration: AMQPConfiguration) async throws(AMQPError) -> [String: WorkQueueDepth] {
+        let stats = try await self.queues(queues.flatMap { [topology.workQueue($0), topology.isolationQueue($0)] }, configuration: configuration)
+        let byName = Dictionary(stats.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        var out: [String: WorkQueueDepth] = [:]
+        for queue in queues {
+            guard let work = byName[topology.workQueue(queue)] else { continue }
+            out[queue] = WorkQueueDepth(queue: work.name, ready: work.messages, isolated: byName[topology.isolationQueue(queue)]?.messages ?? 0,
+                                        consumers: work.consumers)
+        }
+        return out
     }
 
     static func inspect(_ names: [String], _ configuration: AMQPConfiguration) throws(AMQPError) -> [QueueStats] {

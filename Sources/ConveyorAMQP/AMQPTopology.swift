@@ -65,6 +65,8 @@ public struct ConveyorTopology: Sendable, Hashable {
     /// publish to it by name through the default exchange. (Not `conveyor.q.<queue>.isolated`,
     /// which a work queue named `<queue>.isolated` would own.)
     public func isolationQueue(_ queue: String) -> String { "\(prefix).isolated.\(queue)" }
+    /// Header a worker puts on the copy it moves to an isolation lane: the queue it came from.
+    public static let isolatedFromHeader = "x-conveyor-isolated-from"
 
     var quorumArguments: AMQPHeaders {
         [

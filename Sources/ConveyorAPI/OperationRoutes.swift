@@ -140,20 +140,19 @@ extension APIServer {
         r.on(.get, "/v1/queues") { request, context in
             let who = try context.require(.viewer)
             let stats = try await store.queueStats(namespace: listScope(who, request))
-            var broker: [String: QueueStats] = [:]
+            var broker: [String: WorkQueueDepth] = [:]
             var brokerError: String?
             if let config = env.broker {
                 do {
-                    let names = stats.flatMap { [env.topology.workQueue($0.queue), env.topology.isolationQueue($0.queue)] }
-                    for s in try await AMQPInspector.queues(names, configuration: config) { broker[s.name] = s }
+                    broker = try await AMQPInspector.workQueues(stats.map(\.queue), topology: env.topology, configuration: config)
                 } catch { brokerError = "\(error)" }
             }
             var out: [String: JSONValue] = ["queues": .array(stats.map { s in
                 var o: [String: JSONValue] = ["name": .string(s.queue), "tasks": .number(Double(s.tasks)), "backlog": .number(Double(s.backlog)),
                                               "running": .number(Double(s.running)), "finished_last_minute": .number(Double(s.finishedLastMinute))]
-                if let b = broker[env.topology.workQueue(s.queue)] {
-                    o["broker"] = .object(["queue": .string(b.name), "ready": .number(Double(b.messages)), "consumers": .number(Double(b.consumers)),
-                                           "isolated": .number(Double(broker[env.topology.isolationQueue(s.queue)]?.messages ?? 0))])
+                if let b = broker[s.queue] {
+                    o["broker"] = .object(["queue": .string(b.queue), "ready": .number(Double(b.ready)), "consumers": .number(Double(b.consumers)),
+                                           "isolated": .number(Double(b.isolated))])
                 }
                 return .object(o)
             })]

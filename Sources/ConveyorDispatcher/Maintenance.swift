@@ -56,13 +56,8 @@ extension Dispatcher {
     func measureQueueDepths() async {
         let queues = declaredQueues.withLock { $0 }.sorted()
         do {
-            let stats = try await AMQPInspector.queues(queues.flatMap { [topology.workQueue($0), topology.isolationQueue($0)] },
-                                                       configuration: publisher.configuration)
-            for queue in queues {
-                if let s = stats.first(where: { $0.name == topology.workQueue(queue) }) {
-                    let lane = stats.first(where: { $0.name == topology.isolationQueue(queue) })?.messages ?? 0
-                    ConveyorMetrics.queueDepth(queue: queue, s.messages + lane, consumers: s.consumers)
-                }
+            for (queue, d) in try await AMQPInspector.workQueues(queues, topology: topology, configuration: publisher.configuration) {
+                ConveyorMetrics.queueDepth(queue: queue, d.waiting, consumers: d.consumers)
             }
         } catch {
             logger.debug("queue depths not measured", metadata: ["error": "\(error)"])
@@ -137,7 +132,7 @@ extension Dispatcher {
         let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
         let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
         let explained = switch reason {
-        case "delivery_limit" where h["x-conveyor-isolated-from"] != nil:
+        case "delivery_limit" where h[ConveyorTopology.isolatedFromHeader] != nil:
             "delivery limit exceeded in \(queue), the isolation lane: taken alone, it never settled; its worker crashed or was killed each time"
         case "delivery_limit": "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
         case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"

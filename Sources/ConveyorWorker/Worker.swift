@@ -183,11 +183,7 @@ public final class Worker: Service, Sendable {
                     for await delivery in consumer.deliveries {
                         counters.withLock { $0.inFlight += 1 }
                         group.addTask {
-                            if let lane = self.isolationLanes[delivery.queue], delivery.redelivered, await self.isolate(delivery, to: lane) {
-                                // Moved (or left for redelivery at shutdown): not run here.
-                            } else {
-                                await self.handle(delivery)
-                            }
+                            if await !self.isolate(delivery) { await self.handle(delivery) }
                             self.counters.withLock { $0.inFlight -= 1 }
                         }
                     }
@@ -213,20 +209,23 @@ public final class Worker: Service, Sendable {
         }
     }
 
-    /// Moves a redelivered task message to its queue's isolation lane: publishes a copy there,
-    /// and acks the original once the broker has confirmed the copy.
+    /// Moves a task message redelivered from a work queue to that queue's isolation lane:
+    /// publishes a copy there, and acks the original once the broker has confirmed the copy.
+    /// Returns whether it took the message (moved, or left for redelivery at shutdown); a
+    /// message it did not take is the caller's to run.
     ///
     /// Why: when a worker dies, the quorum queue returns every message it held, each with its
     /// delivery count + 1, to the head of the queue. Redelivered together, a message that kills
     /// its worker would take its neighbours to the delivery limit with it. In the lane, taken one
     /// at a time (prefetch 1), it dies alone; an innocent neighbour pays one redelivery, and its
-    /// count starts again in the lane. Returns `false` when the copy was not confirmed (the broker
-    /// is unreachable, the lane is missing): the caller then runs the message here, as before the
-    /// lane existed. During shutdown the message is left unacked for the broker to redeliver.
-    func isolate(_ delivery: AMQPDelivery, to lane: String) async -> Bool {
+    /// count starts again in the lane. Not taken: a first delivery, one from a lane, and a copy
+    /// the broker did not confirm (it is unreachable, the lane is missing), which then runs here
+    /// as before the lane existed.
+    func isolate(_ delivery: AMQPDelivery) async -> Bool {
+        guard delivery.redelivered, let lane = isolationLanes[delivery.queue] else { return false }
         var properties = delivery.properties
         properties.headers["x-delivery-count"] = nil   // the old queue's count; the lane keeps its own
-        properties.headers["x-conveyor-isolated-from"] = .string(delivery.queue)
+        properties.headers[ConveyorTopology.isolatedFromHeader] = .string(delivery.queue)
         do {
             try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: lane, body: delivery.body, properties: properties))
         } catch {

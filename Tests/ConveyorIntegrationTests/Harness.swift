@@ -147,16 +147,17 @@ struct System {
     @discardableResult
     func eventually(timeout: Duration = .seconds(60), _ what: String = "condition", sourceLocation: SourceLocation = #_sourceLocation,
                     _ condition: () async throws -> Bool) async throws -> Bool {
-        if try await poll(timeout: timeout, condition) { return true }
+        if try await Self.poll(timeout: timeout, condition) { return true }
         Issue.record("\(what) did not hold within \(timeout)", sourceLocation: sourceLocation)
         return false
     }
 
-    private func poll(timeout: Duration, _ condition: () async throws -> Bool) async throws -> Bool {
+    /// Polls `condition` every `interval` until it holds (true) or `timeout` passes (false).
+    static func poll(timeout: Duration, every interval: Duration = .milliseconds(100), _ condition: () async throws -> Bool) async throws -> Bool {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if try await condition() { return true }
-            try await Task.sleep(for: .milliseconds(100))
+            try await Task.sleep(for: interval)
         }
         return try await condition()
     }

@@ -112,8 +112,7 @@ struct SchedulingTests {
             let dispatcher = sys.dispatcher { $0.deliveryLimit = 2 }
             let topo = ConveyorTopology(prefix: sys.prefix, deliveryLimit: 2)
             // A "worker" that dies on every delivery: it takes the message and hands it back.
-            let crashing = AMQPConsumer(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
-                                        prefetch: 1, logger: Servers.logger)
+            let crashing = Self.holdingConsumer(sys, topo)
             try await withServices([dispatcher]) {
                 crashing.start(); defer { crashing.stop() }
                 try await crashing.waitUntilConsuming()
@@ -126,6 +125,13 @@ struct SchedulingTests {
         }
     }
 
+    /// A bare consumer of the system's work queue that holds one message at a time and acks
+    /// nothing: a worker that dies (`stop`) or fails (`nack`) with whatever it took.
+    static func holdingConsumer(_ sys: System, _ topo: ConveyorTopology) -> AMQPConsumer {
+        AMQPConsumer(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
+                     prefetch: 1, logger: Servers.logger)
+    }
+
     /// A message handed back by a dying consumer comes back redelivered; the worker moves it to
     /// the queue's isolation lane (confirm, then ack), takes it from there and runs it once; the
     /// message that was never returned runs straight from the work queue.
@@ -135,8 +141,7 @@ struct SchedulingTests {
             let dispatcher = sys.dispatcher()
             let topo = ConveyorTopology(prefix: sys.prefix)
             // A "worker" that dies holding the message: takes it and closes without an ack.
-            let dying = AMQPConsumer(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
-                                     prefetch: 1, logger: Servers.logger)
+            let dying = Self.holdingConsumer(sys, topo)
             try await withServices([dispatcher]) {
                 dying.start()
                 try await dying.waitUntilConsuming()
@@ -152,8 +157,35 @@ struct SchedulingTests {
                 #expect(worker.stats.isolated == 1, "only the returned message went through the lane")
                 #expect(recorder.executions.withLock { $0.values.sorted() } == [1, 1], "each run executed once")
                 #expect(try await sys.count("SELECT count(*) FROM dead_letters") == 0)
-                let inspected = try await AMQPInspector.queues([topo.workQueue(sys.queue), topo.isolationQueue(sys.queue)], configuration: sys.amqp)
-                #expect(inspected.map(\.messages) == [0, 0], "nothing left behind in either queue: \(inspected)")
+                let depth = try await AMQPInspector.workQueues([sys.queue], topology: topo, configuration: sys.amqp)[sys.queue]
+                #expect(depth.map { [$0.ready, $0.isolated] } == [0, 0], "nothing left behind in either queue: \(String(describing: depth))")
+            }
+        }
+    }
+
+    /// When the copy cannot be placed in the lane (here the lane was deleted under a running
+    /// worker, so the broker returns the copy as unroutable), the worker runs the redelivered
+    /// message itself: never dropped, never acked unrun.
+    @Test func aRedeliveredMessageRunsInPlaceWhenItsLaneIsGone() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let topo = ConveyorTopology(prefix: sys.prefix)
+            let dying = Self.holdingConsumer(sys, topo)
+            let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
+            try await withServices([dispatcher]) {
+                dying.start()
+                try await dying.waitUntilConsuming()
+                try await sys.store.createTasks([try sys.task(["name": "returned"])])
+                for await _ in dying.deliveries { break }
+                try await withServices([worker]) {
+                    try await sys.eventually(timeout: .seconds(10), "worker ready") { worker.isReady }
+                    try Servers.rabbitmqctl(["delete_queue", topo.isolationQueue(sys.queue)])
+                    dying.stop()   // the message comes back, redelivered, to the worker
+                    try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1 }
+                }
+                #expect(worker.stats.isolated == 0, "the copy was not confirmed, so nothing counts as moved")
+                #expect(recorder.executions.withLock { $0.values.sorted() } == [1], "run once, here")
             }
         }
     }

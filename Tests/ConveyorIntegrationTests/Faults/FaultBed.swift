@@ -28,7 +28,7 @@ struct OracleCounts: Sendable {
     /// Rows in `dead_letters`.
     var deadLettered = 0
     /// Runs ended `dead`.
-    var dead = 0
+    var dead: Int { states["dead"] ?? 0 }
     /// Sink calls, distinct runs called, and calls beyond one per run.
     var executions = 0
     var executedRuns = 0
@@ -107,16 +107,11 @@ final class FaultBed {
     static func run<T>(_ name: String, sinkHost: String = "127.0.0.5", _ body: (FaultBed) async throws -> T) async throws -> T {
         try await System.with { sys in
             let bed = try await FaultBed(sys: sys, name: name, sinkHost: sinkHost)
-            do {
-                let result = try await body(bed)
-                await bed.stopAll()
-                await bed.sink.close()
-                return result
-            } catch {
-                await bed.stopAll()
-                await bed.sink.close()
-                throw error
-            }
+            let result: Result<T, any Error>
+            do { result = .success(try await body(bed)) } catch { result = .failure(error) }
+            await bed.stopAll()
+            await bed.sink.close()
+            return try result.get()
         }
     }
 
@@ -141,12 +136,7 @@ final class FaultBed {
     /// on its line. Returns whether it held.
     @discardableResult
     func until(_ what: String, timeout: Duration, _ report: inout FaultReport, _ condition: () async throws -> Bool) async throws -> Bool {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if try await condition() { return true }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        let held = try await condition()
+        let held = try await System.poll(timeout: timeout, condition)
         report.require(held, "\(what) did not hold within \(timeout)")
         return held
     }
@@ -375,12 +365,7 @@ final class FaultBed {
     /// became quiet (nil if it never did).
     @discardableResult
     func waitQuiet(timeout: Duration) async throws -> ContinuousClock.Instant? {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if try await unfinished() == 0 { return ContinuousClock.now }
-            try await Task.sleep(for: .milliseconds(250))
-        }
-        return nil
+        try await System.poll(timeout: timeout, every: .milliseconds(250)) { try await unfinished() == 0 } ? ContinuousClock.now : nil
     }
 
     func oracle() async throws -> OracleCounts {
@@ -397,7 +382,6 @@ final class FaultBed {
                   AND coalesce(r.started_at, r.dispatched_at, r.created_at) + make_interval(secs => t.timeout_seconds + 5) < now())
             """)
         c.deadLettered = try await count("SELECT count(*) FROM dead_letters")
-        c.dead = try await count("SELECT count(*) FROM runs WHERE state = 'dead'")
         let calls = counts.calls.withLock { $0 }
         c.executions = calls.values.reduce(0, +)
         c.executedRuns = calls.count

@@ -204,16 +204,11 @@ struct FaultSuite {
             case .killVM, .freezeAndKill: try await FaultBed.services(["start"])
             }
             let reopened = ContinuousClock.now
-            var allReady = false
-            while !allReady, ContinuousClock.now - reopened < .seconds(30) {
-                allReady = await FaultBed.allReady(ports)
-                if !allReady { try await Task.sleep(for: .milliseconds(100)) }
-            }
+            let allReady = try await bed.until("every process ready again", timeout: .seconds(30), &report) { await FaultBed.allReady(ports) }
             report.recovery = allReady ? ContinuousClock.now - reopened : nil
             try await bed.waitQuiet(timeout: .seconds(120))
             report.counts = try await bed.oracle()
             report.standard()
-            report.require(allReady, "not every process was ready again within 30 s")
             report.require((report.recovery ?? .seconds(99)) <= .seconds(5), "reconnect took longer than 5 s")
         }
     }
