@@ -13,9 +13,12 @@ public struct AMQPConfiguration: Sendable {
     public var operationTimeout: Duration = .seconds(10)
     /// Bound on waiting for a publisher confirm. Default 30 s.
     public var confirmTimeout: Duration = .seconds(30)
-    /// Reconnect backoff: base and cap (full jitter). Default 100 ms, 5 s.
+    /// Reconnect backoff: base and cap (full jitter). Default 100 ms, 2 s. The cap bounds how
+    /// long a process waits, after the broker comes back, before its next attempt; 2 s keeps every
+    /// reconnect inside the documented 5 s (docs/reliability.md, scenario 4) with room for a
+    /// consume refused while quorum queues restart. Setting `amqp.reconnect_max_ms`.
     public var reconnectBase: Duration = .milliseconds(100)
-    public var reconnectCap: Duration = .seconds(5)
+    public var reconnectCap: Duration = .seconds(2)
     /// How long start-up waits for a first connection before failing with a clear error. Default 60 s.
     public var connectRetryFor: Duration = .seconds(60)
     /// Connection name for logs.

@@ -84,12 +84,14 @@ public struct WorkerConfiguration: Sendable {
 }
 
 extension AMQPConfiguration {
-    /// `amqp.url` (default `amqp://127.0.0.1:55672/%2F`), `amqp.heartbeat_seconds` (10) and
-    /// `amqp.connect_retry_seconds` (60), from a settings file and the environment.
+    /// `amqp.url` (default `amqp://127.0.0.1:55672/%2F`), `amqp.heartbeat_seconds` (10),
+    /// `amqp.connect_retry_seconds` (60) and `amqp.reconnect_max_ms` (2000), from a settings file
+    /// and the environment.
     public init(settings s: Settings) throws {
         self.init(url: try s.string("amqp.url", default: "amqp://127.0.0.1:55672/%2F"))
         heartbeat = .seconds(try s.int("amqp.heartbeat_seconds", default: 10, range: 0...600))
         connectRetryFor = .seconds(try s.int("amqp.connect_retry_seconds", default: 60, range: 0...3600))
+        reconnectCap = try s.milliseconds("amqp.reconnect_max_ms", default: 2_000, range: 100...60_000)
         try validate()
     }
 }

@@ -1,3 +1,4 @@
+import ConveyorAMQP
 import ConveyorConfig
 import ConveyorCore
 import ConveyorWorker
@@ -31,6 +32,18 @@ import Testing
         }
         let zero = try await Settings.load(file: nil, environment: ["CONVEYOR_WORKER_CONCURRENCY": "0"])
         #expect(throws: ValidationError.self) { try WorkerConfiguration(settings: zero) }
+    }
+
+    @Test func theReconnectCapComesFromSettingsAndIsBounded() async throws {
+        let none = try await Settings.load(file: nil, environment: [:])
+        #expect(try AMQPConfiguration(settings: none).reconnectCap == .seconds(2), "the default keeps a reconnect within 5 s of the broker's return")
+        let set = try await Settings.load(file: nil, environment: ["CONVEYOR_AMQP_RECONNECT_MAX_MS": "750"])
+        #expect(try AMQPConfiguration(settings: set).reconnectCap == .milliseconds(750))
+        let tiny = try await Settings.load(file: nil, environment: ["CONVEYOR_AMQP_RECONNECT_MAX_MS": "5"])
+        #expect { try AMQPConfiguration(settings: tiny) } throws: { e in
+            let text = "\(e)"
+            return text.contains("amqp.reconnect_max_ms") && text.contains("5") && text.contains("from 100 to 60000")
+        }
     }
 
     @Test func malformedYAMLIsAClearError() async throws {
