@@ -21,13 +21,22 @@ public struct AMQPConfiguration: Sendable {
     public var reconnectCap: Duration = .seconds(2)
     /// How long start-up waits for a first connection before failing with a clear error. Default 60 s.
     public var connectRetryFor: Duration = .seconds(60)
-    /// Connection name for logs.
+    /// Connection name: the broker shows it (`rabbitmqctl list_connections client_properties`,
+    /// the management UI's "Client-provided name"), e.g. `worker w1 work` or
+    /// `dispatcher host-123 publish`.
     public var name: String = "conveyor"
     /// Test only (the fault suite's negative control): a publish counts as confirmed once it is
     /// written to the socket, without waiting for the broker. Never set in production.
     public var publishWithoutConfirms = false
 
     public init(url: String) { self.url = url }
+
+    /// The same settings under another connection name.
+    public func named(_ name: String) -> AMQPConfiguration {
+        var c = self
+        c.name = name
+        return c
+    }
 
     struct Endpoint: Sendable {
         var host: String, port: Int, vhost: String, user: String, password: String

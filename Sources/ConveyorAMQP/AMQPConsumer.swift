@@ -208,7 +208,7 @@ public final class AMQPConsumer: Sendable {
                     let rc = amqp_simple_wait_frame_noblock(session.conn, &frame, &tv)
                     if rc == AMQP_STATUS_TIMEOUT.rawValue { break }
                     if rc != AMQP_STATUS_OK.rawValue { return AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc))) }
-                    if let e = handleStray(frame) { return e }
+                    if let e = handleStray(frame, cancelling: cancelled) { return e }
                     continue
                 }
                 if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION {
@@ -219,11 +219,19 @@ public final class AMQPConsumer: Sendable {
         }
     }
 
-    private func handleStray(_ frame: amqp_frame_t) -> AMQPError? {
+    /// A method frame other than a delivery. A `basic.cancel` from the broker (we announce
+    /// `consumer_cancel_notify`) means a queue was deleted under its consumer: reconnecting
+    /// declares the queue again and resumes every consumer. Left alone, the consumer would stay
+    /// silent until the connection broke for another reason.
+    private func handleStray(_ frame: amqp_frame_t, cancelling: Bool) -> AMQPError? {
         guard frame.frame_type == UInt8(AMQP_FRAME_METHOD) else { return nil }
         let id = frame.payload.method.id
         if id == CRabbitMQ_CHANNEL_CLOSE_METHOD || id == CRabbitMQ_CONNECTION_CLOSE_METHOD {
             return AMQPSession.closeError(id: id, decoded: frame.payload.method.decoded, what: "consumer")
+        }
+        if id == CRabbitMQ_BASIC_CANCEL_METHOD, !cancelling, let decoded = frame.payload.method.decoded {
+            let tag = decoded.assumingMemoryBound(to: amqp_basic_cancel_t.self).pointee.consumer_tag.string
+            return AMQPError(code: .consumerCancelled, message: "the broker cancelled the consumer of queue '\(tag)' (the queue was deleted?); reconnecting declares it again")
         }
         return nil
     }

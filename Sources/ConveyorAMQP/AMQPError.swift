@@ -2,7 +2,7 @@
 public struct AMQPError: Error, Sendable, CustomStringConvertible {
     public struct Code: Sendable, Hashable, CustomStringConvertible {
         enum Base: String, Sendable {
-            case connection, notConnected, closedByBroker, timeout, nacked, unroutable, invalidURL, stopped, protocolError
+            case connection, notConnected, closedByBroker, consumerCancelled, timeout, nacked, unroutable, invalidURL, stopped, protocolError
         }
         let base: Base
         /// The TCP connection or the login failed, or the socket broke.
@@ -11,6 +11,9 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
         public static let notConnected = Code(base: .notConnected)
         /// The broker closed the channel or connection (see `replyCode`).
         public static let closedByBroker = Code(base: .closedByBroker)
+        /// The broker cancelled a consumer (`basic.cancel`: its queue was deleted). The consumer
+        /// reconnects, which declares the queue again.
+        public static let consumerCancelled = Code(base: .consumerCancelled)
         /// No confirm or reply within the configured timeout.
         public static let timeout = Code(base: .timeout)
         /// The broker refused the message (basic.nack): it was not stored.
@@ -40,7 +43,7 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
     /// Whether the same call may succeed later (after a reconnect).
     public var isRetriable: Bool {
         switch code.base {
-        case .connection, .notConnected, .closedByBroker, .timeout, .nacked: true
+        case .connection, .notConnected, .closedByBroker, .consumerCancelled, .timeout, .nacked: true
         case .unroutable, .invalidURL, .stopped, .protocolError: false
         }
     }

@@ -31,12 +31,16 @@ public struct AMQPOutgoingMessage: Sendable {
     public var routingKey: String
     public var body: [UInt8]
     public var properties: AMQPProperties
+    /// Whether a message no queue takes fails as `.unroutable` (the default) instead of being
+    /// dropped by the broker.
+    public var mandatory: Bool
 
-    public init(exchange: String, routingKey: String, body: [UInt8], properties: AMQPProperties) {
+    public init(exchange: String, routingKey: String, body: [UInt8], properties: AMQPProperties, mandatory: Bool = true) {
         self.exchange = exchange
         self.routingKey = routingKey
         self.body = body
         self.properties = properties
+        self.mandatory = mandatory
     }
 }
 

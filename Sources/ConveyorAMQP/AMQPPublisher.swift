@@ -1,3 +1,4 @@
+import CoreMetrics
 import CRabbitMQ
 import Foundation
 public import Logging
@@ -33,6 +34,15 @@ public final class AMQPPublisher: Sendable {
         self.topology = Mutex(topology)
         self.window = window
         self.logger = logger
+        Self.blockedGauge.record(0)
+    }
+
+    /// 1 while the broker blocks this process's publishing (a memory or disk alarm), else 0.
+    static let blockedGauge = CoreMetrics.Gauge(label: "conveyor_amqp_blocked")
+
+    private func setBlocked(_ value: Bool) {
+        blocked.store(value, ordering: .relaxed)
+        Self.blockedGauge.record(value ? 1 : 0)
     }
 
     /// Whether a connection is up (readiness).
@@ -121,6 +131,8 @@ public final class AMQPPublisher: Sendable {
             }
             if attempt > 0 || generation > 1 { owner.reconnected() }
             attempt = 0
+            // A new connection starts unblocked; the broker says so again if its alarm still holds.
+            setBlocked(false)
             connected.store(true, ordering: .relaxed)
             logger.info("amqp publisher connected", metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
             let error = serve(session)
@@ -198,7 +210,7 @@ public final class AMQPPublisher: Sendable {
             // Publish while the window has room.
             while inflight.count < window, let batch = queued.first {
                 let index = batch.cursor
-                let status = session.publish(batch.messages[index], mandatory: true)
+                let status = session.publish(batch.messages[index], mandatory: batch.messages[index].mandatory)
                 if status != AMQP_STATUS_OK.rawValue {
                     let e = AMQPError(code: .connection, message: "publish failed: \(String(cString: amqp_error_string2(status)))")
                     failAll(e)
@@ -252,10 +264,13 @@ public final class AMQPPublisher: Sendable {
                         amqp_destroy_message(&message)
                     }
                 case CRabbitMQ_CONNECTION_BLOCKED_METHOD:
-                    blocked.store(true, ordering: .relaxed)
-                    logger.warning("broker blocked publishing (resource alarm)")
+                    let reason = decoded.map { $0.assumingMemoryBound(to: amqp_connection_blocked_t.self).pointee.reason.string } ?? ""
+                    setBlocked(true)
+                    logger.warning("broker blocked publishing (resource alarm)", metadata: ["amqp.reason": "\(reason)"])
                 case CRabbitMQ_CONNECTION_UNBLOCKED_METHOD:
-                    blocked.store(false, ordering: .relaxed)
+                    setBlocked(false)
+                    // The confirm timeout counts from now: time spent blocked is the alarm's, not a sign of a dead connection.
+                    for i in inflight.indices { inflight[i].sentAt = clock.now }
                     logger.info("broker unblocked publishing")
                 case CRabbitMQ_CHANNEL_CLOSE_METHOD, CRabbitMQ_CONNECTION_CLOSE_METHOD:
                     let e = AMQPSession.closeError(id: id, decoded: decoded, what: "publisher")

@@ -32,7 +32,7 @@ final class AMQPSession {
             _ = amqp_set_handshake_timeout(conn, &tv)
             _ = amqp_set_rpc_timeout(conn, &tv)
             let heartbeat = Int32(configuration.heartbeat.components.seconds)
-            let login = CRabbitMQ_login_plain(conn, ep.vhost, 0, 131_072, heartbeat, ep.user, ep.password)
+            let login = CRabbitMQ_login_plain(conn, ep.vhost, 0, 131_072, heartbeat, ep.user, ep.password, configuration.name)
             try Self.check(login, "login to \(configuration.redactedURL)")
             amqp_channel_open(conn, channel)
             try Self.check(amqp_get_rpc_reply(conn), "channel.open")

@@ -12,6 +12,9 @@ import Foundation
 ///   see loss; it breaks the delivery guarantee on purpose.
 /// - `worker-crash-on-task=NAME`: a worker kills itself (SIGKILL) when it is about to execute a
 ///   run of the task named NAME (a poison task that takes the process down).
+/// - `isolation-unroutable`: a worker addresses its copies for the isolation lane to a queue that
+///   does not exist, so the broker returns them (unroutable) and the worker must run the
+///   redelivered message in place.
 public struct FaultInjection: Sendable, Equatable {
     public enum CrashPoint: String, Sendable, CaseIterable {
         case afterClaim = "after-claim"
@@ -22,6 +25,7 @@ public struct FaultInjection: Sendable, Equatable {
     public var dispatcherCrash: CrashPoint?
     public var publishWithoutConfirms = false
     public var workerCrashOnTask: String?
+    public var isolationUnroutable = false
 
     public init() {}
 
@@ -50,9 +54,11 @@ public struct FaultInjection: Sendable, Equatable {
                 f.publishWithoutConfirms = true
             case ("worker-crash-on-task", let name?) where !name.isEmpty:
                 f.workerCrashOnTask = name
+            case ("isolation-unroutable", nil):
+                f.isolationUnroutable = true
             default:
                 throw ValidationError(field: variable, value: item,
-                                      hint: "a test-only list of dispatcher-crash=after-claim|after-publish|mid-batch, no-confirms, worker-crash-on-task=NAME; leave it unset in production")
+                                      hint: "a test-only list of dispatcher-crash=after-claim|after-publish|mid-batch, no-confirms, worker-crash-on-task=NAME, isolation-unroutable; leave it unset in production")
             }
         }
         return f

@@ -31,6 +31,8 @@ public final class Dispatcher: Service, Sendable {
     let declaredQueues: Mutex<Set<String>>
     let counters = Mutex(Counters())
     let stopping = Atomic<Bool>(false)
+    /// An alarm probe is in flight (see `probeForAlarms`).
+    let probing = Atomic<Bool>(false)
     /// Runs this dispatcher created since its last `ANALYZE` (see `refreshStatisticsAfterBursts`).
     let createdSinceAnalyze = Atomic<Int>(0)
 
@@ -64,15 +66,15 @@ public final class Dispatcher: Service, Sendable {
         self.logger = logger
         let topology = ConveyorTopology(prefix: configuration.prefix, deliveryLimit: configuration.deliveryLimit)
         self.topology = topology
-        var pubConfig = amqp
-        pubConfig.name = "dispatcher-publish"
+        let named = "dispatcher \(ProcessInfo.processInfo.hostName)-\(getpid())"
+        var pubConfig = amqp.named("\(named) publish")
         pubConfig.publishWithoutConfirms = configuration.faults.publishWithoutConfirms
         publisher = AMQPPublisher(configuration: pubConfig,
                                   topology: topology.work(queues: configuration.queues).merging(topology.status).merging(topology.controlPublish),
                                   window: 1024, logger: logger)
-        statusConsumer = AMQPConsumer(configuration: amqp, topology: topology.status, queues: [topology.statusQueue],
+        statusConsumer = AMQPConsumer(configuration: amqp.named("\(named) status"), topology: topology.status, queues: [topology.statusQueue],
                                       prefetch: UInt16(min(configuration.statusBatchSize * 2, 60_000)), logger: logger)
-        deadConsumer = AMQPConsumer(configuration: amqp, topology: topology.base, queues: [topology.deadQueue], prefetch: 200, logger: logger)
+        deadConsumer = AMQPConsumer(configuration: amqp.named("\(named) dead"), topology: topology.base, queues: [topology.deadQueue], prefetch: 200, logger: logger)
         listener = databaseURL.map { PostgresListener(url: $0, channels: ["conveyor_due"], logger: logger) }
         declaredQueues = Mutex(Set(configuration.queues))
     }

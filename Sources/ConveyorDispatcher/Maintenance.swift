@@ -14,7 +14,16 @@ extension Dispatcher {
         var lastPurge = ContinuousClock.now
         var lastAnalyze = ContinuousClock.now - .seconds(3600)
         var lastDepths = ContinuousClock.now - .seconds(3600)
+        // Since when this dispatcher can hear worker heartbeats: its status consumer connected,
+        // and the broker taking its publishes (an alarm blocks the workers' heartbeats too).
+        // Workers are judged only on silence within that span.
+        var listeningSince: ContinuousClock.Instant?
         while !stopping.load(ordering: .relaxed) {
+            if statusConsumer.isConnected, await brokerTakesPublishes(within: .seconds(1)) {
+                if listeningSince == nil { listeningSince = .now }
+            } else {
+                listeningSince = nil
+            }
             await refreshStatisticsAfterBursts(last: &lastAnalyze)
             if ContinuousClock.now - lastDepths > .seconds(15) {
                 lastDepths = ContinuousClock.now
@@ -27,7 +36,8 @@ extension Dispatcher {
                     counters.withLock { $0.lost += lost; $0.retried += settled.retried; $0.dead += settled.dead }
                     wakeup.signal()
                 }
-                let gone = try await store.declareLostWorkers(missed: configuration.workerLostAfterMissed)
+                let heardFor = listeningSince.map { (ContinuousClock.now - $0).inSeconds } ?? 0
+                let gone = try await store.declareLostWorkers(missed: configuration.workerLostAfterMissed, heardFor: heardFor)
                 if !gone.workers.isEmpty || gone.runs > 0 {
                     logger.warning("workers declared lost: no heartbeat for \(configuration.workerLostAfterMissed) intervals", metadata: [
                         "workers": "\(gone.workers)", "runs.lost": "\(gone.runs)", "retried": "\(gone.settled.retried)"])
@@ -48,6 +58,29 @@ extension Dispatcher {
             }
             await maintenanceWakeup.wait(timeout: configuration.maintenanceInterval)
         }
+    }
+
+    /// Whether the broker takes this dispatcher's publishes now: a probe, an empty non-mandatory
+    /// message to a queue that does not exist (the broker confirms and drops it), is confirmed
+    /// within `timeout`.
+    ///
+    /// Why a probe: RabbitMQ blocks a connection for a memory or disk alarm only once it
+    /// publishes. A dispatcher with nothing to dispatch would not hear of an alarm that blocks
+    /// every worker's heartbeats, and would take their silence for death. At most one probe is in
+    /// flight; during an alarm it waits, blocked, until the alarm clears, and every tick meanwhile
+    /// answers false at once.
+    func brokerTakesPublishes(within timeout: Duration) async -> Bool {
+        guard publisher.isConnected, !publisher.isBlocked,
+              probing.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return false }
+        let probe = AMQPOutgoingMessage(exchange: "", routingKey: "\(configuration.prefix).alarm-probe", body: [],
+                                        properties: AMQPProperties(persistent: false), mandatory: false)
+        let confirmed = Wakeup()
+        Task {
+            let result = await publisher.publish([probe])
+            probing.store(false, ordering: .relaxed)
+            if case .success = result.first { confirmed.signal() }
+        }
+        return await confirmed.wait(timeout: timeout)
     }
 
     /// The broker's ready messages per work queue this dispatcher publishes to, its isolation

@@ -349,15 +349,21 @@ extension Store {
     /// long): nobody else will redeliver those, so they are ended `lost` and retried by policy.
     /// A lost worker's other runs are still unacknowledged: the broker redelivers them when it
     /// drops the worker's connection, and retrying them here as well would run them twice.
-    public func declareLostWorkers(missed: Int, limit: Int = 500) async throws -> (workers: [String], runs: Int, settled: SettleResult) {
+    ///
+    /// `heardFor` is how long, in seconds, the caller has been able to hear heartbeats (its
+    /// broker link up and not blocked). A worker is judged only when that covers its `missed`
+    /// intervals: silence while the caller could not listen, or while a broker alarm blocked every
+    /// publisher, says nothing about the worker.
+    public func declareLostWorkers(missed: Int, heardFor: Double = .greatestFiniteMagnitude, limit: Int = 500) async throws -> (workers: [String], runs: Int, settled: SettleResult) {
         try await pool.withTransaction { c in
             let workers = try await c.query("""
                 UPDATE workers SET state = 'lost', lost_at = now()
                 WHERE id IN (SELECT id FROM workers WHERE state = 'active'
                              AND last_heartbeat < now() - make_interval(secs => heartbeat_interval_ms * $1 / 1000.0)
+                             AND heartbeat_interval_ms * $1 / 1000.0 < $2::float8
                              FOR UPDATE SKIP LOCKED)
                 RETURNING id
-                """, [missed]).rows.compactMap { $0[0] }
+                """, [missed, min(heardFor, 1e12)]).rows.compactMap { $0[0] }
             // Also the detached runs of workers declared lost earlier (a dispatcher that died
             // between the two statements, or more runs than `limit`).
             let ended = try await c.query("""

@@ -61,14 +61,15 @@ public final class Worker: Service, Sendable {
         self.topology = topology
         let work = topology.work(queues: configuration.queues)
         let prefetch = UInt16(min(configuration.concurrency, 65_535))
+        let named = "worker \(configuration.id)"
         consumer = AMQPConsumer(
-            configuration: amqp, topology: work,
+            configuration: amqp.named("\(named) work"), topology: work,
             subscriptions: configuration.queues.map { .init(queue: topology.workQueue($0), prefetch: prefetch) }
                 + configuration.queues.map { .init(queue: topology.isolationQueue($0), prefetch: 1) },
             logger: logger)
         isolationLanes = Dictionary(uniqueKeysWithValues: configuration.queues.map { (topology.workQueue($0), topology.isolationQueue($0)) })
-        publisher = AMQPPublisher(configuration: amqp, topology: topology.status, window: 1024, logger: logger)
-        control = AMQPConsumer(configuration: amqp, topology: topology.control(worker: configuration.id),
+        publisher = AMQPPublisher(configuration: amqp.named("\(named) status"), topology: topology.status, window: 1024, logger: logger)
+        control = AMQPConsumer(configuration: amqp.named("\(named) control"), topology: topology.control(worker: configuration.id),
                                queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
     }
 
@@ -227,7 +228,8 @@ public final class Worker: Service, Sendable {
         properties.headers["x-delivery-count"] = nil   // the old queue's count; the lane keeps its own
         properties.headers[ConveyorTopology.isolatedFromHeader] = .string(delivery.queue)
         do {
-            try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: lane, body: delivery.body, properties: properties))
+            let target = configuration.faults.isolationUnroutable ? "\(lane).missing" : lane
+            try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: target, body: delivery.body, properties: properties))
         } catch {
             if error.code == .stopped || Task.isCancelled { return true }
             logger.warning("redelivered task message not moved to the isolation lane; running it here", metadata: [

@@ -206,14 +206,15 @@ import Tracing
     @Test func parsesTheTestOnlySwitches() throws {
         #expect(try FaultInjection.parse(nil).isEmpty)
         #expect(try FaultInjection.parse("").isEmpty)
-        let f = try FaultInjection.parse("dispatcher-crash=mid-batch, no-confirms,worker-crash-on-task=crasher-0")
+        let f = try FaultInjection.parse("dispatcher-crash=mid-batch, no-confirms,worker-crash-on-task=crasher-0,isolation-unroutable")
         #expect(f.dispatcherCrash == .midBatch)
         #expect(f.publishWithoutConfirms)
         #expect(f.workerCrashOnTask == "crasher-0")
+        #expect(f.isolationUnroutable)
     }
 
     @Test func refusesAnythingElseNamingTheItem() {
-        for bad in ["bogus", "dispatcher-crash=sometime", "no-confirms=yes", "worker-crash-on-task=", "dispatcher-crash"] {
+        for bad in ["bogus", "dispatcher-crash=sometime", "no-confirms=yes", "worker-crash-on-task=", "dispatcher-crash", "isolation-unroutable=1"] {
             #expect(throws: ValidationError.self) { try FaultInjection.parse(bad) }
             do { _ = try FaultInjection.parse(bad) } catch {
                 #expect(error.field == "CONVEYOR_TEST_FAULTS" && "\(error)".contains("leave it unset in production") || "\(error)".contains("dispatcher-crash is one of"),

@@ -117,6 +117,74 @@ struct AMQPTests {
         con.ack(d)
     }
 
+    /// A queue deleted under its consumer: the broker sends `basic.cancel` (we announce
+    /// `consumer_cancel_notify`), and the consumer reconnects, which declares the queue and its
+    /// binding again. Without that it would sit silent on a dead consumer until its connection
+    /// broke for another reason, and the publish below would be unroutable.
+    @Test func aConsumerWhoseQueueIsDeletedReconnectsAndDeclaresItAgain() async throws {
+        let (t, topo, cfg) = try make(Servers.uniquePrefix())
+        let con = AMQPConsumer(configuration: cfg, topology: topo, queues: [t.workQueue("default")], prefetch: 10, logger: Servers.logger)
+        con.start(); defer { con.stop() }
+        try await con.waitUntilConsuming()
+
+        _ = try Servers.rabbitmqctl(["delete_queue", t.workQueue("default")])
+        let deadline = ContinuousClock.now + .seconds(10)
+        while (con.reconnectCount == 0 || !con.isConsuming) && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(con.reconnectCount >= 1, "the consumer did not notice its queue was deleted")
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        try await pub.publish(message(t, 7))   // the new publisher declares the queue too
+        let d = try #require(await Self.next(con, within: .seconds(10)), "the consumer never took from the queue declared again")
+        #expect(d.properties.messageID == "id-7")
+        con.ack(d)
+    }
+
+    /// The consumer's next delivery, or nil after `within` (a silent consumer fails the test
+    /// instead of hanging it).
+    static func next(_ con: AMQPConsumer, within: Duration) async -> AMQPDelivery? {
+        await withTaskGroup(of: AMQPDelivery?.self) { group in
+            group.addTask { for await d in con.deliveries { return d }; return nil }
+            group.addTask { try? await Task.sleep(for: within); return nil }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+    }
+
+    /// A broker memory alarm: the broker sends `connection.blocked` (we announce the capability),
+    /// the publisher says it is blocked, its publish waits unconfirmed instead of timing out, and
+    /// all of it clears with the alarm.
+    @Test func aMemoryAlarmBlocksThePublisherUntilItClears() async throws {
+        var (t, topo, cfg) = try make(Servers.uniquePrefix())
+        cfg.confirmTimeout = .seconds(2)   // shorter than the alarm: a blocked publish must not time out
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start(); defer { pub.stop() }
+        try await pub.waitUntilConnected()
+        #expect(!pub.isBlocked)
+
+        _ = try Servers.rabbitmqctl(["set_vm_memory_high_watermark", "0.000001"])
+        var cleared = false
+        defer { if !cleared { _ = try? Servers.rabbitmqctl(["set_vm_memory_high_watermark", "0.4"]) } }
+        let publish = Task { await pub.publish([message(t, 5)]) }
+        var deadline = ContinuousClock.now + .seconds(15)
+        while !pub.isBlocked && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(pub.isBlocked, "no connection.blocked within 15 s of the alarm")
+        try await Task.sleep(for: .seconds(3))   // past the confirm timeout
+        #expect(pub.isConnected, "the blocked publisher gave up its connection")
+
+        _ = try Servers.rabbitmqctl(["set_vm_memory_high_watermark", "0.4"])
+        cleared = true
+        let results = await publish.value
+        #expect((try? results[0].get()) != nil, "the publish held through the alarm was not confirmed: \(results)")
+        deadline = ContinuousClock.now + .seconds(15)
+        while pub.isBlocked && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(!pub.isBlocked)
+        #expect(pub.reconnectCount == 0)
+    }
+
     @Test func unreachableBrokerFailsFastWithNotConnected() async throws {
         let t = ConveyorTopology(prefix: Servers.uniquePrefix())
         var cfg = AMQPConfiguration(url: "amqp://guest:hunter2@127.0.0.1:1/%2F")

@@ -40,6 +40,23 @@ struct FleetTests {
         }
     }
 
+    /// Silence is judged only over the span the dispatcher could hear heartbeats (`heardFor`):
+    /// a worker silent for 10 s is not declared lost by a dispatcher that has listened for 1 s
+    /// (its broker link just came back, or a broker alarm just cleared), and is once the
+    /// dispatcher has listened for its three intervals.
+    @Test func workersAreJudgedOnlyOnSilenceTheDispatcherCouldHear() async throws {
+        try await System.with { sys in
+            try await sys.store.recordHeartbeats([HeartbeatMessage(workerID: "quiet", host: "h", queues: [sys.queue], executors: ["noop"],
+                                                                   concurrency: 1, inFlight: [], intervalSeconds: 1)])
+            #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '10 seconds' WHERE id = 'quiet' RETURNING id").count == 1)
+            let early = try await sys.store.declareLostWorkers(missed: 3, heardFor: 1)
+            #expect(early.workers.isEmpty, "declared lost after listening 1 s, though 3 intervals are 3 s")
+            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'quiet' AND state = 'active'") == 1)
+            let judged = try await sys.store.declareLostWorkers(missed: 3, heardFor: 3.5)
+            #expect(judged.workers == ["quiet"])
+        }
+    }
+
     /// A worker killed while it runs a detached (already acknowledged) run: the broker cannot
     /// redeliver it, so the dispatcher declares the silent worker lost and retries the run.
     @Test func aSilentWorkersDetachedRunIsRetriedOnce() async throws {

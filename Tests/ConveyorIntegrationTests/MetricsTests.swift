@@ -62,7 +62,7 @@ struct MetricsTests {
                                  ("conveyor_retries_total", "counter"), ("conveyor_runs_dead_total", "counter"),
                                  ("conveyor_queue_depth", "gauge"), ("conveyor_queue_consumers", "gauge"),
                                  ("conveyor_db_pool_wait_seconds", "histogram"), ("conveyor_db_pool_in_use", "gauge"),
-                                 ("conveyor_amqp_reconnects_total", "counter")] {
+                                 ("conveyor_amqp_reconnects_total", "counter"), ("conveyor_amqp_blocked", "gauge")] {
                 #expect(d[name]?.type == type, "dispatcher \(name): \(d[name].map { "\($0)" } ?? "missing")")
             }
             #expect(d["conveyor_dispatched_runs_total"]?.samples.contains("conveyor_dispatched_runs_total{queue=\"\(sys.queue)\",priority=\"normal\"} 22") == true,

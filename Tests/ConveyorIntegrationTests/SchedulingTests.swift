@@ -163,16 +163,18 @@ struct SchedulingTests {
         }
     }
 
-    /// When the copy cannot be placed in the lane (here the lane was deleted under a running
-    /// worker, so the broker returns the copy as unroutable), the worker runs the redelivered
-    /// message itself: never dropped, never acked unrun.
-    @Test func aRedeliveredMessageRunsInPlaceWhenItsLaneIsGone() async throws {
+    /// When the broker will not take the copy into the lane, the worker runs the redelivered
+    /// message itself: never dropped, never acked unrun. Here the broker returns the copy as
+    /// unroutable (the test-only switch `isolation-unroutable` addresses it to a queue that does
+    /// not exist). A lane deleted by hand no longer does this: the worker's consumer is told
+    /// (`basic.cancel`) and declares the lane again (`AMQPTests`).
+    @Test func aRedeliveredMessageRunsInPlaceWhenTheBrokerRefusesTheCopy() async throws {
         try await System.with { sys in
             let recorder = Recorder()
             let dispatcher = sys.dispatcher()
             let topo = ConveyorTopology(prefix: sys.prefix)
             let dying = Self.holdingConsumer(sys, topo)
-            let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
+            let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)]) { $0.faults.isolationUnroutable = true }
             try await withServices([dispatcher]) {
                 dying.start()
                 try await dying.waitUntilConsuming()
@@ -180,7 +182,6 @@ struct SchedulingTests {
                 for await _ in dying.deliveries { break }
                 try await withServices([worker]) {
                     try await sys.eventually(timeout: .seconds(10), "worker ready") { worker.isReady }
-                    try Servers.rabbitmqctl(["delete_queue", topo.isolationQueue(sys.queue)])
                     dying.stop()   // the message comes back, redelivered, to the worker
                     try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1 }
                 }

@@ -591,6 +591,15 @@ struct FaultSuite {
             report.standard()
             report.notes.append(String(format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared", startMB, peak, duringAlarm))
             report.require(peak < startMB + 100, "dispatcher memory grew by more than 100 MB during the alarm")
+            report.require(duringAlarm < n, "the burst had ended before the alarm: the scenario tested nothing")
+            // The dispatchers were told (connection.blocked) and paused, and did not take the
+            // workers' silence (their heartbeats were blocked too) for their death.
+            let logs = ["d1", "d2"].map { (try? String(contentsOfFile: bed.logPath($0), encoding: .utf8)) ?? "" }
+            let told = logs.filter { $0.contains("broker blocked publishing") && $0.contains("broker unblocked publishing") }.count
+            let lostLines = logs.map { $0.components(separatedBy: "workers declared lost").count - 1 }.reduce(0, +)
+            report.notes.append("dispatchers told of the alarm: \(told) of 2; workers declared lost: \(lostLines)")
+            report.require(told == 2, "\(told) of 2 dispatchers logged connection.blocked and connection.unblocked")
+            report.require(lostLines == 0, "workers were declared lost while the alarm blocked their heartbeats")
         }
     }
 
