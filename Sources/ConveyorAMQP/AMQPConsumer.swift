@@ -34,6 +34,9 @@ public final class AMQPConsumer: Sendable {
         case ack(tag: UInt64, generation: UInt64, multiple: Bool)
         case reject(tag: UInt64, generation: UInt64, requeue: Bool)
         case nack(tag: UInt64, generation: UInt64, multiple: Bool, requeue: Bool)
+        /// Resumed once every command queued before it has been written to the socket (or
+        /// dropped with its connection).
+        case barrier(CheckedContinuation<Void, Never>)
     }
 
     /// A queue to consume and how many of its deliveries may be unacknowledged at once.
@@ -86,6 +89,12 @@ public final class AMQPConsumer: Sendable {
 
     public func nack(_ d: AMQPDelivery, multiple: Bool, requeue: Bool) {
         send(.nack(tag: d.deliveryTag, generation: d.generation, multiple: multiple, requeue: requeue))
+    }
+
+    /// Returns once every ack, reject and nack queued before this call has been written to the
+    /// broker's socket, or dropped because its connection is gone (then the broker redelivers).
+    public func flush() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in send(.barrier(c)) }
     }
 
     private func send(_ c: Command) {
@@ -141,7 +150,7 @@ public final class AMQPConsumer: Sendable {
             let error = serve(session)
             connected.store(false, ordering: .relaxed)
             consuming.store(false, ordering: .relaxed)
-            commands.withLock { $0.removeAll() }   // tags of this connection are void now
+            dropCommands()   // tags of this connection are void now
             if let error {
                 owner.failed(error)
                 logger.warning("amqp consumer connection lost", metadata: ["error": "\(error)"])
@@ -152,7 +161,13 @@ public final class AMQPConsumer: Sendable {
                 session.close()
             }
         }
+        dropCommands()
         continuation.finish()
+    }
+
+    /// Forgets the queued commands, resuming any barrier among them.
+    private func dropCommands() {
+        for case .barrier(let c) in commands.withLock({ c in defer { c = [] }; return c }) { c.resume() }
     }
 
     private func serve(_ session: AMQPSession) -> AMQPError? {
@@ -239,9 +254,12 @@ public final class AMQPConsumer: Sendable {
     @discardableResult
     private func applyCommands(_ session: AMQPSession) -> AMQPError? {
         let pending = commands.withLock { c in defer { c = [] }; return c }
-        for c in pending {
+        for (i, c) in pending.enumerated() {
             var rc: Int32 = 0
             switch c {
+            case .barrier(let waiter):
+                waiter.resume()
+                continue
             case .ack(let tag, let gen, let multiple):
                 guard gen == session.generation else { continue }
                 rc = amqp_basic_ack(session.conn, session.channel, tag, multiple ? 1 : 0)
@@ -253,6 +271,7 @@ public final class AMQPConsumer: Sendable {
                 rc = amqp_basic_nack(session.conn, session.channel, tag, multiple ? 1 : 0, requeue ? 1 : 0)
             }
             if rc != AMQP_STATUS_OK.rawValue {
+                for case .barrier(let waiter) in pending[(i + 1)...] { waiter.resume() }
                 return AMQPError(code: .connection, message: "ack failed: \(String(cString: amqp_error_string2(rc)))")
             }
         }

@@ -24,6 +24,10 @@ public final class Worker: Service, Sendable {
     let consumer: AMQPConsumer
     /// Each work queue's broker name → its isolation lane.
     let isolationLanes: [String: String]
+    /// The lanes themselves (`isolationLanes`' values).
+    let laneQueues: Set<String>
+    /// Message ids this worker is moving to a lane now (copy published, original not yet acked).
+    let isolating = Mutex<[String: Int]>([:])
     /// This worker's control queue: cancel requests fanned out by dispatchers.
     let control: AMQPConsumer
     let publisher: AMQPPublisher
@@ -68,6 +72,7 @@ public final class Worker: Service, Sendable {
                 + configuration.queues.map { .init(queue: topology.isolationQueue($0), prefetch: 1) },
             logger: logger)
         isolationLanes = Dictionary(uniqueKeysWithValues: configuration.queues.map { (topology.workQueue($0), topology.isolationQueue($0)) })
+        laneQueues = Set(isolationLanes.values)
         publisher = AMQPPublisher(configuration: amqp.named("\(named) status"), topology: topology.status, window: 1024, logger: logger)
         control = AMQPConsumer(configuration: amqp.named("\(named) control"), topology: topology.control(worker: configuration.id),
                                queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
@@ -184,6 +189,7 @@ public final class Worker: Service, Sendable {
                     for await delivery in consumer.deliveries {
                         counters.withLock { $0.inFlight += 1 }
                         group.addTask {
+                            await self.waitForOwnIsolation(of: delivery)
                             if await !self.isolate(delivery) { await self.handle(delivery) }
                             self.counters.withLock { $0.inFlight -= 1 }
                         }
@@ -227,6 +233,9 @@ public final class Worker: Service, Sendable {
         var properties = delivery.properties
         properties.headers["x-delivery-count"] = nil   // the old queue's count; the lane keeps its own
         properties.headers[ConveyorTopology.isolatedFromHeader] = .string(delivery.queue)
+        let id = delivery.properties.messageID ?? ""
+        isolating.withLock { $0[id, default: 0] += 1 }
+        defer { isolating.withLock { $0[id] = $0[id].flatMap { $0 > 1 ? $0 - 1 : nil } } }
         do {
             let target = configuration.faults.isolationUnroutable ? "\(lane).missing" : lane
             try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: target, body: delivery.body, properties: properties))
@@ -237,10 +246,25 @@ public final class Worker: Service, Sendable {
             return false
         }
         consumer.ack(delivery)
+        await consumer.flush()
         counters.withLock { $0.isolated += 1 }
         logger.debug("redelivered task message moved to the isolation lane", metadata: [
             "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)"])
         return true
+    }
+
+    /// A lane delivery of a message this worker is still moving (its copy confirmed, the
+    /// original's ack not yet written) waits until that ack is on the wire. The broker can hand
+    /// the copy to this very worker before the confirm arrives; run at once, a copy that kills
+    /// its worker would take the unacked original back to the work queue, to be copied again:
+    /// one more copy in the lane per crash (a CI run saw four crasher copies dead-lettered from
+    /// the lane and the original from the work queue). Bounded at 5 s.
+    func waitForOwnIsolation(of delivery: AMQPDelivery) async {
+        guard laneQueues.contains(delivery.queue), let id = delivery.properties.messageID else { return }
+        let deadline = ContinuousClock.now + .seconds(5)
+        while isolating.withLock({ $0[id] != nil }), ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
     }
 
     func handle(_ delivery: AMQPDelivery) async {
