@@ -31,7 +31,7 @@ public final class Dispatcher: Service, Sendable {
     let declaredQueues: Mutex<Set<String>>
     let counters = Mutex(Counters())
     let stopping = Atomic<Bool>(false)
-    /// An alarm probe is in flight (see `probeForAlarms`).
+    /// An alarm probe is in flight (see `brokerTakesPublishes`).
     let probing = Atomic<Bool>(false)
     /// Runs this dispatcher created since its last `ANALYZE` (see `refreshStatisticsAfterBursts`).
     let createdSinceAnalyze = Atomic<Int>(0)

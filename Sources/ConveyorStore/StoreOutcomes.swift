@@ -354,7 +354,7 @@ extension Store {
     /// broker link up and not blocked). A worker is judged only when that covers its `missed`
     /// intervals: silence while the caller could not listen, or while a broker alarm blocked every
     /// publisher, says nothing about the worker.
-    public func declareLostWorkers(missed: Int, heardFor: Double = .greatestFiniteMagnitude, limit: Int = 500) async throws -> (workers: [String], runs: Int, settled: SettleResult) {
+    public func declareLostWorkers(missed: Int, heardFor: Double, limit: Int = 500) async throws -> (workers: [String], runs: Int, settled: SettleResult) {
         try await pool.withTransaction { c in
             let workers = try await c.query("""
                 UPDATE workers SET state = 'lost', lost_at = now()
@@ -363,7 +363,7 @@ extension Store {
                              AND heartbeat_interval_ms * $1 / 1000.0 < $2::float8
                              FOR UPDATE SKIP LOCKED)
                 RETURNING id
-                """, [missed, min(heardFor, 1e12)]).rows.compactMap { $0[0] }
+                """, [missed, heardFor]).rows.compactMap { $0[0] }
             // Also the detached runs of workers declared lost earlier (a dispatcher that died
             // between the two statements, or more runs than `limit`).
             let ended = try await c.query("""

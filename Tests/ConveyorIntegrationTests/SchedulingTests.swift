@@ -132,6 +132,16 @@ struct SchedulingTests {
                      prefetch: 1, logger: Servers.logger)
     }
 
+    /// Starts `dying` (a `holdingConsumer`), creates `tasks`, and returns the first message it
+    /// took, held unacked until `dying` stops.
+    static func holdOne(_ dying: AMQPConsumer, _ sys: System, creating tasks: [NewTask]) async throws -> AMQPDelivery? {
+        dying.start()
+        try await dying.waitUntilConsuming()
+        try await sys.store.createTasks(tasks)
+        for await d in dying.deliveries { return d }
+        return nil
+    }
+
     /// A message handed back by a dying consumer comes back redelivered; the worker moves it to
     /// the queue's isolation lane (confirm, then ack), takes it from there and runs it once; the
     /// message that was never returned runs straight from the work queue.
@@ -143,11 +153,7 @@ struct SchedulingTests {
             // A "worker" that dies holding the message: takes it and closes without an ack.
             let dying = Self.holdingConsumer(sys, topo)
             try await withServices([dispatcher]) {
-                dying.start()
-                try await dying.waitUntilConsuming()
-                try await sys.store.createTasks([try sys.task(["name": "returned"]), try sys.task(["name": "fresh"])])
-                var taken: AMQPDelivery?
-                for await d in dying.deliveries { taken = d; break }
+                let taken = try await Self.holdOne(dying, sys, creating: [try sys.task(["name": "returned"]), try sys.task(["name": "fresh"])])
                 #expect(taken?.redelivered == false)
                 dying.stop()
                 let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
@@ -176,10 +182,7 @@ struct SchedulingTests {
             let dying = Self.holdingConsumer(sys, topo)
             let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)]) { $0.faults.isolationUnroutable = true }
             try await withServices([dispatcher]) {
-                dying.start()
-                try await dying.waitUntilConsuming()
-                try await sys.store.createTasks([try sys.task(["name": "returned"])])
-                for await _ in dying.deliveries { break }
+                _ = try await Self.holdOne(dying, sys, creating: [try sys.task(["name": "returned"])])
                 try await withServices([worker]) {
                     try await sys.eventually(timeout: .seconds(10), "worker ready") { worker.isReady }
                     dying.stop()   // the message comes back, redelivered, to the worker
