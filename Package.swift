@@ -176,5 +176,7 @@ for target in package.targets where target.type != .system {
         .enableUpcomingFeature("InternalImportsByDefault"),
         // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0461-async-function-isolation.md
         .enableUpcomingFeature("NonisolatedNonsendingByDefault"),
+        // No warning lives on: every build, the test command's included, fails on one (SE-0480).
+        .treatAllWarnings(as: .error),
     ]
 }

@@ -19,9 +19,8 @@ cp "$BIN/conveyor" "$BIN/conveyorctl" "$OUT/"
 # DWARF debug info is dropped (205 + 136 MB → 126 + 96 MB, measured); the symbol table stays,
 # so a crash backtrace still names its functions. CONVEYOR_KEEP_DEBUG=1 keeps everything.
 if [ "${CONVEYOR_KEEP_DEBUG:-0}" != 1 ]; then
-  STRIP="$(command -v llvm-strip || command -v strip || true)"
-  if [ -n "$STRIP" ]; then "$STRIP" --strip-debug "$OUT/conveyor" "$OUT/conveyorctl"
-  else echo "no strip found: binaries keep their debug info" >&2; fi
+  # binutils' strip (scripts/requirements.tsv; the Swift image has it too).
+  strip --strip-debug "$OUT/conveyor" "$OUT/conveyorctl"
 fi
 for bundle in "$BIN"/*.resources; do
   rm -rf "$OUT/$(basename "$bundle")"

@@ -24,7 +24,7 @@ import time
 
 class Browser:
     def __init__(self):
-        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        exe = shutil.which("chromium")
         if not exe:
             sys.exit("chromium is not installed: apt-get install chromium (scripts/services.sh installs it)")
         self.profile = tempfile.mkdtemp(prefix="conveyor-chromium-")

@@ -8,7 +8,7 @@
 #   scripts/faults.sh --no-build   use the test build already made (scripts/test.sh does)
 #
 # It starts its own PostgreSQL and RabbitMQ under .local/faults, because it restarts, kills and
-# starves them. Their ports, 25432 and 25672 (CONVEYOR_FAULT_PG_PORT, CONVEYOR_FAULT_AMQP_PORT),
+# starves them. Their ports, 26432 and 26672 (CONVEYOR_FAULT_PG_PORT, CONVEYOR_FAULT_AMQP_PORT),
 # sit below Linux's ephemeral range: a client reconnecting while a server is down can otherwise be
 # given the server's port, connect to itself, and keep the server from starting again. The broker
 # listens on every address (one scenario runs a worker in its own network namespace), with a
@@ -29,9 +29,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 export CONVEYOR_LOCAL_DIR="$ROOT/.local/faults"
-export CONVEYOR_PG_PORT="${CONVEYOR_FAULT_PG_PORT:-25432}"
-export CONVEYOR_AMQP_PORT="${CONVEYOR_FAULT_AMQP_PORT:-25672}"
-unset CONVEYOR_AMQP_DIST_PORT CONVEYOR_AMQP_NODE
+export CONVEYOR_PG_PORT="${CONVEYOR_FAULT_PG_PORT:-26432}"
+export CONVEYOR_AMQP_PORT="${CONVEYOR_FAULT_AMQP_PORT:-26672}"
+unset CONVEYOR_AMQP_DIST_PORT CONVEYOR_AMQP_EPMD_PORT CONVEYOR_AMQP_NODE
 export CONVEYOR_AMQP_BIND=0.0.0.0
 export CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS=20000
 mkdir -p "$CONVEYOR_LOCAL_DIR/logs"
@@ -42,9 +42,9 @@ export CI="${CI:-false}"
 export CONVEYOR_FAULT_PROFILE="$PROFILE"
 export CONVEYOR_FAULT_LOGS="$CONVEYOR_LOCAL_DIR/logs"
 export CONVEYOR_FAULT_RESULTS="$CONVEYOR_LOCAL_DIR/results-$PROFILE.txt"
-# Scenario 12 preloads this in front of libfaketime (see the file for why). clang comes with Swift.
+# Scenario 12 preloads this in front of libfaketime (see the file for why).
 export CONVEYOR_FAULT_FAKETIME_SHIM="$CONVEYOR_LOCAL_DIR/faketime_timerfd.so"
-"$(command -v clang || command -v cc)" -shared -fPIC -O2 -o "$CONVEYOR_FAULT_FAKETIME_SHIM" scripts/faketime_timerfd.c
+cc -shared -fPIC -O2 -o "$CONVEYOR_FAULT_FAKETIME_SHIM" scripts/faketime_timerfd.c
 : > "$CONVEYOR_FAULT_RESULTS"
 if [ "$BUILD" = 1 ]; then swift build --build-tests; fi
 status=0

@@ -14,7 +14,12 @@
 # CONVEYOR_AMQP_BIND (127.0.0.1) is the broker's listen address; CONVEYOR_AMQP_CONSUMER_TIMEOUT_MS
 # (one hour) its consumer_timeout.
 #
-# Ports (override with the variables): CONVEYOR_PG_PORT=55432, CONVEYOR_AMQP_PORT=55672.
+# Ports (override with the variables): CONVEYOR_PG_PORT=55432, CONVEYOR_AMQP_PORT=55672, the
+# broker's distribution port CONVEYOR_AMQP_DIST_PORT (AMQP + 1) and its own epmd,
+# CONVEYOR_AMQP_EPMD_PORT (AMQP + 2). None is a port a standard PostgreSQL or RabbitMQ holds
+# (5432, 5672, 15672, 25672, epmd's 4369), so both run beside this pair; each port is checked
+# before a server starts, and a taken one stops the script naming the port, its holder and the
+# variable that moves it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +27,7 @@ LOCAL="${CONVEYOR_LOCAL_DIR:-$ROOT/.local}"
 PG_PORT="${CONVEYOR_PG_PORT:-55432}"
 AMQP_PORT="${CONVEYOR_AMQP_PORT:-55672}"
 DIST_PORT="${CONVEYOR_AMQP_DIST_PORT:-$((AMQP_PORT + 1))}"
+EPMD_PORT="${CONVEYOR_AMQP_EPMD_PORT:-$((AMQP_PORT + 2))}"
 NODE="${CONVEYOR_AMQP_NODE:-conveyor-$AMQP_PORT@localhost}"
 PG_DIR="$LOCAL/pg"
 MQ_DIR="$LOCAL/rabbitmq"
@@ -30,31 +36,34 @@ PG_USER=postgres
 log() { printf '[services] %s\n' "$*" >&2; }
 
 install_packages() {
-  local missing=()
-  command -v pg_config >/dev/null 2>&1 || missing+=(libpq-dev)
-  [ -d /usr/lib/postgresql/15/bin ] || missing+=(postgresql-15)
-  pkg-config --exists libpq 2>/dev/null || missing+=(libpq-dev)
-  pkg-config --exists librabbitmq 2>/dev/null || missing+=(librabbitmq-dev)
-  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
-  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client-15)
-  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-  # The dashboard test drives Debian's chromium headless; the API and broker tests use curl.
-  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-  command -v curl >/dev/null 2>&1 || missing+=(curl)
-  # The deployment files are validated offline (scripts/validate_deploy.py): docker-compose
-  # renders the compose file, kubectl's kustomize renders the overlays.
-  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
-  command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-  # Kubernetes schemas, bundled (no network when validating).
-  if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
-    log "installing kubernetes-validate (PyPI)"
-    python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0 PyYAML >/dev/null
+  # One table of what the scripts, tests and benches need: scripts/requirements.tsv.
+  "$ROOT/scripts/requirements.sh" install
+}
+
+# A port this script is about to listen on must be free, or the server would fail later with a
+# message about something else. Names the port, who holds it (ss -ltnp) and the variable that
+# moves it. A process named in ALLOW (epmd, which any node may share) is no conflict.
+require_free_port() {
+  local port="$1" variable="$2" what="$3" allow="${4:-}" held
+  held="$(ss -Hltnp "sport = :$port" 2>/dev/null || true)"
+  [ -n "$held" ] || return 0
+  if [ -n "$allow" ] && grep -q "\"$allow\"" <<< "$held"; then return 0; fi
+  local who
+  who="$(grep -o 'users:(([^)]*))' <<< "$held" | head -1)"
+  log "cannot start $what: port $port is already in use by ${who:-another process (run as root to see which)}"
+  log "  $(head -1 <<< "$held" | tr -s ' ')"
+  log "  choose another port: $variable=<free port> $0 start  (and the same variable for scripts/test.sh)"
+  exit 1
+}
+
+# Every port of a server that is not running yet, before either starts: a clash stops the
+# script with nothing started.
+require_free_ports() {
+  pg_running || require_free_port "$PG_PORT" CONVEYOR_PG_PORT postgres
+  if ! mq_running; then
+    require_free_port "$AMQP_PORT" CONVEYOR_AMQP_PORT "rabbitmq (AMQP)"
+    require_free_port "$DIST_PORT" CONVEYOR_AMQP_DIST_PORT "rabbitmq (distribution)"
+    require_free_port "$EPMD_PORT" CONVEYOR_AMQP_EPMD_PORT "rabbitmq (epmd)" epmd
   fi
 }
 
@@ -85,7 +94,8 @@ CONF
   fi
   if pg_running; then log "postgres already running on $PG_PORT"; else
     log "starting postgres on 127.0.0.1:$PG_PORT"
-    as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 start >/dev/null
+    # -p: the port of this start, whatever postgresql.conf was written with.
+    as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -o "-p $PG_PORT" -w -t 60 start >/dev/null
   fi
   for _ in $(seq 1 60); do
     if psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; then break; fi
@@ -103,6 +113,8 @@ mq_env() {
   export RABBITMQ_NODE_IP_ADDRESS="${CONVEYOR_AMQP_BIND:-127.0.0.1}"
   export RABBITMQ_NODE_PORT="$AMQP_PORT"
   export RABBITMQ_DIST_PORT="$DIST_PORT"
+  # A private epmd: a standard node's epmd (4369) is neither needed nor touched.
+  export ERL_EPMD_PORT="$EPMD_PORT"
   export RABBITMQ_MNESIA_BASE="$MQ_DIR/mnesia"
   export RABBITMQ_LOG_BASE="$MQ_DIR/log"
   export RABBITMQ_ENABLED_PLUGINS_FILE="$MQ_DIR/enabled_plugins"
@@ -163,7 +175,7 @@ mq_pid() {
 }
 
 case "${1:-}" in
-  start) install_packages; start_pg; start_mq; print_env > "$LOCAL/env"; log "ready: source $LOCAL/env";;
+  start) install_packages; require_free_ports; start_pg; start_mq; print_env > "$LOCAL/env"; log "ready: source $LOCAL/env";;
   stop) stop_all;;
   status) pg_running && echo "postgres: running on $PG_PORT" || echo "postgres: stopped"
           mq_running && echo "rabbitmq: running on $AMQP_PORT" || echo "rabbitmq: stopped";;

@@ -4,10 +4,14 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# Preflight, in seconds: every program, library and Python module of scripts/requirements.tsv,
+# installed when missing (root), or each missing one named with the command that installs it.
+scripts/requirements.sh install
 scripts/services.sh start
 # shellcheck disable=SC1091
 source .local/env
 export CI="${CI:-false}"
+# Warnings are errors in every target of the package (Package.swift), so this build has none.
 swift build --build-tests
 # Every suite but the fault suite, which needs servers of its own (it restarts and kills them).
 swift test --skip-build --no-parallel --skip FaultSuite "$@"

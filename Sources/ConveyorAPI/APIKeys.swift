@@ -1,7 +1,7 @@
 import ConveyorCore
 public import ConveyorStore
 import Crypto
-public import Foundation
+import Foundation
 import Synchronization
 
 /// API keys look like `cvk_<prefix>_<secret>`: the prefix (12 hex digits) is visible and finds

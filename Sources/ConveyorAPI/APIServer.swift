@@ -1,5 +1,5 @@
 public import ConveyorAMQP
-public import ConveyorCore
+import ConveyorCore
 public import ConveyorStore
 import ConveyorPostgres
 import Foundation

@@ -1,6 +1,6 @@
 public import ConveyorCore
-public import ConveyorStore
-public import Foundation
+import ConveyorStore
+import Foundation
 import JWTKit
 
 /// JWT bearer tokens: HS256 with a shared secret, and RS256/ES256 keys from a JWKS file. The

@@ -60,7 +60,7 @@ extension Store {
             }
         }
         try await pool.withConnection { c in
-            try await c.query("""
+            _ = try await c.query("""
                 UPDATE callbacks SET
                     delivered_at = CASE WHEN u.state = 'delivered' THEN now() END,
                     failed_at = CASE WHEN u.state = 'failed' THEN now() END,

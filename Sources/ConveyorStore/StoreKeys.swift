@@ -49,7 +49,7 @@ extension Store {
     public func createAPIKey(id: UUID = UUID(), prefix: String, secretHash: String, name: String, role: Role,
                              namespace: String, expiresAt: Date?) async throws {
         try await pool.withConnection { c in
-            try await c.query("""
+            _ = try await c.query("""
                 INSERT INTO api_keys (id, prefix, secret_hash, name, role, namespace, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
                 """, [id, prefix, secretHash, name, role.rawValue, namespace, expiresAt])
         }
@@ -81,7 +81,7 @@ extension Store {
         guard !uses.isEmpty else { return }
         let keys = uses.keys.sorted()
         try await pool.withConnection { c in
-            try await c.query("""
+            _ = try await c.query("""
                 UPDATE api_keys SET use_count = use_count + u.n, last_used_at = now()
                 FROM unnest($1::text[], $2::bigint[]) AS u(prefix, n) WHERE api_keys.prefix = u.prefix
                 """, [keys, keys.map { uses[$0]! }])

@@ -329,7 +329,7 @@ extension Store {
         for b in beats where latest[b.workerID].map({ $0.at <= b.at }) ?? true { latest[b.workerID] = b }
         let l = latest.values.sorted { $0.workerID < $1.workerID }
         try await pool.withConnection { c in
-            try await c.query("""
+            _ = try await c.query("""
                 INSERT INTO workers (id, host, queues, executors, concurrency, in_flight, heartbeat_interval_ms, last_heartbeat, state)
                 SELECT u.id, u.host, string_to_array(u.queues, ','), string_to_array(u.executors, ','), u.concurrency,
                        coalesce(string_to_array(u.in_flight, ',')::uuid[], '{}'), u.interval_ms, now(), 'active'

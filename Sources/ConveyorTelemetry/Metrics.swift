@@ -1,5 +1,5 @@
 import ConveyorCore
-public import CoreMetrics
+import CoreMetrics
 import Metrics
 public import Prometheus
 import Synchronization

@@ -119,7 +119,7 @@ struct APISurfaceTests {
                 _ = try await api.call("POST", "/v1/tasks/alpha-1/pause", key: k)
                 try await sys.pool.withConnection { c in
                     // alpha-2's latest run failed; alpha-3's succeeded.
-                    try await c.query("""
+                    _ = try await c.query("""
                         INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, finished_at)
                         SELECT gen_random_uuid(), id, now(), 1, CASE name WHEN 'alpha-2' THEN 'failed' ELSE 'succeeded' END, queue, shard, now(), now()
                         FROM tasks WHERE name IN ('alpha-2', 'alpha-3')
@@ -219,7 +219,7 @@ struct APISurfaceTests {
                 #expect(try await api.call("POST", "/v1/tasks", key: op, body: #"[{"name": "g1", "executor": "noop", "group": "etl", "schedule": "manual"}, {"name": "g2", "executor": "noop", "group": "etl", "schedule": "manual"}]"#).status == 201)
                 #expect(try await api.call("POST", "/v1/tasks", key: other, body: #"{"name": "g1", "executor": "noop", "group": "etl", "schedule": "manual"}"#).status == 201)
                 try await sys.pool.withConnection { c in
-                    try await c.query("""
+                    _ = try await c.query("""
                         INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at)
                         SELECT gen_random_uuid(), id, now(), 1, 'scheduled', queue, shard, now() + interval '1 hour' FROM tasks WHERE group_name = 'etl'
                         """)
@@ -355,7 +355,7 @@ struct APISurfaceTests {
                 try await sys.store.createTasks([NewTask(name: "traced", executor: "noop", schedule: .manual)])
                 let id = UUID()
                 try await sys.pool.withConnection { c in
-                    try await c.query("""
+                    _ = try await c.query("""
                         INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, trace_id)
                         SELECT $1, id, now(), 1, 'succeeded', queue, shard, now(), '4bf92f3577b34da6a3ce929d0e0e4736' FROM tasks WHERE name = 'traced'
                         """, [id])
@@ -471,9 +471,8 @@ struct APISurfaceTests {
             try await APITests.withAPI(sys) { api, _ in
                 let k = try await APITests.key(sys, role: .viewer, namespace: "default")
                 // Server-sent events: read two events with curl, then hang up.
-                let curl = Process()
-                curl.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
-                curl.arguments = ["-sN", "--max-time", "2", "-H", "Authorization: Bearer \(k)", api.base + "/v1/events?interval_ms=300"]
+                let curl = try Process.required(
+                    "curl", ["-sN", "--max-time", "2", "-H", "Authorization: Bearer \(k)", api.base + "/v1/events?interval_ms=300"])
                 let out = Pipe()
                 curl.standardOutput = out
                 try curl.run()

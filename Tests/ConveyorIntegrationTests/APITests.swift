@@ -439,9 +439,7 @@ struct JWTTests {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "invalid OTEL_EXPORTER_OTLP_PROTOCOL 'grpc': this build exports OTLP over HTTP"),
         ] {
             // Under timeout(1): were the value accepted, the API would serve until killed (status 124).
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/timeout")
-            p.arguments = ["15", try conveyorBinary(), "api"]
+            let p = try Process.required("timeout", ["15", try conveyorBinary(), "api"])
             var e = ProcessInfo.processInfo.environment
             e["CONVEYOR_CONFIG_DIR"] = FileManager.default.currentDirectoryPath + "/config"
             e[variable] = value
@@ -480,7 +478,7 @@ struct DevCommandTests {
         try await System.with { sys in
             let port = Int.random(in: 20_000...40_000)
             let log = FileManager.default.temporaryDirectory.appendingPathComponent("dev-\(UUID()).log").path
-            FileManager.default.createFile(atPath: log, contents: nil)
+            _ = FileManager.default.createFile(atPath: log, contents: nil)
             let p = try conveyorProcess(["dev", "--workers", "1", "--api-port", "\(port)"],
                                         env: ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix])
             p.standardOutput = FileHandle.nullDevice

@@ -43,11 +43,11 @@ struct DashboardTests {
                     defer { try? FileManager.default.removeItem(at: dir) }
                     try key.write(to: dir.appendingPathComponent("key"), atomically: true, encoding: .utf8)
 
-                    let p = Process()
-                    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-                    p.arguments = ["python3", FileManager.default.currentDirectoryPath + "/scripts/dashboard_check.py", "--url", api.base,
-                                   "--key-file", dir.appendingPathComponent("key").path, "--task", "nightly-report", "--run", runID,
-                                   "--shots", dir.appendingPathComponent("shots").path]
+                    let p = try Process.required(
+                        "python3",
+                        [FileManager.default.currentDirectoryPath + "/scripts/dashboard_check.py", "--url", api.base,
+                         "--key-file", dir.appendingPathComponent("key").path, "--task", "nightly-report", "--run", runID,
+                         "--shots", dir.appendingPathComponent("shots").path])
                     let r = try runCapturing(p)
                     try #require(r.status == 0, "dashboard_check.py failed: \(r.err)")
                     let seen = try JSONDecoder().decode(JSONValue.self, from: Data(r.out.utf8))

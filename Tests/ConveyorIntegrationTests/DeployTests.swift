@@ -6,9 +6,7 @@ import Testing
 @Suite("deployment files (docker-compose config, kustomize, Kubernetes schemas)")
 struct DeployTests {
     static func validate(_ root: String) throws -> (status: Int32, out: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", FileManager.default.currentDirectoryPath + "/scripts/validate_deploy.py", root]
+        let p = try Process.required("python3", [FileManager.default.currentDirectoryPath + "/scripts/validate_deploy.py", root])
         let r = try runCapturing(p)
         return (r.status, r.out + r.err)
     }

@@ -157,7 +157,7 @@ struct SchedulingTests {
                 #expect(taken?.redelivered == false)
                 dying.stop()
                 let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
-                try await withServices([worker]) {
+                _ = try await withServices([worker]) {
                     try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2 }
                 }
                 #expect(worker.stats.isolated == 1, "only the returned message went through the lane")

@@ -57,8 +57,6 @@ enum Servers {
     /// A unique topology prefix, so tests never share broker queues.
     static func uniquePrefix() -> String { "t" + UUID().uuidString.lowercased().prefix(8) }
 
-    /// Runs `rabbitmqctl` against the test node.
-    @discardableResult
     /// `rabbitmqctl start_app`, tried again while it fails: a client's socket may hold the
     /// broker's port for a moment (a reconnect that connected to itself while nothing listened).
     static func startBrokerApp() throws {
@@ -70,6 +68,8 @@ enum Servers {
         }
     }
 
+    /// Runs `rabbitmqctl` against the test node.
+    @discardableResult
     static func rabbitmqctl(_ args: [String]) throws -> String {
         let ctl = try #require(env["CONVEYOR_RABBITMQCTL"], "CONVEYOR_RABBITMQCTL is not set: run the tests with scripts/test.sh")
         let parts = ctl.split(separator: " ").map(String.init)

@@ -161,7 +161,7 @@ final class FaultBed {
         logDir = (Servers.env["CONVEYOR_FAULT_LOGS"] ?? NSTemporaryDirectory()) + "/" + name
         try? FileManager.default.removeItem(atPath: logDir)
         try FileManager.default.createDirectory(atPath: logDir, withIntermediateDirectories: true)
-        try await sys.pool.withConnection { c in try await c.simple(Self.auditSQL) }
+        try await sys.pool.withConnection { c in _ = try await c.simple(Self.auditSQL) }
     }
 
     static func query(_ path: String) -> [String: String] {
@@ -528,7 +528,7 @@ enum Netns {
     static let hostAddress = "10.77.0.1"
 
     static func ip(_ args: [String]) async throws {
-        let r = try await FaultBed.spawnAndWait("/usr/sbin/ip", args)
+        let r = try await FaultBed.spawnAndWait(try Requirements.program("ip"), args)
         if r.status != 0 { throw FaultSetupError(what: "ip \(args.joined(separator: " ")): \(r.out)") }
     }
 
@@ -539,20 +539,21 @@ enum Netns {
         try await ip(["link", "set", "\(ns)-n", "netns", ns])
         try await ip(["addr", "add", "\(hostAddress)/24", "dev", "\(ns)-h"])
         try await ip(["link", "set", "\(ns)-h", "up"])
-        try await ip(["netns", "exec", ns, "ip", "addr", "add", "10.77.0.2/24", "dev", "\(ns)-n"])
-        try await ip(["netns", "exec", ns, "ip", "link", "set", "\(ns)-n", "up"])
-        try await ip(["netns", "exec", ns, "ip", "link", "set", "lo", "up"])
+        let inside = ["netns", "exec", ns, try Requirements.program("ip")]
+        try await ip(inside + ["addr", "add", "10.77.0.2/24", "dev", "\(ns)-n"])
+        try await ip(inside + ["link", "set", "\(ns)-n", "up"])
+        try await ip(inside + ["link", "set", "lo", "up"])
     }
 
     static func delete(_ ns: String) async {
-        _ = try? await FaultBed.spawnAndWait("/usr/sbin/ip", ["link", "del", "\(ns)-h"])
-        _ = try? await FaultBed.spawnAndWait("/usr/sbin/ip", ["netns", "del", ns])
+        _ = try? await ip(["link", "del", "\(ns)-h"])
+        _ = try? await ip(["netns", "del", ns])
     }
 
     /// Drops (or lets through again) every packet in and out of the namespace.
     static func drop(_ ns: String, _ on: Bool) async throws {
         for chain in ["INPUT", "OUTPUT"] {
-            try await ip(["netns", "exec", ns, "iptables", on ? "-I" : "-D", chain, "-j", "DROP"])
+            try await ip(["netns", "exec", ns, try Requirements.program("iptables"), on ? "-I" : "-D", chain, "-j", "DROP"])
         }
     }
 }

@@ -139,7 +139,7 @@ struct FaultSuite {
             try await FaultBed.rabbitmqctl(["add_user", user, password])
             try await FaultBed.rabbitmqctl(["set_permissions", "-p", "/", user, ".*", ".*", ".*"])
             try bed.startWorker("cut", env: ["CONVEYOR_AMQP_URL": "amqp://\(user):\(password)@\(Netns.hostAddress):\(port)/%2F"],
-                                wrapper: ["/usr/sbin/ip", "netns", "exec", ns])
+                                wrapper: [try Requirements.program("ip"), "netns", "exec", ns])
             try await bed.until("the namespaced worker joins", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active'") == 1
             }
@@ -525,7 +525,7 @@ struct FaultSuite {
             guard report.pass else { return }
             let skewedPort = try FaultBed.freePort()
             try bed.startDispatcher("skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1", "LD_PRELOAD": shim],
-                                    httpPort: skewedPort, wrapper: ["/usr/bin/faketime", "-f", skew.rawValue])
+                                    httpPort: skewedPort, wrapper: [try Requirements.program("faketime"), "-f", skew.rawValue])
             try bed.startDispatcher("d2")
             for i in 1...2 { try bed.startWorker("w\(i)", concurrency: 16) }
             let dbNow = try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init) ?? Date().timeIntervalSince1970
