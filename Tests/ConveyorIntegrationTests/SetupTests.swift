@@ -149,6 +149,9 @@ struct SetupTests {
         env["CONVEYOR_LOCAL_DIR"] = dir.path
 
         let r = try Self.script([Self.root + "/scripts/services.sh", "start"], env: env)
+        // Asking whether the node runs (rabbitmqctl) starts an epmd on the private port: stop it.
+        let epmd = try runCapturing(try Process.required("ss", ["-Hltnp", "sport = :\(env["CONVEYOR_AMQP_EPMD_PORT"]!)"])).out
+        for pid in epmd.matches(of: /"epmd",pid=(\d+)/).compactMap({ Int32($0.output.1) }) { kill(pid, SIGTERM) }
         #expect(r.status == 1, "\(r.err)")
         #expect(r.err.contains("port \(held.port) is already in use by"), "\(r.err)")
         #expect(r.err.contains("pid=\(getpid())"), "the holder is not named: \(r.err)")
