@@ -109,6 +109,8 @@ let package = Package(
 
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
+            // HMAC-SHA256 of status proofs.
+            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),

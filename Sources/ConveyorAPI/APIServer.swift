@@ -87,6 +87,7 @@ public enum APIServer {
         router.add(middleware: TracingMiddleware())
         router.add(middleware: BaggageMiddleware())
         router.add(middleware: RequestIDMiddleware(env: env))
+        router.add(middleware: TextInputMiddleware())
         router.add(middleware: AuthMiddleware(env: env))
         var r = Routes(router: router)
         r.on(.get, "/openapi.yaml") { _, _ in
@@ -115,13 +116,16 @@ public enum APIServer {
         do {
             _ = try await env.store.pool.withConnection { c in try await c.query("SELECT 1") }
         } catch {
+            env.logger.warning("readiness: the database is unreachable", metadata: ["error": "\(error)"])
             var p = Problem(.serviceUnavailable, "not ready", "the database is unreachable")
             p.retryAfter = 5
             return p
         }
         if let broker = env.broker {
             do { _ = try await AMQPInspector.queues([], configuration: broker) } catch {
-                var p = Problem(.serviceUnavailable, "not ready", "the broker is unreachable: \(error)")
+                // Which dependency, never its error text (addresses, user names): that is logged.
+                env.logger.warning("readiness: the broker is unreachable", metadata: ["error": "\(error)"])
+                var p = Problem(.serviceUnavailable, "not ready", "the broker is unreachable")
                 p.retryAfter = 5
                 return p
             }
@@ -187,11 +191,16 @@ public enum APIServer {
         }
         let bytes = Array(buffer.readableBytesView)
         try checkDepth(bytes)
+        let value: JSONValue
         do {
-            return try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
+            value = try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
         } catch {
             throw Problem(.badRequest, "invalid request", "the body is not valid JSON", field: "body")
         }
+        if let path = value.pathOfNUL() {
+            throw Problem(.badRequest, "invalid request", "text may not contain the NUL character (\\u0000): remove it", field: path)
+        }
+        return value
     }
 
     /// Refuses JSON nested deeper than `maxDepth` before a decoder recurses into it.

@@ -118,7 +118,7 @@ extension APIServer {
         }
         for (action, paused) in [("pause", true), ("resume", false)] {
             r.on(.post, "/v1/groups/:name/\(action)") { request, context in
-                let who = try context.require(.operator)
+                let who = try context.require(pauseRole)
                 let name = context.parameters.get("name") ?? ""
                 let namespace = namespaceOf(who, request)
                 guard try await store.groupExists(name, namespace: namespace) else { throw Problem(.notFound, "not found", "no group named '\(name)'") }

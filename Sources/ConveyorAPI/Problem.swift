@@ -91,6 +91,24 @@ struct BaggageMiddleware: RouterMiddleware {
     }
 }
 
+/// Text PostgreSQL cannot store (NUL) is refused where it enters, before authentication or any
+/// database work: the path and every query parameter here, every string and key of a JSON body in
+/// `APIServer.body`. A 400 naming the field, not a 500 from the database driver.
+struct TextInputMiddleware: RouterMiddleware {
+    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+        let path = request.uri.path
+        if path.utf8.contains(0) || (path.removingPercentEncoding ?? "").utf8.contains(0) {
+            throw Problem(.badRequest, "invalid request", "the path holds a NUL byte (%00), which no name may contain", field: "path",
+                          value: (path.removingPercentEncoding ?? path).storable)
+        }
+        for (key, value) in request.uri.queryParameters where key.utf8.contains(0) || value.utf8.contains(0) {
+            throw Problem(.badRequest, "invalid request", "query parameters may not contain a NUL byte (%00)", field: String(key).storable,
+                          value: String(value).storable)
+        }
+        return try await next(request, context)
+    }
+}
+
 struct RequestIDMiddleware: RouterMiddleware {
     let env: APIEnvironment
 

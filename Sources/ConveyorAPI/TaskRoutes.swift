@@ -14,6 +14,9 @@ extension HTTPField.Name {
 extension APIServer {
     /// Most tasks in one POST.
     public static let maxBatch = 1000
+    /// The role that pauses and resumes a task, by whichever route (PATCH `paused`, POST
+    /// `…/pause`, `…/resume`).
+    static let pauseRole = Role.operator
 
     /// Tasks and templates.
     static func taskRoutes(_ r: inout Routes, _ env: APIEnvironment) {
@@ -22,13 +25,15 @@ extension APIServer {
             let who = try context.require(.submitter)
             let body = try await body(request, context)
             // A list, or {"tasks": [...]}, is a batch; anything else one task. Both decode as a task file does.
-            let batch = body.arrayValue ?? (body.objectValue?.keys.sorted() == ["tasks"] ? body["tasks"]?.arrayValue : nil)
+            let batch = TaskSpec.list(in: body)
             if let batch, !(1...maxBatch).contains(batch.count) {
                 throw Problem(.badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files", field: "tasks", value: "\(batch.count) tasks")
             }
             var tasks = try TaskSpec.decodeFile(body, now: Date())
             guard batch != nil else {
-                let task = try await create(tasks, who, env)[0]
+                guard let task = try await create(tasks, who, env).first else {
+                    throw Problem(.badRequest, "invalid request", "one task, a list of tasks, or {\"tasks\": [...]}", field: "body")
+                }
                 await env.audit(context, who, "task.create", task.name, namespace: task.namespace)
                 return json(try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null, status: .created)
             }
@@ -97,12 +102,14 @@ extension APIServer {
             return json(.object(o))
         }
         r.on(.patch, "/v1/tasks/:name") { request, context in
-            let who = try context.require(.submitter)
+            var who = try context.require(.submitter)
             let patch = try await body(request, context)
             let task = try await findTask(request, context, who, store)
             guard let fields = patch.objectValue else {
                 throw Problem(.badRequest, "invalid request", "a JSON merge patch: an object whose absent fields stay, null clears a field", field: "body")
             }
+            // Pausing or resuming needs the same role by every route (POST …/pause, …/resume).
+            if fields["paused"] != nil { who = try context.require(pauseRole) }
             for key in ["name", "namespace"] where fields[key] != nil && fields[key] != .string(key == "name" ? task.name : task.namespace) {
                 throw Problem(.badRequest, "invalid request", "the \(key) of a task cannot change; create a new task and delete this one", field: key, value: "\(fields[key]!)")
             }
@@ -142,7 +149,7 @@ extension APIServer {
         }
         for (action, paused) in [("pause", true), ("resume", false)] {
             r.on(.post, "/v1/tasks/:name/\(action)") { request, context in
-                let who = try context.require(.operator)
+                let who = try context.require(pauseRole)
                 let task = try await findTask(request, context, who, store)
                 _ = try await store.setPaused(paused, names: [task.name], namespace: task.namespace)
                 await env.audit(context, who, "task.\(action)", task.name, namespace: task.namespace)

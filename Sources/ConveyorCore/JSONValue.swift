@@ -37,6 +37,25 @@ public enum JSONValue: Sendable, Hashable, Codable {
     public var arrayValue: [JSONValue]? { if case .array(let a) = self { a } else { nil } }
     public var objectValue: [String: JSONValue]? { if case .object(let o) = self { o } else { nil } }
     public subscript(key: String) -> JSONValue? { objectValue?[key] }
+
+    /// Where the first NUL character sits (in a string or a key), as a field path such as
+    /// `tasks[2].parameters.argv[0]`, or nil when there is none. PostgreSQL stores no NUL in
+    /// `text` or `jsonb`, so input holding one is refused where it arrives, naming this path.
+    public func pathOfNUL(_ path: String = "") -> String? {
+        switch self {
+        case .string(let s): return s.utf8.contains(0) ? (path.isEmpty ? "body" : path) : nil
+        case .array(let a):
+            for (i, v) in a.enumerated() { if let p = v.pathOfNUL("\(path)[\(i)]") { return p } }
+        case .object(let o):
+            for k in o.keys.sorted() {
+                let sub = path.isEmpty ? k : "\(path).\(k)"
+                if k.utf8.contains(0) { return sub.storable }
+                if let p = o[k]!.pathOfNUL(sub) { return p }
+            }
+        case .null, .bool, .number: break
+        }
+        return nil
+    }
 }
 
 extension JSONValue: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral, ExpressibleByFloatLiteral, ExpressibleByBooleanLiteral,

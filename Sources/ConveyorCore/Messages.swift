@@ -19,6 +19,9 @@ public struct TaskMessage: Sendable, Hashable, Codable {
     public var timeoutSeconds: Double
     /// Equal to the run id: executors pass it on (`Idempotency-Key`, `CONVEYOR_RUN_ID`).
     public var idempotencyKey: String
+    /// The attempt's status proof, signed by the dispatcher: the worker returns it on every
+    /// status of this attempt, and a status without it changes nothing. Never given to executors.
+    public var proof: String?
 
     public init(runID: UUID, taskID: UUID, taskName: String, occurrence: Date, attempt: Int, queue: String,
                 executor: String, parameters: JSONValue, timeoutSeconds: Double) {
@@ -36,7 +39,7 @@ public struct TaskMessage: Sendable, Hashable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case version, runID = "run_id", taskID = "task_id", taskName = "task_name", occurrence, attempt, queue,
-             executor, parameters, timeoutSeconds = "timeout_seconds", idempotencyKey = "idempotency_key"
+             executor, parameters, timeoutSeconds = "timeout_seconds", idempotencyKey = "idempotency_key", proof
     }
 }
 
@@ -115,10 +118,12 @@ public struct StatusMessage: Sendable, Hashable, Codable {
     /// `worker.detach_after_ms`), so the broker will not redeliver it; the worker's heartbeats
     /// protect it instead.
     public var detached: Bool?
+    /// The proof the attempt's task message carried (`TaskMessage.proof`).
+    public var proof: String?
 
     public init(runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
                 output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
-                workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil) {
+                workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil, proof: String? = nil) {
         self.runID = runID
         self.attempt = attempt
         self.event = event
@@ -131,11 +136,12 @@ public struct StatusMessage: Sendable, Hashable, Codable {
         self.at = at
         self.startedAt = startedAt
         self.detached = detached
+        self.proof = proof
     }
 
     enum CodingKeys: String, CodingKey {
         case version, runID = "run_id", attempt, event, outcome, exitCode = "exit_code", output,
-             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at", detached
+             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at", detached, proof
     }
 }
 
@@ -153,6 +159,7 @@ public enum MessageCodec {
         w.key("idempotency_key"); w.string(m.idempotencyKey)
         w.key("occurrence"); w.string(Timestamp.format(m.occurrence))
         w.key("parameters"); w.value(m.parameters)
+        if let v = m.proof { w.key("proof"); w.string(v) }
         w.key("queue"); w.string(m.queue)
         w.key("run_id"); w.string(m.runID.lowercasedString)
         w.key("task_id"); w.string(m.taskID.lowercasedString)
@@ -176,6 +183,7 @@ public enum MessageCodec {
         if let v = m.exitCode { w.key("exit_code"); w.int(v) }
         if let v = m.outcome { w.key("outcome"); w.string(v.rawValue) }
         if let v = m.output { w.key("output"); w.string(v) }
+        if let v = m.proof { w.key("proof"); w.string(v) }
         w.key("run_id"); w.string(m.runID.lowercasedString)
         if let v = m.startedAt { w.key("started_at"); w.string(Timestamp.format(v)) }
         w.key("version"); w.int(m.version)
@@ -265,11 +273,15 @@ public enum MessageCodec {
     }
 
     /// Best effort: the run id of a message that failed to decode, so its run can be marked.
-    public static func runID(inMalformed body: [UInt8]) -> UUID? {
+    public static func runID(inMalformed body: [UInt8]) -> UUID? { claims(inMalformed: body)?.runID }
+
+    /// Best effort: the run, attempt (1 when unreadable) and proof a task message that failed to
+    /// decode claims. Its run is marked only when the proof is that attempt's.
+    public static func claims(inMalformed body: [UInt8]) -> (runID: UUID, attempt: Int, proof: String?)? {
         guard body.count <= maxBodyBytes,
               let obj = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
-              let s = obj["run_id"] as? String else { return nil }
-        return UUID(uuidString: s)
+              let s = obj["run_id"] as? String, let id = UUID(uuidString: s) else { return nil }
+        return (id, (obj["attempt"] as? Int) ?? 1, obj["proof"] as? String)
     }
 
     static func decode<T: Decodable>(_ body: [UInt8], kind: String) throws(ValidationError) -> T {

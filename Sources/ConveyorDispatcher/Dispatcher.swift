@@ -35,6 +35,9 @@ public final class Dispatcher: Service, Sendable {
     let probing = Atomic<Bool>(false)
     /// Runs this dispatcher created since its last `ANALYZE` (see `refreshStatisticsAfterBursts`).
     let createdSinceAnalyze = Atomic<Int>(0)
+    /// The status-proof signer, once its secret is read from PostgreSQL (`statusProof()`).
+    let proofs = Mutex<StatusProof?>(nil)
+    let refusals = RefusalLog()
 
     /// Totals since start, for logs, `bench` and tests.
     public struct Counters: Sendable {
@@ -44,7 +47,9 @@ public final class Dispatcher: Service, Sendable {
         /// Final outcomes recorded.
         public var outcomesRecorded = 0
         public var statusIgnored = 0
+        /// Statuses refused: malformed (dead-lettered), or without this attempt's proof (acked away).
         public var statusRejected = 0
+        public var statusForged = 0
         /// Retries scheduled, runs ended dead, runs declared lost, dead letters recorded.
         public var retried = 0
         public var dead = 0
@@ -80,6 +85,14 @@ public final class Dispatcher: Service, Sendable {
     }
 
     public var stats: Counters { counters.withLock { $0 } }
+
+    /// The status-proof signer; its secret is read from PostgreSQL once, then kept.
+    func statusProof() async throws -> StatusProof {
+        if let p = proofs.withLock({ $0 }) { return p }
+        let p = StatusProof(secret: try await store.statusKey())
+        proofs.withLock { $0 = p }
+        return p
+    }
 
     /// Ready when the database answers and both broker connections are up.
     public var isReady: Bool { publisher.isConnected && statusConsumer.isConsuming }
@@ -246,6 +259,12 @@ public final class Dispatcher: Service, Sendable {
                 logger.warning("declaring work queues failed", metadata: ["amqp.queues": "\(newQueues.sorted())", "error": "\(error)"])
             }
         }
+        let proof: StatusProof
+        do { proof = try await statusProof() } catch {
+            logger.warning("cannot read the status key; publishing later", metadata: ["error": "\(error)"])
+            for span in live.values { span.end() }
+            return ([], runs.map(\.message.runID))
+        }
         let now = Date()
         var spans: [any Span] = []
         spans.reserveCapacity(runs.count)
@@ -267,8 +286,10 @@ public final class Dispatcher: Service, Sendable {
             var context = spans[spans.count - 1].context
             context.baggageHeader = run.baggage
             Traces.inject(context, into: &headers)
+            var message = run.message
+            message.proof = proof.sign(runID: message.runID, attempt: message.attempt)
             return AMQPOutgoingMessage(
-                exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(run.message),
+                exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(message),
                 properties: AMQPProperties(contentType: "application/json", messageID: run.message.idempotencyKey,
                                            type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
                                            headers: headers))
@@ -325,6 +346,9 @@ public final class Dispatcher: Service, Sendable {
 
     /// Records one batch; retries the transaction (it is idempotent) until it commits, then acks.
     func recordBatch(_ batch: [AMQPDelivery]) async {
+        var proof: StatusProof?
+        await untilCommitted("reading the status key") { proof = try await statusProof() }
+        guard let proof else { return }   // shutting down: nothing acked, the broker redelivers
         var events: [StatusMessage] = []
         var beats: [HeartbeatMessage] = []
         var last: AMQPDelivery?
@@ -337,6 +361,12 @@ public final class Dispatcher: Service, Sendable {
                 case heartbeatMessageType?: beats.append(try MessageCodec.decodeHeartbeat(d.body))
                 case nil, statusMessageType?:
                     let e = try MessageCodec.decodeStatus(d.body)
+                    if let refusal = proof.check(e.proof, runID: e.runID, attempt: e.attempt) {
+                        // Changes nothing; acked with the batch (the multiple ack below covers it).
+                        refuse(e, refusal)
+                        last = d
+                        continue
+                    }
                     events.append(e)
                     spans.append(Traces.startSpan("record \(e.event.rawValue)", context: Traces.context(headers: d.properties.headers),
                                                   kind: .consumer, attributes: Self.recordAttributes(e, queue: topology.statusQueue)))
@@ -348,6 +378,7 @@ public final class Dispatcher: Service, Sendable {
                 logger.warning("malformed status message dead-lettered", metadata: ["amqp.message_id": "\(d.properties.messageID ?? "")", "error": "\(error)"])
                 statusConsumer.reject(d, requeue: false)
                 counters.withLock { $0.statusRejected += 1 }
+                ConveyorMetrics.statusRejected(reason: StatusRefusal.malformed.rawValue)
             }
         }
         guard let last else { return }
@@ -372,6 +403,18 @@ public final class Dispatcher: Service, Sendable {
             // Started runs free broker backlog; retries and dependents may be due now.
             if r.applied > 0 { wakeup.signal() }
             if r.settled.callbacks > 0 { callbackWakeup.signal() }
+        }
+    }
+
+    /// Counts and (rate-limited) logs a status without its attempt's proof.
+    func refuse(_ e: StatusMessage, _ refusal: StatusRefusal) {
+        counters.withLock { $0.statusRejected += 1; $0.statusForged += 1 }
+        ConveyorMetrics.statusRejected(reason: refusal.rawValue)
+        let source = String(e.workerID.prefix(200))
+        if refusals.shouldLog(source) {
+            logger.warning("status refused: it does not carry its attempt's proof (forged, replayed or from an outdated worker); nothing changed",
+                           metadata: ["status.reason": "\(refusal.rawValue)", "worker.id": "\(source)", "run.id": "\(e.runID)",
+                                      "status.event": "\(e.event.rawValue)", "note": "logged once a minute per worker id"])
         }
     }
 

@@ -150,7 +150,10 @@ extension Dispatcher {
     /// reason (`x-first-death-reason`: rejected by a worker, or past the delivery limit).
     func deadLetterLoop() async {
         for await d in deadConsumer.deliveries {
-            let letter = Self.deadLetter(d)
+            var proof: StatusProof?
+            await untilCommitted("reading the status key") { proof = try await statusProof() }
+            guard let proof else { return }
+            let letter = Self.deadLetter(d, proof: proof)
             await untilCommitted("recording dead letters") {
                 let ended = try await store.recordDeadLetters([letter])
                 counters.withLock { $0.deadLetters += 1; $0.dead += ended }
@@ -160,7 +163,9 @@ extension Dispatcher {
         }
     }
 
-    static func deadLetter(_ d: AMQPDelivery) -> DeadLetter {
+    /// The dead letter to keep. It names a run (and ends it) only when its body carries that
+    /// attempt's proof: a dead letter anyone could publish cannot end someone else's run.
+    static func deadLetter(_ d: AMQPDelivery, proof: StatusProof) -> DeadLetter {
         let h = d.properties.headers
         let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
         let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
@@ -172,9 +177,8 @@ extension Dispatcher {
         case "expired": "expired in \(queue)"
         default: "\(reason) in \(queue)"
         }
-        let runID = d.properties.type == taskMessageType
-            ? (d.properties.messageID.flatMap(UUID.init(uuidString:)) ?? MessageCodec.runID(inMalformed: d.body))
-            : nil
+        let claims = d.properties.type == taskMessageType ? MessageCodec.claims(inMalformed: d.body) : nil
+        let runID = claims.flatMap { proof.check($0.proof, runID: $0.runID, attempt: $0.attempt) == nil ? $0.runID : nil }
         return DeadLetter(runID: runID, reason: explained, source: queue, type: d.properties.type,
                           body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
     }

@@ -175,6 +175,26 @@ public struct Store: Sendable {
 
     /// Inserts tasks in one transaction. Fails with a unique violation if a name exists, and with
     /// a `ValidationError` for a bad field, an unknown upstream, a cycle or a DAG with two roots.
+    /// The dispatchers' shared secret for status proofs (migration 0008), 32 bytes.
+    public func statusKey() async throws -> [UInt8] {
+        let hex = try await pool.withConnection { c in
+            try await c.query("SELECT encode(secret, 'hex') FROM status_keys WHERE id = 1").rows.first.map { try $0.string(0) }
+        }
+        let missing = ValidationError(field: "status_keys", value: hex ?? "(no row)",
+                                      hint: "run `conveyor migrate`: migration 0008 creates the dispatchers' status key")
+        guard let hex, hex.utf8.count == 64 else { throw missing }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(32)
+        var i = hex.startIndex
+        while i < hex.endIndex {
+            let j = hex.index(i, offsetBy: 2)
+            guard let b = UInt8(hex[i..<j], radix: 16) else { throw missing }
+            bytes.append(b)
+            i = j
+        }
+        return bytes
+    }
+
     public func createTasks(_ tasks: [NewTask]) async throws {
         for t in tasks { try t.validate() }
         guard !tasks.isEmpty else { return }

@@ -60,6 +60,10 @@ public enum ConveyorMetrics {
     public static func retried(_ n: Int) { retries.increment(by: n) }
     public static func dead(_ n: Int) { deadRuns.increment(by: n) }
     public static func deadLetter() { deadLetters.increment() }
+    /// A status or heartbeat refused: `malformed`, `no_proof` or `bad_proof`.
+    public static func statusRejected(reason: String) {
+        Counter(label: "conveyor_status_rejected_total", dimensions: [("reason", reason)]).increment()
+    }
     public static func queueDepth(queue: String, _ ready: Int, consumers: Int) {
         Gauge(label: "conveyor_queue_depth", dimensions: [("queue", queue)]).record(ready)
         Gauge(label: "conveyor_queue_consumers", dimensions: [("queue", queue)]).record(consumers)

@@ -275,12 +275,14 @@ public final class Worker: Service, Sendable {
             }
             message = try MessageCodec.decodeTask(delivery.body)
         } catch {
-            await refuse(delivery, runID: MessageCodec.runID(inMalformed: delivery.body), attempt: 1, errorClass: "malformed_message", reason: "\(error)")
+            let claims = MessageCodec.claims(inMalformed: delivery.body)
+            await refuse(delivery, runID: claims?.runID, attempt: claims?.attempt ?? 1, proof: claims?.proof, errorClass: "malformed_message",
+                         reason: "\(error)")
             return
         }
         let set = current.withLock { $0 }
         guard let executor = set.executors[message.executor] else {
-            await refuse(delivery, runID: message.runID, attempt: message.attempt, errorClass: "unknown_executor",
+            await refuse(delivery, runID: message.runID, attempt: message.attempt, proof: message.proof, errorClass: "unknown_executor",
                          reason: "this worker offers executors \(set.executors.keys.sorted()), not '\(message.executor)'")
             return
         }
@@ -314,7 +316,8 @@ public final class Worker: Service, Sendable {
         let cancelSignal = cancels.register(message.runID)
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()
-        let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt)
+        let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt,
+                                    proof: message.proof)
         if message.attempt == 1 { ConveyorMetrics.fireLateness(seconds: startedAt.timeIntervalSince(message.occurrence)) }
         let detached = Flag()
         var result: ExecutionResult
@@ -347,7 +350,7 @@ public final class Worker: Service, Sendable {
             if detached.isSet {
                 let lost = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: .lost,
                                          errorClass: "worker_shutdown", errorMessage: "the worker shut down before the run finished",
-                                         workerID: configuration.id, startedAt: startedAt)
+                                         workerID: configuration.id, startedAt: startedAt, proof: message.proof)
                 await publishStatus(lost, headers: statusHeaders, log: log)
                 log.warning("run stopped by shutdown; reported lost for retry")
             } else {
@@ -363,7 +366,7 @@ public final class Worker: Service, Sendable {
         let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
                                      exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
                                      errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
-                                     startedAt: startedAt)
+                                     startedAt: startedAt, proof: message.proof)
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
         if !detached.isSet { consumer.ack(delivery) }
@@ -507,12 +510,12 @@ public final class Worker: Service, Sendable {
     }
 
     /// Reports a `failed` status when the run id is readable, then rejects without requeue (dead-letter).
-    func refuse(_ delivery: AMQPDelivery, runID: UUID?, attempt: Int, errorClass: String, reason: String) async {
+    func refuse(_ delivery: AMQPDelivery, runID: UUID?, attempt: Int, proof: String?, errorClass: String, reason: String) async {
         logger.warning("task message refused and dead-lettered", metadata: [
             "amqp.message_id": "\(delivery.properties.messageID ?? "")", "error.class": "\(errorClass)", "error": "\(reason)"])
         if let runID {
             let status = StatusMessage(runID: runID, attempt: attempt, event: .finished, outcome: .failed,
-                                       errorClass: errorClass, errorMessage: reason, workerID: configuration.id)
+                                       errorClass: errorClass, errorMessage: reason, workerID: configuration.id, proof: proof)
             // Unconfirmed (shutting down): leave it for redelivery rather than dead-letter it unreported.
             guard await publishStatus(status, headers: [:], log: logger) else { return }
         }

@@ -42,7 +42,13 @@ struct APISurfaceTests {
                 #expect(cleared.json["parameters"] == .object(["a": 1, "c": 3]), "objects merge (RFC 7396)")
                 #expect(try await sys.count("SELECT count(*) FROM tasks WHERE name = 'p' AND group_name IS NULL AND queue = 'default'") == 1)
 
-                let paused = try await api.call("PATCH", "/v1/tasks/p", key: k, body: #"{"paused": true}"#)
+                // Pausing needs the operator role by every route: PATCH as POST …/pause.
+                let submitterPause = try await api.call("PATCH", "/v1/tasks/p", key: k, body: #"{"paused": true}"#)
+                #expect(submitterPause.status == 403, "\(submitterPause.json)")
+                #expect(try await api.call("POST", "/v1/tasks/p/pause", key: k).status == 403)
+                #expect(try await sys.count("SELECT count(*) FROM tasks WHERE name = 'p' AND paused") == 0)
+                let op = try await APITests.key(sys, role: .operator, namespace: "default")
+                let paused = try await api.call("PATCH", "/v1/tasks/p", key: op, body: #"{"paused": true}"#)
                 #expect(paused.json["paused"] == true)
                 #expect(try await api.call("PATCH", "/v1/tasks/p", key: k, body: #"{"timeout": 5}"#).json["paused"] == true, "paused survives other patches")
 

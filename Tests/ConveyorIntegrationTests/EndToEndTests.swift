@@ -132,6 +132,7 @@ struct EndToEndTests {
                     // finished first, then its duplicate, then a contradicting late result, then a reordered started.
                     statuses += [finished, finished, late, started]
                 }
+                statuses = try await sys.signed(statuses)
                 for s in statuses {
                     try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(s),
                                                               properties: AMQPProperties(type: statusMessageType)))
@@ -161,7 +162,7 @@ struct EndToEndTests {
                     for (i, r) in runs.enumerated() {
                         let s = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: .succeeded, exitCode: 0,
                                               output: i == 0 ? "before\0after" : "plain", errorMessage: i == 0 ? "a\0b" : nil,
-                                              workerID: "w\0nul", at: Date())
+                                              workerID: "w\0nul", at: Date(), proof: try await sys.proof(r.id))
                         try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(s),
                                                                   properties: AMQPProperties(type: statusMessageType)))
                     }

@@ -240,3 +240,17 @@ func runCapturing(_ p: Process) throws -> (status: Int32, out: String, err: Stri
     p.waitUntilExit()
     return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: errorText.withLock { $0 }, as: UTF8.self))
 }
+
+extension System {
+    /// The status proof the dispatchers give attempt `attempt` of run `id` (the test plays the
+    /// worker that received its task message).
+    func proof(_ id: UUID, attempt: Int = 1) async throws -> String {
+        StatusProof(secret: try await store.statusKey()).sign(runID: id, attempt: attempt)
+    }
+
+    /// `statuses`, each carrying its attempt's proof.
+    func signed(_ statuses: [StatusMessage]) async throws -> [StatusMessage] {
+        let signer = StatusProof(secret: try await store.statusKey())
+        return statuses.map { var s = $0; s.proof = signer.sign(runID: s.runID, attempt: s.attempt); return s }
+    }
+}

@@ -420,6 +420,7 @@ struct FaultSuite {
                                              workerID: "w-real", at: t0.addingTimeInterval(1))
                 statuses += [started, started, finished, finished]
             }
+            statuses = try await bed.sys.signed(statuses)
             statuses.shuffle()
             let results = try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).status) { pub, topo in
                 await pub.publish(statuses.map {

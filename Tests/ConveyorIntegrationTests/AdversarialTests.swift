@@ -1,0 +1,165 @@
+import ConveyorAMQP
+import ConveyorAPI
+import ConveyorCore
+import ConveyorHTTP
+import ConveyorStore
+import Foundation
+import Synchronization
+import Testing
+
+/// The adversarial suite (docs/security.md): each test is one attack from outside against real
+/// processes and servers, and the refusal it must meet. The S-numbers are the rows of that page.
+@Suite("Adversarial: hostile requests and messages (real PostgreSQL and RabbitMQ)", .serialized)
+struct AdversarialTests {
+    typealias Client = APITests.Client
+
+    /// S1. `{"x": "", "tasks": []}` once crashed the API process (an empty batch indexed at 0).
+    /// It is one task with an unknown field; the process keeps serving.
+    @Test func s01_aBodyWithTasksBesideOtherKeysIsRefusedNotACrash() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let k = try await APITests.key(sys, role: .submitter, namespace: "default")
+                for body in [#"{"x": "", "tasks": []}"#, #"{"tasks": [], "name": "a"}"#, #"{"tasks": "none"}"#] {
+                    let r = try await api.call("POST", "/v1/tasks", key: k, body: body)
+                    #expect(r.status == 400, "\(body) → \(r.status) \(r.json)")
+                    #expect(r.json["field"] != nil, "the refusal names the field: \(r.json)")
+                }
+                let empty = try await api.call("POST", "/v1/tasks", key: k, body: #"{"tasks": []}"#)
+                #expect(empty.status == 400 && empty.json["field"] == "tasks", "\(empty.json)")
+                #expect(try await api.call("GET", "/healthz").status == 200)
+                #expect(try await sys.count("SELECT count(*) FROM tasks") == 0)
+            }
+        }
+    }
+
+    /// S2. A NUL byte anywhere a request carries text (query parameter, path, body string or
+    /// key) is a 400 naming the field, not a 500 from the database driver.
+    @Test func s02_aNulByteInAnyTextIsA400NamingTheField() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let admin = try await APITests.key(sys, role: .admin, namespace: "*")
+                let cases: [(method: String, path: String, body: String?, field: String)] = [
+                    ("GET", "/v1/runs?task=%00abc", nil, "task"),
+                    ("GET", "/v1/tasks?prefix=a%00", nil, "prefix"),
+                    ("GET", "/v1/tasks/na%00me", nil, "path"),
+                    ("POST", "/v1/keys", #"{"name": "a\u0000b", "role": "viewer", "namespace": "default"}"#, "name"),
+                    ("POST", "/v1/tasks", #"{"name": "t", "executor": "noop", "parameters": {"argv": ["x\u0000"]}}"#, "parameters.argv[0]"),
+                    ("POST", "/v1/tasks", #"[{"name": "t", "executor": "noop", "labels": {"k\u0000": "v"}}]"#, "[0].labels.k\u{FFFD}"),
+                ]
+                for c in cases {
+                    let r = try await api.call(c.method, c.path, key: admin, body: c.body)
+                    #expect(r.status == 400, "\(c.method) \(c.path) → \(r.status) \(r.json)")
+                    #expect(r.json["field"] == .string(c.field), "\(c.method) \(c.path): \(r.json)")
+                }
+                #expect(try await sys.count("SELECT count(*) FROM tasks") == 0)
+                #expect(try await sys.count("SELECT count(*) FROM api_keys WHERE name LIKE 'a%'") == 0)
+            }
+        }
+    }
+
+    /// S3. `/readyz` needs no key: it names the dependency that is down, never its error text
+    /// (which carries the broker's address and user name).
+    @Test func s03_readinessNamesTheDependencyNotItsErrorText() async throws {
+        try await System.with { sys in
+            let broker = AMQPConfiguration(url: "amqp://intruder-visible-user:secret@127.0.0.1:1/%2F")
+            let port = Mutex(0)
+            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, broker: broker) { p in port.withLock { $0 = p } }
+            try await withServices([api]) {
+                _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
+                var policy = OutboundPolicy()
+                policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
+                let client = Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+                let r = try await client.call("GET", "/readyz")
+                #expect(r.status == 503)
+                #expect(r.json["detail"] == "the broker is unreachable", "\(r.json)")
+            }
+        }
+    }
+
+    /// A forged status body, as an outsider writes it (the issue's example).
+    static func forged(_ runID: UUID, attempt: Int = 1, proof: String?) -> JSONValue {
+        var o: [String: JSONValue] = [
+            "version": 1, "run_id": .string(runID.lowercasedString), "attempt": .number(Double(attempt)), "event": "finished",
+            "outcome": "succeeded", "exit_code": 0, "output": "FORGED by an outsider", "worker_id": "evil-worker",
+            "at": .string(Timestamp.format(Date())),
+        ]
+        if let proof { o["proof"] = .string(proof) }
+        return .object(o)
+    }
+
+    /// Publishes `bodies` to the status exchange with pika (another client than Conveyor's).
+    static func forge(_ sys: System, _ bodies: [JSONValue]) throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("forged-\(UUID()).json")
+        try Data(JSONValue.array(bodies).jsonBytes).write(to: file)
+        defer { try? FileManager.default.removeItem(at: file) }
+        let r = try runCapturing(try Process.required("python3", [
+            FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
+            "--exchange", ConveyorTopology(prefix: sys.prefix).statusExchange, "--statuses", file.path,
+        ]))
+        try #require(r.status == 0, "pika could not publish: \(r.err)")
+        #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(bodies.count)")
+    }
+
+    /// S4. With the broker login, an outsider publishes `finished/succeeded` statuses for runs it
+    /// does not hold: without a proof, with a random one, with another run's, with the proof of
+    /// another attempt. None changes a run; each is counted; then the real worker's statuses
+    /// record every run once. Before status proofs, the first forgery alone ended every run.
+    @Test func s04_forgedStatusesChangeNothingAndTheRealOnesRecordOnce() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(20))
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20 }
+                let runs = try await sys.store.runs(limit: 100)
+                var bodies: [JSONValue] = []
+                for (i, r) in runs.enumerated() {
+                    let other = runs[(i + 1) % runs.count].id
+                    bodies += [
+                        Self.forged(r.id, proof: nil),
+                        Self.forged(r.id, proof: "AAAAAAAAAAAAAAAAAAAAAA"),
+                        Self.forged(r.id, proof: try await sys.proof(other)),
+                        Self.forged(r.id, attempt: 2, proof: try await sys.proof(r.id, attempt: 1)),
+                    ]
+                }
+                try Self.forge(sys, bodies)
+                _ = try await sys.eventually(timeout: .seconds(20), "every forgery refused") { dispatcher.stats.statusForged == bodies.count }
+                #expect(dispatcher.stats.statusApplied == 0)
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20, "a forgery changed a run")
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
+
+                let recorder = Recorder()
+                try await withServices([sys.worker(["record": RecordingExecutor(recorder: recorder)])]) {
+                    try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 20 }
+                }
+                #expect(recorder.executions.withLock { $0.values.allSatisfy { $0 == 1 } && $0.count == 20 })
+                #expect(dispatcher.stats.outcomesRecorded == 20)
+            }
+        }
+    }
+
+    /// S5. A task message dead-lettered by an outsider (a body naming another run, without that
+    /// attempt's proof) is kept, but ends no run.
+    @Test func s05_aForgedDeadLetterEndsNoRun() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(1))
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1 }
+                let run = try #require(try await sys.store.runs(limit: 1).first)
+                let topo = ConveyorTopology(prefix: sys.prefix)
+                try await sys.withPublisher(topo.base) { pub, topo in
+                    for proof in [nil, try await sys.proof(UUID())] as [String?] {
+                        var body: [String: JSONValue] = ["run_id": .string(run.id.lowercasedString), "attempt": 1, "version": 1]
+                        if let proof { body["proof"] = .string(proof) }
+                        try await pub.publish(AMQPOutgoingMessage(
+                            exchange: topo.deadLetterExchange, routingKey: "", body: JSONValue.object(body).jsonBytes,
+                            properties: AMQPProperties(messageID: run.id.lowercasedString, type: taskMessageType)))
+                    }
+                }
+                _ = try await sys.eventually(timeout: .seconds(20), "both dead letters kept") { dispatcher.stats.deadLetters == 2 }
+                #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE run_id IS NULL") == 2)
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1, "a forged dead letter ended the run")
+            }
+        }
+    }
+}
