@@ -1,6 +1,6 @@
 import ConveyorCore
 import Crypto
-import Foundation
+public import Foundation
 import Synchronization
 
 /// The capability a status must present to change a run (docs/architecture.md, "Status proof").

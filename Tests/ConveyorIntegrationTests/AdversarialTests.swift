@@ -1,6 +1,7 @@
 import ConveyorAMQP
 import ConveyorAPI
 import ConveyorCore
+import ConveyorDispatcher
 import ConveyorHTTP
 import ConveyorStore
 import Foundation
@@ -128,7 +129,7 @@ struct AdversarialTests {
                 #expect(try await sys.count("SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
 
                 let recorder = Recorder()
-                try await withServices([sys.worker(["record": RecordingExecutor(recorder: recorder)])]) {
+                _ = try await withServices([sys.worker(["record": RecordingExecutor(recorder: recorder)])]) {
                     try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 20 }
                 }
                 #expect(recorder.executions.withLock { $0.values.allSatisfy { $0 == 1 } && $0.count == 20 })
