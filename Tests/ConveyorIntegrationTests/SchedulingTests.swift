@@ -75,7 +75,7 @@ struct SchedulingTests {
                 let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.status, logger: Servers.logger)
                 pub.start(); defer { pub.stop() }
                 try await pub.waitUntilConnected()
-                let started = StatusMessage(runID: run.id, attempt: 1, event: .started, workerID: "vanished")
+                let started = StatusMessage(runID: run.id, attempt: 1, event: .started, workerID: "vanished", proof: try await sys.proof(run.id))
                 try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(started),
                                                           properties: AMQPProperties(type: statusMessageType)))
                 try await sys.eventually("lost after timeout + grace, then retried") {
