@@ -323,6 +323,10 @@ extension Store {
 
     /// Records heartbeats: one row per worker, back to `active` if it had been declared lost.
     /// The database clock stamps them, so a worker's clock cannot make it look alive or lost.
+    /// While a worker is active its interval only grows: anyone on the status exchange can send
+    /// a heartbeat under a worker's id (heartbeats carry no proof), and a short interval there
+    /// would get the worker declared lost, and its detached runs retried while they still run.
+    /// A worker restarted with a shorter interval is judged by the longer one until it is lost.
     public func recordHeartbeats(_ beats: [HeartbeatMessage]) async throws {
         guard !beats.isEmpty else { return }
         var latest: [String: HeartbeatMessage] = [:]
@@ -337,7 +341,10 @@ extension Store {
                      AS u(id, host, queues, executors, concurrency, in_flight, interval_ms)
                 ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, queues = EXCLUDED.queues, executors = EXCLUDED.executors,
                     concurrency = EXCLUDED.concurrency, in_flight = EXCLUDED.in_flight,
-                    heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms, last_heartbeat = now(), state = 'active', lost_at = NULL
+                    heartbeat_interval_ms = CASE WHEN workers.state = 'active'
+                        THEN greatest(workers.heartbeat_interval_ms, EXCLUDED.heartbeat_interval_ms)
+                        ELSE EXCLUDED.heartbeat_interval_ms END,
+                    last_heartbeat = now(), state = 'active', lost_at = NULL
                 """, [l.map(\.workerID), l.map(\.host), l.map { $0.queues.joined(separator: ",") }, l.map { $0.executors.joined(separator: ",") },
                       l.map(\.concurrency), l.map { $0.inFlight.isEmpty ? nil : $0.inFlight.map { $0.lowercasedString }.joined(separator: ",") },
                       l.map { Int(($0.intervalSeconds * 1000).rounded()) }])

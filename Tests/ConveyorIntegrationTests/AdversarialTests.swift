@@ -88,15 +88,19 @@ struct AdversarialTests {
         return .object(o)
     }
 
-    /// Publishes `bodies` to the status exchange with pika (another client than Conveyor's).
-    static func forge(_ sys: System, _ bodies: [JSONValue]) throws {
+    /// Publishes `bodies` to the status exchange with pika (another client than Conveyor's), on
+    /// a thread of its own: the in-process dispatcher and workers keep the cooperative pool.
+    static func forge(_ sys: System, _ bodies: [JSONValue]) async throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("forged-\(UUID()).json")
         try Data(JSONValue.array(bodies).jsonBytes).write(to: file)
         defer { try? FileManager.default.removeItem(at: file) }
-        let r = try runCapturing(try Process.required("python3", [
+        let args = [
             FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
             "--exchange", ConveyorTopology(prefix: sys.prefix).statusExchange, "--statuses", file.path,
-        ]))
+        ]
+        let r = try await withCheckedThrowingContinuation { (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
+            Thread.detachNewThread { c.resume(with: Result { try runCapturing(try Process.required("python3", args)) }) }
+        }
         try #require(r.status == 0, "pika could not publish: \(r.err)")
         #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(bodies.count)")
     }
@@ -122,7 +126,7 @@ struct AdversarialTests {
                         Self.forged(r.id, attempt: 2, proof: try await sys.proof(r.id, attempt: 1)),
                     ]
                 }
-                try Self.forge(sys, bodies)
+                try await Self.forge(sys, bodies)
                 _ = try await sys.eventually(timeout: .seconds(20), "every forgery refused") { dispatcher.stats.statusForged == bodies.count }
                 #expect(dispatcher.stats.statusApplied == 0)
                 #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20, "a forgery changed a run")
@@ -160,6 +164,69 @@ struct AdversarialTests {
                 _ = try await sys.eventually(timeout: .seconds(20), "both dead letters kept") { dispatcher.stats.deadLetters == 2 }
                 #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE run_id IS NULL") == 2)
                 #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1, "a forged dead letter ended the run")
+            }
+        }
+    }
+
+    /// S8. A heartbeat forged under an active worker's id with a tiny interval cannot get that
+    /// worker declared lost faster than its own interval allows (its detached runs would be
+    /// retried while they still run).
+    @Test func s08_aForgedHeartbeatCannotShortenAWorkersLostBound() async throws {
+        try await System.with { sys in
+            func beat(_ seconds: Double) -> HeartbeatMessage {
+                HeartbeatMessage(workerID: "honest", host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1, inFlight: [],
+                                 intervalSeconds: seconds)
+            }
+            try await sys.store.recordHeartbeats([beat(5)])
+            try await sys.store.recordHeartbeats([beat(0.01)])   // the forgery
+            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 5000") == 1)
+            #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '2 seconds' WHERE id = 'honest' RETURNING id").count == 1)
+            #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers.isEmpty, "lost after 2 s though 3 intervals are 15 s")
+            #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '16 seconds' WHERE id = 'honest' RETURNING id").count == 1)
+            #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers == ["honest"])
+        }
+    }
+
+    /// S4 at scale (the measure): forgeries published with pika while a burst of N
+    /// tasks runs on two workers: random proofs, proofs replayed from another run, and valid
+    /// proofs of attempts that already finished. None is applied; every real run is recorded
+    /// once. N is 1,000 in the test command; `CONVEYOR_ADVERSARIAL_N=10000` gives the measure in
+    /// docs/security.md.
+    @Test func s06_forgeriesDuringABurstApplyNothing() async throws {
+        let n = Int(ProcessInfo.processInfo.environment["CONVEYOR_ADVERSARIAL_N"] ?? "") ?? 1000
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let recorder = Recorder()
+            let workers = (0..<2).map { _ in sys.worker(["record": RecordingExecutor(recorder: recorder, delay: .milliseconds(5))]) }
+            try await withServices([dispatcher] + workers) {
+                try await sys.store.createTasks(sys.tasks(n))
+                _ = try await sys.eventually(timeout: .seconds(120), "half the runs exist") { try await sys.count("SELECT count(*) FROM runs") >= n / 2 }
+                let ids = try await sys.rows("SELECT id::text, state FROM runs ORDER BY id").compactMap { r in
+                    r[0].flatMap(UUID.init(uuidString:)).map { ($0, r[1] ?? "") }
+                }
+                // (body, refused): random proofs and replayed ones are refused; a valid proof of an
+                // attempt that already finished is accepted and changes nothing (a final state).
+                let signer = StatusProof(secret: try await sys.store.statusKey())
+                var forgeries: [(JSONValue, Bool)] = []
+                let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+                for (i, (id, state)) in ids.enumerated() {
+                    forgeries.append((Self.forged(id, proof: String((0..<22).map { _ in alphabet.randomElement()! })), true))
+                    forgeries.append((Self.forged(id, proof: signer.sign(runID: ids[(i + 1) % ids.count].0, attempt: 1)), true))
+                    if state == "succeeded" { forgeries.append((Self.forged(id, proof: signer.sign(runID: id, attempt: 1)), false)) }
+                }
+                forgeries = Array(forgeries.shuffled().prefix(n))
+                let bodies = forgeries.map(\.0)
+                let refused = forgeries.filter(\.1).count
+                try await Self.forge(sys, bodies)
+                _ = try await sys.eventually(timeout: .seconds(300), "every run succeeded") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == n
+                }
+                _ = try await sys.eventually(timeout: .seconds(60), "every forgery refused") { dispatcher.stats.statusForged == refused }
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
+                #expect(try await sys.count("SELECT count(*) FROM runs") == n, "a forgery made a retry")
+                #expect(dispatcher.stats.outcomesRecorded == n)
+                #expect(recorder.executions.withLock { $0.count == n && $0.values.allSatisfy { $0 == 1 } })
+                Servers.logger.info("S6: \(bodies.count) forged statuses during a burst of \(n); refused \(dispatcher.stats.statusForged), applied 0")
             }
         }
     }
