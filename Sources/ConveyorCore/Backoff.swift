@@ -23,6 +23,15 @@ extension Duration {
 /// Replaces every password in `text` with `***`: the password of each URL
 /// (`scheme://user:password@host…`, wherever it stands in the text) and of libpq key=value
 /// strings (`password=…`). For logs and error messages; text without one is returned as is.
+///
+/// People write passwords into URLs unencoded, `/`, `?`, `#` and `@` included
+/// (`amqp://user:pa/ss?w#rd@host:5672/%2F`), so the userinfo is not taken to end where RFC 3986
+/// ends the authority (the first `/`, `?` or `#`) but at the last `@` of the URL, which runs to
+/// whitespace, a quote or the next `scheme://`. It is a userinfo only if the user part before
+/// its first `:` holds no `/`, `?` or `#` (else the `@` is in a path or query: `http://h/p?a=b:c@d`),
+/// and the password is not a port followed by a path (`http://host:8080/x@y`). A password that is
+/// digits followed by `/`, `?` or `#` therefore stays visible, and a URL with both a password and
+/// an `@` in its path or query has its host masked too: masking too much is the safe side.
 public func redactPassword(in text: String) -> String {
     var out = text
     if out.contains("://"), out.contains("@") {
@@ -31,15 +40,16 @@ public func redactPassword(in text: String) -> String {
         while let scheme = rest.range(of: "://") {
             masked += rest[..<scheme.upperBound]
             rest = rest[scheme.upperBound...]
-            // The authority ends at the first '/', '?', '#', quote or whitespace.
-            let end = rest.firstIndex { "/?# \n\t\"'".contains($0) } ?? rest.endIndex
-            let authority = rest[..<end]
-            if let at = authority.lastIndex(of: "@"), let colon = authority[..<at].firstIndex(of: ":") {
-                masked += authority[..<colon] + ":***" + authority[at...]
-            } else {
-                masked += authority
-            }
-            rest = rest[end...]
+            var end = rest.firstIndex { " \n\t\"'".contains($0) } ?? rest.endIndex
+            if let next = rest[..<end].range(of: "://") { end = next.lowerBound }
+            let url = rest[..<end]
+            guard let at = url.lastIndex(of: "@"), let colon = url[..<at].firstIndex(of: ":"),
+                  !url[..<colon].contains(where: { "/?#".contains($0) }) else { continue }
+            let password = url[url.index(after: colon)..<at]
+            let digits = password.prefix { $0.isASCII && $0.isNumber }
+            if !digits.isEmpty, digits.endIndex < password.endIndex, "/?#".contains(password[digits.endIndex]) { continue }
+            masked += url[..<colon] + ":***"
+            rest = rest[at...]
         }
         out = masked + rest
     }

@@ -8,7 +8,8 @@ import Darwin
 public import ConveyorCore
 
 /// An IPv4 or IPv6 address as its bytes (4 or 16). IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`)
-/// are unwrapped to IPv4, so a check on `127.0.0.1` also catches `::ffff:127.0.0.1`.
+/// are unwrapped to IPv4, so a check on `127.0.0.1` also catches `::ffff:127.0.0.1`; the other
+/// IPv6 forms that carry an IPv4 address keep their bytes and are classified by it (`kind`).
 public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
     public let bytes: [UInt8]
 
@@ -40,24 +41,68 @@ public struct IPAddress: Sendable, Hashable, CustomStringConvertible {
         return String(decoding: out.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    /// What kind of network the address belongs to; `.public` for everything not listed.
+    /// What kind of network the address belongs to; `.public` for everything not listed. An IPv6
+    /// address that carries an IPv4 address (IPv4-compatible, SIIT, 6to4, NAT64) is the kind of
+    /// the IPv4 address it carries: a relay or translator on the way delivers it there, so
+    /// `2002:a00:1::` is as private as `10.0.0.1`, and `64:ff9b::8.8.8.8` as public as `8.8.8.8`.
     public var kind: AddressKind {
-        for (net, kind) in Self.reserved where net.contains(self) { return kind }
-        return .public
+        switch Self.entry(for: self) {
+        case .kind(let k)?: k
+        case .ipv4(let at)?: IPAddress(bytes: Array(bytes[at ..< at + 4])).kind
+        case nil: .public
+        }
     }
 
-    static let reserved: [(Network, AddressKind)] = ([
-        // Cloud metadata endpoints first: they sit inside link-local and private ranges.
-        ("169.254.169.254/32", .metadata), ("fd00:ec2::254/128", .metadata), ("100.100.100.200/32", .metadata),
-        ("0.0.0.0/8", .unspecified), ("::/128", .unspecified),
-        ("127.0.0.0/8", .loopback), ("::1/128", .loopback),
-        ("169.254.0.0/16", .linkLocal), ("fe80::/10", .linkLocal),
-        ("10.0.0.0/8", .private), ("172.16.0.0/12", .private), ("192.168.0.0/16", .private),
-        ("100.64.0.0/10", .private), ("fc00::/7", .private),
-        ("224.0.0.0/4", .multicast), ("ff00::/8", .multicast),
-        ("240.0.0.0/4", .reserved), ("192.0.0.0/24", .reserved), ("198.18.0.0/15", .reserved),
-        ("64:ff9b::/96", .reserved), ("2001:db8::/32", .reserved),
-    ] as [(String, AddressKind)]).map { (try! Network(parsing: $0.0), $0.1) }
+    /// The IPv4 address an IPv6 address carries in one of the formats of `table`, or nil (for an
+    /// IPv4 address too).
+    public var embeddedIPv4: IPAddress? {
+        guard bytes.count == 16, case .ipv4(let at)? = Self.entry(for: self) else { return nil }
+        return IPAddress(bytes: Array(bytes[at ..< at + 4]))
+    }
+
+    /// What an entry of `table` says about the addresses it covers.
+    enum Meaning: Sendable {
+        /// They are of this kind.
+        case kind(AddressKind)
+        /// They carry an IPv4 address in bytes `at ..< at + 4`, which decides their kind.
+        case ipv4(at: Int)
+    }
+
+    /// The most specific entry of `table` that covers the address (longest prefix, as a router
+    /// picks a route): so `::1/128` wins over `::/96`, the metadata address over the link-local
+    /// range around it, and `64:ff9b:1::/96` over `64:ff9b:1::/48`. Order in the table does
+    /// not matter.
+    static func entry(for ip: IPAddress) -> Meaning? {
+        var best: (prefix: Int, meaning: Meaning)?
+        for (net, meaning) in table where net.contains(ip) && net.prefix > (best?.prefix ?? -1) {
+            best = (net.prefix, meaning)
+        }
+        return best?.meaning
+    }
+
+    static let table: [(Network, Meaning)] = ([
+        ("169.254.169.254/32", .kind(.metadata)), ("fd00:ec2::254/128", .kind(.metadata)), ("100.100.100.200/32", .kind(.metadata)),
+        ("0.0.0.0/8", .kind(.unspecified)), ("::/128", .kind(.unspecified)),
+        ("127.0.0.0/8", .kind(.loopback)), ("::1/128", .kind(.loopback)),
+        ("169.254.0.0/16", .kind(.linkLocal)), ("fe80::/10", .kind(.linkLocal)),
+        ("10.0.0.0/8", .kind(.private)), ("172.16.0.0/12", .kind(.private)), ("192.168.0.0/16", .kind(.private)),
+        ("100.64.0.0/10", .kind(.private)), ("fc00::/7", .kind(.private)),
+        // Site-local (RFC 3879 deprecated it, but stacks still route it inside a site).
+        ("fec0::/10", .kind(.private)),
+        ("224.0.0.0/4", .kind(.multicast)), ("ff00::/8", .kind(.multicast)),
+        ("240.0.0.0/4", .kind(.reserved)), ("192.0.0.0/24", .kind(.reserved)), ("198.18.0.0/15", .kind(.reserved)),
+        ("2001:db8::/32", .kind(.reserved)),
+        // IPv6 that carries IPv4. IPv4-mapped `::ffff:a.b.c.d` is not listed: `init(bytes:)`
+        // unwraps it to the IPv4 address itself, which is also what the connection then uses.
+        ("::/96", .ipv4(at: 12)),              // IPv4-compatible `::a.b.c.d` (RFC 4291, deprecated)
+        ("::ffff:0:0:0/96", .ipv4(at: 12)),    // IPv4-translated `::ffff:0:a.b.c.d` (SIIT, RFC 2765)
+        ("64:ff9b::/96", .ipv4(at: 12)),       // NAT64 well-known prefix (RFC 6052)
+        ("64:ff9b:1::/96", .ipv4(at: 12)),     // local-use NAT64 (RFC 8215) with a /96 prefix
+        ("2002::/16", .ipv4(at: 2)),           // 6to4 (RFC 3056): 2002:AABB:CCDD::/48 is A.B.C.D
+        // The rest of the local-use NAT64 block: a translator with a shorter prefix (/48 to /64,
+        // RFC 6052) puts the IPv4 address elsewhere, and which one it uses cannot be known here.
+        ("64:ff9b:1::/48", .kind(.reserved)),
+    ] as [(String, Meaning)]).map { (try! Network(parsing: $0.0), $0.1) }
 }
 
 /// The kinds of address the outbound guard tells apart. Everything but `.public` is refused

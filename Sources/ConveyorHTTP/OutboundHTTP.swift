@@ -43,7 +43,9 @@ public struct OutboundPolicy: Sendable {
     public func refusal(of ip: IPAddress) -> String? {
         let kind = ip.kind
         if kind == .public || allowedNetworks.contains(where: { $0.contains(ip) }) { return nil }
-        return "\(ip) is a \(kind.rawValue) address"
+        // An IPv6 address that carries an IPv4 one is refused for that one: name it.
+        let carried = ip.embeddedIPv4.map { " (it carries \($0))" } ?? ""
+        return "\(ip) is a \(kind.rawValue) address\(carried)"
     }
 }
 
@@ -62,12 +64,21 @@ public struct OutboundRequest: Sendable {
     public var url: String
     public var headers: [(String, String)]
     public var body: [UInt8]
+    /// Names of headers meant for the request's own origin only (compared without case): a
+    /// redirect to another origin drops them, as it drops `credentialHeaders`. The http executor
+    /// puts the task's own headers here: they are where tasks put API keys.
+    public var originOnlyHeaders: Set<String>
 
-    public init(method: String = "GET", url: String, headers: [(String, String)] = [], body: [UInt8] = []) {
+    /// Dropped on every redirect to another origin, as browsers and curl drop them.
+    public static let credentialHeaders: Set<String> = ["authorization", "cookie", "proxy-authorization"]
+
+    public init(method: String = "GET", url: String, headers: [(String, String)] = [], body: [UInt8] = [],
+                originOnlyHeaders: Set<String> = []) {
         self.method = method
         self.url = url
         self.headers = headers
         self.body = body
+        self.originOnlyHeaders = originOnlyHeaders
     }
 }
 
@@ -96,6 +107,14 @@ public struct OutboundHTTP: Sendable {
     /// Sends the request, following redirects the policy allows (303, and 301/302 for a POST,
     /// become a GET without body; 307/308 keep method and body). `timeout` bounds the whole
     /// exchange, redirects included.
+    ///
+    /// A redirect to another origin (scheme, host or port differs from the request's) drops
+    /// `Authorization`, `Cookie`, `Proxy-Authorization` and the request's `originOnlyHeaders`,
+    /// for that hop and every later one: a server may send the client anywhere, and the
+    /// credentials were given for the origin the caller named. A body is never sent to another
+    /// origin: a redirect that would replay one there (307/308, or 301/302 after anything but a
+    /// POST) is refused, not sent without its body — a PUT without its body is another request
+    /// than the one asked for. Same-origin redirects keep headers and body.
     public func send(_ request: OutboundRequest, timeout: Duration) async throws(OutboundError) -> OutboundResponse {
         let deadline = NIODeadline.now() + .nanoseconds(Int64(timeout.inSeconds * 1e9))
         var current = request
@@ -108,10 +127,10 @@ public struct OutboundHTTP: Sendable {
             }
             guard hops < policy.maxRedirects else {
                 if policy.maxRedirects == 0 { return response }
-                throw OutboundError(kind: .refused, message: "more than \(policy.maxRedirects) redirects from \(request.url)")
+                throw OutboundError(kind: .refused, message: "more than \(policy.maxRedirects) redirects from \(strippedURL(request.url))")
             }
             guard let next = URL(string: location, relativeTo: URL(string: current.url))?.absoluteURL.absoluteString else {
-                throw OutboundError(kind: .invalidURL, message: "redirect to an invalid location '\(location)'")
+                throw OutboundError(kind: .invalidURL, message: "redirect to an invalid location '\(strippedURL(location))'")
             }
             hops += 1
             if response.status == 303 || (current.method == "POST" && [301, 302].contains(response.status)) {
@@ -119,8 +138,30 @@ public struct OutboundHTTP: Sendable {
                 current.body = []
                 current.headers.removeAll { ["content-type", "content-length"].contains($0.0.lowercased()) }
             }
+            if !Self.sameOrigin(next, request.url) {
+                guard current.body.isEmpty else {
+                    throw OutboundError(kind: .refused, message: "HTTP \(response.status) from \(strippedURL(current.url)) redirects a \(current.method) "
+                        + "with a body to another origin (\(strippedURL(next))); a body is never sent to another origin: call that URL directly")
+                }
+                let dropped = OutboundRequest.credentialHeaders.union(current.originOnlyHeaders.map { $0.lowercased() })
+                current.headers.removeAll { dropped.contains($0.0.lowercased()) }
+            }
             current.url = next
         }
+    }
+
+    /// Whether two absolute URLs have the same origin: scheme, host and port (the scheme's
+    /// default port when none is written), compared without case. Unreadable URLs are never
+    /// the same origin.
+    static func sameOrigin(_ a: String, _ b: String) -> Bool {
+        func origin(_ text: String) -> String? {
+            guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host?.lowercased(), !host.isEmpty else {
+                return nil
+            }
+            return "\(scheme)://\(host):\(url.port ?? (scheme == "https" ? 443 : 80))"
+        }
+        guard let x = origin(a), let y = origin(b) else { return false }
+        return x == y
     }
 
     /// Checks the URL, resolves and checks its host, and sends one request pinned to the
@@ -159,10 +200,10 @@ public struct OutboundHTTP: Sendable {
     /// The URL's host and port, if the scheme and host are allowed.
     func check(url text: String) throws(OutboundError) -> (String, Int) {
         guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty else {
-            throw OutboundError(kind: .invalidURL, message: "'\(text)' is not an absolute URL")
+            throw OutboundError(kind: .invalidURL, message: "'\(strippedURL(text))' is not an absolute URL")
         }
         guard policy.allowedSchemes.contains(scheme) else {
-            throw OutboundError(kind: .refused, message: "scheme '\(scheme)' of \(text) is not allowed (allowed: \(policy.allowedSchemes.sorted().joined(separator: ", ")))")
+            throw OutboundError(kind: .refused, message: "scheme '\(scheme)' of \(strippedURL(text)) is not allowed (allowed: \(policy.allowedSchemes.sorted().joined(separator: ", ")))")
         }
         guard policy.allows(host: host) else {
             throw OutboundError(kind: .refused, message: "host '\(host)' is not in the allowed hosts (\(policy.allowedHosts.joined(separator: ", ")))")
@@ -223,7 +264,10 @@ public struct OutboundHTTP: Sendable {
         return try result.get()
     }
 
-    static func classify(_ error: any Error, url: String) -> OutboundError {
+    /// The error of a failed exchange. The URL in its message has no query and no userinfo
+    /// (`strippedURL`): messages are stored as a run's error and a callback's `last_error`.
+    static func classify(_ error: any Error, url full: String) -> OutboundError {
+        let url = strippedURL(full)
         if let e = error as? HTTPClientError {
             if e == .deadlineExceeded || e == .readTimeout || e == .connectTimeout || e == .writeTimeout {
                 return OutboundError(kind: .timeout, message: "\(url): timed out (\(e))")
@@ -238,4 +282,31 @@ public struct OutboundHTTP: Sendable {
         }
         return OutboundError(kind: .transport, message: "\(url): \(error)")
     }
+}
+
+/// How a URL may appear in an error message: without userinfo, without fragment, and with `?…`
+/// in place of its query, whose tokens and signatures must not end up in a run's
+/// `error_message` or a callback's `last_error` (`https://api.example.com/hook?token=s` becomes
+/// `https://api.example.com/hook?…`). Text that is not a URL loses everything from its first
+/// `?` or `#` the same way.
+///
+/// Passwords are masked first (`redactPassword(in:)`, which knows that people write `/`, `?`,
+/// `#` and `@` into them unencoded); then the authority ends at the first `/`, `?` or `#` and
+/// the userinfo at its last `@` (RFC 3986), and both the userinfo and what follows `?` or `#`
+/// are dropped. Masking first keeps a password from surviving as a "host" or "path" (except
+/// the one `redactPassword` reads as a port: digits then `/`), at the price of showing the wrong
+/// host for a URL with both a password and an `@` in its path or query.
+public func strippedURL(_ text: String) -> String {
+    let masked = redactPassword(in: text)
+    var head = ""
+    var rest = Substring(masked)
+    if let scheme = rest.range(of: "://") {
+        head = String(rest[..<scheme.upperBound])
+        rest = rest[scheme.upperBound...]
+        let authorityEnd = rest.firstIndex { "/?#".contains($0) } ?? rest.endIndex
+        if let at = rest[..<authorityEnd].lastIndex(of: "@") { rest = rest[rest.index(after: at)...] }
+    }
+    guard let cut = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) else { return head + String(rest) }
+    let tail = rest[cut] == "?" ? "?…" : ""
+    return head + String(rest[..<cut]) + tail
 }

@@ -18,6 +18,11 @@ import Tracing
 /// `headers` (object of strings), `body` (a string sent as is, or any other JSON value sent as
 /// JSON). The task's timeout bounds the whole exchange.
 ///
+/// Redirects: a hop to another origin (scheme, host or port) drops `Authorization`, `Cookie`,
+/// `Proxy-Authorization` and every header from `parameters.headers`; one that would send the
+/// body to another origin (307/308, or 301/302 after anything but a POST) is refused
+/// (`http_refused`).
+///
 /// Sent with every request: `Idempotency-Key: <run id>`, and the W3C `traceparent`, `tracestate`
 /// and `baggage` of the request's client span (a child of the worker's execute span).
 /// Outcome: 2xx succeeds (the body is the output); any other status fails with error class
@@ -63,7 +68,8 @@ public struct HTTPExecutor: Executor {
             }
             span.attributes["error.type"] = "\(response.status)"
             span.setStatus(SpanStatus(code: .error, message: "HTTP \(response.status)"))
-            return .failed("http_\(response.status)", "HTTP \(response.status) from \(response.url)", output: output)
+            // Stored as the run's error: the URL without its query (tokens, signatures).
+            return .failed("http_\(response.status)", "HTTP \(response.status) from \(strippedURL(response.url))", output: output)
         } catch {
             span.attributes["error.type"] = "http_\(error.kind.rawValue)"
             span.setStatus(SpanStatus(code: .error, message: error.message))
@@ -97,6 +103,7 @@ public struct HTTPExecutor: Executor {
             throw ValidationError(field: "parameters.method", value: method, hint: "one of \(methods.sorted().joined(separator: ", "))")
         }
         var headers: [(String, String)] = []
+        var taskHeaders: Set<String> = []
         if let h = p["headers"] {
             guard let o = h.objectValue else {
                 throw ValidationError(field: "parameters.headers", value: "\(h)", hint: "an object of header names to string values")
@@ -113,6 +120,7 @@ public struct HTTPExecutor: Executor {
                     throw ValidationError(field: "parameters.headers.\(name)", value: "\(value)", hint: "a string without line breaks")
                 }
                 headers.append((name, v))
+                taskHeaders.insert(name.lowercased())
             }
         }
         var body: [UInt8] = []
@@ -124,6 +132,7 @@ public struct HTTPExecutor: Executor {
             if !headers.contains(where: { $0.0.lowercased() == "content-type" }) { headers.append(("Content-Type", "application/json")) }
         }
         headers.append(("Idempotency-Key", context.idempotencyKey))
-        return OutboundRequest(method: method, url: url, headers: headers, body: body)
+        // The task's headers are where its API keys are: a redirect to another origin drops them.
+        return OutboundRequest(method: method, url: url, headers: headers, body: body, originOnlyHeaders: taskHeaders)
     }
 }

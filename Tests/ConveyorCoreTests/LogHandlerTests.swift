@@ -1,3 +1,4 @@
+import ConveyorAMQP
 import ConveyorCore
 import ConveyorTelemetry
 import Foundation
@@ -75,5 +76,23 @@ struct LogHandlerTests {
         #expect(redactPassword(in: "http://host:8080/x@y") == "http://host:8080/x@y", "a port is not a password")
         #expect(redactPassword(in: "connect host=h password='a b' user=u failed") == "connect host=h password=*** user=u failed")
         #expect(Redaction.isSecret("db.password") && Redaction.isSecret("API_KEY") && !Redaction.isSecret("run.id") && !Redaction.isSecret("tokens_used"))
+    }
+
+    /// Passwords written unencoded with `/`, `?`, `#` or `@` in them: the userinfo ends at the
+    /// last `@` of the URL. Before, the authority ended at the first `/`, `?` or `#`, which left
+    /// these passwords whole in logs and errors.
+    @Test func passwordsWithSlashQuestionMarkOrHashAreMasked() {
+        #expect(redactPassword(in: "amqp://user:pa/ss?w#rd@host:5672/%2F") == "amqp://user:***@host:5672/%2F")
+        #expect(redactPassword(in: "postgresql://u:p/a?s#s@host/db") == "postgresql://u:***@host/db")
+        #expect(redactPassword(in: "postgresql://u:p@ss@host/db") == "postgresql://u:***@host/db")
+        #expect(redactPassword(in: "cannot connect to amqp://guest:a/b#c@broker:5672/%2F, retrying")
+                == "cannot connect to amqp://guest:***@broker:5672/%2F, retrying")
+        #expect(redactPassword(in: "from amqp://u:x/y@h to postgresql://v:z?w@i/db") == "from amqp://u:***@h to postgresql://v:***@i/db")
+        #expect(redactPassword(in: "'postgresql://u:p#1@h/db' is not valid") == "'postgresql://u:***@h/db' is not valid")
+        #expect(AMQPConfiguration(url: "amqp://u:pa/ss?w#rd@h:5672/%2F").redactedURL == "amqp://u:***@h:5672/%2F")
+        // An '@' in a path or query is not a userinfo, with or without a port before it.
+        #expect(redactPassword(in: "http://host:8080/p?mail=a@b.example") == "http://host:8080/p?mail=a@b.example")
+        #expect(redactPassword(in: "https://h/p?at=12:30&by=a@b.example") == "https://h/p?at=12:30&by=a@b.example")
+        #expect(redactPassword(in: "http://user@host:8080/x@y") == "http://user@host:8080/x@y")
     }
 }

@@ -1,5 +1,6 @@
 import ConveyorCore
 import ConveyorHTTP
+import Logging
 import Testing
 
 @Suite("Outbound HTTP guard: address kinds, networks, host allowlist")
@@ -15,6 +16,67 @@ struct OutboundPolicyTests {
     func kinds(address: String, kind: AddressKind) throws {
         let ip = try #require(IPAddress(address))
         #expect(ip.kind == kind, "\(address)")
+    }
+
+    /// IPv6 forms that carry an IPv4 address are the kind of that address: a relay or
+    /// translator delivers them there. Before, all but IPv4-mapped were `.public` (NAT64
+    /// `.reserved` whatever it carried), so each private case here reached the private address.
+    @Test(arguments: [
+        // IPv4-compatible ::a.b.c.d (::/96); :: and ::1 stay unspecified and loopback.
+        ("::127.0.0.1", .loopback), ("::10.0.0.1", .private), ("::169.254.169.254", .metadata), ("::8.8.8.8", .public),
+        ("::1", .loopback), ("::", .unspecified), ("::2", .unspecified),
+        // IPv4-mapped ::ffff:a.b.c.d (unwrapped to IPv4 when parsed).
+        ("::ffff:169.254.169.254", .metadata), ("::ffff:8.8.8.8", .public),
+        // IPv4-translated (SIIT) ::ffff:0:a.b.c.d.
+        ("::ffff:0:127.0.0.1", .loopback), ("::ffff:0:10.1.2.3", .private), ("::ffff:0:8.8.8.8", .public),
+        // 6to4 2002:AABB:CCDD::/48 carries A.B.C.D.
+        ("2002:7f00:1::", .loopback), ("2002:a00:1::1", .private), ("2002:c0a8:101::", .private),
+        ("2002:a9fe:a9fe::", .metadata), ("2002:808:808::1", .public),
+        // NAT64, well-known prefix 64:ff9b::/96.
+        ("64:ff9b::127.0.0.1", .loopback), ("64:ff9b::10.0.0.1", .private), ("64:ff9b::a9fe:a9fe", .metadata), ("64:ff9b::8.8.8.8", .public),
+        // Local-use NAT64 64:ff9b:1::/48: the /96 form by what it carries, the rest refused.
+        ("64:ff9b:1::192.168.0.1", .private), ("64:ff9b:1::8.8.8.8", .public), ("64:ff9b:1:a00:1::8.8.8.8", .reserved),
+        // Site-local fec0::/10 (deprecated), next to link-local fe80::/10.
+        ("fec0::1", .private), ("feff::1", .private), ("febf::1", .linkLocal),
+        // Ordinary global IPv6 carries nothing.
+        ("2606:4700::1111", .public), ("2001:4860:4860::8888", .public),
+    ] as [(String, AddressKind)])
+    func ipv6FormsThatCarryIPv4(address: String, kind: AddressKind) throws {
+        let ip = try #require(IPAddress(address))
+        #expect(ip.kind == kind, "\(address)")
+    }
+
+    @Test func theCarriedIPv4IsExtractedAndNamedInTheRefusal() throws {
+        #expect(IPAddress("2002:a00:1::")!.embeddedIPv4 == IPAddress("10.0.0.1"))
+        #expect(IPAddress("64:ff9b::a9fe:a9fe")!.embeddedIPv4 == IPAddress("169.254.169.254"))
+        #expect(IPAddress("::ffff:0:127.0.0.1")!.embeddedIPv4 == IPAddress("127.0.0.1"))
+        #expect(IPAddress("::10.0.0.1")!.embeddedIPv4 == IPAddress("10.0.0.1"))
+        #expect(IPAddress("::1")!.embeddedIPv4 == nil, "::1 is loopback, not the IPv4-compatible 0.0.0.1")
+        #expect(IPAddress("10.0.0.1")!.embeddedIPv4 == nil)
+        #expect(IPAddress("2606:4700::1111")!.embeddedIPv4 == nil)
+        let p = OutboundPolicy()
+        #expect(p.refusal(of: IPAddress("2002:a00:1::")!) == "2002:a00:1:: is a private address (it carries 10.0.0.1)")
+        #expect(p.refusal(of: IPAddress("2002:808:808::1")!) == nil)
+    }
+
+    /// Run errors and callback errors are stored: the URL in them keeps no query, fragment or userinfo.
+    @Test func urlsInErrorsLoseQueryAndUserinfo() async {
+        #expect(strippedURL("https://api.example.com/hook?token=secret") == "https://api.example.com/hook?…")
+        #expect(strippedURL("https://user:pw@api.example.com/hook?sig=abc#frag") == "https://api.example.com/hook?…")
+        #expect(strippedURL("https://u:p/a?s#s@api.example.com/x?k=v") == "https://api.example.com/x?…")
+        #expect(strippedURL("https://api.example.com/p#secret") == "https://api.example.com/p")
+        #expect(strippedURL("http://[::1]:8080/x") == "http://[::1]:8080/x")
+        #expect(strippedURL("not a url?token=secret") == "not a url?…")
+        // The guard's own errors, before any connection.
+        let http = OutboundHTTP(policy: OutboundPolicy(), logger: Logger(label: "test"))
+        for url in ["ftp://files.example.com/x?token=secret", "/relative?token=secret"] {
+            do throws(OutboundError) {
+                _ = try await http.send(OutboundRequest(url: url), timeout: .seconds(1))
+                Issue.record("\(url) was sent")
+            } catch {
+                #expect(!error.message.contains("secret") && error.message.contains("?…"), "\(error.message)")
+            }
+        }
     }
 
     @Test func edgesOfRanges() throws {

@@ -90,6 +90,38 @@ struct HTTPExecutorTests {
         #expect(canary.received().isEmpty, "the canary was reached: \(canary.received().map(\.path))")
     }
 
+    /// A task's own headers go only to the origin it named, and its run errors keep no query
+    /// string (issue 19, part 5). Before, the other origin got the task's Authorization and
+    /// X-Api-Key, and the error held `?token=s3cret`.
+    @Test func taskHeadersAndQueryTokensStayWithTheTask() async throws {
+        let other = try await HTTPReceiver(host: "127.0.0.2")
+        defer { Task { await other.close() } }
+        let server = try await HTTPReceiver(host: "127.0.0.2") { request, _ in
+            switch request.path {
+            case "/away": .init(status: 302, headers: [("Location", other.url + "/landed")])
+            default: .init(status: 404)
+            }
+        }
+        defer { Task { await server.close() } }
+        let http = Self.executor(allowing: "127.0.0.2")
+
+        let moved = await http.execute(Self.context(["url": .string(server.url + "/away"),
+                                                     "headers": ["Authorization": "Bearer s3cret", "X-Api-Key": "s3cret"]]))
+        #expect(moved.outcome == .succeeded, "\(moved)")
+        let first = try #require(server.received(path: "/away").first)
+        #expect(first.headers["authorization"] == "Bearer s3cret" && first.headers["x-api-key"] == "s3cret")
+        let landed = try #require(other.received(path: "/landed").first)
+        #expect(landed.headers["authorization"] == nil && landed.headers["x-api-key"] == nil, "\(landed.headers)")
+        #expect(landed.headers["idempotency-key"] == "run-key-1", "Conveyor's own headers still go")
+
+        let missing = await http.execute(Self.context(["url": .string(server.url + "/missing?token=s3cret")]))
+        #expect(missing.errorClass == "http_404")
+        #expect(missing.errorMessage == "HTTP 404 from \(server.url)/missing?…")
+        let closed = await http.execute(Self.context(["url": "http://127.0.0.2:1/x?token=s3cret"], timeout: .milliseconds(500)))
+        let message = closed.errorMessage ?? ""
+        #expect(closed.outcome == .failed && !message.contains("s3cret") && message.contains("/x?…"), "\(closed)")
+    }
+
     @Test func badParametersNameTheField() async throws {
         let http = Self.executor(allowing: "127.0.0.2")
         let cases: [(JSONValue, String)] = [
