@@ -5,6 +5,7 @@ import ConveyorDispatcher
 import ConveyorHTTP
 import ConveyorStore
 import Foundation
+import Logging
 import Synchronization
 import Testing
 
