@@ -52,29 +52,54 @@ public struct Identity: Sendable, Equatable {
 /// Checks presented keys against the database through a short cache: a revoked or expired key
 /// stops working within `ttl` (30 s) on every API process. Uses are counted in memory and
 /// written in one statement per `flush`.
+///
+/// Prefixes that name no key are remembered too (so repeating one costs no query), but anyone can
+/// make them up: that cache holds at most `maxMisses` (the oldest leave first) and each entry for
+/// `ttl`, so a key created after a miss works within that time.
 public final class KeyAuthenticator: Sendable {
-    struct Cached { var record: APIKeyRecord?; var fetched: ContinuousClock.Instant }
+    struct Cached { var record: APIKeyRecord; var fetched: ContinuousClock.Instant }
     let store: Store
     let ttl: Duration
+    /// Keys found, by prefix: no more than the database holds (admins make them).
     let cache = Mutex<[String: Cached]>([:])
+    let misses: Mutex<MissCache>
     let uses = Mutex<[String: Int]>([:])
+    /// Database lookups made, for tests: a flood of made-up keys must not raise it much.
+    let lookups = Mutex(0)
 
-    public init(store: Store, ttl: Duration = .seconds(30)) {
+    public init(store: Store, ttl: Duration = .seconds(30), maxMisses: Int = 10_000) {
         self.store = store
         self.ttl = ttl
+        self.misses = Mutex(MissCache(capacity: maxMisses))
     }
 
-    public enum Failure: Error, Sendable { case malformed, unknown, revoked, expired }
+    /// `throttled`: a lookup was needed and `beforeLookup` refused it (how long to wait).
+    public enum Failure: Error, Sendable { case malformed, unknown, revoked, expired, throttled(Duration) }
 
-    public func authenticate(_ presented: String) async throws -> Result<Identity, Failure> {
+    /// The identity of a presented key, or why there is none. `beforeLookup` is asked before a
+    /// database lookup of a prefix this process has not found as a key (new, or a miss whose
+    /// time ran out): nil lets it go ahead, a duration refuses it with `.throttled`. Keys found
+    /// before are looked up again when their time runs out without asking: they are as many as
+    /// the database holds, whereas unknown prefixes are free to make up.
+    public func authenticate(_ presented: String, beforeLookup: () -> Duration? = { nil }) async throws -> Result<Identity, Failure> {
         guard let (prefix, secret) = APIKeyFormat.parse(presented) else { return .failure(.malformed) }
         let now = ContinuousClock.now
+        let known = cache.withLock { $0[prefix] }
         var record: APIKeyRecord?
-        if let hit = cache.withLock({ $0[prefix] }), now - hit.fetched < ttl {
-            record = hit.record
+        if let known, now - known.fetched < ttl {
+            record = known.record
+        } else if misses.withLock({ $0.contains(prefix, now: now, ttl: ttl) }) {
+            record = nil
         } else {
+            if known == nil, let wait = beforeLookup() { return .failure(.throttled(wait)) }
+            lookups.withLock { $0 += 1 }
             record = try await store.apiKey(prefix: prefix)
-            cache.withLock { $0[prefix] = Cached(record: record, fetched: now) }
+            if let record {
+                cache.withLock { $0[prefix] = Cached(record: record, fetched: now) }
+            } else {
+                cache.withLock { $0[prefix] = nil }
+                misses.withLock { $0.insert(prefix, now: now, ttl: ttl) }
+            }
         }
         guard let record, APIKeyFormat.equal(record.secretHash, APIKeyFormat.hash(secret)) else { return .failure(.unknown) }
         if record.revokedAt != nil { return .failure(.revoked) }
@@ -83,6 +108,11 @@ public final class KeyAuthenticator: Sendable {
         return .success(Identity(keyPrefix: prefix, role: record.role, namespace: record.namespace))
     }
 
+    /// Database lookups so far (tests).
+    var lookupCount: Int { lookups.withLock { $0 } }
+    /// Prefixes remembered as naming no key (tests).
+    var missCount: Int { misses.withLock { $0.count } }
+
     /// Writes the uses counted since the last flush (last-used time and counts).
     public func flush() async throws {
         let pending = uses.withLock { u in defer { u = [:] }; return u }
@@ -90,5 +120,41 @@ public final class KeyAuthenticator: Sendable {
             uses.withLock { u in for (k, n) in pending { u[k, default: 0] += n } }
             throw error
         }
+    }
+}
+
+/// Prefixes looked up and not found, with when. Entries are kept in insertion order, which with
+/// one time to live is also their expiry order: expired ones leave from the front, and when the
+/// cache is full the oldest leave to make room. Each prefix in `found` is in `order[head...]`
+/// exactly once.
+struct MissCache {
+    let capacity: Int
+    private var found: [String: ContinuousClock.Instant] = [:]
+    private var order: [String] = []
+    private var head = 0
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    var count: Int { found.count }
+
+    /// Whether `prefix` was found missing less than `ttl` ago.
+    func contains(_ prefix: String, now: ContinuousClock.Instant, ttl: Duration) -> Bool {
+        found[prefix].map { now - $0 < ttl } ?? false
+    }
+
+    mutating func insert(_ prefix: String, now: ContinuousClock.Instant, ttl: Duration) {
+        while head < order.count, found[order[head]].map({ now - $0 >= ttl }) ?? true { dropOldest() }
+        if found.updateValue(now, forKey: prefix) == nil { order.append(prefix) }
+        while found.count > capacity, head < order.count { dropOldest() }
+        // The array's dropped front is reclaimed once it is most of it (amortized O(1)).
+        if head > 1024 && head * 2 > order.count {
+            order.removeFirst(head)
+            head = 0
+        }
+    }
+
+    private mutating func dropOldest() {
+        found[order[head]] = nil
+        head += 1
     }
 }

@@ -231,16 +231,28 @@ extension APIServer {
             return json(.object(out))
         }
 
-        // Live figures for the dashboard: server-sent events, one `stats` event every 2 s.
+        // Live figures for the dashboard: server-sent events, one `stats` event every 2 s. A
+        // stream holds a connection for up to 10,000 events, so each key may hold only a few
+        // (`api.max_event_streams_per_key`); and streams of one namespace share one overview
+        // per interval, so their number does not multiply the queries.
         r.on(.get, "/v1/events") { request, context in
             let who = try context.require(.viewer)
             let namespace = listScope(who, request)
             let interval = Duration.milliseconds(Int64(request.uri.queryParameters.get("interval_ms").flatMap(Int.init).map { min(max($0, 200), 60_000) } ?? 2000))
+            let limit = env.options.maxEventStreamsPerKey
+            guard let slot = env.eventStreams.acquire(who.keyPrefix, limit: limit) else {
+                var p = Problem(.tooManyRequests, "too many event streams",
+                                "this key has \(limit) event streams open, the most api.max_event_streams_per_key allows; close one (it is let go within one interval) or share one stream")
+                p.retryAfter = max(1, Int(interval.inSeconds.rounded(.up)))
+                throw p
+            }
             return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-store"],
                             body: ResponseBody { writer in
+                                // Given back however the stream ends: finished, the client gone (the write throws), cancelled.
+                                defer { slot.release() }
                                 var sent = 0
                                 while !Task.isCancelled && sent < 10_000 {
-                                    let payload = try await overview(store, namespace: namespace)
+                                    let payload = try await env.overviews.overview(store, namespace: namespace, maxAge: interval)
                                     try await writer.write(ByteBuffer(string: "event: stats\ndata: " + String(decoding: payload.jsonBytes, as: UTF8.self) + "\n\n"))
                                     sent += 1
                                     try await Task.sleep(for: interval)

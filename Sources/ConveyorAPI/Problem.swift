@@ -147,6 +147,13 @@ struct RequestIDMiddleware: RouterMiddleware {
 /// Every route but `/healthz`, `/readyz` and the dashboard's static files needs
 /// `Authorization: Bearer <API key or JWT>`. Requests are rate-limited per key; requests
 /// without valid credentials per client address.
+///
+/// The order keeps refusals cheap: a missing, oversized or malformed credential (neither an API
+/// key nor a JWT) is refused from memory, and so is a key answered from the key cache. The only
+/// database work a stranger can cause is the lookup of a key prefix this process does not know,
+/// and that lookup is charged to the client's address before it is made (a valid key gives the
+/// token back): a flood of made-up keys from one address costs at most that address's budget in
+/// queries, then gets 429 without one.
 struct AuthMiddleware: RouterMiddleware {
     let env: APIEnvironment
     static let open: Set<String> = ["/healthz", "/readyz"]
@@ -155,10 +162,12 @@ struct AuthMiddleware: RouterMiddleware {
         let path = request.uri.path
         if Self.open.contains(path) || Dashboard.serves(path) { return try await next(request, context) }
         // Failures count against the client's address: past its burst they get 429, not 401.
-        // Valid credentials from the same address are not held up.
+        // Valid credentials from the same address are not held up, except a key this process
+        // has not found yet while the address has no token left: its lookup needs one (see the
+        // type's comment), given back when the key is valid.
         func refuse(_ problem: Problem) -> Problem {
             if let wait = env.limiter.take("addr:" + context.client, env.options.perAddress) {
-                return Self.tooMany(wait, "too many requests without valid credentials from \(context.client)")
+                return Self.tooMany(wait, Self.addressDetail(context.client))
             }
             return problem
         }
@@ -184,17 +193,33 @@ struct AuthMiddleware: RouterMiddleware {
             case .failure(let why): throw refuse(Problem(.unauthorized, "authentication failed", why.description))
             }
         }
-        switch try await env.keys.authenticate(credential) {
-        case .success(let identity): return try await admit(identity)
-        case .failure(let why):
-            let detail = switch why {
-            case .malformed: "the credential is not an API key (cvk_<prefix>_<secret>)"
-            case .unknown: "unknown API key"
-            case .revoked: "this API key was revoked"
-            case .expired: "this API key has expired"
-            }
-            throw refuse(Problem(.unauthorized, "authentication failed", detail))
+        // A lookup takes its token from the address before it is made; a valid key gives it
+        // back, and a failure it leads to does not take a second one.
+        var charged = false
+        let outcome = try await env.keys.authenticate(credential) {
+            charged = true
+            return env.limiter.take("addr:" + context.client, env.options.perAddress)
         }
+        switch outcome {
+        case .success(let identity):
+            if charged { env.limiter.giveBack("addr:" + context.client, env.options.perAddress) }
+            return try await admit(identity)
+        case .failure(let why):
+            let detail: String
+            switch why {
+            case .malformed: detail = "the credential is not an API key (cvk_<prefix>_<secret>)"
+            case .unknown: detail = "unknown API key"
+            case .revoked: detail = "this API key was revoked"
+            case .expired: detail = "this API key has expired"
+            case .throttled(let wait): throw Self.tooMany(wait, Self.addressDetail(context.client))
+            }
+            let problem = Problem(.unauthorized, "authentication failed", detail)
+            throw charged ? problem : refuse(problem)
+        }
+    }
+
+    static func addressDetail(_ client: String) -> String {
+        "too many requests without valid credentials from \(client)"
     }
 
     static func tooMany(_ wait: Duration, _ detail: String) -> Problem {

@@ -4,7 +4,7 @@ import Foundation
 import Synchronization
 
 /// How the API limits and whom it trusts; from `config/api.yaml` (`api.rate_limit.*`,
-/// `api.trusted_proxies`).
+/// `api.trusted_proxies`, `api.max_page_size`, `api.max_event_streams_per_key`).
 public struct APIOptions: Sendable {
     /// A token bucket: `rate` requests per second on average, bursts up to `burst`.
     public struct Limit: Sendable, Equatable {
@@ -30,6 +30,9 @@ public struct APIOptions: Sendable {
     public var trustedProxies: [Network] = []
     /// Largest page a list returns.
     public var maxPage = 100
+    /// `/v1/events` streams one key or token subject may hold open at once
+    /// (`api.max_event_streams_per_key`): each holds a connection and polls the database.
+    public var maxEventStreamsPerKey = 4
     /// A link to a run's trace in a trace UI, `{trace_id}` replaced (`api.trace_link_template`,
     /// e.g. `http://jaeger:16686/trace/{trace_id}` or a Grafana Tempo explore URL).
     public var traceLinkTemplate: String?
@@ -59,6 +62,16 @@ public final class RateLimiter: Sendable {
             }
             b[key] = bucket
             return .milliseconds(Int64(((1 - bucket.tokens) / limit.rate * 1000).rounded(.up)))
+        }
+    }
+
+    /// Gives back a token `take` took for a request that turned out to be valid (the lookup of a
+    /// key charged to its address before anyone knew).
+    public func giveBack(_ key: String, _ limit: APIOptions.Limit) {
+        buckets.withLock { b in
+            guard var bucket = b[key] else { return }
+            bucket.tokens = min(limit.burst, bucket.tokens + 1)
+            b[key] = bucket
         }
     }
 

@@ -222,12 +222,13 @@ extension Store {
     static func claimReady(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> ([ClaimedRun], Int) {
         let full = q.room.filter { $0.value <= 0 }.map(\.key)
         if q.defaultRoom <= 0 { return ([], 0) }
-        // No join: the task's concurrency limit is looked up only for runs that have a key. The
-        // limit is the room: candidates past it would be locked for nothing.
+        // No join: the task's concurrency limit and namespace are looked up only for runs that
+        // have a key. The limit is the room: candidates past it would be locked for nothing.
         let roomBound = max(q.defaultRoom, q.room.values.max() ?? 0)
         let candidates = try await c.query("""
             SELECT r.id, r.queue, r.concurrency_key,
-                   CASE WHEN r.concurrency_key IS NOT NULL THEN (SELECT t.concurrency_limit FROM tasks t WHERE t.id = r.task_id) END
+                   CASE WHEN r.concurrency_key IS NOT NULL THEN (SELECT t.concurrency_limit FROM tasks t WHERE t.id = r.task_id) END,
+                   CASE WHEN r.concurrency_key IS NOT NULL THEN (SELECT t.namespace FROM tasks t WHERE t.id = r.task_id) END
             FROM runs r
             WHERE r.state = 'scheduled' AND r.available_at <= now() AND r.shard >= $1::bigint AND r.shard < $2::bigint AND r.queue <> ALL($4::text[])
             ORDER BY r.priority, r.available_at
@@ -235,8 +236,11 @@ extension Store {
             FOR UPDATE OF r SKIP LOCKED
             """, [q.shards.lower, q.shards.upper, min(q.limit, roomBound), full])
         guard !candidates.rows.isEmpty else { return ([], 0) }
-        struct Candidate { var id: UUID; var queue: String; var key: String?; var limit: Int? }
-        let list = try candidates.rows.map { Candidate(id: try $0.uuid(0), queue: try $0.string(1), key: $0[2], limit: try $0.optionalInt(3)) }
+        struct Candidate { var id: UUID; var queue: String; var key: ScopedKey?; var limit: Int? }
+        let list = try candidates.rows.map { r in
+            Candidate(id: try r.uuid(0), queue: try r.string(1),
+                      key: r[2].map { ScopedKey(namespace: r[4] ?? "default", key: $0) }, limit: try r.optionalInt(3))
+        }
 
         // Rate limits: refill the token buckets of the limited queues among the candidates (row
         // locks serialize dispatchers per queue). Most claims touch no limited queue and skip this.
@@ -249,15 +253,30 @@ extension Store {
             RETURNING queue, tokens, rate_per_second
             """, [limited]).rows
         for r in buckets { tokens[try r.string(0)] = try r.double(1); rates[try r.string(0)] = try r.double(2) }
-        // Concurrency keys: one advisory lock per key, in key order, then count what is in flight.
-        let keys = Array(Set(list.compactMap(\.key))).sorted()
-        var inFlight: [String: Int] = [:]
+        // Concurrency keys belong to a namespace: tenants that pick the same key name must not
+        // hold each other's slots. One advisory lock per (namespace, key), taken in hash order
+        // (the order of the locks themselves, so two claims never wait on each other in a cycle),
+        // then a count of what is in flight. Runs carry no namespace: the count finds the key's
+        // open runs by `runs_open_by_key` and keeps those whose task is in the namespace. Open
+        // runs of one key name are few (each namespace's are held to its limits, and all of them
+        // to the queues' backlog bound and the workers' capacity), so the join stays cheap.
+        let keys = Array(Set(list.compactMap(\.key)))
+        var inFlight: [ScopedKey: Int] = [:]
         if !keys.isEmpty {
-            try await c.query("SELECT pg_advisory_xact_lock(hashtext('conveyor.key:' || k)) FROM (SELECT k FROM unnest($1::text[]) k ORDER BY k) s", [keys])
+            let namespaces = keys.map(\.namespace), names = keys.map(\.key)
+            try await c.query("""
+                SELECT pg_advisory_xact_lock(h) FROM (
+                    SELECT DISTINCT hashtext('conveyor.key:' || length(ns) || ':' || ns || ':' || k) AS h
+                    FROM unnest($1::text[], $2::text[]) AS u(ns, k) ORDER BY h) s
+                """, [namespaces, names])
             for r in try await c.query("""
-                SELECT concurrency_key, count(*) FROM runs WHERE concurrency_key = ANY($1::text[]) AND state IN ('queued', 'dispatched', 'running')
-                GROUP BY 1
-                """, [keys]).rows { inFlight[try r.string(0)] = try r.int(1) }
+                SELECT t.namespace, r.concurrency_key, count(*) FROM runs r JOIN tasks t ON t.id = r.task_id
+                WHERE r.concurrency_key = ANY($2::text[]) AND r.state IN ('queued', 'dispatched', 'running')
+                  AND (t.namespace, r.concurrency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                GROUP BY 1, 2
+                """, [namespaces, names]).rows {
+                inFlight[ScopedKey(namespace: try r.string(0), key: try r.string(1))] = try r.int(2)
+            }
         }
         var room = q.room
         var accepted: [UUID] = [], heldKey: [UUID] = [], heldRate: [UUID: Double] = [:]
@@ -387,6 +406,13 @@ extension Store {
                 """, [runIDs, secs])
         }
     }
+}
+
+/// A concurrency key as the claim counts it: per namespace (the same name in two namespaces is
+/// two keys).
+struct ScopedKey: Hashable {
+    var namespace: String
+    var key: String
 }
 
 /// New run rows, inserted with one statement.

@@ -30,7 +30,7 @@ struct APICommand: AsyncParsableCommand {
                                     logger: logger)
     }
 
-    /// Rate limits, trusted proxies and page size (`api.*`).
+    /// Rate limits, trusted proxies, page size and event streams per key (`api.*`).
     static func options(_ s: Settings) throws -> APIOptions {
         var o = APIOptions()
         func limit(_ key: String, _ d: APIOptions.Limit) throws -> APIOptions.Limit {
@@ -46,6 +46,7 @@ struct APICommand: AsyncParsableCommand {
             try Network(parsing: text, field: "api.trusted_proxies")
         }
         o.maxPage = try s.int("api.max_page_size", default: 100, range: 1...1000)
+        o.maxEventStreamsPerKey = try s.int("api.max_event_streams_per_key", default: 4, range: 1...100)
         if let t = try s.optionalString("api.trace_link_template") {
             guard t.contains("{trace_id}"), let u = URL(string: t.replacingOccurrences(of: "{trace_id}", with: "x")),
                   ["http", "https"].contains(u.scheme ?? ""), u.host != nil else {

@@ -1,5 +1,5 @@
 import ConveyorAMQP
-import ConveyorAPI
+@testable import ConveyorAPI
 import ConveyorCore
 import ConveyorHTTP
 import ConveyorPostgres
@@ -333,6 +333,10 @@ struct APISurfaceTests {
                 #expect(try await api.call("POST", "/v1/tasks", key: submitter, body: #"{"name": "bg2", "executor": "noop", "priority": "background"}"#).status == 429)
                 #expect(try await api.call("POST", "/v1/tasks", key: submitter, body: #"{"name": "hi", "executor": "noop", "priority": "critical"}"#).status == 201)
 
+                // A key this process has found already (it stays cached): below, its address's failures do not hold it up.
+                let known = try await APITests.key(sys, role: .viewer, namespace: "default")
+                #expect(try await api.call("GET", "/v1/tasks", key: known).status == 200)
+
                 // Without valid credentials: per client address, from X-Forwarded-For since the peer is a trusted proxy.
                 let fwd = [("X-Forwarded-For", "203.0.113.9")]
                 #expect(try await api.call("GET", "/v1/tasks", key: "cvk_000000000000_guessguessguessguessguess", headers: fwd).status == 401)
@@ -342,8 +346,11 @@ struct APISurfaceTests {
                 #expect(blocked.headers.contains { $0.0.lowercased() == "retry-after" })
                 #expect(try await api.call("GET", "/v1/tasks", key: "cvk_000000000001_guessguessguessguessguess",
                                             headers: [("X-Forwarded-For", "203.0.113.10")]).status == 401, "another address is not")
+                #expect(try await api.call("GET", "/v1/tasks", key: known, headers: fwd).status == 200, "valid credentials from that address still work")
+                // A key never presented to this process needs a lookup, which the spent address is not given.
+                let unseen = try await APITests.key(sys, role: .viewer, namespace: "default")
+                #expect(try await api.call("GET", "/v1/tasks", key: unseen, headers: fwd).status == 429)
                 let admin = try await APITests.key(sys, role: .admin, namespace: "default")
-                #expect(try await api.call("GET", "/v1/tasks", key: admin, headers: fwd).status == 200, "valid credentials from that address still work")
                 // The peer (127.0.0.1) is a trusted proxy here: the audit log shows the forwarded address.
                 #expect(try await api.call("POST", "/v1/tasks/hi/trigger", key: admin, headers: [("X-Forwarded-For", "198.51.100.7")]).status == 202)
                 let audit = try await api.call("GET", "/v1/audit?action=task.trigger", key: admin)
@@ -510,6 +517,71 @@ struct APISurfaceTests {
                 #expect(try await api.call("GET", "/ui/secrets.txt").status == 404)
                 #expect(try await api.call("GET", "/ui/..%2Fopenapi.yaml").status == 404)
             }
+        }
+    }
+
+    @Test func eventStreamsPerKeyAreBounded() async throws {
+        try await System.with { sys in
+            var options = APIOptions()
+            options.maxEventStreamsPerKey = 2
+            try await APITests.withAPI(sys, options: options) { api, _ in
+                let k = try await APITests.key(sys, role: .viewer, namespace: "default")
+                let other = try await APITests.key(sys, role: .viewer, namespace: "default")
+                let dir = FileManager.default.temporaryDirectory.appendingPathComponent("events-\(UUID())")
+                try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+                defer { try? FileManager.default.removeItem(at: dir) }
+                // A stream held by curl for up to `seconds`, written to a file as it comes.
+                func stream(_ key: String, seconds: Int) throws -> (process: Process, file: String) {
+                    let file = dir.appendingPathComponent(UUID().uuidString).path
+                    let curl = try Process.required("curl", ["-sN", "--max-time", "\(seconds)", "-o", file, "-H", "Authorization: Bearer \(key)",
+                                                             api.base + "/v1/events?interval_ms=200"])
+                    try curl.run()
+                    return (curl, file)
+                }
+                func events(_ file: String) -> Int {
+                    ((try? String(contentsOfFile: file, encoding: .utf8)) ?? "").components(separatedBy: "event: stats\n").count - 1
+                }
+                let held = try (0..<2).map { _ in try stream(k, seconds: 60) }
+                defer { for h in held where h.process.isRunning { h.process.terminate(); h.process.waitUntilExit() } }
+                for h in held {
+                    try await sys.eventually(timeout: .seconds(10), "a stream sends events") { events(h.file) >= 1 }
+                }
+
+                let refused = try await api.call("GET", "/v1/events?interval_ms=200", key: k)
+                #expect(refused.status == 429)
+                let detail = refused.json["detail"]?.stringValue ?? ""
+                #expect(detail.contains("api.max_event_streams_per_key") && detail.contains("2 event streams"), "the problem names the limit: \(refused.json)")
+
+                let elsewhere = try stream(other, seconds: 1)
+                elsewhere.process.waitUntilExit()
+                #expect(events(elsewhere.file) >= 1, "another key has streams of its own")
+
+                // Closing one frees its place: the server notices at its next write, within one interval.
+                held[0].process.terminate()
+                held[0].process.waitUntilExit()
+                try await sys.eventually(timeout: .seconds(10), "a closed stream's place is free again") {
+                    let next = try stream(k, seconds: 1)
+                    next.process.waitUntilExit()
+                    return events(next.file) >= 1
+                }
+            }
+        }
+    }
+
+    @Test func streamsOfANamespaceShareOneOverview() async throws {
+        try await System.with { sys in
+            let cache = OverviewCache(), store = sys.store
+            try await withThrowingTaskGroup(of: JSONValue.self) { group in
+                for _ in 0..<8 { group.addTask { try await cache.overview(store, namespace: "a", maxAge: .seconds(30)) } }
+                for try await overview in group { #expect(overview["runs_by_state"] != nil) }
+            }
+            #expect(cache.computed.withLock { $0 } == 1, "eight streams of one namespace, one computation")
+            _ = try await cache.overview(store, namespace: "b", maxAge: .seconds(30))
+            _ = try await cache.overview(store, namespace: nil, maxAge: .seconds(30))
+            _ = try await cache.overview(store, namespace: "a", maxAge: .seconds(30))
+            #expect(cache.computed.withLock { $0 } == 3, "one per namespace (nil: every namespace)")
+            _ = try await cache.overview(store, namespace: "a", maxAge: .zero)
+            #expect(cache.computed.withLock { $0 } == 4, "past its interval it is computed again")
         }
     }
 

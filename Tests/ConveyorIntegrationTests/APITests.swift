@@ -1,5 +1,5 @@
 import ConveyorAMQP
-import ConveyorAPI
+@testable import ConveyorAPI
 import ConveyorCore
 import ConveyorHTTP
 import ConveyorPostgres
@@ -143,6 +143,90 @@ struct APITests {
             let keys = try await sys.store.apiKeys()
             #expect(keys.first?.useCount == 3)
             #expect(keys.first?.lastUsedAt != nil)
+        }
+    }
+
+    @Test func aFloodOfUnknownKeysCostsABoundedNumberOfLookups() async throws {
+        try await System.with { sys in
+            var options = APIOptions()
+            options.perAddress = .init(rate: 0.01, burst: 5)
+            try await Self.withAPI(sys, options: options) { api, service in
+                let keys = service.env.keys
+                let real = try await Self.key(sys, role: .viewer, namespace: "default")
+                #expect(try await api.call("GET", "/v1/tasks", key: real).status == 200, "its lookup took a token of the address and gave it back")
+                let before = keys.lookupCount
+                var statuses: [Int] = []
+                for i in 0..<40 {
+                    // Shaped like a key, with a new prefix each time: no cache can answer it.
+                    let madeUp = APIKeyFormat.generate().key
+                    statuses.append(try await api.call("GET", "/v1/tasks", key: madeUp).status)
+                    // Not a key at all: refused from memory, spending the address's tokens too.
+                    statuses.append(try await api.call("GET", "/v1/tasks", key: "garbage-\(i)").status)
+                }
+                let lookups = keys.lookupCount - before
+                #expect(lookups >= 1 && lookups <= 5, "at most the address's 5 tokens in lookups, made \(lookups)")
+                #expect(Array(statuses.prefix(5)) == [401, 401, 401, 401, 401], "\(statuses.prefix(8))")
+                #expect(statuses.dropFirst(5).allSatisfy { $0 == 429 }, "past the address's budget every one gets 429: \(statuses)")
+                let throttled = try await api.call("GET", "/v1/tasks", key: APIKeyFormat.generate().key)
+                #expect(throttled.status == 429 && throttled.headers.contains { $0.0.lowercased() == "retry-after" })
+                #expect(keys.lookupCount - before == lookups, "a throttled request makes no lookup")
+                #expect(try await api.call("GET", "/v1/tasks", key: real).status == 200, "a key already found is not held up by its address's flood")
+                // The trade-off: a key this process has not found yet needs a lookup, and the
+                // address has no token left for it (without a query it looks like a made-up one).
+                let fresh = try await Self.key(sys, role: .viewer, namespace: "default")
+                #expect(try await api.call("GET", "/v1/tasks", key: fresh).status == 429)
+            }
+        }
+    }
+
+    @Test func aKeyCreatedAfterAMissWorksOnceTheMissExpires() async throws {
+        try await System.with { sys in
+            let ttl = Duration.seconds(1)
+            try await Self.withAPI(sys, ttl: ttl) { api, service in
+                let keys = service.env.keys
+                let (key, prefix, hash) = APIKeyFormat.generate()
+                let before = ContinuousClock.now
+                #expect(try await api.call("GET", "/v1/tasks", key: key).status == 401, "no such key yet")
+                let lookups = keys.lookupCount
+                try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "late", role: .viewer, namespace: "default", expiresAt: nil)
+                let again = try await api.call("GET", "/v1/tasks", key: key)
+                if ContinuousClock.now - before < ttl {
+                    #expect(again.status == 401 && keys.lookupCount == lookups, "within the time to live the miss is answered from memory")
+                }
+                try await sys.eventually(timeout: .seconds(10), "the new key works once the miss expired") {
+                    try await api.call("GET", "/v1/tasks", key: key).status == 200
+                }
+                #expect(ContinuousClock.now - before >= ttl)
+            }
+        }
+    }
+
+    @Test func theNegativeKeyCacheStaysBounded() async throws {
+        try await System.with { sys in
+            let keys = KeyAuthenticator(store: sys.store, maxMisses: 8)
+            var madeUp: [String] = []
+            for _ in 0..<50 {
+                madeUp.append(APIKeyFormat.generate().key)
+                guard case .failure(.unknown) = try await keys.authenticate(madeUp[madeUp.count - 1]) else {
+                    Issue.record("a made-up key was not refused as unknown")
+                    continue
+                }
+                #expect(keys.missCount <= 8)
+            }
+            #expect(keys.missCount == 8)
+            #expect(keys.lookupCount == 50)
+            _ = try await keys.authenticate(madeUp[49])
+            #expect(keys.lookupCount == 50, "the newest misses are remembered")
+            _ = try await keys.authenticate(madeUp[0])
+            #expect(keys.lookupCount == 51, "the oldest were let go")
+            #expect(keys.missCount == 8)
+
+            // In time: expired misses leave with the next one.
+            let short = KeyAuthenticator(store: sys.store, ttl: .milliseconds(50), maxMisses: 1000)
+            for _ in 0..<20 { _ = try await short.authenticate(APIKeyFormat.generate().key) }
+            try await Task.sleep(for: .milliseconds(100))
+            _ = try await short.authenticate(APIKeyFormat.generate().key)
+            #expect(short.missCount == 1)
         }
     }
 }
@@ -433,6 +517,7 @@ struct JWTTests {
             ("CONVEYOR_API_TRACE_LINK_TEMPLATE", "ftp://x", "invalid api.trace_link_template 'ftp://x': an http(s) URL containing {trace_id}"),
             ("CONVEYOR_API_TRUSTED_PROXIES", "10.0.0.0/99", "api.trusted_proxies"),
             ("CONVEYOR_API_MAX_PAGE_SIZE", "0", "api.max_page_size"),
+            ("CONVEYOR_API_MAX_EVENT_STREAMS_PER_KEY", "0", "api.max_event_streams_per_key"),
             ("CONVEYOR_API_RATE_LIMIT_PER_KEY_RATE_PER_SECOND", "-1", "api.rate_limit.per_key.rate_per_second"),
             // swift-otel would stop the process with fatalError on these; Conveyor refuses them by name.
             ("OTEL_PROPAGATORS", "tracecontext,b3", "invalid OTEL_PROPAGATORS 'tracecontext,b3'"),

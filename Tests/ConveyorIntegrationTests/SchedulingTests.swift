@@ -328,6 +328,32 @@ struct SchedulingTests {
         }
     }
 
+    @Test func concurrencyKeysArePerNamespace() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: 8)]) {
+                // The same key name with limit 1 in namespaces a and b: two keys, so b's run goes
+                // out while a's holds its slot; a second task in a waits for a's slot.
+                for (namespace, name) in [("a", "a-1"), ("a", "a-2"), ("b", "b-1")] {
+                    try await sys.store.createTasks([try sys.task([
+                        "name": .string(name), "namespace": .string(namespace), "concurrency": .object(["key": "k", "limit": 1]),
+                        "parameters": .object(["sleep_ms": .number(1500)]),
+                    ])])
+                }
+                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 3 }
+                let spans = try await sys.rows("""
+                    SELECT t.namespace, extract(epoch FROM r.started_at), extract(epoch FROM r.finished_at)
+                    FROM runs r JOIN tasks t ON t.id = r.task_id ORDER BY r.started_at
+                    """).map { (namespace: $0[0]!, start: Double($0[1]!)!, end: Double($0[2]!)!) }
+                let a = spans.filter { $0.namespace == "a" }, b = spans.filter { $0.namespace == "b" }
+                #expect(a.count == 2 && b.count == 1)
+                #expect(zip(a, a.dropFirst()).allSatisfy { $1.start >= $0.end - 0.01 }, "within namespace a the limit of 1 holds: \(a)")
+                #expect(b.contains { r in a.contains { $0.start < r.end && r.start < $0.end } },
+                        "namespace b's run was in flight while one of a's was (the key is per namespace): \(spans)")
+            }
+        }
+    }
+
     // MARK: DAGs, groups, cancel
 
     @Test func dependenciesRunAsOneWorkflowAndFailuresSkipDependents() async throws {

@@ -50,7 +50,14 @@ function signOut(message) {
 // Server-sent events over fetch, so the credential goes in a header (EventSource cannot send one).
 async function listen() {
   if (stream) { stream.cancel(); stream = null; }
-  const r = await fetch("/v1/events", { headers: { "Authorization": "Bearer " + store.getItem("credential") } });
+  const open = () => fetch("/v1/events", { headers: { "Authorization": "Bearer " + store.getItem("credential") } });
+  let r = await open();
+  // A key holds a few streams at most (429 past them), and one closed moments ago (a reload)
+  // counts until the server's next write to it: wait as told and try again, a few times.
+  for (let tries = 0; r.status === 429 && tries < 5; tries++) {
+    await new Promise(done => setTimeout(done, 1000 * (Number(r.headers.get("Retry-After")) || 2)));
+    r = await open();
+  }
   if (!r.ok || !r.body) return;
   const reader = r.body.getReader();
   stream = reader;
