@@ -5,6 +5,7 @@ import ConveyorTelemetry
 import Foundation
 import Hummingbird
 import NIOCore
+import ServiceLifecycle
 
 extension APIServer {
     /// Runs, workers, groups, queues, keys, the audit log, live events and metrics.
@@ -238,7 +239,15 @@ extension APIServer {
         r.on(.get, "/v1/events") { request, context in
             let who = try context.require(.viewer)
             let namespace = listScope(who, request)
-            let interval = Duration.milliseconds(Int64(request.uri.queryParameters.get("interval_ms").flatMap(Int.init).map { min(max($0, 200), 60_000) } ?? 2000))
+            var intervalMS = 2000
+            if let text = request.uri.queryParameters.get("interval_ms") {
+                guard let ms = Int(text), (200...60_000).contains(ms) else {
+                    throw Problem(.badRequest, "invalid request", "milliseconds between events: an integer from 200 to 60000 (default 2000)",
+                                  field: "interval_ms", value: String(text))
+                }
+                intervalMS = ms
+            }
+            let interval = Duration.milliseconds(Int64(intervalMS))
             let limit = env.options.maxEventStreamsPerKey
             guard let slot = env.eventStreams.acquire(who.keyPrefix, limit: limit) else {
                 var p = Problem(.tooManyRequests, "too many event streams",
@@ -251,11 +260,14 @@ extension APIServer {
                                 // Given back however the stream ends: finished, the client gone (the write throws), cancelled.
                                 defer { slot.release() }
                                 var sent = 0
-                                while !Task.isCancelled && sent < 10_000 {
+                                while !Task.isCancelled && !Task.isShuttingDownGracefully && sent < 10_000 {
                                     let payload = try await env.overviews.overview(store, namespace: namespace, maxAge: interval)
                                     try await writer.write(ByteBuffer(string: "event: stats\ndata: " + String(decoding: payload.jsonBytes, as: UTF8.self) + "\n\n"))
                                     sent += 1
-                                    try await Task.sleep(for: interval)
+                                    // A stream ends when the API shuts down: stopping never waits out an
+                                    // interval (up to a minute) of every open stream. A client that went
+                                    // away cancels the sleep too; the loop's condition ends the stream.
+                                    try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
                                 }
                                 try await writer.finish(nil)
                             })

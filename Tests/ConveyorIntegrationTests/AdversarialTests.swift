@@ -89,8 +89,7 @@ struct AdversarialTests {
         return .object(o)
     }
 
-    /// Publishes `bodies` to the status exchange with pika (another client than Conveyor's), on
-    /// a thread of its own: the in-process dispatcher and workers keep the cooperative pool.
+    /// Publishes `bodies` to the status exchange with pika (another client than Conveyor's).
     static func forge(_ sys: System, _ bodies: [JSONValue]) async throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("forged-\(UUID()).json")
         try Data(JSONValue.array(bodies).jsonBytes).write(to: file)
@@ -99,9 +98,7 @@ struct AdversarialTests {
             FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
             "--exchange", ConveyorTopology(prefix: sys.prefix).statusExchange, "--statuses", file.path,
         ]
-        let r = try await withCheckedThrowingContinuation { (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
-            Thread.detachNewThread { c.resume(with: Result { try runCapturing(try Process.required("python3", args)) }) }
-        }
+        let r = try await runRequired("python3", args)
         try #require(r.status == 0, "pika could not publish: \(r.err)")
         #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(bodies.count)")
     }

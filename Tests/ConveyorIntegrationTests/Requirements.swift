@@ -56,3 +56,11 @@ extension Process {
         return p
     }
 }
+
+/// Runs program `name` of the requirements table to completion on a thread of its own, so an
+/// in-process API, dispatcher or worker keeps the (two-thread) cooperative pool meanwhile.
+func runRequired(_ name: String, _ arguments: [String]) async throws -> (status: Int32, out: String, err: String) {
+    try await withCheckedThrowingContinuation { (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
+        Thread.detachNewThread { c.resume(with: Result { try runCapturing(try Process.required(name, arguments)) }) }
+    }
+}
