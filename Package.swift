@@ -44,8 +44,8 @@ let package = Package(
         .systemLibrary(name: "CLibPQ", pkgConfig: "libpq", providers: [.apt(["libpq-dev"])]),
         .systemLibrary(name: "CRabbitMQ", pkgConfig: "librabbitmq", providers: [.apt(["librabbitmq-dev"])]),
 
-        // The domain, pure: no I/O.
-        .target(name: "ConveyorCore"),
+        // The domain, pure: no I/O. Crypto for the status proofs (HMAC-SHA256) both sides check.
+        .target(name: "ConveyorCore", dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
 
         // C libraries made safe.
         .target(name: "ConveyorPostgres", dependencies: [
@@ -109,8 +109,6 @@ let package = Package(
 
         .target(name: "ConveyorDispatcher", dependencies: [
             "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
-            // HMAC-SHA256 of status proofs.
-            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),

@@ -5,8 +5,9 @@ forge `conveyor.status.v1` messages for runs the forger does not hold.
 
   forge_status.py --url amqp://… --exchange PREFIX.status --statuses FILE
 
-FILE is a JSON list of status bodies, published as given (persistent, type conveyor.status.v1,
-routing key "status"), with publisher confirms. Prints the number confirmed.
+FILE is a JSON list of {"raw": "<the body, as text>", "seal": "<conveyor-status-mac>" or null},
+each published byte for byte (persistent, type conveyor.status.v1, routing key "status", the seal
+as a header when given), with publisher confirms. Prints the number published.
 """
 import argparse
 import json
@@ -26,10 +27,11 @@ def main():
     conn = pika.BlockingConnection(pika.URLParameters(a.url))
     ch = conn.channel()
     ch.confirm_delivery()
-    props = pika.BasicProperties(type="conveyor.status.v1", content_type="application/json", delivery_mode=2)
     sent = 0
-    for body in bodies:
-        ch.basic_publish(exchange=a.exchange, routing_key="status", body=json.dumps(body).encode(), properties=props)
+    for entry in bodies:
+        headers = {"conveyor-status-mac": entry["seal"]} if entry.get("seal") else None
+        props = pika.BasicProperties(type="conveyor.status.v1", content_type="application/json", delivery_mode=2, headers=headers)
+        ch.basic_publish(exchange=a.exchange, routing_key="status", body=entry["raw"].encode(), properties=props)
         sent += 1
     conn.close()
     print(sent)

@@ -118,7 +118,8 @@ public struct StatusMessage: Sendable, Hashable, Codable {
     /// `worker.detach_after_ms`), so the broker will not redeliver it; the worker's heartbeats
     /// protect it instead.
     public var detached: Bool?
-    /// The proof the attempt's task message carried (`TaskMessage.proof`).
+    /// The proof the attempt's task message carried (`TaskMessage.proof`): the key of the seal
+    /// the worker puts on this status (`StatusProof.seal`). Never encoded: it does not travel back.
     public var proof: String?
 
     public init(runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
@@ -141,7 +142,7 @@ public struct StatusMessage: Sendable, Hashable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case version, runID = "run_id", attempt, event, outcome, exitCode = "exit_code", output,
-             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at", detached, proof
+             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at", detached
     }
 }
 
@@ -183,7 +184,6 @@ public enum MessageCodec {
         if let v = m.exitCode { w.key("exit_code"); w.int(v) }
         if let v = m.outcome { w.key("outcome"); w.string(v.rawValue) }
         if let v = m.output { w.key("output"); w.string(v) }
-        if let v = m.proof { w.key("proof"); w.string(v) }
         w.key("run_id"); w.string(m.runID.lowercasedString)
         if let v = m.startedAt { w.key("started_at"); w.string(Timestamp.format(v)) }
         w.key("version"); w.int(m.version)

@@ -361,7 +361,8 @@ public final class Dispatcher: Service, Sendable {
                 case heartbeatMessageType?: beats.append(try MessageCodec.decodeHeartbeat(d.body))
                 case nil, statusMessageType?:
                     let e = try MessageCodec.decodeStatus(d.body)
-                    if let refusal = proof.check(e.proof, runID: e.runID, attempt: e.attempt) {
+                    let seal = d.properties.headers[StatusProof.sealHeader]?.stringValue
+                    if let refusal = proof.check(seal: seal, body: d.body, runID: e.runID, attempt: e.attempt) {
                         // Changes nothing; acked with the batch (the multiple ack below covers it).
                         refuse(e, refusal)
                         last = d
@@ -412,7 +413,7 @@ public final class Dispatcher: Service, Sendable {
         ConveyorMetrics.statusRejected(reason: refusal.rawValue)
         let source = String(e.workerID.prefix(200))
         if refusals.shouldLog(source) {
-            logger.warning("status refused: it does not carry its attempt's proof (forged, replayed or from an outdated worker); nothing changed",
+            logger.warning("status refused: it is not sealed with its attempt's proof (forged, replayed or from an outdated worker); nothing changed",
                            metadata: ["status.reason": "\(refusal.rawValue)", "worker.id": "\(source)", "run.id": "\(e.runID)",
                                       "status.event": "\(e.event.rawValue)", "note": "logged once a minute per worker id"])
         }

@@ -173,8 +173,6 @@ public struct Store: Sendable {
 
     // MARK: tasks
 
-    /// Inserts tasks in one transaction. Fails with a unique violation if a name exists, and with
-    /// a `ValidationError` for a bad field, an unknown upstream, a cycle or a DAG with two roots.
     /// The dispatchers' shared secret for status proofs (migration 0008), 32 bytes.
     public func statusKey() async throws -> [UInt8] {
         let hex = try await pool.withConnection { c in
@@ -195,6 +193,8 @@ public struct Store: Sendable {
         return bytes
     }
 
+    /// Inserts tasks in one transaction. Fails with a unique violation if a name exists, and with
+    /// a `ValidationError` for a bad field, an unknown upstream, a cycle or a DAG with two roots.
     public func createTasks(_ tasks: [NewTask]) async throws {
         for t in tasks { try t.validate() }
         guard !tasks.isEmpty else { return }

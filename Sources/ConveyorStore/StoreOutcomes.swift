@@ -323,10 +323,12 @@ extension Store {
 
     /// Records heartbeats: one row per worker, back to `active` if it had been declared lost.
     /// The database clock stamps them, so a worker's clock cannot make it look alive or lost.
-    /// While a worker is active its interval only grows: anyone on the status exchange can send
-    /// a heartbeat under a worker's id (heartbeats carry no proof), and a short interval there
-    /// would get the worker declared lost, and its detached runs retried while they still run.
-    /// A worker restarted with a shorter interval is judged by the longer one until it is lost.
+    /// While a worker is active its interval only grows, at most doubling per heartbeat: anyone on
+    /// the status exchange can send a heartbeat under a worker's id (heartbeats carry no proof),
+    /// and a short interval there would get the worker declared lost, and its detached runs
+    /// retried while they still run; one forged long interval moves the bound by a factor of two,
+    /// not to an hour. A worker restarted with a shorter interval is judged by the longer one
+    /// until it is lost.
     public func recordHeartbeats(_ beats: [HeartbeatMessage]) async throws {
         guard !beats.isEmpty else { return }
         var latest: [String: HeartbeatMessage] = [:]
@@ -342,7 +344,7 @@ extension Store {
                 ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, queues = EXCLUDED.queues, executors = EXCLUDED.executors,
                     concurrency = EXCLUDED.concurrency, in_flight = EXCLUDED.in_flight,
                     heartbeat_interval_ms = CASE WHEN workers.state = 'active'
-                        THEN greatest(workers.heartbeat_interval_ms, EXCLUDED.heartbeat_interval_ms)
+                        THEN least(greatest(workers.heartbeat_interval_ms, EXCLUDED.heartbeat_interval_ms), 2 * workers.heartbeat_interval_ms)
                         ELSE EXCLUDED.heartbeat_interval_ms END,
                     last_heartbeat = now(), state = 'active', lost_at = NULL
                 """, [l.map(\.workerID), l.map(\.host), l.map { $0.queues.joined(separator: ",") }, l.map { $0.executors.joined(separator: ",") },

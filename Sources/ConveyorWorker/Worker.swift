@@ -488,8 +488,12 @@ public final class Worker: Service, Sendable {
     /// Returns `false` only when shutdown ended the retries before a confirm.
     @discardableResult
     func publishStatus(_ status: StatusMessage, headers: AMQPHeaders, log: Logger) async -> Bool {
+        let body = MessageCodec.encode(status)
+        var headers = headers
+        // The seal over this body, keyed by the attempt's proof (which itself is not sent).
+        if let proof = status.proof { headers[StatusProof.sealHeader] = .string(StatusProof.seal(body, proof: proof)) }
         let message = AMQPOutgoingMessage(
-            exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(status),
+            exchange: topology.statusExchange, routingKey: "status", body: body,
             properties: AMQPProperties(contentType: "application/json", messageID: "\(status.runID.lowercasedString):\(status.event.rawValue)",
                                        type: statusMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: true, headers: headers))
         var attempt = 0

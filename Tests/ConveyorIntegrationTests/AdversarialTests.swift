@@ -78,21 +78,45 @@ struct AdversarialTests {
         }
     }
 
-    /// A forged status body, as an outsider writes it (the example).
-    static func forged(_ runID: UUID, attempt: Int = 1, proof: String?) -> JSONValue {
-        var o: [String: JSONValue] = [
-            "version": 1, "run_id": .string(runID.lowercasedString), "attempt": .number(Double(attempt)), "event": "finished",
-            "outcome": "succeeded", "exit_code": 0, "output": "FORGED by an outsider", "worker_id": "evil-worker",
-            "at": .string(Timestamp.format(Date())),
-        ]
-        if let proof { o["proof"] = .string(proof) }
-        return .object(o)
+    /// A forged status as an outsider sends it: the body (the example: `finished`,
+    /// `succeeded`, "FORGED" output, worker `evil-worker`; `proof` in the body as the old format
+    /// had it) and the seal header, if any.
+    struct Forgery {
+        var body: [UInt8]
+        var seal: String?
+        var json: JSONValue { .object(["raw": .string(String(decoding: body, as: UTF8.self)), "seal": seal.map(JSONValue.string) ?? .null]) }
     }
 
-    /// Publishes `bodies` to the status exchange with pika (another client than Conveyor's).
-    static func forge(_ sys: System, _ bodies: [JSONValue]) async throws {
+    static func forgedBody(_ runID: UUID, attempt: Int = 1, event: String = "finished", proofInBody: String? = nil) -> [UInt8] {
+        var o: [String: JSONValue] = [
+            "version": 1, "run_id": .string(runID.lowercasedString), "attempt": .number(Double(attempt)), "event": .string(event),
+            "worker_id": "evil-worker", "at": .string(Timestamp.format(Date())),
+        ]
+        if event == "finished" { o["outcome"] = "succeeded"; o["exit_code"] = 0; o["output"] = "FORGED by an outsider" }
+        if let proofInBody { o["proof"] = .string(proofInBody) }
+        return JSONValue.object(o).jsonBytes
+    }
+
+    /// Every way S4 and S6 forge a status of run `id`, given the dispatchers' signer (which a
+    /// forger does not have; the test uses it only to make what a forger could see or replay).
+    static func forgeries(_ id: UUID, other: UUID, _ signer: StatusProof) -> [Forgery] {
+        let finished = forgedBody(id)
+        // What a listener on the status exchange sees of the real worker: a sealed `started`.
+        let seen = forgedBody(id, event: "started")
+        let seenSeal = StatusProof.seal(seen, proof: signer.sign(runID: id, attempt: 1))
+        return [
+            Forgery(body: forgedBody(id, proofInBody: signer.sign(runID: id, attempt: 1)), seal: nil),   // the proof itself, no seal
+            Forgery(body: finished, seal: "AAAAAAAAAAAAAAAAAAAAAA"),                                       // a random seal
+            Forgery(body: finished, seal: StatusProof.seal(finished, proof: signer.sign(runID: other, attempt: 1))),   // another run's
+            Forgery(body: forgedBody(id, attempt: 2), seal: StatusProof.seal(forgedBody(id, attempt: 2), proof: signer.sign(runID: id, attempt: 1))),   // another attempt's
+            Forgery(body: finished, seal: seenSeal),                                                       // a seal replayed from another body
+        ]
+    }
+
+    /// Publishes `forgeries` to the status exchange with pika (another client than Conveyor's).
+    static func forge(_ sys: System, _ forgeries: [Forgery]) async throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("forged-\(UUID()).json")
-        try Data(JSONValue.array(bodies).jsonBytes).write(to: file)
+        try Data(JSONValue.array(forgeries.map(\.json)).jsonBytes).write(to: file)
         defer { try? FileManager.default.removeItem(at: file) }
         let args = [
             FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
@@ -100,13 +124,14 @@ struct AdversarialTests {
         ]
         let r = try await runRequired("python3", args)
         try #require(r.status == 0, "pika could not publish: \(r.err)")
-        #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(bodies.count)")
+        #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(forgeries.count)")
     }
 
     /// S4. With the broker login, an outsider publishes `finished/succeeded` statuses for runs it
-    /// does not hold: without a proof, with a random one, with another run's, with the proof of
-    /// another attempt. None changes a run; each is counted; then the real worker's statuses
-    /// record every run once. Before status proofs, the first forgery alone ended every run.
+    /// does not hold: the proof in the body but no seal, a random seal, a seal made with another
+    /// run's or another attempt's proof, and the seal of a `started` it saw, put on its own body.
+    /// None changes a run; each is counted; then the real worker's statuses record every run
+    /// once. Before status proofs, the first forgery alone ended every run.
     @Test func s04_forgedStatusesChangeNothingAndTheRealOnesRecordOnce() async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
@@ -114,16 +139,9 @@ struct AdversarialTests {
                 try await sys.store.createTasks(sys.tasks(20))
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20 }
                 let runs = try await sys.store.runs(limit: 100)
-                var bodies: [JSONValue] = []
-                for (i, r) in runs.enumerated() {
-                    let other = runs[(i + 1) % runs.count].id
-                    bodies += [
-                        Self.forged(r.id, proof: nil),
-                        Self.forged(r.id, proof: "AAAAAAAAAAAAAAAAAAAAAA"),
-                        Self.forged(r.id, proof: try await sys.proof(other)),
-                        Self.forged(r.id, attempt: 2, proof: try await sys.proof(r.id, attempt: 1)),
-                    ]
-                }
+                let signer = StatusProof(secret: try await sys.store.statusKey())
+                var bodies: [Forgery] = []
+                for (i, r) in runs.enumerated() { bodies += Self.forgeries(r.id, other: runs[(i + 1) % runs.count].id, signer) }
                 try await Self.forge(sys, bodies)
                 _ = try await sys.eventually(timeout: .seconds(20), "every forgery refused") { dispatcher.stats.statusForged == bodies.count }
                 #expect(dispatcher.stats.statusApplied == 0)
@@ -182,12 +200,17 @@ struct AdversarialTests {
             #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers.isEmpty, "lost after 2 s though 3 intervals are 15 s")
             #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '16 seconds' WHERE id = 'honest' RETURNING id").count == 1)
             #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers == ["honest"])
+            // The other way: one forged hour-long interval doubles the bound, no more.
+            try await sys.store.recordHeartbeats([beat(5)])
+            try await sys.store.recordHeartbeats([beat(5)])
+            try await sys.store.recordHeartbeats([beat(3600)])
+            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 10000") == 1)
         }
     }
 
     /// S4 at scale (the measure): forgeries published with pika while a burst of N
-    /// tasks runs on two workers: random proofs, proofs replayed from another run, and valid
-    /// proofs of attempts that already finished. None is applied; every real run is recorded
+    /// tasks runs on two workers: S4's five kinds, and validly sealed statuses of attempts that
+    /// already finished (accepted, and they change nothing: a final state is never left). None is applied; every real run is recorded
     /// once. N is 1,000 in the test command; `CONVEYOR_ADVERSARIAL_N=10000` gives the measure in
     /// docs/security.md.
     @Test func s06_forgeriesDuringABurstApplyNothing() async throws {
@@ -205,12 +228,13 @@ struct AdversarialTests {
                 // (body, refused): random proofs and replayed ones are refused; a valid proof of an
                 // attempt that already finished is accepted and changes nothing (a final state).
                 let signer = StatusProof(secret: try await sys.store.statusKey())
-                var forgeries: [(JSONValue, Bool)] = []
-                let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+                var forgeries: [(Forgery, Bool)] = []
                 for (i, (id, state)) in ids.enumerated() {
-                    forgeries.append((Self.forged(id, proof: String((0..<22).map { _ in alphabet.randomElement()! })), true))
-                    forgeries.append((Self.forged(id, proof: signer.sign(runID: ids[(i + 1) % ids.count].0, attempt: 1)), true))
-                    if state == "succeeded" { forgeries.append((Self.forged(id, proof: signer.sign(runID: id, attempt: 1)), false)) }
+                    forgeries += Self.forgeries(id, other: ids[(i + 1) % ids.count].0, signer).map { ($0, true) }
+                    if state == "succeeded" {
+                        let body = Self.forgedBody(id)
+                        forgeries.append((Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1))), false))
+                    }
                 }
                 forgeries = Array(forgeries.shuffled().prefix(n))
                 let bodies = forgeries.map(\.0)

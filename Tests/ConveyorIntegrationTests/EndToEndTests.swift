@@ -134,8 +134,7 @@ struct EndToEndTests {
                 }
                 statuses = try await sys.signed(statuses)
                 for s in statuses {
-                    try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(s),
-                                                              properties: AMQPProperties(type: statusMessageType)))
+                    try await pub.publish(sealedStatus(s, exchange: topo.statusExchange))
                 }
                 try await sys.eventually {
                     dispatcher.stats.statusApplied + dispatcher.stats.statusIgnored == statuses.count
@@ -163,8 +162,7 @@ struct EndToEndTests {
                         let s = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: .succeeded, exitCode: 0,
                                               output: i == 0 ? "before\0after" : "plain", errorMessage: i == 0 ? "a\0b" : nil,
                                               workerID: "w\0nul", at: Date(), proof: try await sys.proof(r.id))
-                        try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(s),
-                                                                  properties: AMQPProperties(type: statusMessageType)))
+                        try await pub.publish(sealedStatus(s, exchange: topo.statusExchange))
                     }
                 }
                 try await sys.eventually(timeout: .seconds(20), "both outcomes recorded") {

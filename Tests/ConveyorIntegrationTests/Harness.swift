@@ -254,3 +254,12 @@ extension System {
         return statuses.map { var s = $0; s.proof = signer.sign(runID: s.runID, attempt: s.attempt); return s }
     }
 }
+
+/// A status as a worker publishes it: its body, sealed with its proof when it carries one.
+func sealedStatus(_ s: StatusMessage, exchange: String, persistent: Bool = false) -> AMQPOutgoingMessage {
+    let body = MessageCodec.encode(s)
+    var headers: AMQPHeaders = [:]
+    if let proof = s.proof { headers[StatusProof.sealHeader] = .string(StatusProof.seal(body, proof: proof)) }
+    return AMQPOutgoingMessage(exchange: exchange, routingKey: "status", body: body,
+                               properties: AMQPProperties(type: statusMessageType, persistent: persistent, headers: headers))
+}

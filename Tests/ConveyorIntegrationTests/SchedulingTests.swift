@@ -76,8 +76,7 @@ struct SchedulingTests {
                 pub.start(); defer { pub.stop() }
                 try await pub.waitUntilConnected()
                 let started = StatusMessage(runID: run.id, attempt: 1, event: .started, workerID: "vanished", proof: try await sys.proof(run.id))
-                try await pub.publish(AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode(started),
-                                                          properties: AMQPProperties(type: statusMessageType)))
+                try await pub.publish(sealedStatus(started, exchange: topo.statusExchange))
                 try await sys.eventually("lost after timeout + grace, then retried") {
                     let lost = try await sys.count("SELECT count(*) FROM runs WHERE attempt = 1 AND state = 'lost' AND reason LIKE '%vanished%'")
                     let retried = try await sys.count("SELECT count(*) FROM runs WHERE attempt = 2 AND state IN ('scheduled', 'queued', 'dispatched')")

@@ -423,10 +423,7 @@ struct FaultSuite {
             statuses = try await bed.sys.signed(statuses)
             statuses.shuffle()
             let results = try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).status) { pub, topo in
-                await pub.publish(statuses.map {
-                    AMQPOutgoingMessage(exchange: topo.statusExchange, routingKey: "status", body: MessageCodec.encode($0),
-                                        properties: AMQPProperties(type: statusMessageType, persistent: true))
-                })
+                await pub.publish(statuses.map { sealedStatus($0, exchange: topo.statusExchange, persistent: true) })
             }
             report.require(results.allSatisfy { if case .success = $0 { true } else { false } }, "a status publish failed")
             try await bed.waitQuiet(timeout: .seconds(60))
