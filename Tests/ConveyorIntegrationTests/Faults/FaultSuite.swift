@@ -318,10 +318,14 @@ struct FaultSuite {
                 SELECT r.id::text, t.id::text, t.name, r.occurrence::text, t.parameters::text FROM runs r JOIN tasks t ON t.id = r.task_id
                 WHERE r.queue = 'parked' ORDER BY t.name
                 """)
+            // The test plays the dispatcher for these runs, so it signs their messages as one would.
+            let signer = StatusProof(secret: try await bed.sys.store.statusKey())
             func message(_ row: [String?]) throws -> TaskMessage {
                 let params = try JSONDecoder().decode(JSONValue.self, from: Data((row[4] ?? "{}").utf8))
-                return TaskMessage(runID: UUID(uuidString: row[0]!)!, taskID: UUID(uuidString: row[1]!)!, taskName: row[2]!,
-                                   occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params, timeoutSeconds: 30)
+                var m = TaskMessage(runID: UUID(uuidString: row[0]!)!, taskID: UUID(uuidString: row[1]!)!, taskName: row[2]!,
+                                    occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params, timeoutSeconds: 30)
+                m.proof = signer.sign(runID: m.runID, attempt: 1)
+                return m
             }
             try await bed.create(bed.sinkTasks(good, ms: 5, name: "good"))
             try await bed.create(bed.sys.tasks(perKind, executor: "no-such-executor", name: "unknown"))
