@@ -565,7 +565,10 @@ struct FaultSuite {
         let alarm: Duration = FaultProfile.full ? .seconds(30) : .seconds(15)
         try await FaultBed.scenario("memory-alarm", "13 memory alarm", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
-            try await bed.create(bed.sinkTasks(n, ms: 10))
+            // 100 ms tasks: the burst lasts about n × 0.1 s / 48 slots (6 s fast), well past the
+            // second or two `rabbitmqctl` takes to raise the alarm. With 10 ms tasks it lasted
+            // about 2 s, and a CI run finished all 3,000 before the alarm took hold.
+            try await bed.create(bed.sinkTasks(n, ms: 100))
             try await bed.until("under way", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n / 10
             }
