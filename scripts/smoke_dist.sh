@@ -32,5 +32,7 @@ smoke() {  # name port env...
 }
 
 smoke dispatcher 19190 CONVEYOR_DISPATCHER_HTTP_PORT=19190 CONVEYOR_DISPATCHER_HTTP_HOST=127.0.0.1
-smoke worker 19191 CONVEYOR_WORKER_HTTP_PORT=19191 CONVEYOR_WORKER_HTTP_HOST=127.0.0.1 CONVEYOR_WORKER_ID="smoke-$$"
-smoke api 19180 CONVEYOR_API_PORT=19180 CONVEYOR_API_HOST=127.0.0.1
+# Each under its own broker login (scripts/services.sh): the dispatcher declares what the worker
+# and the API only look up, so it goes first.
+smoke worker 19191 CONVEYOR_AMQP_URL="${CONVEYOR_WORKER_AMQP_URL:?source .local/env first}" CONVEYOR_WORKER_HTTP_PORT=19191 CONVEYOR_WORKER_HTTP_HOST=127.0.0.1 CONVEYOR_WORKER_ID="smoke-$$"
+smoke api 19180 CONVEYOR_AMQP_URL="${CONVEYOR_API_AMQP_URL:?source .local/env first}" CONVEYOR_API_PORT=19180 CONVEYOR_API_HOST=127.0.0.1

@@ -72,7 +72,8 @@ def check_env_names(where, names):
 
 
 # docker-compose.yml
-env = dict(os.environ, POSTGRES_PASSWORD="placeholder", RABBITMQ_PASSWORD="placeholder")
+env = dict(os.environ, POSTGRES_PASSWORD="placeholder", RABBITMQ_PASSWORD="placeholder", RABBITMQ_DISPATCHER_PASSWORD="placeholder",
+           RABBITMQ_WORKER_PASSWORD="placeholder", RABBITMQ_API_PASSWORD="placeholder")
 r = subprocess.run(["docker-compose", "-f", os.path.join(ROOT, "docker-compose.yml"), "config"],
                    capture_output=True, text=True, env=env, cwd=ROOT)
 if r.returncode != 0:

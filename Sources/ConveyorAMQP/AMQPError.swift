@@ -2,13 +2,15 @@
 public struct AMQPError: Error, Sendable, CustomStringConvertible {
     public struct Code: Sendable, Hashable, CustomStringConvertible {
         enum Base: String, Sendable {
-            case connection, notConnected, closedByBroker, consumerCancelled, timeout, nacked, unroutable, invalidURL, stopped, protocolError
+            case connection, notConnected, accessRefused, closedByBroker, consumerCancelled, timeout, nacked, unroutable, invalidURL, stopped, protocolError
         }
         let base: Base
         /// The TCP connection or the login failed, or the socket broke.
         public static let connection = Code(base: .connection)
         /// The client is between connections (circuit open): the call failed fast without trying.
         public static let notConnected = Code(base: .notConnected)
+        /// The login lacks a permission (the broker answered 403 ACCESS_REFUSED): fatal at start-up.
+        public static let accessRefused = Code(base: .accessRefused)
         /// The broker closed the channel or connection (see `replyCode`).
         public static let closedByBroker = Code(base: .closedByBroker)
         /// The broker cancelled a consumer (`basic.cancel`: its queue was deleted). The consumer
@@ -44,7 +46,7 @@ public struct AMQPError: Error, Sendable, CustomStringConvertible {
     public var isRetriable: Bool {
         switch code.base {
         case .connection, .notConnected, .closedByBroker, .consumerCancelled, .timeout, .nacked: true
-        case .unroutable, .invalidURL, .stopped, .protocolError: false
+        case .accessRefused, .unroutable, .invalidURL, .stopped, .protocolError: false
         }
     }
 

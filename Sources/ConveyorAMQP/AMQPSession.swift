@@ -73,11 +73,11 @@ final class AMQPSession {
         let arena = CArena()
         try withExtendedLifetime(arena) { () throws(AMQPError) in
             for e in topology.exchanges {
-                amqp_exchange_declare(conn, channel, arena.bytes(e.name), arena.bytes(e.type), 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                amqp_exchange_declare(conn, channel, arena.bytes(e.name), arena.bytes(e.type), e.passive ? 1 : 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
                 try Self.check(amqp_get_rpc_reply(conn), "exchange.declare \(e.name)")
             }
             for q in topology.queues {
-                amqp_queue_declare(conn, channel, arena.bytes(q.name), 0, 1, 0, 0, arena.table(q.arguments))
+                amqp_queue_declare(conn, channel, arena.bytes(q.name), q.passive ? 1 : 0, 1, 0, 0, arena.table(q.arguments))
                 try Self.check(amqp_get_rpc_reply(conn), "queue.declare \(q.name)")
             }
             for b in topology.bindings {

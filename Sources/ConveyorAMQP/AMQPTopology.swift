@@ -1,14 +1,23 @@
 /// Exchanges, queues and bindings, declared idempotently on every (re)connect.
+///
+/// A passive declaration only checks that the object exists (the broker answers 404 when it
+/// does not) and needs no permission; an active one creates it and needs `configure` on it.
 public struct AMQPTopology: Sendable, Hashable {
     public struct Exchange: Sendable, Hashable {
         public var name: String
         public var type: String
-        public init(name: String, type: String) { self.name = name; self.type = type }
+        public var passive: Bool
+        public init(name: String, type: String, passive: Bool = false) { self.name = name; self.type = type; self.passive = passive }
     }
     public struct Queue: Sendable, Hashable {
         public var name: String
         public var arguments: AMQPHeaders
-        public init(name: String, arguments: AMQPHeaders) { self.name = name; self.arguments = arguments }
+        public var passive: Bool
+        public init(name: String, arguments: AMQPHeaders, passive: Bool = false) {
+            self.name = name; self.arguments = arguments; self.passive = passive
+        }
+        /// Checks that a queue exists, without creating it.
+        public static func existing(_ name: String) -> Queue { Queue(name: name, arguments: [:], passive: true) }
     }
     public struct Binding: Sendable, Hashable {
         public var queue: String
@@ -53,6 +62,10 @@ public struct ConveyorTopology: Sendable, Hashable {
     public var statusQueue: String { "\(prefix).status" }
     public var deadLetterExchange: String { "\(prefix).dlx" }
     public var deadQueue: String { "\(prefix).dead" }
+    /// Direct exchange through which workers move redelivered task messages to isolation lanes
+    /// (routing key: the lane's name). A worker may write here and to the status exchange only,
+    /// never to the default exchange, which reaches every queue (deploy/broker-permissions.tsv).
+    public var isolateExchange: String { "\(prefix).isolate" }
     /// Fanout of control messages (cancel a run) to every worker.
     public var controlExchange: String { "\(prefix).control" }
     /// One worker's control queue: `conveyor.control.<worker id>`, removed a minute after its worker goes.
@@ -61,8 +74,8 @@ public struct ConveyorTopology: Sendable, Hashable {
     public func workQueue(_ queue: String) -> String { "\(prefix).q.\(queue)" }
     /// A work queue's isolation lane: `conveyor.isolated.<queue>`. Workers move every redelivered
     /// task message here and take these one at a time, so a message that kills its worker is
-    /// redelivered alone and reaches the delivery limit alone. Bound to no exchange: workers
-    /// publish to it by name through the default exchange. (Not `conveyor.q.<queue>.isolated`,
+    /// redelivered alone and reaches the delivery limit alone. Bound to `isolateExchange` by its own
+    /// name. (Not `conveyor.q.<queue>.isolated`,
     /// which a work queue named `<queue>.isolated` would own.)
     public func isolationQueue(_ queue: String) -> String { "\(prefix).isolated.\(queue)" }
     /// Header a worker puts on the copy it moves to an isolation lane: the queue it came from.
@@ -87,13 +100,34 @@ public struct ConveyorTopology: Sendable, Hashable {
     }
 
     /// Tasks exchange plus, per work queue, a quorum queue routed by the queue name and its
-    /// isolation lane (same delivery limit and dead-letter exchange).
+    /// isolation lane (same delivery limit and dead-letter exchange), bound to the isolation
+    /// exchange. What dispatchers declare.
     public func work(queues: [String]) -> AMQPTopology {
         base.merging(AMQPTopology(
-            exchanges: [.init(name: tasksExchange, type: "direct")],
+            exchanges: [.init(name: tasksExchange, type: "direct"), .init(name: isolateExchange, type: "direct")],
             queues: queues.flatMap { [.init(name: workQueue($0), arguments: quorumArguments),
                                       .init(name: isolationQueue($0), arguments: quorumArguments)] },
-            bindings: queues.map { .init(queue: workQueue($0), exchange: tasksExchange, routingKey: $0) }))
+            bindings: queues.map { .init(queue: workQueue($0), exchange: tasksExchange, routingKey: $0) }
+                + queues.map { .init(queue: isolationQueue($0), exchange: isolateExchange, routingKey: isolationQueue($0)) }))
+    }
+
+    /// What a worker's task consumer declares: its work queues and lanes, passively (workers
+    /// may not create or delete them, deploy/broker-permissions.tsv; dispatchers do, for every
+    /// queue in their configuration, in a task, or in a worker's heartbeat), and the isolation
+    /// exchange with its lanes bound, which a worker may do itself, so that lanes work whatever
+    /// the dispatchers' version.
+    public func workerWork(queues: [String]) -> AMQPTopology {
+        AMQPTopology(
+            exchanges: [.init(name: isolateExchange, type: "direct")],
+            queues: queues.flatMap { [.existing(workQueue($0)), .existing(isolationQueue($0))] },
+            bindings: queues.map { .init(queue: isolationQueue($0), exchange: isolateExchange, routingKey: isolationQueue($0)) })
+    }
+
+    /// What a worker's publisher declares: the status exchange (passively) and the isolation
+    /// exchange. Nothing that depends on its queues: its heartbeats, which get them declared,
+    /// must flow before they exist.
+    public var workerPublish: AMQPTopology {
+        AMQPTopology(exchanges: [.init(name: statusExchange, type: "direct", passive: true), .init(name: isolateExchange, type: "direct")])
     }
 
     /// Status exchange and queue.
@@ -109,10 +143,10 @@ public struct ConveyorTopology: Sendable, Hashable {
         AMQPTopology(exchanges: [.init(name: controlExchange, type: "fanout")])
     }
 
-    /// The control exchange and one worker's own queue on it.
+    /// The control exchange (passively: dispatchers declare it) and one worker's own queue on it.
     public func control(worker: String) -> AMQPTopology {
         AMQPTopology(
-            exchanges: [.init(name: controlExchange, type: "fanout")],
+            exchanges: [.init(name: controlExchange, type: "fanout", passive: true)],
             queues: [.init(name: controlQueue(worker: worker), arguments: ["x-queue-type": .string("classic"), "x-expires": .int(60_000)])],
             bindings: [.init(queue: controlQueue(worker: worker), exchange: controlExchange, routingKey: "")])
     }

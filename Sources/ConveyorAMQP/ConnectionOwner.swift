@@ -52,15 +52,39 @@ final class ConnectionOwner: Sendable {
         }
     }
 
+    /// The permission (in RabbitMQ's configure/write/read terms) the operation an error names
+    /// needs: RabbitMQ's refusal names the object and the user, not always the permission.
+    static func permissionNeeded(by message: String) -> String? {
+        let table = [("exchange.declare", "the 'configure' permission on the exchange"),
+                     ("queue.declare", "the 'configure' permission on the queue"),
+                     ("basic.consume", "the 'read' permission on the queue"),
+                     ("queue.bind", "'write' on the queue and 'read' on the exchange"),
+                     ("basic.publish", "the 'write' permission on the exchange")]
+        return table.first { message.hasPrefix($0.0) }.map(\.1)
+    }
+
     /// Waits until `ready()` holds, up to `configuration.connectRetryFor`; then throws an error
-    /// that names the URL (password redacted) and the last failure.
+    /// that names the URL (password redacted) and the last failure. A permission the broker
+    /// refused (403) fails at once: retrying cannot grant it, and a process that starts with the
+    /// wrong login should say so, not wait a minute.
     func waitUntil(_ ready: () -> Bool) async throws {
         let clock = ContinuousClock()
         let deadline = clock.now + configuration.connectRetryFor
         while !ready() {
+            let last = lastError.withLock { $0 }
+            if let last, last.replyCode == 403 {
+                let user = (try? configuration.endpoint().user) ?? "?"
+                let needs = Self.permissionNeeded(by: last.message).map { " The operation needs \($0)." } ?? ""
+                throw AMQPError(code: .accessRefused, message: "the broker refused user '\(user)' at \(configuration.redactedURL): \(last.message).\(needs) "
+                    + "Each component logs in as its own user with the permissions in deploy/broker-permissions.tsv (docs/operations.md, \"Broker identities\"): "
+                    + "give this component's CONVEYOR_AMQP_URL that user, or grant the permission with rabbitmqctl set_permissions", replyCode: 403)
+            }
             if clock.now >= deadline {
-                let last = lastError.withLock { $0 }.map { ": \($0.message)" } ?? ""
-                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last). Check CONVEYOR_AMQP_URL and that RabbitMQ is running")
+                var hint = "Check CONVEYOR_AMQP_URL and that RabbitMQ is running"
+                if last?.replyCode == 404 {
+                    hint = "Dispatchers declare the exchanges and queues that workers and the API only look up: start a dispatcher with the same amqp.prefix"
+                }
+                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last.map { ": \($0.message)" } ?? ""). \(hint)")
             }
             try await Task.sleep(for: .milliseconds(20))
         }

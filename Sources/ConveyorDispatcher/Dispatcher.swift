@@ -246,19 +246,41 @@ public final class Dispatcher: Service, Sendable {
         return result.created + ok.count
     }
 
+    /// Declares the work queues (and lanes) not declared yet by this dispatcher: those its runs
+    /// name, and those workers' heartbeats name, since workers only declare passively and wait
+    /// for them. A heartbeat is untrusted input: its queue names must follow the task rule
+    /// (letters, digits, '-', '_', '.'; at most 200), and heartbeats may add at most
+    /// `maxHeartbeatQueues` queues to what this dispatcher declares.
+    func declareWorkQueues(_ names: [String], fromHeartbeat: Bool = false) async {
+        let newQueues = declaredQueues.withLock { known -> [String] in
+            var fresh = Set(names).subtracting(known)
+            if fromHeartbeat {
+                fresh = fresh.filter { q in
+                    !q.isEmpty && q.count <= 200 && q.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
+                }
+                let room = max(0, Self.maxHeartbeatQueues - known.count)
+                if fresh.count > room { fresh = Set(fresh.sorted().prefix(room)) }
+            }
+            return fresh.sorted()
+        }
+        guard !newQueues.isEmpty else { return }
+        do {
+            try await publisher.ensureTopology(topology.work(queues: newQueues))
+            declaredQueues.withLock { $0.formUnion(newQueues) }
+            if fromHeartbeat { logger.info("declared work queues a worker consumes", metadata: ["amqp.queues": "\(newQueues)"]) }
+        } catch {
+            logger.warning("declaring work queues failed", metadata: ["amqp.queues": "\(newQueues)", "error": "\(error)"])
+        }
+    }
+
+    /// Most work queues one dispatcher declares in all (heartbeats cannot add past it).
+    static let maxHeartbeatQueues = 1_000
+
     /// Publishes runs with confirms; returns the confirmed and the failed run ids. A run's
     /// producer span is its dispatch span when this claim created the run (`spans`), else a new
     /// `publish` span, a child of the run's stored dispatch span (a retry, a run that waited).
     func publish(_ runs: [ClaimedRun], spans live: [UUID: any Span] = [:]) async -> (ok: [UUID], failed: [UUID]) {
-        let newQueues = declaredQueues.withLock { known in Set(runs.map(\.message.queue)).subtracting(known) }
-        if !newQueues.isEmpty {
-            do {
-                try await publisher.ensureTopology(topology.work(queues: newQueues.sorted()))
-                declaredQueues.withLock { $0.formUnion(newQueues) }
-            } catch {
-                logger.warning("declaring work queues failed", metadata: ["amqp.queues": "\(newQueues.sorted())", "error": "\(error)"])
-            }
-        }
+        await declareWorkQueues(runs.map(\.message.queue))
         let proof: StatusProof
         do { proof = try await statusProof() } catch {
             logger.warning("cannot read the status key; publishing later", metadata: ["error": "\(error)"])
@@ -383,6 +405,7 @@ public final class Dispatcher: Service, Sendable {
             }
         }
         guard let last else { return }
+        if !beats.isEmpty { await declareWorkQueues(beats.flatMap(\.queues), fromHeartbeat: true) }
         await untilCommitted("recording statuses") {
             try await store.recordHeartbeats(beats)
             counters.withLock { $0.heartbeats += beats.count }

@@ -63,7 +63,7 @@ public final class Worker: Service, Sendable {
         self.logger = logger
         let topology = ConveyorTopology(prefix: configuration.prefix, deliveryLimit: configuration.deliveryLimit)
         self.topology = topology
-        let work = topology.work(queues: configuration.queues)
+        let work = topology.workerWork(queues: configuration.queues)
         let prefetch = UInt16(min(configuration.concurrency, 65_535))
         let named = "worker \(configuration.id)"
         consumer = AMQPConsumer(
@@ -73,7 +73,8 @@ public final class Worker: Service, Sendable {
             logger: logger)
         isolationLanes = Dictionary(uniqueKeysWithValues: configuration.queues.map { (topology.workQueue($0), topology.isolationQueue($0)) })
         laneQueues = Set(isolationLanes.values)
-        publisher = AMQPPublisher(configuration: amqp.named("\(named) status"), topology: topology.status, window: 1024, logger: logger)
+        publisher = AMQPPublisher(configuration: amqp.named("\(named) status"), topology: topology.workerPublish,
+                                  window: 1024, logger: logger)
         control = AMQPConsumer(configuration: amqp.named("\(named) control"), topology: topology.control(worker: configuration.id),
                                queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
     }
@@ -142,14 +143,16 @@ public final class Worker: Service, Sendable {
             publisher.stop()
         }
         try await publisher.waitUntilConnected()
-        try await consumer.waitUntilConsuming()
-        logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
-                                                  "worker.executors": "\(executorNames)"])
-        // Heartbeats go on through the drain, so a draining worker is not declared lost.
-        await withTaskGroup(of: Void.self) { beats in
+        // Heartbeats start before the consumer: they name this worker's queues, and a dispatcher
+        // declares the ones it does not know yet, which the consumer (declaring passively) waits
+        // for. They go on through the drain, so a draining worker is not declared lost.
+        try await withThrowingTaskGroup(of: Void.self) { beats in
             beats.addTask { await self.heartbeatLoop() }
+            defer { beats.cancelAll() }
+            try await consumer.waitUntilConsuming()
+            logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
+                                                      "worker.executors": "\(executorNames)"])
             await consumeUntilDrained()
-            beats.cancelAll()
         }
         logger.info("worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
     }
@@ -238,7 +241,7 @@ public final class Worker: Service, Sendable {
         defer { isolating.withLock { $0[id] = $0[id].flatMap { $0 > 1 ? $0 - 1 : nil } } }
         do {
             let target = configuration.faults.isolationUnroutable ? "\(lane).missing" : lane
-            try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: target, body: delivery.body, properties: properties))
+            try await publisher.publish(AMQPOutgoingMessage(exchange: topology.isolateExchange, routingKey: target, body: delivery.body, properties: properties))
         } catch {
             if error.code == .stopped || Task.isCancelled { return true }
             logger.warning("redelivered task message not moved to the isolation lane; running it here", metadata: [

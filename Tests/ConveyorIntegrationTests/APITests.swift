@@ -565,7 +565,7 @@ struct DevCommandTests {
             let log = FileManager.default.temporaryDirectory.appendingPathComponent("dev-\(UUID()).log").path
             _ = FileManager.default.createFile(atPath: log, contents: nil)
             let p = try conveyorProcess(["dev", "--workers", "1", "--api-port", "\(port)"],
-                                        env: ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix])
+                                        env: ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix])
             p.standardOutput = FileHandle.nullDevice
             p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
             try p.run()

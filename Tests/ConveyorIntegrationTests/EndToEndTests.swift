@@ -83,7 +83,7 @@ struct EndToEndTests {
     @Test func aWorkerKilledMidTaskLosesNothing() async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
-            let env = ["CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
+            let env = ["CONVEYOR_AMQP_URL": sys.workerAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
                        "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4", "CONVEYOR_WORKER_ID": "doomed"]
             let doomed = try spawnConveyor(["worker"], env: env)
             defer { if doomed.isRunning { kill(doomed.processIdentifier, SIGKILL) } }
@@ -226,7 +226,7 @@ struct EndToEndTests {
     func sigtermDrainsAWorker(_ drain: Drain) async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
-            let env = ["CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
+            let env = ["CONVEYOR_AMQP_URL": sys.workerAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
                        "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4", "CONVEYOR_WORKER_ID": "draining",
                        "CONVEYOR_WORKER_SHUTDOWN_GRACE_MS": drain.graceMS]
             let draining = try spawnConveyor(["worker"], env: env)

@@ -61,8 +61,13 @@ struct System {
     let pool: PostgresPool
     let store: Store
     let prefix: String
+    /// In-process components' broker login: `conveyor-admin` (Servers.amqpURL).
     let amqp: AMQPConfiguration
     let queue: String
+    /// The per-role logins of the processes a test starts (deploy/broker-permissions.tsv).
+    let dispatcherAMQPURL: String
+    let workerAMQPURL: String
+    let apiAMQPURL: String
 
     static func with<T>(_ body: (System) async throws -> T) async throws -> T {
         try await Servers.withDatabase { url in
@@ -73,7 +78,9 @@ struct System {
             try await Migrator(logger: Servers.logger).migrate(pool)
             var amqp = AMQPConfiguration(url: try Servers.requireAMQP())
             amqp.reconnectCap = .milliseconds(500)
-            let system = System(databaseURL: url, pool: pool, store: Store(pool: pool), prefix: Servers.uniquePrefix(), amqp: amqp, queue: "work")
+            let system = System(databaseURL: url, pool: pool, store: Store(pool: pool), prefix: Servers.uniquePrefix(), amqp: amqp, queue: "work",
+                                dispatcherAMQPURL: try Servers.roleURL(.dispatcher), workerAMQPURL: try Servers.roleURL(.worker),
+                                apiAMQPURL: try Servers.roleURL(.api))
             return try await body(system)
         }
     }
@@ -98,7 +105,7 @@ struct System {
 
     /// The environment of a `conveyor worker` process on this system.
     func workerEnvironment(id: String, executors: String = "sleep", concurrency: Int = 4) -> [String: String] {
-        ["CONVEYOR_AMQP_URL": amqp.url, "CONVEYOR_AMQP_PREFIX": prefix, "CONVEYOR_WORKER_QUEUES": queue,
+        ["CONVEYOR_AMQP_URL": workerAMQPURL, "CONVEYOR_AMQP_PREFIX": prefix, "CONVEYOR_WORKER_QUEUES": queue,
          "CONVEYOR_WORKER_EXECUTORS": executors, "CONVEYOR_WORKER_CONCURRENCY": "\(concurrency)", "CONVEYOR_WORKER_ID": id]
     }
 

@@ -37,7 +37,7 @@ struct MetricsTests {
     @Test func dispatcherAndWorkerExportEveryMetricWithItsType() async throws {
         try await System.with { sys in
             let dispatcherPort = Int.random(in: 20_000...30_000), workerPort = Int.random(in: 30_001...40_000)
-            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix]
+            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
             let dispatcher = try spawnConveyor(["dispatcher"], env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue,
                                                                                   "CONVEYOR_DISPATCHER_HTTP_PORT": "\(dispatcherPort)"]) { a, _ in a })
             var workerEnv = sys.workerEnvironment(id: "metrics-worker", executors: "noop,shell")

@@ -11,7 +11,23 @@ enum Servers {
     static let env = ProcessInfo.processInfo.environment
     static var databaseURL: String? { env["CONVEYOR_DATABASE_URL"] }
     static var adminURL: String? { env["CONVEYOR_TEST_PG_ADMIN_URL"] }
-    static var amqpURL: String? { env["CONVEYOR_AMQP_URL"] }
+    /// The broker login of in-process tests: `conveyor-admin` (every permission), so a test can
+    /// declare, inspect and delete what it likes. Processes the tests start log in per role
+    /// (`roleURL`), as in production.
+    static var amqpURL: String? { env["CONVEYOR_TEST_AMQP_ADMIN_URL"] ?? env["CONVEYOR_AMQP_URL"] }
+
+    /// A component's own broker login (scripts/services.sh makes one per role with the
+    /// permissions of deploy/broker-permissions.tsv).
+    enum BrokerRole: String, CaseIterable, Sendable { case dispatcher, worker, api }
+
+    static func roleURL(_ role: BrokerRole) throws -> String {
+        let name = switch role {
+        case .dispatcher: "CONVEYOR_AMQP_URL"
+        case .worker: "CONVEYOR_WORKER_AMQP_URL"
+        case .api: "CONVEYOR_API_AMQP_URL"
+        }
+        return try #require(env[name], "\(name) is not set: run the tests with scripts/test.sh")
+    }
     static var isCI: Bool { env["CI"] == "true" }
     /// Integration suites run when the servers are configured, and always under CI (where a
     /// missing server then fails loudly instead of skipping).

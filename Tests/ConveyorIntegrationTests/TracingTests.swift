@@ -69,7 +69,7 @@ struct TracingTests {
             let service = try await HTTPReceiver(host: "127.0.0.3") { _, n in .init(status: n == 0 ? 500 : 200) }
             defer { Task { await collector.close(); await service.close() } }
             let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_BSP_SCHEDULE_DELAY": "100"]
-            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix]
+            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
                 .merging(otel) { a, _ in a }
             let apiPort = Int.random(in: 40_001...50_000)
             let dispatcher = try spawnConveyor(["dispatcher"], env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue,
@@ -77,7 +77,8 @@ struct TracingTests {
             let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "trace-worker", executors: "http,shell").merging(otel) { a, _ in a }
                 .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32",
                           "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv"]) { a, _ in a })
-            let api = try spawnConveyor(["api"], env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1"]) { a, _ in a })
+            let api = try spawnConveyor(["api"], env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                                                                      "CONVEYOR_AMQP_URL": sys.apiAMQPURL]) { _, b in b })
             defer { for p in [dispatcher, worker, api] where p.isRunning { p.terminate() } }
             let (key, prefix, hash) = APIKeyFormat.generate()
             try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "trace", role: .admin, namespace: "*", expiresAt: nil)

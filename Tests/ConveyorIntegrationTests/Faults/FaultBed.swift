@@ -212,7 +212,7 @@ final class FaultBed {
     // MARK: processes
 
     var commonEnvironment: [String: String] {
-        ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.amqp.url, "CONVEYOR_AMQP_PREFIX": sys.prefix,
+        ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix,
          "CONVEYOR_AMQP_HEARTBEAT_SECONDS": "2", "CONVEYOR_LOG_LEVEL": "info"]
     }
 
@@ -239,6 +239,7 @@ final class FaultBed {
             "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.0/8,10.77.0.0/24",
         ]) { _, b in b }
         env.removeValue(forKey: "CONVEYOR_DATABASE_URL")
+        env["CONVEYOR_AMQP_URL"] = sys.workerAMQPURL   // the worker's own login, as in production
         try start(id, ["worker"], env: env.merging(extra) { _, b in b }, wrapper: wrapper)
     }
 

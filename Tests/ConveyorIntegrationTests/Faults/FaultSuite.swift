@@ -132,13 +132,10 @@ struct FaultSuite {
             try bed.startDispatcher("d2")
             try bed.startWorker("w1")
             try bed.startWorker("w2")
-            // RabbitMQ lets `guest` in over loopback only: the namespaced worker gets a user of its
-            // own for this scenario, with a random password.
-            let port = URLComponents(string: bed.sys.amqp.url)?.port ?? 5672
-            let user = "fault-\(UUID().uuidString.prefix(8).lowercased())", password = UUID().uuidString
-            try await FaultBed.rabbitmqctl(["add_user", user, password])
-            try await FaultBed.rabbitmqctl(["set_permissions", "-p", "/", user, ".*", ".*", ".*"])
-            try bed.startWorker("cut", env: ["CONVEYOR_AMQP_URL": "amqp://\(user):\(password)@\(Netns.hostAddress):\(port)/%2F"],
+            // The worker's own login (not loopback-only, unlike `guest`), to the host's address
+            // as the namespace sees it.
+            let workerURL = bed.sys.workerAMQPURL.replacingOccurrences(of: "@127.0.0.1:", with: "@\(Netns.hostAddress):")
+            try bed.startWorker("cut", env: ["CONVEYOR_AMQP_URL": workerURL],
                                 wrapper: [try Requirements.program("ip"), "netns", "exec", ns])
             try await bed.until("the namespaced worker joins", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active'") == 1
@@ -220,7 +217,8 @@ struct FaultSuite {
         try await FaultBed.scenario("pg-restart", "5 postgres restart", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
             let apiPort = try FaultBed.freePort()
-            try bed.start("api", ["api"], env: bed.commonEnvironment.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1"]) { _, b in b })
+            try bed.start("api", ["api"], env: bed.commonEnvironment.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                                                                                       "CONVEYOR_AMQP_URL": bed.sys.apiAMQPURL]) { _, b in b })
             try await bed.until("api ready", timeout: .seconds(30), &report) { await FaultBed.httpStatus(port: apiPort) == 200 }
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % done", timeout: .seconds(60), &report) {

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Tries broker operations under one login with pika, RabbitMQ's Python client (not Conveyor's
+own code), and reports which the broker allowed. BrokerIdentityTests uses it to show what each
+role's user (deploy/broker-permissions.tsv) can and cannot do.
+
+  broker_probe.py --url amqp://… OP [OP …]
+
+Each OP is `publish:EXCHANGE:ROUTING_KEY`, `consume:QUEUE`, `delete:QUEUE`, `declare:QUEUE`
+(create), `passive:QUEUE` (look up) or `bind:QUEUE:EXCHANGE`. Every OP runs on a channel of its
+own (a refusal closes the channel). Prints one JSON object: {OP: "ok" or "<code> <reply text>"}.
+"""
+import argparse
+import json
+
+import pika
+import pika.exceptions
+
+
+def run(ch, op):
+    kind, _, rest = op.partition(":")
+    if kind == "publish":
+        exchange, _, key = rest.partition(":")
+        ch.confirm_delivery()
+        ch.basic_publish(exchange=exchange, routing_key=key, body=b"{}",
+                         properties=pika.BasicProperties(delivery_mode=2, type="probe"))
+    elif kind == "consume":
+        ch.basic_consume(queue=rest, on_message_callback=lambda *a: None, auto_ack=False)
+    elif kind == "delete":
+        ch.queue_delete(queue=rest)
+    elif kind == "declare":
+        ch.queue_declare(queue=rest, durable=True)
+    elif kind == "passive":
+        ch.queue_declare(queue=rest, passive=True)
+    elif kind == "bind":
+        queue, _, exchange = rest.partition(":")
+        ch.queue_bind(queue=queue, exchange=exchange, routing_key="probe")
+    else:
+        raise SystemExit(f"unknown operation {op!r}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("ops", nargs="+")
+    a = ap.parse_args()
+    conn = pika.BlockingConnection(pika.URLParameters(a.url))
+    out = {}
+    for op in a.ops:
+        ch = conn.channel()
+        try:
+            run(ch, op)
+            out[op] = "ok"
+            ch.close()
+        except pika.exceptions.ChannelClosedByBroker as e:
+            out[op] = f"{e.reply_code} {e.reply_text}"
+        except pika.exceptions.UnroutableError:
+            out[op] = "ok"   # the broker took the publish (permission granted) but no queue matched
+    conn.close()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
