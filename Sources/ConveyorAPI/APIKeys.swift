@@ -43,7 +43,7 @@ public enum APIKeyFormat {
 public struct Identity: Sendable, Equatable {
     public var keyPrefix: String
     public var role: Role
-    /// `*` for every namespace (admin keys only).
+    /// `*` for every namespace (admin and viewer keys only).
     public var namespace: String
 
     public func sees(namespace ns: String) -> Bool { namespace == "*" || namespace == ns }

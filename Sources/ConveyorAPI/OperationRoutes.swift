@@ -89,12 +89,14 @@ extension APIServer {
             }
         }
 
+        // Workers serve queues, not namespaces: their hosts, queues and in-flight counts are the
+        // fleet's, so these routes need a key for every namespace (docs/api.md, "Scope").
         r.on(.get, "/v1/workers") { _, context in
-            _ = try context.require(.viewer)
+            _ = try context.requireFleet()
             return json(["workers": .array(try await store.workers().map(view))])
         }
         r.on(.get, "/v1/workers/:id") { request, context in
-            let who = try context.require(.viewer)
+            let who = try context.requireFleet()
             let id = context.parameters.get("id") ?? ""
             guard let (worker, runs) = try await store.worker(id: id, namespace: listScope(who, request)) else {
                 throw Problem(.notFound, "not found", "no worker '\(id)' has sent a heartbeat")
@@ -143,7 +145,9 @@ extension APIServer {
             let stats = try await store.queueStats(namespace: listScope(who, request))
             var broker: [String: WorkQueueDepth] = [:]
             var brokerError: String?
-            if let config = env.broker {
+            // A broker queue holds every namespace's messages: its depth and consumers are the
+            // fleet's, shown to keys for every namespace only.
+            if let config = env.broker, who.namespace == "*" {
                 do {
                     broker = try await AMQPInspector.workQueues(stats.map(\.queue), topology: env.topology, configuration: config)
                 } catch { brokerError = "\(error)" }
@@ -276,8 +280,10 @@ extension APIServer {
             let who = try context.require(.viewer)
             return json(try await overview(store, namespace: listScope(who, request)))
         }
+        // The process's own numbers (every namespace's requests, and in `conveyor dev` the
+        // dispatcher's per-queue series): the fleet's.
         r.on(.get, "/metrics") { _, context in
-            _ = try context.require(.viewer)
+            _ = try context.requireFleet()
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: env.metrics.render() + ConveyorMetrics.text())))
         }
     }

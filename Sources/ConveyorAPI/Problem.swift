@@ -34,6 +34,17 @@ public struct APIContext: RequestContext {
         }
         return identity
     }
+
+    /// The whole fleet's data (workers, process metrics): it spans every namespace, so it needs
+    /// a key for every namespace (`*`: an admin key, or a viewer key made for it), with `role`.
+    func requireFleet(_ role: Role = .viewer) throws(Problem) -> Identity {
+        let identity = try require(role)
+        guard identity.namespace == "*" else {
+            throw Problem(.forbidden, "forbidden",
+                          "this is the whole fleet's, across namespaces: it needs a key for every namespace ('*'), an admin key or a viewer key created with namespace '*'; this key is limited to namespace '\(identity.namespace)'")
+        }
+        return identity
+    }
 }
 
 /// An RFC 9457 problem: `application/problem+json` with the field, the value and a hint where

@@ -18,8 +18,10 @@ public enum APIKeyRules {
         guard let r = Role(rawValue: role) else {
             throw ValidationError(field: fields.role, value: role, hint: "one of admin, operator, submitter, viewer")
         }
-        guard namespace != "*" || r == .admin else {
-            throw ValidationError(field: fields.namespace, value: namespace, hint: "'*' (every namespace) is for admin keys only")
+        // Every namespace: to administer all, or to read all (a fleet viewer: dashboards of the
+        // whole fleet, a Prometheus scraper). Never to submit or operate in all at once.
+        guard namespace != "*" || r == .admin || r == .viewer else {
+            throw ValidationError(field: fields.namespace, value: namespace, hint: "'*' (every namespace) is for admin and viewer keys only")
         }
         guard namespace == "*" || (!namespace.isEmpty && namespace.count <= 63 && namespace.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })) else {
             throw ValidationError(field: fields.namespace, value: namespace, hint: "letters, digits, '-' and '_', at most 63")

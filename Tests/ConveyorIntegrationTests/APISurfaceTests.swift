@@ -260,8 +260,15 @@ struct APISurfaceTests {
                 for _ in 0..<2 {
                     try await publisher.publish(AMQPOutgoingMessage(exchange: topology.tasksExchange, routingKey: sys.queue, body: Array("{}".utf8), properties: AMQPProperties()))
                 }
-                try await publisher.publish(AMQPOutgoingMessage(exchange: "", routingKey: topology.isolationQueue(sys.queue), body: Array("{}".utf8), properties: AMQPProperties()))
-                let r = try await api.call("GET", "/v1/queues", key: k)
+                try await publisher.publish(AMQPOutgoingMessage(exchange: topology.isolateExchange, routingKey: topology.isolationQueue(sys.queue), body: Array("{}".utf8), properties: AMQPProperties()))
+                // A key of one namespace sees its own queues' database figures, never the broker's:
+                // a broker queue holds every namespace's messages.
+                let tenant = try await api.call("GET", "/v1/queues", key: k)
+                #expect(tenant.status == 200, "\(tenant.json)")
+                let own = tenant.json["queues"]?.arrayValue?.first { $0["name"] == .string(sys.queue) }
+                #expect(own?["tasks"] == 1 && own?["broker"] == nil, "\(tenant.json)")
+                let fleet = try await APITests.key(sys, role: .viewer, namespace: "*")
+                let r = try await api.call("GET", "/v1/queues?namespace=default", key: fleet)
                 #expect(r.status == 200, "\(r.json)")
                 let q = r.json["queues"]?.arrayValue?.first { $0["name"] == .string(sys.queue) }
                 #expect(q?["broker"]?["ready"] == 2, "\(r.json)")
@@ -450,11 +457,16 @@ struct APISurfaceTests {
                 "GET /v1/queues": .viewer, "POST /v1/keys": .admin, "GET /v1/keys": .admin, "DELETE /v1/keys/{prefix}": .admin, "GET /v1/audit": .admin,
             ]
             #expect(Set(routes) == Set(needs.keys), "the matrix covers every route: missing \(Set(routes).subtracting(needs.keys).sorted())")
+            // The fleet's routes: a key of one namespace is refused whatever its role; a key for
+            // every namespace ('*': admin, or a viewer made for it) from the route's role on.
+            let fleet: Set<String> = ["GET /metrics", "GET /v1/workers", "GET /v1/workers/{id}"]
             var generous = APIOptions()
             generous.perAddress = .init(rate: 100, burst: 1000)
             try await APITests.withAPI(sys, options: generous) { api, _ in
                 var keys: [Role: String] = [:]
                 for role in Role.allCases { keys[role] = try await APITests.key(sys, role: role, namespace: "default") }
+                let everyNamespace: [Role: String] = [.viewer: try await APITests.key(sys, role: .viewer, namespace: "*"),
+                                                      .admin: try await APITests.key(sys, role: .admin, namespace: "*")]
                 for route in routes.sorted() {
                     let parts = route.split(separator: " ", maxSplits: 1).map(String.init)
                     let path = parts[1].replacingOccurrences(of: "{name}", with: "missing").replacingOccurrences(of: "{id}", with: UUID().uuidString)
@@ -471,8 +483,13 @@ struct APISurfaceTests {
                     #expect(anonymous.status == 401, "\(route) without a key")
                     for role in Role.allCases {
                         let r = try await api.call(parts[0], path, key: keys[role], body: body)
-                        if role < need { #expect(r.status == 403, "\(route) as \(role): \(r.status)") }
+                        if role < need || fleet.contains(route) { #expect(r.status == 403, "\(route) as \(role) of one namespace: \(r.status)") }
                         else { #expect(![401, 403].contains(r.status), "\(route) as \(role): \(r.status) \(r.json)") }
+                    }
+                    for (role, key) in everyNamespace {
+                        let r = try await api.call(parts[0], path, key: key, body: body)
+                        if role < need { #expect(r.status == 403, "\(route) as \(role) of every namespace: \(r.status)") }
+                        else { #expect(![401, 403].contains(r.status), "\(route) as \(role) of every namespace: \(r.status) \(r.json)") }
                     }
                 }
             }
@@ -497,15 +514,17 @@ struct APISurfaceTests {
                 let overview = try JSONDecoder().decode(JSONValue.self, from: Data(first.dropFirst(6).utf8))
                 #expect(overview["runs_by_state"] != nil && overview["workers"] != nil)
 
-                let metrics = try await api.call("GET", "/metrics", key: k)
+                let fleetViewer = try await APITests.key(sys, role: .viewer, namespace: "*")
+                #expect(try await api.call("GET", "/metrics", key: k).status == 403, "a key of one namespace reads the fleet's metrics")
+                let metrics = try await api.call("GET", "/metrics", key: fleetViewer)
                 #expect(metrics.status == 200)
                 let page = try await OutboundHTTP(policy: { var p = OutboundPolicy(); p.allowedNetworks = [try! Network(parsing: "127.0.0.1")]; return p }(), logger: Servers.logger)
-                    .send(OutboundRequest(url: api.base + "/metrics", headers: [("Authorization", "Bearer \(k)")]), timeout: .seconds(5))
+                    .send(OutboundRequest(url: api.base + "/metrics", headers: [("Authorization", "Bearer \(fleetViewer)")]), timeout: .seconds(5))
                 let body = String(decoding: page.body, as: UTF8.self)
                 #expect(body.contains("# TYPE conveyor_api_requests_total counter"))
                 #expect(body.contains(#"conveyor_api_requests_total{route="/v1/events",method="GET",status="200"} 1"#), "\(body)")
                 #expect(body.contains(#"conveyor_api_request_duration_seconds_bucket{route="/metrics",method="GET",le="+Inf"}"#))
-                #expect(!body.contains(k), "no credentials in metrics")
+                #expect(!body.contains(k) && !body.contains(fleetViewer), "no credentials in metrics")
 
                 for (path, type) in [("/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
                     let r = try await OutboundHTTP(policy: { var p = OutboundPolicy(); p.allowedNetworks = [try! Network(parsing: "127.0.0.1")]; return p }(), logger: Servers.logger)
