@@ -561,7 +561,7 @@ struct APISurfaceTests {
                     ((try? String(contentsOfFile: file, encoding: .utf8)) ?? "").components(separatedBy: "event: stats\n").count - 1
                 }
                 let held = try (0..<2).map { _ in try stream(k, seconds: 60) }
-                defer { for h in held where h.process.isRunning { h.process.terminate(); h.process.waitUntilExit() } }
+                defer { for h in held where h.process.isRunning { h.process.terminate() } }
                 for h in held {
                     try await sys.eventually(timeout: .seconds(10), "a stream sends events") { events(h.file) >= 1 }
                 }
@@ -572,15 +572,15 @@ struct APISurfaceTests {
                 #expect(detail.contains("api.max_event_streams_per_key") && detail.contains("2 event streams"), "the problem names the limit: \(refused.json)")
 
                 let elsewhere = try stream(other, seconds: 1)
-                elsewhere.process.waitUntilExit()
+                await exited(elsewhere.process)
                 #expect(events(elsewhere.file) >= 1, "another key has streams of its own")
 
                 // Closing one frees its place: the server notices at its next write, within one interval.
                 held[0].process.terminate()
-                held[0].process.waitUntilExit()
+                await exited(held[0].process)
                 try await sys.eventually(timeout: .seconds(10), "a closed stream's place is free again") {
                     let next = try stream(k, seconds: 1)
-                    next.process.waitUntilExit()
+                    await exited(next.process)
                     return events(next.file) >= 1
                 }
             }

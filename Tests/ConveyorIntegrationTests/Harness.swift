@@ -229,6 +229,14 @@ func runConveyor(_ args: [String], env: [String: String] = [:]) throws -> (statu
     try runCapturing(try conveyorProcess(args, env: env))
 }
 
+/// Waits for `p` to exit on a thread of its own: `waitUntilExit` blocks, and the cooperative pool
+/// (two threads here) must not.
+func exited(_ p: Process) async {
+    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        Thread.detachNewThread { p.waitUntilExit(); c.resume() }
+    }
+}
+
 /// Runs `p` to completion; returns its exit status, standard output and error. Standard error
 /// is read on another thread, so a program filling one pipe while the other is read never stalls.
 func runCapturing(_ p: Process) throws -> (status: Int32, out: String, err: String) {
