@@ -19,13 +19,6 @@ struct BrokerIdentityTests {
         return try JSONDecoder().decode([String: String].self, from: Data(r.out.utf8))
     }
 
-    /// The topology as dispatchers declare it, for `sys.prefix` (declared with the admin login).
-    static func declareTopology(_ sys: System) async throws -> ConveyorTopology {
-        let t = ConveyorTopology(prefix: sys.prefix)
-        try await sys.withPublisher(t.work(queues: [sys.queue]).merging(t.status).merging(t.controlPublish)) { _, _ in }
-        return t
-    }
-
     /// S14. A worker pod holds the worker login. With it, pika cannot publish a task (the tasks
     /// exchange, the dead-letter exchange, or the default exchange into a work queue), consume the
     /// status or dead queue, delete or create a queue, or bind one to the status exchange; it can
@@ -33,7 +26,7 @@ struct BrokerIdentityTests {
     /// are the permissions', not a broken probe.
     @Test func s14_aWorkersLoginCannotDispatchReadStatusesOrDeleteQueues() async throws {
         try await System.with { sys in
-            let t = try await Self.declareTopology(sys)
+            let t = try await sys.declareTopology()
             let forbidden = [
                 "publish:\(t.tasksExchange):\(sys.queue)", "publish:\(t.deadLetterExchange):", "publish::\(t.workQueue(sys.queue))",
                 "publish:\(t.controlExchange):", "consume:\(t.statusQueue)", "consume:\(t.deadQueue)",
@@ -59,7 +52,7 @@ struct BrokerIdentityTests {
     /// S15. The API only looks queues up (depths, readiness): its login can do nothing else.
     @Test func s15_theAPIsLoginOnlyLooksQueuesUp() async throws {
         try await System.with { sys in
-            let t = try await Self.declareTopology(sys)
+            let t = try await sys.declareTopology()
             let forbidden = ["publish:\(t.statusExchange):status", "publish:\(t.tasksExchange):\(sys.queue)", "consume:\(t.workQueue(sys.queue))",
                              "consume:\(t.statusQueue)", "declare:\(t.workQueue("other"))", "delete:\(t.workQueue(sys.queue))"]
             let api = try await Self.probe(sys.apiAMQPURL, forbidden + ["passive:\(t.workQueue(sys.queue))"])
@@ -75,7 +68,7 @@ struct BrokerIdentityTests {
     /// it does not retry for `amqp.connect_retry_seconds` and then blame the network.
     @Test func s16_aWorkerWithTheWrongLoginStopsAtStartUpNamingThePermission() async throws {
         try await System.with { sys in
-            _ = try await Self.declareTopology(sys)
+            _ = try await sys.declareTopology()
             var env = sys.workerEnvironment(id: "wrong-login")
             env["CONVEYOR_AMQP_URL"] = sys.apiAMQPURL
             env["CONVEYOR_AMQP_CONNECT_RETRY_SECONDS"] = "20"

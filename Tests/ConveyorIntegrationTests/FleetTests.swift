@@ -225,6 +225,7 @@ struct WorkerEndpointTests {
     @Test func healthReadinessAndMetricsAreServed() async throws {
         try await System.with { sys in
             let port = Int.random(in: 20_000...40_000)
+            try await sys.declareTopology()   // no dispatcher here: the worker looks its queues up
             var env = sys.workerEnvironment(id: "probed")
             env["CONVEYOR_WORKER_HTTP_PORT"] = "\(port)"
             env["CONVEYOR_WORKER_HTTP_HOST"] = "127.0.0.1"

@@ -129,6 +129,15 @@ struct System {
     }
 
     /// A connected publisher on this system's broker, declaring `topology`, for `body` only.
+    /// Declares the topology as dispatchers do, with the admin login, for a test that starts a
+    /// worker without a dispatcher: workers only look up what dispatchers declare.
+    @discardableResult
+    func declareTopology() async throws -> ConveyorTopology {
+        let t = ConveyorTopology(prefix: prefix)
+        try await withPublisher(t.work(queues: [queue]).merging(t.status).merging(t.controlPublish)) { _, _ in }
+        return t
+    }
+
     func withPublisher<T>(_ topology: AMQPTopology, _ body: (AMQPPublisher, ConveyorTopology) async throws -> T) async throws -> T {
         let pub = AMQPPublisher(configuration: amqp, topology: topology, logger: Servers.logger)
         pub.start()

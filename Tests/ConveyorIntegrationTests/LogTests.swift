@@ -15,11 +15,8 @@ struct LogTests {
             defer { try? FileManager.default.removeItem(at: log) }
             var env = sys.workerEnvironment(id: "json-worker", executors: "shell")
             env["CONVEYOR_LOG_FORMAT"] = "json"
-            // The broker's default user, spelled out so that the URL carries a password to hide.
-            var amqp = try #require(URLComponents(string: sys.amqp.url))
-            amqp.user = "guest"
-            amqp.password = "guest"
-            env["CONVEYOR_AMQP_URL"] = amqp.string
+            // The worker's own login (workerEnvironment's): its URL carries a password to hide.
+            let password = try #require(URLComponents(string: sys.workerAMQPURL)?.password)
             let p = try conveyorProcess(["worker"], env: env)
             p.standardOutput = FileHandle.nullDevice
             p.standardError = try FileHandle(forWritingTo: log)
@@ -53,8 +50,8 @@ struct LogTests {
             #expect(output["trace.id"] as? String == runID?[1], "the run's trace id is on its log lines")
             #expect(output["task.name"] as? String == "echo")
             // The broker URL's password never appears; the URL does, masked.
-            #expect(!lines.joined().contains(":guest@"), "the AMQP password is in the log")
-            #expect(lines.contains { $0.contains("amqp://guest:***@") }, "\(lines.prefix(3))")
+            #expect(!lines.joined().contains(password), "the AMQP password is in the log")
+            #expect(lines.contains { $0.contains("amqp://conveyor-worker:***@") }, "\(lines.prefix(3))")
 
             // A canary password in the database URL of a failing command.
             let failed = try runConveyor(["task", "list"], env: ["CONVEYOR_DATABASE_URL": "postgresql://conveyor:canary-db-pw@127.0.0.1:1/x",
