@@ -24,7 +24,8 @@ struct DashboardTests {
             }
             try await withServices([sys.dispatcher(), worker]) {
                 try await APITests.withAPI(sys, broker: true) { api, _ in
-                    let key = try await APITests.key(sys, role: .operator, namespace: "default")
+                    // The workers page is the fleet's (docs/api.md, "Scope"): a key for every namespace.
+                    let key = try await APITests.key(sys, role: .admin, namespace: "*")
                     for body in [
                         "{\"name\": \"nightly-report\", \"executor\": \"echo\", \"queue\": \"\(sys.queue)\", \"parameters\": {\"customer\": \"acme\"}}",
                         "{\"name\": \"flaky-import\", \"executor\": \"scripted\", \"queue\": \"\(sys.queue)\", \"parameters\": {\"fail\": true}, \"retry\": {\"max_attempts\": 2, \"base_seconds\": 0.1, \"jitter\": false}}",
