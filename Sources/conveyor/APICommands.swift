@@ -90,12 +90,20 @@ struct APIKeyCommand: AsyncParsableCommand {
         commandName: "apikey", abstract: "Create, list and revoke API keys (needs database access).",
         subcommands: [Create.self, List.self, Revoke.self])
 
+    /// An audit entry for a change made with database access, not through the API: the actor is
+    /// `cli:<OS user>` (role `database`), the client this host, and the request id one of its own.
+    static func cliAudit(_ action: String, target: String, namespace: String, _ detail: [String: JSONValue] = [:]) -> Store.AuditEntry {
+        let user = ProcessInfo.processInfo.environment["USER"] ?? ProcessInfo.processInfo.environment["LOGNAME"] ?? String(getuid())
+        return Store.AuditEntry(actor: "cli:\(user)", role: "database", namespace: namespace, action: action, target: target,
+                                requestID: "cli-" + UUID().uuidString.lowercased(), client: ProcessInfo.processInfo.hostName, detail: .object(detail))
+    }
+
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a key and print it once: it is stored only as a hash.")
         @OptionGroup var common: CommonOptions
         @Option(help: "What the key is for (shown in lists).") var name: String
         @Option(help: "admin, operator, submitter or viewer.") var role: String
-        @Option(help: "The namespace it acts in; '*' (admin only) for every namespace.") var namespace = "default"
+        @Option(help: "The namespace it acts in; '*' (admin and viewer keys only) for every namespace.") var namespace = "default"
         @Option(name: .customLong("expires-days"), help: "Days until it expires; none when left out.") var expiresDays: Int?
 
         func validate() throws {
@@ -106,8 +114,12 @@ struct APIKeyCommand: AsyncParsableCommand {
         func run() async throws {
             let (key, prefix, hash) = APIKeyFormat.generate()
             let expires = expiresDays.map { Date().addingTimeInterval(Double($0) * 86_400) }
-            try await common.withStore { try await $0.createAPIKey(prefix: prefix, secretHash: hash, name: name, role: Role(rawValue: role)!,
-                                                                 namespace: namespace, expiresAt: expires) }
+            try await common.withStore { store in
+                try await store.createAPIKey(prefix: prefix, secretHash: hash, name: name, role: Role(rawValue: role)!, namespace: namespace, expiresAt: expires)
+                try await store.audit(APIKeyCommand.cliAudit("key.create", target: prefix, namespace: namespace,
+                                                             ["name": .string(name), "role": .string(role),
+                                                              "expires_days": expiresDays.map { .number(Double($0)) } ?? .null]))
+            }
             print(key)
             FileHandle.standardError.write(Data("API key \(prefix) created (\(role), namespace \(namespace)). It is shown only now: store it as a secret.\n".utf8))
         }
@@ -132,9 +144,11 @@ struct APIKeyCommand: AsyncParsableCommand {
         @Argument(help: "The key's prefix (the 12 hex digits after cvk_).") var prefix: String
 
         func run() async throws {
+            let namespace = try await common.withStore { try await $0.apiKey(prefix: prefix)?.namespace }
             guard try await common.withStore({ try await $0.revokeAPIKey(prefix: prefix) }) else {
                 throw ValidationError(field: "prefix", value: prefix, hint: "no active key has this prefix; see 'conveyor apikey list'")
             }
+            try await common.withStore { try await $0.audit(APIKeyCommand.cliAudit("key.revoke", target: prefix, namespace: namespace ?? "*")) }
             print("revoked \(prefix)")
         }
     }

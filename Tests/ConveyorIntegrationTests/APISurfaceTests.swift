@@ -280,6 +280,26 @@ struct APISurfaceTests {
         }
     }
 
+    /// `conveyor apikey create` and `revoke` (database access, no API) write the audit log as the
+    /// API does: actor `cli:<user>`, role `database`. Before, a key made this way left no trace.
+    @Test func theDatabaseCLIAuditsTheKeysItCreatesAndRevokes() async throws {
+        try await System.with { sys in
+            let env = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "USER": "ops-alice"]
+            let created = try runConveyor(["apikey", "create", "--name", "scraper", "--role", "viewer", "--namespace", "*"], env: env)
+            #expect(created.status == 0, "\(created.err)")
+            let key = created.out.trimmingCharacters(in: .whitespacesAndNewlines)
+            let prefix = try #require(key.split(separator: "_").dropFirst().first.map(String.init), "\(created.out)")
+            let revoked = try runConveyor(["apikey", "revoke", prefix], env: env)
+            #expect(revoked.status == 0, "\(revoked.err)")
+            let entries = try await sys.store.auditLog(namespace: nil, action: nil, before: nil, limit: 10)
+            let made = try #require(entries.first { $0.action == "key.create" }, "no key.create entry")
+            #expect(made.actor == "cli:ops-alice" && made.role == "database" && made.target == prefix && made.namespace == "*")
+            #expect(made.detail["role"] == "viewer" && made.detail["name"] == "scraper")
+            #expect(!"\(made.detail)".contains(key), "the key itself is never audited")
+            #expect(entries.contains { $0.action == "key.revoke" && $0.target == prefix && $0.actor == "cli:ops-alice" })
+        }
+    }
+
     @Test func adminsManageKeysAndEveryChangeIsAudited() async throws {
         try await System.with { sys in
             try await APITests.withAPI(sys, ttl: .milliseconds(300)) { api, _ in

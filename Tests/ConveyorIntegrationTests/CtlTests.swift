@@ -74,7 +74,12 @@ struct CtlTests {
                 #expect(try Self.ctl(["task", "get", "t-0001"], env: keyEnv).out.contains("recent runs:"))
                 #expect(try Self.ctl(["task", "delete", "t-0003"], env: keyEnv).status == 0)
                 #expect(try Self.ctl(["run", "list", "--json"], env: keyEnv).status == 0)
-                #expect(try Self.ctl(["worker", "list"], env: keyEnv).out.hasPrefix("WORKER"))
+                // Workers are the fleet's: an admin of one namespace is refused, naming the rule;
+                // a viewer key for every namespace lists them.
+                let refused = try Self.ctl(["worker", "list"], env: keyEnv)
+                #expect(refused.status != 0 && refused.err.contains("every namespace"), "\(refused.err)")
+                let fleet = try await APITests.key(sys, role: .viewer, namespace: "*")
+                #expect(try Self.ctl(["worker", "list"], env: env.merging(["CONVEYOR_API_KEY": fleet]) { a, _ in a }).out.hasPrefix("WORKER"))
 
                 let created = try Self.ctl(["key", "create", "--name", "ci", "--role", "viewer"], env: keyEnv)
                 #expect(created.status == 0, "\(created.err)")
