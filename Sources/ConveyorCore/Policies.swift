@@ -220,3 +220,13 @@ public struct RetryPolicy: Sendable, Hashable {
         ])
     }
 }
+
+/// The rule for work queue names, wherever one comes from (a task, a worker's configuration, a
+/// worker's heartbeat): letters, digits, '-', '_' and '.'.
+public enum QueueName {
+    public static let hint = "letters, digits, '-', '_' and '.' only"
+
+    public static func isValid(_ name: String) -> Bool {
+        !name.isEmpty && name.allSatisfy { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }
+    }
+}

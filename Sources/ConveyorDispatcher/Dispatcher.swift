@@ -249,15 +249,13 @@ public final class Dispatcher: Service, Sendable {
     /// Declares the work queues (and lanes) not declared yet by this dispatcher: those its runs
     /// name, and those workers' heartbeats name, since workers only declare passively and wait
     /// for them. A heartbeat is untrusted input: its queue names must follow the task rule
-    /// (letters, digits, '-', '_', '.'; at most 200), and heartbeats may add at most
+    /// (`QueueName`; at most 200 characters), and heartbeats may add at most
     /// `maxHeartbeatQueues` queues to what this dispatcher declares.
     func declareWorkQueues(_ names: [String], fromHeartbeat: Bool = false) async {
         let newQueues = declaredQueues.withLock { known -> [String] in
             var fresh = Set(names).subtracting(known)
             if fromHeartbeat {
-                fresh = fresh.filter { q in
-                    !q.isEmpty && q.count <= 200 && q.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
-                }
+                fresh = fresh.filter { $0.count <= 200 && QueueName.isValid($0) }
                 let room = max(0, Self.maxHeartbeatQueues - known.count)
                 if fresh.count > room { fresh = Set(fresh.sorted().prefix(room)) }
             }

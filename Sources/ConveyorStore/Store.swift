@@ -62,8 +62,8 @@ public struct NewTask: Sendable {
             throw ValidationError(field: "parameters", value: "\(parameterBytes) bytes",
                                   hint: "at most \(Self.maxParameterBytes) bytes of JSON travel in each task message; store large inputs elsewhere and pass a reference")
         }
-        guard !queue.isEmpty, queue.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }) else {
-            throw ValidationError(field: "queue", value: queue, hint: "letters, digits, '-', '_' and '.' only")
+        guard QueueName.isValid(queue) else {
+            throw ValidationError(field: "queue", value: queue, hint: QueueName.hint)
         }
         guard timeoutSeconds > 0, timeoutSeconds.isFinite else {
             throw ValidationError(field: "timeout", value: String(timeoutSeconds), hint: "a positive number of seconds")

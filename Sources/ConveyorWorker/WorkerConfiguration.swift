@@ -60,7 +60,7 @@ public struct WorkerConfiguration: Sendable {
         self.init(id: try s.optionalString("worker.id"))
         queues = try s.strings("worker.queues", default: ["default"])
         guard !queues.isEmpty else { throw s.bad("worker.queues", "list at least one queue, e.g. [default]") }
-        for q in queues where q.isEmpty || !q.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." }) {
+        for q in queues where !QueueName.isValid(q) {
             throw ValidationError(field: "\(s.source): worker.queues", value: q, hint: "queue names use letters, digits, '-', '_' and '.' only")
         }
         concurrency = try s.int("worker.concurrency", default: 16, range: 1...10_000)

@@ -144,11 +144,16 @@ struct APIKeyCommand: AsyncParsableCommand {
         @Argument(help: "The key's prefix (the 12 hex digits after cvk_).") var prefix: String
 
         func run() async throws {
-            let namespace = try await common.withStore { try await $0.apiKey(prefix: prefix)?.namespace }
-            guard try await common.withStore({ try await $0.revokeAPIKey(prefix: prefix) }) else {
+            // One connection for the lookup, the revocation and its audit entry.
+            let revoked = try await common.withStore { store -> Bool in
+                let namespace = try await store.apiKey(prefix: prefix)?.namespace
+                guard try await store.revokeAPIKey(prefix: prefix) else { return false }
+                try await store.audit(APIKeyCommand.cliAudit("key.revoke", target: prefix, namespace: namespace ?? "*"))
+                return true
+            }
+            guard revoked else {
                 throw ValidationError(field: "prefix", value: prefix, hint: "no active key has this prefix; see 'conveyor apikey list'")
             }
-            try await common.withStore { try await $0.audit(APIKeyCommand.cliAudit("key.revoke", target: prefix, namespace: namespace ?? "*")) }
             print("revoked \(prefix)")
         }
     }
