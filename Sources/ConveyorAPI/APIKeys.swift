@@ -12,8 +12,7 @@ public enum APIKeyFormat {
         var rng = SystemRandomNumberGenerator()
         let prefix = (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &rng)) }.joined()
         let secretBytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
-        let secret = Data(secretBytes).base64EncodedString()
-            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        let secret = Base64URL.encode(secretBytes)
         return ("cvk_\(prefix)_\(secret)", prefix, hash(secret))
     }
 

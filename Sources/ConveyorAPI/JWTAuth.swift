@@ -103,10 +103,8 @@ public final class JWTVerifier: Sendable {
     }
 
     static func decodeSegment(_ s: Substring) -> JSONValue? {
-        var b64 = s.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        while b64.count % 4 != 0 { b64 += "=" }
-        guard let data = Data(base64Encoded: b64) else { return nil }
-        return try? JSONDecoder().decode(JSONValue.self, from: data)
+        guard let bytes = Base64URL.decode(s) else { return nil }
+        return try? JSONDecoder().decode(JSONValue.self, from: Data(bytes))
     }
 }
 
