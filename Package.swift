@@ -36,6 +36,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
         // JWT bearer tokens (HS256 secret, RS256/ES256 from a JWKS file).
         .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
+        // jwt-kit's base64 (already resolved through it): base64url for proofs, keys and tokens.
+        .package(url: "https://github.com/swift-extras/swift-extras-base64", from: "1.2.0"),
         // Already built for Hummingbird: header names.
         .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
     ],
@@ -45,7 +47,10 @@ let package = Package(
         .systemLibrary(name: "CRabbitMQ", pkgConfig: "librabbitmq", providers: [.apt(["librabbitmq-dev"])]),
 
         // The domain, pure: no I/O. Crypto for the status proofs (HMAC-SHA256) both sides check.
-        .target(name: "ConveyorCore", dependencies: [.product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "ConveyorCore", dependencies: [
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "ExtrasBase64", package: "swift-extras-base64"),
+        ]),
 
         // C libraries made safe.
         .target(name: "ConveyorPostgres", dependencies: [

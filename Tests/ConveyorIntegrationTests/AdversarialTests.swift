@@ -184,6 +184,32 @@ struct AdversarialTests {
         }
     }
 
+    /// The proof and the seal are the HMACs docs/architecture.md ("Status proof") defines, as
+    /// Python's `hmac` and `base64` compute them: a worker written in another language from the
+    /// documentation seals statuses the dispatcher accepts, and Conveyor's own encoding cannot
+    /// drift from RFC 4648 base64url unnoticed.
+    @Test func proofsAndSealsAreTheDocumentedHMACs() async throws {
+        let secret = (0..<32).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+        let proof = StatusProof(secret: secret)
+        let runID = UUID()
+        for (attempt, body) in [(1, #"{"version":1,"event":"started"}"#), (7, #"{"output":"é ~~~ ???"}"#)] {
+            let script = """
+                import base64, hashlib, hmac, sys
+                secret, run, attempt, body = bytes.fromhex(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].encode()
+                text = lambda mac: base64.urlsafe_b64encode(mac[:16]).rstrip(b"=").decode()
+                proof = text(hmac.new(secret, f"conveyor.status.v1\\n{run}\\n{attempt}".encode(), hashlib.sha256).digest())
+                print(proof, text(hmac.new(proof.encode(), body, hashlib.sha256).digest()))
+                """
+            let hex = secret.map { String(format: "%02x", $0) }.joined()
+            let r = try await runRequired("python3", ["-c", script, hex, runID.lowercasedString, String(attempt), body])
+            #expect(r.status == 0, "\(r.err)")
+            let words = r.out.split(separator: " ").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+            let signed = proof.sign(runID: runID, attempt: attempt)
+            #expect(words == [signed, StatusProof.seal(Array(body.utf8), proof: signed)], "python: \(r.out)")
+            #expect(proof.check(seal: words.last, body: Array(body.utf8), runID: runID, attempt: attempt) == nil)
+        }
+    }
+
     /// S8. A heartbeat forged under an active worker's id with a tiny interval cannot get that
     /// worker declared lost faster than its own interval allows (its detached runs would be
     /// retried while they still run).
