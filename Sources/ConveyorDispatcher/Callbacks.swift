@@ -1,9 +1,11 @@
 import ConveyorCore
 public import ConveyorHTTP
+import ConveyorTelemetry
 import ConveyorStore
 import Foundation
 import Logging
 import Synchronization
+import Tracing
 
 /// Settings of callback delivery. Keys under `callbacks.` in `config/dispatcher.yaml`.
 public struct CallbackConfiguration: Sendable {
@@ -76,13 +78,21 @@ extension Dispatcher {
     /// One POST of a run's outcome. 2xx delivers it; anything else is tried again with backoff
     /// until `max_attempts`, except a URL the outbound policy refuses, which is given up at once.
     func deliver(_ d: CallbackDelivery, http: OutboundHTTP, settings: CallbackConfiguration) async -> CallbackOutcome {
-        let request = OutboundRequest(method: "POST", url: d.url, headers: [
+        var request = OutboundRequest(method: "POST", url: d.url, headers: [
             ("Content-Type", "application/json"), ("User-Agent", "conveyor-callbacks"),
             ("Idempotency-Key", d.runID.lowercasedString), ("X-Conveyor-Attempt", "\(d.attempt)"),
         ], body: Array(d.payload.utf8))
+        // A client span in the run's trace (a child of its dispatch span); its context is the
+        // request's one traceparent.
+        var attributes = request.spanAttributes
+        attributes["conveyor.run.id"] = d.runID.lowercasedString
+        attributes["conveyor.callback.attempt"] = d.attempt
+        let span = Traces.startSpan("POST", context: Traces.context(traceparent: d.traceparent), kind: .client, attributes: attributes)
+        defer { span.end() }
+        for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
         let status: Int?, error: String
         do {
-            let response = try await http.send(request, timeout: settings.timeout)
+            let response = try await http.send(request, timeout: settings.timeout, span: span)
             if (200..<300).contains(response.status) { return .delivered(status: response.status) }
             status = response.status
             error = "HTTP \(response.status)"

@@ -6,6 +6,7 @@ public import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+public import Tracing
 
 /// Where outbound HTTP may go. One guard for every request Conveyor makes on a user's behalf
 /// (callbacks, the http executor): a host allowlist, then every resolved address checked
@@ -82,6 +83,21 @@ public struct OutboundRequest: Sendable {
     }
 }
 
+extension OutboundRequest {
+    /// OpenTelemetry HTTP client span attributes. The query is left out: it may carry secrets.
+    public var spanAttributes: SpanAttributes {
+        var a = SpanAttributes()
+        a["http.request.method"] = method
+        if let u = URLComponents(string: url) {
+            if let scheme = u.scheme { a["url.scheme"] = scheme }
+            if let host = u.host { a["server.address"] = host }
+            if let port = u.port ?? (u.scheme == "https" ? 443 : u.scheme == "http" ? 80 : nil) { a["server.port"] = port }
+            a["url.path"] = u.path.isEmpty ? "/" : u.path
+        }
+        return a
+    }
+}
+
 public struct OutboundResponse: Sendable {
     public var status: Int
     public var headers: [(String, String)]
@@ -150,6 +166,26 @@ public struct OutboundHTTP: Sendable {
         }
     }
 
+    /// Sends the request as `send(_:timeout:)` does, recording the exchange on `span`: the
+    /// caller's HTTP client span, whose context (and only it) the request's `traceparent`,
+    /// `tracestate` and `baggage` carry. Sets `http.response.status_code`, and `error.type` with
+    /// an error status for a status other than 2xx or a failed exchange. The caller ends the span.
+    public func send(_ request: OutboundRequest, timeout: Duration, span: any Span) async throws(OutboundError) -> OutboundResponse {
+        do {
+            let response = try await send(request, timeout: timeout)
+            span.attributes["http.response.status_code"] = response.status
+            if !(200..<300).contains(response.status) {
+                span.attributes["error.type"] = "\(response.status)"
+                span.setStatus(SpanStatus(code: .error, message: "HTTP \(response.status)"))
+            }
+            return response
+        } catch {
+            span.attributes["error.type"] = "http_\(error.kind.rawValue)"
+            span.setStatus(SpanStatus(code: .error, message: error.message))
+            throw error
+        }
+    }
+
     /// Whether two absolute URLs have the same origin: scheme, host and port (the scheme's
     /// default port when none is written), compared without case. Unreadable URLs are never
     /// the same origin.
@@ -171,6 +207,11 @@ public struct OutboundHTTP: Sendable {
         let ip = try await resolveChecked(host: host, port: port)
         var configuration = HTTPClient.Configuration()
         configuration.redirectConfiguration = .disallow
+        // One traceparent per request: the caller's own span writes it (the http executor's
+        // client span, a callback's run context). async-http-client's tracing would add a
+        // second header and a span of its own with no parent, as it starts that span on an
+        // event loop, outside the caller's task and its ServiceContext.
+        configuration.tracing.tracer = nil
         configuration.timeout = .init(connect: .nanoseconds(Int64(policy.connectTimeout.inSeconds * 1e9)))
         if IPAddress(host) == nil { configuration.dnsOverride = [host: ip.description] }
         let client = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: configuration)

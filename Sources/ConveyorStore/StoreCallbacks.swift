@@ -10,6 +10,8 @@ public struct CallbackDelivery: Sendable {
     public var payload: String
     /// This delivery's attempt number, from 1.
     public var attempt: Int
+    /// The run's stored trace context: the callback's client span is a child of it.
+    public var traceparent: String?
 }
 
 /// What became of one delivery attempt.
@@ -40,9 +42,10 @@ extension Store {
                 UPDATE callbacks SET attempts = attempts + 1, next_at = now() + make_interval(secs => $2)
                 WHERE id IN (SELECT id FROM callbacks WHERE delivered_at IS NULL AND failed_at IS NULL AND next_at <= now()
                              ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-                RETURNING id, run_id, url, payload, attempts
+                RETURNING id, run_id, url, payload, attempts, (SELECT traceparent FROM runs WHERE runs.id = callbacks.run_id)
                 """, [limit, lease.inSeconds]).rows.map {
-                CallbackDelivery(id: try $0.int(0), runID: try $0.uuid(1), url: try $0.string(2), payload: try $0.string(3), attempt: try $0.int(4))
+                CallbackDelivery(id: try $0.int(0), runID: try $0.uuid(1), url: try $0.string(2), payload: try $0.string(3), attempt: try $0.int(4),
+                                 traceparent: $0[5])
             }
         }
     }

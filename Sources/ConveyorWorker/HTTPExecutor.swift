@@ -54,43 +54,26 @@ public struct HTTPExecutor: Executor {
         do throws(ValidationError) { request = try Self.request(context) } catch {
             return .failed("bad_parameters", error.description)
         }
-        // The client span; the server continues the trace from the headers it carries.
-        let span = Traces.startSpan(request.method, context: context.spanParent, kind: .client, attributes: Self.attributes(request))
+        // The client span; the server continues the trace from the headers it carries (the
+        // only trace headers on the request: OutboundHTTP adds none of its own).
+        let span = Traces.startSpan(request.method, context: context.spanParent, kind: .client, attributes: request.spanAttributes)
         defer { span.end() }
         for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
         do {
-            let response = try await http.send(request, timeout: context.timeout)
-            span.attributes["http.response.status_code"] = response.status
+            let response = try await http.send(request, timeout: context.timeout, span: span)
             var output = String(decoding: response.body, as: UTF8.self)
             if response.truncated { output += "\n[… response truncated at \(policy.maxResponseBytes) bytes]" }
             if (200..<300).contains(response.status) {
                 return ExecutionResult(outcome: .succeeded, output: output)
             }
-            span.attributes["error.type"] = "\(response.status)"
-            span.setStatus(SpanStatus(code: .error, message: "HTTP \(response.status)"))
             // Stored as the run's error: the URL without its query (tokens, signatures).
             return .failed("http_\(response.status)", "HTTP \(response.status) from \(strippedURL(response.url))", output: output)
         } catch {
-            span.attributes["error.type"] = "http_\(error.kind.rawValue)"
-            span.setStatus(SpanStatus(code: .error, message: error.message))
             if Task.isCancelled {
                 return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled during the request")
             }
             return .failed("http_\(error.kind.rawValue)", error.message)
         }
-    }
-
-    /// OpenTelemetry HTTP client attributes. The query is left out: it may carry secrets.
-    static func attributes(_ request: OutboundRequest) -> SpanAttributes {
-        var a = SpanAttributes()
-        a["http.request.method"] = request.method
-        if let u = URLComponents(string: request.url) {
-            if let scheme = u.scheme { a["url.scheme"] = scheme }
-            if let host = u.host { a["server.address"] = host }
-            if let port = u.port ?? (u.scheme == "https" ? 443 : u.scheme == "http" ? 80 : nil) { a["server.port"] = port }
-            a["url.path"] = u.path.isEmpty ? "/" : u.path
-        }
-        return a
     }
 
     static func request(_ context: ExecutionContext) throws(ValidationError) -> OutboundRequest {

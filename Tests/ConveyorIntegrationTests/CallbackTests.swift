@@ -48,6 +48,13 @@ struct CallbackTests {
                     return nil
                 })
                 #expect(states == ["succeeded", "dead"])
+                // Each POST carries one traceparent: a client span in its run's trace.
+                let traces = Dictionary(try await sys.rows("SELECT id::text, trace_id FROM runs").map { ($0[0] ?? "", $0[1] ?? "") }, uniquingKeysWith: { a, _ in a })
+                for r in receiver.received() {
+                    #expect(r.repeatedHeaders.isEmpty, "\(r.fields)")
+                    let tp = r.headers["traceparent"]?.split(separator: "-").map(String.init) ?? []
+                    #expect(tp.count == 4 && tp[1] == traces[r.headers["idempotency-key"] ?? ""], "the callback is in its run's trace: \(r.fields)")
+                }
                 for r in ok {
                     #expect(r.method == "POST")
                     #expect(r.headers["content-type"] == "application/json")

@@ -11,8 +11,20 @@ final class HTTPReceiver: Sendable {
     struct Request: Sendable {
         var method: String
         var path: String
+        /// The first value of each header (names in lower case).
         var headers: [String: String]
         var body: String
+        /// Every header line as received, in order (names in lower case).
+        var fields: [(name: String, value: String)] = []
+        var bytes: [UInt8] = []
+
+        /// Names that arrived more than once: a receiver reading the first value and one reading
+        /// the last would see different requests.
+        var repeatedHeaders: [String] {
+            var seen: [String: Int] = [:]
+            for f in fields { seen[f.name, default: 0] += 1 }
+            return seen.filter { $0.value > 1 }.keys.sorted()
+        }
     }
     struct Reply: Sendable {
         var status: Int
@@ -66,19 +78,20 @@ final class HTTPReceiver: Sendable {
         typealias OutboundOut = HTTPServerResponsePart
         let receiver: @Sendable () -> HTTPReceiver?
         var head: HTTPRequestHead?
-        var body = ""
+        var body: [UInt8] = []
 
         init(receiver: @escaping @Sendable () -> HTTPReceiver?) { self.receiver = receiver }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             switch unwrapInboundIn(data) {
-            case .head(let h): head = h; body = ""
-            case .body(let b): body += String(buffer: b)
+            case .head(let h): head = h; body = []
+            case .body(let b): body += b.readableBytesView
             case .end:
                 guard let head, let receiver = receiver() else { return }
                 let request = Request(method: head.method.rawValue, path: head.uri,
                                       headers: Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a }),
-                                      body: body)
+                                      body: String(decoding: body, as: UTF8.self),
+                                      fields: head.headers.map { ($0.name.lowercased(), $0.value) }, bytes: body)
                 let before = !receiver.keepRequests ? 0 : receiver.requests.withLock { all in
                     defer { all.append(request) }
                     return all.filter { $0.path == request.path }.count

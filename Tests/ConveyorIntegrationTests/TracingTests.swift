@@ -4,6 +4,7 @@ import ConveyorCore
 import ConveyorHTTP
 import ConveyorStore
 import Foundation
+import Synchronization
 import Testing
 
 /// One span as an OTLP/JSON export carries it.
@@ -158,6 +159,7 @@ struct TracingTests {
             let calls = service.received(path: "/hook")
             #expect(calls.count == 2)
             for call in calls {
+                #expect(call.repeatedHeaders.isEmpty, "a header sent twice: \(call.fields)")
                 let tp = try #require(call.headers["traceparent"]).split(separator: "-").map(String.init)
                 #expect(tp[1] == clientTrace, "the called service continues the run's trace")
                 #expect(byID[tp[2]]?.name == "POST", "its parent is the executor's client span: \(tp)")
@@ -168,11 +170,153 @@ struct TracingTests {
                 #expect(byID[span.parentID] != nil, "\(span) has a parent that was not exported\n\(tree)")
             }
 
+            // No span of Conveyor's starts a trace of its own but a scheduled task's dispatch and
+            // an API request that came without a traceparent.
+            let roots = spans().filter { $0.parentID.isEmpty && $0.name != "dispatch" && !($0.service == "conveyor-api" && $0.kind == 2) }
+            #expect(roots.isEmpty, "orphan spans: \(roots)")
+
             // The scheduled task: a root dispatch span, then execute → exec.
             let rootSpans = spans().filter { $0.traceID == rootTrace }
             let rootDispatch = rootSpans.first { $0.name == "dispatch" }
             #expect(rootDispatch?.parentID == "", "\(rootSpans)")
             #expect(rootSpans.contains { $0.name == "exec printenv" && printenv[4]?.contains($0.spanID) == true }, "\(rootSpans)")
+        }
+    }
+}
+
+/// The test's OTLP/HTTP collector: a real HTTP server that keeps every export, reading JSON
+/// bodies itself and protobuf ones through the OpenTelemetry Python SDK's own message types
+/// (`scripts/otel_peer.py decode`), as a collector would.
+final class OTLPCollector: Sendable {
+    let receiver: HTTPReceiver
+    private let decoded = Mutex<(count: Int, spans: [ExportedSpan])>((0, []))
+
+    init() async throws {
+        receiver = try await HTTPReceiver { request, _ in
+            request.headers["content-type"] == "application/x-protobuf"
+                ? .init(status: 200, headers: [("content-type", "application/x-protobuf")], body: "")
+                : .init(status: 200, headers: [("content-type", "application/json")], body: "{}")
+        }
+    }
+
+    var url: String { receiver.url }
+
+    /// Every span received so far.
+    func spans() async throws -> [ExportedSpan] {
+        let (done, _) = decoded.withLock { $0 }
+        let fresh = Array(receiver.received(path: "/v1/traces").dropFirst(done))
+        guard !fresh.isEmpty else { return decoded.withLock { $0.spans } }
+        var spans = fresh.filter { $0.headers["content-type"] != "application/x-protobuf" }.flatMap { ExportedSpan.parse($0.body) }
+        let protobuf = fresh.filter { $0.headers["content-type"] == "application/x-protobuf" }
+        if !protobuf.isEmpty {
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("otlp-\(UUID()).b64").path
+            defer { try? FileManager.default.removeItem(atPath: file) }
+            try protobuf.map { Data($0.bytes).base64EncodedString() }.joined(separator: "\n").write(toFile: file, atomically: true, encoding: .utf8)
+            let r = try await runRequired("python3", ["scripts/otel_peer.py", "decode", file])
+            #expect(r.status == 0, "decode: \(r.err)")
+            spans += r.out.split(separator: "\n").flatMap { ExportedSpan.parse(String($0)) }
+        }
+        return decoded.withLock {
+            $0.count = done + fresh.count
+            $0.spans += spans
+            return $0.spans
+        }
+    }
+
+    func close() async { await receiver.close() }
+}
+
+extension TracingTests {
+    /// The run's trace as tracers nobody here wrote see it: a caller traced by the OpenTelemetry
+    /// Python SDK creates the task through the API, and the http executor calls a service
+    /// instrumented with that SDK's WSGI middleware. Every process exports OTLP/protobuf.
+    @Test func thirdPartyTracersStartAndContinueTheRunsTrace() async throws {
+        try await System.with { sys in
+            let collector = try await OTLPCollector()
+            let log = FileManager.default.temporaryDirectory.appendingPathComponent("otel-peer-\(UUID()).jsonl").path
+            let servicePort = Int.random(in: 50_001...60_000)
+            let service = try Process.required("python3", ["scripts/otel_peer.py", "service", "--host", "127.0.0.4", "--port", "\(servicePort)",
+                                                          "--otlp", collector.url, "--log", log, "--fail-first", "1"])
+            service.standardOutput = FileHandle.nullDevice
+            service.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
+            try service.run()
+            defer { Task { await collector.close() }; try? FileManager.default.removeItem(atPath: log) }
+            func entries() -> [[String: Any]] {
+                ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").compactMap {
+                    try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+                }
+            }
+            let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100"]
+            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
+                .merging(otel) { a, _ in a }
+            let apiPort = Int.random(in: 40_001...50_000)
+            let dispatcher = try spawnConveyor(["dispatcher"], env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue,
+                                                                                  "CONVEYOR_DISPATCHER_HTTP_PORT": "0"]) { a, _ in a })
+            let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "sdk-worker", executors: "http").merging(otel) { a, _ in a }
+                .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.4/32"]) { a, _ in a })
+            let api = try spawnConveyor(["api"], env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                                                                      "CONVEYOR_AMQP_URL": sys.apiAMQPURL]) { _, b in b })
+            defer { for p in [dispatcher, worker, api, service] where p.isRunning { p.terminate() } }
+            let (key, prefix, hash) = APIKeyFormat.generate()
+            try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "sdk", role: .admin, namespace: "*", expiresAt: nil)
+            let base = "http://127.0.0.1:\(apiPort)"
+            _ = try await sys.eventually(timeout: .seconds(30), "the API and the Python service answer") {
+                (try? await Self.call("GET", base + "/healthz"))?.status == 200 && entries().contains { $0["ready"] != nil }
+            }
+
+            // The caller: a span of the Python SDK, its traceparent and baggage on the POST.
+            let body = """
+                {"name": "sdk-traced", "executor": "http", "queue": "\(sys.queue)", "timeout": 10,
+                 "parameters": {"url": "http://127.0.0.4:\(servicePort)/hook", "method": "POST"},
+                 "retry": {"max_attempts": 2, "base_seconds": 0.1, "jitter": false}}
+                """
+            let r = try await runRequired("python3", ["scripts/otel_peer.py", "call", "--url", base + "/v1/tasks", "--header", "Authorization: Bearer \(key)",
+                                                      "--body", body, "--otlp", collector.url])
+            let caller = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out) \(r.err)")
+            #expect(caller["status"] as? Int == 201, "\(caller)")
+            let callerTrace = try #require(caller["trace_id"] as? String), callerSpan = try #require(caller["span_id"] as? String)
+
+            _ = try await sys.eventually(timeout: .seconds(60), "the task succeeds on its second attempt") {
+                try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1
+            }
+            let runs = try await sys.rows("SELECT r.id::text, r.attempt::text, r.trace_id FROM runs r ORDER BY r.attempt")
+            #expect(runs.count == 2 && runs.allSatisfy { $0[2] == callerTrace }, "every attempt is in the caller's trace: \(runs)")
+
+            // The called service: one traceparent per request, continued by the SDK's middleware.
+            let calls = entries().filter { $0["path"] as? String == "/hook" }
+            #expect(calls.count == 2, "\(calls)")
+            _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts and the service's are exported") {
+                let s = try await collector.spans().filter { $0.traceID == callerTrace }
+                return s.filter { $0.service == "otel-peer-service" }.count == 2 && s.filter { $0.name.hasPrefix("record") }.count >= 2
+                    && s.contains { $0.service == "otel-peer-caller" }
+            }
+            let all = try await collector.spans()
+            let trace = all.filter { $0.traceID == callerTrace }
+            let tree = trace.map(\.description).joined(separator: "\n")
+            let byID = Dictionary(trace.map { ($0.spanID, $0) }, uniquingKeysWith: { a, _ in a })
+            for call in calls {
+                let fields = call["headers"] as? [[String]] ?? []
+                let names = fields.compactMap(\.first)
+                #expect(Set(names).count == names.count, "a header sent twice: \(fields)")
+                #expect(call["trace_id"] as? String == callerTrace, "the service's server span is in the run's trace: \(call)")
+                let parent = byID[call["parent_span_id"] as? String ?? ""]
+                #expect(parent?.service == "conveyor-worker" && parent?.kind == 3, "its parent is the executor's client span: \(call)\n\(tree)")
+                #expect(fields.contains { $0 == ["baggage", "tenant=acme"] }, "the caller's baggage reaches the service: \(fields)")
+            }
+            let served = trace.filter { $0.service == "otel-peer-service" }
+            #expect(served.count == 2 && served.allSatisfy { $0.kind == 2 && byID[$0.parentID]?.name == "POST" }, "\(tree)")
+
+            // Every Conveyor span of the run descends from the caller's span.
+            let callerExported = try #require(byID[callerSpan], "the caller's span is exported\n\(tree)")
+            #expect(callerExported.service == "otel-peer-caller" && callerExported.parentID.isEmpty)
+            for span in trace where span.service.hasPrefix("conveyor-") {
+                var cursor = span, hops = 0
+                while let up = byID[cursor.parentID], hops < 32 { cursor = up; hops += 1 }
+                #expect(cursor.spanID == callerSpan, "\(span) does not descend from the caller's span\n\(tree)")
+            }
+            // Nothing Conveyor exported is an orphan root (the API's /healthz polls are requests without a traceparent).
+            let roots = all.filter { $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch" && $0.kind != 2 }
+            #expect(roots.isEmpty, "orphan spans: \(roots)")
         }
     }
 }
