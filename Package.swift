@@ -111,6 +111,7 @@ let package = Package(
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
+            .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
         ], resources: [.copy("openapi.yaml"), .copy("Dashboard")]),
 
         .target(name: "ConveyorDispatcher", dependencies: [

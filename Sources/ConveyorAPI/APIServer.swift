@@ -155,6 +155,7 @@ public enum APIServer {
     public static func build(_ env: APIEnvironment) -> (router: Router<APIContext>, routes: [String]) {
         let router = Router(context: APIContext.self)
         // A server span per request, continuing a caller's `traceparent` (docs/tracing.md).
+        router.add(middleware: TraceHeadersMiddleware())
         router.add(middleware: TracingMiddleware())
         router.add(middleware: BaggageMiddleware())
         router.add(middleware: RequestIDMiddleware(env: env))

@@ -2,6 +2,7 @@ public import ConveyorCore
 import ConveyorStore
 import ConveyorTelemetry
 import Tracing
+import W3CTraceContext
 import Foundation
 public import HTTPTypes
 public import Hummingbird
@@ -88,12 +89,53 @@ extension HTTPField.Name {
 
 /// Outermost: gives every request an id (a sane `X-Request-ID` it brought, or a new one), puts
 /// it in the logs and the response, and turns every error into a problem response.
-/// Puts the request's W3C `baggage` (at most 8192 bytes, the W3C limit) into the task-local
-/// context, beside the span context `TracingMiddleware` extracted: tasks created or triggered by
-/// the request carry it to their runs.
+/// Reads the request's W3C trace headers before `TracingMiddleware` does, as W3C Trace Context
+/// and Baggage say a receiver must, and counts what it does not continue
+/// (`conveyor_trace_context_refused_total{header}`); a request is never refused for its trace
+/// headers.
+/// - A `traceparent` that does not parse, or that came more than once: removed, with its
+///   `tracestate`, so the request starts a fresh trace.
+/// - A `tracestate` over 512 bytes or 32 members, or that came more than once: removed; the
+///   trace continues without it.
+/// - A `baggage` over 8192 bytes or 64 members, or that came more than once: dropped.
+///   Otherwise it goes into the task-local context beside the span context, and tasks created
+///   or triggered by the request carry it to their runs.
+struct TraceHeadersMiddleware: RouterMiddleware {
+    static let traceparent = HTTPField.Name("traceparent")!
+    static let tracestate = HTTPField.Name("tracestate")!
+    static let baggage = HTTPField.Name("baggage")!
+
+    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+        var fields = request.headers
+        let parents = fields[values: Self.traceparent]
+        if !parents.isEmpty, parents.count > 1 || (try? TraceContext(traceParentHeaderValue: parents[0])) == nil {
+            fields[values: Self.traceparent] = []
+            fields[values: Self.tracestate] = []
+            ConveyorMetrics.traceContextRefused(header: "traceparent")
+        }
+        let states = fields[values: Self.tracestate]
+        if !states.isEmpty, states.count > 1 || states[0].utf8.count > 512 || states[0].split(separator: ",").count > 32 {
+            fields[values: Self.tracestate] = []
+            ConveyorMetrics.traceContextRefused(header: "tracestate")
+        }
+        let baggages = fields[values: Self.baggage]
+        if !baggages.isEmpty, baggages.count > 1 || baggages[0].utf8.count > 8192 || baggages[0].split(separator: ",").count > 64 {
+            fields[values: Self.baggage] = []
+            ConveyorMetrics.traceContextRefused(header: "baggage")
+        }
+        guard fields != request.headers else { return try await next(request, context) }
+        var head = request.head
+        head.headerFields = fields
+        return try await next(Request(head: head, body: request.body), context)
+    }
+}
+
+/// Puts the request's `baggage` (checked by `TraceHeadersMiddleware`) into the task-local
+/// context, beside the span context `TracingMiddleware` extracted: tasks created or triggered
+/// by the request carry it to their runs.
 struct BaggageMiddleware: RouterMiddleware {
     func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
-        guard let baggage = request.headers[HTTPField.Name("baggage")!], !baggage.isEmpty, baggage.utf8.count <= 8192 else {
+        guard let baggage = request.headers[TraceHeadersMiddleware.baggage], !baggage.isEmpty else {
             return try await next(request, context)
         }
         var trace = ServiceContext.current ?? .topLevel

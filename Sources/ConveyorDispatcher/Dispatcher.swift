@@ -372,9 +372,12 @@ public final class Dispatcher: Service, Sendable {
         var events: [StatusMessage] = []
         var beats: [HeartbeatMessage] = []
         var last: AMQPDelivery?
-        // A record span per status message, a child of the worker's execute span; ended at the commit.
-        var spans: [any Span] = []
-        defer { for span in spans { span.end() } }
+        // One span for the batch (OpenTelemetry's batch-consumer pattern), linked to each status
+        // message's context (the worker's execute span); ended at the commit. Per-run spans here
+        // cost more than the rest of a run's tracing together (docs/benchmarks.md). A batch of
+        // heartbeats only has none.
+        var span: (any Span)?
+        defer { span?.end() }
         for d in batch {
             do throws(ValidationError) {
                 switch d.properties.type {
@@ -389,8 +392,11 @@ public final class Dispatcher: Service, Sendable {
                         continue
                     }
                     events.append(e)
-                    spans.append(Traces.startSpan("record \(e.event.rawValue)", context: Traces.context(headers: d.properties.headers),
-                                                  kind: .consumer, attributes: Self.recordAttributes(e, queue: topology.statusQueue)))
+                    let recording = span ?? Traces.startSpan("record \(topology.statusQueue)", context: .topLevel, kind: .consumer)
+                    span = recording
+                    if recording.isRecording {
+                        recording.addLink(SpanLink(context: Traces.context(headers: d.properties.headers), attributes: Self.linkAttributes(e)))
+                    }
                 case let other?:
                     throw ValidationError(field: "type", value: other, hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")
                 }
@@ -403,6 +409,7 @@ public final class Dispatcher: Service, Sendable {
             }
         }
         guard let last else { return }
+        if let span, span.isRecording { span.attributes = Self.recordAttributes(queue: topology.statusQueue, statuses: events.count, batch: batch.count) }
         if !beats.isEmpty { await declareWorkQueues(beats.flatMap(\.queues), fromHeartbeat: true) }
         await untilCommitted("recording statuses") {
             try await store.recordHeartbeats(beats)
@@ -461,11 +468,21 @@ public final class Dispatcher: Service, Sendable {
 }
 
 extension Dispatcher {
-    static func recordAttributes(_ e: StatusMessage, queue: String) -> SpanAttributes {
+    /// OpenTelemetry messaging attributes of a status batch's record span.
+    static func recordAttributes(queue: String, statuses: Int, batch: Int) -> SpanAttributes {
         var a = SpanAttributes()
         a["messaging.system"] = "rabbitmq"
         a["messaging.operation.type"] = "process"
+        a["messaging.operation.name"] = "record"
         a["messaging.destination.name"] = queue
+        a["messaging.batch.message_count"] = batch
+        a["conveyor.statuses"] = statuses
+        return a
+    }
+
+    /// What a record span's link to one status message says: whose status it was.
+    static func linkAttributes(_ e: StatusMessage) -> SpanAttributes {
+        var a = SpanAttributes()
         a["conveyor.run.id"] = e.runID.lowercasedString
         a["conveyor.attempt"] = e.attempt
         a["conveyor.event"] = e.event.rawValue

@@ -68,6 +68,16 @@ public enum ConveyorMetrics {
         Gauge(label: "conveyor_queue_depth", dimensions: [("queue", queue)]).record(ready)
         Gauge(label: "conveyor_queue_consumers", dimensions: [("queue", queue)]).record(consumers)
     }
+    /// Spans swift-otel did not export: `queue_full` (its batch queue was full) or
+    /// `export_failed` (the collector refused or did not answer in time).
+    public static func spansDropped(reason: String, _ n: Int) {
+        Counter(label: "conveyor_trace_spans_dropped_total", dimensions: [("reason", reason)]).increment(by: n)
+    }
+    /// An incoming trace header Conveyor did not continue (the request or message starts a fresh
+    /// trace): `traceparent` (malformed), `tracestate` or `baggage` (too large or malformed).
+    public static func traceContextRefused(header: String) {
+        Counter(label: "conveyor_trace_context_refused_total", dimensions: [("header", header)]).increment()
+    }
     public static func executorDuration(executor: String, _ d: Duration) {
         Timer(label: "conveyor_executor_duration_seconds", dimensions: [("executor", executor)]).recordNanoseconds(d.inNanoseconds)
     }

@@ -29,7 +29,10 @@ extension Traces {
         }
         var config = OTel.Configuration.default
         config.serviceName = serviceName
-        config.diagnosticLogger = .custom(logger)
+        // swift-otel reports lost spans only as log lines: they are counted from those.
+        var diagnostics = logger
+        diagnostics.handler = SpanDropCounter(wrapped: logger.handler)
+        config.diagnosticLogger = .custom(diagnostics)
         config.diagnosticLogLevel = .warning
         config.propagators = [.traceContext]   // baggage is carried by Traces itself
         config.metrics.enabled = false          // metrics are Prometheus (/metrics)
@@ -38,7 +41,7 @@ extension Traces {
         let passed = env.filter { key, _ in
             key == "OTEL_SERVICE_NAME" || key == "OTEL_RESOURCE_ATTRIBUTES" || key.hasPrefix("OTEL_TRACES_") || key.hasPrefix("OTEL_BSP_")
                 || (key.hasPrefix("OTEL_EXPORTER_OTLP_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_METRICS_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_LOGS_"))
-        }
+        }.merging(batchDefaults) { set, _ in set }
         do {
             let service = try OTel.bootstrap(configuration: config, environment: passed)
             bootstrapped.withLock { $0 = InstrumentationSystem.tracer }
@@ -47,6 +50,14 @@ extension Traces {
             throw ValidationError(field: "OTEL_* environment", value: "\(error)", hint: "see docs/tracing.md for the variables Conveyor reads")
         }
     }
+
+    /// Conveyor's batching where the `OTEL_BSP_*` variable is unset. swift-otel exports one
+    /// batch per tick (the schedule delay, or a full queue); with the specification's defaults
+    /// (5000 ms, 512 of a queue of 2048) that is about 100 spans a second before the queue
+    /// fills and drops, and a dispatcher at 2,000 runs/s makes 2,000. A tick every 200 ms of
+    /// up to 2048 spans carries 10,000 a second; the queue holds 16,384 (about 16 MB at most)
+    /// for a collector that is slow for a few seconds. docs/tracing.md, "Dropped spans".
+    static let batchDefaults = ["OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2048", "OTEL_BSP_MAX_QUEUE_SIZE": "16384"]
 
     static let samplers = ["always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"]
 
@@ -71,5 +82,41 @@ extension Traces {
                                       hint: "this build exports OTLP over HTTP: use http/protobuf (collector port 4318) or http/json")
             }
         }
+    }
+}
+
+/// The process's log handler, plus a count of the spans swift-otel says it lost: its batch
+/// processor logs `Spans were dropped this iteration because queue was full` (metadata
+/// `dropped_count`) and `Failed to export batch.` (metadata `batch_size`), and has no other
+/// report of them. Every line still reaches the wrapped handler.
+struct SpanDropCounter: LogHandler {
+    var wrapped: any LogHandler
+
+    var metadata: Logger.Metadata {
+        get { wrapped.metadata }
+        set { wrapped.metadata = newValue }
+    }
+    var logLevel: Logger.Level {
+        get { wrapped.logLevel }
+        set { wrapped.logLevel = newValue }
+    }
+    var metadataProvider: Logger.MetadataProvider? {
+        get { wrapped.metadataProvider }
+        set { wrapped.metadataProvider = newValue }
+    }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { wrapped[metadataKey: key] }
+        set { wrapped[metadataKey: key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        let all = wrapped.metadata.merging(event.metadata ?? [:]) { _, new in new }
+        func count(_ key: String) -> Int { all[key].flatMap { Int("\($0)") } ?? 0 }
+        switch event.message.description {
+        case "Spans were dropped this iteration because queue was full": ConveyorMetrics.spansDropped(reason: "queue_full", count("dropped_count"))
+        case "Failed to export batch.": ConveyorMetrics.spansDropped(reason: "export_failed", count("batch_size"))
+        default: break
+        }
+        wrapped.log(event: event)
     }
 }

@@ -3,6 +3,7 @@ import ConveyorAPI
 import ConveyorCore
 import ConveyorHTTP
 import ConveyorStore
+import ConveyorTelemetry
 import Foundation
 import Synchronization
 import Testing
@@ -17,8 +18,18 @@ struct ExportedSpan: CustomStringConvertible {
     /// OTLP's SpanKind: 1 internal, 2 server, 3 client, 4 producer, 5 consumer.
     var kind: Int
     var attributes: [String: String]
+    /// Links to other spans' contexts, with the link's attributes.
+    var links: [(traceID: String, spanID: String, attributes: [String: String])] = []
 
-    var description: String { "\(service) \(name) kind=\(kind) \(spanID)←\(parentID.isEmpty ? "root" : parentID) \(attributes)" }
+    var description: String {
+        "\(service) \(name) kind=\(kind) \(spanID)←\(parentID.isEmpty ? "root" : parentID) \(attributes)" + (links.isEmpty ? "" : " links: \(links.map(\.spanID))")
+    }
+
+    /// The dispatcher's record spans (one per status batch) that link to `span` with these link attributes.
+    static func records(linking span: ExportedSpan, in all: [ExportedSpan]) -> [[String: String]] {
+        all.filter { $0.service == "conveyor-dispatcher" && $0.name.hasPrefix("record ") && $0.kind == 5 && $0.parentID.isEmpty }
+            .flatMap { $0.links.filter { $0.traceID == span.traceID && $0.spanID == span.spanID }.map(\.attributes) }
+    }
 
     /// Ids are hex in the OTLP/JSON spec, base64 from protobuf's JSON mapping: either is read.
     static func hex(_ s: String) -> String {
@@ -43,7 +54,10 @@ struct ExportedSpan: CustomStringConvertible {
                 for s in ss["spans"] as? [[String: Any]] ?? [] {
                     spans.append(ExportedSpan(service: service, traceID: hex(s["traceId"] as? String ?? ""), spanID: hex(s["spanId"] as? String ?? ""),
                                               parentID: hex(s["parentSpanId"] as? String ?? ""), name: s["name"] as? String ?? "",
-                                              kind: s["kind"] as? Int ?? 0, attributes: attributes(s["attributes"])))
+                                              kind: s["kind"] as? Int ?? 0, attributes: attributes(s["attributes"]),
+                                              links: (s["links"] as? [[String: Any]] ?? []).map {
+                                                  (hex($0["traceId"] as? String ?? ""), hex($0["spanId"] as? String ?? ""), attributes($0["attributes"]))
+                                              }))
                 }
             }
         }
@@ -121,7 +135,8 @@ struct TracingTests {
             func spans() -> [ExportedSpan] { collector.received(path: "/v1/traces").flatMap { ExportedSpan.parse($0.body) } }
             _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts are exported") {
                 let s = spans().filter { $0.traceID == clientTrace }
-                return s.filter { $0.name.hasPrefix("record") }.count >= 2 && s.filter { $0.kind == 3 }.count == 2
+                let executes = s.filter { $0.name == "execute http" }
+                return executes.count == 2 && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: spans()).isEmpty } && s.filter { $0.kind == 3 }.count == 2
             }
             let all = spans().filter { $0.traceID == clientTrace }
             let tree = all.map(\.description).joined(separator: "\n")
@@ -153,8 +168,11 @@ struct TracingTests {
                 // The executor's client span, whose context the called service received.
                 let client = children(of: e, { $0 == "POST" })
                 #expect(client.count == 1 && client.first?.kind == 3, "\(tree)")
-                // The dispatcher's record spans continue from the status messages.
-                #expect(children(of: e, { $0.hasPrefix("record") }).contains { $0.service == "conveyor-dispatcher" && $0.kind == 5 }, "\(tree)")
+                // The dispatcher recorded the run's status in a batch: its record span links to the execute span.
+                let links = ExportedSpan.records(linking: e, in: spans())
+                #expect(links.contains { $0["conveyor.run.id"] == e.attributes["conveyor.run.id"] && $0["conveyor.event"] == "finished"
+                    && $0["conveyor.outcome"] == e.attributes["conveyor.outcome"] }, "\(links)\n\(tree)")
+                #expect(children(of: e, { $0.hasPrefix("record") }).isEmpty, "no span per status\n\(tree)")
             }
             let calls = service.received(path: "/hook")
             #expect(calls.count == 2)
@@ -170,9 +188,41 @@ struct TracingTests {
                 #expect(byID[span.parentID] != nil, "\(span) has a parent that was not exported\n\(tree)")
             }
 
+            // Trace headers a caller got wrong: never a refused request; counted; a malformed or
+            // repeated traceparent starts a fresh trace, an oversized tracestate is dropped (the
+            // trace goes on, as W3C Trace Context says), an oversized baggage is dropped.
+            let kept = "00-\(clientTrace)-\(clientSpan)-01"
+            let bad: [(name: String, headers: [(String, String)])] = [
+                ("bad-parent", [("traceparent", "00-\(clientTrace)-zz-01")]),
+                ("two-parents", [("traceparent", kept), ("traceparent", "00-\(String(repeating: "ab", count: 16))-\(clientSpan)-01")]),
+                ("big-state", [("traceparent", kept), ("tracestate", (0..<40).map { "k\($0)=v" }.joined(separator: ","))]),
+                ("big-baggage", [("baggage", (0..<100).map { "k\($0)=\(String(repeating: "v", count: 90))" }.joined(separator: ","))]),
+            ]
+            for (name, headers) in bad {
+                let r = try await Self.call("POST", base + "/v1/tasks", headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json")] + headers,
+                                            body: #"{"name": "\#(name)", "executor": "shell", "queue": "parked", "schedule": "every 1h", "parameters": {"argv": ["/bin/true"]}}"#)
+                #expect(r.status == 201, "\(name): \(r.body)")
+            }
+            let stored = Dictionary(try await sys.rows("SELECT name, coalesce(trace_parent, ''), coalesce(trace_baggage, '') FROM tasks").map { ($0[0] ?? "", $0) },
+                                    uniquingKeysWith: { a, _ in a })
+            for name in ["bad-parent", "two-parents"] {
+                let tp = stored[name]?[1] ?? ""
+                // No parent kept: the task's occurrence will be a root (or a child of the request's own fresh span).
+                #expect((tp.isEmpty || Traces.traceID(traceparent: tp) != nil) && !tp.contains(clientTrace) && !tp.contains("abababab"),
+                        "\(name) starts a fresh trace: \(tp)")
+            }
+            #expect(stored["big-state"]?[1]?.contains(clientTrace) == true, "the trace goes on without its tracestate")
+            #expect(stored["big-baggage"]?[2] == "", "the oversized baggage is not stored")
+            let metrics = try await Self.call("GET", base + "/metrics", headers: [("Authorization", "Bearer \(key)")])
+            for (header, n) in [("traceparent", 2), ("tracestate", 1), ("baggage", 1)] {
+                #expect(metrics.body.contains(#"conveyor_trace_context_refused_total{header="\#(header)"} \#(n)"#), "\(header) counted \(n)")
+            }
+
             // No span of Conveyor's starts a trace of its own but a scheduled task's dispatch and
             // an API request that came without a traceparent.
-            let roots = spans().filter { $0.parentID.isEmpty && $0.name != "dispatch" && !($0.service == "conveyor-api" && $0.kind == 2) }
+            let roots = spans().filter {
+                $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ") && !($0.service == "conveyor-api" && $0.kind == 2)
+            }
             #expect(roots.isEmpty, "orphan spans: \(roots)")
 
             // The scheduled task: a root dispatch span, then execute → exec.
@@ -287,8 +337,10 @@ extension TracingTests {
             #expect(calls.count == 2, "\(calls)")
             _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts and the service's are exported") {
                 let s = try await collector.spans().filter { $0.traceID == callerTrace }
-                return s.filter { $0.service == "otel-peer-service" }.count == 2 && s.filter { $0.name.hasPrefix("record") }.count >= 2
-                    && s.contains { $0.service == "otel-peer-caller" }
+                let executes = s.filter { $0.name == "execute http" }
+                let everything = try await collector.spans()
+                return s.filter { $0.service == "otel-peer-service" }.count == 2 && executes.count == 2
+                    && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: everything).isEmpty } && s.contains { $0.service == "otel-peer-caller" }
             }
             let all = try await collector.spans()
             let trace = all.filter { $0.traceID == callerTrace }
@@ -315,8 +367,44 @@ extension TracingTests {
                 #expect(cursor.spanID == callerSpan, "\(span) does not descend from the caller's span\n\(tree)")
             }
             // Nothing Conveyor exported is an orphan root (the API's /healthz polls are requests without a traceparent).
-            let roots = all.filter { $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch" && $0.kind != 2 }
+            let roots = all.filter { $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ") && $0.kind != 2 }
             #expect(roots.isEmpty, "orphan spans: \(roots)")
+        }
+    }
+}
+
+extension TracingTests {
+    /// A collector that is not there and a batch queue too small for the burst: every run still
+    /// ends, and the spans lost are counted on /metrics by reason (swift-otel only logs them).
+    @Test func lostSpansAreCountedAndRunsStillEnd() async throws {
+        try await System.with { sys in
+            let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+                        "OTEL_BSP_EXPORT_TIMEOUT": "1000", "OTEL_EXPORTER_OTLP_TIMEOUT": "500"]
+            let port = Int.random(in: 40_001...50_000)
+            let dispatcher = try spawnConveyor(["dispatcher"], env: ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL,
+                                                                     "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
+                                                                     "CONVEYOR_DISPATCHER_HTTP_PORT": "\(port)"].merging(otel) { a, _ in a })
+            let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "lossy-worker", executors: "shell").merging(otel) { a, _ in a }
+                .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/bin/true"]) { a, _ in a })
+            defer { for p in [dispatcher, worker] where p.isRunning { p.terminate() } }
+            try await sys.store.createTasks((0..<200).map { i in
+                var t = NewTask(name: "lossy-\(i)", executor: "shell", schedule: .once)
+                t.queue = sys.queue
+                t.parameters = ["argv": ["/bin/true"]]
+                return t
+            })
+            _ = try await sys.eventually(timeout: .seconds(90), "every run ends although no span can be exported") {
+                try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 200
+            }
+            func dropped(_ reason: String) async -> Int {
+                let text = (try? await Self.call("GET", "http://127.0.0.1:\(port)/metrics"))?.body ?? ""
+                let prefix = #"conveyor_trace_spans_dropped_total{reason="\#(reason)"} "#
+                return text.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
+            }
+            _ = try await sys.eventually(timeout: .seconds(30), "the dispatcher counts spans lost to the full queue and to the failed exports") {
+                let full = await dropped("queue_full"), failed = await dropped("export_failed")
+                return full > 0 && failed > 0
+            }
         }
     }
 }
