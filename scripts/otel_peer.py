@@ -22,6 +22,7 @@ software nobody here wrote reads and writes them.
 import argparse
 import base64
 import json
+import signal
 import threading
 import urllib.error
 import urllib.request
@@ -39,6 +40,9 @@ def provider(service_name, otlp):
 
 
 def service(args):
+    # A parent may spawn us with SIGTERM blocked (it inherits the spawning thread's mask, and
+    # test runners block signals on their threads): unblock it so terminate() stops us.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     from opentelemetry import trace

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A minimal OTLP/HTTP receiver for benchmarks: accepts POST /v1/traces, answers 200, and counts
-what it got. With OTEL_EXPORTER_OTLP_PROTOCOL=http/json it counts spans; with protobuf, bytes.
-GET /count prints the totals as JSON. Standard library only.
+what it got. With OTEL_EXPORTER_OTLP_PROTOCOL=http/json it counts spans (and spans and links by
+span name); with protobuf, bytes. GET /count prints the totals as JSON. Standard library only.
 
     python3 scripts/otlp_sink.py --port 4318 &
     OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 OTEL_EXPORTER_OTLP_PROTOCOL=http/json conveyor bench
@@ -13,7 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 lock = threading.Lock()
-totals = {"requests": 0, "bytes": 0, "spans": 0}
+totals = {"requests": 0, "bytes": 0, "spans": 0, "names": {}, "links": 0}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -31,17 +31,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        spans = 0
+        found = []
         if self.headers.get("Content-Type", "").startswith("application/json"):
             try:
                 doc = json.loads(body)
-                spans = sum(len(ss.get("spans", [])) for rs in doc.get("resourceSpans", []) for ss in rs.get("scopeSpans", []))
+                found = [s for rs in doc.get("resourceSpans", []) for ss in rs.get("scopeSpans", []) for s in ss.get("spans", [])]
             except ValueError:
                 return self.reply(400)
         with lock:
             totals["requests"] += 1
             totals["bytes"] += len(body)
-            totals["spans"] += spans
+            totals["spans"] += len(found)
+            for s in found:
+                name = s.get("name", "")
+                totals["names"][name] = totals["names"].get(name, 0) + 1
+                totals["links"] += len(s.get("links", []))
         self.reply(200)
 
     def do_GET(self):

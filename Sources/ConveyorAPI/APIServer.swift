@@ -1,7 +1,7 @@
 public import ConveyorAMQP
 import ConveyorCore
-public import ConveyorStore
 import ConveyorPostgres
+public import ConveyorStore
 import Foundation
 import HTTPTypes
 public import Hummingbird
@@ -28,8 +28,10 @@ public struct APIEnvironment: Sendable {
     public let metrics = APIMetrics()
     public let logger: Logger
 
-    public init(store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil, options: APIOptions = APIOptions(),
-                broker: AMQPConfiguration? = nil, topology: ConveyorTopology = ConveyorTopology(), logger: Logger = Logger(label: "conveyor.api")) {
+    public init(
+        store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil, options: APIOptions = APIOptions(),
+        broker: AMQPConfiguration? = nil, topology: ConveyorTopology = ConveyorTopology(), logger: Logger = Logger(label: "conveyor.api")
+    ) {
         self.store = store
         self.keys = keys
         self.jwt = jwt
@@ -41,10 +43,13 @@ public struct APIEnvironment: Sendable {
 
     /// Writes an audit entry after a change committed. A failure to write it is logged as an
     /// error with the request id (the change itself stands).
-    func audit(_ context: APIContext, _ who: Identity, _ action: String, _ target: String, namespace: String,
-               _ detail: [String: JSONValue] = [:]) async {
-        let entry = Store.AuditEntry(actor: who.keyPrefix, role: who.role.rawValue, namespace: namespace, action: action, target: target,
-                                     requestID: context.requestID, client: context.client, detail: .object(detail))
+    func audit(
+        _ context: APIContext, _ who: Identity, _ action: String, _ target: String, namespace: String,
+        _ detail: [String: JSONValue] = [:]
+    ) async {
+        let entry = Store.AuditEntry(
+            actor: who.keyPrefix, role: who.role.rawValue, namespace: namespace, action: action, target: target,
+            requestID: context.requestID, client: context.client, detail: .object(detail))
         do { try await store.audit(entry) } catch {
             context.logger.error("audit entry not written", metadata: ["audit.action": "\(action)", "audit.target": "\(target)", "error": "\(error)"])
         }
@@ -91,7 +96,12 @@ final class EventStreamSlot: Sendable {
     }
 
     func release() {
-        guard released.withLock({ r in defer { r = true }; return !r }) else { return }
+        guard
+            released.withLock({ r in
+                defer { r = true }
+                return !r
+            })
+        else { return }
         streams.release(key)
     }
 
@@ -102,7 +112,10 @@ final class EventStreamSlot: Sendable {
 /// `/v1/events` streams watch a namespace, its five aggregate queries run once per interval.
 /// Streams that ask while a computation is under way wait for that one.
 final class OverviewCache: Sendable {
-    struct Entry { var at: ContinuousClock.Instant; var value: Task<JSONValue, any Error> }
+    struct Entry {
+        var at: ContinuousClock.Instant
+        var value: Task<JSONValue, any Error>
+    }
     let entries = Mutex<[String?: Entry]>([:])
     /// Computations started (tests).
     let computed = Mutex(0)
@@ -277,7 +290,9 @@ public enum APIServer {
 
     /// Refuses JSON nested deeper than `maxDepth` before a decoder recurses into it.
     static func checkDepth(_ bytes: [UInt8]) throws(Problem) {
-        var depth = 0, inString = false, escaped = false
+        var depth = 0
+        var inString = false
+        var escaped = false
         for b in bytes {
             if inString {
                 if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }

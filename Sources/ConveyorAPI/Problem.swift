@@ -1,13 +1,13 @@
 public import ConveyorCore
 import ConveyorStore
 import ConveyorTelemetry
-import Tracing
-import W3CTraceContext
 import Foundation
 public import HTTPTypes
 public import Hummingbird
 import Logging
 import NIOCore
+import Tracing
+import W3CTraceContext
 
 /// What a request runs with: who it acts as, and its request id.
 public struct APIContext: RequestContext {
@@ -41,8 +41,10 @@ public struct APIContext: RequestContext {
     func requireFleet(_ role: Role = .viewer) throws(Problem) -> Identity {
         let identity = try require(role)
         guard identity.namespace == "*" else {
-            throw Problem(.forbidden, "forbidden",
-                          "this is the whole fleet's, across namespaces: it needs a key for every namespace ('*'), an admin key or a viewer key created with namespace '*'; this key is limited to namespace '\(identity.namespace)'")
+            throw Problem(
+                .forbidden, "forbidden",
+                "this is the whole fleet's, across namespaces: it needs a key for every namespace ('*'), an admin key or a viewer key created with namespace '*'; this key is limited to namespace '\(identity.namespace)'"
+            )
         }
         return identity
     }
@@ -72,8 +74,10 @@ public struct Problem: Error, Sendable {
     }
 
     func response(requestID: String) -> Response {
-        var o: [String: JSONValue] = ["type": "about:blank", "title": .string(title), "status": .number(Double(status.code)),
-                                      "detail": .string(detail), "request_id": .string(requestID)]
+        var o: [String: JSONValue] = [
+            "type": "about:blank", "title": .string(title), "status": .number(Double(status.code)),
+            "detail": .string(detail), "request_id": .string(requestID),
+        ]
         if let field { o["field"] = .string(field) }
         if let value { o["value"] = .string(value) }
         var headers: HTTPFields = [.contentType: "application/problem+json"]
@@ -151,12 +155,14 @@ struct TextInputMiddleware: RouterMiddleware {
     func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
         let path = request.uri.path
         if path.utf8.contains(0) || (path.removingPercentEncoding ?? "").utf8.contains(0) {
-            throw Problem(.badRequest, "invalid request", "the path holds a NUL byte (%00), which no name may contain", field: "path",
-                          value: (path.removingPercentEncoding ?? path).storable)
+            throw Problem(
+                .badRequest, "invalid request", "the path holds a NUL byte (%00), which no name may contain", field: "path",
+                value: (path.removingPercentEncoding ?? path).storable)
         }
         for (key, value) in request.uri.queryParameters where key.utf8.contains(0) || value.utf8.contains(0) {
-            throw Problem(.badRequest, "invalid request", "query parameters may not contain a NUL byte (%00)", field: String(key).storable,
-                          value: String(value).storable)
+            throw Problem(
+                .badRequest, "invalid request", "query parameters may not contain a NUL byte (%00)", field: String(key).storable,
+                value: String(value).storable)
         }
         return try await next(request, context)
     }
@@ -170,7 +176,8 @@ struct RequestIDMiddleware: RouterMiddleware {
         var context = context
         context.client = ClientAddress.resolve(peer: context.peer, forwardedFor: request.headers[.xForwardedFor], trusted: env.options.trustedProxies)
         let given = request.headers[.requestID] ?? ""
-        context.requestID = given.count <= 128 && !given.isEmpty && given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) })
+        context.requestID =
+            given.count <= 128 && !given.isEmpty && given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) })
             ? given : UUID().lowercasedString
         context.logger[metadataKey: "request.id"] = "\(context.requestID)"
         var response: Response
@@ -186,13 +193,19 @@ struct RequestIDMiddleware: RouterMiddleware {
             response = Problem(e.status, title, detail).response(requestID: context.requestID)
         } catch {
             context.logger.error("request failed", metadata: ["error": "\(error)"])
-            response = Problem(.internalServerError, "internal error", "the server could not complete the request; quote the request id").response(requestID: context.requestID)
+            response = Problem(.internalServerError, "internal error", "the server could not complete the request; quote the request id").response(
+                requestID: context.requestID)
         }
         response.headers[.requestID] = context.requestID
-        env.metrics.record(route: context.endpointPath ?? "unmatched", method: request.method.rawValue, status: response.status.code,
-                           seconds: (ContinuousClock.now - started).inSeconds)
-        context.logger.info("request", metadata: ["http.method": "\(request.method)", "http.path": "\(request.uri.path)",
-                                                  "http.status": "\(response.status.code)", "client.address": "\(context.client)"])
+        env.metrics.record(
+            route: context.endpointPath ?? "unmatched", method: request.method.rawValue, status: response.status.code,
+            seconds: (ContinuousClock.now - started).inSeconds)
+        context.logger.info(
+            "request",
+            metadata: [
+                "http.method": "\(request.method)", "http.path": "\(request.uri.path)",
+                "http.status": "\(response.status.code)", "client.address": "\(context.client)",
+            ])
         return response
     }
 }
@@ -230,7 +243,9 @@ struct AuthMiddleware: RouterMiddleware {
         let credential = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
         func admit(_ identity: Identity) async throws -> Response {
             if let wait = env.limiter.take("key:" + identity.keyPrefix, env.options.perKey) {
-                throw Self.tooMany(wait, "this key made more than \(Int(env.options.perKey.burst)) requests in a burst; at most \(env.options.perKey.rate) per second on average")
+                throw Self.tooMany(
+                    wait,
+                    "this key made more than \(Int(env.options.perKey.burst)) requests in a burst; at most \(env.options.perKey.rate) per second on average")
             }
             var context = context
             context.identity = identity
@@ -285,4 +300,3 @@ struct AuthMiddleware: RouterMiddleware {
 extension HTTPField.Name {
     static let xForwardedFor = HTTPField.Name("X-Forwarded-For")!
 }
-

@@ -1,7 +1,7 @@
 import ConveyorCore
 public import ConveyorHTTP
-import ConveyorTelemetry
 import ConveyorStore
+import ConveyorTelemetry
 import Foundation
 import Logging
 import Synchronization
@@ -35,7 +35,10 @@ extension Dispatcher {
     /// they finish or when a recorded outcome queued some, and records each attempt. It runs
     /// beside status recording and never holds it up: outcomes only insert rows.
     func callbackLoop() async {
-        enum Event: Sendable { case done(Int, CallbackOutcome), tick }
+        enum Event: Sendable {
+            case done(Int, CallbackOutcome)
+            case tick
+        }
         let settings = configuration.callbacks
         let http = OutboundHTTP(policy: settings.policy, logger: logger)
         // A claimed callback is leased for two attempt timeouts: a dispatcher that dies mid-POST
@@ -43,7 +46,10 @@ extension Dispatcher {
         let lease = settings.timeout * 2 + .seconds(5)
         await withTaskGroup(of: Event.self) { group in
             var inFlight = 0
-            group.addTask { await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval); return .tick }
+            group.addTask {
+                await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval)
+                return .tick
+            }
             while let event = await group.next() {
                 let stop = stopping.load(ordering: .relaxed)
                 switch event {
@@ -59,7 +65,10 @@ extension Dispatcher {
                     }
                 case .tick:
                     if !stop {
-                        group.addTask { await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval); return .tick }
+                        group.addTask {
+                            await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval)
+                            return .tick
+                        }
                     }
                 }
                 guard !stop, inFlight < settings.concurrency else { continue }
@@ -78,10 +87,12 @@ extension Dispatcher {
     /// One POST of a run's outcome. 2xx delivers it; anything else is tried again with backoff
     /// until `max_attempts`, except a URL the outbound policy refuses, which is given up at once.
     func deliver(_ d: CallbackDelivery, http: OutboundHTTP, settings: CallbackConfiguration) async -> CallbackOutcome {
-        var request = OutboundRequest(method: "POST", url: d.url, headers: [
-            ("Content-Type", "application/json"), ("User-Agent", "conveyor-callbacks"),
-            ("Idempotency-Key", d.runID.lowercasedString), ("X-Conveyor-Attempt", "\(d.attempt)"),
-        ], body: Array(d.payload.utf8))
+        var request = OutboundRequest(
+            method: "POST", url: d.url,
+            headers: [
+                ("Content-Type", "application/json"), ("User-Agent", "conveyor-callbacks"),
+                ("Idempotency-Key", d.runID.lowercasedString), ("X-Conveyor-Attempt", "\(d.attempt)"),
+            ], body: Array(d.payload.utf8))
         // A client span in the run's trace (a child of its dispatch span); its context is the
         // request's one traceparent.
         var attributes = request.spanAttributes
@@ -90,7 +101,8 @@ extension Dispatcher {
         let span = Traces.startSpan("POST", context: Traces.context(traceparent: d.traceparent), kind: .client, attributes: attributes)
         defer { span.end() }
         for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
-        let status: Int?, error: String
+        let status: Int?
+        let error: String
         do {
             let response = try await http.send(request, timeout: settings.timeout, span: span)
             if (200..<300).contains(response.status) { return .delivered(status: response.status) }

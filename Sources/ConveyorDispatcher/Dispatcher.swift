@@ -74,12 +74,15 @@ public final class Dispatcher: Service, Sendable {
         let named = "dispatcher \(ProcessInfo.processInfo.hostName)-\(getpid())"
         var pubConfig = amqp.named("\(named) publish")
         pubConfig.publishWithoutConfirms = configuration.faults.publishWithoutConfirms
-        publisher = AMQPPublisher(configuration: pubConfig,
-                                  topology: topology.work(queues: configuration.queues).merging(topology.status).merging(topology.controlPublish),
-                                  window: 1024, logger: logger)
-        statusConsumer = AMQPConsumer(configuration: amqp.named("\(named) status"), topology: topology.status, queues: [topology.statusQueue],
-                                      prefetch: UInt16(min(configuration.statusBatchSize * 2, 60_000)), logger: logger)
-        deadConsumer = AMQPConsumer(configuration: amqp.named("\(named) dead"), topology: topology.base, queues: [topology.deadQueue], prefetch: 200, logger: logger)
+        publisher = AMQPPublisher(
+            configuration: pubConfig,
+            topology: topology.work(queues: configuration.queues).merging(topology.status).merging(topology.controlPublish),
+            window: 1024, logger: logger)
+        statusConsumer = AMQPConsumer(
+            configuration: amqp.named("\(named) status"), topology: topology.status, queues: [topology.statusQueue],
+            prefetch: UInt16(min(configuration.statusBatchSize * 2, 60_000)), logger: logger)
+        deadConsumer = AMQPConsumer(
+            configuration: amqp.named("\(named) dead"), topology: topology.base, queues: [topology.deadQueue], prefetch: 200, logger: logger)
         listener = databaseURL.map { PostgresListener(url: $0, channels: ["conveyor_due"], logger: logger) }
         declaredQueues = Mutex(Set(configuration.queues))
     }
@@ -155,7 +158,7 @@ public final class Dispatcher: Service, Sendable {
                 tick = await scanTick()
             }
             if stopping.load(ordering: .relaxed) { break }
-            if tick.work > 0 { continue }   // more may be due: scan again at once
+            if tick.work > 0 { continue }  // more may be due: scan again at once
             // Nothing moved. Sleep until the next due time, but never spin on work that is due and
             // held back (a full broker backlog, a rate limit): a recorded status batch, a NOTIFY or
             // the scan interval wakes the loop.
@@ -192,9 +195,10 @@ public final class Dispatcher: Service, Sendable {
             for g in 0..<groups {
                 group.addTask {
                     let spans = DispatchSpans()
-                    var request = ClaimRequest(group: g, groups: groups, limit: self.configuration.batchSize,
-                                               lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
-                                               newTraceParent: { spans.start(parent: $0) })
+                    var request = ClaimRequest(
+                        group: g, groups: groups, limit: self.configuration.batchSize,
+                        lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
+                        newTraceParent: { spans.start(parent: $0) })
                     request.room = room
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited
@@ -231,7 +235,9 @@ public final class Dispatcher: Service, Sendable {
         let (ok, failed) = await publish(result.runs, spans: live)
         if configuration.faults.dispatcherCrash == .afterPublish { FaultInjection.crash() }
         let okSet = Set(ok)
-        for (key, runs) in Dictionary(grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) }) {
+        for (key, runs) in Dictionary(
+            grouping: result.runs.filter { okSet.contains($0.message.runID) }, by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) })
+        {
             ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
         }
         if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
@@ -242,7 +248,10 @@ public final class Dispatcher: Service, Sendable {
             // The rows stay `queued`: any dispatcher republishes them when the lease ends.
             logger.warning("marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
         }
-        counters.withLock { $0.published += ok.count; $0.publishFailed += failed.count }
+        counters.withLock {
+            $0.published += ok.count
+            $0.publishFailed += failed.count
+        }
         return result.created + ok.count
     }
 
@@ -294,8 +303,10 @@ public final class Dispatcher: Service, Sendable {
             } else {
                 var parent = Traces.context(traceparent: run.traceparent)
                 parent.baggageHeader = run.baggage
-                spans.append(Traces.startSpan("publish \(run.message.queue)", context: parent, kind: .producer,
-                                              attributes: Self.publishAttributes(run, exchange: topology.tasksExchange)))
+                spans.append(
+                    Traces.startSpan(
+                        "publish \(run.message.queue)", context: parent, kind: .producer,
+                        attributes: Self.publishAttributes(run, exchange: topology.tasksExchange)))
             }
             var headers: AMQPHeaders = [
                 "conveyor-task": .string(run.message.taskName),
@@ -310,9 +321,10 @@ public final class Dispatcher: Service, Sendable {
             message.proof = proof.sign(runID: message.runID, attempt: message.attempt)
             return AMQPOutgoingMessage(
                 exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(message),
-                properties: AMQPProperties(contentType: "application/json", messageID: run.message.idempotencyKey,
-                                           type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
-                                           headers: headers))
+                properties: AMQPProperties(
+                    contentType: "application/json", messageID: run.message.idempotencyKey,
+                    type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
+                    headers: headers))
         }
         let sent = ContinuousClock.now
         if configuration.faults.dispatcherCrash == .midBatch, messages.count >= 2 {
@@ -321,7 +333,8 @@ public final class Dispatcher: Service, Sendable {
         }
         let results = await publisher.publish(messages)
         ConveyorMetrics.publishConfirm(ContinuousClock.now - sent)
-        var ok: [UUID] = [], failed: [UUID] = []
+        var ok: [UUID] = []
+        var failed: [UUID] = []
         for ((run, r), span) in zip(zip(runs, results), spans) {
             defer { span.end() }
             switch r {
@@ -330,8 +343,12 @@ public final class Dispatcher: Service, Sendable {
                 span.recordError(e)
                 span.setStatus(SpanStatus(code: .error, message: "publish not confirmed; republished later"))
                 failed.append(run.message.runID)
-                logger.debug("publish failed", metadata: ["run.id": "\(run.message.runID)", "task.name": "\(run.message.taskName)",
-                                                          "trace.id": "\(Traces.traceID(traceparent: run.traceparent) ?? "")", "error": "\(e)"])
+                logger.debug(
+                    "publish failed",
+                    metadata: [
+                        "run.id": "\(run.message.runID)", "task.name": "\(run.message.taskName)",
+                        "trace.id": "\(Traces.traceID(traceparent: run.traceparent) ?? "")", "error": "\(e)",
+                    ])
             }
         }
         if !failed.isEmpty { logger.warning("publishes failed; will retry", metadata: ["count": "\(failed.count)"]) }
@@ -368,7 +385,7 @@ public final class Dispatcher: Service, Sendable {
     func recordBatch(_ batch: [AMQPDelivery]) async {
         var proof: StatusProof?
         await untilCommitted("reading the status key") { proof = try await statusProof() }
-        guard let proof else { return }   // shutting down: nothing acked, the broker redelivers
+        guard let proof else { return }  // shutting down: nothing acked, the broker redelivers
         var events: [StatusMessage] = []
         var beats: [HeartbeatMessage] = []
         var last: AMQPDelivery?
@@ -425,8 +442,11 @@ public final class Dispatcher: Service, Sendable {
             if r.settled.retried > 0 { ConveyorMetrics.retried(r.settled.retried) }
             if r.settled.dead > 0 { ConveyorMetrics.dead(r.settled.dead) }
             counters.withLock {
-                $0.statusApplied += r.applied; $0.statusIgnored += r.ignored; $0.outcomesRecorded += r.outcomes
-                $0.retried += r.settled.retried; $0.dead += r.settled.dead
+                $0.statusApplied += r.applied
+                $0.statusIgnored += r.ignored
+                $0.outcomesRecorded += r.outcomes
+                $0.retried += r.settled.retried
+                $0.dead += r.settled.dead
             }
             statusConsumer.ack(last, multiple: true)
             // Started runs free broker backlog; retries and dependents may be due now.
@@ -437,13 +457,19 @@ public final class Dispatcher: Service, Sendable {
 
     /// Counts and (rate-limited) logs a status without its attempt's proof.
     func refuse(_ e: StatusMessage, _ refusal: StatusRefusal) {
-        counters.withLock { $0.statusRejected += 1; $0.statusForged += 1 }
+        counters.withLock {
+            $0.statusRejected += 1
+            $0.statusForged += 1
+        }
         ConveyorMetrics.statusRejected(reason: refusal.rawValue)
         let source = String(e.workerID.prefix(200))
         if refusals.shouldLog(source) {
-            logger.warning("status refused: it is not sealed with its attempt's proof (forged, replayed or from an outdated worker); nothing changed",
-                           metadata: ["status.reason": "\(refusal.rawValue)", "worker.id": "\(source)", "run.id": "\(e.runID)",
-                                      "status.event": "\(e.event.rawValue)", "note": "logged once a minute per worker id"])
+            logger.warning(
+                "status refused: it is not sealed with its attempt's proof (forged, replayed or from an outdated worker); nothing changed",
+                metadata: [
+                    "status.reason": "\(refusal.rawValue)", "worker.id": "\(source)", "run.id": "\(e.runID)",
+                    "status.event": "\(e.event.rawValue)", "note": "logged once a minute per worker id",
+                ])
         }
     }
 
@@ -480,12 +506,12 @@ extension Dispatcher {
         return a
     }
 
-    /// What a record span's link to one status message says: whose status it was.
+    /// What a record span's link to one status message says: the run, and its outcome when the
+    /// status is `finished`. The linked execute span has the rest (attempt, task, worker); every
+    /// attribute here is exported once per run, so there are no more than these.
     static func linkAttributes(_ e: StatusMessage) -> SpanAttributes {
         var a = SpanAttributes()
         a["conveyor.run.id"] = e.runID.lowercasedString
-        a["conveyor.attempt"] = e.attempt
-        a["conveyor.event"] = e.event.rawValue
         if let o = e.outcome { a["conveyor.outcome"] = o.rawValue }
         return a
     }
@@ -533,7 +559,10 @@ final class DispatchSpans: Sendable {
     /// The claim committed. Returns the open spans of the runs about to be published, by run id,
     /// with their attributes set; ends the spans of runs created to wait (`scheduled`).
     func claimed(_ runs: [ClaimedRun], exchange: String) -> [UUID: any Span] {
-        var spans = started.withLock { s in defer { s = [:] }; return s }
+        var spans = started.withLock { s in
+            defer { s = [:] }
+            return s
+        }
         var live: [UUID: any Span] = [:]
         for run in runs {
             guard let span = spans.removeValue(forKey: run.traceparent) else { continue }
@@ -546,7 +575,10 @@ final class DispatchSpans: Sendable {
 
     /// The claim rolled back: its runs do not exist.
     func end(failed error: any Error) {
-        let spans = started.withLock { s in defer { s = [:] }; return s }
+        let spans = started.withLock { s in
+            defer { s = [:] }
+            return s
+        }
         for span in spans.values {
             span.recordError(error)
             span.setStatus(SpanStatus(code: .error, message: "claim rolled back"))

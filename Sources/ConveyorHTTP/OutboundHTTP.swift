@@ -53,7 +53,11 @@ public struct OutboundPolicy: Sendable {
 /// A refused or failed outbound request. `retryable` tells callers whether trying again later
 /// may help (a timeout, a refused connection) or cannot (a refused host, a bad URL).
 public struct OutboundError: Error, Sendable, CustomStringConvertible {
-    public enum Kind: String, Sendable { case refused, invalidURL = "invalid_url", connect, timeout, transport }
+    public enum Kind: String, Sendable {
+        case refused
+        case invalidURL = "invalid_url"
+        case connect, timeout, transport
+    }
     public var kind: Kind
     public var message: String
     public var retryable: Bool { kind == .connect || kind == .timeout || kind == .transport }
@@ -73,8 +77,10 @@ public struct OutboundRequest: Sendable {
     /// Dropped on every redirect to another origin, as browsers and curl drop them.
     public static let credentialHeaders: Set<String> = ["authorization", "cookie", "proxy-authorization"]
 
-    public init(method: String = "GET", url: String, headers: [(String, String)] = [], body: [UInt8] = [],
-                originOnlyHeaders: Set<String> = []) {
+    public init(
+        method: String = "GET", url: String, headers: [(String, String)] = [], body: [UInt8] = [],
+        originOnlyHeaders: Set<String> = []
+    ) {
         self.method = method
         self.url = url
         self.headers = headers
@@ -138,7 +144,8 @@ public struct OutboundHTTP: Sendable {
         while true {
             let response = try await sendOnce(current, deadline: deadline)
             guard [301, 302, 303, 307, 308].contains(response.status),
-                  let location = response.headers.first(where: { $0.0.lowercased() == "location" })?.1 else {
+                let location = response.headers.first(where: { $0.0.lowercased() == "location" })?.1
+            else {
                 return response
             }
             guard hops < policy.maxRedirects else {
@@ -156,8 +163,10 @@ public struct OutboundHTTP: Sendable {
             }
             if !Self.sameOrigin(next, request.url) {
                 guard current.body.isEmpty else {
-                    throw OutboundError(kind: .refused, message: "HTTP \(response.status) from \(strippedURL(current.url)) redirects a \(current.method) "
-                        + "with a body to another origin (\(strippedURL(next))); a body is never sent to another origin: call that URL directly")
+                    throw OutboundError(
+                        kind: .refused,
+                        message: "HTTP \(response.status) from \(strippedURL(current.url)) redirects a \(current.method) "
+                            + "with a body to another origin (\(strippedURL(next))); a body is never sent to another origin: call that URL directly")
                 }
                 let dropped = OutboundRequest.credentialHeaders.union(current.originOnlyHeaders.map { $0.lowercased() })
                 current.headers.removeAll { dropped.contains($0.0.lowercased()) }
@@ -229,8 +238,10 @@ public struct OutboundHTTP: Sendable {
                 if chunk.readableBytes > room { truncated = true }
                 if room > 0 { body += chunk.readableBytesView.prefix(room) }
             }
-            result = .success(OutboundResponse(status: Int(response.status.code), headers: response.headers.map { ($0.name, $0.value) },
-                                               body: body, truncated: truncated, url: request.url))
+            result = .success(
+                OutboundResponse(
+                    status: Int(response.status.code), headers: response.headers.map { ($0.name, $0.value) },
+                    body: body, truncated: truncated, url: request.url))
         } catch {
             result = .failure(Self.classify(error, url: request.url))
         }
@@ -244,7 +255,9 @@ public struct OutboundHTTP: Sendable {
             throw OutboundError(kind: .invalidURL, message: "'\(strippedURL(text))' is not an absolute URL")
         }
         guard policy.allowedSchemes.contains(scheme) else {
-            throw OutboundError(kind: .refused, message: "scheme '\(scheme)' of \(strippedURL(text)) is not allowed (allowed: \(policy.allowedSchemes.sorted().joined(separator: ", ")))")
+            throw OutboundError(
+                kind: .refused,
+                message: "scheme '\(scheme)' of \(strippedURL(text)) is not allowed (allowed: \(policy.allowedSchemes.sorted().joined(separator: ", ")))")
         }
         guard policy.allows(host: host) else {
             throw OutboundError(kind: .refused, message: "host '\(host)' is not in the allowed hosts (\(policy.allowedHosts.joined(separator: ", ")))")

@@ -38,14 +38,17 @@ extension Store {
     /// dispatcher, when the lease ends. Receivers see at-least-once delivery.
     public func claimCallbacks(limit: Int, lease: Duration) async throws -> [CallbackDelivery] {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 UPDATE callbacks SET attempts = attempts + 1, next_at = now() + make_interval(secs => $2)
                 WHERE id IN (SELECT id FROM callbacks WHERE delivered_at IS NULL AND failed_at IS NULL AND next_at <= now()
                              ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED)
                 RETURNING id, run_id, url, payload, attempts, (SELECT traceparent FROM runs WHERE runs.id = callbacks.run_id)
-                """, [limit, lease.inSeconds]).rows.map {
-                CallbackDelivery(id: try $0.int(0), runID: try $0.uuid(1), url: try $0.string(2), payload: try $0.string(3), attempt: try $0.int(4),
-                                 traceparent: $0[5])
+                """, [limit, lease.inSeconds]
+            ).rows.map {
+                CallbackDelivery(
+                    id: try $0.int(0), runID: try $0.uuid(1), url: try $0.string(2), payload: try $0.string(3), attempt: try $0.int(4),
+                    traceparent: $0[5])
             }
         }
     }
@@ -53,17 +56,34 @@ extension Store {
     /// Records what became of delivery attempts, in one statement.
     public func finishCallbacks(_ outcomes: [(id: Int, outcome: CallbackOutcome)]) async throws {
         guard !outcomes.isEmpty else { return }
-        var ids: [Int] = [], states: [String] = [], delays: [Double?] = [], statuses: [Int?] = [], errors: [String?] = []
+        var ids: [Int] = []
+        var states: [String] = []
+        var delays: [Double?] = []
+        var statuses: [Int?] = []
+        var errors: [String?] = []
         for (id, o) in outcomes {
             ids.append(id)
             switch o {
-            case .delivered(let s): states.append("delivered"); delays.append(nil); statuses.append(s); errors.append(nil)
-            case .retry(let d, let s, let e): states.append("retry"); delays.append(d.inSeconds); statuses.append(s); errors.append(e)
-            case .failed(let s, let e): states.append("failed"); delays.append(nil); statuses.append(s); errors.append(e)
+            case .delivered(let s):
+                states.append("delivered")
+                delays.append(nil)
+                statuses.append(s)
+                errors.append(nil)
+            case .retry(let d, let s, let e):
+                states.append("retry")
+                delays.append(d.inSeconds)
+                statuses.append(s)
+                errors.append(e)
+            case .failed(let s, let e):
+                states.append("failed")
+                delays.append(nil)
+                statuses.append(s)
+                errors.append(e)
             }
         }
         try await pool.withConnection { c in
-            _ = try await c.query("""
+            _ = try await c.query(
+                """
                 UPDATE callbacks SET
                     delivered_at = CASE WHEN u.state = 'delivered' THEN now() END,
                     failed_at = CASE WHEN u.state = 'failed' THEN now() END,
@@ -78,11 +98,13 @@ extension Store {
     /// The callbacks of one run.
     public func callbacks(run: UUID) async throws -> [CallbackRecord] {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT url, attempts, CASE WHEN delivered_at IS NOT NULL THEN 'delivered' WHEN failed_at IS NOT NULL THEN 'failed' ELSE 'pending' END,
                        last_status, last_error
                 FROM callbacks WHERE run_id = $1 ORDER BY id
-                """, [run]).rows.map {
+                """, [run]
+            ).rows.map {
                 CallbackRecord(url: try $0.string(0), attempts: try $0.int(1), state: try $0.string(2), lastStatus: $0[3].flatMap { Int($0) }, lastError: $0[4])
             }
         }

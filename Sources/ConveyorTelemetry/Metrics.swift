@@ -18,11 +18,15 @@ public enum ConveyorMetrics {
         guard !done.exchange(true, ordering: .relaxed) else { return }
         var factory = PrometheusMetricsFactory(registry: registry)
         factory.valueHistogramBuckets["conveyor_dispatcher_claim_batch_size"] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000]
-        factory.durationHistogramBuckets["conveyor_run_fire_lateness_seconds"] = [.milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
-                                                                                 .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30),
-                                                                                 .seconds(60), .seconds(300)]
-        factory.durationHistogramBuckets["conveyor_status_lag_seconds"] = [.milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
-                                                                          .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60)]
+        factory.durationHistogramBuckets["conveyor_run_fire_lateness_seconds"] = [
+            .milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
+            .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30),
+            .seconds(60), .seconds(300),
+        ]
+        factory.durationHistogramBuckets["conveyor_status_lag_seconds"] = [
+            .milliseconds(10), .milliseconds(50), .milliseconds(100), .milliseconds(250),
+            .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10), .seconds(30), .seconds(60),
+        ]
         MetricsSystem.bootstrap(factory)
     }
 

@@ -34,9 +34,9 @@ extension Traces {
         diagnostics.handler = SpanDropCounter(wrapped: logger.handler)
         config.diagnosticLogger = .custom(diagnostics)
         config.diagnosticLogLevel = .warning
-        config.propagators = [.traceContext]   // baggage is carried by Traces itself
-        config.metrics.enabled = false          // metrics are Prometheus (/metrics)
-        config.logs.enabled = false             // logs are the structured handler's
+        config.propagators = [.traceContext]  // baggage is carried by Traces itself
+        config.metrics.enabled = false  // metrics are Prometheus (/metrics)
+        config.logs.enabled = false  // logs are the structured handler's
         // Only the variables about traces reach swift-otel; the others were handled above.
         let passed = env.filter { key, _ in
             key == "OTEL_SERVICE_NAME" || key == "OTEL_RESOURCE_ATTRIBUTES" || key.hasPrefix("OTEL_TRACES_") || key.hasPrefix("OTEL_BSP_")
@@ -66,8 +66,9 @@ extension Traces {
         if let v = env["OTEL_PROPAGATORS"] {
             for p in v.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces).lowercased() })
             where !["tracecontext", "baggage", ""].contains(p) {
-                throw ValidationError(field: "OTEL_PROPAGATORS", value: v,
-                                      hint: "Conveyor propagates W3C tracecontext and baggage; '\(p)' is not supported: use tracecontext,baggage or unset it")
+                throw ValidationError(
+                    field: "OTEL_PROPAGATORS", value: v,
+                    hint: "Conveyor propagates W3C tracecontext and baggage; '\(p)' is not supported: use tracecontext,baggage or unset it")
             }
         }
         if let v = env["OTEL_TRACES_SAMPLER"], !samplers.contains(v.lowercased()) {
@@ -78,8 +79,9 @@ extension Traces {
         }
         for key in ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] {
             if let v = env[key], !["http/protobuf", "http/json"].contains(v.lowercased()) {
-                throw ValidationError(field: key, value: v,
-                                      hint: "this build exports OTLP over HTTP: use http/protobuf (collector port 4318) or http/json")
+                throw ValidationError(
+                    field: key, value: v,
+                    hint: "this build exports OTLP over HTTP: use http/protobuf (collector port 4318) or http/json")
             }
         }
     }

@@ -1,9 +1,9 @@
 public import ConveyorConfig
 public import ConveyorCore
 public import ConveyorHTTP
+import ConveyorTelemetry
 import Foundation
 public import Logging
-import ConveyorTelemetry
 import Tracing
 
 /// Calls an HTTP endpoint through the outbound guard (`ConveyorHTTP`): hosts from an allowlist,
@@ -35,8 +35,10 @@ public struct HTTPExecutor: Executor {
 
     static let methods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
     /// Headers the executor sets itself, or that would let a task break the framing.
-    static let reservedHeaders: Set<String> = ["host", "content-length", "transfer-encoding", "connection", "upgrade",
-                                               "idempotency-key", "traceparent", "tracestate", "baggage"]
+    static let reservedHeaders: Set<String> = [
+        "host", "content-length", "transfer-encoding", "connection", "upgrade",
+        "idempotency-key", "traceparent", "tracestate", "baggage",
+    ]
 
     public init(policy: OutboundPolicy, logger: Logger = Logger(label: "conveyor.executor.http")) {
         self.policy = policy

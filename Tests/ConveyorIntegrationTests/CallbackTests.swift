@@ -32,8 +32,10 @@ struct CallbackTests {
                 try await sys.store.createTasks([
                     try sys.task(["name": "ok", "callback_url": .string(receiver.url + "/ok")]),
                     try sys.task(["name": "flaky-receiver", "callback_url": .string(receiver.url + "/flaky")]),
-                    try sys.task(["name": "failing", "group": "cb", "callback_url": .string(receiver.url + "/ok"), "parameters": .object(["fail": .bool(true)]),
-                                  "retry": .object(["max_attempts": .number(2), "base_seconds": .number(0.1), "jitter": .bool(false)])]),
+                    try sys.task([
+                        "name": "failing", "group": "cb", "callback_url": .string(receiver.url + "/ok"), "parameters": .object(["fail": .bool(true)]),
+                        "retry": .object(["max_attempts": .number(2), "base_seconds": .number(0.1), "jitter": .bool(false)]),
+                    ]),
                 ])
                 try await sys.eventually("all callbacks delivered") {
                     try await sys.count("SELECT count(*) FROM callbacks WHERE delivered_at IS NOT NULL") == 3
@@ -43,13 +45,15 @@ struct CallbackTests {
                 #expect(ok.count == 2)
                 #expect(receiver.received(path: "/flaky").count == 3)
                 let bodies = try ok.map { try JSONDecoder().decode(JSONValue.self, from: Data($0.body.utf8)) }
-                let states = Set(bodies.compactMap { body -> String? in
-                    if case .object(let o) = body, case .string(let s)? = o["state"] { return s }
-                    return nil
-                })
+                let states = Set(
+                    bodies.compactMap { body -> String? in
+                        if case .object(let o) = body, case .string(let s)? = o["state"] { return s }
+                        return nil
+                    })
                 #expect(states == ["succeeded", "dead"])
                 // Each POST carries one traceparent: a client span in its run's trace.
-                let traces = Dictionary(try await sys.rows("SELECT id::text, trace_id FROM runs").map { ($0[0] ?? "", $0[1] ?? "") }, uniquingKeysWith: { a, _ in a })
+                let traces = Dictionary(
+                    try await sys.rows("SELECT id::text, trace_id FROM runs").map { ($0[0] ?? "", $0[1] ?? "") }, uniquingKeysWith: { a, _ in a })
                 for r in receiver.received() {
                     #expect(r.repeatedHeaders.isEmpty, "\(r.fields)")
                     let tp = r.headers["traceparent"]?.split(separator: "-").map(String.init) ?? []
@@ -61,7 +65,9 @@ struct CallbackTests {
                     #expect(r.body.contains("\"run_id\":\"\(r.headers["idempotency-key"] ?? "-")\""), "Idempotency-Key is the run id")
                     #expect(r.body.contains("\"trace_id\":\""))
                 }
-                let flaky = try await sys.rows("SELECT attempts, last_status FROM callbacks c JOIN runs r ON r.id = c.run_id JOIN tasks t ON t.id = r.task_id WHERE t.name = 'flaky-receiver'")
+                let flaky = try await sys.rows(
+                    "SELECT attempts, last_status FROM callbacks c JOIN runs r ON r.id = c.run_id JOIN tasks t ON t.id = r.task_id WHERE t.name = 'flaky-receiver'"
+                )
                 #expect(flaky.first == ["3", "204"])
                 #expect(receiver.received(path: "/flaky").map { $0.headers["x-conveyor-attempt"] } == ["1", "2", "3"])
                 #expect(dispatcher.stats.callbacksDelivered == 3 && dispatcher.stats.callbacksRetried == 2)
@@ -70,7 +76,8 @@ struct CallbackTests {
                 let env = ["CONVEYOR_DATABASE_URL": sys.databaseURL]
                 let counts = try runConveyor(["group", "counts", "cb"], env: env)
                 #expect(counts.status == 0 && counts.out.contains("retries: 1 "), "\(counts.out)\(counts.err)")
-                let dead = try #require(try await sys.rows("SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'failing' AND r.state = 'dead'").first?[0])
+                let dead = try #require(
+                    try await sys.rows("SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'failing' AND r.state = 'dead'").first?[0])
                 let show = try runConveyor(["run", "show", dead], env: env)
                 #expect(show.out.contains("callback \(receiver.url)/ok delivered after 1 attempt(s) HTTP 204"), "\(show.out)\(show.err)")
             }
@@ -105,9 +112,10 @@ struct CallbackTests {
             let dispatcher = sys.dispatcher { Self.fast(&$0, attempts: 2, timeout: .milliseconds(500)) }
             let worker = sys.worker(["script": ScriptedExecutor(recorder: Recorder())])
             try await withServices([dispatcher, worker]) {
-                try await sys.store.createTasks(try (0..<20).map { i in
-                    try sys.task(["name": .string("hung-\(i)"), "callback_url": .string(receiver.url + "/hang")])
-                })
+                try await sys.store.createTasks(
+                    try (0..<20).map { i in
+                        try sys.task(["name": .string("hung-\(i)"), "callback_url": .string(receiver.url + "/hang")])
+                    })
                 // Status recording goes on while the POSTs hang: all 20 runs end succeeded.
                 try await sys.eventually(timeout: .seconds(20), "all runs recorded") {
                     try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 20
@@ -127,7 +135,10 @@ struct CallbackTests {
         defer { Task { await receiver.close() } }
         try await System.with { sys in
             // Loopback is not allowed here: the default policy refuses it.
-            let dispatcher = sys.dispatcher { c in Self.fast(&c); c.callbacks.policy.allowedNetworks = [] }
+            let dispatcher = sys.dispatcher { c in
+                Self.fast(&c)
+                c.callbacks.policy.allowedNetworks = []
+            }
             let worker = sys.worker(["script": ScriptedExecutor(recorder: Recorder())])
             try await withServices([dispatcher, worker]) {
                 try await sys.store.createTasks([
@@ -135,7 +146,8 @@ struct CallbackTests {
                     try sys.task(["name": "to-metadata", "callback_url": .string("http://169.254.169.254/latest/meta-data")]),
                 ])
                 try await sys.eventually("both refused") { try await sys.count("SELECT count(*) FROM callbacks WHERE failed_at IS NOT NULL") == 2 }
-                let errors = try await sys.rows("SELECT t.name, c.attempts, c.last_error FROM callbacks c JOIN runs r ON r.id = c.run_id JOIN tasks t ON t.id = r.task_id ORDER BY t.name")
+                let errors = try await sys.rows(
+                    "SELECT t.name, c.attempts, c.last_error FROM callbacks c JOIN runs r ON r.id = c.run_id JOIN tasks t ON t.id = r.task_id ORDER BY t.name")
                 #expect(errors.map { $0[1] } == ["1", "1"], "a refusal is not retried")
                 #expect(errors[0][2]?.contains("127.0.0.1 is a loopback address") == true)
                 #expect(errors[1][2]?.contains("169.254.169.254 is a metadata address") == true)

@@ -44,8 +44,10 @@ final class HTTPReceiver: Sendable {
 
     /// `respond` gets the request and how many requests came to its path before it. `host` is
     /// any loopback address (Linux answers on all of 127.0.0.0/8).
-    init(host: String = "127.0.0.1", keepRequests: Bool = true,
-         respond: @escaping @Sendable (Request, Int) -> Reply = { _, _ in Reply(status: 200) }) async throws {
+    init(
+        host: String = "127.0.0.1", keepRequests: Bool = true,
+        respond: @escaping @Sendable (Request, Int) -> Reply = { _, _ in Reply(status: 200) }
+    ) async throws {
         self.respond = respond
         self.keepRequests = keepRequests
         self.host = host
@@ -84,18 +86,24 @@ final class HTTPReceiver: Sendable {
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
             switch unwrapInboundIn(data) {
-            case .head(let h): head = h; body = []
+            case .head(let h):
+                head = h
+                body = []
             case .body(let b): body += b.readableBytesView
             case .end:
                 guard let head, let receiver = receiver() else { return }
-                let request = Request(method: head.method.rawValue, path: head.uri,
-                                      headers: Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a }),
-                                      body: String(decoding: body, as: UTF8.self),
-                                      fields: head.headers.map { ($0.name.lowercased(), $0.value) }, bytes: body)
-                let before = !receiver.keepRequests ? 0 : receiver.requests.withLock { all in
-                    defer { all.append(request) }
-                    return all.filter { $0.path == request.path }.count
-                }
+                let request = Request(
+                    method: head.method.rawValue, path: head.uri,
+                    headers: Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a }),
+                    body: String(decoding: body, as: UTF8.self),
+                    fields: head.headers.map { ($0.name.lowercased(), $0.value) }, bytes: body)
+                let before =
+                    !receiver.keepRequests
+                    ? 0
+                    : receiver.requests.withLock { all in
+                        defer { all.append(request) }
+                        return all.filter { $0.path == request.path }.count
+                    }
                 let reply = receiver.respond(request, before)
                 let keepAlive = head.isKeepAlive
                 let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
@@ -104,7 +112,9 @@ final class HTTPReceiver: Sendable {
                     var headers = HTTPHeaders([("content-length", "\(reply.body.utf8.count)")])
                     for (k, v) in reply.headers { headers.add(name: k, value: v) }
                     if !keepAlive { headers.add(name: "connection", value: "close") }
-                    context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: head.version, status: .init(statusCode: reply.status), headers: headers))), promise: nil)
+                    context.write(
+                        NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: head.version, status: .init(statusCode: reply.status), headers: headers))),
+                        promise: nil)
                     context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: reply.body)))), promise: nil)
                     let done = context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)))
                     if !keepAlive { done.whenComplete { _ in loopBound.value.close(promise: nil) } }

@@ -22,7 +22,8 @@ struct ExportedSpan: CustomStringConvertible {
     var links: [(traceID: String, spanID: String, attributes: [String: String])] = []
 
     var description: String {
-        "\(service) \(name) kind=\(kind) \(spanID)←\(parentID.isEmpty ? "root" : parentID) \(attributes)" + (links.isEmpty ? "" : " links: \(links.map(\.spanID))")
+        "\(service) \(name) kind=\(kind) \(spanID)←\(parentID.isEmpty ? "root" : parentID) \(attributes)"
+            + (links.isEmpty ? "" : " links: \(links.map(\.spanID))")
     }
 
     /// The dispatcher's record spans (one per status batch) that link to `span` with these link attributes.
@@ -52,12 +53,14 @@ struct ExportedSpan: CustomStringConvertible {
             let service = attributes((rs["resource"] as? [String: Any])?["attributes"])["service.name"] ?? ""
             for ss in rs["scopeSpans"] as? [[String: Any]] ?? [] {
                 for s in ss["spans"] as? [[String: Any]] ?? [] {
-                    spans.append(ExportedSpan(service: service, traceID: hex(s["traceId"] as? String ?? ""), spanID: hex(s["spanId"] as? String ?? ""),
-                                              parentID: hex(s["parentSpanId"] as? String ?? ""), name: s["name"] as? String ?? "",
-                                              kind: s["kind"] as? Int ?? 0, attributes: attributes(s["attributes"]),
-                                              links: (s["links"] as? [[String: Any]] ?? []).map {
-                                                  (hex($0["traceId"] as? String ?? ""), hex($0["spanId"] as? String ?? ""), attributes($0["attributes"]))
-                                              }))
+                    spans.append(
+                        ExportedSpan(
+                            service: service, traceID: hex(s["traceId"] as? String ?? ""), spanID: hex(s["spanId"] as? String ?? ""),
+                            parentID: hex(s["parentSpanId"] as? String ?? ""), name: s["name"] as? String ?? "",
+                            kind: s["kind"] as? Int ?? 0, attributes: attributes(s["attributes"]),
+                            links: (s["links"] as? [[String: Any]] ?? []).map {
+                                (hex($0["traceId"] as? String ?? ""), hex($0["spanId"] as? String ?? ""), attributes($0["attributes"]))
+                            }))
                 }
             }
         }
@@ -82,18 +85,35 @@ struct TracingTests {
             let collector = try await HTTPReceiver { _, _ in .init(status: 200, headers: [("content-type", "application/json")], body: "{}") }
             // The service the http executor calls: 500 the first time (the run retries), then 200.
             let service = try await HTTPReceiver(host: "127.0.0.3") { _, n in .init(status: n == 0 ? 500 : 200) }
-            defer { Task { await collector.close(); await service.close() } }
+            defer {
+                Task {
+                    await collector.close()
+                    await service.close()
+                }
+            }
             let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_BSP_SCHEDULE_DELAY": "100"]
             let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
                 .merging(otel) { a, _ in a }
             let apiPort = Int.random(in: 40_001...50_000)
-            let dispatcher = try spawnConveyor(["dispatcher"], env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue,
-                                                                                  "CONVEYOR_DISPATCHER_HTTP_PORT": "0"]) { a, _ in a })
-            let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "trace-worker", executors: "http,shell").merging(otel) { a, _ in a }
-                .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32",
-                          "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv"]) { a, _ in a })
-            let api = try spawnConveyor(["api"], env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                                                                      "CONVEYOR_AMQP_URL": sys.apiAMQPURL]) { _, b in b })
+            let dispatcher = try spawnConveyor(
+                ["dispatcher"],
+                env: common.merging([
+                    "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
+                    "CONVEYOR_DISPATCHER_HTTP_PORT": "0",
+                ]) { a, _ in a })
+            let worker = try spawnConveyor(
+                ["worker"],
+                env: sys.workerEnvironment(id: "trace-worker", executors: "http,shell").merging(otel) { a, _ in a }
+                    .merging([
+                        "CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32",
+                        "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv",
+                    ]) { a, _ in a })
+            let api = try spawnConveyor(
+                ["api"],
+                env: common.merging([
+                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                    "CONVEYOR_AMQP_URL": sys.apiAMQPURL,
+                ]) { _, b in b })
             defer { for p in [dispatcher, worker, api] where p.isRunning { p.terminate() } }
             let (key, prefix, hash) = APIKeyFormat.generate()
             try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "trace", role: .admin, namespace: "*", expiresAt: nil)
@@ -108,9 +128,13 @@ struct TracingTests {
                  "parameters": {"url": "\(service.url)/hook", "method": "POST"},
                  "retry": {"max_attempts": 2, "base_seconds": 0.1, "jitter": false}}
                 """
-            let created = try await Self.call("POST", base + "/v1/tasks", headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json"),
-                                                                                  ("traceparent", "00-\(clientTrace)-\(clientSpan)-01"),
-                                                                                  ("baggage", "tenant=acme")], body: body)
+            let created = try await Self.call(
+                "POST", base + "/v1/tasks",
+                headers: [
+                    ("Authorization", "Bearer \(key)"), ("Content-Type", "application/json"),
+                    ("traceparent", "00-\(clientTrace)-\(clientSpan)-01"),
+                    ("baggage", "tenant=acme"),
+                ], body: body)
             #expect(created.status == 201, "\(created.body)")
             // A task the scheduler fires with no request behind it: a new root; its program sees TRACEPARENT.
             var shell = NewTask(name: "printenv", executor: "shell", schedule: .once)
@@ -121,7 +145,8 @@ struct TracingTests {
             _ = try await sys.eventually(timeout: .seconds(60), "both tasks succeed, the http one on its second attempt") {
                 try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
             }
-            let runs = try await sys.rows("""
+            let runs = try await sys.rows(
+                """
                 SELECT t.name, r.id::text, r.attempt::text, r.trace_id, coalesce(r.output, '') FROM runs r JOIN tasks t ON t.id = r.task_id ORDER BY t.name, r.attempt
                 """)
             let traced = runs.filter { $0[0] == "traced" }
@@ -136,7 +161,8 @@ struct TracingTests {
             _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts are exported") {
                 let s = spans().filter { $0.traceID == clientTrace }
                 let executes = s.filter { $0.name == "execute http" }
-                return executes.count == 2 && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: spans()).isEmpty } && s.filter { $0.kind == 3 }.count == 2
+                return executes.count == 2 && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: spans()).isEmpty }
+                    && s.filter { $0.kind == 3 }.count == 2
             }
             let all = spans().filter { $0.traceID == clientTrace }
             let tree = all.map(\.description).joined(separator: "\n")
@@ -163,15 +189,17 @@ struct TracingTests {
                 #expect(e.service == "conveyor-worker" && e.kind == 5)
                 #expect(e.attributes["conveyor.run.id"] == publish.attributes["conveyor.run.id"])
                 #expect(e.attributes["conveyor.attempt"] == publish.attributes["conveyor.attempt"])
-                #expect(e.attributes["conveyor.task.name"] == "traced" && e.attributes["conveyor.executor"] == "http"
+                #expect(
+                    e.attributes["conveyor.task.name"] == "traced" && e.attributes["conveyor.executor"] == "http"
                         && e.attributes["conveyor.queue"] == sys.queue)
                 // The executor's client span, whose context the called service received.
                 let client = children(of: e, { $0 == "POST" })
                 #expect(client.count == 1 && client.first?.kind == 3, "\(tree)")
                 // The dispatcher recorded the run's status in a batch: its record span links to the execute span.
                 let links = ExportedSpan.records(linking: e, in: spans())
-                #expect(links.contains { $0["conveyor.run.id"] == e.attributes["conveyor.run.id"] && $0["conveyor.event"] == "finished"
-                    && $0["conveyor.outcome"] == e.attributes["conveyor.outcome"] }, "\(links)\n\(tree)")
+                #expect(
+                    links.contains { $0["conveyor.run.id"] == e.attributes["conveyor.run.id"] && $0["conveyor.outcome"] == e.attributes["conveyor.outcome"] },
+                    "\(links)\n\(tree)")
                 #expect(children(of: e, { $0.hasPrefix("record") }).isEmpty, "no span per status\n\(tree)")
             }
             let calls = service.received(path: "/hook")
@@ -199,17 +227,20 @@ struct TracingTests {
                 ("big-baggage", [("baggage", (0..<100).map { "k\($0)=\(String(repeating: "v", count: 90))" }.joined(separator: ","))]),
             ]
             for (name, headers) in bad {
-                let r = try await Self.call("POST", base + "/v1/tasks", headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json")] + headers,
-                                            body: #"{"name": "\#(name)", "executor": "shell", "queue": "parked", "schedule": "every 1h", "parameters": {"argv": ["/bin/true"]}}"#)
+                let r = try await Self.call(
+                    "POST", base + "/v1/tasks", headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json")] + headers,
+                    body: #"{"name": "\#(name)", "executor": "shell", "queue": "parked", "schedule": "every 1h", "parameters": {"argv": ["/bin/true"]}}"#)
                 #expect(r.status == 201, "\(name): \(r.body)")
             }
-            let stored = Dictionary(try await sys.rows("SELECT name, coalesce(trace_parent, ''), coalesce(trace_baggage, '') FROM tasks").map { ($0[0] ?? "", $0) },
-                                    uniquingKeysWith: { a, _ in a })
+            let stored = Dictionary(
+                try await sys.rows("SELECT name, coalesce(trace_parent, ''), coalesce(trace_baggage, '') FROM tasks").map { ($0[0] ?? "", $0) },
+                uniquingKeysWith: { a, _ in a })
             for name in ["bad-parent", "two-parents"] {
                 let tp = stored[name]?[1] ?? ""
                 // No parent kept: the task's occurrence will be a root (or a child of the request's own fresh span).
-                #expect((tp.isEmpty || Traces.traceID(traceparent: tp) != nil) && !tp.contains(clientTrace) && !tp.contains("abababab"),
-                        "\(name) starts a fresh trace: \(tp)")
+                #expect(
+                    (tp.isEmpty || Traces.traceID(traceparent: tp) != nil) && !tp.contains(clientTrace) && !tp.contains("abababab"),
+                    "\(name) starts a fresh trace: \(tp)")
             }
             #expect(stored["big-state"]?[1]?.contains(clientTrace) == true, "the trace goes on without its tracestate")
             #expect(stored["big-baggage"]?[2] == "", "the oversized baggage is not stored")
@@ -285,12 +316,19 @@ extension TracingTests {
             let collector = try await OTLPCollector()
             let log = FileManager.default.temporaryDirectory.appendingPathComponent("otel-peer-\(UUID()).jsonl").path
             let servicePort = Int.random(in: 50_001...60_000)
-            let service = try Process.required("python3", ["scripts/otel_peer.py", "service", "--host", "127.0.0.4", "--port", "\(servicePort)",
-                                                          "--otlp", collector.url, "--log", log, "--fail-first", "1"])
+            let service = try Process.required(
+                "python3",
+                [
+                    "scripts/otel_peer.py", "service", "--host", "127.0.0.4", "--port", "\(servicePort)",
+                    "--otlp", collector.url, "--log", log, "--fail-first", "1",
+                ])
             service.standardOutput = FileHandle.nullDevice
             service.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
             try service.run()
-            defer { Task { await collector.close() }; try? FileManager.default.removeItem(atPath: log) }
+            defer {
+                Task { await collector.close() }
+                try? FileManager.default.removeItem(atPath: log)
+            }
             func entries() -> [[String: Any]] {
                 ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").split(separator: "\n").compactMap {
                     try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
@@ -300,12 +338,22 @@ extension TracingTests {
             let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
                 .merging(otel) { a, _ in a }
             let apiPort = Int.random(in: 40_001...50_000)
-            let dispatcher = try spawnConveyor(["dispatcher"], env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue,
-                                                                                  "CONVEYOR_DISPATCHER_HTTP_PORT": "0"]) { a, _ in a })
-            let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "sdk-worker", executors: "http").merging(otel) { a, _ in a }
-                .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.4/32"]) { a, _ in a })
-            let api = try spawnConveyor(["api"], env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                                                                      "CONVEYOR_AMQP_URL": sys.apiAMQPURL]) { _, b in b })
+            let dispatcher = try spawnConveyor(
+                ["dispatcher"],
+                env: common.merging([
+                    "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
+                    "CONVEYOR_DISPATCHER_HTTP_PORT": "0",
+                ]) { a, _ in a })
+            let worker = try spawnConveyor(
+                ["worker"],
+                env: sys.workerEnvironment(id: "sdk-worker", executors: "http").merging(otel) { a, _ in a }
+                    .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.4/32"]) { a, _ in a })
+            let api = try spawnConveyor(
+                ["api"],
+                env: common.merging([
+                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                    "CONVEYOR_AMQP_URL": sys.apiAMQPURL,
+                ]) { _, b in b })
             defer { for p in [dispatcher, worker, api, service] where p.isRunning { p.terminate() } }
             let (key, prefix, hash) = APIKeyFormat.generate()
             try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "sdk", role: .admin, namespace: "*", expiresAt: nil)
@@ -320,11 +368,16 @@ extension TracingTests {
                  "parameters": {"url": "http://127.0.0.4:\(servicePort)/hook", "method": "POST"},
                  "retry": {"max_attempts": 2, "base_seconds": 0.1, "jitter": false}}
                 """
-            let r = try await runRequired("python3", ["scripts/otel_peer.py", "call", "--url", base + "/v1/tasks", "--header", "Authorization: Bearer \(key)",
-                                                      "--body", body, "--otlp", collector.url])
+            let r = try await runRequired(
+                "python3",
+                [
+                    "scripts/otel_peer.py", "call", "--url", base + "/v1/tasks", "--header", "Authorization: Bearer \(key)",
+                    "--body", body, "--otlp", collector.url,
+                ])
             let caller = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out) \(r.err)")
             #expect(caller["status"] as? Int == 201, "\(caller)")
-            let callerTrace = try #require(caller["trace_id"] as? String), callerSpan = try #require(caller["span_id"] as? String)
+            let callerTrace = try #require(caller["trace_id"] as? String)
+            let callerSpan = try #require(caller["span_id"] as? String)
 
             _ = try await sys.eventually(timeout: .seconds(60), "the task succeeds on its second attempt") {
                 try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1
@@ -362,12 +415,18 @@ extension TracingTests {
             let callerExported = try #require(byID[callerSpan], "the caller's span is exported\n\(tree)")
             #expect(callerExported.service == "otel-peer-caller" && callerExported.parentID.isEmpty)
             for span in trace where span.service.hasPrefix("conveyor-") {
-                var cursor = span, hops = 0
-                while let up = byID[cursor.parentID], hops < 32 { cursor = up; hops += 1 }
+                var cursor = span
+                var hops = 0
+                while let up = byID[cursor.parentID], hops < 32 {
+                    cursor = up
+                    hops += 1
+                }
                 #expect(cursor.spanID == callerSpan, "\(span) does not descend from the caller's span\n\(tree)")
             }
             // Nothing Conveyor exported is an orphan root (the API's /healthz polls are requests without a traceparent).
-            let roots = all.filter { $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ") && $0.kind != 2 }
+            let roots = all.filter {
+                $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ") && $0.kind != 2
+            }
             #expect(roots.isEmpty, "orphan spans: \(roots)")
         }
     }
@@ -378,21 +437,30 @@ extension TracingTests {
     /// ends, and the spans lost are counted on /metrics by reason (swift-otel only logs them).
     @Test func lostSpansAreCountedAndRunsStillEnd() async throws {
         try await System.with { sys in
-            let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
-                        "OTEL_BSP_EXPORT_TIMEOUT": "1000", "OTEL_EXPORTER_OTLP_TIMEOUT": "500"]
+            let otel = [
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+                "OTEL_BSP_EXPORT_TIMEOUT": "1000", "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
+            ]
             let port = Int.random(in: 40_001...50_000)
-            let dispatcher = try spawnConveyor(["dispatcher"], env: ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL,
-                                                                     "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
-                                                                     "CONVEYOR_DISPATCHER_HTTP_PORT": "\(port)"].merging(otel) { a, _ in a })
-            let worker = try spawnConveyor(["worker"], env: sys.workerEnvironment(id: "lossy-worker", executors: "shell").merging(otel) { a, _ in a }
-                .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/bin/true"]) { a, _ in a })
+            let dispatcher = try spawnConveyor(
+                ["dispatcher"],
+                env: [
+                    "CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL,
+                    "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
+                    "CONVEYOR_DISPATCHER_HTTP_PORT": "\(port)",
+                ].merging(otel) { a, _ in a })
+            let worker = try spawnConveyor(
+                ["worker"],
+                env: sys.workerEnvironment(id: "lossy-worker", executors: "shell").merging(otel) { a, _ in a }
+                    .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/bin/true"]) { a, _ in a })
             defer { for p in [dispatcher, worker] where p.isRunning { p.terminate() } }
-            try await sys.store.createTasks((0..<200).map { i in
-                var t = NewTask(name: "lossy-\(i)", executor: "shell", schedule: .once)
-                t.queue = sys.queue
-                t.parameters = ["argv": ["/bin/true"]]
-                return t
-            })
+            try await sys.store.createTasks(
+                (0..<200).map { i in
+                    var t = NewTask(name: "lossy-\(i)", executor: "shell", schedule: .once)
+                    t.queue = sys.queue
+                    t.parameters = ["argv": ["/bin/true"]]
+                    return t
+                })
             _ = try await sys.eventually(timeout: .seconds(90), "every run ends although no span can be exported") {
                 try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 200
             }
@@ -402,7 +470,8 @@ extension TracingTests {
                 return text.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
             }
             _ = try await sys.eventually(timeout: .seconds(30), "the dispatcher counts spans lost to the full queue and to the failed exports") {
-                let full = await dropped("queue_full"), failed = await dropped("export_failed")
+                let full = await dropped("queue_full")
+                let failed = await dropped("export_failed")
                 return full > 0 && failed > 0
             }
         }
