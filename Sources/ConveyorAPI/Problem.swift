@@ -91,19 +91,17 @@ extension HTTPField.Name {
     static let requestID = HTTPField.Name("X-Request-ID")!
 }
 
-/// Outermost: gives every request an id (a sane `X-Request-ID` it brought, or a new one), puts
-/// it in the logs and the response, and turns every error into a problem response.
 /// Reads the request's W3C trace headers before `TracingMiddleware` does, as W3C Trace Context
 /// and Baggage say a receiver must, and counts what it does not continue
 /// (`conveyor_trace_context_refused_total{header}`); a request is never refused for its trace
-/// headers.
-/// - A `traceparent` that does not parse, or that came more than once: removed, with its
-///   `tracestate`, so the request starts a fresh trace.
-/// - A `tracestate` over 512 bytes or 32 members, or that came more than once: removed; the
-///   trace continues without it.
-/// - A `baggage` over 8192 bytes or 64 members, or that came more than once: dropped.
-///   Otherwise it goes into the task-local context beside the span context, and tasks created
-///   or triggered by the request carry it to their runs.
+/// headers. `tracestate` and `baggage` may come in several header lines: they are one list,
+/// joined with commas (RFC 9110), and checked as one.
+/// - A `traceparent` that does not parse (W3C version 00), or that came more than once: removed,
+///   with its `tracestate`, so the request starts a fresh trace.
+/// - A `tracestate` over 512 bytes or 32 members, or one that does not parse: removed; the trace
+///   continues without it. (swift-otel would otherwise drop the whole context, and log the
+///   request's headers, credentials included, while doing so.)
+/// - A `baggage` over 8192 bytes or 64 members: dropped.
 struct TraceHeadersMiddleware: RouterMiddleware {
     static let traceparent = HTTPField.Name("traceparent")!
     static let tracestate = HTTPField.Name("tracestate")!
@@ -117,13 +115,16 @@ struct TraceHeadersMiddleware: RouterMiddleware {
             fields[values: Self.tracestate] = []
             ConveyorMetrics.traceContextRefused(header: "traceparent")
         }
-        let states = fields[values: Self.tracestate]
-        if !states.isEmpty, states.count > 1 || states[0].utf8.count > 512 || states[0].split(separator: ",").count > 32 {
-            fields[values: Self.tracestate] = []
-            ConveyorMetrics.traceContextRefused(header: "tracestate")
+        if let state = fields[Self.tracestate] {
+            let parent = fields[Self.traceparent]
+            if state.utf8.count > 512 || state.split(separator: ",").count > 32
+                || (parent.map { (try? TraceContext(traceParentHeaderValue: $0, traceStateHeaderValue: state)) == nil } ?? false)
+            {
+                fields[values: Self.tracestate] = []
+                ConveyorMetrics.traceContextRefused(header: "tracestate")
+            }
         }
-        let baggages = fields[values: Self.baggage]
-        if !baggages.isEmpty, baggages.count > 1 || baggages[0].utf8.count > 8192 || baggages[0].split(separator: ",").count > 64 {
+        if let baggage = fields[Self.baggage], baggage.utf8.count > 8192 || baggage.split(separator: ",").count > 64 {
             fields[values: Self.baggage] = []
             ConveyorMetrics.traceContextRefused(header: "baggage")
         }
@@ -168,6 +169,8 @@ struct TextInputMiddleware: RouterMiddleware {
     }
 }
 
+/// Outermost: gives every request an id (a sane `X-Request-ID` it brought, or a new one), puts
+/// it in the logs and the response, and turns every error into a problem response.
 struct RequestIDMiddleware: RouterMiddleware {
     let env: APIEnvironment
 

@@ -94,11 +94,13 @@ extension Dispatcher {
                 ("Idempotency-Key", d.runID.lowercasedString), ("X-Conveyor-Attempt", "\(d.attempt)"),
             ], body: Array(d.payload.utf8))
         // A client span in the run's trace (a child of its dispatch span); its context is the
-        // request's one traceparent.
+        // request's one traceparent, with the run's baggage.
         var attributes = request.spanAttributes
         attributes["conveyor.run.id"] = d.runID.lowercasedString
         attributes["conveyor.callback.attempt"] = d.attempt
-        let span = Traces.startSpan("POST", context: Traces.context(traceparent: d.traceparent), kind: .client, attributes: attributes)
+        var parent = Traces.context(traceparent: d.traceparent)
+        parent.baggageHeader = d.baggage
+        let span = Traces.startSpan("POST", context: parent, kind: .client, attributes: attributes)
         defer { span.end() }
         for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
         let status: Int?

@@ -391,10 +391,11 @@ public final class Dispatcher: Service, Sendable {
         var last: AMQPDelivery?
         // One span for the batch (OpenTelemetry's batch-consumer pattern), linked to each status
         // message's context (the worker's execute span); ended at the commit. Per-run spans here
-        // cost more than the rest of a run's tracing together (docs/benchmarks.md). A batch of
-        // heartbeats only has none.
-        var span: (any Span)?
-        defer { span?.end() }
+        // cost more than the rest of a run's tracing together (docs/benchmarks.md). A span holds
+        // at most `maxRecordLinks` links (OpenTelemetry's default link limit): a larger batch
+        // has one span per 128 statuses. A batch of heartbeats only has none.
+        var spans: [(span: any Span, links: Int)] = []
+        defer { for s in spans { s.span.end() } }
         for d in batch {
             do throws(ValidationError) {
                 switch d.properties.type {
@@ -409,9 +410,11 @@ public final class Dispatcher: Service, Sendable {
                         continue
                     }
                     events.append(e)
-                    let recording = span ?? Traces.startSpan("record \(topology.statusQueue)", context: .topLevel, kind: .consumer)
-                    span = recording
-                    if recording.isRecording {
+                    if spans.last.map({ $0.links >= Self.maxRecordLinks }) ?? true {
+                        spans.append((Traces.startSpan("record \(topology.statusQueue)", context: .topLevel, kind: .consumer), 0))
+                    }
+                    spans[spans.count - 1].links += 1
+                    if let recording = spans.last?.span, recording.isRecording {
                         recording.addLink(SpanLink(context: Traces.context(headers: d.properties.headers), attributes: Self.linkAttributes(e)))
                     }
                 case let other?:
@@ -426,7 +429,9 @@ public final class Dispatcher: Service, Sendable {
             }
         }
         guard let last else { return }
-        if let span, span.isRecording { span.attributes = Self.recordAttributes(queue: topology.statusQueue, statuses: events.count, batch: batch.count) }
+        for s in spans where s.span.isRecording {
+            s.span.attributes = Self.recordAttributes(queue: topology.statusQueue, statuses: s.links, batch: batch.count)
+        }
         if !beats.isEmpty { await declareWorkQueues(beats.flatMap(\.queues), fromHeartbeat: true) }
         await untilCommitted("recording statuses") {
             try await store.recordHeartbeats(beats)
@@ -494,7 +499,12 @@ public final class Dispatcher: Service, Sendable {
 }
 
 extension Dispatcher {
-    /// OpenTelemetry messaging attributes of a status batch's record span.
+    /// Links one record span holds at most (OpenTelemetry's default `LinkCountLimit`).
+    static let maxRecordLinks = 128
+
+    /// OpenTelemetry messaging attributes of a status batch's record span: the messages of the
+    /// batch delivered (heartbeats, refused and malformed ones included) and the statuses this
+    /// span links.
     static func recordAttributes(queue: String, statuses: Int, batch: Int) -> SpanAttributes {
         var a = SpanAttributes()
         a["messaging.system"] = "rabbitmq"

@@ -12,6 +12,8 @@ public struct CallbackDelivery: Sendable {
     public var attempt: Int
     /// The run's stored trace context: the callback's client span is a child of it.
     public var traceparent: String?
+    /// The run's W3C baggage, sent on as the callback's `baggage`.
+    public var baggage: String?
 }
 
 /// What became of one delivery attempt.
@@ -40,15 +42,16 @@ extension Store {
         try await pool.withConnection { c in
             try await c.query(
                 """
-                UPDATE callbacks SET attempts = attempts + 1, next_at = now() + make_interval(secs => $2)
-                WHERE id IN (SELECT id FROM callbacks WHERE delivered_at IS NULL AND failed_at IS NULL AND next_at <= now()
-                             ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-                RETURNING id, run_id, url, payload, attempts, (SELECT traceparent FROM runs WHERE runs.id = callbacks.run_id)
+                UPDATE callbacks c SET attempts = c.attempts + 1, next_at = now() + make_interval(secs => $2)
+                WHERE c.id IN (SELECT id FROM callbacks WHERE delivered_at IS NULL AND failed_at IS NULL AND next_at <= now()
+                               ORDER BY next_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING c.id, c.run_id, c.url, c.payload, c.attempts,
+                          (SELECT traceparent FROM runs WHERE runs.id = c.run_id), (SELECT baggage FROM runs WHERE runs.id = c.run_id)
                 """, [limit, lease.inSeconds]
             ).rows.map {
                 CallbackDelivery(
                     id: try $0.int(0), runID: try $0.uuid(1), url: try $0.string(2), payload: try $0.string(3), attempt: try $0.int(4),
-                    traceparent: $0[5])
+                    traceparent: $0[5], baggage: $0[6])
             }
         }
     }
