@@ -63,20 +63,24 @@ let package = Package(
             "CRabbitMQ", "ConveyorCore",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "CoreMetrics", package: "swift-metrics"),
+            // The W3C header carrier of AMQP messages (AMQPHeadersInjector/Extractor).
+            .product(name: "Instrumentation", package: "swift-distributed-tracing"),
         ]),
 
         // The SQL of tasks, runs and workers.
         .target(name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
                 resources: [.copy("Migrations")]),
 
-        // Trace context over AMQP headers; the structured log handler; metrics.
+        // Trace context over any carrier; the structured log handler; metrics. No broker: AMQP's
+        // header carrier lives beside the AMQP message (ConveyorAMQP).
         .target(name: "ConveyorTelemetry", dependencies: [
-            "ConveyorCore", "ConveyorAMQP",
+            "ConveyorCore",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
+            .product(name: "Instrumentation", package: "swift-distributed-tracing"),
             .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
             .product(name: "OTel", package: "swift-otel"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -316,7 +316,7 @@ public final class Dispatcher: Service, Sendable {
             // The publish span, a child of the run's stored dispatch span; its context travels in the headers.
             var context = spans[spans.count - 1].context
             context.baggageHeader = run.baggage
-            Traces.inject(context, into: &headers)
+            Traces.inject(context, into: &headers, using: AMQPHeadersInjector())
             var message = run.message
             message.proof = proof.sign(runID: message.runID, attempt: message.attempt)
             return AMQPOutgoingMessage(
@@ -415,7 +415,7 @@ public final class Dispatcher: Service, Sendable {
                     }
                     spans[spans.count - 1].links += 1
                     if let recording = spans.last?.span, recording.isRecording {
-                        recording.addLink(SpanLink(context: Traces.context(headers: d.properties.headers), attributes: Self.linkAttributes(e)))
+                        recording.addLink(SpanLink(context: Traces.context(d.properties.headers, using: AMQPHeadersExtractor()), attributes: Self.linkAttributes(e)))
                     }
                 case let other?:
                     throw ValidationError(field: "type", value: other, hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")

@@ -1,25 +1,8 @@
-public import ConveyorAMQP
 public import Instrumentation
 import ServiceContextModule
 import Synchronization
 public import Tracing
 import W3CTraceContext
-
-/// Writes trace headers into AMQP message headers.
-public struct AMQPHeadersInjector: Injector {
-    public init() {}
-    public func inject(_ value: String, forKey key: String, into carrier: inout AMQPHeaders) {
-        carrier[key] = .string(value)
-    }
-}
-
-/// Reads trace headers from AMQP message headers.
-public struct AMQPHeadersExtractor: Extractor {
-    public init() {}
-    public func extract(key: String, from carrier: AMQPHeaders) -> String? {
-        carrier[key]?.stringValue
-    }
-}
 
 /// Reads trace headers from a plain dictionary (environment, HTTP headers).
 public struct DictionaryExtractor: Extractor {
@@ -69,27 +52,29 @@ public enum Traces {
     static let bootstrapped = Mutex<(any Tracer)?>(nil)
 
     /// Starts a span; the caller ends it.
-    public static func startSpan(_ name: String, context: ServiceContext, kind: SpanKind = .internal,
-                                 attributes: SpanAttributes = [:]) -> any Span {
+    public static func startSpan(
+        _ name: String, context: ServiceContext, kind: SpanKind = .internal,
+        attributes: SpanAttributes = [:]
+    ) -> any Span {
         let span = tracer.startSpan(name, context: context, ofKind: kind)
         if !attributes.isEmpty { span.attributes = attributes }
         return span
     }
 
-    /// The context carried by AMQP headers (a new trace's parent when none or malformed).
-    public static func context(headers: AMQPHeaders) -> ServiceContext {
+    /// The context carried by a message's or request's W3C headers (`traceparent`, `tracestate`,
+    /// `baggage`), read through `extractor` (for AMQP messages, ConveyorAMQP's
+    /// `AMQPHeadersExtractor`): a new trace's parent when none or malformed.
+    public static func context<Carrier, Extract: Extractor>(_ carrier: Carrier, using extractor: Extract) -> ServiceContext
+    where Extract.Carrier == Carrier {
         var ctx = ServiceContext.topLevel
-        tracer.extract(headers, into: &ctx, using: AMQPHeadersExtractor())
-        if let baggage = headers["baggage"]?.stringValue, !baggage.isEmpty { ctx.baggageHeader = baggage }
+        tracer.extract(carrier, into: &ctx, using: extractor)
+        if let baggage = extractor.extract(key: "baggage", from: carrier), !baggage.isEmpty { ctx.baggageHeader = baggage }
         return ctx
     }
 
     /// The context of W3C headers in a dictionary (`traceparent`, `tracestate`, `baggage`).
     public static func context(headers: [String: String]) -> ServiceContext {
-        var ctx = ServiceContext.topLevel
-        tracer.extract(headers, into: &ctx, using: DictionaryExtractor())
-        if let baggage = headers["baggage"], !baggage.isEmpty { ctx.baggageHeader = baggage }
-        return ctx
+        context(headers, using: DictionaryExtractor())
     }
 
     /// The context of a stored `traceparent` (top level when nil or malformed).
@@ -107,9 +92,11 @@ public enum Traces {
         return out
     }
 
-    /// Writes `context` into AMQP headers.
-    public static func inject(_ context: ServiceContext, into headers: inout AMQPHeaders) {
-        for (k, v) in Self.headers(context) { headers[k] = .string(v) }
+    /// Writes `context`'s W3C headers into a message's or request's headers through `injector`
+    /// (for AMQP messages, ConveyorAMQP's `AMQPHeadersInjector`).
+    public static func inject<Carrier, Inject: Injector>(_ context: ServiceContext, into carrier: inout Carrier, using injector: Inject)
+    where Inject.Carrier == Carrier {
+        for (k, v) in Self.headers(context) { injector.inject(v, forKey: k, into: &carrier) }
     }
 
     /// The `traceparent` header value of `context`.
@@ -132,8 +119,14 @@ public struct PropagatingTracer: Tracer {
 
     public struct Span: Tracing.Span {
         public let context: ServiceContext
-        public var operationName: String { get { "" } nonmutating set {} }
-        public var attributes: SpanAttributes { get { [:] } nonmutating set {} }
+        public var operationName: String {
+            get { "" }
+            nonmutating set {}
+        }
+        public var attributes: SpanAttributes {
+            get { [:] }
+            nonmutating set {}
+        }
         public var isRecording: Bool { false }
         public func setStatus(_ status: SpanStatus) {}
         public func addEvent(_ event: SpanEvent) {}
@@ -142,12 +135,15 @@ public struct PropagatingTracer: Tracer {
         public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {}
     }
 
-    public func startSpan<Instant: TracerInstant>(_ operationName: String, context: @autoclosure () -> ServiceContext, ofKind kind: SpanKind,
-                                                  at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt) -> Span {
+    public func startSpan<Instant: TracerInstant>(
+        _ operationName: String, context: @autoclosure () -> ServiceContext, ofKind kind: SpanKind,
+        at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt
+    ) -> Span {
         var ctx = context()
         let parent = ctx.propagatedTraceContext
-        ctx.propagatedTraceContext = TraceContext(traceID: parent?.traceID ?? .random(), spanID: .random(),
-                                                  flags: parent?.flags ?? .sampled, state: parent?.state ?? TraceState([]))
+        ctx.propagatedTraceContext = TraceContext(
+            traceID: parent?.traceID ?? .random(), spanID: .random(),
+            flags: parent?.flags ?? .sampled, state: parent?.state ?? TraceState([]))
         return Span(context: ctx)
     }
 
@@ -164,7 +160,7 @@ public struct PropagatingTracer: Tracer {
     public func extract<Carrier, Extract: Extractor>(_ carrier: Carrier, into context: inout ServiceContext, using extractor: Extract)
     where Extract.Carrier == Carrier {
         guard let parent = extractor.extract(key: "traceparent", from: carrier),
-              let tc = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: extractor.extract(key: "tracestate", from: carrier))
+            let tc = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: extractor.extract(key: "tracestate", from: carrier))
         else { return }
         context.propagatedTraceContext = tc
     }

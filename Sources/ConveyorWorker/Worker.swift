@@ -296,7 +296,7 @@ public final class Worker: Service, Sendable {
 
         // The execute span: a child of the publish span carried in the headers. Status messages
         // carry its context, so the dispatcher's record spans are its children.
-        let span = Traces.startSpan("execute \(message.executor)", context: Traces.context(headers: delivery.properties.headers),
+        let span = Traces.startSpan("execute \(message.executor)", context: Traces.context(delivery.properties.headers, using: AMQPHeadersExtractor()),
                                     kind: .consumer, attributes: executeAttributes(message))
         defer { span.end() }
         let trace = Traces.headers(span.context)

@@ -98,10 +98,10 @@ import Tracing
         var root = Traces.startSpan("root", context: .topLevel).context
         root.baggageHeader = "tenant=42"
         var headers: AMQPHeaders = [:]
-        Traces.inject(root, into: &headers)
+        Traces.inject(root, into: &headers, using: AMQPHeadersInjector())
         #expect(headers["traceparent"]?.stringValue?.hasPrefix("00-") == true)
         #expect(headers["baggage"] == .string("tenant=42"))
-        let extracted = Traces.context(headers: headers)
+        let extracted = Traces.context(headers, using: AMQPHeadersExtractor())
         #expect(Traces.traceID(extracted) != nil)
         #expect(Traces.traceID(extracted) == Traces.traceID(root))
         #expect(extracted.baggageHeader == "tenant=42")
@@ -119,7 +119,7 @@ import Tracing
         let root = try #require(Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: "garbage")).context))
         #expect(root.split(separator: "-").count == 4)
         #expect(Traces.traceID(traceparent: root) != "0af7651916cd43dd8448eb211c80319c")
-        #expect(Traces.traceID(Traces.context(headers: ["traceparent": .string("00-zz")] as AMQPHeaders)) == nil)
+        #expect(Traces.traceID(Traces.context(["traceparent": .string("00-zz")] as AMQPHeaders, using: AMQPHeadersExtractor())) == nil)
     }
 
     @Test func otelVariablesSwiftOTelWouldStopTheProcessOnAreRefusedByName() throws {
