@@ -67,6 +67,10 @@ let package = Package(
             .product(name: "Instrumentation", package: "swift-distributed-tracing"),
         ]),
 
+        // Test-only faults a process injects into itself (CONVEYOR_TEST_FAULTS): signals and kills,
+        // outside the pure Core; `package` access, so no product exposes them.
+        .target(name: "ConveyorFaults", dependencies: ["ConveyorCore"]),
+
         // The SQL of tasks, runs and workers.
         .target(name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
                 resources: [.copy("Migrations")]),
@@ -120,19 +124,19 @@ let package = Package(
         ], resources: [.copy("openapi.yaml"), .copy("Dashboard")]),
 
         .target(name: "ConveyorDispatcher", dependencies: [
-            "ConveyorCore", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
+            "ConveyorCore", "ConveyorFaults", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
         .target(name: "ConveyorWorker", dependencies: [
-            "ConveyorCore", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
+            "ConveyorCore", "ConveyorFaults", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),
 
         .executableTarget(name: "conveyor", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
+            "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
             "ConveyorAPI",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -159,13 +163,13 @@ let package = Package(
         ], path: "Examples/CustomExecutor/Sources/CustomWorker"),
 
         .testTarget(name: "ConveyorCoreTests", dependencies: [
-            "ConveyorCore", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
+            "ConveyorCore", "ConveyorFaults", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Tracing", package: "swift-distributed-tracing"),
         ]),
         .testTarget(name: "ConveyorIntegrationTests", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
+            "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
             "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
             .product(name: "JWTKit", package: "jwt-kit"),
             .product(name: "Crypto", package: "swift-crypto"),

@@ -1,5 +1,6 @@
 public import ConveyorAMQP
 import ConveyorCore
+import ConveyorFaults
 import ConveyorPostgres
 public import ConveyorStore
 import ConveyorTelemetry

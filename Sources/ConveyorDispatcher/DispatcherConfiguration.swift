@@ -1,4 +1,5 @@
-public import ConveyorCore
+import ConveyorCore
+package import ConveyorFaults
 /// Settings of the dispatcher. Keys under `dispatcher.` in `config/dispatcher.yaml`, each
 /// overridable by `CONVEYOR_DISPATCHER_<KEY>`.
 public struct DispatcherConfiguration: Sendable {
@@ -41,7 +42,7 @@ public struct DispatcherConfiguration: Sendable {
     /// Callback delivery: keys under `callbacks.`.
     public var callbacks = CallbackConfiguration()
     /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.
-    public var faults = FaultInjection()
+    package var faults = FaultInjection()
 
     public init() {}
 }

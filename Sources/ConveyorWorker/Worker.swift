@@ -1,6 +1,7 @@
 public import ConveyorConfig
 public import ConveyorAMQP
 public import ConveyorCore
+import ConveyorFaults
 import ConveyorTelemetry
 import Foundation
 public import Logging

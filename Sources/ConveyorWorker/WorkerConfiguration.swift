@@ -1,6 +1,7 @@
 public import ConveyorAMQP
 public import ConveyorConfig
 public import ConveyorCore
+package import ConveyorFaults
 import Foundation
 
 /// Settings of a worker, from `config/worker.yaml` (env overrides `CONVEYOR_WORKER_*`).
@@ -41,7 +42,7 @@ public struct WorkerConfiguration: Sendable {
     public var prefix: String
     public var deliveryLimit: Int
     /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.
-    public var faults = FaultInjection()
+    package var faults = FaultInjection()
 
     public init(id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
                 shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),

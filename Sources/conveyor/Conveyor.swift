@@ -3,6 +3,7 @@ import ConveyorAMQP
 import ConveyorAPI
 import ConveyorConfig
 import ConveyorCore
+import ConveyorFaults
 import ConveyorDispatcher
 import ConveyorHTTP
 import ConveyorPostgres

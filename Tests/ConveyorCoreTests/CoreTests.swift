@@ -1,6 +1,7 @@
 import ConveyorAMQP
 import ConveyorConfig
 import ConveyorCore
+import ConveyorFaults
 import ConveyorPostgres
 @testable import ConveyorTelemetry
 import Foundation

@@ -1,5 +1,6 @@
 import ConveyorAMQP
 import ConveyorCore
+import ConveyorFaults
 import ConveyorDispatcher
 import ConveyorPostgres
 import ConveyorStore

@@ -1,5 +1,6 @@
 import ConveyorAMQP
 import ConveyorCore
+import ConveyorFaults
 import ConveyorPostgres
 import ConveyorStore
 import Foundation

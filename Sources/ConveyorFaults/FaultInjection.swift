@@ -1,6 +1,9 @@
+package import ConveyorCore
 import Foundation
 
-/// Faults a process injects into itself, for the fault suite (`scripts/faults.sh`) only.
+/// Faults a process injects into itself, for the fault suite (`scripts/faults.sh`) only. Kept
+/// out of ConveyorCore (which stays pure) and out of the public API (`package` access): an
+/// embedding program never sees these switches.
 ///
 /// Read from `CONVEYOR_TEST_FAULTS`, a comma-separated list; unset or empty in production:
 /// - `dispatcher-crash=after-claim|after-publish|mid-batch`: the dispatcher kills itself
@@ -15,30 +18,30 @@ import Foundation
 /// - `isolation-unroutable`: a worker addresses its copies for the isolation lane to a queue that
 ///   does not exist, so the broker returns them (unroutable) and the worker must run the
 ///   redelivered message in place.
-public struct FaultInjection: Sendable, Equatable {
-    public enum CrashPoint: String, Sendable, CaseIterable {
+package struct FaultInjection: Sendable, Equatable {
+    package enum CrashPoint: String, Sendable, CaseIterable {
         case afterClaim = "after-claim"
         case afterPublish = "after-publish"
         case midBatch = "mid-batch"
     }
 
-    public var dispatcherCrash: CrashPoint?
-    public var publishWithoutConfirms = false
-    public var workerCrashOnTask: String?
-    public var isolationUnroutable = false
+    package var dispatcherCrash: CrashPoint?
+    package var publishWithoutConfirms = false
+    package var workerCrashOnTask: String?
+    package var isolationUnroutable = false
 
-    public init() {}
+    package init() {}
 
-    public static let variable = "CONVEYOR_TEST_FAULTS"
+    package static let variable = "CONVEYOR_TEST_FAULTS"
 
-    public var isEmpty: Bool { self == FaultInjection() }
+    package var isEmpty: Bool { self == FaultInjection() }
 
     /// This process's switches, from `CONVEYOR_TEST_FAULTS`.
-    public static func fromEnvironment() throws(ValidationError) -> FaultInjection {
+    package static func fromEnvironment() throws(ValidationError) -> FaultInjection {
         try parse(ProcessInfo.processInfo.environment[variable])
     }
 
-    public static func parse(_ text: String?) throws(ValidationError) -> FaultInjection {
+    package static func parse(_ text: String?) throws(ValidationError) -> FaultInjection {
         var f = FaultInjection()
         guard let text, !text.isEmpty else { return f }
         for item in text.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !item.isEmpty {
@@ -46,8 +49,9 @@ public struct FaultInjection: Sendable, Equatable {
             switch (parts[0], parts.count == 2 ? parts[1] : nil) {
             case ("dispatcher-crash", let point?):
                 guard let p = CrashPoint(rawValue: point) else {
-                    throw ValidationError(field: variable, value: item,
-                                          hint: "dispatcher-crash is one of \(CrashPoint.allCases.map(\.rawValue).joined(separator: ", "))")
+                    throw ValidationError(
+                        field: variable, value: item,
+                        hint: "dispatcher-crash is one of \(CrashPoint.allCases.map(\.rawValue).joined(separator: ", "))")
                 }
                 f.dispatcherCrash = p
             case ("no-confirms", nil):
@@ -57,15 +61,18 @@ public struct FaultInjection: Sendable, Equatable {
             case ("isolation-unroutable", nil):
                 f.isolationUnroutable = true
             default:
-                throw ValidationError(field: variable, value: item,
-                                      hint: "a test-only list of dispatcher-crash=after-claim|after-publish|mid-batch, no-confirms, worker-crash-on-task=NAME, isolation-unroutable; leave it unset in production")
+                throw ValidationError(
+                    field: variable, value: item,
+                    hint:
+                        "a test-only list of dispatcher-crash=after-claim|after-publish|mid-batch, no-confirms, worker-crash-on-task=NAME, isolation-unroutable; leave it unset in production"
+                )
             }
         }
         return f
     }
 
     /// Ends this process as `kill -9` would: no clean-up, no flush, sockets dropped by the kernel.
-    public static func crash() -> Never {
+    package static func crash() -> Never {
         kill(getpid(), SIGKILL)
         while true { pause() }
     }
