@@ -427,7 +427,7 @@ public final class Worker: Service, Sendable {
     }
 
     /// `run(_:_:)` for tests: the timeout mechanism alone.
-    public static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
+    package static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
         await run(executor, context)
     }
 
