@@ -199,7 +199,7 @@ public enum APIServer {
     /// Why the API is not ready (the database or the broker does not answer), or nil.
     static func readinessProblem(_ env: APIEnvironment) async -> Problem? {
         do {
-            _ = try await env.store.pool.withConnection { c in try await c.query("SELECT 1") }
+            try await env.store.ping()
         } catch {
             env.logger.warning("readiness: the database is unreachable", metadata: ["error": "\(error)"])
             var p = Problem(.serviceUnavailable, "not ready", "the database is unreachable")

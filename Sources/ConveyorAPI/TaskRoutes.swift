@@ -256,7 +256,7 @@ extension APIServer {
         try submitLimit(env, who, priorities: Set(tasks.map(\.priority)))
         do {
             try await env.store.createTasks(tasks)
-        } catch let e as PostgresError where e.sqlState == "23505" {
+        } catch let e as StoreError where e.kind == .taskExists {
             let names = tasks.map(\.name)
             let existing = try await env.store.tasks(Store.TaskFilter.named(names, namespace: namespace), limit: names.count).map(\.task.name)
             let name = existing.first ?? names[0]

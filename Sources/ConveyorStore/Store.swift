@@ -195,9 +195,24 @@ public struct Store: Sendable {
 
     /// Inserts tasks in one transaction. Fails with a unique violation if a name exists, and with
     /// a `ValidationError` for a bad field, an unknown upstream, a cycle or a DAG with two roots.
+    /// Throws `StoreError` `.taskExists` when a name is taken in its namespace (checked by the
+    /// unique index, so concurrent requests cannot both create it).
     public func createTasks(_ tasks: [NewTask]) async throws {
         for t in tasks { try t.validate() }
         guard !tasks.isEmpty else { return }
+        do {
+            try await insertTasks(tasks)
+        } catch let e as PostgresError where e.isUniqueViolation {
+            throw StoreError(kind: .taskExists, message: "a task of one of these names exists: \(tasks.map(\.name).joined(separator: ", "))")
+        }
+    }
+
+    /// Whether the database answers (a round trip on a pooled connection).
+    public func ping() async throws {
+        _ = try await pool.withConnection { c in try await c.query("SELECT 1") }
+    }
+
+    private func insertTasks(_ tasks: [NewTask]) async throws {
         try await pool.withTransaction { c in
             let now = try await c.query("SELECT now()").rows[0].date(0)
             let edges = try await Self.resolveDependencies(tasks, connection: c)

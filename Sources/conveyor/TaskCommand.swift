@@ -55,7 +55,7 @@ struct TaskCommand: AsyncParsableCommand {
             }
             do {
                 try await common.withStore { try await $0.createTasks(tasks) }
-            } catch let e as PostgresError where e.isUniqueViolation {
+            } catch let e as StoreError where e.kind == .taskExists {
                 throw ValidationError(field: "name", value: tasks.map(\.name).joined(separator: ", "),
                                       hint: "a task with this name exists; pick another name or delete it first")
             }
