@@ -434,7 +434,7 @@ public final class Dispatcher: Service, Sendable {
             s.span.attributes = Self.recordAttributes(queue: topology.statusQueue, statuses: s.links, batch: batch.count)
         }
         if !beats.isEmpty { await declareWorkQueues(beats.flatMap(\.queues), fromHeartbeat: true) }
-        await untilCommitted("recording statuses") {
+        let committed = await untilCommitted("recording statuses") {
             try await store.recordHeartbeats(beats)
             counters.withLock { $0.heartbeats += beats.count }
             let r = try await store.record(events, lostGrace: configuration.lostGrace)
@@ -458,6 +458,10 @@ public final class Dispatcher: Service, Sendable {
             // Started runs free broker backlog; retries and dependents may be due now.
             if r.applied > 0 { wakeup.signal() }
             if r.settled.callbacks > 0 { callbackWakeup.signal() }
+        }
+        if !committed {
+            // Shutting down before the commit: nothing acked, the broker redelivers the batch.
+            for s in spans { s.span.setStatus(SpanStatus(code: .error, message: "not committed: the dispatcher stopped; the statuses are redelivered")) }
         }
     }
 
@@ -483,16 +487,18 @@ public final class Dispatcher: Service, Sendable {
     /// backoff. The transactions are idempotent, so a commit of unknown outcome is safe to redo.
     /// Past three failures during shutdown it gives up: nothing was acked, so the broker
     /// redelivers the messages to another dispatcher.
-    func untilCommitted(_ what: String, _ body: () async throws -> Void) async {
+    /// Returns whether `body` succeeded (false: it gave up while shutting down).
+    @discardableResult
+    func untilCommitted(_ what: String, _ body: () async throws -> Void) async -> Bool {
         var attempt = 0
         while true {
             do {
                 try await body()
-                return
+                return true
             } catch {
                 attempt += 1
                 logger.warning("\(what) failed; retrying", metadata: ["attempt": "\(attempt)", "error": "\(error)"])
-                if stopping.load(ordering: .relaxed) && attempt > 3 { return }
+                if stopping.load(ordering: .relaxed) && attempt > 3 { return false }
                 try? await Task.sleep(for: Backoff.delay(attempt: attempt, base: .milliseconds(100), cap: .seconds(5)))
             }
         }
