@@ -91,34 +91,12 @@ struct TracingTests {
                     await service.close()
                 }
             }
-            let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_BSP_SCHEDULE_DELAY": "100"]
-            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
-                .merging(otel) { a, _ in a }
-            let apiPort = Int.random(in: 40_001...50_000)
-            let dispatcher = try spawnConveyor(
-                ["dispatcher"],
-                env: common.merging([
-                    "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
-                    "CONVEYOR_DISPATCHER_HTTP_PORT": "0", "CONVEYOR_CALLBACKS_ALLOWED_NETWORKS": "127.0.0.3/32",
-                ]) { a, _ in a })
-            let worker = try spawnConveyor(
-                ["worker"],
-                env: sys.workerEnvironment(id: "trace-worker", executors: "http,shell").merging(otel) { a, _ in a }
-                    .merging([
-                        "CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32",
-                        "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv",
-                    ]) { a, _ in a })
-            let api = try spawnConveyor(
-                ["api"],
-                env: common.merging([
-                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                    "CONVEYOR_AMQP_URL": sys.apiAMQPURL,
-                ]) { _, b in b })
-            defer { for p in [dispatcher, worker, api] where p.isRunning { p.terminate() } }
-            let (key, prefix, hash) = APIKeyFormat.generate()
-            try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "trace", role: .admin, namespace: "*", expiresAt: nil)
-            let base = "http://127.0.0.1:\(apiPort)"
-            _ = try await sys.eventually(timeout: .seconds(30), "the API answers") { (try? await Self.call("GET", base + "/healthz"))?.status == 200 }
+            let fleet = try await TracedFleet.start(
+                sys, collector: collector.url, protocol: "http/json", workerID: "trace-worker", executors: "http,shell",
+                worker: ["CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv"],
+                dispatcher: ["CONVEYOR_CALLBACKS_ALLOWED_NETWORKS": "127.0.0.3/32"])
+            defer { fleet.stop() }
+            let (key, base) = (fleet.key, fleet.base)
 
             // The caller's own span: the API request continues it.
             let clientTrace = (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 1...UInt32.max)) }.joined()
@@ -366,33 +344,11 @@ extension TracingTests {
             // The port the service bound (it chose a free one).
             _ = try await sys.eventually(timeout: .seconds(30), "the Python service is ready") { entries().contains { $0["ready"] != nil } }
             let servicePort = try #require(entries().compactMap { $0["ready"] as? Int }.first)
-            let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "100"]
-            let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
-                .merging(otel) { a, _ in a }
-            let apiPort = Int.random(in: 40_001...50_000)
-            let dispatcher = try spawnConveyor(
-                ["dispatcher"],
-                env: common.merging([
-                    "CONVEYOR_DISPATCHER_QUEUES": sys.queue,
-                    "CONVEYOR_DISPATCHER_HTTP_PORT": "0",
-                ]) { a, _ in a })
-            let worker = try spawnConveyor(
-                ["worker"],
-                env: sys.workerEnvironment(id: "sdk-worker", executors: "http").merging(otel) { a, _ in a }
-                    .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.4/32"]) { a, _ in a })
-            let api = try spawnConveyor(
-                ["api"],
-                env: common.merging([
-                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                    "CONVEYOR_AMQP_URL": sys.apiAMQPURL,
-                ]) { _, b in b })
-            defer { for p in [dispatcher, worker, api] where p.isRunning { p.terminate() } }
-            let (key, prefix, hash) = APIKeyFormat.generate()
-            try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: "sdk", role: .admin, namespace: "*", expiresAt: nil)
-            let base = "http://127.0.0.1:\(apiPort)"
-            _ = try await sys.eventually(timeout: .seconds(30), "the API answers") {
-                (try? await Self.call("GET", base + "/healthz"))?.status == 200
-            }
+            let fleet = try await TracedFleet.start(
+                sys, collector: collector.url, protocol: "http/protobuf", workerID: "sdk-worker", executors: "http",
+                worker: ["CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.4/32"])
+            defer { fleet.stop() }
+            let (key, base) = (fleet.key, fleet.base)
 
             // The caller: a span of the Python SDK, its traceparent and baggage on the POST.
             let body = """
@@ -508,4 +464,53 @@ extension TracingTests {
             }
         }
     }
+}
+
+/// A real API, dispatcher and worker exporting their spans to `collector` (batches every
+/// 100 ms), and an admin key for the API.
+struct TracedFleet {
+    var processes: [Process]
+    var key: String
+    var base: String
+
+    static func start(
+        _ sys: System, collector: String, protocol: String, workerID: String, executors: String,
+        worker: [String: String], dispatcher: [String: String] = [:]
+    ) async throws -> TracedFleet {
+        let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_EXPORTER_OTLP_PROTOCOL": `protocol`, "OTEL_BSP_SCHEDULE_DELAY": "100"]
+        let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
+            .merging(otel) { a, _ in a }
+        let apiPort = Int.random(in: 40_001...50_000)
+        var processes: [Process] = []
+        do {
+            processes.append(
+                try spawnConveyor(
+                    ["dispatcher"],
+                    env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue, "CONVEYOR_DISPATCHER_HTTP_PORT": "0"].merging(dispatcher) { _, b in b }) {
+                        a, _ in a
+                    }))
+            processes.append(
+                try spawnConveyor(
+                    ["worker"],
+                    env: sys.workerEnvironment(id: workerID, executors: executors).merging(otel) { a, _ in a }
+                        .merging(["CONVEYOR_WORKER_HTTP_PORT": "0"].merging(worker) { _, b in b }) { a, _ in a }))
+            processes.append(
+                try spawnConveyor(
+                    ["api"],
+                    env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1", "CONVEYOR_AMQP_URL": sys.apiAMQPURL]) { _, b in b
+                    }))
+            let (key, prefix, hash) = APIKeyFormat.generate()
+            try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: workerID, role: .admin, namespace: "*", expiresAt: nil)
+            let base = "http://127.0.0.1:\(apiPort)"
+            _ = try await sys.eventually(timeout: .seconds(30), "the API answers") {
+                (try? await TracingTests.call("GET", base + "/healthz"))?.status == 200
+            }
+            return TracedFleet(processes: processes, key: key, base: base)
+        } catch {
+            for p in processes where p.isRunning { p.terminate() }
+            throw error
+        }
+    }
+
+    func stop() { for p in processes where p.isRunning { p.terminate() } }
 }
