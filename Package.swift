@@ -48,152 +48,183 @@ let package = Package(
         .systemLibrary(name: "CRabbitMQ", pkgConfig: "librabbitmq", providers: [.apt(["librabbitmq-dev"])]),
 
         // The domain, pure: no I/O. Crypto for the status proofs (HMAC-SHA256) both sides check.
-        .target(name: "ConveyorCore", dependencies: [
-            .product(name: "Crypto", package: "swift-crypto"),
-            .product(name: "ExtrasBase64", package: "swift-extras-base64"),
-        ]),
+        .target(
+            name: "ConveyorCore",
+            dependencies: [
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "ExtrasBase64", package: "swift-extras-base64"),
+            ]),
 
         // C libraries made safe.
-        .target(name: "ConveyorPostgres", dependencies: [
-            "CLibPQ", "ConveyorCore",
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "CoreMetrics", package: "swift-metrics"),
-        ]),
-        .target(name: "ConveyorAMQP", dependencies: [
-            "CRabbitMQ", "ConveyorCore",
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "CoreMetrics", package: "swift-metrics"),
-            // The W3C header carrier of AMQP messages (AMQPHeadersInjector/Extractor).
-            .product(name: "Instrumentation", package: "swift-distributed-tracing"),
-        ]),
+        .target(
+            name: "ConveyorPostgres",
+            dependencies: [
+                "CLibPQ", "ConveyorCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+            ]),
+        .target(
+            name: "ConveyorAMQP",
+            dependencies: [
+                "CRabbitMQ", "ConveyorCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                // The W3C header carrier of AMQP messages (AMQPHeadersInjector/Extractor).
+                .product(name: "Instrumentation", package: "swift-distributed-tracing"),
+            ]),
 
         // Test-only faults a process injects into itself (CONVEYOR_TEST_FAULTS): signals and kills,
         // outside the pure Core; `package` access, so no product exposes them.
         .target(name: "ConveyorFaults", dependencies: ["ConveyorCore"]),
 
         // The SQL of tasks, runs and workers.
-        .target(name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
-                resources: [.copy("Migrations")]),
+        .target(
+            name: "ConveyorStore", dependencies: ["ConveyorCore", "ConveyorPostgres"],
+            resources: [.copy("Migrations")]),
 
         // Trace context over any carrier; the structured log handler; metrics. No broker: AMQP's
         // header carrier lives beside the AMQP message (ConveyorAMQP).
-        .target(name: "ConveyorTelemetry", dependencies: [
-            "ConveyorCore",
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "Metrics", package: "swift-metrics"),
-            .product(name: "CoreMetrics", package: "swift-metrics"),
-            .product(name: "Prometheus", package: "swift-prometheus"),
-            .product(name: "Tracing", package: "swift-distributed-tracing"),
-            .product(name: "Instrumentation", package: "swift-distributed-tracing"),
-            .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
-            .product(name: "OTel", package: "swift-otel"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-        ]),
+        .target(
+            name: "ConveyorTelemetry",
+            dependencies: [
+                "ConveyorCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "Instrumentation", package: "swift-distributed-tracing"),
+                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
+                .product(name: "OTel", package: "swift-otel"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]),
 
         // YAML files with CONVEYOR_* environment overrides, validated with errors that name the key.
-        .target(name: "ConveyorConfig", dependencies: [
-            "ConveyorCore",
-            .product(name: "Configuration", package: "swift-configuration"),
-            .product(name: "SystemPackage", package: "swift-system"),
-        ]),
+        .target(
+            name: "ConveyorConfig",
+            dependencies: [
+                "ConveyorCore",
+                .product(name: "Configuration", package: "swift-configuration"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]),
 
         // Outbound HTTP behind one guard: host allowlist, addresses checked and pinned, redirects re-checked.
-        .target(name: "ConveyorHTTP", dependencies: [
-            "ConveyorCore", "ConveyorConfig",
-            .product(name: "AsyncHTTPClient", package: "async-http-client"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "Tracing", package: "swift-distributed-tracing"),
-        ]),
+        .target(
+            name: "ConveyorHTTP",
+            dependencies: [
+                "ConveyorCore", "ConveyorConfig",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ]),
 
         // The REST API: authentication, validation, problem+json errors.
-        .target(name: "ConveyorAPI", dependencies: [
-            "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorHTTP", "ConveyorTelemetry",
-            .product(name: "Hummingbird", package: "hummingbird"),
-            .product(name: "Crypto", package: "swift-crypto"),
-            .product(name: "JWTKit", package: "jwt-kit"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "HTTPTypes", package: "swift-http-types"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "Tracing", package: "swift-distributed-tracing"),
-            .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
-        ], resources: [.copy("openapi.yaml"), .copy("Dashboard")]),
+        .target(
+            name: "ConveyorAPI",
+            dependencies: [
+                "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorHTTP", "ConveyorTelemetry",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+                .product(name: "W3CTraceContext", package: "swift-w3c-trace-context"),
+            ], resources: [.copy("openapi.yaml"), .copy("Dashboard")]),
 
-        .target(name: "ConveyorDispatcher", dependencies: [
-            "ConveyorCore", "ConveyorFaults", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "Tracing", package: "swift-distributed-tracing"),
-        ]),
+        .target(
+            name: "ConveyorDispatcher",
+            dependencies: [
+                "ConveyorCore", "ConveyorFaults", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ]),
         // Workers never touch Postgres: the graph has no edge to ConveyorStore or ConveyorPostgres.
-        .target(name: "ConveyorWorker", dependencies: [
-            "ConveyorCore", "ConveyorFaults", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "Tracing", package: "swift-distributed-tracing"),
-        ]),
+        .target(
+            name: "ConveyorWorker",
+            dependencies: [
+                "ConveyorCore", "ConveyorFaults", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ]),
 
-        .executableTarget(name: "conveyor", dependencies: [
-            "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
-            "ConveyorAPI",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-            .product(name: "Yams", package: "Yams"),
-        ]),
+        .executableTarget(
+            name: "conveyor",
+            dependencies: [
+                "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig",
+                "ConveyorHTTP",
+                "ConveyorAPI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
+            ]),
 
         // The API's client: talks HTTP only (no database, no broker).
-        .executableTarget(name: "conveyorctl", dependencies: [
-            "ConveyorCore",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            .product(name: "AsyncHTTPClient", package: "async-http-client"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "Yams", package: "Yams"),
-        ]),
+        .executableTarget(
+            name: "conveyorctl",
+            dependencies: [
+                "ConveyorCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Yams", package: "Yams"),
+            ]),
 
         // Examples/CustomExecutor's program, built here so CI compiles it on every change.
-        .executableTarget(name: "conveyor-example-worker", dependencies: [
-            "ConveyorWorker", "ConveyorConfig", "ConveyorCore",
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-        ], path: "Examples/CustomExecutor/Sources/CustomWorker"),
+        .executableTarget(
+            name: "conveyor-example-worker",
+            dependencies: [
+                "ConveyorWorker", "ConveyorConfig", "ConveyorCore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ], path: "Examples/CustomExecutor/Sources/CustomWorker"),
 
-        .testTarget(name: "ConveyorCoreTests", dependencies: [
-            "ConveyorCore", "ConveyorFaults", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
-            .product(name: "Crypto", package: "swift-crypto"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "Tracing", package: "swift-distributed-tracing"),
-        ]),
-        .testTarget(name: "ConveyorIntegrationTests", dependencies: [
-            "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
-            "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
-            .product(name: "JWTKit", package: "jwt-kit"),
-            .product(name: "Crypto", package: "swift-crypto"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "Yams", package: "Yams"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOHTTP1", package: "swift-nio"),
-        ]),
+        .testTarget(
+            name: "ConveyorCoreTests",
+            dependencies: [
+                "ConveyorCore", "ConveyorFaults", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Tracing", package: "swift-distributed-tracing"),
+            ]),
+        .testTarget(
+            name: "ConveyorIntegrationTests",
+            dependencies: [
+                "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
+                "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
+                .product(name: "JWTKit", package: "jwt-kit"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]),
     ],
     swiftLanguageModes: [.v6]
 )
 
 for target in package.targets where target.type != .system {
-    target.swiftSettings = (target.swiftSettings ?? []) + [
-        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0335-existential-any.md
-        .enableUpcomingFeature("ExistentialAny"),
-        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0444-member-import-visibility.md
-        .enableUpcomingFeature("MemberImportVisibility"),
-        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0409-access-level-on-imports.md
-        .enableUpcomingFeature("InternalImportsByDefault"),
-        // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0461-async-function-isolation.md
-        .enableUpcomingFeature("NonisolatedNonsendingByDefault"),
-        // No warning lives on: every build, the test command's included, fails on one (SE-0480).
-        .treatAllWarnings(as: .error),
-    ]
+    target.swiftSettings =
+        (target.swiftSettings ?? []) + [
+            // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0335-existential-any.md
+            .enableUpcomingFeature("ExistentialAny"),
+            // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0444-member-import-visibility.md
+            .enableUpcomingFeature("MemberImportVisibility"),
+            // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0409-access-level-on-imports.md
+            .enableUpcomingFeature("InternalImportsByDefault"),
+            // https://github.com/swiftlang/swift-evolution/blob/main/proposals/0461-async-function-isolation.md
+            .enableUpcomingFeature("NonisolatedNonsendingByDefault"),
+            // No warning lives on: every build, the test command's included, fails on one (SE-0480).
+            .treatAllWarnings(as: .error),
+        ]
 }

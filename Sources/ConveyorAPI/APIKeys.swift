@@ -24,13 +24,15 @@ public enum APIKeyFormat {
     public static func parse(_ key: String) -> (prefix: String, secret: String)? {
         let parts = key.split(separator: "_", maxSplits: 2, omittingEmptySubsequences: false)
         guard parts.count == 3, parts[0] == "cvk", parts[1].count == 12, parts[1].allSatisfy(\.isHexDigit),
-              (20...100).contains(parts[2].count) else { return nil }
+            (20...100).contains(parts[2].count)
+        else { return nil }
         return (String(parts[1]), String(parts[2]))
     }
 
     /// Constant-time comparison of two hex digests.
     static func equal(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8), y = Array(b.utf8)
+        let x = Array(a.utf8)
+        let y = Array(b.utf8)
         guard x.count == y.count else { return false }
         var diff: UInt8 = 0
         for i in 0..<x.count { diff |= x[i] ^ y[i] }
@@ -56,7 +58,10 @@ public struct Identity: Sendable, Equatable {
 /// make them up: that cache holds at most `maxMisses` (the oldest leave first) and each entry for
 /// `ttl`, so a key created after a miss works within that time.
 public final class KeyAuthenticator: Sendable {
-    struct Cached { var record: APIKeyRecord; var fetched: ContinuousClock.Instant }
+    struct Cached {
+        var record: APIKeyRecord
+        var fetched: ContinuousClock.Instant
+    }
     let store: Store
     let ttl: Duration
     /// Keys found, by prefix: no more than the database holds (admins make them).
@@ -73,7 +78,10 @@ public final class KeyAuthenticator: Sendable {
     }
 
     /// `throttled`: a lookup was needed and `beforeLookup` refused it (how long to wait).
-    public enum Failure: Error, Sendable { case malformed, unknown, revoked, expired, throttled(Duration) }
+    public enum Failure: Error, Sendable {
+        case malformed, unknown, revoked, expired
+        case throttled(Duration)
+    }
 
     /// The identity of a presented key, or why there is none. `beforeLookup` is asked before a
     /// database lookup of a prefix this process has not found as a key (new, or a miss whose
@@ -114,7 +122,10 @@ public final class KeyAuthenticator: Sendable {
 
     /// Writes the uses counted since the last flush (last-used time and counts).
     public func flush() async throws {
-        let pending = uses.withLock { u in defer { u = [:] }; return u }
+        let pending = uses.withLock { u in
+            defer { u = [:] }
+            return u
+        }
         do { try await store.recordAPIKeyUse(pending) } catch {
             uses.withLock { u in for (k, n) in pending { u[k, default: 0] += n } }
             throw error

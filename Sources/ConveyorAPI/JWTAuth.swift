@@ -55,7 +55,8 @@ public final class JWTVerifier: Sendable {
         var pinned: [String: String] = [:]
         if let secret = settings.hs256Secret {
             guard secret.count >= 32 else {
-                throw ValidationError(field: "auth.jwt.hs256_secret", value: "\(secret.count) bytes", hint: "use at least 32 random bytes, e.g. from 'openssl rand -base64 48'")
+                throw ValidationError(
+                    field: "auth.jwt.hs256_secret", value: "\(secret.count) bytes", hint: "use at least 32 random bytes, e.g. from 'openssl rand -base64 48'")
             }
             await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256, kid: JWKIdentifier(string: Self.hmacKid))
             pinned[""] = "HS256"
@@ -67,8 +68,9 @@ public final class JWTVerifier: Sendable {
             }
             for (i, k) in list.enumerated() {
                 guard let kid = k["kid"]?.stringValue, let alg = k["alg"]?.stringValue, ["RS256", "ES256"].contains(alg) else {
-                    throw ValidationError(field: "auth.jwt.jwks_file: keys[\(i)]", value: k["kid"]?.stringValue ?? "",
-                                          hint: "each key needs a kid and an alg of RS256 or ES256 (the algorithm is pinned per key)")
+                    throw ValidationError(
+                        field: "auth.jwt.jwks_file: keys[\(i)]", value: k["kid"]?.stringValue ?? "",
+                        hint: "each key needs a kid and an alg of RS256 or ES256 (the algorithm is pinned per key)")
                 }
                 pinned[kid] = alg
             }
@@ -77,7 +79,8 @@ public final class JWTVerifier: Sendable {
             }
         }
         guard !pinned.isEmpty else {
-            throw ValidationError(field: "auth.jwt", value: "(no key)", hint: "set auth.jwt.hs256_secret_file (or CONVEYOR_AUTH_JWT_HS256_SECRET) or auth.jwt.jwks_file")
+            throw ValidationError(
+                field: "auth.jwt", value: "(no key)", hint: "set auth.jwt.hs256_secret_file (or CONVEYOR_AUTH_JWT_HS256_SECRET) or auth.jwt.jwks_file")
         }
         self.keys = keys
         self.settings = settings
@@ -92,7 +95,8 @@ public final class JWTVerifier: Sendable {
         guard let expected = pinned[kid], expected == alg else { return .failure(.algorithm(alg)) }
         let claims: ConveyorClaims
         do { claims = try await keys.verify(token, as: ConveyorClaims.self) } catch { return .failure(.signature) }
-        let now = Date(), leeway = settings.leeway.inSeconds
+        let now = Date()
+        let leeway = settings.leeway.inSeconds
         guard claims.iss.value == settings.issuer else { return .failure(.claim("iss")) }
         guard claims.aud.value.contains(settings.audience) else { return .failure(.claim("aud")) }
         guard claims.exp.value.addingTimeInterval(leeway) > now else { return .failure(.expired) }
@@ -110,7 +114,10 @@ public final class JWTVerifier: Sendable {
 
 /// Why a token was refused.
 public enum JWTRefusal: Error, Sendable, CustomStringConvertible {
-    case malformed, algorithm(String), signature, expired, claim(String)
+    case malformed
+    case algorithm(String)
+    case signature, expired
+    case claim(String)
 
     public var description: String {
         switch self {

@@ -2,10 +2,10 @@ import ConveyorCore
 import ConveyorPostgres
 import ConveyorStore
 import ConveyorTelemetry
-import Tracing
 import Foundation
 import HTTPTypes
 import Hummingbird
+import Tracing
 
 extension HTTPField.Name {
     static let batchID = HTTPField.Name("X-Batch-ID")!
@@ -27,7 +27,8 @@ extension APIServer {
             // A list, or {"tasks": [...]}, is a batch; anything else one task. Both decode as a task file does.
             let batch = TaskSpec.list(in: body)
             if let batch, !(1...maxBatch).contains(batch.count) {
-                throw Problem(.badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files", field: "tasks", value: "\(batch.count) tasks")
+                throw Problem(
+                    .badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files", field: "tasks", value: "\(batch.count) tasks")
             }
             var tasks = try TaskSpec.decodeFile(body, now: Date())
             guard batch != nil else {
@@ -40,11 +41,15 @@ extension APIServer {
             let batchID = UUID()
             for i in tasks.indices { tasks[i].batchID = batchID }
             tasks = try await create(tasks, who, env)
-            await env.audit(context, who, "task.create_batch", batchID.lowercasedString, namespace: tasks[0].namespace,
-                            ["count": .number(Double(tasks.count))])
-            var response = json(["batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
-                                 "tasks": .array(tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) })],
-                                status: .created)
+            await env.audit(
+                context, who, "task.create_batch", batchID.lowercasedString, namespace: tasks[0].namespace,
+                ["count": .number(Double(tasks.count))])
+            var response = json(
+                [
+                    "batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
+                    "tasks": .array(tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) }),
+                ],
+                status: .created)
             response.headers[.batchID] = batchID.lowercasedString
             return response
         }
@@ -56,8 +61,10 @@ extension APIServer {
             f.namespace = listScope(who, request)
             if let text = q.get("state") {
                 guard let state = RunState(rawValue: text) else {
-                    throw Problem(.badRequest, "invalid request", "the state of the task's latest run: one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))",
-                                  field: "state", value: text)
+                    throw Problem(
+                        .badRequest, "invalid request",
+                        "the state of the task's latest run: one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))",
+                        field: "state", value: text)
                 }
                 f.state = state
             }
@@ -83,11 +90,14 @@ extension APIServer {
                 f.paused = b
             }
             let page = try await store.tasks(f, limit: limit + 1)
-            var out: [String: JSONValue] = ["tasks": .array(page.prefix(limit).map { t, last in
-                var o = view(t).objectValue ?? [:]
-                o["last_run"] = last.map(view)
-                return .object(o)
-            })]
+            var out: [String: JSONValue] = [
+                "tasks": .array(
+                    page.prefix(limit).map { t, last in
+                        var o = view(t).objectValue ?? [:]
+                        o["last_run"] = last.map(view)
+                        return .object(o)
+                    })
+            ]
             if page.count > limit, let last = page.prefix(limit).last { out["next_cursor"] = .string(last.task.name) }
             return json(.object(out))
         }
@@ -111,14 +121,19 @@ extension APIServer {
             // Pausing or resuming needs the same role by every route (POST …/pause, …/resume).
             if fields["paused"] != nil { who = try context.require(pauseRole) }
             for key in ["name", "namespace"] where fields[key] != nil && fields[key] != .string(key == "name" ? task.name : task.namespace) {
-                throw Problem(.badRequest, "invalid request", "the \(key) of a task cannot change; create a new task and delete this one", field: key, value: "\(fields[key]!)")
+                throw Problem(
+                    .badRequest, "invalid request", "the \(key) of a task cannot change; create a new task and delete this one", field: key,
+                    value: "\(fields[key]!)")
             }
             if let d = fields["depends_on"], d != .array(task.dependsOn.map(JSONValue.string)) {
-                throw Problem(.badRequest, "invalid request", "dependencies cannot change in place; delete and recreate the task with the new depends_on",
-                              field: "depends_on", value: "\(d)")
+                throw Problem(
+                    .badRequest, "invalid request", "dependencies cannot change in place; delete and recreate the task with the new depends_on",
+                    field: "depends_on", value: "\(d)")
             }
             for key in ["start", "after"] where fields[key] != nil {
-                throw Problem(.badRequest, "invalid request", "start and after place a new task's first run; to run now use POST /v1/tasks/{name}/trigger", field: key, value: "\(fields[key]!)")
+                throw Problem(
+                    .badRequest, "invalid request", "start and after place a new task's first run; to run now use POST /v1/tasks/{name}/trigger", field: key,
+                    value: "\(fields[key]!)")
             }
             let current = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
             // The name is the path's (checked above to be unchanged).
@@ -181,7 +196,9 @@ extension APIServer {
             let namespace = namespaceOf(who, request)
             let body = try await body(request, context)
             guard let o = body.objectValue, let task = o["task"], task.objectValue != nil, Set(o.keys).isSubset(of: ["task", "parameters"]) else {
-                throw Problem(.badRequest, "invalid request", "a template is {\"task\": {...a task body with {{placeholders}}...}, \"parameters\": [\"names\"]}", field: "body")
+                throw Problem(
+                    .badRequest, "invalid request", "a template is {\"task\": {...a task body with {{placeholders}}...}, \"parameters\": [\"names\"]}",
+                    field: "body")
             }
             let declared = try (o["parameters"]?.arrayValue ?? []).map { p throws(Problem) -> String in
                 guard let s = p.stringValue, TemplateFill.isName(s) else {
@@ -196,8 +213,9 @@ extension APIServer {
             guard !name.isEmpty, name.count <= 200 else { throw Problem(.badRequest, "invalid request", "1 to 200 characters", field: "name", value: name) }
             // Fields are checked now; values when a task is made from it (errors then name the field).
             if let unknown = task.objectValue!.keys.sorted().first(where: { !TaskSpec.keys.contains($0) }) {
-                throw Problem(.badRequest, "invalid request", "unknown task field; known fields are \(TaskSpec.keys.sorted().joined(separator: ", "))",
-                              field: "task.\(unknown)", value: "\(task[unknown]!)")
+                throw Problem(
+                    .badRequest, "invalid request", "unknown task field; known fields are \(TaskSpec.keys.sorted().joined(separator: ", "))",
+                    field: "task.\(unknown)", value: "\(task[unknown]!)")
             }
             try await store.putTemplate(Store.TemplateRecord(namespace: namespace, name: name, body: task, parameters: declared))
             await env.audit(context, who, "template.put", name, namespace: namespace)
@@ -206,9 +224,15 @@ extension APIServer {
         r.on(.get, "/v1/templates") { request, context in
             let who = try context.require(.viewer)
             let list = try await store.templates(namespace: listScope(who, request))
-            return json(["templates": .array(list.map { t in
-                .object(["name": .string(t.name), "namespace": .string(t.namespace), "parameters": .array(t.parameters.map(JSONValue.string)), "task": t.body])
-            })])
+            return json([
+                "templates": .array(
+                    list.map { t in
+                        .object([
+                            "name": .string(t.name), "namespace": .string(t.namespace), "parameters": .array(t.parameters.map(JSONValue.string)),
+                            "task": t.body,
+                        ])
+                    })
+            ])
         }
         r.on(.post, "/v1/templates/:name/tasks") { request, context in
             let who = try context.require(.submitter)
@@ -223,12 +247,14 @@ extension APIServer {
             }
             let values = o["values"]?.objectValue ?? [:]
             if let missing = template.parameters.first(where: { values[$0] == nil }) {
-                throw Problem(.badRequest, "invalid request", "template '\(name)' needs a value for every parameter: \(template.parameters.joined(separator: ", "))",
-                              field: "values.\(missing)", value: "(missing)")
+                throw Problem(
+                    .badRequest, "invalid request", "template '\(name)' needs a value for every parameter: \(template.parameters.joined(separator: ", "))",
+                    field: "values.\(missing)", value: "(missing)")
             }
             if let unknown = values.keys.sorted().first(where: { !template.parameters.contains($0) }) {
-                throw Problem(.badRequest, "invalid request", "template '\(name)' has no parameter '\(unknown)'; it takes \(template.parameters.joined(separator: ", "))",
-                              field: "values.\(unknown)", value: "\(values[unknown]!)")
+                throw Problem(
+                    .badRequest, "invalid request", "template '\(name)' has no parameter '\(unknown)'; it takes \(template.parameters.joined(separator: ", "))",
+                    field: "values.\(unknown)", value: "\(values[unknown]!)")
             }
             guard case .object(var filled) = try TemplateFill.fill(template.body, values) else {
                 throw Problem(.internalServerError, "template broken", "template '\(name)' is not an object")
@@ -260,8 +286,9 @@ extension APIServer {
             let names = tasks.map(\.name)
             let existing = try await env.store.tasks(Store.TaskFilter.named(names, namespace: namespace), limit: names.count).map(\.task.name)
             let name = existing.first ?? names[0]
-            throw Problem(.conflict, "task exists", "a task named '\(name)' exists in namespace '\(namespace)'; PATCH it or pick another name",
-                          field: "name", value: name)
+            throw Problem(
+                .conflict, "task exists", "a task named '\(name)' exists in namespace '\(namespace)'; PATCH it or pick another name",
+                field: "name", value: name)
         }
         return tasks
     }
@@ -271,7 +298,10 @@ extension APIServer {
     static func placement(_ tasks: [NewTask], _ who: Identity) throws(Problem) -> String {
         let asked = Set(tasks.map(\.namespace))
         if who.namespace == "*" {
-            guard asked.count == 1 else { throw Problem(.badRequest, "invalid request", "one batch goes to one namespace", field: "namespace", value: asked.sorted().joined(separator: ",")) }
+            guard asked.count == 1 else {
+                throw Problem(
+                    .badRequest, "invalid request", "one batch goes to one namespace", field: "namespace", value: asked.sorted().joined(separator: ","))
+            }
             return asked.first!
         }
         if let other = asked.first(where: { $0 != "default" && $0 != who.namespace }) {
@@ -325,12 +355,16 @@ enum TemplateFill {
             var out = s
             for t in found.reversed() {
                 guard let v = values[t.name] else { continue }
-                let text: String = switch v {
-                case .string(let x): x
-                case .number(let n): n.rounded() == n && abs(n) < 1e15 ? String(Int(n)) : String(n)
-                case .bool(let b): String(b)
-                default: throw Problem(.badRequest, "invalid request", "{{\(t.name)}} sits inside text; give it text, a number or a boolean", field: "values.\(t.name)", value: "\(v)")
-                }
+                let text: String =
+                    switch v {
+                    case .string(let x): x
+                    case .number(let n): n.rounded() == n && abs(n) < 1e15 ? String(Int(n)) : String(n)
+                    case .bool(let b): String(b)
+                    default:
+                        throw Problem(
+                            .badRequest, "invalid request", "{{\(t.name)}} sits inside text; give it text, a number or a boolean", field: "values.\(t.name)",
+                            value: "\(v)")
+                    }
                 out.replaceSubrange(t.range, with: text)
             }
             return .string(out)

@@ -416,7 +416,8 @@ public final class Dispatcher: Service, Sendable {
                     }
                     spans[spans.count - 1].links += 1
                     if let recording = spans.last?.span, recording.isRecording {
-                        recording.addLink(SpanLink(context: Traces.context(d.properties.headers, using: AMQPHeadersExtractor()), attributes: Self.linkAttributes(e)))
+                        recording.addLink(
+                            SpanLink(context: Traces.context(d.properties.headers, using: AMQPHeadersExtractor()), attributes: Self.linkAttributes(e)))
                     }
                 case let other?:
                     throw ValidationError(field: "type", value: other, hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")

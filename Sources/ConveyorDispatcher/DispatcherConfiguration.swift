@@ -1,5 +1,6 @@
 import ConveyorCore
 package import ConveyorFaults
+
 /// Settings of the dispatcher. Keys under `dispatcher.` in `config/dispatcher.yaml`, each
 /// overridable by `CONVEYOR_DISPATCHER_<KEY>`.
 public struct DispatcherConfiguration: Sendable {

@@ -55,12 +55,14 @@ public struct NewTask: Sendable {
             throw ValidationError(field: "name", value: name, hint: "1 to 200 characters, no spaces")
         }
         guard !executor.isEmpty, executor.count <= 100, executor.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }) else {
-            throw ValidationError(field: "executor", value: executor, hint: "name an executor that your workers offer, e.g. 'noop' (letters, digits, '-', '_', '.'; at most 100)")
+            throw ValidationError(
+                field: "executor", value: executor, hint: "name an executor that your workers offer, e.g. 'noop' (letters, digits, '-', '_', '.'; at most 100)")
         }
         let parameterBytes = MessageCodec.encode(parameters).count
         guard parameterBytes <= Self.maxParameterBytes else {
-            throw ValidationError(field: "parameters", value: "\(parameterBytes) bytes",
-                                  hint: "at most \(Self.maxParameterBytes) bytes of JSON travel in each task message; store large inputs elsewhere and pass a reference")
+            throw ValidationError(
+                field: "parameters", value: "\(parameterBytes) bytes",
+                hint: "at most \(Self.maxParameterBytes) bytes of JSON travel in each task message; store large inputs elsewhere and pass a reference")
         }
         guard QueueName.isValid(queue) else {
             throw ValidationError(field: "queue", value: queue, hint: QueueName.hint)
@@ -79,8 +81,9 @@ public struct NewTask: Sendable {
                 throw ValidationError(field: "concurrency_key", value: concurrencyKey ?? "", hint: "1 to 200 characters, given together with concurrency_limit")
             }
             guard let n = concurrencyLimit, n >= 1 else {
-                throw ValidationError(field: "concurrency_limit", value: concurrencyLimit.map(String.init) ?? "(missing)",
-                                      hint: "a whole number of at least 1, given together with concurrency_key '\(k)'")
+                throw ValidationError(
+                    field: "concurrency_limit", value: concurrencyLimit.map(String.init) ?? "(missing)",
+                    hint: "a whole number of at least 1, given together with concurrency_key '\(k)'")
             }
         }
         if let g = group, g.isEmpty || g.count > 200 {
@@ -99,9 +102,11 @@ public struct NewTask: Sendable {
                 let dup = dependsOn.first { d in dependsOn.filter { $0 == d }.count > 1 }!
                 throw ValidationError(field: "depends_on", value: dup, hint: "listed twice; name each upstream once")
             }
-            if case .manual = schedule {} else {
-                throw ValidationError(field: "schedule", value: schedule.text,
-                                      hint: "a task with depends_on runs when its upstreams end; give it schedule 'manual'")
+            if case .manual = schedule {
+            } else {
+                throw ValidationError(
+                    field: "schedule", value: schedule.text,
+                    hint: "a task with depends_on runs when its upstreams end; give it schedule 'manual'")
             }
         }
     }
@@ -178,8 +183,9 @@ public struct Store: Sendable {
         let hex = try await pool.withConnection { c in
             try await c.query("SELECT encode(secret, 'hex') FROM status_keys WHERE id = 1").rows.first.map { try $0.string(0) }
         }
-        let missing = ValidationError(field: "status_keys", value: hex ?? "(no row)",
-                                      hint: "run `conveyor migrate`: migration 0008 creates the dispatchers' status key")
+        let missing = ValidationError(
+            field: "status_keys", value: hex ?? "(no row)",
+            hint: "run `conveyor migrate`: migration 0008 creates the dispatchers' status key")
         guard let hex, hex.utf8.count == 64 else { throw missing }
         var bytes: [UInt8] = []
         bytes.reserveCapacity(32)
@@ -218,7 +224,8 @@ public struct Store: Sendable {
             let edges = try await Self.resolveDependencies(tasks, connection: c)
             var nextTimes: [Date?] = []
             for t in tasks { nextTimes.append(try Self.firstDue(t, now: now)) }
-            try await c.query("""
+            try await c.query(
+                """
                 INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, next_run_at, anchor_at,
                                    shard, trace_parent, timezone, misfire_policy, max_catchup, priority, max_attempts, retry_policy,
                                    overlap_policy, concurrency_key, concurrency_limit, group_name, labels, trigger_rule, callback_url, paused,
@@ -232,7 +239,8 @@ public struct Store: Sendable {
                             $25::text[], $26::uuid[], $27::text[])
                      AS u(id, ns, name, executor, params, schedule, queue, timeout, next, tp, tz, misfire, catchup, prio, attempts,
                           retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch, baggage)
-                """, [
+                """,
+                [
                     tasks.map(\.id), tasks.map(\.namespace), tasks.map(\.name), tasks.map(\.executor),
                     tasks.map { String(decoding: MessageCodec.encode($0.parameters), as: UTF8.self) },
                     tasks.map(\.schedule.text), tasks.map(\.queue), tasks.map(\.timeoutSeconds), nextTimes, tasks.map(\.traceParent),
@@ -245,7 +253,8 @@ public struct Store: Sendable {
                     tasks.map(\.traceBaggage),
                 ])
             if !edges.isEmpty {
-                try await c.query("""
+                try await c.query(
+                    """
                     INSERT INTO task_dependencies (task_id, upstream_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])
                     """, [edges.map(\.task), edges.map(\.upstream)])
             }
@@ -260,7 +269,8 @@ public struct Store: Sendable {
         case .cron(let cron):
             let zone = TimeZone(identifier: t.timeZone) ?? TimeZone(identifier: "UTC")!
             guard let first = cron.next(after: (t.startAt ?? now).addingTimeInterval(-0.001), in: zone) else {
-                throw ValidationError(field: "schedule", value: t.schedule.text, hint: "this expression never fires after \(Timestamp.format(t.startAt ?? now))")
+                throw ValidationError(
+                    field: "schedule", value: t.schedule.text, hint: "this expression never fires after \(Timestamp.format(t.startAt ?? now))")
             }
             return first
         }
@@ -275,20 +285,27 @@ public struct Store: Sendable {
         var upstreams: [UUID: [UUID]] = [:]
         var nameByID: [UUID: String] = [:]
         for r in try await c.query("SELECT id, name FROM tasks WHERE namespace = $1 AND deleted_at IS NULL", [namespace]).rows {
-            idByName[try r.string(1)] = try r.uuid(0); nameByID[try r.uuid(0)] = try r.string(1)
+            idByName[try r.string(1)] = try r.uuid(0)
+            nameByID[try r.uuid(0)] = try r.string(1)
         }
-        for r in try await c.query("""
+        for r in try await c.query(
+            """
             SELECT d.task_id, d.upstream_id FROM task_dependencies d JOIN tasks t ON t.id = d.task_id
             WHERE t.namespace = $1 AND t.deleted_at IS NULL
-            """, [namespace]).rows {
+            """, [namespace]
+        ).rows {
             upstreams[try r.uuid(0), default: []].append(try r.uuid(1))
         }
-        for t in tasks { idByName[t.name] = t.id; nameByID[t.id] = t.name }
+        for t in tasks {
+            idByName[t.name] = t.id
+            nameByID[t.id] = t.name
+        }
         var edges: [(task: UUID, upstream: UUID)] = []
         for t in tasks {
             for u in t.dependsOn {
                 guard let uid = idByName[u] else {
-                    throw ValidationError(field: "depends_on", value: u, hint: "no task named '\(u)' in namespace '\(namespace)'; create it first or in the same file")
+                    throw ValidationError(
+                        field: "depends_on", value: u, hint: "no task named '\(u)' in namespace '\(namespace)'; create it first or in the same file")
                 }
                 upstreams[t.id, default: []].append(uid)
                 edges.append((t.id, uid))
@@ -296,13 +313,18 @@ public struct Store: Sendable {
         }
         // Cycles: depth-first search from each new task, naming the cycle found.
         func findCycle(_ start: UUID) -> [UUID]? {
-            var path: [UUID] = [], onPath: Set<UUID> = [], done: Set<UUID> = []
+            var path: [UUID] = []
+            var onPath: Set<UUID> = []
+            var done: Set<UUID> = []
             func visit(_ n: UUID) -> [UUID]? {
                 if onPath.contains(n) { return Array(path[path.firstIndex(of: n)!...]) + [n] }
                 if done.contains(n) { return nil }
-                path.append(n); onPath.insert(n)
+                path.append(n)
+                onPath.insert(n)
                 for u in upstreams[n] ?? [] { if let c = visit(u) { return c } }
-                path.removeLast(); onPath.remove(n); done.insert(n)
+                path.removeLast()
+                onPath.remove(n)
+                done.insert(n)
                 return nil
             }
             return visit(start)
@@ -320,8 +342,11 @@ public struct Store: Sendable {
         for t in tasks where !t.dependsOn.isEmpty {
             let r = roots(t.id)
             if r.count > 1 {
-                throw ValidationError(field: "depends_on", value: t.dependsOn.joined(separator: ","),
-                                      hint: "these upstreams start from different root tasks (\(r.compactMap { nameByID[$0] }.sorted().joined(separator: ", "))); a workflow has one root task")
+                throw ValidationError(
+                    field: "depends_on", value: t.dependsOn.joined(separator: ","),
+                    hint:
+                        "these upstreams start from different root tasks (\(r.compactMap { nameByID[$0] }.sorted().joined(separator: ", "))); a workflow has one root task"
+                )
             }
         }
         return edges
@@ -338,29 +363,35 @@ public struct Store: Sendable {
 
     public func tasks(limit: Int = 100, group: String? = nil) async throws -> [TaskRecord] {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT \(Self.taskColumns)
                 FROM tasks t WHERE t.deleted_at IS NULL AND ($2::text IS NULL OR t.group_name = $2) ORDER BY t.name LIMIT $1
-                """, [limit, group]).rows.map(Self.task)
+                """, [limit, group]
+            ).rows.map(Self.task)
         }
     }
 
     /// One page of a namespace's tasks by name, after `after` (the cursor); `nil` namespace is every one.
     public func tasks(namespace: String?, after: String?, limit: Int) async throws -> [TaskRecord] {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT \(Self.taskColumns)
                 FROM tasks t WHERE t.deleted_at IS NULL AND ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS NULL OR t.name > $2)
                 ORDER BY t.name LIMIT $3
-                """, [namespace, after, limit]).rows.map(Self.task)
+                """, [namespace, after, limit]
+            ).rows.map(Self.task)
         }
     }
 
     public func task(named name: String, namespace: String = "default") async throws -> TaskRecord? {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT \(Self.taskColumns) FROM tasks t WHERE t.namespace = $1 AND t.name = $2 AND t.deleted_at IS NULL
-                """, [namespace, name]).rows.first.map(Self.task)
+                """, [namespace, name]
+            ).rows.first.map(Self.task)
         }
     }
 
@@ -369,24 +400,27 @@ public struct Store: Sendable {
     @discardableResult
     public func trigger(taskID: UUID, traceParent: String? = nil, baggage: String? = nil) async throws -> Bool {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 UPDATE tasks SET next_run_at = now(), updated_at = now(), trace_parent = $2, trace_baggage = $3
                 WHERE id = $1 AND deleted_at IS NULL
-                """, [taskID, traceParent, baggage]).affectedRows == 1
+                """, [taskID, traceParent, baggage]
+            ).affectedRows == 1
         }
     }
 
     static func task(_ r: PostgresRow) throws -> TaskRecord {
-        TaskRecord(id: try r.uuid(0), name: try r.string(1), executor: try r.string(2), parameters: try r.string(3),
-                   schedule: try r.string(4), queue: try r.string(5), timeoutSeconds: try r.double(6),
-                   paused: try r.bool(7), nextRunAt: try r.optionalDate(8), timeZone: try r.string(9), misfire: try r.string(10),
-                   priority: Priority(rawValue: try r.int(11)) ?? .normal, overlap: try r.string(12), maxAttempts: try r.int(13),
-                   retryPolicy: try r.string(14), group: r[15], concurrencyKey: r[16], concurrencyLimit: try r.optionalInt(17),
-                   skippedOccurrences: try r.int(18), dependsOn: Self.textArray(r[21] ?? "{}"), triggerRule: try r.string(19),
-                   callbackURL: r[20], namespace: try r.string(22),
-                   labels: (try? json(r[23] ?? "{}"))?.objectValue?.compactMapValues(\.stringValue) ?? [:],
-                   batchID: r[24].flatMap(UUID.init(uuidString:)), spec: r[25] ?? "{}", createdAt: try r.optionalDate(26),
-                   updatedAt: try r.optionalDate(27))
+        TaskRecord(
+            id: try r.uuid(0), name: try r.string(1), executor: try r.string(2), parameters: try r.string(3),
+            schedule: try r.string(4), queue: try r.string(5), timeoutSeconds: try r.double(6),
+            paused: try r.bool(7), nextRunAt: try r.optionalDate(8), timeZone: try r.string(9), misfire: try r.string(10),
+            priority: Priority(rawValue: try r.int(11)) ?? .normal, overlap: try r.string(12), maxAttempts: try r.int(13),
+            retryPolicy: try r.string(14), group: r[15], concurrencyKey: r[16], concurrencyLimit: try r.optionalInt(17),
+            skippedOccurrences: try r.int(18), dependsOn: Self.textArray(r[21] ?? "{}"), triggerRule: try r.string(19),
+            callbackURL: r[20], namespace: try r.string(22),
+            labels: (try? json(r[23] ?? "{}"))?.objectValue?.compactMapValues(\.stringValue) ?? [:],
+            batchID: r[24].flatMap(UUID.init(uuidString:)), spec: r[25] ?? "{}", createdAt: try r.optionalDate(26),
+            updatedAt: try r.optionalDate(27))
     }
 
     /// Parses a PostgreSQL text array of simple names (`{a,b}`, quoted elements allowed).
@@ -400,10 +434,12 @@ public struct Store: Sendable {
 
     public func runs(taskID: UUID? = nil, limit: Int = 100) async throws -> [RunRecord] {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT \(Self.runColumns)
                 FROM runs WHERE ($1::uuid IS NULL OR task_id = $1) ORDER BY occurrence DESC, attempt DESC LIMIT $2
-                """, [taskID, limit]).rows.map(Self.run)
+                """, [taskID, limit]
+            ).rows.map(Self.run)
         }
     }
 
@@ -425,7 +461,10 @@ public struct Store: Sendable {
     public func runs(_ f: RunFilter, limit: Int) async throws -> [RunRecord] {
         var conditions: [String] = []
         var params: [any PostgresEncodable] = []
-        func bind(_ v: any PostgresEncodable) -> String { params.append(v); return "$\(params.count)" }
+        func bind(_ v: any PostgresEncodable) -> String {
+            params.append(v)
+            return "$\(params.count)"
+        }
         if let id = f.taskID {
             conditions.append("task_id = \(bind(id))")
         } else if let ns = f.namespace {
@@ -438,9 +477,11 @@ public struct Store: Sendable {
         let whereClause = conditions.isEmpty ? "" : "WHERE " + conditions.joined(separator: " AND ")
         let limitParam = bind(limit)
         return try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT \(Self.runColumns) FROM runs \(whereClause) ORDER BY occurrence DESC, id DESC LIMIT \(limitParam)
-                """, params).rows.map(Self.run)
+                """, params
+            ).rows.map(Self.run)
         }
     }
 
@@ -451,9 +492,11 @@ public struct Store: Sendable {
 
     public func run(id: UUID) async throws -> RunRecord? {
         try await pool.withConnection { c in
-            try await c.query("""
+            try await c.query(
+                """
                 SELECT \(Self.runColumns) FROM runs WHERE id = $1
-                """, [id]).rows.first.map(Self.run)
+                """, [id]
+            ).rows.first.map(Self.run)
         }
     }
 
@@ -480,12 +523,13 @@ public struct Store: Sendable {
     }
 
     static func run(_ r: PostgresRow) throws -> RunRecord {
-        RunRecord(id: try r.uuid(0), taskID: try r.uuid(1), occurrence: try r.date(2), attempt: try r.int(3),
-                  state: RunState(rawValue: try r.string(4)) ?? .lost, workerID: r[5], exitCode: try r.optionalInt(6),
-                  output: r[7], errorClass: r[8], errorMessage: r[9], traceID: r[10], traceparent: r[11],
-                  publishCount: try r.int(12), dispatchedAt: try r.optionalDate(13), startedAt: try r.optionalDate(14),
-                  finishedAt: try r.optionalDate(15), reason: r[16], priority: Priority(rawValue: try r.int(17)) ?? .normal,
-                  workflowRunID: r[18].flatMap(UUID.init(uuidString:)), availableAt: try r.optionalDate(19))
+        RunRecord(
+            id: try r.uuid(0), taskID: try r.uuid(1), occurrence: try r.date(2), attempt: try r.int(3),
+            state: RunState(rawValue: try r.string(4)) ?? .lost, workerID: r[5], exitCode: try r.optionalInt(6),
+            output: r[7], errorClass: r[8], errorMessage: r[9], traceID: r[10], traceparent: r[11],
+            publishCount: try r.int(12), dispatchedAt: try r.optionalDate(13), startedAt: try r.optionalDate(14),
+            finishedAt: try r.optionalDate(15), reason: r[16], priority: Priority(rawValue: try r.int(17)) ?? .normal,
+            workflowRunID: r[18].flatMap(UUID.init(uuidString:)), availableAt: try r.optionalDate(19))
     }
 
     static func json(_ text: String) throws -> JSONValue {

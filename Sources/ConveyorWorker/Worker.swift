@@ -1,5 +1,5 @@
-public import ConveyorConfig
 public import ConveyorAMQP
+public import ConveyorConfig
 public import ConveyorCore
 import ConveyorFaults
 import ConveyorTelemetry
@@ -54,8 +54,10 @@ public final class Worker: Service, Sendable {
     /// Builds executors on reload.
     let factory: ExecutorFactory
 
-    public init(configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger,
-                factory: ExecutorFactory = ExecutorFactory()) {
+    public init(
+        configuration: WorkerConfiguration, executors: [String: any Executor], amqp: AMQPConfiguration, logger: Logger,
+        factory: ExecutorFactory = ExecutorFactory()
+    ) {
         self.configuration = configuration
         self.factory = factory
         current = Mutex(ExecutorSet(executors: executors, limits: configuration.executorLimits))
@@ -74,17 +76,21 @@ public final class Worker: Service, Sendable {
             logger: logger)
         isolationLanes = Dictionary(uniqueKeysWithValues: configuration.queues.map { (topology.workQueue($0), topology.isolationQueue($0)) })
         laneQueues = Set(isolationLanes.values)
-        publisher = AMQPPublisher(configuration: amqp.named("\(named) status"), topology: topology.workerPublish,
-                                  window: 1024, logger: logger)
-        control = AMQPConsumer(configuration: amqp.named("\(named) control"), topology: topology.control(worker: configuration.id),
-                               queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
+        publisher = AMQPPublisher(
+            configuration: amqp.named("\(named) status"), topology: topology.workerPublish,
+            window: 1024, logger: logger)
+        control = AMQPConsumer(
+            configuration: amqp.named("\(named) control"), topology: topology.control(worker: configuration.id),
+            queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)
     }
 
     public var stats: Counters { counters.withLock { $0 } }
     /// A worker from its settings (`config/worker.yaml` and the environment), with executors
     /// built by `factory`: register your own types on it first. The factory is kept for reloads.
-    public static func make(settings s: Settings, factory: ExecutorFactory = ExecutorFactory(), logger: Logger,
-                            idSuffix: String = "") throws -> Worker {
+    public static func make(
+        settings s: Settings, factory: ExecutorFactory = ExecutorFactory(), logger: Logger,
+        idSuffix: String = ""
+    ) throws -> Worker {
         var c = try WorkerConfiguration(settings: s)
         c.id += idSuffix
         let executors = try factory.make(names: c.executorNames, settings: s)
@@ -98,12 +104,17 @@ public final class Worker: Service, Sendable {
         func family(_ name: String, _ type: String, _ help: String, _ samples: [(String, Int)]) -> String {
             "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n" + samples.map { "\(name){\(w)\($0.0)} \($0.1)\n" }.joined()
         }
-        return family("conveyor_worker_runs_total", "counter", "Runs this worker finished and reported, by outcome.",
-                      [(",outcome=\"succeeded\"", c.succeeded), (",outcome=\"failed\"", c.failed)])
-            + family("conveyor_worker_messages_rejected_total", "counter", "Task messages refused and dead-lettered (malformed, unknown executor).", [("", c.rejected)])
+        return family(
+            "conveyor_worker_runs_total", "counter", "Runs this worker finished and reported, by outcome.",
+            [(",outcome=\"succeeded\"", c.succeeded), (",outcome=\"failed\"", c.failed)])
+            + family(
+                "conveyor_worker_messages_rejected_total", "counter", "Task messages refused and dead-lettered (malformed, unknown executor).",
+                [("", c.rejected)])
             + family("conveyor_worker_in_flight", "gauge", "Runs executing now.", [("", c.inFlight)])
             + family("conveyor_worker_detached_total", "counter", "Long runs acknowledged early (past worker.detach_after_ms).", [("", c.detached)])
-            + family("conveyor_worker_isolated_total", "counter", "Redelivered task messages moved to their queue's isolation lane (run one at a time).", [("", c.isolated)])
+            + family(
+                "conveyor_worker_isolated_total", "counter", "Redelivered task messages moved to their queue's isolation lane (run one at a time).",
+                [("", c.isolated)])
             + family("conveyor_worker_heartbeats_total", "counter", "Heartbeats published.", [("", c.heartbeats)])
             + family("conveyor_worker_amqp_reconnects_total", "counter", "Reconnections of the task consumer.", [("", consumerReconnects)])
             + family("conveyor_worker_ready", "gauge", "1 when connected and consuming.", [("", isReady ? 1 : 0)])
@@ -151,8 +162,12 @@ public final class Worker: Service, Sendable {
             beats.addTask { await self.heartbeatLoop() }
             defer { beats.cancelAll() }
             try await consumer.waitUntilConsuming()
-            logger.info("worker consuming", metadata: ["worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
-                                                      "worker.executors": "\(executorNames)"])
+            logger.info(
+                "worker consuming",
+                metadata: [
+                    "worker.queues": "\(configuration.queues)", "worker.concurrency": "\(configuration.concurrency)",
+                    "worker.executors": "\(executorNames)",
+                ])
             await consumeUntilDrained()
         }
         logger.info("worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
@@ -164,13 +179,15 @@ public final class Worker: Service, Sendable {
         let host = ProcessInfo.processInfo.hostName
         let interval = configuration.heartbeatInterval
         while !Task.isCancelled {
-            let beat = HeartbeatMessage(workerID: configuration.id, host: host, queues: configuration.queues,
-                                        executors: executorNames, concurrency: configuration.concurrency,
-                                        inFlight: cancels.inFlightIDs, intervalSeconds: interval.inSeconds)
+            let beat = HeartbeatMessage(
+                workerID: configuration.id, host: host, queues: configuration.queues,
+                executors: executorNames, concurrency: configuration.concurrency,
+                inFlight: cancels.inFlightIDs, intervalSeconds: interval.inSeconds)
             let message = AMQPOutgoingMessage(
                 exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(beat),
-                properties: AMQPProperties(contentType: "application/json", messageID: "heartbeat:\(configuration.id)",
-                                           type: heartbeatMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
+                properties: AMQPProperties(
+                    contentType: "application/json", messageID: "heartbeat:\(configuration.id)",
+                    type: heartbeatMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
             if publisher.isConnected {
                 do {
                     try await publisher.publish(message)
@@ -213,8 +230,11 @@ public final class Worker: Service, Sendable {
                 self.control.stopConsuming()
             }
         } catch let e as DrainDeadlinePassed {
-            logger.warning("drain deadline passed; runs stopped (redelivered by the broker, or reported lost when detached)", metadata: [
-                "worker.shutdown_grace": "\(configuration.shutdownGrace)", "worker.in_flight": "\(e.left)"])
+            logger.warning(
+                "drain deadline passed; runs stopped (redelivered by the broker, or reported lost when detached)",
+                metadata: [
+                    "worker.shutdown_grace": "\(configuration.shutdownGrace)", "worker.in_flight": "\(e.left)",
+                ])
         } catch {
             logger.error("worker consumption ended with an error", metadata: ["error": "\(error)"])
         }
@@ -235,25 +255,32 @@ public final class Worker: Service, Sendable {
     func isolate(_ delivery: AMQPDelivery) async -> Bool {
         guard delivery.redelivered, let lane = isolationLanes[delivery.queue] else { return false }
         var properties = delivery.properties
-        properties.headers["x-delivery-count"] = nil   // the old queue's count; the lane keeps its own
+        properties.headers["x-delivery-count"] = nil  // the old queue's count; the lane keeps its own
         properties.headers[ConveyorTopology.isolatedFromHeader] = .string(delivery.queue)
         let id = delivery.properties.messageID ?? ""
         isolating.withLock { $0[id, default: 0] += 1 }
         defer { isolating.withLock { $0[id] = $0[id].flatMap { $0 > 1 ? $0 - 1 : nil } } }
         do {
             let target = configuration.faults.isolationUnroutable ? "\(lane).missing" : lane
-            try await publisher.publish(AMQPOutgoingMessage(exchange: topology.isolateExchange, routingKey: target, body: delivery.body, properties: properties))
+            try await publisher.publish(
+                AMQPOutgoingMessage(exchange: topology.isolateExchange, routingKey: target, body: delivery.body, properties: properties))
         } catch {
             if error.code == .stopped || Task.isCancelled { return true }
-            logger.warning("redelivered task message not moved to the isolation lane; running it here", metadata: [
-                "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)", "error": "\(error)"])
+            logger.warning(
+                "redelivered task message not moved to the isolation lane; running it here",
+                metadata: [
+                    "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)", "error": "\(error)",
+                ])
             return false
         }
         consumer.ack(delivery)
         await consumer.flush()
         counters.withLock { $0.isolated += 1 }
-        logger.debug("redelivered task message moved to the isolation lane", metadata: [
-            "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)"])
+        logger.debug(
+            "redelivered task message moved to the isolation lane",
+            metadata: [
+                "amqp.message_id": "\(delivery.properties.messageID ?? "")", "amqp.queue": "\(lane)",
+            ])
         return true
     }
 
@@ -280,14 +307,16 @@ public final class Worker: Service, Sendable {
             message = try MessageCodec.decodeTask(delivery.body)
         } catch {
             let claims = MessageCodec.claims(inMalformed: delivery.body)
-            await refuse(delivery, runID: claims?.runID, attempt: claims?.attempt ?? 1, proof: claims?.proof, errorClass: "malformed_message",
-                         reason: "\(error)")
+            await refuse(
+                delivery, runID: claims?.runID, attempt: claims?.attempt ?? 1, proof: claims?.proof, errorClass: "malformed_message",
+                reason: "\(error)")
             return
         }
         let set = current.withLock { $0 }
         guard let executor = set.executors[message.executor] else {
-            await refuse(delivery, runID: message.runID, attempt: message.attempt, proof: message.proof, errorClass: "unknown_executor",
-                         reason: "this worker offers executors \(set.executors.keys.sorted()), not '\(message.executor)'")
+            await refuse(
+                delivery, runID: message.runID, attempt: message.attempt, proof: message.proof, errorClass: "unknown_executor",
+                reason: "this worker offers executors \(set.executors.keys.sorted()), not '\(message.executor)'")
             return
         }
         if let poison = configuration.faults.workerCrashOnTask, poison == message.taskName { FaultInjection.crash() }
@@ -297,8 +326,9 @@ public final class Worker: Service, Sendable {
 
         // The execute span: a child of the publish span carried in the headers. Status messages
         // carry its context, so the dispatcher's record spans are its children.
-        let span = Traces.startSpan("execute \(message.executor)", context: Traces.context(delivery.properties.headers, using: AMQPHeadersExtractor()),
-                                    kind: .consumer, attributes: executeAttributes(message))
+        let span = Traces.startSpan(
+            "execute \(message.executor)", context: Traces.context(delivery.properties.headers, using: AMQPHeadersExtractor()),
+            kind: .consumer, attributes: executeAttributes(message))
         defer { span.end() }
         let trace = Traces.headers(span.context)
         if let tp = trace["traceparent"]?.split(separator: "-"), tp.count == 4 {
@@ -309,26 +339,29 @@ public final class Worker: Service, Sendable {
         for (k, v) in trace { statusHeaders[k] = .string(v) }
 
         let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
-        let context = ExecutionContext(runID: message.runID, taskName: message.taskName, attempt: message.attempt,
-                                       parameters: message.parameters, timeout: timeout,
-                                       traceparent: trace["traceparent"], tracestate: trace["tracestate"],
-                                       idempotencyKey: message.idempotencyKey, logger: log, trace: span.context)
+        let context = ExecutionContext(
+            runID: message.runID, taskName: message.taskName, attempt: message.attempt,
+            parameters: message.parameters, timeout: timeout,
+            traceparent: trace["traceparent"], tracestate: trace["tracestate"],
+            idempotencyKey: message.idempotencyKey, logger: log, trace: span.context)
         // A run past its executor's limit waits here, before its timeout starts.
         let slot = set.slots[message.executor]
-        if let slot, !(await slot.acquire()) { return }   // shutdown while waiting: left for redelivery
+        if let slot, !(await slot.acquire()) { return }  // shutdown while waiting: left for redelivery
         defer { slot?.release() }
         let cancelSignal = cancels.register(message.runID)
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()
-        let started = StatusMessage(runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt,
-                                    proof: message.proof)
+        let started = StatusMessage(
+            runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt,
+            proof: message.proof)
         if message.attempt == 1 { ConveyorMetrics.fireLateness(seconds: startedAt.timeIntervalSince(message.occurrence)) }
         let detached = Flag()
         var result: ExecutionResult
         if cancels.wasCancelled(message.runID) {
             result = ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled before it started")
         } else {
-            let headers = statusHeaders, log = log
+            let headers = statusHeaders
+            let log = log
             result = await withTaskGroup(of: ExecutionResult?.self) { group in
                 group.addTask {
                     await self.reportWhileRunning(started, delivery: delivery, detached: detached, headers: headers, log: log)
@@ -343,7 +376,10 @@ public final class Worker: Service, Sendable {
                 }
                 var result: ExecutionResult?
                 while let r = await group.next() {
-                    if let r { result = r; group.cancelAll() }
+                    if let r {
+                        result = r
+                        group.cancelAll()
+                    }
                 }
                 return result ?? ExecutionResult(outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
             }
@@ -352,9 +388,10 @@ public final class Worker: Service, Sendable {
             // The drain deadline passed. A run still held by the broker is left unacked, and the
             // broker redelivers it; a detached one is reported lost, so the dispatcher retries it.
             if detached.isSet {
-                let lost = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: .lost,
-                                         errorClass: "worker_shutdown", errorMessage: "the worker shut down before the run finished",
-                                         workerID: configuration.id, startedAt: startedAt, proof: message.proof)
+                let lost = StatusMessage(
+                    runID: message.runID, attempt: message.attempt, event: .finished, outcome: .lost,
+                    errorClass: "worker_shutdown", errorMessage: "the worker shut down before the run finished",
+                    workerID: configuration.id, startedAt: startedAt, proof: message.proof)
                 await publishStatus(lost, headers: statusHeaders, log: log)
                 log.warning("run stopped by shutdown; reported lost for retry")
             } else {
@@ -367,10 +404,11 @@ public final class Worker: Service, Sendable {
         if result.outcome != .succeeded {
             span.setStatus(SpanStatus(code: .error, message: [result.errorClass, result.errorMessage].compactMap { $0 }.joined(separator: ": ")))
         }
-        let finished = StatusMessage(runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
-                                     exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
-                                     errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
-                                     startedAt: startedAt, proof: message.proof)
+        let finished = StatusMessage(
+            runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
+            exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
+            errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
+            startedAt: startedAt, proof: message.proof)
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
         if !detached.isSet { consumer.ack(delivery) }
@@ -434,7 +472,10 @@ public final class Worker: Service, Sendable {
     /// Runs the executor; past `timeout`, or when `cancel` is signalled, its task is cancelled
     /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
     static func run(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async -> ExecutionResult {
-        enum Step: Sendable { case done(ExecutionResult), timeout, cancelRequested, stopped }
+        enum Step: Sendable {
+            case done(ExecutionResult)
+            case timeout, cancelRequested, stopped
+        }
         let result = await withTaskGroup(of: Step.self) { group in
             group.addTask { .done(await executor.execute(context)) }
             group.addTask {
@@ -449,10 +490,12 @@ public final class Worker: Service, Sendable {
             var ended: Step?
             while let step = await group.next() {
                 switch step {
-                case .done(let r): result = r; group.cancelAll()
+                case .done(let r):
+                    result = r
+                    group.cancelAll()
                 case .timeout, .cancelRequested:
                     if ended == nil && result == nil { ended = step }
-                    group.cancelAll()   // the executor's task is cancelled and stops
+                    group.cancelAll()  // the executor's task is cancelled and stops
                 case .stopped: break
                 }
             }
@@ -498,8 +541,9 @@ public final class Worker: Service, Sendable {
         if let proof = status.proof { headers[StatusProof.sealHeader] = .string(StatusProof.seal(body, proof: proof)) }
         let message = AMQPOutgoingMessage(
             exchange: topology.statusExchange, routingKey: "status", body: body,
-            properties: AMQPProperties(contentType: "application/json", messageID: "\(status.runID.lowercasedString):\(status.event.rawValue)",
-                                       type: statusMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: true, headers: headers))
+            properties: AMQPProperties(
+                contentType: "application/json", messageID: "\(status.runID.lowercasedString):\(status.event.rawValue)",
+                type: statusMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: true, headers: headers))
         var attempt = 0
         while true {
             do {
@@ -519,11 +563,15 @@ public final class Worker: Service, Sendable {
 
     /// Reports a `failed` status when the run id is readable, then rejects without requeue (dead-letter).
     func refuse(_ delivery: AMQPDelivery, runID: UUID?, attempt: Int, proof: String?, errorClass: String, reason: String) async {
-        logger.warning("task message refused and dead-lettered", metadata: [
-            "amqp.message_id": "\(delivery.properties.messageID ?? "")", "error.class": "\(errorClass)", "error": "\(reason)"])
+        logger.warning(
+            "task message refused and dead-lettered",
+            metadata: [
+                "amqp.message_id": "\(delivery.properties.messageID ?? "")", "error.class": "\(errorClass)", "error": "\(reason)",
+            ])
         if let runID {
-            let status = StatusMessage(runID: runID, attempt: attempt, event: .finished, outcome: .failed,
-                                       errorClass: errorClass, errorMessage: reason, workerID: configuration.id, proof: proof)
+            let status = StatusMessage(
+                runID: runID, attempt: attempt, event: .finished, outcome: .failed,
+                errorClass: errorClass, errorMessage: reason, workerID: configuration.id, proof: proof)
             // Unconfirmed (shutting down): leave it for redelivery rather than dead-letter it unreported.
             guard await publishStatus(status, headers: [:], log: logger) else { return }
         }

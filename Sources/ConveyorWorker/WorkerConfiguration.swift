@@ -44,9 +44,11 @@ public struct WorkerConfiguration: Sendable {
     /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.
     package var faults = FaultInjection()
 
-    public init(id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
-                shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),
-                prefix: String = "conveyor", deliveryLimit: Int = 5) {
+    public init(
+        id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
+        shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),
+        prefix: String = "conveyor", deliveryLimit: Int = 5
+    ) {
         self.id = id ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
         self.queues = queues
         self.concurrency = concurrency

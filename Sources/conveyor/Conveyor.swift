@@ -3,8 +3,8 @@ import ConveyorAMQP
 import ConveyorAPI
 import ConveyorConfig
 import ConveyorCore
-import ConveyorFaults
 import ConveyorDispatcher
+import ConveyorFaults
 import ConveyorHTTP
 import ConveyorPostgres
 import ConveyorStore
@@ -20,8 +20,10 @@ struct Conveyor: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "conveyor",
         abstract: "Conveyor: a distributed task dispatcher on PostgreSQL and RabbitMQ.",
-        subcommands: [Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, RunCommand.self,
-                      GroupCommand.self, QueueCommand.self, WorkersCommand.self, APICommand.self, APIKeyCommand.self, CronCommand.self, Bench.self, BenchAPI.self])
+        subcommands: [
+            Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, RunCommand.self,
+            GroupCommand.self, QueueCommand.self, WorkersCommand.self, APICommand.self, APIKeyCommand.self, CronCommand.self, Bench.self, BenchAPI.self,
+        ])
 }
 
 /// Options every server subcommand shares.
@@ -43,8 +45,9 @@ struct CommonOptions: ParsableArguments {
     func logger(_ label: String) throws -> Logger {
         let raw = logLevel ?? ProcessInfo.processInfo.environment["CONVEYOR_LOG_LEVEL"] ?? "info"
         guard let level = Logger.Level(rawValue: raw.lowercased()) else {
-            throw ValidationError(field: "--log-level (env CONVEYOR_LOG_LEVEL)", value: raw,
-                                  hint: "use one of trace, debug, info, notice, warning, error, critical")
+            throw ValidationError(
+                field: "--log-level (env CONVEYOR_LOG_LEVEL)", value: raw,
+                hint: "use one of trace, debug, info, notice, warning, error, critical")
         }
         let formatText = ProcessInfo.processInfo.environment["CONVEYOR_LOG_FORMAT"] ?? "text"
         guard let format = StructuredLogHandler.Format(rawValue: formatText.lowercased()) else {
@@ -67,7 +70,7 @@ func runUntilSignalled(_ services: [any Service], logger: Logger) async throws {
 }
 
 enum Bootstrap {
-    nonisolated(unsafe) private static var done = false   // set once from main before any other task runs
+    nonisolated(unsafe) private static var done = false  // set once from main before any other task runs
 
     static func logging(level: Logger.Level, format: StructuredLogHandler.Format) {
         guard !done else { return }
@@ -76,7 +79,7 @@ enum Bootstrap {
         LogSink.flushAtExit()
     }
 
-    nonisolated(unsafe) private(set) static var tracingService: (any Service)?   // set once from main, like `done`
+    nonisolated(unsafe) private(set) static var tracingService: (any Service)?  // set once from main, like `done`
     nonisolated(unsafe) private static var tracingDone = false
 
     static func tracing(serviceName: String, logger: Logger) throws {
@@ -164,8 +167,10 @@ struct DispatcherCommand: AsyncParsableCommand {
         var services: [any Service] = [dispatcher]
         if port > 0 {
             // /healthz, /readyz (publishing and consuming statuses), /metrics.
-            services.append(StatusServer(host: try s.string("dispatcher.http_host", default: "0.0.0.0"), port: port, logger: logger,
-                                         ready: { dispatcher.isReady }, metrics: { ConveyorMetrics.text() }))
+            services.append(
+                StatusServer(
+                    host: try s.string("dispatcher.http_host", default: "0.0.0.0"), port: port, logger: logger,
+                    ready: { dispatcher.isReady }, metrics: { ConveyorMetrics.text() }))
         }
         try await runUntilSignalled(services, logger: logger)
     }
@@ -188,8 +193,11 @@ struct WorkerCommand: AsyncParsableCommand {
 /// worker's `worker.http_port`; none when it is 0.
 func statusServer(for workers: [Worker], logger: Logger) -> [any Service] {
     guard let first = workers.first, first.configuration.httpPort > 0 else { return [] }
-    return [StatusServer(host: first.configuration.httpHost, port: first.configuration.httpPort, logger: logger,
-                         ready: { workers.allSatisfy(\.isReady) }, metrics: { workers.map(\.metricsText).joined() + ConveyorMetrics.text() })]
+    return [
+        StatusServer(
+            host: first.configuration.httpHost, port: first.configuration.httpPort, logger: logger,
+            ready: { workers.allSatisfy(\.isReady) }, metrics: { workers.map(\.metricsText).joined() + ConveyorMetrics.text() })
+    ]
 }
 
 struct Dev: AsyncParsableCommand {
@@ -217,8 +225,11 @@ struct Dev: AsyncParsableCommand {
                 FileHandle.standardError.write(Data("[dev] API on http://127.0.0.1:\(apiPort); admin key (shown once): \(key)\n".utf8))
             }
             let s = try await common.settings("api.yaml")
-            api = [APIService(host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger, options: try APICommand.options(s),
-                              broker: try Connections(settings: s).amqp, topology: ConveyorTopology(prefix: try s.string("amqp.prefix", default: "conveyor")))]
+            api = [
+                APIService(
+                    host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger, options: try APICommand.options(s),
+                    broker: try Connections(settings: s).amqp, topology: ConveyorTopology(prefix: try s.string("amqp.prefix", default: "conveyor")))
+            ]
         }
         try await runUntilSignalled([dispatcher] + workers + statusServer(for: workers, logger: logger) + api, logger: logger)
     }

@@ -17,7 +17,9 @@ struct TaskCommand: AsyncParsableCommand {
     struct Add: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create tasks from flags or from a YAML task file (see docs/scheduling.md).",
-            discussion: "Example: conveyor task add --name nightly --executor shell --params '{\"argv\": [\"/bin/date\"]}' --schedule '0 2 * * *' --timezone Europe/London --retry '{\"max_attempts\": 3}'")
+            discussion:
+                "Example: conveyor task add --name nightly --executor shell --params '{\"argv\": [\"/bin/date\"]}' --schedule '0 2 * * *' --timezone Europe/London --retry '{\"max_attempts\": 3}'"
+        )
         @OptionGroup var common: CommonOptions
         @Option(help: "A YAML file with one task or a list under 'tasks:' (all created in one transaction).") var file: String?
         @Option(help: "Unique task name.") var name: String?
@@ -32,13 +34,15 @@ struct TaskCommand: AsyncParsableCommand {
         @Option(help: "First due after a delay, e.g. 10m.") var after: String?
         @Option(help: "Missed occurrences: skip, once (default) or all.") var misfire: String?
         @Option(name: .customLong("max-catchup"), help: "Most missed occurrences run by misfire 'all' (default 10).") var maxCatchup: Int?
-        @Option(help: "Retry policy as JSON: {\"max_attempts\": 3, \"base_seconds\": 1, \"factor\": 2, \"cap_seconds\": 300, \"retry_on\": [\"timeout\"]}.") var retry: String?
+        @Option(help: "Retry policy as JSON: {\"max_attempts\": 3, \"base_seconds\": 1, \"factor\": 2, \"cap_seconds\": 300, \"retry_on\": [\"timeout\"]}.")
+        var retry: String?
         @Option(help: "When an earlier run is active: allow (default), forbid, replace or queue.") var overlap: String?
         @Option(name: .customLong("concurrency-key"), help: "At most --concurrency-limit runs in flight per key, e.g. customer:42.") var concurrencyKey: String?
         @Option(name: .customLong("concurrency-limit")) var concurrencyLimit: Int?
         @Option(help: "Group name (pause, resume, cancel and count a group at once).") var group: String?
         @Option(name: .customLong("label"), help: "A label key=value (repeatable).") var labels: [String] = []
-        @Option(name: .customLong("depends-on"), help: "An upstream task name (repeatable); the task then needs --schedule manual.") var dependsOn: [String] = []
+        @Option(name: .customLong("depends-on"), help: "An upstream task name (repeatable); the task then needs --schedule manual.") var dependsOn: [String] =
+            []
         @Option(name: .customLong("trigger-rule"), help: "all_success (default), all_done or one_failed.") var triggerRule: String?
         @Option(name: .customLong("callback-url"), help: "POSTed the outcome (succeeded, failed, dead).") var callbackURL: String?
         @Flag(help: "Create it paused.") var paused = false
@@ -56,8 +60,9 @@ struct TaskCommand: AsyncParsableCommand {
             do {
                 try await common.withStore { try await $0.createTasks(tasks) }
             } catch let e as StoreError where e.kind == .taskExists {
-                throw ValidationError(field: "name", value: tasks.map(\.name).joined(separator: ", "),
-                                      hint: "a task with this name exists; pick another name or delete it first")
+                throw ValidationError(
+                    field: "name", value: tasks.map(\.name).joined(separator: ", "),
+                    hint: "a task with this name exists; pick another name or delete it first")
             }
             for t in tasks { print("\(t.id.lowercasedString)  \(t.name)") }
         }
@@ -66,17 +71,28 @@ struct TaskCommand: AsyncParsableCommand {
         func flagsSpec() throws -> JSONValue {
             var o: [String: JSONValue] = [:]
             func put(_ k: String, _ v: String?) { if let v { o[k] = .string(v) } }
-            put("name", name); put("executor", executor); put("schedule", schedule); put("timezone", timezone)
-            put("queue", queue); put("priority", priority); put("start", start); put("after", after); put("misfire", misfire)
-            put("overlap", overlap); put("group", group); put("trigger_rule", triggerRule); put("callback_url", callbackURL)
+            put("name", name)
+            put("executor", executor)
+            put("schedule", schedule)
+            put("timezone", timezone)
+            put("queue", queue)
+            put("priority", priority)
+            put("start", start)
+            put("after", after)
+            put("misfire", misfire)
+            put("overlap", overlap)
+            put("group", group)
+            put("trigger_rule", triggerRule)
+            put("callback_url", callbackURL)
             if let timeout { o["timeout"] = .number(timeout) }
             if let maxCatchup { o["max_catchup"] = .number(Double(maxCatchup)) }
             if let params { o["parameters"] = try JSONFlag.object(params, flag: "--params", example: "{\"seconds\": 2}") }
             if let retry { o["retry"] = try JSONFlag.object(retry, flag: "--retry", example: "{\"max_attempts\": 3}") }
             if concurrencyKey != nil || concurrencyLimit != nil {
                 guard let concurrencyKey, let concurrencyLimit else {
-                    throw ValidationError(field: "--concurrency-key/--concurrency-limit", value: concurrencyKey ?? "\(concurrencyLimit!)",
-                                          hint: "give both, e.g. --concurrency-key customer:42 --concurrency-limit 2")
+                    throw ValidationError(
+                        field: "--concurrency-key/--concurrency-limit", value: concurrencyKey ?? "\(concurrencyLimit!)",
+                        hint: "give both, e.g. --concurrency-key customer:42 --concurrency-limit 2")
                 }
                 o["concurrency"] = .object(["key": .string(concurrencyKey), "limit": .number(Double(concurrencyLimit))])
             }
@@ -104,10 +120,14 @@ struct TaskCommand: AsyncParsableCommand {
 
         func run() async throws {
             let tasks = try await common.withStore { try await $0.tasks(limit: limit, group: group) }
-            Table.print(["NAME", "EXECUTOR", "SCHEDULE", "QUEUE", "PRIORITY", "GROUP", "NEXT RUN"], tasks.map { t in
-                [t.name, t.executor, t.schedule + (t.timeZone == "UTC" ? "" : " (\(t.timeZone))"), t.queue, t.priority.name, t.group ?? "-",
-                 t.paused ? "paused" : (t.nextRunAt.map { Timestamp.format($0) } ?? (t.dependsOn.isEmpty ? "-" : "after upstream"))]
-            })
+            Table.print(
+                ["NAME", "EXECUTOR", "SCHEDULE", "QUEUE", "PRIORITY", "GROUP", "NEXT RUN"],
+                tasks.map { t in
+                    [
+                        t.name, t.executor, t.schedule + (t.timeZone == "UTC" ? "" : " (\(t.timeZone))"), t.queue, t.priority.name, t.group ?? "-",
+                        t.paused ? "paused" : (t.nextRunAt.map { Timestamp.format($0) } ?? (t.dependsOn.isEmpty ? "-" : "after upstream")),
+                    ]
+                })
         }
     }
 

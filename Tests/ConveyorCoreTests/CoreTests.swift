@@ -3,10 +3,11 @@ import ConveyorConfig
 import ConveyorCore
 import ConveyorFaults
 import ConveyorPostgres
-@testable import ConveyorTelemetry
 import Foundation
 import Testing
 import Tracing
+
+@testable import ConveyorTelemetry
 
 @Suite struct RunStateTests {
     @Test func transitionsOnlyMoveForward() {
@@ -47,9 +48,10 @@ import Tracing
 }
 
 @Suite struct MessageCodecTests {
-    let message = TaskMessage(runID: UUID(), taskID: UUID(), taskName: "n", occurrence: Date(timeIntervalSince1970: 1_700_000_000.5),
-                              attempt: 2, queue: "q", executor: "shell", parameters: .object(["argv": .array([.string("/bin/echo")])]),
-                              timeoutSeconds: 30)
+    let message = TaskMessage(
+        runID: UUID(), taskID: UUID(), taskName: "n", occurrence: Date(timeIntervalSince1970: 1_700_000_000.5),
+        attempt: 2, queue: "q", executor: "shell", parameters: .object(["argv": .array([.string("/bin/echo")])]),
+        timeoutSeconds: 30)
 
     @Test func taskMessageRoundTrips() throws {
         let decoded = try MessageCodec.decodeTask(MessageCodec.encode(message))
@@ -78,12 +80,15 @@ import Tracing
         let nasty = "quote\" back\\ nl\n tab\t ctl\u{01} é 😀 </script>"
         var m = message
         m.taskName = nasty
-        m.parameters = .object(["s": .string(nasty), "n": .number(1.5), "i": .number(-3), "b": .bool(false), "z": .null,
-                                "a": .array([.string("x"), .object([:])])])
+        m.parameters = .object([
+            "s": .string(nasty), "n": .number(1.5), "i": .number(-3), "b": .bool(false), "z": .null,
+            "a": .array([.string("x"), .object([:])]),
+        ])
         #expect(try MessageCodec.decodeTask(MessageCodec.encode(m)) == m)
-        let st = StatusMessage(runID: UUID(), attempt: 2, event: .finished, outcome: .timedOut, exitCode: 137, output: nasty,
-                               errorClass: "timeout", errorMessage: nasty, workerID: "w-1", at: Date(timeIntervalSince1970: 1_795_435_200.5),
-                               startedAt: Date(timeIntervalSince1970: 1_795_435_199.25))
+        let st = StatusMessage(
+            runID: UUID(), attempt: 2, event: .finished, outcome: .timedOut, exitCode: 137, output: nasty,
+            errorClass: "timeout", errorMessage: nasty, workerID: "w-1", at: Date(timeIntervalSince1970: 1_795_435_200.5),
+            startedAt: Date(timeIntervalSince1970: 1_795_435_199.25))
         #expect(try MessageCodec.decodeStatus(MessageCodec.encode(st)) == st)
     }
 
@@ -124,16 +129,20 @@ import Tracing
     }
 
     @Test func otelVariablesSwiftOTelWouldStopTheProcessOnAreRefusedByName() throws {
-        for (key, value) in [("OTEL_PROPAGATORS", "tracecontext,b3"), ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
-                             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
-                             ("OTEL_TRACES_EXPORTER", "zipkin")] {
+        for (key, value) in [
+            ("OTEL_PROPAGATORS", "tracecontext,b3"), ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ] {
             #expect { try Traces.validate([key: value]) } throws: { e in
                 let v = e as? ValidationError
                 return v?.field == key && v?.value == value && v?.hint.isEmpty == false
             }
         }
-        try Traces.validate(["OTEL_PROPAGATORS": "tracecontext,baggage", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_TRACES_EXPORTER": "otlp"])
+        try Traces.validate([
+            "OTEL_PROPAGATORS": "tracecontext,baggage", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_TRACES_EXPORTER": "otlp",
+        ])
     }
 }
 
@@ -153,8 +162,10 @@ import Tracing
             let id = UUID()
             #expect(UUID(canonical: id.lowercasedString) == id && UUID(canonical: id.uuidString) == id)
         }
-        for bad in ["", "0af7651916cd43dd8448eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319", "0af76519-16cd-43dd-8448-eb211c80319cc",
-                    "0af76519+16cd-43dd-8448-eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319g", "0af76519-16cd-43dd-8448-eb211c8031é"] {
+        for bad in [
+            "", "0af7651916cd43dd8448eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319", "0af76519-16cd-43dd-8448-eb211c80319cc",
+            "0af76519+16cd-43dd-8448-eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319g", "0af76519-16cd-43dd-8448-eb211c8031é",
+        ] {
             #expect(UUID(canonical: bad) == nil, "\(bad)")
         }
         let ids = (0..<200).map { _ in UUID() }
@@ -218,8 +229,10 @@ import Tracing
         for bad in ["bogus", "dispatcher-crash=sometime", "no-confirms=yes", "worker-crash-on-task=", "dispatcher-crash", "isolation-unroutable=1"] {
             #expect(throws: ValidationError.self) { try FaultInjection.parse(bad) }
             do { _ = try FaultInjection.parse(bad) } catch {
-                #expect(error.field == "CONVEYOR_TEST_FAULTS" && "\(error)".contains("leave it unset in production") || "\(error)".contains("dispatcher-crash is one of"),
-                        "\(error)")
+                #expect(
+                    error.field == "CONVEYOR_TEST_FAULTS" && "\(error)".contains("leave it unset in production")
+                        || "\(error)".contains("dispatcher-crash is one of"),
+                    "\(error)")
             }
         }
     }
@@ -229,8 +242,9 @@ import Tracing
     @Test func nulBecomesTheReplacementCharacterAndNothingElseChanges() throws {
         #expect("a\0b\0".storable == "a\u{FFFD}b\u{FFFD}")
         #expect("plain – ünïcode".storable == "plain – ünïcode")
-        let s = StatusMessage(runID: UUID(), attempt: 1, event: .finished, outcome: .failed, exitCode: 1,
-                              output: "out\0", errorClass: "c\0", errorMessage: "m\0", workerID: "w\0", at: Date())
+        let s = StatusMessage(
+            runID: UUID(), attempt: 1, event: .finished, outcome: .failed, exitCode: 1,
+            output: "out\0", errorClass: "c\0", errorMessage: "m\0", workerID: "w\0", at: Date())
         let d = try MessageCodec.decodeStatus(MessageCodec.encode(s))
         #expect([d.output, d.errorClass, d.errorMessage, d.workerID] == ["out\u{FFFD}", "c\u{FFFD}", "m\u{FFFD}", "w\u{FFFD}"])
     }

@@ -92,7 +92,11 @@ struct AdversarialTests {
             "version": 1, "run_id": .string(runID.lowercasedString), "attempt": .number(Double(attempt)), "event": .string(event),
             "worker_id": "evil-worker", "at": .string(Timestamp.format(Date())),
         ]
-        if event == "finished" { o["outcome"] = "succeeded"; o["exit_code"] = 0; o["output"] = "FORGED by an outsider" }
+        if event == "finished" {
+            o["outcome"] = "succeeded"
+            o["exit_code"] = 0
+            o["output"] = "FORGED by an outsider"
+        }
         if let proofInBody { o["proof"] = .string(proofInBody) }
         return JSONValue.object(o).jsonBytes
     }
@@ -105,11 +109,12 @@ struct AdversarialTests {
         let seen = forgedBody(id, event: "started")
         let seenSeal = StatusProof.seal(seen, proof: signer.sign(runID: id, attempt: 1))
         return [
-            Forgery(body: forgedBody(id, proofInBody: signer.sign(runID: id, attempt: 1)), seal: nil),   // the proof itself, no seal
-            Forgery(body: finished, seal: "AAAAAAAAAAAAAAAAAAAAAA"),                                       // a random seal
-            Forgery(body: finished, seal: StatusProof.seal(finished, proof: signer.sign(runID: other, attempt: 1))),   // another run's
-            Forgery(body: forgedBody(id, attempt: 2), seal: StatusProof.seal(forgedBody(id, attempt: 2), proof: signer.sign(runID: id, attempt: 1))),   // another attempt's
-            Forgery(body: finished, seal: seenSeal),                                                       // a seal replayed from another body
+            Forgery(body: forgedBody(id, proofInBody: signer.sign(runID: id, attempt: 1)), seal: nil),  // the proof itself, no seal
+            Forgery(body: finished, seal: "AAAAAAAAAAAAAAAAAAAAAA"),  // a random seal
+            Forgery(body: finished, seal: StatusProof.seal(finished, proof: signer.sign(runID: other, attempt: 1))),  // another run's
+            // another attempt's
+            Forgery(body: forgedBody(id, attempt: 2), seal: StatusProof.seal(forgedBody(id, attempt: 2), proof: signer.sign(runID: id, attempt: 1))),
+            Forgery(body: finished, seal: seenSeal),  // a seal replayed from another body
         ]
     }
 
@@ -172,9 +177,10 @@ struct AdversarialTests {
                     for proof in [nil, try await sys.proof(UUID())] as [String?] {
                         var body: [String: JSONValue] = ["run_id": .string(run.id.lowercasedString), "attempt": 1, "version": 1]
                         if let proof { body["proof"] = .string(proof) }
-                        try await pub.publish(AMQPOutgoingMessage(
-                            exchange: topo.deadLetterExchange, routingKey: "", body: JSONValue.object(body).jsonBytes,
-                            properties: AMQPProperties(messageID: run.id.lowercasedString, type: taskMessageType)))
+                        try await pub.publish(
+                            AMQPOutgoingMessage(
+                                exchange: topo.deadLetterExchange, routingKey: "", body: JSONValue.object(body).jsonBytes,
+                                properties: AMQPProperties(messageID: run.id.lowercasedString, type: taskMessageType)))
                     }
                 }
                 _ = try await sys.eventually(timeout: .seconds(20), "both dead letters kept") { dispatcher.stats.deadLetters == 2 }
@@ -216,11 +222,12 @@ struct AdversarialTests {
     @Test func s08_aForgedHeartbeatCannotShortenAWorkersLostBound() async throws {
         try await System.with { sys in
             func beat(_ seconds: Double) -> HeartbeatMessage {
-                HeartbeatMessage(workerID: "honest", host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1, inFlight: [],
-                                 intervalSeconds: seconds)
+                HeartbeatMessage(
+                    workerID: "honest", host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1, inFlight: [],
+                    intervalSeconds: seconds)
             }
             try await sys.store.recordHeartbeats([beat(5)])
-            try await sys.store.recordHeartbeats([beat(0.01)])   // the forgery
+            try await sys.store.recordHeartbeats([beat(0.01)])  // the forgery
             #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 5000") == 1)
             #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '2 seconds' WHERE id = 'honest' RETURNING id").count == 1)
             #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers.isEmpty, "lost after 2 s though 3 intervals are 15 s")

@@ -1,7 +1,7 @@
 import ConveyorAMQP
 import ConveyorCore
-import ConveyorFaults
 import ConveyorDispatcher
+import ConveyorFaults
 import ConveyorPostgres
 import ConveyorStore
 import ConveyorWorker
@@ -20,22 +20,28 @@ struct SchedulingTests {
             let dispatcher = sys.dispatcher()
             let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
             try await withServices([dispatcher, worker]) {
-                let retry: JSONValue = .object(["max_attempts": .number(3), "base_seconds": .number(0.4), "factor": .number(2),
-                                                "cap_seconds": .number(0.6), "jitter": .bool(false)])
+                let retry: JSONValue = .object([
+                    "max_attempts": .number(3), "base_seconds": .number(0.4), "factor": .number(2),
+                    "cap_seconds": .number(0.6), "jitter": .bool(false),
+                ])
                 try await sys.store.createTasks([
                     try sys.task(["name": "flaky", "parameters": .object(["fail_times": .number(2)]), "retry": retry]),
                     try sys.task(["name": "broken", "parameters": .object(["fail": .bool(true)]), "retry": retry]),
-                    try sys.task(["name": "no-retry-on-1", "parameters": .object(["fail": .bool(true)]),
-                                  "retry": .object(["max_attempts": .number(3), "no_retry_on": .array([.string("exit:1")])])]),
+                    try sys.task([
+                        "name": "no-retry-on-1", "parameters": .object(["fail": .bool(true)]),
+                        "retry": .object(["max_attempts": .number(3), "no_retry_on": .array([.string("exit:1")])]),
+                    ]),
                 ])
                 try await sys.eventually("flaky succeeded, broken dead, no-retry-on-1 failed") {
                     let s = try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'flaky' AND r.state = 'succeeded'")
                     let d = try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'broken' AND r.state = 'dead'")
-                    let f = try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'no-retry-on-1' AND r.state = 'failed'")
+                    let f = try await sys.count(
+                        "SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'no-retry-on-1' AND r.state = 'failed'")
                     return s == 1 && d == 1 && f == 1
                 }
                 // Exactly k + 1 attempts for k failures, one occurrence, one trace.
-                let flaky = try await sys.rows("""
+                let flaky = try await sys.rows(
+                    """
                     SELECT r.attempt, r.state, extract(epoch FROM r.dispatched_at - r.created_at), r.trace_id
                     FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'flaky' ORDER BY attempt
                     """)
@@ -47,7 +53,8 @@ struct SchedulingTests {
                     let waited = Double(row[2]!)!
                     #expect(waited >= delay && waited < delay + 1.5, "attempt \(row[0]!) waited \(waited)s for a \(delay)s backoff")
                 }
-                let broken = try await sys.rows("SELECT attempt, state, reason FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'broken' ORDER BY attempt")
+                let broken = try await sys.rows(
+                    "SELECT attempt, state, reason FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'broken' ORDER BY attempt")
                 #expect(broken.map { $0[1]! } == ["failed", "failed", "dead"])
                 #expect(broken.last?[2]?.contains("retries exhausted: attempt 3 of 3") == true)
                 #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'no-retry-on-1'") == 1)
@@ -67,14 +74,19 @@ struct SchedulingTests {
         try await System.with { sys in
             let dispatcher = sys.dispatcher { $0.lostGrace = .milliseconds(500) }
             try await withServices([dispatcher]) {
-                try await sys.store.createTasks([try sys.task(["name": "orphan", "timeout": .number(1),
-                                                                "retry": .object(["max_attempts": .number(2), "retry_on": .array([.string("lost")])])])])
+                try await sys.store.createTasks([
+                    try sys.task([
+                        "name": "orphan", "timeout": .number(1),
+                        "retry": .object(["max_attempts": .number(2), "retry_on": .array([.string("lost")])]),
+                    ])
+                ])
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1 }
                 // A worker starts it (its `started` status goes through the broker) and is never heard of again.
                 let run = try #require(try await sys.store.runs().first)
                 let topo = ConveyorTopology(prefix: sys.prefix)
                 let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.status, logger: Servers.logger)
-                pub.start(); defer { pub.stop() }
+                pub.start()
+                defer { pub.stop() }
                 try await pub.waitUntilConnected()
                 let started = StatusMessage(runID: run.id, attempt: 1, event: .started, workerID: "vanished", proof: try await sys.proof(run.id))
                 try await pub.publish(sealedStatus(started, exchange: topo.statusExchange))
@@ -84,8 +96,9 @@ struct SchedulingTests {
                     return lost == 1 && retried == 1
                 }
                 // Its late result is a no-op.
-                let late = try await sys.store.record([StatusMessage(runID: run.id, attempt: 1, event: .finished, outcome: .succeeded, workerID: "vanished")],
-                                                     lostGrace: .milliseconds(500))
+                let late = try await sys.store.record(
+                    [StatusMessage(runID: run.id, attempt: 1, event: .finished, outcome: .succeeded, workerID: "vanished")],
+                    lostGrace: .milliseconds(500))
                 #expect(late.outcomes == 0)
                 let lostFor = try await sys.rows("SELECT extract(epoch FROM finished_at - started_at) FROM runs WHERE attempt = 1")
                 #expect(Double(lostFor[0][0]!)! >= 1.5, "not declared lost before timeout (1 s) + grace (0.5 s)")
@@ -97,10 +110,15 @@ struct SchedulingTests {
         try await System.with { sys in
             let recorder = Recorder()
             try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
-                try await sys.store.createTasks([try sys.task(["name": "slow", "timeout": .number(0.3), "parameters": .object(["sleep_ms": .number(5000)]),
-                                                               "retry": .object(["max_attempts": .number(2), "base_seconds": .number(0.1)])])])
+                try await sys.store.createTasks([
+                    try sys.task([
+                        "name": "slow", "timeout": .number(0.3), "parameters": .object(["sleep_ms": .number(5000)]),
+                        "retry": .object(["max_attempts": .number(2), "base_seconds": .number(0.1)]),
+                    ])
+                ])
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state IN ('timed_out', 'dead')") == 2 }
-                #expect(try await sys.rows("SELECT state, error_class FROM runs ORDER BY attempt").map { $0.compactMap { $0 } }
+                #expect(
+                    try await sys.rows("SELECT state, error_class FROM runs ORDER BY attempt").map { $0.compactMap { $0 } }
                         == [["timed_out", "timeout"], ["dead", "timeout"]])
                 #expect(recorder.cancelled.withLock { $0.count } == 2, "the executor was stopped each time")
             }
@@ -114,7 +132,8 @@ struct SchedulingTests {
             // A "worker" that dies on every delivery: it takes the message and hands it back.
             let crashing = Self.holdingConsumer(sys, topo)
             try await withServices([dispatcher]) {
-                crashing.start(); defer { crashing.stop() }
+                crashing.start()
+                defer { crashing.stop() }
                 try await crashing.waitUntilConsuming()
                 let pump = Task { for await d in crashing.deliveries { crashing.nack(d, multiple: false, requeue: true) } }
                 defer { pump.cancel() }
@@ -128,8 +147,9 @@ struct SchedulingTests {
     /// A bare consumer of the system's work queue that holds one message at a time and acks
     /// nothing: a worker that dies (`stop`) or fails (`nack`) with whatever it took.
     static func holdingConsumer(_ sys: System, _ topo: ConveyorTopology) -> AMQPConsumer {
-        AMQPConsumer(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
-                     prefetch: 1, logger: Servers.logger)
+        AMQPConsumer(
+            configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), queues: [topo.workQueue(sys.queue)],
+            prefetch: 1, logger: Servers.logger)
     }
 
     /// Starts `dying` (a `holdingConsumer`), creates `tasks`, and returns the first message it
@@ -185,7 +205,7 @@ struct SchedulingTests {
                 _ = try await Self.holdOne(dying, sys, creating: [try sys.task(["name": "returned"])])
                 try await withServices([worker]) {
                     try await sys.eventually(timeout: .seconds(10), "worker ready") { worker.isReady }
-                    dying.stop()   // the message comes back, redelivered, to the worker
+                    dying.stop()  // the message comes back, redelivered, to the worker
                     try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1 }
                 }
                 #expect(worker.stats.isolated == 0, "the copy was not confirmed, so nothing counts as moved")
@@ -201,24 +221,31 @@ struct SchedulingTests {
     @Test func criticalWorkOvertakesABackgroundBacklog() async throws {
         try await System.with { sys in
             let recorder = Recorder()
-            let backlog = 4, concurrency = 2
-            let dispatcher = sys.dispatcher { $0.maxBacklogPerQueue = backlog; $0.groups = 1 }
+            let backlog = 4
+            let concurrency = 2
+            let dispatcher = sys.dispatcher {
+                $0.maxBacklogPerQueue = backlog
+                $0.groups = 1
+            }
             let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: concurrency)
             try await withServices([dispatcher, worker]) {
-                try await sys.store.createTasks(try (0..<60).map {
-                    try sys.task(["name": .string("bg-\($0)"), "priority": "background", "parameters": .object(["sleep_ms": .number(100)])])
-                })
+                try await sys.store.createTasks(
+                    try (0..<60).map {
+                        try sys.task(["name": .string("bg-\($0)"), "priority": "background", "parameters": .object(["sleep_ms": .number(100)])])
+                    })
                 try await sys.eventually { recorder.starts.withLock { $0.count } >= 6 }
                 let added = ContinuousClock.now
-                try await sys.store.createTasks(try (0..<5).map {
-                    try sys.task(["name": .string("crit-\($0)"), "priority": "critical", "parameters": .object(["sleep_ms": .number(100)])])
-                })
+                try await sys.store.createTasks(
+                    try (0..<5).map {
+                        try sys.task(["name": .string("crit-\($0)"), "priority": "critical", "parameters": .object(["sleep_ms": .number(100)])])
+                    })
                 try await sys.eventually(timeout: .seconds(30)) { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 65 }
                 let starts = recorder.starts.withLock { $0 }
                 let lastCritical = try #require(starts.lastIndex { $0.0.hasPrefix("crit-") })
                 let backgroundInBetween = starts[..<lastCritical].filter { $0.0.hasPrefix("bg-") && $0.1 > added }.count
-                #expect(backgroundInBetween <= backlog + concurrency,
-                        "\(backgroundInBetween) background runs started between adding the critical work and its last start")
+                #expect(
+                    backgroundInBetween <= backlog + concurrency,
+                    "\(backgroundInBetween) background runs started between adding the critical work and its last start")
                 #expect(starts.filter { $0.0.hasPrefix("bg-") }.count == 60)
             }
         }
@@ -230,17 +257,23 @@ struct SchedulingTests {
         try await System.with { sys in
             let recorder = Recorder()
             try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
-                try await sys.store.createTasks([try sys.task(["name": "every-second", "schedule": "* * * * * *", "timezone": "Europe/London"]),
-                                                 try sys.task(["name": "interval", "schedule": "every 700ms"])])
+                try await sys.store.createTasks([
+                    try sys.task(["name": "every-second", "schedule": "* * * * * *", "timezone": "Europe/London"]),
+                    try sys.task(["name": "interval", "schedule": "every 700ms"]),
+                ])
                 try await Task.sleep(for: .seconds(3.2))
                 try await sys.store.setPaused(true, names: ["every-second", "interval"])
-                let cron = try await sys.rows("SELECT extract(epoch FROM occurrence) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'every-second' ORDER BY 1")
-                    .map { Double($0[0]!)! }
+                let cron = try await sys.rows(
+                    "SELECT extract(epoch FROM occurrence) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'every-second' ORDER BY 1"
+                )
+                .map { Double($0[0]!)! }
                 #expect((3...4).contains(cron.count), "\(cron)")
                 #expect(cron.allSatisfy { $0 == $0.rounded() }, "cron occurrences are whole seconds")
                 #expect(zip(cron, cron.dropFirst()).allSatisfy { $1 - $0 == 1 })
-                let grid = try await sys.rows("SELECT extract(epoch FROM occurrence) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'interval' ORDER BY 1")
-                    .map { Double($0[0]!)! }
+                let grid = try await sys.rows(
+                    "SELECT extract(epoch FROM occurrence) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'interval' ORDER BY 1"
+                )
+                .map { Double($0[0]!)! }
                 #expect(grid.count >= 4)
                 #expect(zip(grid, grid.dropFirst()).allSatisfy { abs($1 - $0 - 0.7) < 0.0011 }, "\(grid)")
             }
@@ -255,15 +288,19 @@ struct SchedulingTests {
             let config: (inout DispatcherConfiguration) -> Void = { $0.misfireGrace = .seconds(2) }
             try await withServices([sys.dispatcher(config), sys.dispatcher(config), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
                 let start = Timestamp.format(Date().addingTimeInterval(-95))
-                try await sys.store.createTasks(try ["skip", "once", "all"].map { p in
-                    try sys.task(["name": .string(p), "schedule": "every 10s", "start": .string(start), "misfire": .string(p), "max_catchup": 3])
-                })
+                try await sys.store.createTasks(
+                    try ["skip", "once", "all"].map { p in
+                        try sys.task(["name": .string(p), "schedule": "every 10s", "start": .string(start), "misfire": .string(p), "max_catchup": 3])
+                    })
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 4 }
                 try await Task.sleep(for: .milliseconds(500))
-                let byTask = Dictionary(uniqueKeysWithValues: try await sys.rows("""
-                    SELECT t.name, count(r.id), t.skipped_occurrences, extract(epoch FROM t.next_run_at - now()) FROM tasks t
-                    LEFT JOIN runs r ON r.task_id = t.id GROUP BY t.id
-                    """).map { ($0[0]!, ($0[1]!, $0[2]!, Double($0[3]!)!)) })
+                let byTask = Dictionary(
+                    uniqueKeysWithValues: try await sys.rows(
+                        """
+                        SELECT t.name, count(r.id), t.skipped_occurrences, extract(epoch FROM t.next_run_at - now()) FROM tasks t
+                        LEFT JOIN runs r ON r.task_id = t.id GROUP BY t.id
+                        """
+                    ).map { ($0[0]!, ($0[1]!, $0[2]!, Double($0[3]!)!)) })
                 #expect(byTask["skip"]?.0 == "0" && byTask["skip"]?.1 == "10")
                 #expect(byTask["once"]?.0 == "1" && byTask["once"]?.1 == "9")
                 #expect(byTask["all"]?.0 == "3" && byTask["all"]?.1 == "7")
@@ -279,25 +316,32 @@ struct SchedulingTests {
             let recorder = Recorder()
             try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: 8)]) {
                 let slow: JSONValue = .object(["sleep_ms": .number(900)])
-                try await sys.store.createTasks(try ["forbid", "queue", "replace"].map { p in
-                    try sys.task(["name": .string(p), "schedule": "every 300ms", "overlap": .string(p), "parameters": slow])
-                })
+                try await sys.store.createTasks(
+                    try ["forbid", "queue", "replace"].map { p in
+                        try sys.task(["name": .string(p), "schedule": "every 300ms", "overlap": .string(p), "parameters": slow])
+                    })
                 try await Task.sleep(for: .seconds(3))
                 try await sys.store.setPaused(true, names: ["forbid", "queue", "replace"])
                 try await Task.sleep(for: .seconds(2))
                 for name in ["forbid", "queue"] {
-                    let spans = try await sys.rows("""
+                    let spans = try await sys.rows(
+                        """
                         SELECT extract(epoch FROM started_at), extract(epoch FROM finished_at) FROM runs r JOIN tasks t ON t.id = r.task_id
                         WHERE t.name = $1 AND started_at IS NOT NULL ORDER BY started_at
-                        """, [name]).map { (Double($0[0]!)!, Double($0[1] ?? "1e12")!) }
+                        """, [name]
+                    ).map { (Double($0[0]!)!, Double($0[1] ?? "1e12")!) }
                     #expect(spans.count >= 2, "\(name) ran")
                     #expect(zip(spans, spans.dropFirst()).allSatisfy { $1.0 >= $0.1 - 0.01 }, "\(name): runs never overlap: \(spans)")
                     #expect(try await sys.count("SELECT skipped_occurrences FROM tasks WHERE name = $1", [name]) > 0)
                 }
                 // queue: at most one waiting, which ran when the active one ended.
-                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'queue' AND r.state = 'scheduled'") <= 1)
+                #expect(
+                    try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'queue' AND r.state = 'scheduled'") <= 1)
                 // replace: each new occurrence cancelled the running one.
-                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'replace' AND r.state = 'cancelled' AND r.reason LIKE 'replaced%'") >= 2)
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'replace' AND r.state = 'cancelled' AND r.reason LIKE 'replaced%'"
+                    ) >= 2)
                 #expect(recorder.cancelled.withLock { $0.count } >= 1, "a replaced run's executor was stopped on the worker")
             }
         }
@@ -307,10 +351,13 @@ struct SchedulingTests {
         try await System.with { sys in
             let recorder = Recorder()
             try await withServices([sys.dispatcher(), sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)], concurrency: 12)]) {
-                try await sys.store.createTasks(try (0..<12).map {
-                    try sys.task(["name": .string("keyed-\($0)"), "concurrency": .object(["key": "customer:42", "limit": 2]),
-                                  "parameters": .object(["sleep_ms": .number(300)])])
-                })
+                try await sys.store.createTasks(
+                    try (0..<12).map {
+                        try sys.task([
+                            "name": .string("keyed-\($0)"), "concurrency": .object(["key": "customer:42", "limit": 2]),
+                            "parameters": .object(["sleep_ms": .number(300)]),
+                        ])
+                    })
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 12 }
                 let spans = try await sys.rows("SELECT extract(epoch FROM started_at), extract(epoch FROM finished_at) FROM runs")
                     .map { (Double($0[0]!)!, Double($0[1]!)!) }
@@ -320,7 +367,8 @@ struct SchedulingTests {
                 try await sys.store.setRateLimit(queue: sys.queue, rate: 5, burst: 1)
                 try await sys.store.createTasks(try (0..<11).map { try sys.task(["name": .string("rated-\($0)")]) })
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 23 }
-                let spread = try await sys.rows("""
+                let spread = try await sys.rows(
+                    """
                     SELECT extract(epoch FROM max(dispatched_at) - min(dispatched_at)) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name LIKE 'rated-%'
                     """)
                 #expect(Double(spread[0][0]!)! >= 1.8, "11 runs at 5/s with a burst of 1 take at least 2 s")
@@ -335,21 +383,27 @@ struct SchedulingTests {
                 // The same key name with limit 1 in namespaces a and b: two keys, so b's run goes
                 // out while a's holds its slot; a second task in a waits for a's slot.
                 for (namespace, name) in [("a", "a-1"), ("a", "a-2"), ("b", "b-1")] {
-                    try await sys.store.createTasks([try sys.task([
-                        "name": .string(name), "namespace": .string(namespace), "concurrency": .object(["key": "k", "limit": 1]),
-                        "parameters": .object(["sleep_ms": .number(1500)]),
-                    ])])
+                    try await sys.store.createTasks([
+                        try sys.task([
+                            "name": .string(name), "namespace": .string(namespace), "concurrency": .object(["key": "k", "limit": 1]),
+                            "parameters": .object(["sleep_ms": .number(1500)]),
+                        ])
+                    ])
                 }
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 3 }
-                let spans = try await sys.rows("""
+                let spans = try await sys.rows(
+                    """
                     SELECT t.namespace, extract(epoch FROM r.started_at), extract(epoch FROM r.finished_at)
                     FROM runs r JOIN tasks t ON t.id = r.task_id ORDER BY r.started_at
-                    """).map { (namespace: $0[0]!, start: Double($0[1]!)!, end: Double($0[2]!)!) }
-                let a = spans.filter { $0.namespace == "a" }, b = spans.filter { $0.namespace == "b" }
+                    """
+                ).map { (namespace: $0[0]!, start: Double($0[1]!)!, end: Double($0[2]!)!) }
+                let a = spans.filter { $0.namespace == "a" }
+                let b = spans.filter { $0.namespace == "b" }
                 #expect(a.count == 2 && b.count == 1)
                 #expect(zip(a, a.dropFirst()).allSatisfy { $1.start >= $0.end - 0.01 }, "within namespace a the limit of 1 holds: \(a)")
-                #expect(b.contains { r in a.contains { $0.start < r.end && r.start < $0.end } },
-                        "namespace b's run was in flight while one of a's was (the key is per namespace): \(spans)")
+                #expect(
+                    b.contains { r in a.contains { $0.start < r.end && r.start < $0.end } },
+                    "namespace b's run was in flight while one of a's was (the key is per namespace): \(spans)")
             }
         }
     }
@@ -371,15 +425,22 @@ struct SchedulingTests {
                     try sys.task(["name": "cleanup", "depends_on": ["clean", "enrich"], "trigger_rule": "all_done"]),
                 ])
                 try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state IN ('succeeded', 'failed', 'skipped')") == 7 }
-                let states = Dictionary(uniqueKeysWithValues: try await sys.rows("SELECT t.name, r.state FROM runs r JOIN tasks t ON t.id = r.task_id").map { ($0[0]!, $0[1]!) })
-                #expect(states == ["extract": "succeeded", "clean": "succeeded", "enrich": "failed", "load": "skipped", "report": "skipped",
-                                   "alert": "succeeded", "cleanup": "succeeded"])
+                let states = Dictionary(
+                    uniqueKeysWithValues: try await sys.rows("SELECT t.name, r.state FROM runs r JOIN tasks t ON t.id = r.task_id").map { ($0[0]!, $0[1]!) })
+                #expect(
+                    states == [
+                        "extract": "succeeded", "clean": "succeeded", "enrich": "failed", "load": "skipped", "report": "skipped",
+                        "alert": "succeeded", "cleanup": "succeeded",
+                    ])
                 #expect(try await sys.count("SELECT count(DISTINCT workflow_run_id) FROM runs") == 1)
                 #expect(try await sys.count("SELECT count(*) FROM runs WHERE workflow_run_id IS NULL") == 0)
-                #expect(try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'load' AND r.reason LIKE '%enrich ended failed%'") == 1)
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'load' AND r.reason LIKE '%enrich ended failed%'") == 1)
                 // Dependents never start before their upstreams end.
                 let clean = try await sys.rows("SELECT extract(epoch FROM r.started_at) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'cleanup'")
-                let ups = try await sys.rows("SELECT max(extract(epoch FROM r.finished_at)) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name IN ('clean', 'enrich')")
+                let ups = try await sys.rows(
+                    "SELECT max(extract(epoch FROM r.finished_at)) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name IN ('clean', 'enrich')")
                 #expect(Double(clean[0][0]!)! >= Double(ups[0][0]!)!)
                 // A second trigger of the root is a second workflow run.
                 let extract = try await sys.store.task(named: "extract")
@@ -402,8 +463,11 @@ struct SchedulingTests {
                     return v.field == "depends_on" && (v.hint.contains(mention) || v.value.contains(mention))
                 }
             }
-            try await refused([["name": "a", "schedule": "manual", "depends_on": ["b"]], ["name": "b", "schedule": "manual", "depends_on": ["c"]],
-                               ["name": "c", "schedule": "manual", "depends_on": ["a"]]], "cycle")
+            try await refused(
+                [
+                    ["name": "a", "schedule": "manual", "depends_on": ["b"]], ["name": "b", "schedule": "manual", "depends_on": ["c"]],
+                    ["name": "c", "schedule": "manual", "depends_on": ["a"]],
+                ], "cycle")
             try await refused([["name": "x"], ["name": "y"], ["name": "z", "depends_on": ["x", "y"]]], "different root")
             try await refused([["name": "p"], ["name": "q", "depends_on": ["nope"]]], "nope")
             #expect(throws: ValidationError.self) { try sys.task(["name": "s", "depends_on": ["s"]]) }
@@ -421,7 +485,9 @@ struct SchedulingTests {
                     try sys.task(["name": "long", "group": "nightly", "parameters": .object(["sleep_ms": .number(30_000)])]),
                     try sys.task(["name": "ticker", "group": "nightly", "schedule": "every 200ms"]),
                 ])
-                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'long' AND r.state = 'running'") == 1 }
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'long' AND r.state = 'running'") == 1
+                }
                 let longRow = try await sys.rows("SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'long'")
                 let run = try #require(longRow.first?[0].flatMap(UUID.init(uuidString:)))
                 let asked = ContinuousClock.now
@@ -445,7 +511,8 @@ struct SchedulingTests {
         try await System.with { sys in
             try await sys.store.createTasks([try sys.task(["name": "old"]), try sys.task(["name": "gone"])])
             _ = try await sys.pool.withConnection { c in
-                try await c.simple("""
+                try await c.simple(
+                    """
                     INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, finished_at)
                     SELECT gen_random_uuid(), t.id, now() - make_interval(mins => g), 1, 'succeeded', 'work', 0, now(), now() - interval '40 days'
                     FROM tasks t, generate_series(1, 1500) g;

@@ -74,8 +74,9 @@ struct FaultSuite {
             report.notes.append("\(killed) kills")
             // A killed worker holds at most its prefetch of unacknowledged runs: 8 from the work
             // queue and 1 from the isolation lane.
-            report.require(report.counts.duplicateExecutions <= killed * 9,
-                           "repeated executions \(report.counts.duplicateExecutions) > killed workers' in-flight bound \(killed * 9)")
+            report.require(
+                report.counts.duplicateExecutions <= killed * 9,
+                "repeated executions \(report.counts.duplicateExecutions) > killed workers' in-flight bound \(killed * 9)")
             report.require(killed >= 3, "only \(killed) kills")
         }
     }
@@ -98,7 +99,7 @@ struct FaultSuite {
             bed.signal("w1", SIGCONT)
             let quiet = try await bed.waitQuiet(timeout: .seconds(90))
             report.recovery = quiet.map { $0 - stopped }
-            try await Task.sleep(for: .seconds(2))   // the late results arrive and must change nothing
+            try await Task.sleep(for: .seconds(2))  // the late results arrive and must change nothing
             report.counts = try await bed.oracle()
             report.standard()
             report.require(bed.isRunning("w1"), "the resumed worker exited")
@@ -136,8 +137,9 @@ struct FaultSuite {
             // The worker's own login (not loopback-only, unlike `guest`), to the host's address
             // as the namespace sees it.
             let workerURL = bed.sys.workerAMQPURL.replacingOccurrences(of: "@127.0.0.1:", with: "@\(Netns.hostAddress):")
-            try bed.startWorker("cut", env: ["CONVEYOR_AMQP_URL": workerURL],
-                                wrapper: [try Requirements.program("ip"), "netns", "exec", ns])
+            try bed.startWorker(
+                "cut", env: ["CONVEYOR_AMQP_URL": workerURL],
+                wrapper: [try Requirements.program("ip"), "netns", "exec", ns])
             try await bed.until("the namespaced worker joins", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active'") == 1
             }
@@ -218,8 +220,12 @@ struct FaultSuite {
         try await FaultBed.scenario("pg-restart", "5 postgres restart", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
             let apiPort = try FaultBed.freePort()
-            try bed.start("api", ["api"], env: bed.commonEnvironment.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                                                                                       "CONVEYOR_AMQP_URL": bed.sys.apiAMQPURL]) { _, b in b })
+            try bed.start(
+                "api", ["api"],
+                env: bed.commonEnvironment.merging([
+                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                    "CONVEYOR_AMQP_URL": bed.sys.apiAMQPURL,
+                ]) { _, b in b })
             try await bed.until("api ready", timeout: .seconds(30), &report) { await FaultBed.httpStatus(port: apiPort) == 200 }
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % done", timeout: .seconds(60), &report) {
@@ -293,7 +299,9 @@ struct FaultSuite {
             // Lease 3 s + scan 0.2 s, plus a second for the publish itself.
             report.require((report.recovery ?? .seconds(99)) <= .milliseconds(4200), "takeover slower than lease + one scan interval")
             // Only a run published by both dispatchers may run twice: at most what the dead one held.
-            report.require(report.counts.duplicateExecutions <= held, "repeated executions \(report.counts.duplicateExecutions) > the \(held) runs the dead dispatcher held")
+            report.require(
+                report.counts.duplicateExecutions <= held,
+                "repeated executions \(report.counts.duplicateExecutions) > the \(held) runs the dead dispatcher held")
         }
     }
 
@@ -313,7 +321,8 @@ struct FaultSuite {
             try await bed.until("parked runs dispatched", timeout: .seconds(30), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched' AND queue = 'parked'") == parked.count
             }
-            let rows = try await bed.rows("""
+            let rows = try await bed.rows(
+                """
                 SELECT r.id::text, t.id::text, t.name, r.occurrence::text, t.parameters::text FROM runs r JOIN tasks t ON t.id = r.task_id
                 WHERE r.queue = 'parked' ORDER BY t.name
                 """)
@@ -321,26 +330,35 @@ struct FaultSuite {
             let signer = StatusProof(secret: try await bed.sys.store.statusKey())
             func message(_ row: [String?]) throws -> TaskMessage {
                 let params = try JSONDecoder().decode(JSONValue.self, from: Data((row[4] ?? "{}").utf8))
-                var m = TaskMessage(runID: UUID(uuidString: row[0]!)!, taskID: UUID(uuidString: row[1]!)!, taskName: row[2]!,
-                                    occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params, timeoutSeconds: 30)
+                var m = TaskMessage(
+                    runID: UUID(uuidString: row[0]!)!, taskID: UUID(uuidString: row[1]!)!, taskName: row[2]!,
+                    occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params, timeoutSeconds: 30)
                 m.proof = signer.sign(runID: m.runID, attempt: 1)
                 return m
             }
             try await bed.create(bed.sinkTasks(good, ms: 5, name: "good"))
             try await bed.create(bed.sys.tasks(perKind, executor: "no-such-executor", name: "unknown"))
-            var poison = perKind, identifiable = perKind   // the unknown-executor runs
+            var poison = perKind
+            var identifiable = perKind  // the unknown-executor runs
             try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).work(queues: [bed.sys.queue])) { pub, topo in
                 func send(_ body: [UInt8], headers: AMQPHeaders = [:]) async throws {
-                    try await pub.publish(AMQPOutgoingMessage(exchange: topo.tasksExchange, routingKey: bed.sys.queue, body: body,
-                                                              properties: AMQPProperties(type: taskMessageType, persistent: true, headers: headers)))
+                    try await pub.publish(
+                        AMQPOutgoingMessage(
+                            exchange: topo.tasksExchange, routingKey: bed.sys.queue, body: body,
+                            properties: AMQPProperties(type: taskMessageType, persistent: true, headers: headers)))
                 }
                 for i in 0..<perKind {
-                    try await send(Array("{not json \(i)".utf8)); poison += 1
-                    try await send([0xFF, 0xFE, 0x7B, 0x22, UInt8(i % 200)]); poison += 1
-                    try await send(Array("{\"pad\": \"".utf8) + Array(repeating: UInt8(ascii: "x"), count: MessageCodec.maxBodyBytes) + Array("\"}".utf8)); poison += 1
+                    try await send(Array("{not json \(i)".utf8))
+                    poison += 1
+                    try await send([0xFF, 0xFE, 0x7B, 0x22, UInt8(i % 200)])
+                    poison += 1
+                    try await send(Array("{\"pad\": \"".utf8) + Array(repeating: UInt8(ascii: "x"), count: MessageCodec.maxBodyBytes) + Array("\"}".utf8))
+                    poison += 1
                     var v99 = try message(rows[i])
                     v99.version = 99
-                    try await send(MessageCodec.encode(v99)); poison += 1; identifiable += 1
+                    try await send(MessageCodec.encode(v99))
+                    poison += 1
+                    identifiable += 1
                     // A broken traceparent is not poison: W3C Trace Context says to ignore it, so the
                     // run executes under a new trace.
                     try await send(MessageCodec.encode(try message(rows[perKind + i])), headers: ["traceparent": .string("00-zz-not-a-trace-01")])
@@ -359,8 +377,9 @@ struct FaultSuite {
             report.require(reasons == poison, "dead letters with a reason: \(reasons)")
             let succeeded = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
             report.require(succeeded == good + 2 * perKind, "succeeded \(succeeded), expected \(good + 2 * perKind)")
-            report.require(zip(1...3, pids).allSatisfy { bed.isRunning("w\($0)") && bed.pid("w\($0)") == $1 },
-                           "a worker restarted or exited")
+            report.require(
+                zip(1...3, pids).allSatisfy { bed.isRunning("w\($0)") && bed.pid("w\($0)") == $1 },
+                "a worker restarted or exited")
         }
     }
 
@@ -391,7 +410,8 @@ struct FaultSuite {
             report.standard(deadLettered: 1)
             let crasher = try await bed.rows("SELECT r.state, coalesce(r.reason, '') FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'crasher-0'")
             report.require(crasher.first?[0] == "dead", "the crashing task's run is \(crasher.first?[0] ?? "missing"), not dead")
-            let innocentsNotSucceeded = try await bed.count("SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name <> 'crasher-0' AND r.state <> 'succeeded'")
+            let innocentsNotSucceeded = try await bed.count(
+                "SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name <> 'crasher-0' AND r.state <> 'succeeded'")
             report.require(innocentsNotSucceeded == 0, "\(innocentsNotSucceeded) innocent runs did not succeed")
             let isolated = try await bed.count("SELECT count(*) FROM dead_letters WHERE source LIKE '%.isolated.%'")
             report.require(isolated == 1, "\(isolated) dead letters came from the isolation lane, expected the crasher alone")
@@ -419,8 +439,9 @@ struct FaultSuite {
             for (i, id) in ids.enumerated() {
                 let outcome: Outcome = i % 3 == 0 ? .failed : .succeeded
                 let started = StatusMessage(runID: id, attempt: 1, event: .started, workerID: "w-real", at: t0)
-                let finished = StatusMessage(runID: id, attempt: 1, event: .finished, outcome: outcome, exitCode: outcome == .failed ? 1 : 0,
-                                             workerID: "w-real", at: t0.addingTimeInterval(1))
+                let finished = StatusMessage(
+                    runID: id, attempt: 1, event: .finished, outcome: outcome, exitCode: outcome == .failed ? 1 : 0,
+                    workerID: "w-real", at: t0.addingTimeInterval(1))
                 statuses += [started, started, finished, finished]
             }
             statuses = try await bed.sys.signed(statuses)
@@ -448,7 +469,8 @@ struct FaultSuite {
         try await FaultBed.scenario("retries", "10 retries", n: n) { bed, report in
             try Self.fleet(bed, workers: 2)
             // Half succeed on attempt k + 1; half are allowed only k attempts and end dead.
-            var tasks = bed.sinkTasks(n / 2, name: "recovers", query: "fail=\(k)", maxAttempts: k + 1)
+            var tasks =
+                bed.sinkTasks(n / 2, name: "recovers", query: "fail=\(k)", maxAttempts: k + 1)
                 + bed.sinkTasks(n / 2, name: "gives-up", query: "fail=\(k)", maxAttempts: k)
             for i in tasks.indices {
                 tasks[i].retry.baseSeconds = 0.5
@@ -457,16 +479,18 @@ struct FaultSuite {
             }
             try await bed.create(tasks)
             try await bed.waitQuiet(timeout: .seconds(120))
-            try await Task.sleep(for: .seconds(2))   // anything republished after the end would show now
+            try await Task.sleep(for: .seconds(2))  // anything republished after the end would show now
             report.counts = try await bed.oracle()
             report.standard()
-            let recovered = try await bed.count("""
+            let recovered = try await bed.count(
+                """
                 SELECT count(*) FROM tasks t WHERE t.name LIKE 'recovers-%'
                 AND (SELECT count(*) FROM runs r WHERE r.task_id = t.id) = \(k + 1)
                 AND EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.attempt = \(k + 1) AND r.state = 'succeeded')
                 """)
             report.require(recovered == n / 2, "tasks with exactly k + 1 attempts ending succeeded: \(recovered) of \(n / 2)")
-            let gaveUp = try await bed.count("""
+            let gaveUp = try await bed.count(
+                """
                 SELECT count(*) FROM tasks t WHERE t.name LIKE 'gives-up-%'
                 AND (SELECT count(*) FROM runs r WHERE r.task_id = t.id) = \(k)
                 AND EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.attempt = \(k) AND r.state = 'dead')
@@ -474,7 +498,8 @@ struct FaultSuite {
             report.require(gaveUp == n / 2, "tasks ending dead after \(k) attempts: \(gaveUp) of \(n / 2)")
             // Each retry waits between 0 and base * factor^(attempt - 1) (full jitter), on the
             // database clock: from the failed attempt's end to the retry's dispatch.
-            let early = try await bed.count("""
+            let early = try await bed.count(
+                """
                 SELECT count(*) FROM runs a JOIN runs b ON b.task_id = a.task_id AND b.attempt = a.attempt + 1
                 WHERE b.dispatched_at - a.finished_at > make_interval(secs => 0.5 * 2 ^ (a.attempt - 1) + 1.0)
                    OR b.dispatched_at < a.finished_at
@@ -525,8 +550,9 @@ struct FaultSuite {
             report.require(FileManager.default.fileExists(atPath: shim), "no timerfd shim at '\(shim)' (scripts/faults.sh builds it)")
             guard report.pass else { return }
             let skewedPort = try FaultBed.freePort()
-            try bed.startDispatcher("skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1", "LD_PRELOAD": shim],
-                                    httpPort: skewedPort, wrapper: [try Requirements.program("faketime"), "-f", skew.rawValue])
+            try bed.startDispatcher(
+                "skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1", "LD_PRELOAD": shim],
+                httpPort: skewedPort, wrapper: [try Requirements.program("faketime"), "-f", skew.rawValue])
             try bed.startDispatcher("d2")
             for i in 1...2 { try bed.startWorker("w\(i)", concurrency: 16) }
             let dbNow = try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init) ?? Date().timeIntervalSince1970
@@ -573,7 +599,8 @@ struct FaultSuite {
             }
             let pid = bed.pid("d1")
             let startMB = FaultBed.residentMB(pid) ?? 0
-            var peak = 0.0, duringAlarm = 0
+            var peak = 0.0
+            var duringAlarm = 0
             try await FaultBed.rabbitmqctl(["set_vm_memory_high_watermark", "0.000001"])
             do {
                 let end = ContinuousClock.now + alarm
@@ -593,7 +620,8 @@ struct FaultSuite {
             report.recovery = ContinuousClock.now - cleared
             report.counts = try await bed.oracle()
             report.standard()
-            report.notes.append(String(format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared", startMB, peak, duringAlarm))
+            report.notes.append(
+                String(format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared", startMB, peak, duringAlarm))
             report.require(peak < startMB + 100, "dispatcher memory grew by more than 100 MB during the alarm")
             report.require(duringAlarm < n, "the burst had ended before the alarm: the scenario tested nothing")
             // The dispatchers were told (connection.blocked) and paused, and did not take the
@@ -620,7 +648,8 @@ struct FaultSuite {
             try await bed.waitQuiet(timeout: .seconds(FaultProfile.full ? 600 : 180))
             report.counts = try await bed.oracle()
             report.standard()
-            let stats = try await bed.rows("""
+            let stats = try await bed.rows(
+                """
                 SELECT count(*)::text, extract(epoch FROM max(finished_at) - min(occurrence))::text,
                        extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY started_at - occurrence))::text,
                        extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - occurrence))::text,
@@ -628,7 +657,8 @@ struct FaultSuite {
                 FROM runs WHERE state = 'succeeded'
                 """)[0].map { Double($0 ?? "") ?? 0 }
             report.require(Int(stats[0]) == n, "succeeded \(Int(stats[0])) of \(n)")
-            report.notes.append(String(format: "%.0f runs/s; lateness p50 %.2fs p99 %.2fs max %.2fs", stats[0] / max(stats[1], 0.001), stats[2], stats[3], stats[4]))
+            report.notes.append(
+                String(format: "%.0f runs/s; lateness p50 %.2fs p99 %.2fs max %.2fs", stats[0] / max(stats[1], 0.001), stats[2], stats[3], stats[4]))
         }
     }
 
@@ -639,7 +669,8 @@ struct FaultSuite {
         try await FaultBed.scenario("rolling", "15 rolling SIGTERM", n: n) { bed, report in
             try Self.fleet(bed)
             try await bed.create(bed.sinkTasks(n, ms: 500))
-            var restarts = 0, exitCodes: [Int32] = []
+            var restarts = 0
+            var exitCodes: [Int32] = []
             let began = ContinuousClock.now
             while try await bed.unfinished() > 0, ContinuousClock.now - began < .seconds(300) {
                 try await Task.sleep(for: .seconds(2))
