@@ -64,10 +64,22 @@ public enum Traces {
     /// The context carried by a message's or request's W3C headers (`traceparent`, `tracestate`,
     /// `baggage`), read through `extractor` (for AMQP messages, ConveyorAMQP's
     /// `AMQPHeadersExtractor`): a new trace's parent when none or malformed.
+    ///
+    /// Only the W3C values are handed to the tracer, checked here: a `tracestate` that does not
+    /// parse is left out and the trace goes on (W3C Trace Context), where swift-otel would drop
+    /// the whole context and log the carrier, every header of the message or request with it.
     public static func context<Carrier, Extract: Extractor>(_ carrier: Carrier, using extractor: Extract) -> ServiceContext
     where Extract.Carrier == Carrier {
         var ctx = ServiceContext.topLevel
-        tracer.extract(carrier, into: &ctx, using: extractor)
+        if let parent = extractor.extract(key: "traceparent", from: carrier) {
+            var w3c = ["traceparent": parent]
+            if let state = extractor.extract(key: "tracestate", from: carrier),
+                (try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: state)) != nil
+            {
+                w3c["tracestate"] = state
+            }
+            tracer.extract(w3c, into: &ctx, using: DictionaryExtractor())
+        }
         if let baggage = extractor.extract(key: "baggage", from: carrier), !baggage.isEmpty { ctx.baggageHeader = baggage }
         return ctx
     }

@@ -117,6 +117,16 @@ import Tracing
         #expect(child.baggageHeader == "tenant=42", "baggage is carried to children")
     }
 
+    @Test func aTracestateThatIsNotW3CIsLeftOutAndTheTraceGoesOn() throws {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        let headers: AMQPHeaders = ["traceparent": .string(parent), "tracestate": .string("Foo"), "seal": .string("secret")]
+        let ctx = Traces.context(headers, using: AMQPHeadersExtractor())
+        #expect(Traces.traceID(ctx) == "0af7651916cd43dd8448eb211c80319c", "the trace goes on")
+        #expect(Traces.headers(ctx)["tracestate"] == nil, "the malformed tracestate is not propagated")
+        let kept = Traces.context(headers: ["traceparent": parent, "tracestate": "vendor=1"])
+        #expect(Traces.headers(kept)["tracestate"] == "vendor=1")
+    }
+
     @Test func aStoredParentIsContinuedAndGarbageStartsARoot() throws {
         let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         let tp = try #require(Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: parent)).context))
