@@ -8,7 +8,8 @@ let package = Package(
         .executable(name: "conveyor", targets: ["conveyor"]),
         .executable(name: "conveyorctl", targets: ["conveyorctl"]),
         // For programs that embed a worker with executors of their own (Examples/CustomExecutor).
-        .library(name: "ConveyorWorker", targets: ["ConveyorWorker", "ConveyorConfig", "ConveyorCore", "ConveyorAMQP"]),
+        .library(
+            name: "ConveyorWorker", targets: ["ConveyorWorker", "ConveyorConfig", "ConveyorCore", "ConveyorAMQP"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -18,11 +19,12 @@ let package = Package(
         .package(url: "https://github.com/swift-otel/swift-w3c-trace-context.git", from: "1.0.0"),
         // Spans exported over OTLP/HTTP; the gRPC trait (grpc-swift and its HTTP/2 stack) is left off.
         // Exact minor: Conveyor counts lost spans from this release's log lines (SpanDropCounter).
-        .package(url: "https://github.com/swift-otel/swift-otel.git", .upToNextMinor(from: "1.6.0"), traits: ["OTLPHTTP"]),
+        .package(
+            url: "https://github.com/swift-otel/swift-otel.git", .upToNextMinor(from: "1.6.0"), traits: ["OTLPHTTP"]),
         // One trait only: SwiftPM 6.3 may rebuild a dependency with several traits from scratch.
         .package(url: "https://github.com/apple/swift-configuration.git", from: "1.4.0", traits: ["YAML"]),
         .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
-        // Already built for swift-configuration's YAML trait; the CLI reads task files with it.
+        // Already built for swift-configuration's YAML trait; conveyorctl reads task files with it.
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
         // Outbound HTTP: callbacks from the dispatcher, the http executor in workers.
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
@@ -72,6 +74,10 @@ let package = Package(
                 // The W3C header carrier of AMQP messages (AMQPHeadersInjector/Extractor).
                 .product(name: "Instrumentation", package: "swift-distributed-tracing"),
             ]),
+
+        // Conveyor's broker objects: the names and shapes of its exchanges and queues (ConveyorTopology),
+        // isolation lanes, and work-queue depths. The AMQP wrapper below it knows AMQP, not Conveyor.
+        .target(name: "ConveyorBroker", dependencies: ["ConveyorAMQP"]),
 
         // Test-only faults a process injects into itself (CONVEYOR_TEST_FAULTS): signals and kills,
         // outside the pure Core; `package` access, so no product exposes them.
@@ -126,7 +132,8 @@ let package = Package(
         .target(
             name: "ConveyorAPI",
             dependencies: [
-                "ConveyorCore", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorHTTP", "ConveyorTelemetry",
+                // No ConveyorPostgres: the API reaches the database only through the Store.
+                "ConveyorCore", "ConveyorStore", "ConveyorAMQP", "ConveyorBroker", "ConveyorHTTP", "ConveyorTelemetry",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "JWTKit", package: "jwt-kit"),
@@ -141,7 +148,8 @@ let package = Package(
         .target(
             name: "ConveyorDispatcher",
             dependencies: [
-                "ConveyorCore", "ConveyorFaults", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorTelemetry",
+                "ConveyorCore", "ConveyorFaults", "ConveyorHTTP", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP",
+                "ConveyorBroker", "ConveyorTelemetry",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ]),
@@ -149,7 +157,9 @@ let package = Package(
         .target(
             name: "ConveyorWorker",
             dependencies: [
-                "ConveyorCore", "ConveyorFaults", "ConveyorAMQP", "ConveyorTelemetry", "ConveyorConfig", "ConveyorHTTP",
+                "ConveyorCore", "ConveyorFaults", "ConveyorAMQP", "ConveyorBroker", "ConveyorTelemetry",
+                "ConveyorConfig",
+                "ConveyorHTTP",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ]),
@@ -157,13 +167,13 @@ let package = Package(
         .executableTarget(
             name: "conveyor",
             dependencies: [
-                "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig",
+                "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorDispatcher", "ConveyorWorker",
+                "ConveyorBroker", "ConveyorTelemetry", "ConveyorConfig",
                 "ConveyorHTTP",
                 "ConveyorAPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-                .product(name: "Yams", package: "Yams"),
             ]),
 
         // The API's client: talks HTTP only (no database, no broker).
@@ -191,7 +201,8 @@ let package = Package(
         .testTarget(
             name: "ConveyorCoreTests",
             dependencies: [
-                "ConveyorCore", "ConveyorFaults", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig", "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
+                "ConveyorCore", "ConveyorFaults", "ConveyorWorker", "ConveyorTelemetry", "ConveyorConfig",
+                "ConveyorAMQP", "ConveyorPostgres", "ConveyorHTTP",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
@@ -199,7 +210,8 @@ let package = Package(
         .testTarget(
             name: "ConveyorIntegrationTests",
             dependencies: [
-                "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorDispatcher",
+                "ConveyorCore", "ConveyorFaults", "ConveyorStore", "ConveyorPostgres", "ConveyorAMQP", "ConveyorBroker",
+                "ConveyorDispatcher",
                 "ConveyorWorker", "ConveyorTelemetry", "ConveyorHTTP", "ConveyorAPI",
                 .product(name: "JWTKit", package: "jwt-kit"),
                 .product(name: "Crypto", package: "swift-crypto"),

@@ -11,5 +11,5 @@ scripts/services.sh start
 source .local/env
 swift build
 .build/debug/conveyor migrate
-echo "[run] conveyor dev --demo: watch with '.build/debug/conveyor task list' and 'task show demo-shell' in another shell (after 'source .local/env')" >&2
+echo "[run] conveyor dev --demo: in another shell, from this folder, watch with '.build/debug/conveyorctl task list' and 'conveyorctl task get demo-shell' (conveyor dev leaves conveyorctl configured in .local/)" >&2
 exec .build/debug/conveyor dev --demo --workers 2 "$@"

@@ -11,6 +11,8 @@ scripts/services.sh start
 # shellcheck disable=SC1091
 source .local/env
 export CI="${CI:-false}"
+# House style (.swift-format: 120 columns): the formatter finds nothing to change anywhere.
+swift format lint --strict --recursive --parallel Sources Tests Examples Package.swift
 # Warnings are errors in every target of the package (Package.swift), so this build has none.
 swift build --build-tests
 # Every suite but the fault suite, which needs servers of its own (it restarts and kills them).

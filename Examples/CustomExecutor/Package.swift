@@ -13,11 +13,13 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
     ],
     targets: [
-        .executableTarget(name: "CustomWorker", dependencies: [
-            .product(name: "ConveyorWorker", package: "conveyor"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-        ]),
+        .executableTarget(
+            name: "CustomWorker",
+            dependencies: [
+                .product(name: "ConveyorWorker", package: "conveyor"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ])
     ]
 )

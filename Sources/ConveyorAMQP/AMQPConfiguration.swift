@@ -52,10 +52,18 @@ public struct AMQPConfiguration: Sendable {
         guard let buffer = strdup(url) else { throw AMQPError(code: .invalidURL, message: "out of memory") }
         defer { free(buffer) }
         guard amqp_parse_url(buffer, &info) == AMQP_STATUS_OK.rawValue else {
-            throw AMQPError(code: .invalidURL, message: "CONVEYOR_AMQP_URL '\(redactedURL)' is not an AMQP URL: use amqp://user:password@host:5672/vhost (vhost '/' is %2F)")
+            throw AMQPError(
+                code: .invalidURL,
+                message:
+                    """
+                    CONVEYOR_AMQP_URL '\(redactedURL)' is not an AMQP URL: use amqp://user:password@host:5672/vhost \
+                    (vhost '/' is %2F)
+                    """
+            )
         }
-        return Endpoint(host: String(cString: info.host), port: Int(info.port), vhost: String(cString: info.vhost),
-                        user: String(cString: info.user), password: String(cString: info.password))
+        return Endpoint(
+            host: String(cString: info.host), port: Int(info.port), vhost: String(cString: info.vhost),
+            user: String(cString: info.user), password: String(cString: info.password))
     }
 
     /// The URL with its password replaced by `***`.

@@ -1,6 +1,6 @@
 import CRabbitMQ
 import Foundation
-public import Logging
+package import Logging
 import Synchronization
 
 /// Consumes queues with manual acknowledgement on a connection owned by one thread.
@@ -13,12 +13,12 @@ import Synchronization
 /// After a reconnect (with backoff and jitter, topology re-declared, consumers resumed) the
 /// delivery tags of the old connection are void: acknowledging an old delivery is a no-op, and
 /// the broker redelivers that message.
-public final class AMQPConsumer: Sendable {
-    public let configuration: AMQPConfiguration
-    public let topology: AMQPTopology
+package final class AMQPConsumer: Sendable {
+    package let configuration: AMQPConfiguration
+    package let topology: AMQPTopology
     /// The queues consumed, each with its own prefetch (`basic.qos` is per consumer: set before each `basic.consume`).
-    public let subscriptions: [Subscription]
-    public var queues: [String] { subscriptions.map(\.queue) }
+    package let subscriptions: [Subscription]
+    package var queues: [String] { subscriptions.map(\.queue) }
     private let logger: Logger
     private let owner: ConnectionOwner
     private var wake: WakePipe { owner.wake }
@@ -27,7 +27,7 @@ public final class AMQPConsumer: Sendable {
     private let connected = Atomic<Bool>(false)
     private let consuming = Atomic<Bool>(false)
     /// Every delivery, in arrival order. Finishes when the consumer stops.
-    public let deliveries: AsyncStream<AMQPDelivery>
+    package let deliveries: AsyncStream<AMQPDelivery>
     private let continuation: AsyncStream<AMQPDelivery>.Continuation
 
     enum Command: Sendable {
@@ -40,18 +40,27 @@ public final class AMQPConsumer: Sendable {
     }
 
     /// A queue to consume and how many of its deliveries may be unacknowledged at once.
-    public struct Subscription: Sendable, Hashable {
-        public var queue: String
-        public var prefetch: UInt16
-        public init(queue: String, prefetch: UInt16) { self.queue = queue; self.prefetch = prefetch }
+    package struct Subscription: Sendable, Hashable {
+        package var queue: String
+        package var prefetch: UInt16
+        package init(queue: String, prefetch: UInt16) {
+            self.queue = queue
+            self.prefetch = prefetch
+        }
     }
 
     /// Consumes `queues`, each with the same `prefetch`.
-    public convenience init(configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger) {
-        self.init(configuration: configuration, topology: topology, subscriptions: queues.map { Subscription(queue: $0, prefetch: prefetch) }, logger: logger)
+    package convenience init(
+        configuration: AMQPConfiguration, topology: AMQPTopology, queues: [String], prefetch: UInt16, logger: Logger
+    ) {
+        self.init(
+            configuration: configuration, topology: topology,
+            subscriptions: queues.map { Subscription(queue: $0, prefetch: prefetch) }, logger: logger)
     }
 
-    public init(configuration: AMQPConfiguration, topology: AMQPTopology, subscriptions: [Subscription], logger: Logger) {
+    package init(
+        configuration: AMQPConfiguration, topology: AMQPTopology, subscriptions: [Subscription], logger: Logger
+    ) {
         self.configuration = configuration
         self.owner = ConnectionOwner(configuration: configuration, role: "consume")
         self.topology = topology
@@ -60,40 +69,43 @@ public final class AMQPConsumer: Sendable {
         (deliveries, continuation) = AsyncStream.makeStream(of: AMQPDelivery.self, bufferingPolicy: .unbounded)
     }
 
-    public var isConnected: Bool { connected.load(ordering: .relaxed) }
+    package var isConnected: Bool { connected.load(ordering: .relaxed) }
     /// Connected and with consumers registered (readiness).
-    public var isConsuming: Bool { consuming.load(ordering: .relaxed) }
-    public var reconnectCount: Int { owner.reconnectCount }
+    package var isConsuming: Bool { consuming.load(ordering: .relaxed) }
+    package var reconnectCount: Int { owner.reconnectCount }
 
-    public func start() { owner.start(name: "conveyor.amqp.consume") { [self] in run() } }
+    package func start() { owner.start(name: "conveyor.amqp.consume") { [self] in run() } }
 
-    /// Cancels the consumers and ends `deliveries`, but keeps the connection for the acks of work in hand.
-    public func stopConsuming() {
+    /// Cancels the consumers and ends `deliveries` at once, connected or not, but keeps the
+    /// connection for the acks of work in hand. A delivery read after this is not yielded: it
+    /// stays unacked and returns to its queue when the connection closes.
+    package func stopConsuming() {
         cancelRequested.store(true, ordering: .relaxed)
+        continuation.finish()
         wake.wake()
     }
 
     /// Closes the connection and finishes `deliveries`. Unacked deliveries return to their queues.
-    public func stop() { owner.stop() }
+    package func stop() { owner.stop() }
 
-    public func waitUntilConsuming() async throws { try await owner.waitUntil { isConsuming } }
+    package func waitUntilConsuming() async throws { try await owner.waitUntil { isConsuming } }
 
-    public func ack(_ d: AMQPDelivery, multiple: Bool = false) {
+    package func ack(_ d: AMQPDelivery, multiple: Bool = false) {
         send(.ack(tag: d.deliveryTag, generation: d.generation, multiple: multiple))
     }
 
     /// Rejects one delivery; with `requeue: false` it dead-letters.
-    public func reject(_ d: AMQPDelivery, requeue: Bool) {
+    package func reject(_ d: AMQPDelivery, requeue: Bool) {
         send(.reject(tag: d.deliveryTag, generation: d.generation, requeue: requeue))
     }
 
-    public func nack(_ d: AMQPDelivery, multiple: Bool, requeue: Bool) {
+    package func nack(_ d: AMQPDelivery, multiple: Bool, requeue: Bool) {
         send(.nack(tag: d.deliveryTag, generation: d.generation, multiple: multiple, requeue: requeue))
     }
 
     /// Returns once every ack, reject and nack queued before this call has been written to the
     /// broker's socket, or dropped because its connection is gone (then the broker redelivers).
-    public func flush() async {
+    package func flush() async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in send(.barrier(c)) }
     }
 
@@ -125,20 +137,25 @@ public final class AMQPConsumer: Sendable {
                                     qos = s.prefetch
                                 }
                                 let q = s.queue
-                                amqp_basic_consume(session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                                amqp_basic_consume(
+                                    session.conn, session.channel, arena.bytes(q), arena.bytes(q), 0, 0, 0,
+                                    amqp_table_t(num_entries: 0, entries: nil))
                                 try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.consume \(q)")
                             }
                         }
                     }
                 } catch {
-                    session.abandon()   // never a polite close on a connection the broker dropped
+                    session.abandon()  // never a polite close on a connection the broker dropped
                     throw error
                 }
             } catch {
                 attempt += 1
                 owner.failed(error)
-                logger.warning("amqp consumer connect failed, retrying", metadata: [
-                    "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
+                logger.warning(
+                    "amqp consumer connect failed, retrying",
+                    metadata: [
+                        "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)",
+                    ])
                 owner.sleepBackoff(attempt)
                 continue
             }
@@ -146,11 +163,12 @@ public final class AMQPConsumer: Sendable {
             attempt = 0
             connected.store(true, ordering: .relaxed)
             consuming.store(!cancelRequested.load(ordering: .relaxed), ordering: .relaxed)
-            logger.info("amqp consumer connected", metadata: ["amqp.queues": "\(queues)", "amqp.generation": "\(generation)"])
+            logger.info(
+                "amqp consumer connected", metadata: ["amqp.queues": "\(queues)", "amqp.generation": "\(generation)"])
             let error = serve(session)
             connected.store(false, ordering: .relaxed)
             consuming.store(false, ordering: .relaxed)
-            dropCommands()   // tags of this connection are void now
+            dropCommands()  // tags of this connection are void now
             if let error {
                 owner.failed(error)
                 logger.warning("amqp consumer connection lost", metadata: ["error": "\(error)"])
@@ -167,7 +185,10 @@ public final class AMQPConsumer: Sendable {
 
     /// Forgets the queued commands, resuming any barrier among them.
     private func dropCommands() {
-        for case .barrier(let c) in commands.withLock({ c in defer { c = [] }; return c }) { c.resume() }
+        for case .barrier(let c) in commands.withLock({ c in
+            defer { c = [] }
+            return c
+        }) { c.resume() }
     }
 
     private func serve(_ session: AMQPSession) -> AMQPError? {
@@ -216,18 +237,27 @@ public final class AMQPConsumer: Sendable {
                     continuation.yield(d)
                     continue
                 }
-                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && reply.library_error == AMQP_STATUS_TIMEOUT.rawValue { break }
-                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && reply.library_error == AMQP_STATUS_UNEXPECTED_STATE.rawValue {
+                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+                    && reply.library_error == AMQP_STATUS_TIMEOUT.rawValue
+                {
+                    break
+                }
+                if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+                    && reply.library_error == AMQP_STATUS_UNEXPECTED_STATE.rawValue
+                {
                     // A method frame other than basic.deliver is waiting.
                     var frame = amqp_frame_t()
                     let rc = amqp_simple_wait_frame_noblock(session.conn, &frame, &tv)
                     if rc == AMQP_STATUS_TIMEOUT.rawValue { break }
-                    if rc != AMQP_STATUS_OK.rawValue { return AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc))) }
+                    if rc != AMQP_STATUS_OK.rawValue {
+                        return AMQPError(code: .connection, message: String(cString: amqp_error_string2(rc)))
+                    }
                     if let e = handleStray(frame, cancelling: cancelled) { return e }
                     continue
                 }
                 if reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION {
-                    return AMQPError(code: .connection, message: String(cString: amqp_error_string2(reply.library_error)))
+                    return AMQPError(
+                        code: .connection, message: String(cString: amqp_error_string2(reply.library_error)))
                 }
                 return AMQPError(code: .protocolError, message: "unexpected reply while consuming")
             }
@@ -246,14 +276,24 @@ public final class AMQPConsumer: Sendable {
         }
         if id == CRabbitMQ_BASIC_CANCEL_METHOD, !cancelling, let decoded = frame.payload.method.decoded {
             let tag = decoded.assumingMemoryBound(to: amqp_basic_cancel_t.self).pointee.consumer_tag.string
-            return AMQPError(code: .consumerCancelled, message: "the broker cancelled the consumer of queue '\(tag)' (the queue was deleted?); reconnecting declares it again")
+            return AMQPError(
+                code: .consumerCancelled,
+                message:
+                    """
+                    the broker cancelled the consumer of queue '\(tag)' (the queue was deleted?); reconnecting \
+                    declares it again
+                    """
+            )
         }
         return nil
     }
 
     @discardableResult
     private func applyCommands(_ session: AMQPSession) -> AMQPError? {
-        let pending = commands.withLock { c in defer { c = [] }; return c }
+        let pending = commands.withLock { c in
+            defer { c = [] }
+            return c
+        }
         for (i, c) in pending.enumerated() {
             var rc: Int32 = 0
             switch c {

@@ -2,7 +2,8 @@
 public struct AMQPError: Error, Sendable, CustomStringConvertible {
     public struct Code: Sendable, Hashable, CustomStringConvertible {
         enum Base: String, Sendable {
-            case connection, notConnected, accessRefused, closedByBroker, consumerCancelled, timeout, nacked, unroutable, invalidURL, stopped, protocolError
+            case connection, notConnected, accessRefused, closedByBroker, consumerCancelled, timeout, nacked,
+                unroutable, invalidURL, stopped, protocolError
         }
         let base: Base
         /// The TCP connection or the login failed, or the socket broke.

@@ -1,79 +1,122 @@
 import CRabbitMQ
-import Foundation
+import Dispatch
+import Synchronization
 
 /// A queue's depth and consumers as the broker reports them (a passive `queue.declare`).
-public struct QueueStats: Sendable, Equatable {
-    public var name: String
+package struct QueueStats: Sendable, Equatable {
+    package var name: String
     /// Messages ready for delivery (not those delivered and unacknowledged).
-    public var messages: Int
-    public var consumers: Int
+    package var messages: Int
+    package var consumers: Int
 }
 
-/// A work queue as the broker sees it, with its isolation lane.
-public struct WorkQueueDepth: Sendable, Equatable {
-    /// The work queue's broker name (`conveyor.q.<queue>`).
-    public var queue: String
-    /// Ready messages in the work queue, and in its isolation lane.
-    public var ready: Int
-    public var isolated: Int
-    /// Consumers of the work queue.
-    public var consumers: Int
-    /// Everything waiting for a worker: both queues' ready messages.
-    public var waiting: Int { ready + isolated }
-}
+/// Questions to the broker: does it answer, and how deep are these queues. They are asked one at a
+/// time on one connection, kept open between questions, by a serial dispatch queue of its own
+/// (rabbitmq-c blocks, so never on the cooperative pool). However often a dashboard or a probe asks,
+/// the broker sees one connection per inspector.
+///
+/// The connection sends no heartbeats (the broker does not close it for idling); a question on a
+/// connection that has died fails within `operationTimeout`, and is then asked once more on a new
+/// connection. `close()` ends the connection; a question after it opens a new one.
+package final class AMQPInspector: @unchecked Sendable {
+    // @unchecked: `session` is read and written only on `queue`, which runs one block at a time.
+    private var session: AMQPSession?
+    private let queue = DispatchQueue(label: "conveyor.amqp.inspector")
+    private let opened = Atomic<Int>(0)
+    private let configuration: AMQPConfiguration
 
-/// One-shot questions to the broker on a connection of their own, asked on a thread of their
-/// own (rabbitmq-c blocks): is it reachable, and how deep are these queues.
-public enum AMQPInspector {
+    package init(configuration: AMQPConfiguration) {
+        var c = configuration
+        c.heartbeat = .zero
+        c.name += " inspector"
+        self.configuration = c
+    }
+
+    deinit { session?.close() }
+
+    /// Connections opened so far (one, while the broker stays up).
+    package var connectionsOpened: Int { opened.load(ordering: .relaxed) }
+
+    /// Whether the broker answers: a round trip (`basic.qos`, which needs no permission).
+    package func ping() async throws(AMQPError) {
+        try await ask { session throws(AMQPError) in
+            _ = amqp_basic_qos(session.conn, session.channel, 0, 0, 0)
+            try AMQPSession.check(amqp_get_rpc_reply(session.conn), "basic.qos")
+        }
+    }
+
     /// Stats of each named queue that exists; a missing queue is left out (not created).
-    public static func queues(_ names: [String], configuration: AMQPConfiguration) async throws(AMQPError) -> [QueueStats] {
-        let result: Result<[QueueStats], AMQPError> = await withCheckedContinuation { continuation in
-            Thread.detachNewThread {
-                continuation.resume(returning: Result { () throws(AMQPError) in try inspect(names, configuration) })
+    package func queues(_ names: [String]) async throws(AMQPError) -> [QueueStats] {
+        try await ask { session throws(AMQPError) in try Self.inspect(names, session) }
+    }
+
+    /// Closes the connection (at shutdown), after the question being asked; returns at once, so a
+    /// caller on the cooperative pool never waits for the broker.
+    package func close() {
+        queue.async { [self] in
+            session?.close()
+            session = nil
+        }
+    }
+
+    private func ask<T: Sendable>(_ question: @escaping @Sendable (AMQPSession) throws(AMQPError) -> T)
+        async throws(AMQPError) -> T
+    {
+        let result: Result<T, AMQPError> = await withCheckedContinuation { continuation in
+            queue.async {
+                continuation.resume(returning: Result { () throws(AMQPError) in try self.answer(question) })
             }
         }
         return try result.get()
     }
 
-    /// Each work queue's depth with its isolation lane's (docs/workers.md), keyed by the work
-    /// queue's name (`default`, not `conveyor.q.default`); a work queue not declared yet is left out.
-    public static func workQueues(_ queues: [String], topology: ConveyorTopology,
-                                  configuration: AMQPConfiguration) async throws(AMQPError) -> [String: WorkQueueDepth] {
-        let stats = try await self.queues(queues.flatMap { [topology.workQueue($0), topology.isolationQueue($0)] }, configuration: configuration)
-        let byName = Dictionary(stats.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        var out: [String: WorkQueueDepth] = [:]
-        for queue in queues {
-            guard let work = byName[topology.workQueue(queue)] else { continue }
-            out[queue] = WorkQueueDepth(queue: work.name, ready: work.messages, isolated: byName[topology.isolationQueue(queue)]?.messages ?? 0,
-                                        consumers: work.consumers)
+    /// On `queue`: the question on the kept connection, or once more on a new one when that fails.
+    private func answer<T>(_ question: (AMQPSession) throws(AMQPError) -> T) throws(AMQPError) -> T {
+        if let kept = session {
+            do { return try question(kept) } catch {
+                kept.abandon()
+                session = nil
+            }
         }
-        return out
+        let fresh = try AMQPSession(configuration: configuration, topology: AMQPTopology(), generation: 0)
+        opened.add(1, ordering: .relaxed)
+        session = fresh
+        do { return try question(fresh) } catch {
+            fresh.abandon()
+            session = nil
+            throw error
+        }
     }
 
-    static func inspect(_ names: [String], _ configuration: AMQPConfiguration) throws(AMQPError) -> [QueueStats] {
-        let session = try AMQPSession(configuration: configuration, topology: AMQPTopology(), generation: 0)
-        defer { session.close() }
+    private static func inspect(_ names: [String], _ session: AMQPSession) throws(AMQPError) -> [QueueStats] {
         var out: [QueueStats] = []
-        // A passive declare of a missing queue closes its channel: each such miss moves on to a
-        // fresh channel (1 is the session's own; 2… are opened here).
-        var channel: amqp_channel_t = 1
+        let channel = session.channel
         let arena = CArena()
         try withExtendedLifetime(arena) { () throws(AMQPError) in
             for name in names {
-                guard let ok = amqp_queue_declare(session.conn, channel, arena.bytes(name), 1, 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil)) else {
+                guard
+                    let ok = amqp_queue_declare(
+                        session.conn, channel, arena.bytes(name), 1, 0, 0, 0, amqp_table_t(num_entries: 0, entries: nil)
+                    )
+                else {
                     let reply = amqp_get_rpc_reply(session.conn)
-                    guard reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION, reply.reply.id == CRabbitMQ_CHANNEL_CLOSE_METHOD else {
+                    guard reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION,
+                        reply.reply.id == CRabbitMQ_CHANNEL_CLOSE_METHOD
+                    else {
                         try AMQPSession.check(reply, "queue.declare (passive) \(name)")
                         continue
                     }
+                    // A passive declare of a missing queue closes the channel: acknowledge the close
+                    // and open the channel again, under the same number, for the next name.
                     var closeOK = amqp_channel_close_ok_t(dummy: 0)
                     _ = amqp_send_method(session.conn, channel, CRabbitMQ_CHANNEL_CLOSE_OK_METHOD, &closeOK)
-                    channel += 1
                     amqp_channel_open(session.conn, channel)
                     try AMQPSession.check(amqp_get_rpc_reply(session.conn), "channel.open")
                     continue
                 }
-                out.append(QueueStats(name: name, messages: Int(ok.pointee.message_count), consumers: Int(ok.pointee.consumer_count)))
+                out.append(
+                    QueueStats(
+                        name: name, messages: Int(ok.pointee.message_count), consumers: Int(ok.pointee.consumer_count)))
             }
         }
         return out

@@ -1,7 +1,7 @@
-import CoreMetrics
 import CRabbitMQ
+import CoreMetrics
 import Foundation
-public import Logging
+package import Logging
 import Synchronization
 
 /// Publishes persistent messages with publisher confirms, many in flight at once.
@@ -14,21 +14,23 @@ import Synchronization
 /// While the connection is down the publisher is a circuit breaker: calls fail at once with
 /// `.notConnected` (nothing hammers the broker); the thread reconnects with backoff and
 /// jitter, re-declaring the topology.
-public final class AMQPPublisher: Sendable {
-    public let configuration: AMQPConfiguration
+package final class AMQPPublisher: Sendable {
+    package let configuration: AMQPConfiguration
     /// What is declared on every (re)connect: the initial topology plus everything `ensureTopology` added.
     private let topology: Mutex<AMQPTopology>
-    private let declarations = Mutex<[(AMQPTopology, CheckedContinuation<Result<Void, AMQPError>, Never>)]>([])
+    /// Declarations for the owner thread.
+    private let declarations = Handoff<(AMQPTopology, CheckedContinuation<Result<Void, AMQPError>, Never>)>()
     /// Most unconfirmed messages. Default 1,024.
-    public let window: Int
+    package let window: Int
     private let logger: Logger
     private let owner: ConnectionOwner
     private var wake: WakePipe { owner.wake }
-    private let inbox = Mutex<[PublishBatch]>([])
+    /// Batches for the owner thread.
+    private let inbox = Handoff<PublishBatch>()
     private let connected = Atomic<Bool>(false)
     private let blocked = Atomic<Bool>(false)
 
-    public init(configuration: AMQPConfiguration, topology: AMQPTopology, window: Int = 1024, logger: Logger) {
+    package init(configuration: AMQPConfiguration, topology: AMQPTopology, window: Int = 1024, logger: Logger) {
         self.configuration = configuration
         self.owner = ConnectionOwner(configuration: configuration, role: "publish")
         self.topology = Mutex(topology)
@@ -46,51 +48,68 @@ public final class AMQPPublisher: Sendable {
     }
 
     /// Whether a connection is up (readiness).
-    public var isConnected: Bool { connected.load(ordering: .relaxed) }
+    package var isConnected: Bool { connected.load(ordering: .relaxed) }
     /// Whether the broker has blocked publishing (memory or disk alarm).
-    public var isBlocked: Bool { blocked.load(ordering: .relaxed) }
+    package var isBlocked: Bool { blocked.load(ordering: .relaxed) }
     /// How many times the connection was re-established.
-    public var reconnectCount: Int { owner.reconnectCount }
+    package var reconnectCount: Int { owner.reconnectCount }
 
     /// Starts the owner thread.
-    public func start() { owner.start(name: "conveyor.amqp.publish") { [self] in run() } }
+    package func start() { owner.start(name: "conveyor.amqp.publish") { [self] in run() } }
 
     /// Stops the thread; unconfirmed messages fail with `.stopped`.
-    public func stop() { owner.stop() }
+    package func stop() { owner.stop() }
 
     /// Waits for the first connection, up to `configuration.connectRetryFor`; throws a clear error naming the URL.
-    public func waitUntilConnected() async throws { try await owner.waitUntil { isConnected } }
+    package func waitUntilConnected() async throws { try await owner.waitUntil { isConnected } }
 
     /// Publishes `messages` and returns, in order, whether the broker confirmed each.
-    public func publish(_ messages: [AMQPOutgoingMessage]) async -> [Result<Void, AMQPError>] {
+    package func publish(_ messages: [AMQPOutgoingMessage]) async -> [Result<Void, AMQPError>] {
         if messages.isEmpty { return [] }
         return await withCheckedContinuation { cont in
             let batch = PublishBatch(messages: messages, continuation: cont)
-            if owner.isStopped { batch.failAll(AMQPError(code: .stopped, message: "publisher stopped")); return }
-            if !isConnected { batch.failAll(AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)")); return }
-            inbox.withLock { $0.append(batch) }
+            if owner.isStopped {
+                batch.failAll(AMQPError(code: .stopped, message: "publisher stopped"))
+                return
+            }
+            if !isConnected {
+                batch.failAll(AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)"))
+                return
+            }
+            guard inbox.append(batch) else {
+                batch.failAll(AMQPError(code: .stopped, message: "publisher stopped"))
+                return
+            }
             wake.wake()
         }
     }
 
     /// Declares more exchanges, queues and bindings now, and on every later reconnect.
-    public func ensureTopology(_ more: AMQPTopology) async throws(AMQPError) {
+    package func ensureTopology(_ more: AMQPTopology) async throws(AMQPError) {
         topology.withLock { $0 = $0.merging(more) }
         let r: Result<Void, AMQPError> = await withCheckedContinuation { cont in
-            if !isConnected { cont.resume(returning: .failure(AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)"))); return }
-            declarations.withLock { $0.append((more, cont)) }
+            if !isConnected {
+                cont.resume(
+                    returning: .failure(
+                        AMQPError(code: .notConnected, message: "not connected to the broker (reconnecting)")))
+                return
+            }
+            guard declarations.append((more, cont)) else {
+                cont.resume(returning: .failure(AMQPError(code: .stopped, message: "publisher stopped")))
+                return
+            }
             wake.wake()
         }
         try r.get()
     }
 
-    private func failDeclarations(_ error: AMQPError) {
-        let pending = declarations.withLock { d in defer { d = [] }; return d }
+    private func failDeclarations(_ error: AMQPError, closing: Bool = false) {
+        let pending = declarations.take(closing: closing)
         for (_, c) in pending { c.resume(returning: .failure(error)) }
     }
 
     /// Publishes one message; throws unless the broker confirmed it.
-    public func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
+    package func publish(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
         try await publish([message])[0].get()
     }
 
@@ -111,7 +130,8 @@ public final class AMQPPublisher: Sendable {
             generation += 1
             let session: AMQPSession
             do throws(AMQPError) {
-                session = try AMQPSession(configuration: configuration, topology: topology.withLock { $0 }, generation: generation)
+                session = try AMQPSession(
+                    configuration: configuration, topology: topology.withLock { $0 }, generation: generation)
                 amqp_confirm_select(session.conn, session.channel)
                 do throws(AMQPError) {
                     try AMQPSession.check(amqp_get_rpc_reply(session.conn), "confirm.select")
@@ -123,9 +143,13 @@ public final class AMQPPublisher: Sendable {
                 attempt += 1
                 owner.failed(error)
                 failInbox(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
-                failDeclarations(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
-                logger.warning("amqp publisher connect failed, retrying", metadata: [
-                    "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)"])
+                failDeclarations(
+                    AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
+                logger.warning(
+                    "amqp publisher connect failed, retrying",
+                    metadata: [
+                        "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)",
+                    ])
                 owner.sleepBackoff(attempt)
                 continue
             }
@@ -134,7 +158,9 @@ public final class AMQPPublisher: Sendable {
             // A new connection starts unblocked; the broker says so again if its alarm still holds.
             setBlocked(false)
             connected.store(true, ordering: .relaxed)
-            logger.info("amqp publisher connected", metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
+            logger.info(
+                "amqp publisher connected",
+                metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
             let error = serve(session)
             connected.store(false, ordering: .relaxed)
             if let error {
@@ -147,12 +173,12 @@ public final class AMQPPublisher: Sendable {
                 session.close()
             }
         }
-        failInbox(AMQPError(code: .stopped, message: "publisher stopped"))
-        failDeclarations(AMQPError(code: .stopped, message: "publisher stopped"))
+        failInbox(AMQPError(code: .stopped, message: "publisher stopped"), closing: true)
+        failDeclarations(AMQPError(code: .stopped, message: "publisher stopped"), closing: true)
     }
 
-    private func failInbox(_ error: AMQPError) {
-        let batches = inbox.withLock { b in defer { b = [] }; return b }
+    private func failInbox(_ error: AMQPError, closing: Bool = false) {
+        let batches = inbox.take(closing: closing)
         for b in batches { b.failRemaining(error) }
     }
 
@@ -175,10 +201,20 @@ public final class AMQPPublisher: Sendable {
             while i < inflight.count {
                 let f = inflight[i]
                 if f.tag == tag || (multiple && f.tag < tag) {
-                    let result: Result<Void, AMQPError> = !ok
+                    let result: Result<Void, AMQPError> =
+                        !ok
                         ? .failure(AMQPError(code: .nacked, message: "broker refused the message (basic.nack)"))
-                        : f.returned ? .failure(AMQPError(code: .unroutable, message: "no queue bound for routing key '\(f.batch.messages[f.index].routingKey)' on exchange '\(f.batch.messages[f.index].exchange)'"))
-                        : .success(())
+                        : f.returned
+                            ? .failure(
+                                AMQPError(
+                                    code: .unroutable,
+                                    message:
+                                        """
+                                        no queue bound for routing key '\(f.batch.messages[f.index].routingKey)' on \
+                                        exchange '\(f.batch.messages[f.index].exchange)'
+                                        """
+                                ))
+                            : .success(())
                     f.batch.complete(f.index, result)
                     inflight.remove(at: i)
                     if !multiple { return }
@@ -195,15 +231,15 @@ public final class AMQPPublisher: Sendable {
                 failAll(AMQPError(code: .stopped, message: "publisher stopped"))
                 return nil
             }
-            queued.append(contentsOf: inbox.withLock { b in defer { b = [] }; return b })
-            for (t, cont) in declarations.withLock({ d in defer { d = [] }; return d }) {
+            queued.append(contentsOf: inbox.take())
+            for (t, cont) in declarations.take() {
                 do throws(AMQPError) {
                     try session.declare(t)
                     cont.resume(returning: .success(()))
                 } catch {
                     cont.resume(returning: .failure(error))
                     failAll(error)
-                    return error   // a failed declare closes the channel: reconnect
+                    return error  // a failed declare closes the channel: reconnect
                 }
             }
 
@@ -212,7 +248,8 @@ public final class AMQPPublisher: Sendable {
                 let index = batch.cursor
                 let status = session.publish(batch.messages[index], mandatory: batch.messages[index].mandatory)
                 if status != AMQP_STATUS_OK.rawValue {
-                    let e = AMQPError(code: .connection, message: "publish failed: \(String(cString: amqp_error_string2(status)))")
+                    let e = AMQPError(
+                        code: .connection, message: "publish failed: \(String(cString: amqp_error_string2(status)))")
                     failAll(e)
                     return e
                 }
@@ -258,18 +295,23 @@ public final class AMQPPublisher: Sendable {
                     let reply = amqp_read_message(session.conn, session.channel, &message, 0)
                     if reply.reply_type == AMQP_RESPONSE_NORMAL {
                         let mid = AMQPSession.properties(message.properties).messageID
-                        if let i = inflight.firstIndex(where: { !$0.returned && $0.batch.messages[$0.index].properties.messageID == mid }) {
+                        if let i = inflight.firstIndex(where: {
+                            !$0.returned && $0.batch.messages[$0.index].properties.messageID == mid
+                        }) {
                             inflight[i].returned = true
                         }
                         amqp_destroy_message(&message)
                     }
                 case CRabbitMQ_CONNECTION_BLOCKED_METHOD:
-                    let reason = decoded.map { $0.assumingMemoryBound(to: amqp_connection_blocked_t.self).pointee.reason.string } ?? ""
+                    let reason =
+                        decoded.map { $0.assumingMemoryBound(to: amqp_connection_blocked_t.self).pointee.reason.string }
+                        ?? ""
                     setBlocked(true)
                     logger.warning("broker blocked publishing (resource alarm)", metadata: ["amqp.reason": "\(reason)"])
                 case CRabbitMQ_CONNECTION_UNBLOCKED_METHOD:
                     setBlocked(false)
-                    // The confirm timeout counts from now: time spent blocked is the alarm's, not a sign of a dead connection.
+                    // The confirm timeout counts from now: time spent blocked is the alarm's, not a sign of a dead
+                    // connection.
                     for i in inflight.indices { inflight[i].sentAt = clock.now }
                     logger.info("broker unblocked publishing")
                 case CRabbitMQ_CHANNEL_CLOSE_METHOD, CRabbitMQ_CONNECTION_CLOSE_METHOD:
@@ -284,7 +326,8 @@ public final class AMQPPublisher: Sendable {
 
             // A confirm that never comes means the connection is not healthy.
             if let oldest = inflight.first, clock.now - oldest.sentAt > configuration.confirmTimeout, !isBlocked {
-                let e = AMQPError(code: .timeout, message: "no publisher confirm within \(configuration.confirmTimeout)")
+                let e = AMQPError(
+                    code: .timeout, message: "no publisher confirm within \(configuration.confirmTimeout)")
                 failAll(e)
                 return e
             }
@@ -320,4 +363,28 @@ final class PublishBatch: @unchecked Sendable {
 
     /// Fails the messages not yet published (in-flight ones are failed by their own entries).
     func failRemaining(_ error: AMQPError) { for i in cursor..<messages.count { complete(i, .failure(error)) } }
+}
+
+/// Items handed from callers to the owner thread. Once closed (the publisher stopped), `append`
+/// refuses, checked under the same lock as the append, so nothing joins after the owner
+/// thread's last `take` and waits forever.
+final class Handoff<Item: Sendable>: Sendable {
+    private let state = Mutex<(items: [Item], closed: Bool)>(([], false))
+
+    /// Queues `item`; false when closed (the caller answers it itself).
+    func append(_ item: Item) -> Bool {
+        state.withLock { s in
+            if !s.closed { s.items.append(item) }
+            return !s.closed
+        }
+    }
+
+    /// Everything queued, emptying the queue; `closing` refuses every later `append`.
+    func take(closing: Bool = false) -> [Item] {
+        state.withLock { s in
+            defer { s.items = [] }
+            if closing { s.closed = true }
+            return s.items
+        }
+    }
 }

@@ -17,22 +17,36 @@ final class AMQPSession {
         self.conn = conn
         self.generation = generation
         do throws(AMQPError) {
-            guard let socket = amqp_tcp_socket_new(conn) else { throw AMQPError(code: .connection, message: "cannot create socket") }
+            guard let socket = amqp_tcp_socket_new(conn) else {
+                throw AMQPError(code: .connection, message: "cannot create socket")
+            }
             var tv = configuration.operationTimeout.timeval
             let status = amqp_socket_open_noblock(socket, ep.host, Int32(ep.port), &tv)
             guard status == AMQP_STATUS_OK.rawValue else {
-                throw AMQPError(code: .connection, message: "cannot connect to \(configuration.redactedURL): \(String(cString: amqp_error_string2(status)))")
+                throw AMQPError(
+                    code: .connection,
+                    message:
+                        "cannot connect to \(configuration.redactedURL): \(String(cString: amqp_error_string2(status)))"
+                )
             }
             // With nothing listening on a local port inside the ephemeral range, a reconnect can
             // pick that very port as its source and connect to itself (TCP simultaneous open).
             // Kept open, it holds the port, and the broker cannot listen on it when it restarts.
             guard !Self.isSelfConnected(amqp_get_sockfd(conn)) else {
-                throw AMQPError(code: .connection, message: "cannot connect to \(configuration.redactedURL): nothing listens there (the socket connected to itself)")
+                throw AMQPError(
+                    code: .connection,
+                    message:
+                        """
+                        cannot connect to \(configuration.redactedURL): nothing listens there (the socket connected \
+                        to itself)
+                        """
+                )
             }
             _ = amqp_set_handshake_timeout(conn, &tv)
             _ = amqp_set_rpc_timeout(conn, &tv)
             let heartbeat = Int32(configuration.heartbeat.components.seconds)
-            let login = CRabbitMQ_login_plain(conn, ep.vhost, 0, 131_072, heartbeat, ep.user, ep.password, configuration.name)
+            let login = CRabbitMQ_login_plain(
+                conn, ep.vhost, 0, 131_072, heartbeat, ep.user, ep.password, configuration.name)
             try Self.check(login, "login to \(configuration.redactedURL)")
             amqp_channel_open(conn, channel)
             try Self.check(amqp_get_rpc_reply(conn), "channel.open")
@@ -50,8 +64,10 @@ final class AMQPSession {
     /// Whether the socket's local and peer addresses are the same (a self-connected socket).
     static func isSelfConnected(_ fd: Int32) -> Bool {
         guard fd >= 0 else { return false }
-        var local = sockaddr_storage(), peer = sockaddr_storage()
-        var localLen = socklen_t(MemoryLayout<sockaddr_storage>.size), peerLen = localLen
+        var local = sockaddr_storage()
+        var peer = sockaddr_storage()
+        var localLen = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        var peerLen = localLen
         let ok = withUnsafeMutablePointer(to: &local) { l in
             withUnsafeMutablePointer(to: &peer) { p in
                 l.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &localLen) } == 0
@@ -59,7 +75,9 @@ final class AMQPSession {
             }
         }
         guard ok, localLen == peerLen else { return false }
-        return withUnsafeBytes(of: &local) { l in withUnsafeBytes(of: &peer) { p in l.prefix(Int(localLen)).elementsEqual(p.prefix(Int(peerLen))) } }
+        return withUnsafeBytes(of: &local) { l in
+            withUnsafeBytes(of: &peer) { p in l.prefix(Int(localLen)).elementsEqual(p.prefix(Int(peerLen))) }
+        }
     }
 
     var socketFD: Int32 { amqp_get_sockfd(conn) }
@@ -73,15 +91,20 @@ final class AMQPSession {
         let arena = CArena()
         try withExtendedLifetime(arena) { () throws(AMQPError) in
             for e in topology.exchanges {
-                amqp_exchange_declare(conn, channel, arena.bytes(e.name), arena.bytes(e.type), e.passive ? 1 : 0, 1, 0, 0, amqp_table_t(num_entries: 0, entries: nil))
+                amqp_exchange_declare(
+                    conn, channel, arena.bytes(e.name), arena.bytes(e.type), e.passive ? 1 : 0, 1, 0, 0,
+                    amqp_table_t(num_entries: 0, entries: nil))
                 try Self.check(amqp_get_rpc_reply(conn), "exchange.declare \(e.name)")
             }
             for q in topology.queues {
-                amqp_queue_declare(conn, channel, arena.bytes(q.name), q.passive ? 1 : 0, 1, 0, 0, arena.table(q.arguments))
+                amqp_queue_declare(
+                    conn, channel, arena.bytes(q.name), q.passive ? 1 : 0, 1, 0, 0, arena.table(q.arguments))
                 try Self.check(amqp_get_rpc_reply(conn), "queue.declare \(q.name)")
             }
             for b in topology.bindings {
-                amqp_queue_bind(conn, channel, arena.bytes(b.queue), arena.bytes(b.exchange), arena.bytes(b.routingKey), amqp_table_t(num_entries: 0, entries: nil))
+                amqp_queue_bind(
+                    conn, channel, arena.bytes(b.queue), arena.bytes(b.exchange), arena.bytes(b.routingKey),
+                    amqp_table_t(num_entries: 0, entries: nil))
                 try Self.check(amqp_get_rpc_reply(conn), "queue.bind \(b.queue)")
             }
         }
@@ -117,11 +140,17 @@ final class AMQPSession {
     }
 
     static func closeError(id: amqp_method_number_t, decoded: UnsafeMutableRawPointer?, what: String) -> AMQPError {
-        if id == CRabbitMQ_CONNECTION_CLOSE_METHOD, let d = decoded?.assumingMemoryBound(to: amqp_connection_close_t.self) {
-            return AMQPError(code: .closedByBroker, message: "\(what): connection closed by broker: \(d.pointee.reply_text.string)", replyCode: Int(d.pointee.reply_code))
+        if id == CRabbitMQ_CONNECTION_CLOSE_METHOD,
+            let d = decoded?.assumingMemoryBound(to: amqp_connection_close_t.self)
+        {
+            return AMQPError(
+                code: .closedByBroker, message: "\(what): connection closed by broker: \(d.pointee.reply_text.string)",
+                replyCode: Int(d.pointee.reply_code))
         }
         if id == CRabbitMQ_CHANNEL_CLOSE_METHOD, let d = decoded?.assumingMemoryBound(to: amqp_channel_close_t.self) {
-            return AMQPError(code: .closedByBroker, message: "\(what): channel closed by broker: \(d.pointee.reply_text.string)", replyCode: Int(d.pointee.reply_code))
+            return AMQPError(
+                code: .closedByBroker, message: "\(what): channel closed by broker: \(d.pointee.reply_text.string)",
+                replyCode: Int(d.pointee.reply_code))
         }
         return AMQPError(code: .protocolError, message: "\(what): unexpected method \(id)")
     }
@@ -131,18 +160,37 @@ final class AMQPSession {
         let arena = CArena()
         var props = amqp_basic_properties_t()
         var flags: amqp_flags_t = 0
-        if let v = m.properties.contentType { props.content_type = arena.bytes(v); flags |= CRabbitMQ_BASIC_CONTENT_TYPE_FLAG }
-        if let v = m.properties.messageID { props.message_id = arena.bytes(v); flags |= CRabbitMQ_BASIC_MESSAGE_ID_FLAG }
-        if let v = m.properties.type { props.type = arena.bytes(v); flags |= CRabbitMQ_BASIC_TYPE_FLAG }
-        if let v = m.properties.timestamp { props.timestamp = v; flags |= CRabbitMQ_BASIC_TIMESTAMP_FLAG }
-        if let v = m.properties.expiration { props.expiration = arena.bytes(v); flags |= CRabbitMQ_BASIC_EXPIRATION_FLAG }
+        if let v = m.properties.contentType {
+            props.content_type = arena.bytes(v)
+            flags |= CRabbitMQ_BASIC_CONTENT_TYPE_FLAG
+        }
+        if let v = m.properties.messageID {
+            props.message_id = arena.bytes(v)
+            flags |= CRabbitMQ_BASIC_MESSAGE_ID_FLAG
+        }
+        if let v = m.properties.type {
+            props.type = arena.bytes(v)
+            flags |= CRabbitMQ_BASIC_TYPE_FLAG
+        }
+        if let v = m.properties.timestamp {
+            props.timestamp = v
+            flags |= CRabbitMQ_BASIC_TIMESTAMP_FLAG
+        }
+        if let v = m.properties.expiration {
+            props.expiration = arena.bytes(v)
+            flags |= CRabbitMQ_BASIC_EXPIRATION_FLAG
+        }
         props.delivery_mode = m.properties.persistent ? 2 : 1
         flags |= CRabbitMQ_BASIC_DELIVERY_MODE_FLAG
-        if !m.properties.headers.isEmpty { props.headers = arena.table(m.properties.headers); flags |= CRabbitMQ_BASIC_HEADERS_FLAG }
+        if !m.properties.headers.isEmpty {
+            props.headers = arena.table(m.properties.headers)
+            flags |= CRabbitMQ_BASIC_HEADERS_FLAG
+        }
         props._flags = flags
         let body = arena.bytes(m.body)
         return withExtendedLifetime(arena) {
-            amqp_basic_publish(conn, channel, arena.bytes(m.exchange), arena.bytes(m.routingKey), mandatory ? 1 : 0, 0, &props, body)
+            amqp_basic_publish(
+                conn, channel, arena.bytes(m.exchange), arena.bytes(m.routingKey), mandatory ? 1 : 0, 0, &props, body)
         }
     }
 
@@ -172,11 +220,20 @@ final class WakePipe: Sendable {
         for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
     }
 
-    deinit { close(readFD); close(writeFD) }
+    deinit {
+        close(readFD)
+        close(writeFD)
+    }
 
-    func wake() { var b: UInt8 = 1; _ = write(writeFD, &b, 1) }
+    func wake() {
+        var b: UInt8 = 1
+        _ = write(writeFD, &b, 1)
+    }
 
-    func drain() { var buf = [UInt8](repeating: 0, count: 64); while read(readFD, &buf, 64) > 0 {} }
+    func drain() {
+        var buf = [UInt8](repeating: 0, count: 64)
+        while read(readFD, &buf, 64) > 0 {}
+    }
 
     /// Waits until `fd` is readable, the pipe is woken, or `timeoutMS` passes. Returns whether `fd` is readable.
     @discardableResult

@@ -2,152 +2,57 @@
 ///
 /// A passive declaration only checks that the object exists (the broker answers 404 when it
 /// does not) and needs no permission; an active one creates it and needs `configure` on it.
-public struct AMQPTopology: Sendable, Hashable {
-    public struct Exchange: Sendable, Hashable {
-        public var name: String
-        public var type: String
-        public var passive: Bool
-        public init(name: String, type: String, passive: Bool = false) { self.name = name; self.type = type; self.passive = passive }
+package struct AMQPTopology: Sendable, Hashable {
+    package struct Exchange: Sendable, Hashable {
+        package var name: String
+        package var type: String
+        package var passive: Bool
+        package init(name: String, type: String, passive: Bool = false) {
+            self.name = name
+            self.type = type
+            self.passive = passive
+        }
     }
-    public struct Queue: Sendable, Hashable {
-        public var name: String
-        public var arguments: AMQPHeaders
-        public var passive: Bool
-        public init(name: String, arguments: AMQPHeaders, passive: Bool = false) {
-            self.name = name; self.arguments = arguments; self.passive = passive
+    package struct Queue: Sendable, Hashable {
+        package var name: String
+        package var arguments: AMQPHeaders
+        package var passive: Bool
+        package init(name: String, arguments: AMQPHeaders, passive: Bool = false) {
+            self.name = name
+            self.arguments = arguments
+            self.passive = passive
         }
         /// Checks that a queue exists, without creating it.
-        public static func existing(_ name: String) -> Queue { Queue(name: name, arguments: [:], passive: true) }
+        package static func existing(_ name: String) -> Queue { Queue(name: name, arguments: [:], passive: true) }
     }
-    public struct Binding: Sendable, Hashable {
-        public var queue: String
-        public var exchange: String
-        public var routingKey: String
-        public init(queue: String, exchange: String, routingKey: String) {
-            self.queue = queue; self.exchange = exchange; self.routingKey = routingKey
+    package struct Binding: Sendable, Hashable {
+        package var queue: String
+        package var exchange: String
+        package var routingKey: String
+        package init(queue: String, exchange: String, routingKey: String) {
+            self.queue = queue
+            self.exchange = exchange
+            self.routingKey = routingKey
         }
     }
 
-    public var exchanges: [Exchange] = []
-    public var queues: [Queue] = []
-    public var bindings: [Binding] = []
+    package var exchanges: [Exchange] = []
+    package var queues: [Queue] = []
+    package var bindings: [Binding] = []
 
-    public init(exchanges: [Exchange] = [], queues: [Queue] = [], bindings: [Binding] = []) {
+    package init(exchanges: [Exchange] = [], queues: [Queue] = [], bindings: [Binding] = []) {
         self.exchanges = exchanges
         self.queues = queues
         self.bindings = bindings
     }
 
-    public func merging(_ other: AMQPTopology) -> AMQPTopology {
-        func uniq<T: Hashable>(_ a: [T]) -> [T] { var seen = Set<T>(); return a.filter { seen.insert($0).inserted } }
-        return AMQPTopology(exchanges: uniq(exchanges + other.exchanges), queues: uniq(queues + other.queues),
-                            bindings: uniq(bindings + other.bindings))
-    }
-}
-
-/// The names and shapes of Conveyor's broker objects (docs/architecture.md, "Topology").
-public struct ConveyorTopology: Sendable, Hashable {
-    /// Prefix of every name. Default `conveyor`.
-    public var prefix: String
-    /// Deliveries of one message before the broker dead-letters it. Default 5.
-    public var deliveryLimit: Int
-
-    public init(prefix: String = "conveyor", deliveryLimit: Int = 5) {
-        self.prefix = prefix
-        self.deliveryLimit = deliveryLimit
-    }
-
-    public var tasksExchange: String { "\(prefix).tasks" }
-    public var statusExchange: String { "\(prefix).status" }
-    public var statusQueue: String { "\(prefix).status" }
-    public var deadLetterExchange: String { "\(prefix).dlx" }
-    public var deadQueue: String { "\(prefix).dead" }
-    /// Direct exchange through which workers move redelivered task messages to isolation lanes
-    /// (routing key: the lane's name). A worker may write here and to the status exchange only,
-    /// never to the default exchange, which reaches every queue (deploy/broker-permissions.tsv).
-    public var isolateExchange: String { "\(prefix).isolate" }
-    /// Fanout of control messages (cancel a run) to every worker.
-    public var controlExchange: String { "\(prefix).control" }
-    /// One worker's control queue: `conveyor.control.<worker id>`, removed a minute after its worker goes.
-    public func controlQueue(worker: String) -> String { "\(prefix).control.\(worker)" }
-    /// The broker queue of a work queue: `conveyor.q.<queue>`.
-    public func workQueue(_ queue: String) -> String { "\(prefix).q.\(queue)" }
-    /// A work queue's isolation lane: `conveyor.isolated.<queue>`. Workers move every redelivered
-    /// task message here and take these one at a time, so a message that kills its worker is
-    /// redelivered alone and reaches the delivery limit alone. Bound to `isolateExchange` by its own
-    /// name. (Not `conveyor.q.<queue>.isolated`,
-    /// which a work queue named `<queue>.isolated` would own.)
-    public func isolationQueue(_ queue: String) -> String { "\(prefix).isolated.\(queue)" }
-    /// Header a worker puts on the copy it moves to an isolation lane: the queue it came from.
-    public static let isolatedFromHeader = "x-conveyor-isolated-from"
-
-    var quorumArguments: AMQPHeaders {
-        [
-            "x-queue-type": .string("quorum"),
-            "x-delivery-limit": .int(Int64(deliveryLimit)),
-            "x-dead-letter-exchange": .string(deadLetterExchange),
-            "x-dead-letter-strategy": .string("at-least-once"),
-            "x-overflow": .string("reject-publish"),
-        ]
-    }
-
-    /// Dead-letter exchange and queue: everything else points at them.
-    public var base: AMQPTopology {
-        AMQPTopology(
-            exchanges: [.init(name: deadLetterExchange, type: "fanout")],
-            queues: [.init(name: deadQueue, arguments: ["x-queue-type": .string("quorum")])],
-            bindings: [.init(queue: deadQueue, exchange: deadLetterExchange, routingKey: "")])
-    }
-
-    /// Tasks exchange plus, per work queue, a quorum queue routed by the queue name and its
-    /// isolation lane (same delivery limit and dead-letter exchange), bound to the isolation
-    /// exchange. What dispatchers declare.
-    public func work(queues: [String]) -> AMQPTopology {
-        base.merging(AMQPTopology(
-            exchanges: [.init(name: tasksExchange, type: "direct"), .init(name: isolateExchange, type: "direct")],
-            queues: queues.flatMap { [.init(name: workQueue($0), arguments: quorumArguments),
-                                      .init(name: isolationQueue($0), arguments: quorumArguments)] },
-            bindings: queues.map { .init(queue: workQueue($0), exchange: tasksExchange, routingKey: $0) }
-                + queues.map { .init(queue: isolationQueue($0), exchange: isolateExchange, routingKey: isolationQueue($0)) }))
-    }
-
-    /// What a worker's task consumer declares: its work queues and lanes, passively (workers
-    /// may not create or delete them, deploy/broker-permissions.tsv; dispatchers do, for every
-    /// queue in their configuration, in a task, or in a worker's heartbeat), and the isolation
-    /// exchange with its lanes bound, which a worker may do itself, so that lanes work whatever
-    /// the dispatchers' version.
-    public func workerWork(queues: [String]) -> AMQPTopology {
-        AMQPTopology(
-            exchanges: [.init(name: isolateExchange, type: "direct")],
-            queues: queues.flatMap { [.existing(workQueue($0)), .existing(isolationQueue($0))] },
-            bindings: queues.map { .init(queue: isolationQueue($0), exchange: isolateExchange, routingKey: isolationQueue($0)) })
-    }
-
-    /// What a worker's publisher declares: the status exchange (passively) and the isolation
-    /// exchange. Nothing that depends on its queues: its heartbeats, which get them declared,
-    /// must flow before they exist.
-    public var workerPublish: AMQPTopology {
-        AMQPTopology(exchanges: [.init(name: statusExchange, type: "direct", passive: true), .init(name: isolateExchange, type: "direct")])
-    }
-
-    /// Status exchange and queue.
-    public var status: AMQPTopology {
-        base.merging(AMQPTopology(
-            exchanges: [.init(name: statusExchange, type: "direct")],
-            queues: [.init(name: statusQueue, arguments: quorumArguments)],
-            bindings: [.init(queue: statusQueue, exchange: statusExchange, routingKey: "status")]))
-    }
-
-    /// The control exchange alone (what the dispatcher publishes to).
-    public var controlPublish: AMQPTopology {
-        AMQPTopology(exchanges: [.init(name: controlExchange, type: "fanout")])
-    }
-
-    /// The control exchange (passively: dispatchers declare it) and one worker's own queue on it.
-    public func control(worker: String) -> AMQPTopology {
-        AMQPTopology(
-            exchanges: [.init(name: controlExchange, type: "fanout", passive: true)],
-            queues: [.init(name: controlQueue(worker: worker), arguments: ["x-queue-type": .string("classic"), "x-expires": .int(60_000)])],
-            bindings: [.init(queue: controlQueue(worker: worker), exchange: controlExchange, routingKey: "")])
+    package func merging(_ other: AMQPTopology) -> AMQPTopology {
+        func uniq<T: Hashable>(_ a: [T]) -> [T] {
+            var seen = Set<T>()
+            return a.filter { seen.insert($0).inserted }
+        }
+        return AMQPTopology(
+            exchanges: uniq(exchanges + other.exchanges), queues: uniq(queues + other.queues),
+            bindings: uniq(bindings + other.bindings))
     }
 }

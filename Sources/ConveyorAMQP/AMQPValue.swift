@@ -2,7 +2,7 @@ import CRabbitMQ
 import Foundation
 
 /// A value in an AMQP field table (message headers, queue arguments).
-public enum AMQPValue: Sendable, Hashable {
+package enum AMQPValue: Sendable, Hashable {
     case string(String)
     case int(Int64)
     case bool(Bool)
@@ -13,7 +13,7 @@ public enum AMQPValue: Sendable, Hashable {
     case timestamp(UInt64)
     case void
 
-    public var stringValue: String? {
+    package var stringValue: String? {
         switch self {
         case .string(let s): s
         case .bytes(let b): String(decoding: b, as: UTF8.self)
@@ -21,12 +21,12 @@ public enum AMQPValue: Sendable, Hashable {
         }
     }
 
-    public var intValue: Int64? { if case .int(let i) = self { i } else { nil } }
-    public var tableValue: [String: AMQPValue]? { if case .table(let t) = self { t } else { nil } }
+    package var intValue: Int64? { if case .int(let i) = self { i } else { nil } }
+    package var tableValue: [String: AMQPValue]? { if case .table(let t) = self { t } else { nil } }
 }
 
 /// Message headers.
-public typealias AMQPHeaders = [String: AMQPValue]
+package typealias AMQPHeaders = [String: AMQPValue]
 
 /// C memory for one outgoing frame's tables and strings, freed together.
 final class CArena {
@@ -60,20 +60,24 @@ final class CArena {
         case .string(let s): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_UTF8), value: .init(bytes: bytes(s)))
         case .bytes(let b): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_BYTES), value: .init(bytes: bytes(b)))
         case .int(let i): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_I64), value: .init(i64: i))
-        case .bool(let b): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_BOOLEAN), value: .init(boolean: b ? 1 : 0))
+        case .bool(let b):
+            return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_BOOLEAN), value: .init(boolean: b ? 1 : 0))
         case .double(let d): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_F64), value: .init(f64: d))
         case .timestamp(let t): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_TIMESTAMP), value: .init(u64: t))
         case .table(let t): return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_TABLE), value: .init(table: table(t)))
         case .void: return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_VOID), value: .init(i64: 0))
         case .array(let a):
             guard !a.isEmpty else {
-                return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_ARRAY), value: .init(array: amqp_array_t(num_entries: 0, entries: nil)))
+                return amqp_field_value_t(
+                    kind: kind(AMQP_FIELD_KIND_ARRAY), value: .init(array: amqp_array_t(num_entries: 0, entries: nil)))
             }
             let raw = malloc(MemoryLayout<amqp_field_value_t>.stride * a.count)!
             pointers.append(raw)
             let entries = raw.bindMemory(to: amqp_field_value_t.self, capacity: a.count)
             for (i, e) in a.enumerated() { (entries + i).initialize(to: field(e)) }
-            return amqp_field_value_t(kind: kind(AMQP_FIELD_KIND_ARRAY), value: .init(array: amqp_array_t(num_entries: Int32(a.count), entries: entries)))
+            return amqp_field_value_t(
+                kind: kind(AMQP_FIELD_KIND_ARRAY),
+                value: .init(array: amqp_array_t(num_entries: Int32(a.count), entries: entries)))
         }
     }
 }

@@ -1,5 +1,5 @@
-import CoreMetrics
 import ConveyorCore
+import CoreMetrics
 import Foundation
 import Synchronization
 
@@ -19,7 +19,8 @@ final class ConnectionOwner: Sendable {
         self.configuration = configuration
         self.role = role
         // Present at 0 from the start, so a dashboard sees the series before the first reconnect.
-        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment(by: 0)
+        CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment(
+            by: 0)
     }
 
     var isStopped: Bool { stopped.load(ordering: .relaxed) }
@@ -55,11 +56,13 @@ final class ConnectionOwner: Sendable {
     /// The permission (in RabbitMQ's configure/write/read terms) the operation an error names
     /// needs: RabbitMQ's refusal names the object and the user, not always the permission.
     static func permissionNeeded(by message: String) -> String? {
-        let table = [("exchange.declare", "the 'configure' permission on the exchange"),
-                     ("queue.declare", "the 'configure' permission on the queue"),
-                     ("basic.consume", "the 'read' permission on the queue"),
-                     ("queue.bind", "'write' on the queue and 'read' on the exchange"),
-                     ("basic.publish", "the 'write' permission on the exchange")]
+        let table = [
+            ("exchange.declare", "the 'configure' permission on the exchange"),
+            ("queue.declare", "the 'configure' permission on the queue"),
+            ("basic.consume", "the 'read' permission on the queue"),
+            ("queue.bind", "'write' on the queue and 'read' on the exchange"),
+            ("basic.publish", "the 'write' permission on the exchange"),
+        ]
         return table.first { message.hasPrefix($0.0) }.map(\.1)
     }
 
@@ -75,16 +78,37 @@ final class ConnectionOwner: Sendable {
             if let last, last.replyCode == 403 {
                 let user = (try? configuration.endpoint().user) ?? "?"
                 let needs = Self.permissionNeeded(by: last.message).map { " The operation needs \($0)." } ?? ""
-                throw AMQPError(code: .accessRefused, message: "the broker refused user '\(user)' at \(configuration.redactedURL): \(last.message).\(needs) "
-                    + "Each component logs in as its own user with the permissions in deploy/broker-permissions.tsv (docs/operations.md, \"Broker identities\"): "
-                    + "give this component's CONVEYOR_AMQP_URL that user, or grant the permission with rabbitmqctl set_permissions", replyCode: 403)
+                throw AMQPError(
+                    code: .accessRefused,
+                    message:
+                        "the broker refused user '\(user)' at \(configuration.redactedURL): \(last.message).\(needs) "
+                            + """
+                            Each component logs in as its own user with the permissions in \
+                            deploy/broker-permissions.tsv (docs/operations.md, \"Broker identities\"): 
+                            """
+                            + """
+                            give this component's CONVEYOR_AMQP_URL that user, or grant the permission with \
+                            rabbitmqctl set_permissions
+                            """,
+                    replyCode: 403)
             }
             if clock.now >= deadline {
                 var hint = "Check CONVEYOR_AMQP_URL and that RabbitMQ is running"
                 if last?.replyCode == 404 {
-                    hint = "Dispatchers declare the exchanges and queues that workers and the API only look up: start a dispatcher with the same amqp.prefix"
+                    hint =
+                        """
+                        Dispatchers declare the exchanges and queues that workers and the API only look up: start a \
+                        dispatcher with the same amqp.prefix
+                        """
                 }
-                throw AMQPError(code: .connection, message: "broker \(configuration.redactedURL) unreachable for \(configuration.connectRetryFor)\(last.map { ": \($0.message)" } ?? ""). \(hint)")
+                throw AMQPError(
+                    code: .connection,
+                    message:
+                        """
+                        broker \(configuration.redactedURL) unreachable for \
+                        \(configuration.connectRetryFor)\(last.map { ": \($0.message)" } ?? ""). \(hint)
+                        """
+                )
             }
             try await Task.sleep(for: .milliseconds(20))
         }

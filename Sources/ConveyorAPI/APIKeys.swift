@@ -1,14 +1,14 @@
 import ConveyorCore
-public import ConveyorStore
+package import ConveyorStore
 import Crypto
 import Foundation
 import Synchronization
 
 /// API keys look like `cvk_<prefix>_<secret>`: the prefix (12 hex digits) is visible and finds
 /// the key; only a SHA-256 hash of the secret is stored. A key is shown once, when created.
-public enum APIKeyFormat {
+package enum APIKeyFormat {
     /// A new key: what to show the user once, and what to store.
-    public static func generate() -> (key: String, prefix: String, secretHash: String) {
+    package static func generate() -> (key: String, prefix: String, secretHash: String) {
         var rng = SystemRandomNumberGenerator()
         let prefix = (0..<6).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &rng)) }.joined()
         let secretBytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &rng) }
@@ -16,12 +16,12 @@ public enum APIKeyFormat {
         return ("cvk_\(prefix)_\(secret)", prefix, hash(secret))
     }
 
-    public static func hash(_ secret: String) -> String {
+    package static func hash(_ secret: String) -> String {
         SHA256.hash(data: Data(secret.utf8)).map { String(format: "%02x", $0) }.joined()
     }
 
     /// The prefix and secret of a presented key, or nil when it is not shaped like one.
-    public static func parse(_ key: String) -> (prefix: String, secret: String)? {
+    package static func parse(_ key: String) -> (prefix: String, secret: String)? {
         let parts = key.split(separator: "_", maxSplits: 2, omittingEmptySubsequences: false)
         guard parts.count == 3, parts[0] == "cvk", parts[1].count == 12, parts[1].allSatisfy(\.isHexDigit),
             (20...100).contains(parts[2].count)
@@ -41,13 +41,13 @@ public enum APIKeyFormat {
 }
 
 /// Who a request acts as.
-public struct Identity: Sendable, Equatable {
-    public var keyPrefix: String
-    public var role: Role
+package struct Identity: Sendable, Equatable {
+    package var keyPrefix: String
+    package var role: Role
     /// `*` for every namespace (admin and viewer keys only).
-    public var namespace: String
+    package var namespace: String
 
-    public func sees(namespace ns: String) -> Bool { namespace == "*" || namespace == ns }
+    package func sees(namespace ns: String) -> Bool { namespace == "*" || namespace == ns }
 }
 
 /// Checks presented keys against the database through a short cache: a revoked or expired key
@@ -57,7 +57,7 @@ public struct Identity: Sendable, Equatable {
 /// Prefixes that name no key are remembered too (so repeating one costs no query), but anyone can
 /// make them up: that cache holds at most `maxMisses` (the oldest leave first) and each entry for
 /// `ttl`, so a key created after a miss works within that time.
-public final class KeyAuthenticator: Sendable {
+package final class KeyAuthenticator: Sendable {
     struct Cached {
         var record: APIKeyRecord
         var fetched: ContinuousClock.Instant
@@ -71,14 +71,17 @@ public final class KeyAuthenticator: Sendable {
     /// Database lookups made, for tests: a flood of made-up keys must not raise it much.
     let lookups = Mutex(0)
 
-    public init(store: Store, ttl: Duration = .seconds(30), maxMisses: Int = 10_000) {
+    let clock: APIClock
+
+    package init(store: Store, ttl: Duration = .seconds(30), maxMisses: Int = 10_000, clock: APIClock = .continuous) {
         self.store = store
         self.ttl = ttl
+        self.clock = clock
         self.misses = Mutex(MissCache(capacity: maxMisses))
     }
 
     /// `throttled`: a lookup was needed and `beforeLookup` refused it (how long to wait).
-    public enum Failure: Error, Sendable {
+    package enum Failure: Error, Sendable {
         case malformed, unknown, revoked, expired
         case throttled(Duration)
     }
@@ -88,9 +91,11 @@ public final class KeyAuthenticator: Sendable {
     /// time ran out): nil lets it go ahead, a duration refuses it with `.throttled`. Keys found
     /// before are looked up again when their time runs out without asking: they are as many as
     /// the database holds, whereas unknown prefixes are free to make up.
-    public func authenticate(_ presented: String, beforeLookup: () -> Duration? = { nil }) async throws -> Result<Identity, Failure> {
+    package func authenticate(_ presented: String, beforeLookup: () -> Duration? = { nil }) async throws -> Result<
+        Identity, Failure
+    > {
         guard let (prefix, secret) = APIKeyFormat.parse(presented) else { return .failure(.malformed) }
-        let now = ContinuousClock.now
+        let now = clock.now()
         let known = cache.withLock { $0[prefix] }
         var record: APIKeyRecord?
         if let known, now - known.fetched < ttl {
@@ -108,11 +113,15 @@ public final class KeyAuthenticator: Sendable {
                 misses.withLock { $0.insert(prefix, now: now, ttl: ttl) }
             }
         }
-        guard let record, APIKeyFormat.equal(record.secretHash, APIKeyFormat.hash(secret)) else { return .failure(.unknown) }
+        guard let record, APIKeyFormat.equal(record.secretHash, APIKeyFormat.hash(secret)) else {
+            return .failure(.unknown)
+        }
         if record.revokedAt != nil { return .failure(.revoked) }
         if let e = record.expiresAt, e <= Date() { return .failure(.expired) }
+        // The table's CHECK allows only the four roles; a row that names another gets nothing.
+        guard let role = Role(rawValue: record.role) else { return .failure(.unknown) }
         uses.withLock { $0[prefix, default: 0] += 1 }
-        return .success(Identity(keyPrefix: prefix, role: record.role, namespace: record.namespace))
+        return .success(Identity(keyPrefix: prefix, role: role, namespace: record.namespace))
     }
 
     /// Database lookups so far (tests).
@@ -121,7 +130,7 @@ public final class KeyAuthenticator: Sendable {
     var missCount: Int { misses.withLock { $0.count } }
 
     /// Writes the uses counted since the last flush (last-used time and counts).
-    public func flush() async throws {
+    package func flush() async throws {
         let pending = uses.withLock { u in
             defer { u = [:] }
             return u

@@ -1,42 +1,46 @@
-public import ConveyorAMQP
+package import ConveyorAMQP
+package import ConveyorBroker
 import ConveyorCore
-import ConveyorPostgres
-public import ConveyorStore
+package import ConveyorStore
 import Foundation
 import HTTPTypes
-public import Hummingbird
-public import Logging
+package import Hummingbird
+package import Logging
 import NIOCore
 import Synchronization
 
 /// Everything the routes share: the store, authentication, limits, the broker, metrics.
-public struct APIEnvironment: Sendable {
-    public let store: Store
-    public let keys: KeyAuthenticator
-    public let jwt: JWTVerifier?
-    public let options: APIOptions
-    /// The broker, for queue depths and readiness; nil when the API runs without one (tests).
-    public let broker: AMQPConfiguration?
-    public let topology: ConveyorTopology
-    public let limiter = RateLimiter()
+package struct APIEnvironment: Sendable {
+    package let store: Store
+    package let keys: KeyAuthenticator
+    package let jwt: JWTVerifier?
+    package let options: APIOptions
+    /// Asks the broker for queue depths and readiness on one kept connection; nil when the API runs
+    /// without a broker (tests).
+    package let inspector: AMQPInspector?
+    package let topology: ConveyorTopology
+    package let limiter = RateLimiter()
     /// `/readyz` needs no key: its answer is reused for 2 s, so probes (or anyone) calling it
-    /// often cost one database query and one broker connection per 2 s, not per call.
+    /// often cost one database query and one broker round trip per 2 s, not per call.
     let readiness = ReadinessCache()
     /// Open `/v1/events` streams per key, and the overview they share.
     let eventStreams = EventStreams()
     let overviews = OverviewCache()
-    public let metrics = APIMetrics()
-    public let logger: Logger
+    package let logger: Logger
+    /// What the caches and rate limits measure time with.
+    package let clock: APIClock
 
-    public init(
+    package init(
         store: Store, keys: KeyAuthenticator, jwt: JWTVerifier? = nil, options: APIOptions = APIOptions(),
-        broker: AMQPConfiguration? = nil, topology: ConveyorTopology = ConveyorTopology(), logger: Logger = Logger(label: "conveyor.api")
+        broker: AMQPConfiguration? = nil, topology: ConveyorTopology = ConveyorTopology(),
+        logger: Logger = Logger(label: "conveyor.api"), clock: APIClock = .continuous
     ) {
+        self.clock = clock
         self.store = store
         self.keys = keys
         self.jwt = jwt
         self.options = options
-        self.broker = broker
+        self.inspector = broker.map(AMQPInspector.init(configuration:))
         self.topology = topology
         self.logger = logger
     }
@@ -51,7 +55,9 @@ public struct APIEnvironment: Sendable {
             actor: who.keyPrefix, role: who.role.rawValue, namespace: namespace, action: action, target: target,
             requestID: context.requestID, client: context.client, detail: .object(detail))
         do { try await store.audit(entry) } catch {
-            context.logger.error("audit entry not written", metadata: ["audit.action": "\(action)", "audit.target": "\(target)", "error": "\(error)"])
+            context.logger.error(
+                "audit entry not written",
+                metadata: ["audit.action": "\(action)", "audit.target": "\(target)", "error": "\(error)"])
         }
     }
 }
@@ -61,89 +67,17 @@ final class ReadinessCache: Sendable {
     let state = Mutex<(at: ContinuousClock.Instant, problem: Problem?)?>(nil)
 }
 
-/// How many `/v1/events` streams each key holds open.
-final class EventStreams: Sendable {
-    let open = Mutex<[String: Int]>([:])
-
-    /// A slot for one more stream of `key`, or nil when it holds `limit` already.
-    func acquire(_ key: String, limit: Int) -> EventStreamSlot? {
-        let taken = open.withLock { o -> Bool in
-            guard o[key, default: 0] < limit else { return false }
-            o[key, default: 0] += 1
-            return true
-        }
-        return taken ? EventStreamSlot(streams: self, key: key) : nil
-    }
-
-    fileprivate func release(_ key: String) {
-        open.withLock { o in
-            let n = o[key, default: 0] - 1
-            o[key] = n > 0 ? n : nil
-        }
-    }
-}
-
-/// One open stream's place. Given back when the stream ends (`release`), or when the response
-/// is dropped without its body ever running (the client left first): whichever comes first, once.
-final class EventStreamSlot: Sendable {
-    let streams: EventStreams
-    let key: String
-    let released = Mutex(false)
-
-    fileprivate init(streams: EventStreams, key: String) {
-        self.streams = streams
-        self.key = key
-    }
-
-    func release() {
-        guard
-            released.withLock({ r in
-                defer { r = true }
-                return !r
-            })
-        else { return }
-        streams.release(key)
-    }
-
-    deinit { release() }
-}
-
-/// The overview per namespace (`nil`: every namespace) and when it was computed: however many
-/// `/v1/events` streams watch a namespace, its five aggregate queries run once per interval.
-/// Streams that ask while a computation is under way wait for that one.
-final class OverviewCache: Sendable {
-    struct Entry {
-        var at: ContinuousClock.Instant
-        var value: Task<JSONValue, any Error>
-    }
-    let entries = Mutex<[String?: Entry]>([:])
-    /// Computations started (tests).
-    let computed = Mutex(0)
-
-    /// The namespace's overview, computed less than `maxAge` ago (or now).
-    func overview(_ store: Store, namespace: String?, maxAge: Duration) async throws -> JSONValue {
-        let now = ContinuousClock.now
-        let (task, started) = entries.withLock { e -> (Task<JSONValue, any Error>, Bool) in
-            if let hit = e[namespace], now - hit.at < maxAge { return (hit.value, false) }
-            // Namespaces nobody watches any more leave (an admin key may name any namespace;
-            // no stream asks less often than every 60 s).
-            if e.count >= 1000 { e = e.filter { now - $0.value.at < .seconds(60) } }
-            let task = Task { try await APIServer.overview(store, namespace: namespace) }
-            e[namespace] = Entry(at: now, value: task)
-            return (task, true)
-        }
-        if started { computed.withLock { $0 += 1 } }
-        return try await task.value
-    }
-}
-
 /// The routes being registered, and their list as `METHOD /path/{param}` (what `openapi.yaml` must list).
 struct Routes {
     let router: Router<APIContext>
     var list: [String] = []
 
-    mutating func on(_ method: HTTPRequest.Method, _ path: String, _ handler: @escaping @Sendable (Request, APIContext) async throws -> Response) {
-        let documented = path.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }.reduce("") { $0 + "/" + $1 }
+    mutating func on(
+        _ method: HTTPRequest.Method, _ path: String,
+        _ handler: @escaping @Sendable (Request, APIContext) async throws -> Response
+    ) {
+        let documented = path.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }
+            .reduce("") { $0 + "/" + $1 }
         list.append("\(method.rawValue) " + (documented.isEmpty ? "/" : documented))
         router.on(RouterPath(path), method: method, use: handler)
     }
@@ -154,18 +88,18 @@ struct Routes {
 /// Routes are in `TaskRoutes.swift` (tasks, templates) and `OperationRoutes.swift` (runs,
 /// workers, groups, queues, keys, audit, events, metrics); `openapi.yaml` documents each.
 /// Errors are `application/problem+json` (RFC 9457) with the field, the value and a hint.
-public enum APIServer {
+package enum APIServer {
     /// Largest request body; larger ones get 413 before decoding.
-    public static let maxBodyBytes = 1 << 20
+    package static let maxBodyBytes = 1 << 20
     /// Deepest JSON nesting accepted; deeper gets 400 before decoding.
-    public static let maxDepth = 32
+    package static let maxDepth = 32
     /// Default page size of lists (the largest is `APIOptions.maxPage`).
-    public static let defaultPage = 50
+    package static let defaultPage = 50
 
-    public static func router(_ env: APIEnvironment) -> Router<APIContext> { build(env).router }
+    package static func router(_ env: APIEnvironment) -> Router<APIContext> { build(env).router }
 
     /// The router, and each route as `METHOD /path/{param}`.
-    public static func build(_ env: APIEnvironment) -> (router: Router<APIContext>, routes: [String]) {
+    package static func build(_ env: APIEnvironment) -> (router: Router<APIContext>, routes: [String]) {
         let router = Router(context: APIContext.self)
         // A server span per request, continuing a caller's `traceparent` (docs/tracing.md).
         router.add(middleware: TraceHeadersMiddleware())
@@ -176,11 +110,13 @@ public enum APIServer {
         router.add(middleware: AuthMiddleware(env: env))
         var r = Routes(router: router)
         r.on(.get, "/openapi.yaml") { _, _ in
-            Response(status: .ok, headers: [.contentType: "application/yaml"], body: .init(byteBuffer: ByteBuffer(bytes: openAPIDocument)))
+            Response(
+                status: .ok, headers: [.contentType: "application/yaml"],
+                body: .init(byteBuffer: ByteBuffer(bytes: openAPIDocument)))
         }
         r.on(.get, "/healthz") { _, _ in json(["status": "ok"]) }
         r.on(.get, "/readyz") { _, _ in
-            let now = ContinuousClock.now
+            let now = env.clock.now()
             if let cached = env.readiness.state.withLock({ $0 }), now - cached.at < .seconds(2) {
                 if let p = cached.problem { throw p }
                 return json(["status": "ready"])
@@ -192,6 +128,7 @@ public enum APIServer {
         }
         taskRoutes(&r, env)
         operationRoutes(&r, env)
+        queueRoutes(&r, env)
         Dashboard.routes(&r)
         return (router, r.list)
     }
@@ -206,8 +143,8 @@ public enum APIServer {
             p.retryAfter = 5
             return p
         }
-        if let broker = env.broker {
-            do { _ = try await AMQPInspector.queues([], configuration: broker) } catch {
+        if let inspector = env.inspector {
+            do { try await inspector.ping() } catch {
                 // Which dependency, never its error text (addresses, user names): that is logged.
                 env.logger.warning("readiness: the broker is unreachable", metadata: ["error": "\(error)"])
                 var p = Problem(.serviceUnavailable, "not ready", "the broker is unreachable")
@@ -219,8 +156,10 @@ public enum APIServer {
     }
 
     /// `openapi.yaml`, as shipped in the module's resources.
-    public static let openAPIDocument: [UInt8] = {
-        guard let url = Bundle.module.url(forResource: "openapi", withExtension: "yaml"), let data = try? Data(contentsOf: url) else {
+    package static let openAPIDocument: [UInt8] = {
+        guard let url = Bundle.module.url(forResource: "openapi", withExtension: "yaml"),
+            let data = try? Data(contentsOf: url)
+        else {
             return Array("openapi.yaml is missing from the ConveyorAPI bundle\n".utf8)
         }
         return Array(data)
@@ -228,7 +167,9 @@ public enum APIServer {
 
     /// The task named in the path, in the caller's namespace; another namespace's task is 404,
     /// never 403, so a key cannot learn what other tenants have.
-    static func findTask(_ request: Request, _ context: APIContext, _ who: Identity, _ store: Store) async throws -> TaskRecord {
+    static func findTask(_ request: Request, _ context: APIContext, _ who: Identity, _ store: Store) async throws
+        -> TaskRecord
+    {
         let name = context.parameters.get("name") ?? ""
         guard let task = try await store.task(named: name, namespace: namespaceOf(who, request)) else {
             throw Problem(.notFound, "not found", "no task named '\(name)'")
@@ -238,10 +179,16 @@ public enum APIServer {
 
     /// The run named in the path and its task's namespace, if the caller sees that namespace
     /// (404 otherwise).
-    static func findRun(_ context: APIContext, _ who: Identity, _ store: Store) async throws -> (run: RunRecord, namespace: String) {
+    static func findRun(_ context: APIContext, _ who: Identity, _ store: Store) async throws -> (
+        run: RunRecord, namespace: String
+    ) {
         let text = context.parameters.get("id") ?? ""
-        guard let id = UUID(uuidString: text) else { throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text) }
-        guard let run = try await store.run(id: id), let ns = try await store.namespace(ofTask: run.taskID), who.sees(namespace: ns) else {
+        guard let id = UUID(uuidString: text) else {
+            throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text)
+        }
+        guard let run = try await store.run(id: id), let ns = try await store.namespace(ofTask: run.taskID),
+            who.sees(namespace: ns)
+        else {
             throw Problem(.notFound, "not found", "no run \(text)")
         }
         return (run, ns)
@@ -257,7 +204,9 @@ public enum APIServer {
     static func pageLimit(_ request: Request, _ env: APIEnvironment) throws(Problem) -> Int {
         let text = request.uri.queryParameters.get("limit") ?? "\(min(defaultPage, env.options.maxPage))"
         guard let limit = Int(text), (1...env.options.maxPage).contains(limit) else {
-            throw Problem(.badRequest, "invalid request", "a whole number from 1 to \(env.options.maxPage)", field: "limit", value: text)
+            throw Problem(
+                .badRequest, "invalid request", "a whole number from 1 to \(env.options.maxPage)", field: "limit",
+                value: text)
         }
         return limit
     }
@@ -272,7 +221,9 @@ public enum APIServer {
         do {
             buffer = try await request.body.collect(upTo: context.maxUploadSize)
         } catch is NIOTooManyBytesError {
-            throw Problem(.contentTooLarge, "request body too large", "bodies are limited to \(maxBodyBytes) bytes", field: "body")
+            throw Problem(
+                .contentTooLarge, "request body too large", "bodies are limited to \(maxBodyBytes) bytes", field: "body"
+            )
         }
         let bytes = Array(buffer.readableBytesView)
         try checkDepth(bytes)
@@ -283,7 +234,9 @@ public enum APIServer {
             throw Problem(.badRequest, "invalid request", "the body is not valid JSON", field: "body")
         }
         if let path = value.pathOfNUL() {
-            throw Problem(.badRequest, "invalid request", "text may not contain the NUL character (\\u0000): remove it", field: path)
+            throw Problem(
+                .badRequest, "invalid request", "text may not contain the NUL character (\\u0000): remove it",
+                field: path)
         }
         return value
     }
@@ -295,14 +248,23 @@ public enum APIServer {
         var escaped = false
         for b in bytes {
             if inString {
-                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
+                if escaped {
+                    escaped = false
+                } else if b == UInt8(ascii: "\\") {
+                    escaped = true
+                } else if b == UInt8(ascii: "\"") {
+                    inString = false
+                }
                 continue
             }
             switch b {
             case UInt8(ascii: "\""): inString = true
             case UInt8(ascii: "{"), UInt8(ascii: "["):
                 depth += 1
-                if depth > maxDepth { throw Problem(.badRequest, "invalid request", "JSON may nest at most \(maxDepth) levels", field: "body") }
+                if depth > maxDepth {
+                    throw Problem(
+                        .badRequest, "invalid request", "JSON may nest at most \(maxDepth) levels", field: "body")
+                }
             case UInt8(ascii: "}"), UInt8(ascii: "]"): depth -= 1
             default: break
             }
@@ -310,7 +272,9 @@ public enum APIServer {
     }
 
     static func json(_ value: JSONValue, status: HTTPResponse.Status = .ok) -> Response {
-        Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: value.jsonBytes)))
+        Response(
+            status: status, headers: [.contentType: "application/json"],
+            body: .init(byteBuffer: ByteBuffer(bytes: value.jsonBytes)))
     }
 
     static func view(_ t: TaskRecord) -> JSONValue {
@@ -323,6 +287,7 @@ public enum APIServer {
         o["parameters"] = (try? JSONDecoder().decode(JSONValue.self, from: Data(t.parameters.utf8))) ?? .null
         if let n = t.nextRunAt { o["next_run_at"] = .string(Timestamp.format(n)) }
         if let g = t.group { o["group"] = .string(g) }
+        o["skipped_occurrences"] = .number(Double(t.skippedOccurrences))
         if !t.dependsOn.isEmpty { o["depends_on"] = .array(t.dependsOn.map(JSONValue.string)) }
         o["namespace"] = .string(t.namespace)
         o["labels"] = .object(t.labels.mapValues(JSONValue.string))
@@ -331,7 +296,9 @@ public enum APIServer {
         if let d = t.createdAt { o["created_at"] = .string(Timestamp.format(d)) }
         if let d = t.updatedAt { o["updated_at"] = .string(Timestamp.format(d)) }
         if let u = t.callbackURL { o["callback_url"] = .string(u) }
-        if let k = t.concurrencyKey, let n = t.concurrencyLimit { o["concurrency"] = .object(["key": .string(k), "limit": .number(Double(n))]) }
+        if let k = t.concurrencyKey, let n = t.concurrencyLimit {
+            o["concurrency"] = .object(["key": .string(k), "limit": .number(Double(n))])
+        }
         o["misfire"] = .string(t.misfire)
         o["overlap"] = .string(t.overlap)
         o["trigger_rule"] = .string(t.triggerRule)
@@ -341,7 +308,8 @@ public enum APIServer {
     static func view(_ r: RunRecord) -> JSONValue {
         var o: [String: JSONValue] = [
             "id": .string(r.id.lowercasedString), "task_id": .string(r.taskID.lowercasedString),
-            "occurrence": .string(Timestamp.format(r.occurrence)), "attempt": .number(Double(r.attempt)), "state": .string(r.state.rawValue),
+            "occurrence": .string(Timestamp.format(r.occurrence)), "attempt": .number(Double(r.attempt)),
+            "state": .string(r.state.rawValue),
         ]
         if let v = r.workerID { o["worker_id"] = .string(v) }
         if let v = r.exitCode { o["exit_code"] = .number(Double(v)) }

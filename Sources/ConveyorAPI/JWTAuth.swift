@@ -1,4 +1,4 @@
-public import ConveyorCore
+package import ConveyorCore
 import ConveyorStore
 import Foundation
 import JWTKit
@@ -7,14 +7,17 @@ import JWTKit
 /// algorithm is pinned per key: the secret verifies HS256 only, each JWKS key only the `alg` it
 /// declares (a key without one is refused at start). `iss`, `aud`, `exp` and `nbf` are checked
 /// with at most 60 s of leeway. The token names the identity: `sub`, `role`, `namespace`.
-public struct JWTSettings: Sendable {
-    public var issuer: String
-    public var audience: String
-    public var leeway: Duration = .seconds(30)
-    public var hs256Secret: [UInt8]?
-    public var jwksJSON: String?
+package struct JWTSettings: Sendable {
+    package var issuer: String
+    package var audience: String
+    package var leeway: Duration = .seconds(30)
+    package var hs256Secret: [UInt8]?
+    package var jwksJSON: String?
 
-    public init(issuer: String, audience: String, leeway: Duration = .seconds(30), hs256Secret: [UInt8]? = nil, jwksJSON: String? = nil) {
+    package init(
+        issuer: String, audience: String, leeway: Duration = .seconds(30), hs256Secret: [UInt8]? = nil,
+        jwksJSON: String? = nil
+    ) {
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
@@ -36,38 +39,48 @@ struct ConveyorClaims: JWTPayload {
     func verify(using algorithm: some JWTAlgorithm) async throws {}
 }
 
-public final class JWTVerifier: Sendable {
+package final class JWTVerifier: Sendable {
     let keys: JWTKeyCollection
     let settings: JWTSettings
     /// The algorithm each key verifies, by `kid` ("" for the HS256 secret, used when a token has no kid).
     let pinned: [String: String]
 
-    public static let hmacKid = "conveyor-hs256"
+    package static let hmacKid = "conveyor-hs256"
 
-    public init(_ settings: JWTSettings) async throws(ValidationError) {
+    package init(_ settings: JWTSettings) async throws(ValidationError) {
         guard settings.leeway <= .seconds(60) else {
-            throw ValidationError(field: "auth.jwt.leeway_seconds", value: "\(settings.leeway)", hint: "at most 60 seconds")
+            throw ValidationError(
+                field: "auth.jwt.leeway_seconds", value: "\(settings.leeway)", hint: "at most 60 seconds")
         }
         guard !settings.issuer.isEmpty, !settings.audience.isEmpty else {
-            throw ValidationError(field: "auth.jwt.issuer / auth.jwt.audience", value: "(missing)", hint: "JWT needs the issuer and the audience to expect")
+            throw ValidationError(
+                field: "auth.jwt.issuer / auth.jwt.audience", value: "(missing)",
+                hint: "JWT needs the issuer and the audience to expect")
         }
         let keys = JWTKeyCollection()
         var pinned: [String: String] = [:]
         if let secret = settings.hs256Secret {
             guard secret.count >= 32 else {
                 throw ValidationError(
-                    field: "auth.jwt.hs256_secret", value: "\(secret.count) bytes", hint: "use at least 32 random bytes, e.g. from 'openssl rand -base64 48'")
+                    field: "auth.jwt.hs256_secret", value: "\(secret.count) bytes",
+                    hint: "use at least 32 random bytes, e.g. from 'openssl rand -base64 48'")
             }
-            await keys.add(hmac: HMACKey(from: secret), digestAlgorithm: .sha256, kid: JWKIdentifier(string: Self.hmacKid))
+            await keys.add(
+                hmac: HMACKey(from: secret), digestAlgorithm: .sha256, kid: JWKIdentifier(string: Self.hmacKid))
             pinned[""] = "HS256"
             pinned[Self.hmacKid] = "HS256"
         }
         if let jwks = settings.jwksJSON {
-            guard let doc = try? JSONDecoder().decode(JSONValue.self, from: Data(jwks.utf8)), let list = doc["keys"]?.arrayValue else {
-                throw ValidationError(field: "auth.jwt.jwks_file", value: "", hint: "not a JWKS document ({\"keys\": [...]})")
+            guard let doc = try? JSONDecoder().decode(JSONValue.self, from: Data(jwks.utf8)),
+                let list = doc["keys"]?.arrayValue
+            else {
+                throw ValidationError(
+                    field: "auth.jwt.jwks_file", value: "", hint: "not a JWKS document ({\"keys\": [...]})")
             }
             for (i, k) in list.enumerated() {
-                guard let kid = k["kid"]?.stringValue, let alg = k["alg"]?.stringValue, ["RS256", "ES256"].contains(alg) else {
+                guard let kid = k["kid"]?.stringValue, let alg = k["alg"]?.stringValue,
+                    ["RS256", "ES256"].contains(alg)
+                else {
                     throw ValidationError(
                         field: "auth.jwt.jwks_file: keys[\(i)]", value: k["kid"]?.stringValue ?? "",
                         hint: "each key needs a kid and an alg of RS256 or ES256 (the algorithm is pinned per key)")
@@ -75,12 +88,14 @@ public final class JWTVerifier: Sendable {
                 pinned[kid] = alg
             }
             do { try await keys.add(jwksJSON: jwks) } catch {
-                throw ValidationError(field: "auth.jwt.jwks_file", value: "", hint: "a key could not be loaded: \(error)")
+                throw ValidationError(
+                    field: "auth.jwt.jwks_file", value: "", hint: "a key could not be loaded: \(error)")
             }
         }
         guard !pinned.isEmpty else {
             throw ValidationError(
-                field: "auth.jwt", value: "(no key)", hint: "set auth.jwt.hs256_secret_file (or CONVEYOR_AUTH_JWT_HS256_SECRET) or auth.jwt.jwks_file")
+                field: "auth.jwt", value: "(no key)",
+                hint: "set auth.jwt.hs256_secret_file (or CONVEYOR_AUTH_JWT_HS256_SECRET) or auth.jwt.jwks_file")
         }
         self.keys = keys
         self.settings = settings
@@ -88,9 +103,11 @@ public final class JWTVerifier: Sendable {
     }
 
     /// The identity a token grants, or why it grants none.
-    public func verify(_ token: String) async -> Result<Identity, JWTRefusal> {
+    package func verify(_ token: String) async -> Result<Identity, JWTRefusal> {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3, let header = Self.decodeSegment(parts[0]), let alg = header["alg"]?.stringValue else { return .failure(.malformed) }
+        guard parts.count == 3, let header = Self.decodeSegment(parts[0]), let alg = header["alg"]?.stringValue else {
+            return .failure(.malformed)
+        }
         let kid = header["kid"]?.stringValue ?? ""
         guard let expected = pinned[kid], expected == alg else { return .failure(.algorithm(alg)) }
         let claims: ConveyorClaims
@@ -102,7 +119,9 @@ public final class JWTVerifier: Sendable {
         guard claims.exp.value.addingTimeInterval(leeway) > now else { return .failure(.expired) }
         if let nbf = claims.nbf, nbf.value.addingTimeInterval(-leeway) > now { return .failure(.claim("nbf")) }
         guard let role = Role(rawValue: claims.role) else { return .failure(.claim("role")) }
-        guard claims.namespace != "*" || role == .admin, !claims.namespace.isEmpty else { return .failure(.claim("namespace")) }
+        guard claims.namespace != "*" || role == .admin, !claims.namespace.isEmpty else {
+            return .failure(.claim("namespace"))
+        }
         return .success(Identity(keyPrefix: "jwt:\(claims.sub.value)", role: role, namespace: claims.namespace))
     }
 
@@ -113,13 +132,13 @@ public final class JWTVerifier: Sendable {
 }
 
 /// Why a token was refused.
-public enum JWTRefusal: Error, Sendable, CustomStringConvertible {
+package enum JWTRefusal: Error, Sendable, CustomStringConvertible {
     case malformed
     case algorithm(String)
     case signature, expired
     case claim(String)
 
-    public var description: String {
+    package var description: String {
         switch self {
         case .malformed: "the bearer token is neither an API key nor a JWT"
         case .algorithm(let a): "the token's algorithm \(a) is not the one pinned for its key"

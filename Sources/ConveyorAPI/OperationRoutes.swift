@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import ConveyorStore
 import ConveyorTelemetry
@@ -24,14 +25,19 @@ extension APIServer {
             }
             if let text = q.get("state") {
                 guard let state = RunState(rawValue: text) else {
-                    throw Problem(.badRequest, "invalid request", "one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))", field: "state", value: text)
+                    throw Problem(
+                        .badRequest, "invalid request",
+                        "one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))", field: "state",
+                        value: text)
                 }
                 f.state = state
             }
             for (key, keyPath) in [("since", \Store.RunFilter.since), ("until", \Store.RunFilter.until)] {
                 if let text = q.get(key) {
                     guard let d = Timestamp.parse(text) else {
-                        throw Problem(.badRequest, "invalid request", "an ISO-8601 instant such as 2026-11-23T10:00:00Z", field: key, value: text)
+                        throw Problem(
+                            .badRequest, "invalid request", "an ISO-8601 instant such as 2026-11-23T10:00:00Z",
+                            field: key, value: text)
                     }
                     f[keyPath: keyPath] = d
                 }
@@ -40,7 +46,9 @@ extension APIServer {
             if let cursor = q.get("cursor") {
                 let parts = cursor.split(separator: "_", maxSplits: 1).map(String.init)
                 guard parts.count == 2, let d = Timestamp.parse(parts[0]), let id = UUID(uuidString: parts[1]) else {
-                    throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: cursor)
+                    throw Problem(
+                        .badRequest, "invalid request", "pass the next_cursor of the previous page unchanged",
+                        field: "cursor", value: cursor)
                 }
                 f.after = (d, id)
             }
@@ -59,19 +67,41 @@ extension APIServer {
                 o["trace_url"] = .string(template.replacingOccurrences(of: "{trace_id}", with: trace))
             }
             // The occurrence's attempts, so a retried run shows its history in one call.
-            o["attempts"] = .array(try await store.attempts(of: run).map { a in
-                var x: [String: JSONValue] = ["id": .string(a.id.lowercasedString), "attempt": .number(Double(a.attempt)), "state": .string(a.state.rawValue)]
-                if let e = a.errorMessage { x["error_message"] = .string(e) }
-                if let f = a.finishedAt { x["finished_at"] = .string(Timestamp.format(f)) }
-                return .object(x)
-            })
+            o["attempts"] = .array(
+                try await store.attempts(of: run).map { a in
+                    var x: [String: JSONValue] = [
+                        "id": .string(a.id.lowercasedString), "attempt": .number(Double(a.attempt)),
+                        "state": .string(a.state.rawValue),
+                    ]
+                    if let e = a.errorMessage { x["error_message"] = .string(e) }
+                    if let f = a.finishedAt { x["finished_at"] = .string(Timestamp.format(f)) }
+                    return .object(x)
+                })
+            // Its outcome's callbacks (docs/scheduling.md, "Callbacks").
+            o["callbacks"] = .array(
+                try await store.callbacks(run: run.id).map { c in
+                    var x: [String: JSONValue] = [
+                        "url": .string(c.url), "attempts": .number(Double(c.attempts)), "state": .string(c.state),
+                    ]
+                    if let s = c.lastStatus { x["last_status"] = .number(Double(s)) }
+                    if let e = c.lastError { x["last_error"] = .string(e) }
+                    return .object(x)
+                })
             return json(.object(o))
         }
         r.on(.post, "/v1/runs/:id/cancel") { _, context in
             let who = try context.require(.operator)
             let (run, namespace) = try await findRun(context, who, store)
-            guard try await !store.cancel(runs: [run.id], reason: "cancelled through the API by \(who.keyPrefix)").isEmpty else {
-                throw Problem(.conflict, "run already ended", "run \(run.id.lowercasedString) ended \(run.state.rawValue); only a run that has not ended can be cancelled")
+            guard
+                try await !store.cancel(runs: [run.id], reason: "cancelled through the API by \(who.keyPrefix)").isEmpty
+            else {
+                throw Problem(
+                    .conflict, "run already ended",
+                    """
+                    run \(run.id.lowercasedString) ended \(run.state.rawValue); only a run that has not ended can be \
+                    cancelled
+                    """
+                )
             }
             await env.audit(context, who, "run.cancel", run.id.lowercasedString, namespace: namespace)
             return json(["run_id": .string(run.id.lowercasedString), "state": "cancelled"])
@@ -81,9 +111,12 @@ extension APIServer {
             let (run, namespace) = try await findRun(context, who, store)
             do {
                 let next = try await store.redrive(run: run.id)
-                await env.audit(context, who, "run.redrive", run.id.lowercasedString, namespace: namespace,
-                                ["new_run_id": .string(next.lowercasedString)])
-                return json(["run_id": .string(next.lowercasedString), "attempt": .number(Double(run.attempt + 1))], status: .created)
+                await env.audit(
+                    context, who, "run.redrive", run.id.lowercasedString, namespace: namespace,
+                    ["new_run_id": .string(next.lowercasedString)])
+                return json(
+                    ["run_id": .string(next.lowercasedString), "attempt": .number(Double(run.attempt + 1))],
+                    status: .created)
             } catch let v as ValidationError {
                 throw Problem(.conflict, "cannot re-drive", v.hint, field: "id", value: v.value)
             }
@@ -124,19 +157,28 @@ extension APIServer {
                 let who = try context.require(pauseRole)
                 let name = context.parameters.get("name") ?? ""
                 let namespace = namespaceOf(who, request)
-                guard try await store.groupExists(name, namespace: namespace) else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
+                guard try await store.groupExists(name, namespace: namespace) else {
+                    throw Problem(.notFound, "not found", "no group named '\(name)'")
+                }
                 let changed = try await store.setPaused(paused, group: name, namespace: namespace)
-                await env.audit(context, who, "group.\(action)", name, namespace: namespace, ["tasks": .number(Double(changed))])
-                return json(["group": .string(name), "paused": .bool(paused), "tasks_changed": .number(Double(changed))])
+                await env.audit(
+                    context, who, "group.\(action)", name, namespace: namespace, ["tasks": .number(Double(changed))])
+                return json([
+                    "group": .string(name), "paused": .bool(paused), "tasks_changed": .number(Double(changed)),
+                ])
             }
         }
         r.on(.post, "/v1/groups/:name/cancel") { request, context in
             let who = try context.require(.operator)
             let name = context.parameters.get("name") ?? ""
             let namespace = namespaceOf(who, request)
-            guard try await store.groupExists(name, namespace: namespace) else { throw Problem(.notFound, "not found", "no group named '\(name)'") }
-            let cancelled = try await store.cancel(group: name, namespace: namespace, reason: "group cancelled through the API by \(who.keyPrefix)")
-            await env.audit(context, who, "group.cancel", name, namespace: namespace, ["runs": .number(Double(cancelled.count))])
+            guard try await store.groupExists(name, namespace: namespace) else {
+                throw Problem(.notFound, "not found", "no group named '\(name)'")
+            }
+            let cancelled = try await store.cancel(
+                group: name, namespace: namespace, reason: "group cancelled through the API by \(who.keyPrefix)")
+            await env.audit(
+                context, who, "group.cancel", name, namespace: namespace, ["runs": .number(Double(cancelled.count))])
             return json(["group": .string(name), "runs_cancelled": .number(Double(cancelled.count))])
         }
 
@@ -147,20 +189,30 @@ extension APIServer {
             var brokerError: String?
             // A broker queue holds every namespace's messages: its depth and consumers are the
             // fleet's, shown to keys for every namespace only.
-            if let config = env.broker, who.namespace == "*" {
+            if let inspector = env.inspector, who.namespace == "*" {
                 do {
-                    broker = try await AMQPInspector.workQueues(stats.map(\.queue), topology: env.topology, configuration: config)
+                    broker = try await env.topology.workQueueDepths(stats.map(\.queue), asking: inspector)
                 } catch { brokerError = "\(error)" }
             }
-            var out: [String: JSONValue] = ["queues": .array(stats.map { s in
-                var o: [String: JSONValue] = ["name": .string(s.queue), "tasks": .number(Double(s.tasks)), "backlog": .number(Double(s.backlog)),
-                                              "running": .number(Double(s.running)), "finished_last_minute": .number(Double(s.finishedLastMinute))]
-                if let b = broker[s.queue] {
-                    o["broker"] = .object(["queue": .string(b.queue), "ready": .number(Double(b.ready)), "consumers": .number(Double(b.consumers)),
-                                           "isolated": .number(Double(b.isolated))])
-                }
-                return .object(o)
-            })]
+            var out: [String: JSONValue] = [
+                "queues": .array(
+                    stats.map { s in
+                        var o: [String: JSONValue] = [
+                            "name": .string(s.queue), "tasks": .number(Double(s.tasks)),
+                            "backlog": .number(Double(s.backlog)),
+                            "running": .number(Double(s.running)),
+                            "finished_last_minute": .number(Double(s.finishedLastMinute)),
+                        ]
+                        if let b = broker[s.queue] {
+                            o["broker"] = .object([
+                                "queue": .string(b.queue), "ready": .number(Double(b.ready)),
+                                "consumers": .number(Double(b.consumers)),
+                                "isolated": .number(Double(b.isolated)),
+                            ])
+                        }
+                        return .object(o)
+                    })
+            ]
             if let brokerError { out["broker_error"] = .string(brokerError) }
             return json(.object(out))
         }
@@ -168,30 +220,50 @@ extension APIServer {
         r.on(.post, "/v1/keys") { request, context in
             let who = try context.require(.admin)
             let body = try await body(request, context)
-            guard let o = body.objectValue else { throw Problem(.badRequest, "invalid request", "send {\"name\": ..., \"role\": ..., \"namespace\": ...}", field: "body") }
-            if let unknown = o.keys.sorted().first(where: { !["name", "role", "namespace", "expires_days"].contains($0) }) {
-                throw Problem(.badRequest, "invalid request", "unknown field; known fields are expires_days, name, namespace, role", field: unknown, value: "\(o[unknown]!)")
+            guard let o = body.objectValue else {
+                throw Problem(
+                    .badRequest, "invalid request", "send {\"name\": ..., \"role\": ..., \"namespace\": ...}",
+                    field: "body")
+            }
+            if let unknown = o.keys.sorted().first(where: {
+                !["name", "role", "namespace", "expires_days"].contains($0)
+            }) {
+                throw Problem(
+                    .badRequest, "invalid request",
+                    "unknown field; known fields are expires_days, name, namespace, role", field: unknown,
+                    value: "\(o[unknown]!)")
             }
             guard let name = o["name"]?.stringValue, !name.isEmpty, name.count <= 200 else {
-                throw Problem(.badRequest, "invalid request", "what the key is for, 1 to 200 characters", field: "name", value: "\(o["name"] ?? .null)")
+                throw Problem(
+                    .badRequest, "invalid request", "what the key is for, 1 to 200 characters", field: "name",
+                    value: "\(o["name"] ?? .null)")
             }
             let namespace = o["namespace"]?.stringValue ?? (who.namespace == "*" ? "default" : who.namespace)
             guard who.namespace == "*" || namespace == who.namespace else {
-                throw Problem(.forbidden, "forbidden", "this admin key manages keys of namespace '\(who.namespace)' only", field: "namespace", value: namespace)
+                throw Problem(
+                    .forbidden, "forbidden", "this admin key manages keys of namespace '\(who.namespace)' only",
+                    field: "namespace", value: namespace)
             }
             var days: Int?
             if let d = o["expires_days"], d != .null {
                 guard let n = d.doubleValue, n.rounded() == n, abs(n) < 1e9 else {
-                    throw Problem(.badRequest, "invalid request", "a whole number of days from 1 to 3650", field: "expires_days", value: "\(d)")
+                    throw Problem(
+                        .badRequest, "invalid request", "a whole number of days from 1 to 3650", field: "expires_days",
+                        value: "\(d)")
                 }
                 days = Int(n)
             }
-            let role = try APIKeyRules.check(role: o["role"]?.stringValue ?? "\(o["role"] ?? .null)", namespace: namespace, expiresDays: days,
-                                             fields: ("role", "namespace", "expires_days"))
+            let role = try APIKeyRules.check(
+                role: o["role"]?.stringValue ?? "\(o["role"] ?? .null)", namespace: namespace, expiresDays: days,
+                fields: ("role", "namespace", "expires_days"))
             let expires = days.map { Date().addingTimeInterval(Double($0) * 86_400) }
             let (key, prefix, hash) = APIKeyFormat.generate()
-            try await store.createAPIKey(prefix: prefix, secretHash: hash, name: name, role: role, namespace: namespace, expiresAt: expires)
-            await env.audit(context, who, "key.create", prefix, namespace: namespace, ["role": .string(role.rawValue), "name": .string(name)])
+            try await store.createAPIKey(
+                prefix: prefix, secretHash: hash, name: name, role: role.rawValue, namespace: namespace,
+                expiresAt: expires)
+            await env.audit(
+                context, who, "key.create", prefix, namespace: namespace,
+                ["role": .string(role.rawValue), "name": .string(name)])
             var created = try await store.apiKey(prefix: prefix).map(view)?.objectValue ?? [:]
             created["key"] = .string(key)
             return json(.object(created), status: .created)
@@ -204,11 +276,15 @@ extension APIServer {
         r.on(.delete, "/v1/keys/:prefix") { _, context in
             let who = try context.require(.admin)
             let prefix = context.parameters.get("prefix") ?? ""
-            guard let key = try await store.apiKey(prefix: prefix), who.namespace == "*" || key.namespace == who.namespace else {
+            guard let key = try await store.apiKey(prefix: prefix),
+                who.namespace == "*" || key.namespace == who.namespace
+            else {
                 throw Problem(.notFound, "not found", "no key with prefix '\(prefix)'")
             }
             guard try await store.revokeAPIKey(prefix: prefix) else {
-                throw Problem(.conflict, "already revoked", "key \(prefix) was revoked at \(key.revokedAt.map(Timestamp.format) ?? "?")")
+                throw Problem(
+                    .conflict, "already revoked",
+                    "key \(prefix) was revoked at \(key.revokedAt.map(Timestamp.format) ?? "?")")
             }
             await env.audit(context, who, "key.revoke", prefix, namespace: key.namespace)
             return json(["prefix": .string(prefix), "revoked": true])
@@ -220,19 +296,32 @@ extension APIServer {
             let limit = try pageLimit(request, env)
             var before: Int64?
             if let c = q.get("cursor") {
-                guard let n = Int64(c), n > 0 else { throw Problem(.badRequest, "invalid request", "pass the next_cursor of the previous page unchanged", field: "cursor", value: c) }
+                guard let n = Int64(c), n > 0 else {
+                    throw Problem(
+                        .badRequest, "invalid request", "pass the next_cursor of the previous page unchanged",
+                        field: "cursor", value: c)
+                }
                 before = n
             }
-            let entries = try await store.auditLog(namespace: listScope(who, request), action: q.get("action"),
-                                                   before: before, limit: limit + 1)
-            var out: [String: JSONValue] = ["entries": .array(entries.prefix(limit).map { e in
-                var o: [String: JSONValue] = ["id": .number(Double(e.id)), "at": .string(e.at.map(Timestamp.format) ?? ""), "actor": .string(e.actor),
-                                              "role": .string(e.role), "namespace": .string(e.namespace), "action": .string(e.action),
-                                              "target": .string(e.target), "request_id": .string(e.requestID), "detail": e.detail]
-                if let c = e.client { o["client"] = .string(c) }
-                return .object(o)
-            })]
-            if entries.count > limit, let last = entries.prefix(limit).last { out["next_cursor"] = .string(String(last.id)) }
+            let entries = try await store.auditLog(
+                namespace: listScope(who, request), action: q.get("action"),
+                before: before, limit: limit + 1)
+            var out: [String: JSONValue] = [
+                "entries": .array(
+                    entries.prefix(limit).map { e in
+                        var o: [String: JSONValue] = [
+                            "id": .number(Double(e.id)), "at": .string(e.at.map(Timestamp.format) ?? ""),
+                            "actor": .string(e.actor),
+                            "role": .string(e.role), "namespace": .string(e.namespace), "action": .string(e.action),
+                            "target": .string(e.target), "request_id": .string(e.requestID), "detail": e.detail,
+                        ]
+                        if let c = e.client { o["client"] = .string(c) }
+                        return .object(o)
+                    })
+            ]
+            if entries.count > limit, let last = entries.prefix(limit).last {
+                out["next_cursor"] = .string(String(last.id))
+            }
             return json(.object(out))
         }
 
@@ -246,35 +335,47 @@ extension APIServer {
             var intervalMS = 2000
             if let text = request.uri.queryParameters.get("interval_ms") {
                 guard let ms = Int(text), (200...60_000).contains(ms) else {
-                    throw Problem(.badRequest, "invalid request", "milliseconds between events: an integer from 200 to 60000 (default 2000)",
-                                  field: "interval_ms", value: String(text))
+                    throw Problem(
+                        .badRequest, "invalid request",
+                        "milliseconds between events: an integer from 200 to 60000 (default 2000)",
+                        field: "interval_ms", value: String(text))
                 }
                 intervalMS = ms
             }
             let interval = Duration.milliseconds(Int64(intervalMS))
             let limit = env.options.maxEventStreamsPerKey
             guard let slot = env.eventStreams.acquire(who.keyPrefix, limit: limit) else {
-                var p = Problem(.tooManyRequests, "too many event streams",
-                                "this key has \(limit) event streams open, the most api.max_event_streams_per_key allows; close one (it is let go within one interval) or share one stream")
+                var p = Problem(
+                    .tooManyRequests, "too many event streams",
+                    """
+                    this key has \(limit) event streams open, the most api.max_event_streams_per_key allows; close \
+                    one (it is let go within one interval) or share one stream
+                    """
+                )
                 p.retryAfter = max(1, Int(interval.inSeconds.rounded(.up)))
                 throw p
             }
-            return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-store"],
-                            body: ResponseBody { writer in
-                                // Given back however the stream ends: finished, the client gone (the write throws), cancelled.
-                                defer { slot.release() }
-                                var sent = 0
-                                while !Task.isCancelled && !Task.isShuttingDownGracefully && sent < 10_000 {
-                                    let payload = try await env.overviews.overview(store, namespace: namespace, maxAge: interval)
-                                    try await writer.write(ByteBuffer(string: "event: stats\ndata: " + String(decoding: payload.jsonBytes, as: UTF8.self) + "\n\n"))
-                                    sent += 1
-                                    // A stream ends when the API shuts down: stopping never waits out an
-                                    // interval (up to a minute) of every open stream. A client that went
-                                    // away cancels the sleep too; the loop's condition ends the stream.
-                                    try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
-                                }
-                                try await writer.finish(nil)
-                            })
+            return Response(
+                status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-store"],
+                body: ResponseBody { writer in
+                    // Given back however the stream ends: finished, the client gone (the write throws), cancelled.
+                    defer { slot.release() }
+                    var sent = 0
+                    while !Task.isCancelled && !Task.isShuttingDownGracefully && sent < 10_000 {
+                        let payload = try await env.overviews.overview(
+                            store, namespace: namespace, maxAge: interval, now: env.clock.now())
+                        try await writer.write(
+                            ByteBuffer(
+                                string: "event: stats\ndata: " + String(decoding: payload.jsonBytes, as: UTF8.self)
+                                    + "\n\n"))
+                        sent += 1
+                        // A stream ends when the API shuts down: stopping never waits out an
+                        // interval (up to a minute) of every open stream. A client that went
+                        // away cancels the sleep too; the loop's condition ends the stream.
+                        try? await cancelWhenGracefulShutdown { try await Task.sleep(for: interval) }
+                    }
+                    try await writer.finish(nil)
+                })
         }
         r.on(.get, "/v1/overview") { request, context in
             let who = try context.require(.viewer)
@@ -284,40 +385,9 @@ extension APIServer {
         // dispatcher's per-queue series): the fleet's.
         r.on(.get, "/metrics") { _, context in
             _ = try context.requireFleet()
-            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"], body: .init(byteBuffer: ByteBuffer(string: env.metrics.render() + ConveyorMetrics.text())))
+            return Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+                body: .init(byteBuffer: ByteBuffer(string: ConveyorMetrics.text())))
         }
-    }
-
-    /// Runs by state, completions per minute over the last 30 minutes, and queue backlogs.
-    static func overview(_ store: Store, namespace: String?) async throws -> JSONValue {
-        let o = try await store.overview(namespace: namespace)
-        return .object([
-            "at": .string(Timestamp.format(o.at)),
-            "runs_by_state": .object(Dictionary(uniqueKeysWithValues: o.runsByState.map { ($0.key.rawValue, JSONValue.number(Double($0.value))) })),
-            "throughput": .array(o.perMinute.map { .object(["minute": .string(Timestamp.format($0.minute)), "succeeded": .number(Double($0.succeeded)),
-                                                           "failed": .number(Double($0.failed))]) }),
-            "queues": .array(o.queues.map { .object(["name": .string($0.queue), "backlog": .number(Double($0.backlog)), "running": .number(Double($0.running))]) }),
-            "workers": .number(Double(o.activeWorkers)),
-        ])
-    }
-
-    static func view(_ w: WorkerRecord) -> JSONValue {
-        .object(["id": .string(w.id), "host": .string(w.host), "state": .string(w.state), "concurrency": .number(Double(w.concurrency)),
-                 "in_flight": .number(Double(w.inFlight)), "queues": .array(w.queues.map(JSONValue.string)),
-                 "executors": .array(w.executors.map(JSONValue.string)), "seconds_since_heartbeat": .number(w.secondsSinceHeartbeat)])
-    }
-
-    static func view(_ g: Store.GroupSummary) -> JSONValue {
-        .object(["name": .string(g.name), "tasks": .number(Double(g.tasks)), "paused_tasks": .number(Double(g.paused)),
-                 "runs_by_state": .object(Dictionary(uniqueKeysWithValues: g.runs.map { ($0.key.rawValue, JSONValue.number(Double($0.value))) }))])
-    }
-
-    static func view(_ k: APIKeyRecord) -> JSONValue {
-        var o: [String: JSONValue] = ["prefix": .string(k.prefix), "name": .string(k.name), "role": .string(k.role.rawValue),
-                                      "namespace": .string(k.namespace), "use_count": .number(Double(k.useCount))]
-        if let d = k.expiresAt { o["expires_at"] = .string(Timestamp.format(d)) }
-        if let d = k.revokedAt { o["revoked_at"] = .string(Timestamp.format(d)) }
-        if let d = k.lastUsedAt { o["last_used_at"] = .string(Timestamp.format(d)) }
-        return .object(o)
     }
 }

@@ -1,37 +1,40 @@
-public import ConveyorCore
+package import ConveyorCore
 import ConveyorStore
 import ConveyorTelemetry
 import Foundation
-public import HTTPTypes
-public import Hummingbird
+package import HTTPTypes
+package import Hummingbird
 import Logging
 import NIOCore
 import Tracing
 import W3CTraceContext
 
 /// What a request runs with: who it acts as, and its request id.
-public struct APIContext: RequestContext {
-    public var coreContext: CoreRequestContextStorage
-    public var identity: Identity?
-    public var requestID = ""
+package struct APIContext: RequestContext {
+    package var coreContext: CoreRequestContextStorage
+    package var identity: Identity?
+    package var requestID = ""
     /// The TCP peer's address.
-    public var peer: String?
+    package var peer: String?
     /// The client's address: the peer, or what a trusted proxy forwarded.
-    public var client = "unknown"
+    package var client = "unknown"
 
-    public init(source: Source) {
+    package init(source: Source) {
         coreContext = .init(source: source)
         peer = source.channel.remoteAddress?.ipAddress
     }
 
     /// Request bodies larger than this are refused with 413 before any decoding.
-    public var maxUploadSize: Int { APIServer.maxBodyBytes }
+    package var maxUploadSize: Int { APIServer.maxBodyBytes }
 
     /// The identity, or 401; and 403 when its role is below `role`.
     func require(_ role: Role) throws(Problem) -> Identity {
-        guard let identity else { throw Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key>") }
+        guard let identity else {
+            throw Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key>")
+        }
         guard identity.role >= role else {
-            throw Problem(.forbidden, "forbidden", "this needs the \(role.rawValue) role; the key has \(identity.role.rawValue)")
+            throw Problem(
+                .forbidden, "forbidden", "this needs the \(role.rawValue) role; the key has \(identity.role.rawValue)")
         }
         return identity
     }
@@ -43,7 +46,10 @@ public struct APIContext: RequestContext {
         guard identity.namespace == "*" else {
             throw Problem(
                 .forbidden, "forbidden",
-                "this is the whole fleet's, across namespaces: it needs a key for every namespace ('*'), an admin key or a viewer key created with namespace '*'; this key is limited to namespace '\(identity.namespace)'"
+                """
+                this is the whole fleet's, across namespaces: it needs a key for every namespace ('*'), an admin key \
+                or a viewer key created with namespace '*'; this key is limited to namespace '\(identity.namespace)'
+                """
             )
         }
         return identity
@@ -52,16 +58,18 @@ public struct APIContext: RequestContext {
 
 /// An RFC 9457 problem: `application/problem+json` with the field, the value and a hint where
 /// a request was at fault, and the request id to quote.
-public struct Problem: Error, Sendable {
-    public var status: HTTPResponse.Status
-    public var title: String
-    public var detail: String
-    public var field: String?
-    public var value: String?
+package struct Problem: Error, Sendable {
+    package var status: HTTPResponse.Status
+    package var title: String
+    package var detail: String
+    package var field: String?
+    package var value: String?
     /// Seconds, for 429 and 503 (`Retry-After`).
-    public var retryAfter: Int?
+    package var retryAfter: Int?
 
-    public init(_ status: HTTPResponse.Status, _ title: String, _ detail: String, field: String? = nil, value: String? = nil) {
+    package init(
+        _ status: HTTPResponse.Status, _ title: String, _ detail: String, field: String? = nil, value: String? = nil
+    ) {
         self.status = status
         self.title = title
         self.detail = detail
@@ -69,7 +77,7 @@ public struct Problem: Error, Sendable {
         self.value = value
     }
 
-    public init(_ v: ValidationError) {
+    package init(_ v: ValidationError) {
         self.init(.badRequest, "invalid request", v.hint, field: v.field, value: v.value)
     }
 
@@ -83,7 +91,8 @@ public struct Problem: Error, Sendable {
         var headers: HTTPFields = [.contentType: "application/problem+json"]
         if status == .unauthorized { headers[.wwwAuthenticate] = "Bearer" }
         if let retryAfter { headers[.retryAfter] = String(retryAfter) }
-        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: JSONValue.object(o).jsonBytes)))
+        return Response(
+            status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: JSONValue.object(o).jsonBytes)))
     }
 }
 
@@ -107,7 +116,9 @@ struct TraceHeadersMiddleware: RouterMiddleware {
     static let tracestate = HTTPField.Name("tracestate")!
     static let baggage = HTTPField.Name("baggage")!
 
-    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(
+        _ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response
+    ) async throws -> Response {
         var fields = request.headers
         let parents = fields[values: Self.traceparent]
         if !parents.isEmpty, parents.count > 1 || (try? TraceContext(traceParentHeaderValue: parents[0])) == nil {
@@ -118,7 +129,8 @@ struct TraceHeadersMiddleware: RouterMiddleware {
         if let state = fields[Self.tracestate] {
             let parent = fields[Self.traceparent]
             if state.utf8.count > 512 || state.split(separator: ",").count > 32
-                || (parent.map { (try? TraceContext(traceParentHeaderValue: $0, traceStateHeaderValue: state)) == nil } ?? false)
+                || (parent.map { (try? TraceContext(traceParentHeaderValue: $0, traceStateHeaderValue: state)) == nil }
+                    ?? false)
             {
                 fields[values: Self.tracestate] = []
                 ConveyorMetrics.traceContextRefused(header: "tracestate")
@@ -139,7 +151,9 @@ struct TraceHeadersMiddleware: RouterMiddleware {
 /// context, beside the span context `TracingMiddleware` extracted: tasks created or triggered
 /// by the request carry it to their runs.
 struct BaggageMiddleware: RouterMiddleware {
-    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(
+        _ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response
+    ) async throws -> Response {
         guard let baggage = request.headers[TraceHeadersMiddleware.baggage], !baggage.isEmpty else {
             return try await next(request, context)
         }
@@ -153,16 +167,20 @@ struct BaggageMiddleware: RouterMiddleware {
 /// database work: the path and every query parameter here, every string and key of a JSON body in
 /// `APIServer.body`. A 400 naming the field, not a 500 from the database driver.
 struct TextInputMiddleware: RouterMiddleware {
-    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(
+        _ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response
+    ) async throws -> Response {
         let path = request.uri.path
         if path.utf8.contains(0) || (path.removingPercentEncoding ?? "").utf8.contains(0) {
             throw Problem(
-                .badRequest, "invalid request", "the path holds a NUL byte (%00), which no name may contain", field: "path",
+                .badRequest, "invalid request", "the path holds a NUL byte (%00), which no name may contain",
+                field: "path",
                 value: (path.removingPercentEncoding ?? path).storable)
         }
         for (key, value) in request.uri.queryParameters where key.utf8.contains(0) || value.utf8.contains(0) {
             throw Problem(
-                .badRequest, "invalid request", "query parameters may not contain a NUL byte (%00)", field: String(key).storable,
+                .badRequest, "invalid request", "query parameters may not contain a NUL byte (%00)",
+                field: String(key).storable,
                 value: String(value).storable)
         }
         return try await next(request, context)
@@ -174,13 +192,17 @@ struct TextInputMiddleware: RouterMiddleware {
 struct RequestIDMiddleware: RouterMiddleware {
     let env: APIEnvironment
 
-    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(
+        _ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response
+    ) async throws -> Response {
         let started = ContinuousClock.now
         var context = context
-        context.client = ClientAddress.resolve(peer: context.peer, forwardedFor: request.headers[.xForwardedFor], trusted: env.options.trustedProxies)
+        context.client = ClientAddress.resolve(
+            peer: context.peer, forwardedFor: request.headers[.xForwardedFor], trusted: env.options.trustedProxies)
         let given = request.headers[.requestID] ?? ""
         context.requestID =
-            given.count <= 128 && !given.isEmpty && given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) })
+            given.count <= 128 && !given.isEmpty
+                && given.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.:".contains($0)) })
             ? given : UUID().lowercasedString
         context.logger[metadataKey: "request.id"] = "\(context.requestID)"
         var response: Response
@@ -192,17 +214,22 @@ struct RequestIDMiddleware: RouterMiddleware {
             response = Problem(v).response(requestID: context.requestID)
         } catch let e as HTTPError {
             let title = e.status == .contentTooLarge ? "request body too large" : e.status.reasonPhrase
-            let detail = e.status == .contentTooLarge ? "bodies are limited to \(APIServer.maxBodyBytes) bytes" : (e.body ?? e.status.reasonPhrase)
+            let detail =
+                e.status == .contentTooLarge
+                ? "bodies are limited to \(APIServer.maxBodyBytes) bytes" : (e.body ?? e.status.reasonPhrase)
             response = Problem(e.status, title, detail).response(requestID: context.requestID)
         } catch {
             context.logger.error("request failed", metadata: ["error": "\(error)"])
-            response = Problem(.internalServerError, "internal error", "the server could not complete the request; quote the request id").response(
+            response = Problem(
+                .internalServerError, "internal error",
+                "the server could not complete the request; quote the request id"
+            ).response(
                 requestID: context.requestID)
         }
         response.headers[.requestID] = context.requestID
-        env.metrics.record(
-            route: context.endpointPath ?? "unmatched", method: request.method.rawValue, status: response.status.code,
-            seconds: (ContinuousClock.now - started).inSeconds)
+        ConveyorMetrics.apiRequest(
+            route: Self.routePattern(context.endpointPath), method: request.method.rawValue,
+            status: response.status.code, duration: ContinuousClock.now - started)
         context.logger.info(
             "request",
             metadata: [
@@ -210,6 +237,14 @@ struct RequestIDMiddleware: RouterMiddleware {
                 "http.status": "\(response.status.code)", "client.address": "\(context.client)",
             ])
         return response
+    }
+
+    /// The router's pattern in the OpenAPI spelling (`/v1/tasks/{name}`), never the raw path, so the
+    /// metrics' label set stays bounded; `unmatched` for a path no route has.
+    static func routePattern(_ endpoint: String?) -> String {
+        guard let endpoint else { return "unmatched" }
+        let parts = endpoint.split(separator: "/").map { $0.hasPrefix(":") ? "{\($0.dropFirst())}" : String($0) }
+        return "/" + parts.joined(separator: "/")
     }
 }
 
@@ -227,7 +262,9 @@ struct AuthMiddleware: RouterMiddleware {
     let env: APIEnvironment
     static let open: Set<String> = ["/healthz", "/readyz"]
 
-    func handle(_ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response) async throws -> Response {
+    func handle(
+        _ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response
+    ) async throws -> Response {
         let path = request.uri.path
         if Self.open.contains(path) || Dashboard.serves(path) { return try await next(request, context) }
         // Failures count against the client's address: past its burst they get 429, not 401.
@@ -235,20 +272,25 @@ struct AuthMiddleware: RouterMiddleware {
         // has not found yet while the address has no token left: its lookup needs one (see the
         // type's comment), given back when the key is valid.
         func refuse(_ problem: Problem) -> Problem {
-            if let wait = env.limiter.take("addr:" + context.client, env.options.perAddress) {
+            if let wait = env.limiter.take("addr:" + context.client, env.options.perAddress, now: env.clock.now()) {
                 return Self.tooMany(wait, Self.addressDetail(context.client))
             }
             return problem
         }
         guard let header = request.headers[.authorization], header.lowercased().hasPrefix("bearer ") else {
-            throw refuse(Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key or JWT>"))
+            throw refuse(
+                Problem(.unauthorized, "authentication required", "send Authorization: Bearer <API key or JWT>"))
         }
         let credential = String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)
         func admit(_ identity: Identity) async throws -> Response {
-            if let wait = env.limiter.take("key:" + identity.keyPrefix, env.options.perKey) {
+            if let wait = env.limiter.take("key:" + identity.keyPrefix, env.options.perKey, now: env.clock.now()) {
                 throw Self.tooMany(
                     wait,
-                    "this key made more than \(Int(env.options.perKey.burst)) requests in a burst; at most \(env.options.perKey.rate) per second on average")
+                    """
+                    this key made more than \(Int(env.options.perKey.burst)) requests in a burst; at most \
+                    \(env.options.perKey.rate) per second on average
+                    """
+                )
             }
             var context = context
             context.identity = identity
@@ -256,7 +298,8 @@ struct AuthMiddleware: RouterMiddleware {
             return try await next(request, context)
         }
         guard credential.count <= 8192 else {
-            throw refuse(Problem(.unauthorized, "authentication failed", "the credential is longer than 8192 characters"))
+            throw refuse(
+                Problem(.unauthorized, "authentication failed", "the credential is longer than 8192 characters"))
         }
         if !credential.hasPrefix("cvk_"), let jwt = env.jwt {
             switch await jwt.verify(credential) {
@@ -269,7 +312,7 @@ struct AuthMiddleware: RouterMiddleware {
         var charged = false
         let outcome = try await env.keys.authenticate(credential) {
             charged = true
-            return env.limiter.take("addr:" + context.client, env.options.perAddress)
+            return env.limiter.take("addr:" + context.client, env.options.perAddress, now: env.clock.now())
         }
         switch outcome {
         case .success(let identity):

@@ -1,55 +1,59 @@
-public import ConveyorCore
-public import ConveyorHTTP
+package import ConveyorCore
+package import ConveyorHTTP
 import Foundation
 import Synchronization
 
 /// How the API limits and whom it trusts; from `config/api.yaml` (`api.rate_limit.*`,
 /// `api.trusted_proxies`, `api.max_page_size`, `api.max_event_streams_per_key`).
-public struct APIOptions: Sendable {
+package struct APIOptions: Sendable {
     /// A token bucket: `rate` requests per second on average, bursts up to `burst`.
-    public struct Limit: Sendable, Equatable {
-        public var rate: Double
-        public var burst: Double
-        public init(rate: Double, burst: Double) {
+    package struct Limit: Sendable, Equatable {
+        package var rate: Double
+        package var burst: Double
+        package init(rate: Double, burst: Double) {
             self.rate = rate
             self.burst = burst
         }
     }
 
     /// Per API key or token subject.
-    public var perKey = Limit(rate: 50, burst: 100)
+    package var perKey = Limit(rate: 50, burst: 100)
     /// Per client address, for requests without valid credentials (slows key guessing).
-    public var perAddress = Limit(rate: 5, burst: 20)
+    package var perAddress = Limit(rate: 5, burst: 20)
     /// Task creations and triggers per key, by the priority of the work submitted: a flood of
     /// background work cannot crowd out critical submissions.
-    public var submitByPriority: [Priority: Limit] = [
-        .critical: Limit(rate: 100, burst: 200), .high: Limit(rate: 50, burst: 100), .normal: Limit(rate: 20, burst: 50),
+    package var submitByPriority: [Priority: Limit] = [
+        .critical: Limit(rate: 100, burst: 200), .high: Limit(rate: 50, burst: 100),
+        .normal: Limit(rate: 20, burst: 50),
         .low: Limit(rate: 10, burst: 20), .background: Limit(rate: 5, burst: 10),
     ]
     /// Peers whose `X-Forwarded-For` is believed (load balancers, ingress controllers).
-    public var trustedProxies: [Network] = []
+    package var trustedProxies: [Network] = []
     /// Largest page a list returns.
-    public var maxPage = 100
+    package var maxPage = 100
     /// `/v1/events` streams one key or token subject may hold open at once
     /// (`api.max_event_streams_per_key`): each holds a connection and polls the database.
-    public var maxEventStreamsPerKey = 4
+    package var maxEventStreamsPerKey = 4
     /// A link to a run's trace in a trace UI, `{trace_id}` replaced (`api.trace_link_template`,
     /// e.g. `http://jaeger:16686/trace/{trace_id}` or a Grafana Tempo explore URL).
-    public var traceLinkTemplate: String?
+    package var traceLinkTemplate: String?
 
-    public init() {}
+    package init() {}
 }
 
 /// Token buckets by key, in memory (each API replica limits on its own: with N replicas a
 /// client gets up to N times the rate).
-public final class RateLimiter: Sendable {
-    struct Bucket { var tokens: Double; var at: ContinuousClock.Instant }
+package final class RateLimiter: Sendable {
+    struct Bucket {
+        var tokens: Double
+        var at: ContinuousClock.Instant
+    }
     let buckets = Mutex<[String: Bucket]>([:])
 
-    public init() {}
+    package init() {}
 
     /// Takes one token from `key`'s bucket: nil when allowed, otherwise how long until a token is there.
-    public func take(_ key: String, _ limit: APIOptions.Limit, now: ContinuousClock.Instant = .now) -> Duration? {
+    package func take(_ key: String, _ limit: APIOptions.Limit, now: ContinuousClock.Instant = .now) -> Duration? {
         buckets.withLock { b in
             if b.count > 100_000 { Self.evictFull(&b, now: now, limit: limit) }
             var bucket = b[key] ?? Bucket(tokens: limit.burst, at: now)
@@ -67,7 +71,7 @@ public final class RateLimiter: Sendable {
 
     /// Gives back a token `take` took for a request that turned out to be valid (the lookup of a
     /// key charged to its address before anyone knew).
-    public func giveBack(_ key: String, _ limit: APIOptions.Limit) {
+    package func giveBack(_ key: String, _ limit: APIOptions.Limit) {
         buckets.withLock { b in
             guard var bucket = b[key] else { return }
             bucket.tokens = min(limit.burst, bucket.tokens + 1)

@@ -1,5 +1,4 @@
 import ConveyorCore
-import ConveyorPostgres
 import ConveyorStore
 import ConveyorTelemetry
 import Foundation
@@ -13,7 +12,7 @@ extension HTTPField.Name {
 
 extension APIServer {
     /// Most tasks in one POST.
-    public static let maxBatch = 1000
+    package static let maxBatch = 1000
     /// The role that pauses and resumes a task, by whichever route (PATCH `paused`, POST
     /// `…/pause`, `…/resume`).
     static let pauseRole = Role.operator
@@ -28,15 +27,20 @@ extension APIServer {
             let batch = TaskSpec.list(in: body)
             if let batch, !(1...maxBatch).contains(batch.count) {
                 throw Problem(
-                    .badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files", field: "tasks", value: "\(batch.count) tasks")
+                    .badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files",
+                    field: "tasks", value: "\(batch.count) tasks")
             }
             var tasks = try TaskSpec.decodeFile(body, now: Date())
             guard batch != nil else {
                 guard let task = try await create(tasks, who, env).first else {
-                    throw Problem(.badRequest, "invalid request", "one task, a list of tasks, or {\"tasks\": [...]}", field: "body")
+                    throw Problem(
+                        .badRequest, "invalid request", "one task, a list of tasks, or {\"tasks\": [...]}",
+                        field: "body")
                 }
                 await env.audit(context, who, "task.create", task.name, namespace: task.namespace)
-                return json(try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null, status: .created)
+                return json(
+                    try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null,
+                    status: .created)
             }
             let batchID = UUID()
             for i in tasks.indices { tasks[i].batchID = batchID }
@@ -47,7 +51,8 @@ extension APIServer {
             var response = json(
                 [
                     "batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
-                    "tasks": .array(tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) }),
+                    "tasks": .array(
+                        tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) }),
                 ],
                 status: .created)
             response.headers[.batchID] = batchID.lowercasedString
@@ -63,7 +68,10 @@ extension APIServer {
                 guard let state = RunState(rawValue: text) else {
                     throw Problem(
                         .badRequest, "invalid request",
-                        "the state of the task's latest run: one of \(RunState.allCases.map(\.rawValue).joined(separator: ", "))",
+                        """
+                        the state of the task's latest run: one of \
+                        \(RunState.allCases.map(\.rawValue).joined(separator: ", "))
+                        """,
                         field: "state", value: text)
                 }
                 f.state = state
@@ -75,18 +83,24 @@ extension APIServer {
             if let label = q.get("label") {
                 let parts = label.split(separator: "=", maxSplits: 1).map(String.init)
                 guard let key = parts.first, !key.isEmpty else {
-                    throw Problem(.badRequest, "invalid request", "key or key=value, e.g. label=team=data", field: "label", value: label)
+                    throw Problem(
+                        .badRequest, "invalid request", "key or key=value, e.g. label=team=data", field: "label",
+                        value: label)
                 }
                 f.label = (key, parts.count == 2 ? parts[1] : nil)
             }
             if let text = q.get("batch_id") {
                 guard let id = UUID(uuidString: text) else {
-                    throw Problem(.badRequest, "invalid request", "the X-Batch-ID a batch POST returned (a UUID)", field: "batch_id", value: text)
+                    throw Problem(
+                        .badRequest, "invalid request", "the X-Batch-ID a batch POST returned (a UUID)",
+                        field: "batch_id", value: text)
                 }
                 f.batchID = id
             }
             if let text = q.get("paused") {
-                guard let b = Bool(text) else { throw Problem(.badRequest, "invalid request", "true or false", field: "paused", value: text) }
+                guard let b = Bool(text) else {
+                    throw Problem(.badRequest, "invalid request", "true or false", field: "paused", value: text)
+                }
                 f.paused = b
             }
             let page = try await store.tasks(f, limit: limit + 1)
@@ -116,23 +130,30 @@ extension APIServer {
             let patch = try await body(request, context)
             let task = try await findTask(request, context, who, store)
             guard let fields = patch.objectValue else {
-                throw Problem(.badRequest, "invalid request", "a JSON merge patch: an object whose absent fields stay, null clears a field", field: "body")
+                throw Problem(
+                    .badRequest, "invalid request",
+                    "a JSON merge patch: an object whose absent fields stay, null clears a field", field: "body")
             }
             // Pausing or resuming needs the same role by every route (POST …/pause, …/resume).
             if fields["paused"] != nil { who = try context.require(pauseRole) }
-            for key in ["name", "namespace"] where fields[key] != nil && fields[key] != .string(key == "name" ? task.name : task.namespace) {
+            for key in ["name", "namespace"]
+            where fields[key] != nil && fields[key] != .string(key == "name" ? task.name : task.namespace) {
                 throw Problem(
-                    .badRequest, "invalid request", "the \(key) of a task cannot change; create a new task and delete this one", field: key,
+                    .badRequest, "invalid request",
+                    "the \(key) of a task cannot change; create a new task and delete this one", field: key,
                     value: "\(fields[key]!)")
             }
             if let d = fields["depends_on"], d != .array(task.dependsOn.map(JSONValue.string)) {
                 throw Problem(
-                    .badRequest, "invalid request", "dependencies cannot change in place; delete and recreate the task with the new depends_on",
+                    .badRequest, "invalid request",
+                    "dependencies cannot change in place; delete and recreate the task with the new depends_on",
                     field: "depends_on", value: "\(d)")
             }
             for key in ["start", "after"] where fields[key] != nil {
                 throw Problem(
-                    .badRequest, "invalid request", "start and after place a new task's first run; to run now use POST /v1/tasks/{name}/trigger", field: key,
+                    .badRequest, "invalid request",
+                    "start and after place a new task's first run; to run now use POST /v1/tasks/{name}/trigger",
+                    field: key,
                     value: "\(fields[key]!)")
             }
             let current = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
@@ -143,14 +164,18 @@ extension APIServer {
             updated.namespace = task.namespace
             var paused: Bool?
             if let p = fields["paused"], p != .null {
-                guard case .bool(let b) = p else { throw Problem(.badRequest, "invalid request", "true or false", field: "paused", value: "\(p)") }
+                guard case .bool(let b) = p else {
+                    throw Problem(.badRequest, "invalid request", "true or false", field: "paused", value: "\(p)")
+                }
                 paused = b
             }
             let reschedule = ["schedule", "timezone"].contains { fields[$0] != nil }
             guard try await store.updateTask(id: task.id, updated, reschedule: reschedule, paused: paused) else {
                 throw Problem(.notFound, "not found", "no task named '\(task.name)'")
             }
-            await env.audit(context, who, "task.update", task.name, namespace: task.namespace, ["fields": .array(fields.keys.sorted().map(JSONValue.string))])
+            await env.audit(
+                context, who, "task.update", task.name, namespace: task.namespace,
+                ["fields": .array(fields.keys.sorted().map(JSONValue.string))])
             return json(try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null)
         }
         r.on(.post, "/v1/tasks/:name/trigger") { request, context in
@@ -161,6 +186,16 @@ extension APIServer {
             try await store.trigger(taskID: task.id, traceParent: trace["traceparent"], baggage: trace["baggage"])
             await env.audit(context, who, "task.trigger", task.name, namespace: task.namespace)
             return json(["task": .string(task.name), "triggered": true], status: .accepted)
+        }
+        r.on(.post, "/v1/tasks/:name/cancel") { request, context in
+            let who = try context.require(.operator)
+            let task = try await findTask(request, context, who, store)
+            let cancelled = try await store.cancel(
+                task: task.id, reason: "task cancelled through the API by \(who.keyPrefix)")
+            await env.audit(
+                context, who, "task.cancel", task.name, namespace: task.namespace,
+                ["runs": .number(Double(cancelled.count))])
+            return json(["task": .string(task.name), "runs_cancelled": .number(Double(cancelled.count))])
         }
         for (action, paused) in [("pause", true), ("resume", false)] {
             r.on(.post, "/v1/tasks/:name/\(action)") { request, context in
@@ -182,7 +217,8 @@ extension APIServer {
             }
             do {
                 let runs = try await store.purgeTask(id: task.id) ?? 0
-                await env.audit(context, who, "task.purge", task.name, namespace: task.namespace, ["runs": .number(Double(runs))])
+                await env.audit(
+                    context, who, "task.purge", task.name, namespace: task.namespace, ["runs": .number(Double(runs))])
                 return json(["task": .string(task.name), "deleted": true, "purged_runs": .number(Double(runs))])
             } catch let v as ValidationError {
                 throw Problem(.conflict, "cannot purge", v.hint, field: "name", value: v.value)
@@ -195,31 +231,45 @@ extension APIServer {
             let name = context.parameters.get("name") ?? ""
             let namespace = namespaceOf(who, request)
             let body = try await body(request, context)
-            guard let o = body.objectValue, let task = o["task"], task.objectValue != nil, Set(o.keys).isSubset(of: ["task", "parameters"]) else {
+            guard let o = body.objectValue, let task = o["task"], task.objectValue != nil,
+                Set(o.keys).isSubset(of: ["task", "parameters"])
+            else {
                 throw Problem(
-                    .badRequest, "invalid request", "a template is {\"task\": {...a task body with {{placeholders}}...}, \"parameters\": [\"names\"]}",
+                    .badRequest, "invalid request",
+                    "a template is {\"task\": {...a task body with {{placeholders}}...}, \"parameters\": [\"names\"]}",
                     field: "body")
             }
             let declared = try (o["parameters"]?.arrayValue ?? []).map { p throws(Problem) -> String in
                 guard let s = p.stringValue, TemplateFill.isName(s) else {
-                    throw Problem(.badRequest, "invalid request", "parameter names are letters, digits and '_'", field: "parameters", value: "\(p)")
+                    throw Problem(
+                        .badRequest, "invalid request", "parameter names are letters, digits and '_'",
+                        field: "parameters", value: "\(p)")
                 }
                 return s
             }
             let used = TemplateFill.placeholders(in: task)
             if let undeclared = used.subtracting(declared).sorted().first {
-                throw Problem(.badRequest, "invalid request", "the task uses {{\(undeclared)}}; list it in parameters", field: "parameters", value: undeclared)
+                throw Problem(
+                    .badRequest, "invalid request", "the task uses {{\(undeclared)}}; list it in parameters",
+                    field: "parameters", value: undeclared)
             }
-            guard !name.isEmpty, name.count <= 200 else { throw Problem(.badRequest, "invalid request", "1 to 200 characters", field: "name", value: name) }
+            guard !name.isEmpty, name.count <= 200 else {
+                throw Problem(.badRequest, "invalid request", "1 to 200 characters", field: "name", value: name)
+            }
             // Fields are checked now; values when a task is made from it (errors then name the field).
             if let unknown = task.objectValue!.keys.sorted().first(where: { !TaskSpec.keys.contains($0) }) {
                 throw Problem(
-                    .badRequest, "invalid request", "unknown task field; known fields are \(TaskSpec.keys.sorted().joined(separator: ", "))",
+                    .badRequest, "invalid request",
+                    "unknown task field; known fields are \(TaskSpec.keys.sorted().joined(separator: ", "))",
                     field: "task.\(unknown)", value: "\(task[unknown]!)")
             }
-            try await store.putTemplate(Store.TemplateRecord(namespace: namespace, name: name, body: task, parameters: declared))
+            try await store.putTemplate(
+                Store.TemplateRecord(namespace: namespace, name: name, body: task, parameters: declared))
             await env.audit(context, who, "template.put", name, namespace: namespace)
-            return json(["name": .string(name), "namespace": .string(namespace), "parameters": .array(declared.map(JSONValue.string)), "task": task])
+            return json([
+                "name": .string(name), "namespace": .string(namespace),
+                "parameters": .array(declared.map(JSONValue.string)), "task": task,
+            ])
         }
         r.on(.get, "/v1/templates") { request, context in
             let who = try context.require(.viewer)
@@ -228,7 +278,8 @@ extension APIServer {
                 "templates": .array(
                     list.map { t in
                         .object([
-                            "name": .string(t.name), "namespace": .string(t.namespace), "parameters": .array(t.parameters.map(JSONValue.string)),
+                            "name": .string(t.name), "namespace": .string(t.namespace),
+                            "parameters": .array(t.parameters.map(JSONValue.string)),
                             "task": t.body,
                         ])
                     })
@@ -242,18 +293,30 @@ extension APIServer {
                 throw Problem(.notFound, "not found", "no template named '\(name)'")
             }
             let body = try await body(request, context)
-            guard let o = body.objectValue, let taskName = o["name"]?.stringValue, Set(o.keys).isSubset(of: ["name", "values"]) else {
-                throw Problem(.badRequest, "invalid request", "send {\"name\": \"new-task\", \"values\": {\"param\": ...}}", field: "body")
+            guard let o = body.objectValue, let taskName = o["name"]?.stringValue,
+                Set(o.keys).isSubset(of: ["name", "values"])
+            else {
+                throw Problem(
+                    .badRequest, "invalid request", "send {\"name\": \"new-task\", \"values\": {\"param\": ...}}",
+                    field: "body")
             }
             let values = o["values"]?.objectValue ?? [:]
             if let missing = template.parameters.first(where: { values[$0] == nil }) {
                 throw Problem(
-                    .badRequest, "invalid request", "template '\(name)' needs a value for every parameter: \(template.parameters.joined(separator: ", "))",
+                    .badRequest, "invalid request",
+                    """
+                    template '\(name)' needs a value for every parameter: \
+                    \(template.parameters.joined(separator: ", "))
+                    """,
                     field: "values.\(missing)", value: "(missing)")
             }
             if let unknown = values.keys.sorted().first(where: { !template.parameters.contains($0) }) {
                 throw Problem(
-                    .badRequest, "invalid request", "template '\(name)' has no parameter '\(unknown)'; it takes \(template.parameters.joined(separator: ", "))",
+                    .badRequest, "invalid request",
+                    """
+                    template '\(name)' has no parameter '\(unknown)'; it takes \
+                    \(template.parameters.joined(separator: ", "))
+                    """,
                     field: "values.\(unknown)", value: "\(values[unknown]!)")
             }
             guard case .object(var filled) = try TemplateFill.fill(template.body, values) else {
@@ -263,60 +326,8 @@ extension APIServer {
             filled["namespace"] = .string(namespace)
             _ = try await create([try TaskSpec.decode(.object(filled), now: Date())], who, env)
             await env.audit(context, who, "task.create", taskName, namespace: namespace, ["template": .string(name)])
-            return json(try await store.task(named: taskName, namespace: namespace).map(view) ?? .null, status: .created)
-        }
-    }
-
-    /// Creates tasks in the namespace `placement` gives, within the caller's submission limits;
-    /// a name that exists is 409, naming it. Returns the tasks as created.
-    static func create(_ tasks: [NewTask], _ who: Identity, _ env: APIEnvironment) async throws -> [NewTask] {
-        var tasks = tasks
-        let namespace = try placement(tasks, who)
-        // The request's span is the parent of each task's first dispatch span.
-        let trace = Traces.headers(ServiceContext.current ?? .topLevel)
-        for i in tasks.indices {
-            tasks[i].namespace = namespace
-            tasks[i].traceParent = trace["traceparent"]
-            tasks[i].traceBaggage = trace["baggage"]
-        }
-        try submitLimit(env, who, priorities: Set(tasks.map(\.priority)))
-        do {
-            try await env.store.createTasks(tasks)
-        } catch let e as StoreError where e.kind == .taskExists {
-            let names = tasks.map(\.name)
-            let existing = try await env.store.tasks(Store.TaskFilter.named(names, namespace: namespace), limit: names.count).map(\.task.name)
-            let name = existing.first ?? names[0]
-            throw Problem(
-                .conflict, "task exists", "a task named '\(name)' exists in namespace '\(namespace)'; PATCH it or pick another name",
-                field: "name", value: name)
-        }
-        return tasks
-    }
-
-    /// The namespace new tasks go to: the key's own (a body naming another is refused), or for
-    /// an every-namespace admin the body's (default `default`).
-    static func placement(_ tasks: [NewTask], _ who: Identity) throws(Problem) -> String {
-        let asked = Set(tasks.map(\.namespace))
-        if who.namespace == "*" {
-            guard asked.count == 1 else {
-                throw Problem(
-                    .badRequest, "invalid request", "one batch goes to one namespace", field: "namespace", value: asked.sorted().joined(separator: ","))
-            }
-            return asked.first!
-        }
-        if let other = asked.first(where: { $0 != "default" && $0 != who.namespace }) {
-            throw Problem(.badRequest, "invalid request", "this key creates tasks in namespace '\(who.namespace)' only", field: "namespace", value: other)
-        }
-        return who.namespace
-    }
-
-    /// One submission per priority against the key's per-priority buckets (429 when empty).
-    static func submitLimit(_ env: APIEnvironment, _ who: Identity, priorities: Set<Priority>) throws(Problem) {
-        for p in priorities.sorted(by: { $0.rawValue < $1.rawValue }) {
-            guard let limit = env.options.submitByPriority[p] else { continue }
-            if let wait = env.limiter.take("submit:\(p.name):" + who.keyPrefix, limit) {
-                throw AuthMiddleware.tooMany(wait, "this key submitted \(p.name)-priority work faster than \(limit.rate) per second")
-            }
+            return json(
+                try await store.task(named: taskName, namespace: namespace).map(view) ?? .null, status: .created)
         }
     }
 }
@@ -328,66 +339,5 @@ extension Store.TaskFilter {
         f.namespace = namespace
         f.names = names
         return f
-    }
-}
-
-/// `{{name}}` placeholders in template bodies: a string that is exactly one placeholder takes
-/// the value as is (a number stays a number); inside longer text the value is written as text.
-enum TemplateFill {
-    static func isName(_ s: String) -> Bool {
-        !s.isEmpty && s.count <= 64 && s.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }
-    }
-
-    static func placeholders(in value: JSONValue) -> Set<String> {
-        switch value {
-        case .string(let s): return Set(tokens(s).map(\.name))
-        case .array(let a): return a.reduce(into: []) { $0.formUnion(placeholders(in: $1)) }
-        case .object(let o): return o.values.reduce(into: []) { $0.formUnion(placeholders(in: $1)) }
-        default: return []
-        }
-    }
-
-    static func fill(_ value: JSONValue, _ values: [String: JSONValue]) throws(Problem) -> JSONValue {
-        switch value {
-        case .string(let s):
-            let found = tokens(s)
-            if found.count == 1, found[0].range == s.startIndex..<s.endIndex, let v = values[found[0].name] { return v }
-            var out = s
-            for t in found.reversed() {
-                guard let v = values[t.name] else { continue }
-                let text: String =
-                    switch v {
-                    case .string(let x): x
-                    case .number(let n): n.rounded() == n && abs(n) < 1e15 ? String(Int(n)) : String(n)
-                    case .bool(let b): String(b)
-                    default:
-                        throw Problem(
-                            .badRequest, "invalid request", "{{\(t.name)}} sits inside text; give it text, a number or a boolean", field: "values.\(t.name)",
-                            value: "\(v)")
-                    }
-                out.replaceSubrange(t.range, with: text)
-            }
-            return .string(out)
-        case .array(let a):
-            var out: [JSONValue] = []
-            for v in a { out.append(try fill(v, values)) }
-            return .array(out)
-        case .object(let o):
-            var out: [String: JSONValue] = [:]
-            for (k, v) in o { out[k] = try fill(v, values) }
-            return .object(out)
-        default: return value
-        }
-    }
-
-    static func tokens(_ s: String) -> [(name: String, range: Range<String.Index>)] {
-        var out: [(String, Range<String.Index>)] = []
-        var rest = s.startIndex..<s.endIndex
-        while let open = s.range(of: "{{", range: rest), let close = s.range(of: "}}", range: open.upperBound..<s.endIndex) {
-            let name = s[open.upperBound..<close.lowerBound].trimmingCharacters(in: .whitespaces)
-            if isName(name) { out.append((name, open.lowerBound..<close.upperBound)) }
-            rest = close.upperBound..<s.endIndex
-        }
-        return out
     }
 }

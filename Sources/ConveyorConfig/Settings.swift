@@ -20,19 +20,25 @@ public struct Settings: Sendable {
     }
 
     /// Environment first, then the file (missing file allowed when `required` is false).
-    public static func load(file: String?, required: Bool = false,
-                            environment: [String: String] = ProcessInfo.processInfo.environment) async throws -> Settings {
+    public static func load(
+        file: String?, required: Bool = false,
+        environment: [String: String] = ProcessInfo.processInfo.environment
+    ) async throws -> Settings {
         var providers: [any ConfigProvider] = [
             EnvironmentVariablesProvider(environmentVariables: environment).prefixKeys(with: "conveyor")
         ]
         if let file {
             if required && !FileManager.default.fileExists(atPath: file) {
-                throw ValidationError(field: "config file", value: file, hint: "the file does not exist: pass an existing YAML file, or omit the flag to use config/ defaults")
+                throw ValidationError(
+                    field: "config file", value: file,
+                    hint:
+                        "the file does not exist: pass an existing YAML file, or omit the flag to use config/ defaults")
             }
             do {
                 providers.append(try await FileProvider<YAMLSnapshot>(filePath: FilePath(file), allowMissing: true))
             } catch {
-                throw ValidationError(field: "config file", value: file, hint: "not valid YAML (\(error)); fix the syntax")
+                throw ValidationError(
+                    field: "config file", value: file, hint: "not valid YAML (\(error)); fix the syntax")
             }
         }
         return Settings(reader: ConfigReader(providers: providers), source: file ?? "environment")
@@ -82,8 +88,11 @@ public struct Settings: Sendable {
         let hint = "must be a number from \(range.lowerBound) to \(range.upperBound)"
         let asInt: Int?? = try? read(key, hint: hint) { try reader.requiredInt(forKey: ConfigKey(key)) }
         let v: Double
-        if case .some(.some(let i)) = asInt { v = Double(i) }
-        else { v = try read(key, hint: hint) { try reader.requiredDouble(forKey: ConfigKey(key)) } ?? d }
+        if case .some(.some(let i)) = asInt {
+            v = Double(i)
+        } else {
+            v = try read(key, hint: hint) { try reader.requiredDouble(forKey: ConfigKey(key)) } ?? d
+        }
         guard range.contains(v) else { throw bad(key, hint) }
         return v
     }
@@ -99,7 +108,8 @@ public struct Settings: Sendable {
     }
 
     /// Milliseconds as a `Duration`.
-    public func milliseconds(_ key: String, default d: Int, range: ClosedRange<Int>) throws(ValidationError) -> Duration {
+    public func milliseconds(_ key: String, default d: Int, range: ClosedRange<Int>) throws(ValidationError) -> Duration
+    {
         .milliseconds(try int(key, default: d, range: range))
     }
 }

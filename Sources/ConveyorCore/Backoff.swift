@@ -2,9 +2,9 @@ import Foundation
 
 /// Exponential backoff with full jitter: the one retry delay used everywhere (database connects,
 /// broker reconnects, status retries).
-public enum Backoff {
+package enum Backoff {
     /// A random delay in `0 ... min(cap, base × 2^(attempt−1))`.
-    public static func delay(attempt: Int, base: Duration, cap: Duration) -> Duration {
+    package static func delay(attempt: Int, base: Duration, cap: Duration) -> Duration {
         let exp = min(max(attempt - 1, 0), 20)
         let ceiling = min(cap, base * (1 << exp))
         return .milliseconds(Int64(Double.random(in: 0...max(ceiling.inMilliseconds, 1))))
@@ -13,11 +13,11 @@ public enum Backoff {
 
 extension Duration {
     /// The duration in seconds, as a `Double`.
-    public var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+    package var inSeconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
     /// The duration in whole milliseconds.
-    public var inMilliseconds: Double { inSeconds * 1000 }
+    package var inMilliseconds: Double { inSeconds * 1000 }
     /// The duration in nanoseconds (what swift-metrics timers record).
-    public var inNanoseconds: Int64 { components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000 }
+    package var inNanoseconds: Int64 { components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000 }
 }
 
 /// Replaces every password in `text` with `***`: the password of each URL
@@ -32,7 +32,7 @@ extension Duration {
 /// and the password is not a port followed by a path (`http://host:8080/x@y`). A password that is
 /// digits followed by `/`, `?` or `#` therefore stays visible, and a URL with both a password and
 /// an `@` in its path or query has its host masked too: masking too much is the safe side.
-public func redactPassword(in text: String) -> String {
+package func redactPassword(in text: String) -> String {
     var out = text
     if out.contains("://"), out.contains("@") {
         var masked = ""
@@ -44,10 +44,13 @@ public func redactPassword(in text: String) -> String {
             if let next = rest[..<end].range(of: "://") { end = next.lowerBound }
             let url = rest[..<end]
             guard let at = url.lastIndex(of: "@"), let colon = url[..<at].firstIndex(of: ":"),
-                  !url[..<colon].contains(where: { "/?#".contains($0) }) else { continue }
+                !url[..<colon].contains(where: { "/?#".contains($0) })
+            else { continue }
             let password = url[url.index(after: colon)..<at]
             let digits = password.prefix { $0.isASCII && $0.isNumber }
-            if !digits.isEmpty, digits.endIndex < password.endIndex, "/?#".contains(password[digits.endIndex]) { continue }
+            if !digits.isEmpty, digits.endIndex < password.endIndex, "/?#".contains(password[digits.endIndex]) {
+                continue
+            }
             masked += url[..<colon] + ":***"
             rest = rest[at...]
         }

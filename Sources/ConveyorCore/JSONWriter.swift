@@ -7,27 +7,57 @@ struct JSONWriter {
 
     init() { bytes.reserveCapacity(256) }
 
-    mutating func beginObject() { separator(); bytes.append(UInt8(ascii: "{")); needsComma.append(false) }
-    mutating func endObject() { bytes.append(UInt8(ascii: "}")); needsComma.removeLast() }
-    mutating func beginArray() { separator(); bytes.append(UInt8(ascii: "[")); needsComma.append(false) }
-    mutating func endArray() { bytes.append(UInt8(ascii: "]")); needsComma.removeLast() }
+    mutating func beginObject() {
+        separator()
+        bytes.append(UInt8(ascii: "{"))
+        needsComma.append(false)
+    }
+    mutating func endObject() {
+        bytes.append(UInt8(ascii: "}"))
+        needsComma.removeLast()
+    }
+    mutating func beginArray() {
+        separator()
+        bytes.append(UInt8(ascii: "["))
+        needsComma.append(false)
+    }
+    mutating func endArray() {
+        bytes.append(UInt8(ascii: "]"))
+        needsComma.removeLast()
+    }
 
     mutating func key(_ k: String) {
         separator()
         writeString(k)
         bytes.append(UInt8(ascii: ":"))
-        needsComma[needsComma.count - 1] = false   // the value follows without a comma
+        needsComma[needsComma.count - 1] = false  // the value follows without a comma
     }
 
-    mutating func string(_ s: String) { separator(); writeString(s) }
-    mutating func int(_ i: Int) { separator(); bytes.append(contentsOf: String(i).utf8) }
-    mutating func bool(_ b: Bool) { separator(); bytes.append(contentsOf: (b ? "true" : "false").utf8) }
-    mutating func null() { separator(); bytes.append(contentsOf: "null".utf8) }
+    mutating func string(_ s: String) {
+        separator()
+        writeString(s)
+    }
+    mutating func int(_ i: Int) {
+        separator()
+        bytes.append(contentsOf: String(i).utf8)
+    }
+    mutating func bool(_ b: Bool) {
+        separator()
+        bytes.append(contentsOf: (b ? "true" : "false").utf8)
+    }
+    mutating func null() {
+        separator()
+        bytes.append(contentsOf: "null".utf8)
+    }
     mutating func double(_ d: Double) {
         separator()
-        if !d.isFinite { bytes.append(contentsOf: "null".utf8) }
-        else if d.rounded() == d, abs(d) < 1e15 { bytes.append(contentsOf: String(Int64(d)).utf8) }
-        else { bytes.append(contentsOf: "\(d)".utf8) }
+        if !d.isFinite {
+            bytes.append(contentsOf: "null".utf8)
+        } else if d.rounded() == d, abs(d) < 1e15 {
+            bytes.append(contentsOf: String(Int64(d)).utf8)
+        } else {
+            bytes.append(contentsOf: "\(d)".utf8)
+        }
     }
 
     mutating func value(_ v: JSONValue) {
@@ -42,7 +72,10 @@ struct JSONWriter {
             endArray()
         case .object(let o):
             beginObject()
-            for k in o.keys.sorted() { key(k); value(o[k]!) }
+            for k in o.keys.sorted() {
+                key(k)
+                value(o[k]!)
+            }
             endObject()
         }
     }
@@ -62,7 +95,8 @@ struct JSONWriter {
             case 0x0A: bytes.append(contentsOf: [92, UInt8(ascii: "n")])
             case 0x0D: bytes.append(contentsOf: [92, UInt8(ascii: "r")])
             case 0x09: bytes.append(contentsOf: [92, UInt8(ascii: "t")])
-            case 0..<0x20: bytes.append(contentsOf: [92, UInt8(ascii: "u"), 48, 48, hex[Int(b >> 4)], hex[Int(b & 0xF)]])
+            case 0..<0x20:
+                bytes.append(contentsOf: [92, UInt8(ascii: "u"), 48, 48, hex[Int(b >> 4)], hex[Int(b & 0xF)]])
             default: bytes.append(b)
             }
         }
@@ -72,7 +106,7 @@ struct JSONWriter {
 
 extension JSONValue {
     /// The value as compact JSON (object keys sorted).
-    public var jsonBytes: [UInt8] {
+    package var jsonBytes: [UInt8] {
         var w = JSONWriter()
         w.value(self)
         return w.bytes

@@ -1,30 +1,32 @@
-public import Foundation
+package import Foundation
 
 /// The AMQP `type` of a task message.
-public let taskMessageType = "conveyor.run.v1"
+package let taskMessageType = "conveyor.run.v1"
 /// The AMQP `type` of a status message.
-public let statusMessageType = "conveyor.status.v1"
+package let statusMessageType = "conveyor.status.v1"
 
 /// Body of a task message (`conveyor.run.v1`): everything a worker needs to run one attempt.
-public struct TaskMessage: Sendable, Hashable, Codable {
-    public var version: Int = 1
-    public var runID: UUID
-    public var taskID: UUID
-    public var taskName: String
-    public var occurrence: Date
-    public var attempt: Int
-    public var queue: String
-    public var executor: String
-    public var parameters: JSONValue
-    public var timeoutSeconds: Double
+package struct TaskMessage: Sendable, Hashable, Codable {
+    package var version: Int = 1
+    package var runID: UUID
+    package var taskID: UUID
+    package var taskName: String
+    package var occurrence: Date
+    package var attempt: Int
+    package var queue: String
+    package var executor: String
+    package var parameters: JSONValue
+    package var timeoutSeconds: Double
     /// Equal to the run id: executors pass it on (`Idempotency-Key`, `CONVEYOR_RUN_ID`).
-    public var idempotencyKey: String
+    package var idempotencyKey: String
     /// The attempt's status proof, signed by the dispatcher: the worker returns it on every
     /// status of this attempt, and a status without it changes nothing. Never given to executors.
-    public var proof: String?
+    package var proof: String?
 
-    public init(runID: UUID, taskID: UUID, taskName: String, occurrence: Date, attempt: Int, queue: String,
-                executor: String, parameters: JSONValue, timeoutSeconds: Double) {
+    package init(
+        runID: UUID, taskID: UUID, taskName: String, occurrence: Date, attempt: Int, queue: String,
+        executor: String, parameters: JSONValue, timeoutSeconds: Double
+    ) {
         self.runID = runID
         self.taskID = taskID
         self.taskName = taskName
@@ -38,42 +40,51 @@ public struct TaskMessage: Sendable, Hashable, Codable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case version, runID = "run_id", taskID = "task_id", taskName = "task_name", occurrence, attempt, queue,
-             executor, parameters, timeoutSeconds = "timeout_seconds", idempotencyKey = "idempotency_key", proof
+        case version
+        case runID = "run_id"
+        case taskID = "task_id"
+        case taskName = "task_name"
+        case occurrence, attempt, queue,
+            executor, parameters
+        case timeoutSeconds = "timeout_seconds"
+        case idempotencyKey = "idempotency_key"
+        case proof
     }
 }
 
 /// The AMQP `type` of a control message.
-public let controlMessageType = "conveyor.control.v1"
+package let controlMessageType = "conveyor.control.v1"
 
 /// Body of a control message (`conveyor.control.v1`), fanned out to every worker.
-public struct ControlMessage: Sendable, Hashable, Codable {
-    public var version: Int = 1
+package struct ControlMessage: Sendable, Hashable, Codable {
+    package var version: Int = 1
     /// The run to cancel.
-    public var cancel: UUID
+    package var cancel: UUID
 
-    public init(cancel: UUID) { self.cancel = cancel }
+    package init(cancel: UUID) { self.cancel = cancel }
 }
 
 /// The AMQP `type` of a heartbeat, sent by each worker on the status exchange.
-public let heartbeatMessageType = "conveyor.heartbeat.v1"
+package let heartbeatMessageType = "conveyor.heartbeat.v1"
 
 /// Body of a heartbeat (`conveyor.heartbeat.v1`): who the worker is and what it holds.
-public struct HeartbeatMessage: Sendable, Hashable, Codable {
-    public var version: Int = 1
-    public var workerID: String
-    public var host: String
-    public var queues: [String]
-    public var executors: [String]
-    public var concurrency: Int
+package struct HeartbeatMessage: Sendable, Hashable, Codable {
+    package var version: Int = 1
+    package var workerID: String
+    package var host: String
+    package var queues: [String]
+    package var executors: [String]
+    package var concurrency: Int
     /// Runs this worker is executing now.
-    public var inFlight: [UUID]
+    package var inFlight: [UUID]
     /// How often this worker sends heartbeats; the dispatcher declares it lost after a few missed.
-    public var intervalSeconds: Double
-    public var at: Date
+    package var intervalSeconds: Double
+    package var at: Date
 
-    public init(workerID: String, host: String, queues: [String], executors: [String], concurrency: Int,
-                inFlight: [UUID], intervalSeconds: Double, at: Date = Date()) {
+    package init(
+        workerID: String, host: String, queues: [String], executors: [String], concurrency: Int,
+        inFlight: [UUID], intervalSeconds: Double, at: Date = Date()
+    ) {
         self.workerID = workerID
         self.host = host
         self.queues = queues
@@ -85,46 +96,53 @@ public struct HeartbeatMessage: Sendable, Hashable, Codable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case version, workerID = "worker_id", host, queues, executors, concurrency, inFlight = "in_flight",
-             intervalSeconds = "interval_seconds", at
+        case version
+        case workerID = "worker_id"
+        case host, queues, executors, concurrency
+        case inFlight = "in_flight"
+        case
+            intervalSeconds = "interval_seconds"
+        case at
     }
 }
 
 /// What a status message reports.
-public enum StatusEvent: String, Sendable, Codable {
+package enum StatusEvent: String, Sendable, Codable {
     case started
     case heartbeat
     case finished
 }
 
 /// Body of a status message (`conveyor.status.v1`).
-public struct StatusMessage: Sendable, Hashable, Codable {
-    public var version: Int = 1
-    public var runID: UUID
-    public var attempt: Int
-    public var event: StatusEvent
+package struct StatusMessage: Sendable, Hashable, Codable {
+    package var version: Int = 1
+    package var runID: UUID
+    package var attempt: Int
+    package var event: StatusEvent
     /// Set when `event == .finished`.
-    public var outcome: Outcome?
-    public var exitCode: Int?
-    public var output: String?
-    public var errorClass: String?
-    public var errorMessage: String?
-    public var workerID: String
-    public var at: Date
+    package var outcome: Outcome?
+    package var exitCode: Int?
+    package var output: String?
+    package var errorClass: String?
+    package var errorMessage: String?
+    package var workerID: String
+    package var at: Date
     /// On `finished`: when the executor started. A run shorter than the worker's
     /// `started_after_ms` sends no `started` event, so its start time travels here.
-    public var startedAt: Date?
+    package var startedAt: Date?
     /// On `started`: the worker has acknowledged the task message (a long run, past
     /// `worker.detach_after_ms`), so the broker will not redeliver it; the worker's heartbeats
     /// protect it instead.
-    public var detached: Bool?
+    package var detached: Bool?
     /// The proof the attempt's task message carried (`TaskMessage.proof`): the key of the seal
     /// the worker puts on this status (`StatusProof.seal`). Never encoded: it does not travel back.
-    public var proof: String?
+    package var proof: String?
 
-    public init(runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
-                output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
-                workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil, proof: String? = nil) {
+    package init(
+        runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
+        output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
+        workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil, proof: String? = nil
+    ) {
         self.runID = runID
         self.attempt = attempt
         self.event = event
@@ -141,194 +159,17 @@ public struct StatusMessage: Sendable, Hashable, Codable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case version, runID = "run_id", attempt, event, outcome, exitCode = "exit_code", output,
-             errorClass = "error_class", errorMessage = "error_message", workerID = "worker_id", at, startedAt = "started_at", detached
+        case version
+        case runID = "run_id"
+        case attempt, event, outcome
+        case exitCode = "exit_code"
+        case output
+        case
+            errorClass = "error_class"
+        case errorMessage = "error_message"
+        case workerID = "worker_id"
+        case at
+        case startedAt = "started_at"
+        case detached
     }
-}
-
-/// JSON encoding and decoding of the wire messages, with errors that name the field.
-public enum MessageCodec {
-    /// Largest body accepted, in bytes.
-    public static let maxBodyBytes = 1 << 20
-
-    /// The JSON body of a task message.
-    public static func encode(_ m: TaskMessage) -> [UInt8] {
-        var w = JSONWriter()
-        w.beginObject()
-        w.key("attempt"); w.int(m.attempt)
-        w.key("executor"); w.string(m.executor)
-        w.key("idempotency_key"); w.string(m.idempotencyKey)
-        w.key("occurrence"); w.string(Timestamp.format(m.occurrence))
-        w.key("parameters"); w.value(m.parameters)
-        if let v = m.proof { w.key("proof"); w.string(v) }
-        w.key("queue"); w.string(m.queue)
-        w.key("run_id"); w.string(m.runID.lowercasedString)
-        w.key("task_id"); w.string(m.taskID.lowercasedString)
-        w.key("task_name"); w.string(m.taskName)
-        w.key("timeout_seconds"); w.double(m.timeoutSeconds)
-        w.key("version"); w.int(m.version)
-        w.endObject()
-        return w.bytes
-    }
-
-    /// The JSON body of a status message.
-    public static func encode(_ m: StatusMessage) -> [UInt8] {
-        var w = JSONWriter()
-        w.beginObject()
-        w.key("at"); w.string(Timestamp.format(m.at))
-        w.key("attempt"); w.int(m.attempt)
-        if let v = m.detached { w.key("detached"); w.bool(v) }
-        if let v = m.errorClass { w.key("error_class"); w.string(v) }
-        if let v = m.errorMessage { w.key("error_message"); w.string(v) }
-        w.key("event"); w.string(m.event.rawValue)
-        if let v = m.exitCode { w.key("exit_code"); w.int(v) }
-        if let v = m.outcome { w.key("outcome"); w.string(v.rawValue) }
-        if let v = m.output { w.key("output"); w.string(v) }
-        w.key("run_id"); w.string(m.runID.lowercasedString)
-        if let v = m.startedAt { w.key("started_at"); w.string(Timestamp.format(v)) }
-        w.key("version"); w.int(m.version)
-        w.key("worker_id"); w.string(m.workerID)
-        w.endObject()
-        return w.bytes
-    }
-
-    /// The JSON body of a heartbeat.
-    public static func encode(_ m: HeartbeatMessage) -> [UInt8] {
-        let body: JSONValue = .object([
-            "version": .number(Double(m.version)), "worker_id": .string(m.workerID), "host": .string(m.host),
-            "queues": .array(m.queues.map(JSONValue.string)), "executors": .array(m.executors.map(JSONValue.string)),
-            "concurrency": .number(Double(m.concurrency)), "in_flight": .array(m.inFlight.map { .string($0.lowercasedString) }),
-            "interval_seconds": .number(m.intervalSeconds), "at": .string(Timestamp.format(m.at)),
-        ])
-        return body.jsonBytes
-    }
-
-    public static func decodeHeartbeat(_ body: [UInt8]) throws(ValidationError) -> HeartbeatMessage {
-        var m: HeartbeatMessage = try decode(body, kind: "heartbeat")
-        m.workerID = m.workerID.storable
-        m.host = m.host.storable
-        m.queues = m.queues.map(\.storable)
-        m.executors = m.executors.map(\.storable)
-        guard m.version == 1 else {
-            throw ValidationError(field: "version", value: String(m.version), hint: "this dispatcher understands conveyor.heartbeat.v1 (version 1) only")
-        }
-        guard !m.workerID.isEmpty, m.workerID.count <= 200 else {
-            throw ValidationError(field: "worker_id", value: m.workerID, hint: "a worker id of 1 to 200 characters")
-        }
-        guard m.intervalSeconds > 0, m.intervalSeconds <= 3600 else {
-            throw ValidationError(field: "interval_seconds", value: "\(m.intervalSeconds)", hint: "between 0 and 3600 seconds")
-        }
-        return m
-    }
-
-    /// The JSON body of a control message.
-    public static func encode(_ m: ControlMessage) -> [UInt8] {
-        var w = JSONWriter()
-        w.beginObject()
-        w.key("cancel"); w.string(m.cancel.lowercasedString)
-        w.key("version"); w.int(m.version)
-        w.endObject()
-        return w.bytes
-    }
-
-    public static func decodeControl(_ body: [UInt8]) throws(ValidationError) -> ControlMessage {
-        try decode(body, kind: "control message")
-    }
-
-    /// A JSON value as text (parameters stored in the database).
-    public static func encode(_ v: JSONValue) -> [UInt8] {
-        var w = JSONWriter()
-        w.value(v)
-        return w.bytes
-    }
-
-    public static func decodeTask(_ body: [UInt8]) throws(ValidationError) -> TaskMessage {
-        let m: TaskMessage = try decode(body, kind: "task message")
-        guard m.version == 1 else {
-            throw ValidationError(field: "version", value: String(m.version), hint: "this worker understands conveyor.run.v1 (version 1) only")
-        }
-        guard m.attempt >= 1 else { throw ValidationError(field: "attempt", value: String(m.attempt), hint: "attempts count from 1") }
-        guard m.timeoutSeconds > 0, m.timeoutSeconds.isFinite else {
-            throw ValidationError(field: "timeout_seconds", value: String(m.timeoutSeconds), hint: "must be a positive number of seconds")
-        }
-        guard !m.executor.isEmpty else { throw ValidationError(field: "executor", value: "", hint: "name one of the worker's executors") }
-        return m
-    }
-
-    public static func decodeStatus(_ body: [UInt8]) throws(ValidationError) -> StatusMessage {
-        var m: StatusMessage = try decode(body, kind: "status message")
-        // Its text is stored as it came (an executor's output may hold any byte), but as text
-        // PostgreSQL can hold: see `String.storable`.
-        m.output = m.output?.storable
-        m.errorClass = m.errorClass?.storable
-        m.errorMessage = m.errorMessage?.storable
-        m.workerID = m.workerID.storable
-        guard m.version == 1 else {
-            throw ValidationError(field: "version", value: String(m.version), hint: "this dispatcher understands conveyor.status.v1 (version 1) only")
-        }
-        if m.event == .finished && m.outcome == nil {
-            throw ValidationError(field: "outcome", value: "null", hint: "a finished event must carry an outcome: succeeded, failed, timed_out or cancelled")
-        }
-        return m
-    }
-
-    /// Best effort: the run id of a message that failed to decode, so its run can be marked.
-    public static func runID(inMalformed body: [UInt8]) -> UUID? { claims(inMalformed: body)?.runID }
-
-    /// Best effort: the run, attempt (1 when unreadable) and proof a task message that failed to
-    /// decode claims. Its run is marked only when the proof is that attempt's.
-    public static func claims(inMalformed body: [UInt8]) -> (runID: UUID, attempt: Int, proof: String?)? {
-        guard body.count <= maxBodyBytes,
-              let obj = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
-              let s = obj["run_id"] as? String, let id = UUID(uuidString: s) else { return nil }
-        return (id, (obj["attempt"] as? Int) ?? 1, obj["proof"] as? String)
-    }
-
-    static func decode<T: Decodable>(_ body: [UInt8], kind: String) throws(ValidationError) -> T {
-        guard body.count <= maxBodyBytes else {
-            throw ValidationError(field: "body", value: "\(body.count) bytes", hint: "a \(kind) may be at most \(maxBodyBytes) bytes")
-        }
-        do {
-            return try decoder.decode(T.self, from: Data(body))
-        } catch let error as DecodingError {
-            throw validation(from: error, kind: kind)
-        } catch {
-            throw ValidationError(field: "body", value: "", hint: "not valid JSON for a \(kind)")
-        }
-    }
-
-    static func validation(from error: DecodingError, kind: String) -> ValidationError {
-        func path(_ p: [any CodingKey]) -> String { p.map(\.stringValue).joined(separator: ".") }
-        switch error {
-        case .keyNotFound(let key, let ctx):
-            let full = path(ctx.codingPath + [key])
-            return ValidationError(field: full, value: "(missing)", hint: "a \(kind) must carry '\(full)'")
-        case .typeMismatch(_, let ctx), .valueNotFound(_, let ctx):
-            return ValidationError(field: path(ctx.codingPath), value: "", hint: "wrong type: \(ctx.debugDescription)")
-        case .dataCorrupted(let ctx):
-            let field = ctx.codingPath.isEmpty ? "body" : path(ctx.codingPath)
-            return ValidationError(field: field, value: "", hint: ctx.codingPath.isEmpty ? "not valid JSON (or not UTF-8) for a \(kind)" : ctx.debugDescription)
-        @unknown default:
-            return ValidationError(field: "body", value: "", hint: "cannot decode a \(kind)")
-        }
-    }
-
-    static var decoder: JSONDecoder {
-        let d = JSONDecoder()
-        d.dateDecodingStrategy = .custom { dec in
-            let c = try dec.singleValueContainer()
-            let s = try c.decode(String.self)
-            if let d = Timestamp.parse(s) { return d }
-            throw DecodingError.dataCorruptedError(in: c, debugDescription: "'\(s)' is not an ISO-8601 instant such as 2026-11-23T12:00:00.000Z")
-        }
-        return d
-    }
-}
-
-extension String {
-    /// This text as PostgreSQL's `text` type can hold it: NUL, which it cannot, becomes U+FFFD,
-    /// as invalid UTF-8 already does when bytes become a `String`. Applied where text from the
-    /// wire is about to be stored (status and heartbeat messages, dead letters); unchanged, and
-    /// not copied, when it holds no NUL.
-    public var storable: String { utf8.contains(0) ? replacingOccurrences(of: "\0", with: "\u{FFFD}") : self }
 }

@@ -1,10 +1,11 @@
 /// The lifecycle of one attempt of one occurrence of a task.
 ///
-/// `scheduled → queued → dispatched → running → succeeded | failed | timed_out | cancelled | lost | dead | skipped`
+/// `scheduled → queued → dispatched → running →`
+/// `succeeded | failed | timed_out | cancelled | lost | dead | skipped`
 ///
 /// Transitions only move forward. A final state is never left: a late or duplicate event for
 /// a final run is a no-op, which is what makes outcome recording exactly-once.
-public enum RunState: String, Sendable, Codable, CaseIterable {
+package enum RunState: String, Sendable, Codable, CaseIterable {
     case scheduled
     case queued
     case dispatched
@@ -19,7 +20,7 @@ public enum RunState: String, Sendable, Codable, CaseIterable {
     case skipped
 
     /// Position in the lifecycle; all final states share the last rank.
-    public var rank: Int {
+    package var rank: Int {
         switch self {
         case .scheduled: 0
         case .queued: 1
@@ -29,20 +30,20 @@ public enum RunState: String, Sendable, Codable, CaseIterable {
         }
     }
 
-    public var isFinal: Bool { rank == 4 }
+    package var isFinal: Bool { rank == 4 }
 
     /// Whether an event may move a run from `self` to `next`.
     ///
     /// `running → running` is allowed so that a redelivered task started by another worker can
     /// take the run over; every other transition must strictly advance.
-    public func canTransition(to next: RunState) -> Bool {
+    package func canTransition(to next: RunState) -> Bool {
         if isFinal { return false }
         if self == .running && next == .running { return true }
         return next.rank > rank
     }
 
     /// The states a run may be in for a transition into `next` to apply (used to build SQL guards).
-    public static func predecessors(of next: RunState) -> [RunState] {
+    package static func predecessors(of next: RunState) -> [RunState] {
         allCases.filter { $0.canTransition(to: next) }
     }
 }
@@ -57,7 +58,7 @@ public enum Outcome: String, Sendable, Codable, CaseIterable {
     /// message it had already acknowledged); the run is retried by policy like any lost run.
     case lost
 
-    public var runState: RunState {
+    package var runState: RunState {
         switch self {
         case .succeeded: .succeeded
         case .failed: .failed

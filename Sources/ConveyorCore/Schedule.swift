@@ -1,7 +1,7 @@
-public import Foundation
+package import Foundation
 
 /// When a task is due.
-public enum Schedule: Sendable, Hashable {
+package enum Schedule: Sendable, Hashable {
     /// Every `seconds`, anchored to the task's first due time (`every 30s`).
     case interval(seconds: Double)
     /// Once, at the task's first due time (`once`; the CLI also takes `at <ISO-8601>` and `after <duration>`).
@@ -13,11 +13,15 @@ public enum Schedule: Sendable, Hashable {
 
     /// Parses the stored form: `every 30s` (`ms`, `s`, `m`, `h`, `d`), `once`, `manual`, or a
     /// cron expression (5 or 6 fields, or a macro such as `@daily`).
-    public init(parsing text: String) throws(ValidationError) {
+    package init(parsing text: String) throws(ValidationError) {
         let t = text.trimmingCharacters(in: .whitespaces)
         switch t.lowercased() {
-        case "once": self = .once; return
-        case "manual": self = .manual; return
+        case "once":
+            self = .once
+            return
+        case "manual":
+            self = .manual
+            return
         default: break
         }
         if t.lowercased().hasPrefix("every ") {
@@ -29,24 +33,32 @@ public enum Schedule: Sendable, Hashable {
             self = .cron(try CronExpression(parsing: t))
             return
         }
-        throw ValidationError(field: "schedule", value: text,
-                              hint: "use a cron expression ('*/5 * * * *', '0 30 9 * * MON-FRI', '@daily'), 'every <n><ms|s|m|h|d>' (for example 'every 30s'), 'once' or 'manual'")
+        throw ValidationError(
+            field: "schedule", value: text,
+            hint:
+                """
+                use a cron expression ('*/5 * * * *', '0 30 9 * * MON-FRI', '@daily'), 'every <n><ms|s|m|h|d>' (for \
+                example 'every 30s'), 'once' or 'manual'
+                """
+        )
     }
 
     /// Parses `30s`, `1500ms`, `5m`, `2h`, `1d` into seconds (at least 10 ms).
-    public static func duration(_ spec: String, field: String, whole: String? = nil) throws(ValidationError) -> Double {
+    package static func duration(_ spec: String, field: String, whole: String? = nil) throws(ValidationError) -> Double
+    {
         let s = spec.trimmingCharacters(in: .whitespaces).lowercased()
         let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)]
         for (suffix, factor) in units where s.hasSuffix(suffix) {
             if let n = Double(s.dropLast(suffix.count)), n > 0, n.isFinite, n * factor >= 0.01 { return n * factor }
             break
         }
-        throw ValidationError(field: field, value: whole ?? spec,
-                              hint: "a positive number with a unit ms, s, m, h or d, at least 10ms, for example '30s'")
+        throw ValidationError(
+            field: field, value: whole ?? spec,
+            hint: "a positive number with a unit ms, s, m, h or d, at least 10ms, for example '30s'")
     }
 
     /// The stored form, the inverse of `init(parsing:)`.
-    public var text: String {
+    package var text: String {
         switch self {
         case .once: return "once"
         case .manual: return "manual"
@@ -59,7 +71,7 @@ public enum Schedule: Sendable, Hashable {
     }
 
     /// Whether the task comes due by itself again after an occurrence.
-    public var repeats: Bool {
+    package var repeats: Bool {
         switch self {
         case .interval, .cron: true
         case .once, .manual: false
@@ -68,7 +80,7 @@ public enum Schedule: Sendable, Hashable {
 
     /// The first occurrence strictly after `instant`. Intervals stay on the grid anchored at
     /// `anchor` (any past occurrence); cron uses `timeZone`. `nil`: not due again.
-    public func next(after instant: Date, anchor: Date, timeZone: TimeZone) -> Date? {
+    package func next(after instant: Date, anchor: Date, timeZone: TimeZone) -> Date? {
         switch self {
         case .once, .manual:
             return nil
@@ -90,8 +102,10 @@ public enum Schedule: Sendable, Hashable {
     /// made `due` fall off it. Occurrences older than `grace` are *missed* (dispatchers were
     /// down, or the task was paused); the misfire policy decides them. One-off and manual tasks
     /// always run.
-    public func plan(due: Date, anchor: Date, now: Date, timeZone: TimeZone, misfire: MisfirePolicy, maxCatchup: Int,
-                     grace: Double) -> OccurrencePlan {
+    package func plan(
+        due: Date, anchor: Date, now: Date, timeZone: TimeZone, misfire: MisfirePolicy, maxCatchup: Int,
+        grace: Double
+    ) -> OccurrencePlan {
         guard repeats else { return OccurrencePlan(fire: [due], skipped: 0, next: nil) }
         var list = [due]
         var last = due
@@ -114,15 +128,15 @@ public enum Schedule: Sendable, Hashable {
 }
 
 /// The result of `Schedule.plan`.
-public struct OccurrencePlan: Sendable, Equatable {
+package struct OccurrencePlan: Sendable, Equatable {
     /// Occurrences to run now, oldest first.
-    public var fire: [Date]
+    package var fire: [Date]
     /// Missed occurrences decided not to run.
-    public var skipped: Int
+    package var skipped: Int
     /// The task's next due time; `nil` when it has none.
-    public var next: Date?
+    package var next: Date?
 
-    public init(fire: [Date], skipped: Int, next: Date?) {
+    package init(fire: [Date], skipped: Int, next: Date?) {
         self.fire = fire
         self.skipped = skipped
         self.next = next

@@ -15,7 +15,10 @@ package final class Slots: Sendable {
     /// Takes a slot; returns `false` (holding none) if the task was cancelled while waiting.
     package func acquire() async -> Bool {
         let id: Int? = state.withLock { s in
-            if s.free > 0 && s.waiters.isEmpty { s.free -= 1; return nil }
+            if s.free > 0 && s.waiters.isEmpty {
+                s.free -= 1
+                return nil
+            }
             s.nextID += 1
             return s.nextID
         }
@@ -24,7 +27,10 @@ package final class Slots: Sendable {
             await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
                 let now: Bool? = state.withLock { s in
                     if Task.isCancelled { return false }
-                    if s.free > 0 && s.waiters.isEmpty { s.free -= 1; return true }
+                    if s.free > 0 && s.waiters.isEmpty {
+                        s.free -= 1
+                        return true
+                    }
                     s.waiters.append((id, c))
                     return nil
                 }
@@ -42,7 +48,10 @@ package final class Slots: Sendable {
     /// Gives a slot back (to the first waiter, if any).
     package func release() {
         let next: CheckedContinuation<Bool, Never>? = state.withLock { s in
-            if s.waiters.isEmpty { s.free += 1; return nil }
+            if s.waiters.isEmpty {
+                s.free += 1
+                return nil
+            }
             return s.waiters.removeFirst().continuation
         }
         next?.resume(returning: true)

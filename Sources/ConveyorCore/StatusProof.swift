@@ -1,5 +1,5 @@
 import Crypto
-public import Foundation
+package import Foundation
 
 /// The capability a status must present to change a run (docs/architecture.md, "Status proof").
 ///
@@ -12,18 +12,18 @@ public import Foundation
 /// attempt's task message, and a seal seen on the status exchange (a `started`) cannot be put on
 /// another body (a forged `finished`). Only dispatchers know the secret (`status_keys`, read from
 /// PostgreSQL); dead letters, which are task messages, are checked against the proof they carry.
-public struct StatusProof: Sendable {
+package struct StatusProof: Sendable {
     /// The header a status's seal travels in.
-    public static let sealHeader = "conveyor-status-mac"
+    package static let sealHeader = "conveyor-status-mac"
 
     /// The HMAC keyed with the secret, before any message: each proof starts from a copy of it,
     /// so the key schedule (two SHA-256 blocks) is paid once per dispatcher, not per run.
     let keyed: HMAC<SHA256>
 
-    public init(secret: [UInt8]) { keyed = HMAC<SHA256>(key: SymmetricKey(data: secret)) }
+    package init(secret: [UInt8]) { keyed = HMAC<SHA256>(key: SymmetricKey(data: secret)) }
 
     /// The proof of attempt `attempt` of run `runID`, as the task message carries it.
-    public func sign(runID: UUID, attempt: Int) -> String {
+    package func sign(runID: UUID, attempt: Int) -> String {
         var message: [UInt8] = []
         message.reserveCapacity(Self.domain.count + 36 + 1 + 20)
         message += Self.domain
@@ -40,7 +40,7 @@ public struct StatusProof: Sendable {
 
     /// The seal a worker puts on a status body: HMAC-SHA256 keyed by the attempt's proof, over
     /// the body exactly as sent.
-    public static func seal(_ body: [UInt8], proof: String) -> String {
+    package static func seal(_ body: [UInt8], proof: String) -> String {
         var mac = HMAC<SHA256>(key: SymmetricKey(data: Array(proof.utf8)))
         mac.update(data: body)
         return text(Array(mac.finalize()))
@@ -48,13 +48,13 @@ public struct StatusProof: Sendable {
 
     /// Why a presented proof (a dead-lettered task message's) is refused, or nil when it is the
     /// attempt's.
-    public func check(_ presented: String?, runID: UUID, attempt: Int) -> StatusRefusal? {
+    package func check(_ presented: String?, runID: UUID, attempt: Int) -> StatusRefusal? {
         guard let presented, !presented.isEmpty else { return .noProof }
         return Self.equal(presented, sign(runID: runID, attempt: attempt)) ? nil : .badProof
     }
 
     /// Why a status's seal is refused, or nil when it seals this body with the attempt's proof.
-    public func check(seal presented: String?, body: [UInt8], runID: UUID, attempt: Int) -> StatusRefusal? {
+    package func check(seal presented: String?, body: [UInt8], runID: UUID, attempt: Int) -> StatusRefusal? {
         guard let presented, !presented.isEmpty else { return .noProof }
         return Self.equal(presented, Self.seal(body, proof: sign(runID: runID, attempt: attempt))) ? nil : .badProof
     }
@@ -76,7 +76,7 @@ public struct StatusProof: Sendable {
 }
 
 /// Why a status message was refused: the `reason` label of `conveyor_status_rejected_total`.
-public enum StatusRefusal: String, Sendable {
+package enum StatusRefusal: String, Sendable {
     /// Not a status or heartbeat the dispatcher can read (dead-lettered).
     case malformed
     /// A status without a seal (acked away).

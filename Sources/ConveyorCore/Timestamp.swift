@@ -1,13 +1,13 @@
-public import Foundation
+package import Foundation
 
 /// ISO-8601 instants, formatted and parsed without Foundation's formatters.
 ///
 /// Pure arithmetic: safe from any thread and cheap on the hot path (Foundation's
 /// `Date.ISO8601FormatStyle` crashed when used from many threads at once on Linux).
 /// Precision is the microsecond, as PostgreSQL stores it.
-public enum Timestamp {
+package enum Timestamp {
     /// `2026-11-23T12:00:00.123456Z`
-    public static func format(_ date: Date) -> String {
+    package static func format(_ date: Date) -> String {
         let totalMicros = Int64((date.timeIntervalSince1970 * 1_000_000).rounded())
         var secs = totalMicros >= 0 ? totalMicros / 1_000_000 : (totalMicros - 999_999) / 1_000_000
         let micros = totalMicros - secs * 1_000_000
@@ -18,11 +18,12 @@ public enum Timestamp {
             let s = String(v)
             return s.count >= w ? s : String(repeating: "0", count: w - s.count) + s
         }
-        return "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))T\(pad(secs / 3600, 2)):\(pad(secs % 3600 / 60, 2)):\(pad(secs % 60, 2)).\(pad(micros, 6))Z"
+        let date = "\(pad(y, 4))-\(pad(m, 2))-\(pad(d, 2))"
+        return "\(date)T\(pad(secs / 3600, 2)):\(pad(secs % 3600 / 60, 2)):\(pad(secs % 60, 2)).\(pad(micros, 6))Z"
     }
 
     /// Parses `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])`.
-    public static func parse(_ s: String) -> Date? {
+    package static func parse(_ s: String) -> Date? {
         let b = Array(s.utf8)
         guard b.count >= 19 else { return nil }
         func num(_ from: Int, _ len: Int) -> Int? {
@@ -34,17 +35,24 @@ public enum Timestamp {
             }
             return v
         }
-        guard b[4] == UInt8(ascii: "-"), b[7] == UInt8(ascii: "-"), b[10] == UInt8(ascii: "T") || b[10] == UInt8(ascii: " "),
-              b[13] == UInt8(ascii: ":"), b[16] == UInt8(ascii: ":"),
-              let y = num(0, 4), let mo = num(5, 2), let d = num(8, 2), let h = num(11, 2), let mi = num(14, 2), let sec = num(17, 2),
-              (1...12).contains(mo), (1...31).contains(d), h < 24, mi < 60, sec < 61 else { return nil }
+        guard b[4] == UInt8(ascii: "-"), b[7] == UInt8(ascii: "-"),
+            b[10] == UInt8(ascii: "T") || b[10] == UInt8(ascii: " "),
+            b[13] == UInt8(ascii: ":"), b[16] == UInt8(ascii: ":"),
+            let y = num(0, 4), let mo = num(5, 2), let d = num(8, 2), let h = num(11, 2), let mi = num(14, 2),
+            let sec = num(17, 2),
+            (1...12).contains(mo), (1...31).contains(d), h < 24, mi < 60, sec < 61
+        else { return nil }
         var i = 19
         var frac = 0.0
         if i < b.count, b[i] == UInt8(ascii: ".") {
             i += 1
             var scale = 0.1
             let start = i
-            while i < b.count, b[i] >= 48, b[i] <= 57 { frac += Double(b[i] - 48) * scale; scale /= 10; i += 1 }
+            while i < b.count, b[i] >= 48, b[i] <= 57 {
+                frac += Double(b[i] - 48) * scale
+                scale /= 10
+                i += 1
+            }
             guard i > start else { return nil }
         }
         var offset = 0
@@ -55,8 +63,14 @@ public enum Timestamp {
             guard let oh = num(i + 1, 2) else { return nil }
             i += 3
             var om = 0
-            if i < b.count, b[i] == UInt8(ascii: ":") { guard let m = num(i + 1, 2) else { return nil }; om = m; i += 3 }
-            else if let m = num(i, 2) { om = m; i += 2 }
+            if i < b.count, b[i] == UInt8(ascii: ":") {
+                guard let m = num(i + 1, 2) else { return nil }
+                om = m
+                i += 3
+            } else if let m = num(i, 2) {
+                om = m
+                i += 2
+            }
             offset = sign * (oh * 3600 + om * 60)
         } else {
             return nil
@@ -69,9 +83,9 @@ public enum Timestamp {
 
 /// Proleptic Gregorian calendar arithmetic on day numbers (days since 1970-01-01), after
 /// Howard Hinnant's `days_from_civil` and `civil_from_days`.
-public enum Civil {
+package enum Civil {
     /// Days since 1970-01-01 of a calendar date.
-    public static func days(year y: Int64, month m: Int64, day d: Int64) -> Int64 {
+    package static func days(year y: Int64, month m: Int64, day d: Int64) -> Int64 {
         let yy = m <= 2 ? y - 1 : y
         let era = (yy >= 0 ? yy : yy - 399) / 400
         let yoe = yy - era * 400
@@ -82,7 +96,7 @@ public enum Civil {
     }
 
     /// The calendar date of a day number.
-    public static func date(fromDays z: Int64) -> (year: Int64, month: Int64, day: Int64) {
+    package static func date(fromDays z: Int64) -> (year: Int64, month: Int64, day: Int64) {
         let days = z + 719_468
         let era = (days >= 0 ? days : days - 146_096) / 146_097
         let doe = days - era * 146_097
@@ -95,7 +109,7 @@ public enum Civil {
     }
 
     /// Day of the week of a day number: 0 is Sunday (1970-01-01 was a Thursday).
-    public static func weekday(days: Int64) -> Int64 {
+    package static func weekday(days: Int64) -> Int64 {
         let w = (days + 4) % 7
         return w < 0 ? w + 7 : w
     }

@@ -1,15 +1,18 @@
-public import Foundation
+package import Foundation
 
 extension UUID {
     /// The canonical lowercase form (`8-4-4-4-12` hex digits), as `lowercasedString`
-    /// gives, made without Foundation's `snprintf` and a second string: that pair cost about a
-    /// tenth of a dispatcher's CPU in a profile (run ids in SQL arrays, messages and spans).
-    public var lowercasedString: String {
+    /// gives, made without Foundation's `snprintf` and a second string: run ids are written on the
+    /// hot path (SQL arrays, messages and spans), where that pair is costly (docs/benchmarks.md).
+    package var lowercasedString: String {
         withUnsafeBytes(of: uuid) { bytes in
             String(unsafeUninitializedCapacity: 36) { out in
                 var j = 0
                 for (i, b) in bytes.enumerated() {
-                    if i == 4 || i == 6 || i == 8 || i == 10 { out[j] = UInt8(ascii: "-"); j += 1 }
+                    if i == 4 || i == 6 || i == 8 || i == 10 {
+                        out[j] = UInt8(ascii: "-")
+                        j += 1
+                    }
                     out[j] = hexDigits[Int(b >> 4)]
                     out[j + 1] = hexDigits[Int(b & 0x0F)]
                     j += 2
@@ -23,7 +26,7 @@ extension UUID {
 extension UUID {
     /// PostgreSQL's order of `uuid` values (their bytes, compared as unsigned), which is also the
     /// order of their hex text; rows are locked in it. Made without building strings.
-    public func precedes(_ other: UUID) -> Bool {
+    package func precedes(_ other: UUID) -> Bool {
         withUnsafeBytes(of: uuid) { a in withUnsafeBytes(of: other.uuid) { b in a.lexicographicallyPrecedes(b) } }
     }
 }
@@ -31,7 +34,7 @@ extension UUID {
 extension UUID {
     /// Parses the canonical `8-4-4-4-12` hex form (either case), as PostgreSQL prints a `uuid`,
     /// without Foundation's general parser; nil for anything else.
-    public init?(canonical text: String) {
+    package init?(canonical text: String) {
         var bytes = [UInt8](repeating: 0, count: 16)
         var n = 0
         var high: UInt8?
@@ -50,11 +53,20 @@ extension UUID {
             default: return nil
             }
             guard n < 16 else { return nil }
-            if let h = high { bytes[n] = h << 4 | v; n += 1; high = nil } else { high = v }
+            if let h = high {
+                bytes[n] = h << 4 | v
+                n += 1
+                high = nil
+            } else {
+                high = v
+            }
         }
         guard i == 36, n == 16 else { return nil }
-        self.init(uuid: (bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
-                         bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]))
+        self.init(
+            uuid: (
+                bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+                bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]
+            ))
     }
 }
 

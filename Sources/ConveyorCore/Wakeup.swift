@@ -14,20 +14,34 @@ package final class Wakeup: Sendable {
 
     package func signal() {
         let w: CheckedContinuation<Void, Never>? = state.withLock { s in
-            if let w = s.waiter { s.waiter = nil; return w }
+            if let w = s.waiter {
+                s.waiter = nil
+                return w
+            }
             s.pending = true
             return nil
         }
         w?.resume()
     }
 
-    /// Waits for a signal or the timeout; returns whether it was signalled.
+    /// Waits for a signal or the timeout (on `clock`); returns whether it was signalled.
     @discardableResult
-    package func wait(timeout: Duration) async -> Bool {
-        if state.withLock({ s in defer { s.pending = false }; return s.pending }) { return true }
+    package func wait(timeout: Duration, clock: any Clock<Duration> = ContinuousClock()) async -> Bool {
+        if state.withLock({ s in
+            defer { s.pending = false }
+            return s.pending
+        }) {
+            return true
+        }
         return await withTaskGroup(of: Bool.self) { group in
-            group.addTask { try? await Task.sleep(for: timeout); return false }
-            group.addTask { await self.waitForSignal(); return true }
+            group.addTask {
+                try? await clock.sleep(for: timeout)
+                return false
+            }
+            group.addTask {
+                await self.waitForSignal()
+                return true
+            }
             let first = await group.next() ?? false
             group.cancelAll()
             return first
@@ -36,7 +50,12 @@ package final class Wakeup: Sendable {
 
     /// Waits for a signal with no timeout; returns `false` if the waiting task was cancelled first.
     package func waitUntilSignalled() async -> Bool {
-        if state.withLock({ s in defer { s.pending = false }; return s.pending }) { return true }
+        if state.withLock({ s in
+            defer { s.pending = false }
+            return s.pending
+        }) {
+            return true
+        }
         await waitForSignal()
         return !Task.isCancelled
     }
@@ -46,7 +65,10 @@ package final class Wakeup: Sendable {
         await withTaskCancellationHandler {
             await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
                 let resumeNow = state.withLock { s in
-                    if s.pending || s.cancelled { s.pending = false; return true }
+                    if s.pending || s.cancelled {
+                        s.pending = false
+                        return true
+                    }
                     s.waiter = c
                     return false
                 }

@@ -1,45 +1,79 @@
 import ConveyorCore
-public import ConveyorHTTP
+package import ConveyorHTTP
 import ConveyorStore
 import ConveyorTelemetry
 import Foundation
 import Logging
+import ServiceLifecycle
 import Synchronization
 import Tracing
 
 /// Settings of callback delivery. Keys under `callbacks.` in `config/dispatcher.yaml`.
-public struct CallbackConfiguration: Sendable {
+package struct CallbackConfiguration: Sendable {
     /// Deliveries in flight at once per dispatcher. Key `concurrency`, default 16.
-    public var concurrency = 16
+    package var concurrency = 16
     /// One delivery attempt, connect to last byte. Key `timeout_ms`, default 10000.
-    public var timeout: Duration = .seconds(10)
+    package var timeout: Duration = .seconds(10)
     /// Attempts before a callback is given up. Key `max_attempts`, default 8.
-    public var maxAttempts = 8
+    package var maxAttempts = 8
     /// Backoff between attempts: full jitter up to base × 2^(n−1), capped. Keys `backoff_base_ms`
     /// (default 1000) and `backoff_cap_ms` (default 300000).
-    public var backoffBase: Duration = .seconds(1)
-    public var backoffCap: Duration = .seconds(300)
+    package var backoffBase: Duration = .seconds(1)
+    package var backoffCap: Duration = .seconds(300)
     /// Where callbacks may go: keys `allowed_hosts` and `allowed_networks`. Redirects are not
     /// followed (a 3xx is a failed attempt).
-    public var policy: OutboundPolicy = {
+    package var policy: OutboundPolicy = {
         var p = OutboundPolicy()
         p.maxRedirects = 0
         return p
     }()
 
-    public init() {}
+    package init() {}
 }
 
-extension Dispatcher {
-    /// Delivers callbacks: keeps up to `callbacks.concurrency` POSTs in flight, claims more as
-    /// they finish or when a recorded outcome queued some, and records each attempt. It runs
-    /// beside status recording and never holds it up: outcomes only insert rows.
-    func callbackLoop() async {
+/// Delivers callbacks: keeps up to `callbacks.concurrency` POSTs in flight, claims more as they
+/// finish or when a recorded outcome queued some (`wakeup`), and records each attempt. It runs
+/// beside status recording and never holds it up: outcomes only insert rows.
+///
+/// Shutdown: it claims nothing more, waits for the POSTs in flight and records them. A callback
+/// claimed and not finished is leased, so another dispatcher retries it when the lease ends.
+final class CallbackDeliverer: Service, Sendable {
+    /// Totals since start (the dispatcher's `stats` adds them up).
+    struct Counters: Sendable { var delivered = 0, retried = 0, failed = 0 }
+
+    let settings: CallbackConfiguration
+    let store: Store
+    /// The longest wait between claims when nothing signals.
+    let interval: Duration
+    let logger: Logger
+    let wakeup = Wakeup()
+    let stopping = Atomic<Bool>(false)
+    let counters = Mutex(Counters())
+
+    init(settings: CallbackConfiguration, store: Store, interval: Duration, logger: Logger) {
+        self.settings = settings
+        self.store = store
+        self.interval = interval
+        self.logger = logger
+    }
+
+    var stats: Counters { counters.withLock { $0 } }
+
+    func run() async throws {
+        await withGracefulShutdownHandler {
+            await deliverUntilStopped()
+        } onGracefulShutdown: {
+            self.stopping.store(true, ordering: .relaxed)
+            self.wakeup.signal()
+        }
+    }
+
+    func deliverUntilStopped() async {
         enum Event: Sendable {
             case done(Int, CallbackOutcome)
             case tick
         }
-        let settings = configuration.callbacks
+        let settings = self.settings
         let http = OutboundHTTP(policy: settings.policy, logger: logger)
         // A claimed callback is leased for two attempt timeouts: a dispatcher that dies mid-POST
         // leaves it to be retried by any dispatcher when the lease ends.
@@ -47,7 +81,7 @@ extension Dispatcher {
         await withTaskGroup(of: Event.self) { group in
             var inFlight = 0
             group.addTask {
-                await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval)
+                await self.wakeup.wait(timeout: self.interval)
                 return .tick
             }
             while let event = await group.next() {
@@ -55,18 +89,20 @@ extension Dispatcher {
                 switch event {
                 case .done(let id, let outcome):
                     inFlight -= 1
-                    await untilCommitted("recording a callback attempt") { try await store.finishCallbacks([(id, outcome)]) }
+                    await untilCommitted("recording a callback attempt") {
+                        try await store.finishCallbacks([(id, outcome)])
+                    }
                     counters.withLock { c in
                         switch outcome {
-                        case .delivered: c.callbacksDelivered += 1
-                        case .retry: c.callbacksRetried += 1
-                        case .failed: c.callbacksFailed += 1
+                        case .delivered: c.delivered += 1
+                        case .retry: c.retried += 1
+                        case .failed: c.failed += 1
                         }
                     }
                 case .tick:
                     if !stop {
                         group.addTask {
-                            await self.callbackWakeup.wait(timeout: self.configuration.maintenanceInterval)
+                            await self.wakeup.wait(timeout: self.interval)
                             return .tick
                         }
                     }
@@ -102,7 +138,9 @@ extension Dispatcher {
         parent.baggageHeader = d.baggage
         let span = Traces.startSpan("POST", context: parent, kind: .client, attributes: attributes)
         defer { span.end() }
-        for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
+        for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) {
+            request.headers.append((name, value))
+        }
         let status: Int?
         let error: String
         do {
@@ -119,10 +157,21 @@ extension Dispatcher {
             error = e.description
         }
         guard d.attempt < settings.maxAttempts else {
-            logger.warning("callback given up: attempts used up", metadata: ["run.id": "\(d.runID)", "attempts": "\(d.attempt)", "error": "\(error)"])
+            logger.warning(
+                "callback given up: attempts used up",
+                metadata: ["run.id": "\(d.runID)", "attempts": "\(d.attempt)", "error": "\(error)"])
             return .failed(status: status, error: "\(error) (gave up after \(d.attempt) attempts)")
         }
-        logger.debug("callback attempt failed; will retry", metadata: ["run.id": "\(d.runID)", "attempt": "\(d.attempt)", "error": "\(error)"])
-        return .retry(after: Backoff.delay(attempt: d.attempt, base: settings.backoffBase, cap: settings.backoffCap), status: status, error: error)
+        logger.debug(
+            "callback attempt failed; will retry",
+            metadata: ["run.id": "\(d.runID)", "attempt": "\(d.attempt)", "error": "\(error)"])
+        return .retry(
+            after: Backoff.delay(attempt: d.attempt, base: settings.backoffBase, cap: settings.backoffCap),
+            status: status, error: error)
+    }
+
+    @discardableResult
+    func untilCommitted(_ what: String, _ body: () async throws -> Void) async -> Bool {
+        await retryUntilCommitted(what, logger: logger, stopping: { stopping.load(ordering: .relaxed) }, body)
     }
 }

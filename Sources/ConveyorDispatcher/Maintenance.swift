@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import ConveyorStore
 import ConveyorTelemetry
@@ -11,52 +12,68 @@ extension Dispatcher {
     /// Every `maintenance_interval_ms`: declares lost the runs past their deadline, tells workers
     /// about cancelled runs, and deletes what retention allows (one batch a minute).
     func maintenanceLoop() async {
-        var lastPurge = ContinuousClock.now
-        var lastAnalyze = ContinuousClock.now - .seconds(3600)
-        var lastDepths = ContinuousClock.now - .seconds(3600)
+        // Times are ages on the configured clock: `time.elapsed` is now.
+        let time = Stopwatch(configuration.clock)
+        var lastPurge = time.elapsed
+        var lastAnalyze = time.elapsed - .seconds(3600)
+        var lastDepths = time.elapsed - .seconds(3600)
         // Since when this dispatcher can hear worker heartbeats: its status consumer connected,
         // and the broker taking its publishes (an alarm blocks the workers' heartbeats too).
         // Workers are judged only on silence within that span.
-        var listeningSince: ContinuousClock.Instant?
+        var listeningSince: Duration?
         while !stopping.load(ordering: .relaxed) {
             if statusConsumer.isConnected, await brokerTakesPublishes(within: .seconds(1)) {
-                if listeningSince == nil { listeningSince = .now }
+                if listeningSince == nil { listeningSince = time.elapsed }
             } else {
                 listeningSince = nil
             }
-            await refreshStatisticsAfterBursts(last: &lastAnalyze)
-            if ContinuousClock.now - lastDepths > .seconds(15) {
-                lastDepths = ContinuousClock.now
+            await refreshStatisticsAfterBursts(last: &lastAnalyze, now: time.elapsed)
+            if time.elapsed - lastDepths > .seconds(15) {
+                lastDepths = time.elapsed
                 await measureQueueDepths()
             }
             do {
                 let (lost, settled) = try await store.declareLost()
                 if lost > 0 {
-                    logger.warning("runs declared lost: no outcome within timeout plus grace", metadata: ["runs": "\(lost)", "retried": "\(settled.retried)"])
-                    counters.withLock { $0.lost += lost; $0.retried += settled.retried; $0.dead += settled.dead }
+                    logger.warning(
+                        "runs declared lost: no outcome within timeout plus grace",
+                        metadata: ["runs": "\(lost)", "retried": "\(settled.retried)"])
+                    counters.withLock {
+                        $0.lost += lost
+                        $0.retried += settled.retried
+                        $0.dead += settled.dead
+                    }
                     wakeup.signal()
                 }
-                let heardFor = listeningSince.map { (ContinuousClock.now - $0).inSeconds } ?? 0
-                let gone = try await store.declareLostWorkers(missed: configuration.workerLostAfterMissed, heardFor: heardFor)
+                let heardFor = listeningSince.map { (time.elapsed - $0).inSeconds } ?? 0
+                let gone = try await store.declareLostWorkers(
+                    missed: configuration.workerLostAfterMissed, heardFor: heardFor)
                 if !gone.workers.isEmpty || gone.runs > 0 {
-                    logger.warning("workers declared lost: no heartbeat for \(configuration.workerLostAfterMissed) intervals", metadata: [
-                        "workers": "\(gone.workers)", "runs.lost": "\(gone.runs)", "retried": "\(gone.settled.retried)"])
+                    logger.warning(
+                        "workers declared lost: no heartbeat for \(configuration.workerLostAfterMissed) intervals",
+                        metadata: [
+                            "workers": "\(gone.workers)", "runs.lost": "\(gone.runs)",
+                            "retried": "\(gone.settled.retried)",
+                        ])
                     counters.withLock {
                         $0.workersLost += gone.workers.count
-                        $0.lost += gone.runs; $0.retried += gone.settled.retried; $0.dead += gone.settled.dead
+                        $0.lost += gone.runs
+                        $0.retried += gone.settled.retried
+                        $0.dead += gone.settled.dead
                     }
                     if gone.runs > 0 { wakeup.signal() }
                 }
                 try await sendCancels()
-                if ContinuousClock.now - lastPurge > .seconds(60) {
-                    lastPurge = ContinuousClock.now
-                    let n = try await store.purgeBatch(runsAge: configuration.runRetention, tasksAge: configuration.deletedTaskRetention)
+                if time.elapsed - lastPurge > .seconds(60) {
+                    lastPurge = time.elapsed
+                    let n = try await store.purgeBatch(
+                        runsAge: configuration.runRetention, tasksAge: configuration.deletedTaskRetention)
                     if n > 0 { logger.info("retention: deleted old rows", metadata: ["rows": "\(n)"]) }
                 }
             } catch {
                 logger.warning("maintenance failed; will retry", metadata: ["error": "\(error)"])
             }
-            await maintenanceWakeup.wait(timeout: configuration.maintenanceInterval)
+            await maintenanceWakeup.wait(timeout: configuration.maintenanceInterval, clock: configuration.clock)
         }
     }
 
@@ -71,9 +88,11 @@ extension Dispatcher {
     /// answers false at once.
     func brokerTakesPublishes(within timeout: Duration) async -> Bool {
         guard publisher.isConnected, !publisher.isBlocked,
-              probing.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return false }
-        let probe = AMQPOutgoingMessage(exchange: "", routingKey: "\(configuration.prefix).alarm-probe", body: [],
-                                        properties: AMQPProperties(persistent: false), mandatory: false)
+            probing.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged
+        else { return false }
+        let probe = AMQPOutgoingMessage(
+            exchange: "", routingKey: "\(configuration.prefix).alarm-probe", body: [],
+            properties: AMQPProperties(persistent: false), mandatory: false)
         let confirmed = Wakeup()
         Task {
             let result = await publisher.publish([probe])
@@ -84,12 +103,12 @@ extension Dispatcher {
     }
 
     /// The broker's ready messages per work queue this dispatcher publishes to, its isolation
-    /// lane included (a passive declare on a short connection of its own), as the gauge
+    /// lane included (passive declares on the dispatcher's inspector connection), as the gauge
     /// `conveyor_queue_depth{queue}`.
     func measureQueueDepths() async {
-        let queues = declaredQueues.withLock { $0 }.sorted()
+        let queues = workQueues.names
         do {
-            for (queue, d) in try await AMQPInspector.workQueues(queues, topology: topology, configuration: publisher.configuration) {
+            for (queue, d) in try await topology.workQueueDepths(queues, asking: inspector) {
                 ConveyorMetrics.queueDepth(queue: queue, d.waiting, consumers: d.consumers)
             }
         } catch {
@@ -106,20 +125,23 @@ extension Dispatcher {
     /// Why: autovacuum analyzes a table about a minute after it changes by 10 %. Until then a
     /// table that was nearly empty (a new install, or right after retention emptied it) is
     /// planned as if it still were, and the claim and publish statements choose index scans that
-    /// read the whole table per statement: 100,000 runs due at once took 95–110 s instead of
-    /// 30–45 s (auto_explain showed 23 s statements). See docs/benchmarks.md.
-    func refreshStatisticsAfterBursts(last: inout ContinuousClock.Instant) async {
-        guard createdSinceAnalyze.load(ordering: .relaxed) >= Self.analyzeAfterRuns,
-              ContinuousClock.now - last > .seconds(30) else { return }
-        last = ContinuousClock.now
+    /// read the whole table per statement (docs/benchmarks.md, "100,000 tasks due at once").
+    func refreshStatisticsAfterBursts(last: inout Duration, now: Duration) async {
+        guard createdSinceAnalyze.load(ordering: .relaxed) >= Self.analyzeAfterRuns, now - last > .seconds(30)
+        else { return }
+        last = now
         createdSinceAnalyze.store(0, ordering: .relaxed)
         do {
             try await store.analyze()
             counters.withLock { $0.analyzes += 1 }
             logger.debug("statistics refreshed after a burst of new runs")
         } catch {
-            logger.warning("ANALYZE after a burst failed (the database user must own runs and tasks); plans may be poor until autovacuum analyzes",
-                           metadata: ["error": "\(error)"])
+            logger.warning(
+                """
+                ANALYZE after a burst failed (the database user must own runs and tasks); plans may be poor until \
+                autovacuum analyzes
+                """,
+                metadata: ["error": "\(error)"])
         }
     }
 
@@ -129,9 +151,12 @@ extension Dispatcher {
         let ids = try await store.pendingCancels()
         guard !ids.isEmpty, publisher.isConnected else { return }
         let messages = ids.map { id in
-            AMQPOutgoingMessage(exchange: topology.controlExchange, routingKey: "", body: MessageCodec.encode(ControlMessage(cancel: id)),
-                                properties: AMQPProperties(messageID: "cancel:\(id.lowercasedString)", type: controlMessageType,
-                                                           timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
+            AMQPOutgoingMessage(
+                exchange: topology.controlExchange, routingKey: "",
+                body: MessageCodec.encode(ControlMessage(cancel: id)),
+                properties: AMQPProperties(
+                    messageID: "cancel:\(id.lowercasedString)", type: controlMessageType,
+                    timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
         }
         var sent: [UUID] = []
         for (id, r) in zip(ids, await publisher.publish(messages)) {
@@ -139,7 +164,8 @@ extension Dispatcher {
             case .success: sent.append(id)
             // No worker is bound: nobody holds the run, and nobody will be told.
             case .failure(let e) where e.code == .unroutable: sent.append(id)
-            case .failure(let e): logger.debug("cancel publish failed; will retry", metadata: ["run.id": "\(id)", "error": "\(e)"])
+            case .failure(let e):
+                logger.debug("cancel publish failed; will retry", metadata: ["run.id": "\(id)", "error": "\(e)"])
             }
         }
         try await store.markCancelsSent(sent)
@@ -156,7 +182,10 @@ extension Dispatcher {
             let letter = Self.deadLetter(d, proof: proof)
             await untilCommitted("recording dead letters") {
                 let ended = try await store.recordDeadLetters([letter])
-                counters.withLock { $0.deadLetters += 1; $0.dead += ended }
+                counters.withLock {
+                    $0.deadLetters += 1
+                    $0.dead += ended
+                }
                 ConveyorMetrics.deadLetter()
                 deadConsumer.ack(d)
             }
@@ -169,17 +198,25 @@ extension Dispatcher {
         let h = d.properties.headers
         let reason = h["x-first-death-reason"]?.stringValue ?? "unknown"
         let queue = h["x-first-death-queue"]?.stringValue ?? d.queue
-        let explained = switch reason {
-        case "delivery_limit" where h[ConveyorTopology.isolatedFromHeader] != nil:
-            "delivery limit exceeded in \(queue), the isolation lane: taken alone, it never settled; its worker crashed or was killed each time"
-        case "delivery_limit": "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
-        case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"
-        case "expired": "expired in \(queue)"
-        default: "\(reason) in \(queue)"
-        }
+        let explained =
+            switch reason {
+            case "delivery_limit" where h[ConveyorTopology.isolatedFromHeader] != nil:
+                """
+                delivery limit exceeded in \(queue), the isolation lane: taken alone, it never settled; its worker \
+                crashed or was killed each time
+                """
+            case "delivery_limit":
+                "delivery limit exceeded in \(queue): workers took it and never settled it (crash or kill each time)"
+            case "rejected": "rejected by a worker in \(queue) (malformed or not runnable there)"
+            case "expired": "expired in \(queue)"
+            default: "\(reason) in \(queue)"
+            }
         let claims = d.properties.type == taskMessageType ? MessageCodec.claims(inMalformed: d.body) : nil
-        let runID = claims.flatMap { proof.check($0.proof, runID: $0.runID, attempt: $0.attempt) == nil ? $0.runID : nil }
-        return DeadLetter(runID: runID, reason: explained, source: queue, type: d.properties.type,
-                          body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
+        let runID = claims.flatMap {
+            proof.check($0.proof, runID: $0.runID, attempt: $0.attempt) == nil ? $0.runID : nil
+        }
+        return DeadLetter(
+            runID: runID, reason: explained, source: queue, type: d.properties.type,
+            body: String(decoding: d.body.prefix(65_536), as: UTF8.self))
     }
 }

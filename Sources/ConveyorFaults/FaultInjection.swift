@@ -51,7 +51,8 @@ package struct FaultInjection: Sendable, Equatable {
                 guard let p = CrashPoint(rawValue: point) else {
                     throw ValidationError(
                         field: variable, value: item,
-                        hint: "dispatcher-crash is one of \(CrashPoint.allCases.map(\.rawValue).joined(separator: ", "))")
+                        hint:
+                            "dispatcher-crash is one of \(CrashPoint.allCases.map(\.rawValue).joined(separator: ", "))")
                 }
                 f.dispatcherCrash = p
             case ("no-confirms", nil):
@@ -64,7 +65,10 @@ package struct FaultInjection: Sendable, Equatable {
                 throw ValidationError(
                     field: variable, value: item,
                     hint:
-                        "a test-only list of dispatcher-crash=after-claim|after-publish|mid-batch, no-confirms, worker-crash-on-task=NAME, isolation-unroutable; leave it unset in production"
+                        """
+                        a test-only list of dispatcher-crash=after-claim|after-publish|mid-batch, no-confirms, \
+                        worker-crash-on-task=NAME, isolation-unroutable; leave it unset in production
+                        """
                 )
             }
         }

@@ -2,35 +2,35 @@ import AsyncHTTPClient
 import ConveyorCore
 import Dispatch
 import Foundation
-public import Logging
+package import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
-public import Tracing
+package import Tracing
 
 /// Where outbound HTTP may go. One guard for every request Conveyor makes on a user's behalf
 /// (callbacks, the http executor): a host allowlist, then every resolved address checked
 /// against the refused kinds, the connection pinned to the address checked, and each redirect
 /// checked again.
-public struct OutboundPolicy: Sendable {
+package struct OutboundPolicy: Sendable {
     /// Host names allowed; empty allows any host. `*.example.com` allows the subdomains of
     /// `example.com` (not `example.com` itself).
-    public var allowedHosts: [String] = []
+    package var allowedHosts: [String] = []
     /// Networks allowed although they are loopback, private, link-local or metadata ranges
     /// (for example `10.20.0.0/16` for an internal service, `127.0.0.1` in tests).
-    public var allowedNetworks: [Network] = []
+    package var allowedNetworks: [Network] = []
     /// `http` and `https` by default.
-    public var allowedSchemes: Set<String> = ["http", "https"]
+    package var allowedSchemes: Set<String> = ["http", "https"]
     /// Redirects followed, each one checked like the first request. 0 refuses every redirect.
-    public var maxRedirects = 5
+    package var maxRedirects = 5
     /// Response body bytes kept; the rest is read and dropped.
-    public var maxResponseBytes = 65_536
-    public var connectTimeout: Duration = .seconds(5)
+    package var maxResponseBytes = 65_536
+    package var connectTimeout: Duration = .seconds(5)
 
-    public init() {}
+    package init() {}
 
     /// Whether the host name passes the allowlist.
-    public func allows(host: String) -> Bool {
+    package func allows(host: String) -> Bool {
         guard !allowedHosts.isEmpty else { return true }
         let h = host.lowercased()
         return allowedHosts.contains { pattern in
@@ -41,7 +41,7 @@ public struct OutboundPolicy: Sendable {
     }
 
     /// Why the address is refused, or nil when it may be used.
-    public func refusal(of ip: IPAddress) -> String? {
+    package func refusal(of ip: IPAddress) -> String? {
         let kind = ip.kind
         if kind == .public || allowedNetworks.contains(where: { $0.contains(ip) }) { return nil }
         // An IPv6 address that carries an IPv4 one is refused for that one: name it.
@@ -52,32 +52,32 @@ public struct OutboundPolicy: Sendable {
 
 /// A refused or failed outbound request. `retryable` tells callers whether trying again later
 /// may help (a timeout, a refused connection) or cannot (a refused host, a bad URL).
-public struct OutboundError: Error, Sendable, CustomStringConvertible {
-    public enum Kind: String, Sendable {
+package struct OutboundError: Error, Sendable, CustomStringConvertible {
+    package enum Kind: String, Sendable {
         case refused
         case invalidURL = "invalid_url"
         case connect, timeout, transport
     }
-    public var kind: Kind
-    public var message: String
-    public var retryable: Bool { kind == .connect || kind == .timeout || kind == .transport }
-    public var description: String { message }
+    package var kind: Kind
+    package var message: String
+    package var retryable: Bool { kind == .connect || kind == .timeout || kind == .transport }
+    package var description: String { message }
 }
 
-public struct OutboundRequest: Sendable {
-    public var method: String
-    public var url: String
-    public var headers: [(String, String)]
-    public var body: [UInt8]
+package struct OutboundRequest: Sendable {
+    package var method: String
+    package var url: String
+    package var headers: [(String, String)]
+    package var body: [UInt8]
     /// Names of headers meant for the request's own origin only (compared without case): a
     /// redirect to another origin drops them, as it drops `credentialHeaders`. The http executor
     /// puts the task's own headers here: they are where tasks put API keys.
-    public var originOnlyHeaders: Set<String>
+    package var originOnlyHeaders: Set<String>
 
     /// Dropped on every redirect to another origin, as browsers and curl drop them.
-    public static let credentialHeaders: Set<String> = ["authorization", "cookie", "proxy-authorization"]
+    package static let credentialHeaders: Set<String> = ["authorization", "cookie", "proxy-authorization"]
 
-    public init(
+    package init(
         method: String = "GET", url: String, headers: [(String, String)] = [], body: [UInt8] = [],
         originOnlyHeaders: Set<String> = []
     ) {
@@ -91,37 +91,39 @@ public struct OutboundRequest: Sendable {
 
 extension OutboundRequest {
     /// OpenTelemetry HTTP client span attributes. The query is left out: it may carry secrets.
-    public var spanAttributes: SpanAttributes {
+    package var spanAttributes: SpanAttributes {
         var a = SpanAttributes()
         a["http.request.method"] = method
         if let u = URLComponents(string: url) {
             if let scheme = u.scheme { a["url.scheme"] = scheme }
             if let host = u.host { a["server.address"] = host }
-            if let port = u.port ?? (u.scheme == "https" ? 443 : u.scheme == "http" ? 80 : nil) { a["server.port"] = port }
+            if let port = u.port ?? (u.scheme == "https" ? 443 : u.scheme == "http" ? 80 : nil) {
+                a["server.port"] = port
+            }
             a["url.path"] = u.path.isEmpty ? "/" : u.path
         }
         return a
     }
 }
 
-public struct OutboundResponse: Sendable {
-    public var status: Int
-    public var headers: [(String, String)]
+package struct OutboundResponse: Sendable {
+    package var status: Int
+    package var headers: [(String, String)]
     /// At most `maxResponseBytes`; `truncated` says whether more came.
-    public var body: [UInt8]
-    public var truncated: Bool
+    package var body: [UInt8]
+    package var truncated: Bool
     /// The URL that answered, after redirects.
-    public var url: String
+    package var url: String
 }
 
 /// Sends requests through the guard. Each request gets a client pinned to the address that was
 /// checked (async-http-client's `dnsOverride`, so TLS still verifies the host name), and no
 /// redirect is followed by the client itself.
-public struct OutboundHTTP: Sendable {
-    public let policy: OutboundPolicy
+package struct OutboundHTTP: Sendable {
+    package let policy: OutboundPolicy
     let logger: Logger
 
-    public init(policy: OutboundPolicy, logger: Logger) {
+    package init(policy: OutboundPolicy, logger: Logger) {
         self.policy = policy
         self.logger = logger
     }
@@ -137,7 +139,7 @@ public struct OutboundHTTP: Sendable {
     /// origin: a redirect that would replay one there (307/308, or 301/302 after anything but a
     /// POST) is refused, not sent without its body — a PUT without its body is another request
     /// than the one asked for. Same-origin redirects keep headers and body.
-    public func send(_ request: OutboundRequest, timeout: Duration) async throws(OutboundError) -> OutboundResponse {
+    package func send(_ request: OutboundRequest, timeout: Duration) async throws(OutboundError) -> OutboundResponse {
         let deadline = NIODeadline.now() + .nanoseconds(Int64(timeout.inSeconds * 1e9))
         var current = request
         var hops = 0
@@ -150,10 +152,14 @@ public struct OutboundHTTP: Sendable {
             }
             guard hops < policy.maxRedirects else {
                 if policy.maxRedirects == 0 { return response }
-                throw OutboundError(kind: .refused, message: "more than \(policy.maxRedirects) redirects from \(strippedURL(request.url))")
+                throw OutboundError(
+                    kind: .refused,
+                    message: "more than \(policy.maxRedirects) redirects from \(strippedURL(request.url))")
             }
-            guard let next = URL(string: location, relativeTo: URL(string: current.url))?.absoluteURL.absoluteString else {
-                throw OutboundError(kind: .invalidURL, message: "redirect to an invalid location '\(strippedURL(location))'")
+            guard let next = URL(string: location, relativeTo: URL(string: current.url))?.absoluteURL.absoluteString
+            else {
+                throw OutboundError(
+                    kind: .invalidURL, message: "redirect to an invalid location '\(strippedURL(location))'")
             }
             hops += 1
             if response.status == 303 || (current.method == "POST" && [301, 302].contains(response.status)) {
@@ -165,8 +171,13 @@ public struct OutboundHTTP: Sendable {
                 guard current.body.isEmpty else {
                     throw OutboundError(
                         kind: .refused,
-                        message: "HTTP \(response.status) from \(strippedURL(current.url)) redirects a \(current.method) "
-                            + "with a body to another origin (\(strippedURL(next))); a body is never sent to another origin: call that URL directly")
+                        message:
+                            "HTTP \(response.status) from \(strippedURL(current.url)) redirects a \(current.method) "
+                                + """
+                                with a body to another origin (\(strippedURL(next))); a body is never sent to another \
+                                origin: call that URL directly
+                                """
+                    )
                 }
                 let dropped = OutboundRequest.credentialHeaders.union(current.originOnlyHeaders.map { $0.lowercased() })
                 current.headers.removeAll { dropped.contains($0.0.lowercased()) }
@@ -179,7 +190,9 @@ public struct OutboundHTTP: Sendable {
     /// caller's HTTP client span, whose context (and only it) the request's `traceparent`,
     /// `tracestate` and `baggage` carry. Sets `http.response.status_code`, and `error.type` with
     /// an error status for a status other than 2xx or a failed exchange. The caller ends the span.
-    public func send(_ request: OutboundRequest, timeout: Duration, span: any Span) async throws(OutboundError) -> OutboundResponse {
+    package func send(_ request: OutboundRequest, timeout: Duration, span: any Span) async throws(OutboundError)
+        -> OutboundResponse
+    {
         do {
             let response = try await send(request, timeout: timeout)
             span.attributes["http.response.status_code"] = response.status
@@ -200,7 +213,9 @@ public struct OutboundHTTP: Sendable {
     /// the same origin.
     static func sameOrigin(_ a: String, _ b: String) -> Bool {
         func origin(_ text: String) -> String? {
-            guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host?.lowercased(), !host.isEmpty else {
+            guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host?.lowercased(),
+                !host.isEmpty
+            else {
                 return nil
             }
             return "\(scheme)://\(host):\(url.port ?? (scheme == "https" ? 443 : 80))"
@@ -251,22 +266,30 @@ public struct OutboundHTTP: Sendable {
 
     /// The URL's host and port, if the scheme and host are allowed.
     func check(url text: String) throws(OutboundError) -> (String, Int) {
-        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty else {
+        guard let url = URL(string: text), let scheme = url.scheme?.lowercased(), let host = url.host, !host.isEmpty
+        else {
             throw OutboundError(kind: .invalidURL, message: "'\(strippedURL(text))' is not an absolute URL")
         }
         guard policy.allowedSchemes.contains(scheme) else {
             throw OutboundError(
                 kind: .refused,
-                message: "scheme '\(scheme)' of \(strippedURL(text)) is not allowed (allowed: \(policy.allowedSchemes.sorted().joined(separator: ", ")))")
+                message:
+                    """
+                    scheme '\(scheme)' of \(strippedURL(text)) is not allowed (allowed: \
+                    \(policy.allowedSchemes.sorted().joined(separator: ", ")))
+                    """
+            )
         }
         guard policy.allows(host: host) else {
-            throw OutboundError(kind: .refused, message: "host '\(host)' is not in the allowed hosts (\(policy.allowedHosts.joined(separator: ", ")))")
+            throw OutboundError(
+                kind: .refused,
+                message: "host '\(host)' is not in the allowed hosts (\(policy.allowedHosts.joined(separator: ", ")))")
         }
         return (host, url.port ?? (scheme == "https" ? 443 : 80))
     }
 
     /// Resolves the host (off the cooperative pool) and refuses it when any of its addresses is
-    /// refused: a name that mixes public and private addresses is not used at all.
+    /// refused: a name that mixes package and private addresses is not used at all.
     func resolveChecked(host: String, port: Int) async throws(OutboundError) -> IPAddress {
         let addresses: [IPAddress]
         if let literal = IPAddress(host) {
@@ -277,7 +300,10 @@ public struct OutboundHTTP: Sendable {
         guard !addresses.isEmpty else { throw OutboundError(kind: .connect, message: "\(host) resolved to no address") }
         for ip in addresses {
             if let why = policy.refusal(of: ip) {
-                throw OutboundError(kind: .refused, message: "\(host) refused: \(why); allow its network in allowed_networks if it is meant to be reached")
+                throw OutboundError(
+                    kind: .refused,
+                    message:
+                        "\(host) refused: \(why); allow its network in allowed_networks if it is meant to be reached")
             }
         }
         return addresses[0]
@@ -293,7 +319,8 @@ public struct OutboundHTTP: Sendable {
                 let rc = getaddrinfo(host, nil, &hints, &list)
                 guard rc == 0 else {
                     let why = String(cString: gai_strerror(rc))
-                    continuation.resume(returning: .failure(OutboundError(kind: .connect, message: "cannot resolve \(host): \(why)")))
+                    continuation.resume(
+                        returning: .failure(OutboundError(kind: .connect, message: "cannot resolve \(host): \(why)")))
                     return
                 }
                 defer { freeaddrinfo(list) }
@@ -350,7 +377,7 @@ public struct OutboundHTTP: Sendable {
 /// are dropped. Masking first keeps a password from surviving as a "host" or "path" (except
 /// the one `redactPassword` reads as a port: digits then `/`), at the price of showing the wrong
 /// host for a URL with both a password and an `@` in its path or query.
-public func strippedURL(_ text: String) -> String {
+package func strippedURL(_ text: String) -> String {
     let masked = redactPassword(in: text)
     var head = ""
     var rest = Substring(masked)

@@ -1,8 +1,8 @@
 import CLibPQ
 import ConveyorCore
-import Foundation
 import Dispatch
-public import Logging
+import Foundation
+package import Logging
 import Synchronization
 
 /// One libpq connection.
@@ -12,28 +12,39 @@ import Synchronization
 /// every other task. Callers `await` the result through a continuation.
 ///
 /// Task cancellation of a running query sends a cancel request (`PQcancel`, which libpq
-/// documents as safe to call from another thread).
-public final class PostgresConnection: @unchecked Sendable {
+/// documents as safe to call from another thread) from a global dispatch queue: the request is a
+/// connection of its own that waits for the server to close it, and must not block the thread
+/// that cancelled (often the cooperative pool's).
+///
+/// A cancel request races the statement it was meant for: the server may deliver it after that
+/// statement ended and the next one began. So a connection that has been sent a cancel is no
+/// longer `isHealthy`, and a pool closes it instead of handing it to the next caller, whose
+/// statement the late cancel would otherwise abort.
+package final class PostgresConnection: @unchecked Sendable {
     // @unchecked Sendable: `conn` is only touched on `queue` (serial), and `cancelHandle` is
     // immutable after init and used only through PQcancel, which is thread-safe.
     private let conn: OpaquePointer
     private let cancelHandle: OpaquePointer?
     private let queue: DispatchQueue
     private let closed = Atomic<Bool>(false)
+    /// A cancel request is on its way: one at a time per connection.
+    private let cancelling = Atomic<Bool>(false)
+    /// A cancel request has been sent at some point: a late one may still abort a later statement.
+    private let cancelSent = Atomic<Bool>(false)
     /// `PQstatus == CONNECTION_OK` after the last call, recorded on `queue`, so callers never
     /// block on the queue to ask.
     private let healthy = Atomic<Bool>(true)
     /// `PQtransactionStatus == PQTRANS_IDLE` after the last call: no transaction left open.
     private let idle = Atomic<Bool>(true)
-    public let logger: Logger
+    package let logger: Logger
 
     /// Options applied to every new session.
-    public struct Options: Sendable {
+    package struct Options: Sendable {
         /// `statement_timeout` for every statement; `nil` leaves the server default. Default 30 s.
-        public var statementTimeout: Duration? = .seconds(30)
+        package var statementTimeout: Duration? = .seconds(30)
         /// `application_name` shown in `pg_stat_activity`.
-        public var applicationName: String = "conveyor"
-        public init() {}
+        package var applicationName: String = "conveyor"
+        package init() {}
     }
 
     private init(conn: OpaquePointer, queue: DispatchQueue, logger: Logger) {
@@ -51,26 +62,36 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 
     /// Opens one connection (one attempt, no retry). The URL is a libpq URI or key=value string.
-    public static func connect(url: String, options: Options = .init(), logger: Logger) async throws(PostgresError) -> PostgresConnection {
+    package static func connect(url: String, options: Options = .init(), logger: Logger) async throws(PostgresError)
+        -> PostgresConnection
+    {
         let queue = DispatchQueue(label: "conveyor.postgres.connection")
         let result: Result<PostgresConnection, PostgresError> = await withCheckedContinuation { cont in
             queue.async {
                 guard let c = PQconnectdb(url) else {
-                    cont.resume(returning: .failure(PostgresError(code: .connection, message: "out of memory creating a libpq connection")))
+                    cont.resume(
+                        returning: .failure(
+                            PostgresError(code: .connection, message: "out of memory creating a libpq connection")))
                     return
                 }
                 guard PQstatus(c) == CONNECTION_OK else {
                     let msg = String(cString: PQerrorMessage(c)).trimmingCharacters(in: .whitespacesAndNewlines)
                     PQfinish(c)
-                    cont.resume(returning: .failure(PostgresError(
-                        code: .connection, message: "cannot connect to \(redactPassword(in: url)): \(msg)")))
+                    cont.resume(
+                        returning: .failure(
+                            PostgresError(
+                                code: .connection, message: "cannot connect to \(redactPassword(in: url)): \(msg)")))
                     return
                 }
                 cont.resume(returning: .success(PostgresConnection(conn: c, queue: queue, logger: logger)))
             }
         }
         let connection = try result.get()
-        var setup = "SET TimeZone = 'UTC'; SET application_name = '\(options.applicationName.filter { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })'"
+        var setup =
+            """
+            SET TimeZone = 'UTC'; SET application_name = \
+            '\(options.applicationName.filter { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" })'
+            """
         if let t = options.statementTimeout {
             setup += "; SET statement_timeout = \(Int64(t.inMilliseconds))"
         }
@@ -78,19 +99,29 @@ public final class PostgresConnection: @unchecked Sendable {
         return connection
     }
 
-    /// Whether the connection is still usable.
-    public var isHealthy: Bool {
+    /// Whether the connection may run the next caller's statements: open, not broken, and never
+    /// sent a cancel request (which might still arrive and abort that statement).
+    package var isHealthy: Bool {
         !closed.load(ordering: .relaxed) && healthy.load(ordering: .acquiring)
+            && !cancelSent.load(ordering: .acquiring)
     }
 
     /// Runs one statement with bound parameters and returns its rows.
     @discardableResult
-    public func query(_ sql: String, _ parameters: [any PostgresEncodable] = []) async throws(PostgresError) -> PostgresRows {
+    package func query(_ sql: String, _ parameters: [any PostgresEncodable] = []) async throws(PostgresError)
+        -> PostgresRows
+    {
         let texts = parameters.map(\.postgresText)
         // libpq takes parameters as C strings: a NUL would silently cut the value short.
         if let i = texts.firstIndex(where: { $0?.utf8.contains(0) ?? false }) {
-            throw PostgresError(code: .query, sqlState: "22021",
-                                message: "parameter $\(i + 1) contains a NUL byte, which PostgreSQL text cannot hold: remove or replace it before storing")
+            throw PostgresError(
+                code: .query, sqlState: "22021",
+                message:
+                    """
+                    parameter $\(i + 1) contains a NUL byte, which PostgreSQL text cannot hold: remove or replace it \
+                    before storing
+                    """
+            )
         }
         return try await run { conn throws(PostgresError) in
             try Self.execParams(conn, sql, texts)
@@ -100,11 +131,11 @@ public final class PostgresConnection: @unchecked Sendable {
     /// Whether no transaction is open (or aborted) on this connection, as of the last call.
     /// A pool must only reuse idle connections: anything else would run the next caller's
     /// statements inside someone else's transaction.
-    public var isIdle: Bool { idle.load(ordering: .acquiring) }
+    package var isIdle: Bool { idle.load(ordering: .acquiring) }
 
     /// Runs statements without parameters (several may be separated by `;`). For fixed SQL only.
     @discardableResult
-    public func simple(_ sql: String) async throws(PostgresError) -> PostgresRows {
+    package func simple(_ sql: String) async throws(PostgresError) -> PostgresRows {
         try await run { conn throws(PostgresError) in
             let res = PQexec(conn, sql)
             defer { PQclear(res) }
@@ -113,18 +144,29 @@ public final class PostgresConnection: @unchecked Sendable {
     }
 
     /// Closes the connection; later calls fail with `.closed`.
-    public func close() {
+    package func close() {
         closed.store(true, ordering: .relaxed)
     }
 
-    private func run<T: Sendable>(_ body: @Sendable @escaping (OpaquePointer) throws(PostgresError) -> T) async throws(PostgresError) -> T {
+    private func run<T: Sendable>(_ body: @Sendable @escaping (OpaquePointer) throws(PostgresError) -> T)
+        async throws(PostgresError) -> T
+    {
         if closed.load(ordering: .relaxed) { throw PostgresError(code: .closed, message: "connection is closed") }
+        // A task cancelled before its statement is sent does not send it. (Sent with a cancel request
+        // behind it, the statement would race the request: an idle server ignores a cancel that comes
+        // first, so the statement would run anyway, or be aborted part-way: either, by timing.)
+        if Task.isCancelled {
+            throw PostgresError(
+                code: .query, sqlState: "57014",
+                message: "canceling statement: its task was cancelled before it was sent")
+        }
         let result: Result<T, PostgresError> = await withTaskCancellationHandler {
             await withCheckedContinuation { cont in
                 queue.async {
                     let result: Result<T, PostgresError>
-                    do throws(PostgresError) { result = .success(try body(self.conn)) }
-                    catch { result = .failure(error) }
+                    do throws(PostgresError) { result = .success(try body(self.conn)) } catch {
+                        result = .failure(error)
+                    }
                     self.healthy.store(PQstatus(self.conn) == CONNECTION_OK, ordering: .releasing)
                     self.idle.store(PQtransactionStatus(self.conn) == PQTRANS_IDLE, ordering: .releasing)
                     cont.resume(returning: result)
@@ -136,14 +178,22 @@ public final class PostgresConnection: @unchecked Sendable {
         return try result.get()
     }
 
-    /// Asks the server to cancel the statement running on this connection. Thread-safe.
-    public func sendCancel() {
-        guard let cancelHandle else { return }
-        var buf = [CChar](repeating: 0, count: 256)
-        _ = PQcancel(cancelHandle, &buf, 256)
+    /// Asks the server to cancel the statement running on this connection, from a global dispatch
+    /// queue; returns at once. Thread-safe. A request still on its way absorbs this one. From now on
+    /// the connection is not `isHealthy`.
+    package func sendCancel() {
+        cancelSent.store(true, ordering: .releasing)
+        guard cancelHandle != nil, !cancelling.exchange(true, ordering: .acquiring) else { return }
+        DispatchQueue.global().async {
+            var buf = [CChar](repeating: 0, count: 256)
+            _ = PQcancel(self.cancelHandle, &buf, 256)
+            self.cancelling.store(false, ordering: .releasing)
+        }
     }
 
-    static func execParams(_ conn: OpaquePointer, _ sql: String, _ texts: [String?]) throws(PostgresError) -> PostgresRows {
+    static func execParams(_ conn: OpaquePointer, _ sql: String, _ texts: [String?]) throws(PostgresError)
+        -> PostgresRows
+    {
         // Copy each parameter into C memory that lives for the duration of the call.
         var cStrings: [UnsafeMutablePointer<CChar>?] = texts.map { $0.map { strdup($0) } ?? nil }
         defer { for p in cStrings { free(p) } }
@@ -158,7 +208,9 @@ public final class PostgresConnection: @unchecked Sendable {
 
     static func collect(_ conn: OpaquePointer, _ res: OpaquePointer?) throws(PostgresError) -> PostgresRows {
         guard let res else {
-            throw PostgresError(code: .connection, message: String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines))
+            throw PostgresError(
+                code: .connection,
+                message: String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines))
         }
         let status = PQresultStatus(res)
         switch status {
@@ -174,8 +226,11 @@ public final class PostgresConnection: @unchecked Sendable {
                 var values: [String?] = []
                 values.reserveCapacity(nf)
                 for f in 0..<nf {
-                    if PQgetisnull(res, Int32(t), Int32(f)) == 1 { values.append(nil) }
-                    else { values.append(String(cString: PQgetvalue(res, Int32(t), Int32(f)))) }
+                    if PQgetisnull(res, Int32(t), Int32(f)) == 1 {
+                        values.append(nil)
+                    } else {
+                        values.append(String(cString: PQgetvalue(res, Int32(t), Int32(f))))
+                    }
                 }
                 rows.append(PostgresRow(values: values))
             }
@@ -183,11 +238,14 @@ public final class PostgresConnection: @unchecked Sendable {
             return PostgresRows(columns: columns, rows: rows, affectedRows: affected)
         default:
             let sqlState = PQresultErrorField(res, Int32(UInt8(ascii: "C"))).map { String(cString: $0) }
-            let primary = PQresultErrorField(res, Int32(UInt8(ascii: "M"))).map { String(cString: $0) }
+            let primary =
+                PQresultErrorField(res, Int32(UInt8(ascii: "M"))).map { String(cString: $0) }
                 ?? String(cString: PQerrorMessage(conn)).trimmingCharacters(in: .whitespacesAndNewlines)
             let detail = PQresultErrorField(res, Int32(UInt8(ascii: "D"))).map { String(cString: $0) }
             let broken = PQstatus(conn) != CONNECTION_OK
-            throw PostgresError(code: broken && sqlState == nil ? .connection : .query, sqlState: sqlState, message: primary, detail: detail)
+            throw PostgresError(
+                code: broken && sqlState == nil ? .connection : .query, sqlState: sqlState, message: primary,
+                detail: detail)
         }
     }
 }

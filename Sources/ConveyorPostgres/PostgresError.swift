@@ -2,33 +2,33 @@
 ///
 /// `description` is safe to show (no SQL text, no parameter values); `debugDescription` adds the
 /// server's detail for logs.
-public struct PostgresError: Error, Sendable, CustomStringConvertible, CustomDebugStringConvertible {
-    public struct Code: Sendable, Hashable, CustomStringConvertible {
+package struct PostgresError: Error, Sendable, CustomStringConvertible, CustomDebugStringConvertible {
+    package struct Code: Sendable, Hashable, CustomStringConvertible {
         enum Base: String, Sendable { case connection, query, poolTimeout, closed, commitOutcomeUnknown, decoding }
         let base: Base
         /// The connection could not be made or broke.
-        public static let connection = Code(base: .connection)
+        package static let connection = Code(base: .connection)
         /// The server refused a statement (see `sqlState`).
-        public static let query = Code(base: .query)
+        package static let query = Code(base: .query)
         /// No pooled connection became free within the acquire timeout.
-        public static let poolTimeout = Code(base: .poolTimeout)
+        package static let poolTimeout = Code(base: .poolTimeout)
         /// The pool or connection was shut down.
-        public static let closed = Code(base: .closed)
+        package static let closed = Code(base: .closed)
         /// The connection broke during COMMIT: the transaction may or may not have committed.
         /// Re-read before redoing.
-        public static let commitOutcomeUnknown = Code(base: .commitOutcomeUnknown)
+        package static let commitOutcomeUnknown = Code(base: .commitOutcomeUnknown)
         /// A column could not be read as the requested type.
-        public static let decoding = Code(base: .decoding)
-        public var description: String { base.rawValue }
+        package static let decoding = Code(base: .decoding)
+        package var description: String { base.rawValue }
     }
 
-    public var code: Code
+    package var code: Code
     /// The five-character SQLSTATE, when the server sent one.
-    public var sqlState: String?
-    public var message: String
+    package var sqlState: String?
+    package var message: String
     var detail: String?
 
-    public init(code: Code, sqlState: String? = nil, message: String, detail: String? = nil) {
+    package init(code: Code, sqlState: String? = nil, message: String, detail: String? = nil) {
         self.code = code
         self.sqlState = sqlState
         self.message = message
@@ -37,24 +37,25 @@ public struct PostgresError: Error, Sendable, CustomStringConvertible, CustomDeb
 
     /// Whether running the same work again later may succeed: broken connections, serialization
     /// failures, deadlocks, server shutdown, pool exhaustion, statement timeouts.
-    public var isRetriable: Bool {
+    package var isRetriable: Bool {
         switch code.base {
         case .connection, .poolTimeout, .commitOutcomeUnknown: return true
         case .closed, .decoding: return false
         case .query:
             guard let s = sqlState else { return false }
-            return s.hasPrefix("08") || s == "40001" || s == "40P01" || s.hasPrefix("57P") || s == "57014" || s == "53300"
+            return s.hasPrefix("08") || s == "40001" || s == "40P01" || s.hasPrefix("57P") || s == "57014"
+                || s == "53300"
         }
     }
 
     /// A unique-constraint violation.
-    public var isUniqueViolation: Bool { sqlState == "23505" }
+    package var isUniqueViolation: Bool { sqlState == "23505" }
 
-    public var description: String {
+    package var description: String {
         "postgres \(code)\(sqlState.map { " (SQLSTATE \($0))" } ?? ""): \(message)"
     }
 
-    public var debugDescription: String {
+    package var debugDescription: String {
         description + (detail.map { " — \($0)" } ?? "")
     }
 }

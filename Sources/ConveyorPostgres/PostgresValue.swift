@@ -1,38 +1,41 @@
-public import Foundation
 import ConveyorCore
+package import Foundation
 
 /// A Swift value sent as a bound parameter in PostgreSQL's text format.
 ///
 /// Values never become SQL text: they travel as `PQexecParams` parameters. Cast in SQL where the
 /// type matters (`$1::uuid[]`, `$2::timestamptz`).
-public protocol PostgresEncodable: Sendable {
+package protocol PostgresEncodable: Sendable {
     /// The text form, or `nil` for SQL NULL.
     var postgresText: String? { get }
 }
 
-extension String: PostgresEncodable { public var postgresText: String? { self } }
-extension Int: PostgresEncodable { public var postgresText: String? { String(self) } }
-extension Int32: PostgresEncodable { public var postgresText: String? { String(self) } }
-extension Int64: PostgresEncodable { public var postgresText: String? { String(self) } }
-extension Double: PostgresEncodable { public var postgresText: String? { String(self) } }
-extension Bool: PostgresEncodable { public var postgresText: String? { self ? "t" : "f" } }
-extension UUID: PostgresEncodable { public var postgresText: String? { lowercasedString } }
+extension String: PostgresEncodable { package var postgresText: String? { self } }
+extension Int: PostgresEncodable { package var postgresText: String? { String(self) } }
+extension Int32: PostgresEncodable { package var postgresText: String? { String(self) } }
+extension Int64: PostgresEncodable { package var postgresText: String? { String(self) } }
+extension Double: PostgresEncodable { package var postgresText: String? { String(self) } }
+extension Bool: PostgresEncodable { package var postgresText: String? { self ? "t" : "f" } }
+extension UUID: PostgresEncodable { package var postgresText: String? { lowercasedString } }
 extension Date: PostgresEncodable {
-    public var postgresText: String? { Timestamp.format(self) }   // the session runs with TimeZone=UTC
+    package var postgresText: String? { Timestamp.format(self) }  // the session runs with TimeZone=UTC
 }
 extension Optional: PostgresEncodable where Wrapped: PostgresEncodable {
-    public var postgresText: String? { self?.postgresText }
+    package var postgresText: String? { self?.postgresText }
 }
 extension Array: PostgresEncodable where Element: PostgresEncodable {
     /// An array literal (`{"a","b",NULL}`) with every element quoted and escaped.
-    /// Built as UTF-8 bytes: the quote and backslash escaped are ASCII, so no character is split
-    /// (appending scalar by scalar cost a fifth of a dispatcher's CPU in a profile).
-    public var postgresText: String? {
+    /// Built as UTF-8 bytes: the quote and backslash escaped are ASCII, so no character is split,
+    /// and run ids go into these arrays on the hot path, where appending scalar by scalar is costly.
+    package var postgresText: String? {
         var out: [UInt8] = [UInt8(ascii: "{")]
         out.reserveCapacity(2 + count * 40)
         for (i, e) in enumerated() {
             if i > 0 { out.append(UInt8(ascii: ",")) }
-            guard let t = e.postgresText else { out.append(contentsOf: "NULL".utf8); continue }
+            guard let t = e.postgresText else {
+                out.append(contentsOf: "NULL".utf8)
+                continue
+            }
             out.append(UInt8(ascii: "\""))
             for b in t.utf8 {
                 if b == UInt8(ascii: "\"") || b == UInt8(ascii: "\\") { out.append(UInt8(ascii: "\\")) }

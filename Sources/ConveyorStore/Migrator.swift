@@ -1,35 +1,39 @@
-public import ConveyorPostgres
+package import ConveyorPostgres
 import Foundation
-public import Logging
+package import Logging
 
 /// Applies the plain SQL files in `Migrations/` in order, each in its own transaction, under an
 /// advisory lock: safe to run twice, or from several processes at once.
-public struct Migrator: Sendable {
+package struct Migrator: Sendable {
     /// The lock key (`pg_advisory_lock`), fixed for all Conveyor versions.
     static let lockKey: Int64 = 0x636f_6e76_6579_6f72 & 0x7fff_ffff_ffff_ffff
 
-    public struct Migration: Sendable {
-        public var version: String
-        public var sql: String
+    package struct Migration: Sendable {
+        package var version: String
+        package var sql: String
     }
 
-    public let migrations: [Migration]
+    package let migrations: [Migration]
     let logger: Logger
 
-    public init(logger: Logger) throws {
+    package init(logger: Logger) throws {
         guard let dir = Bundle.module.url(forResource: "Migrations", withExtension: nil) else {
-            throw PostgresError(code: .closed, message: "migrations are missing from the conveyor bundle (ConveyorStore resources)")
+            throw PostgresError(
+                code: .closed, message: "migrations are missing from the conveyor bundle (ConveyorStore resources)")
         }
-        let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".sql") }.sorted()
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).filter { $0.hasSuffix(".sql") }
+            .sorted()
         migrations = try files.map { f in
-            Migration(version: String(f.dropLast(4)), sql: try String(contentsOf: dir.appendingPathComponent(f), encoding: .utf8))
+            Migration(
+                version: String(f.dropLast(4)),
+                sql: try String(contentsOf: dir.appendingPathComponent(f), encoding: .utf8))
         }
         self.logger = logger
     }
 
     /// Applies what is missing; returns the versions applied now.
     @discardableResult
-    public func migrate(_ pool: PostgresPool) async throws -> [String] {
+    package func migrate(_ pool: PostgresPool) async throws -> [String] {
         try await pool.withConnection { c in
             try await c.query("SELECT pg_advisory_lock($1)", [Self.lockKey])
             do {
@@ -44,7 +48,12 @@ public struct Migrator: Sendable {
     }
 
     private func apply(on c: PostgresConnection) async throws -> [String] {
-        try await c.simple("CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        try await c.simple(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL \
+            DEFAULT now())
+            """
+        )
         let done = Set(try await c.query("SELECT version FROM schema_migrations").rows.compactMap { $0[0] })
         var applied: [String] = []
         for m in migrations where !done.contains(m.version) {
@@ -55,8 +64,9 @@ public struct Migrator: Sendable {
                 try await c.simple("COMMIT")
             } catch {
                 _ = try? await c.simple("ROLLBACK")
-                throw PostgresError(code: .query, sqlState: error.sqlState,
-                                    message: "migration \(m.version) failed and was rolled back: \(error.message)")
+                throw PostgresError(
+                    code: .query, sqlState: error.sqlState,
+                    message: "migration \(m.version) failed and was rolled back: \(error.message)")
             }
             logger.info("migration applied", metadata: ["migration.version": "\(m.version)"])
             applied.append(m.version)

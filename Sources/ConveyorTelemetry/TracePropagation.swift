@@ -1,24 +1,27 @@
-public import Instrumentation
+import ConveyorCore
+package import Instrumentation
 import ServiceContextModule
 import Synchronization
-public import Tracing
+package import Tracing
 import W3CTraceContext
 
 /// Reads trace headers from a plain dictionary (environment, HTTP headers).
-public struct DictionaryExtractor: Extractor {
-    public init() {}
-    public func extract(key: String, from carrier: [String: String]) -> String? { carrier[key] }
+package struct DictionaryExtractor: Extractor {
+    package init() {}
+    package func extract(key: String, from carrier: [String: String]) -> String? { carrier[key] }
 }
 
 /// Writes trace headers into a plain dictionary.
-public struct DictionaryInjector: Injector {
-    public init() {}
-    public func inject(_ value: String, forKey key: String, into carrier: inout [String: String]) { carrier[key] = value }
+package struct DictionaryInjector: Injector {
+    package init() {}
+    package func inject(_ value: String, forKey key: String, into carrier: inout [String: String]) {
+        carrier[key] = value
+    }
 }
 
 extension ServiceContext {
     /// The raw `baggage` header, carried through unchanged (swift-otel has no baggage propagator).
-    public var baggageHeader: String? {
+    package var baggageHeader: String? {
         get { self[BaggageKey.self] }
         set { self[BaggageKey.self] = newValue }
     }
@@ -40,10 +43,10 @@ private enum PropagatedTraceContextKey: ServiceContextKey { typealias Value = Tr
 /// recorded). A process that bootstrapped none (a program embedding a worker, the in-process
 /// tests) gets `PropagatingTracer` too. Contexts are made and read by the same tracer, so one
 /// process never mixes the two.
-public enum Traces {
+package enum Traces {
     /// The tracer spans start on. Kept once `bootstrap` ran: `InstrumentationSystem.tracer`
     /// searches and casts on every call, and a run reads it several times.
-    public static var tracer: any Tracer {
+    package static var tracer: any Tracer {
         if let kept = bootstrapped.withLock({ $0 }) { return kept }
         let found = InstrumentationSystem.tracer
         return found is NoOpTracer ? PropagatingTracer() : found
@@ -52,7 +55,7 @@ public enum Traces {
     static let bootstrapped = Mutex<(any Tracer)?>(nil)
 
     /// Starts a span; the caller ends it.
-    public static func startSpan(
+    package static func startSpan(
         _ name: String, context: ServiceContext, kind: SpanKind = .internal,
         attributes: SpanAttributes = [:]
     ) -> any Span {
@@ -68,7 +71,8 @@ public enum Traces {
     /// Only the W3C values are handed to the tracer, checked here: a `tracestate` that does not
     /// parse is left out and the trace goes on (W3C Trace Context), where swift-otel would drop
     /// the whole context and log the carrier, every header of the message or request with it.
-    public static func context<Carrier, Extract: Extractor>(_ carrier: Carrier, using extractor: Extract) -> ServiceContext
+    package static func context<Carrier, Extract: Extractor>(_ carrier: Carrier, using extractor: Extract)
+        -> ServiceContext
     where Extract.Carrier == Carrier {
         var ctx = ServiceContext.topLevel
         if let parent = extractor.extract(key: "traceparent", from: carrier) {
@@ -80,23 +84,25 @@ public enum Traces {
             }
             tracer.extract(w3c, into: &ctx, using: DictionaryExtractor())
         }
-        if let baggage = extractor.extract(key: "baggage", from: carrier), !baggage.isEmpty { ctx.baggageHeader = baggage }
+        if let baggage = extractor.extract(key: "baggage", from: carrier), !baggage.isEmpty {
+            ctx.baggageHeader = baggage
+        }
         return ctx
     }
 
     /// The context of W3C headers in a dictionary (`traceparent`, `tracestate`, `baggage`).
-    public static func context(headers: [String: String]) -> ServiceContext {
+    package static func context(headers: [String: String]) -> ServiceContext {
         context(headers, using: DictionaryExtractor())
     }
 
     /// The context of a stored `traceparent` (top level when nil or malformed).
-    public static func context(traceparent: String?) -> ServiceContext {
+    package static func context(traceparent: String?) -> ServiceContext {
         guard let traceparent else { return .topLevel }
         return context(headers: ["traceparent": traceparent])
     }
 
     /// `traceparent`, `tracestate` (when not empty) and `baggage` of `context`.
-    public static func headers(_ context: ServiceContext) -> [String: String] {
+    package static func headers(_ context: ServiceContext) -> [String: String] {
         var out: [String: String] = [:]
         tracer.inject(context, into: &out, using: DictionaryInjector())
         if out["tracestate"]?.isEmpty == true { out["tracestate"] = nil }
@@ -106,48 +112,46 @@ public enum Traces {
 
     /// Writes `context`'s W3C headers into a message's or request's headers through `injector`
     /// (for AMQP messages, ConveyorAMQP's `AMQPHeadersInjector`).
-    public static func inject<Carrier, Inject: Injector>(_ context: ServiceContext, into carrier: inout Carrier, using injector: Inject)
+    package static func inject<Carrier, Inject: Injector>(
+        _ context: ServiceContext, into carrier: inout Carrier, using injector: Inject
+    )
     where Inject.Carrier == Carrier {
         for (k, v) in Self.headers(context) { injector.inject(v, forKey: k, into: &carrier) }
     }
 
     /// The `traceparent` header value of `context`.
-    public static func traceparent(_ context: ServiceContext) -> String? { headers(context)["traceparent"] }
-
-    /// The trace id (32 lowercase hex digits) of a `traceparent`.
-    public static func traceID(traceparent: String?) -> String? {
-        guard let parts = traceparent?.split(separator: "-"), parts.count == 4, parts[1].count == 32 else { return nil }
-        return String(parts[1])
-    }
+    package static func traceparent(_ context: ServiceContext) -> String? { headers(context)["traceparent"] }
 
     /// The trace id of `context`.
-    public static func traceID(_ context: ServiceContext) -> String? { traceID(traceparent: traceparent(context)) }
+    package static func traceID(_ context: ServiceContext) -> String? { Traceparent.traceID(traceparent(context)) }
 }
 
 /// The tracer of a process that bootstrapped none: W3C ids made and propagated, nothing
 /// recorded or exported.
-public struct PropagatingTracer: Tracer {
-    public init() {}
+package struct PropagatingTracer: Tracer {
+    package init() {}
 
-    public struct Span: Tracing.Span {
-        public let context: ServiceContext
-        public var operationName: String {
+    package struct Span: Tracing.Span {
+        package let context: ServiceContext
+        package var operationName: String {
             get { "" }
             nonmutating set {}
         }
-        public var attributes: SpanAttributes {
+        package var attributes: SpanAttributes {
             get { [:] }
             nonmutating set {}
         }
-        public var isRecording: Bool { false }
-        public func setStatus(_ status: SpanStatus) {}
-        public func addEvent(_ event: SpanEvent) {}
-        public func recordError<Instant: TracerInstant>(_ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant) {}
-        public func addLink(_ link: SpanLink) {}
-        public func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {}
+        package var isRecording: Bool { false }
+        package func setStatus(_ status: SpanStatus) {}
+        package func addEvent(_ event: SpanEvent) {}
+        package func recordError<Instant: TracerInstant>(
+            _ error: any Error, attributes: SpanAttributes, at instant: @autoclosure () -> Instant
+        ) {}
+        package func addLink(_ link: SpanLink) {}
+        package func end<Instant: TracerInstant>(at instant: @autoclosure () -> Instant) {}
     }
 
-    public func startSpan<Instant: TracerInstant>(
+    package func startSpan<Instant: TracerInstant>(
         _ operationName: String, context: @autoclosure () -> ServiceContext, ofKind kind: SpanKind,
         at instant: @autoclosure () -> Instant, function: String, file fileID: String, line: UInt
     ) -> Span {
@@ -159,20 +163,28 @@ public struct PropagatingTracer: Tracer {
         return Span(context: ctx)
     }
 
-    public func activeSpan(identifiedBy context: ServiceContext) -> Span? { nil }
-    public func forceFlush() {}
+    package func activeSpan(identifiedBy context: ServiceContext) -> Span? { nil }
+    package func forceFlush() {}
 
-    public func inject<Carrier, Inject: Injector>(_ context: ServiceContext, into carrier: inout Carrier, using injector: Inject)
+    package func inject<Carrier, Inject: Injector>(
+        _ context: ServiceContext, into carrier: inout Carrier, using injector: Inject
+    )
     where Inject.Carrier == Carrier {
         guard let tc = context.propagatedTraceContext else { return }
         injector.inject(tc.traceParentHeaderValue, forKey: "traceparent", into: &carrier)
-        if let state = tc.traceStateHeaderValue, !state.isEmpty { injector.inject(state, forKey: "tracestate", into: &carrier) }
+        if let state = tc.traceStateHeaderValue, !state.isEmpty {
+            injector.inject(state, forKey: "tracestate", into: &carrier)
+        }
     }
 
-    public func extract<Carrier, Extract: Extractor>(_ carrier: Carrier, into context: inout ServiceContext, using extractor: Extract)
+    package func extract<Carrier, Extract: Extractor>(
+        _ carrier: Carrier, into context: inout ServiceContext, using extractor: Extract
+    )
     where Extract.Carrier == Carrier {
         guard let parent = extractor.extract(key: "traceparent", from: carrier),
-            let tc = try? TraceContext(traceParentHeaderValue: parent, traceStateHeaderValue: extractor.extract(key: "tracestate", from: carrier))
+            let tc = try? TraceContext(
+                traceParentHeaderValue: parent,
+                traceStateHeaderValue: extractor.extract(key: "tracestate", from: carrier))
         else { return }
         context.propagatedTraceContext = tc
     }

@@ -1,8 +1,8 @@
-public import ConveyorCore
+package import ConveyorCore
 import Foundation
-public import Logging
+package import Logging
 import OTel
-public import ServiceLifecycle
+package import ServiceLifecycle
 import Synchronization
 import Tracing
 
@@ -18,7 +18,9 @@ extension Traces {
     ///   throughput: docs/benchmarks.md), and nil is returned.
     /// - Values swift-otel would stop the process on (a gRPC protocol, B3 propagation, a Jaeger
     ///   sampler) are refused here with an error that names the variable.
-    public static func bootstrap(serviceName: String, environment env: [String: String], logger: Logger) throws(ValidationError) -> (any Service)? {
+    package static func bootstrap(serviceName: String, environment env: [String: String], logger: Logger)
+        throws(ValidationError) -> (any Service)?
+    {
         try validate(env)
         let endpoint = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] ?? env["OTEL_EXPORTER_OTLP_ENDPOINT"] ?? ""
         let exporter = env["OTEL_TRACES_EXPORTER"]?.lowercased() ?? (endpoint.isEmpty ? "none" : "otlp")
@@ -39,15 +41,19 @@ extension Traces {
         config.logs.enabled = false  // logs are the structured handler's
         // Only the variables about traces reach swift-otel; the others were handled above.
         let passed = env.filter { key, _ in
-            key == "OTEL_SERVICE_NAME" || key == "OTEL_RESOURCE_ATTRIBUTES" || key.hasPrefix("OTEL_TRACES_") || key.hasPrefix("OTEL_BSP_")
-                || (key.hasPrefix("OTEL_EXPORTER_OTLP_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_METRICS_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_LOGS_"))
+            key == "OTEL_SERVICE_NAME" || key == "OTEL_RESOURCE_ATTRIBUTES" || key.hasPrefix("OTEL_TRACES_")
+                || key.hasPrefix("OTEL_BSP_")
+                || (key.hasPrefix("OTEL_EXPORTER_OTLP_") && !key.hasPrefix("OTEL_EXPORTER_OTLP_METRICS_")
+                    && !key.hasPrefix("OTEL_EXPORTER_OTLP_LOGS_"))
         }.merging(batchDefaults) { set, _ in set }
         do {
             let service = try OTel.bootstrap(configuration: config, environment: passed)
             bootstrapped.withLock { $0 = InstrumentationSystem.tracer }
             return service
         } catch {
-            throw ValidationError(field: "OTEL_* environment", value: "\(error)", hint: "see docs/tracing.md for the variables Conveyor reads")
+            throw ValidationError(
+                field: "OTEL_* environment", value: "\(error)",
+                hint: "see docs/tracing.md for the variables Conveyor reads")
         }
     }
 
@@ -57,9 +63,14 @@ extension Traces {
     /// fills and drops, and a dispatcher at 2,000 runs/s makes 2,000. A tick every 200 ms of
     /// up to 2048 spans carries 10,000 a second; the queue holds 16,384 (about 16 MB at most)
     /// for a collector that is slow for a few seconds. docs/tracing.md, "Dropped spans".
-    static let batchDefaults = ["OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2048", "OTEL_BSP_MAX_QUEUE_SIZE": "16384"]
+    static let batchDefaults = [
+        "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2048", "OTEL_BSP_MAX_QUEUE_SIZE": "16384",
+    ]
 
-    static let samplers = ["always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"]
+    static let samplers = [
+        "always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+        "parentbased_traceidratio",
+    ]
 
     /// Refuses the values swift-otel 1.6 does not support (it would call fatalError on them).
     static func validate(_ env: [String: String]) throws(ValidationError) {
@@ -68,14 +79,21 @@ extension Traces {
             where !["tracecontext", "baggage", ""].contains(p) {
                 throw ValidationError(
                     field: "OTEL_PROPAGATORS", value: v,
-                    hint: "Conveyor propagates W3C tracecontext and baggage; '\(p)' is not supported: use tracecontext,baggage or unset it")
+                    hint:
+                        """
+                        Conveyor propagates W3C tracecontext and baggage; '\(p)' is not supported: use \
+                        tracecontext,baggage or unset it
+                        """
+                )
             }
         }
         if let v = env["OTEL_TRACES_SAMPLER"], !samplers.contains(v.lowercased()) {
-            throw ValidationError(field: "OTEL_TRACES_SAMPLER", value: v, hint: "use one of \(samplers.joined(separator: ", "))")
+            throw ValidationError(
+                field: "OTEL_TRACES_SAMPLER", value: v, hint: "use one of \(samplers.joined(separator: ", "))")
         }
         if let v = env["OTEL_TRACES_EXPORTER"], !["otlp", "none"].contains(v.lowercased()) {
-            throw ValidationError(field: "OTEL_TRACES_EXPORTER", value: v, hint: "use otlp (with OTEL_EXPORTER_OTLP_ENDPOINT) or none")
+            throw ValidationError(
+                field: "OTEL_TRACES_EXPORTER", value: v, hint: "use otlp (with OTEL_EXPORTER_OTLP_ENDPOINT) or none")
         }
         for key in ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] {
             if let v = env[key], !["http/protobuf", "http/json"].contains(v.lowercased()) {
@@ -115,7 +133,8 @@ struct SpanDropCounter: LogHandler {
         let all = wrapped.metadata.merging(event.metadata ?? [:]) { _, new in new }
         func count(_ key: String) -> Int { all[key].flatMap { Int("\($0)") } ?? 0 }
         switch event.message.description {
-        case "Spans were dropped this iteration because queue was full": ConveyorMetrics.spansDropped(reason: "queue_full", count("dropped_count"))
+        case "Spans were dropped this iteration because queue was full":
+            ConveyorMetrics.spansDropped(reason: "queue_full", count("dropped_count"))
         case "Failed to export batch.": ConveyorMetrics.spansDropped(reason: "export_failed", count("batch_size"))
         default: break
         }

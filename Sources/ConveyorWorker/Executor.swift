@@ -1,8 +1,8 @@
 public import ConveyorConfig
 public import ConveyorCore
+import ConveyorTelemetry
 public import Foundation
 public import Logging
-import ConveyorTelemetry
 public import Tracing
 
 /// What an executor is given for one attempt.
@@ -23,9 +23,11 @@ public struct ExecutionContext: Sendable {
     /// (`Traces.startSpan(_:context:)`), as the HTTP and shell executors' are.
     public var trace: ServiceContext
 
-    public init(runID: UUID, taskName: String, attempt: Int, parameters: JSONValue, timeout: Duration,
-                traceparent: String?, tracestate: String?, idempotencyKey: String,
-                logger: Logger = Logger(label: "conveyor.executor"), trace: ServiceContext = .topLevel) {
+    public init(
+        runID: UUID, taskName: String, attempt: Int, parameters: JSONValue, timeout: Duration,
+        traceparent: String?, tracestate: String?, idempotencyKey: String,
+        logger: Logger = Logger(label: "conveyor.executor"), trace: ServiceContext = .topLevel
+    ) {
         self.runID = runID
         self.taskName = taskName
         self.attempt = attempt
@@ -43,7 +45,8 @@ extension ExecutionContext {
     /// The parent of an executor's spans: `trace`, or, for a context made without one, the
     /// context of its `traceparent`.
     public var spanParent: ServiceContext {
-        Traces.traceparent(trace) != nil ? trace : Traces.context(headers: ["traceparent": traceparent ?? "", "tracestate": tracestate ?? ""])
+        Traces.traceparent(trace) != nil
+            ? trace : Traces.context(headers: ["traceparent": traceparent ?? "", "tracestate": tracestate ?? ""])
     }
 }
 
@@ -55,7 +58,10 @@ public struct ExecutionResult: Sendable, Equatable {
     public var errorClass: String?
     public var errorMessage: String?
 
-    public init(outcome: Outcome, exitCode: Int? = nil, output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil) {
+    public init(
+        outcome: Outcome, exitCode: Int? = nil, output: String? = nil, errorClass: String? = nil,
+        errorMessage: String? = nil
+    ) {
         self.outcome = outcome
         self.exitCode = exitCode
         self.output = output
@@ -65,8 +71,11 @@ public struct ExecutionResult: Sendable, Equatable {
 
     public static let succeeded = ExecutionResult(outcome: .succeeded)
 
-    public static func failed(_ errorClass: String, _ message: String, exitCode: Int? = nil, output: String? = nil) -> ExecutionResult {
-        ExecutionResult(outcome: .failed, exitCode: exitCode, output: output, errorClass: errorClass, errorMessage: message)
+    public static func failed(_ errorClass: String, _ message: String, exitCode: Int? = nil, output: String? = nil)
+        -> ExecutionResult
+    {
+        ExecutionResult(
+            outcome: .failed, exitCode: exitCode, output: output, errorClass: errorClass, errorMessage: message)
     }
 }
 
@@ -115,12 +124,24 @@ public struct ExecutorFactory: Sendable {
         for name in names {
             let scoped = settings.scoped("executors.\(name)")
             guard let type = try scoped.optionalString("type") else {
-                throw ValidationError(field: "\(settings.source): executors.\(name).type", value: "(missing)",
-                                      hint: "worker.executors lists '\(name)', so define it with a type: one of \(types.joined(separator: ", "))")
+                throw ValidationError(
+                    field: "\(settings.source): executors.\(name).type", value: "(missing)",
+                    hint:
+                        """
+                        worker.executors lists '\(name)', so define it with a type: one of \
+                        \(types.joined(separator: ", "))
+                        """
+                )
             }
             guard let make = constructors[type] else {
-                throw ValidationError(field: "\(settings.source): executors.\(name).type", value: type,
-                                      hint: "unknown executor type; use one of \(types.joined(separator: ", ")) or register it with ExecutorFactory.register")
+                throw ValidationError(
+                    field: "\(settings.source): executors.\(name).type", value: type,
+                    hint:
+                        """
+                        unknown executor type; use one of \(types.joined(separator: ", ")) or register it with \
+                        ExecutorFactory.register
+                        """
+                )
             }
             out[name] = try make(scoped)
         }
@@ -152,9 +173,12 @@ public struct SleepExecutor: Executor {
         do {
             try await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
         } catch {
-            return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled while sleeping")
+            return ExecutionResult(
+                outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled while sleeping")
         }
-        if case .bool(true) = context.parameters["fail"] ?? .null { return .failed("requested", "parameters.fail was true") }
+        if case .bool(true) = context.parameters["fail"] ?? .null {
+            return .failed("requested", "parameters.fail was true")
+        }
         return .succeeded
     }
 }

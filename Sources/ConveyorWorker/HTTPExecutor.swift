@@ -1,9 +1,9 @@
-public import ConveyorConfig
-public import ConveyorCore
-public import ConveyorHTTP
+package import ConveyorConfig
+package import ConveyorCore
+package import ConveyorHTTP
 import ConveyorTelemetry
 import Foundation
-public import Logging
+package import Logging
 import Tracing
 
 /// Calls an HTTP endpoint through the outbound guard (`ConveyorHTTP`): hosts from an allowlist,
@@ -29,8 +29,8 @@ import Tracing
 /// `http_<status>` (408, 429 and 5xx are retried by default, other 4xx are not); a refused or
 /// invalid URL fails as `http_refused` / `http_invalid_url` (not retried by default); connect,
 /// timeout and transport errors as `http_connect`, `http_timeout`, `http_transport` (retried).
-public struct HTTPExecutor: Executor {
-    public var policy: OutboundPolicy
+package struct HTTPExecutor: Executor {
+    package var policy: OutboundPolicy
     let http: OutboundHTTP
 
     static let methods: Set<String> = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
@@ -40,27 +40,30 @@ public struct HTTPExecutor: Executor {
         "idempotency-key", "traceparent", "tracestate", "baggage",
     ]
 
-    public init(policy: OutboundPolicy, logger: Logger = Logger(label: "conveyor.executor.http")) {
+    package init(policy: OutboundPolicy, logger: Logger = Logger(label: "conveyor.executor.http")) {
         self.policy = policy
         http = OutboundHTTP(policy: policy, logger: logger)
     }
 
-    public init(settings: Settings) throws(ValidationError) {
+    package init(settings: Settings) throws(ValidationError) {
         var policy = OutboundPolicy()
         try policy.read(settings)
         self.init(policy: policy)
     }
 
-    public func execute(_ context: ExecutionContext) async -> ExecutionResult {
+    package func execute(_ context: ExecutionContext) async -> ExecutionResult {
         var request: OutboundRequest
         do throws(ValidationError) { request = try Self.request(context) } catch {
             return .failed("bad_parameters", error.description)
         }
         // The client span; the server continues the trace from the headers it carries (the
         // only trace headers on the request: OutboundHTTP adds none of its own).
-        let span = Traces.startSpan(request.method, context: context.spanParent, kind: .client, attributes: request.spanAttributes)
+        let span = Traces.startSpan(
+            request.method, context: context.spanParent, kind: .client, attributes: request.spanAttributes)
         defer { span.end() }
-        for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) { request.headers.append((name, value)) }
+        for (name, value) in Traces.headers(span.context).sorted(by: { $0.key < $1.key }) {
+            request.headers.append((name, value))
+        }
         do {
             let response = try await http.send(request, timeout: context.timeout, span: span)
             var output = String(decoding: response.body, as: UTF8.self)
@@ -69,10 +72,12 @@ public struct HTTPExecutor: Executor {
                 return ExecutionResult(outcome: .succeeded, output: output)
             }
             // Stored as the run's error: the URL without its query (tokens, signatures).
-            return .failed("http_\(response.status)", "HTTP \(response.status) from \(strippedURL(response.url))", output: output)
+            return .failed(
+                "http_\(response.status)", "HTTP \(response.status) from \(strippedURL(response.url))", output: output)
         } catch {
             if Task.isCancelled {
-                return ExecutionResult(outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled during the request")
+                return ExecutionResult(
+                    outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled during the request")
             }
             return .failed("http_\(error.kind.rawValue)", error.message)
         }
@@ -81,28 +86,38 @@ public struct HTTPExecutor: Executor {
     static func request(_ context: ExecutionContext) throws(ValidationError) -> OutboundRequest {
         let p = context.parameters
         guard let url = p["url"]?.stringValue, !url.isEmpty else {
-            throw ValidationError(field: "parameters.url", value: "\(p["url"] ?? .null)", hint: "the URL to call, e.g. \"https://api.example.com/hook\"")
+            throw ValidationError(
+                field: "parameters.url", value: "\(p["url"] ?? .null)",
+                hint: "the URL to call, e.g. \"https://api.example.com/hook\"")
         }
         let method = (p["method"]?.stringValue ?? "GET").uppercased()
         guard methods.contains(method) else {
-            throw ValidationError(field: "parameters.method", value: method, hint: "one of \(methods.sorted().joined(separator: ", "))")
+            throw ValidationError(
+                field: "parameters.method", value: method, hint: "one of \(methods.sorted().joined(separator: ", "))")
         }
         var headers: [(String, String)] = []
         var taskHeaders: Set<String> = []
         if let h = p["headers"] {
             guard let o = h.objectValue else {
-                throw ValidationError(field: "parameters.headers", value: "\(h)", hint: "an object of header names to string values")
+                throw ValidationError(
+                    field: "parameters.headers", value: "\(h)", hint: "an object of header names to string values")
             }
             for (name, value) in o.sorted(by: { $0.key < $1.key }) {
-                let tokenChars = CharacterSet(charactersIn: "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+                let tokenChars = CharacterSet(
+                    charactersIn: "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
                 guard !name.isEmpty, name.unicodeScalars.allSatisfy(tokenChars.contains) else {
-                    throw ValidationError(field: "parameters.headers", value: name, hint: "header names are HTTP tokens (letters, digits, '-')")
+                    throw ValidationError(
+                        field: "parameters.headers", value: name,
+                        hint: "header names are HTTP tokens (letters, digits, '-')")
                 }
                 guard !reservedHeaders.contains(name.lowercased()) else {
-                    throw ValidationError(field: "parameters.headers.\(name)", value: name, hint: "set by Conveyor or by HTTP itself; remove it")
+                    throw ValidationError(
+                        field: "parameters.headers.\(name)", value: name,
+                        hint: "set by Conveyor or by HTTP itself; remove it")
                 }
                 guard let v = value.stringValue, !v.contains("\r"), !v.contains("\n"), !v.contains("\0") else {
-                    throw ValidationError(field: "parameters.headers.\(name)", value: "\(value)", hint: "a string without line breaks")
+                    throw ValidationError(
+                        field: "parameters.headers.\(name)", value: "\(value)", hint: "a string without line breaks")
                 }
                 headers.append((name, v))
                 taskHeaders.insert(name.lowercased())
@@ -114,7 +129,9 @@ public struct HTTPExecutor: Executor {
         case .string(let s)?: body = Array(s.utf8)
         case let v?:
             body = v.jsonBytes
-            if !headers.contains(where: { $0.0.lowercased() == "content-type" }) { headers.append(("Content-Type", "application/json")) }
+            if !headers.contains(where: { $0.0.lowercased() == "content-type" }) {
+                headers.append(("Content-Type", "application/json"))
+            }
         }
         headers.append(("Idempotency-Key", context.idempotencyKey))
         // The task's headers are where its API keys are: a redirect to another origin drops them.

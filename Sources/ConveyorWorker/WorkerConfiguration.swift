@@ -43,6 +43,8 @@ public struct WorkerConfiguration: Sendable {
     public var deliveryLimit: Int
     /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.
     package var faults = FaultInjection()
+    /// The clock of the drain deadline and the heartbeat interval; a test's moves only when told.
+    package var clock: any Clock<Duration> = ContinuousClock()
 
     public init(
         id: String? = nil, queues: [String] = ["default"], concurrency: Int = 16, executorNames: [String] = ["noop"],
@@ -64,11 +66,15 @@ public struct WorkerConfiguration: Sendable {
         queues = try s.strings("worker.queues", default: ["default"])
         guard !queues.isEmpty else { throw s.bad("worker.queues", "list at least one queue, e.g. [default]") }
         for q in queues where !QueueName.isValid(q) {
-            throw ValidationError(field: "\(s.source): worker.queues", value: q, hint: "queue names use letters, digits, '-', '_' and '.' only")
+            throw ValidationError(
+                field: "\(s.source): worker.queues", value: q,
+                hint: "queue names use letters, digits, '-', '_' and '.' only")
         }
         concurrency = try s.int("worker.concurrency", default: 16, range: 1...10_000)
         executorNames = try s.strings("worker.executors", default: ["noop"])
-        guard !executorNames.isEmpty else { throw s.bad("worker.executors", "list the executors this worker offers, e.g. [noop, shell]") }
+        guard !executorNames.isEmpty else {
+            throw s.bad("worker.executors", "list the executors this worker offers, e.g. [noop, shell]")
+        }
         shutdownGrace = try s.milliseconds("worker.shutdown_grace_ms", default: 25_000, range: 0...3_600_000)
         startedAfter = try s.milliseconds("worker.started_after_ms", default: 1_000, range: 0...600_000)
         let detach = try s.milliseconds("worker.detach_after_ms", default: 300_000, range: 0...86_400_000)

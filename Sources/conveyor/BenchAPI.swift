@@ -13,8 +13,9 @@ import Synchronization
 /// The load comes from `wrk` (Debian's package), paced by a Lua `delay()` to about `--rate`
 /// requests per second in all, one wrk run per kind of request.
 struct BenchAPI: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "bench-api",
-                                                    abstract: "Measure API list/get latency (wrk) against many tasks and runs.")
+    static let configuration = CommandConfiguration(
+        commandName: "bench-api",
+        abstract: "Measure API list/get latency (wrk) against many tasks and runs.")
     @OptionGroup var common: CommonOptions
     @Option(help: "Tasks in the database.") var tasks = 100_000
     @Option(help: "Runs in the database (spread over the tasks).") var runs = 1_000_000
@@ -24,10 +25,18 @@ struct BenchAPI: AsyncParsableCommand {
     @Flag(help: "Print one JSON object instead of text.") var json = false
 
     func validate() throws {
-        guard (1...10_000_000).contains(tasks) else { throw ValidationError(field: "--tasks", value: String(tasks), hint: "1 to 10000000") }
-        guard (0...100_000_000).contains(runs) else { throw ValidationError(field: "--runs", value: String(runs), hint: "0 to 100000000") }
-        guard (1...100_000).contains(rate) else { throw ValidationError(field: "--rate", value: String(rate), hint: "1 to 100000") }
-        guard (1...1000).contains(connections) else { throw ValidationError(field: "--connections", value: String(connections), hint: "1 to 1000") }
+        guard (1...10_000_000).contains(tasks) else {
+            throw ValidationError(field: "--tasks", value: String(tasks), hint: "1 to 10000000")
+        }
+        guard (0...100_000_000).contains(runs) else {
+            throw ValidationError(field: "--runs", value: String(runs), hint: "0 to 100000000")
+        }
+        guard (1...100_000).contains(rate) else {
+            throw ValidationError(field: "--rate", value: String(rate), hint: "1 to 100000")
+        }
+        guard (1...1000).contains(connections) else {
+            throw ValidationError(field: "--connections", value: String(connections), hint: "1 to 1000")
+        }
     }
 
     func run() async throws {
@@ -46,13 +55,17 @@ struct BenchAPI: AsyncParsableCommand {
         let seedSeconds = (ContinuousClock.now - seedStart).components.seconds
 
         let (key, prefix, hash) = APIKeyFormat.generate()
-        try await store.createAPIKey(prefix: prefix, secretHash: hash, name: "bench-api", role: .viewer, namespace: "bench-api", expiresAt: nil)
+        try await store.createAPIKey(
+            prefix: prefix, secretHash: hash, name: "bench-api", role: Role.viewer.rawValue, namespace: "bench-api",
+            expiresAt: nil)
         var options = APIOptions()
         options.perKey = .init(rate: 1_000_000, burst: 1_000_000)
         let port = Mutex(0)
         var quiet = logger
         quiet.logLevel = .warning
-        let api = APIService(host: "127.0.0.1", port: 0, store: store, logger: quiet, options: options) { p in port.withLock { $0 = p } }
+        let api = APIService(host: "127.0.0.1", port: 0, store: store, logger: quiet, options: options) { p in
+            port.withLock { $0 = p }
+        }
         let group = ServiceGroup(configuration: .init(services: [api], logger: quiet))
         var results: [[String: JSONValue]] = []
         try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -75,16 +88,32 @@ struct BenchAPI: AsyncParsableCommand {
         }
         try await store.revokeAPIKey(prefix: prefix)
         let out: JSONValue = .object([
-            "tasks": .number(Double(seeded.tasks)), "runs": .number(Double(seeded.runs)), "seed_seconds": .number(Double(seedSeconds)),
-            "rate": .number(Double(rate)), "duration_s": .number(Double(duration)), "connections": .number(Double(connections)),
+            "tasks": .number(Double(seeded.tasks)), "runs": .number(Double(seeded.runs)),
+            "seed_seconds": .number(Double(seedSeconds)),
+            "rate": .number(Double(rate)), "duration_s": .number(Double(duration)),
+            "connections": .number(Double(connections)),
             "results": .array(results.map(JSONValue.object)),
         ])
-        if json { print(String(decoding: out.jsonBytes, as: UTF8.self)); return }
-        print("API latency with \(seeded.tasks) tasks and \(seeded.runs) runs (seeded in \(seedSeconds) s), ~\(rate) req/s per kind, \(duration) s each, \(connections) connections")
-        print(TextTable.render(["REQUEST", "REQ/S", "P50 MS", "P90 MS", "P99 MS", "MAX MS", "NON-2XX", "ERRORS"], results.map { r in
-            [r["name"]?.stringValue ?? "", fmt(r["requests_per_second"]), fmt(r["p50_ms"]), fmt(r["p90_ms"]), fmt(r["p99_ms"]), fmt(r["max_ms"]),
-             fmt(r["non_2xx"]), fmt(r["socket_errors"])]
-        }))
+        if json {
+            print(String(decoding: out.jsonBytes, as: UTF8.self))
+            return
+        }
+        print(
+            """
+            API latency with \(seeded.tasks) tasks and \(seeded.runs) runs (seeded in \(seedSeconds) s), ~\(rate) \
+            req/s per kind, \(duration) s each, \(connections) connections
+            """
+        )
+        print(
+            TextTable.render(
+                ["REQUEST", "REQ/S", "P50 MS", "P90 MS", "P99 MS", "MAX MS", "NON-2XX", "ERRORS"],
+                results.map { r in
+                    [
+                        r["name"]?.stringValue ?? "", fmt(r["requests_per_second"]), fmt(r["p50_ms"]), fmt(r["p90_ms"]),
+                        fmt(r["p99_ms"]), fmt(r["max_ms"]),
+                        fmt(r["non_2xx"]), fmt(r["socket_errors"]),
+                    ]
+                }))
     }
 
     func fmt(_ v: JSONValue?) -> String {
@@ -97,10 +126,14 @@ struct BenchAPI: AsyncParsableCommand {
         try await pool.withConnection { c in
             let have = try await c.query("SELECT count(*) FROM tasks WHERE namespace = 'bench-api'").rows[0].int(0)
             if have < tasks {
-                try await c.query("""
-                    INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds, shard, spec, labels, group_name)
-                    SELECT gen_random_uuid(), 'bench-api', 'task-' || lpad(i::text, 6, '0'), 'noop', '{}', 'manual', 'bench-api', 300, i,
-                           jsonb_build_object('name', 'task-' || lpad(i::text, 6, '0'), 'executor', 'noop', 'schedule', 'manual', 'queue', 'bench-api'),
+                try await c.query(
+                    """
+                    INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds,
+                        shard, spec, labels, group_name)
+                    SELECT gen_random_uuid(), 'bench-api', 'task-' || lpad(i::text, 6, '0'), 'noop', '{}', 'manual',
+                        'bench-api', 300, i,
+                           jsonb_build_object('name', 'task-' || lpad(i::text, 6, '0'), 'executor', 'noop', 'schedule',
+                               'manual', 'queue', 'bench-api'),
                            jsonb_build_object('team', 'team-' || (i % 10)), 'group-' || (i % 100)
                     FROM generate_series($1::int + 1, $2::int) AS i
                     """, [have, tasks])
@@ -109,13 +142,17 @@ struct BenchAPI: AsyncParsableCommand {
             if haveRuns < runs {
                 // Runs per task, newest first; states cycle so filters find some of each.
                 let perTask = max(1, (runs - haveRuns + tasks - 1) / tasks)
-                try await c.query("""
-                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, dispatched_at, started_at, finished_at,
+                try await c.query(
+                    """
+                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at,
+                        dispatched_at, started_at, finished_at,
                                       worker_id, exit_code, output, trace_id)
                     SELECT gen_random_uuid(), t.id, now() - make_interval(mins => g + $3::int), 1,
-                           (ARRAY['succeeded', 'succeeded', 'succeeded', 'failed', 'dead'])[1 + ((t.shard + g) % 5)], 'bench-api', t.shard,
+                           (ARRAY['succeeded', 'succeeded', 'succeeded', 'failed', 'dead'])[1 + ((t.shard + g) % 5)],
+                               'bench-api', t.shard,
                            now(), now(), now(), now(), 'bench-worker', 0, 'ok', md5(t.id::text || g::text)
-                    FROM (SELECT id, shard FROM tasks WHERE namespace = 'bench-api' ORDER BY name LIMIT $1) t, generate_series(1, $2::int) AS g
+                    FROM (SELECT id, shard FROM tasks WHERE namespace = 'bench-api' ORDER BY name LIMIT $1) t,
+                        generate_series(1, $2::int) AS g
                     """, [tasks, perTask, haveRuns / max(tasks, 1) + 1])
             }
             try await c.query("ANALYZE tasks")
@@ -146,7 +183,10 @@ struct BenchAPI: AsyncParsableCommand {
         defer { try? FileManager.default.removeItem(at: file) }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/wrk")
-        p.arguments = ["-t", "2", "-c", String(connections), "-d", "\(duration)s", "--latency", "--timeout", "5s", "-s", file.path, base]
+        p.arguments = [
+            "-t", "2", "-c", String(connections), "-d", "\(duration)s", "--latency", "--timeout", "5s", "-s", file.path,
+            base,
+        ]
         let out = Pipe()
         p.standardOutput = out
         p.standardError = out
@@ -168,11 +208,20 @@ struct BenchAPI: AsyncParsableCommand {
         var o: [String: JSONValue] = ["name": .string(name), "non_2xx": 0, "socket_errors": 0]
         for line in text.split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            if f.count == 2, let pct = ["50%": "p50_ms", "75%": "p75_ms", "90%": "p90_ms", "99%": "p99_ms"][String(f[0])], let v = ms(f[1]) { o[pct] = .number(v) }
+            if f.count == 2,
+                let pct = ["50%": "p50_ms", "75%": "p75_ms", "90%": "p90_ms", "99%": "p99_ms"][String(f[0])],
+                let v = ms(f[1])
+            {
+                o[pct] = .number(v)
+            }
             if f.first == "Latency", f.count >= 4, let v = ms(f[3]) { o["max_ms"] = .number(v) }
             if f.first == "Requests/sec:", f.count == 2, let v = Double(f[1]) { o["requests_per_second"] = .number(v) }
-            if line.contains("Non-2xx or 3xx responses:"), let v = f.last.flatMap({ Double($0) }) { o["non_2xx"] = .number(v) }
-            if line.contains("Socket errors:") { o["socket_errors"] = .number(Double(f.compactMap { Double($0.filter(\.isNumber)) }.reduce(0, +))) }
+            if line.contains("Non-2xx or 3xx responses:"), let v = f.last.flatMap({ Double($0) }) {
+                o["non_2xx"] = .number(v)
+            }
+            if line.contains("Socket errors:") {
+                o["socket_errors"] = .number(Double(f.compactMap { Double($0.filter(\.isNumber)) }.reduce(0, +)))
+            }
         }
         if o["p99_ms"] == nil { o["wrk_output"] = .string(text) }
         return o

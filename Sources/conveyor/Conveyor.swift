@@ -1,6 +1,7 @@
 import ArgumentParser
 import ConveyorAMQP
 import ConveyorAPI
+import ConveyorBroker
 import ConveyorConfig
 import ConveyorCore
 import ConveyorDispatcher
@@ -20,18 +21,44 @@ struct Conveyor: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "conveyor",
         abstract: "Conveyor: a distributed task dispatcher on PostgreSQL and RabbitMQ.",
+        discussion: """
+            This runs the processes and sets them up. Tasks, runs, groups and queues are operated with \
+            conveyorctl, through the API (authenticated and audited).
+            """,
         subcommands: [
-            Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, TaskCommand.self, RunCommand.self,
-            GroupCommand.self, QueueCommand.self, WorkersCommand.self, APICommand.self, APIKeyCommand.self, CronCommand.self, Bench.self, BenchAPI.self,
+            Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, APICommand.self, APIKeyCommand.self,
+            CronCommand.self, Bench.self, BenchAPI.self,
         ])
+
+    /// ArgumentParser's main, except that a failure's message goes out through the log sink: in
+    /// one write, after the lines already queued. Printed directly, it can be cut in two by a log
+    /// line from a connection's thread that is still retrying.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            let text = fullMessage(for: error)
+            guard exitCode(for: error) != .success, !text.isEmpty else { exit(withError: error) }
+            LogSink.standardError.writeNow(text.hasSuffix("\n") ? text : text + "\n")
+            Foundation.exit(exitCode(for: error).rawValue)
+        }
+    }
 }
 
 /// Options every server subcommand shares.
 struct CommonOptions: ParsableArguments {
-    @Option(name: .customLong("config-dir"), help: "Folder with dispatcher.yaml and worker.yaml (env CONVEYOR_CONFIG_DIR).")
+    @Option(
+        name: .customLong("config-dir"), help: "Folder with dispatcher.yaml and worker.yaml (env CONVEYOR_CONFIG_DIR).")
     var configDir: String?
 
-    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical (env CONVEYOR_LOG_LEVEL).")
+    @Option(
+        name: .customLong("log-level"),
+        help: "trace, debug, info, notice, warning, error or critical (env CONVEYOR_LOG_LEVEL).")
     var logLevel: String?
 
     var directory: String {
@@ -51,7 +78,8 @@ struct CommonOptions: ParsableArguments {
         }
         let formatText = ProcessInfo.processInfo.environment["CONVEYOR_LOG_FORMAT"] ?? "text"
         guard let format = StructuredLogHandler.Format(rawValue: formatText.lowercased()) else {
-            throw ValidationError(field: "CONVEYOR_LOG_FORMAT", value: formatText, hint: "use json (for log collectors), logfmt or text")
+            throw ValidationError(
+                field: "CONVEYOR_LOG_FORMAT", value: formatText, hint: "use json (for log collectors), logfmt or text")
         }
         Bootstrap.logging(level: level, format: format)
         ConveyorMetrics.bootstrap()
@@ -66,7 +94,9 @@ struct CommonOptions: ParsableArguments {
 /// exporter comes first, so it stops last and flushes the spans the others ended.
 func runUntilSignalled(_ services: [any Service], logger: Logger) async throws {
     let all = (Bootstrap.tracingService.map { [$0] } ?? []) + services
-    try await ServiceGroup(configuration: .init(services: all, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+    try await ServiceGroup(
+        configuration: .init(services: all, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    ).run()
 }
 
 enum Bootstrap {
@@ -85,7 +115,8 @@ enum Bootstrap {
     static func tracing(serviceName: String, logger: Logger) throws {
         guard !tracingDone else { return }
         tracingDone = true
-        tracingService = try Traces.bootstrap(serviceName: serviceName, environment: ProcessInfo.processInfo.environment, logger: logger)
+        tracingService = try Traces.bootstrap(
+            serviceName: serviceName, environment: ProcessInfo.processInfo.environment, logger: logger)
     }
 }
 
@@ -126,9 +157,11 @@ extension DispatcherConfiguration {
         maxBacklogPerQueue = try s.int("dispatcher.max_backlog_per_queue", default: 1000, range: 1...1_000_000)
         lostGrace = try s.milliseconds("dispatcher.lost_grace_ms", default: 30_000, range: 0...86_400_000)
         workerLostAfterMissed = try s.int("dispatcher.worker_lost_after_missed", default: 3, range: 2...100)
-        maintenanceInterval = try s.milliseconds("dispatcher.maintenance_interval_ms", default: 1000, range: 10...60_000)
+        maintenanceInterval = try s.milliseconds(
+            "dispatcher.maintenance_interval_ms", default: 1000, range: 10...60_000)
         runRetention = .seconds(86_400 * (try s.int("retention.runs_days", default: 30, range: 1...36_500)))
-        deletedTaskRetention = .seconds(86_400 * (try s.int("retention.deleted_tasks_days", default: 7, range: 0...36_500)))
+        deletedTaskRetention = .seconds(
+            86_400 * (try s.int("retention.deleted_tasks_days", default: 7, range: 0...36_500)))
         callbacks.concurrency = try s.int("callbacks.concurrency", default: 16, range: 1...1000)
         callbacks.timeout = try s.milliseconds("callbacks.timeout_ms", default: 10_000, range: 100...300_000)
         callbacks.maxAttempts = try s.int("callbacks.max_attempts", default: 8, range: 1...100)
@@ -141,7 +174,8 @@ extension DispatcherConfiguration {
 }
 
 struct Migrate: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Apply database migrations (safe to run twice or concurrently).")
+    static let configuration = CommandConfiguration(
+        abstract: "Apply database migrations (safe to run twice or concurrently).")
     @OptionGroup var common: CommonOptions
 
     func run() async throws {
@@ -155,7 +189,8 @@ struct Migrate: AsyncParsableCommand {
 }
 
 struct DispatcherCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "dispatcher", abstract: "Run a dispatcher (any number may run at once).")
+    static let configuration = CommandConfiguration(
+        commandName: "dispatcher", abstract: "Run a dispatcher (any number may run at once).")
     @OptionGroup var common: CommonOptions
 
     func run() async throws {
@@ -177,15 +212,15 @@ struct DispatcherCommand: AsyncParsableCommand {
 }
 
 struct WorkerCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "worker", abstract: "Run a worker (needs only RabbitMQ).")
+    static let configuration = CommandConfiguration(
+        commandName: "worker", abstract: "Run a worker (needs only RabbitMQ).")
     @OptionGroup var common: CommonOptions
 
     func run() async throws {
         let logger = try common.logger("conveyor.worker")
         let workers = try await common.makeWorkers(count: 1, logger: logger)
-        let hangup = common.reloadOnHangup(workers, logger: logger)
-        defer { hangup.cancel() }
-        try await runUntilSignalled(workers + statusServer(for: workers, logger: logger), logger: logger)
+        let hangup = ReloadOnHangup(options: common, workers: workers, logger: logger)
+        try await runUntilSignalled(workers + statusServer(for: workers, logger: logger) + [hangup], logger: logger)
     }
 }
 
@@ -196,12 +231,17 @@ func statusServer(for workers: [Worker], logger: Logger) -> [any Service] {
     return [
         StatusServer(
             host: first.configuration.httpHost, port: first.configuration.httpPort, logger: logger,
-            ready: { workers.allSatisfy(\.isReady) }, metrics: { workers.map(\.metricsText).joined() + ConveyorMetrics.text() })
+            ready: { workers.allSatisfy(\.isReady) },
+            metrics: {
+                for w in workers { w.refreshMetrics() }
+                return ConveyorMetrics.text()
+            })
     ]
 }
 
 struct Dev: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Migrate, then run a dispatcher, workers and the API in one process (for a laptop).")
+    static let configuration = CommandConfiguration(
+        abstract: "Migrate, then run a dispatcher, workers and the API in one process (for a laptop).")
     @OptionGroup var common: CommonOptions
     @Option(help: "Workers to run in this process.") var workers = 2
     @Flag(help: "Create the demo tasks (a few interval tasks and one shell task) if missing.") var demo = false
@@ -214,24 +254,55 @@ struct Dev: AsyncParsableCommand {
         try await Migrator(logger: logger).migrate(pool)
         if demo { try await Demo.create(dispatcher.store, logger: logger) }
         let workers = try await common.makeWorkers(count: max(workers, 1), logger: logger)
-        let hangup = common.reloadOnHangup(workers, logger: logger)
-        defer { hangup.cancel() }
+        let hangup = ReloadOnHangup(options: common, workers: workers, logger: logger)
         var api: [any Service] = []
         if apiPort > 0 {
             // On a laptop with no key yet, make one admin key and show it once.
             if try await dispatcher.store.apiKeys().isEmpty {
                 let (key, prefix, hash) = APIKeyFormat.generate()
-                try await dispatcher.store.createAPIKey(prefix: prefix, secretHash: hash, name: "conveyor dev", role: .admin, namespace: "*", expiresAt: nil)
-                FileHandle.standardError.write(Data("[dev] API on http://127.0.0.1:\(apiPort); admin key (shown once): \(key)\n".utf8))
+                try await dispatcher.store.createAPIKey(
+                    prefix: prefix, secretHash: hash, name: "conveyor dev", role: Role.admin.rawValue, namespace: "*",
+                    expiresAt: nil
+                )
+                FileHandle.standardError.write(
+                    Data("[dev] API on http://127.0.0.1:\(apiPort); admin key (shown once): \(key)\n".utf8))
+                try Self.writeCtlConfig(url: "http://127.0.0.1:\(apiPort)", key: key)
             }
             let s = try await common.settings("api.yaml")
             api = [
                 APIService(
-                    host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger, options: try APICommand.options(s),
-                    broker: try Connections(settings: s).amqp, topology: ConveyorTopology(prefix: try s.string("amqp.prefix", default: "conveyor")))
+                    host: "127.0.0.1", port: apiPort, store: dispatcher.store, logger: logger,
+                    options: try APICommand.options(s),
+                    broker: try Connections(settings: s).amqp,
+                    topology: ConveyorTopology(prefix: try s.string("amqp.prefix", default: "conveyor")))
             ]
         }
-        try await runUntilSignalled([dispatcher] + workers + statusServer(for: workers, logger: logger) + api, logger: logger)
+        try await runUntilSignalled(
+            [dispatcher] + workers + statusServer(for: workers, logger: logger) + api + [hangup], logger: logger)
+    }
+}
+
+extension Dev {
+    /// Leaves conveyorctl ready in this directory: `.local/conveyorctl.yaml` names the local API
+    /// and `.local/dev/api-key` (mode 0600) holds the admin key just printed. conveyorctl reads
+    /// the file when no other configuration is given (`--config`, `CONVEYORCTL_CONFIG`,
+    /// `~/.config/conveyor/ctl.yaml`); `--url`, `CONVEYOR_URL` and `CONVEYOR_API_KEY` still win.
+    static func writeCtlConfig(url: String, key: String) throws {
+        let local = FileManager.default.currentDirectoryPath + "/.local"
+        try FileManager.default.createDirectory(
+            atPath: local + "/dev", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let keyPath = local + "/dev/api-key"
+        guard
+            FileManager.default.createFile(
+                atPath: keyPath, contents: Data((key + "\n").utf8), attributes: [.posixPermissions: 0o600])
+        else {
+            throw ValidationError(
+                field: "dev key file", value: keyPath, hint: "cannot write it; check the permissions of .local")
+        }
+        try "url: \(url)\nkey_file: \(keyPath)\n".write(
+            toFile: local + "/conveyorctl.yaml", atomically: true, encoding: .utf8)
+        FileHandle.standardError.write(
+            Data("[dev] conveyorctl is configured for it here (\(local)/conveyorctl.yaml)\n".utf8))
     }
 }
 
@@ -243,34 +314,20 @@ extension CommonOptions {
         let dc = try DispatcherConfiguration(settings: s)
         let c = try Connections(settings: s, poolSize: dc.groups + 4)
         let pool = c.pool(logger: logger)
-        return (Dispatcher(configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger), pool)
-    }
-
-    /// On SIGHUP, reads worker.yaml (and the environment) again and gives the workers the new
-    /// executors. An invalid file is refused with its error, and the workers keep what they had.
-    func reloadOnHangup(_ workers: [Worker], logger: Logger) -> any DispatchSourceSignal {
-        signal(SIGHUP, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
-        let options = self
-        source.setEventHandler {
-            Task {
-                do {
-                    let s = try await options.settings("worker.yaml")
-                    for w in workers { try w.reload(from: s) }
-                } catch {
-                    logger.error("configuration reload refused; the previous configuration stays", metadata: ["error": "\(error)"])
-                }
-            }
-        }
-        source.resume()
-        return source
+        return (
+            Dispatcher(
+                configuration: dc, store: Store(pool: pool), amqp: c.amqp, databaseURL: c.databaseURL, logger: logger),
+            pool
+        )
     }
 
     /// `count` workers configured by worker.yaml (and the environment), sharing one set of
     /// executors; with more than one, their ids get `-w0`, `-w1`, ….
     func makeWorkers(count: Int, logger: Logger) async throws -> [Worker] {
         let s = try await settings("worker.yaml")
-        return try (0..<count).map { i in try Worker.make(settings: s, logger: logger, idSuffix: count > 1 ? "-w\(i)" : "") }
+        return try (0..<count).map { i in
+            try Worker.make(settings: s, logger: logger, idSuffix: count > 1 ? "-w\(i)" : "")
+        }
     }
 }
 
@@ -291,7 +348,37 @@ enum Demo {
         tasks.append(shell)
         for t in tasks where try await store.task(named: t.name) == nil {
             try await store.createTasks([t])
-            logger.info("demo task created", metadata: ["task.name": "\(t.name)", "task.schedule": "\(t.schedule.text)"])
+            logger.info(
+                "demo task created", metadata: ["task.name": "\(t.name)", "task.schedule": "\(t.schedule.text)"])
+        }
+    }
+}
+
+/// On SIGHUP, reads worker.yaml (and the environment) again and gives the workers the new
+/// executors. An invalid file is refused with its error, and the workers keep what they had. A
+/// service of the process, so it ends with the others; SIGHUP is ignored from the moment it is made
+/// (its default action would end the process), before the service starts listening.
+struct ReloadOnHangup: Service {
+    let options: CommonOptions
+    let workers: [Worker]
+    let logger: Logger
+
+    init(options: CommonOptions, workers: [Worker], logger: Logger) {
+        signal(SIGHUP, SIG_IGN)
+        self.options = options
+        self.workers = workers
+        self.logger = logger
+    }
+
+    func run() async throws {
+        for await _ in await UnixSignalsSequence(trapping: .sighup).cancelOnGracefulShutdown() {
+            do {
+                let s = try await options.settings("worker.yaml")
+                for w in workers { try w.reload(from: s) }
+            } catch {
+                logger.error(
+                    "configuration reload refused; the previous configuration stays", metadata: ["error": "\(error)"])
+            }
         }
     }
 }

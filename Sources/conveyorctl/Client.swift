@@ -11,22 +11,32 @@ import Yams
 /// - URL: `--url`, `CONVEYOR_URL`, `url:` in the config file; default `http://127.0.0.1:8080`.
 /// - Credential: `--key-file`, `CONVEYOR_API_KEY`, `key_file:` in the config file. Never a flag
 ///   with the key itself: it would show in `ps` and shell history.
-/// - Config file: `--config`, `CONVEYORCTL_CONFIG`, `~/.config/conveyor/ctl.yaml` (if present).
+/// - Config file: `--config`, `CONVEYORCTL_CONFIG`, `~/.config/conveyor/ctl.yaml` (if present),
+///   else `.local/conveyorctl.yaml` in the current directory, which `conveyor dev` writes (the
+///   local API and the admin key it printed) so a second shell needs no setup.
 struct GlobalOptions: ParsableArguments {
     @Option(help: "The API's base URL (or CONVEYOR_URL).") var url: String?
-    @Option(name: .customLong("key-file"), help: "A file holding the API key or token (or CONVEYOR_API_KEY).") var keyFile: String?
+    @Option(name: .customLong("key-file"), help: "A file holding the API key or token (or CONVEYOR_API_KEY).")
+    var keyFile: String?
     @Option(help: "A YAML file with url and key_file (or CONVEYORCTL_CONFIG).") var config: String?
     @Option(help: "The namespace, for keys of every namespace ('*').") var namespace: String?
     @Flag(help: "Print JSON for scripts instead of tables.") var json = false
 
     func client() throws -> APIClient {
         let env = ProcessInfo.processInfo.environment
-        var fileURL: String?, fileKeyPath: String?
-        let configPath = config ?? env["CONVEYORCTL_CONFIG"] ?? (NSHomeDirectory() + "/.config/conveyor/ctl.yaml")
+        var fileURL: String?
+        var fileKeyPath: String?
+        let home = NSHomeDirectory() + "/.config/conveyor/ctl.yaml"
+        let configPath =
+            config ?? env["CONVEYORCTL_CONFIG"]
+            ?? (FileManager.default.fileExists(atPath: home) ? home : Self.devConfigPath)
         if FileManager.default.fileExists(atPath: configPath) {
             guard let text = try? String(contentsOfFile: configPath, encoding: .utf8),
-                  let o = (try? Yams.load(yaml: text)) as? [String: Any] else {
-                throw CLIError("the config file \(configPath) is not a YAML mapping", fix: "write it as:\n  url: https://conveyor.example.com\n  key_file: ~/.config/conveyor/key")
+                let o = (try? Yams.load(yaml: text)) as? [String: Any]
+            else {
+                throw CLIError(
+                    "the config file \(configPath) is not a YAML mapping",
+                    fix: "write it as:\n  url: https://conveyor.example.com\n  key_file: ~/.config/conveyor/key")
             }
             if let unknown = o.keys.sorted().first(where: { !["url", "key_file"].contains($0) }) {
                 throw CLIError("unknown key '\(unknown)' in \(configPath)", fix: "the keys are url and key_file")
@@ -34,23 +44,37 @@ struct GlobalOptions: ParsableArguments {
             fileURL = o["url"] as? String
             fileKeyPath = (o["key_file"] as? String).map { ($0 as NSString).expandingTildeInPath }
         } else if config != nil || env["CONVEYORCTL_CONFIG"] != nil {
-            throw CLIError("the config file \(configPath) does not exist", fix: "create it, or leave out --config / CONVEYORCTL_CONFIG")
+            throw CLIError(
+                "the config file \(configPath) does not exist",
+                fix: "create it, or leave out --config / CONVEYORCTL_CONFIG")
         }
-        let base = (url ?? env["CONVEYOR_URL"] ?? fileURL ?? "http://127.0.0.1:8080").trimmingCharacters(in: CharacterSet(charactersIn: "/"))
+        let base = (url ?? env["CONVEYOR_URL"] ?? fileURL ?? "http://127.0.0.1:8080").trimmingCharacters(
+            in: CharacterSet(charactersIn: "/"))
         guard let parsed = URL(string: base), ["http", "https"].contains(parsed.scheme ?? ""), parsed.host != nil else {
-            throw CLIError("'\(base)' is not an http or https URL", fix: "pass --url http://host:8080 or set CONVEYOR_URL")
+            throw CLIError(
+                "'\(base)' is not an http or https URL", fix: "pass --url http://host:8080 or set CONVEYOR_URL")
+        }
+        func read(_ path: String) throws -> String {
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+                throw CLIError(
+                    "cannot read the key file \(path)",
+                    fix: "check the path and its permissions (it should be readable by you only)")
+            }
+            return text.trimmingCharacters(in: .whitespacesAndNewlines)
         }
         var key: String?
-        if let path = keyFile ?? fileKeyPath {
-            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-                throw CLIError("cannot read the key file \(path)", fix: "check the path and its permissions (it should be readable by you only)")
-            }
-            key = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        if let keyFile {
+            key = try read(keyFile)
         } else if let k = env["CONVEYOR_API_KEY"], !k.isEmpty {
             key = k
+        } else if let fileKeyPath {
+            key = try read(fileKeyPath)
         }
         return APIClient(base: base, key: key, namespace: namespace)
     }
+
+    /// What `conveyor dev` writes (the same path, relative to where it runs).
+    static let devConfigPath = FileManager.default.currentDirectoryPath + "/.local/conveyorctl.yaml"
 }
 
 /// An error for people: what went wrong and what to do.
@@ -77,7 +101,11 @@ struct APIClient: Sendable {
     let key: String?
     let namespace: String?
 
-    struct Reply { var status: Int; var json: JSONValue; var headers: HTTPHeaders }
+    struct Reply {
+        var status: Int
+        var json: JSONValue
+        var headers: HTTPHeaders
+    }
 
     /// One client for the process (never shut down: the process ends). A refused connection is
     /// reported at once and a silent host after 5 s, not retried for the whole request timeout.
@@ -87,10 +115,19 @@ struct APIClient: Sendable {
         return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: c)
     }()
 
-    func call(_ method: HTTPMethod, _ path: String, query: [(String, String?)] = [], body: JSONValue? = nil,
-              accept: Set<Int> = [200, 201, 202]) async throws -> Reply {
+    func call(
+        _ method: HTTPMethod, _ path: String, query: [(String, String?)] = [], body: JSONValue? = nil,
+        accept: Set<Int> = [200, 201, 202]
+    ) async throws -> Reply {
         guard let key else {
-            throw CLIError("no API key", fix: "set CONVEYOR_API_KEY, or pass --key-file FILE (an admin creates keys with 'conveyorctl key create' or 'conveyor apikey create')")
+            throw CLIError(
+                "no API key",
+                fix:
+                    """
+                    set CONVEYOR_API_KEY, or pass --key-file FILE (an admin creates keys with 'conveyorctl key \
+                    create' or 'conveyor apikey create')
+                    """
+            )
         }
         var items = query.compactMap { k, v in v.map { URLQueryItem(name: k, value: $0) } }
         if let namespace { items.append(URLQueryItem(name: "namespace", value: namespace)) }
@@ -111,7 +148,9 @@ struct APIClient: Sendable {
             do {
                 response = try await Self.http.execute(request, timeout: .seconds(120))
             } catch {
-                throw CLIError("cannot reach the API at \(base): \(error)", fix: "check --url / CONVEYOR_URL, and that 'conveyor api' (or 'conveyor dev') runs there")
+                throw CLIError(
+                    "cannot reach the API at \(base): \(error)",
+                    fix: "check --url / CONVEYOR_URL, and that 'conveyor api' (or 'conveyor dev') runs there")
             }
             let bytes = try await response.body.collect(upTo: 64 << 20)
             let json = (try? JSONDecoder().decode(JSONValue.self, from: Data(bytes.readableBytesView))) ?? .null
@@ -130,16 +169,19 @@ struct APIClient: Sendable {
     static func problem(_ status: Int, _ json: JSONValue, base: String) -> CLIError {
         let title = json["title"]?.stringValue ?? "HTTP \(status)"
         var message = "\(title): \(json["detail"]?.stringValue ?? "no details")"
-        if let field = json["field"]?.stringValue { message += " (field \(field)" + (json["value"]?.stringValue.map { ", value \($0)" } ?? "") + ")" }
-        let fix: String? = switch status {
-        case 401: "check the key (CONVEYOR_API_KEY or --key-file): it may be mistyped, expired or revoked"
-        case 403: "ask an admin for a key with a higher role ('conveyorctl key create --role ...')"
-        case 404: "check the name, and the namespace: objects of other namespaces look like they do not exist"
-        case 413: "send less: bodies are limited to 1 MiB (submit files in smaller batches)"
-        case 429: "slow down, or ask for a higher limit (api.rate_limit.* in config/api.yaml)"
-        case 503: "the API cannot reach its database or broker; see 'conveyor api' logs"
-        default: nil
+        if let field = json["field"]?.stringValue {
+            message += " (field \(field)" + (json["value"]?.stringValue.map { ", value \($0)" } ?? "") + ")"
         }
+        let fix: String? =
+            switch status {
+            case 401: "check the key (CONVEYOR_API_KEY or --key-file): it may be mistyped, expired or revoked"
+            case 403: "ask an admin for a key with a higher role ('conveyorctl key create --role ...')"
+            case 404: "check the name, and the namespace: objects of other namespaces look like they do not exist"
+            case 413: "send less: bodies are limited to 1 MiB (submit files in smaller batches)"
+            case 429: "slow down, or ask for a higher limit (api.rate_limit.* in config/api.yaml)"
+            case 503: "the API cannot reach its database or broker; see 'conveyor api' logs"
+            default: nil
+            }
         return CLIError(message, fix: fix, requestID: json["request_id"]?.stringValue)
     }
 }
@@ -148,6 +190,15 @@ struct APIClient: Sendable {
 enum Output {
     static func print(_ value: JSONValue, json: Bool, table: () -> String) {
         if json { Swift.print(String(decoding: value.jsonBytes, as: UTF8.self)) } else { Swift.print(table()) }
+    }
+
+    /// One line per key of `object`: the key padded to `width`, then its value.
+    static func fields(_ object: JSONValue, _ keys: [String], width: Int) -> [String] {
+        keys.map { field($0, text(object[$0]), width: width) }
+    }
+
+    static func field(_ label: String, _ value: String, width: Int) -> String {
+        "\(label.padding(toLength: max(width, label.count), withPad: " ", startingAt: 0)) \(value)"
     }
 
     static func text(_ v: JSONValue?) -> String {
@@ -171,7 +222,9 @@ struct Progress {
         guard tty else { return }
         let width = 30
         let filled = total == 0 ? width : width * done / total
-        let bar = String(repeating: "=", count: filled) + (filled < width ? ">" : "") + String(repeating: " ", count: max(0, width - filled - 1))
+        let bar =
+            String(repeating: "=", count: filled) + (filled < width ? ">" : "")
+            + String(repeating: " ", count: max(0, width - filled - 1))
         FileHandle.standardError.write(Data("\r[\(bar)] \(done)/\(total) \(label)".utf8))
         if done >= total { FileHandle.standardError.write(Data("\n".utf8)) }
     }

@@ -28,7 +28,8 @@ import Testing
         let s = try await Settings.load(file: nil, environment: ["CONVEYOR_WORKER_CONCURRENCY": "lots"])
         #expect { try WorkerConfiguration(settings: s) } throws: { e in
             let text = "\(e)"
-            return text.contains("worker.concurrency") && text.contains("CONVEYOR_WORKER_CONCURRENCY") && text.contains("lots") && text.contains("whole number")
+            return text.contains("worker.concurrency") && text.contains("CONVEYOR_WORKER_CONCURRENCY")
+                && text.contains("lots") && text.contains("whole number")
         }
         let zero = try await Settings.load(file: nil, environment: ["CONVEYOR_WORKER_CONCURRENCY": "0"])
         #expect(throws: ValidationError.self) { try WorkerConfiguration(settings: zero) }
@@ -36,7 +37,9 @@ import Testing
 
     @Test func theReconnectCapComesFromSettingsAndIsBounded() async throws {
         let none = try await Settings.load(file: nil, environment: [:])
-        #expect(try AMQPConfiguration(settings: none).reconnectCap == .seconds(2), "the default keeps a reconnect within 5 s of the broker's return")
+        #expect(
+            try AMQPConfiguration(settings: none).reconnectCap == .seconds(2),
+            "the default keeps a reconnect within 5 s of the broker's return")
         let set = try await Settings.load(file: nil, environment: ["CONVEYOR_AMQP_RECONNECT_MAX_MS": "750"])
         #expect(try AMQPConfiguration(settings: set).reconnectCap == .milliseconds(750))
         let tiny = try await Settings.load(file: nil, environment: ["CONVEYOR_AMQP_RECONNECT_MAX_MS": "5"])
@@ -56,16 +59,22 @@ import Testing
         let s = try await Settings.load(file: file, environment: [:])
         #expect { try ExecutorFactory().make(names: ["x"], settings: s) } throws: { e in
             let text = "\(e)"
-            return text.contains(file) && text.contains("executors.x.type") && text.contains("teleport") && text.contains("shell")
+            return text.contains(file) && text.contains("executors.x.type") && text.contains("teleport")
+                && text.contains("shell")
         }
         let missing = try await Settings.load(file: try yaml("executors: {}\n"), environment: [:])
-        #expect { try ExecutorFactory().make(names: ["y"], settings: missing) } throws: { "\($0)".contains("executors.y.type") }
+        #expect { try ExecutorFactory().make(names: ["y"], settings: missing) } throws: {
+            "\($0)".contains("executors.y.type")
+        }
     }
 
     @Test func shellNeedsAnAllowlistOfAbsolutePaths() async throws {
         let s = try await Settings.load(file: try yaml("executors:\n  sh:\n    type: shell\n"), environment: [:])
-        #expect { try ExecutorFactory().make(names: ["sh"], settings: s) } throws: { "\($0)".contains("allowed_commands") }
-        let rel = try await Settings.load(file: try yaml("executors:\n  sh:\n    type: shell\n    allowed_commands: [echo]\n"), environment: [:])
+        #expect { try ExecutorFactory().make(names: ["sh"], settings: s) } throws: {
+            "\($0)".contains("allowed_commands")
+        }
+        let rel = try await Settings.load(
+            file: try yaml("executors:\n  sh:\n    type: shell\n    allowed_commands: [echo]\n"), environment: [:])
         #expect { try ExecutorFactory().make(names: ["sh"], settings: rel) } throws: { "\($0)".contains("absolute") }
     }
 
@@ -81,7 +90,8 @@ import Testing
 
 @Suite struct ShippedConfigTests {
     @Test func theShippedWorkerConfigBuildsEveryExecutorItOffers() async throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
         let s = try await Settings.load(file: root.appendingPathComponent("config/worker.yaml").path, environment: [:])
         let c = try WorkerConfiguration(settings: s)
         let made = try ExecutorFactory().make(names: c.executorNames, settings: s)
@@ -89,8 +99,10 @@ import Testing
         #expect(c.executorLimits == ["shell": 8])
         let shell = try #require(made["shell"] as? ShellExecutor)
         #expect(!shell.allowedCommands.contains("/bin/sh") && !shell.allowedCommands.contains("/usr/bin/env"))
-        let r = await shell.execute(ExecutionContext(runID: UUID(), taskName: "t", attempt: 1, parameters: ["argv": ["/bin/echo", "-e", "x"]],
-                                                     timeout: .seconds(5), traceparent: nil, tracestate: nil, idempotencyKey: "k"))
+        let r = await shell.execute(
+            ExecutionContext(
+                runID: UUID(), taskName: "t", attempt: 1, parameters: ["argv": ["/bin/echo", "-e", "x"]],
+                timeout: .seconds(5), traceparent: nil, tracestate: nil, idempotencyKey: "k"))
         #expect(r.errorClass == "argument_blocked")
     }
 }
@@ -100,25 +112,34 @@ import Testing
     func shell(_ extra: String = "") async throws -> ShellExecutor {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("sh-\(UUID()).yaml").path
         let commands = extra.contains("allowed_commands:") ? "" : "allowed_commands: [/bin/echo, /bin/sh, /bin/sleep]\n"
-        try "type: shell\n\(commands)kill_grace_ms: 200\n\(extra)".write(toFile: path, atomically: true, encoding: .utf8)
+        try "type: shell\n\(commands)kill_grace_ms: 200\n\(extra)".write(
+            toFile: path, atomically: true, encoding: .utf8)
         return try ShellExecutor(settings: try await Settings.load(file: path, environment: [:]))
     }
 
     func context(_ params: JSONValue, timeout: Duration = .seconds(10)) -> ExecutionContext {
-        ExecutionContext(runID: UUID(), taskName: "t", attempt: 3, parameters: params, timeout: timeout,
-                         traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", tracestate: nil, idempotencyKey: "key-1")
+        ExecutionContext(
+            runID: UUID(), taskName: "t", attempt: 3, parameters: params, timeout: timeout,
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", tracestate: nil,
+            idempotencyKey: "key-1")
     }
 
     @Test func runsArgvWithoutAShellAndCapturesOutput() async throws {
-        let r = try await shell().execute(context(.object(["argv": .array([.string("/bin/echo"), .string("$HOME; rm -rf /")])])))
+        let r = try await shell().execute(
+            context(.object(["argv": .array([.string("/bin/echo"), .string("$HOME; rm -rf /")])])))
         #expect(r.outcome == .succeeded)
         #expect(r.exitCode == 0)
         #expect(r.output == "$HOME; rm -rf /\n", "arguments reach the program verbatim: no shell expansion")
     }
 
     @Test func exitCodeEnvironmentAndStderrAreRecorded() async throws {
-        let script = "echo run=$CONVEYOR_RUN_ID attempt=$CONVEYOR_ATTEMPT tp=$TRACEPARENT home=${HOME:-unset}; echo oops >&2; exit 3"
-        let r = try await shell().execute(context(.object(["argv": .array([.string("/bin/sh"), .string("-c"), .string(script)])])))
+        let script =
+            """
+            echo run=$CONVEYOR_RUN_ID attempt=$CONVEYOR_ATTEMPT tp=$TRACEPARENT home=${HOME:-unset}; echo oops >&2; \
+            exit 3
+            """
+        let r = try await shell().execute(
+            context(.object(["argv": .array([.string("/bin/sh"), .string("-c"), .string(script)])])))
         #expect(r.outcome == .failed)
         #expect(r.exitCode == 3)
         let out = try #require(r.output)
@@ -132,7 +153,8 @@ import Testing
     @Test func commandsOutsideTheAllowlistAndReservedEnvAreRefused() async throws {
         let r = try await shell().execute(context(.object(["argv": .array([.string("/usr/bin/id")])])))
         #expect(r.errorClass == "command_not_allowed")
-        let e = try await shell().execute(context(.object(["argv": .array([.string("/bin/echo")]), "env": .object(["LD_PRELOAD": .string("x")])])))
+        let e = try await shell().execute(
+            context(.object(["argv": .array([.string("/bin/echo")]), "env": .object(["LD_PRELOAD": .string("x")])])))
         #expect(e.errorClass == "bad_parameters")
         let noArgv = try await shell().execute(context(.object([:])))
         #expect(noArgv.errorClass == "bad_parameters")
@@ -140,7 +162,14 @@ import Testing
 
     @Test func outputIsCappedKeepingTheTail() async throws {
         let s = try await shell("output_limit_bytes: 100\n")
-        let r = await s.execute(context(.object(["argv": .array([.string("/bin/sh"), .string("-c"), .string("i=0; while [ $i -lt 500 ]; do echo line$i; i=$((i+1)); done")])])))
+        let r = await s.execute(
+            context(
+                .object([
+                    "argv": .array([
+                        .string("/bin/sh"), .string("-c"),
+                        .string("i=0; while [ $i -lt 500 ]; do echo line$i; i=$((i+1)); done"),
+                    ])
+                ])))
         let out = try #require(r.output)
         #expect(out.contains("line499"))
         #expect(!out.contains("line1\n"))
@@ -151,7 +180,8 @@ import Testing
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("inj-\(UUID())").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let canary = dir + "/canary"
-        let s = try await shell("""
+        let s = try await shell(
+            """
             allowed_commands: [/bin/echo, /usr/bin/find, /bin/cat]
             blocked_arguments: ["^-", "(^|/)\\\\.\\\\.(/|$)"]
             allowed_roots: [\(dir)]
@@ -183,7 +213,9 @@ import Testing
                 #expect(a["argv"]?.arrayValue?.first == "/bin/echo", "\(a) ran: \(r)")
                 #expect(r.output?.contains("touch") == true, "\(a): \(r)")
             } else {
-                #expect(["command_not_allowed", "argument_blocked", "bad_parameters", "cwd_not_allowed"].contains(r.errorClass ?? ""), "\(a): \(r)")
+                #expect(
+                    ["command_not_allowed", "argument_blocked", "bad_parameters", "cwd_not_allowed"].contains(
+                        r.errorClass ?? ""), "\(a): \(r)")
             }
         }
         #expect(!FileManager.default.fileExists(atPath: canary), "an injection attempt created the canary")
@@ -224,18 +256,23 @@ import Testing
         #expect(r.outcome == .succeeded)
         #expect(ContinuousClock.now - started < .seconds(5), "a background child held the run open")
         let pid = try #require(Int32((r.output ?? "").trimmingCharacters(in: .whitespacesAndNewlines)))
-        try await Task.sleep(for: .milliseconds(200))
-        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
-        let state = stat.split(separator: ")").last?.split(separator: " ").first.map(String.init)
-        #expect(state == nil || state == "Z", "the background sleep is still running: \(stat)")
+        var stat = ""
+        let ended = try await Self.eventually {
+            stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+            let state = stat.split(separator: ")").last?.split(separator: " ").first.map(String.init)
+            return state == nil || state == "Z"
+        }
+        #expect(ended, "the background sleep is still running: \(stat)")
     }
 
     @Test func resourceLimitsHoldFromTheFirstInstruction() async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lim-\(UUID())").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let s = try await shell("allowed_roots: [\(dir)]\nlimits:\n  file_size_bytes: 1000\n")
-        let r = await s.execute(context(["argv": ["/bin/sh", "-c", "/usr/bin/head -c 5000 /dev/zero > big; echo wrote"]]))
-        let size = (try? FileManager.default.attributesOfItem(atPath: dir + "/big")[.size] as? Int) ?? -1
+        let r = await s.execute(
+            context(["argv": ["/bin/sh", "-c", "/usr/bin/head -c 5000 /dev/zero > big; echo wrote"]]))
+        // The file exists (the command ran in the root) and stopped at the limit.
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: dir + "/big")[.size] as? Int)
         #expect(size <= 1000, "the file grew past the limit: \(size) bytes; \(r)")
     }
 
@@ -258,7 +295,9 @@ import Testing
                 if context.parameters["hang"] != nil { try? await Task.sleep(for: .seconds(30)) }
                 return .succeeded
             }
-            func cleanup(_ context: ExecutionContext, result: ExecutionResult) async { seen.update { $0.append(result.outcome) } }
+            func cleanup(_ context: ExecutionContext, result: ExecutionResult) async {
+                seen.update { $0.append(result.outcome) }
+            }
         }
         let probe = Probe(seen: seen)
         _ = await Worker.runForTesting(probe, context([:]))
@@ -272,9 +311,10 @@ import Testing
 
     /// Each open descriptor and what it refers to.
     static func descriptors() -> Set<String> {
-        Set(((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).map { fd in
-            "\(fd)->" + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?")
-        })
+        Set(
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).map { fd in
+                "\(fd)->" + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?")
+            })
     }
 
     /// This process's children that are zombies (exited, never reaped).
@@ -282,7 +322,8 @@ import Testing
         let me = getpid()
         return ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { pid in
             guard Int32(pid) != nil, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-                  let tail = stat.split(separator: ")").last?.split(separator: " "), tail.count > 2 else { return nil }
+                let tail = stat.split(separator: ")").last?.split(separator: " "), tail.count > 2
+            else { return nil }
             return tail[0] == "Z" && Int32(tail[1]) == me ? pid : nil
         }
     }
@@ -291,7 +332,6 @@ import Testing
         let s = try await shell("allowed_commands: [/bin/true, /bin/false]\nlog_output: false\n")
         // Warm up first: the runtime opens a few descriptors once (dispatch queues, timers).
         for _ in 0..<20 { _ = await s.execute(context(["argv": ["/bin/true"]])) }
-        try await Task.sleep(for: .milliseconds(10))
         let before = Self.descriptors()
         let failures = await withTaskGroup(of: Int.self) { group in
             for lane in 0..<16 {
@@ -308,9 +348,12 @@ import Testing
         }
         #expect(failures == 0)
         // The reader threads close their pipe ends as they finish.
-        try await Task.sleep(for: .milliseconds(200))
-        let after = Self.descriptors()
-        #expect(after.count <= before.count, "new descriptors: \(after.subtracting(before).sorted())")
+        var after = Set<String>()
+        let closed = try await Self.eventually {
+            after = Self.descriptors()
+            return after.count <= before.count
+        }
+        #expect(closed, "new descriptors: \(after.subtracting(before).sorted())")
         #expect(Self.zombieChildren().isEmpty, "zombies: \(Self.zombieChildren())")
     }
 
@@ -319,12 +362,40 @@ import Testing
         // The shell starts a grandchild that would write the marker after 2 s, then waits.
         let script = "(/bin/sleep 2; /bin/echo late > \(marker)) & /bin/sleep 30"
         let started = ContinuousClock.now
-        let result = await Worker.runForTesting(try await shell(), context(.object(["argv": .array([.string("/bin/sh"), .string("-c"), .string(script)])]),
-                                                                          timeout: .milliseconds(300)))
+        let result = await Worker.runForTesting(
+            try await shell(),
+            context(
+                .object(["argv": .array([.string("/bin/sh"), .string("-c"), .string(script)])]),
+                timeout: .milliseconds(300)))
         #expect(result.outcome == .timedOut)
         #expect(ContinuousClock.now - started < .seconds(5))
-        try await Task.sleep(for: .seconds(2.5))
+        // Once no process of the group is left (killed, or, were it not, after writing the marker),
+        // the marker tells which.
+        let gone = try await Self.eventually(timeout: .seconds(10)) { Self.processes(mentioning: marker).isEmpty }
+        #expect(gone, "processes of the group are left: \(Self.processes(mentioning: marker))")
         #expect(!FileManager.default.fileExists(atPath: marker), "the grandchild in the process group was killed too")
+    }
+
+    /// Live processes (not zombies) whose command line holds `text`.
+    static func processes(mentioning text: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).filter { pid in
+            guard Int32(pid) != nil,
+                let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+                String(decoding: cmdline, as: UTF8.self).contains(text),
+                let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+            else { return false }
+            return stat.split(separator: ")").last?.split(separator: " ").first != "Z"
+        }
+    }
+
+    /// Polls `condition` every 20 ms until it holds (true) or `timeout` passes (false).
+    static func eventually(timeout: Duration = .seconds(5), _ condition: () throws -> Bool) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if try condition() { return true }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return try condition()
     }
 }
 

@@ -18,7 +18,9 @@ import Tracing
         #expect(!RunState.dispatched.canTransition(to: .queued))
         #expect(RunState.running.canTransition(to: .running), "a redelivered run may be taken over")
         for final in RunState.allCases where final.isFinal {
-            for next in RunState.allCases { #expect(!final.canTransition(to: next), "\(final) → \(next) must be refused") }
+            for next in RunState.allCases {
+                #expect(!final.canTransition(to: next), "\(final) → \(next) must be refused")
+            }
         }
     }
 
@@ -64,14 +66,20 @@ import Tracing
         obj.removeValue(forKey: "executor")
         let body = Array(try JSONSerialization.data(withJSONObject: obj))
         #expect { try MessageCodec.decodeTask(body) } throws: { ($0 as? ValidationError)?.field == "executor" }
-        #expect(MessageCodec.runID(inMalformed: body) == message.runID, "the run id is still readable, so the run can be marked")
+        #expect(
+            MessageCodec.runID(inMalformed: body) == message.runID,
+            "the run id is still readable, so the run can be marked")
     }
 
     @Test func wrongVersionAndGarbageAreRefused() throws {
         var m = message
         m.version = 2
-        #expect { try MessageCodec.decodeTask(MessageCodec.encode(m)) } throws: { ($0 as? ValidationError)?.field == "version" }
-        #expect { try MessageCodec.decodeTask(Array("{nope".utf8)) } throws: { ($0 as? ValidationError)?.field == "body" }
+        #expect { try MessageCodec.decodeTask(MessageCodec.encode(m)) } throws: {
+            ($0 as? ValidationError)?.field == "version"
+        }
+        #expect { try MessageCodec.decodeTask(Array("{nope".utf8)) } throws: {
+            ($0 as? ValidationError)?.field == "body"
+        }
         #expect { try MessageCodec.decodeTask([0xff, 0xfe, 0x00]) } throws: { $0 is ValidationError }
         #expect(MessageCodec.runID(inMalformed: Array("{nope".utf8)) == nil)
     }
@@ -87,14 +95,17 @@ import Tracing
         #expect(try MessageCodec.decodeTask(MessageCodec.encode(m)) == m)
         let st = StatusMessage(
             runID: UUID(), attempt: 2, event: .finished, outcome: .timedOut, exitCode: 137, output: nasty,
-            errorClass: "timeout", errorMessage: nasty, workerID: "w-1", at: Date(timeIntervalSince1970: 1_795_435_200.5),
+            errorClass: "timeout", errorMessage: nasty, workerID: "w-1",
+            at: Date(timeIntervalSince1970: 1_795_435_200.5),
             startedAt: Date(timeIntervalSince1970: 1_795_435_199.25))
         #expect(try MessageCodec.decodeStatus(MessageCodec.encode(st)) == st)
     }
 
     @Test func finishedStatusNeedsAnOutcome() {
         let s = StatusMessage(runID: UUID(), attempt: 1, event: .finished, workerID: "w")
-        #expect { try MessageCodec.decodeStatus(MessageCodec.encode(s)) } throws: { ($0 as? ValidationError)?.field == "outcome" }
+        #expect { try MessageCodec.decodeStatus(MessageCodec.encode(s)) } throws: {
+            ($0 as? ValidationError)?.field == "outcome"
+        }
     }
 }
 
@@ -119,7 +130,9 @@ import Tracing
 
     @Test func aTracestateThatIsNotW3CIsLeftOutAndTheTraceGoesOn() throws {
         let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        let headers: AMQPHeaders = ["traceparent": .string(parent), "tracestate": .string("Foo"), "seal": .string("secret")]
+        let headers: AMQPHeaders = [
+            "traceparent": .string(parent), "tracestate": .string("Foo"), "seal": .string("secret"),
+        ]
         let ctx = Traces.context(headers, using: AMQPHeadersExtractor())
         #expect(Traces.traceID(ctx) == "0af7651916cd43dd8448eb211c80319c", "the trace goes on")
         #expect(Traces.headers(ctx)["tracestate"] == nil, "the malformed tracestate is not propagated")
@@ -127,15 +140,43 @@ import Tracing
         #expect(Traces.headers(kept)["tracestate"] == "vendor=1")
     }
 
+    @Test func aTraceparentIsReadAsTheW3CSpecificationSays() throws {
+        let tp = try #require(Traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
+        #expect(tp.version == "00" && tp.flags == "01")
+        #expect(tp.traceID == "0af7651916cd43dd8448eb211c80319c")
+        #expect(tp.spanID == "b7ad6b7169203331")
+        // A later version may carry more fields after a dash; version 00 may not.
+        #expect(Traceparent("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes")?.version == "cc")
+        for bad in [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  // 00 is exactly 55 characters
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  // version ff is invalid
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",  // all-zero trace id
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  // all-zero span id
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",  // uppercase hex
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",  // short span id
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0g",  // not hex
+            "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01x",  // a later version's fields need a dash
+            "00_0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331_01", "00-zz", "",
+        ] {
+            #expect(Traceparent(bad) == nil, "\(bad)")
+        }
+        #expect(Traceparent.traceID(nil) == nil)
+        #expect(Traceparent.traceID("garbage") == nil)
+    }
+
     @Test func aStoredParentIsContinuedAndGarbageStartsARoot() throws {
         let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-        let tp = try #require(Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: parent)).context))
-        #expect(Traces.traceID(traceparent: tp) == "0af7651916cd43dd8448eb211c80319c")
+        let tp = try #require(
+            Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: parent)).context))
+        #expect(Traceparent.traceID(tp) == "0af7651916cd43dd8448eb211c80319c")
         #expect(tp != parent)
-        let root = try #require(Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: "garbage")).context))
+        let root = try #require(
+            Traces.traceparent(Traces.startSpan("dispatch", context: Traces.context(traceparent: "garbage")).context))
         #expect(root.split(separator: "-").count == 4)
-        #expect(Traces.traceID(traceparent: root) != "0af7651916cd43dd8448eb211c80319c")
-        #expect(Traces.traceID(Traces.context(["traceparent": .string("00-zz")] as AMQPHeaders, using: AMQPHeadersExtractor())) == nil)
+        #expect(Traceparent.traceID(root) != "0af7651916cd43dd8448eb211c80319c")
+        #expect(
+            Traces.traceID(
+                Traces.context(["traceparent": .string("00-zz")] as AMQPHeaders, using: AMQPHeadersExtractor())) == nil)
     }
 
     @Test func otelVariablesSwiftOTelWouldStopTheProcessOnAreRefusedByName() throws {
@@ -160,7 +201,9 @@ import Tracing
     @Test func arrayLiteralsQuoteAndEscapeEveryElement() {
         #expect(["a", "b\"c", "d\\e", "{,}"].postgresText == #"{"a","b\"c","d\\e","{,}"}"#)
         #expect([String?.some("x"), nil].postgresText == #"{"x",NULL}"#)
-        #expect(["žluť \"ok\"", "日本", ""].postgresText == #"{"žluť \"ok\"","日本",""}"#, "multi-byte text passes through whole")
+        #expect(
+            ["žluť \"ok\"", "日本", ""].postgresText == #"{"žluť \"ok\"","日本",""}"#,
+            "multi-byte text passes through whole")
     }
 
     @Test func uuidTextIsTheLowercaseCanonicalForm() {
@@ -173,14 +216,19 @@ import Tracing
             #expect(UUID(canonical: id.lowercasedString) == id && UUID(canonical: id.uuidString) == id)
         }
         for bad in [
-            "", "0af7651916cd43dd8448eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319", "0af76519-16cd-43dd-8448-eb211c80319cc",
-            "0af76519+16cd-43dd-8448-eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319g", "0af76519-16cd-43dd-8448-eb211c8031é",
+            "", "0af7651916cd43dd8448eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319",
+            "0af76519-16cd-43dd-8448-eb211c80319cc",
+            "0af76519+16cd-43dd-8448-eb211c80319c", "0af76519-16cd-43dd-8448-eb211c80319g",
+            "0af76519-16cd-43dd-8448-eb211c8031é",
         ] {
             #expect(UUID(canonical: bad) == nil, "\(bad)")
         }
         let ids = (0..<200).map { _ in UUID() }
-        #expect(ids.sorted { $0.precedes($1) } == ids.sorted { $0.uuidString < $1.uuidString }, "byte order is text order")
-        #expect([UUID(uuidString: "0AF76519-16CD-43DD-8448-EB211C80319C")!].postgresText == #"{"0af76519-16cd-43dd-8448-eb211c80319c"}"#)
+        #expect(
+            ids.sorted { $0.precedes($1) } == ids.sorted { $0.uuidString < $1.uuidString }, "byte order is text order")
+        #expect(
+            [UUID(uuidString: "0AF76519-16CD-43DD-8448-EB211C80319C")!].postgresText
+                == #"{"0af76519-16cd-43dd-8448-eb211c80319c"}"#)
     }
 
     @Test func timestampsParseWhatTheServerPrints() {
@@ -202,13 +250,17 @@ import Tracing
         for t in [0.0, 1_795_435_200.123456, 951_782_400.5, -86_400.25, 4_102_444_799.999999] {
             let d = Date(timeIntervalSince1970: t)
             let back = Timestamp.parse(Timestamp.format(d))
-            #expect(back.map { abs($0.timeIntervalSince1970 - t) < 0.000_001 } == true, "\(t) → \(Timestamp.format(d))")
+            #expect(
+                back.map { abs($0.timeIntervalSince1970 - t) < 0.000_001 } == true, "\(t) → \(Timestamp.format(d))")
         }
         #expect(Timestamp.format(Date(timeIntervalSince1970: 1_795_435_200.25)) == "2026-11-23T12:00:00.250000Z")
         #expect(Timestamp.format(Date(timeIntervalSince1970: 951_782_400)) == "2000-02-29T00:00:00.000000Z")
     }
 
-    @Test(arguments: ["", "2026-13-01T00:00:00Z", "2026-11-23T12:00:00", "2026-11-23T12:00:00Zjunk", "2026-11-23X12:00:00Z", "2026-11-23T12:00:00.Z"])
+    @Test(arguments: [
+        "", "2026-13-01T00:00:00Z", "2026-11-23T12:00:00", "2026-11-23T12:00:00Zjunk", "2026-11-23X12:00:00Z",
+        "2026-11-23T12:00:00.Z",
+    ])
     func refusesWhatIsNotAnInstant(_ s: String) {
         #expect(Timestamp.parse(s) == nil)
     }
@@ -217,7 +269,11 @@ import Tracing
         // Foundation's ISO8601FormatStyle crashed the worker here under load; this must not.
         await withTaskGroup(of: Bool.self) { g in
             for i in 0..<64 {
-                g.addTask { (0..<2000).allSatisfy { j in Timestamp.parse(Timestamp.format(Date(timeIntervalSince1970: Double(i * 1000 + j)))) != nil } }
+                g.addTask {
+                    (0..<2000).allSatisfy { j in
+                        Timestamp.parse(Timestamp.format(Date(timeIntervalSince1970: Double(i * 1000 + j)))) != nil
+                    }
+                }
             }
             for await ok in g { #expect(ok) }
         }
@@ -228,7 +284,8 @@ import Tracing
     @Test func parsesTheTestOnlySwitches() throws {
         #expect(try FaultInjection.parse(nil).isEmpty)
         #expect(try FaultInjection.parse("").isEmpty)
-        let f = try FaultInjection.parse("dispatcher-crash=mid-batch, no-confirms,worker-crash-on-task=crasher-0,isolation-unroutable")
+        let f = try FaultInjection.parse(
+            "dispatcher-crash=mid-batch, no-confirms,worker-crash-on-task=crasher-0,isolation-unroutable")
         #expect(f.dispatcherCrash == .midBatch)
         #expect(f.publishWithoutConfirms)
         #expect(f.workerCrashOnTask == "crasher-0")
@@ -236,12 +293,16 @@ import Tracing
     }
 
     @Test func refusesAnythingElseNamingTheItem() {
-        for bad in ["bogus", "dispatcher-crash=sometime", "no-confirms=yes", "worker-crash-on-task=", "dispatcher-crash", "isolation-unroutable=1"] {
+        for bad in [
+            "bogus", "dispatcher-crash=sometime", "no-confirms=yes", "worker-crash-on-task=", "dispatcher-crash",
+            "isolation-unroutable=1",
+        ] {
             #expect(throws: ValidationError.self) { try FaultInjection.parse(bad) }
             do { _ = try FaultInjection.parse(bad) } catch {
                 #expect(
-                    error.field == "CONVEYOR_TEST_FAULTS" && "\(error)".contains("leave it unset in production")
-                        || "\(error)".contains("dispatcher-crash is one of"),
+                    error.field == "CONVEYOR_TEST_FAULTS"
+                        && ("\(error)".contains("leave it unset in production")
+                            || "\(error)".contains("dispatcher-crash is one of")),
                     "\(error)")
             }
         }
@@ -256,6 +317,9 @@ import Tracing
             runID: UUID(), attempt: 1, event: .finished, outcome: .failed, exitCode: 1,
             output: "out\0", errorClass: "c\0", errorMessage: "m\0", workerID: "w\0", at: Date())
         let d = try MessageCodec.decodeStatus(MessageCodec.encode(s))
-        #expect([d.output, d.errorClass, d.errorMessage, d.workerID] == ["out\u{FFFD}", "c\u{FFFD}", "m\u{FFFD}", "w\u{FFFD}"])
+        #expect(
+            [d.output, d.errorClass, d.errorMessage, d.workerID] == [
+                "out\u{FFFD}", "c\u{FFFD}", "m\u{FFFD}", "w\u{FFFD}",
+            ])
     }
 }

@@ -10,7 +10,8 @@ struct OutboundPolicyTests {
         ("127.0.0.1", .loopback), ("127.9.9.9", .loopback), ("::1", .loopback), ("::ffff:127.0.0.1", .loopback),
         ("10.1.2.3", .private), ("172.16.0.1", .private), ("172.31.255.255", .private), ("192.168.1.1", .private),
         ("100.64.0.1", .private), ("fd12::1", .private), ("::ffff:10.0.0.1", .private),
-        ("169.254.169.254", .metadata), ("fd00:ec2::254", .metadata), ("169.254.1.1", .linkLocal), ("fe80::1", .linkLocal),
+        ("169.254.169.254", .metadata), ("fd00:ec2::254", .metadata), ("169.254.1.1", .linkLocal),
+        ("fe80::1", .linkLocal),
         ("0.0.0.0", .unspecified), ("::", .unspecified), ("224.0.0.1", .multicast), ("255.255.255.255", .reserved),
     ])
     func kinds(address: String, kind: AddressKind) throws {
@@ -21,26 +22,30 @@ struct OutboundPolicyTests {
     /// IPv6 forms that carry an IPv4 address are the kind of that address: a relay or
     /// translator delivers them there. Before, all but IPv4-mapped were `.public` (NAT64
     /// `.reserved` whatever it carried), so each private case here reached the private address.
-    @Test(arguments: [
-        // IPv4-compatible ::a.b.c.d (::/96); :: and ::1 stay unspecified and loopback.
-        ("::127.0.0.1", .loopback), ("::10.0.0.1", .private), ("::169.254.169.254", .metadata), ("::8.8.8.8", .public),
-        ("::1", .loopback), ("::", .unspecified), ("::2", .unspecified),
-        // IPv4-mapped ::ffff:a.b.c.d (unwrapped to IPv4 when parsed).
-        ("::ffff:169.254.169.254", .metadata), ("::ffff:8.8.8.8", .public),
-        // IPv4-translated (SIIT) ::ffff:0:a.b.c.d.
-        ("::ffff:0:127.0.0.1", .loopback), ("::ffff:0:10.1.2.3", .private), ("::ffff:0:8.8.8.8", .public),
-        // 6to4 2002:AABB:CCDD::/48 carries A.B.C.D.
-        ("2002:7f00:1::", .loopback), ("2002:a00:1::1", .private), ("2002:c0a8:101::", .private),
-        ("2002:a9fe:a9fe::", .metadata), ("2002:808:808::1", .public),
-        // NAT64, well-known prefix 64:ff9b::/96.
-        ("64:ff9b::127.0.0.1", .loopback), ("64:ff9b::10.0.0.1", .private), ("64:ff9b::a9fe:a9fe", .metadata), ("64:ff9b::8.8.8.8", .public),
-        // Local-use NAT64 64:ff9b:1::/48: the /96 form by what it carries, the rest refused.
-        ("64:ff9b:1::192.168.0.1", .private), ("64:ff9b:1::8.8.8.8", .public), ("64:ff9b:1:a00:1::8.8.8.8", .reserved),
-        // Site-local fec0::/10 (deprecated), next to link-local fe80::/10.
-        ("fec0::1", .private), ("feff::1", .private), ("febf::1", .linkLocal),
-        // Ordinary global IPv6 carries nothing.
-        ("2606:4700::1111", .public), ("2001:4860:4860::8888", .public),
-    ] as [(String, AddressKind)])
+    @Test(
+        arguments: [
+            // IPv4-compatible ::a.b.c.d (::/96); :: and ::1 stay unspecified and loopback.
+            ("::127.0.0.1", .loopback), ("::10.0.0.1", .private), ("::169.254.169.254", .metadata),
+            ("::8.8.8.8", .public),
+            ("::1", .loopback), ("::", .unspecified), ("::2", .unspecified),
+            // IPv4-mapped ::ffff:a.b.c.d (unwrapped to IPv4 when parsed).
+            ("::ffff:169.254.169.254", .metadata), ("::ffff:8.8.8.8", .public),
+            // IPv4-translated (SIIT) ::ffff:0:a.b.c.d.
+            ("::ffff:0:127.0.0.1", .loopback), ("::ffff:0:10.1.2.3", .private), ("::ffff:0:8.8.8.8", .public),
+            // 6to4 2002:AABB:CCDD::/48 carries A.B.C.D.
+            ("2002:7f00:1::", .loopback), ("2002:a00:1::1", .private), ("2002:c0a8:101::", .private),
+            ("2002:a9fe:a9fe::", .metadata), ("2002:808:808::1", .public),
+            // NAT64, well-known prefix 64:ff9b::/96.
+            ("64:ff9b::127.0.0.1", .loopback), ("64:ff9b::10.0.0.1", .private), ("64:ff9b::a9fe:a9fe", .metadata),
+            ("64:ff9b::8.8.8.8", .public),
+            // Local-use NAT64 64:ff9b:1::/48: the /96 form by what it carries, the rest refused.
+            ("64:ff9b:1::192.168.0.1", .private), ("64:ff9b:1::8.8.8.8", .public),
+            ("64:ff9b:1:a00:1::8.8.8.8", .reserved),
+            // Site-local fec0::/10 (deprecated), next to link-local fe80::/10.
+            ("fec0::1", .private), ("feff::1", .private), ("febf::1", .linkLocal),
+            // Ordinary global IPv6 carries nothing.
+            ("2606:4700::1111", .public), ("2001:4860:4860::8888", .public),
+        ] as [(String, AddressKind)])
     func ipv6FormsThatCarryIPv4(address: String, kind: AddressKind) throws {
         let ip = try #require(IPAddress(address))
         #expect(ip.kind == kind, "\(address)")

@@ -1,5 +1,6 @@
 import ConveyorAMQP
 import ConveyorAPI
+import ConveyorBroker
 import ConveyorCore
 import ConveyorDispatcher
 import ConveyorHTTP
@@ -45,8 +46,14 @@ struct AdversarialTests {
                     ("GET", "/v1/tasks?prefix=a%00", nil, "prefix"),
                     ("GET", "/v1/tasks/na%00me", nil, "path"),
                     ("POST", "/v1/keys", #"{"name": "a\u0000b", "role": "viewer", "namespace": "default"}"#, "name"),
-                    ("POST", "/v1/tasks", #"{"name": "t", "executor": "noop", "parameters": {"argv": ["x\u0000"]}}"#, "parameters.argv[0]"),
-                    ("POST", "/v1/tasks", #"[{"name": "t", "executor": "noop", "labels": {"k\u0000": "v"}}]"#, "[0].labels.k\u{FFFD}"),
+                    (
+                        "POST", "/v1/tasks", #"{"name": "t", "executor": "noop", "parameters": {"argv": ["x\u0000"]}}"#,
+                        "parameters.argv[0]"
+                    ),
+                    (
+                        "POST", "/v1/tasks", #"[{"name": "t", "executor": "noop", "labels": {"k\u0000": "v"}}]"#,
+                        "[0].labels.k\u{FFFD}"
+                    ),
                 ]
                 for c in cases {
                     let r = try await api.call(c.method, c.path, key: admin, body: c.body)
@@ -65,12 +72,16 @@ struct AdversarialTests {
         try await System.with { sys in
             let broker = AMQPConfiguration(url: "amqp://intruder-visible-user:secret@127.0.0.1:1/%2F")
             let port = Mutex(0)
-            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, broker: broker) { p in port.withLock { $0 = p } }
+            let api = APIService(host: "127.0.0.1", port: 0, store: sys.store, logger: Servers.logger, broker: broker) {
+                p in port.withLock { $0 = p }
+            }
             try await withServices([api]) {
                 _ = try await sys.eventually(timeout: .seconds(10), "the API listens") { port.withLock { $0 } > 0 }
                 var policy = OutboundPolicy()
                 policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
-                let client = Client(base: "http://127.0.0.1:\(port.withLock { $0 })", http: OutboundHTTP(policy: policy, logger: Servers.logger))
+                let client = Client(
+                    base: "http://127.0.0.1:\(port.withLock { $0 })",
+                    http: OutboundHTTP(policy: policy, logger: Servers.logger))
                 let r = try await client.call("GET", "/readyz")
                 #expect(r.status == 503)
                 #expect(r.json["detail"] == "the broker is unreachable", "\(r.json)")
@@ -84,12 +95,19 @@ struct AdversarialTests {
     struct Forgery {
         var body: [UInt8]
         var seal: String?
-        var json: JSONValue { .object(["raw": .string(String(decoding: body, as: UTF8.self)), "seal": seal.map(JSONValue.string) ?? .null]) }
+        var json: JSONValue {
+            .object([
+                "raw": .string(String(decoding: body, as: UTF8.self)), "seal": seal.map(JSONValue.string) ?? .null,
+            ])
+        }
     }
 
-    static func forgedBody(_ runID: UUID, attempt: Int = 1, event: String = "finished", proofInBody: String? = nil) -> [UInt8] {
+    static func forgedBody(_ runID: UUID, attempt: Int = 1, event: String = "finished", proofInBody: String? = nil)
+        -> [UInt8]
+    {
         var o: [String: JSONValue] = [
-            "version": 1, "run_id": .string(runID.lowercasedString), "attempt": .number(Double(attempt)), "event": .string(event),
+            "version": 1, "run_id": .string(runID.lowercasedString), "attempt": .number(Double(attempt)),
+            "event": .string(event),
             "worker_id": "evil-worker", "at": .string(Timestamp.format(Date())),
         ]
         if event == "finished" {
@@ -109,11 +127,15 @@ struct AdversarialTests {
         let seen = forgedBody(id, event: "started")
         let seenSeal = StatusProof.seal(seen, proof: signer.sign(runID: id, attempt: 1))
         return [
-            Forgery(body: forgedBody(id, proofInBody: signer.sign(runID: id, attempt: 1)), seal: nil),  // the proof itself, no seal
+            // the proof itself, no seal
+            Forgery(body: forgedBody(id, proofInBody: signer.sign(runID: id, attempt: 1)), seal: nil),
             Forgery(body: finished, seal: "AAAAAAAAAAAAAAAAAAAAAA"),  // a random seal
-            Forgery(body: finished, seal: StatusProof.seal(finished, proof: signer.sign(runID: other, attempt: 1))),  // another run's
+            // another run's
+            Forgery(body: finished, seal: StatusProof.seal(finished, proof: signer.sign(runID: other, attempt: 1))),
             // another attempt's
-            Forgery(body: forgedBody(id, attempt: 2), seal: StatusProof.seal(forgedBody(id, attempt: 2), proof: signer.sign(runID: id, attempt: 1))),
+            Forgery(
+                body: forgedBody(id, attempt: 2),
+                seal: StatusProof.seal(forgedBody(id, attempt: 2), proof: signer.sign(runID: id, attempt: 1))),
             Forgery(body: finished, seal: seenSeal),  // a seal replayed from another body
         ]
     }
@@ -142,20 +164,32 @@ struct AdversarialTests {
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
                 try await sys.store.createTasks(sys.tasks(20))
-                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20 }
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20
+                }
                 let runs = try await sys.store.runs(limit: 100)
                 let signer = StatusProof(secret: try await sys.store.statusKey())
                 var bodies: [Forgery] = []
-                for (i, r) in runs.enumerated() { bodies += Self.forgeries(r.id, other: runs[(i + 1) % runs.count].id, signer) }
+                for (i, r) in runs.enumerated() {
+                    bodies += Self.forgeries(r.id, other: runs[(i + 1) % runs.count].id, signer)
+                }
                 try await Self.forge(sys, bodies)
-                _ = try await sys.eventually(timeout: .seconds(20), "every forgery refused") { dispatcher.stats.statusForged == bodies.count }
+                _ = try await sys.eventually(timeout: .seconds(20), "every forgery refused") {
+                    dispatcher.stats.statusForged == bodies.count
+                }
                 #expect(dispatcher.stats.statusApplied == 0)
-                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20, "a forgery changed a run")
-                #expect(try await sys.count("SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
+                #expect(
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20,
+                    "a forgery changed a run")
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
 
                 let recorder = Recorder()
                 _ = try await withServices([sys.worker(["record": RecordingExecutor(recorder: recorder)])]) {
-                    try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 20 }
+                    try await sys.eventually {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 20
+                    }
                 }
                 #expect(recorder.executions.withLock { $0.values.allSatisfy { $0 == 1 } && $0.count == 20 })
                 #expect(dispatcher.stats.outcomesRecorded == 20)
@@ -170,22 +204,31 @@ struct AdversarialTests {
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
                 try await sys.store.createTasks(sys.tasks(1))
-                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1 }
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1
+                }
                 let run = try #require(try await sys.store.runs(limit: 1).first)
                 let topo = ConveyorTopology(prefix: sys.prefix)
                 try await sys.withPublisher(topo.base) { pub, topo in
                     for proof in [nil, try await sys.proof(UUID())] as [String?] {
-                        var body: [String: JSONValue] = ["run_id": .string(run.id.lowercasedString), "attempt": 1, "version": 1]
+                        var body: [String: JSONValue] = [
+                            "run_id": .string(run.id.lowercasedString), "attempt": 1, "version": 1,
+                        ]
                         if let proof { body["proof"] = .string(proof) }
                         try await pub.publish(
                             AMQPOutgoingMessage(
-                                exchange: topo.deadLetterExchange, routingKey: "", body: JSONValue.object(body).jsonBytes,
+                                exchange: topo.deadLetterExchange, routingKey: "",
+                                body: JSONValue.object(body).jsonBytes,
                                 properties: AMQPProperties(messageID: run.id.lowercasedString, type: taskMessageType)))
                     }
                 }
-                _ = try await sys.eventually(timeout: .seconds(20), "both dead letters kept") { dispatcher.stats.deadLetters == 2 }
+                _ = try await sys.eventually(timeout: .seconds(20), "both dead letters kept") {
+                    dispatcher.stats.deadLetters == 2
+                }
                 #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE run_id IS NULL") == 2)
-                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1, "a forged dead letter ended the run")
+                #expect(
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1,
+                    "a forged dead letter ended the run")
             }
         }
     }
@@ -203,11 +246,13 @@ struct AdversarialTests {
                 import base64, hashlib, hmac, sys
                 secret, run, attempt, body = bytes.fromhex(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].encode()
                 text = lambda mac: base64.urlsafe_b64encode(mac[:16]).rstrip(b"=").decode()
-                proof = text(hmac.new(secret, f"conveyor.status.v1\\n{run}\\n{attempt}".encode(), hashlib.sha256).digest())
+                message = f"conveyor.status.v1\\n{run}\\n{attempt}".encode()
+                proof = text(hmac.new(secret, message, hashlib.sha256).digest())
                 print(proof, text(hmac.new(proof.encode(), body, hashlib.sha256).digest()))
                 """
             let hex = secret.map { String(format: "%02x", $0) }.joined()
-            let r = try await runRequired("python3", ["-c", script, hex, runID.lowercasedString, String(attempt), body])
+            let r = try await runRequired(
+                "python3", ["-c", script, hex, runID.lowercasedString, String(attempt), body])
             #expect(r.status == 0, "\(r.err)")
             let words = r.out.split(separator: " ").map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
             let signed = proof.sign(runID: runID, attempt: attempt)
@@ -223,38 +268,55 @@ struct AdversarialTests {
         try await System.with { sys in
             func beat(_ seconds: Double) -> HeartbeatMessage {
                 HeartbeatMessage(
-                    workerID: "honest", host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1, inFlight: [],
+                    workerID: "honest", host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1,
+                    inFlight: [],
                     intervalSeconds: seconds)
             }
             try await sys.store.recordHeartbeats([beat(5)])
             try await sys.store.recordHeartbeats([beat(0.01)])  // the forgery
-            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 5000") == 1)
-            #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '2 seconds' WHERE id = 'honest' RETURNING id").count == 1)
-            #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers.isEmpty, "lost after 2 s though 3 intervals are 15 s")
-            #expect(try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '16 seconds' WHERE id = 'honest' RETURNING id").count == 1)
+            #expect(
+                try await sys.count("SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 5000")
+                    == 1)
+            #expect(
+                try await sys.rows(
+                    "UPDATE workers SET last_heartbeat = now() - interval '2 seconds' WHERE id = 'honest' RETURNING id"
+                ).count == 1)
+            #expect(
+                try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers.isEmpty,
+                "lost after 2 s though 3 intervals are 15 s")
+            #expect(
+                try await sys.rows(
+                    "UPDATE workers SET last_heartbeat = now() - interval '16 seconds' WHERE id = 'honest' RETURNING id"
+                ).count == 1)
             #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 3600).workers == ["honest"])
             // The other way: one forged hour-long interval doubles the bound, no more.
             try await sys.store.recordHeartbeats([beat(5)])
             try await sys.store.recordHeartbeats([beat(5)])
             try await sys.store.recordHeartbeats([beat(3600)])
-            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 10000") == 1)
+            #expect(
+                try await sys.count(
+                    "SELECT count(*) FROM workers WHERE id = 'honest' AND heartbeat_interval_ms = 10000") == 1)
         }
     }
 
-    /// S4 at scale (the issue's measure): forgeries published with pika while a burst of N
-    /// tasks runs on two workers: S4's five kinds, and validly sealed statuses of attempts that
-    /// already finished (accepted, and they change nothing: a final state is never left). None is applied; every real run is recorded
-    /// once. N is 1,000 in the test command; `CONVEYOR_ADVERSARIAL_N=10000` gives the measure in
-    /// docs/security.md.
+    /// S4 at scale (the issue's measure): forgeries published with pika while a burst of N tasks
+    /// runs on two workers: S4's five kinds, and validly sealed statuses of attempts that already
+    /// finished (accepted, and they change nothing: a final state is never left). None is applied;
+    /// every real run is recorded once. N is 1,000 in the test command;
+    /// `CONVEYOR_ADVERSARIAL_N=10000` gives the measure in docs/security.md.
     @Test func s06_forgeriesDuringABurstApplyNothing() async throws {
         let n = Int(ProcessInfo.processInfo.environment["CONVEYOR_ADVERSARIAL_N"] ?? "") ?? 1000
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
             let recorder = Recorder()
-            let workers = (0..<2).map { _ in sys.worker(["record": RecordingExecutor(recorder: recorder, delay: .milliseconds(5))]) }
+            let workers = (0..<2).map { _ in
+                sys.worker(["record": RecordingExecutor(recorder: recorder, delay: .milliseconds(5))])
+            }
             try await withServices([dispatcher] + workers) {
                 try await sys.store.createTasks(sys.tasks(n))
-                _ = try await sys.eventually(timeout: .seconds(120), "half the runs exist") { try await sys.count("SELECT count(*) FROM runs") >= n / 2 }
+                _ = try await sys.eventually(timeout: .seconds(120), "half the runs exist") {
+                    try await sys.count("SELECT count(*) FROM runs") >= n / 2
+                }
                 let ids = try await sys.rows("SELECT id::text, state FROM runs ORDER BY id").compactMap { r in
                     r[0].flatMap(UUID.init(uuidString:)).map { ($0, r[1] ?? "") }
                 }
@@ -266,7 +328,13 @@ struct AdversarialTests {
                     forgeries += Self.forgeries(id, other: ids[(i + 1) % ids.count].0, signer).map { ($0, true) }
                     if state == "succeeded" {
                         let body = Self.forgedBody(id)
-                        forgeries.append((Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1))), false))
+                        forgeries.append(
+                            (
+                                Forgery(
+                                    body: body,
+                                    seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1))),
+                                false
+                            ))
                     }
                 }
                 forgeries = Array(forgeries.shuffled().prefix(n))
@@ -276,12 +344,21 @@ struct AdversarialTests {
                 _ = try await sys.eventually(timeout: .seconds(300), "every run succeeded") {
                     try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == n
                 }
-                _ = try await sys.eventually(timeout: .seconds(60), "every forgery refused") { dispatcher.stats.statusForged == refused }
-                #expect(try await sys.count("SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
+                _ = try await sys.eventually(timeout: .seconds(60), "every forgery refused") {
+                    dispatcher.stats.statusForged == refused
+                }
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM runs WHERE output LIKE 'FORGED%' OR worker_id = 'evil-worker'") == 0)
                 #expect(try await sys.count("SELECT count(*) FROM runs") == n, "a forgery made a retry")
                 #expect(dispatcher.stats.outcomesRecorded == n)
                 #expect(recorder.executions.withLock { $0.count == n && $0.values.allSatisfy { $0 == 1 } })
-                Servers.logger.info("S6: \(bodies.count) forged statuses during a burst of \(n); refused \(dispatcher.stats.statusForged), applied 0")
+                Servers.logger.info(
+                    """
+                    S6: \(bodies.count) forged statuses during a burst of \(n); refused \
+                    \(dispatcher.stats.statusForged), applied 0
+                    """
+                )
             }
         }
     }

@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import ConveyorDispatcher
 import ConveyorStore
@@ -14,7 +15,8 @@ import Testing
 struct BrokerIdentityTests {
     /// What `url` may do, per operation: "ok" or the broker's refusal ("403 ACCESS_REFUSED - …").
     static func probe(_ url: String, _ ops: [String]) async throws -> [String: String] {
-        let r = try await runRequired("python3", [FileManager.default.currentDirectoryPath + "/scripts/broker_probe.py", "--url", url] + ops)
+        let r = try await runRequired(
+            "python3", [FileManager.default.currentDirectoryPath + "/scripts/broker_probe.py", "--url", url] + ops)
         try #require(r.status == 0, "broker_probe.py failed: \(r.err)")
         return try JSONDecoder().decode([String: String].self, from: Data(r.out.utf8))
     }
@@ -28,24 +30,36 @@ struct BrokerIdentityTests {
         try await System.with { sys in
             let t = try await sys.declareTopology()
             let forbidden = [
-                "publish:\(t.tasksExchange):\(sys.queue)", "publish:\(t.deadLetterExchange):", "publish::\(t.workQueue(sys.queue))",
+                "publish:\(t.tasksExchange):\(sys.queue)", "publish:\(t.deadLetterExchange):",
+                "publish::\(t.workQueue(sys.queue))",
                 "publish:\(t.controlExchange):", "consume:\(t.statusQueue)", "consume:\(t.deadQueue)",
                 "delete:\(t.workQueue(sys.queue))", "delete:\(t.statusQueue)", "declare:\(t.workQueue("other"))",
                 "bind:\(t.controlQueue(worker: "w1")):\(t.statusExchange)",
             ]
-            let allowed = ["publish:\(t.statusExchange):status", "publish:\(t.isolateExchange):\(t.isolationQueue(sys.queue))",
-                           "consume:\(t.workQueue(sys.queue))", "consume:\(t.isolationQueue(sys.queue))", "passive:\(t.statusQueue)"]
+            let allowed = [
+                "publish:\(t.statusExchange):status", "publish:\(t.isolateExchange):\(t.isolationQueue(sys.queue))",
+                "consume:\(t.workQueue(sys.queue))", "consume:\(t.isolationQueue(sys.queue))",
+                "passive:\(t.statusQueue)",
+            ]
             let worker = try await Self.probe(sys.workerAMQPURL, forbidden + allowed)
             for op in forbidden {
-                #expect(worker[op]?.hasPrefix("403 ACCESS_REFUSED") == true, "the worker login may \(op): \(worker[op] ?? "no answer")")
+                #expect(
+                    worker[op]?.hasPrefix("403 ACCESS_REFUSED") == true,
+                    "the worker login may \(op): \(worker[op] ?? "no answer")")
             }
-            for op in allowed { #expect(worker[op] == "ok", "the worker login may not \(op): \(worker[op] ?? "no answer")") }
+            for op in allowed {
+                #expect(worker[op] == "ok", "the worker login may not \(op): \(worker[op] ?? "no answer")")
+            }
 
             // The same operations under the dispatcher's login (the delete last: it removes the work queue).
-            let control = ["publish:\(t.tasksExchange):\(sys.queue)", "publish:\(t.controlExchange):", "consume:\(t.statusQueue)",
-                           "consume:\(t.deadQueue)", "declare:\(t.workQueue("other"))", "delete:\(t.workQueue("other"))"]
+            let control = [
+                "publish:\(t.tasksExchange):\(sys.queue)", "publish:\(t.controlExchange):", "consume:\(t.statusQueue)",
+                "consume:\(t.deadQueue)", "declare:\(t.workQueue("other"))", "delete:\(t.workQueue("other"))",
+            ]
             let dispatcher = try await Self.probe(sys.dispatcherAMQPURL, control)
-            for op in control { #expect(dispatcher[op] == "ok", "the dispatcher login may not \(op): \(dispatcher[op] ?? "no answer")") }
+            for op in control {
+                #expect(dispatcher[op] == "ok", "the dispatcher login may not \(op): \(dispatcher[op] ?? "no answer")")
+            }
         }
     }
 
@@ -53,11 +67,16 @@ struct BrokerIdentityTests {
     @Test func s15_theAPIsLoginOnlyLooksQueuesUp() async throws {
         try await System.with { sys in
             let t = try await sys.declareTopology()
-            let forbidden = ["publish:\(t.statusExchange):status", "publish:\(t.tasksExchange):\(sys.queue)", "consume:\(t.workQueue(sys.queue))",
-                             "consume:\(t.statusQueue)", "declare:\(t.workQueue("other"))", "delete:\(t.workQueue(sys.queue))"]
+            let forbidden = [
+                "publish:\(t.statusExchange):status", "publish:\(t.tasksExchange):\(sys.queue)",
+                "consume:\(t.workQueue(sys.queue))",
+                "consume:\(t.statusQueue)", "declare:\(t.workQueue("other"))", "delete:\(t.workQueue(sys.queue))",
+            ]
             let api = try await Self.probe(sys.apiAMQPURL, forbidden + ["passive:\(t.workQueue(sys.queue))"])
             for op in forbidden {
-                #expect(api[op]?.hasPrefix("403 ACCESS_REFUSED") == true, "the API login may \(op): \(api[op] ?? "no answer")")
+                #expect(
+                    api[op]?.hasPrefix("403 ACCESS_REFUSED") == true,
+                    "the API login may \(op): \(api[op] ?? "no answer")")
             }
             #expect(api["passive:\(t.workQueue(sys.queue))"] == "ok")
         }
@@ -74,15 +93,24 @@ struct BrokerIdentityTests {
             env["CONVEYOR_AMQP_CONNECT_RETRY_SECONDS"] = "20"
             let spawnEnv = env
             let began = ContinuousClock.now
-            let r = try await withCheckedThrowingContinuation { (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
-                Thread.detachNewThread { c.resume(with: Result { try runCapturing(try conveyorProcess(["worker"], env: spawnEnv)) }) }
+            let r = try await withCheckedThrowingContinuation {
+                (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
+                Thread.detachNewThread {
+                    c.resume(with: Result { try runCapturing(try conveyorProcess(["worker"], env: spawnEnv)) })
+                }
             }
             let took = ContinuousClock.now - began
             let output = r.out + r.err
             #expect(r.status != 0)
-            #expect(output.contains("ACCESS_REFUSED") && output.contains("refused for user 'conveyor-api'"), "\(output.suffix(800))")
-            #expect(output.contains("access to exchange '\(ConveyorTopology(prefix: sys.prefix).isolateExchange)'"), "\(output.suffix(800))")
-            #expect(output.contains("needs the 'configure' permission on the exchange"), "the permission is not named: \(output.suffix(800))")
+            #expect(
+                output.contains("ACCESS_REFUSED") && output.contains("refused for user 'conveyor-api'"),
+                "\(output.suffix(800))")
+            #expect(
+                output.contains("access to exchange '\(ConveyorTopology(prefix: sys.prefix).isolateExchange)'"),
+                "\(output.suffix(800))")
+            #expect(
+                output.contains("needs the 'configure' permission on the exchange"),
+                "the permission is not named: \(output.suffix(800))")
             #expect(output.contains("deploy/broker-permissions.tsv"), "no fix named: \(output.suffix(800))")
             #expect(took < .seconds(15), "took \(took): the refusal was retried")
             let password = try #require(URLComponents(string: sys.apiAMQPURL)?.password)
@@ -107,13 +135,18 @@ struct BrokerIdentityTests {
                 task.queue = "fresh"
                 // Before any task names it: declared because the worker's heartbeat did.
                 let fresh = ConveyorTopology(prefix: sys.prefix).workQueue("fresh")
+                // One connection for every look: a miss closes the channel, which is opened again.
+                let inspector = AMQPInspector(configuration: sys.amqp)
+                defer { inspector.close() }
                 let declared = try await sys.eventually(timeout: .seconds(30), "\(fresh) declared from the heartbeat") {
-                    (try? await AMQPInspector.queues([fresh], configuration: sys.amqp))?.contains { $0.name == fresh } == true
+                    (try? await inspector.queues([fresh]))?.contains { $0.name == fresh } == true
                 }
+                #expect(inspector.connectionsOpened == 1, "misses reuse the connection")
                 try #require(declared)
                 try await sys.store.createTasks([task])
                 let done = try await sys.eventually(timeout: .seconds(30), "the task ran on the fresh queue") {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'fresh-queue'") == 1
+                    try await sys.count(
+                        "SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'fresh-queue'") == 1
                 }
                 #expect(done)
             }

@@ -6,7 +6,8 @@ import Testing
 @Suite("deployment files (docker-compose config, kustomize, Kubernetes schemas)")
 struct DeployTests {
     static func validate(_ root: String) throws -> (status: Int32, out: String) {
-        let p = try Process.required("python3", [FileManager.default.currentDirectoryPath + "/scripts/validate_deploy.py", root])
+        let p = try Process.required(
+            "python3", [FileManager.default.currentDirectoryPath + "/scripts/validate_deploy.py", root])
         let r = try runCapturing(p)
         return (r.status, r.out + r.err)
     }
@@ -35,8 +36,12 @@ struct DeployTests {
         }
         try edit("deploy/base/worker.yaml", "path: /readyz, port: status}", "path: /ready, port: status}")
         try edit("deploy/base/worker.yaml", "terminationGracePeriodSeconds: 35", "terminationGracePeriodSeconds: 20")
-        try edit("deploy/base/api.yaml", "{name: CONVEYOR_LOG_FORMAT, value: json}", "{name: CONVEYOR_LOG_FROMAT, value: json}")
-        try edit("deploy/base/api.yaml", "terminationGracePeriodSeconds: 20", "terminationGracePeriodSeconds: 20\n      restartPolicyy: Always")
+        try edit(
+            "deploy/base/api.yaml", "{name: CONVEYOR_LOG_FORMAT, value: json}",
+            "{name: CONVEYOR_LOG_FROMAT, value: json}")
+        try edit(
+            "deploy/base/api.yaml", "terminationGracePeriodSeconds: 20",
+            "terminationGracePeriodSeconds: 20\n      restartPolicyy: Always")
         try edit("deploy/base/dispatcher.yaml", "containerPort: 9090", "containerPort: 9000")
         try edit("deploy/base/worker-scaledobject.yaml", "queueName: conveyor.q.default", "queueName: default")
         try edit("deploy/base/worker-scaledobject.yaml", "protocol: http", "protocol: amqp")
@@ -48,9 +53,15 @@ struct DeployTests {
             "Deployment/conveyor-worker: readinessProbe path /ready is not served",
             "Deployment/conveyor-worker: terminationGracePeriodSeconds must exceed worker.shutdown_grace_ms (25 s)",
             "Deployment/conveyor-api: CONVEYOR_LOG_FROMAT is not read by any Conveyor binary",
-            "Deployment/conveyor-api: spec.template.spec: Additional properties are not allowed ('restartPolicyy' was unexpected)",
+            """
+            Deployment/conveyor-api: spec.template.spec: Additional properties are not allowed ('restartPolicyy' was \
+            unexpected)
+            """,
             "Deployment/conveyor-dispatcher: container port is not dispatcher's configured port 9090",
-            "ScaledObject/conveyor-worker: rabbitmq triggers watch ['conveyor.isolated.default', 'default'], not the work queue and its isolation lane",
+            """
+            ScaledObject/conveyor-worker: rabbitmq triggers watch ['conveyor.isolated.default', 'default'], not the \
+            work queue and its isolation lane
+            """,
             "ScaledObject/conveyor-worker: protocol must be http: over AMQP KEDA counts ready messages only",
             "docker-compose.yml worker: CONVEYOR_LOGFORMAT is not read by any Conveyor binary",
             "deploy/base/config/api.yaml: differs from config/api.yaml",

@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import ConveyorDispatcher
 import ConveyorPostgres
@@ -9,15 +10,18 @@ import Logging
 import Synchronization
 import Testing
 
-@Suite("End to end: Postgres → dispatcher → RabbitMQ → worker → status → Postgres",
-       .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
+@Suite(
+    "End to end: Postgres → dispatcher → RabbitMQ → worker → status → Postgres",
+    .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
 struct EndToEndTests {
     @Test func thousandDueTasksAreEachRecordedOnceWithTheirTraceContext() async throws {
         try await System.with { sys in
             let recorder = Recorder()
             let dispatcher = sys.dispatcher()
-            let workers = [sys.worker(["record": RecordingExecutor(recorder: recorder)]),
-                           sys.worker(["record": RecordingExecutor(recorder: recorder)])]
+            let workers = [
+                sys.worker(["record": RecordingExecutor(recorder: recorder)]),
+                sys.worker(["record": RecordingExecutor(recorder: recorder)]),
+            ]
             try await withServices([dispatcher] + workers) {
                 try await sys.store.createTasks(sys.tasks(1000))
                 let done = try await sys.eventually {
@@ -28,7 +32,10 @@ struct EndToEndTests {
             }
             #expect(try await sys.count("SELECT count(*) FROM runs") == 1000)
             #expect(try await sys.count("SELECT count(DISTINCT task_id) FROM runs") == 1000)
-            #expect(try await sys.count("SELECT count(*) FROM runs WHERE finished_at IS NULL OR started_at IS NULL OR worker_id IS NULL") == 0)
+            #expect(
+                try await sys.count(
+                    "SELECT count(*) FROM runs WHERE finished_at IS NULL OR started_at IS NULL OR worker_id IS NULL")
+                    == 0)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE started_at > finished_at") == 0)
             // Each run's outcome was applied once. These runs are shorter than the worker's
             // `started_after_ms`, so `finished` alone moved each one (it carries the start time).
@@ -50,28 +57,46 @@ struct EndToEndTests {
     @Test func twoDispatchersNeverDispatchAnOccurrenceTwice() async throws {
         try await System.with { sys in
             let recorder = Recorder()
-            let d1 = sys.dispatcher(), d2 = sys.dispatcher()
+            let d1 = sys.dispatcher()
+            let d2 = sys.dispatcher()
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)], concurrency: 64)
             try await withServices([d1, d2, worker]) {
                 // Interval tasks keep both dispatchers contending for the same rows, tick after tick,
                 // and a burst of one-offs lands at once.
                 try await sys.store.createTasks(sys.tasks(200, schedule: .interval(seconds: 0.2), name: "every"))
                 try await sys.store.createTasks(sys.tasks(1000, name: "once"))
-                try await Task.sleep(for: .seconds(4))
+                _ = try await sys.eventually("both dispatchers published and 2,000 runs exist") {
+                    let runs = try await sys.count("SELECT count(*) FROM runs")
+                    return d1.stats.published > 0 && d2.stats.published > 0 && runs > 1000 + 200 * 5
+                }
                 _ = try await sys.pool.withConnection { c in try await c.simple("UPDATE tasks SET paused = true") }
                 let quiet = try await sys.eventually {
                     try await sys.count("SELECT count(*) FROM runs WHERE state NOT IN ('succeeded')") == 0
                 }
                 let states = try await sys.store.runCounts()
                 let stuck = try await sys.pool.withConnection { c in
-                    try await c.query("SELECT id, state, publish_count, dispatched_at IS NOT NULL, worker_id FROM runs WHERE state <> 'succeeded' LIMIT 5").rows.map { $0.values }
+                    try await c.query(
+                        """
+                        SELECT id, state, publish_count, dispatched_at IS NOT NULL, worker_id FROM runs WHERE state \
+                        <> 'succeeded' LIMIT 5
+                        """
+                    ).rows.map { $0.values }
                 }
-                #expect(quiet, "runs by state: \(states); stuck: \(stuck); executions \(recorder.total); d1 \(d1.stats) d2 \(d2.stats) worker \(worker.stats)")
+                #expect(
+                    quiet,
+                    """
+                    runs by state: \(states); stuck: \(stuck); executions \(recorder.total); d1 \(d1.stats) d2 \
+                    \(d2.stats) worker \(worker.stats)
+                    """
+                )
             }
             let runs = try await sys.count("SELECT count(*) FROM runs")
             #expect(runs > 1000 + 200 * 5, "both dispatchers did real work")
             #expect(d1.stats.published > 0 && d2.stats.published > 0, "both dispatchers claimed work")
-            #expect(try await sys.count("SELECT count(*) FROM (SELECT task_id, occurrence FROM runs GROUP BY 1, 2 HAVING count(*) > 1) d") == 0)
+            #expect(
+                try await sys.count(
+                    "SELECT count(*) FROM (SELECT task_id, occurrence FROM runs GROUP BY 1, 2 HAVING count(*) > 1) d")
+                    == 0)
             // No run was published twice: every run executed exactly once.
             let executions = recorder.executions.withLock { $0 }
             #expect(executions.count == runs)
@@ -83,14 +108,20 @@ struct EndToEndTests {
     @Test func aWorkerKilledMidTaskLosesNothing() async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
-            let env = ["CONVEYOR_AMQP_URL": sys.workerAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
-                       "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4", "CONVEYOR_WORKER_ID": "doomed"]
+            let env = [
+                "CONVEYOR_AMQP_URL": sys.workerAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix,
+                "CONVEYOR_WORKER_QUEUES": sys.queue,
+                "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4",
+                "CONVEYOR_WORKER_ID": "doomed",
+            ]
             let doomed = try spawnConveyor(["worker"], env: env)
             defer { if doomed.isRunning { kill(doomed.processIdentifier, SIGKILL) } }
             try await withServices([dispatcher]) {
-                try await sys.store.createTasks(sys.tasks(3, executor: "sleep", parameters: .object(["seconds": .number(2)])))
+                try await sys.store.createTasks(
+                    sys.tasks(3, executor: "sleep", parameters: .object(["seconds": .number(2)])))
                 let running = try await sys.eventually(timeout: .seconds(30)) {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'doomed'") == 3
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'doomed'")
+                        == 3
                 }
                 try #require(running)
                 kill(doomed.processIdentifier, SIGKILL)
@@ -105,7 +136,9 @@ struct EndToEndTests {
                 }
             }
             #expect(try await sys.count("SELECT count(*) FROM runs") == 3)
-            #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'survivor'") == 3)
+            #expect(
+                try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND worker_id = 'survivor'")
+                    == 3)
         }
     }
 
@@ -114,21 +147,29 @@ struct EndToEndTests {
             let dispatcher = sys.dispatcher()
             let topo = ConveyorTopology(prefix: sys.prefix)
             let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.status, logger: Servers.logger)
-            pub.start(); defer { pub.stop() }
+            pub.start()
+            defer { pub.stop() }
             try await pub.waitUntilConnected()
             // Nobody consumes the work queue: the runs stay dispatched until we report on them.
             try await withServices([dispatcher]) {
                 try await sys.store.createTasks(sys.tasks(20))
-                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20 }
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 20
+                }
                 let runs = try await sys.store.runs(limit: 100)
                 let t0 = Date(timeIntervalSince1970: 1_800_000_000)
                 var statuses: [StatusMessage] = []
                 for (i, r) in runs.enumerated() {
                     let outcome: Outcome = i % 2 == 0 ? .succeeded : .failed
-                    let finished = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: outcome, exitCode: i % 2, workerID: "w-real", at: t0)
-                    let late = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: outcome == .succeeded ? .failed : .succeeded,
-                                             workerID: "w-late", at: t0.addingTimeInterval(60))
-                    let started = StatusMessage(runID: r.id, attempt: 1, event: .started, workerID: "w-started", at: t0.addingTimeInterval(-1))
+                    let finished = StatusMessage(
+                        runID: r.id, attempt: 1, event: .finished, outcome: outcome, exitCode: i % 2,
+                        workerID: "w-real", at: t0)
+                    let late = StatusMessage(
+                        runID: r.id, attempt: 1, event: .finished,
+                        outcome: outcome == .succeeded ? .failed : .succeeded,
+                        workerID: "w-late", at: t0.addingTimeInterval(60))
+                    let started = StatusMessage(
+                        runID: r.id, attempt: 1, event: .started, workerID: "w-started", at: t0.addingTimeInterval(-1))
                     // finished first, then its duplicate, then a contradicting late result, then a reordered started.
                     statuses += [finished, finished, late, started]
                 }
@@ -140,9 +181,12 @@ struct EndToEndTests {
                     dispatcher.stats.statusApplied + dispatcher.stats.statusIgnored == statuses.count
                 }
             }
-            #expect(dispatcher.stats.outcomesRecorded == 20, "one outcome per run, whatever the duplicates and the order")
-            #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'w-real' AND finished_at = $1::timestamptz",
-                                        [Date(timeIntervalSince1970: 1_800_000_000)]) == 20)
+            #expect(
+                dispatcher.stats.outcomesRecorded == 20, "one outcome per run, whatever the duplicates and the order")
+            #expect(
+                try await sys.count(
+                    "SELECT count(*) FROM runs WHERE worker_id = 'w-real' AND finished_at = $1::timestamptz",
+                    [Date(timeIntervalSince1970: 1_800_000_000)]) == 20)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 10)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 10)
         }
@@ -155,13 +199,16 @@ struct EndToEndTests {
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
                 try await sys.store.createTasks(sys.tasks(2))
-                try await sys.eventually { try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 2 }
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 2
+                }
                 let runs = try await sys.store.runs(limit: 10)
                 try await sys.withPublisher(ConveyorTopology(prefix: sys.prefix).status) { pub, topo in
                     for (i, r) in runs.enumerated() {
-                        let s = StatusMessage(runID: r.id, attempt: 1, event: .finished, outcome: .succeeded, exitCode: 0,
-                                              output: i == 0 ? "before\0after" : "plain", errorMessage: i == 0 ? "a\0b" : nil,
-                                              workerID: "w\0nul", at: Date(), proof: try await sys.proof(r.id))
+                        let s = StatusMessage(
+                            runID: r.id, attempt: 1, event: .finished, outcome: .succeeded, exitCode: 0,
+                            output: i == 0 ? "before\0after" : "plain", errorMessage: i == 0 ? "a\0b" : nil,
+                            workerID: "w\0nul", at: Date(), proof: try await sys.proof(r.id))
                         try await pub.publish(sealedStatus(s, exchange: topo.statusExchange))
                     }
                 }
@@ -169,8 +216,10 @@ struct EndToEndTests {
                     try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
                 }
             }
-            #expect(try await sys.count("SELECT count(*) FROM runs WHERE output = $1 AND error_message = $2 AND worker_id = $3",
-                                        ["before\u{FFFD}after", "a\u{FFFD}b", "w\u{FFFD}nul"]) == 1)
+            #expect(
+                try await sys.count(
+                    "SELECT count(*) FROM runs WHERE output = $1 AND error_message = $2 AND worker_id = $3",
+                    ["before\u{FFFD}after", "a\u{FFFD}b", "w\u{FFFD}nul"]) == 1)
             #expect(dispatcher.stats.outcomesRecorded == 2)
         }
     }
@@ -181,15 +230,19 @@ struct EndToEndTests {
             let dispatcher = sys.dispatcher()
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
             let topo = ConveyorTopology(prefix: sys.prefix)
-            let pub = AMQPPublisher(configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
-            pub.start(); defer { pub.stop() }
+            let pub = AMQPPublisher(
+                configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
+            pub.start()
+            defer { pub.stop() }
             try await pub.waitUntilConnected()
             try await withServices([dispatcher, worker]) {
                 try await sys.store.createTasks(sys.tasks(5, executor: "no-such-executor", name: "unknown"))
                 try await sys.store.createTasks(sys.tasks(5, name: "good"))
                 for body in ["{not json", "{\"version\": 1}", "\u{FF}\u{FE}"] {
-                    try await pub.publish(AMQPOutgoingMessage(exchange: topo.tasksExchange, routingKey: sys.queue, body: Array(body.utf8),
-                                                              properties: AMQPProperties(type: taskMessageType)))
+                    try await pub.publish(
+                        AMQPOutgoingMessage(
+                            exchange: topo.tasksExchange, routingKey: sys.queue, body: Array(body.utf8),
+                            properties: AMQPProperties(type: taskMessageType)))
                 }
                 // The dispatcher consumes conveyor.dead and keeps every dead letter.
                 try await sys.eventually {
@@ -200,12 +253,16 @@ struct EndToEndTests {
             }
             // A poison message is never retried: the run ends dead with the worker's error, whichever
             // arrived first (the worker's status: "refused"; the dead letter: "rejected by a worker").
-            #expect(try await sys.count("""
-                SELECT count(*) FROM runs WHERE state = 'dead' AND error_class = 'unknown_executor' AND error_message LIKE '%no-such-executor%'
-                AND (reason LIKE '%refused%' OR reason LIKE '%rejected by a worker%')
-                """) == 5)
+            #expect(
+                try await sys.count(
+                    """
+                    SELECT count(*) FROM runs WHERE state = 'dead' AND error_class = 'unknown_executor' AND
+                        error_message LIKE '%no-such-executor%'
+                    AND (reason LIKE '%refused%' OR reason LIKE '%rejected by a worker%')
+                    """) == 5)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 5)
-            #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE reason LIKE 'rejected by a worker%'") == 8)
+            #expect(
+                try await sys.count("SELECT count(*) FROM dead_letters WHERE reason LIKE 'rejected by a worker%'") == 8)
             #expect(try await sys.count("SELECT count(*) FROM dead_letters WHERE run_id IS NOT NULL") == 5)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE attempt > 1") == 0)
             #expect(worker.stats.rejected == 8)
@@ -226,15 +283,21 @@ struct EndToEndTests {
     func sigtermDrainsAWorker(_ drain: Drain) async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
-            let env = ["CONVEYOR_AMQP_URL": sys.workerAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix, "CONVEYOR_WORKER_QUEUES": sys.queue,
-                       "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4", "CONVEYOR_WORKER_ID": "draining",
-                       "CONVEYOR_WORKER_SHUTDOWN_GRACE_MS": drain.graceMS]
+            let env = [
+                "CONVEYOR_AMQP_URL": sys.workerAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix,
+                "CONVEYOR_WORKER_QUEUES": sys.queue,
+                "CONVEYOR_WORKER_EXECUTORS": "sleep", "CONVEYOR_WORKER_CONCURRENCY": "4",
+                "CONVEYOR_WORKER_ID": "draining",
+                "CONVEYOR_WORKER_SHUTDOWN_GRACE_MS": drain.graceMS,
+            ]
             let draining = try spawnConveyor(["worker"], env: env)
             defer { if draining.isRunning { kill(draining.processIdentifier, SIGKILL) } }
             try await withServices([dispatcher]) {
-                try await sys.store.createTasks(sys.tasks(3, executor: "sleep", parameters: .object(["seconds": .number(2)])))
+                try await sys.store.createTasks(
+                    sys.tasks(3, executor: "sleep", parameters: .object(["seconds": .number(2)])))
                 let running = try await sys.eventually(timeout: .seconds(30), "3 runs on the worker") {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'draining'") == 3
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'running' AND worker_id = 'draining'")
+                        == 3
                 }
                 try #require(running)
                 let signalled = ContinuousClock.now
@@ -244,24 +307,26 @@ struct EndToEndTests {
                 if drain == .pastGrace {
                     #expect(ContinuousClock.now - signalled < .seconds(2), "it did not wait for the 2 s runs")
                 }
+                if drain == .withinGrace { try await sys.expectNothingToRedeliver() }
                 // A second worker now shows what the broker still holds.
                 let recorder = Recorder()
                 let survivor = sys.worker(["sleep": RecordingExecutor(recorder: recorder)], id: "survivor")
-                try await withServices([survivor]) {
+                _ = try await withServices([survivor]) {
                     try await sys.eventually(timeout: .seconds(30), "all 3 succeeded") {
                         try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 3
-                    }
-                    if drain == .withinGrace {
-                        try await Task.sleep(for: .seconds(2))   // time for any redelivery to show up
                     }
                 }
                 switch drain {
                 case .withinGrace:
                     #expect(recorder.total == 0, "nothing was redelivered: the drained runs were acked")
-                    #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'draining' AND state = 'succeeded'") == 3)
+                    #expect(
+                        try await sys.count(
+                            "SELECT count(*) FROM runs WHERE worker_id = 'draining' AND state = 'succeeded'") == 3)
                 case .pastGrace:
                     #expect(recorder.total == 3, "the runs cut off by the deadline were redelivered")
-                    #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'survivor' AND state = 'succeeded'") == 3)
+                    #expect(
+                        try await sys.count(
+                            "SELECT count(*) FROM runs WHERE worker_id = 'survivor' AND state = 'succeeded'") == 3)
                 }
             }
             #expect(try await sys.count("SELECT count(*) FROM runs") == 3)
@@ -296,10 +361,13 @@ struct EndToEndTests {
         try await System.with { sys in
             let recorder = Recorder()
             let dispatcher = sys.dispatcher(lease: .seconds(3))
-            let worker = sys.worker(["record": RecordingExecutor(recorder: recorder, delay: .milliseconds(20))], concurrency: 16)
+            let worker = sys.worker(
+                ["record": RecordingExecutor(recorder: recorder, delay: .milliseconds(20))], concurrency: 16)
             try await withServices([dispatcher, worker]) {
                 try await sys.store.createTasks(sys.tasks(1500))
-                try await sys.eventually("work under way") { try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > 100 }
+                try await sys.eventually("work under way") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > 100
+                }
                 try await fault.inject {
                     #expect(!dispatcher.isReady && !worker.isReady, "readiness follows the broker")
                 }
@@ -312,7 +380,8 @@ struct EndToEndTests {
                 }
                 // Everyone that was connected came back.
                 try await sys.eventually(timeout: .seconds(15), "all connections back") {
-                    dispatcher.statusConsumer.reconnectCount >= 1 && worker.consumerReconnects >= 1 && dispatcher.publisher.reconnectCount >= 1
+                    dispatcher.statusConsumer.reconnectCount >= 1 && worker.consumerReconnects >= 1
+                        && dispatcher.publisher.reconnectCount >= 1
                         && dispatcher.isReady && worker.isReady
                 }
             }
@@ -335,9 +404,13 @@ struct OutboxAndMigrationTests {
                 for try await a in g { all.append(a) }
                 return all
             }
-            #expect(applied.flatMap { $0 }.sorted() == migrator.migrations.map(\.version).sorted(), "each migration applied exactly once")
+            #expect(
+                applied.flatMap { $0 }.sorted() == migrator.migrations.map(\.version).sorted(),
+                "each migration applied exactly once")
             #expect(try await migrator.migrate(pool).isEmpty)
-            let n = try await pool.withConnection { c in try await c.query("SELECT count(*) FROM schema_migrations").first!.int(0) }
+            let n = try await pool.withConnection { c in
+                try await c.query("SELECT count(*) FROM schema_migrations").first!.int(0)
+            }
             #expect(n == migrator.migrations.count)
         }
     }
@@ -348,10 +421,13 @@ struct OutboxAndMigrationTests {
             // the run is queued, the task already advanced, nothing was published.
             try await sys.store.createTasks(sys.tasks(1, schedule: .once))
             try await sys.pool.withConnection { c in
-                try await c.query("""
-                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, traceparent, trace_id, publish_count)
-                    SELECT $1, id, next_run_at, 1, 'queued', queue, shard, now() + interval '2 seconds',
-                           '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01', '0af7651916cd43dd8448eb211c80319c', 1
+                try await c.query(
+                    """
+                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, traceparent,
+                        trace_id, publish_count)
+                    SELECT $1, id, next_run_at, 1, 'queued', queue, shard, now() + interval '5 seconds',
+                           '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01',
+                               '0af7651916cd43dd8448eb211c80319c', 1
                     FROM tasks
                     """, [UUID()])
                 try await c.query("UPDATE tasks SET next_run_at = NULL")
@@ -360,16 +436,23 @@ struct OutboxAndMigrationTests {
             let survivor = sys.dispatcher()
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
             try await withServices([survivor, worker]) {
-                // Not before the lease ends…
-                try await Task.sleep(for: .seconds(1))
+                // Not before the lease ends: two scans pass it by…
+                try await sys.eventually("two scans") { survivor.stats.scans >= 2 }
+                #expect(
+                    try await sys.count("SELECT count(*) FROM runs WHERE publish_count = 1 AND available_at > now()")
+                        == 1,
+                    "left alone while its lease holds")
                 #expect(recorder.total == 0)
                 // …then republished, run once, recorded once, in the stored trace.
                 try await sys.eventually(timeout: .seconds(20)) {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND publish_count = 2") == 1
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded' AND publish_count = 2")
+                        == 1
                 }
             }
             #expect(recorder.total == 1)
-            #expect(recorder.traceparents.withLock { $0.values.first?.contains("0af7651916cd43dd8448eb211c80319c") } == true)
+            #expect(
+                recorder.traceparents.withLock { $0.values.first?.contains("0af7651916cd43dd8448eb211c80319c") } == true
+            )
             #expect(try await sys.count("SELECT count(*) FROM runs") == 1)
         }
     }

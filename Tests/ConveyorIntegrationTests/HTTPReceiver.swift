@@ -94,7 +94,8 @@ final class HTTPReceiver: Sendable {
                 guard let head, let receiver = receiver() else { return }
                 let request = Request(
                     method: head.method.rawValue, path: head.uri,
-                    headers: Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a }),
+                    headers: Dictionary(
+                        head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { a, _ in a }),
                     body: String(decoding: body, as: UTF8.self),
                     fields: head.headers.map { ($0.name.lowercased(), $0.value) }, bytes: body)
                 let before =
@@ -113,9 +114,13 @@ final class HTTPReceiver: Sendable {
                     for (k, v) in reply.headers { headers.add(name: k, value: v) }
                     if !keepAlive { headers.add(name: "connection", value: "close") }
                     context.write(
-                        NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: head.version, status: .init(statusCode: reply.status), headers: headers))),
+                        NIOAny(
+                            HTTPServerResponsePart.head(
+                                HTTPResponseHead(
+                                    version: head.version, status: .init(statusCode: reply.status), headers: headers))),
                         promise: nil)
-                    context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: reply.body)))), promise: nil)
+                    context.write(
+                        NIOAny(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(string: reply.body)))), promise: nil)
                     let done = context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)))
                     if !keepAlive { done.whenComplete { _ in loopBound.value.close(promise: nil) } }
                 }

@@ -1,8 +1,11 @@
 import ConveyorAMQP
+import ConveyorAPI
+import ConveyorBroker
 import ConveyorCore
 import ConveyorDispatcher
 import ConveyorPostgres
 import ConveyorStore
+import ConveyorTelemetry
 import ConveyorWorker
 import Foundation
 import Logging
@@ -70,7 +73,10 @@ struct System {
     let apiAMQPURL: String
 
     static func with<T>(_ body: (System) async throws -> T) async throws -> T {
-        try await Servers.withDatabase { url in
+        // The metrics backend each command's main bootstraps (once per process): components run
+        // in-process record into the same Prometheus registry their `/metrics` routes write out.
+        ConveyorMetrics.bootstrap()
+        return try await Servers.withDatabase { url in
             var cfg = PostgresPool.Configuration(url: url)
             cfg.maxConnections = 12
             let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
@@ -78,14 +84,18 @@ struct System {
             try await Migrator(logger: Servers.logger).migrate(pool)
             var amqp = AMQPConfiguration(url: try Servers.requireAMQP())
             amqp.reconnectCap = .milliseconds(500)
-            let system = System(databaseURL: url, pool: pool, store: Store(pool: pool), prefix: Servers.uniquePrefix(), amqp: amqp, queue: "work",
-                                dispatcherAMQPURL: try Servers.roleURL(.dispatcher), workerAMQPURL: try Servers.roleURL(.worker),
-                                apiAMQPURL: try Servers.roleURL(.api))
+            let system = System(
+                databaseURL: url, pool: pool, store: Store(pool: pool), prefix: Servers.uniquePrefix(), amqp: amqp,
+                queue: "work",
+                dispatcherAMQPURL: try Servers.roleURL(.dispatcher), workerAMQPURL: try Servers.roleURL(.worker),
+                apiAMQPURL: try Servers.roleURL(.api))
             return try await body(system)
         }
     }
 
-    func dispatcher(lease: Duration = .seconds(30), _ configure: (inout DispatcherConfiguration) -> Void = { _ in }) -> Dispatcher {
+    func dispatcher(lease: Duration = .seconds(30), _ configure: (inout DispatcherConfiguration) -> Void = { _ in })
+        -> Dispatcher
+    {
         var c = DispatcherConfiguration()
         c.prefix = prefix
         c.queues = [queue]
@@ -93,24 +103,33 @@ struct System {
         c.maintenanceInterval = .milliseconds(200)
         c.publishLease = lease
         configure(&c)
-        return Dispatcher(configuration: c, store: Store(pool: pool), amqp: amqp, databaseURL: databaseURL, logger: Servers.logger)
+        return Dispatcher(
+            configuration: c, store: Store(pool: pool), amqp: amqp, databaseURL: databaseURL, logger: Servers.logger)
     }
 
-    func worker(_ executors: [String: any Executor], concurrency: Int = 32, id: String = UUID().uuidString,
-                _ configure: (inout WorkerConfiguration) -> Void = { _ in }) -> Worker {
-        var c = WorkerConfiguration(id: id, queues: [queue], concurrency: concurrency, executorNames: Array(executors.keys), prefix: prefix)
+    func worker(
+        _ executors: [String: any Executor], concurrency: Int = 32, id: String = UUID().uuidString,
+        _ configure: (inout WorkerConfiguration) -> Void = { _ in }
+    ) -> Worker {
+        var c = WorkerConfiguration(
+            id: id, queues: [queue], concurrency: concurrency, executorNames: Array(executors.keys), prefix: prefix)
         configure(&c)
         return Worker(configuration: c, executors: executors, amqp: amqp, logger: Servers.logger)
     }
 
     /// The environment of a `conveyor worker` process on this system.
     func workerEnvironment(id: String, executors: String = "sleep", concurrency: Int = 4) -> [String: String] {
-        ["CONVEYOR_AMQP_URL": workerAMQPURL, "CONVEYOR_AMQP_PREFIX": prefix, "CONVEYOR_WORKER_QUEUES": queue,
-         "CONVEYOR_WORKER_EXECUTORS": executors, "CONVEYOR_WORKER_CONCURRENCY": "\(concurrency)", "CONVEYOR_WORKER_ID": id]
+        [
+            "CONVEYOR_AMQP_URL": workerAMQPURL, "CONVEYOR_AMQP_PREFIX": prefix, "CONVEYOR_WORKER_QUEUES": queue,
+            "CONVEYOR_WORKER_EXECUTORS": executors, "CONVEYOR_WORKER_CONCURRENCY": "\(concurrency)",
+            "CONVEYOR_WORKER_ID": id,
+        ]
     }
 
-    func tasks(_ n: Int, executor: String = "record", schedule: Schedule = .once, parameters: JSONValue = .object([:]),
-               name: String = "t") -> [NewTask] {
+    func tasks(
+        _ n: Int, executor: String = "record", schedule: Schedule = .once, parameters: JSONValue = .object([:]),
+        name: String = "t"
+    ) -> [NewTask] {
         (0..<n).map { i in
             var t = NewTask(name: "\(name)-\(i)", executor: executor, schedule: schedule)
             t.queue = queue
@@ -138,12 +157,27 @@ struct System {
         return t
     }
 
-    func withPublisher<T>(_ topology: AMQPTopology, _ body: (AMQPPublisher, ConveyorTopology) async throws -> T) async throws -> T {
+    func withPublisher<T>(_ topology: AMQPTopology, _ body: (AMQPPublisher, ConveyorTopology) async throws -> T)
+        async throws -> T
+    {
         let pub = AMQPPublisher(configuration: amqp, topology: topology, logger: Servers.logger)
         pub.start()
         defer { pub.stop() }
         try await pub.waitUntilConnected()
         return try await body(pub, ConveyorTopology(prefix: prefix))
+    }
+
+    /// Waits (bounded) until the work queue has no consumer left (a stopped worker's connections
+    /// are gone, and with them anything it held unacked is back in the queue), then expects the
+    /// queue to be empty: every run the worker took was acked, and nothing will be redelivered.
+    func expectNothingToRedeliver(sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let inspector = AMQPInspector(configuration: amqp)
+        defer { inspector.close() }
+        let queue = ConveyorTopology(prefix: prefix).workQueue(self.queue)
+        try await eventually("the work queue's consumers are gone", sourceLocation: sourceLocation) {
+            try await inspector.queues([queue]).first?.consumers == 0
+        }
+        #expect(try await inspector.queues([queue]).first?.messages == 0, sourceLocation: sourceLocation)
     }
 
     /// Rows of text.
@@ -161,15 +195,20 @@ struct System {
     /// expansion was seen to be run by a later call in its place (Swift 6.3.1), so waits passed
     /// without waiting.
     @discardableResult
-    func eventually(timeout: Duration = .seconds(60), _ what: String = "condition", sourceLocation: SourceLocation = #_sourceLocation,
-                    _ condition: () async throws -> Bool) async throws -> Bool {
+    func eventually(
+        timeout: Duration = .seconds(60), _ what: String = "condition",
+        sourceLocation: SourceLocation = #_sourceLocation,
+        _ condition: () async throws -> Bool
+    ) async throws -> Bool {
         if try await Self.poll(timeout: timeout, condition) { return true }
         Issue.record("\(what) did not hold within \(timeout)", sourceLocation: sourceLocation)
         return false
     }
 
     /// Polls `condition` every `interval` until it holds (true) or `timeout` passes (false).
-    static func poll(timeout: Duration, every interval: Duration = .milliseconds(100), _ condition: () async throws -> Bool) async throws -> Bool {
+    static func poll(
+        timeout: Duration, every interval: Duration = .milliseconds(100), _ condition: () async throws -> Bool
+    ) async throws -> Bool {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if try await condition() { return true }
@@ -206,7 +245,9 @@ func conveyorBinary(_ name: String = "conveyor") throws -> String {
         dir = dir.deletingLastPathComponent()
     }
     let fallback = FileManager.default.currentDirectoryPath + "/.build/debug/" + name
-    return try #require(FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil, "\(name) binary not built: run swift build first")
+    return try #require(
+        FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil,
+        "\(name) binary not built: run swift build first")
 }
 
 /// `conveyor <args>` with the test environment plus `env`, not started.
@@ -224,11 +265,16 @@ func conveyorProcess(_ args: [String], env: [String: String]) throws -> Process 
     return p
 }
 
-/// Starts `conveyor <args>` as a child process with extra environment.
-func spawnConveyor(_ args: [String], env: [String: String]) throws -> Process {
+/// Starts `conveyor <args>` as a child process with extra environment; its log goes to `log` when given.
+func spawnConveyor(_ args: [String], env: [String: String], log: String? = nil) throws -> Process {
     let p = try conveyorProcess(args, env: env)
     p.standardOutput = FileHandle.nullDevice
-    p.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
+    if let log {
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        p.standardError = FileHandle(forWritingAtPath: log)
+    } else {
+        p.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
+    }
     try p.run()
     return p
 }
@@ -242,14 +288,18 @@ func runConveyor(_ args: [String], env: [String: String] = [:]) throws -> (statu
 /// (two threads here) must not.
 func exited(_ p: Process) async {
     await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-        Thread.detachNewThread { p.waitUntilExit(); c.resume() }
+        Thread.detachNewThread {
+            p.waitUntilExit()
+            c.resume()
+        }
     }
 }
 
 /// Runs `p` to completion; returns its exit status, standard output and error. Standard error
 /// is read on another thread, so a program filling one pipe while the other is read never stalls.
 func runCapturing(_ p: Process) throws -> (status: Int32, out: String, err: String) {
-    let out = Pipe(), err = Pipe()
+    let out = Pipe()
+    let err = Pipe()
     p.standardOutput = out
     p.standardError = err
     try p.run()
@@ -262,7 +312,10 @@ func runCapturing(_ p: Process) throws -> (status: Int32, out: String, err: Stri
     let o = out.fileHandleForReading.readDataToEndOfFile()
     readErrors.wait()
     p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: errorText.withLock { $0 }, as: UTF8.self))
+    return (
+        p.terminationStatus, String(decoding: o, as: UTF8.self),
+        String(decoding: errorText.withLock { $0 }, as: UTF8.self)
+    )
 }
 
 extension System {
@@ -275,7 +328,11 @@ extension System {
     /// `statuses`, each carrying its attempt's proof.
     func signed(_ statuses: [StatusMessage]) async throws -> [StatusMessage] {
         let signer = StatusProof(secret: try await store.statusKey())
-        return statuses.map { var s = $0; s.proof = signer.sign(runID: s.runID, attempt: s.attempt); return s }
+        return statuses.map {
+            var s = $0
+            s.proof = signer.sign(runID: s.runID, attempt: s.attempt)
+            return s
+        }
     }
 }
 
@@ -284,6 +341,7 @@ func sealedStatus(_ s: StatusMessage, exchange: String, persistent: Bool = false
     let body = MessageCodec.encode(s)
     var headers: AMQPHeaders = [:]
     if let proof = s.proof { headers[StatusProof.sealHeader] = .string(StatusProof.seal(body, proof: proof)) }
-    return AMQPOutgoingMessage(exchange: exchange, routingKey: "status", body: body,
-                               properties: AMQPProperties(type: statusMessageType, persistent: persistent, headers: headers))
+    return AMQPOutgoingMessage(
+        exchange: exchange, routingKey: "status", body: body,
+        properties: AMQPProperties(type: statusMessageType, persistent: persistent, headers: headers))
 }

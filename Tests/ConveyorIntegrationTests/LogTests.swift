@@ -33,7 +33,8 @@ struct LogTests {
             }
             p.terminate()
             p.waitUntilExit()
-            let lines = String(decoding: try Data(contentsOf: log), as: UTF8.self).split(separator: "\n").map(String.init)
+            let lines = String(decoding: try Data(contentsOf: log), as: UTF8.self).split(separator: "\n").map(
+                String.init)
             #expect(lines.count >= 3)
             var objects: [[String: Any]] = []
             for line in lines {
@@ -44,7 +45,8 @@ struct LogTests {
                 #expect(o["time"] is String && o["level"] is String && o["message"] is String, "\(line)")
                 objects.append(o)
             }
-            let output = try #require(objects.first { ($0["message"] as? String)?.contains("hello from the json test") == true }, "\(lines)")
+            let output = try #require(
+                objects.first { ($0["message"] as? String)?.contains("hello from the json test") == true }, "\(lines)")
             let runID = try await sys.rows("SELECT id::text, trace_id FROM runs").first
             #expect((output["run.id"] as? String)?.lowercased() == runID?[0]?.lowercased())
             #expect(output["trace.id"] as? String == runID?[1], "the run's trace id is on its log lines")
@@ -54,8 +56,12 @@ struct LogTests {
             #expect(lines.contains { $0.contains("amqp://conveyor-worker:***@") }, "\(lines.prefix(3))")
 
             // A canary password in the database URL of a failing command.
-            let failed = try runConveyor(["task", "list"], env: ["CONVEYOR_DATABASE_URL": "postgresql://conveyor:canary-db-pw@127.0.0.1:1/x",
-                                                                 "CONVEYOR_LOG_FORMAT": "json"])
+            let failed = try runConveyor(
+                ["task", "list"],
+                env: [
+                    "CONVEYOR_DATABASE_URL": "postgresql://conveyor:canary-db-pw@127.0.0.1:1/x",
+                    "CONVEYOR_LOG_FORMAT": "json",
+                ])
             #expect(failed.status != 0)
             #expect(!failed.err.contains("canary-db-pw") && !failed.out.contains("canary-db-pw"), "\(failed.err)")
         }

@@ -22,16 +22,22 @@ struct OutboundHTTPTests {
         }
         defer { Task { await receiver.close() } }
         let http = OutboundHTTP(policy: Self.loopbackPolicy(), logger: Servers.logger)
-        let ok = try await http.send(OutboundRequest(method: "POST", url: receiver.url + "/to-b", body: Array("x".utf8)), timeout: .seconds(5))
+        let ok = try await http.send(
+            OutboundRequest(method: "POST", url: receiver.url + "/to-b", body: Array("x".utf8)), timeout: .seconds(5))
         #expect(ok.status == 200 && ok.url == receiver.url + "/b")
         #expect(receiver.received(path: "/b").first?.method == "GET", "a 302 after a POST continues as a GET")
         #expect(String(decoding: ok.body, as: UTF8.self) == "ok")
 
-        await #expect { _ = try await http.send(OutboundRequest(url: receiver.url + "/to-metadata"), timeout: .seconds(5)) } throws: { e in
+        await #expect {
+            _ = try await http.send(OutboundRequest(url: receiver.url + "/to-metadata"), timeout: .seconds(5))
+        } throws: { e in
             (e as? OutboundError)?.kind == .refused && "\(e)".contains("169.254.169.254 is a metadata address")
         }
         // The default policy allows no private network: the same server is refused outright.
-        await #expect { _ = try await OutboundHTTP(policy: OutboundPolicy(), logger: Servers.logger).send(OutboundRequest(url: receiver.url + "/b"), timeout: .seconds(5)) } throws: { e in
+        await #expect {
+            _ = try await OutboundHTTP(policy: OutboundPolicy(), logger: Servers.logger).send(
+                OutboundRequest(url: receiver.url + "/b"), timeout: .seconds(5))
+        } throws: { e in
             (e as? OutboundError)?.kind == .refused
         }
         #expect(receiver.received(path: "/b").count == 1, "nothing reached the server past a refusal")
@@ -62,7 +68,9 @@ struct OutboundHTTPTests {
         ]
         // X-Api-Key stands for a task's own header (the http executor marks all of them).
         func post(_ path: String) -> OutboundRequest {
-            OutboundRequest(method: "POST", url: origin.url + path, headers: headers, body: Array("payload".utf8), originOnlyHeaders: ["X-Api-Key"])
+            OutboundRequest(
+                method: "POST", url: origin.url + path, headers: headers, body: Array("payload".utf8),
+                originOnlyHeaders: ["X-Api-Key"])
         }
         let dropped = ["authorization", "cookie", "proxy-authorization", "x-api-key"]
 
@@ -71,14 +79,17 @@ struct OutboundHTTPTests {
         #expect(moved.status == 200 && moved.url == other.url + "/landed-302")
         let landed = try #require(other.received(path: "/landed-302").first)
         #expect(landed.method == "GET" && landed.body.isEmpty)
-        for name in dropped { #expect(landed.headers[name] == nil, "\(name) reached another origin: \(landed.headers)") }
+        for name in dropped {
+            #expect(landed.headers[name] == nil, "\(name) reached another origin: \(landed.headers)")
+        }
         #expect(landed.headers["x-plain"] == "kept", "only credentials and the request's own headers are dropped")
 
         // 307 keeps method and body: to another origin that is refused, and nothing is sent there.
         let away307 = post("/away-307")
         await #expect { _ = try await http.send(away307, timeout: .seconds(5)) } throws: { e in
             let text = "\(e)"
-            return (e as? OutboundError)?.kind == .refused && text.contains("another origin") && !text.contains("s3cret")
+            return (e as? OutboundError)?.kind == .refused && text.contains("another origin")
+                && !text.contains("s3cret")
         }
         #expect(other.received(path: "/landed-307").isEmpty, "a body was replayed to another origin")
         // A 307 without a body is followed, without the credentials.
@@ -89,7 +100,9 @@ struct OutboundHTTPTests {
         #expect(followed.status == 200)
         let bodiless = try #require(other.received(path: "/landed-307").first)
         #expect(bodiless.method == "GET")
-        for name in dropped { #expect(bodiless.headers[name] == nil, "\(name) reached another origin: \(bodiless.headers)") }
+        for name in dropped {
+            #expect(bodiless.headers[name] == nil, "\(name) reached another origin: \(bodiless.headers)")
+        }
 
         // Same origin: a 307 keeps method, body and headers; a 302 keeps the headers.
         let kept = try await http.send(post("/home-307"), timeout: .seconds(5))
@@ -110,15 +123,21 @@ struct OutboundHTTPTests {
         var p = Self.loopbackPolicy()
         p.allowedHosts = ["hooks.example.com"]
         let http = OutboundHTTP(policy: p, logger: Servers.logger)
-        await #expect { _ = try await http.send(OutboundRequest(url: "http://127.0.0.1:9/x"), timeout: .seconds(5)) } throws: { e in
+        await #expect {
+            _ = try await http.send(OutboundRequest(url: "http://127.0.0.1:9/x"), timeout: .seconds(5))
+        } throws: { e in
             "\(e)".contains("host '127.0.0.1' is not in the allowed hosts")
         }
-        await #expect { _ = try await http.send(OutboundRequest(url: "file:///etc/passwd"), timeout: .seconds(5)) } throws: { e in
+        await #expect {
+            _ = try await http.send(OutboundRequest(url: "file:///etc/passwd"), timeout: .seconds(5))
+        } throws: { e in
             (e as? OutboundError)?.kind == .invalidURL || "\(e)".contains("scheme 'file'")
         }
         // A closed port is a connect failure (retried by the client until the deadline): retryable, unlike a refusal.
         let open = OutboundHTTP(policy: Self.loopbackPolicy(), logger: Servers.logger)
-        await #expect { _ = try await open.send(OutboundRequest(url: "http://127.0.0.1:9/x"), timeout: .milliseconds(500)) } throws: { e in
+        await #expect {
+            _ = try await open.send(OutboundRequest(url: "http://127.0.0.1:9/x"), timeout: .milliseconds(500))
+        } throws: { e in
             (e as? OutboundError)?.retryable == true
         }
     }

@@ -12,7 +12,10 @@ struct PostgresTests {
             let evil = "'); DROP TABLE x; --"
             let ids = [UUID(), UUID()]
             let rows = try await c.query(
-                "SELECT $1::text, $2::int + 1, $3::uuid[], array_length($3::uuid[], 1), $4::text IS NULL, $5::timestamptz",
+                """
+                SELECT $1::text, $2::int + 1, $3::uuid[], array_length($3::uuid[], 1), $4::text IS NULL, \
+                $5::timestamptz
+                """,
                 [evil, 41, ids, String?.none, Date(timeIntervalSince1970: 1_700_000_000.25)])
             let r = try #require(rows.first)
             #expect(try r.string(0) == evil)
@@ -88,9 +91,11 @@ struct PostgresTests {
                         var mine: [Int] = []
                         while true {
                             let got = try await pool.withTransaction { c in
-                                try await c.query("""
+                                try await c.query(
+                                    """
                                     UPDATE jobs SET claimed_by = $1 WHERE id IN (
-                                      SELECT id FROM jobs WHERE claimed_by IS NULL ORDER BY id LIMIT 50 FOR UPDATE SKIP LOCKED)
+                                      SELECT id FROM jobs WHERE claimed_by IS NULL ORDER BY id LIMIT 50 FOR UPDATE SKIP
+                                          LOCKED)
                                     RETURNING id
                                     """, [who])
                             }
@@ -112,24 +117,104 @@ struct PostgresTests {
     @Test func cancellingATaskCancelsTheRunningStatement() async throws {
         try await Servers.withDatabase { url in
             let c = try await PostgresConnection.connect(url: url, logger: Servers.logger)
+            let watcher = try await PostgresConnection.connect(url: url, logger: Servers.logger)
             let start = ContinuousClock.now
             let t = Task { try await c.simple("SELECT pg_sleep(20)") }
-            try await Task.sleep(for: .milliseconds(300))
+            try await Self.waitUntilRunning("pg_sleep(20)", watcher)
             t.cancel()
             await #expect { try await t.value } throws: { e in (e as? PostgresError)?.sqlState == "57014" }
             #expect(ContinuousClock.now - start < .seconds(10))
-            // The connection is usable afterwards.
+            // Still open, but not for a pool to hand on: a late cancel could abort the next statement.
             #expect(try await c.query("SELECT 1").first?.int(0) == 1)
+            #expect(!c.isHealthy)
+        }
+    }
+
+    /// The cancel request may reach the server after the statement it was meant for has ended and
+    /// the connection's next caller has begun (in CI it aborted another test's query). So the pool
+    /// never hands on a connection that has been sent one.
+    @Test func aConnectionSentACancelIsNotHandedToTheNextCaller() async throws {
+        try await Servers.withDatabase { url in
+            var cfg = PostgresPool.Configuration(url: url)
+            cfg.maxConnections = 1
+            let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
+            defer { pool.close() }
+            let watcher = try await PostgresConnection.connect(url: url, logger: Servers.logger)
+            let pid = "SELECT pg_backend_pid()"
+            let first = try await pool.withConnection { try await $0.query(pid).first?.int(0) }
+            let t = Task { try await pool.withConnection { try await $0.simple("SELECT pg_sleep(20)") } }
+            try await Self.waitUntilRunning("pg_sleep(20)", watcher)
+            t.cancel()
+            await #expect { try await t.value } throws: { e in (e as? PostgresError)?.sqlState == "57014" }
+            let next = try await pool.withConnection { try await $0.query(pid).first?.int(0) }
+            #expect(first != nil && next != nil && first != next, "the cancelled connection was closed, not reused")
+        }
+    }
+
+    /// A cancel request is a connection of its own that waits for the server to close it. Here the
+    /// path to the server accepts that connection and holds it: cancelling the task still returns at
+    /// once (the request waits on a dispatch queue, not on the cancelling thread), and the
+    /// statement is cancelled once the path forwards again.
+    @Test func aCancelRequestThatHangsDoesNotBlockTheTaskThatCancelled() async throws {
+        try await Servers.withDatabase { url in
+            let port = try #require(url.firstMatch(of: /@[^:\/]+:(\d+)\//).flatMap { Int($0.output.1) })
+            let forwarder = try TCPForwarder(upstreamPort: port)
+            defer { forwarder.stop() }
+            let through = url.replacingOccurrences(of: ":\(port)/", with: ":\(forwarder.port)/")
+            let c = try await PostgresConnection.connect(url: through, logger: Servers.logger)
+            let watcher = try await PostgresConnection.connect(url: url, logger: Servers.logger)
+            let t = Task { try await c.simple("SELECT pg_sleep(20)") }
+            try await Self.waitUntilRunning("pg_sleep(20)", watcher)
+            forwarder.hold()
+            // Cancelled from a thread of its own, so a cancel() that blocks fails the test, not hangs it.
+            let returned = DispatchSemaphore(value: 0)
+            DispatchQueue.global().async {
+                t.cancel()
+                returned.signal()
+            }
+            let inTime = await withCheckedContinuation { done in
+                DispatchQueue.global().async { done.resume(returning: returned.wait(timeout: .now() + 2) == .success) }
+            }
+            #expect(inTime, "cancel() returned within 2 s while the request hangs")
+            // The held request gives up when its connection closes; the next one is forwarded.
+            forwarder.release()
+            let ended = try await System.poll(timeout: .seconds(10)) {
+                c.sendCancel()
+                return try await watcher.query(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'"
+                ).first?.int(0) == 0
+            }
+            #expect(ended, "the statement was cancelled once the path forwarded again")
+            await #expect { try await t.value } throws: { e in (e as? PostgresError)?.sqlState == "57014" }
+        }
+    }
+
+    /// Waits (bounded) until `pg_stat_activity` shows `SELECT <what>` running.
+    static func waitUntilRunning(_ what: String, _ watcher: PostgresConnection) async throws {
+        let running = try await System.poll(timeout: .seconds(10)) {
+            try await watcher.query(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", ["SELECT \(what)"]
+            ).first?.int(0) == 1
+        }
+        try #require(running, "SELECT \(what) is running")
+    }
+
+    /// Runs `body` with a pool of one connection on a fresh database.
+    static func withOneConnectionPool(
+        acquireTimeout: Duration, _ body: (PostgresPool) async throws -> Void
+    ) async throws {
+        try await Servers.withDatabase { url in
+            var cfg = PostgresPool.Configuration(url: url)
+            cfg.maxConnections = 1
+            cfg.acquireTimeout = acquireTimeout
+            let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
+            defer { pool.close() }
+            try await body(pool)
         }
     }
 
     @Test func poolTimesOutWhenExhausted() async throws {
-        try await Servers.withDatabase { url in
-            var cfg = PostgresPool.Configuration(url: url)
-            cfg.maxConnections = 1
-            cfg.acquireTimeout = .milliseconds(200)
-            let pool = PostgresPool(configuration: cfg, logger: Servers.logger)
-            defer { pool.close() }
+        try await Self.withOneConnectionPool(acquireTimeout: .milliseconds(200)) { pool in
             _ = try await pool.withConnection { _ in
                 await #expect { try await pool.withConnection { _ in } } throws: { e in
                     (e as? PostgresError)?.code == .poolTimeout
@@ -137,6 +222,22 @@ struct PostgresTests {
             }
             let n = try await pool.withConnection { c in try await c.query("SELECT 1").count }
             #expect(n == 1)
+        }
+    }
+
+    /// A caller cancelled while it waits for a connection stops waiting at once, with a cancellation
+    /// (not a pool timeout, 30 s later), and the connection then goes to no one who left.
+    @Test func aCancelledWaiterStopsWaitingAtOnce() async throws {
+        try await Self.withOneConnectionPool(acquireTimeout: .seconds(30)) { pool in
+            try await pool.withConnection { _ in
+                let waiter = Task { try await pool.withConnection { _ in } }
+                let waiting = try await System.poll(timeout: .seconds(10)) { pool.usage.waiting == 1 }
+                #expect(waiting, "it waits")
+                waiter.cancel()
+                await #expect(throws: CancellationError.self) { try await waiter.value }
+                #expect(pool.usage.waiting == 0)
+            }
+            #expect(pool.usage.idle == 1, "the connection came back to the pool, not to the cancelled waiter")
         }
     }
 
@@ -159,7 +260,9 @@ struct PostgresTests {
                         do {
                             try await pool.withConnection { c in
                                 let id = ObjectIdentifier(c)
-                                if !tally.inUse.withLock({ $0.insert(id).inserted }) { tally.overlaps.withLock { $0 += 1 } }
+                                if !tally.inUse.withLock({ $0.insert(id).inserted }) {
+                                    tally.overlaps.withLock { $0 += 1 }
+                                }
                                 try await c.query("SELECT pg_sleep($1)", [Double(i % 4) / 1000])
                                 tally.inUse.withLock { _ = $0.remove(id) }
                             }
@@ -176,6 +279,56 @@ struct PostgresTests {
             let after = try await pool.withConnection { c in try await c.query("SELECT 1").count }
             #expect(after == 1, "the pool still works after timeouts: \(tally.timeouts.withLock { $0 }) timed out")
         }
+    }
+
+    /// The server ends every session idle for 100 ms, so each LISTEN session is lost soon after it
+    /// starts: every reconnect after such a loss waits its backoff first.
+    @Test func aListenerWhoseSessionsKeepEndingBacksOffBeforeEachReconnect() async throws {
+        try await Servers.withDatabase { url in
+            let listener = PostgresListener(
+                url: url + (url.contains("?") ? "&" : "?") + "options=-c%20idle_session_timeout%3D100",
+                channels: ["conveyor_due"], retry: .init(base: .milliseconds(20), cap: .seconds(30)),
+                logger: Servers.logger)
+            listener.start()
+            defer { listener.stop() }
+            // A bound, not a synchronisation: stopping ends the stream, and the count below says why.
+            let watchdog = Task {
+                try? await Task.sleep(for: .seconds(30))
+                listener.stop()
+            }
+            defer { watchdog.cancel() }
+            var sessions = 0
+            for await note in listener.notifications where note == "reconnected" {
+                sessions += 1
+                if sessions == 3 { break }
+            }
+            #expect(sessions == 3, "three LISTEN sessions within 30 s")
+            #expect(listener.backoffWaits >= 2, "a backoff before each reconnect: \(listener.backoffWaits)")
+        }
+    }
+
+    /// A listener waiting out a long backoff (nothing listens on port 1) stops at once.
+    @Test func stoppingAListenerEndsItsBackoffWaitAtOnce() async throws {
+        let listener = PostgresListener(
+            url: "postgresql://conveyor@127.0.0.1:1/none", channels: ["conveyor_due"],
+            retry: .init(base: .seconds(600), cap: .seconds(600)), logger: Servers.logger)
+        listener.start()
+        #expect(try await System.poll(timeout: .seconds(20)) { listener.backoffWaits >= 1 }, "in its backoff")
+        listener.stop()
+        let ended = await withTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                for await _ in listener.notifications {}
+                return true
+            }
+            group.addTask {
+                try? await Task.sleep(for: .seconds(10))
+                return false
+            }
+            let first = await group.next() ?? false
+            group.cancelAll()
+            return first
+        }
+        #expect(ended, "the listener ended within 10 s of stop(), not after its backoff")
     }
 
     @Test func connectRetryGivesUpWithARedactedURL() async throws {

@@ -32,7 +32,11 @@ enum Requirements {
     static func program(_ name: String) throws -> String {
         let row = try #require(
             try rows().first { $0.name == name && $0.check.hasPrefix("/") },
-            "program '\(name)' has no row with an absolute path in scripts/requirements.tsv: add one with its Debian package, so scripts/requirements.sh installs it")
+            """
+            program '\(name)' has no row with an absolute path in scripts/requirements.tsv: add one with its Debian \
+            package, so scripts/requirements.sh installs it
+            """
+        )
         return row.check
     }
 
@@ -41,7 +45,11 @@ enum Requirements {
     static func argv(_ name: String) throws -> [String] {
         let row = try #require(
             try rows().first { $0.name == name && ($0.check.hasPrefix("/") || $0.check == "PATH") },
-            "program '\(name)' has no row in scripts/requirements.tsv: add one with its Debian package, so scripts/requirements.sh installs it")
+            """
+            program '\(name)' has no row in scripts/requirements.tsv: add one with its Debian package, so \
+            scripts/requirements.sh installs it
+            """
+        )
         return row.check == "PATH" ? [try program("env"), name] : [row.check]
     }
 }
@@ -60,7 +68,8 @@ extension Process {
 /// Runs program `name` of the requirements table to completion on a thread of its own, so an
 /// in-process API, dispatcher or worker keeps the (two-thread) cooperative pool meanwhile.
 func runRequired(_ name: String, _ arguments: [String]) async throws -> (status: Int32, out: String, err: String) {
-    try await withCheckedThrowingContinuation { (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
+    try await withCheckedThrowingContinuation {
+        (c: CheckedContinuation<(status: Int32, out: String, err: String), any Error>) in
         Thread.detachNewThread { c.resume(with: Result { try runCapturing(try Process.required(name, arguments)) }) }
     }
 }

@@ -21,18 +21,20 @@ enum Servers {
     enum BrokerRole: String, CaseIterable, Sendable { case dispatcher, worker, api }
 
     static func roleURL(_ role: BrokerRole) throws -> String {
-        let name = switch role {
-        case .dispatcher: "CONVEYOR_AMQP_URL"
-        case .worker: "CONVEYOR_WORKER_AMQP_URL"
-        case .api: "CONVEYOR_API_AMQP_URL"
-        }
+        let name =
+            switch role {
+            case .dispatcher: "CONVEYOR_AMQP_URL"
+            case .worker: "CONVEYOR_WORKER_AMQP_URL"
+            case .api: "CONVEYOR_API_AMQP_URL"
+            }
         return try #require(env[name], "\(name) is not set: run the tests with scripts/test.sh")
     }
     static var isCI: Bool { env["CI"] == "true" }
     /// Integration suites run when the servers are configured, and always under CI (where a
     /// missing server then fails loudly instead of skipping).
     static var available: Bool { isCI || (databaseURL != nil && amqpURL != nil && adminURL != nil) }
-    static let skipMessage = "integration servers not configured: run scripts/test.sh (or scripts/services.sh start && source .local/env)"
+    static let skipMessage =
+        "integration servers not configured: run scripts/test.sh (or scripts/services.sh start && source .local/env)"
 
     static func requireAdminURL() throws -> String {
         try #require(adminURL, "CONVEYOR_TEST_PG_ADMIN_URL is not set: run the tests with scripts/test.sh")
@@ -81,7 +83,10 @@ enum Servers {
         for attempt in 1...10 {
             let out = try rabbitmqctl(["start_app"])
             if try rabbitmqctl(["await_startup", "--timeout", "10"]).contains("Error") == false { return }
-            if attempt == 10 { Issue.record("the broker did not start again: \(out)"); return }
+            if attempt == 10 {
+                Issue.record("the broker did not start again: \(out)")
+                return
+            }
             try rabbitmqctl(["stop_app"])
             Thread.sleep(forTimeInterval: 0.5 * Double(attempt))
         }
@@ -90,7 +95,8 @@ enum Servers {
     /// Runs `rabbitmqctl` against the test node.
     @discardableResult
     static func rabbitmqctl(_ args: [String]) throws -> String {
-        let ctl = try #require(env["CONVEYOR_RABBITMQCTL"], "CONVEYOR_RABBITMQCTL is not set: run the tests with scripts/test.sh")
+        let ctl = try #require(
+            env["CONVEYOR_RABBITMQCTL"], "CONVEYOR_RABBITMQCTL is not set: run the tests with scripts/test.sh")
         let parts = ctl.split(separator: " ").map(String.init)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: parts[0])

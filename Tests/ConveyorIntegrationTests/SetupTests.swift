@@ -100,15 +100,22 @@ struct SetupTests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let table = dir.appendingPathComponent("requirements.tsv")
         try """
-            # a table with one row present and two absent
-            env                       /usr/bin/env                        apt:coreutils             tests
-            conveyor-absent           /usr/bin/conveyor-absent            apt:conveyor-absent-pkg   the fault suite
-            conveyor_absent_module    python                              pip:conveyor-absent==1.0  a script
+        # a table with one row present and two absent
+        env                       /usr/bin/env                        apt:coreutils             tests
+        conveyor-absent           /usr/bin/conveyor-absent            apt:conveyor-absent-pkg   the fault suite
+        conveyor_absent_module    python                              pip:conveyor-absent==1.0  a script
 
-            """.write(to: table, atomically: true, encoding: .utf8)
-        let r = try Self.script([Self.root + "/scripts/requirements.sh", "check"], env: ["CONVEYOR_REQUIREMENTS": table.path])
+        """.write(to: table, atomically: true, encoding: .utf8)
+        let r = try Self.script(
+            [Self.root + "/scripts/requirements.sh", "check"], env: ["CONVEYOR_REQUIREMENTS": table.path])
         #expect(r.status == 1)
-        #expect(r.err.contains("missing: conveyor-absent (/usr/bin/conveyor-absent), needed by the fault suite; install it with: apt-get install -y conveyor-absent-pkg"), "\(r.err)")
+        #expect(
+            r.err.contains(
+                """
+                missing: conveyor-absent (/usr/bin/conveyor-absent), needed by the fault suite; install it with: \
+                apt-get install -y conveyor-absent-pkg
+                """
+            ), "\(r.err)")
         #expect(r.err.contains("install it with: python3 -m pip install 'conveyor-absent==1.0'"), "\(r.err)")
         #expect(!r.err.contains("missing: env"), "\(r.err)")
     }
@@ -142,7 +149,10 @@ struct SetupTests {
     func aTakenPortStopsTheServicesScriptBeforeAnythingStarts(variable: String) throws {
         let held = try Listener()
         // The other ports: free ones (taken and released), so only `variable` clashes.
-        var env = ["CONVEYOR_PG_PORT": "", "CONVEYOR_AMQP_PORT": "", "CONVEYOR_AMQP_DIST_PORT": "", "CONVEYOR_AMQP_EPMD_PORT": ""]
+        var env = [
+            "CONVEYOR_PG_PORT": "", "CONVEYOR_AMQP_PORT": "", "CONVEYOR_AMQP_DIST_PORT": "",
+            "CONVEYOR_AMQP_EPMD_PORT": "",
+        ]
         for key in env.keys { env[key] = String(key == variable ? held.port : try Listener().port) }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("conveyor-ports-\(UUID().uuidString)")
         defer { try? FileManager.default.removeItem(at: dir) }
@@ -150,12 +160,16 @@ struct SetupTests {
 
         let r = try Self.script([Self.root + "/scripts/services.sh", "start"], env: env)
         // Asking whether the node runs (rabbitmqctl) starts an epmd on the private port: stop it.
-        let epmd = try runCapturing(try Process.required("ss", ["-Hltnp", "sport = :\(env["CONVEYOR_AMQP_EPMD_PORT"]!)"])).out
+        let epmd = try runCapturing(
+            try Process.required("ss", ["-Hltnp", "sport = :\(env["CONVEYOR_AMQP_EPMD_PORT"]!)"])
+        ).out
         for pid in epmd.matches(of: /"epmd",pid=(\d+)/).compactMap({ Int32($0.output.1) }) { kill(pid, SIGTERM) }
         #expect(r.status == 1, "\(r.err)")
         #expect(r.err.contains("port \(held.port) is already in use by"), "\(r.err)")
         #expect(r.err.contains("pid=\(getpid())"), "the holder is not named: \(r.err)")
         #expect(r.err.contains("\(variable)=<free port>"), "\(r.err)")
-        #expect(!FileManager.default.fileExists(atPath: dir.appendingPathComponent("pg/data").path), "postgres was set up before the check")
+        #expect(
+            !FileManager.default.fileExists(atPath: dir.appendingPathComponent("pg/data").path),
+            "postgres was set up before the check")
     }
 }

@@ -28,8 +28,10 @@ struct ExportedSpan: CustomStringConvertible {
 
     /// The dispatcher's record spans (one per status batch) that link to `span` with these link attributes.
     static func records(linking span: ExportedSpan, in all: [ExportedSpan]) -> [[String: String]] {
-        all.filter { $0.service == "conveyor-dispatcher" && $0.name.hasPrefix("record ") && $0.kind == 5 && $0.parentID.isEmpty }
-            .flatMap { $0.links.filter { $0.traceID == span.traceID && $0.spanID == span.spanID }.map(\.attributes) }
+        all.filter {
+            $0.service == "conveyor-dispatcher" && $0.name.hasPrefix("record ") && $0.kind == 5 && $0.parentID.isEmpty
+        }
+        .flatMap { $0.links.filter { $0.traceID == span.traceID && $0.spanID == span.spanID }.map(\.attributes) }
     }
 
     /// Ids are hex in the OTLP/JSON spec, base64 from protobuf's JSON mapping: either is read.
@@ -43,7 +45,9 @@ struct ExportedSpan: CustomStringConvertible {
         func attributes(_ list: Any?) -> [String: String] {
             var out: [String: String] = [:]
             for a in list as? [[String: Any]] ?? [] {
-                guard let key = a["key"] as? String, let value = (a["value"] as? [String: Any])?.values.first else { continue }
+                guard let key = a["key"] as? String, let value = (a["value"] as? [String: Any])?.values.first else {
+                    continue
+                }
                 out[key] = "\(value)"
             }
             return out
@@ -55,11 +59,15 @@ struct ExportedSpan: CustomStringConvertible {
                 for s in ss["spans"] as? [[String: Any]] ?? [] {
                     spans.append(
                         ExportedSpan(
-                            service: service, traceID: hex(s["traceId"] as? String ?? ""), spanID: hex(s["spanId"] as? String ?? ""),
+                            service: service, traceID: hex(s["traceId"] as? String ?? ""),
+                            spanID: hex(s["spanId"] as? String ?? ""),
                             parentID: hex(s["parentSpanId"] as? String ?? ""), name: s["name"] as? String ?? "",
                             kind: s["kind"] as? Int ?? 0, attributes: attributes(s["attributes"]),
                             links: (s["links"] as? [[String: Any]] ?? []).map {
-                                (hex($0["traceId"] as? String ?? ""), hex($0["spanId"] as? String ?? ""), attributes($0["attributes"]))
+                                (
+                                    hex($0["traceId"] as? String ?? ""), hex($0["spanId"] as? String ?? ""),
+                                    attributes($0["attributes"])
+                                )
                             }))
                 }
             }
@@ -72,17 +80,23 @@ struct ExportedSpan: CustomStringConvertible {
 /// receiver, checked as one tree per run.
 @Suite("OpenTelemetry traces across real processes (real PostgreSQL and RabbitMQ)")
 struct TracingTests {
-    static func call(_ method: String, _ url: String, headers: [(String, String)] = [], body: String = "") async throws -> (status: Int, body: String) {
+    static func call(_ method: String, _ url: String, headers: [(String, String)] = [], body: String = "") async throws
+        -> (status: Int, body: String)
+    {
         var policy = OutboundPolicy()
         policy.allowedNetworks = [try Network(parsing: "127.0.0.1")]
         let r = try await OutboundHTTP(policy: policy, logger: Servers.logger)
-            .send(OutboundRequest(method: method, url: url, headers: headers, body: Array(body.utf8)), timeout: .seconds(5))
+            .send(
+                OutboundRequest(method: method, url: url, headers: headers, body: Array(body.utf8)),
+                timeout: .seconds(5))
         return (r.status, String(decoding: r.body, as: UTF8.self))
     }
 
     @Test func oneTracePerRunFromTheAPIRequestThroughARetryToTheCalledService() async throws {
         try await System.with { sys in
-            let collector = try await HTTPReceiver { _, _ in .init(status: 200, headers: [("content-type", "application/json")], body: "{}") }
+            let collector = try await HTTPReceiver { _, _ in
+                .init(status: 200, headers: [("content-type", "application/json")], body: "{}")
+            }
             // The service the http executor calls: 500 the first time (the run retries), then 200.
             let service = try await HTTPReceiver(host: "127.0.0.3") { _, n in .init(status: n == 0 ? 500 : 200) }
             defer {
@@ -93,17 +107,22 @@ struct TracingTests {
             }
             let fleet = try await TracedFleet.start(
                 sys, collector: collector.url, protocol: "http/json", workerID: "trace-worker", executors: "http,shell",
-                worker: ["CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv"],
+                worker: [
+                    "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.3/32",
+                    "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/usr/bin/printenv",
+                ],
                 dispatcher: ["CONVEYOR_CALLBACKS_ALLOWED_NETWORKS": "127.0.0.3/32"])
             defer { fleet.stop() }
             let (key, base) = (fleet.key, fleet.base)
 
             // The caller's own span: the API request continues it.
             let clientTrace = (0..<4).map { _ in String(format: "%08x", UInt32.random(in: 1...UInt32.max)) }.joined()
-            let clientSpan = String(format: "%08x%08x", UInt32.random(in: 1...UInt32.max), UInt32.random(in: 1...UInt32.max))
+            let clientSpan = String(
+                format: "%08x%08x", UInt32.random(in: 1...UInt32.max), UInt32.random(in: 1...UInt32.max))
             let body = """
                 {"name": "traced", "executor": "http", "queue": "\(sys.queue)", "timeout": 10,
-                 "parameters": {"url": "\(service.url)/hook", "method": "POST"}, "callback_url": "\(service.url)/callback",
+                 "parameters": {"url": "\(service.url)/hook", "method": "POST"},
+                 "callback_url": "\(service.url)/callback",
                  "retry": {"max_attempts": 2, "base_seconds": 0.1, "jitter": false}}
                 """
             let created = try await Self.call(
@@ -120,26 +139,36 @@ struct TracingTests {
             shell.parameters = ["argv": ["/usr/bin/printenv", "TRACEPARENT"]]
             try await sys.store.createTasks([shell])
 
-            _ = try await sys.eventually(timeout: .seconds(60), "both tasks succeed, the http one on its second attempt") {
+            _ = try await sys.eventually(
+                timeout: .seconds(60), "both tasks succeed, the http one on its second attempt"
+            ) {
                 try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
             }
             let runs = try await sys.rows(
                 """
-                SELECT t.name, r.id::text, r.attempt::text, r.trace_id, coalesce(r.output, '') FROM runs r JOIN tasks t ON t.id = r.task_id ORDER BY t.name, r.attempt
+                SELECT t.name, r.id::text, r.attempt::text, r.trace_id, coalesce(r.output, '') FROM runs r JOIN tasks t
+                    ON t.id = r.task_id ORDER BY t.name, r.attempt
                 """)
             let traced = runs.filter { $0[0] == "traced" }
-            #expect(traced.count == 2 && traced.allSatisfy { $0[3] == clientTrace }, "every attempt is in the caller's trace: \(runs)")
+            #expect(
+                traced.count == 2 && traced.allSatisfy { $0[3] == clientTrace },
+                "every attempt is in the caller's trace: \(runs)")
             let printenv = try #require(runs.first { $0[0] == "printenv" })
             let rootTrace = try #require(printenv[3])
             #expect(rootTrace != clientTrace && rootTrace.count == 32)
-            #expect(printenv[4]?.hasPrefix("00-\(rootTrace)-") == true, "the program got its span's TRACEPARENT: \(printenv[4] ?? "")")
+            #expect(
+                printenv[4]?.hasPrefix("00-\(rootTrace)-") == true,
+                "the program got its span's TRACEPARENT: \(printenv[4] ?? "")")
 
             // Every hop's span reaches the receiver (batches every 100 ms).
-            func spans() -> [ExportedSpan] { collector.received(path: "/v1/traces").flatMap { ExportedSpan.parse($0.body) } }
+            func spans() -> [ExportedSpan] {
+                collector.received(path: "/v1/traces").flatMap { ExportedSpan.parse($0.body) }
+            }
             _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts are exported") {
                 let s = spans().filter { $0.traceID == clientTrace }
                 let executes = s.filter { $0.name == "execute http" }
-                return executes.count == 2 && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: spans()).isEmpty }
+                return executes.count == 2
+                    && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: spans()).isEmpty }
                     && s.filter { $0.kind == 3 && $0.service == "conveyor-worker" }.count == 2
             }
             let all = spans().filter { $0.traceID == clientTrace }
@@ -157,7 +186,10 @@ struct TracingTests {
             let dispatch = children(of: server, { $0 == "dispatch" })
             #expect(dispatch.count == 1 && dispatch.first?.service == "conveyor-dispatcher", "\(tree)")
             let publishes = dispatch + children(of: dispatch.first, { $0 == "publish \(sys.queue)" })
-            #expect(publishes.count == 2 && publishes.allSatisfy { $0.kind == 4 && $0.attributes["messaging.system"] == "rabbitmq" }, "\(tree)")
+            #expect(
+                publishes.count == 2
+                    && publishes.allSatisfy { $0.kind == 4 && $0.attributes["messaging.system"] == "rabbitmq" },
+                "\(tree)")
             #expect(publishes.map { $0.attributes["conveyor.attempt"] } == ["1", "2"], "\(tree)")
             // Worker: an execute span under each producer span, with the run's attributes.
             for publish in publishes {
@@ -176,14 +208,19 @@ struct TracingTests {
                 // The dispatcher recorded the run's status in a batch: its record span links to the execute span.
                 let links = ExportedSpan.records(linking: e, in: spans())
                 #expect(
-                    links.contains { $0["conveyor.run.id"] == e.attributes["conveyor.run.id"] && $0["conveyor.outcome"] == e.attributes["conveyor.outcome"] },
+                    links.contains {
+                        $0["conveyor.run.id"] == e.attributes["conveyor.run.id"]
+                            && $0["conveyor.outcome"] == e.attributes["conveyor.outcome"]
+                    },
                     "\(links)\n\(tree)")
                 #expect(children(of: e, { $0.hasPrefix("record") }).isEmpty, "no span per status\n\(tree)")
             }
             // The run's callback (its final outcome): one traceparent, from the dispatcher's client
             // span under the run's dispatch span, with the run's baggage.
             _ = try await sys.eventually(timeout: .seconds(30), "the callback is delivered and its span exported") {
-                let callback = service.received(path: "/callback").first?.headers["traceparent"]?.split(separator: "-").map(String.init) ?? []
+                let callback =
+                    service.received(path: "/callback").first?.headers["traceparent"]?.split(separator: "-").map(
+                        String.init) ?? []
                 return callback.count == 4 && spans().contains { $0.spanID == callback[2] }
             }
             let callback = try #require(service.received(path: "/callback").first)
@@ -192,7 +229,8 @@ struct TracingTests {
             let callbackParent = callback.headers["traceparent"]?.split(separator: "-").map(String.init) ?? []
             let callbackSpan = callbackParent.count == 4 ? spans().first { $0.spanID == callbackParent[2] } : nil
             #expect(
-                callbackParent.count == 4 && callbackParent[1] == clientTrace && callbackSpan?.service == "conveyor-dispatcher" && callbackSpan?.kind == 3
+                callbackParent.count == 4 && callbackParent[1] == clientTrace
+                    && callbackSpan?.service == "conveyor-dispatcher" && callbackSpan?.kind == 3
                     && callbackSpan?.parentID == dispatch.first?.spanID, "\(callback.fields)\n\(tree)")
 
             let calls = service.received(path: "/hook")
@@ -202,7 +240,9 @@ struct TracingTests {
                 let tp = try #require(call.headers["traceparent"]).split(separator: "-").map(String.init)
                 #expect(tp[1] == clientTrace, "the called service continues the run's trace")
                 #expect(byID[tp[2]]?.name == "POST", "its parent is the executor's client span: \(tp)")
-                #expect(call.headers["baggage"] == "tenant=acme", "baggage travels from the API request to the called service")
+                #expect(
+                    call.headers["baggage"] == "tenant=acme",
+                    "baggage travels from the API request to the called service")
             }
             // Nothing of this trace is orphaned: every parent is in the trace, but the caller's own span.
             for span in all where span.parentID != clientSpan {
@@ -215,9 +255,26 @@ struct TracingTests {
             let kept = "00-\(clientTrace)-\(clientSpan)-01"
             let bad: [(name: String, headers: [(String, String)])] = [
                 ("bad-parent", [("traceparent", "00-\(clientTrace)-zz-01")]),
-                ("two-parents", [("traceparent", kept), ("traceparent", "00-\(String(repeating: "ab", count: 16))-\(clientSpan)-01")]),
-                ("big-state", [("traceparent", kept), ("tracestate", (0..<40).map { "k\($0)=v" }.joined(separator: ","))]),
-                ("big-baggage", [("baggage", (0..<100).map { "k\($0)=\(String(repeating: "v", count: 90))" }.joined(separator: ","))]),
+                (
+                    "two-parents",
+                    [
+                        ("traceparent", kept),
+                        ("traceparent", "00-\(String(repeating: "ab", count: 16))-\(clientSpan)-01"),
+                    ]
+                ),
+                (
+                    "big-state",
+                    [("traceparent", kept), ("tracestate", (0..<40).map { "k\($0)=v" }.joined(separator: ","))]
+                ),
+                (
+                    "big-baggage",
+                    [
+                        (
+                            "baggage",
+                            (0..<100).map { "k\($0)=\(String(repeating: "v", count: 90))" }.joined(separator: ",")
+                        )
+                    ]
+                ),
                 // Not W3C tracestate (no key=value): swift-otel would drop the whole context for it.
                 ("bad-state", [("traceparent", kept), ("tracestate", "Foo")]),
                 // One list in two header lines is allowed (W3C, RFC 9110): kept, not counted.
@@ -226,8 +283,13 @@ struct TracingTests {
             ]
             for (name, headers) in bad {
                 let r = try await Self.call(
-                    "POST", base + "/v1/tasks", headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json")] + headers,
-                    body: #"{"name": "\#(name)", "executor": "shell", "queue": "parked", "schedule": "every 1h", "parameters": {"argv": ["/bin/true"]}}"#)
+                    "POST", base + "/v1/tasks",
+                    headers: [("Authorization", "Bearer \(key)"), ("Content-Type", "application/json")] + headers,
+                    body: """
+                        {"name": "\(name)", "executor": "shell", "queue": "parked", "schedule": "every 1h",
+                         "parameters": {"argv": ["/bin/true"]}}
+                        """
+                )
                 #expect(r.status == 201, "\(name): \(r.body)")
             }
             let stored = Dictionary(
@@ -240,26 +302,32 @@ struct TracingTests {
                 ).map { ($0[0] ?? "", $0) },
                 uniquingKeysWith: { a, _ in a })
             for name in ["bad-parent", "two-parents"] {
-                let tp = stored[name]?[1] ?? ""
+                let tp = try #require(stored[name], "task \(name) was not created")[1] ?? ""
                 // No parent kept: the task's occurrence will be a root (or a child of the request's own fresh span).
                 #expect(
-                    (tp.isEmpty || Traces.traceID(traceparent: tp) != nil) && !tp.contains(clientTrace) && !tp.contains("abababab"),
+                    (tp.isEmpty || Traceparent.traceID(tp) != nil) && !tp.contains(clientTrace)
+                        && !tp.contains("abababab"),
                     "\(name) starts a fresh trace: \(tp)")
             }
             for name in ["big-state", "bad-state", "split-state"] {
-                #expect(stored[name]?[1]?.contains(clientTrace) == true, "\(name): the trace goes on: \(stored[name] ?? [])")
+                #expect(
+                    stored[name]?[1]?.contains(clientTrace) == true, "\(name): the trace goes on: \(stored[name] ?? [])"
+                )
             }
             #expect(stored["big-baggage"]?[2] == "", "the oversized baggage is not stored")
             #expect(stored["split-baggage"]?[2] == "a=1, b=2", "baggage in two lines is one list")
             let metrics = try await Self.call("GET", base + "/metrics", headers: [("Authorization", "Bearer \(key)")])
             for (header, n) in [("traceparent", 2), ("tracestate", 2), ("baggage", 1)] {
-                #expect(metrics.body.contains(#"conveyor_trace_context_refused_total{header="\#(header)"} \#(n)"#), "\(header) counted \(n)")
+                #expect(
+                    metrics.body.contains(#"conveyor_trace_context_refused_total{header="\#(header)"} \#(n)"#),
+                    "\(header) counted \(n)")
             }
 
             // No span of Conveyor's starts a trace of its own but a scheduled task's dispatch and
             // an API request that came without a traceparent.
             let roots = spans().filter {
-                $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ") && !($0.service == "conveyor-api" && $0.kind == 2)
+                $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ")
+                    && !($0.service == "conveyor-api" && $0.kind == 2)
             }
             #expect(roots.isEmpty, "orphan spans: \(roots)")
 
@@ -267,7 +335,9 @@ struct TracingTests {
             let rootSpans = spans().filter { $0.traceID == rootTrace }
             let rootDispatch = rootSpans.first { $0.name == "dispatch" }
             #expect(rootDispatch?.parentID == "", "\(rootSpans)")
-            #expect(rootSpans.contains { $0.name == "exec printenv" && printenv[4]?.contains($0.spanID) == true }, "\(rootSpans)")
+            #expect(
+                rootSpans.contains { $0.name == "exec printenv" && printenv[4]?.contains($0.spanID) == true },
+                "\(rootSpans)")
         }
     }
 }
@@ -294,12 +364,15 @@ final class OTLPCollector: Sendable {
         let (done, _) = decoded.withLock { $0 }
         let fresh = Array(receiver.received(path: "/v1/traces").dropFirst(done))
         guard !fresh.isEmpty else { return decoded.withLock { $0.spans } }
-        var spans = fresh.filter { $0.headers["content-type"] != "application/x-protobuf" }.flatMap { ExportedSpan.parse($0.body) }
+        var spans = fresh.filter { $0.headers["content-type"] != "application/x-protobuf" }.flatMap {
+            ExportedSpan.parse($0.body)
+        }
         let protobuf = fresh.filter { $0.headers["content-type"] == "application/x-protobuf" }
         if !protobuf.isEmpty {
             let file = FileManager.default.temporaryDirectory.appendingPathComponent("otlp-\(UUID()).b64").path
             defer { try? FileManager.default.removeItem(atPath: file) }
-            try protobuf.map { Data($0.bytes).base64EncodedString() }.joined(separator: "\n").write(toFile: file, atomically: true, encoding: .utf8)
+            try protobuf.map { Data($0.bytes).base64EncodedString() }.joined(separator: "\n").write(
+                toFile: file, atomically: true, encoding: .utf8)
             let r = try await runRequired("python3", ["scripts/otel_peer.py", "decode", file])
             #expect(r.status == 0, "decode: \(r.err)")
             spans += r.out.split(separator: "\n").flatMap { ExportedSpan.parse(String($0)) }
@@ -329,7 +402,8 @@ extension TracingTests {
                     "--otlp", collector.url, "--log", log, "--fail-first", "1",
                 ])
             service.standardOutput = FileHandle.nullDevice
-            service.standardError = Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
+            service.standardError =
+                Servers.env["CONVEYOR_TEST_LOG"] == "1" ? FileHandle.standardError : FileHandle.nullDevice
             try service.run()
             defer {
                 if service.isRunning { service.terminate() }
@@ -342,7 +416,9 @@ extension TracingTests {
                 }
             }
             // The port the service bound (it chose a free one).
-            _ = try await sys.eventually(timeout: .seconds(30), "the Python service is ready") { entries().contains { $0["ready"] != nil } }
+            _ = try await sys.eventually(timeout: .seconds(30), "the Python service is ready") {
+                entries().contains { $0["ready"] != nil }
+            }
             let servicePort = try #require(entries().compactMap { $0["ready"] as? Int }.first)
             let fleet = try await TracedFleet.start(
                 sys, collector: collector.url, protocol: "http/protobuf", workerID: "sdk-worker", executors: "http",
@@ -359,10 +435,12 @@ extension TracingTests {
             let r = try await runRequired(
                 "python3",
                 [
-                    "scripts/otel_peer.py", "call", "--url", base + "/v1/tasks", "--header", "Authorization: Bearer \(key)",
+                    "scripts/otel_peer.py", "call", "--url", base + "/v1/tasks", "--header",
+                    "Authorization: Bearer \(key)",
                     "--body", body, "--otlp", collector.url,
                 ])
-            let caller = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out) \(r.err)")
+            let caller = try #require(
+                try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any], "\(r.out) \(r.err)")
             #expect(caller["status"] as? Int == 201, "\(caller)")
             let callerTrace = try #require(caller["trace_id"] as? String)
             let callerSpan = try #require(caller["span_id"] as? String)
@@ -370,18 +448,24 @@ extension TracingTests {
             _ = try await sys.eventually(timeout: .seconds(60), "the task succeeds on its second attempt") {
                 try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 1
             }
-            let runs = try await sys.rows("SELECT r.id::text, r.attempt::text, r.trace_id FROM runs r ORDER BY r.attempt")
-            #expect(runs.count == 2 && runs.allSatisfy { $0[2] == callerTrace }, "every attempt is in the caller's trace: \(runs)")
+            let runs = try await sys.rows(
+                "SELECT r.id::text, r.attempt::text, r.trace_id FROM runs r ORDER BY r.attempt")
+            #expect(
+                runs.count == 2 && runs.allSatisfy { $0[2] == callerTrace },
+                "every attempt is in the caller's trace: \(runs)")
 
             // The called service: one traceparent per request, continued by the SDK's middleware.
             let calls = entries().filter { $0["path"] as? String == "/hook" }
             #expect(calls.count == 2, "\(calls)")
-            _ = try await sys.eventually(timeout: .seconds(30), "the spans of both attempts and the service's are exported") {
+            _ = try await sys.eventually(
+                timeout: .seconds(30), "the spans of both attempts and the service's are exported"
+            ) {
                 let s = try await collector.spans().filter { $0.traceID == callerTrace }
                 let executes = s.filter { $0.name == "execute http" }
                 let everything = try await collector.spans()
                 return s.filter { $0.service == "otel-peer-service" }.count == 2 && executes.count == 2
-                    && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: everything).isEmpty } && s.contains { $0.service == "otel-peer-caller" }
+                    && executes.allSatisfy { !ExportedSpan.records(linking: $0, in: everything).isEmpty }
+                    && s.contains { $0.service == "otel-peer-caller" }
             }
             let all = try await collector.spans()
             let trace = all.filter { $0.traceID == callerTrace }
@@ -391,13 +475,20 @@ extension TracingTests {
                 let fields = call["headers"] as? [[String]] ?? []
                 let names = fields.compactMap(\.first)
                 #expect(Set(names).count == names.count, "a header sent twice: \(fields)")
-                #expect(call["trace_id"] as? String == callerTrace, "the service's server span is in the run's trace: \(call)")
+                #expect(
+                    call["trace_id"] as? String == callerTrace,
+                    "the service's server span is in the run's trace: \(call)")
                 let parent = byID[call["parent_span_id"] as? String ?? ""]
-                #expect(parent?.service == "conveyor-worker" && parent?.kind == 3, "its parent is the executor's client span: \(call)\n\(tree)")
-                #expect(fields.contains { $0 == ["baggage", "tenant=acme"] }, "the caller's baggage reaches the service: \(fields)")
+                #expect(
+                    parent?.service == "conveyor-worker" && parent?.kind == 3,
+                    "its parent is the executor's client span: \(call)\n\(tree)")
+                #expect(
+                    fields.contains { $0 == ["baggage", "tenant=acme"] },
+                    "the caller's baggage reaches the service: \(fields)")
             }
             let served = trace.filter { $0.service == "otel-peer-service" }
-            #expect(served.count == 2 && served.allSatisfy { $0.kind == 2 && byID[$0.parentID]?.name == "POST" }, "\(tree)")
+            #expect(
+                served.count == 2 && served.allSatisfy { $0.kind == 2 && byID[$0.parentID]?.name == "POST" }, "\(tree)")
 
             // Every Conveyor span of the run descends from the caller's span.
             let callerExported = try #require(byID[callerSpan], "the caller's span is exported\n\(tree)")
@@ -411,9 +502,11 @@ extension TracingTests {
                 }
                 #expect(cursor.spanID == callerSpan, "\(span) does not descend from the caller's span\n\(tree)")
             }
-            // Nothing Conveyor exported is an orphan root (the API's /healthz polls are requests without a traceparent).
+            // Nothing Conveyor exported is an orphan root (the API's /healthz polls are requests without a
+            // traceparent).
             let roots = all.filter {
-                $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch" && !$0.name.hasPrefix("record ") && $0.kind != 2
+                $0.service.hasPrefix("conveyor-") && $0.parentID.isEmpty && $0.name != "dispatch"
+                    && !$0.name.hasPrefix("record ") && $0.kind != 2
             }
             #expect(roots.isEmpty, "orphan spans: \(roots)")
         }
@@ -426,7 +519,8 @@ extension TracingTests {
     @Test func lostSpansAreCountedAndRunsStillEnd() async throws {
         try await System.with { sys in
             let otel = [
-                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_BSP_MAX_QUEUE_SIZE": "4", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_BSP_MAX_QUEUE_SIZE": "4",
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2",
                 "OTEL_BSP_EXPORT_TIMEOUT": "1000", "OTEL_EXPORTER_OTLP_TIMEOUT": "500",
             ]
             let port = Int.random(in: 40_001...50_000)
@@ -440,7 +534,9 @@ extension TracingTests {
             let worker = try spawnConveyor(
                 ["worker"],
                 env: sys.workerEnvironment(id: "lossy-worker", executors: "shell").merging(otel) { a, _ in a }
-                    .merging(["CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/bin/true"]) { a, _ in a })
+                    .merging([
+                        "CONVEYOR_WORKER_HTTP_PORT": "0", "CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS": "/bin/true",
+                    ]) { a, _ in a })
             defer { for p in [dispatcher, worker] where p.isRunning { p.terminate() } }
             try await sys.store.createTasks(
                 (0..<200).map { i in
@@ -455,9 +551,13 @@ extension TracingTests {
             func dropped(_ reason: String) async -> Int {
                 let text = (try? await Self.call("GET", "http://127.0.0.1:\(port)/metrics"))?.body ?? ""
                 let prefix = #"conveyor_trace_spans_dropped_total{reason="\#(reason)"} "#
-                return text.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap { Int($0.dropFirst(prefix.count)) } ?? 0
+                return text.split(separator: "\n").first { $0.hasPrefix(prefix) }.flatMap {
+                    Int($0.dropFirst(prefix.count))
+                } ?? 0
             }
-            _ = try await sys.eventually(timeout: .seconds(30), "the dispatcher counts spans lost to the full queue and to the failed exports") {
+            _ = try await sys.eventually(
+                timeout: .seconds(30), "the dispatcher counts spans lost to the full queue and to the failed exports"
+            ) {
                 let full = await dropped("queue_full")
                 let failed = await dropped("export_failed")
                 return full > 0 && failed > 0
@@ -477,16 +577,26 @@ struct TracedFleet {
         _ sys: System, collector: String, protocol: String, workerID: String, executors: String,
         worker: [String: String], dispatcher: [String: String] = [:]
     ) async throws -> TracedFleet {
-        let otel = ["OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_EXPORTER_OTLP_PROTOCOL": `protocol`, "OTEL_BSP_SCHEDULE_DELAY": "100"]
-        let common = ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix]
-            .merging(otel) { a, _ in a }
+        let otel = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector, "OTEL_EXPORTER_OTLP_PROTOCOL": `protocol`,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        ]
+        let common = [
+            "CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL,
+            "CONVEYOR_AMQP_PREFIX": sys.prefix,
+        ]
+        .merging(otel) { a, _ in a }
         let apiPort = Int.random(in: 40_001...50_000)
         var processes: [Process] = []
         do {
             processes.append(
                 try spawnConveyor(
                     ["dispatcher"],
-                    env: common.merging(["CONVEYOR_DISPATCHER_QUEUES": sys.queue, "CONVEYOR_DISPATCHER_HTTP_PORT": "0"].merging(dispatcher) { _, b in b }) {
+                    env: common.merging(
+                        ["CONVEYOR_DISPATCHER_QUEUES": sys.queue, "CONVEYOR_DISPATCHER_HTTP_PORT": "0"].merging(
+                            dispatcher
+                        ) { _, b in b }
+                    ) {
                         a, _ in a
                     }))
             processes.append(
@@ -497,10 +607,15 @@ struct TracedFleet {
             processes.append(
                 try spawnConveyor(
                     ["api"],
-                    env: common.merging(["CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1", "CONVEYOR_AMQP_URL": sys.apiAMQPURL]) { _, b in b
+                    env: common.merging([
+                        "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
+                        "CONVEYOR_AMQP_URL": sys.apiAMQPURL,
+                    ]) { _, b in b
                     }))
             let (key, prefix, hash) = APIKeyFormat.generate()
-            try await sys.store.createAPIKey(prefix: prefix, secretHash: hash, name: workerID, role: .admin, namespace: "*", expiresAt: nil)
+            try await sys.store.createAPIKey(
+                prefix: prefix, secretHash: hash, name: workerID, role: Role.admin.rawValue, namespace: "*",
+                expiresAt: nil)
             let base = "http://127.0.0.1:\(apiPort)"
             _ = try await sys.eventually(timeout: .seconds(30), "the API answers") {
                 (try? await TracingTests.call("GET", base + "/healthz"))?.status == 200

@@ -61,8 +61,15 @@ struct FaultReport {
 
     var line: String {
         let rec = recovery.map { String(format: "%.1fs", $0.inSeconds) } ?? "-"
-        var s = "\(name.padding(toLength: 28, withPad: " ", startingAt: 0)) N=\(n) lost=\(counts.lost) double=\(counts.doubleRecorded) "
-            + "executions=\(counts.executions)(+\(counts.duplicateExecutions)) stuck=\(counts.stuck) dead-lettered=\(counts.deadLettered) "
+        var s =
+            """
+            \(name.padding(toLength: 28, withPad: " ", startingAt: 0)) N=\(n) lost=\(counts.lost) \
+            double=\(counts.doubleRecorded) 
+            """
+                + """
+                executions=\(counts.executions)(+\(counts.duplicateExecutions)) stuck=\(counts.stuck) \
+                dead-lettered=\(counts.deadLettered) 
+                """
             + "recovery=\(rec) \(pass ? "PASS" : "FAIL")"
         if !notes.isEmpty { s += " | " + notes.joined(separator: "; ") }
         if !failures.isEmpty { s += " | failed: " + failures.joined(separator: "; ") }
@@ -104,7 +111,9 @@ final class FaultBed {
     static let finalStates = "('succeeded', 'failed', 'timed_out', 'cancelled', 'lost', 'dead', 'skipped')"
 
     /// Runs `body` on a fresh bed; stops every process afterwards, whatever happens.
-    static func run<T>(_ name: String, sinkHost: String = "127.0.0.5", _ body: (FaultBed) async throws -> T) async throws -> T {
+    static func run<T>(_ name: String, sinkHost: String = "127.0.0.5", _ body: (FaultBed) async throws -> T)
+        async throws -> T
+    {
         try await System.with { sys in
             let bed = try await FaultBed(sys: sys, name: name, sinkHost: sinkHost)
             let result: Result<T, any Error>
@@ -116,8 +125,10 @@ final class FaultBed {
     }
 
     /// One scenario: a fresh bed, a report named `title` that `body` fills in, published at the end.
-    static func scenario(_ name: String, _ title: String, n: Int, sinkHost: String = "127.0.0.5",
-                         _ body: (FaultBed, inout FaultReport) async throws -> Void) async throws {
+    static func scenario(
+        _ name: String, _ title: String, n: Int, sinkHost: String = "127.0.0.5",
+        _ body: (FaultBed, inout FaultReport) async throws -> Void
+    ) async throws {
         try await run(name, sinkHost: sinkHost) { bed in
             var report = FaultReport(name: title, n: n)
             do {
@@ -135,7 +146,9 @@ final class FaultBed {
     /// Waits up to `timeout` for `condition`; if it never holds, the scenario fails with `what`
     /// on its line. Returns whether it held.
     @discardableResult
-    func until(_ what: String, timeout: Duration, _ report: inout FaultReport, _ condition: () async throws -> Bool) async throws -> Bool {
+    func until(_ what: String, timeout: Duration, _ report: inout FaultReport, _ condition: () async throws -> Bool)
+        async throws -> Bool
+    {
         let held = try await System.poll(timeout: timeout, condition)
         report.require(held, "\(what) did not hold within \(timeout)")
         return held
@@ -147,13 +160,17 @@ final class FaultBed {
         self.sinkHost = sinkHost
         let counts = counts
         // The sink: counts each run's calls, waits `ms`, and fails the first `fail` calls of `task`.
-        sink = try await HTTPReceiver(host: sinkHost == "10.77.0.1" ? "0.0.0.0" : sinkHost, keepRequests: false) { request, _ in
+        sink = try await HTTPReceiver(host: sinkHost == "10.77.0.1" ? "0.0.0.0" : sinkHost, keepRequests: false) {
+            request, _ in
             let key = request.headers["idempotency-key"] ?? "?"
             counts.calls.withLock { $0[key, default: 0] += 1 }
             let query = FaultBed.query(request.path)
             var reply = HTTPReceiver.Reply(status: 200, delay: .milliseconds(Int64(query["ms"] ?? "0") ?? 0))
             if let k = Int(query["fail"] ?? ""), let task = query["task"] {
-                let n = counts.failuresByTask.withLock { f in defer { f[task, default: 0] += 1 }; return f[task, default: 0] }
+                let n = counts.failuresByTask.withLock { f in
+                    defer { f[task, default: 0] += 1 }
+                    return f[task, default: 0]
+                }
                 if n < k { reply.status = 500 }
             }
             return reply
@@ -181,10 +198,13 @@ final class FaultBed {
     /// `dead` in the transaction that records it); filling a field still empty is not an
     /// overwrite (a worker's error arriving after the dead letter that ended the run).
     static let auditSQL = """
-        CREATE TABLE fault_audit (run_id uuid NOT NULL, old_state text, new_state text NOT NULL, overwrote boolean NOT NULL DEFAULT false,
-                                  tx bigint NOT NULL DEFAULT txid_current(), at timestamptz NOT NULL DEFAULT clock_timestamp());
+        CREATE TABLE fault_audit (run_id uuid NOT NULL, old_state text, new_state text NOT NULL, overwrote boolean NOT
+            NULL DEFAULT false,
+                                  tx bigint NOT NULL DEFAULT txid_current(), at timestamptz NOT NULL DEFAULT
+                                      clock_timestamp());
         CREATE FUNCTION fault_rank(s text) RETURNS int LANGUAGE sql IMMUTABLE AS $$
-          SELECT CASE WHEN s IS NULL THEN -1 ELSE CASE s WHEN 'scheduled' THEN 0 WHEN 'queued' THEN 1 WHEN 'dispatched' THEN 2 WHEN 'running' THEN 3 ELSE 4 END END $$;
+          SELECT CASE WHEN s IS NULL THEN -1 ELSE CASE s WHEN 'scheduled' THEN 0 WHEN 'queued' THEN 1 WHEN 'dispatched'
+              THEN 2 WHEN 'running' THEN 3 ELSE 4 END END $$;
         CREATE FUNCTION fault_audit() RETURNS trigger LANGUAGE plpgsql AS $$
         DECLARE over boolean := fault_rank(OLD.state) = 4 AND (
             (OLD.finished_at IS NOT NULL AND NEW.finished_at IS DISTINCT FROM OLD.finished_at)
@@ -196,13 +216,15 @@ final class FaultBed {
           IF TG_OP = 'INSERT' THEN
             INSERT INTO fault_audit (run_id, old_state, new_state) VALUES (NEW.id, NULL, NEW.state);
           ELSIF NEW.state IS DISTINCT FROM OLD.state OR over THEN
-            INSERT INTO fault_audit (run_id, old_state, new_state, overwrote) VALUES (NEW.id, OLD.state, NEW.state, over);
+            INSERT INTO fault_audit (run_id, old_state, new_state, overwrote) VALUES (NEW.id, OLD.state, NEW.state,
+                over);
           END IF;
           RETURN NULL;
         END $$;
         CREATE TRIGGER fault_audit AFTER INSERT OR UPDATE ON runs FOR EACH ROW EXECUTE FUNCTION fault_audit();
         CREATE VIEW fault_double AS
-          WITH settled AS (SELECT run_id, min(tx) AS tx FROM fault_audit WHERE fault_rank(new_state) = 4 GROUP BY run_id)
+          WITH settled AS (SELECT run_id, min(tx) AS tx FROM fault_audit WHERE fault_rank(new_state) = 4 GROUP BY
+              run_id)
           SELECT a.* FROM fault_audit a JOIN settled s USING (run_id)
           WHERE a.tx <> s.tx AND fault_rank(a.old_state) = 4 AND (a.new_state <> a.old_state OR a.overwrote)
           UNION ALL
@@ -212,12 +234,17 @@ final class FaultBed {
     // MARK: processes
 
     var commonEnvironment: [String: String] {
-        ["CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL, "CONVEYOR_AMQP_PREFIX": sys.prefix,
-         "CONVEYOR_AMQP_HEARTBEAT_SECONDS": "2", "CONVEYOR_LOG_LEVEL": "info"]
+        [
+            "CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_AMQP_URL": sys.dispatcherAMQPURL,
+            "CONVEYOR_AMQP_PREFIX": sys.prefix,
+            "CONVEYOR_AMQP_HEARTBEAT_SECONDS": "2", "CONVEYOR_LOG_LEVEL": "info",
+        ]
     }
 
     /// A dispatcher process: 200 ms scans, a 3 s publish lease, 2 s lost grace.
-    func startDispatcher(_ id: String, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = []) throws {
+    func startDispatcher(_ id: String, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = [])
+        throws
+    {
         let env = commonEnvironment.merging([
             "CONVEYOR_DISPATCHER_QUEUES": sys.queue, "CONVEYOR_DISPATCHER_SCAN_INTERVAL_MS": "200",
             "CONVEYOR_DISPATCHER_MAINTENANCE_INTERVAL_MS": "200", "CONVEYOR_DISPATCHER_PUBLISH_LEASE_SECONDS": "3",
@@ -229,7 +256,9 @@ final class FaultBed {
 
     /// A worker process offering http, noop and sleep; heartbeats every 500 ms, `started` after
     /// 100 ms, detached after 5 s (the fault broker's consumer timeout is 20 s), drained in 5 s.
-    func startWorker(_ id: String, concurrency: Int = 8, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = []) throws {
+    func startWorker(
+        _ id: String, concurrency: Int = 8, env extra: [String: String] = [:], httpPort: Int = 0, wrapper: [String] = []
+    ) throws {
         var env = commonEnvironment.merging([
             "CONVEYOR_WORKER_QUEUES": sys.queue, "CONVEYOR_WORKER_EXECUTORS": "http,noop,sleep",
             "CONVEYOR_WORKER_CONCURRENCY": "\(concurrency)", "CONVEYOR_WORKER_ID": id,
@@ -239,7 +268,7 @@ final class FaultBed {
             "CONVEYOR_EXECUTORS_HTTP_ALLOWED_NETWORKS": "127.0.0.0/8,10.77.0.0/24",
         ]) { _, b in b }
         env.removeValue(forKey: "CONVEYOR_DATABASE_URL")
-        env["CONVEYOR_AMQP_URL"] = sys.workerAMQPURL   // the worker's own login, as in production
+        env["CONVEYOR_AMQP_URL"] = sys.workerAMQPURL  // the worker's own login, as in production
         try start(id, ["worker"], env: env.merging(extra) { _, b in b }, wrapper: wrapper)
     }
 
@@ -284,11 +313,18 @@ final class FaultBed {
 
     /// Waits until it has ended; returns its status (128 + signal when killed).
     @discardableResult
-    func waitExit(_ id: String) async -> Int32 {
-        while true {
-            if let e = exitStatus(id) { return e }
-            try? await Task.sleep(for: .milliseconds(20))
+    /// The process's exit status, waiting at most `limit`. A process still running then is a
+    /// defect (it ignored its signal): recorded as an issue, then killed, so the suite goes on.
+    func waitExit(_ id: String, within limit: Duration = .seconds(90)) async -> Int32 {
+        let exited =
+            (try? await System.poll(timeout: limit, every: .milliseconds(20)) { exitStatus(id) != nil }) ?? false
+        if !exited {
+            Issue.record("\(id) did not exit within \(limit); killing it")
+            kill(-pid(id), SIGCONT)
+            kill(-pid(id), SIGKILL)
+            _ = try? await System.poll(timeout: .seconds(10), every: .milliseconds(20)) { exitStatus(id) != nil }
         }
+        return exitStatus(id) ?? -1
     }
 
     /// Signals the process's group: the process and, under a wrapper, the wrapped program.
@@ -314,8 +350,10 @@ final class FaultBed {
     // MARK: tasks
 
     /// `n` once-tasks calling the sink, each waiting `ms` there.
-    func sinkTasks(_ n: Int, ms: Int = 0, name: String = "t", query: String = "", maxAttempts: Int = 1,
-                   timeoutSeconds: Double = 30) -> [NewTask] {
+    func sinkTasks(
+        _ n: Int, ms: Int = 0, name: String = "t", query: String = "", maxAttempts: Int = 1,
+        timeoutSeconds: Double = 30
+    ) -> [NewTask] {
         (0..<n).map { i in
             var t = NewTask(name: "\(name)-\(i)", executor: "http", schedule: .once)
             t.queue = sys.queue
@@ -347,7 +385,9 @@ final class FaultBed {
     func retrying<T>(_ body: () async throws -> T) async throws -> T {
         let deadline = ContinuousClock.now + .seconds(30)
         while true {
-            do { return try await body() } catch let e as PostgresError where e.isRetriable && ContinuousClock.now < deadline {
+            do { return try await body() } catch let e as PostgresError
+                where e.isRetriable && ContinuousClock.now < deadline
+            {
                 try await Task.sleep(for: .milliseconds(200))
             }
         }
@@ -355,10 +395,12 @@ final class FaultBed {
 
     /// Occurrences without a final outcome (the oracle's `lost` while the system still works).
     func unfinished() async throws -> Int {
-        try await count("""
+        try await count(
+            """
             SELECT (SELECT count(*) FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id))
                  + (SELECT count(*) FROM (SELECT DISTINCT ON (task_id, occurrence) state FROM runs
-                                          ORDER BY task_id, occurrence, attempt DESC) l WHERE state NOT IN \(Self.finalStates))
+                                          ORDER BY task_id, occurrence, attempt DESC) l WHERE state NOT IN
+                                              \(Self.finalStates))
             """)
     }
 
@@ -366,31 +408,39 @@ final class FaultBed {
     /// became quiet (nil if it never did).
     @discardableResult
     func waitQuiet(timeout: Duration) async throws -> ContinuousClock.Instant? {
-        try await System.poll(timeout: timeout, every: .milliseconds(250)) { try await unfinished() == 0 } ? ContinuousClock.now : nil
+        try await System.poll(timeout: timeout, every: .milliseconds(250)) { try await unfinished() == 0 }
+            ? ContinuousClock.now : nil
     }
 
     func oracle() async throws -> OracleCounts {
         var c = OracleCounts()
         c.lost = try await unfinished()
-        c.doubleRecorded = try await count("""
+        c.doubleRecorded = try await count(
+            """
             SELECT (SELECT count(DISTINCT run_id) FROM fault_double)
-                 + (SELECT count(*) FROM (SELECT 1 FROM runs GROUP BY task_id, occurrence, attempt HAVING count(*) > 1) d)
+                 + (SELECT count(*) FROM (SELECT 1 FROM runs GROUP BY task_id, occurrence, attempt HAVING count(*) > 1)
+                     d)
             """)
-        c.stuck = try await count("""
+        c.stuck = try await count(
+            """
             SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE
               (r.state IN ('scheduled', 'queued') AND r.available_at < now() - interval '5 seconds')
               OR (r.state IN ('dispatched', 'running')
-                  AND coalesce(r.started_at, r.dispatched_at, r.created_at) + make_interval(secs => t.timeout_seconds + 5) < now())
+                  AND coalesce(r.started_at, r.dispatched_at, r.created_at) + make_interval(secs => t.timeout_seconds +
+                      5) < now())
             """)
         c.deadLettered = try await count("SELECT count(*) FROM dead_letters")
         let calls = counts.calls.withLock { $0 }
         c.executions = calls.values.reduce(0, +)
         c.executedRuns = calls.count
         if c.doubleRecorded > 0 {
-            c.examples = try await rows("""
-                SELECT a.run_id::text || ' ' || coalesce(a.old_state, '-') || '>' || a.new_state || CASE WHEN a.overwrote THEN ' (overwrote)' ELSE '' END
+            c.examples = try await rows(
+                """
+                SELECT a.run_id::text || ' ' || coalesce(a.old_state, '-') || '>' || a.new_state || CASE WHEN
+                    a.overwrote THEN ' (overwrote)' ELSE '' END
                 FROM fault_audit a WHERE a.run_id IN (SELECT run_id FROM fault_double) ORDER BY a.run_id, a.at LIMIT 8
-                """).compactMap { $0[0] }
+                """
+            ).compactMap { $0[0] }
         }
         for row in try await rows("SELECT state, count(*)::text FROM runs GROUP BY 1 ORDER BY 1") {
             c.states[row[0] ?? "?"] = Int(row[1] ?? "") ?? 0
@@ -425,7 +475,9 @@ final class FaultBed {
 
     /// posix_spawn: standard input from /dev/null, output and errors to `output`; `environment`
     /// nil inherits this process's. Returns the child's pid.
-    static func spawn(_ argv: [String], environment: [String]?, output: String, append: Bool, ownGroup: Bool) throws -> pid_t {
+    static func spawn(_ argv: [String], environment: [String]?, output: String, append: Bool, ownGroup: Bool) throws
+        -> pid_t
+    {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -443,14 +495,17 @@ final class FaultBed {
         let cEnv = environment.map { $0.map { strdup($0) } + [nil] }
         defer { for p in cArgs + (cEnv ?? []) { free(p) } }
         var pid: pid_t = 0
-        let rc = cEnv.map { posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, $0) }
+        let rc =
+            cEnv.map { posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, $0) }
             ?? posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, environ)
         guard rc == 0 else { throw FaultSetupError(what: "spawning \(argv): \(String(cString: strerror(rc)))") }
         return pid
     }
 
     /// A waitpid status as a shell shows it: the exit code, or 128 + the signal that ended it.
-    static func exitCode(_ status: Int32) -> Int32 { (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
+    static func exitCode(_ status: Int32) -> Int32 {
+        (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
 
     /// `rabbitmqctl <args>` against the fault suite's broker.
     @discardableResult
@@ -468,7 +523,9 @@ final class FaultBed {
         var policy = OutboundPolicy()
         policy.allowedNetworks = [try! Network(parsing: "127.0.0.1")]
         return try? await OutboundHTTP(policy: policy, logger: Servers.logger)
-            .send(OutboundRequest(method: "GET", url: "http://127.0.0.1:\(port)\(path)", headers: [], body: []), timeout: .seconds(2))
+            .send(
+                OutboundRequest(method: "GET", url: "http://127.0.0.1:\(port)\(path)", headers: [], body: []),
+                timeout: .seconds(2))
     }
 
     /// The sum of a metric's samples (all label sets) on a process's `/metrics`, or nil.
@@ -483,8 +540,9 @@ final class FaultBed {
     /// Resident memory of a process in MB (`VmRSS`).
     static func residentMB(_ pid: Int32) -> Double? {
         guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
-              let kb = Double(line.split(separator: " ").dropFirst().first ?? "") else { return nil }
+            let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+            let kb = Double(line.split(separator: " ").dropFirst().first ?? "")
+        else { return nil }
         return kb / 1024
     }
 
@@ -499,7 +557,9 @@ final class FaultBed {
         addr.sin_addr.s_addr = inet_addr("127.0.0.1")
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)
         let ok = withUnsafeMutablePointer(to: &addr) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0
+            }
         }
         guard ok else { throw FaultSetupError(what: "bind: \(String(cString: strerror(errno)))") }
         return Int(UInt16(bigEndian: addr.sin_port))
@@ -554,7 +614,9 @@ enum Netns {
     /// Drops (or lets through again) every packet in and out of the namespace.
     static func drop(_ ns: String, _ on: Bool) async throws {
         for chain in ["INPUT", "OUTPUT"] {
-            try await ip(["netns", "exec", ns, try Requirements.program("iptables"), on ? "-I" : "-D", chain, "-j", "DROP"])
+            try await ip([
+                "netns", "exec", ns, try Requirements.program("iptables"), on ? "-I" : "-D", chain, "-j", "DROP",
+            ])
         }
     }
 }

@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import ConveyorFaults
 import ConveyorPostgres
@@ -13,7 +14,8 @@ import Testing
 @Suite("FaultSuite", .enabled(if: FaultProfile.enabled, "run by scripts/faults.sh (its own servers)"), .serialized)
 struct FaultSuite {
     /// Two dispatchers and `workers` workers (8 runs at once each).
-    static func fleet(_ bed: FaultBed, workers: Int = 3, concurrency: Int = 8, workerEnv: [String: String] = [:]) throws {
+    static func fleet(_ bed: FaultBed, workers: Int = 3, concurrency: Int = 8, workerEnv: [String: String] = [:]) throws
+    {
         try bed.startDispatcher("d1")
         try bed.startDispatcher("d2")
         for i in 1...workers { try bed.startWorker("w\(i)", concurrency: concurrency, env: workerEnv) }
@@ -28,7 +30,9 @@ struct FaultSuite {
     @Test func negativeControlOracleSeesLossWithoutConfirms() async throws {
         let n = FaultProfile.n(fast: 20_000, full: 50_000)
         try await FaultBed.scenario("negative-control", "0 negative control", n: n) { bed, report in
-            try bed.startDispatcher("d1", env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"])
+            try bed.startDispatcher(
+                "d1",
+                env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"])
             try await bed.create(bed.sys.tasks(n, executor: "noop"))
             try await bed.until("some dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") >= n / 10
@@ -40,15 +44,22 @@ struct FaultSuite {
             // Give the system every chance to finish what it can.
             try await bed.waitQuiet(timeout: .seconds(40))
             report.counts = try await bed.oracle()
-            report.notes.append("states \(report.counts.states.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
+            let states = report.counts.states.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
+            report.notes.append("states \(states.joined(separator: ", "))")
             report.require(report.counts.lost > 0, "the oracle saw no loss with confirms off")
             // And it sees a recording moved backwards, then recorded again, in later transactions.
             try await bed.sys.pool.withConnection { c in
-                try await c.simple("UPDATE runs SET state = 'running' WHERE id = (SELECT id FROM runs WHERE state = 'succeeded' LIMIT 1)")
+                try await c.simple(
+                    """
+                    UPDATE runs SET state = 'running' WHERE id = (SELECT id FROM runs WHERE state = 'succeeded' LIMIT \
+                    1)
+                    """
+                )
                 try await c.simple("UPDATE runs SET state = 'failed', exit_code = 1 WHERE state = 'running'")
             }
             let tampered = try await bed.oracle().doubleRecorded
-            report.require(tampered == 1, "the oracle counted \(tampered) for one run moved back and recorded again, not 1")
+            report.require(
+                tampered == 1, "the oracle counted \(tampered) for one run moved back and recorded again, not 1")
             report.notes.append("tampering seen: double-recorded \(tampered)")
         }
     }
@@ -76,7 +87,11 @@ struct FaultSuite {
             // queue and 1 from the isolation lane.
             report.require(
                 report.counts.duplicateExecutions <= killed * 9,
-                "repeated executions \(report.counts.duplicateExecutions) > killed workers' in-flight bound \(killed * 9)")
+                """
+                repeated executions \(report.counts.duplicateExecutions) > killed workers' in-flight bound \
+                \(killed * 9)
+                """
+            )
             report.require(killed >= 3, "only \(killed) kills")
         }
     }
@@ -129,14 +144,16 @@ struct FaultSuite {
     }
 
     func partition(ns: String, n: Int) async throws {
-        try await FaultBed.scenario("partition", "3 worker partitioned", n: n, sinkHost: Netns.hostAddress) { bed, report in
+        try await FaultBed.scenario("partition", "3 worker partitioned", n: n, sinkHost: Netns.hostAddress) {
+            bed, report in
             try bed.startDispatcher("d1")
             try bed.startDispatcher("d2")
             try bed.startWorker("w1")
             try bed.startWorker("w2")
             // The worker's own login (not loopback-only, unlike `guest`), to the host's address
             // as the namespace sees it.
-            let workerURL = bed.sys.workerAMQPURL.replacingOccurrences(of: "@127.0.0.1:", with: "@\(Netns.hostAddress):")
+            let workerURL = bed.sys.workerAMQPURL.replacingOccurrences(
+                of: "@127.0.0.1:", with: "@\(Netns.hostAddress):")
             try bed.startWorker(
                 "cut", env: ["CONVEYOR_AMQP_URL": workerURL],
                 wrapper: [try Requirements.program("ip"), "netns", "exec", ns])
@@ -155,7 +172,12 @@ struct FaultSuite {
             try await Netns.drop(ns, false)
             let healed = ContinuousClock.now
             let rejoined = try await bed.until("the worker rejoins after the heal", timeout: .seconds(30), &report) {
-                try await bed.count("SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active' AND last_heartbeat > now() - interval '2 seconds'") == 1
+                try await bed.count(
+                    """
+                    SELECT count(*) FROM workers WHERE id = 'cut' AND state = 'active' AND last_heartbeat > now() - \
+                    interval '2 seconds'
+                    """
+                ) == 1
             }
             report.recovery = ContinuousClock.now - healed
             try await bed.waitQuiet(timeout: .seconds(120))
@@ -164,7 +186,8 @@ struct FaultSuite {
             report.require(declaredLost == 1, "the cut worker was not declared lost during the cut")
             report.require(rejoined, "the cut worker did not rejoin")
             report.require(bed.isRunning("cut"), "the cut worker exited")
-            report.require(report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what the cut worker held")
+            report.require(
+                report.counts.duplicateExecutions <= held + 8, "repeated executions beyond what the cut worker held")
             report.notes.append("cut held \(held); partition \(Int((healed - cut).inSeconds)) s")
         }
     }
@@ -186,10 +209,13 @@ struct FaultSuite {
             try bed.startDispatcher("d1", httpPort: ports[0])
             try bed.startDispatcher("d2", httpPort: ports[1])
             for i in 1...3 { try bed.startWorker("w\(i)", concurrency: 16, httpPort: ports[1 + i]) }
-            try await bed.until("every process ready", timeout: .seconds(30), &report) { await FaultBed.allReady(ports) }
+            try await bed.until("every process ready", timeout: .seconds(30), &report) {
+                await FaultBed.allReady(ports)
+            }
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % dispatched", timeout: .seconds(60), &report) {
-                try await bed.count("SELECT count(*) FROM runs WHERE state IN ('dispatched', 'running', 'succeeded')") >= n * 3 / 10
+                try await bed.count("SELECT count(*) FROM runs WHERE state IN ('dispatched', 'running', 'succeeded')")
+                    >= n * 3 / 10
             }
             switch how {
             case .stopApp: try await FaultBed.rabbitmqctl(["stop_app"])
@@ -204,7 +230,9 @@ struct FaultSuite {
             case .killVM, .freezeAndKill: try await FaultBed.services(["start"])
             }
             let reopened = ContinuousClock.now
-            let allReady = try await bed.until("every process ready again", timeout: .seconds(30), &report) { await FaultBed.allReady(ports) }
+            let allReady = try await bed.until("every process ready again", timeout: .seconds(30), &report) {
+                await FaultBed.allReady(ports)
+            }
             report.recovery = allReady ? ContinuousClock.now - reopened : nil
             try await bed.waitQuiet(timeout: .seconds(120))
             report.counts = try await bed.oracle()
@@ -226,7 +254,9 @@ struct FaultSuite {
                     "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
                     "CONVEYOR_AMQP_URL": bed.sys.apiAMQPURL,
                 ]) { _, b in b })
-            try await bed.until("api ready", timeout: .seconds(30), &report) { await FaultBed.httpStatus(port: apiPort) == 200 }
+            try await bed.until("api ready", timeout: .seconds(30), &report) {
+                await FaultBed.httpStatus(port: apiPort) == 200
+            }
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % done", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n * 3 / 10
@@ -265,7 +295,8 @@ struct FaultSuite {
     @Test(arguments: FaultInjection.CrashPoint.allCases)
     func s06DispatcherCrashPoint(_ point: FaultInjection.CrashPoint) async throws {
         let n = FaultProfile.n(fast: 600, full: 10_000)
-        try await FaultBed.scenario("dispatcher-\(point.rawValue)", "6 dispatcher \(point.rawValue)", n: n) { bed, report in
+        try await FaultBed.scenario("dispatcher-\(point.rawValue)", "6 dispatcher \(point.rawValue)", n: n) {
+            bed, report in
             for i in 1...3 { try bed.startWorker("w\(i)", concurrency: 16) }
             try bed.startDispatcher("doomed", env: ["CONVEYOR_TEST_FAULTS": "dispatcher-crash=\(point.rawValue)"])
             try bed.startDispatcher("survivor")
@@ -274,7 +305,9 @@ struct FaultSuite {
             // would otherwise be a race); it resumes the moment the doomed one dies.
             bed.signal("survivor", SIGSTOP)
             try await bed.create(bed.sinkTasks(n, ms: 10))
-            let crashed = try await bed.until("the doomed dispatcher reaches its crash point", timeout: .seconds(20), &report) {
+            let crashed = try await bed.until(
+                "the doomed dispatcher reaches its crash point", timeout: .seconds(20), &report
+            ) {
                 !bed.isRunning("doomed")
             }
             let died = ContinuousClock.now
@@ -289,7 +322,8 @@ struct FaultSuite {
             // Taken over: every run the dead dispatcher held has been published again (or, after
             // its confirm, started by a worker).
             try await bed.until("every run the dead dispatcher held is published", timeout: .seconds(30), &report) {
-                try await bed.count("SELECT count(*) FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued'", [heldIDs]) == 0
+                try await bed.count(
+                    "SELECT count(*) FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued'", [heldIDs]) == 0
             }
             report.notes.append("the dead dispatcher held \(held) claimed runs")
             report.recovery = ContinuousClock.now - died
@@ -297,7 +331,9 @@ struct FaultSuite {
             report.counts = try await bed.oracle()
             report.standard()
             // Lease 3 s + scan 0.2 s, plus a second for the publish itself.
-            report.require((report.recovery ?? .seconds(99)) <= .milliseconds(4200), "takeover slower than lease + one scan interval")
+            report.require(
+                (report.recovery ?? .seconds(99)) <= .milliseconds(4200),
+                "takeover slower than lease + one scan interval")
             // Only a run published by both dispatchers may run twice: at most what the dead one held.
             report.require(
                 report.counts.duplicateExecutions <= held,
@@ -319,11 +355,13 @@ struct FaultSuite {
             for i in parked.indices { parked[i].queue = "parked" }
             try await bed.create(parked)
             try await bed.until("parked runs dispatched", timeout: .seconds(30), &report) {
-                try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched' AND queue = 'parked'") == parked.count
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched' AND queue = 'parked'")
+                    == parked.count
             }
             let rows = try await bed.rows(
                 """
-                SELECT r.id::text, t.id::text, t.name, r.occurrence::text, t.parameters::text FROM runs r JOIN tasks t ON t.id = r.task_id
+                SELECT r.id::text, t.id::text, t.name, r.occurrence::text, t.parameters::text FROM runs r JOIN tasks t
+                    ON t.id = r.task_id
                 WHERE r.queue = 'parked' ORDER BY t.name
                 """)
             // The test plays the dispatcher for these runs, so it signs their messages as one would.
@@ -332,7 +370,8 @@ struct FaultSuite {
                 let params = try JSONDecoder().decode(JSONValue.self, from: Data((row[4] ?? "{}").utf8))
                 var m = TaskMessage(
                     runID: UUID(uuidString: row[0]!)!, taskID: UUID(uuidString: row[1]!)!, taskName: row[2]!,
-                    occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params, timeoutSeconds: 30)
+                    occurrence: Date(), attempt: 1, queue: bed.sys.queue, executor: "http", parameters: params,
+                    timeoutSeconds: 30)
                 m.proof = signer.sign(runID: m.runID, attempt: 1)
                 return m
             }
@@ -340,7 +379,8 @@ struct FaultSuite {
             try await bed.create(bed.sys.tasks(perKind, executor: "no-such-executor", name: "unknown"))
             var poison = perKind
             var identifiable = perKind  // the unknown-executor runs
-            try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).work(queues: [bed.sys.queue])) { pub, topo in
+            try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).work(queues: [bed.sys.queue])) {
+                pub, topo in
                 func send(_ body: [UInt8], headers: AMQPHeaders = [:]) async throws {
                     try await pub.publish(
                         AMQPOutgoingMessage(
@@ -352,7 +392,9 @@ struct FaultSuite {
                     poison += 1
                     try await send([0xFF, 0xFE, 0x7B, 0x22, UInt8(i % 200)])
                     poison += 1
-                    try await send(Array("{\"pad\": \"".utf8) + Array(repeating: UInt8(ascii: "x"), count: MessageCodec.maxBodyBytes) + Array("\"}".utf8))
+                    try await send(
+                        Array("{\"pad\": \"".utf8)
+                            + Array(repeating: UInt8(ascii: "x"), count: MessageCodec.maxBodyBytes) + Array("\"}".utf8))
                     poison += 1
                     var v99 = try message(rows[i])
                     v99.version = 99
@@ -361,7 +403,9 @@ struct FaultSuite {
                     identifiable += 1
                     // A broken traceparent is not poison: W3C Trace Context says to ignore it, so the
                     // run executes under a new trace.
-                    try await send(MessageCodec.encode(try message(rows[perKind + i])), headers: ["traceparent": .string("00-zz-not-a-trace-01")])
+                    try await send(
+                        MessageCodec.encode(try message(rows[perKind + i])),
+                        headers: ["traceparent": .string("00-zz-not-a-trace-01")])
                 }
                 // The rest of the parked runs get their proper message.
                 for i in (2 * perKind)..<(3 * perKind) { try await send(MessageCodec.encode(try message(rows[i]))) }
@@ -372,7 +416,8 @@ struct FaultSuite {
             }
             report.counts = try await bed.oracle()
             report.standard(deadLettered: poison)
-            report.require(report.counts.dead == identifiable, "dead runs \(report.counts.dead), expected \(identifiable)")
+            report.require(
+                report.counts.dead == identifiable, "dead runs \(report.counts.dead), expected \(identifiable)")
             let reasons = try await bed.count("SELECT count(*) FROM dead_letters WHERE reason <> ''")
             report.require(reasons == poison, "dead letters with a reason: \(reasons)")
             let succeeded = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
@@ -408,13 +453,24 @@ struct FaultSuite {
             // The crasher alone is dead-lettered: redelivered messages go through the isolation
             // lane one at a time, so its neighbours never reach the delivery limit with it.
             report.standard(deadLettered: 1)
-            let crasher = try await bed.rows("SELECT r.state, coalesce(r.reason, '') FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'crasher-0'")
-            report.require(crasher.first?[0] == "dead", "the crashing task's run is \(crasher.first?[0] ?? "missing"), not dead")
+            let crasher = try await bed.rows(
+                """
+                SELECT r.state, coalesce(r.reason, '') FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = \
+                'crasher-0'
+                """
+            )
+            report.require(
+                crasher.first?[0] == "dead", "the crashing task's run is \(crasher.first?[0] ?? "missing"), not dead")
             let innocentsNotSucceeded = try await bed.count(
-                "SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name <> 'crasher-0' AND r.state <> 'succeeded'")
+                """
+                SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name <> 'crasher-0' AND r.state \
+                <> 'succeeded'
+                """
+            )
             report.require(innocentsNotSucceeded == 0, "\(innocentsNotSucceeded) innocent runs did not succeed")
             let isolated = try await bed.count("SELECT count(*) FROM dead_letters WHERE source LIKE '%.isolated.%'")
-            report.require(isolated == 1, "\(isolated) dead letters came from the isolation lane, expected the crasher alone")
+            report.require(
+                isolated == 1, "\(isolated) dead letters came from the isolation lane, expected the crasher alone")
             report.notes.append("\(restarts) worker restarts; crasher: \(crasher.first?[1] ?? "")")
         }
     }
@@ -433,7 +489,9 @@ struct FaultSuite {
             try await bed.until("all dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == n
             }
-            let ids = try await bed.rows("SELECT id::text FROM runs").compactMap { $0[0].flatMap(UUID.init(uuidString:)) }
+            let ids = try await bed.rows("SELECT id::text FROM runs").compactMap {
+                $0[0].flatMap(UUID.init(uuidString:))
+            }
             let t0 = Date()
             var statuses: [StatusMessage] = []
             for (i, id) in ids.enumerated() {
@@ -446,10 +504,12 @@ struct FaultSuite {
             }
             statuses = try await bed.sys.signed(statuses)
             statuses.shuffle()
-            let results = try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).status) { pub, topo in
+            let results = try await bed.sys.withPublisher(ConveyorTopology(prefix: bed.sys.prefix).status) {
+                pub, topo in
                 await pub.publish(statuses.map { sealedStatus($0, exchange: topo.statusExchange, persistent: true) })
             }
-            report.require(results.allSatisfy { if case .success = $0 { true } else { false } }, "a status publish failed")
+            report.require(
+                results.allSatisfy { if case .success = $0 { true } else { false } }, "a status publish failed")
             try await bed.waitQuiet(timeout: .seconds(60))
             try await Task.sleep(for: .seconds(1))
             report.counts = try await bed.oracle()
@@ -486,9 +546,11 @@ struct FaultSuite {
                 """
                 SELECT count(*) FROM tasks t WHERE t.name LIKE 'recovers-%'
                 AND (SELECT count(*) FROM runs r WHERE r.task_id = t.id) = \(k + 1)
-                AND EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.attempt = \(k + 1) AND r.state = 'succeeded')
+                AND EXISTS (SELECT 1 FROM runs r WHERE r.task_id = t.id AND r.attempt = \(k + 1) AND r.state =
+                    'succeeded')
                 """)
-            report.require(recovered == n / 2, "tasks with exactly k + 1 attempts ending succeeded: \(recovered) of \(n / 2)")
+            report.require(
+                recovered == n / 2, "tasks with exactly k + 1 attempts ending succeeded: \(recovered) of \(n / 2)")
             let gaveUp = try await bed.count(
                 """
                 SELECT count(*) FROM tasks t WHERE t.name LIKE 'gives-up-%'
@@ -505,9 +567,11 @@ struct FaultSuite {
                    OR b.dispatched_at < a.finished_at
                 """)
             report.require(early == 0, "\(early) retries outside the policy's bounds")
-            let republished = try await bed.count("SELECT count(*) FROM runs WHERE state = 'dead' AND publish_count > 1")
+            let republished = try await bed.count(
+                "SELECT count(*) FROM runs WHERE state = 'dead' AND publish_count > 1")
             report.require(republished == 0, "dead runs published again")
-            report.require(report.counts.executions == n / 2 * (k + 1) + n / 2 * k, "executions \(report.counts.executions)")
+            report.require(
+                report.counts.executions == n / 2 * (k + 1) + n / 2 * k, "executions \(report.counts.executions)")
         }
     }
 
@@ -524,7 +588,8 @@ struct FaultSuite {
             report.counts = try await bed.oracle()
             report.standard()
             report.require(report.counts.executions == n, "executions \(report.counts.executions), expected \(n)")
-            report.require(try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == n, "not all succeeded")
+            report.require(
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == n, "not all succeeded")
         }
     }
 
@@ -542,20 +607,26 @@ struct FaultSuite {
     @Test(arguments: Skew.allCases)
     func s12DispatcherClockSkew(_ skew: Skew) async throws {
         let n = FaultProfile.n(fast: 400, full: 5000)
-        try await FaultBed.scenario("skew\(skew.rawValue)", "12 dispatcher clock \(skew.rawValue)", n: n) { bed, report in
+        try await FaultBed.scenario("skew\(skew.rawValue)", "12 dispatcher clock \(skew.rawValue)", n: n) {
+            bed, report in
             // Only the wall clock is skewed, as NTP trouble would: libfaketime also shifts the
             // monotonic clock by default, which no real skew does, and its timerfd deadlines
             // even when told not to; scripts/faketime_timerfd.c, preloaded first, undoes that.
             let shim = Servers.env["CONVEYOR_FAULT_FAKETIME_SHIM"] ?? ""
-            report.require(FileManager.default.fileExists(atPath: shim), "no timerfd shim at '\(shim)' (scripts/faults.sh builds it)")
+            report.require(
+                FileManager.default.fileExists(atPath: shim),
+                "no timerfd shim at '\(shim)' (scripts/faults.sh builds it)")
             guard report.pass else { return }
             let skewedPort = try FaultBed.freePort()
             try bed.startDispatcher(
-                "skewed", env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1", "LD_PRELOAD": shim],
+                "skewed",
+                env: ["FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1", "LD_PRELOAD": shim],
                 httpPort: skewedPort, wrapper: [try Requirements.program("faketime"), "-f", skew.rawValue])
             try bed.startDispatcher("d2")
             for i in 1...2 { try bed.startWorker("w\(i)", concurrency: 16) }
-            let dbNow = try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init) ?? Date().timeIntervalSince1970
+            let dbNow =
+                try await bed.rows("SELECT extract(epoch FROM now())::text")[0][0].flatMap(Double.init)
+                ?? Date().timeIntervalSince1970
             var tasks = bed.sinkTasks(n, ms: 10)
             // Due in 10 to 20 s, spread over the seconds.
             for i in tasks.indices { tasks[i].startAt = Date(timeIntervalSince1970: dbNow + 10 + Double(i % 10)) }
@@ -563,17 +634,25 @@ struct FaultSuite {
             try await bed.waitQuiet(timeout: .seconds(90))
             report.counts = try await bed.oracle()
             report.standard()
-            let early = try await bed.count("SELECT count(*) FROM runs WHERE dispatched_at < occurrence OR created_at < occurrence - interval '1 second'")
+            let early = try await bed.count(
+                """
+                SELECT count(*) FROM runs WHERE dispatched_at < occurrence OR created_at < occurrence - interval '1 \
+                second'
+                """
+            )
             report.require(early == 0, "\(early) runs created or dispatched before they were due")
             let republished = try await bed.count("SELECT count(*) FROM runs WHERE publish_count > 1")
-            report.require(republished == 0, "\(republished) runs claimed twice: a lease was taken early, or ran out on a run")
+            report.require(
+                republished == 0, "\(republished) runs claimed twice: a lease was taken early, or ran out on a run")
             // Each claim counts in publish_count, so a run the skewed dispatcher claimed and then
             // sat on (waiting for its own clock) would be claimed again when its lease ran out,
             // and show above. Lateness is noted only: it measures the fleet's throughput.
-            let lateness = try await bed.rows("SELECT round(extract(epoch FROM max(dispatched_at - occurrence))::numeric, 2)::text FROM runs")
+            let lateness = try await bed.rows(
+                "SELECT round(extract(epoch FROM max(dispatched_at - occurrence))::numeric, 2)::text FROM runs")
             report.notes.append("dispatch lateness max \(lateness.first?[0] ?? "?") s")
             // It took its share: a dispatcher that ran but dispatched nothing would prove nothing.
-            let skewedDispatched = Int(await FaultBed.metricSum(port: skewedPort, "conveyor_dispatched_runs_total") ?? 0)
+            let skewedDispatched = Int(
+                await FaultBed.metricSum(port: skewedPort, "conveyor_dispatched_runs_total") ?? 0)
             report.require(skewedDispatched > 0, "the skewed dispatcher dispatched nothing")
             report.notes.append("the skewed dispatcher dispatched \(skewedDispatched)")
             report.require(bed.isRunning("skewed"), "the skewed dispatcher exited")
@@ -621,13 +700,17 @@ struct FaultSuite {
             report.counts = try await bed.oracle()
             report.standard()
             report.notes.append(
-                String(format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared", startMB, peak, duringAlarm))
+                String(
+                    format: "dispatcher RSS %.0f → peak %.0f MB during the alarm; %d succeeded before it cleared",
+                    startMB, peak, duringAlarm))
             report.require(peak < startMB + 100, "dispatcher memory grew by more than 100 MB during the alarm")
             report.require(duringAlarm < n, "the burst had ended before the alarm: the scenario tested nothing")
             // The dispatchers were told (connection.blocked) and paused, and did not take the
             // workers' silence (their heartbeats were blocked too) for their death.
             let logs = ["d1", "d2"].map { (try? String(contentsOfFile: bed.logPath($0), encoding: .utf8)) ?? "" }
-            let told = logs.filter { $0.contains("broker blocked publishing") && $0.contains("broker unblocked publishing") }.count
+            let told = logs.filter {
+                $0.contains("broker blocked publishing") && $0.contains("broker unblocked publishing")
+            }.count
             let lostLines = logs.map { $0.components(separatedBy: "workers declared lost").count - 1 }.reduce(0, +)
             report.notes.append("dispatchers told of the alarm: \(told) of 2; workers declared lost: \(lostLines)")
             report.require(told == 2, "\(told) of 2 dispatchers logged connection.blocked and connection.unblocked")
@@ -658,7 +741,9 @@ struct FaultSuite {
                 """)[0].map { Double($0 ?? "") ?? 0 }
             report.require(Int(stats[0]) == n, "succeeded \(Int(stats[0])) of \(n)")
             report.notes.append(
-                String(format: "%.0f runs/s; lateness p50 %.2fs p99 %.2fs max %.2fs", stats[0] / max(stats[1], 0.001), stats[2], stats[3], stats[4]))
+                String(
+                    format: "%.0f runs/s; lateness p50 %.2fs p99 %.2fs max %.2fs", stats[0] / max(stats[1], 0.001),
+                    stats[2], stats[3], stats[4]))
         }
     }
 

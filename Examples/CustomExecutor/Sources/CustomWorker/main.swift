@@ -32,7 +32,9 @@ struct UppercaseExecutor: Executor {
             return .failed("bad_parameters", "parameters.text must be a string, e.g. {\"text\": \"hello\"}")
         }
         guard text.count <= maxLength else {
-            return .failed("bad_parameters", "parameters.text has \(text.count) characters; this executor takes at most \(maxLength)")
+            return .failed(
+                "bad_parameters",
+                "parameters.text has \(text.count) characters; this executor takes at most \(maxLength)")
         }
         context.logger.info("upper-casing", metadata: ["text.length": "\(text.count)"])
         return ExecutionResult(outcome: .succeeded, output: text.uppercased())
@@ -43,7 +45,7 @@ struct UppercaseExecutor: Executor {
     }
 }
 
-var factory = ExecutorFactory()   // noop, sleep, shell and http are registered already
+var factory = ExecutorFactory()  // noop, sleep, shell and http are registered already
 factory.register("uppercase") { settings throws(ValidationError) in try UppercaseExecutor(settings: settings) }
 
 LoggingSystem.bootstrap(StreamLogHandler.standardError)
@@ -52,7 +54,9 @@ let directory = ProcessInfo.processInfo.environment["CONVEYOR_CONFIG_DIR"] ?? "c
 do {
     let settings = try await Settings.load(file: directory + "/worker.yaml")
     let worker = try Worker.make(settings: settings, factory: factory, logger: logger)
-    try await ServiceGroup(configuration: .init(services: [worker], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)).run()
+    try await ServiceGroup(
+        configuration: .init(services: [worker], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+    ).run()
 } catch {
     logger.critical("worker could not start", metadata: ["error": "\(error)"])
     exit(1)

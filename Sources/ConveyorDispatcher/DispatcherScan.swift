@@ -1,0 +1,203 @@
+import ConveyorAMQP
+import ConveyorBroker
+import ConveyorCore
+import ConveyorFaults
+import ConveyorStore
+import ConveyorTelemetry
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+import Tracing
+
+extension Dispatcher {
+    // MARK: scan and publish
+
+    func scanLoop() async {
+        // A tick claims in `groups` concurrent groups only after a tick that moved at least a batch
+        // of runs (created plus published: a burst). After a lighter one it claims as one group: at a steady rate a tick holds tens of
+        // runs, and splitting them makes more statements per run and a tick as slow as its
+        // slowest group (docs/benchmarks.md, "Task groups at a steady rate").
+        var groups = 1
+        while !stopping.load(ordering: .relaxed) {
+            var tick = (work: 0, nextDueIn: Double?.none)
+            if publisher.isConnected && !publisher.isBlocked {
+                tick = await scanTick(groups: groups)
+            }
+            groups = tick.work >= configuration.batchSize ? configuration.groups : 1
+            if stopping.load(ordering: .relaxed) { break }
+            if tick.work > 0 { continue }  // more may be due: scan again at once
+            // Nothing moved. Sleep until the next due time, but never spin on work that is due and
+            // held back (a full broker backlog, a rate limit): a recorded status batch, a NOTIFY or
+            // the scan interval wakes the loop.
+            var sleep = configuration.scanInterval
+            if let next = tick.nextDueIn, next > 0, next < sleep.inSeconds {
+                sleep = .milliseconds(Int64(next * 1000) + 1)
+            }
+            await wakeup.wait(timeout: sleep)
+        }
+    }
+
+    /// One scan tick; returns how much it did (runs created plus runs published: 0 means nothing
+    /// was due, or nothing due could move).
+    package func scanOnce() async -> Int { await scanTick(groups: configuration.groups).work }
+
+    /// One scan tick: the probe, then `groups` task groups' claims and publishes, concurrently. Returns
+    /// the work done and the seconds until something is next due (from the probe).
+    func scanTick(groups: Int) async -> (work: Int, nextDueIn: Double?) {
+        let began = ContinuousClock.now
+        defer {
+            ConveyorMetrics.scanDuration(ContinuousClock.now - began)
+            counters.withLock { $0.scans += 1 }
+        }
+        let probe: ScanProbe
+        do { probe = try await store.scanProbe() } catch {
+            logger.warning("scan probe failed", metadata: ["error": "\(error)"])
+            return (0, nil)
+        }
+        guard probe.due else { return (0, probe.nextDueIn) }
+        // Each queue's broker backlog is bounded: what is over it waits in PostgreSQL, where
+        // priority orders it. The room is shared out among the groups.
+        func share(_ room: Int) -> Int { room <= 0 ? 0 : (room + groups - 1) / groups }
+        let room = probe.backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
+        let defaultRoom = share(configuration.maxBacklogPerQueue)
+        let work = await withTaskGroup(of: Int.self) { group in
+            for g in 0..<groups {
+                group.addTask {
+                    let spans = DispatchSpans()
+                    var request = ClaimRequest(
+                        group: g, groups: groups, limit: self.configuration.batchSize,
+                        lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
+                        newTraceParent: { spans.start(parent: $0) })
+                    request.room = room
+                    request.defaultRoom = defaultRoom
+                    request.rateLimited = probe.rateLimited
+                    request.straightToQueue = !probe.runsReady
+                    return await self.dispatchGroup(request, spans: spans)
+                }
+            }
+            var total = 0
+            for await n in group { total += n }
+            return total
+        }
+        return (work, probe.nextDueIn)
+    }
+
+    /// Claims one task group and publishes what it claimed; returns runs created plus runs published.
+    func dispatchGroup(_ request: ClaimRequest, spans: DispatchSpans = DispatchSpans()) async -> Int {
+        let result: ClaimResult
+        do {
+            result = try await store.claimDue(request)
+        } catch {
+            spans.end(failed: error)
+            logger.warning("claim failed", metadata: ["dispatcher.group": "\(request.group)", "error": "\(error)"])
+            return 0
+        }
+        let live = spans.claimed(result.runs, exchange: topology.tasksExchange)
+        if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
+        if result.created > 0 {
+            let total = createdSinceAnalyze.add(result.created, ordering: .relaxed).newValue
+            if total >= Self.analyzeAfterRuns && total - result.created < Self.analyzeAfterRuns {
+                maintenanceWakeup.signal()
+            }
+        }
+        if result.runs.isEmpty { return result.created }
+        if configuration.faults.dispatcherCrash == .afterClaim { FaultInjection.crash() }
+        ConveyorMetrics.claimBatch(result.runs.count)
+        let (ok, failed) = await publish(result.runs, spans: live)
+        if configuration.faults.dispatcherCrash == .afterPublish { FaultInjection.crash() }
+        let okSet = Set(ok)
+        for (key, runs) in Dictionary(
+            grouping: result.runs.filter { okSet.contains($0.message.runID) },
+            by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) })
+        {
+            ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
+        }
+        if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
+        do {
+            try await store.markDispatched(ok)
+            if !failed.isEmpty { try await store.retryPublishSoon(failed, delay: .seconds(1)) }
+        } catch {
+            // The rows stay `queued`: any dispatcher republishes them when the lease ends.
+            logger.warning(
+                "marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
+        }
+        counters.withLock {
+            $0.published += ok.count
+            $0.publishFailed += failed.count
+        }
+        return result.created + ok.count
+    }
+
+    /// Publishes runs with confirms; returns the confirmed and the failed run ids. A run's
+    /// producer span is its dispatch span when this claim created the run (`spans`), else a new
+    /// `publish` span, a child of the run's stored dispatch span (a retry, a run that waited).
+    func publish(_ runs: [ClaimedRun], spans live: [UUID: any Span] = [:]) async -> (ok: [UUID], failed: [UUID]) {
+        await workQueues.declare(runs.map(\.message.queue))
+        let proof: StatusProof
+        do { proof = try await statusProof() } catch {
+            logger.warning("cannot read the status key; publishing later", metadata: ["error": "\(error)"])
+            for span in live.values { span.end() }
+            return ([], runs.map(\.message.runID))
+        }
+        let now = Date()
+        var spans: [any Span] = []
+        spans.reserveCapacity(runs.count)
+        let messages = runs.map { run in
+            if let span = live[run.message.runID] {
+                spans.append(span)
+            } else {
+                var parent = Traces.context(traceparent: run.traceparent)
+                parent.baggageHeader = run.baggage
+                spans.append(
+                    Traces.startSpan(
+                        "publish \(run.message.queue)", context: parent, kind: .producer,
+                        attributes: Self.publishAttributes(run, exchange: topology.tasksExchange)))
+            }
+            var headers: AMQPHeaders = [
+                "conveyor-task": .string(run.message.taskName),
+                "conveyor-attempt": .int(Int64(run.message.attempt)),
+                "conveyor-deadline": .string(Timestamp.format(now.addingTimeInterval(run.message.timeoutSeconds))),
+            ]
+            // The publish span, a child of the run's stored dispatch span; its context travels in the headers.
+            var context = spans[spans.count - 1].context
+            context.baggageHeader = run.baggage
+            Traces.inject(context, into: &headers, using: AMQPHeadersInjector())
+            var message = run.message
+            message.proof = proof.sign(runID: message.runID, attempt: message.attempt)
+            return AMQPOutgoingMessage(
+                exchange: topology.tasksExchange, routingKey: run.message.queue, body: MessageCodec.encode(message),
+                properties: AMQPProperties(
+                    contentType: "application/json", messageID: run.message.idempotencyKey,
+                    type: taskMessageType, timestamp: UInt64(now.timeIntervalSince1970), persistent: true,
+                    headers: headers))
+        }
+        let sent = ContinuousClock.now
+        if configuration.faults.dispatcherCrash == .midBatch, messages.count >= 2 {
+            _ = await publisher.publish(Array(messages.prefix(messages.count / 2)))
+            FaultInjection.crash()
+        }
+        let results = await publisher.publish(messages)
+        ConveyorMetrics.publishConfirm(ContinuousClock.now - sent)
+        var ok: [UUID] = []
+        var failed: [UUID] = []
+        for ((run, r), span) in zip(zip(runs, results), spans) {
+            defer { span.end() }
+            switch r {
+            case .success: ok.append(run.message.runID)
+            case .failure(let e):
+                span.recordError(e)
+                span.setStatus(SpanStatus(code: .error, message: "publish not confirmed; republished later"))
+                failed.append(run.message.runID)
+                logger.debug(
+                    "publish failed",
+                    metadata: [
+                        "run.id": "\(run.message.runID)", "task.name": "\(run.message.taskName)",
+                        "trace.id": "\(Traceparent.traceID(run.traceparent) ?? "")", "error": "\(e)",
+                    ])
+            }
+        }
+        if !failed.isEmpty { logger.warning("publishes failed; will retry", metadata: ["count": "\(failed.count)"]) }
+        return (ok, failed)
+    }
+}

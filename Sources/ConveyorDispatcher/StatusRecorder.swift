@@ -1,0 +1,272 @@
+import ConveyorAMQP
+import ConveyorCore
+import ConveyorStore
+import ConveyorTelemetry
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+import Tracing
+
+/// Records what workers report on the status queue: statuses and heartbeats, in batches of up
+/// to `dispatcher.status_batch_size`, each in one transaction, acked (one multiple ack) only once
+/// it committed. A status without its attempt's proof changes nothing; a malformed message is
+/// dead-lettered.
+///
+/// Shutdown: it stops consuming, records every status already received, and returns; the
+/// dispatcher closes the connection after it. A batch it cannot commit while stopping stays
+/// unacked, and the broker redelivers it to another dispatcher.
+final class StatusRecorder: Service, Sendable {
+    /// Totals since start (the dispatcher's `stats` adds them up).
+    struct Counters: Sendable {
+        var applied = 0, ignored = 0, outcomes = 0, rejected = 0, forged = 0
+        var retried = 0, dead = 0, heartbeats = 0
+    }
+
+    /// What the rest of the dispatcher does with what the recorder saw.
+    struct Hooks: Sendable {
+        /// Heartbeats named these work queues (the dispatcher declares the ones it does not know).
+        var heartbeatQueues: @Sendable ([String]) async -> Void
+        /// A batch committed (started runs free broker backlog; retries, dependents and
+        /// callbacks may be due now).
+        var committed: @Sendable (RecordResult) -> Void
+    }
+
+    let consumer: AMQPConsumer
+    let store: Store
+    let proofs: StatusProofs
+    let queue: String
+    let batchSize: Int
+    let lostGrace: Duration
+    let logger: Logger
+    let hooks: Hooks
+    let buffer = Mutex<[AMQPDelivery]>([])
+    let wakeup = Wakeup()
+    let stopping = Atomic<Bool>(false)
+    /// The consumer's stream ended: nothing more is buffered.
+    let pumped = Atomic<Bool>(false)
+    let counters = Mutex(Counters())
+    let refusals = RefusalLog()
+
+    init(
+        consumer: AMQPConsumer, store: Store, proofs: StatusProofs, queue: String, batchSize: Int,
+        lostGrace: Duration, logger: Logger, hooks: Hooks
+    ) {
+        self.consumer = consumer
+        self.store = store
+        self.proofs = proofs
+        self.queue = queue
+        self.batchSize = batchSize
+        self.lostGrace = lostGrace
+        self.logger = logger
+        self.hooks = hooks
+    }
+
+    var stats: Counters { counters.withLock { $0 } }
+
+    func run() async throws {
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                group.addTask { await self.pump() }
+                await self.recordUntilDrained()
+            }
+        } onGracefulShutdown: {
+            self.stopping.store(true, ordering: .relaxed)
+            self.consumer.stopConsuming()
+            self.wakeup.signal()
+        }
+    }
+
+    /// Moves deliveries from the consumer's stream into the buffer the recorder drains.
+    func pump() async {
+        for await d in consumer.deliveries {
+            buffer.withLock { $0.append(d) }
+            wakeup.signal()
+        }
+        pumped.store(true, ordering: .releasing)
+        wakeup.signal()
+    }
+
+    /// Records batches until the stream has ended and the buffer is empty, or until a batch
+    /// cannot be committed while stopping (it and the rest stay unacked, for redelivery).
+    func recordUntilDrained() async {
+        while true {
+            let ended = pumped.load(ordering: .acquiring)
+            let batch = buffer.withLock { b -> [AMQPDelivery] in
+                let n = min(b.count, batchSize)
+                defer { b.removeFirst(n) }
+                return Array(b.prefix(n))
+            }
+            if batch.isEmpty {
+                if ended { return }
+                await wakeup.wait(timeout: .milliseconds(500))
+                continue
+            }
+            if await !record(batch), stopping.load(ordering: .relaxed) { return }
+        }
+    }
+
+    /// Records one batch; retries the transaction (it is idempotent) until it commits, then acks.
+    func record(_ batch: [AMQPDelivery]) async -> Bool {
+        var proof: StatusProof?
+        await untilCommitted("reading the status key") { proof = try await proofs.current() }
+        guard let proof else { return false }  // shutting down: nothing acked, the broker redelivers
+        var events: [StatusMessage] = []
+        var beats: [HeartbeatMessage] = []
+        var last: AMQPDelivery?
+        // One span for the batch (OpenTelemetry's batch-consumer pattern), linked to each status
+        // message's context (the worker's execute span); ended at the commit. Per-run spans here
+        // cost more than the rest of a run's tracing together (docs/benchmarks.md). A span holds
+        // at most `maxRecordLinks` links (OpenTelemetry's default link limit): a larger batch
+        // has one span per 128 statuses. A batch of heartbeats only has none.
+        var spans: [(span: any Span, links: Int)] = []
+        defer { for s in spans { s.span.end() } }
+        for d in batch {
+            do throws(ValidationError) {
+                switch d.properties.type {
+                case heartbeatMessageType?: beats.append(try MessageCodec.decodeHeartbeat(d.body))
+                case nil, statusMessageType?:
+                    let e = try MessageCodec.decodeStatus(d.body)
+                    let seal = d.properties.headers[StatusProof.sealHeader]?.stringValue
+                    if let refusal = proof.check(seal: seal, body: d.body, runID: e.runID, attempt: e.attempt) {
+                        // Changes nothing; acked with the batch (the multiple ack below covers it).
+                        refuse(e, refusal)
+                        last = d
+                        continue
+                    }
+                    events.append(e)
+                    if spans.last.map({ $0.links >= Self.maxRecordLinks }) ?? true {
+                        spans.append(
+                            (Traces.startSpan("record \(queue)", context: .topLevel, kind: .consumer), 0)
+                        )
+                    }
+                    spans[spans.count - 1].links += 1
+                    if let recording = spans.last?.span, recording.isRecording {
+                        recording.addLink(
+                            SpanLink(
+                                context: Traces.context(d.properties.headers, using: AMQPHeadersExtractor()),
+                                attributes: Self.linkAttributes(e)))
+                    }
+                case let other?:
+                    throw ValidationError(
+                        field: "type", value: other,
+                        hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")
+                }
+                last = d
+            } catch {
+                logger.warning(
+                    "malformed status message dead-lettered",
+                    metadata: ["amqp.message_id": "\(d.properties.messageID ?? "")", "error": "\(error)"])
+                consumer.reject(d, requeue: false)
+                counters.withLock { $0.rejected += 1 }
+                ConveyorMetrics.statusRejected(reason: StatusRefusal.malformed.rawValue)
+            }
+        }
+        guard let last else { return true }
+        for s in spans where s.span.isRecording {
+            s.span.attributes = Self.recordAttributes(
+                queue: queue, statuses: s.links, batch: batch.count)
+        }
+        if !beats.isEmpty { await hooks.heartbeatQueues(beats.flatMap(\.queues)) }
+        let committed = await untilCommitted("recording statuses") {
+            try await store.recordHeartbeats(beats)
+            let r = try await store.record(events, lostGrace: lostGrace)
+            let now = Date()
+            var finished: [String: Int] = [:]
+            for e in events {
+                ConveyorMetrics.statusLag(seconds: now.timeIntervalSince(e.at))
+                if e.event == .finished, let o = e.outcome { finished[o.rawValue, default: 0] += 1 }
+            }
+            ConveyorMetrics.finished(finished)
+            if r.settled.retried > 0 { ConveyorMetrics.retried(r.settled.retried) }
+            if r.settled.dead > 0 { ConveyorMetrics.dead(r.settled.dead) }
+            counters.withLock {
+                $0.heartbeats += beats.count
+                $0.applied += r.applied
+                $0.ignored += r.ignored
+                $0.outcomes += r.outcomes
+                $0.retried += r.settled.retried
+                $0.dead += r.settled.dead
+            }
+            consumer.ack(last, multiple: true)
+            hooks.committed(r)
+        }
+        if !committed {
+            // Shutting down before the commit: nothing acked, the broker redelivers the batch.
+            for s in spans {
+                s.span.setStatus(
+                    SpanStatus(
+                        code: .error, message: "not committed: the dispatcher stopped; the statuses are redelivered"))
+            }
+        }
+        return committed
+    }
+
+    /// Counts and (rate-limited) logs a status without its attempt's proof.
+    func refuse(_ e: StatusMessage, _ refusal: StatusRefusal) {
+        counters.withLock {
+            $0.rejected += 1
+            $0.forged += 1
+        }
+        ConveyorMetrics.statusRejected(reason: refusal.rawValue)
+        let source = String(e.workerID.prefix(200))
+        if refusals.shouldLog(source) {
+            logger.warning(
+                """
+                status refused: it is not sealed with its attempt's proof (forged, replayed or from an outdated \
+                worker); nothing changed
+                """,
+                metadata: [
+                    "status.reason": "\(refusal.rawValue)", "worker.id": "\(source)", "run.id": "\(e.runID)",
+                    "status.event": "\(e.event.rawValue)", "note": "logged once a minute per worker id",
+                ])
+        }
+    }
+
+    @discardableResult
+    func untilCommitted(_ what: String, _ body: () async throws -> Void) async -> Bool {
+        await retryUntilCommitted(what, logger: logger, stopping: { stopping.load(ordering: .relaxed) }, body)
+    }
+
+    /// Links one record span holds at most (OpenTelemetry's default `LinkCountLimit`).
+    static let maxRecordLinks = 128
+
+    /// OpenTelemetry messaging attributes of a status batch's record span: the messages of the
+    /// batch delivered (heartbeats, refused and malformed ones included) and the statuses this
+    /// span links.
+    static func recordAttributes(queue: String, statuses: Int, batch: Int) -> SpanAttributes {
+        var a = SpanAttributes()
+        a["messaging.system"] = "rabbitmq"
+        a["messaging.operation.type"] = "process"
+        a["messaging.operation.name"] = "record"
+        a["messaging.destination.name"] = queue
+        a["messaging.batch.message_count"] = batch
+        a["conveyor.statuses"] = statuses
+        return a
+    }
+
+    /// What a record span's link to one status message says: the run, and its outcome when the
+    /// status is `finished`. The linked execute span has the rest (attempt, task, worker); every
+    /// attribute here is exported once per run, so there are no more than these.
+    static func linkAttributes(_ e: StatusMessage) -> SpanAttributes {
+        var a = SpanAttributes()
+        a["conveyor.run.id"] = e.runID.lowercasedString
+        if let o = e.outcome { a["conveyor.outcome"] = o.rawValue }
+        return a
+    }
+}
+
+/// The dispatchers' status-proof signer: its secret is read from PostgreSQL once, then kept.
+final class StatusProofs: Sendable {
+    let store: Store
+    let cached = Mutex<StatusProof?>(nil)
+
+    init(store: Store) { self.store = store }
+
+    func current() async throws -> StatusProof {
+        if let p = cached.withLock({ $0 }) { return p }
+        let p = StatusProof(secret: try await store.statusKey())
+        cached.withLock { $0 = p }
+        return p
+    }
+}

@@ -1,0 +1,197 @@
+import ConveyorCore
+import ConveyorPostgres
+package import Foundation
+
+extension Store {
+    /// Inserts tasks in one transaction. Fails with a unique violation if a name exists, and with
+    /// a `ValidationError` for a bad field, an unknown upstream, a cycle or a DAG with two roots.
+    /// Throws `StoreError` `.taskExists` when a name is taken in its namespace (checked by the
+    /// unique index, so concurrent requests cannot both create it).
+    package func createTasks(_ tasks: [NewTask]) async throws {
+        for t in tasks { try t.validate() }
+        guard !tasks.isEmpty else { return }
+        do {
+            try await insertTasks(tasks)
+        } catch let e as PostgresError where e.isUniqueViolation {
+            throw StoreError(
+                kind: .taskExists,
+                message: "a task of one of these names exists: \(tasks.map(\.name).joined(separator: ", "))")
+        }
+    }
+
+    private func insertTasks(_ tasks: [NewTask]) async throws {
+        try await pool.withTransaction { c in
+            let now = try await c.query("SELECT now()").rows[0].date(0)
+            let edges = try await Self.resolveDependencies(tasks, connection: c)
+            var nextTimes: [Date?] = []
+            for t in tasks { nextTimes.append(try Self.firstDue(t, now: now)) }
+            try await c.query(
+                """
+                INSERT INTO tasks (id, namespace, name, executor, parameters, schedule, queue, timeout_seconds,
+                    next_run_at, anchor_at,
+                                   shard, trace_parent, timezone, misfire_policy, max_catchup, priority, max_attempts,
+                                       retry_policy,
+                                   overlap_policy, concurrency_key, concurrency_limit, group_name, labels,
+                                       trigger_rule, callback_url, paused,
+                                   spec, batch_id, trace_baggage)
+                SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
+                       hashtext(u.id::text) & 2147483647, u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts,
+                           u.retry::jsonb,
+                       u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused, u.spec::jsonb,
+                           u.batch, u.baggage
+                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                    $8::float8[],
+                            $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[],
+                                $15::int[],
+                            $16::text[], $17::text[], $18::text[], $19::int[], $20::text[], $21::text[], $22::text[],
+                                $23::text[], $24::bool[],
+                            $25::text[], $26::uuid[], $27::text[])
+                     AS u(id, ns, name, executor, params, schedule, queue, timeout, next, tp, tz, misfire, catchup,
+                         prio, attempts,
+                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch, baggage)
+                """,
+                [
+                    tasks.map(\.id), tasks.map(\.namespace), tasks.map(\.name), tasks.map(\.executor),
+                    tasks.map { String(decoding: MessageCodec.encode($0.parameters), as: UTF8.self) },
+                    tasks.map(\.schedule.text), tasks.map(\.queue), tasks.map(\.timeoutSeconds), nextTimes,
+                    tasks.map(\.traceParent),
+                    tasks.map(\.timeZone), tasks.map(\.misfire.rawValue), tasks.map(\.maxCatchup),
+                    tasks.map(\.priority.rawValue),
+                    tasks.map(\.retry.maxAttempts),
+                    tasks.map { String(decoding: MessageCodec.encode($0.retry.json), as: UTF8.self) },
+                    tasks.map(\.overlap.rawValue), tasks.map(\.concurrencyKey), tasks.map(\.concurrencyLimit),
+                    tasks.map(\.group),
+                    tasks.map {
+                        String(
+                            decoding: MessageCodec.encode(.object($0.labels.mapValues(JSONValue.string))), as: UTF8.self
+                        )
+                    },
+                    tasks.map(\.triggerRule.rawValue), tasks.map(\.callbackURL), tasks.map(\.paused),
+                    tasks.map { String(decoding: MessageCodec.encode(TaskSpec.encode($0)), as: UTF8.self) },
+                    tasks.map(\.batchID),
+                    tasks.map(\.traceBaggage),
+                ])
+            if !edges.isEmpty {
+                try await c.query(
+                    """
+                    INSERT INTO task_dependencies (task_id, upstream_id) SELECT * FROM unnest($1::uuid[], $2::uuid[])
+                    """, [edges.map(\.task), edges.map(\.upstream)])
+            }
+        }
+    }
+
+    /// When a new (or re-scheduled) task first comes due: `nil` for manual tasks.
+    static func firstDue(_ t: NewTask, now: Date) throws(ValidationError) -> Date? {
+        switch t.schedule {
+        case .manual: return nil
+        case .once, .interval: return t.startAt ?? now
+        case .cron(let cron):
+            let zone = TimeZone(identifier: t.timeZone) ?? TimeZone(identifier: "UTC")!
+            guard let first = cron.next(after: (t.startAt ?? now).addingTimeInterval(-0.001), in: zone) else {
+                throw ValidationError(
+                    field: "schedule", value: t.schedule.text,
+                    hint: "this expression never fires after \(Timestamp.format(t.startAt ?? now))")
+            }
+            return first
+        }
+    }
+
+    /// Upstream names → ids (from the batch or existing tasks of the namespace); refuses unknown
+    /// upstreams, cycles, and a DAG with more than one root (a workflow run starts at one task).
+    static func resolveDependencies(_ tasks: [NewTask], connection c: PostgresConnection) async throws -> [(
+        task: UUID, upstream: UUID
+    )] {
+        guard tasks.contains(where: { !$0.dependsOn.isEmpty }) else { return [] }
+        let namespace = tasks[0].namespace
+        var idByName: [String: UUID] = [:]
+        var graph = DependencyGraph<UUID>()
+        var nameByID: [UUID: String] = [:]
+        for r in try await c.query(
+            "SELECT id, name FROM tasks WHERE namespace = $1 AND deleted_at IS NULL", [namespace]
+        ).rows {
+            idByName[try r.string(1)] = try r.uuid(0)
+            nameByID[try r.uuid(0)] = try r.string(1)
+        }
+        for r in try await c.query(
+            """
+            SELECT d.task_id, d.upstream_id FROM task_dependencies d JOIN tasks t ON t.id = d.task_id
+            WHERE t.namespace = $1 AND t.deleted_at IS NULL
+            """, [namespace]
+        ).rows {
+            graph.add(try r.uuid(0), dependsOn: try r.uuid(1))
+        }
+        for t in tasks {
+            idByName[t.name] = t.id
+            nameByID[t.id] = t.name
+        }
+        var edges: [(task: UUID, upstream: UUID)] = []
+        for t in tasks {
+            for u in t.dependsOn {
+                guard let uid = idByName[u] else {
+                    throw ValidationError(
+                        field: "depends_on", value: u,
+                        hint: "no task named '\(u)' in namespace '\(namespace)'; create it first or in the same file")
+                }
+                graph.add(t.id, dependsOn: uid)
+                edges.append((t.id, uid))
+            }
+        }
+        for t in tasks {
+            if let cycle = graph.cycle(from: t.id) {
+                let names = cycle.reversed().map { nameByID[$0] ?? $0.uuidString }
+                throw ValidationError(
+                    field: "depends_on", value: t.name,
+                    hint: "dependencies form a cycle: \(names.joined(separator: " → ")); remove one edge")
+            }
+        }
+        for t in tasks where !t.dependsOn.isEmpty {
+            let roots = graph.roots(of: t.id).compactMap { nameByID[$0] }.sorted()
+            if roots.count > 1 {
+                throw ValidationError(
+                    field: "depends_on", value: t.dependsOn.joined(separator: ","),
+                    hint: "these upstreams start from different root tasks (\(roots.joined(separator: ", "))); "
+                        + "a workflow has one root task")
+            }
+        }
+        return edges
+    }
+
+    /// One page of a namespace's tasks by name, after `after` (the cursor); `nil` namespace is every one.
+    package func tasks(namespace: String?, after: String?, limit: Int) async throws -> [TaskRecord] {
+        try await pool.withConnection { c in
+            try await c.query(
+                """
+                SELECT \(Self.taskColumns)
+                FROM tasks t WHERE t.deleted_at IS NULL AND ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS
+                    NULL OR t.name > $2)
+                ORDER BY t.name LIMIT $3
+                """, [namespace, after, limit]
+            ).rows.map(Self.task)
+        }
+    }
+
+    package func task(named name: String, namespace: String = "default") async throws -> TaskRecord? {
+        try await pool.withConnection { c in
+            try await c.query(
+                """
+                SELECT \(Self.taskColumns) FROM tasks t WHERE t.namespace = $1 AND t.name = $2 AND t.deleted_at IS NULL
+                """, [namespace, name]
+            ).rows.first.map(Self.task)
+        }
+    }
+
+    /// Makes a task due now; dispatchers are woken through NOTIFY. `traceParent`, the context of
+    /// the request that triggered it, becomes the parent of the next occurrence's dispatch span;
+    /// `baggage` travels with it.
+    @discardableResult
+    package func trigger(taskID: UUID, traceParent: String? = nil, baggage: String? = nil) async throws -> Bool {
+        try await pool.withConnection { c in
+            try await c.query(
+                """
+                UPDATE tasks SET next_run_at = now(), updated_at = now(), trace_parent = $2, trace_baggage = $3
+                WHERE id = $1 AND deleted_at IS NULL
+                """, [taskID, traceParent, baggage]
+            ).affectedRows == 1
+        }
+    }
+}

@@ -1,0 +1,251 @@
+import ConveyorAMQP
+import ConveyorConfig
+import ConveyorCore
+import ConveyorFaults
+import ConveyorTelemetry
+import Foundation
+import Logging
+import Synchronization
+import Tracing
+
+extension Worker {
+    func handle(_ delivery: AMQPDelivery) async {
+        let message: TaskMessage
+        do throws(ValidationError) {
+            guard delivery.properties.type == nil || delivery.properties.type == taskMessageType else {
+                throw ValidationError(
+                    field: "type", value: delivery.properties.type ?? "",
+                    hint: "task messages have type \(taskMessageType)")
+            }
+            message = try MessageCodec.decodeTask(delivery.body)
+        } catch {
+            let claims = MessageCodec.claims(inMalformed: delivery.body)
+            await refuse(
+                delivery, runID: claims?.runID, attempt: claims?.attempt ?? 1, proof: claims?.proof,
+                errorClass: "malformed_message",
+                reason: "\(error)")
+            return
+        }
+        let set = current.withLock { $0 }
+        guard let executor = set.executors[message.executor] else {
+            await refuse(
+                delivery, runID: message.runID, attempt: message.attempt, proof: message.proof,
+                errorClass: "unknown_executor",
+                reason: "this worker offers executors \(set.executors.keys.sorted()), not '\(message.executor)'")
+            return
+        }
+        if let poison = configuration.faults.workerCrashOnTask, poison == message.taskName { FaultInjection.crash() }
+        var log = logger
+        log[metadataKey: "run.id"] = "\(message.runID)"
+        log[metadataKey: "task.name"] = "\(message.taskName)"
+
+        // The execute span: a child of the publish span carried in the headers. Status messages
+        // carry its context, so the dispatcher's record spans are its children.
+        let span = Traces.startSpan(
+            "execute \(message.executor)",
+            context: Traces.context(delivery.properties.headers, using: AMQPHeadersExtractor()),
+            kind: .consumer, attributes: executeAttributes(message))
+        defer { span.end() }
+        let trace = Traces.headers(span.context)
+        if let tp = trace["traceparent"].flatMap(Traceparent.init) {
+            log[metadataKey: "trace.id"] = "\(tp.traceID)"
+            log[metadataKey: "span.id"] = "\(tp.spanID)"
+        }
+        var statusHeaders: AMQPHeaders = [:]
+        for (k, v) in trace { statusHeaders[k] = .string(v) }
+
+        let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
+        let context = ExecutionContext(
+            runID: message.runID, taskName: message.taskName, attempt: message.attempt,
+            parameters: message.parameters, timeout: timeout,
+            traceparent: trace["traceparent"], tracestate: trace["tracestate"],
+            idempotencyKey: message.idempotencyKey, logger: log, trace: span.context)
+        // A run past its executor's limit waits here, before its timeout starts.
+        let slot = set.slots[message.executor]
+        if let slot, !(await slot.acquire()) { return }  // shutdown while waiting: left for redelivery
+        defer { slot?.release() }
+        let cancelSignal = cancels.register(message.runID)
+        defer { cancels.unregister(message.runID) }
+        let startedAt = Date()
+        let started = StatusMessage(
+            runID: message.runID, attempt: message.attempt, event: .started, workerID: configuration.id, at: startedAt,
+            proof: message.proof)
+        if message.attempt == 1 {
+            ConveyorMetrics.fireLateness(seconds: startedAt.timeIntervalSince(message.occurrence))
+        }
+        let detached = Flag()
+        var result: ExecutionResult
+        if cancels.wasCancelled(message.runID) {
+            result = ExecutionResult(
+                outcome: .cancelled, errorClass: "cancelled", errorMessage: "cancelled before it started")
+        } else {
+            let headers = statusHeaders
+            let log = log
+            result = await withTaskGroup(of: ExecutionResult?.self) { group in
+                group.addTask {
+                    await self.reportWhileRunning(
+                        started, delivery: delivery, detached: detached, headers: headers, log: log)
+                    return nil
+                }
+                let executorName = message.executor
+                group.addTask {
+                    let began = ContinuousClock.now
+                    let r = await Self.run(executor, context, cancel: cancelSignal)
+                    ConveyorMetrics.executorDuration(executor: executorName, ContinuousClock.now - began)
+                    return r
+                }
+                var result: ExecutionResult?
+                while let r = await group.next() {
+                    if let r {
+                        result = r
+                        group.cancelAll()
+                    }
+                }
+                return result
+                    ?? ExecutionResult(
+                        outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
+            }
+        }
+        if Task.isCancelled {
+            // The drain deadline passed. A run still held by the broker is left unacked, and the
+            // broker redelivers it; a detached one is reported lost, so the dispatcher retries it.
+            if detached.isSet {
+                let lost = StatusMessage(
+                    runID: message.runID, attempt: message.attempt, event: .finished, outcome: .lost,
+                    errorClass: "worker_shutdown", errorMessage: "the worker shut down before the run finished",
+                    workerID: configuration.id, startedAt: startedAt, proof: message.proof)
+                await publishStatus(lost, headers: statusHeaders, log: log)
+                log.warning("run stopped by shutdown; reported lost for retry")
+            } else {
+                log.warning("run stopped by shutdown; left for redelivery")
+            }
+            return
+        }
+
+        span.attributes["conveyor.outcome"] = result.outcome.rawValue
+        if result.outcome != .succeeded {
+            span.setStatus(
+                SpanStatus(
+                    code: .error,
+                    message: [result.errorClass, result.errorMessage].compactMap { $0 }.joined(separator: ": ")))
+        }
+        let finished = StatusMessage(
+            runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
+            exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
+            errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
+            startedAt: startedAt, proof: message.proof)
+        // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
+        guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
+        if !detached.isSet { consumer.ack(delivery) }
+        counts.count(result.outcome == .succeeded ? .succeeded : .failed)
+    }
+
+    /// The execute span's attributes: the run, and OpenTelemetry messaging attributes.
+    func executeAttributes(_ m: TaskMessage) -> SpanAttributes {
+        var a = SpanAttributes()
+        // Not the message's idempotency_key: a received message's is not checked to be the run id.
+        let runID = m.runID.lowercasedString
+        a["conveyor.run.id"] = runID
+        a["conveyor.task.name"] = m.taskName
+        a["conveyor.attempt"] = m.attempt
+        a["conveyor.executor"] = m.executor
+        a["conveyor.queue"] = m.queue
+        a["conveyor.worker.id"] = configuration.id
+        a["messaging.system"] = "rabbitmq"
+        a["messaging.operation.type"] = "process"
+        a["messaging.destination.name"] = m.queue
+        a["messaging.message.id"] = runID
+        return a
+    }
+
+    struct DrainDeadlinePassed: Error { var left: Int }
+
+    /// Reports a run while it goes: `started` once it has run `started_after_ms` (shorter runs
+    /// report only `finished`), and once it has run `detach_after_ms`, `started` again marked
+    /// detached and then the ack of its task message. A detached run no longer depends on the
+    /// broker's consumer timeout; this worker's heartbeats protect it instead. Ends early when
+    /// the run ends (the task is cancelled).
+    func reportWhileRunning(
+        _ started: StatusMessage, delivery: AMQPDelivery, detached: Flag, headers: AMQPHeaders, log: Logger
+    ) async {
+        let after = configuration.startedAfter
+        let detachAfter = configuration.detachAfter
+        let detachNow = detachAfter != nil && detachAfter! <= after
+        do { try await Task.sleep(for: after) } catch { return }
+        var first = started
+        if detachNow { first.detached = true }
+        guard await publishStatus(first, headers: headers, log: log), !Task.isCancelled else { return }
+        if detachNow { return detach(delivery, flag: detached, log: log) }
+        guard let detachAfter else { return }
+        do { try await Task.sleep(for: detachAfter - after) } catch { return }
+        var second = started
+        second.detached = true
+        guard await publishStatus(second, headers: headers, log: log), !Task.isCancelled else { return }
+        detach(delivery, flag: detached, log: log)
+    }
+
+    func detach(_ delivery: AMQPDelivery, flag: Flag, log: Logger) {
+        flag.set()
+        consumer.ack(delivery)
+        counts.count(.detached)
+        log.info("long run detached: task message acknowledged, heartbeats protect the run from here")
+    }
+
+    /// `run(_:_:)` for tests: the timeout mechanism alone.
+    package static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
+        await run(executor, context)
+    }
+
+    /// Runs the executor; past `timeout`, or when `cancel` is signalled, its task is cancelled
+    /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
+    static func run(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async
+        -> ExecutionResult
+    {
+        enum Step: Sendable {
+            case done(ExecutionResult)
+            case timeout, cancelRequested, stopped
+        }
+        let result = await withTaskGroup(of: Step.self) { group in
+            group.addTask { .done(await executor.execute(context)) }
+            group.addTask {
+                do { try await Task.sleep(for: context.timeout) } catch { return .stopped }
+                return .timeout
+            }
+            if let cancel {
+                // No timer of its own: the group's cancellation (result or timeout) ends the wait.
+                group.addTask { await cancel.waitUntilSignalled() ? .cancelRequested : .stopped }
+            }
+            var result: ExecutionResult?
+            var ended: Step?
+            while let step = await group.next() {
+                switch step {
+                case .done(let r):
+                    result = r
+                    group.cancelAll()
+                case .timeout, .cancelRequested:
+                    if ended == nil && result == nil { ended = step }
+                    group.cancelAll()  // the executor's task is cancelled and stops
+                case .stopped: break
+                }
+            }
+            var final =
+                result
+                ?? ExecutionResult(outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
+            switch ended {
+            case .timeout?:
+                final.outcome = .timedOut
+                final.errorClass = "timeout"
+                final.errorMessage = "exceeded the task timeout of \(context.timeout)"
+            case .cancelRequested?:
+                final.outcome = .cancelled
+                final.errorClass = "cancelled"
+                final.errorMessage = "cancelled by request; the executor was stopped"
+            default: break
+            }
+            return final
+        }
+        // The cleanup hook runs whatever the end: success, failure, timeout, cancel or shutdown.
+        await executor.cleanup(context, result: result)
+        return result
+    }
+}

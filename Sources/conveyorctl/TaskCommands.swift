@@ -1,0 +1,220 @@
+import ArgumentParser
+import ConveyorCore
+import Foundation
+import NIOHTTP1
+import Yams
+
+// MARK: tasks
+
+struct TaskGroup: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "task", abstract: "Define, list, trigger, pause and delete tasks.",
+        subcommands: [
+            Add.self, Submit.self, List.self, Get.self, Post<TriggerTask>.self, Post<PauseTask>.self,
+            Post<ResumeTask>.self, Post<CancelTask>.self, Delete.self,
+        ])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create one task from flags (a file of many: 'task submit'; fields: docs/scheduling.md).",
+            discussion: """
+                Example: conveyorctl task add hello --executor shell --params '{"argv": ["/bin/echo", "hi"]}' \
+                --schedule 'every 1m'
+                """)
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "The task's name.") var name: String
+        @Option(help: "The executor that runs it (the workers' worker.executors).") var executor: String
+        @Option(help: "Its parameters, as a JSON object.") var params: String?
+        @Option(help: "cron ('0 2 * * *'), 'every 30s', 'once' or 'manual' (the default).") var schedule: String?
+        @Option(help: "The cron expression's time zone (default UTC).") var timezone: String?
+        @Option(help: "The work queue (default 'default').") var queue: String?
+        @Option(help: "The task's group.") var group: String?
+        @Option(help: "Seconds a run may take.") var timeout: Double?
+
+        func run() async throws {
+            var task: [String: JSONValue] = ["name": .string(name), "executor": .string(executor)]
+            if let params {
+                guard let value = try? JSONDecoder().decode(JSONValue.self, from: Data(params.utf8)),
+                    value.objectValue != nil
+                else {
+                    throw CLIError(
+                        "--params is not a JSON object: \(params)", fix: #"write it as '{"argv": ["/bin/date"]}'"#)
+                }
+                task["parameters"] = value
+            }
+            for (key, value) in [
+                ("schedule", schedule), ("timezone", timezone), ("queue", queue), ("group", group),
+            ] {
+                if let value { task[key] = .string(value) }
+            }
+            if let timeout { task["timeout"] = .number(timeout) }
+            _ = try await global.client().call(.POST, "/v1/tasks", body: .object(task), accept: [201])
+            Output.print(.object(["created": .string(name)]), json: global.json) { "created \(name)" }
+        }
+    }
+
+    struct Submit: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create tasks from a YAML or JSON file (one task, a list, or {tasks: [...]}), in batches.")
+        @OptionGroup var global: GlobalOptions
+        @Option(name: [.short, .long], help: "The task file; '-' reads standard input.") var file: String
+        @Option(name: .customLong("batch-size"), help: "Tasks per request (each batch is all or nothing).")
+        var batchSize = 500
+
+        func validate() throws {
+            guard (1...1000).contains(batchSize) else {
+                throw ValidationError("--batch-size must be from 1 to 1000 (the API's largest batch); got \(batchSize)")
+            }
+        }
+
+        func run() async throws {
+            let client = try global.client()
+            let text: String
+            if file == "-" {
+                text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+            } else {
+                guard let t = try? String(contentsOfFile: file, encoding: .utf8) else {
+                    throw CLIError("cannot read \(file)", fix: "check the path; use '-' to read standard input")
+                }
+                text = t
+            }
+            let loaded: Any?
+            do { loaded = try Yams.load(yaml: text) } catch {
+                throw CLIError(
+                    "\(file) is not YAML or JSON: \(error)",
+                    fix: "a task file is a mapping (one task), a list, or {tasks: [...]}")
+            }
+            let value = JSONValue(loaded: loaded)
+            let tasks = value.arrayValue ?? value["tasks"]?.arrayValue ?? [value]
+            guard !tasks.isEmpty, tasks.allSatisfy({ $0.objectValue != nil }) else {
+                throw CLIError("\(file) holds no tasks", fix: "each task is a mapping with at least name and executor")
+            }
+            let progress = Progress(total: tasks.count, label: "tasks")
+            var done = 0
+            var batches: [String] = []
+            progress.update(0)
+            for start in stride(from: 0, to: tasks.count, by: batchSize) {
+                let chunk = Array(tasks[start..<min(start + batchSize, tasks.count)])
+                do {
+                    let reply = try await client.call(.POST, "/v1/tasks", body: .array(chunk), accept: [201])
+                    batches.append(reply.json["batch_id"]?.stringValue ?? "?")
+                } catch var e as CLIError {
+                    // Field paths name the item in the batch; say which task of the file it is.
+                    if let r = e.message.range(of: #"tasks\[(\d+)\]"#, options: .regularExpression),
+                        let i = Int(e.message[r].dropFirst(6).dropLast())
+                    {
+                        e.message = e.message.replacingCharacters(in: r, with: "tasks[\(start + i)]")
+                    }
+                    if done > 0 {
+                        e.message +=
+                            """
+                            \n  \(done) tasks before it were created (batches \(batches.joined(separator: ", "))); \
+                            fix the file and submit the rest
+                            """
+                    }
+                    throw e
+                }
+                done += chunk.count
+                progress.update(done)
+            }
+            Output.print(
+                .object(["submitted": .number(Double(done)), "batches": .array(batches.map(JSONValue.string))]),
+                json: global.json
+            ) {
+                "submitted \(done) tasks in \(batches.count) batch\(batches.count == 1 ? "" : "es"): "
+                    + batches.joined(separator: ", ")
+            }
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List tasks with their latest run.")
+        @OptionGroup var global: GlobalOptions
+        @Option(help: "State of the latest run (succeeded, failed, dead, ...).") var state: String?
+        @Option var queue: String?
+        @Option var group: String?
+        @Option(help: "key or key=value.") var label: String?
+        @Option(help: "The batch id a submit printed.") var batch: String?
+        @Option(help: "Names starting with this.") var prefix: String?
+        @Option(help: "true or false.") var paused: Bool?
+        @Option(help: "Tasks per page (1 to 100).") var limit = 50
+        @Flag(help: "Follow every page.") var all = false
+
+        func run() async throws {
+            let client = try global.client()
+            var cursor: String?
+            var tasks: [JSONValue] = []
+            repeat {
+                let reply = try await client.call(
+                    .GET, "/v1/tasks",
+                    query: [
+                        ("state", state), ("queue", queue), ("group", group), ("label", label), ("batch_id", batch),
+                        ("prefix", prefix),
+                        ("paused", paused.map { String($0) }), ("limit", String(limit)), ("cursor", cursor),
+                    ])
+                tasks += reply.json["tasks"]?.arrayValue ?? []
+                cursor = reply.json["next_cursor"]?.stringValue
+            } while all && cursor != nil
+            Output.print(
+                .object(
+                    ["tasks": .array(tasks)].merging(cursor.map { ["next_cursor": .string($0)] } ?? [:]) { a, _ in a }),
+                json: global.json
+            ) {
+                TextTable.render(
+                    ["NAME", "EXECUTOR", "SCHEDULE", "QUEUE", "PAUSED", "LAST RUN", "NEXT RUN"],
+                    tasks.map { t in
+                        [
+                            Output.text(t["name"]), Output.text(t["executor"]), Output.text(t["schedule"]),
+                            Output.text(t["queue"]), Output.text(t["paused"]),
+                            Output.text(t["last_run"]?["state"]), Output.text(t["next_run_at"]),
+                        ]
+                    }) + (cursor.map { "\n(more: --all, or the next page after \($0))" } ?? "")
+            }
+        }
+    }
+
+    struct Get: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "One task and its recent runs.")
+        @OptionGroup var global: GlobalOptions
+        @Argument var name: String
+
+        func run() async throws {
+            let t = try await global.client().call(.GET, "/v1/tasks/" + path(name)).json
+            Output.print(t, json: global.json) {
+                var lines = Output.fields(
+                    t,
+                    [
+                        "name", "executor", "schedule", "timezone", "queue", "priority", "timeout", "max_attempts",
+                        "paused", "next_run_at", "skipped_occurrences", "group", "parameters",
+                    ], width: 13)
+                lines.append("\nrecent runs:")
+                lines.append(
+                    TextTable.render(
+                        ["RUN", "OCCURRENCE", "ATTEMPT", "STATE", "TRACE"],
+                        (t["recent_runs"]?.arrayValue ?? []).map { r in
+                            [
+                                Output.text(r["id"]), Output.text(r["occurrence"]), Output.text(r["attempt"]),
+                                Output.text(r["state"]), Output.text(r["trace_id"]),
+                            ]
+                        }))
+                return lines.joined(separator: "\n")
+            }
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a task (soft: its runs stay); --purge removes it and its runs (admin).")
+        @OptionGroup var global: GlobalOptions
+        @Argument var name: String
+        @Flag(help: "Delete the task and all its runs for good.") var purge = false
+        func run() async throws {
+            let r = try await global.client().call(
+                .DELETE, "/v1/tasks/" + path(name), query: [("purge", purge ? "true" : nil)]
+            ).json
+            Output.print(r, json: global.json) {
+                purge ? "purged \(name) and \(Output.text(r["purged_runs"])) runs" : "deleted \(name)"
+            }
+        }
+    }
+}
