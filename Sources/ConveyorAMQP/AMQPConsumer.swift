@@ -88,6 +88,16 @@ package final class AMQPConsumer: Sendable {
     /// Closes the connection and finishes `deliveries`. Unacked deliveries return to their queues.
     package func stop() { owner.stop() }
 
+    /// Stops, and returns once the owner thread has written the acks, rejects and nacks queued
+    /// before this call and closed the connection (at most `limit`; returns whether it did).
+    /// Every process calls it last: exiting before the thread has written an ack makes the
+    /// broker deliver that message again.
+    @discardableResult
+    package func close(within limit: Duration = .seconds(5)) async -> Bool { await owner.stopAndWait(within: limit) }
+
+    /// Whether the owner thread has ended (never started, or stopped and its connection closed).
+    package var hasEnded: Bool { owner.hasEnded }
+
     package func waitUntilConsuming() async throws { try await owner.waitUntil { isConsuming } }
 
     package func ack(_ d: AMQPDelivery, multiple: Bool = false) {

@@ -60,6 +60,14 @@ package final class AMQPPublisher: Sendable {
     /// Stops the thread; unconfirmed messages fail with `.stopped`.
     package func stop() { owner.stop() }
 
+    /// Stops, and returns once the owner thread has failed what is unconfirmed and closed the
+    /// connection (at most `limit`; returns whether it did).
+    @discardableResult
+    package func close(within limit: Duration = .seconds(5)) async -> Bool { await owner.stopAndWait(within: limit) }
+
+    /// Whether the owner thread has ended (never started, or stopped and its connection closed).
+    package var hasEnded: Bool { owner.hasEnded }
+
     /// Waits for the first connection, up to `configuration.connectRetryFor`; throws a clear error naming the URL.
     package func waitUntilConnected() async throws { try await owner.waitUntil { isConnected } }
 

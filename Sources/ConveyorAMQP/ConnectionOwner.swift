@@ -10,6 +10,11 @@ final class ConnectionOwner: Sendable {
     let configuration: AMQPConfiguration
     let wake = WakePipe()
     private let stopped = Atomic<Bool>(false)
+    /// The thread's life: 0 not started, 1 running, 2 ended (its connection closed).
+    private let life = Atomic<Int>(0)
+    /// Signalled once when the thread ends; `stopAndWait` is its one waiter.
+    private let ended = DispatchSemaphore(value: 0)
+    private let waiting = Atomic<Bool>(false)
     private let reconnects = Atomic<Int>(0)
     private let lastError = Mutex<AMQPError?>(nil)
     /// `publish` or `consume`: the reconnect counter's label.
@@ -28,14 +33,44 @@ final class ConnectionOwner: Sendable {
 
     /// Starts the owner thread running `body`.
     func start(name: String, _ body: @escaping @Sendable () -> Void) {
-        let t = Thread(block: body)
+        guard life.compareExchange(expected: 0, desired: 1, ordering: .acquiringAndReleasing).exchanged else { return }
+        let t = Thread { [self] in
+            body()
+            life.store(2, ordering: .releasing)
+            ended.signal()
+        }
         t.name = name
         t.start()
     }
 
+    /// Asks the thread to stop and returns at once; the thread finishes what was queued for the
+    /// connection, closes it and ends soon after (see `stopAndWait`).
     func stop() {
         stopped.store(true, ordering: .relaxed)
         wake.wake()
+    }
+
+    /// Whether the thread has ended (or never started): its connection is closed.
+    var hasEnded: Bool { life.load(ordering: .acquiring) != 1 }
+
+    /// Stops the thread and waits until it has ended, at most `limit`; returns whether it did.
+    /// A process that exits while the thread still runs drops what the thread had not yet
+    /// written, such as the ack of a run that just finished: the broker then delivers that run
+    /// again. Only the first caller waits; a later one returns at once.
+    @discardableResult
+    func stopAndWait(within limit: Duration) async -> Bool {
+        stop()
+        guard waiting.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else {
+            return hasEnded
+        }
+        if hasEnded { return true }
+        // Waited for on a thread of its own (never on the cooperative pool), and not cut short
+        // when the calling task is cancelled: the acks matter most then.
+        let until = DispatchTime.now() + .milliseconds(Int(limit / .milliseconds(1)))
+        let semaphore = ended
+        return await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            Thread.detachNewThread { c.resume(returning: semaphore.wait(timeout: until) == .success) }
+        }
     }
 
     func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }

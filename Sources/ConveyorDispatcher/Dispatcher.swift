@@ -152,13 +152,32 @@ package final class Dispatcher: Service, Sendable {
         statusConsumer.start()
         deadConsumer.start()
         listener?.start()
-        defer {
-            listener?.stop()
-            deadConsumer.stop()
-            statusConsumer.stop()
-            publisher.stop()
-            inspector.close()
+        do {
+            try await runParts()
+        } catch {
+            await closeConnections()
+            throw error
         }
+        await closeConnections()
+        logger.info(
+            "dispatcher stopped",
+            metadata: ["dispatcher.published": "\(stats.published)", "dispatcher.recorded": "\(stats.statusApplied)"])
+    }
+
+    /// The last step of the shutdown: each broker connection's thread writes what is queued for it
+    /// (the acks of the statuses just recorded) and closes it before `run` returns.
+    func closeConnections() async {
+        listener?.stop()
+        inspector.close()
+        await deadConsumer.close()
+        await statusConsumer.close()
+        await publisher.close()
+    }
+
+    /// Whether every broker connection has been closed (`run` returned).
+    package var connectionsClosed: Bool { statusConsumer.hasEnded && deadConsumer.hasEnded && publisher.hasEnded }
+
+    func runParts() async throws {
         try await store.waitUntilReachable()
         try await publisher.waitUntilConnected()
         try await statusConsumer.waitUntilConsuming()
@@ -201,9 +220,6 @@ package final class Dispatcher: Service, Sendable {
             self.maintenanceWakeup.signal()
             self.deadConsumer.stopConsuming()
         }
-        logger.info(
-            "dispatcher stopped",
-            metadata: ["dispatcher.published": "\(stats.published)", "dispatcher.recorded": "\(stats.statusApplied)"])
     }
 
     /// The parts of `run()` still running (0 before it starts and after it returns).

@@ -15,9 +15,10 @@ extension Dispatcher {
 
     func scanLoop() async {
         // A tick claims in `groups` concurrent groups only after a tick that moved at least a batch
-        // of runs (created plus published: a burst). After a lighter one it claims as one group: at a steady rate a tick holds tens of
-        // runs, and splitting them makes more statements per run and a tick as slow as its
-        // slowest group (docs/benchmarks.md, "Task groups at a steady rate").
+        // of runs (created plus published: a burst). After a lighter one it claims as one group:
+        // at a steady rate a tick holds tens of runs, and splitting them makes more statements per
+        // run and a tick as slow as its slowest group (docs/benchmarks.md, "Task groups at a
+        // steady rate").
         var groups = 1
         while !stopping.load(ordering: .relaxed) {
             var tick = (work: 0, nextDueIn: Double?.none)

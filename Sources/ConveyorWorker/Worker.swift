@@ -139,11 +139,29 @@ public final class Worker: Service, Sendable {
         publisher.start()
         consumer.start()
         control.start()
-        defer {
-            control.stop()
-            consumer.stop()
-            publisher.stop()
+        do {
+            try await consumeAndDrain()
+        } catch {
+            await closeConnections()
+            throw error
         }
+        await closeConnections()
+        logger.info(
+            "worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
+    }
+
+    /// The last step of the shutdown: each connection's thread writes what is queued for it (the
+    /// acks of the runs that just ended) and closes it before `run` returns and the process exits.
+    func closeConnections() async {
+        await control.close()
+        await consumer.close()
+        await publisher.close()
+    }
+
+    /// Whether every broker connection has been closed (`run` returned).
+    package var connectionsClosed: Bool { control.hasEnded && consumer.hasEnded && publisher.hasEnded }
+
+    func consumeAndDrain() async throws {
         try await publisher.waitUntilConnected()
         // Heartbeats start before the consumer: they name this worker's queues, and a dispatcher
         // declares the ones it does not know yet, which the consumer (declaring passively) waits
@@ -160,8 +178,6 @@ public final class Worker: Service, Sendable {
                 ])
             await consumeUntilDrained()
         }
-        logger.info(
-            "worker stopped", metadata: ["worker.succeeded": "\(stats.succeeded)", "worker.failed": "\(stats.failed)"])
     }
 
     /// Publishes a heartbeat every `heartbeat_interval_ms` until cancelled: who this worker is,

@@ -167,8 +167,8 @@ struct SteadyResult: Encodable {
     var text: String {
         func f(_ d: Double, _ p: Int = 1) -> String { String(format: "%.\(p)f", d) }
         return """
-            conveyor bench --rate \(rate) --duration \(seconds): \(rate) tasks every 1 s, \(dispatchers) dispatcher(s), \
-            \(workers) worker(s); measured after a \(warmUpSeconds) s warm-up
+            conveyor bench --rate \(rate) --duration \(seconds): \(rate) tasks every 1 s, \
+            \(dispatchers) dispatcher(s), \(workers) worker(s); measured after a \(warmUpSeconds) s warm-up
               completed        \(completed ? "yes" : "NO (timed out)")  runs due \(runs) of \(expectedRuns), \
             started \(started), succeeded \(succeeded), duplicate runs \(duplicateRuns)
               throughput       \(f(throughputPerSecond, 0)) runs started/s

@@ -124,6 +124,9 @@ struct ShutdownTests {
                 }
                 try #require(returned, "the worker did not stop within 20 s of its runs ending or its deadline")
                 try await running.value
+                // Returned means closed: a process exits right after, and an ack still queued on
+                // a connection's thread then would be lost (the broker would run that run again).
+                #expect(worker.connectionsClosed, "run returned before its connections' threads closed them")
                 switch drain {
                 case .withinGrace:
                     #expect(held.cancelled.withLock { $0.isEmpty })
@@ -174,8 +177,10 @@ struct ShutdownTests {
                 try await sys.withPublisher(topology.status) { pub, _ in
                     for s in statuses { try await pub.publish(sealedStatus(s, exchange: topology.statusExchange)) }
                 }
-                let waiting =
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                let waiting = """
+                    SELECT count(*) FROM pg_stat_activity
+                    WHERE wait_event_type = 'Lock' AND datname = current_database()
+                    """
                 try await sys.eventually("the recorder's transaction waits on the locks") {
                     try await sys.count(waiting) > 0
                 }
@@ -188,6 +193,7 @@ struct ShutdownTests {
             }
             try await running.value
             #expect(dispatcher.partsRunning == 0)
+            #expect(dispatcher.connectionsClosed, "run returned before its connections' threads closed them")
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 5)
             // The batch was acked before the connections closed: nothing is left to redeliver.
             let inspector = AMQPInspector(configuration: sys.amqp)

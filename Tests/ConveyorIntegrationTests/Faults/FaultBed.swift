@@ -33,6 +33,8 @@ struct OracleCounts: Sendable {
     var executions = 0
     var executedRuns = 0
     var duplicateExecutions: Int { executions - executedRuns }
+    /// A few runs called more than once (their idempotency keys: the run ids), for the report.
+    var repeated: [String] = []
     /// Runs by state, for the report.
     var states: [String: Int] = [:]
     /// A few audit rows behind a double-recorded count.
@@ -74,6 +76,7 @@ struct FaultReport {
         if !notes.isEmpty { s += " | " + notes.joined(separator: "; ") }
         if !failures.isEmpty { s += " | failed: " + failures.joined(separator: "; ") }
         if !counts.examples.isEmpty { s += " | audit: " + counts.examples.joined(separator: ", ") }
+        if !pass && !counts.repeated.isEmpty { s += " | called twice: " + counts.repeated.joined(separator: ", ") }
         return s
     }
 
@@ -433,6 +436,7 @@ final class FaultBed {
         let calls = counts.calls.withLock { $0 }
         c.executions = calls.values.reduce(0, +)
         c.executedRuns = calls.count
+        c.repeated = calls.filter { $0.value > 1 }.keys.sorted().prefix(4).map { "\($0) ×\(calls[$0] ?? 0)" }
         if c.doubleRecorded > 0 {
             c.examples = try await rows(
                 """
