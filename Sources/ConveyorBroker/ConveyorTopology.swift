@@ -73,15 +73,20 @@ package struct ConveyorTopology: Sendable, Hashable {
                     }))
     }
 
-    /// What a worker's task consumer declares: its work queues and lanes, passively (workers
-    /// may not create or delete them, deploy/broker-permissions.tsv; dispatchers do, for every
-    /// queue in their configuration, in a task, or in a worker's heartbeat), and the isolation
-    /// exchange with its lanes bound, which a worker may do itself, so that lanes work whatever
-    /// the dispatchers' version.
+    /// What a worker's task consumer declares: its work queues, passively (workers may not
+    /// create or delete them, deploy/broker-permissions.tsv; dispatchers do, for every queue in
+    /// their configuration, in a task, or in a worker's heartbeat).
     package func workerWork(queues: [String]) -> AMQPTopology {
+        AMQPTopology(queues: queues.map { .existing(workQueue($0)) })
+    }
+
+    /// What a worker's lane consumer declares: the isolation lanes, passively, and the isolation
+    /// exchange with the lanes bound, which a worker may do itself, so that lanes work whatever
+    /// the dispatchers' version.
+    package func workerLanes(queues: [String]) -> AMQPTopology {
         AMQPTopology(
             exchanges: [.init(name: isolateExchange, type: "direct")],
-            queues: queues.flatMap { [.existing(workQueue($0)), .existing(isolationQueue($0))] },
+            queues: queues.map { .existing(isolationQueue($0)) },
             bindings: queues.map {
                 .init(queue: isolationQueue($0), exchange: isolateExchange, routingKey: isolationQueue($0))
             })

@@ -21,9 +21,12 @@ public final class Worker: Service, Sendable {
     /// The executors and their limits, replaced as a whole by `reload`; each run takes the set
     /// current when it starts and keeps it to the end.
     let current: Mutex<ExecutorSet>
-    /// Consumes the work queues (prefetch `concurrency`) and their isolation lanes (prefetch 1)
-    /// on one connection, so every ack goes back where its delivery came from.
+    /// Consumes the work queues (prefetch `concurrency`).
     let consumer: AMQPConsumer
+    /// Consumes their isolation lanes (prefetch 1) on a connection of its own: a lane whose
+    /// quorum queue does not answer (seen after a broker crash) leaves the work queues consumed.
+    /// Each ack goes back to the consumer its delivery came from (`source(of:)`).
+    let lanes: AMQPConsumer
     /// Each work queue's broker name → its isolation lane.
     let isolationLanes: [String: String]
     /// The lanes themselves (`isolationLanes`' values).
@@ -73,8 +76,11 @@ public final class Worker: Service, Sendable {
         let named = "worker \(configuration.id)"
         consumer = AMQPConsumer(
             configuration: amqp.named("\(named) work"), topology: work,
-            subscriptions: configuration.queues.map { .init(queue: topology.workQueue($0), prefetch: prefetch) }
-                + configuration.queues.map { .init(queue: topology.isolationQueue($0), prefetch: 1) },
+            subscriptions: configuration.queues.map { .init(queue: topology.workQueue($0), prefetch: prefetch) },
+            logger: logger)
+        lanes = AMQPConsumer(
+            configuration: amqp.named("\(named) lanes"), topology: topology.workerLanes(queues: configuration.queues),
+            subscriptions: configuration.queues.map { .init(queue: topology.isolationQueue($0), prefetch: 1) },
             logger: logger)
         isolationLanes = Dictionary(
             uniqueKeysWithValues: configuration.queues.map { (topology.workQueue($0), topology.isolationQueue($0)) })
@@ -138,6 +144,7 @@ public final class Worker: Service, Sendable {
     public func run() async throws {
         publisher.start()
         consumer.start()
+        lanes.start()
         control.start()
         do {
             try await consumeAndDrain()
@@ -155,11 +162,19 @@ public final class Worker: Service, Sendable {
     func closeConnections() async {
         await control.close()
         await consumer.close()
+        await lanes.close()
         await publisher.close()
     }
 
+    /// The consumer a delivery came from: its ack, reject or nack must go back there.
+    func source(of delivery: AMQPDelivery) -> AMQPConsumer {
+        laneQueues.contains(delivery.queue) ? lanes : consumer
+    }
+
     /// Whether every broker connection has been closed (`run` returned).
-    package var connectionsClosed: Bool { control.hasEnded && consumer.hasEnded && publisher.hasEnded }
+    package var connectionsClosed: Bool {
+        control.hasEnded && consumer.hasEnded && lanes.hasEnded && publisher.hasEnded
+    }
 
     func consumeAndDrain() async throws {
         try await publisher.waitUntilConnected()
@@ -234,8 +249,18 @@ public final class Worker: Service, Sendable {
             try await withGracefulShutdownHandler {
                 try await withThrowingDiscardingTaskGroup { group in
                     group.addTask { await self.controlLoop() }
-                    // Ends when graceful shutdown stops consuming.
-                    for await delivery in consumer.deliveries {
+                    // The work queues' and the lanes' deliveries, as one stream. Ends when graceful
+                    // shutdown stops both consumers.
+                    let (deliveries, merged) = AsyncStream.makeStream(of: AMQPDelivery.self)
+                    group.addTask {
+                        await withDiscardingTaskGroup { pumps in
+                            for source in [self.consumer, self.lanes] {
+                                pumps.addTask { for await d in source.deliveries { merged.yield(d) } }
+                            }
+                        }
+                        merged.finish()
+                    }
+                    for await delivery in deliveries {
                         counts.inFlight(+1)
                         group.addTask {
                             await self.waitForOwnIsolation(of: delivery)
@@ -253,6 +278,7 @@ public final class Worker: Service, Sendable {
                 }
             } onGracefulShutdown: {
                 self.consumer.stopConsuming()
+                self.lanes.stopConsuming()
                 self.control.stopConsuming()
             }
         } catch let e as DrainDeadlinePassed {

@@ -77,7 +77,7 @@ extension Worker {
             // Unconfirmed (shutting down): leave it for redelivery rather than dead-letter it unreported.
             guard await publishStatus(status, headers: [:], log: logger) else { return }
         }
-        consumer.reject(delivery, requeue: false)
+        source(of: delivery).reject(delivery, requeue: false)
         counts.count(.rejected)
     }
 }

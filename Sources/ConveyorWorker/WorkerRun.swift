@@ -136,7 +136,7 @@ extension Worker {
             startedAt: startedAt, proof: message.proof)
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
-        if !detached.isSet { consumer.ack(delivery) }
+        if !detached.isSet { source(of: delivery).ack(delivery) }
         counts.count(result.outcome == .succeeded ? .succeeded : .failed)
     }
 
@@ -186,7 +186,7 @@ extension Worker {
 
     func detach(_ delivery: AMQPDelivery, flag: Flag, log: Logger) {
         flag.set()
-        consumer.ack(delivery)
+        source(of: delivery).ack(delivery)
         counts.count(.detached)
         log.info("long run detached: task message acknowledged, heartbeats protect the run from here")
     }

@@ -285,6 +285,36 @@ struct SchedulingTests {
         }
     }
 
+    /// A lane whose quorum queue does not answer (after a broker crash its Ra server was once
+    /// seen not to come back for minutes) leaves the work queue consumed: the worker takes its
+    /// lanes on a connection of their own. Here the lane's Ra server is stopped by hand, so the
+    /// broker times out every `basic.consume` on it; with the lanes on the work queue's
+    /// connection the worker consumed nothing at all.
+    @Test func aLaneThatDoesNotAnswerLeavesTheWorkQueueConsumed() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let lane = ConveyorTopology(prefix: sys.prefix).isolationQueue(sys.queue)
+            let server = "{'%2F_\(lane)', node()}"
+            try await withServices([dispatcher]) {
+                try await sys.eventually(timeout: .seconds(10), "the dispatcher declared the lane") {
+                    try Servers.rabbitmqctl(["list_queues", "name"]).contains(lane)
+                }
+                let stopped = try Servers.rabbitmqctl(["eval", "ra:stop_server(quorum_queues, \(server))."])
+                try #require(stopped.contains("ok"), "stopping the lane's Ra server: \(stopped)")
+                defer { _ = try? Servers.rabbitmqctl(["eval", "ra:restart_server(quorum_queues, \(server))."]) }
+                let worker = sys.worker(["script": ScriptedExecutor(recorder: recorder)])
+                try await withServices([worker]) {
+                    try await sys.store.createTasks([try sys.task(["name": "a"]), try sys.task(["name": "b"])])
+                    try await sys.eventually(timeout: .seconds(30), "both runs succeeded with the lane down") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
+                    }
+                    #expect(worker.isReady, "ready: consuming its work queue and able to report")
+                }
+            }
+        }
+    }
+
     // MARK: priorities
 
     /// Workers saturated by background work; critical work added later starts within the broker
