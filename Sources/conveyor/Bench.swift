@@ -37,6 +37,10 @@ struct Bench: AsyncParsableCommand {
     var rate = 0
     @Option(help: "Steady mode: seconds of steady load measured (after a warm-up of a fifth of it, at most 5 s).")
     var duration = 30
+    @Option(
+        name: .customLong("trigger-latency"),
+        help: "Only trigger one task this many times on an idle system and report trigger → start.")
+    var triggerLatency = 0
     @Flag(
         name: .customLong("scan-only"),
         help: "Only time the dispatcher's scan tick over --idle-tasks (nothing due) and show the plan.") var scanOnly =
@@ -57,6 +61,10 @@ struct Bench: AsyncParsableCommand {
         }
         guard (5...3600).contains(duration) else {
             throw ValidationError(field: "--duration", value: String(duration), hint: "5 to 3600 seconds")
+        }
+        guard (0...10_000).contains(triggerLatency) else {
+            throw ValidationError(
+                field: "--trigger-latency", value: String(triggerLatency), hint: "0 (off) to 10000 triggers")
         }
         guard (1...8).contains(dispatchers) else {
             throw ValidationError(field: "--dispatchers", value: String(dispatchers), hint: "1 to 8")
@@ -82,6 +90,8 @@ struct Bench: AsyncParsableCommand {
         let children = try await startProcesses(queue: queue)
         defer { for (_, p) in children where p.isRunning { p.terminate() } }
         if rate > 0 { return try await runSteady(pool: pool, store: store, queue: queue, children: children) }
+        if triggerLatency > 0 { return try await runTriggers(pool: pool, store: store, queue: queue) }
+        let brokerBefore = await BrokerTotals.read()
         let idleRSS = Dictionary(uniqueKeysWithValues: children.map { ($0.role, rssMB($0.process.processIdentifier)) })
         let idleCPU = processCPU(children)
 
@@ -157,6 +167,7 @@ struct Bench: AsyncParsableCommand {
         let cpu = processCPU(children).reduce(into: [String: Double]()) { out, e in
             out[e.key] = ((e.value - (idleCPU[e.key] ?? 0)) * 100).rounded() / 100
         }
+        let brokerAfter = await BrokerTotals.read()
         for (_, p) in children where p.isRunning { p.terminate() }
         try await pool.withConnection { c in
             try await c.query("DELETE FROM runs WHERE queue = $1", [queue])
@@ -176,7 +187,8 @@ struct Bench: AsyncParsableCommand {
             seconds: committedSpan, throughputPerSecond: Double(runs) / max(committedSpan, 0.001),
             executionSpanSeconds: lastFinished - firstDue,
             latenessP50ms: (lateness.first ?? 0) * 1000, latenessP95ms: (lateness.dropFirst().first ?? 0) * 1000,
-            latenessP99ms: (lateness.last ?? 0) * 1000, idleRSSMB: idleRSS, peakRSSMB: peakRSS, cpuSeconds: cpu)
+            latenessP99ms: (lateness.last ?? 0) * 1000, idleRSSMB: idleRSS, peakRSSMB: peakRSS, cpuSeconds: cpu,
+            broker: BrokerPerRun(from: brokerBefore, to: brokerAfter, runs: Double(runs)))
         if json {
             let e = JSONEncoder()
             e.outputFormatting = [.sortedKeys]
@@ -328,26 +340,6 @@ struct Bench: AsyncParsableCommand {
         try p.run()
         return p
     }
-
-    /// Resident set size in MB, from /proc.
-    /// User plus system CPU seconds of a process so far (`/proc/<pid>/stat`, fields 14 and 15).
-    func cpuSeconds(_ pid: Int32) -> Double {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-            let close = text.lastIndex(of: ")")
-        else { return 0 }
-        // Fields after the command name (which may hold spaces) start at field 3.
-        let f = text[text.index(after: close)...].split(separator: " ")
-        guard f.count > 12, let user = Double(f[11]), let system = Double(f[12]) else { return 0 }
-        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
-    }
-
-    func rssMB(_ pid: Int32) -> Double {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
-            let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
-            let kb = Double(line.split(separator: " ").dropFirst().first ?? "")
-        else { return 0 }
-        return (kb / 1024 * 10).rounded() / 10
-    }
 }
 
 struct BenchResult: Encodable {
@@ -360,6 +352,8 @@ struct BenchResult: Encodable {
     /// CPU seconds each process spent from the burst's start until all runs ended, with RabbitMQ's
     /// and PostgreSQL's (every `postgres` process).
     var cpuSeconds: [String: Double]
+    /// What the broker carried per run, idle traffic (heartbeats) included; nil without rabbitmqctl.
+    var broker: BrokerPerRun?
 
     var text: String {
         func f(_ d: Double, _ p: Int = 1) -> String { String(format: "%.\(p)f", d) }
@@ -379,6 +373,7 @@ struct BenchResult: Encodable {
             "\n  RSS (MB)         "
             + idleRSSMB.keys.sorted().map { "\($0) idle \(idleRSSMB[$0]!) peak \(peakRSSMB[$0] ?? 0)" }.joined(
                 separator: "; ")
+        if let broker { s += "\n  broker per run   " + broker.text }
         return s
     }
 }

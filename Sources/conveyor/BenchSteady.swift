@@ -55,6 +55,10 @@ extension Bench {
         func samplePeaks() {
             for (role, p) in children { peakRSS[role] = max(peakRSS[role] ?? 0, rssMB(p.processIdentifier)) }
         }
+        // The broker's totals are read outside the timed window (a read costs about 2 s of an
+        // Erlang VM) and counted by the broker's own clock.
+        try await untilDatabaseTime(start.addingTimeInterval(0.5))
+        let brokerBefore = await BrokerTotals.read()
         try await untilDatabaseTime(windowStart)
         let cpuBefore = processCPU(children)
         while Date() < windowEnd {
@@ -63,6 +67,8 @@ extension Bench {
         }
         try await untilDatabaseTime(windowEnd)
         let cpuAfter = processCPU(children)
+        let brokerAfter = await BrokerTotals.read()
+        let brokerSeconds = Double((brokerAfter?.atMilliseconds ?? 0) - (brokerBefore?.atMilliseconds ?? 0)) / 1000
         // Stop the schedules once every occurrence due in the window has its run, then let what is
         // due or running end. (Only the steady tasks: `--idle-tasks` share the queue.)
         while try await pool.withConnection({ c in
@@ -125,7 +131,8 @@ extension Bench {
             throughputPerSecond: Double(try stats.int(1)) / Double(duration),
             latenessP50ms: (lateness.first ?? 0) * 1000, latenessP95ms: (lateness.dropFirst().first ?? 0) * 1000,
             latenessP99ms: (lateness.last ?? 0) * 1000, latenessMaxms: (Double(stats[4] ?? "") ?? 0) * 1000,
-            cpuMillisecondsPerRun: cpuMS, peakRSSMB: peakRSS)
+            cpuMillisecondsPerRun: cpuMS, peakRSSMB: peakRSS,
+            broker: BrokerPerRun(from: brokerBefore, to: brokerAfter, runs: Double(rate) * brokerSeconds))
         if json {
             let e = JSONEncoder()
             e.outputFormatting = [.sortedKeys]
@@ -134,21 +141,6 @@ extension Bench {
             print(result.text)
         }
         if !completed || result.started < result.expectedRuns { throw ExitCode(2) }
-    }
-
-    /// CPU seconds so far of each bench process, and of the servers: every `postgres` process and
-    /// RabbitMQ's `beam.smp` (summed by name from /proc; a backend that exited in between is missed).
-    func processCPU(_ children: [(role: String, process: Process)]) -> [String: Double] {
-        var cpu = Dictionary(uniqueKeysWithValues: children.map { ($0.role, cpuSeconds($0.process.processIdentifier)) })
-        let names = ["postgres": "postgres", "beam.smp": "rabbitmq"]
-        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
-            guard let pid = Int32(entry),
-                let comm = try? String(contentsOfFile: "/proc/\(entry)/comm", encoding: .utf8),
-                let role = names[comm.trimmingCharacters(in: .whitespacesAndNewlines)]
-            else { continue }
-            cpu[role, default: 0] += cpuSeconds(pid)
-        }
-        return cpu
     }
 }
 
@@ -163,6 +155,8 @@ struct SteadyResult: Encodable {
     /// CPU milliseconds per run in the window, per process (and for RabbitMQ and PostgreSQL).
     var cpuMillisecondsPerRun: [String: Double]
     var peakRSSMB: [String: Double]
+    /// What the broker carried per run (at `rate` runs/s between two readings of its totals).
+    var broker: BrokerPerRun?
 
     var text: String {
         func f(_ d: Double, _ p: Int = 1) -> String { String(format: "%.\(p)f", d) }
@@ -177,6 +171,6 @@ struct SteadyResult: Encodable {
               CPU ms per run   \(cpuMillisecondsPerRun.keys.sorted().map { "\($0) \(cpuMillisecondsPerRun[$0]!)" }
                 .joined(separator: "; "))
               peak RSS (MB)    \(peakRSSMB.keys.sorted().map { "\($0) \(peakRSSMB[$0]!)" }.joined(separator: "; "))
-            """
+            """ + (broker.map { "\n  broker per run   " + $0.text } ?? "")
     }
 }

@@ -30,8 +30,11 @@ struct CLITests {
 
     /// The bench's steady mode refuses settings it cannot run, naming the flag, the value and the
     /// range, before it touches a server.
-    @Test func benchRefusesASteadyRateOrDurationOutOfRange() throws {
-        for (flag, value, range) in [("--rate", "200000", "0 (a burst) to 100000"), ("--duration", "2", "5 to 3600")] {
+    @Test func benchRefusesASteadyRateDurationOrTriggerCountOutOfRange() throws {
+        for (flag, value, range) in [
+            ("--rate", "200000", "0 (a burst) to 100000"), ("--duration", "2", "5 to 3600"),
+            ("--trigger-latency", "20000", "0 (off) to 10000"),
+        ] {
             let r = try runConveyor(["bench", flag, value])
             #expect(r.status != 0)
             #expect(r.err.contains("invalid \(flag) '\(value)'") && r.err.contains(range), "\(r.err)")

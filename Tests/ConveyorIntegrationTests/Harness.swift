@@ -238,6 +238,14 @@ func withServices<T: Sendable>(_ services: [any Service], _ body: () async throw
 
 /// The `conveyor` binary (or another of the package's executables) built next to the test bundle.
 func conveyorBinary(_ name: String = "conveyor") throws -> String {
+    // `CONVEYOR_TEST_BINARIES=DIR`: the processes the suites start come from DIR (a release build,
+    // say: `scripts/faults.sh` against optimized workers and dispatchers).
+    if let dir = Servers.env["CONVEYOR_TEST_BINARIES"], !dir.isEmpty {
+        let path = URL(fileURLWithPath: dir).appendingPathComponent(name).path
+        return try #require(
+            FileManager.default.isExecutableFile(atPath: path) ? path : nil,
+            "CONVEYOR_TEST_BINARIES=\(dir) holds no executable \(name)")
+    }
     var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
     for _ in 0..<4 {
         let candidate = dir.appendingPathComponent(name).path
