@@ -92,9 +92,9 @@ package final class AMQPPublisher: Sendable {
         }
     }
 
-    /// Declares more exchanges, queues and bindings now, and on every later reconnect.
+    /// Declares more exchanges, queues and bindings now and, once the broker has accepted them,
+    /// on every later reconnect.
     package func ensureTopology(_ more: AMQPTopology) async throws(AMQPError) {
-        topology.withLock { $0 = $0.merging(more) }
         let r: Result<Void, AMQPError> = await withCheckedContinuation { cont in
             if !isConnected {
                 cont.resume(
@@ -240,14 +240,20 @@ package final class AMQPPublisher: Sendable {
                 return nil
             }
             queued.append(contentsOf: inbox.take())
-            for (t, cont) in declarations.take() {
+            let pending = declarations.take()
+            for (i, (t, cont)) in pending.enumerated() {
                 do throws(AMQPError) {
                     try session.declare(t)
+                    // Declared again on every reconnect from now on; never one the broker refused,
+                    // which would fail every reconnect after it.
+                    topology.withLock { $0 = $0.merging(t) }
                     cont.resume(returning: .success(()))
                 } catch {
-                    cont.resume(returning: .failure(error))
+                    // A failed declare closes the channel: every declaration still waiting gets
+                    // the error (none is left unanswered), and the connection starts again.
+                    for (_, c) in pending[i...] { c.resume(returning: .failure(error)) }
                     failAll(error)
-                    return error  // a failed declare closes the channel: reconnect
+                    return error
                 }
             }
 

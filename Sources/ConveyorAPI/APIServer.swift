@@ -62,9 +62,11 @@ package struct APIEnvironment: Sendable {
     }
 }
 
-/// The last readiness answer and when it was found.
+/// The last readiness check, when it started, and its answer (being found, or found). Callers
+/// within 2 s of its start share it, those that arrive while it runs included: one check at a
+/// time, however many probes come at once.
 final class ReadinessCache: Sendable {
-    let state = Mutex<(at: ContinuousClock.Instant, problem: Problem?)?>(nil)
+    let state = Mutex<(at: ContinuousClock.Instant, answer: Task<Problem?, Never>)?>(nil)
 }
 
 /// The routes being registered, and their list as `METHOD /path/{param}` (what `openapi.yaml` must list).
@@ -117,13 +119,13 @@ package enum APIServer {
         r.on(.get, "/healthz") { _, _ in json(["status": "ok"]) }
         r.on(.get, "/readyz") { _, _ in
             let now = env.clock.now()
-            if let cached = env.readiness.state.withLock({ $0 }), now - cached.at < .seconds(2) {
-                if let p = cached.problem { throw p }
-                return json(["status": "ready"])
+            let answer = env.readiness.state.withLock { cached in
+                if let cached, now - cached.at < .seconds(2) { return cached.answer }
+                let check = Task { await readinessProblem(env) }
+                cached = (now, check)
+                return check
             }
-            let problem = await readinessProblem(env)
-            env.readiness.state.withLock { $0 = (now, problem) }
-            if let problem { throw problem }
+            if let problem = await answer.value { throw problem }
             return json(["status": "ready"])
         }
         taskRoutes(&r, env)
@@ -281,7 +283,7 @@ package enum APIServer {
         var o: [String: JSONValue] = [
             "id": .string(t.id.lowercasedString), "name": .string(t.name), "executor": .string(t.executor),
             "schedule": .string(t.schedule), "timezone": .string(t.timeZone), "queue": .string(t.queue),
-            "priority": .string("\(t.priority)"), "timeout": .number(t.timeoutSeconds), "paused": .bool(t.paused),
+            "timeout": .number(t.timeoutSeconds), "paused": .bool(t.paused),
             "max_attempts": .number(Double(t.maxAttempts)),
         ]
         o["parameters"] = (try? JSONDecoder().decode(JSONValue.self, from: Data(t.parameters.utf8))) ?? .null

@@ -24,7 +24,7 @@ extension APIServer {
             let who = try context.require(.submitter)
             let body = try await body(request, context)
             // A list, or {"tasks": [...]}, is a batch; anything else one task. Both decode as a task file does.
-            let batch = TaskSpec.list(in: body)
+            let batch = body.taskBatch
             if let batch, !(1...maxBatch).contains(batch.count) {
                 throw Problem(
                     .badRequest, "invalid request", "a batch holds 1 to \(maxBatch) tasks; split larger files",

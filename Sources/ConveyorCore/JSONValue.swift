@@ -99,3 +99,14 @@ extension JSONValue {
         }
     }
 }
+
+extension JSONValue {
+    /// The tasks a task file or a `POST /v1/tasks` body holds when it is a batch: a list, or a
+    /// mapping whose only key is `tasks` and holds a list. Nil for anything else, which is one
+    /// task: a mapping with `tasks` beside other keys is one task (and its decoder names the
+    /// unknown field), never a batch that drops the other keys. One rule for the API, the file
+    /// decoder and conveyorctl.
+    package var taskBatch: [JSONValue]? {
+        arrayValue ?? (objectValue?.keys.sorted() == ["tasks"] ? self["tasks"]?.arrayValue : nil)
+    }
+}

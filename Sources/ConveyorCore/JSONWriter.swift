@@ -33,6 +33,31 @@ struct JSONWriter {
         needsComma[needsComma.count - 1] = false  // the value follows without a comma
     }
 
+    /// `"key": value` for each present value; an absent (nil) one writes nothing.
+    mutating func field(_ k: String, _ v: String?) {
+        guard let v else { return }
+        key(k)
+        string(v)
+    }
+    mutating func field(_ k: String, _ v: Int?) {
+        guard let v else { return }
+        key(k)
+        int(v)
+    }
+    mutating func field(_ k: String, _ v: Bool?) {
+        guard let v else { return }
+        key(k)
+        bool(v)
+    }
+    mutating func field(_ k: String, _ v: Double) {
+        key(k)
+        double(v)
+    }
+    mutating func field(_ k: String, _ v: JSONValue) {
+        key(k)
+        value(v)
+    }
+
     mutating func string(_ s: String) {
         separator()
         writeString(s)

@@ -5,84 +5,43 @@ package enum MessageCodec {
     /// Largest body accepted, in bytes.
     package static let maxBodyBytes = 1 << 20
 
-    /// The JSON body of a task message.
+    /// The JSON body of a task message (keys in sorted order).
     package static func encode(_ m: TaskMessage) -> [UInt8] {
         var w = JSONWriter()
         w.beginObject()
-        w.key("attempt")
-        w.int(m.attempt)
-        w.key("executor")
-        w.string(m.executor)
-        w.key("idempotency_key")
-        w.string(m.idempotencyKey)
-        w.key("occurrence")
-        w.string(Timestamp.format(m.occurrence))
-        w.key("parameters")
-        w.value(m.parameters)
-        if let v = m.proof {
-            w.key("proof")
-            w.string(v)
-        }
-        w.key("queue")
-        w.string(m.queue)
-        w.key("run_id")
-        w.string(m.runID.lowercasedString)
-        w.key("task_id")
-        w.string(m.taskID.lowercasedString)
-        w.key("task_name")
-        w.string(m.taskName)
-        w.key("timeout_seconds")
-        w.double(m.timeoutSeconds)
-        w.key("version")
-        w.int(m.version)
+        w.field("attempt", m.attempt)
+        w.field("executor", m.executor)
+        w.field("idempotency_key", m.idempotencyKey)
+        w.field("occurrence", Timestamp.format(m.occurrence))
+        w.field("parameters", m.parameters)
+        w.field("proof", m.proof)
+        w.field("queue", m.queue)
+        w.field("run_id", m.runID.lowercasedString)
+        w.field("task_id", m.taskID.lowercasedString)
+        w.field("task_name", m.taskName)
+        w.field("timeout_seconds", m.timeoutSeconds)
+        w.field("version", m.version)
         w.endObject()
         return w.bytes
     }
 
-    /// The JSON body of a status message.
+    /// The JSON body of a status message (keys in sorted order; absent ones left out).
     package static func encode(_ m: StatusMessage) -> [UInt8] {
         var w = JSONWriter()
         w.beginObject()
-        w.key("at")
-        w.string(Timestamp.format(m.at))
-        w.key("attempt")
-        w.int(m.attempt)
-        if let v = m.detached {
-            w.key("detached")
-            w.bool(v)
-        }
-        if let v = m.errorClass {
-            w.key("error_class")
-            w.string(v)
-        }
-        if let v = m.errorMessage {
-            w.key("error_message")
-            w.string(v)
-        }
-        w.key("event")
-        w.string(m.event.rawValue)
-        if let v = m.exitCode {
-            w.key("exit_code")
-            w.int(v)
-        }
-        if let v = m.outcome {
-            w.key("outcome")
-            w.string(v.rawValue)
-        }
-        if let v = m.output {
-            w.key("output")
-            w.string(v)
-        }
-        w.key("run_id")
-        w.string(m.runID.lowercasedString)
-        if let v = m.startedAt {
-            w.key("started_at")
-            w.string(Timestamp.format(v))
-        }
-        w.key("version")
-        w.int(m.version)
-        w.key("worker_id")
-        w.string(m.workerID)
+        w.field("at", Timestamp.format(m.at))
+        w.field("attempt", m.attempt)
+        w.field("detached", m.detached)
+        w.field("error_class", m.errorClass)
+        w.field("error_message", m.errorMessage)
+        w.field("event", m.event.rawValue)
+        w.field("exit_code", m.exitCode)
+        w.field("outcome", m.outcome?.rawValue)
+        w.field("output", m.output)
+        w.field("run_id", m.runID.lowercasedString)
+        w.field("started_at", m.startedAt.map(Timestamp.format))
+        w.field("version", m.version)
+        w.field("worker_id", m.workerID)
         w.endObject()
         return w.bytes
     }

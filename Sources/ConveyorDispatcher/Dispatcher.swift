@@ -144,7 +144,7 @@ package final class Dispatcher: Service, Sendable {
     /// The status-proof signer; its secret is read from PostgreSQL once, then kept.
     func statusProof() async throws -> StatusProof { try await proofs.current() }
 
-    /// Ready when the database answers and both broker connections are up.
+    /// Ready when the status publisher is connected and the status queue is consumed.
     package var isReady: Bool { publisher.isConnected && statusConsumer.isConsuming }
 
     package func run() async throws {
@@ -169,12 +169,15 @@ package final class Dispatcher: Service, Sendable {
     func closeConnections() async {
         listener?.stop()
         inspector.close()
-        await deadConsumer.close()
-        await statusConsumer.close()
-        await publisher.close()
+        // Closed together: a stuck one costs its 5 s once, not once per connection.
+        async let dead = deadConsumer.close()
+        async let status = statusConsumer.close()
+        async let publish = publisher.close()
+        _ = await (dead, status, publish)
     }
 
-    /// Whether every broker connection has been closed (`run` returned).
+    /// Whether the publisher's and both consumers' connections are closed (`run` returned; the
+    /// inspector's closes in the background).
     package var connectionsClosed: Bool { statusConsumer.hasEnded && deadConsumer.hasEnded && publisher.hasEnded }
 
     func runParts() async throws {
@@ -189,7 +192,7 @@ package final class Dispatcher: Service, Sendable {
 
         // Shutdown, in order: intake stops (no scan, no new status or dead letter, no new callback
         // claim); every part finishes the work in hand (the recorder records what it received,
-        // callbacks in flight end) and returns; only then do the connections close (the defer),
+        // callbacks in flight end) and returns; only then do the connections close (`closeConnections`),
         // so no ack or recording is cut short. The NOTIFY listener is only a wake-up source.
         try await withGracefulShutdownHandler {
             try await withThrowingTaskGroup(of: Void.self) { wakeups in

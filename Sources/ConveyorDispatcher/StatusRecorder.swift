@@ -9,9 +9,9 @@ import Synchronization
 import Tracing
 
 /// Records what workers report on the status queue: statuses and heartbeats, in batches of up
-/// to `dispatcher.status_batch_size`, each in one transaction, acked (one multiple ack) only once
-/// it committed. A status without its attempt's proof changes nothing; a malformed message is
-/// dead-lettered.
+/// to `dispatcher.status_batch_size`: a batch's statuses in one transaction (its heartbeats in a
+/// statement of their own), acked (one multiple ack) only once both committed. A status without
+/// its attempt's proof changes nothing; a malformed message is dead-lettered.
 ///
 /// Shutdown: it stops consuming, records every status already received, and returns; the
 /// dispatcher closes the connection after it. A batch it cannot commit while stopping stays

@@ -24,8 +24,8 @@ final class WorkQueues: Sendable {
     /// Declares the work queues (and lanes) not declared yet by this dispatcher: those its runs
     /// name, and those workers' heartbeats name, since workers only declare passively and wait
     /// for them. A heartbeat is untrusted input: its queue names must follow the task rule
-    /// (`QueueName`; at most 200 characters), and heartbeats may add at most
-    /// `maxHeartbeatQueues` queues to what this dispatcher declares.
+    /// (`QueueName`; at most 200 characters), and heartbeats add none once this dispatcher has
+    /// declared `maxHeartbeatQueues` in all.
     func declare(_ names: [String], fromHeartbeat: Bool = false) async {
         let newQueues = declared.withLock { known -> [String] in
             var fresh = Set(names).subtracting(known)

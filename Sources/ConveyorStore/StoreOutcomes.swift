@@ -27,14 +27,6 @@ package struct SettleResult: Sendable, Equatable {
     package var released = 0
     /// Callbacks queued.
     package var callbacks = 0
-
-    static func + (a: Self, b: Self) -> Self {
-        SettleResult(
-            retried: a.retried + b.retried, dead: a.dead + b.dead,
-            dependentsScheduled: a.dependentsScheduled + b.dependentsScheduled,
-            dependentsSkipped: a.dependentsSkipped + b.dependentsSkipped, released: a.released + b.released,
-            callbacks: a.callbacks + b.callbacks)
-    }
 }
 
 /// A run that just reached a final state, with what deciding its follow-up needs.

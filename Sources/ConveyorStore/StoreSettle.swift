@@ -198,7 +198,6 @@ extension Store {
         if let code = e.exitCode { fields["exit_code"] = .number(Double(code)) }
         if let c = e.errorClass { fields["error_class"] = .string(c) }
         if let w = e.workflow { fields["workflow_run_id"] = .string(w.lowercasedString) }
-        // traceparent is 00-<trace id>-<span id>-<flags>: receivers can find the run's trace.
         // Receivers can find the run's trace by its id.
         if let id = Traceparent.traceID(e.traceparent) { fields["trace_id"] = .string(id) }
         let payload: JSONValue = .object(fields)

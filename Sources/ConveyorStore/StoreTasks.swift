@@ -156,20 +156,6 @@ extension Store {
         return edges
     }
 
-    /// One page of a namespace's tasks by name, after `after` (the cursor); `nil` namespace is every one.
-    package func tasks(namespace: String?, after: String?, limit: Int) async throws -> [TaskRecord] {
-        try await pool.withConnection { c in
-            try await c.query(
-                """
-                SELECT \(Self.taskColumns)
-                FROM tasks t WHERE t.deleted_at IS NULL AND ($1::text IS NULL OR t.namespace = $1) AND ($2::text IS
-                    NULL OR t.name > $2)
-                ORDER BY t.name LIMIT $3
-                """, [namespace, after, limit]
-            ).rows.map(Self.task)
-        }
-    }
-
     package func task(named name: String, namespace: String = "default") async throws -> TaskRecord? {
         try await pool.withConnection { c in
             try await c.query(

@@ -230,17 +230,9 @@ package enum TaskSpec {
         return .object(out)
     }
 
-    /// The list of tasks a task file (or a POST body) holds: a list, or a mapping whose only key
-    /// is `tasks` and holds a list. Nil for anything else, which is one task. One rule for the
-    /// API's batch and the file decoder: a mapping with `tasks` beside other keys is one task
-    /// (and its decoder names the unknown field), never an empty batch.
-    package static func list(in value: JSONValue) -> [JSONValue]? {
-        value.arrayValue ?? (value.objectValue?.keys.sorted() == ["tasks"] ? value["tasks"]?.arrayValue : nil)
-    }
-
     /// Decodes a task file: a list of tasks, or a mapping with a `tasks` list, or one task.
     package static func decodeFile(_ value: JSONValue, now: Date = Date()) throws(ValidationError) -> [NewTask] {
-        if let list = list(in: value) {
+        if let list = value.taskBatch {
             var out: [NewTask] = []
             for (i, v) in list.enumerated() { out.append(try decode(v, path: "tasks[\(i)]", now: now)) }
             var seen: Set<String> = []

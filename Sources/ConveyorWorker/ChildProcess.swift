@@ -7,22 +7,22 @@ import Synchronization
 /// SIGTERM to the process group, then SIGKILL after the grace period. When the command exits,
 /// anything it left running in its group is killed, so a background child cannot hold the pipes
 /// (or the run) open.
-enum ChildProcess {
-    struct Finished: Sendable {
-        var exitCode: Int32?
-        var signal: Int32?
-        var stdout: String
-        var stderr: String
-        var killedByUs: Bool
+package enum ChildProcess {
+    package struct Finished: Sendable {
+        package var exitCode: Int32?
+        package var signal: Int32?
+        package var stdout: String
+        package var stderr: String
+        package var killedByUs: Bool
     }
 
-    enum Outcome: Sendable {
+    package enum Outcome: Sendable {
         case success(Finished)
         case failure(String)
     }
 
     /// Receives each output line ("stdout" or "stderr") as it is read.
-    typealias LineSink = @Sendable (String, String) -> Void
+    package typealias LineSink = @Sendable (String, String) -> Void
 
     final class Handle: Sendable {
         let pid = Atomic<Int32>(0)
@@ -61,7 +61,7 @@ enum ChildProcess {
     static let addChdir: FileActionPath? =
         dlsym(nil, "posix_spawn_file_actions_addchdir_np").map { unsafeBitCast($0, to: FileActionPath.self) }
 
-    static func run(
+    package static func run(
         argv: [String], environment: [String: String], directory: String, outputLimit: Int, killGrace: Duration,
         log: LineSink? = nil
     ) async -> Outcome {

@@ -159,11 +159,14 @@ public final class Worker: Service, Sendable {
 
     /// The last step of the shutdown: each connection's thread writes what is queued for it (the
     /// acks of the runs that just ended) and closes it before `run` returns and the process exits.
+    /// Closed together: none waits on another (statuses were confirmed before their acks were
+    /// queued), so a stuck one costs its 5 s once, not once per connection.
     func closeConnections() async {
-        await control.close()
-        await consumer.close()
-        await lanes.close()
-        await publisher.close()
+        async let control = control.close()
+        async let work = consumer.close()
+        async let lanes = lanes.close()
+        async let status = publisher.close()
+        _ = await (control, work, lanes, status)
     }
 
     /// The consumer a delivery came from: its ack, reject or nack must go back there.

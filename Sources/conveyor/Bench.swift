@@ -98,23 +98,7 @@ struct Bench: AsyncParsableCommand {
         // N tasks due together. They are created due in an hour, then one UPDATE makes them all due
         // 2 s after its start (database clock); if it commits later than that, the delay counts
         // against the measurement (the clock starts at the due time either way).
-        let later = try await pool.withConnection { c in
-            try await c.query("SELECT now() + interval '1 hour'").first!.date(0)
-        }
-        var created = 0
-        while created < tasks {
-            let n = min(5000, tasks - created)
-            try await store.createTasks(
-                (created..<(created + n)).map { i in
-                    var t = NewTask(name: "\(queue)-\(i)", executor: sleepMS > 0 ? "sleep" : "noop", schedule: .once)
-                    if sleepMS > 0 { t.parameters = ["seconds": .number(Double(sleepMS) / 1000)] }
-                    t.queue = queue
-                    t.timeoutSeconds = 60
-                    t.startAt = later
-                    return t
-                })
-            created += n
-        }
+        try await createTasks(tasks, schedule: .once, queue: queue, pool: pool, store: store)
         _ = try await pool.withConnection { c in
             try await c.query(
                 """
@@ -178,8 +162,7 @@ struct Bench: AsyncParsableCommand {
         let succeeded = try stats.int(1)
         let firstDue = Double(stats[2] ?? "") ?? 0
         let lastFinished = Double(stats[3] ?? "") ?? 0
-        let lateness = (stats[4] ?? "{}").trimmingCharacters(in: CharacterSet(charactersIn: "{}")).split(separator: ",")
-            .compactMap { Double($0) }
+        let lateness = float8Array(stats[4])
         let committedSpan = (doneAt?.timeIntervalSince1970 ?? Date().timeIntervalSince1970) - firstDue
         let result = BenchResult(
             tasks: tasks, workers: workers, dispatchers: dispatchers, workerConcurrency: concurrency,
@@ -189,13 +172,7 @@ struct Bench: AsyncParsableCommand {
             latenessP50ms: (lateness.first ?? 0) * 1000, latenessP95ms: (lateness.dropFirst().first ?? 0) * 1000,
             latenessP99ms: (lateness.last ?? 0) * 1000, idleRSSMB: idleRSS, peakRSSMB: peakRSS, cpuSeconds: cpu,
             broker: BrokerPerRun(from: brokerBefore, to: brokerAfter, runs: Double(runs)))
-        if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(result), as: UTF8.self))
-        } else {
-            print(result.text)
-        }
+        try emit(result, text: result.text)
         if !result.completed { throw ExitCode(2) }
     }
 

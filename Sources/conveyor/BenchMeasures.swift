@@ -1,8 +1,42 @@
+import ConveyorCore
+import ConveyorPostgres
+import ConveyorStore
+import ConveyorWorker
 import Foundation
 
 /// What the bench reads from outside its own process: CPU and memory of the processes it started
 /// and of the servers (from /proc), and what RabbitMQ carried (from the broker itself).
 extension Bench {
+    /// `count` tasks named `<queue>-<i>` on `schedule`, no-op (or `--sleep-ms` sleeps), not due
+    /// for an hour: the bench makes them due itself, with one UPDATE, when it starts the clock.
+    func createTasks(_ count: Int, schedule: Schedule, queue: String, pool: PostgresPool, store: Store) async throws {
+        let later = try await pool.withConnection { c in
+            try await c.query("SELECT now() + interval '1 hour'").first!.date(0)
+        }
+        for chunk in stride(from: 0, to: count, by: 5000) {
+            try await store.createTasks(
+                (chunk..<min(chunk + 5000, count)).map { i in
+                    var t = NewTask(name: "\(queue)-\(i)", executor: sleepMS > 0 ? "sleep" : "noop", schedule: schedule)
+                    if sleepMS > 0 { t.parameters = ["seconds": .number(Double(sleepMS) / 1000)] }
+                    t.queue = queue
+                    t.timeoutSeconds = 60
+                    t.startAt = later
+                    return t
+                })
+        }
+    }
+
+    /// Prints `result` as one JSON object (`--json`) or as `text`.
+    func emit(_ result: some Encodable, text: String) throws {
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.sortedKeys]
+            print(String(decoding: try e.encode(result), as: UTF8.self))
+        } else {
+            print(text)
+        }
+    }
+
     /// CPU seconds so far of each bench process, and of the servers: every `postgres` process and
     /// RabbitMQ's `beam.smp` (summed by name from /proc; a backend that exited in between is missed).
     func processCPU(_ children: [(role: String, process: Process)]) -> [String: Double] {
@@ -39,6 +73,12 @@ extension Bench {
     }
 }
 
+/// The values of a PostgreSQL float8 array as text (`{0.01,0.02,0.05}`), e.g. `percentile_cont(ARRAY[…])`.
+func float8Array(_ text: String?) -> [Double] {
+    (text ?? "{}").trimmingCharacters(in: CharacterSet(charactersIn: "{}")).split(separator: ",")
+        .compactMap { Double($0) }
+}
+
 /// RabbitMQ's running totals: messages published to it over AMQP 0-9-1 and messages it delivered
 /// to consumers (its global counters), bytes in and out over every AMQP connection open now, and
 /// the broker's clock when read. Read with `rabbitmqctl eval` through `CONVEYOR_RABBITMQCTL`, the
@@ -69,23 +109,16 @@ struct BrokerTotals: Sendable {
             return nil
         }
         let argv = command.split(separator: " ").map(String.init) + ["eval", expression]
-        // Run and waited for on a thread of its own: waitUntilExit blocks.
-        let output: String? = await withCheckedContinuation { cont in
-            Thread.detachNewThread {
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: argv[0])
-                p.arguments = Array(argv.dropFirst())
-                let pipe = Pipe()
-                p.standardOutput = pipe
-                p.standardError = FileHandle.nullDevice
-                do { try p.run() } catch {
-                    cont.resume(returning: nil)
-                    return
-                }
-                let data = pipe.fileHandleForReading.readDataToEndOfFile()
-                p.waitUntilExit()
-                cont.resume(returning: p.terminationStatus == 0 ? String(decoding: data, as: UTF8.self) : nil)
-            }
+        // Spawned and reaped with waitpid on a thread of its own (the shell executor's way):
+        // Foundation's `Process` was seen to miss a child's exit while other children run, and
+        // the bench's dispatcher and workers are children too.
+        let output: String?
+        switch await ChildProcess.run(
+            argv: argv, environment: ProcessInfo.processInfo.environment,
+            directory: FileManager.default.currentDirectoryPath, outputLimit: 65_536, killGrace: .seconds(1))
+        {
+        case .success(let f) where f.exitCode == 0: output = f.stdout
+        default: output = nil
         }
         guard let output, let range = output.range(of: "totals ") else { return nil }
         let n = output[range.upperBound...].split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }

@@ -14,25 +14,7 @@ extension Bench {
         pool: PostgresPool, store: Store, queue: String, children: [(role: String, process: Process)]
     ) async throws {
         let warmUp = min(5, max(1, duration / 5))
-        let later = try await pool.withConnection { c in
-            try await c.query("SELECT now() + interval '1 hour'").first!.date(0)
-        }
-        var created = 0
-        while created < rate {
-            let n = min(5000, rate - created)
-            try await store.createTasks(
-                (created..<(created + n)).map { i in
-                    var t = NewTask(
-                        name: "\(queue)-\(i)", executor: sleepMS > 0 ? "sleep" : "noop", schedule: .interval(seconds: 1)
-                    )
-                    if sleepMS > 0 { t.parameters = ["seconds": .number(Double(sleepMS) / 1000)] }
-                    t.queue = queue
-                    t.timeoutSeconds = 60
-                    t.startAt = later
-                    return t
-                })
-            created += n
-        }
+        try await createTasks(rate, schedule: .interval(seconds: 1), queue: queue, pool: pool, store: store)
         // Task i is first due at start + i/R s; every second after that again.
         let start = try await pool.withConnection { c in
             try await c.query(
@@ -118,8 +100,7 @@ extension Bench {
             try await c.query("DELETE FROM tasks WHERE queue = $1", [queue])
         }
         let runs = try stats.int(0)
-        let lateness = (stats[3] ?? "{}").trimmingCharacters(in: CharacterSet(charactersIn: "{}")).split(separator: ",")
-            .compactMap { Double($0) }
+        let lateness = float8Array(stats[3])
         var cpuMS: [String: Double] = [:]
         for (k, after) in cpuAfter {
             cpuMS[k] = ((after - (cpuBefore[k] ?? 0)) * 1000 / Double(max(runs, 1)) * 100).rounded() / 100
@@ -133,13 +114,7 @@ extension Bench {
             latenessP99ms: (lateness.last ?? 0) * 1000, latenessMaxms: (Double(stats[4] ?? "") ?? 0) * 1000,
             cpuMillisecondsPerRun: cpuMS, peakRSSMB: peakRSS,
             broker: BrokerPerRun(from: brokerBefore, to: brokerAfter, runs: Double(rate) * brokerSeconds))
-        if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(result), as: UTF8.self))
-        } else {
-            print(result.text)
-        }
+        try emit(result, text: result.text)
         if !completed || result.started < result.expectedRuns { throw ExitCode(2) }
     }
 }

@@ -11,15 +11,9 @@ import Foundation
 /// `started_at − occurrence`: the occurrence is the database time of the trigger.
 extension Bench {
     func runTriggers(pool: PostgresPool, store: Store, queue: String) async throws {
-        let later = try await pool.withConnection { c in
-            try await c.query("SELECT now() + interval '1 year'").first!.date(0)
-        }
-        var task = NewTask(name: "\(queue)-trigger", executor: "noop", schedule: .once)
-        task.queue = queue
-        task.startAt = later
-        try await store.createTasks([task])
+        try await createTasks(1, schedule: .once, queue: queue, pool: pool, store: store)
         let taskID = try await pool.withConnection { c in
-            try await c.query("SELECT id FROM tasks WHERE name = $1", ["\(queue)-trigger"]).first!.uuid(0)
+            try await c.query("SELECT id FROM tasks WHERE name = $1", ["\(queue)-0"]).first!.uuid(0)
         }
         func removeRows() async throws {
             try await pool.withConnection { c in
@@ -42,27 +36,21 @@ extension Bench {
             ).first!
         }
         try await removeRows()
-        let p = (stats[1] ?? "{}").trimmingCharacters(in: CharacterSet(charactersIn: "{}")).split(separator: ",")
-            .compactMap { Double($0) }
+        let p = float8Array(stats[1])
         let max = Double(stats[2] ?? "") ?? 0
         func ms(_ s: Double?) -> String { String(format: "%.1f", (s ?? 0) * 1000) }
         let result = TriggerResult(
             triggers: triggerLatency, started: try stats.int(0), p50ms: (p.first ?? 0) * 1000,
             p95ms: (p.dropFirst().first ?? 0) * 1000, p99ms: (p.last ?? 0) * 1000, maxms: max * 1000)
-        if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(result), as: UTF8.self))
-        } else {
-            print(
-                """
+        try emit(
+            result,
+            text: """
                 conveyor bench --trigger-latency \(triggerLatency): one task triggered on an idle system, \
                 \(dispatchers) dispatcher(s), \(workers) worker(s)
                   started          \(result.started) of \(triggerLatency)
                   trigger → start  p50 \(ms(p.first)) ms   p95 \(ms(p.dropFirst().first)) ms   \
                 p99 \(ms(p.last)) ms   max \(ms(max)) ms
                 """)
-        }
         if result.started < triggerLatency { throw ExitCode(2) }
     }
 
@@ -73,7 +61,7 @@ extension Bench {
         for i in 1...triggerLatency {
             try await Task.sleep(for: .milliseconds(Int64.random(in: 50...150)))
             guard try await store.trigger(taskID: taskID) else {
-                throw ValidationError(field: "task", value: "\(queue)-trigger", hint: "it disappeared during the bench")
+                throw ValidationError(field: "task", value: "\(queue)-0", hint: "it disappeared during the bench")
             }
             // Polled only to know when to trigger again: the figure comes from the run's own times.
             while ended < i {

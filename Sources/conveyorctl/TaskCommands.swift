@@ -85,7 +85,7 @@ struct TaskGroup: AsyncParsableCommand {
                     fix: "a task file is a mapping (one task), a list, or {tasks: [...]}")
             }
             let value = JSONValue(loaded: loaded)
-            let tasks = value.arrayValue ?? value["tasks"]?.arrayValue ?? [value]
+            let tasks = value.taskBatch ?? [value]
             guard !tasks.isEmpty, tasks.allSatisfy({ $0.objectValue != nil }) else {
                 throw CLIError("\(file) holds no tasks", fix: "each task is a mapping with at least name and executor")
             }

@@ -225,8 +225,8 @@ struct AMQPTests {
         defer { pub.stop() }
         try await pub.waitUntilConnected()
         try await pub.publish(message(t, 7))  // the new publisher declares the queue too
-        let d = try #require(
-            await Self.next(con, within: .seconds(10)), "the consumer never took from the queue declared again")
+        let next = await Self.next(con, within: .seconds(10))
+        let d = try #require(next, "the consumer never took from the queue declared again")
         #expect(d.properties.messageID == "id-7")
         con.ack(d)
     }
