@@ -229,7 +229,7 @@ case "${1:-}" in
   restart-mq) mqctl -q stop_app; mqctl -q start_app;;
   pg-crash) as_pg "$(pg_bin pg_ctl)" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -m immediate -w -t 60 restart >/dev/null;;
   mq-pid) mq_pid;;
-  mq-kill) pid="$(mq_pid)"
+  mq-kill) mq_env; pid="$(mq_pid)"
            kill -9 "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; rm -f "$RABBITMQ_PID_FILE";;
   *) echo "usage: $0 start|stop|status|env|ctl ARGS...|restart-mq|pg-crash|mq-pid|mq-kill" >&2; exit 2;;
 esac

@@ -50,19 +50,27 @@ enum Servers {
         return l
     }()
 
-    /// A fresh database for one test, dropped afterwards.
+    /// A fresh database for one test, dropped afterwards. `CONVEYOR_TEST_KEEP_DATABASES=1` keeps
+    /// them for a post-mortem (each one's name is printed); drop them by hand afterwards.
     static func withDatabase<T>(_ body: (String) async throws -> T) async throws -> T {
         let admin = try requireAdminURL()
         let name = "conveyor_t_" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "").prefix(16)
         let adminConn = try await PostgresConnection.connect(url: admin, logger: logger)
         try await adminConn.simple("CREATE DATABASE \(name)")
         let url = replaceDatabase(in: admin, with: String(name))
+        let drop = { () async in
+            if env["CONVEYOR_TEST_KEEP_DATABASES"] == "1" {
+                print("kept database \(name)")
+            } else {
+                _ = try? await adminConn.simple("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+            }
+        }
         do {
             let result = try await body(url)
-            _ = try? await adminConn.simple("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+            await drop()
             return result
         } catch {
-            _ = try? await adminConn.simple("DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+            await drop()
             throw error
         }
     }

@@ -219,7 +219,7 @@ struct FaultSuite {
             }
             switch how {
             case .stopApp: try await FaultBed.rabbitmqctl(["stop_app"])
-            case .killVM: try await FaultBed.services(["mq-kill"])
+            case .killVM: try await FaultBed.killBroker()
             case .freezeAndKill: try await FaultBed.freezeThenKillBroker()
             }
             try await Task.sleep(for: .seconds(3))
