@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # The project's bench command: starts the local servers and runs `conveyor bench` on a build.
 #   scripts/bench.sh [--tasks N] [--workers W] [--json]
-# CONVEYOR_BENCH_CONFIG=release uses an optimized build (see docs/benchmarks.md: currently
-# crashes under load, under investigation); the default is the debug build.
+# The release build, as users run it (CONVEYOR_BENCH_CONFIG=debug for the debug build).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/services.sh start >/dev/null
 # shellcheck disable=SC1091
 source .local/env
-CONFIG="${CONVEYOR_BENCH_CONFIG:-debug}"
+CONFIG="${CONVEYOR_BENCH_CONFIG:-release}"
 swift build -c "$CONFIG" >&2
 exec ".build/$CONFIG/conveyor" bench "$@"

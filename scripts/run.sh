@@ -9,7 +9,8 @@ cd "$ROOT"
 scripts/services.sh start
 # shellcheck disable=SC1091
 source .local/env
-swift build
-.build/debug/conveyor migrate
-echo "[run] conveyor dev --demo: in another shell, from this folder, watch with '.build/debug/conveyorctl task list' and 'conveyorctl task get demo-shell' (conveyor dev leaves conveyorctl configured in .local/)" >&2
-exec .build/debug/conveyor dev --demo --workers 2 "$@"
+# The release build: what the image ships and the fault suite runs.
+swift build -c release
+.build/release/conveyor migrate
+echo "[run] conveyor dev --demo: in another shell, from this folder, watch with '.build/release/conveyorctl task list' and 'conveyorctl task get demo-shell' (conveyor dev leaves conveyorctl configured in .local/)" >&2
+exec .build/release/conveyor dev --demo --workers 2 "$@"

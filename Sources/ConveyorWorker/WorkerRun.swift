@@ -81,7 +81,7 @@ extension Worker {
         } else {
             let headers = statusHeaders
             let log = log
-            result = await withTaskGroup(of: ExecutionResult?.self) { group in
+            result = await withTaskGroup(of: ResultBox?.self) { group in
                 group.addTask {
                     await self.reportWhileRunning(
                         started, delivery: delivery, detached: detached, headers: headers, log: log)
@@ -90,11 +90,11 @@ extension Worker {
                 let executorName = message.executor
                 group.addTask {
                     let began = ContinuousClock.now
-                    let r = await Self.run(executor, context, cancel: cancelSignal)
+                    let r = await Self.runBoxed(executor, context, cancel: cancelSignal)
                     ConveyorMetrics.executorDuration(executor: executorName, ContinuousClock.now - began)
                     return r
                 }
-                var result: ExecutionResult?
+                var result: ResultBox?
                 while let r = await group.next() {
                     if let r {
                         result = r
@@ -102,9 +102,10 @@ extension Worker {
                     }
                 }
                 return result
-                    ?? ExecutionResult(
-                        outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
-            }
+                    ?? ResultBox(
+                        ExecutionResult(
+                            outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing"))
+            }.value
         }
         if Task.isCancelled {
             // The drain deadline passed. A run still held by the broker is left unacked, and the
@@ -193,20 +194,20 @@ extension Worker {
 
     /// `run(_:_:)` for tests: the timeout mechanism alone.
     package static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
-        await run(executor, context)
+        await runBoxed(executor, context).value
     }
 
     /// Runs the executor; past `timeout`, or when `cancel` is signalled, its task is cancelled
     /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
-    static func run(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async
-        -> ExecutionResult
+    static func runBoxed(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async
+        -> ResultBox
     {
         enum Step: Sendable {
-            case done(ExecutionResult)
+            case done(ResultBox)
             case timeout, cancelRequested, stopped
         }
         let result = await withTaskGroup(of: Step.self) { group in
-            group.addTask { .done(await executor.execute(context)) }
+            group.addTask { .done(ResultBox(await executor.execute(context))) }
             group.addTask {
                 do { try await Task.sleep(for: context.timeout) } catch { return .stopped }
                 return .timeout
@@ -220,7 +221,7 @@ extension Worker {
             while let step = await group.next() {
                 switch step {
                 case .done(let r):
-                    result = r
+                    result = r.value
                     group.cancelAll()
                 case .timeout, .cancelRequested:
                     if ended == nil && result == nil { ended = step }
@@ -242,10 +243,17 @@ extension Worker {
                 final.errorMessage = "cancelled by request; the executor was stopped"
             default: break
             }
-            return final
+            return ResultBox(final)
         }
         // The cleanup hook runs whatever the end: success, failure, timeout, cancel or shutdown.
-        await executor.cleanup(context, result: result)
+        await executor.cleanup(context, result: result.value)
         return result
     }
+}
+
+/// An execution result on the heap. Results cross suspension points and task-group boundaries
+/// only as this reference: see `runBoxed`.
+final class ResultBox: Sendable {
+    let value: ExecutionResult
+    init(_ value: ExecutionResult) { self.value = value }
 }

@@ -581,20 +581,20 @@ final class FaultBed {
         let out = try await services(["mq-pid"]).out.trimmingCharacters(in: .whitespacesAndNewlines)
         // kill(0, …) would stop this test's own process group: a pid must have been read.
         guard let vm = Int32(out), vm > 1 else { throw FaultSetupError(what: "no broker VM pid: \(out)") }
-        try await persistQueueRegistrations()
         kill(vm, SIGSTOP)
         try await Task.sleep(for: frozen)
-        try await killBroker(persistingFirst: false)
+        try await killBroker()
     }
 
     /// kill -9 of the broker's Erlang VM (`scripts/services.sh mq-kill`; `start` brings it back).
-    static func killBroker(persistingFirst: Bool = true) async throws {
-        if persistingFirst { try await persistQueueRegistrations() }
+    static func killBroker() async throws {
         let r = try await services(["mq-kill"])
         if r.status != 0 { throw FaultSetupError(what: "services.sh mq-kill exited \(r.status): \(r.out)") }
     }
 
-    /// Writes the broker's registry of quorum queues to disk before the broker is killed.
+    /// Writes the broker's registry of quorum queues to disk. A scenario that kills the broker
+    /// calls it once its processes are ready (every queue declared) and before its burst: the
+    /// call takes a second or two (a CLI VM starts), which must not delay the fault itself.
     ///
     /// RabbitMQ 3.10.8 (Debian 12's) keeps each quorum queue's registration in a dets table that
     /// reaches the disk about two seconds after the queue is declared. A VM killed inside that

@@ -30,9 +30,15 @@ struct FaultSuite {
     @Test func negativeControlOracleSeesLossWithoutConfirms() async throws {
         let n = FaultProfile.n(fast: 20_000, full: 50_000)
         try await FaultBed.scenario("negative-control", "0 negative control", n: n) { bed, report in
+            let port = try FaultBed.freePort()
             try bed.startDispatcher(
                 "d1",
-                env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"])
+                env: ["CONVEYOR_TEST_FAULTS": "no-confirms", "CONVEYOR_DISPATCHER_MAX_BACKLOG_PER_QUEUE": "1000000"],
+                httpPort: port)
+            try await bed.until("dispatcher ready", timeout: .seconds(30), &report) {
+                await FaultBed.allReady([port])
+            }
+            try await FaultBed.persistQueueRegistrations()
             try await bed.create(bed.sys.tasks(n, executor: "noop"))
             try await bed.until("some dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") >= n / 10
@@ -212,6 +218,7 @@ struct FaultSuite {
             try await bed.until("every process ready", timeout: .seconds(30), &report) {
                 await FaultBed.allReady(ports)
             }
+            try await FaultBed.persistQueueRegistrations()
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % dispatched", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state IN ('dispatched', 'running', 'succeeded')")
