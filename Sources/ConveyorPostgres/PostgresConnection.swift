@@ -37,6 +37,8 @@ package final class PostgresConnection: @unchecked Sendable {
     /// `PQtransactionStatus == PQTRANS_IDLE` after the last call: no transaction left open.
     private let idle = Atomic<Bool>(true)
     package let logger: Logger
+    /// The notice receiver's context; lives until `PQfinish` (see `FinishHandles`).
+    private let notices: PostgresNotices
 
     /// Options applied to every new session.
     package struct Options: Sendable {
@@ -52,12 +54,13 @@ package final class PostgresConnection: @unchecked Sendable {
         self.cancelHandle = PQgetCancel(conn)
         self.queue = queue
         self.logger = logger
+        self.notices = PostgresNotices.install(on: conn, logger: logger)
     }
 
     deinit {
         // PQfinish writes to the socket: run it on the connection's own queue, never on the
         // thread (possibly the cooperative pool) that dropped the last reference.
-        let handles = FinishHandles(conn: conn, cancel: cancelHandle)
+        let handles = FinishHandles(conn: conn, cancel: cancelHandle, notices: notices)
         queue.async { handles.finish() }
     }
 
@@ -256,9 +259,11 @@ private struct FinishHandles: @unchecked Sendable {
     // and used once, on the connection's serial queue.
     let conn: OpaquePointer
     let cancel: OpaquePointer?
+    /// Kept alive until `PQfinish` has returned: libpq holds a raw pointer to it.
+    let notices: PostgresNotices
 
     func finish() {
         if let cancel { PQfreeCancel(cancel) }
-        PQfinish(conn)
+        withExtendedLifetime(notices) { PQfinish(conn) }
     }
 }

@@ -71,7 +71,8 @@ package final class PostgresListener: Sendable {
                 if stopSignal.wait(timeout: .now() + .milliseconds(Int(d.inMilliseconds))) == .success { return }
             }
             guard let conn = PQconnectdb(url) else { return }
-            defer { PQfinish(conn) }
+            let notices = PostgresNotices.install(on: conn, logger: logger)
+            defer { withExtendedLifetime(notices) { PQfinish(conn) } }
             guard PQstatus(conn) == CONNECTION_OK else {
                 failures += 1
                 logger.warning(

@@ -66,4 +66,30 @@ struct LogTests {
             #expect(!failed.err.contains("canary-db-pw") && !failed.out.contains("canary-db-pw"), "\(failed.err)")
         }
     }
+
+    /// A server notice ("relation … already exists, skipping", sent when `migrate` finds the schema
+    /// there) is a log line like any other. libpq's default printed it raw on standard error,
+    /// where it broke the JSON log's one object per line.
+    @Test func serverNoticesAreLogLinesNotRawStandardError() async throws {
+        try await System.with { sys in
+            let env = [
+                "CONVEYOR_DATABASE_URL": sys.databaseURL, "CONVEYOR_LOG_FORMAT": "json", "CONVEYOR_LOG_LEVEL": "debug",
+            ]
+            let r = try runConveyor(["migrate"], env: env)
+            #expect(r.status == 0, "\(r.err)")
+            let lines = r.err.split(separator: "\n").map(String.init)
+            var notices: [[String: Any]] = []
+            for line in lines {
+                guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+                    Issue.record("not a JSON object: \(line)")
+                    continue
+                }
+                if o["db.severity"] as? String == "NOTICE" { notices.append(o) }
+            }
+            let notice = try #require(notices.first, "no notice logged: \(lines)")
+            #expect((notice["message"] as? String)?.contains("already exists, skipping") == true, "\(notice)")
+            #expect(notice["level"] as? String == "debug")
+            #expect(notice["db.sqlstate"] as? String == "42P07")
+        }
+    }
 }
