@@ -15,8 +15,14 @@ public struct ExecutionContext: Sendable {
     /// The execute span's context, for passing on (`TRACEPARENT`, HTTP `traceparent`).
     public var traceparent: String?
     public var tracestate: String?
-    /// Equal to the run id.
+    /// Equal to the run id: one attempt. A retry is a new run, so a new key (`Idempotency-Key`,
+    /// `CONVEYOR_RUN_ID`).
     public var idempotencyKey: String
+    /// The same for every attempt of one occurrence (`<task id>@<occurrence>`): the key that
+    /// deduplicates a side effect an earlier attempt may already have made, for example one
+    /// declared lost while it still ran on a partitioned worker (`Conveyor-Occurrence-Key`,
+    /// `CONVEYOR_OCCURRENCE_KEY`).
+    public var occurrenceKey: String
     /// The worker's logger, with `run.id`, `task.name`, `trace.id` and `span.id` set.
     public var logger: Logger
     /// The execute span's context: an executor's own spans are its children
@@ -25,7 +31,7 @@ public struct ExecutionContext: Sendable {
 
     public init(
         runID: UUID, taskName: String, attempt: Int, parameters: JSONValue, timeout: Duration,
-        traceparent: String?, tracestate: String?, idempotencyKey: String,
+        traceparent: String?, tracestate: String?, idempotencyKey: String, occurrenceKey: String? = nil,
         logger: Logger = Logger(label: "conveyor.executor"), trace: ServiceContext = .topLevel
     ) {
         self.runID = runID
@@ -36,6 +42,7 @@ public struct ExecutionContext: Sendable {
         self.traceparent = traceparent
         self.tracestate = tracestate
         self.idempotencyKey = idempotencyKey
+        self.occurrenceKey = occurrenceKey ?? idempotencyKey
         self.logger = logger
         self.trace = trace
     }

@@ -23,8 +23,9 @@ import Tracing
 /// body to another origin (307/308, or 301/302 after anything but a POST) is refused
 /// (`http_refused`).
 ///
-/// Sent with every request: `Idempotency-Key: <run id>`, and the W3C `traceparent`, `tracestate`
-/// and `baggage` of the request's client span (a child of the worker's execute span).
+/// Sent with every request: `Idempotency-Key: <run id>` (this attempt),
+/// `Conveyor-Occurrence-Key: <task id>@<occurrence>` (every attempt of the occurrence), and the
+/// W3C `traceparent`, `tracestate` and `baggage` of the request's client span (a child of the worker's execute span).
 /// Outcome: 2xx succeeds (the body is the output); any other status fails with error class
 /// `http_<status>` (408, 429 and 5xx are retried by default, other 4xx are not); a refused or
 /// invalid URL fails as `http_refused` / `http_invalid_url` (not retried by default); connect,
@@ -37,7 +38,7 @@ package struct HTTPExecutor: Executor {
     /// Headers the executor sets itself, or that would let a task break the framing.
     static let reservedHeaders: Set<String> = [
         "host", "content-length", "transfer-encoding", "connection", "upgrade",
-        "idempotency-key", "traceparent", "tracestate", "baggage",
+        "idempotency-key", "conveyor-occurrence-key", "traceparent", "tracestate", "baggage",
     ]
 
     package init(policy: OutboundPolicy, logger: Logger = Logger(label: "conveyor.executor.http")) {
@@ -134,6 +135,7 @@ package struct HTTPExecutor: Executor {
             }
         }
         headers.append(("Idempotency-Key", context.idempotencyKey))
+        headers.append(("Conveyor-Occurrence-Key", context.occurrenceKey))
         // The task's headers are where its API keys are: a redirect to another origin drops them.
         return OutboundRequest(method: method, url: url, headers: headers, body: body, originOnlyHeaders: taskHeaders)
     }

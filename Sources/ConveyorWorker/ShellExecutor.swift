@@ -28,7 +28,8 @@ import Tracing
 ///
 /// Parameters: `argv` (list of strings, required), `env` (object of strings), `cwd` (string).
 ///
-/// The child gets `CONVEYOR_RUN_ID`, `CONVEYOR_ATTEMPT`, `TRACEPARENT`, `TRACESTATE`, a fixed
+/// The child gets `CONVEYOR_RUN_ID` (this attempt), `CONVEYOR_OCCURRENCE_KEY` (every attempt of
+/// the occurrence), `CONVEYOR_ATTEMPT`, `TRACEPARENT`, `TRACESTATE`, a fixed
 /// `PATH=/usr/local/bin:/usr/bin:/bin`, the `inherit_env` names and the task's `env`; names that
 /// change how programs load or start (`LD_*`, `BASH_ENV`, `NODE_OPTIONS`, …) are refused. No
 /// descriptor of the worker but the three standard ones reaches it. When the command exits,
@@ -207,6 +208,7 @@ package struct ShellExecutor: Executor {
         }
         env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
         env["CONVEYOR_RUN_ID"] = context.idempotencyKey
+        env["CONVEYOR_OCCURRENCE_KEY"] = context.occurrenceKey
         env["CONVEYOR_ATTEMPT"] = String(context.attempt)
 
         var cwd = allowedRoots[0]

@@ -59,7 +59,9 @@ extension Worker {
             runID: message.runID, taskName: message.taskName, attempt: message.attempt,
             parameters: message.parameters, timeout: timeout,
             traceparent: trace["traceparent"], tracestate: trace["tracestate"],
-            idempotencyKey: message.idempotencyKey, logger: log, trace: span.context)
+            idempotencyKey: message.idempotencyKey,
+            occurrenceKey: "\(message.taskID.lowercasedString)@\(Timestamp.format(message.occurrence))", logger: log,
+            trace: span.context)
         // A run past its executor's limit waits here, before its timeout starts.
         let slot = set.slots[message.executor]
         if let slot, !(await slot.acquire()) { return }  // shutdown while waiting: left for redelivery

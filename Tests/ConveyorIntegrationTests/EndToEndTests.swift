@@ -194,6 +194,46 @@ struct EndToEndTests {
 
     /// A program may print NUL bytes, which PostgreSQL text cannot hold: such an output is
     /// recorded (NUL as U+FFFD), and the statuses behind it are not held up.
+    /// A retry is a new run, so a new `CONVEYOR_RUN_ID` (`Idempotency-Key` over http); every
+    /// attempt of one occurrence carries the same `CONVEYOR_OCCURRENCE_KEY`
+    /// (`Conveyor-Occurrence-Key`): the key that deduplicates a side effect which an attempt
+    /// declared lost may already have made.
+    @Test func everyAttemptOfAnOccurrenceCarriesOneOccurrenceKey() async throws {
+        try await System.with { sys in
+            var env = sys.workerEnvironment(id: "occurrence-worker", executors: "shell")
+            env["CONVEYOR_EXECUTORS_SHELL_ALLOWED_COMMANDS"] = "/usr/bin/printenv"
+            let worker = try spawnConveyor(["worker"], env: env)
+            defer { if worker.isRunning { worker.terminate() } }
+            var task = NewTask(name: "twice", executor: "shell", schedule: .once)
+            task.queue = sys.queue
+            // printenv prints the two keys, then exits 1 for the missing third name: each attempt fails.
+            task.parameters = [
+                "argv": ["/usr/bin/printenv", "CONVEYOR_OCCURRENCE_KEY", "CONVEYOR_RUN_ID", "CONVEYOR_NOT_SET"]
+            ]
+            task.retry = try RetryPolicy(maxAttempts: 2, json: ["base_seconds": 0.1, "jitter": false])
+            try await sys.store.createTasks([task])
+            try await withServices([sys.dispatcher()]) {
+                _ = try await sys.eventually(timeout: .seconds(60), "both attempts end") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE finished_at IS NOT NULL") == 2
+                }
+            }
+            let rows = try await sys.rows(
+                """
+                SELECT r.id::text, r.output, t.id::text, \
+                to_char(r.occurrence AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') \
+                FROM runs r JOIN tasks t ON t.id = r.task_id ORDER BY r.attempt
+                """)
+            try #require(rows.count == 2)
+            let expected = "\(rows[0][2] ?? "")@\(rows[0][3] ?? "")"
+            for row in rows {
+                let lines = (row[1] ?? "").split(separator: "\n").map(String.init)
+                #expect(lines.first == expected, "occurrence key of attempt \(row[0] ?? ""): \(lines)")
+                #expect(lines.dropFirst().first == row[0]?.lowercased(), "run id of attempt: \(lines)")
+            }
+            #expect(rows[0][0] != rows[1][0])
+        }
+    }
+
     @Test func anOutputHoldingANulIsRecordedAndHoldsNothingUp() async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()

@@ -11,7 +11,7 @@ struct HTTPExecutorTests {
         ExecutionContext(
             runID: UUID(), taskName: "call", attempt: 2, parameters: parameters, timeout: timeout,
             traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", tracestate: "vendor=1",
-            idempotencyKey: "run-key-1")
+            idempotencyKey: "run-key-1", occurrenceKey: "task-1@2026-12-04T05:00:00.000000Z")
     }
 
     /// An executor that may reach only the loopback address `allowed`.
@@ -42,6 +42,7 @@ struct HTTPExecutorTests {
         let got = try #require(server.received(path: "/hook").first)
         #expect(got.method == "POST")
         #expect(got.headers["idempotency-key"] == "run-key-1")
+        #expect(got.headers["conveyor-occurrence-key"] == "task-1@2026-12-04T05:00:00.000000Z")
         // The request carries the executor's client span: the run's trace, a new span id.
         let tp = try #require(got.headers["traceparent"]).split(separator: "-")
         #expect(tp.count == 4 && tp[1] == "4bf92f3577b34da6a3ce929d0e0e4736" && tp[2] != "00f067aa0ba902b7")
@@ -141,6 +142,10 @@ struct HTTPExecutorTests {
             ([:], "parameters.url"),
             (["url": "http://127.0.0.2:1/", "method": "TRACE"], "parameters.method"),
             (["url": "http://127.0.0.2:1/", "headers": ["Host": "evil"]], "parameters.headers.Host"),
+            (
+                ["url": "http://127.0.0.2:1/", "headers": ["Conveyor-Occurrence-Key": "forged"]],
+                "parameters.headers.Conveyor-Occurrence-Key"
+            ),
             (["url": "http://127.0.0.2:1/", "headers": ["X-A": "a\r\nX-Injected: 1"]], "parameters.headers.X-A"),
         ]
         for (parameters, field) in cases {
