@@ -8,6 +8,10 @@ cd "$ROOT"
 scripts/services.sh start >/dev/null
 # shellcheck disable=SC1091
 source .local/env
-CONFIG="${CONVEYOR_BENCH_CONFIG:-release}"
-swift build -c "$CONFIG" >&2
-exec ".build/$CONFIG/conveyor" bench "$@"
+if [ "${CONVEYOR_BENCH_CONFIG:-release}" = debug ]; then
+  swift build >&2
+  exec .build/debug/conveyor bench "$@"
+fi
+# The release build as scripts/build-release.sh makes it for the image, run.sh and the tests.
+scripts/build-release.sh "$ROOT/.local/dist" >&2
+exec .local/dist/conveyor bench "$@"

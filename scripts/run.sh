@@ -9,8 +9,8 @@ cd "$ROOT"
 scripts/services.sh start
 # shellcheck disable=SC1091
 source .local/env
-# The release build: what the image ships and the fault suite runs.
-swift build -c release
-.build/release/conveyor migrate
-echo "[run] conveyor dev --demo: in another shell, from this folder, watch with '.build/release/conveyorctl task list' and 'conveyorctl task get demo-shell' (conveyor dev leaves conveyorctl configured in .local/)" >&2
-exec .build/release/conveyor dev --demo --workers 2 "$@"
+# The release build, made as the image and scripts/test.sh make it (one build tree for all three).
+scripts/build-release.sh "$ROOT/.local/dist" >&2
+.local/dist/conveyor migrate
+echo "[run] conveyor dev --demo: in another shell, from this folder, watch with '.local/dist/conveyorctl task list' and 'conveyorctl task get demo-shell' (conveyor dev leaves conveyorctl configured in .local/)" >&2
+exec .local/dist/conveyor dev --demo --workers 2 "$@"

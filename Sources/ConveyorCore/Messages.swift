@@ -19,6 +19,9 @@ package struct TaskMessage: Sendable, Hashable, Codable {
     package var timeoutSeconds: Double
     /// Equal to the run id: executors pass it on (`Idempotency-Key`, `CONVEYOR_RUN_ID`).
     package var idempotencyKey: String
+    /// The same for every attempt of the occurrence: `<task id>@<occurrence>` (executors pass it on
+    /// as `Conveyor-Occurrence-Key`, `CONVEYOR_OCCURRENCE_KEY`). Derived, not sent.
+    package var occurrenceKey: String { "\(taskID.lowercasedString)@\(Timestamp.format(occurrence))" }
     /// The attempt's status proof, signed by the dispatcher: the worker returns it on every
     /// status of this attempt, and a status without it changes nothing. Never given to executors.
     package var proof: String?

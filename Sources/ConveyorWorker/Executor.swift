@@ -21,7 +21,7 @@ public struct ExecutionContext: Sendable {
     /// The same for every attempt of one occurrence (`<task id>@<occurrence>`): the key that
     /// deduplicates a side effect an earlier attempt may already have made, for example one
     /// declared lost while it still ran on a partitioned worker (`Conveyor-Occurrence-Key`,
-    /// `CONVEYOR_OCCURRENCE_KEY`).
+    /// `CONVEYOR_OCCURRENCE_KEY`). A context made without one uses `idempotencyKey`.
     public var occurrenceKey: String
     /// The worker's logger, with `run.id`, `task.name`, `trace.id` and `span.id` set.
     public var logger: Logger

@@ -25,7 +25,8 @@ import Tracing
 ///
 /// Sent with every request: `Idempotency-Key: <run id>` (this attempt),
 /// `Conveyor-Occurrence-Key: <task id>@<occurrence>` (every attempt of the occurrence), and the
-/// W3C `traceparent`, `tracestate` and `baggage` of the request's client span (a child of the worker's execute span).
+/// W3C `traceparent`, `tracestate` and `baggage` of the request's client span (a child of the
+/// worker's execute span).
 /// Outcome: 2xx succeeds (the body is the output); any other status fails with error class
 /// `http_<status>` (408, 429 and 5xx are retried by default, other 4xx are not); a refused or
 /// invalid URL fails as `http_refused` / `http_invalid_url` (not retried by default); connect,

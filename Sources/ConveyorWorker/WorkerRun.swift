@@ -60,8 +60,7 @@ extension Worker {
             parameters: message.parameters, timeout: timeout,
             traceparent: trace["traceparent"], tracestate: trace["tracestate"],
             idempotencyKey: message.idempotencyKey,
-            occurrenceKey: "\(message.taskID.lowercasedString)@\(Timestamp.format(message.occurrence))", logger: log,
-            trace: span.context)
+            occurrenceKey: message.occurrenceKey, logger: log, trace: span.context)
         // A run past its executor's limit waits here, before its timeout starts.
         let slot = set.slots[message.executor]
         if let slot, !(await slot.acquire()) { return }  // shutdown while waiting: left for redelivery
@@ -194,13 +193,15 @@ extension Worker {
         log.info("long run detached: task message acknowledged, heartbeats protect the run from here")
     }
 
-    /// `run(_:_:)` for tests: the timeout mechanism alone.
+    /// `runBoxed(_:_:cancel:)` for tests: the timeout mechanism alone.
     package static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
         await runBoxed(executor, context).value
     }
 
     /// Runs the executor; past `timeout`, or when `cancel` is signalled, its task is cancelled
     /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
+    /// The result comes back boxed: Swift 6.3's -O loses part of a large result computed before a
+    /// suspension (here `cleanup`) and returned after it (docs/architecture.md).
     static func runBoxed(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async
         -> ResultBox
     {
