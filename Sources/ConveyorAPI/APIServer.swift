@@ -283,7 +283,8 @@ package enum APIServer {
         var o: [String: JSONValue] = [
             "id": .string(t.id.lowercasedString), "name": .string(t.name), "executor": .string(t.executor),
             "schedule": .string(t.schedule), "timezone": .string(t.timeZone), "queue": .string(t.queue),
-            "timeout": .number(t.timeoutSeconds), "paused": .bool(t.paused),
+            "timeout": .number(t.timeoutSeconds), "schedule_to_start_timeout": .number(t.scheduleToStartSeconds),
+            "paused": .bool(t.paused),
             "max_attempts": .number(Double(t.maxAttempts)),
         ]
         o["parameters"] = (try? JSONDecoder().decode(JSONValue.self, from: Data(t.parameters.utf8))) ?? .null

@@ -17,6 +17,7 @@ package enum MessageCodec {
         w.field("proof", m.proof)
         w.field("queue", m.queue)
         w.field("run_id", m.runID.lowercasedString)
+        w.field("start_by", m.startBy.map(Timestamp.format))
         w.field("task_id", m.taskID.lowercasedString)
         w.field("task_name", m.taskName)
         w.field("timeout_seconds", m.timeoutSeconds)

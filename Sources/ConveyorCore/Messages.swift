@@ -22,6 +22,11 @@ package struct TaskMessage: Sendable, Hashable, Codable {
     /// The same for every attempt of the occurrence: `<task id>@<occurrence>` (executors pass it on
     /// as `Conveyor-Occurrence-Key`, `CONVEYOR_OCCURRENCE_KEY`). Derived, not sent.
     package var occurrenceKey: String { "\(taskID.lowercasedString)@\(Timestamp.format(occurrence))" }
+    /// The latest time a worker may start this attempt: the claim's time plus the task's
+    /// schedule-to-start timeout, on the database's clock. A worker refuses the message after
+    /// it (the dispatcher ends the run `expired` and retries it by policy). Absent from messages
+    /// of dispatchers before 0.10: such a message has no start limit.
+    package var startBy: Date?
     /// The attempt's status proof, signed by the dispatcher: the worker returns it on every
     /// status of this attempt, and a status without it changes nothing. Never given to executors.
     package var proof: String?
@@ -51,6 +56,7 @@ package struct TaskMessage: Sendable, Hashable, Codable {
             executor, parameters
         case timeoutSeconds = "timeout_seconds"
         case idempotencyKey = "idempotency_key"
+        case startBy = "start_by"
         case proof
     }
 }

@@ -99,20 +99,21 @@ package struct RetryPolicy: Sendable, Hashable {
     package var capSeconds = 300.0
     /// Full jitter: the delay is uniform in `0 ... min(cap, base × factor^(n−1))`.
     package var jitter = true
-    /// Outcome classes that are retried; empty means `timeout`, `lost` and `error`.
+    /// Outcome classes that are retried; empty means `timeout`, `lost`, `expired` and `error`.
     package var retryOn: [String] = []
     /// Outcome classes never retried; wins over `retryOn`.
     package var noRetryOn: [String] = []
 
     package init() {}
 
-    /// The classes a run's end belongs to: `timeout`, `lost`, `error` (any failure), `exit:<code>`,
+    /// The classes a run's end belongs to: `timeout`, `lost`, `expired`, `error` (any failure), `exit:<code>`,
     /// `http:<code>` and `http:<d>xx` (from an error class `http_<code>`), `class:<error class>`.
     package static func classes(state: RunState, exitCode: Int?, errorClass: String?) -> Set<String> {
         var out: Set<String> = []
         switch state {
         case .timedOut: out.insert("timeout")
         case .lost: out.insert("lost")
+        case .expired: out.insert("expired")
         case .failed: out.insert("error")
         default: break
         }
@@ -144,7 +145,7 @@ package struct RetryPolicy: Sendable, Hashable {
     /// Whether the policy retries this kind of ending at all (attempts aside). A retryable ending
     /// whose attempts are used up makes the run `dead`; any other failure stays as it ended.
     package func isRetryable(state: RunState, exitCode: Int?, errorClass: String?) -> Bool {
-        guard maxAttempts > 1, [.failed, .timedOut, .lost].contains(state) else { return false }
+        guard maxAttempts > 1, RunState.retryableEndings.contains(state) else { return false }
         if let c = errorClass, Self.poisonClasses.contains(c) { return false }
         let classes = Self.classes(state: state, exitCode: exitCode, errorClass: errorClass)
         if !classes.isDisjoint(with: noRetryOn) { return false }
@@ -155,7 +156,7 @@ package struct RetryPolicy: Sendable, Hashable {
             return false
         }
         if let c = errorClass, Self.notRetriedByDefault.contains(c) { return false }
-        return !classes.isDisjoint(with: ["timeout", "lost", "error"])
+        return !classes.isDisjoint(with: ["timeout", "lost", "expired", "error"])
     }
 
     /// The ceiling of the delay before attempt `attempt + 1`.
@@ -219,7 +220,7 @@ package struct RetryPolicy: Sendable, Hashable {
                         field: "retry.\(k)", value: "\(item)",
                         hint:
                             """
-                            outcome classes are timeout, lost, error, exit:<code>, http:<code>, http:<d>xx, \
+                            outcome classes are timeout, lost, expired, error, exit:<code>, http:<code>, http:<d>xx, \
                             class:<error class>
                             """
                     )
@@ -233,7 +234,7 @@ package struct RetryPolicy: Sendable, Hashable {
     }
 
     static func isClass(_ s: String) -> Bool {
-        if ["timeout", "lost", "error"].contains(s) { return true }
+        if ["timeout", "lost", "expired", "error"].contains(s) { return true }
         if s.hasPrefix("exit:") { return Int(s.dropFirst(5)) != nil }
         if s.hasPrefix("class:") { return s.count > 6 }
         if s.hasPrefix("http:") {

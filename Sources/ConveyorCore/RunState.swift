@@ -1,7 +1,7 @@
 /// The lifecycle of one attempt of one occurrence of a task.
 ///
 /// `scheduled → queued → dispatched → running →`
-/// `succeeded | failed | timed_out | cancelled | lost | dead | skipped`
+/// `succeeded | failed | timed_out | cancelled | lost | dead | skipped | expired`
 ///
 /// Transitions only move forward. A final state is never left: a late or duplicate event for
 /// a final run is a no-op, which is what makes outcome recording exactly-once.
@@ -18,6 +18,9 @@ package enum RunState: String, Sendable, Codable, CaseIterable {
     case dead
     /// A dependent whose upstreams' outcomes ruled it out (its trigger rule); never executed.
     case skipped
+    /// Published, but not started within its task's schedule-to-start timeout (the broker lost
+    /// the message, or no worker took it); never executed: workers refuse its message.
+    case expired
 
     /// Position in the lifecycle; all final states share the last rank.
     package var rank: Int {
@@ -26,11 +29,14 @@ package enum RunState: String, Sendable, Codable, CaseIterable {
         case .queued: 1
         case .dispatched: 2
         case .running: 3
-        case .succeeded, .failed, .timedOut, .cancelled, .lost, .dead, .skipped: 4
+        case .succeeded, .failed, .timedOut, .cancelled, .lost, .dead, .skipped, .expired: 4
         }
     }
 
     package var isFinal: Bool { rank == 4 }
+
+    /// The endings a retry policy may retry (and that make a run `dead` once attempts run out).
+    package static let retryableEndings: Set<RunState> = [.failed, .timedOut, .lost, .expired]
 
     /// Whether an event may move a run from `self` to `next`.
     ///

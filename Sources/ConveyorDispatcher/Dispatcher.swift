@@ -60,10 +60,12 @@ package final class Dispatcher: Service, Sendable {
         /// Statuses refused: malformed (dead-lettered), or without this attempt's proof (acked away).
         package var statusRejected = 0
         package var statusForged = 0
-        /// Retries scheduled, runs ended dead, runs declared lost, dead letters recorded.
+        /// Retries scheduled, runs ended dead, runs declared lost, runs expired (never started),
+        /// dead letters recorded.
         package var retried = 0
         package var dead = 0
         package var lost = 0
+        package var expired = 0
         package var deadLetters = 0
         package var cancelsSent = 0
         package var analyzes = 0

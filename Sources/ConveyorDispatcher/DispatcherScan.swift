@@ -108,15 +108,17 @@ extension Dispatcher {
         let (ok, failed) = await publish(result.runs, spans: live)
         if configuration.faults.dispatcherCrash == .afterPublish { FaultInjection.crash() }
         let okSet = Set(ok)
+        let confirmed = result.runs.filter { okSet.contains($0.message.runID) }
         for (key, runs) in Dictionary(
-            grouping: result.runs.filter { okSet.contains($0.message.runID) },
+            grouping: confirmed,
             by: { QueuePriority(queue: $0.message.queue, priority: $0.priority) })
         {
             ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
         }
         if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
         do {
-            try await store.markDispatched(ok)
+            try await store.markDispatched(
+                confirmed.map { ($0.message.runID, $0.scheduleToStartSeconds) }, grace: configuration.lostGrace)
             if !failed.isEmpty { try await store.retryPublishSoon(failed, delay: .seconds(1)) }
         } catch {
             // The rows stay `queued`: any dispatcher republishes them when the lease ends.

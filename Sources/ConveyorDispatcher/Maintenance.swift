@@ -9,8 +9,9 @@ import Synchronization
 
 /// The dispatcher's slower duties: lost runs, lost workers, cancels for workers, dead letters and retention.
 extension Dispatcher {
-    /// Every `maintenance_interval_ms`: declares lost the runs past their deadline, tells workers
-    /// about cancelled runs, and deletes what retention allows (one batch a minute).
+    /// Every `maintenance_interval_ms`: declares lost the runs past their deadline, expires the
+    /// runs past their start deadline, tells workers about cancelled runs, and deletes what
+    /// retention allows (one batch a minute).
     func maintenanceLoop() async {
         // Times are ages on the configured clock: `time.elapsed` is now.
         let time = Stopwatch(configuration.clock)
@@ -38,10 +39,32 @@ extension Dispatcher {
                     logger.warning(
                         "runs declared lost: no outcome within timeout plus grace",
                         metadata: ["runs": "\(lost)", "retried": "\(settled.retried)"])
+                    Self.countSettled(settled)
                     counters.withLock {
                         $0.lost += lost
                         $0.retried += settled.retried
                         $0.dead += settled.dead
+                    }
+                    wakeup.signal()
+                }
+                let (expired, expirySettled) = try await store.expireUnstarted()
+                if !expired.isEmpty {
+                    let n = expired.values.reduce(0, +)
+                    logger.warning(
+                        """
+                        runs expired: published but not started within their schedule-to-start timeout; \
+                        retried by policy (docs/reliability.md, "Runs that never start")
+                        """,
+                        metadata: [
+                            "runs": "\(n)", "queues": "\(expired.keys.sorted())",
+                            "retried": "\(expirySettled.retried)",
+                        ])
+                    for (queue, count) in expired { ConveyorMetrics.expired(queue: queue, count: count) }
+                    Self.countSettled(expirySettled)
+                    counters.withLock {
+                        $0.expired += n
+                        $0.retried += expirySettled.retried
+                        $0.dead += expirySettled.dead
                     }
                     wakeup.signal()
                 }
@@ -55,6 +78,7 @@ extension Dispatcher {
                             "workers": "\(gone.workers)", "runs.lost": "\(gone.runs)",
                             "retried": "\(gone.settled.retried)",
                         ])
+                    Self.countSettled(gone.settled)
                     counters.withLock {
                         $0.workersLost += gone.workers.count
                         $0.lost += gone.runs
@@ -75,6 +99,13 @@ extension Dispatcher {
             }
             await maintenanceWakeup.wait(timeout: configuration.maintenanceInterval, clock: configuration.clock)
         }
+    }
+
+    /// The retries and dead runs that settling runs ended by maintenance made, as metrics (the
+    /// status recorder counts those of reported outcomes).
+    static func countSettled(_ s: SettleResult) {
+        if s.retried > 0 { ConveyorMetrics.retried(s.retried) }
+        if s.dead > 0 { ConveyorMetrics.dead(s.dead) }
     }
 
     /// Whether the broker takes this dispatcher's publishes now: a probe, an empty non-mandatory

@@ -17,6 +17,9 @@ package struct NewTask: Sendable {
     package var queue = "default"
     package var priority: Priority = .normal
     package var timeoutSeconds: Double = 300
+    /// How long a published run may wait for a worker to start it; past it (plus the
+    /// dispatcher's lost grace) the run ends `expired` and is retried by policy.
+    package var scheduleToStartSeconds: Double = NewTask.defaultScheduleToStartSeconds
     package var retry = RetryPolicy()
     package var overlap: OverlapPolicy = .allow
     /// At most `concurrencyLimit` runs in flight per key, across dispatchers.
@@ -44,6 +47,12 @@ package struct NewTask: Sendable {
         self.executor = executor
         self.schedule = schedule
     }
+
+    /// The default schedule-to-start timeout: an hour, far above any healthy broker backlog of
+    /// short tasks (docs/reliability.md, "Runs that never start", says how to choose one).
+    package static let defaultScheduleToStartSeconds: Double = 3600
+    /// The longest schedule-to-start timeout: a week (the database refuses more).
+    package static let maxScheduleToStartSeconds: Double = 604_800
 
     /// Largest `parameters` (encoded JSON): they are copied into every run's message.
     package static let maxParameterBytes = 64 * 1024
@@ -81,6 +90,15 @@ package struct NewTask: Sendable {
         }
         guard timeoutSeconds > 0, timeoutSeconds.isFinite else {
             throw ValidationError(field: "timeout", value: String(timeoutSeconds), hint: "a positive number of seconds")
+        }
+        guard scheduleToStartSeconds > 0, scheduleToStartSeconds <= Self.maxScheduleToStartSeconds else {
+            throw ValidationError(
+                field: "schedule_to_start_timeout", value: String(scheduleToStartSeconds),
+                hint:
+                    """
+                    seconds a published run may wait for a worker to start it: above 0, at most \
+                    \(Int(Self.maxScheduleToStartSeconds)) (a week); default \(Int(Self.defaultScheduleToStartSeconds))
+                    """)
         }
         guard TimeZone(identifier: timeZone) != nil else {
             throw ValidationError(

@@ -88,7 +88,8 @@ extension Store {
                                  trigger_rule = $18, callback_url = $19, paused = coalesce($20, paused), spec =
                                      $21::jsonb,
                                  next_run_at = CASE WHEN $22 THEN $23 ELSE next_run_at END,
-                                 anchor_at = CASE WHEN $22 THEN $23 ELSE anchor_at END, updated_at = now()
+                                 anchor_at = CASE WHEN $22 THEN $23 ELSE anchor_at END, updated_at = now(),
+                                 schedule_to_start_seconds = $24
                 WHERE id = $1 AND deleted_at IS NULL
                 """,
                 [
@@ -102,7 +103,7 @@ extension Store {
                     String(decoding: MessageCodec.encode(.object(t.labels.mapValues(JSONValue.string))), as: UTF8.self),
                     t.triggerRule.rawValue, t.callbackURL, paused,
                     String(decoding: MessageCodec.encode(TaskSpec.encode(t)), as: UTF8.self),
-                    reschedule, next,
+                    reschedule, next, t.scheduleToStartSeconds,
                 ]
             ).affectedRows == 1
         }

@@ -155,7 +155,7 @@ extension Store {
     /// What a claimed run's task message is made of, in select-list order (runs as `r`, tasks as `t`).
     enum MessageColumn: Int, RowColumn {
         case runID, taskID, taskName, executor, parameters, queue, timeoutSeconds, occurrence, attempt, traceparent
-        case priority, baggage
+        case priority, baggage, scheduleToStart, startBy
 
         func sql(alias _: String) -> String {
             switch self {
@@ -171,6 +171,9 @@ extension Store {
             case .traceparent: "r.traceparent"
             case .priority: "r.priority"
             case .baggage: "r.baggage"
+            case .scheduleToStart: "t.schedule_to_start_seconds"
+            // On the database's clock, as every deadline is (a dispatcher's clock may be off).
+            case .startBy: "now() + make_interval(secs => t.schedule_to_start_seconds)"
             }
         }
     }
@@ -179,13 +182,15 @@ extension Store {
 
     static func claimed(_ r: PostgresRow, _ q: ClaimRequest) throws -> ClaimedRun {
         typealias C = MessageColumn
-        let m = TaskMessage(
+        var m = TaskMessage(
             runID: try r.uuid(C.runID), taskID: try r.uuid(C.taskID), taskName: try r.string(C.taskName),
             occurrence: try r.date(C.occurrence), attempt: try r.int(C.attempt), queue: try r.string(C.queue),
             executor: try r.string(C.executor), parameters: try json(try r.string(C.parameters)),
             timeoutSeconds: try r.double(C.timeoutSeconds))
+        m.startBy = try r.date(C.startBy)
         return ClaimedRun(
             message: m, traceparent: r[C.traceparent] ?? q.newTraceParent(nil), baggage: r[C.baggage],
-            priority: Priority(rawValue: try r.int(C.priority)) ?? .normal)
+            priority: Priority(rawValue: try r.int(C.priority)) ?? .normal,
+            scheduleToStartSeconds: try r.double(C.scheduleToStart))
     }
 }

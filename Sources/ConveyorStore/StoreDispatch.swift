@@ -10,6 +10,8 @@ package struct ClaimedRun: Sendable {
     package var baggage: String?
     /// The run's priority (a metrics label; the message itself does not carry it).
     package var priority: Priority = .normal
+    /// The task's schedule-to-start timeout: the message's `start_by` is its publish time plus this.
+    package var scheduleToStartSeconds = NewTask.defaultScheduleToStartSeconds
 }
 
 /// What a scan tick learns before claiming (`Store.scanProbe`).
@@ -342,16 +344,20 @@ extension Store {
         FROM next LEFT JOIN backlog ON true
         """
 
-    /// Marks runs the broker confirmed as `dispatched` (forward only).
-    package func markDispatched(_ runIDs: [UUID]) async throws {
-        guard !runIDs.isEmpty else { return }
+    /// Marks runs the broker confirmed as `dispatched` (forward only), each with its start
+    /// deadline: `startWithin` seconds (its task's schedule-to-start timeout) plus `grace` from now.
+    package func markDispatched(_ runs: [(id: UUID, startWithin: Double)], grace: Duration) async throws {
+        guard !runs.isEmpty else { return }
         _ = try await pool.withConnection { c in
             // Rows locked in id order, as status recording does, so the two never deadlock.
             try await c.query(
                 """
-                UPDATE runs SET state = 'dispatched', dispatched_at = now()
-                WHERE id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued' ORDER BY id FOR UPDATE)
-                """, [runIDs])
+                UPDATE runs SET state = 'dispatched', dispatched_at = now(),
+                                deadline_at = now() + make_interval(secs => u.within + $3)
+                FROM unnest($1::uuid[], $2::float8[]) AS u(id, within)
+                WHERE runs.id = u.id AND runs.id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued'
+                    ORDER BY id FOR UPDATE)
+                """, [runs.map(\.id), runs.map(\.startWithin), grace.inSeconds])
         }
     }
 

@@ -23,6 +23,28 @@ extension Store {
         }
     }
 
+    /// Ends `expired` the dispatched runs past their start deadline (published more than their
+    /// task's schedule-to-start timeout plus the lost grace ago, and never reported started), and
+    /// settles them (retry by policy). Workers refuse a task message past its `start_by`, which
+    /// is earlier than this deadline by the grace, so an expired attempt does not start.
+    /// Returns how many, by queue.
+    package func expireUnstarted(limit: Int = 500) async throws -> (byQueue: [String: Int], settled: SettleResult) {
+        try await pool.withTransaction { c in
+            let ended = try await c.query(
+                """
+                UPDATE runs SET state = 'expired', finished_at = now(),
+                                reason = 'not started within the schedule-to-start timeout (published ' ||
+                                    to_char(dispatched_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') ||
+                                    '): the broker no longer holds its message, or no worker took it'
+                WHERE id IN (SELECT id FROM runs WHERE state = 'dispatched' AND deadline_at < now() ORDER BY id
+                    LIMIT $1 FOR UPDATE SKIP LOCKED)
+                RETURNING \(Ended.columns)
+                """, [limit]
+            ).rows.map(Ended.init)
+            return (Dictionary(grouping: ended, by: \.queue).mapValues(\.count), try await Self.settle(ended, c))
+        }
+    }
+
     /// Records heartbeats: one row per worker, back to `active` if it had been declared lost.
     /// The database clock stamps them, so a worker's clock cannot make it look alive or lost.
     /// While a worker is active its interval only grows, at most doubling per heartbeat: anyone on

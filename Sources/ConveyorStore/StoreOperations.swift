@@ -63,7 +63,7 @@ extension Store {
                     r.concurrency_key,
                        r.workflow_run_id, r.trace_id, r.traceparent, r.baggage
                 FROM runs r
-                WHERE r.id = $1 AND r.state IN ('dead', 'failed', 'timed_out', 'lost', 'cancelled')
+                WHERE r.id = $1 AND r.state IN ('dead', 'failed', 'timed_out', 'lost', 'expired', 'cancelled')
                   AND NOT EXISTS (SELECT 1 FROM runs x WHERE x.task_id = r.task_id AND x.occurrence = r.occurrence AND
                       x.attempt > r.attempt)
                 """, [id, newID]
@@ -74,7 +74,7 @@ extension Store {
                 field: "run", value: id.lowercasedString,
                 hint:
                     """
-                    only the latest attempt of an occurrence that ended dead, failed, timed_out, lost or cancelled \
+                    only the latest attempt of an occurrence that ended dead, failed, timed_out, lost, expired or cancelled \
                     can be re-driven
                     """
             )

@@ -66,7 +66,7 @@ extension Store {
             let minutes = try await c.query(
                 """
                 SELECT date_trunc('minute', finished_at), count(*) FILTER (WHERE state = 'succeeded'),
-                       count(*) FILTER (WHERE state IN ('failed', 'timed_out', 'lost', 'dead'))
+                       count(*) FILTER (WHERE state IN ('failed', 'timed_out', 'lost', 'expired', 'dead'))
                 FROM runs WHERE finished_at > now() - interval '30 minutes'
                   AND ($1::text IS NULL OR task_id IN (SELECT id FROM tasks WHERE namespace = $1))
                 GROUP BY 1 ORDER BY 1

@@ -11,6 +11,7 @@ package struct TaskRecord: Sendable {
     package var schedule: String
     package var queue: String
     package var timeoutSeconds: Double
+    package var scheduleToStartSeconds: Double = 3600
     package var paused: Bool
     package var nextRunAt: Date?
     package var timeZone: String
@@ -65,6 +66,7 @@ extension Store {
         case id, name, executor, parameters, schedule, queue, timeoutSeconds, paused, nextRunAt, timezone, misfire
         case priority, overlap, maxAttempts, retryPolicy, group, concurrencyKey, concurrencyLimit, skippedOccurrences
         case triggerRule, callbackURL, dependsOn, namespace, labels, batchID, spec, createdAt, updatedAt
+        case scheduleToStart
 
         func sql(alias t: String) -> String {
             switch self {
@@ -101,6 +103,7 @@ extension Store {
             case .spec: "coalesce(\(t)spec, '{}'::jsonb)::text"
             case .createdAt: "\(t)created_at"
             case .updatedAt: "\(t)updated_at"
+            case .scheduleToStart: "\(t)schedule_to_start_seconds"
             }
         }
     }
@@ -112,7 +115,8 @@ extension Store {
         return TaskRecord(
             id: try r.uuid(C.id), name: try r.string(C.name), executor: try r.string(C.executor),
             parameters: try r.string(C.parameters), schedule: try r.string(C.schedule), queue: try r.string(C.queue),
-            timeoutSeconds: try r.double(C.timeoutSeconds), paused: try r.bool(C.paused),
+            timeoutSeconds: try r.double(C.timeoutSeconds), scheduleToStartSeconds: try r.double(C.scheduleToStart),
+            paused: try r.bool(C.paused),
             nextRunAt: try r.optionalDate(C.nextRunAt), timeZone: try r.string(C.timezone),
             misfire: try r.string(C.misfire), priority: Priority(rawValue: try r.int(C.priority)) ?? .normal,
             overlap: try r.string(C.overlap), maxAttempts: try r.int(C.maxAttempts),

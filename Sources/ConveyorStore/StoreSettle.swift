@@ -25,7 +25,7 @@ extension Store {
             var policies: [UUID: Policy] = [:]
             // Retry policies are decoded only for tasks with a failed ending: the common case
             // (everything succeeded) decodes no JSON.
-            let failing = Set(batch.filter { [.failed, .timedOut, .lost].contains($0.state) }.map(\.task))
+            let failing = Set(batch.filter { RunState.retryableEndings.contains($0.state) }.map(\.task))
             for r in try await c.query(
                 """
                 SELECT id, max_attempts, CASE WHEN id = ANY($2::uuid[]) THEN retry_policy::text END, overlap_policy,
@@ -70,7 +70,7 @@ extension Store {
                 var done = e
                 done.state = finalState
                 occurrenceDone.append(done)
-                if let url = p.callback, [.succeeded, .failed, .dead, .timedOut, .lost].contains(finalState) {
+                if let url = p.callback, [.succeeded, .failed, .dead, .timedOut, .lost, .expired].contains(finalState) {
                     callbacks.append((e.id, url, Self.callbackPayload(done, task: p.name)))
                 }
             }

@@ -33,22 +33,22 @@ extension Store {
                                        retry_policy,
                                    overlap_policy, concurrency_key, concurrency_limit, group_name, labels,
                                        trigger_rule, callback_url, paused,
-                                   spec, batch_id, trace_baggage)
+                                   spec, batch_id, trace_baggage, schedule_to_start_seconds)
                 SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
                        hashtext(u.id::text) & 2147483647, u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts,
                            u.retry::jsonb,
                        u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused, u.spec::jsonb,
-                           u.batch, u.baggage
+                           u.batch, u.baggage, u.s2s
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                     $8::float8[],
                             $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[],
                                 $15::int[],
                             $16::text[], $17::text[], $18::text[], $19::int[], $20::text[], $21::text[], $22::text[],
                                 $23::text[], $24::bool[],
-                            $25::text[], $26::uuid[], $27::text[])
+                            $25::text[], $26::uuid[], $27::text[], $28::float8[])
                      AS u(id, ns, name, executor, params, schedule, queue, timeout, next, tp, tz, misfire, catchup,
                          prio, attempts,
-                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch, baggage)
+                          retry, overlap, ckey, climit, grp, labels, rule, cb, paused, spec, batch, baggage, s2s)
                 """,
                 [
                     tasks.map(\.id), tasks.map(\.namespace), tasks.map(\.name), tasks.map(\.executor),
@@ -69,7 +69,7 @@ extension Store {
                     tasks.map(\.triggerRule.rawValue), tasks.map(\.callbackURL), tasks.map(\.paused),
                     tasks.map { String(decoding: MessageCodec.encode(TaskSpec.encode($0)), as: UTF8.self) },
                     tasks.map(\.batchID),
-                    tasks.map(\.traceBaggage),
+                    tasks.map(\.traceBaggage), tasks.map(\.scheduleToStartSeconds),
                 ])
             if !edges.isEmpty {
                 try await c.query(

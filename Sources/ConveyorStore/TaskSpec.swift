@@ -16,6 +16,7 @@ package import Foundation
 /// queue: reports
 /// priority: high                  # critical | high | normal | low | background
 /// timeout: 600                    # seconds
+/// schedule_to_start_timeout: 3600  # seconds a published run may wait for a worker
 /// retry: {max_attempts: 3, base_seconds: 5, factor: 2, cap_seconds: 300, jitter: true, retry_on: [timeout, "exit:75"]}
 /// overlap: forbid                 # allow | forbid | replace | queue
 /// concurrency: {key: "customer:42", limit: 2}
@@ -30,7 +31,8 @@ package enum TaskSpec {
     package static let keys: Set<String> = [
         "name", "namespace", "executor", "parameters", "schedule", "timezone", "start", "after", "misfire",
         "max_catchup", "queue",
-        "priority", "timeout", "retry", "overlap", "concurrency", "group", "labels", "depends_on", "trigger_rule",
+        "priority", "timeout", "schedule_to_start_timeout", "retry", "overlap", "concurrency", "group", "labels",
+        "depends_on", "trigger_rule",
         "callback_url", "paused",
     ]
 
@@ -121,6 +123,7 @@ package enum TaskSpec {
         if let q = try string("queue") { t.queue = q }
         if let p = try parsed("priority", { s throws(ValidationError) in try Priority(parsing: s) }) { t.priority = p }
         if let n = try number("timeout") { t.timeoutSeconds = n }
+        if let n = try number("schedule_to_start_timeout") { t.scheduleToStartSeconds = n }
         if let r = o["retry"], r != .null {
             guard var ro = r.objectValue else {
                 throw ValidationError(field: field("retry"), value: "\(r)", hint: "a mapping such as {max_attempts: 3}")
@@ -204,6 +207,7 @@ package enum TaskSpec {
             "timezone": .string(t.timeZone), "misfire": .string(t.misfire.rawValue),
             "max_catchup": .number(Double(t.maxCatchup)),
             "queue": .string(t.queue), "priority": .string(t.priority.name), "timeout": .number(t.timeoutSeconds),
+            "schedule_to_start_timeout": .number(t.scheduleToStartSeconds),
             "overlap": .string(t.overlap.rawValue), "trigger_rule": .string(t.triggerRule.rawValue),
             "labels": .object(t.labels.mapValues(JSONValue.string)),
         ]

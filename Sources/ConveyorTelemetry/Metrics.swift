@@ -73,6 +73,10 @@ package enum ConveyorMetrics {
         }
     }
     package static func retried(_ n: Int) { retries.increment(by: n) }
+    /// Runs ended `expired`: published, never started within the schedule-to-start timeout.
+    package static func expired(queue: String, count: Int) {
+        Counter(label: "conveyor_runs_expired_total", dimensions: [("queue", queue)]).increment(by: count)
+    }
     package static func dead(_ n: Int) { deadRuns.increment(by: n) }
     package static func deadLetter() { deadLetters.increment() }
     /// A status or heartbeat refused: `malformed`, `no_proof` or `bad_proof`.

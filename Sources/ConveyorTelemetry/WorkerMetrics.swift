@@ -1,12 +1,12 @@
 import CoreMetrics
 
 /// One worker's series (label `worker`), made with the worker so each is on `/metrics` from the
-/// start, at 0: runs by outcome, messages rejected, runs detached and isolated, heartbeats,
+/// start, at 0: runs by outcome, messages rejected or expired, runs detached and isolated, heartbeats,
 /// reconnections of the task consumer, runs in flight, readiness.
 package struct WorkerMetrics: Sendable {
-    package enum Event: Sendable { case succeeded, failed, rejected, detached, isolated, heartbeat }
+    package enum Event: Sendable { case succeeded, failed, rejected, expired, detached, isolated, heartbeat }
 
-    let succeeded, failed, rejected, detached, isolated, heartbeats, reconnects: Counter
+    let succeeded, failed, rejected, expired, detached, isolated, heartbeats, reconnects: Counter
     let inFlight, ready: Gauge
 
     package init(worker id: String) {
@@ -19,6 +19,7 @@ package struct WorkerMetrics: Sendable {
         succeeded = counter("conveyor_worker_runs_total", [("outcome", "succeeded")])
         failed = counter("conveyor_worker_runs_total", [("outcome", "failed")])
         rejected = counter("conveyor_worker_messages_rejected_total")
+        expired = counter("conveyor_worker_messages_expired_total")
         detached = counter("conveyor_worker_detached_total")
         isolated = counter("conveyor_worker_isolated_total")
         heartbeats = counter("conveyor_worker_heartbeats_total")
@@ -34,6 +35,7 @@ package struct WorkerMetrics: Sendable {
         case .succeeded: succeeded.increment()
         case .failed: failed.increment()
         case .rejected: rejected.increment()
+        case .expired: expired.increment()
         case .detached: detached.increment()
         case .isolated: isolated.increment()
         case .heartbeat: heartbeats.increment()

@@ -47,6 +47,8 @@ public final class Worker: Service, Sendable {
         public var succeeded = 0
         public var failed = 0
         public var rejected = 0
+        /// Task messages past their `start_by`, acknowledged and not run (the dispatcher expires the run).
+        public var expired = 0
         public var inFlight = 0
         /// Runs acknowledged early because they ran past `detach_after_ms`.
         public var detached = 0

@@ -25,6 +25,7 @@ final class WorkerCounts: Sendable {
             case .succeeded: s.counters.succeeded += 1
             case .failed: s.counters.failed += 1
             case .rejected: s.counters.rejected += 1
+            case .expired: s.counters.expired += 1
             case .detached: s.counters.detached += 1
             case .isolated: s.counters.isolated += 1
             case .heartbeat: s.counters.heartbeats += 1

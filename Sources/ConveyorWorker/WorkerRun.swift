@@ -65,6 +65,17 @@ extension Worker {
         let slot = set.slots[message.executor]
         if let slot, !(await slot.acquire()) { return }  // shutdown while waiting: left for redelivery
         defer { slot?.release() }
+        // Past its start limit the dispatcher ends the run `expired` and retries it by policy:
+        // starting it now would run the occurrence twice. Acked, so the broker forgets it.
+        if let startBy = message.startBy, Date() > startBy {
+            log.warning(
+                "task message past its start_by; not started (the dispatcher expires the run and retries it by policy)",
+                metadata: ["run.start_by": "\(Timestamp.format(startBy))", "run.attempt": "\(message.attempt)"])
+            span.setStatus(SpanStatus(code: .error, message: "expired: past start_by, not started"))
+            source(of: delivery).ack(delivery)
+            counts.count(.expired)
+            return
+        }
         let cancelSignal = cancels.register(message.runID)
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()

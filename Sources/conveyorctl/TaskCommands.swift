@@ -30,6 +30,8 @@ struct TaskGroup: AsyncParsableCommand {
         @Option(help: "The work queue (default 'default').") var queue: String?
         @Option(help: "The task's group.") var group: String?
         @Option(help: "Seconds a run may take.") var timeout: Double?
+        @Option(help: "Seconds a published run may wait for a worker before it ends expired (default 3600).")
+        var scheduleToStartTimeout: Double?
 
         func run() async throws {
             var task: [String: JSONValue] = ["name": .string(name), "executor": .string(executor)]
@@ -48,6 +50,7 @@ struct TaskGroup: AsyncParsableCommand {
                 if let value { task[key] = .string(value) }
             }
             if let timeout { task["timeout"] = .number(timeout) }
+            if let s = scheduleToStartTimeout { task["schedule_to_start_timeout"] = .number(s) }
             _ = try await global.client().call(.POST, "/v1/tasks", body: .object(task), accept: [201])
             Output.print(.object(["created": .string(name)]), json: global.json) { "created \(name)" }
         }
@@ -184,9 +187,10 @@ struct TaskGroup: AsyncParsableCommand {
                 var lines = Output.fields(
                     t,
                     [
-                        "name", "executor", "schedule", "timezone", "queue", "priority", "timeout", "max_attempts",
-                        "paused", "next_run_at", "skipped_occurrences", "group", "parameters",
-                    ], width: 13)
+                        "name", "executor", "schedule", "timezone", "queue", "priority", "timeout",
+                        "schedule_to_start_timeout", "max_attempts", "paused", "next_run_at", "skipped_occurrences",
+                        "group", "parameters",
+                    ], width: 26)
                 lines.append("\nrecent runs:")
                 lines.append(
                     TextTable.render(

@@ -61,6 +61,16 @@ import Tracing
         #expect(decoded.idempotencyKey == message.runID.uuidString.lowercased())
     }
 
+    /// `start_by` travels when set and is absent otherwise (messages of older dispatchers carry
+    /// none, and a worker starts them whenever it can).
+    @Test func startByRoundTripsAndIsOptional() throws {
+        #expect(!String(decoding: MessageCodec.encode(message), as: UTF8.self).contains("start_by"))
+        var m = message
+        m.startBy = Date(timeIntervalSince1970: 1_700_003_600.25)
+        let body = MessageCodec.encode(m)
+        #expect(String(decoding: body, as: UTF8.self).contains(#""start_by":"2023-11-14T23:13:20.250000Z""#))
+        #expect(try MessageCodec.decodeTask(body) == m)
+    }
     @Test func missingFieldIsNamed() throws {
         var obj = try JSONSerialization.jsonObject(with: Data(MessageCodec.encode(message))) as! [String: Any]
         obj.removeValue(forKey: "executor")

@@ -245,6 +245,12 @@ private func fires(_ expr: String, tz: String, from: String, count: Int) throws 
         #expect(!http.shouldRetry(attempt: 1, state: .failed, exitCode: nil, errorClass: "http_404"))
         #expect(!http.shouldRetry(attempt: 1, state: .timedOut, exitCode: nil, errorClass: "timeout"))
         #expect(http.shouldRetry(attempt: 1, state: .lost, exitCode: nil, errorClass: nil))
+        // An expired run never started: retried by default, and its own class for retry_on.
+        #expect(p.shouldRetry(attempt: 1, state: .expired, exitCode: nil, errorClass: nil))
+        #expect(!http.shouldRetry(attempt: 1, state: .expired, exitCode: nil, errorClass: nil))
+        let onlyExpired = try RetryPolicy(maxAttempts: 2, json: .object(["retry_on": .array([.string("expired")])]))
+        #expect(onlyExpired.shouldRetry(attempt: 1, state: .expired, exitCode: nil, errorClass: nil))
+        #expect(!onlyExpired.shouldRetry(attempt: 1, state: .lost, exitCode: nil, errorClass: nil))
     }
 
     @Test(arguments: [

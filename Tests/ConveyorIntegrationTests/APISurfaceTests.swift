@@ -66,6 +66,13 @@ struct APISurfaceTests {
                     try await api.call("PATCH", "/v1/tasks/p", key: k, body: #"{"timeout": 5}"#).json["paused"] == true,
                     "paused survives other patches")
 
+                let startWithin = try await api.call(
+                    "PATCH", "/v1/tasks/p", key: k, body: #"{"schedule_to_start_timeout": 120}"#)
+                #expect(startWithin.json["schedule_to_start_timeout"] == 120, "\(startWithin.json)")
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM tasks WHERE name = 'p' AND schedule_to_start_seconds = 120")
+                        == 1)
                 let rescheduled = try await api.call(
                     "PATCH", "/v1/tasks/p", key: k, body: #"{"schedule": "0 3 * * *", "timezone": "Europe/London"}"#)
                 #expect(rescheduled.status == 200)
@@ -76,6 +83,9 @@ struct APISurfaceTests {
                     (#"{"owner": "me"}"#, "owner"),
                     (#"{"name": "q"}"#, "name"), (#"{"schedule": "61 * * * *"}"#, "schedule"),
                     (#"{"timeout": -1}"#, "timeout"),
+                    (#"{"schedule_to_start_timeout": 0}"#, "schedule_to_start_timeout"),
+                    (#"{"schedule_to_start_timeout": 604801}"#, "schedule_to_start_timeout"),
+                    (#"{"schedule_to_start_timeout": "soon"}"#, "schedule_to_start_timeout"),
                     (#"{"depends_on": ["x"]}"#, "depends_on"), (#"{"start": "2030-01-01T00:00:00Z"}"#, "start"),
                     (#"{"callback_url": "ftp://x"}"#, "callback_url"),
                 ] {

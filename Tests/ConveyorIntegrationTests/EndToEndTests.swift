@@ -234,6 +234,48 @@ struct EndToEndTests {
         }
     }
 
+    /// Issue 23 item 1: a run published but never started ends `expired` after its task's
+    /// schedule-to-start timeout (plus the lost grace) and is retried. Its message, still in the
+    /// broker when a worker finally comes, is refused (past `start_by`), so the occurrence runs
+    /// once: without the worker's check attempt 1 runs too, without the dispatcher's expiry the
+    /// run stays `dispatched`.
+    @Test func aRunNobodyStartsExpiresIsRetriedAndItsOldMessageNeverRuns() async throws {
+        try await System.with { sys in
+            var task = NewTask(name: "unstarted", executor: "record", schedule: .once)
+            task.queue = sys.queue
+            task.scheduleToStartSeconds = 3
+            task.retry = try RetryPolicy(maxAttempts: 2, json: ["base_seconds": 0.1, "jitter": false])
+            try await sys.store.createTasks([task])
+            let dispatcher = sys.dispatcher { $0.lostGrace = .milliseconds(500) }
+            let recorder = Recorder()
+            try await withServices([dispatcher]) {
+                // No worker yet: attempt 1 waits in the broker past its start deadline.
+                try await sys.eventually(timeout: .seconds(30), "attempt 1 expired, attempt 2 published") {
+                    try await sys.count(
+                        """
+                        SELECT count(*) FROM runs WHERE (attempt = 1 AND state = 'expired')
+                            OR (attempt = 2 AND state = 'dispatched')
+                        """) == 2
+                }
+                let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
+                try await withServices([worker]) {
+                    try await sys.eventually(timeout: .seconds(30), "attempt 2 succeeds") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE attempt = 2 AND state = 'succeeded'") == 1
+                    }
+                    try await sys.eventually(timeout: .seconds(10), "the worker refused attempt 1's message") {
+                        worker.stats.expired == 1
+                    }
+                }
+                #expect(dispatcher.stats.expired == 1)
+            }
+            let rows = try await sys.rows("SELECT attempt::text, id::text, state, reason FROM runs ORDER BY attempt")
+            try #require(rows.count == 2)
+            #expect(rows[0][2] == "expired")
+            #expect(rows[0][3]?.contains("schedule-to-start timeout") == true, "reason: \(rows[0][3] ?? "")")
+            let second = try #require(rows[1][1].flatMap(UUID.init(uuidString:)))
+            #expect(recorder.executions.withLock { $0 } == [second: 1], "only attempt 2 executes")
+        }
+    }
     @Test func anOutputHoldingANulIsRecordedAndHoldsNothingUp() async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()

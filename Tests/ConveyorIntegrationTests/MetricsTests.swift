@@ -97,6 +97,7 @@ struct MetricsTests {
             for (name, type) in [
                 ("conveyor_executor_duration_seconds", "histogram"), ("conveyor_worker_in_flight", "gauge"),
                 ("conveyor_worker_runs_total", "counter"), ("conveyor_worker_amqp_reconnects_total", "counter"),
+                ("conveyor_worker_messages_expired_total", "counter"),
                 ("conveyor_run_fire_lateness_seconds", "histogram"),
             ] {
                 #expect(w[name]?.type == type, "worker \(name): \(w[name].map { "\($0)" } ?? "missing")")

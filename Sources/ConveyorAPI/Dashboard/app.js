@@ -96,7 +96,7 @@ const pages = {
     view.append(h("h2", {}, "Overview"), h("h3", {}, "Runs by state (last 24 h)"), cards,
       h("h3", {}, "Throughput: runs finished per minute (last 30 min)"), chart, h("h3", {}, "Queues"), queues, updated);
     const draw = (o) => {
-      const states = ["scheduled", "queued", "dispatched", "running", "succeeded", "failed", "timed_out", "dead", "cancelled", "lost"];
+      const states = ["scheduled", "queued", "dispatched", "running", "succeeded", "failed", "timed_out", "dead", "cancelled", "lost", "expired"];
       cards.replaceChildren(...states.map(s => h("div", { class: "card", "data-state": s },
         h("div", { class: "n" }, String(o.runs_by_state[s] || 0)), h("div", { class: "l" }, s))));
       chart.replaceChildren();

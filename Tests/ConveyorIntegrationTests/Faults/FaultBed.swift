@@ -111,7 +111,7 @@ final class FaultBed {
     private let logDir: String
     let sinkHost: String
 
-    static let finalStates = "('succeeded', 'failed', 'timed_out', 'cancelled', 'lost', 'dead', 'skipped')"
+    static let finalStates = "('succeeded', 'failed', 'timed_out', 'cancelled', 'lost', 'dead', 'skipped', 'expired')"
 
     /// Runs `body` on a fresh bed; stops every process afterwards, whatever happens.
     static func run<T>(_ name: String, sinkHost: String = "127.0.0.5", _ body: (FaultBed) async throws -> T)

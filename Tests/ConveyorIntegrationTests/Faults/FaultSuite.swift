@@ -754,6 +754,57 @@ struct FaultSuite {
         }
     }
 
+    // MARK: 16. a work queue purged mid-burst
+
+    /// An operator purges the work queue mid-burst (`rabbitmqctl purge_queue`): confirmed task
+    /// messages are gone and their runs wait `dispatched` with nothing left to start them. Each
+    /// ends `expired` after its task's schedule-to-start timeout plus the lost grace, and is
+    /// retried: every occurrence ends once, executed once, within that bound plus a maintenance
+    /// interval of its publish.
+    @Test func s16WorkQueuePurgedMidBurst() async throws {
+        let n = FaultProfile.n(fast: 2000, full: 10_000)
+        let startWithin = 8.0
+        try await FaultBed.scenario("queue-purge", "16 work queue purged", n: n) { bed, report in
+            try Self.fleet(bed, workers: 2)
+            var tasks = bed.sinkTasks(n, ms: 20, maxAttempts: 2)
+            for i in tasks.indices { tasks[i].scheduleToStartSeconds = startWithin }
+            try await bed.create(tasks)
+            try await bed.until("10 % done", timeout: .seconds(60), &report) {
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n / 10
+            }
+            let queue = ConveyorTopology(prefix: bed.sys.prefix).workQueue(bed.sys.queue)
+            _ = try await FaultBed.rabbitmqctl(["purge_queue", queue])
+            let purged = ContinuousClock.now
+            try await bed.until("an expired retry succeeds", timeout: .seconds(60), &report) {
+                try await bed.count(
+                    """
+                    SELECT count(*) FROM runs r JOIN runs p ON p.task_id = r.task_id AND p.attempt = 1
+                    WHERE r.attempt = 2 AND r.state = 'succeeded' AND p.state = 'expired'
+                    """) > 0
+            }
+            report.recovery = ContinuousClock.now - purged
+            try await bed.waitQuiet(timeout: .seconds(120))
+            report.counts = try await bed.oracle()
+            report.standard()
+            let expired = report.counts.states["expired"] ?? 0
+            report.notes.append("expired \(expired)")
+            report.require(expired > 0, "nothing expired: the purge removed no message")
+            report.require(report.counts.duplicateExecutions == 0, "an occurrence executed twice")
+            // The lost grace is 2 s and the maintenance interval 200 ms (`startDispatcher`).
+            let late = try await bed.count(
+                """
+                SELECT count(*) FROM runs WHERE state = 'expired'
+                AND finished_at > dispatched_at + make_interval(secs => \(startWithin) + 2 + 1)
+                """)
+            report.require(late == 0, "\(late) runs expired later than the timeout, grace and a maintenance interval")
+            let unretried = try await bed.count(
+                """
+                SELECT count(*) FROM runs p WHERE p.state = 'expired' AND NOT EXISTS
+                    (SELECT 1 FROM runs r WHERE r.task_id = p.task_id AND r.attempt = 2 AND r.state = 'succeeded')
+                """)
+            report.require(unretried == 0, "\(unretried) expired runs without a successful retry")
+        }
+    }
     // MARK: 15. rolling restart
 
     @Test func s15RollingRestartWithSIGTERM() async throws {
