@@ -124,9 +124,19 @@ extension APIServer {
 
         // Workers serve queues, not namespaces: their hosts, queues and in-flight counts are the
         // fleet's, so these routes need a key for every namespace (docs/api.md, "Scope").
-        r.on(.get, "/v1/workers") { _, context in
+        r.on(.get, "/v1/workers") { request, context in
             _ = try context.requireFleet()
-            return json(["workers": .array(try await store.workers().map(view))])
+            let q = request.uri.queryParameters
+            let state = q.get("state")
+            if let state, !["active", "stopped", "lost"].contains(state) {
+                throw Problem(
+                    .badRequest, "invalid request", "one of active, stopped, lost", field: "state", value: state)
+            }
+            let limit = try pageLimit(request, env)
+            let page = try await store.workers(state: state, after: q.get("cursor"), limit: limit + 1)
+            var out: [String: JSONValue] = ["workers": .array(page.prefix(limit).map(view))]
+            if page.count > limit, let last = page.prefix(limit).last { out["next_cursor"] = .string(last.id) }
+            return json(.object(out))
         }
         r.on(.get, "/v1/workers/:id") { request, context in
             let who = try context.requireFleet()
@@ -202,6 +212,7 @@ extension APIServer {
                             "backlog": .number(Double(s.backlog)),
                             "running": .number(Double(s.running)),
                             "finished_last_minute": .number(Double(s.finishedLastMinute)),
+                            "waiting": .number(Double(s.waiting)), "paused": .bool(s.paused),
                         ]
                         if let b = broker[s.queue] {
                             o["broker"] = .object([

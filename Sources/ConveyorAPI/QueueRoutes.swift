@@ -4,10 +4,24 @@ import Foundation
 import Hummingbird
 
 extension APIServer {
-    /// Queue rate limits. A work queue is the fleet's (every namespace's runs share it), so its
-    /// limit is set with a key for every namespace.
+    /// Queue rate limits and pauses. A work queue is the fleet's (every namespace's runs share
+    /// it), so both are set with a key for every namespace.
     static func queueRoutes(_ r: inout Routes, _ env: APIEnvironment) {
         let store = env.store
+        r.on(.post, "/v1/queues/:name/pause") { _, context in
+            let who = try context.requireFleet(.operator)
+            let queue = try queueName(context)
+            let changed = try await store.pauseQueue(queue, by: who.keyPrefix)
+            if changed { await env.audit(context, who, "queue.pause", queue, namespace: "*") }
+            return json(["queue": .string(queue), "paused": true, "changed": .bool(changed)])
+        }
+        r.on(.post, "/v1/queues/:name/resume") { _, context in
+            let who = try context.requireFleet(.operator)
+            let queue = try queueName(context)
+            let changed = try await store.resumeQueue(queue)
+            if changed { await env.audit(context, who, "queue.resume", queue, namespace: "*") }
+            return json(["queue": .string(queue), "paused": false, "changed": .bool(changed)])
+        }
         r.on(.put, "/v1/queues/:name/limit") { request, context in
             let who = try context.requireFleet(.operator)
             let queue = try queueName(context)

@@ -49,14 +49,15 @@ package enum MessageCodec {
 
     /// The JSON body of a heartbeat.
     package static func encode(_ m: HeartbeatMessage) -> [UInt8] {
-        let body: JSONValue = .object([
+        var fields: [String: JSONValue] = [
             "version": .number(Double(m.version)), "worker_id": .string(m.workerID), "host": .string(m.host),
             "queues": .array(m.queues.map(JSONValue.string)), "executors": .array(m.executors.map(JSONValue.string)),
             "concurrency": .number(Double(m.concurrency)),
             "in_flight": .array(m.inFlight.map { .string($0.lowercasedString) }),
             "interval_seconds": .number(m.intervalSeconds), "at": .string(Timestamp.format(m.at)),
-        ])
-        return body.jsonBytes
+        ]
+        if let leaving = m.leaving { fields["leaving"] = .bool(leaving) }
+        return JSONValue.object(fields).jsonBytes
     }
 
     package static func decodeHeartbeat(_ body: [UInt8]) throws(ValidationError) -> HeartbeatMessage {

@@ -89,11 +89,15 @@ package struct HeartbeatMessage: Sendable, Hashable, Codable {
     /// How often this worker sends heartbeats; the dispatcher declares it lost after a few missed.
     package var intervalSeconds: Double
     package var at: Date
+    /// The worker's last heartbeat: it has drained and is leaving (shown `stopped`, never
+    /// declared lost). Absent from heartbeats of workers before 0.10.
+    package var leaving: Bool?
 
     package init(
         workerID: String, host: String, queues: [String], executors: [String], concurrency: Int,
-        inFlight: [UUID], intervalSeconds: Double, at: Date = Date()
+        inFlight: [UUID], intervalSeconds: Double, at: Date = Date(), leaving: Bool? = nil
     ) {
+        self.leaving = leaving
         self.workerID = workerID
         self.host = host
         self.queues = queues
@@ -111,7 +115,7 @@ package struct HeartbeatMessage: Sendable, Hashable, Codable {
         case inFlight = "in_flight"
         case
             intervalSeconds = "interval_seconds"
-        case at
+        case at, leaving
     }
 }
 

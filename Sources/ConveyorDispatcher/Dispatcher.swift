@@ -71,6 +71,8 @@ package final class Dispatcher: Service, Sendable {
         package var analyzes = 0
         package var heartbeats = 0
         package var workersLost = 0
+        /// Workers that said goodbye (drained; shown `stopped`).
+        package var workersLeft = 0
         /// Callback attempts: delivered, to be retried, given up.
         package var callbacksDelivered = 0
         package var callbacksRetried = 0
@@ -136,6 +138,7 @@ package final class Dispatcher: Service, Sendable {
         c.retried += r.retried
         c.dead += r.dead
         c.heartbeats = r.heartbeats
+        c.workersLeft = r.workersLeft
         let b = callbacks.stats
         c.callbacksDelivered = b.delivered
         c.callbacksRetried = b.retried

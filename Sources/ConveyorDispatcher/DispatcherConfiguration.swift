@@ -44,6 +44,9 @@ package struct DispatcherConfiguration: Sendable {
     package var runRetention: Duration = .seconds(30 * 86_400)
     /// Soft-deleted tasks older than this are purged. Key `retention.deleted_tasks_days`, default 7.
     package var deletedTaskRetention: Duration = .seconds(7 * 86_400)
+    /// Workers `stopped` or `lost` with no heartbeat for this long are deleted. Key
+    /// `retention.workers_hours`, default 24.
+    package var workerRetention: Duration = .seconds(24 * 3600)
     /// Callback delivery: keys under `callbacks.`.
     package var callbacks = CallbackConfiguration()
     /// Test-only faults (`CONVEYOR_TEST_FAULTS`, see `FaultInjection`); empty in production.

@@ -60,7 +60,9 @@ extension Dispatcher {
         // Each queue's broker backlog is bounded: what is over it waits in PostgreSQL, where
         // priority orders it. The room is shared out among the groups.
         func share(_ room: Int) -> Int { room <= 0 ? 0 : (room + groups - 1) / groups }
+        // A paused queue has no room: its due runs wait in PostgreSQL, in order, until resumed.
         let room = probe.backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
+            .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
         let defaultRoom = share(configuration.maxBacklogPerQueue)
         let work = await withTaskGroup(of: Int.self) { group in
             for g in 0..<groups {

@@ -91,7 +91,8 @@ extension Dispatcher {
                 if time.elapsed - lastPurge > .seconds(60) {
                     lastPurge = time.elapsed
                     let n = try await store.purgeBatch(
-                        runsAge: configuration.runRetention, tasksAge: configuration.deletedTaskRetention)
+                        runsAge: configuration.runRetention, tasksAge: configuration.deletedTaskRetention,
+                        workersAge: configuration.workerRetention)
                     if n > 0 { logger.info("retention: deleted old rows", metadata: ["rows": "\(n)"]) }
                 }
             } catch {

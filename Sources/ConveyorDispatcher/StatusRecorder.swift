@@ -20,7 +20,7 @@ final class StatusRecorder: Service, Sendable {
     /// Totals since start (the dispatcher's `stats` adds them up).
     struct Counters: Sendable {
         var applied = 0, ignored = 0, outcomes = 0, rejected = 0, forged = 0
-        var retried = 0, dead = 0, heartbeats = 0
+        var retried = 0, dead = 0, heartbeats = 0, workersLeft = 0
     }
 
     /// What the rest of the dispatcher does with what the recorder saw.
@@ -169,7 +169,11 @@ final class StatusRecorder: Service, Sendable {
         }
         if !beats.isEmpty { await hooks.heartbeatQueues(beats.flatMap(\.queues)) }
         let committed = await untilCommitted("recording statuses") {
-            try await store.recordHeartbeats(beats)
+            let left = try await store.recordHeartbeats(beats)
+            for id in left {
+                logger.info("worker left: drained and said goodbye; shown stopped", metadata: ["worker.id": "\(id)"])
+            }
+            if !left.isEmpty { counters.withLock { $0.workersLeft += left.count } }
             let r = try await store.record(events, lostGrace: lostGrace)
             let now = Date()
             var finished: [String: Int] = [:]

@@ -134,7 +134,13 @@ extension Store {
             WHERE t.id = r.task_id AND r.id = ANY($1::uuid[])
             RETURNING \(messageColumns)
             """, [accepted, q.lease.inSeconds])
-        return (try rows.rows.map { try claimed($0, q) }, held.count)
+        // RETURNING comes in the table's order: published in the claim's (priority, then due
+        // time), a batch reaches the broker, and so the workers, in that order too.
+        let position = Dictionary(uniqueKeysWithValues: accepted.enumerated().map { ($1, $0) })
+        let runs = try rows.rows.map { try claimed($0, q) }.sorted {
+            position[$0.message.runID, default: 0] < position[$1.message.runID, default: 0]
+        }
+        return (runs, held.count)
     }
 
     /// Step 3: the outbox. Runs left `queued` past their lease are published again.

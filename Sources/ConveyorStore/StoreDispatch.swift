@@ -24,6 +24,8 @@ package struct ScanProbe: Sendable {
     package var backlog: [String: Int] = [:]
     /// Queues with a rate limit (`queue_limits`).
     package var rateLimited: Set<String> = []
+    /// Paused queues (`queue_pauses`): nothing new is published to them.
+    package var paused: Set<String> = []
 
     package init() {}
 
@@ -317,6 +319,7 @@ extension Store {
                 probe.rateLimited = Set(Self.textArray(r[1] ?? "{}"))
                 if let q = r[2] { probe.backlog[q] = try r.int(3) }
                 probe.runsReady = try r.bool(4)
+                probe.paused = Set(Self.textArray(r[5] ?? "{}"))
             }
             return probe
         }
@@ -336,11 +339,13 @@ extension Store {
                 (SELECT at FROM ready),
                 (SELECT min(available_at) FROM runs WHERE state = 'queued')) AS at,
                 (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_limits) AS limited,
-                coalesce((SELECT at <= now() FROM ready), false) AS runs_ready
+                coalesce((SELECT at <= now() FROM ready), false) AS runs_ready,
+                (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_pauses) AS paused
         ), backlog AS (
             SELECT queue, count(*) AS n FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue
         )
-        SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n, next.runs_ready
+        SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n, next.runs_ready,
+            next.paused::text
         FROM next LEFT JOIN backlog ON true
         """
 

@@ -53,20 +53,29 @@ extension Store {
     /// retried while they still run; one forged long interval moves the bound by a factor of two,
     /// not to an hour. A worker restarted with a shorter interval is judged by the longer one
     /// until it is lost.
-    package func recordHeartbeats(_ beats: [HeartbeatMessage]) async throws {
-        guard !beats.isEmpty else { return }
+    ///
+    /// A goodbye (`leaving`, a drained worker's last heartbeat) makes the worker `stopped`, which
+    /// is never declared lost. A heartbeat the worker sent before its goodbye but recorded after
+    /// it (two dispatchers share the status queue) changes nothing: `beat_at`, the worker's own
+    /// time of its latest heartbeat, orders them. Returns the ids of the workers that said goodbye.
+    @discardableResult
+    package func recordHeartbeats(_ beats: [HeartbeatMessage]) async throws -> [String] {
+        guard !beats.isEmpty else { return [] }
         var latest: [String: HeartbeatMessage] = [:]
         for b in beats where latest[b.workerID].map({ $0.at <= b.at }) ?? true { latest[b.workerID] = b }
         let l = latest.values.sorted { $0.workerID < $1.workerID }
-        try await pool.withConnection { c in
-            _ = try await c.query(
+        return try await pool.withConnection { c in
+            try await c.query(
                 """
                 INSERT INTO workers (id, host, queues, executors, concurrency, in_flight, heartbeat_interval_ms,
-                    last_heartbeat, state)
+                    last_heartbeat, state, beat_at, stopped_at)
                 SELECT u.id, u.host, string_to_array(u.queues, ','), string_to_array(u.executors, ','), u.concurrency,
-                       coalesce(string_to_array(u.in_flight, ',')::uuid[], '{}'), u.interval_ms, now(), 'active'
-                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::int[])
-                     AS u(id, host, queues, executors, concurrency, in_flight, interval_ms)
+                       coalesce(string_to_array(u.in_flight, ',')::uuid[], '{}'), u.interval_ms, now(),
+                       CASE WHEN u.leaving THEN 'stopped' ELSE 'active' END, u.at,
+                       CASE WHEN u.leaving THEN now() END
+                FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::int[],
+                            $8::timestamptz[], $9::bool[])
+                     AS u(id, host, queues, executors, concurrency, in_flight, interval_ms, at, leaving)
                 ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, queues = EXCLUDED.queues, executors =
                     EXCLUDED.executors,
                     concurrency = EXCLUDED.concurrency, in_flight = EXCLUDED.in_flight,
@@ -74,7 +83,11 @@ extension Store {
                         THEN least(greatest(workers.heartbeat_interval_ms, EXCLUDED.heartbeat_interval_ms), 2 *
                             workers.heartbeat_interval_ms)
                         ELSE EXCLUDED.heartbeat_interval_ms END,
-                    last_heartbeat = now(), state = 'active', lost_at = NULL
+                    last_heartbeat = now(), state = EXCLUDED.state, lost_at = NULL, beat_at = EXCLUDED.beat_at,
+                    stopped_at = EXCLUDED.stopped_at
+                WHERE workers.state <> 'stopped' OR EXCLUDED.state = 'stopped' OR workers.beat_at IS NULL
+                   OR EXCLUDED.beat_at > workers.beat_at
+                RETURNING id, state
                 """,
                 [
                     l.map(\.workerID), l.map(\.host), l.map { $0.queues.joined(separator: ",") },
@@ -83,13 +96,17 @@ extension Store {
                     l.map {
                         $0.inFlight.isEmpty ? nil : $0.inFlight.map { $0.lowercasedString }.joined(separator: ",")
                     },
-                    l.map { Int(($0.intervalSeconds * 1000).rounded()) },
-                ])
+                    l.map { Int(($0.intervalSeconds * 1000).rounded()) }, l.map(\.at), l.map { $0.leaving == true },
+                ]
+            ).rows.filter { $0[1] == "stopped" }.compactMap { $0[0] }
         }
     }
 
     /// Declares `lost` the workers silent for `missed` of their heartbeat intervals, and with
-    /// them the runs they had detached from the broker (acknowledged early because they ran
+    /// them the runs they had detached from the broker. A `stopped` worker (it said goodbye) is
+    /// judged too while it still holds a detached running run: heartbeats carry no proof, so a
+    /// goodbye forged under a live worker's id must not hide its death. A real goodbye comes after
+    /// the drain, when the worker holds none. (acknowledged early because they ran
     /// long): nobody else will redeliver those, so they are ended `lost` and retried by policy.
     /// A lost worker's other runs are still unacknowledged: the broker redelivers them when it
     /// drops the worker's connection, and retrying them here as well would run them twice.
@@ -105,7 +122,9 @@ extension Store {
             let workers = try await c.query(
                 """
                 UPDATE workers SET state = 'lost', lost_at = now()
-                WHERE id IN (SELECT id FROM workers WHERE state = 'active'
+                WHERE id IN (SELECT id FROM workers w
+                             WHERE (state = 'active' OR (state = 'stopped' AND EXISTS (SELECT 1 FROM runs r WHERE
+                                 r.state = 'running' AND r.detached AND r.worker_id = w.id)))
                              AND last_heartbeat < now() - make_interval(secs => heartbeat_interval_ms * $1 / 1000.0)
                              AND heartbeat_interval_ms * $1 / 1000.0 < $2::float8
                              FOR UPDATE SKIP LOCKED)
@@ -128,15 +147,20 @@ extension Store {
         }
     }
 
-    /// The workers known from heartbeats, most recently heard first (or the one with `id`).
-    package func workers(id: String? = nil) async throws -> [WorkerRecord] {
+    /// The workers known from heartbeats, by id (or the one with `id`): those in `state` when
+    /// given, after the id `after` (a page's cursor), at most `limit`.
+    package func workers(id: String? = nil, state: String? = nil, after: String? = nil, limit: Int = 10_000)
+        async throws -> [WorkerRecord]
+    {
         try await pool.withConnection { c in
             try await c.query(
                 """
                 SELECT id, host, array_to_string(queues, ','), array_to_string(executors, ','), concurrency,
                        cardinality(in_flight), state, extract(epoch FROM now() - last_heartbeat)::float8
-                FROM workers WHERE $1::text IS NULL OR id = $1 ORDER BY last_heartbeat DESC
-                """, [id]
+                FROM workers WHERE ($1::text IS NULL OR id = $1) AND ($2::text IS NULL OR state = $2)
+                    AND ($3::text IS NULL OR id > $3)
+                ORDER BY id LIMIT $4
+                """, [id, state, after, limit]
             ).rows.map { r in
                 WorkerRecord(
                     id: r[0] ?? "", host: r[1] ?? "", queues: (r[2] ?? "").split(separator: ",").map(String.init),

@@ -156,4 +156,34 @@ extension Store {
             }
         }
     }
+
+    /// Pauses a work queue (no run is published to it until resumed); false if it already was.
+    package func pauseQueue(_ queue: String, by actor: String) async throws -> Bool {
+        try await pool.withConnection { c in
+            try await c.query(
+                "INSERT INTO queue_pauses (queue, paused_by) VALUES ($1, $2) ON CONFLICT (queue) DO NOTHING",
+                [queue, actor]
+            ).affectedRows == 1
+        }
+    }
+
+    /// Resumes a paused work queue, and wakes the dispatchers; false if it was not paused.
+    package func resumeQueue(_ queue: String) async throws -> Bool {
+        try await pool.withTransaction { c in
+            let resumed = try await c.query("DELETE FROM queue_pauses WHERE queue = $1", [queue]).affectedRows == 1
+            if resumed { _ = try await c.query("SELECT pg_notify('conveyor_due', '')") }
+            return resumed
+        }
+    }
+
+    /// The paused work queues, with when and by whom.
+    package func pausedQueues() async throws -> [String: (at: Date, by: String)] {
+        try await pool.withConnection { c in
+            var out: [String: (at: Date, by: String)] = [:]
+            for r in try await c.query("SELECT queue, paused_at, paused_by FROM queue_pauses").rows {
+                out[try r.string(0)] = (try r.date(1), try r.string(2))
+            }
+            return out
+        }
+    }
 }

@@ -12,6 +12,11 @@ extension Store {
         package var backlog: Int
         package var running: Int
         package var finishedLastMinute: Int
+        /// Runs due and waiting in PostgreSQL to be published (over the backlog bound, held by a
+        /// concurrency key or rate limit, or their queue paused).
+        package var waiting = 0
+        /// Paused (`queue_pauses`): nothing new is published to it.
+        package var paused = false
     }
 
     /// The queues a namespace's tasks use, with their open runs and last minute's completions.
@@ -22,20 +27,22 @@ extension Store {
                 WITH q AS (SELECT queue, count(*) AS n FROM tasks WHERE deleted_at IS NULL AND ($1::text IS NULL OR
                     namespace = $1) GROUP BY queue),
                      o AS (SELECT r.queue, count(*) FILTER (WHERE r.state IN ('queued', 'dispatched')) AS backlog,
-                                  count(*) FILTER (WHERE r.state = 'running') AS running
-                           FROM runs r WHERE r.state IN ('queued', 'dispatched', 'running')
+                                  count(*) FILTER (WHERE r.state = 'running') AS running,
+                                  count(*) FILTER (WHERE r.state = 'scheduled' AND r.available_at <= now()) AS waiting
+                           FROM runs r WHERE r.state IN ('scheduled', 'queued', 'dispatched', 'running')
                              AND ($1::text IS NULL OR r.task_id IN (SELECT id FROM tasks WHERE namespace = $1)) GROUP
                                  BY r.queue),
                      f AS (SELECT r.queue, count(*) AS n FROM runs r WHERE r.finished_at > now() - interval '1 minute'
                              AND ($1::text IS NULL OR r.task_id IN (SELECT id FROM tasks WHERE namespace = $1)) GROUP
                                  BY r.queue)
-                SELECT q.queue, q.n, coalesce(o.backlog, 0), coalesce(o.running, 0), coalesce(f.n, 0)
+                SELECT q.queue, q.n, coalesce(o.backlog, 0), coalesce(o.running, 0), coalesce(f.n, 0),
+                       coalesce(o.waiting, 0), EXISTS (SELECT 1 FROM queue_pauses p WHERE p.queue = q.queue)
                 FROM q LEFT JOIN o USING (queue) LEFT JOIN f USING (queue) ORDER BY q.queue LIMIT 1000
                 """, [namespace]
             ).rows.map { r in
                 QueueFigures(
                     queue: try r.string(0), tasks: try r.int(1), backlog: try r.int(2), running: try r.int(3),
-                    finishedLastMinute: try r.int(4))
+                    finishedLastMinute: try r.int(4), waiting: try r.int(5), paused: try r.bool(6))
             }
         }
     }

@@ -9,9 +9,12 @@ extension Store {
         try await pool.withConnection { c in _ = try await c.query("ANALYZE runs, tasks") }
     }
 
-    /// Deletes, in one batch, ended runs older than `runsAge` and then soft-deleted tasks older
-    /// than `tasksAge` (their runs first). Returns rows deleted; call until 0.
-    package func purgeBatch(runsAge: Duration, tasksAge: Duration, batch: Int = 1000) async throws -> Int {
+    /// Deletes, in one batch, ended runs older than `runsAge`, then soft-deleted tasks older
+    /// than `tasksAge` (their runs first), and workers `stopped` or `lost` and silent for
+    /// `workersAge`. Returns rows deleted; call until 0.
+    package func purgeBatch(
+        runsAge: Duration, tasksAge: Duration, workersAge: Duration = .seconds(86_400), batch: Int = 1000
+    ) async throws -> Int {
         try await pool.withConnection { c in
             var n = try await c.query(
                 """
@@ -46,6 +49,12 @@ extension Store {
                 DELETE FROM callbacks WHERE id IN (SELECT id FROM callbacks WHERE created_at < now() -
                     make_interval(secs => $1) LIMIT $2)
                 """, [runsAge.inSeconds, batch]
+            ).affectedRows
+            n += try await c.query(
+                """
+                DELETE FROM workers WHERE id IN (SELECT id FROM workers WHERE state IN ('stopped', 'lost')
+                    AND last_heartbeat < now() - make_interval(secs => $1) LIMIT $2)
+                """, [workersAge.inSeconds, batch]
             ).affectedRows
             return n
         }

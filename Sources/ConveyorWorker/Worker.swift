@@ -197,7 +197,47 @@ public final class Worker: Service, Sendable {
                     "worker.executors": "\(executorNames)",
                 ])
             await consumeUntilDrained()
+            // The goodbye goes last, once the beats have stopped: no heartbeat follows it.
+            beats.cancelAll()
+            try? await beats.waitForAll()
+            await sayGoodbye()
         }
+    }
+
+    /// The last heartbeat, `leaving`: the dispatcher shows this worker `stopped` rather than
+    /// declaring it lost when its heartbeats stop (a scale-down is not an incident). Waits for
+    /// the broker's confirm at most 2 s: a worker that cannot say goodbye is declared lost, as before.
+    func sayGoodbye() async {
+        guard publisher.isConnected else { return }
+        let sent = Wakeup()
+        let message = heartbeatMessage(host: ProcessInfo.processInfo.hostName, leaving: true)
+        Task {
+            do {
+                try await publisher.publish(message)
+                sent.signal()
+            } catch {
+                logger.debug("goodbye not published", metadata: ["error": "\(error)"])
+            }
+        }
+        if await sent.wait(timeout: .seconds(2)) {
+            logger.info("said goodbye: the dispatchers show this worker stopped")
+        } else {
+            logger.warning("goodbye not confirmed within 2 s; the dispatchers will declare this worker lost")
+        }
+    }
+
+    /// A heartbeat as published: who this worker is, what it offers, the runs it holds.
+    func heartbeatMessage(host: String, leaving: Bool? = nil) -> AMQPOutgoingMessage {
+        let beat = HeartbeatMessage(
+            workerID: configuration.id, host: host, queues: configuration.queues,
+            executors: executorNames, concurrency: configuration.concurrency,
+            inFlight: cancels.inFlightIDs, intervalSeconds: configuration.heartbeatInterval.inSeconds,
+            leaving: leaving)
+        return AMQPOutgoingMessage(
+            exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(beat),
+            properties: AMQPProperties(
+                contentType: "application/json", messageID: "heartbeat:\(configuration.id)",
+                type: heartbeatMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
     }
 
     /// Publishes a heartbeat every `heartbeat_interval_ms` until cancelled: who this worker is,
@@ -206,15 +246,7 @@ public final class Worker: Service, Sendable {
         let host = ProcessInfo.processInfo.hostName
         let interval = configuration.heartbeatInterval
         while !Task.isCancelled {
-            let beat = HeartbeatMessage(
-                workerID: configuration.id, host: host, queues: configuration.queues,
-                executors: executorNames, concurrency: configuration.concurrency,
-                inFlight: cancels.inFlightIDs, intervalSeconds: interval.inSeconds)
-            let message = AMQPOutgoingMessage(
-                exchange: topology.statusExchange, routingKey: "status", body: MessageCodec.encode(beat),
-                properties: AMQPProperties(
-                    contentType: "application/json", messageID: "heartbeat:\(configuration.id)",
-                    type: heartbeatMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: false))
+            let message = heartbeatMessage(host: host)
             if publisher.isConnected {
                 do {
                     try await publisher.publish(message)

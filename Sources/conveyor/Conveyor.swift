@@ -25,6 +25,7 @@ struct Conveyor: AsyncParsableCommand {
             This runs the processes and sets them up. Tasks, runs, groups and queues are operated with \
             conveyorctl, through the API (authenticated and audited).
             """,
+        version: ConveyorVersion.current,
         subcommands: [
             Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, APICommand.self, APIKeyCommand.self,
             CronCommand.self, Bench.self, BenchAPI.self,
@@ -162,6 +163,7 @@ extension DispatcherConfiguration {
         runRetention = .seconds(86_400 * (try s.int("retention.runs_days", default: 30, range: 1...36_500)))
         deletedTaskRetention = .seconds(
             86_400 * (try s.int("retention.deleted_tasks_days", default: 7, range: 0...36_500)))
+        workerRetention = .seconds(3600 * (try s.int("retention.workers_hours", default: 24, range: 1...87_600)))
         callbacks.concurrency = try s.int("callbacks.concurrency", default: 16, range: 1...1000)
         callbacks.timeout = try s.milliseconds("callbacks.timeout_ms", default: 10_000, range: 100...300_000)
         callbacks.maxAttempts = try s.int("callbacks.max_attempts", default: 8, range: 1...100)

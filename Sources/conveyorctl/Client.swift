@@ -115,6 +115,21 @@ struct APIClient: Sendable {
         return HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: c)
     }()
 
+    /// A listing's pages: the `key` array of each page, following `next_cursor` while `all` (else
+    /// one page). Returns the items and the cursor of the page after them, if there is one.
+    func pages(_ path: String, key: String, query: [(String, String?)], all: Bool) async throws -> (
+        items: [JSONValue], next: String?
+    ) {
+        var cursor: String?
+        var items: [JSONValue] = []
+        repeat {
+            let reply = try await call(.GET, path, query: query + [("cursor", cursor)])
+            items += reply.json[key]?.arrayValue ?? []
+            cursor = reply.json["next_cursor"]?.stringValue
+        } while all && cursor != nil
+        return (items, cursor)
+    }
+
     func call(
         _ method: HTTPMethod, _ path: String, query: [(String, String?)] = [], body: JSONValue? = nil,
         accept: Set<Int> = [200, 201, 202]

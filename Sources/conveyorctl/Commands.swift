@@ -13,6 +13,7 @@ struct ConveyorCtl: AsyncParsableCommand {
             The API's URL comes from --url, CONVEYOR_URL or the config file (default http://127.0.0.1:8080);
             the key from --key-file, CONVEYOR_API_KEY or the config file's key_file.
             """,
+        version: ConveyorVersion.current,
         subcommands: [
             TaskGroup.self, RunGroup.self, WorkerGroup.self, GroupGroup.self, QueueGroup.self, KeyGroup.self,
         ])
@@ -114,10 +115,25 @@ struct WorkerGroup: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List workers by id.",
+            discussion: "Example: conveyorctl worker list --state active --all")
         @OptionGroup var global: GlobalOptions
+        @Option(help: "active, stopped (left cleanly) or lost.") var state: String?
+        @Option(help: "Workers per page (1 to 100).") var limit = 50
+        @Flag(help: "Follow every page.") var all = false
         func run() async throws {
-            let r = try await global.client().call(.GET, "/v1/workers").json
-            Output.print(r, json: global.json) { WorkerGroup.rows(r["workers"]?.arrayValue ?? []) }
+            let (workers, cursor) = try await global.client().pages(
+                "/v1/workers", key: "workers", query: [("state", state), ("limit", String(limit))], all: all)
+            Output.print(
+                .object(
+                    ["workers": .array(workers)].merging(cursor.map { ["next_cursor": .string($0)] } ?? [:]) { a, _ in
+                        a
+                    }),
+                json: global.json
+            ) {
+                WorkerGroup.rows(workers) + (cursor.map { "\n(more: --all, or the next page after \($0))" } ?? "")
+            }
         }
     }
 

@@ -5,8 +5,9 @@ import NIOHTTP1
 
 struct QueueGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "queue", abstract: "Work queues: backlogs, and rate limits across all dispatchers.",
-        subcommands: [List.self, Limit.self, Unlimit.self])
+        commandName: "queue",
+        abstract: "Work queues: backlogs, pauses and drains, and rate limits across all dispatchers.",
+        subcommands: [List.self, Pause.self, Resume.self, Drain.self, Limit.self, Unlimit.self])
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -16,13 +17,87 @@ struct QueueGroup: AsyncParsableCommand {
             let r = try await global.client().call(.GET, "/v1/queues").json
             Output.print(r, json: global.json) {
                 TextTable.render(
-                    ["QUEUE", "TASKS", "BACKLOG", "RUNNING", "FINISHED/MIN"],
+                    ["QUEUE", "TASKS", "WAITING", "BACKLOG", "RUNNING", "FINISHED/MIN", "PAUSED"],
                     (r["queues"]?.arrayValue ?? []).map { q in
                         [
-                            Output.text(q["name"]), Output.text(q["tasks"]), Output.text(q["backlog"]),
-                            Output.text(q["running"]), Output.text(q["finished_last_minute"]),
+                            Output.text(q["name"]), Output.text(q["tasks"]), Output.text(q["waiting"]),
+                            Output.text(q["backlog"]), Output.text(q["running"]),
+                            Output.text(q["finished_last_minute"]),
+                            q["paused"] == true ? "paused" : "",
                         ]
                     })
+            }
+        }
+    }
+
+    struct Pause: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Publish nothing new to the queue: its due runs wait in PostgreSQL, in order.",
+            discussion: """
+                Runs already published keep running. Needs a key for every namespace (a work queue is the \
+                fleet's). Example: conveyorctl queue pause reports
+                """)
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "The queue's name.") var queue: String
+        func run() async throws {
+            let r = try await global.client().call(.POST, "/v1/queues/\(path(queue))/pause").json
+            Output.print(r, json: global.json) {
+                r["changed"] == true ? "queue \(queue) paused" : "queue \(queue) was already paused"
+            }
+        }
+    }
+
+    struct Resume: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Publish the queue's runs again, waiting ones first by priority and due time.",
+            discussion: "Example: conveyorctl queue resume reports")
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "The queue's name.") var queue: String
+        func run() async throws {
+            let r = try await global.client().call(.POST, "/v1/queues/\(path(queue))/resume").json
+            Output.print(r, json: global.json) {
+                r["changed"] == true ? "queue \(queue) resumed" : "queue \(queue) was not paused"
+            }
+        }
+    }
+
+    struct Drain: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Pause the queue, then wait until none of its runs is published or running.",
+            discussion: """
+                For maintenance: when it returns, no worker holds a run of the queue and none waits in the \
+                broker; new ones wait in PostgreSQL until 'conveyorctl queue resume'. Exits non-zero if \
+                --timeout passes first (the queue stays paused). Example: conveyorctl queue drain reports --timeout 600
+                """)
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "The queue's name.") var queue: String
+        @Option(help: "Seconds to wait at most.") var timeout: Double = 600
+
+        func validate() throws {
+            guard timeout.isFinite, timeout > 0 else {
+                throw ValidationError("--timeout must be above 0; got \(timeout)")
+            }
+        }
+
+        func run() async throws {
+            let client = try global.client()
+            _ = try await client.call(.POST, "/v1/queues/\(path(queue))/pause")
+            let deadline = ContinuousClock.now + .seconds(timeout)
+            var left = (backlog: 0, running: 0)
+            while true {
+                let queues = try await client.call(.GET, "/v1/queues").json["queues"]?.arrayValue ?? []
+                let q = queues.first { $0["name"]?.stringValue == queue }
+                left = (Int(q?["backlog"]?.doubleValue ?? 0), Int(q?["running"]?.doubleValue ?? 0))
+                if left.backlog == 0 && left.running == 0 { break }
+                guard ContinuousClock.now < deadline else {
+                    throw CLIError(
+                        "queue \(queue) not drained within \(timeout) s: \(left.backlog) published, \(left.running) running",
+                        fix: "wait longer (--timeout), or look at the runs: conveyorctl run list --state running")
+                }
+                try await Task.sleep(for: .milliseconds(500))
+            }
+            Output.print(.object(["queue": .string(queue), "paused": true, "drained": true]), json: global.json) {
+                "queue \(queue) paused and drained: nothing of it is published or running"
             }
         }
     }

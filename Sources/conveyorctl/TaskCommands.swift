@@ -144,20 +144,12 @@ struct TaskGroup: AsyncParsableCommand {
         @Flag(help: "Follow every page.") var all = false
 
         func run() async throws {
-            let client = try global.client()
-            var cursor: String?
-            var tasks: [JSONValue] = []
-            repeat {
-                let reply = try await client.call(
-                    .GET, "/v1/tasks",
-                    query: [
-                        ("state", state), ("queue", queue), ("group", group), ("label", label), ("batch_id", batch),
-                        ("prefix", prefix),
-                        ("paused", paused.map { String($0) }), ("limit", String(limit)), ("cursor", cursor),
-                    ])
-                tasks += reply.json["tasks"]?.arrayValue ?? []
-                cursor = reply.json["next_cursor"]?.stringValue
-            } while all && cursor != nil
+            let (tasks, cursor) = try await global.client().pages(
+                "/v1/tasks", key: "tasks",
+                query: [
+                    ("state", state), ("queue", queue), ("group", group), ("label", label), ("batch_id", batch),
+                    ("prefix", prefix), ("paused", paused.map { String($0) }), ("limit", String(limit)),
+                ], all: all)
             Output.print(
                 .object(
                     ["tasks": .array(tasks)].merging(cursor.map { ["next_cursor": .string($0)] } ?? [:]) { a, _ in a }),

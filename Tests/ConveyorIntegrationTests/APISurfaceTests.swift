@@ -683,7 +683,8 @@ struct APISurfaceTests {
                 "POST /v1/groups/{name}/pause": .operator, "POST /v1/groups/{name}/resume": .operator,
                 "POST /v1/groups/{name}/cancel": .operator,
                 "GET /v1/queues": .viewer, "PUT /v1/queues/{name}/limit": .admin,
-                "DELETE /v1/queues/{name}/limit": .admin, "POST /v1/keys": .admin, "GET /v1/keys": .admin,
+                "DELETE /v1/queues/{name}/limit": .admin, "POST /v1/queues/{name}/pause": .admin,
+                "POST /v1/queues/{name}/resume": .admin, "POST /v1/keys": .admin, "GET /v1/keys": .admin,
                 "DELETE /v1/keys/{prefix}": .admin, "GET /v1/audit": .admin,
             ]
             #expect(
@@ -693,7 +694,7 @@ struct APISurfaceTests {
             // every namespace ('*': admin, or a viewer made for it) from the route's role on.
             let fleet: Set<String> = [
                 "GET /metrics", "GET /v1/workers", "GET /v1/workers/{id}", "PUT /v1/queues/{name}/limit",
-                "DELETE /v1/queues/{name}/limit",
+                "DELETE /v1/queues/{name}/limit", "POST /v1/queues/{name}/pause", "POST /v1/queues/{name}/resume",
             ]
             var generous = APIOptions()
             generous.perAddress = .init(rate: 100, burst: 1000)

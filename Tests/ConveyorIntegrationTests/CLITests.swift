@@ -28,6 +28,17 @@ struct CLITests {
         #expect(zone.status != 0 && zone.err.contains("--tz"))
     }
 
+    /// Both binaries print the version CHANGELOG.md is headed by.
+    @Test func bothBinariesPrintTheChangelogsVersion() throws {
+        let conveyor = try runConveyor(["--version"])
+        #expect(conveyor.status == 0 && conveyor.out == ConveyorVersion.current + "\n", "\(conveyor.out)")
+        let ctl = try CtlTests.ctl(["--version"], env: [:])
+        #expect(ctl.status == 0 && ctl.out == ConveyorVersion.current + "\n", "\(ctl.out)")
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let changelog = try String(contentsOf: root.appendingPathComponent("CHANGELOG.md"), encoding: .utf8)
+        #expect(changelog.contains("\n## \(ConveyorVersion.current)\n"), "CHANGELOG.md has no heading for this version")
+    }
     /// The bench's steady mode refuses settings it cannot run, naming the flag, the value and the
     /// range, before it touches a server.
     @Test func benchRefusesASteadyRateDurationOrTriggerCountOutOfRange() throws {

@@ -239,6 +239,33 @@ struct CtlTests {
                     )
                         == 3)
 
+                // Pause, drain and resume (issue 23 item 4). Drain waits until nothing of the queue
+                // is published or running: a run left running makes it time out, non-zero.
+                let pause = try ctl(["queue", "pause", "greetings"])
+                #expect(pause.status == 0 && pause.out == "queue greetings paused\n", "\(pause.out)\(pause.err)")
+                #expect(try ctl(["queue", "pause", "greetings"]).out.contains("already paused"))
+                #expect(try await sys.count("SELECT count(*) FROM queue_pauses WHERE queue = 'greetings'") == 1)
+                let listed = try ctl(["queue", "list"]).out
+                #expect(listed.contains("PAUSED") && listed.contains("paused"), "\(listed)")
+                let drained = try ctl(["queue", "drain", "greetings", "--timeout", "5"])
+                #expect(drained.status == 0 && drained.out.contains("drained"), "\(drained.out)\(drained.err)")
+                _ = try await sys.rows(
+                    """
+                    INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, started_at)
+                    VALUES (gen_random_uuid(), '\(hello.id.lowercasedString)', now(), 1, 'running', 'greetings', 0,
+                            now(), now()) RETURNING id
+                    """)
+                let busy = try ctl(["queue", "drain", "greetings", "--timeout", "1"])
+                #expect(
+                    busy.status != 0 && busy.err.contains("not drained") && busy.err.contains("1 running"),
+                    "\(busy.out)\(busy.err)")
+                #expect(try ctl(["queue", "resume", "greetings"]).out == "queue greetings resumed\n")
+                #expect(try await sys.count("SELECT count(*) FROM queue_pauses") == 0)
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM audit_log WHERE action IN ('queue.pause', 'queue.resume')")
+                        == 2)
+
                 // A queue is the fleet's: a key for one namespace may not limit it.
                 let scoped = try await APITests.key(sys, role: .admin, namespace: "default")
                 let refused = try CtlTests.ctl(

@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorAPI
 import ConveyorBroker
 import ConveyorCore
 import ConveyorDispatcher
@@ -67,6 +68,130 @@ struct FleetTests {
         }
     }
 
+    /// Issue 23 item 5: a worker stopped with SIGTERM drains, says goodbye and is shown
+    /// `stopped`; one killed with SIGKILL beside it is declared `lost` (which also shows the
+    /// dispatcher judged both: the same silence). Without the goodbye both end `lost`.
+    @Test func aDrainedWorkerSaysGoodbyeAndIsShownStoppedNotLost() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher { $0.workerLostAfterMissed = 3 }
+            var processes: [String: Process] = [:]
+            for id in ["leaving", "killed"] {
+                var env = sys.workerEnvironment(id: id)
+                env["CONVEYOR_WORKER_HEARTBEAT_INTERVAL_MS"] = "200"
+                processes[id] = try spawnConveyor(["worker"], env: env)
+            }
+            defer { for p in processes.values where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
+            try await withServices([dispatcher]) {
+                try #require(
+                    try await sys.eventually(timeout: .seconds(30), "both workers beat") {
+                        try await sys.count("SELECT count(*) FROM workers WHERE state = 'active'") == 2
+                    })
+                let leaving = try #require(processes["leaving"])
+                let killed = try #require(processes["killed"])
+                kill(leaving.processIdentifier, SIGTERM)
+                kill(killed.processIdentifier, SIGKILL)
+                leaving.waitUntilExit()
+                killed.waitUntilExit()
+                #expect(leaving.terminationStatus == 0)
+                try #require(
+                    try await sys.eventually(timeout: .seconds(20), "the killed worker is declared lost") {
+                        try await sys.count("SELECT count(*) FROM workers WHERE id = 'killed' AND state = 'lost'") == 1
+                    })
+                let rows = try await sys.rows(
+                    """
+                    SELECT state, (stopped_at IS NOT NULL)::text, (now() - last_heartbeat > interval '600 ms')::text
+                    FROM workers WHERE id = 'leaving'
+                    """)
+                #expect(rows.first == ["stopped", "true", "true"], "\(rows)")
+            }
+            #expect(dispatcher.stats.workersLost == 1)
+            #expect(dispatcher.stats.workersLeft == 1)
+        }
+    }
+
+    /// Heartbeats carry no proof, and two dispatchers may record them out of order: a heartbeat
+    /// sent before a goodbye but recorded after it leaves the worker `stopped`; a later one (a
+    /// restart under the same id) makes it active. A goodbye forged under a live worker's id does
+    /// not hide its death: a `stopped` worker still holding a detached running run is judged on
+    /// its silence, declared lost, and the run is retried. Without that, the run would wait forever.
+    @Test func heartbeatsAfterAGoodbyeAndForgedGoodbyes() async throws {
+        try await System.with { sys in
+            let t0 = Date()
+            func beat(_ id: String, at: Date, leaving: Bool? = nil) -> HeartbeatMessage {
+                HeartbeatMessage(
+                    workerID: id, host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1, inFlight: [],
+                    intervalSeconds: 1, at: at, leaving: leaving)
+            }
+            #expect(
+                try await sys.store.recordHeartbeats([beat("w", at: t0.addingTimeInterval(1), leaving: true)]) == ["w"])
+            try await sys.store.recordHeartbeats([beat("w", at: t0)])
+            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'w' AND state = 'stopped'") == 1)
+            try await sys.store.recordHeartbeats([beat("w", at: t0.addingTimeInterval(2))])
+            #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'w' AND state = 'active'") == 1)
+
+            var task = NewTask(name: "held", executor: "noop", schedule: .once)
+            task.queue = sys.queue
+            task.retry.maxAttempts = 2
+            try await sys.store.createTasks([task])
+            try await sys.store.recordHeartbeats([beat("victim", at: t0)])
+            _ = try await sys.rows(
+                """
+                INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, worker_id, detached,
+                                  started_at, deadline_at)
+                SELECT gen_random_uuid(), id, now(), 1, 'running', queue, 0, now(), 'victim', true, now(),
+                       now() + interval '1 hour' FROM tasks WHERE name = 'held' RETURNING id
+                """)
+            try await sys.store.recordHeartbeats([beat("victim", at: t0.addingTimeInterval(1), leaving: true)])
+            _ = try await sys.rows(
+                "UPDATE workers SET last_heartbeat = now() - interval '10 seconds' WHERE id = 'victim' RETURNING id")
+            let judged = try await sys.store.declareLostWorkers(missed: 3, heardFor: 60)
+            #expect(judged.workers == ["victim"])
+            #expect(judged.runs == 1 && judged.settled.retried == 1)
+            // A stopped worker holding nothing is never judged.
+            _ = try await sys.rows(
+                "UPDATE workers SET state = 'stopped', last_heartbeat = now() - interval '10 seconds' RETURNING id")
+            #expect(try await sys.store.declareLostWorkers(missed: 3, heardFor: 60).workers.isEmpty)
+        }
+    }
+
+    /// Stopped and lost workers are forgotten after `retention.workers_hours`; active ones are
+    /// not. `GET /v1/workers` pages by id and filters by state.
+    @Test func workersArePrunedAndPaged() async throws {
+        try await System.with { sys in
+            for i in 1...5 {
+                try await sys.store.recordHeartbeats([
+                    HeartbeatMessage(
+                        workerID: "w\(i)", host: "h", queues: [sys.queue], executors: ["noop"], concurrency: 1,
+                        inFlight: [], intervalSeconds: 1, leaving: i == 2 ? true : nil)
+                ])
+            }
+            _ = try await sys.rows("UPDATE workers SET state = 'lost' WHERE id = 'w3' RETURNING id")
+            try await APITests.withAPI(sys) { api, _ in
+                let fleet = try await APITests.key(sys, role: .viewer, namespace: "*")
+                var ids: [String] = []
+                var cursor: String?
+                var pages = 0
+                repeat {
+                    let r = try await api.call(
+                        "GET", "/v1/workers?limit=2" + (cursor.map { "&cursor=\($0)" } ?? ""), key: fleet)
+                    #expect(r.status == 200)
+                    ids += r.json["workers"]?.arrayValue?.compactMap { $0["id"]?.stringValue } ?? []
+                    cursor = r.json["next_cursor"]?.stringValue
+                    pages += 1
+                } while cursor != nil && pages < 10
+                #expect(ids == ["w1", "w2", "w3", "w4", "w5"] && pages == 3, "\(ids) in \(pages) pages")
+                let stopped = try await api.call("GET", "/v1/workers?state=stopped", key: fleet)
+                #expect(stopped.json["workers"]?.arrayValue?.map { $0["id"] } == ["w2"])
+                let bad = try await api.call("GET", "/v1/workers?state=gone", key: fleet)
+                #expect(bad.status == 400 && bad.json["field"] == "state", "\(bad.json)")
+            }
+            _ = try await sys.rows("UPDATE workers SET last_heartbeat = now() - interval '2 days' RETURNING id")
+            let deleted = try await sys.store.purgeBatch(
+                runsAge: .seconds(30 * 86_400), tasksAge: .seconds(7 * 86_400), workersAge: .seconds(86_400))
+            #expect(deleted == 2)
+            #expect(try await sys.store.workers().map(\.id) == ["w1", "w4", "w5"], "stopped and lost ones forgotten")
+        }
+    }
     /// A worker killed while it runs a detached (already acknowledged) run: the broker cannot
     /// redeliver it, so the dispatcher declares the silent worker lost and retries the run.
     @Test func aSilentWorkersDetachedRunIsRetriedOnce() async throws {

@@ -17,6 +17,49 @@ import Testing
 struct SchedulingTests {
     // MARK: retries, timeouts, lost, dead letters
 
+    /// Issue 23 item 4: a paused queue publishes nothing new: its due runs wait in PostgreSQL
+    /// (`scheduled`) through several scans, and once resumed they go in priority, then due-time,
+    /// order. Without the pause the dispatcher publishes them at once.
+    @Test func aPausedQueueHoldsItsRunsInPostgresUntilResumedThenInOrder() async throws {
+        try await System.with { sys in
+            #expect(try await sys.store.pauseQueue(sys.queue, by: "test"))
+            #expect(try await !sys.store.pauseQueue(sys.queue, by: "test"), "already paused")
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let worker = sys.worker(["scripted": ScriptedExecutor(recorder: recorder)], concurrency: 1)
+            let now = Date()
+            let tasks = (0..<6).map { i in
+                var t = NewTask(name: "p\(i)", executor: "scripted", schedule: .once)
+                t.queue = sys.queue
+                t.priority = i % 2 == 0 ? .low : .high
+                t.startAt = now.addingTimeInterval(Double(i) - 10)
+                return t
+            }
+            try await withServices([dispatcher, worker]) {
+                try await sys.store.createTasks(tasks)
+                try #require(
+                    try await sys.eventually(timeout: .seconds(20), "the six runs are made") {
+                        try await sys.count("SELECT count(*) FROM runs") == 6
+                    })
+                let scans = dispatcher.stats.scans
+                try #require(
+                    try await sys.eventually(timeout: .seconds(20), "three more scans") {
+                        dispatcher.stats.scans >= scans + 3
+                    })
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state <> 'scheduled'") == 0)
+                #expect(dispatcher.stats.published == 0)
+                let stats = try await sys.store.queueStats(namespace: nil)
+                #expect(stats.first?.paused == true && stats.first?.waiting == 6, "\(stats)")
+                #expect(try await sys.store.resumeQueue(sys.queue))
+                try #require(
+                    try await sys.eventually(timeout: .seconds(30), "all six succeed once resumed") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 6
+                    })
+            }
+            let order = recorder.starts.withLock { $0.map(\.0) }
+            #expect(order == ["p1", "p3", "p5", "p0", "p2", "p4"], "\(order)")
+        }
+    }
     @Test func retriesWithBackoffOnTheDatabaseClockThenDeadThenRedrive() async throws {
         try await System.with { sys in
             let recorder = Recorder()

@@ -117,9 +117,9 @@ const pages = {
     };
     const drawQueues = async () => {
       const q = await api("GET", "/v1/queues");
-      queues.replaceChildren(table(["Queue", "Tasks", "Backlog", "Running", "Done last minute", "Broker ready", "Isolated", "Consumers"],
-        q.queues.map(x => [x.name, x.tasks, x.backlog, x.running, x.finished_last_minute, x.broker ? x.broker.ready : "–",
-                           x.broker ? x.broker.isolated : "–", x.broker ? x.broker.consumers : "–"]),
+      queues.replaceChildren(table(["Queue", "State", "Tasks", "Waiting", "Backlog", "Running", "Done last minute", "Broker ready", "Isolated", "Consumers"],
+        q.queues.map(x => [x.name, x.paused ? "paused" : "active", x.tasks, x.waiting, x.backlog, x.running, x.finished_last_minute,
+                           x.broker ? x.broker.ready : "–", x.broker ? x.broker.isolated : "–", x.broker ? x.broker.consumers : "–"]),
         "No queues yet."));
     };
     draw(await api("GET", "/v1/overview"));
