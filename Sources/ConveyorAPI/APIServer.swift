@@ -289,6 +289,7 @@ package enum APIServer {
         ]
         o["parameters"] = (try? JSONDecoder().decode(JSONValue.self, from: Data(t.parameters.utf8))) ?? .null
         if let n = t.nextRunAt { o["next_run_at"] = .string(Timestamp.format(n)) }
+        if let id = t.nextRunID { o["next_run_id"] = .string(id.lowercasedString) }
         if let g = t.group { o["group"] = .string(g) }
         o["skipped_occurrences"] = .number(Double(t.skippedOccurrences))
         if !t.dependsOn.isEmpty { o["depends_on"] = .array(t.dependsOn.map(JSONValue.string)) }

@@ -9,6 +9,35 @@ import NIOCore
 import ServiceLifecycle
 
 extension APIServer {
+    /// `?wait=` of `GET /v1/runs/{id}`: `30s`, `1m`, `500ms` or plain seconds, at most a minute
+    /// (proxies close quieter requests); absent or 0 answers at once.
+    static func waitParameter(_ request: Request) throws(Problem) -> Duration {
+        guard let text = request.uri.queryParameters.get("wait"), !text.isEmpty else { return .zero }
+        let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60)]
+        var seconds: Double?
+        if let n = Double(text) { seconds = n }
+        for (unit, scale) in units where seconds == nil && text.hasSuffix(unit) {
+            if let n = Double(text.dropLast(unit.count)) { seconds = n * scale }
+        }
+        guard let s = seconds, s.isFinite, (0...60).contains(s) else {
+            throw Problem(
+                .badRequest, "invalid request",
+                "how long to wait for the run to end: 0 to 60 seconds, as 30s, 1m, 500ms or 30", field: "wait",
+                value: text)
+        }
+        return .milliseconds(Int64(s * 1000))
+    }
+
+    /// A run handle whose run is not made yet: its task is due (or will be) and no dispatcher
+    /// has made the run. `state` is `pending`.
+    static func pendingView(_ id: UUID, _ task: TaskRecord, _ occurrence: Date) -> JSONValue {
+        [
+            "id": .string(id.lowercasedString), "task_id": .string(task.id.lowercasedString),
+            "task": .string(task.name), "occurrence": .string(Timestamp.format(occurrence)), "attempt": 1,
+            "state": "pending", "priority": .string(task.priority.name), "attempts": [], "callbacks": [],
+        ]
+    }
+
     /// Runs, workers, groups, queues, keys, the audit log, live events and metrics.
     static func operationRoutes(_ r: inout Routes, _ env: APIEnvironment) {
         let store = env.store
@@ -59,9 +88,39 @@ extension APIServer {
             }
             return json(.object(out))
         }
-        r.on(.get, "/v1/runs/:id") { _, context in
+        r.on(.get, "/v1/runs/:id") { request, context in
             let who = try context.require(.viewer)
-            let run = try await findRun(context, who, store).run
+            let wait = try waitParameter(request)
+            let text = context.parameters.get("id") ?? ""
+            guard let id = UUID(uuidString: text) else {
+                throw Problem(.badRequest, "invalid request", "a run id is a UUID", field: "id", value: text)
+            }
+            // `?wait=`: answer when the run is final or the wait ends, whichever is first. The run
+            // is read again after 100 ms, then at most every second (no connection held between).
+            let deadline = ContinuousClock.now + wait
+            var pause = Duration.milliseconds(100)
+            var found: RunRecord?
+            while true {
+                if let run = try await store.run(id: id) {
+                    guard let ns = try await store.namespace(ofTask: run.taskID), who.sees(namespace: ns) else {
+                        throw Problem(.notFound, "not found", "no run \(text)")
+                    }
+                    if run.state.isFinal || ContinuousClock.now >= deadline {
+                        found = run
+                        break
+                    }
+                } else if let pending = try await store.pendingRun(id: id), who.sees(namespace: pending.task.namespace)
+                {
+                    if ContinuousClock.now >= deadline {
+                        return json(pendingView(id, pending.task, pending.occurrence))
+                    }
+                } else {
+                    throw Problem(.notFound, "not found", "no run \(text)")
+                }
+                try await Task.sleep(for: min(pause, deadline - ContinuousClock.now))
+                pause = min(pause * 2, .seconds(1))
+            }
+            guard let run = found else { throw Problem(.notFound, "not found", "no run \(text)") }
             var o = view(run).objectValue ?? [:]
             if let template = env.options.traceLinkTemplate, let trace = run.traceID, !trace.isEmpty {
                 o["trace_url"] = .string(template.replacingOccurrences(of: "{trace_id}", with: trace))

@@ -183,9 +183,18 @@ extension APIServer {
             let task = try await findTask(request, context, who, store)
             try submitLimit(env, who, priorities: [task.priority])
             let trace = Traces.headers(ServiceContext.current ?? .topLevel)
-            try await store.trigger(taskID: task.id, traceParent: trace["traceparent"], baggage: trace["baggage"])
-            await env.audit(context, who, "task.trigger", task.name, namespace: task.namespace)
-            return json(["task": .string(task.name), "triggered": true], status: .accepted)
+            guard
+                let made = try await store.trigger(
+                    taskID: task.id, traceParent: trace["traceparent"], baggage: trace["baggage"])
+            else { throw Problem(.notFound, "not found", "no task named '\(task.name)'") }
+            await env.audit(
+                context, who, "task.trigger", task.name, namespace: task.namespace,
+                ["run_id": .string(made.runID.lowercasedString)])
+            return json(
+                [
+                    "task": .string(task.name), "triggered": true, "run_id": .string(made.runID.lowercasedString),
+                    "occurrence": .string(Timestamp.format(made.occurrence)),
+                ], status: .accepted)
         }
         r.on(.post, "/v1/tasks/:name/cancel") { request, context in
             let who = try context.require(.operator)

@@ -127,7 +127,7 @@ extension Store {
     /// What step 1 reads of each due task, in select-list order.
     enum DueColumn: Int, RowColumn {
         case id, schedule, timezone, misfire, maxCatchup, nextRunAt, now, overlap, queue, priority, concurrencyKey
-        case shard, traceParent, anchor, active, waiting, isRoot, baggage
+        case shard, traceParent, anchor, active, waiting, isRoot, baggage, nextRunID
 
         func sql(alias t: String) -> String {
             switch self {
@@ -145,6 +145,7 @@ extension Store {
             case .shard: "\(t)shard"
             case .traceParent: "\(t)trace_parent"
             case .anchor: "coalesce(\(t)anchor_at, \(t)next_run_at)"
+            case .nextRunID: "\(t)next_run_id"
             // Runs of the task in flight, counted only when its overlap policy needs them.
             case .active:
                 """
@@ -187,6 +188,7 @@ extension Store {
         var taskIDs: [UUID] = []
         var nextTimes: [Date?] = []
         var skips: [Int] = []
+        var fired: [Bool] = []
         var replaceTasks: [UUID] = []
         var workflows: (ids: [UUID], roots: [UUID], occurrences: [Date]) = ([], [], [])
         var zones: [String: TimeZone] = [:]
@@ -228,7 +230,12 @@ extension Store {
                 }
             }
             let isRoot = try r.bool(C.isRoot)
+            // The first run made takes the task's run handle (`next_run_id`, which creating or
+            // triggering the task returned); later ones (catch-up) get ids of their own.
+            var handle = r[C.nextRunID].flatMap(UUID.init(uuidString:))
             for occurrence in fire {
+                let id = handle ?? UUID()
+                handle = nil
                 let tp = q.newTraceParent(r[C.traceParent])
                 var workflow: UUID?
                 if isRoot {
@@ -244,14 +251,14 @@ extension Store {
                 {
                     room[queue] = queueRoom - 1
                     direct.append(
-                        id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: queue,
+                        id: id, task: taskID, occurrence: occurrence, attempt: 1, queue: queue,
                         shard: try r.int(C.shard),
                         delay: q.lease.inSeconds, priority: try r.int(C.priority), key: nil, workflow: workflow,
                         traceparent: tp,
                         baggage: r[C.baggage])
                 } else {
                     runs.append(
-                        id: UUID(), task: taskID, occurrence: occurrence, attempt: 1, queue: queue,
+                        id: id, task: taskID, occurrence: occurrence, attempt: 1, queue: queue,
                         shard: try r.int(C.shard),
                         delay: waiting ? nil : 0, priority: try r.int(C.priority), key: r[C.concurrencyKey],
                         workflow: workflow,
@@ -261,6 +268,7 @@ extension Store {
             taskIDs.append(taskID)
             nextTimes.append(plan.next)
             skips.append(skipped)
+            fired.append(!fire.isEmpty)
         }
         var cancelled: [UUID] = []
         if !replaceTasks.isEmpty {
@@ -300,10 +308,13 @@ extension Store {
             """
             UPDATE tasks SET next_run_at = u.next, skipped_occurrences = skipped_occurrences + u.skipped, updated_at =
                 now(),
-                             trace_parent = NULL, trace_baggage = NULL
-            FROM unnest($1::uuid[], $2::timestamptz[], $3::int[]) AS u(id, next, skipped)
+                             trace_parent = NULL, trace_baggage = NULL,
+                             next_run_id = CASE WHEN u.next IS NULL THEN NULL
+                                                WHEN u.fired OR tasks.next_run_id IS NULL THEN gen_random_uuid()
+                                                ELSE tasks.next_run_id END
+            FROM unnest($1::uuid[], $2::timestamptz[], $3::int[], $4::bool[]) AS u(id, next, skipped, fired)
             WHERE tasks.id = u.id
-            """, [taskIDs, nextTimes, skips])
+            """, [taskIDs, nextTimes, skips, fired])
         return Materialized(created: created, cancelled: cancelled, queued: queued, roomLeft: room)
     }
 

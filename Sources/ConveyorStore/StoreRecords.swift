@@ -14,6 +14,8 @@ package struct TaskRecord: Sendable {
     package var scheduleToStartSeconds: Double = 3600
     package var paused: Bool
     package var nextRunAt: Date?
+    /// The id the task's next run will have (its run handle).
+    package var nextRunID: UUID?
     package var timeZone: String
     package var misfire: String
     package var priority: Priority
@@ -66,7 +68,7 @@ extension Store {
         case id, name, executor, parameters, schedule, queue, timeoutSeconds, paused, nextRunAt, timezone, misfire
         case priority, overlap, maxAttempts, retryPolicy, group, concurrencyKey, concurrencyLimit, skippedOccurrences
         case triggerRule, callbackURL, dependsOn, namespace, labels, batchID, spec, createdAt, updatedAt
-        case scheduleToStart
+        case scheduleToStart, nextRunID
 
         func sql(alias t: String) -> String {
             switch self {
@@ -104,6 +106,7 @@ extension Store {
             case .createdAt: "\(t)created_at"
             case .updatedAt: "\(t)updated_at"
             case .scheduleToStart: "\(t)schedule_to_start_seconds"
+            case .nextRunID: "\(t)next_run_id"
             }
         }
     }
@@ -117,7 +120,8 @@ extension Store {
             parameters: try r.string(C.parameters), schedule: try r.string(C.schedule), queue: try r.string(C.queue),
             timeoutSeconds: try r.double(C.timeoutSeconds), scheduleToStartSeconds: try r.double(C.scheduleToStart),
             paused: try r.bool(C.paused),
-            nextRunAt: try r.optionalDate(C.nextRunAt), timeZone: try r.string(C.timezone),
+            nextRunAt: try r.optionalDate(C.nextRunAt), nextRunID: r[C.nextRunID].flatMap(UUID.init(uuidString:)),
+            timeZone: try r.string(C.timezone),
             misfire: try r.string(C.misfire), priority: Priority(rawValue: try r.int(C.priority)) ?? .normal,
             overlap: try r.string(C.overlap), maxAttempts: try r.int(C.maxAttempts),
             retryPolicy: try r.string(C.retryPolicy), group: r[C.group], concurrencyKey: r[C.concurrencyKey],

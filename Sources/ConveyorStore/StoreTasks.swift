@@ -33,12 +33,13 @@ extension Store {
                                        retry_policy,
                                    overlap_policy, concurrency_key, concurrency_limit, group_name, labels,
                                        trigger_rule, callback_url, paused,
-                                   spec, batch_id, trace_baggage, schedule_to_start_seconds)
+                                   spec, batch_id, trace_baggage, schedule_to_start_seconds, next_run_id)
                 SELECT u.id, u.ns, u.name, u.executor, u.params::jsonb, u.schedule, u.queue, u.timeout, u.next, u.next,
                        hashtext(u.id::text) & 2147483647, u.tp, u.tz, u.misfire, u.catchup, u.prio, u.attempts,
                            u.retry::jsonb,
                        u.overlap, u.ckey, u.climit, u.grp, u.labels::jsonb, u.rule, u.cb, u.paused, u.spec::jsonb,
-                           u.batch, u.baggage, u.s2s
+                           u.batch, u.baggage, u.s2s,
+                       CASE WHEN u.next IS NOT NULL THEN gen_random_uuid() END
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                     $8::float8[],
                             $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::int[], $14::smallint[],
@@ -170,14 +171,34 @@ extension Store {
     /// the request that triggered it, becomes the parent of the next occurrence's dispatch span;
     /// `baggage` travels with it.
     @discardableResult
-    package func trigger(taskID: UUID, traceParent: String? = nil, baggage: String? = nil) async throws -> Bool {
+    /// Makes the task due now; returns its run handle (the id its next run will have) and the
+    /// occurrence, or nil if the task is gone. A task already due and not yet dispatched keeps
+    /// its handle: two triggers before a dispatcher's scan make one run, and both get its id.
+    package func trigger(taskID: UUID, traceParent: String? = nil, baggage: String? = nil) async throws -> (
+        runID: UUID, occurrence: Date
+    )? {
         try await pool.withConnection { c in
             try await c.query(
                 """
-                UPDATE tasks SET next_run_at = now(), updated_at = now(), trace_parent = $2, trace_baggage = $3
+                UPDATE tasks SET next_run_id = CASE WHEN next_run_at <= now() AND next_run_id IS NOT NULL
+                                                     THEN next_run_id ELSE gen_random_uuid() END,
+                                 next_run_at = now(), updated_at = now(), trace_parent = $2, trace_baggage = $3
                 WHERE id = $1 AND deleted_at IS NULL
+                RETURNING next_run_id, next_run_at
                 """, [taskID, traceParent, baggage]
-            ).affectedRows == 1
+            ).rows.first.map { (try $0.uuid(0), try $0.date(1)) }
+        }
+    }
+
+    /// The task whose next run has this handle (not made yet), with that run's due time.
+    package func pendingRun(id: UUID) async throws -> (task: TaskRecord, occurrence: Date)? {
+        try await pool.withConnection { c in
+            try await c.query(
+                "SELECT \(Self.taskColumns) FROM tasks t WHERE t.next_run_id = $1 AND t.deleted_at IS NULL", [id]
+            ).rows.first.map { r in
+                let t = try Self.task(r)
+                return (t, t.nextRunAt ?? Date())
+            }
         }
     }
 }

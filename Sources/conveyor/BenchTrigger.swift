@@ -60,7 +60,7 @@ extension Bench {
         var ended = 0
         for i in 1...triggerLatency {
             try await Task.sleep(for: .milliseconds(Int64.random(in: 50...150)))
-            guard try await store.trigger(taskID: taskID) else {
+            guard try await store.trigger(taskID: taskID) != nil else {
                 throw ValidationError(field: "task", value: "\(queue)-0", hint: "it disappeared during the bench")
             }
             // Polled only to know when to trigger again: the figure comes from the run's own times.

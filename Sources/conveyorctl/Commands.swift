@@ -27,8 +27,50 @@ func path(_ s: String) -> String {
 
 struct RunGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "run", abstract: "List and inspect runs; cancel and re-drive them.",
-        subcommands: [List.self, Get.self, Logs.self, Post<CancelRun>.self, Post<RedriveRun>.self])
+        commandName: "run", abstract: "List and inspect runs; wait for them; cancel and re-drive them.",
+        subcommands: [List.self, Get.self, Wait.self, Logs.self, Post<CancelRun>.self, Post<RedriveRun>.self])
+
+    /// States a run does not leave (`pending`: a run handle whose run is not made yet).
+    static func isFinal(_ state: String?) -> Bool {
+        !["pending", "scheduled", "queued", "dispatched", "running", nil].contains(state)
+    }
+
+    /// Reads the run until it is final, with the API's `?wait=` (30 s at a time), for at most
+    /// `timeout` seconds; the last reading either way.
+    static func waitForRun(_ client: APIClient, _ id: String, timeout: Double) async throws -> JSONValue {
+        let deadline = ContinuousClock.now + .seconds(timeout)
+        while true {
+            let left = max(0, min(30, (deadline - ContinuousClock.now).inSeconds))
+            let r = try await client.call(.GET, "/v1/runs/" + path(id), query: [("wait", "\(Int(left.rounded(.up)))s")])
+                .json
+            if isFinal(r["state"]?.stringValue) || ContinuousClock.now >= deadline { return r }
+        }
+    }
+
+    struct Wait: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Wait until a run ends; print its state.",
+            discussion: """
+                Exit status: 0 when it succeeded, 2 when it ended otherwise (failed, timed_out, dead, ...), 3 \
+                when --timeout passed first. The id may be a run handle that 'task trigger' printed before \
+                the run was made. Example: conveyorctl run wait 0b5c1e8e-8f0e-4b7a-9a57-3f1c2d4e5f60
+                """)
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "The run's id.") var id: String
+        @Option(help: "Seconds to wait at most.") var timeout: Double = 3600
+        func validate() throws {
+            guard timeout.isFinite, timeout > 0 else {
+                throw ValidationError("--timeout must be above 0; got \(timeout)")
+            }
+        }
+        func run() async throws {
+            let r = try await RunGroup.waitForRun(try global.client(), id, timeout: timeout)
+            let state = r["state"]?.stringValue ?? "unknown"
+            Output.print(r, json: global.json) { "run \(id) \(state)" }
+            if !RunGroup.isFinal(state) { throw ExitCode(3) }
+            if state != "succeeded" { throw ExitCode(2) }
+        }
+    }
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Runs, newest first.")
@@ -83,11 +125,21 @@ struct RunGroup: AsyncParsableCommand {
 
     struct Logs: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "The captured output of a run (its tail, as capped by the worker).")
+            abstract: "The captured output of a run (its tail, as capped by the worker).",
+            discussion: """
+                A worker reports a run's output when the run ends: --follow waits for that (up to \
+                --timeout seconds), then prints it. Example: conveyorctl run logs RUN_ID --follow
+                """)
         @OptionGroup var global: GlobalOptions
         @Argument var id: String
+        @Flag(help: "Wait until the run ends, then print its output.") var follow = false
+        @Option(help: "With --follow: seconds to wait at most.") var timeout: Double = 3600
         func run() async throws {
-            let r = try await global.client().call(.GET, "/v1/runs/" + path(id)).json
+            let client = try global.client()
+            let r =
+                follow
+                ? try await RunGroup.waitForRun(client, id, timeout: timeout)
+                : try await client.call(.GET, "/v1/runs/" + path(id)).json
             Output.print(.object(["id": r["id"] ?? .null, "output": r["output"] ?? .null]), json: global.json) {
                 r["output"]?.stringValue ?? "(no output captured)"
             }
@@ -276,7 +328,9 @@ struct Post<Action: PostAction>: AsyncParsableCommand {
 enum TriggerTask: PostAction {
     static let name = "trigger", abstract = "Run a task now.", argument = "The task's name."
     static func path(_ s: String) -> String { "/v1/tasks/\(s)/trigger" }
-    static func said(_ s: String, _ r: JSONValue) -> String { "triggered \(s)" }
+    static func said(_ s: String, _ r: JSONValue) -> String {
+        "triggered \(s): run \(Output.text(r["run_id"])) (conveyorctl run wait \(Output.text(r["run_id"])))"
+    }
 }
 enum PauseTask: PostAction {
     static let name = "pause", abstract = "Pause a task: no new runs until resumed.", argument = "The task's name."

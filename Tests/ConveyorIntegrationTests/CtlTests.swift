@@ -78,7 +78,8 @@ struct CtlTests {
                     table.out.split(separator: "\n").first?.hasPrefix("NAME") == true && table.out.contains("t-0001"),
                     "\(table.out)")
 
-                #expect(try Self.ctl(["task", "trigger", "t-0001"], env: keyEnv).out == "triggered t-0001\n")
+                #expect(
+                    try Self.ctl(["task", "trigger", "t-0001"], env: keyEnv).out.hasPrefix("triggered t-0001: run "))
                 #expect(try Self.ctl(["task", "pause", "t-0002"], env: keyEnv).status == 0)
                 #expect(try await sys.count("SELECT count(*) FROM tasks WHERE name = 't-0002' AND paused") == 1)
                 #expect(

@@ -689,7 +689,7 @@ struct SchedulingTests {
                 #expect(Double(clean[0][0]!)! >= Double(ups[0][0]!)!)
                 // A second trigger of the root is a second workflow run.
                 let extract = try await sys.store.task(named: "extract")
-                try await sys.store.trigger(taskID: try #require(extract).id)
+                _ = try await sys.store.trigger(taskID: try #require(extract).id)
                 try await sys.eventually {
                     let workflows = try await sys.count(
                         """
