@@ -31,32 +31,32 @@ extension APIServer {
                     field: "tasks", value: "\(batch.count) tasks")
             }
             var tasks = try TaskSpec.decodeFile(body, now: Date())
-            guard batch != nil else {
-                guard let task = try await create(tasks, who, env).first else {
-                    throw Problem(
-                        .badRequest, "invalid request", "one task, a list of tasks, or {\"tasks\": [...]}",
-                        field: "body")
+            return try await idempotent(request, who, env, route: "POST /v1/tasks", fingerprint: body) {
+                guard batch != nil else {
+                    guard let task = try await create(tasks, who, env).first else {
+                        throw Problem(
+                            .badRequest, "invalid request", "one task, a list of tasks, or {\"tasks\": [...]}",
+                            field: "body")
+                    }
+                    await env.audit(context, who, "task.create", task.name, namespace: task.namespace)
+                    return Answer(
+                        status: .created,
+                        body: try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null)
                 }
-                await env.audit(context, who, "task.create", task.name, namespace: task.namespace)
-                return json(
-                    try await store.task(named: task.name, namespace: task.namespace).map(view) ?? .null,
-                    status: .created)
+                let batchID = UUID()
+                for i in tasks.indices { tasks[i].batchID = batchID }
+                tasks = try await create(tasks, who, env)
+                await env.audit(
+                    context, who, "task.create_batch", batchID.lowercasedString, namespace: tasks[0].namespace,
+                    ["count": .number(Double(tasks.count))])
+                return Answer(
+                    status: .created,
+                    body: [
+                        "batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
+                        "tasks": .array(
+                            tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) }),
+                    ], batchID: batchID.lowercasedString)
             }
-            let batchID = UUID()
-            for i in tasks.indices { tasks[i].batchID = batchID }
-            tasks = try await create(tasks, who, env)
-            await env.audit(
-                context, who, "task.create_batch", batchID.lowercasedString, namespace: tasks[0].namespace,
-                ["count": .number(Double(tasks.count))])
-            var response = json(
-                [
-                    "batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
-                    "tasks": .array(
-                        tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) }),
-                ],
-                status: .created)
-            response.headers[.batchID] = batchID.lowercasedString
-            return response
         }
         r.on(.get, "/v1/tasks") { request, context in
             let who = try context.require(.viewer)
@@ -183,18 +183,23 @@ extension APIServer {
             let task = try await findTask(request, context, who, store)
             try submitLimit(env, who, priorities: [task.priority])
             let trace = Traces.headers(ServiceContext.current ?? .topLevel)
-            guard
-                let made = try await store.trigger(
-                    taskID: task.id, traceParent: trace["traceparent"], baggage: trace["baggage"])
-            else { throw Problem(.notFound, "not found", "no task named '\(task.name)'") }
-            await env.audit(
-                context, who, "task.trigger", task.name, namespace: task.namespace,
-                ["run_id": .string(made.runID.lowercasedString)])
-            return json(
-                [
-                    "task": .string(task.name), "triggered": true, "run_id": .string(made.runID.lowercasedString),
-                    "occurrence": .string(Timestamp.format(made.occurrence)),
-                ], status: .accepted)
+            return try await idempotent(
+                request, who, env, route: "POST /v1/tasks/\(task.name)/trigger", fingerprint: .string(task.namespace)
+            ) {
+                guard
+                    let made = try await store.trigger(
+                        taskID: task.id, traceParent: trace["traceparent"], baggage: trace["baggage"])
+                else { throw Problem(.notFound, "not found", "no task named '\(task.name)'") }
+                await env.audit(
+                    context, who, "task.trigger", task.name, namespace: task.namespace,
+                    ["run_id": .string(made.runID.lowercasedString)])
+                return Answer(
+                    status: .accepted,
+                    body: [
+                        "task": .string(task.name), "triggered": true, "run_id": .string(made.runID.lowercasedString),
+                        "occurrence": .string(Timestamp.format(made.occurrence)),
+                    ])
+            }
         }
         r.on(.post, "/v1/tasks/:name/cancel") { request, context in
             let who = try context.require(.operator)

@@ -52,6 +52,12 @@ extension Store {
             ).affectedRows
             n += try await c.query(
                 """
+                DELETE FROM idempotency_keys WHERE (namespace, key) IN (SELECT namespace, key FROM idempotency_keys
+                    WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)
+                """, [Self.idempotencyWindow.inSeconds, batch]
+            ).affectedRows
+            n += try await c.query(
+                """
                 DELETE FROM workers WHERE id IN (SELECT id FROM workers WHERE state IN ('stopped', 'lost')
                     AND last_heartbeat < now() - make_interval(secs => $1) LIMIT $2)
                 """, [workersAge.inSeconds, batch]

@@ -73,6 +73,72 @@ struct RunHandleTests {
         }
     }
 
+    /// `Idempotency-Key` on `POST /v1/tasks` and trigger: a retry gets the first answer and
+    /// creates nothing, concurrent retries included; another body under the same key is refused;
+    /// after 24 hours the key is forgotten. Without it the retry's create answers 409 and a
+    /// retried trigger makes a second run.
+    @Test func idempotencyKeysReplayTheFirstAnswerAndCreateNothing() async throws {
+        try await System.with { sys in
+            var generous = APIOptions()
+            generous.perAddress = .init(rate: 100, burst: 1000)
+            try await APITests.withAPI(sys, options: generous) { api, _ in
+                let k = try await APITests.key(sys, role: .submitter, namespace: "default")
+                let body = #"{"name": "pay", "executor": "noop", "queue": "\#(sys.queue)", "schedule": "manual"}"#
+                let first = try await api.call(
+                    "POST", "/v1/tasks", key: k, body: body, headers: [("Idempotency-Key", "create-pay-1")])
+                #expect(first.status == 201)
+                let retry = try await api.call(
+                    "POST", "/v1/tasks", key: k, body: body, headers: [("Idempotency-Key", "create-pay-1")])
+                #expect(retry.status == 201 && retry.json == first.json, "\(retry.json)")
+                #expect(retry.headers.contains { $0.0.lowercased() == "idempotent-replayed" && $0.1 == "true" })
+                let other = try await api.call(
+                    "POST", "/v1/tasks", key: k, body: body.replacingOccurrences(of: "noop", with: "sleep"),
+                    headers: [("Idempotency-Key", "create-pay-1")])
+                #expect(other.status == 422 && other.json["field"] == "Idempotency-Key", "\(other.json)")
+                for bad in [String(repeating: "k", count: 256), "with space"] {
+                    let r = try await api.call(
+                        "POST", "/v1/tasks", key: k, body: body, headers: [("Idempotency-Key", bad)])
+                    #expect(r.status == 400 && r.json["field"] == "Idempotency-Key", "\(r.json)")
+                }
+
+                // Eight retries at once of a batch: one batch made, the others replay it or wait.
+                let batch = #"[{"name": "b1", "executor": "noop", "schedule": "manual"}]"#
+                let statuses = try await withThrowingTaskGroup(of: (Int, String?).self) { group in
+                    for _ in 0..<8 {
+                        group.addTask {
+                            let r = try await api.call(
+                                "POST", "/v1/tasks", key: k, body: batch, headers: [("Idempotency-Key", "batch-1")])
+                            return (r.status, r.json["batch_id"]?.stringValue)
+                        }
+                    }
+                    var out: [(Int, String?)] = []
+                    for try await s in group { out.append(s) }
+                    return out
+                }
+                #expect(statuses.allSatisfy { [201, 409].contains($0.0) }, "\(statuses)")
+                #expect(Set(statuses.filter { $0.0 == 201 }.map(\.1)).count == 1, "\(statuses)")
+                #expect(try await sys.count("SELECT count(*) FROM tasks WHERE name = 'b1'") == 1)
+
+                // A retried trigger after the dispatcher made the run: the same run, not a second one.
+                let t1 = try await api.call(
+                    "POST", "/v1/tasks/pay/trigger", key: k, headers: [("Idempotency-Key", "\"trigger-1\"")])
+                _ = try await sys.store.claimDue(
+                    ClaimRequest(
+                        group: 0, groups: 1, limit: 10, lease: .seconds(60), misfireGrace: .seconds(60),
+                        newTraceParent: { _ in "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" }))
+                let t2 = try await api.call(
+                    "POST", "/v1/tasks/pay/trigger", key: k, headers: [("Idempotency-Key", "\"trigger-1\"")])
+                #expect(t1.status == 202 && t2.json["run_id"] == t1.json["run_id"], "\(t1.json) \(t2.json)")
+                #expect(try await sys.count("SELECT count(*) FROM runs") == 1)
+                // Forgotten after 24 hours: the same key triggers anew.
+                _ = try await sys.rows(
+                    "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' RETURNING key")
+                let t3 = try await api.call(
+                    "POST", "/v1/tasks/pay/trigger", key: k, headers: [("Idempotency-Key", "\"trigger-1\"")])
+                #expect(t3.status == 202 && t3.json["run_id"] != t1.json["run_id"], "\(t3.json)")
+            }
+        }
+    }
     /// `run wait` tells a run that ended badly (2) and a wait that ran out (3) apart from success.
     @Test func runWaitExitStatusSaysHowTheRunEnded() async throws {
         try await System.with { sys in
