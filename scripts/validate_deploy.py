@@ -98,6 +98,9 @@ prefix, first_queue = config["worker"]["amqp"]["prefix"], config["worker"]["work
 # The work queue and its isolation lane (docs/workers.md): both must scale the workers.
 scaled_queues = {f"{prefix}.q.{first_queue}", f"{prefix}.isolated.{first_queue}"}
 drain = config["worker"]["worker"]["shutdown_grace_ms"] / 1000
+# The version the binaries report (Sources/ConveyorCore/Version.swift): the migrate Job is named by it.
+version = re.search(r'current = "([0-9.]+)"', sources).group(1)
+migrate_job = "conveyor-migrate-" + version.replace(".", "-")
 
 for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
     where = f"deploy/overlays/{overlay}"
@@ -107,6 +110,13 @@ for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
         continue
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    if ("Job", migrate_job) not in kinds:
+        problem(where, f"no Job {migrate_job}: the migrate Job is named by the version ({version}), so an upgrade applies")
+    for dep in ("conveyor-dispatcher", "conveyor-worker", "conveyor-api"):
+        if ("PodDisruptionBudget", dep) not in kinds:
+            problem(where, f"no PodDisruptionBudget for {dep}")
+    if ("ServiceAccount", "conveyor") not in kinds:
+        problem(where, "no ServiceAccount conveyor")
     for d in docs:
         name = f'{where} {d["kind"]}/{d["metadata"]["name"]}'
         if d["apiVersion"].startswith("keda.sh/"):
@@ -137,6 +147,8 @@ for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
         if d["kind"] not in ("Deployment", "Job"):
             continue
         spec = d["spec"]["template"]["spec"]
+        if spec.get("serviceAccountName") != "conveyor" or spec.get("automountServiceAccountToken") is not False:
+            problem(name, "runs as ServiceAccount conveyor with automountServiceAccountToken: false (no Kubernetes API token)")
         pod_sc = spec.get("securityContext", {})
         if not pod_sc.get("runAsNonRoot"):
             problem(name, "pod securityContext.runAsNonRoot is not true")
@@ -161,6 +173,8 @@ for overlay in sorted(os.listdir(os.path.join(ROOT, "deploy/overlays"))):
                         continue
                     if probe["path"] not in ("/healthz", "/readyz"):
                         problem(name, f"{kind} path {probe['path']} is not served (/healthz, /readyz)")
+                    if kind == "startupProbe" and probe["path"] != "/readyz":
+                        problem(name, "startupProbe must wait for /readyz (connected, and the schema migrated), not /healthz")
                     port = declared.get(probe["port"], probe["port"])
                     if port != ports[role]:
                         problem(name, f"{kind} port {probe['port']} is not {role}'s port {ports[role]}")

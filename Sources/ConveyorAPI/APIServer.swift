@@ -23,6 +23,9 @@ package struct APIEnvironment: Sendable {
     /// `/readyz` needs no key: its answer is reused for 2 s, so probes (or anyone) calling it
     /// often cost one database query and one broker round trip per 2 s, not per call.
     let readiness = ReadinessCache()
+    /// Whether the database had every migration this build knows, once: it stays so (migrations
+    /// only move forward), and readiness stops asking.
+    let schemaCurrent = SchemaGate()
     /// Open `/v1/events` streams per key, and the overview they share.
     let eventStreams = EventStreams()
     let overviews = OverviewCache()
@@ -144,6 +147,24 @@ package enum APIServer {
             var p = Problem(.serviceUnavailable, "not ready", "the database is unreachable")
             p.retryAfter = 5
             return p
+        }
+        if !env.schemaCurrent.current {
+            do {
+                let missing = try await Migrator(logger: env.logger).pending(env.store.pool)
+                if missing.isEmpty {
+                    env.schemaCurrent.current = true
+                } else {
+                    env.logger.warning("readiness: \(Migrator.waitingMessage(missing))")
+                    var p = Problem(.serviceUnavailable, "not ready", Migrator.waitingMessage(missing))
+                    p.retryAfter = 5
+                    return p
+                }
+            } catch {
+                env.logger.warning("readiness: the schema's version is unreadable", metadata: ["error": "\(error)"])
+                var p = Problem(.serviceUnavailable, "not ready", "the database schema's version is unreadable")
+                p.retryAfter = 5
+                return p
+            }
         }
         if let inspector = env.inspector {
             do { try await inspector.ping() } catch {
@@ -327,5 +348,14 @@ package enum APIServer {
         if let v = r.dispatchedAt { o["dispatched_at"] = .string(Timestamp.format(v)) }
         o["priority"] = .string(r.priority.name)
         return .object(o)
+    }
+}
+
+/// Whether the database had every migration this build knows (see `readinessProblem`).
+final class SchemaGate: Sendable {
+    private let value = Atomic<Bool>(false)
+    var current: Bool {
+        get { value.load(ordering: .relaxed) }
+        set { value.store(newValue, ordering: .relaxed) }
     }
 }

@@ -73,6 +73,8 @@ package final class Dispatcher: Service, Sendable {
         package var workersLost = 0
         /// Workers that said goodbye (drained; shown `stopped`).
         package var workersLeft = 0
+        /// Times the start-up found the database schema older than this build (`waitForSchema`).
+        package var schemaWaits = 0
         /// Callback attempts: delivered, to be retried, given up.
         package var callbacksDelivered = 0
         package var callbacksRetried = 0
@@ -153,6 +155,7 @@ package final class Dispatcher: Service, Sendable {
     package var isReady: Bool { publisher.isConnected && statusConsumer.isConsuming }
 
     package func run() async throws {
+        guard try await waitForSchema() else { return }
         publisher.start()
         statusConsumer.start()
         deadConsumer.start()
@@ -167,6 +170,29 @@ package final class Dispatcher: Service, Sendable {
         logger.info(
             "dispatcher stopped",
             metadata: ["dispatcher.published": "\(stats.published)", "dispatcher.recorded": "\(stats.statusApplied)"])
+    }
+
+    /// Waits until the database has every migration this build knows: in a rolling upgrade the
+    /// new version's pods may start before the migrate Job has run. Nothing is connected (so not
+    /// ready) meanwhile. False if shutdown came first.
+    func waitForSchema() async throws -> Bool {
+        let migrator = try Migrator(logger: logger)
+        var logged: ContinuousClock.Instant?
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                let missing = try await migrator.pending(store.pool)
+                if missing.isEmpty { return true }
+                counters.withLock { $0.schemaWaits += 1 }
+                if logged.map({ ContinuousClock.now - $0 > .seconds(30) }) ?? true {
+                    logger.warning("waiting: \(Migrator.waitingMessage(missing))")
+                    logged = ContinuousClock.now
+                }
+            } catch {
+                logger.warning("cannot read the schema's version; retrying", metadata: ["error": "\(error)"])
+            }
+            try? await Task.sleep(for: .seconds(1))
+        }
+        return false
     }
 
     /// The last step of the shutdown: each broker connection's thread writes what is queued for it

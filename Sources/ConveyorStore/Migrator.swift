@@ -31,6 +31,27 @@ package struct Migrator: Sendable {
         self.logger = logger
     }
 
+    /// The migrations this build knows that the database has not applied, in order (all of them
+    /// on an empty database). Processes wait for none to be missing before they use the schema.
+    package func pending(_ pool: PostgresPool) async throws -> [String] {
+        try await pool.withConnection { c in
+            guard try await c.query("SELECT to_regclass('schema_migrations') IS NOT NULL").rows[0].bool(0) else {
+                return migrations.map(\.version)
+            }
+            let done = Set(try await c.query("SELECT version FROM schema_migrations").rows.compactMap { $0[0] })
+            return migrations.map(\.version).filter { !done.contains($0) }
+        }
+    }
+
+    /// What a process waiting for `missing` logs and answers on `/readyz`.
+    package static func waitingMessage(_ missing: [String]) -> String {
+        """
+        the database schema is older than this version: migration\(missing.count == 1 ? "" : "s") \
+        \(missing.joined(separator: ", ")) not applied; run `conveyor migrate` (on Kubernetes, the Job \
+        conveyor-migrate-<version>)
+        """
+    }
+
     /// Applies what is missing; returns the versions applied now.
     @discardableResult
     package func migrate(_ pool: PostgresPool) async throws -> [String] {
