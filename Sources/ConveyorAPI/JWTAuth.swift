@@ -12,16 +12,20 @@ package struct JWTSettings: Sendable {
     package var audience: String
     package var leeway: Duration = .seconds(30)
     package var hs256Secret: [UInt8]?
+    /// The secret being rotated out: tokens it signed still verify (HS256 only) until it is
+    /// removed (docs/security.md, "Rotating credentials").
+    package var hs256PreviousSecret: [UInt8]?
     package var jwksJSON: String?
 
     package init(
         issuer: String, audience: String, leeway: Duration = .seconds(30), hs256Secret: [UInt8]? = nil,
-        jwksJSON: String? = nil
+        hs256PreviousSecret: [UInt8]? = nil, jwksJSON: String? = nil
     ) {
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
         self.hs256Secret = hs256Secret
+        self.hs256PreviousSecret = hs256PreviousSecret
         self.jwksJSON = jwksJSON
     }
 }
@@ -41,6 +45,8 @@ struct ConveyorClaims: JWTPayload {
 
 package final class JWTVerifier: Sendable {
     let keys: JWTKeyCollection
+    /// The previous HS256 secret, tried when the current one does not verify an HS256 token.
+    let previous: JWTKeyCollection?
     let settings: JWTSettings
     /// The algorithm each key verifies, by `kid` ("" for the HS256 secret, used when a token has no kid).
     let pinned: [String: String]
@@ -70,6 +76,17 @@ package final class JWTVerifier: Sendable {
             pinned[""] = "HS256"
             pinned[Self.hmacKid] = "HS256"
         }
+        var previous: JWTKeyCollection?
+        if let old = settings.hs256PreviousSecret {
+            guard settings.hs256Secret != nil, old.count >= 32 else {
+                throw ValidationError(
+                    field: "auth.jwt.hs256_previous_secret_file", value: "\(old.count) bytes",
+                    hint: "the secret being rotated out: at least 32 bytes, and only beside a current hs256 secret")
+            }
+            let p = JWTKeyCollection()
+            await p.add(hmac: HMACKey(from: old), digestAlgorithm: .sha256, kid: JWKIdentifier(string: Self.hmacKid))
+            previous = p
+        }
         if let jwks = settings.jwksJSON {
             guard let doc = try? JSONDecoder().decode(JSONValue.self, from: Data(jwks.utf8)),
                 let list = doc["keys"]?.arrayValue
@@ -98,6 +115,7 @@ package final class JWTVerifier: Sendable {
                 hint: "set auth.jwt.hs256_secret_file (or CONVEYOR_AUTH_JWT_HS256_SECRET) or auth.jwt.jwks_file")
         }
         self.keys = keys
+        self.previous = previous
         self.settings = settings
         self.pinned = pinned
     }
@@ -111,7 +129,13 @@ package final class JWTVerifier: Sendable {
         let kid = header["kid"]?.stringValue ?? ""
         guard let expected = pinned[kid], expected == alg else { return .failure(.algorithm(alg)) }
         let claims: ConveyorClaims
-        do { claims = try await keys.verify(token, as: ConveyorClaims.self) } catch { return .failure(.signature) }
+        do { claims = try await keys.verify(token, as: ConveyorClaims.self) } catch {
+            // Rotation: an HS256 token the previous secret signed still verifies until it is removed.
+            guard alg == "HS256", let previous,
+                let old = try? await previous.verify(token, as: ConveyorClaims.self)
+            else { return .failure(.signature) }
+            claims = old
+        }
         let now = Date()
         let leeway = settings.leeway.inSeconds
         guard claims.iss.value == settings.issuer else { return .failure(.claim("iss")) }

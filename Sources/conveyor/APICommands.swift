@@ -88,6 +88,17 @@ struct APICommand: AsyncParsableCommand {
         } else if let env = ProcessInfo.processInfo.environment["CONVEYOR_AUTH_JWT_HS256_SECRET"], !env.isEmpty {
             secret = Array(env.utf8)
         }
+        var previous: [UInt8]?
+        if let file = try s.optionalString("auth.jwt.hs256_previous_secret_file") {
+            guard let data = FileManager.default.contents(atPath: file) else {
+                throw ValidationError(
+                    field: "auth.jwt.hs256_previous_secret_file", value: file, hint: "the file cannot be read")
+            }
+            previous = Array(String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+        } else if let env = ProcessInfo.processInfo.environment["CONVEYOR_AUTH_JWT_HS256_PREVIOUS_SECRET"], !env.isEmpty
+        {
+            previous = Array(env.utf8)
+        }
         var jwks: String?
         if let file = try s.optionalString("auth.jwt.jwks_file") {
             guard let data = FileManager.default.contents(atPath: file) else {
@@ -99,7 +110,7 @@ struct APICommand: AsyncParsableCommand {
             issuer: try s.string("auth.jwt.issuer", default: ""),
             audience: try s.string("auth.jwt.audience", default: ""),
             leeway: .seconds(try s.int("auth.jwt.leeway_seconds", default: 30, range: 0...60)),
-            hs256Secret: secret, jwksJSON: jwks)
+            hs256Secret: secret, hs256PreviousSecret: previous, jwksJSON: jwks)
         return try await JWTVerifier(settings)
     }
 }

@@ -82,10 +82,13 @@ struct CLIError: Error, CustomStringConvertible {
     var message: String
     var fix: String?
     var requestID: String?
-    init(_ message: String, fix: String? = nil, requestID: String? = nil) {
+    /// The exit status (docs/api.md, "conveyorctl", exit statuses): what kind of failure, for scripts.
+    var exitCode: Int32
+    init(_ message: String, fix: String? = nil, requestID: String? = nil, exitCode: Int32 = CtlExit.failure) {
         self.message = message
         self.fix = fix
         self.requestID = requestID
+        self.exitCode = exitCode
     }
     var description: String {
         var s = message
@@ -165,7 +168,8 @@ struct APIClient: Sendable {
             } catch {
                 throw CLIError(
                     "cannot reach the API at \(base): \(error)",
-                    fix: "check --url / CONVEYOR_URL, and that 'conveyor api' (or 'conveyor dev') runs there")
+                    fix: "check --url / CONVEYOR_URL, and that 'conveyor api' (or 'conveyor dev') runs there",
+                    exitCode: CtlExit.unreachable)
             }
             let bytes = try await response.body.collect(upTo: 64 << 20)
             let json = (try? JSONDecoder().decode(JSONValue.self, from: Data(bytes.readableBytesView))) ?? .null
@@ -197,7 +201,8 @@ struct APIClient: Sendable {
             case 503: "the API cannot reach its database or broker; see 'conveyor api' logs"
             default: nil
             }
-        return CLIError(message, fix: fix, requestID: json["request_id"]?.stringValue)
+        return CLIError(
+            message, fix: fix, requestID: json["request_id"]?.stringValue, exitCode: CtlExit.forStatus(status))
     }
 }
 
@@ -242,5 +247,29 @@ struct Progress {
             + String(repeating: " ", count: max(0, width - filled - 1))
         FileHandle.standardError.write(Data("\r[\(bar)] \(done)/\(total) \(label)".utf8))
         if done >= total { FileHandle.standardError.write(Data("\n".utf8)) }
+    }
+}
+
+/// conveyorctl's exit statuses, one per kind of failure a script may handle differently.
+enum CtlExit {
+    static let failure: Int32 = 1  // bad input (400, 422), a server error, anything else
+    static let endedBadly: Int32 = 2  // run wait: the run ended, not succeeded
+    static let stillGoing: Int32 = 3  // run wait, queue drain: --timeout passed first
+    static let auth: Int32 = 4  // 401, 403: the key is wrong, expired, revoked, or its role too low
+    static let notFound: Int32 = 5  // 404
+    static let conflict: Int32 = 6  // 409: exists already, cannot be cancelled, in progress
+    static let rateLimited: Int32 = 7  // 429 after five waits as told
+    static let unreachable: Int32 = 8  // no answer, or 503 (the API cannot reach its database or broker)
+    // 64: a flag or argument is wrong (ArgumentParser's usage error)
+
+    static func forStatus(_ status: Int) -> Int32 {
+        switch status {
+        case 401, 403: auth
+        case 404: notFound
+        case 409: conflict
+        case 429: rateLimited
+        case 502, 503, 504: unreachable
+        default: failure
+        }
     }
 }

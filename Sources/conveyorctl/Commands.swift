@@ -17,6 +17,23 @@ struct ConveyorCtl: AsyncParsableCommand {
         subcommands: [
             TaskGroup.self, RunGroup.self, WorkerGroup.self, GroupGroup.self, QueueGroup.self, KeyGroup.self,
         ])
+
+    /// As ArgumentParser's, but a `CLIError` exits with its own status (`CtlExit`), not 1.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? any AsyncParsableCommand {
+                try await command.run()
+            } else {
+                try command.run()
+            }
+        } catch let error as CLIError {
+            FileHandle.standardError.write(Data("Error: \(error)\n".utf8))
+            Foundation.exit(error.exitCode)
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 func path(_ s: String) -> String {
@@ -67,8 +84,8 @@ struct RunGroup: AsyncParsableCommand {
             let r = try await RunGroup.waitForRun(try global.client(), id, timeout: timeout)
             let state = r["state"]?.stringValue ?? "unknown"
             Output.print(r, json: global.json) { "run \(id) \(state)" }
-            if !RunGroup.isFinal(state) { throw ExitCode(3) }
-            if state != "succeeded" { throw ExitCode(2) }
+            if !RunGroup.isFinal(state) { throw ExitCode(CtlExit.stillGoing) }
+            if state != "succeeded" { throw ExitCode(CtlExit.endedBadly) }
         }
     }
 

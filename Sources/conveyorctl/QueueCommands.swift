@@ -92,7 +92,8 @@ struct QueueGroup: AsyncParsableCommand {
                 guard ContinuousClock.now < deadline else {
                     throw CLIError(
                         "queue \(queue) not drained within \(timeout) s: \(left.backlog) published, \(left.running) running",
-                        fix: "wait longer (--timeout), or look at the runs: conveyorctl run list --state running")
+                        fix: "wait longer (--timeout), or look at the runs: conveyorctl run list --state running",
+                        exitCode: CtlExit.stillGoing)
                 }
                 try await Task.sleep(for: .milliseconds(500))
             }

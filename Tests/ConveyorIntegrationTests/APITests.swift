@@ -591,6 +591,35 @@ struct JWTTests {
                 nbf: nil, role: role, namespace: namespace))
     }
 
+    /// Rotating the HS256 secret: with the old one as `hs256_previous_secret`, tokens it signed
+    /// still verify, and the new one's too; a third secret's do not. Without the previous secret
+    /// (the rotation done), the old tokens stop.
+    @Test func anHS256SecretRotatesWithoutRefusingTokensInFlight() async throws {
+        let new = Array("fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210".utf8)
+        let during = try await JWTVerifier(
+            JWTSettings(
+                issuer: "https://auth.test", audience: "conveyor", hs256Secret: new, hs256PreviousSecret: Self.secret))
+        let old = try await Self.token(key: Self.secret)
+        let fresh = try await Self.token(key: new)
+        let stranger = try await Self.token(key: Array(String(repeating: "z", count: 64).utf8))
+        #expect(try (await during.verify(old)).get().role == .viewer)
+        #expect(try (await during.verify(fresh)).get().role == .viewer)
+        guard case .failure(.signature) = await during.verify(stranger) else {
+            Issue.record("a token signed by neither secret verified")
+            return
+        }
+        let after = try await JWTVerifier(
+            JWTSettings(issuer: "https://auth.test", audience: "conveyor", hs256Secret: new))
+        guard case .failure(.signature) = await after.verify(old) else {
+            Issue.record("the old secret's token verified after the rotation")
+            return
+        }
+        await #expect {
+            _ = try await JWTVerifier(
+                JWTSettings(issuer: "i", audience: "a", hs256PreviousSecret: Self.secret))
+        } throws: { ($0 as? ValidationError)?.field == "auth.jwt.hs256_previous_secret_file" }
+    }
+
     @Test func tokensAreCheckedForSignatureAlgorithmIssuerAudienceAndExpiry() async throws {
         let verifier = try await JWTVerifier(
             JWTSettings(

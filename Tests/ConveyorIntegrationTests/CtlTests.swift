@@ -258,7 +258,7 @@ struct CtlTests {
                     """)
                 let busy = try ctl(["queue", "drain", "greetings", "--timeout", "1"])
                 #expect(
-                    busy.status != 0 && busy.err.contains("not drained") && busy.err.contains("1 running"),
+                    busy.status == 3 && busy.err.contains("not drained") && busy.err.contains("1 running"),
                     "\(busy.out)\(busy.err)")
                 #expect(try ctl(["queue", "resume", "greetings"]).out == "queue greetings resumed\n")
                 #expect(try await sys.count("SELECT count(*) FROM queue_pauses") == 0)
@@ -272,7 +272,17 @@ struct CtlTests {
                 let refused = try CtlTests.ctl(
                     ["queue", "limit", "greetings", "--rate", "1"],
                     env: ["CONVEYOR_URL": api.base, "CONVEYOR_API_KEY": scoped])
-                #expect(refused.status != 0 && refused.err.contains("whole fleet"), "\(refused.err)")
+                #expect(refused.status == 4 && refused.err.contains("whole fleet"), "\(refused.err)")
+                // Exit statuses by kind: not found 5, conflict 6, unreachable 8, usage 64.
+                #expect(try ctl(["task", "get", "no-such-task"]).status == 5)
+                #expect(
+                    try ctl(["task", "add", "hello", "--executor", "noop"]).status == 6, "hello exists: a conflict")
+                #expect(
+                    try CtlTests.ctl(
+                        ["task", "list"], env: ["CONVEYOR_URL": "http://127.0.0.1:1", "CONVEYOR_API_KEY": "x"]
+                    )
+                    .status == 8)
+                #expect(try ctl(["queue", "limit", "greetings", "--rate", "0"]).status == 64)
                 // The environment wins over the dev file.
                 let env = try CtlTests.ctl(
                     ["task", "list"], env: ["CONVEYOR_URL": "http://127.0.0.1:1"], in: dir)
