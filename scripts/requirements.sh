@@ -74,7 +74,17 @@ install() {
     log "installing (apt): ${apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${apt[@]}" >/dev/null
+    # No package starts a daemon of its own (a policy-rc.d that denies every start, as container
+    # images have): scripts/services.sh runs PostgreSQL and RabbitMQ as plain processes on their
+    # own ports, and Debian's prometheus (for promtool) would otherwise take the dispatcher's 9090.
+    # (a file invoke-rc.d reads, not a program this project runs: no row in requirements.tsv)
+    local sbin=/usr/sbin made=0
+    local policy="$sbin/policy-rc.d"
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made=1; fi
+    local rc=0
+    apt-get install -y -qq "${apt[@]}" >/dev/null || rc=$?
+    if [ "$made" = 1 ]; then rm -f "$policy"; fi
+    [ "$rc" = 0 ] || return "$rc"
   fi
   # pip rows after apt: python3 and pip themselves are apt rows. Asked again, since a Python
   # module may have come with an apt package.

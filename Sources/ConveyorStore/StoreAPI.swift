@@ -89,6 +89,8 @@ extension Store {
                                      $21::jsonb,
                                  next_run_at = CASE WHEN $22 THEN $23 ELSE next_run_at END,
                                  anchor_at = CASE WHEN $22 THEN $23 ELSE anchor_at END, updated_at = now(),
+                                 next_run_id = CASE WHEN NOT $22 THEN next_run_id WHEN $23::timestamptz IS NULL THEN NULL
+                                                    ELSE coalesce(next_run_id, gen_random_uuid()) END,
                                  schedule_to_start_seconds = $24
                 WHERE id = $1 AND deleted_at IS NULL
                 """,

@@ -43,9 +43,21 @@ struct DeployTests {
             "deploy/base/api.yaml", "terminationGracePeriodSeconds: 20",
             "terminationGracePeriodSeconds: 20\n      restartPolicyy: Always")
         try edit("deploy/base/dispatcher.yaml", "containerPort: 9090", "containerPort: 9000")
-        try edit("deploy/base/worker-scaledobject.yaml", "queueName: conveyor.q.default", "queueName: default")
-        try edit("deploy/base/worker-scaledobject.yaml", "protocol: http", "protocol: amqp")
+        try edit(
+            "deploy/components/keda/worker-scaledobject.yaml", "queueName: conveyor.q.default", "queueName: default")
+        try edit("deploy/components/keda/worker-scaledobject.yaml", "protocol: http", "protocol: amqp")
         try edit("docker-compose.yml", "CONVEYOR_LOG_FORMAT: json", "CONVEYOR_LOGFORMAT: json")
+        let rules = "deploy/components/prometheus-operator/prometheusrule.yaml"
+        try edit(
+            rules, "sum(increase(conveyor_runs_dead_total[15m])) > 0", "sum(increase(conveyor_runs_dead_total[15m]) > 0"
+        )
+        try edit(rules, "docs/operations.md#conveyordeadletters", "docs/operations.md#no-such-section")
+        try edit(
+            "deploy/components/prometheus-operator/conveyor.json", "max(conveyor_amqp_blocked)",
+            "max(conveyor_amqp_blockd)")
+        try edit("deploy/base/migrate-job.yaml", "name: conveyor-migrate-0-10-0", "name: conveyor-migrate")
+        try edit(
+            "deploy/base/dispatcher.yaml", "automountServiceAccountToken: false", "automountServiceAccountToken: true")
         try edit("deploy/base/config/api.yaml", "port: 8080", "port: 8081")
         let r = try Self.validate(root)
         #expect(r.status == 1)
@@ -65,6 +77,11 @@ struct DeployTests {
             "ScaledObject/conveyor-worker: protocol must be http: over AMQP KEDA counts ready messages only",
             "docker-compose.yml worker: CONVEYOR_LOGFORMAT is not read by any Conveyor binary",
             "deploy/base/config/api.yaml: differs from config/api.yaml",
+            "PrometheusRule/conveyor: promtool check rules:",
+            "alert ConveyorDeadLetters: runbook_url 'docs/operations.md#no-such-section' is not a section",
+            "queries conveyor_amqp_blockd, which docs/observability.md does not list",
+            "deploy/overlays/plain: no Job conveyor-migrate-0-10-0",
+            "Deployment/conveyor-dispatcher: runs as ServiceAccount conveyor with automountServiceAccountToken: false",
         ] {
             #expect(r.out.contains(expected), "missing '\(expected)' in:\n\(r.out)")
         }
