@@ -120,10 +120,10 @@ struct APIClient: Sendable {
 
     /// A listing's pages: the `key` array of each page, following `next_cursor` while `all` (else
     /// one page). Returns the items and the cursor of the page after them, if there is one.
-    func pages(_ path: String, key: String, query: [(String, String?)], all: Bool) async throws -> (
-        items: [JSONValue], next: String?
-    ) {
-        var cursor: String?
+    func pages(_ path: String, key: String, query: [(String, String?)], all: Bool, from start: String? = nil)
+        async throws -> (items: [JSONValue], next: String?)
+    {
+        var cursor = start
         var items: [JSONValue] = []
         repeat {
             let reply = try await call(.GET, path, query: query + [("cursor", cursor)])

@@ -96,21 +96,26 @@ struct RunGroup: AsyncParsableCommand {
         @Option var state: String?
         @Option(help: "Occurrences at or after (ISO-8601).") var since: String?
         @Option(help: "Occurrences before (ISO-8601).") var until: String?
-        @Option var limit = 50
+        @Option(help: "Runs per page (1 to 100).") var limit = 50
+        @Option(help: "The next_cursor a previous page gave: the page after it.") var cursor: String?
+        @Flag(help: "Follow every page.") var all = false
         func run() async throws {
-            let r = try await global.client().call(
-                .GET, "/v1/runs",
-                query: [("task", task), ("state", state), ("since", since), ("until", until), ("limit", String(limit))]
-            ).json
+            let (runs, next) = try await global.client().pages(
+                "/v1/runs", key: "runs",
+                query: [
+                    ("task", task), ("state", state), ("since", since), ("until", until), ("limit", String(limit)),
+                ], all: all, from: cursor)
+            let r: JSONValue = .object(
+                ["runs": .array(runs)].merging(next.map { ["next_cursor": .string($0)] } ?? [:]) { a, _ in a })
             Output.print(r, json: global.json) {
                 TextTable.render(
                     ["RUN", "OCCURRENCE", "ATTEMPT", "STATE", "WORKER", "TRACE"],
-                    (r["runs"]?.arrayValue ?? []).map { x in
+                    runs.map { x in
                         [
                             Output.text(x["id"]), Output.text(x["occurrence"]), Output.text(x["attempt"]),
                             Output.text(x["state"]), Output.text(x["worker_id"]), Output.text(x["trace_id"]),
                         ]
-                    })
+                    }) + (next.map { "\n(more: --all, or --cursor \($0))" } ?? "")
             }
         }
     }

@@ -10,7 +10,7 @@ struct TaskGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "task", abstract: "Define, list, trigger, pause and delete tasks.",
         subcommands: [
-            Add.self, Submit.self, List.self, Get.self, Post<TriggerTask>.self, Post<PauseTask>.self,
+            Add.self, Submit.self, Update.self, List.self, Get.self, Post<TriggerTask>.self, Post<PauseTask>.self,
             Post<ResumeTask>.self, Post<CancelTask>.self, Delete.self,
         ])
 
@@ -195,6 +195,56 @@ struct TaskGroup: AsyncParsableCommand {
                         }))
                 return lines.joined(separator: "\n")
             }
+        }
+    }
+
+    struct Update: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change a task: a JSON merge patch of its fields (PATCH /v1/tasks/NAME).",
+            discussion: """
+                Fields as in a task file (docs/scheduling.md); an absent field stays, null clears it (its default \
+                applies). Example: conveyorctl task update nightly --set timeout=900 --set 'retry={"max_attempts": 4}'
+                """)
+        @OptionGroup var global: GlobalOptions
+        @Argument(help: "The task's name.") var name: String
+        @Option(
+            name: .customLong("set"),
+            help: "FIELD=VALUE; VALUE is read as JSON when it parses (900, null, {\"a\": 1}), else as text.")
+        var sets: [String] = []
+        @Option(name: [.short, .long], help: "A patch file (YAML or JSON mapping); '-' reads standard input.")
+        var file: String?
+
+        func run() async throws {
+            var patch: [String: JSONValue] = [:]
+            if let file {
+                let text: String
+                if file == "-" {
+                    text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+                } else {
+                    guard let t = try? String(contentsOfFile: file, encoding: .utf8) else {
+                        throw CLIError("cannot read \(file)", fix: "check the path; use '-' to read standard input")
+                    }
+                    text = t
+                }
+                guard let loaded = try? Yams.load(yaml: text), let o = JSONValue(loaded: loaded).objectValue else {
+                    throw CLIError(
+                        "\(file) is not a mapping of fields", fix: "write it as {timeout: 900, queue: reports}")
+                }
+                patch = o
+            }
+            for item in sets {
+                guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
+                    throw CLIError("--set \(item) is not FIELD=VALUE", fix: "for example --set timeout=900")
+                }
+                let value = String(item[item.index(after: eq)...])
+                patch[String(item[..<eq])] =
+                    (try? JSONDecoder().decode(JSONValue.self, from: Data(value.utf8))) ?? .string(value)
+            }
+            guard !patch.isEmpty else {
+                throw CLIError("nothing to change", fix: "give --set FIELD=VALUE (repeatable) or -f FILE")
+            }
+            let r = try await global.client().call(.PATCH, "/v1/tasks/" + path(name), body: .object(patch)).json
+            Output.print(r, json: global.json) { "updated \(name): \(patch.keys.sorted().joined(separator: ", "))" }
         }
     }
 

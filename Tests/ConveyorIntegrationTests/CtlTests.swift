@@ -261,6 +261,22 @@ struct CtlTests {
                     busy.status == 3 && busy.err.contains("not drained") && busy.err.contains("1 running"),
                     "\(busy.out)\(busy.err)")
                 #expect(try ctl(["queue", "resume", "greetings"]).out == "queue greetings resumed\n")
+
+                // Runs a page at a time, and every page with --all; a task changed by a merge patch.
+                func runs(_ args: [String]) throws -> [JSONValue] {
+                    let r = try ctl(["run", "list", "--task", "hello", "--json"] + args)
+                    let v = try JSONDecoder().decode(JSONValue.self, from: Data(r.out.utf8))
+                    return v["runs"]?.arrayValue ?? []
+                }
+                #expect(try runs(["--limit", "1"]).count == 1)
+                #expect(try runs(["--limit", "1", "--all"]).count == 2, "the cancelled run and the running one")
+                let updated = try ctl(["task", "update", "hello", "--set", "timeout=900", "--set", "group=renamed"])
+                #expect(updated.status == 0, "\(updated.out)\(updated.err)")
+                let changed = try #require(try await sys.store.task(named: "hello"))
+                #expect(changed.timeoutSeconds == 900 && changed.group == "renamed")
+                let unknown = try ctl(["task", "update", "hello", "--set", "colour=blue"])
+                #expect(unknown.status == 1 && unknown.err.contains("colour"), "\(unknown.err)")
+                #expect(try ctl(["task", "update", "hello"]).status == 1)
                 #expect(try await sys.count("SELECT count(*) FROM queue_pauses") == 0)
                 #expect(
                     try await sys.count(
