@@ -110,7 +110,8 @@ package enum APIServer {
         router.add(middleware: TraceHeadersMiddleware())
         router.add(middleware: TracingMiddleware())
         router.add(middleware: BaggageMiddleware())
-        router.add(middleware: RequestIDMiddleware(env: env))
+        let table = RouteTable()
+        router.add(middleware: RequestIDMiddleware(env: env, routes: table))
         router.add(middleware: TextInputMiddleware())
         router.add(middleware: AuthMiddleware(env: env))
         var r = Routes(router: router)
@@ -135,6 +136,7 @@ package enum APIServer {
         operationRoutes(&r, env)
         queueRoutes(&r, env)
         Dashboard.routes(&r)
+        table.set(r.list)
         return (router, r.list)
     }
 

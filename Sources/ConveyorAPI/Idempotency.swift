@@ -48,18 +48,21 @@ extension APIServer {
             r.headers[.idempotentReplayed] = "true"
             return r
         case .mismatch(let first):
-            throw Problem(
+            var p = Problem(
                 .unprocessableContent, "Idempotency-Key reused",
                 first == route
                     ? "this key was first sent with another body; use a new key for a new request"
                     : "this key was first sent to \(first); use a new key for a new request",
                 field: "Idempotency-Key", value: key)
+            p.type = .idempotencyKeyReused
+            throw p
         case .inProgress:
             var p = Problem(
                 .conflict, "request in progress",
                 "the first request with this Idempotency-Key is still being answered; retry shortly",
                 field: "Idempotency-Key", value: key)
             p.retryAfter = 1
+            p.type = .requestInProgress
             throw p
         case .fresh:
             let answer: Answer

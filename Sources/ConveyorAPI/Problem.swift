@@ -6,6 +6,7 @@ package import HTTPTypes
 package import Hummingbird
 import Logging
 import NIOCore
+import Synchronization
 import Tracing
 import W3CTraceContext
 
@@ -66,6 +67,10 @@ package struct Problem: Error, Sendable {
     package var value: String?
     /// Seconds, for 429 and 503 (`Retry-After`).
     package var retryAfter: Int?
+    /// The class of error, when the status alone does not tell it (see `ProblemType`).
+    package var type: ProblemType?
+    /// The methods the path has, for 405 (`Allow`).
+    var allow: [String]?
 
     package init(
         _ status: HTTPResponse.Status, _ title: String, _ detail: String, field: String? = nil, value: String? = nil
@@ -83,7 +88,8 @@ package struct Problem: Error, Sendable {
 
     func response(requestID: String) -> Response {
         var o: [String: JSONValue] = [
-            "type": "about:blank", "title": .string(title), "status": .number(Double(status.code)),
+            "type": .string((type ?? ProblemType(status: status)).uri), "title": .string(title),
+            "status": .number(Double(status.code)),
             "detail": .string(detail), "request_id": .string(requestID),
         ]
         if let field { o["field"] = .string(field) }
@@ -91,13 +97,91 @@ package struct Problem: Error, Sendable {
         var headers: HTTPFields = [.contentType: "application/problem+json"]
         if status == .unauthorized { headers[.wwwAuthenticate] = "Bearer" }
         if let retryAfter { headers[.retryAfter] = String(retryAfter) }
+        if let allow { headers[.allow] = allow.joined(separator: ", ") }
         return Response(
             status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: JSONValue.object(o).jsonBytes)))
     }
 }
 
+/// The `type` of a problem: one stable URN per class of error, listed in `openapi.yaml`'s
+/// Problem schema and docs/api.md ("Errors"), so clients branch on it rather than on the title
+/// or the detail, which may be reworded.
+package enum ProblemType: String, CaseIterable, Sendable {
+    case invalidRequest = "invalid-request"
+    case unauthenticated
+    case forbidden
+    case notFound = "not-found"
+    case methodNotAllowed = "method-not-allowed"
+    case conflict
+    /// 409: the first request with this Idempotency-Key is still being answered.
+    case requestInProgress = "request-in-progress"
+    case bodyTooLarge = "body-too-large"
+    /// 422: the Idempotency-Key came with another request before.
+    case idempotencyKeyReused = "idempotency-key-reused"
+    case rateLimited = "rate-limited"
+    case internalError = "internal"
+    case unavailable
+
+    package var uri: String { "urn:conveyor:problem:" + rawValue }
+
+    /// The class a status means when nothing more precise is said.
+    init(status: HTTPResponse.Status) {
+        self =
+            switch status.code {
+            case 401: .unauthenticated
+            case 403: .forbidden
+            case 404: .notFound
+            case 405: .methodNotAllowed
+            case 409: .conflict
+            case 413: .bodyTooLarge
+            case 422: .idempotencyKeyReused
+            case 429: .rateLimited
+            case 502, 503, 504: .unavailable
+            case 400..<500: .invalidRequest
+            default: .internalError
+            }
+    }
+}
+
 extension HTTPField.Name {
     static let requestID = HTTPField.Name("X-Request-ID")!
+}
+
+/// The methods each route pattern has, for answering a method a path lacks with 405 and
+/// `Allow` (Hummingbird's router answers 404 for it). Filled once, by `APIServer.build`, before
+/// the server takes requests; read under the lock after.
+final class RouteTable: Sendable {
+    private let routes = Mutex<[(method: String, segments: [Substring])]>([])
+
+    /// `routes` as `Routes.list` spells them: `METHOD /v1/tasks/{name}`.
+    func set(_ list: [String]) {
+        let parsed = list.compactMap { line -> (String, [Substring])? in
+            let parts = line.split(separator: " ", maxSplits: 1)
+            guard parts.count == 2 else { return nil }
+            return (String(parts[0]), parts[1].split(separator: "/"))
+        }
+        routes.withLock { $0 = parsed.map { (method: $0.0, segments: $0.1) } }
+    }
+
+    /// The methods of the routes `path` matches (a `{param}` matches any one segment), sorted.
+    func methods(for path: String) -> [String] {
+        let segments = path.split(separator: "/")
+        let found = routes.withLock { routes in
+            routes.filter { route in
+                route.segments.count == segments.count
+                    && zip(route.segments, segments).allSatisfy { pattern, part in
+                        pattern.hasPrefix("{") || pattern == part
+                    }
+            }.map(\.method)
+        }
+        return Array(Set(found)).sorted()
+    }
+
+    /// Whether `path` is a route's, but not with `method`.
+    func lacksMethod(_ method: String, path: String) -> Bool {
+        let methods = methods(for: path)
+        return !methods.isEmpty && !methods.contains(method)
+    }
 }
 
 /// Reads the request's W3C trace headers before `TracingMiddleware` does, as W3C Trace Context
@@ -191,6 +275,7 @@ struct TextInputMiddleware: RouterMiddleware {
 /// it in the logs and the response, and turns every error into a problem response.
 struct RequestIDMiddleware: RouterMiddleware {
     let env: APIEnvironment
+    let routes: RouteTable
 
     func handle(
         _ request: Request, context: APIContext, next: @concurrent (Request, APIContext) async throws -> Response
@@ -212,12 +297,31 @@ struct RequestIDMiddleware: RouterMiddleware {
             response = p.response(requestID: context.requestID)
         } catch let v as ValidationError {
             response = Problem(v).response(requestID: context.requestID)
+        } catch let e as HTTPError
+            where e.status == .notFound && routes.lacksMethod(request.method.rawValue, path: request.uri.path)
+        {
+            let allowed = routes.methods(for: request.uri.path)
+            var p = Problem(
+                .methodNotAllowed, "method not allowed",
+                "\(request.uri.path) answers \(allowed.joined(separator: ", ")), not \(request.method.rawValue)")
+            p.allow = allowed
+            response = p.response(requestID: context.requestID)
         } catch let e as HTTPError {
             let title = e.status == .contentTooLarge ? "request body too large" : e.status.reasonPhrase
             let detail =
                 e.status == .contentTooLarge
                 ? "bodies are limited to \(APIServer.maxBodyBytes) bytes" : (e.body ?? e.status.reasonPhrase)
             response = Problem(e.status, title, detail).response(requestID: context.requestID)
+        } catch  where Store.isUnavailable(error) {
+            // The database cannot be reached (down, restarting, failing over, out of connections):
+            // a 503 the client may retry, not a 500 that reads as a bug.
+            context.logger.warning("request failed: the database is unavailable", metadata: ["error": "\(error)"])
+            var p = Problem(
+                .serviceUnavailable, "database unavailable",
+                "the API cannot reach its database now; retry after Retry-After seconds (a POST with the same Idempotency-Key is safe to repeat)"
+            )
+            p.retryAfter = 5
+            response = p.response(requestID: context.requestID)
         } catch {
             context.logger.error("request failed", metadata: ["error": "\(error)"])
             response = Problem(

@@ -55,7 +55,8 @@ package enum TaskSpec {
             guard let v = o[k], v != .null else { return nil }
             switch v {
             case .string(let s): return s
-            case .number(let n): return n.rounded() == n ? String(Int(n)) : String(n)
+            // Whole numbers as integers (`5`, not `5.0`); beyond Int's range (1e300) as written.
+            case .number(let n): return n.rounded() == n && abs(n) < 1e15 ? String(Int(n)) : String(n)
             case .bool(let b): return String(b)
             default: throw ValidationError(field: field(k), value: "\(v)", hint: "a single value (text)")
             }
@@ -130,7 +131,7 @@ package enum TaskSpec {
             }
             var attempts = 3
             if let a = ro.removeValue(forKey: "max_attempts") {
-                guard let n = a.doubleValue, n.rounded() == n else {
+                guard let n = a.doubleValue, n.rounded() == n, abs(n) < 1e9 else {
                     throw ValidationError(
                         field: field("retry.max_attempts"), value: "\(a)",
                         hint: "a whole number from 1 (no retries) to 1000")
@@ -146,7 +147,7 @@ package enum TaskSpec {
         }
         if let c = o["concurrency"], c != .null {
             guard let co = c.objectValue, let key = co["key"]?.stringValue, let limit = co["limit"]?.doubleValue,
-                limit.rounded() == limit,
+                limit.rounded() == limit, abs(limit) < 1e9,
                 co.count == 2
             else {
                 throw ValidationError(

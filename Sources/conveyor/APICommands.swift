@@ -28,7 +28,9 @@ struct APICommand: AsyncParsableCommand {
         let port = try s.int("api.port", default: 8080, range: 1...65_535)
         let c = try Connections(settings: s, poolSize: try s.int("database.pool_size", default: 10, range: 1...500))
         let jwt = try await Self.jwt(s)
-        let pool = c.pool(logger: logger)
+        // A request during a database outage answers 503 within seconds rather than holding
+        // the client while connections are retried for a minute.
+        let pool = c.pool(logger: logger, connectRetryFor: .seconds(3))
         defer { pool.close() }
         let options = try Self.options(s)
         logger.info(

@@ -20,7 +20,36 @@ struct GlobalOptions: ParsableArguments {
     var keyFile: String?
     @Option(help: "A YAML file with url and key_file (or CONVEYORCTL_CONFIG).") var config: String?
     @Option(help: "The namespace, for keys of every namespace ('*').") var namespace: String?
-    @Flag(help: "Print JSON for scripts instead of tables.") var json = false
+    @Option(
+        name: [.short, .long],
+        help: "How to print: a table, wide (more columns), json or yaml (the API's reply), name (kind/name lines).")
+    var output: OutputFormat?
+    @Flag(help: "Deprecated: the same as -o json.") var json = false
+
+    /// What `-o` asked for (`--json` is `-o json`).
+    var format: OutputFormat { output ?? (json ? .json : .table) }
+
+    func validate() throws {
+        if json, let output, output != .json {
+            throw ValidationError("--json is -o json; it cannot go with -o \(output.rawValue)")
+        }
+    }
+
+    /// Prints `value` as `-o` asks: the table `table(wide)` for people, the value as JSON or YAML,
+    /// or `names` (`task/nightly`), one a line. `more` (a next page's hint) follows a table, and
+    /// goes to standard error with `-o name`, so a pipe reads names only.
+    func show(
+        _ value: JSONValue, names: @autoclosure () -> [String], more: String? = nil, table: (_ wide: Bool) -> String
+    ) {
+        switch format {
+        case .table, .wide: Swift.print(table(format == .wide) + (more.map { "\n" + $0 } ?? ""))
+        case .json: Swift.print(String(decoding: value.jsonBytes, as: UTF8.self))
+        case .yaml: Swift.print(Output.yaml(value), terminator: "")
+        case .name:
+            for name in names() { Swift.print(name) }
+            if let more { FileHandle.standardError.write(Data((more + "\n").utf8)) }
+        }
+    }
 
     func client() throws -> APIClient {
         let env = ProcessInfo.processInfo.environment
@@ -206,10 +235,73 @@ struct APIClient: Sendable {
     }
 }
 
-/// Output: tables for people, JSON for scripts.
+/// `-o`: what a command prints.
+enum OutputFormat: String, CaseIterable, ExpressibleByArgument, Sendable {
+    /// Columns for people.
+    case table
+    /// The table with more columns, where there are more useful ones.
+    case wide
+    /// The API's reply as JSON, as the API sent it (keys sorted).
+    case json
+    /// The same value as YAML (keys sorted).
+    case yaml
+    /// `kind/name`, one a line, as kubectl's `-o name`.
+    case name
+}
+
+/// Output: tables for people, JSON, YAML or names for scripts.
 enum Output {
-    static func print(_ value: JSONValue, json: Bool, table: () -> String) {
-        if json { Swift.print(String(decoding: value.jsonBytes, as: UTF8.self)) } else { Swift.print(table()) }
+    /// `value` as a YAML document: keys sorted, text that would read as another type (`"yes"`,
+    /// `"1"`, a timestamp) quoted, so loading it gives back the JSON value.
+    static func yaml(_ value: JSONValue) -> String {
+        (try? Yams.serialize(node: node(value), width: -1, allowUnicode: true)) ?? "null\n"
+    }
+
+    static func node(_ value: JSONValue) -> Node {
+        switch value {
+        case .null: return Node("null", Tag(.null))
+        case .bool(let b): return Node(b ? "true" : "false", Tag(.bool))
+        case .number(let n) where n.rounded() == n && abs(n) < 1e15: return Node(String(Int64(n)), Tag(.int))
+        case .number(let n):
+            // YAML 1.1 reads a float only with a '.': 1e+20 must be 1.0e+20.
+            var text = String(n)
+            if !text.contains("."), let e = text.firstIndex(where: { $0 == "e" || $0 == "E" }) {
+                text.insert(contentsOf: ".0", at: e)
+            }
+            return Node(text, Tag(.float))
+        case .string(let s):
+            let scalar = s.represented()
+            return .scalar(s.contains("\n") && scalar.style == .any ? Node.Scalar(s, Tag(.str), .literal) : scalar)
+        case .array(let a): return Node(a.map(node))
+        case .object(let o):
+            return Node(o.sorted { $0.key < $1.key }.map { (Node.scalar($0.key.represented()), node($0.value)) })
+        }
+    }
+
+    /// A listing as the API gives a page of it: `{key: items, next_cursor}` (the cursor if any).
+    static func page(_ key: String, _ items: [JSONValue], next: String?) -> JSONValue {
+        .object([key: .array(items)].merging(next.map { ["next_cursor": .string($0)] } ?? [:]) { a, _ in a })
+    }
+
+    /// An array's items, comma-separated (`-` when there are none).
+    static func list(_ v: JSONValue?) -> String {
+        let items = (v?.arrayValue ?? []).map(text)
+        return items.isEmpty ? "-" : items.joined(separator: ",")
+    }
+
+    /// A mapping as `k=v` pairs, keys sorted (`-` when empty).
+    static func pairs(_ v: JSONValue?) -> String {
+        let o = v?.objectValue ?? [:]
+        return o.isEmpty
+            ? "-" : o.sorted { $0.key < $1.key }.map { "\($0.key)=\(text($0.value))" }.joined(separator: ",")
+    }
+
+    /// A run's error on one line, cut to 60 characters: `error_class: error_message`, else its reason.
+    static func error(_ run: JSONValue) -> String {
+        let parts = [run["error_class"]?.stringValue, run["error_message"]?.stringValue].compactMap { $0 }
+        var s = parts.isEmpty ? (run["reason"]?.stringValue ?? "-") : parts.joined(separator: ": ")
+        s = s.split(whereSeparator: \.isNewline).joined(separator: " ")
+        return s.count > 60 ? String(s.prefix(59)) + "…" : s
     }
 
     /// One line per key of `object`: the key padded to `width`, then its value.
@@ -260,7 +352,7 @@ enum CtlExit {
     static let conflict: Int32 = 6  // 409: exists already, cannot be cancelled, in progress
     static let rateLimited: Int32 = 7  // 429 after five waits as told
     static let unreachable: Int32 = 8  // no answer, or 503 (the API cannot reach its database or broker)
-    // 64: a flag or argument is wrong (ArgumentParser's usage error)
+    static let usage: Int32 = 64  // a flag or argument is wrong (as ArgumentParser's usage error), or --yes is missing
 
     static func forStatus(_ status: Int) -> Int32 {
         switch status {
@@ -270,6 +362,28 @@ enum CtlExit {
         case 429: rateLimited
         case 502, 503, 504: unreachable
         default: failure
+        }
+    }
+}
+
+/// `--yes` for a command that deletes, revokes or cancels: without it, a question on a terminal;
+/// with no terminal to ask on (a script, a pipe), a refusal before anything is sent.
+struct Confirmation: ParsableArguments {
+    @Flag(name: [.short, .long], help: "Do it without asking (needed when standard input is not a terminal).")
+    var yes = false
+
+    /// Returns when the user agreed (`--yes`, or `y` to `question` on a terminal); throws otherwise.
+    func confirm(_ question: String) throws {
+        if yes { return }
+        guard isatty(STDIN_FILENO) == 1 else {
+            throw CLIError(
+                "refusing to \(question) without --yes: standard input is not a terminal to ask on",
+                fix: "pass --yes (or -y) to \(question)", exitCode: CtlExit.usage)
+        }
+        FileHandle.standardError.write(Data("\(question)? [y/N] ".utf8))
+        let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased()
+        guard answer == "y" || answer == "yes" else {
+            throw CLIError("not confirmed: nothing was changed", exitCode: CtlExit.failure)
         }
     }
 }

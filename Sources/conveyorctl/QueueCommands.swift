@@ -7,18 +7,21 @@ struct QueueGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "queue",
         abstract: "Work queues: backlogs, pauses and drains, and rate limits across all dispatchers.",
+        discussion: "Example: conveyorctl queue list",
         subcommands: [List.self, Pause.self, Resume.self, Drain.self, Limit.self, Unlimit.self])
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Queues with open runs, running runs and completions in the last minute.")
+            abstract: "Queues with open runs, running runs and completions in the last minute.",
+            discussion: "Example: conveyorctl queue list -o yaml")
         @OptionGroup var global: GlobalOptions
         func run() async throws {
             let r = try await global.client().call(.GET, "/v1/queues").json
-            Output.print(r, json: global.json) {
+            let queues = r["queues"]?.arrayValue ?? []
+            global.show(r, names: queues.map { "queue/" + Output.text($0["name"]) }) { _ in
                 TextTable.render(
                     ["QUEUE", "TASKS", "WAITING", "BACKLOG", "RUNNING", "FINISHED/MIN", "PAUSED"],
-                    (r["queues"]?.arrayValue ?? []).map { q in
+                    queues.map { q in
                         [
                             Output.text(q["name"]), Output.text(q["tasks"]), Output.text(q["waiting"]),
                             Output.text(q["backlog"]), Output.text(q["running"]),
@@ -41,7 +44,7 @@ struct QueueGroup: AsyncParsableCommand {
         @Argument(help: "The queue's name.") var queue: String
         func run() async throws {
             let r = try await global.client().call(.POST, "/v1/queues/\(path(queue))/pause").json
-            Output.print(r, json: global.json) {
+            global.show(r, names: ["queue/\(queue)"]) { _ in
                 r["changed"] == true ? "queue \(queue) paused" : "queue \(queue) was already paused"
             }
         }
@@ -55,7 +58,7 @@ struct QueueGroup: AsyncParsableCommand {
         @Argument(help: "The queue's name.") var queue: String
         func run() async throws {
             let r = try await global.client().call(.POST, "/v1/queues/\(path(queue))/resume").json
-            Output.print(r, json: global.json) {
+            global.show(r, names: ["queue/\(queue)"]) { _ in
                 r["changed"] == true ? "queue \(queue) resumed" : "queue \(queue) was not paused"
             }
         }
@@ -97,7 +100,8 @@ struct QueueGroup: AsyncParsableCommand {
                 }
                 try await Task.sleep(for: .milliseconds(500))
             }
-            Output.print(.object(["queue": .string(queue), "paused": true, "drained": true]), json: global.json) {
+            let drained: JSONValue = ["queue": .string(queue), "paused": true, "drained": true]
+            global.show(drained, names: ["queue/\(queue)"]) { _ in
                 "queue \(queue) paused and drained: nothing of it is published or running"
             }
         }
@@ -105,7 +109,8 @@ struct QueueGroup: AsyncParsableCommand {
 
     struct Limit: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "At most --rate runs per second start from the queue, across all dispatchers.")
+            abstract: "At most --rate runs per second start from the queue, across all dispatchers.",
+            discussion: "A key for every namespace. Example: conveyorctl queue limit etl --rate 5 --burst 10")
         @OptionGroup var global: GlobalOptions
         @Argument(help: "The queue's name.") var queue: String
         @Option(help: "Runs per second (above 0).") var rate: Double
@@ -123,28 +128,20 @@ struct QueueGroup: AsyncParsableCommand {
             var body: [String: JSONValue] = ["rate": .number(rate)]
             if let burst { body["burst"] = .number(burst) }
             let r = try await global.client().call(.PUT, "/v1/queues/\(path(queue))/limit", body: .object(body)).json
-            Output.print(r, json: global.json) {
+            global.show(r, names: ["queue/\(queue)"]) { _ in
                 "queue \(queue): at most \(Output.text(r["rate"])) runs/s (burst \(Output.text(r["burst"])))"
             }
         }
     }
 
     struct Unlimit: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove the queue's rate limit.")
+        static let configuration = CommandConfiguration(
+            abstract: "Remove the queue's rate limit.", discussion: "Example: conveyorctl queue unlimit etl")
         @OptionGroup var global: GlobalOptions
         @Argument(help: "The queue's name.") var queue: String
         func run() async throws {
             let r = try await global.client().call(.DELETE, "/v1/queues/\(path(queue))/limit").json
-            Output.print(r, json: global.json) { "queue \(queue): no rate limit" }
+            global.show(r, names: ["queue/\(queue)"]) { _ in "queue \(queue): no rate limit" }
         }
-    }
-}
-
-enum CancelTask: PostAction {
-    static let name = "cancel", abstract = "Cancel every open run of a task; workers kill the executor.",
-        argument = "The task's name."
-    static func path(_ s: String) -> String { "/v1/tasks/\(s)/cancel" }
-    static func said(_ s: String, _ r: JSONValue) -> String {
-        "cancelled \(Output.text(r["runs_cancelled"])) runs of \(s)"
     }
 }

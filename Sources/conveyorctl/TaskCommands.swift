@@ -9,9 +9,10 @@ import Yams
 struct TaskGroup: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "task", abstract: "Define, list, trigger, pause and delete tasks.",
+        discussion: "Example: conveyorctl task list --state failed --group etl -o wide",
         subcommands: [
             Add.self, Submit.self, Update.self, List.self, Get.self, Post<TriggerTask>.self, Post<PauseTask>.self,
-            Post<ResumeTask>.self, Post<CancelTask>.self, Delete.self,
+            Post<ResumeTask>.self, ConfirmedPost<CancelTask>.self, Delete.self,
         ])
 
     struct Add: AsyncParsableCommand {
@@ -52,13 +53,17 @@ struct TaskGroup: AsyncParsableCommand {
             if let timeout { task["timeout"] = .number(timeout) }
             if let s = scheduleToStartTimeout { task["schedule_to_start_timeout"] = .number(s) }
             _ = try await global.client().call(.POST, "/v1/tasks", body: .object(task), accept: [201])
-            Output.print(.object(["created": .string(name)]), json: global.json) { "created \(name)" }
+            global.show(.object(["created": .string(name)]), names: ["task/\(name)"]) { _ in "created \(name)" }
         }
     }
 
     struct Submit: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Create tasks from a YAML or JSON file (one task, a list, or {tasks: [...]}), in batches.")
+            abstract: "Create tasks from a YAML or JSON file (one task, a list, or {tasks: [...]}), in batches.",
+            discussion: """
+                Each batch is all or nothing; a progress bar shows on a terminal. -o name prints task/NAME for \
+                every task submitted. Example: conveyorctl task submit -f tasks.yaml --batch-size 500
+                """)
         @OptionGroup var global: GlobalOptions
         @Option(name: [.short, .long], help: "The task file; '-' reads standard input.") var file: String
         @Option(name: .customLong("batch-size"), help: "Tasks per request (each batch is all or nothing).")
@@ -72,15 +77,7 @@ struct TaskGroup: AsyncParsableCommand {
 
         func run() async throws {
             let client = try global.client()
-            let text: String
-            if file == "-" {
-                text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
-            } else {
-                guard let t = try? String(contentsOfFile: file, encoding: .utf8) else {
-                    throw CLIError("cannot read \(file)", fix: "check the path; use '-' to read standard input")
-                }
-                text = t
-            }
+            let text = try readInput(file)
             let loaded: Any?
             do { loaded = try Yams.load(yaml: text) } catch {
                 throw CLIError(
@@ -120,10 +117,10 @@ struct TaskGroup: AsyncParsableCommand {
                 done += chunk.count
                 progress.update(done)
             }
-            Output.print(
+            global.show(
                 .object(["submitted": .number(Double(done)), "batches": .array(batches.map(JSONValue.string))]),
-                json: global.json
-            ) {
+                names: tasks.map { "task/" + Output.text($0["name"]) }
+            ) { _ in
                 "submitted \(done) tasks in \(batches.count) batch\(batches.count == 1 ? "" : "es"): "
                     + batches.joined(separator: ", ")
             }
@@ -131,7 +128,12 @@ struct TaskGroup: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List tasks with their latest run.")
+        static let configuration = CommandConfiguration(
+            abstract: "List tasks with their latest run.",
+            discussion: """
+                -o wide adds the time zone, priority, group, labels and the latest run's id. \
+                Example: conveyorctl task list --label team=data --paused false -o wide
+                """)
         @OptionGroup var global: GlobalOptions
         @Option(help: "State of the latest run (succeeded, failed, dead, ...).") var state: String?
         @Option var queue: String?
@@ -141,41 +143,59 @@ struct TaskGroup: AsyncParsableCommand {
         @Option(help: "Names starting with this.") var prefix: String?
         @Option(help: "true or false.") var paused: Bool?
         @Option(help: "Tasks per page (1 to 100).") var limit = 50
+        @Option(help: "The next_cursor a previous page gave: the page after it.") var cursor: String?
         @Flag(help: "Follow every page.") var all = false
 
         func run() async throws {
-            let (tasks, cursor) = try await global.client().pages(
+            let (tasks, next) = try await global.client().pages(
                 "/v1/tasks", key: "tasks",
                 query: [
                     ("state", state), ("queue", queue), ("group", group), ("label", label), ("batch_id", batch),
                     ("prefix", prefix), ("paused", paused.map { String($0) }), ("limit", String(limit)),
-                ], all: all)
-            Output.print(
-                .object(
-                    ["tasks": .array(tasks)].merging(cursor.map { ["next_cursor": .string($0)] } ?? [:]) { a, _ in a }),
-                json: global.json
-            ) {
-                TextTable.render(
-                    ["NAME", "EXECUTOR", "SCHEDULE", "QUEUE", "PAUSED", "LAST RUN", "NEXT RUN"],
+                ], all: all, from: cursor)
+            global.show(
+                Output.page("tasks", tasks, next: next), names: tasks.map { "task/" + Output.text($0["name"]) },
+                more: next.map { "(more: --all, or --cursor \($0))" }
+            ) { wide in
+                guard wide else {
+                    return TextTable.render(
+                        ["NAME", "EXECUTOR", "SCHEDULE", "QUEUE", "PAUSED", "LAST RUN", "NEXT RUN"],
+                        tasks.map { t in
+                            [
+                                Output.text(t["name"]), Output.text(t["executor"]), Output.text(t["schedule"]),
+                                Output.text(t["queue"]), Output.text(t["paused"]),
+                                Output.text(t["last_run"]?["state"]), Output.text(t["next_run_at"]),
+                            ]
+                        })
+                }
+                return TextTable.render(
+                    [
+                        "NAME", "EXECUTOR", "SCHEDULE", "TIMEZONE", "QUEUE", "PRIORITY", "GROUP", "LABELS", "PAUSED",
+                        "LAST RUN", "LAST RUN ID", "NEXT RUN",
+                    ],
                     tasks.map { t in
                         [
                             Output.text(t["name"]), Output.text(t["executor"]), Output.text(t["schedule"]),
-                            Output.text(t["queue"]), Output.text(t["paused"]),
-                            Output.text(t["last_run"]?["state"]), Output.text(t["next_run_at"]),
+                            Output.text(t["timezone"]), Output.text(t["queue"]), Output.text(t["priority"]),
+                            Output.text(t["group"]), Output.pairs(t["labels"]), Output.text(t["paused"]),
+                            Output.text(t["last_run"]?["state"]), Output.text(t["last_run"]?["id"]),
+                            Output.text(t["next_run_at"]),
                         ]
-                    }) + (cursor.map { "\n(more: --all, or the next page after \($0))" } ?? "")
+                    })
             }
         }
     }
 
     struct Get: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "One task and its recent runs.")
+        static let configuration = CommandConfiguration(
+            abstract: "One task and its recent runs.",
+            discussion: "-o yaml gives every field. Example: conveyorctl task get nightly-report -o yaml")
         @OptionGroup var global: GlobalOptions
-        @Argument var name: String
+        @Argument(help: "The task's name.") var name: String
 
         func run() async throws {
             let t = try await global.client().call(.GET, "/v1/tasks/" + path(name)).json
-            Output.print(t, json: global.json) {
+            global.show(t, names: ["task/\(name)"]) { _ in
                 var lines = Output.fields(
                     t,
                     [
@@ -217,50 +237,67 @@ struct TaskGroup: AsyncParsableCommand {
         func run() async throws {
             var patch: [String: JSONValue] = [:]
             if let file {
-                let text: String
-                if file == "-" {
-                    text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
-                } else {
-                    guard let t = try? String(contentsOfFile: file, encoding: .utf8) else {
-                        throw CLIError("cannot read \(file)", fix: "check the path; use '-' to read standard input")
-                    }
-                    text = t
-                }
+                let text = try readInput(file)
                 guard let loaded = try? Yams.load(yaml: text), let o = JSONValue(loaded: loaded).objectValue else {
                     throw CLIError(
                         "\(file) is not a mapping of fields", fix: "write it as {timeout: 900, queue: reports}")
                 }
                 patch = o
             }
-            for item in sets {
-                guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
-                    throw CLIError("--set \(item) is not FIELD=VALUE", fix: "for example --set timeout=900")
-                }
-                let value = String(item[item.index(after: eq)...])
-                patch[String(item[..<eq])] =
-                    (try? JSONDecoder().decode(JSONValue.self, from: Data(value.utf8))) ?? .string(value)
-            }
+            try patch.merge(settings(sets, example: "timeout=900")) { _, new in new }
             guard !patch.isEmpty else {
                 throw CLIError("nothing to change", fix: "give --set FIELD=VALUE (repeatable) or -f FILE")
             }
             let r = try await global.client().call(.PATCH, "/v1/tasks/" + path(name), body: .object(patch)).json
-            Output.print(r, json: global.json) { "updated \(name): \(patch.keys.sorted().joined(separator: ", "))" }
+            global.show(r, names: ["task/\(name)"]) { _ in
+                "updated \(name): \(patch.keys.sorted().joined(separator: ", "))"
+            }
         }
     }
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Delete a task (soft: its runs stay); --purge removes it and its runs (admin).")
+            abstract: "Delete a task (soft: its runs stay); --purge removes it and its runs (admin).",
+            discussion: """
+                Asks first on a terminal; --yes (-y) does not ask, and is needed when standard input is not a \
+                terminal. Example: conveyorctl task delete nightly-report --purge --yes
+                """)
         @OptionGroup var global: GlobalOptions
-        @Argument var name: String
+        @OptionGroup var confirmation: Confirmation
+        @Argument(help: "The task's name.") var name: String
         @Flag(help: "Delete the task and all its runs for good.") var purge = false
         func run() async throws {
-            let r = try await global.client().call(
+            let client = try global.client()
+            try confirmation.confirm(purge ? "delete task \(name) and all its runs for good" : "delete task \(name)")
+            let r = try await client.call(
                 .DELETE, "/v1/tasks/" + path(name), query: [("purge", purge ? "true" : nil)]
             ).json
-            Output.print(r, json: global.json) {
+            global.show(r, names: ["task/\(name)"]) { _ in
                 purge ? "purged \(name) and \(Output.text(r["purged_runs"])) runs" : "deleted \(name)"
             }
         }
     }
+}
+
+/// A file's text; `-` reads standard input.
+func readInput(_ file: String) throws -> String {
+    if file == "-" { return String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self) }
+    guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+        throw CLIError("cannot read \(file)", fix: "check the path; use '-' to read standard input")
+    }
+    return text
+}
+
+/// `--set NAME=VALUE` flags as a mapping: VALUE is JSON when it parses (`900`, `null`,
+/// `{"a": 1}`), else text.
+func settings(_ items: [String], example: String) throws -> [String: JSONValue] {
+    var out: [String: JSONValue] = [:]
+    for item in items {
+        guard let eq = item.firstIndex(of: "="), eq != item.startIndex else {
+            throw CLIError("--set \(item) is not NAME=VALUE", fix: "for example --set \(example)")
+        }
+        let value = String(item[item.index(after: eq)...])
+        out[String(item[..<eq])] = (try? JSONDecoder().decode(JSONValue.self, from: Data(value.utf8))) ?? .string(value)
+    }
+    return out
 }

@@ -370,6 +370,147 @@ struct OpenAPITests {
         }
     }
 
+    /// What a client generator needs and what a client must be told: a unique operationId and a
+    /// declared tag on every operation; 429 and 503 with Retry-After on every authenticated one;
+    /// no object schema that says nothing of its fields; the problem types the server uses.
+    @Test func everyOperationIsNamedTaggedAndTypedAndListsLimitsAndOutages() throws {
+        let doc = try Self.document()
+        #expect(
+            (doc["info"] as? [String: Any])?["version"] as? String == ConveyorVersion.current,
+            "info.version is the release's")
+        let declaredTags = Set(((doc["tags"] as? [[String: Any]]) ?? []).compactMap { $0["name"] as? String })
+        var ids: [String: String] = [:]
+        for (path, item) in try #require(doc["paths"] as? [String: Any]) {
+            for (method, value) in item as? [String: Any] ?? [:] {
+                guard let op = value as? [String: Any] else { continue }
+                let operation = "\(method.uppercased()) \(path)"
+                let id = op["operationId"] as? String ?? ""
+                #expect(!id.isEmpty, "\(operation) has no operationId")
+                #expect(ids[id] == nil, "operationId \(id) of \(operation) is also \(ids[id] ?? "")'s")
+                ids[id] = operation
+                let tags = op["tags"] as? [String] ?? []
+                #expect(!tags.isEmpty && Set(tags).isSubset(of: declaredTags), "\(operation) tags \(tags)")
+                let open = (op["security"] as? [Any])?.isEmpty == true
+                let responses = op["responses"] as? [String: Any] ?? [:]
+                if !open {
+                    for status in ["401", "429", "503"] {
+                        #expect(responses[status] != nil, "\(operation) does not list \(status)")
+                    }
+                    for status in ["429", "503"] {
+                        let ref = (responses[status] as? [String: Any])?["$ref"] as? String ?? ""
+                        let headers = Self.resolve(ref, doc)?["headers"] as? [String: Any]
+                        #expect(headers?["Retry-After"] != nil, "\(operation) \(status) does not carry Retry-After")
+                    }
+                }
+            }
+        }
+        // No bare {type: object}: every object schema names its properties, or says what its
+        // other keys hold (additionalProperties), or is composed.
+        func walk(_ node: Any, _ at: String) {
+            if let o = node as? [String: Any] {
+                let isObject =
+                    (o["type"] as? String) == "object" || (o["type"] as? [String])?.contains("object") == true
+                if isObject {
+                    #expect(
+                        ["properties", "additionalProperties", "allOf", "oneOf", "anyOf", "$ref"].contains {
+                            o[$0] != nil
+                        }, "\(at) is an object schema with nothing said of its fields")
+                }
+                for (k, v) in o { walk(v, at + "/" + k) }
+            } else if let a = node as? [Any] {
+                for (i, v) in a.enumerated() { walk(v, at + "/\(i)") }
+            }
+        }
+        walk(doc, "#")
+        let problemTypes = Set(
+            ((((doc["components"] as? [String: Any])?["schemas"] as? [String: Any])?["Problem"] as? [String: Any])?[
+                "properties"] as? [String: Any])?["type"].flatMap { ($0 as? [String: Any])?["enum"] as? [String] }
+                ?? [])
+        #expect(problemTypes == Set(ProblemType.allCases.map(\.uri)), "the document's problem types, the server's")
+    }
+
+    /// Numbers beyond Int's range where the server wants a whole number or text: a 400 naming the
+    /// field. They crashed the API process (converting 1e300 to Int traps), as schemathesis found
+    /// once the document gave it typed bodies to generate.
+    @Test func hugeNumbersAreRefusedWithoutCrashing() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let k = try await APITests.key(sys, role: .admin, namespace: "default")
+                for (body, field) in [
+                    (#"{"name": "h", "executor": "noop", "retry": {"max_attempts": 1e300}}"#, "retry.max_attempts"),
+                    (
+                        #"{"name": "h", "executor": "noop", "concurrency": {"key": "k", "limit": -1e300}}"#,
+                        "concurrency"
+                    ),
+                    (#"{"name": "h", "executor": "noop", "timeout": -1e300}"#, "timeout"),
+                    (#"{"name": "h", "executor": "noop", "schedule": 1e300}"#, "schedule"),
+                ] {
+                    let r = try await api.call("POST", "/v1/tasks", key: k, body: body)
+                    #expect(r.status == 400 && r.json["field"]?.stringValue == field, "\(body): \(r.status) \(r.json)")
+                }
+                let group = try await api.call(
+                    "POST", "/v1/tasks", key: k, body: #"{"name": "g", "executor": "noop", "group": 1e300}"#)
+                #expect(group.status == 201 && group.json["group"] == "1e+300", "\(group.json)")
+            }
+        }
+    }
+
+    /// A method a path does not have: 405 with `Allow`, not the 404 Hummingbird gives (which
+    /// reads as "no such task").
+    @Test func aMethodThePathLacksAnswers405WithAllow() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let k = try await APITests.key(sys, role: .admin, namespace: "default")
+                for (method, path, allow) in [
+                    ("DELETE", "/v1/runs", "GET"), ("PUT", "/v1/tasks/x", "DELETE, GET, PATCH"),
+                    ("GET", "/v1/tasks/x/trigger", "POST"), ("POST", "/healthz", "GET"),
+                    ("PATCH", "/v1/queues/q/limit", "DELETE, PUT"),
+                ] {
+                    let r = try await api.call(method, path, key: k, body: method == "GET" ? nil : "{}")
+                    #expect(r.status == 405, "\(method) \(path): \(r.status) \(r.json)")
+                    #expect(r.headers.first { $0.0.lowercased() == "allow" }?.1 == allow, "\(method) \(path)")
+                    #expect(r.json["type"] == "urn:conveyor:problem:method-not-allowed", "\(r.json)")
+                }
+                let unknown = try await api.call("GET", "/v1/nothing", key: k)
+                #expect(unknown.status == 404 && unknown.json["type"] == "urn:conveyor:problem:not-found")
+                let task = try await api.call("GET", "/v1/tasks/nope", key: k)
+                #expect(task.status == 404, "a path with its method but no such task stays 404")
+                let stranger = try await api.call("DELETE", "/v1/runs")
+                #expect(stranger.status == 401, "credentials are checked before the method")
+            }
+        }
+    }
+
+    /// The database unreachable: every authenticated route answers 503 with Retry-After (a
+    /// client retries), not 500 (a bug to report), within seconds.
+    @Test func anUnreachableDatabaseAnswers503WithRetryAfter() async throws {
+        try await System.with { sys in
+            // A pool whose server is gone: a port that was listening and is closed now.
+            let gone = try TCPForwarder(upstreamPort: 1)
+            let port = gone.port
+            gone.stop()
+            var c = PostgresPool.Configuration(
+                url: "postgresql://conveyor@127.0.0.1:\(port)/conveyor?connect_timeout=2")
+            c.connectRetryFor = .milliseconds(500)
+            let pool = PostgresPool(configuration: c, logger: Servers.logger)
+            defer { pool.close() }
+            let down = System(
+                databaseURL: sys.databaseURL, pool: pool, store: Store(pool: pool), prefix: sys.prefix, amqp: sys.amqp,
+                queue: sys.queue, dispatcherAMQPURL: sys.dispatcherAMQPURL, workerAMQPURL: sys.workerAMQPURL,
+                apiAMQPURL: sys.apiAMQPURL)
+            let key = try await APITests.key(sys, role: .admin, namespace: "default")
+            try await APITests.withAPI(down) { api, _ in
+                for (method, path) in [("GET", "/v1/tasks"), ("POST", "/v1/tasks/a/trigger"), ("GET", "/v1/runs")] {
+                    let r = try await api.call(method, path, key: key)
+                    #expect(r.status == 503, "\(method) \(path): \(r.status) \(r.json)")
+                    #expect(r.json["type"] == "urn:conveyor:problem:unavailable", "\(r.json)")
+                    #expect(r.headers.first { $0.0.lowercased() == "retry-after" }?.1 == "5")
+                }
+                #expect(try await api.call("GET", "/readyz").status == 503)
+            }
+        }
+    }
+
     @Test func responsesMatchTheirSchemas() async throws {
         try await System.with { sys in
             let doc = try Self.document()
@@ -518,13 +659,22 @@ struct OpenAPITests {
         return node as? [String: Any]
     }
 
-    /// What is wrong with `value` under `schema` (a subset of JSON Schema: $ref, allOf, type,
-    /// required, properties, additionalProperties false, items, enum).
+    /// What is wrong with `value` under `schema` (a subset of JSON Schema: $ref, allOf, oneOf,
+    /// anyOf, type, required, properties, additionalProperties false, items, enum).
     static func validate(_ value: JSONValue, _ schema: [String: Any], _ doc: [String: Any], at path: String) -> [String]
     {
         if let ref = schema["$ref"] as? String { return validate(value, resolve(ref, doc) ?? [:], doc, at: path) }
         var problems: [String] = []
         for sub in schema["allOf"] as? [[String: Any]] ?? [] { problems += validate(value, sub, doc, at: path) }
+        if let one = schema["oneOf"] as? [[String: Any]] {
+            let matching = one.filter { validate(value, $0, doc, at: path).isEmpty }.count
+            if matching != 1 { problems.append("\(path): matches \(matching) of oneOf's \(one.count) schemas") }
+        }
+        if let any = schema["anyOf"] as? [[String: Any]],
+            !any.contains(where: { validate(value, $0, doc, at: path).isEmpty })
+        {
+            problems.append("\(path): matches none of anyOf's schemas")
+        }
         let types: [String] = (schema["type"] as? String).map { [$0] } ?? (schema["type"] as? [String] ?? [])
         if !types.isEmpty {
             let ok = types.contains { t in
@@ -533,6 +683,7 @@ struct OpenAPITests {
                     ("number", .number):
                     true
                 case ("integer", .number(let n)): n.rounded() == n
+                case ("null", .null): true
                 default: false
                 }
             }

@@ -3,16 +3,28 @@ import ConveyorCore
 import ConveyorStore
 import Foundation
 import Testing
+import Yams
 
 /// `conveyorctl`, the separate client binary, against the real API and database.
 @Suite("conveyorctl (real processes)", .serialized)
 struct CtlTests {
     /// Runs `conveyorctl <args>`; returns its exit status, standard output and error.
     /// In `directory` (default: a fresh temporary one, so a `.local/conveyorctl.yaml` left by
-    /// `conveyor dev` in the project is never read).
-    static func ctl(_ args: [String], env: [String: String], stdin: String? = nil, in directory: URL? = nil) throws
+    /// `conveyor dev` in the project is never read). Standard input is a pipe holding `stdin`;
+    /// with `terminal`, a pseudo-terminal instead, with `terminal` typed into it.
+    static func ctl(
+        _ args: [String], env: [String: String], stdin: String? = nil, terminal: String? = nil,
+        in directory: URL? = nil
+    ) throws
         -> (status: Int32, out: String, err: String)
     {
+        var tty: (typed: FileHandle, input: FileHandle)?
+        if let terminal {
+            let (master, slave) = try pseudoTerminal()
+            tty = (FileHandle(fileDescriptor: master, closeOnDealloc: true), FileHandle(fileDescriptor: slave))
+            // Typed ahead: the terminal holds the line until conveyorctl reads it.
+            tty?.typed.write(Data(terminal.utf8))
+        }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try conveyorBinary("conveyorctl"))
         p.arguments = args
@@ -28,13 +40,15 @@ struct CtlTests {
         let input = Pipe()
         p.standardOutput = out
         p.standardError = err
-        p.standardInput = input
+        p.standardInput = tty?.input ?? input
         try p.run()
+        if let tty { try tty.input.close() }
         if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
         try input.fileHandleForWriting.close()
         let o = out.fileHandleForReading.readDataToEndOfFile()
         let r = err.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
+        withExtendedLifetime(tty) {}
         return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: r, as: UTF8.self))
     }
 
@@ -86,11 +100,11 @@ struct CtlTests {
                     try Self.ctl(["group", "get", "bulk", "--json"], env: keyEnv).out.contains("\"paused_tasks\":1"))
                 #expect(try Self.ctl(["group", "pause", "bulk"], env: keyEnv).out == "paused 1199 tasks of bulk\n")
                 #expect(try Self.ctl(["group", "resume", "bulk"], env: keyEnv).out == "resumed 1200 tasks of bulk\n")
-                #expect(try Self.ctl(["group", "cancel", "bulk"], env: keyEnv).out.hasPrefix("cancelled "))
+                #expect(try Self.ctl(["group", "cancel", "bulk", "--yes"], env: keyEnv).out.hasPrefix("cancelled "))
                 let cancel = try Self.ctl(["run", "cancel", UUID().uuidString], env: keyEnv)
                 #expect(cancel.status != 0 && cancel.err.contains("no run"), "\(cancel.err)")
                 #expect(try Self.ctl(["task", "get", "t-0001"], env: keyEnv).out.contains("recent runs:"))
-                #expect(try Self.ctl(["task", "delete", "t-0003"], env: keyEnv).status == 0)
+                #expect(try Self.ctl(["task", "delete", "t-0003", "-y"], env: keyEnv).status == 0)
                 #expect(try Self.ctl(["run", "list", "--json"], env: keyEnv).status == 0)
                 // Workers are the fleet's: an admin of one namespace is refused, naming the rule;
                 // a viewer key for every namespace lists them.
@@ -136,7 +150,7 @@ struct CtlTests {
                     "the failing batch is not half-created")
 
                 let prefix = try #require(APIKeyFormat.parse(newKey)?.prefix)
-                #expect(try Self.ctl(["key", "revoke", prefix], env: keyEnv).status == 0)
+                #expect(try Self.ctl(["key", "revoke", prefix, "--yes"], env: keyEnv).status == 0)
                 #expect(try Self.ctl(["key", "list", "--json"], env: keyEnv).out.contains("\"revoked_at\""))
             }
         }
@@ -218,7 +232,7 @@ struct CtlTests {
                 let open = try await sys.count(
                     "SELECT count(*) FROM runs WHERE task_id = $1 AND finished_at IS NULL", [hello.id])
                 #expect(open == 1)
-                let cancel = try ctl(["task", "cancel", "hello"])
+                let cancel = try ctl(["task", "cancel", "hello", "--yes"])
                 #expect(cancel.status == 0 && cancel.out == "cancelled 1 runs of hello\n", "\(cancel.out)\(cancel.err)")
                 #expect(
                     try await sys.count(
@@ -304,6 +318,276 @@ struct CtlTests {
                     ["task", "list"], env: ["CONVEYOR_URL": "http://127.0.0.1:1"], in: dir)
                 #expect(env.status != 0 && env.err.contains("127.0.0.1:1"), "\(env.err)")
             }
+        }
+    }
+
+    /// A pseudo-terminal's two ends (both close-on-exec). `posix_openpt` and its friends need
+    /// `_XOPEN_SOURCE`, which the Glibc module is not built with: they are looked up by name.
+    static func pseudoTerminal() throws -> (master: Int32, slave: Int32) {
+        let libc = dlopen(nil, RTLD_NOW)
+        func function<F>(_ name: String, as: F.Type) throws -> F {
+            unsafeBitCast(try #require(dlsym(libc, name), "no \(name) in libc"), to: F.self)
+        }
+        let openpt = try function("posix_openpt", as: (@convention(c) (Int32) -> Int32).self)
+        let grantpt = try function("grantpt", as: (@convention(c) (Int32) -> Int32).self)
+        let unlockpt = try function("unlockpt", as: (@convention(c) (Int32) -> Int32).self)
+        let ptsname = try function("ptsname", as: (@convention(c) (Int32) -> UnsafeMutablePointer<CChar>?).self)
+        let master = openpt(O_RDWR | O_NOCTTY | O_CLOEXEC)
+        try #require(master >= 0 && grantpt(master) == 0 && unlockpt(master) == 0, "no pseudo-terminal")
+        let name = try #require(ptsname(master).map { String(cString: $0) })
+        let slave = open(name, O_RDWR | O_NOCTTY | O_CLOEXEC)
+        try #require(slave >= 0, "cannot open \(name)")
+        return (master, slave)
+    }
+
+    /// A value printed with `-o yaml`, loaded back as JSON would be.
+    static func yaml(_ text: String) throws -> JSONValue {
+        JSONValue(loaded: try Yams.load(yaml: text))
+    }
+
+    static func json(_ text: String) throws -> JSONValue {
+        try JSONDecoder().decode(JSONValue.self, from: Data(text.utf8))
+    }
+
+    /// `-o table|wide|json|yaml|name` on every kind of listing, as kubectl users expect; `--json`
+    /// still works; a wrong value is a usage error naming the choices.
+    @Test func printsTablesWideTablesJSONYAMLAndNames() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let admin = try await APITests.key(sys, role: .admin, namespace: "*")
+                func ctl(_ args: [String], stdin: String? = nil) throws -> (status: Int32, out: String, err: String) {
+                    try CtlTests.ctl(args, env: ["CONVEYOR_URL": api.base, "CONVEYOR_API_KEY": admin], stdin: stdin)
+                }
+                // Text that YAML would read as something else, several lines, a fraction.
+                let file = """
+                    tasks:
+                      - name: fmt-a
+                        executor: noop
+                        group: fmt
+                        labels: {team: data, tier: "1"}
+                        parameters: {note: "yes", when: "2024-01-01", none: "null", lines: "one\\ntwo\\n", n: 1.5}
+                      - {name: fmt-b, executor: noop, schedule: "0 2 * * *", timezone: Europe/London, group: fmt}
+                    """
+                let submitted = try ctl(["task", "submit", "-f", "-", "-o", "name"], stdin: file)
+                #expect(submitted.status == 0 && submitted.out == "task/fmt-a\ntask/fmt-b\n", "\(submitted)")
+
+                // YAML: the same value as the JSON.
+                for args in [["task", "get", "fmt-a"], ["task", "list", "--group", "fmt"], ["group", "get", "fmt"]] {
+                    let json = try ctl(args + ["-o", "json"])
+                    let yaml = try ctl(args + ["-o", "yaml"])
+                    #expect(json.status == 0 && yaml.status == 0, "\(json.err)\(yaml.err)")
+                    #expect(!yaml.out.hasPrefix("{"), "YAML, not JSON: \(yaml.out)")
+                    #expect(try Self.yaml(yaml.out) == Self.json(json.out), "\(args): \(yaml.out)\n\(json.out)")
+                }
+                let yaml = try ctl(["task", "get", "fmt-a", "-o", "yaml"]).out
+                #expect(yaml.contains("\nname: fmt-a\n") && yaml.contains("note: 'yes'"), "\(yaml)")
+
+                // Names, one kind/name a line.
+                let names = try ctl(["task", "list", "--group", "fmt", "-o", "name"])
+                #expect(names.status == 0 && names.out == "task/fmt-a\ntask/fmt-b\n", "\(names)")
+                let triggered = try ctl(["task", "trigger", "fmt-a", "-o", "name"]).out
+                #expect(
+                    triggered.range(of: #"^run/[0-9a-f-]{36}\n$"#, options: .regularExpression) != nil, "\(triggered)")
+                #expect(try ctl(["group", "list", "-o", "name"]).out == "group/fmt\n")
+                #expect(try ctl(["group", "pause", "fmt", "-o", "name"]).out == "group/fmt\n")
+                #expect(try ctl(["task", "pause", "fmt-b", "-o", "name"]).out == "task/fmt-b\n")
+                let keys = try ctl(["key", "list", "-o", "name"]).out.split(separator: "\n")
+                #expect(!keys.isEmpty && keys.allSatisfy { $0.hasPrefix("key/") && $0.count == 16 }, "\(keys)")
+
+                // Wide: more columns where there are more useful ones.
+                let table = try ctl(["task", "list", "--group", "fmt"]).out
+                let wide = try ctl(["task", "list", "--group", "fmt", "-o", "wide"]).out
+                #expect(table.hasPrefix("NAME") && !table.contains("LABELS"), "\(table)")
+                let header = wide.prefix { $0 != "\n" }
+                #expect(["GROUP", "LABELS", "TIMEZONE", "NEXT RUN"].allSatisfy { header.contains($0) }, "\(wide)")
+                #expect(wide.contains("team=data,tier=1") && wide.contains("Europe/London"), "\(wide)")
+                let runs = try ctl(["run", "list", "-o", "wide"]).out
+                let runsHeader = runs.prefix { $0 != "\n" }
+                #expect(["TASK ID", "STARTED", "FINISHED", "ERROR"].allSatisfy { runsHeader.contains($0) }, "\(runs)")
+                #expect(!(try ctl(["run", "list"]).out.contains("TASK ID")))
+                let workers = try ctl(["worker", "list", "-o", "wide"])
+                #expect(workers.status == 0 && workers.out.hasPrefix("WORKER") && workers.out.contains("EXECUTORS"))
+
+                // --json is -o json; a wrong -o is a usage error that names the choices.
+                let old = try ctl(["task", "get", "fmt-b", "--json"])
+                let new = try ctl(["task", "get", "fmt-b", "-o", "json"])
+                #expect(old.status == 0 && old.out == new.out, "\(old.out)\(old.err)")
+                let bad = try ctl(["task", "list", "-o", "xml"])
+                let choices = "'table', 'wide', 'json', 'yaml' or 'name'"
+                #expect(bad.status == 64 && bad.err.contains(choices), "\(bad.err)")
+                #expect(try ctl(["task", "list", "--json", "-o", "yaml"]).status == 64)
+                // -o name would lose a new key (shown once): refused before it is made.
+                let keysBefore = try await sys.count("SELECT count(*) FROM api_keys")
+                let lost = try ctl(["key", "create", "--name", "x", "--role", "viewer", "-o", "name"])
+                #expect(lost.status == 64 && lost.err.contains("-o name"), "\(lost.err)")
+                #expect(try await sys.count("SELECT count(*) FROM api_keys") == keysBefore)
+            }
+        }
+    }
+
+    /// Delete, purge, cancel and revoke ask on a terminal; without one they need --yes, and
+    /// refuse (64) before sending anything.
+    @Test func destructiveCommandsAskOnATerminalAndOtherwiseNeedYes() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let admin = try await APITests.key(sys, role: .admin, namespace: "default")
+                let env = ["CONVEYOR_URL": api.base, "CONVEYOR_API_KEY": admin]
+                func ctl(_ args: [String], terminal: String? = nil) throws -> (status: Int32, out: String, err: String)
+                {
+                    try CtlTests.ctl(args, env: env, terminal: terminal)
+                }
+                for name in ["del-a", "del-b"] {
+                    #expect(try ctl(["task", "add", name, "--executor", "noop", "--group", "dels"]).status == 0)
+                }
+                let created = try ctl(["key", "create", "--name", "doomed", "--role", "viewer"])
+                let prefix = try #require(
+                    APIKeyFormat.parse(created.out.trimmingCharacters(in: .whitespacesAndNewlines))?.prefix)
+                let destructive = "('task.delete', 'task.purge', 'task.cancel', 'group.cancel', 'key.revoke')"
+
+                // No terminal, no --yes: refused, naming the fix; nothing changes.
+                for args in [
+                    ["task", "delete", "del-a"], ["task", "delete", "del-a", "--purge"], ["task", "cancel", "del-a"],
+                    ["group", "cancel", "dels"], ["key", "revoke", prefix],
+                ] {
+                    let refused = try ctl(args)
+                    #expect(refused.status == 64 && refused.err.contains("fix: pass --yes"), "\(args): \(refused.err)")
+                }
+                #expect(try await sys.store.task(named: "del-a") != nil)
+                #expect(try await sys.count("SELECT count(*) FROM audit_log WHERE action IN \(destructive)") == 0)
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL", [prefix]) == 1)
+
+                // A terminal: asked on standard error; anything but y changes nothing.
+                let no = try ctl(["task", "delete", "del-a"], terminal: "n\n")
+                #expect(no.status == 1 && no.err.contains("delete task del-a? [y/N]"), "\(no.err)")
+                #expect(try await sys.store.task(named: "del-a") != nil)
+                let yes = try ctl(["task", "delete", "del-a"], terminal: "y\n")
+                #expect(yes.status == 0 && yes.out == "deleted del-a\n", "\(yes.out)\(yes.err)")
+                #expect(try await sys.store.task(named: "del-a") == nil)
+
+                // --yes (-y): done without asking.
+                #expect(try ctl(["task", "cancel", "del-b", "--yes"]).out == "cancelled 0 runs of del-b\n")
+                #expect(try ctl(["group", "cancel", "dels", "-y"]).status == 0)
+                let purged = try ctl(["task", "delete", "del-b", "--purge", "--yes"])
+                #expect(purged.status == 0 && purged.out.hasPrefix("purged del-b"), "\(purged.err)")
+                #expect(try ctl(["key", "revoke", prefix, "-y", "-o", "name"]).out == "key/\(prefix)\n")
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM api_keys WHERE prefix = $1 AND revoked_at IS NOT NULL", [prefix]) == 1)
+                #expect(try await sys.count("SELECT count(*) FROM audit_log WHERE action IN \(destructive)") == 5)
+            }
+        }
+    }
+
+    /// Templates (put, list, get, create-task) and the audit log (filter, pages, all), through
+    /// the API's routes.
+    @Test func managesTemplatesAndReadsTheAuditLog() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let admin = try await APITests.key(sys, role: .admin, namespace: "default")
+                func ctl(_ args: [String], stdin: String? = nil, key: String? = nil) throws
+                    -> (status: Int32, out: String, err: String)
+                {
+                    try CtlTests.ctl(
+                        args, env: ["CONVEYOR_URL": api.base, "CONVEYOR_API_KEY": key ?? admin], stdin: stdin)
+                }
+                let template = """
+                    parameters: [region, minutes]
+                    task:
+                      executor: shell
+                      parameters: {argv: [/bin/echo, "report {{region}}"]}
+                      timeout: "{{minutes}}"
+                      group: reports
+                    """
+                let put = try ctl(["template", "put", "report", "-f", "-"], stdin: template)
+                #expect(
+                    put.status == 0 && put.out == "stored template report (parameters: region,minutes)\n",
+                    "\(put.out)\(put.err)")
+                let badFile = try ctl(["template", "put", "broken", "-f", "-"], stdin: "[1, 2]")
+                #expect(badFile.status == 1 && badFile.err.contains("not a YAML or JSON mapping"), "\(badFile.err)")
+
+                let list = try ctl(["template", "list"])
+                #expect(list.out.hasPrefix("NAME") && list.out.contains("region,minutes"), "\(list.out)")
+                #expect(try ctl(["template", "list", "-o", "name"]).out == "template/report\n")
+                let listed = try Self.json(try ctl(["template", "list", "-o", "json"]).out)
+                #expect(try Self.yaml(try ctl(["template", "list", "-o", "yaml"]).out) == listed)
+                let one = try ctl(["template", "get", "report"])
+                #expect(one.status == 0 && one.out.contains("task:") && one.out.contains("{{region}}"), "\(one.out)")
+                #expect(
+                    try Self.json(try ctl(["template", "get", "report", "-o", "json"]).out)
+                        == listed["templates"]?.arrayValue?.first)
+                #expect(try ctl(["template", "get", "nope"]).status == 5)
+
+                let made = try ctl([
+                    "template", "create-task", "report", "--name", "report-eu", "--set", "region=eu", "--set",
+                    "minutes=60",
+                ])
+                #expect(made.status == 0 && made.out == "created report-eu from template report\n", "\(made.err)")
+                let task = try Self.json(try ctl(["task", "get", "report-eu", "-o", "json"]).out)
+                #expect(task["parameters"]?["argv"] == ["/bin/echo", "report eu"] && task["timeout"] == 60, "\(task)")
+                #expect(task["group"] == "reports")
+                let missing = try ctl(["template", "create-task", "report", "--name", "x", "--set", "region=us"])
+                #expect(missing.status == 1 && missing.err.contains("values.minutes"), "\(missing.err)")
+                #expect(
+                    try ctl([
+                        "template", "create-task", "report", "--name", "report-us", "--set", "region=us", "--set",
+                        "minutes=5", "-o", "name",
+                    ]).out == "task/report-us\n")
+
+                // The audit log: what was just done, newest first.
+                let total = try await sys.count("SELECT count(*) FROM audit_log")
+                #expect(total == 3, "template.put and two task.create")
+                let puts = try Self.json(try ctl(["audit", "list", "--action", "template.put", "-o", "json"]).out)
+                #expect(puts["entries"]?.arrayValue?.compactMap { $0["target"] } == ["report"], "\(puts)")
+                let table = try ctl(["audit", "list"])
+                #expect(
+                    table.status == 0 && table.out.hasPrefix("ID") && table.out.contains("template.put")
+                        && table.out.contains("task.create"), "\(table.out)\(table.err)")
+                #expect(try ctl(["audit", "list", "-o", "wide"]).out.contains("REQUEST ID"))
+                let names = try ctl(["audit", "list", "-o", "name"]).out.split(separator: "\n")
+                #expect(names.count == 3 && names.allSatisfy { $0.hasPrefix("audit/") }, "\(names)")
+                let first = try Self.json(try ctl(["audit", "list", "--limit", "1", "-o", "json"]).out)
+                let cursor = try #require(first["next_cursor"]?.stringValue)
+                let second = try Self.json(
+                    try ctl(["audit", "list", "--limit", "1", "--cursor", cursor, "-o", "json"]).out)
+                #expect(
+                    (second["entries"]?.arrayValue?.first?["id"]?.doubleValue ?? .infinity)
+                        < (first["entries"]?.arrayValue?.first?["id"]?.doubleValue ?? 0), "the page after, older")
+                let all = try Self.json(try ctl(["audit", "list", "--limit", "1", "--all", "-o", "json"]).out)
+                #expect(all["entries"]?.arrayValue?.count == 3 && all["next_cursor"] == nil)
+                let viewer = try await APITests.key(sys, role: .viewer, namespace: "default")
+                #expect(try ctl(["audit", "list"], key: viewer).status == 4, "the audit log is an admin's")
+            }
+        }
+    }
+
+    /// Every command's help ends with an example of itself; completion scripts are generated for
+    /// bash, zsh and fish, and know the newest commands.
+    @Test func everyCommandsHelpHasAnExampleAndCompletionsAreGenerated() throws {
+        let dump = try Self.ctl(["--experimental-dump-help"], env: [:])
+        let root = try #require(try Self.json(dump.out)["command"], "\(dump.err)")
+        var paths: [[String]] = []
+        func walk(_ command: JSONValue, _ parent: [String]) {
+            guard let name = command["commandName"]?.stringValue, name != "help" else { return }
+            let path = parent + [name]
+            paths.append(path)
+            for sub in command["subcommands"]?.arrayValue ?? [] { walk(sub, path) }
+        }
+        walk(root, [])
+        #expect(paths.count >= 46, "every command is walked: \(paths.map { $0.joined(separator: " ") })")
+        for path in paths {
+            let help = try Self.ctl(Array(path.dropFirst()) + ["--help"], env: [:])
+            // Help wraps its text: compare with the line breaks as spaces.
+            let text = help.out.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+            let example = "Example: " + path.joined(separator: " ")
+            #expect(help.status == 0 && text.contains(example), "no '\(example)' in \(help.out)")
+        }
+        for shell in ["bash", "zsh", "fish"] {
+            let script = try Self.ctl(["--generate-completion-script", shell], env: [:])
+            #expect(
+                script.status == 0 && script.out.contains("create-task") && script.out.contains("audit"),
+                "\(shell): \(script.err)")
         }
     }
 }
