@@ -133,6 +133,7 @@ package enum APIServer {
             return json(["status": "ready"])
         }
         taskRoutes(&r, env)
+        backfillRoutes(&r, env)
         operationRoutes(&r, env)
         queueRoutes(&r, env)
         Dashboard.routes(&r)

@@ -142,3 +142,32 @@ package struct OccurrencePlan: Sendable, Equatable {
         self.next = next
     }
 }
+
+extension Schedule {
+    /// The occurrences in `[from, to)`, at most `limit + 1` of them: one more than `limit` says
+    /// "more than the limit" without walking a range that holds millions. Intervals keep to the
+    /// grid of `anchor`, extended before it; cron uses `timeZone`. One-off and manual schedules
+    /// have none.
+    package func occurrences(from: Date, to: Date, anchor: Date, timeZone: TimeZone, limit: Int) -> [Date] {
+        var out: [Date] = []
+        switch self {
+        case .once, .manual:
+            break
+        case .interval(let seconds):
+            var step = (from.timeIntervalSince(anchor) / seconds).rounded(.up)
+            while out.count <= limit {
+                let t = anchor.addingTimeInterval(step * seconds)
+                if t >= to { break }
+                if t >= from { out.append(t) }
+                step += 1
+            }
+        case .cron(let c):
+            var after = from.addingTimeInterval(-0.001)
+            while out.count <= limit, let t = c.next(after: after, in: timeZone), t < to {
+                out.append(t)
+                after = t
+            }
+        }
+        return out
+    }
+}

@@ -12,7 +12,7 @@ struct TaskGroup: AsyncParsableCommand {
         discussion: "Example: conveyorctl task list --state failed --group etl -o wide",
         subcommands: [
             Add.self, Submit.self, Update.self, List.self, Get.self, Post<TriggerTask>.self, Post<PauseTask>.self,
-            Post<ResumeTask>.self, ConfirmedPost<CancelTask>.self, Delete.self,
+            Post<ResumeTask>.self, ConfirmedPost<CancelTask>.self, Delete.self, Backfill.self,
         ])
 
     struct Add: AsyncParsableCommand {
