@@ -198,6 +198,10 @@ let package = Package(
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ], path: "Examples/CustomExecutor/Sources/CustomWorker"),
 
+        // Examples/Enqueue's Swift program: conveyor.enqueue(...) in the caller's transaction, over libpq.
+        .executableTarget(
+            name: "conveyor-example-enqueue", dependencies: ["CLibPQ"], path: "Examples/Enqueue/Sources/EnqueueExample"),
+
         .testTarget(
             name: "ConveyorCoreTests",
             dependencies: [

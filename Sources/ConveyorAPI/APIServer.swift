@@ -330,6 +330,9 @@ package enum APIServer {
         o["misfire"] = .string(t.misfire)
         o["overlap"] = .string(t.overlap)
         o["trigger_rule"] = .string(t.triggerRule)
+        if let spec = try? JSONDecoder().decode(JSONValue.self, from: Data(t.spec.utf8)), let u = spec["unique"] {
+            o["unique"] = u
+        }
         return .object(o)
     }
 

@@ -7,8 +7,11 @@ import Tracing
 
 extension APIServer {
     /// Creates tasks in the namespace `placement` gives, within the caller's submission limits;
-    /// a name that exists is 409, naming it. Returns the tasks as created.
-    static func create(_ tasks: [NewTask], _ who: Identity, _ env: APIEnvironment) async throws -> [NewTask] {
+    /// a name that exists is 409, naming it. Returns the tasks as placed, and those not created
+    /// because another task holds their uniqueness key, by index, with the holder.
+    static func create(_ tasks: [NewTask], _ who: Identity, _ env: APIEnvironment) async throws -> (
+        tasks: [NewTask], held: [Int: Store.Holder]
+    ) {
         var tasks = tasks
         let namespace = try placement(tasks, who)
         // The request's span is the parent of each task's first dispatch span.
@@ -19,8 +22,9 @@ extension APIServer {
             tasks[i].traceBaggage = trace["baggage"]
         }
         try submitLimit(env, who, priorities: Set(tasks.map(\.priority)))
+        let held: [Int: Store.Holder]
         do {
-            try await env.store.createTasks(tasks)
+            held = try await env.store.createTasks(tasks)
         } catch let e as StoreError where e.kind == .taskExists {
             let names = tasks.map(\.name)
             let existing = try await env.store.tasks(
@@ -32,7 +36,19 @@ extension APIServer {
                 "a task named '\(name)' exists in namespace '\(namespace)'; PATCH it or pick another name",
                 field: "name", value: name)
         }
-        return tasks
+        return (tasks, held)
+    }
+
+    /// A task not created because `holder` holds its uniqueness key: the holder, marked
+    /// `deduplicated` (200, not 201: nothing was created).
+    static func deduplicated(_ holder: Store.Holder, namespace: String, _ env: APIEnvironment) async throws -> JSONValue
+    {
+        var o =
+            try await env.store.task(named: holder.name, namespace: namespace).map(view)?.objectValue ?? [
+                "id": .string(holder.id.lowercasedString), "name": .string(holder.name),
+            ]
+        o["deduplicated"] = true
+        return .object(o)
     }
 
     /// The namespace new tasks go to: the key's own (a body naming another is refused), or for

@@ -33,10 +33,14 @@ extension APIServer {
             var tasks = try TaskSpec.decodeFile(body, now: Date())
             return try await idempotent(request, who, env, route: "POST /v1/tasks", fingerprint: body) {
                 guard batch != nil else {
-                    guard let task = try await create(tasks, who, env).first else {
+                    let made = try await create(tasks, who, env)
+                    guard let task = made.tasks.first else {
                         throw Problem(
                             .badRequest, "invalid request", "one task, a list of tasks, or {\"tasks\": [...]}",
                             field: "body")
+                    }
+                    if let holder = made.held[0] {
+                        return Answer(status: .ok, body: try await deduplicated(holder, namespace: task.namespace, env))
                     }
                     await env.audit(context, who, "task.create", task.name, namespace: task.namespace)
                     return Answer(
@@ -45,16 +49,27 @@ extension APIServer {
                 }
                 let batchID = UUID()
                 for i in tasks.indices { tasks[i].batchID = batchID }
-                tasks = try await create(tasks, who, env)
+                let made = try await create(tasks, who, env)
+                tasks = made.tasks
+                let count = tasks.count - made.held.count
                 await env.audit(
                     context, who, "task.create_batch", batchID.lowercasedString, namespace: tasks[0].namespace,
-                    ["count": .number(Double(tasks.count))])
+                    ["count": .number(Double(count)), "deduplicated": .number(Double(made.held.count))])
                 return Answer(
                     status: .created,
                     body: [
-                        "batch_id": .string(batchID.lowercasedString), "count": .number(Double(tasks.count)),
+                        "batch_id": .string(batchID.lowercasedString), "count": .number(Double(count)),
+                        "deduplicated": .number(Double(made.held.count)),
                         "tasks": .array(
-                            tasks.map { .object(["id": .string($0.id.lowercasedString), "name": .string($0.name)]) }),
+                            tasks.enumerated().map { i, t in
+                                guard let h = made.held[i] else {
+                                    return .object(["id": .string(t.id.lowercasedString), "name": .string(t.name)])
+                                }
+                                return .object([
+                                    "id": .string(h.id.lowercasedString), "name": .string(h.name),
+                                    "deduplicated": true,
+                                ])
+                            }),
                     ], batchID: batchID.lowercasedString)
             }
         }
@@ -142,6 +157,13 @@ extension APIServer {
                     .badRequest, "invalid request",
                     "the \(key) of a task cannot change; create a new task and delete this one", field: key,
                     value: "\(fields[key]!)")
+            }
+            let currentSpec = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
+            if let u = fields["unique"], u != (currentSpec["unique"] ?? .null) {
+                throw Problem(
+                    .badRequest, "invalid request",
+                    "a task's uniqueness key cannot change in place; create a new task with the new unique",
+                    field: "unique", value: "\(u)")
             }
             if let d = fields["depends_on"], d != .array(task.dependsOn.map(JSONValue.string)) {
                 throw Problem(
@@ -338,7 +360,10 @@ extension APIServer {
             }
             filled["name"] = .string(taskName)
             filled["namespace"] = .string(namespace)
-            _ = try await create([try TaskSpec.decode(.object(filled), now: Date())], who, env)
+            let made = try await create([try TaskSpec.decode(.object(filled), now: Date())], who, env)
+            if let holder = made.held[0] {
+                return json(try await deduplicated(holder, namespace: namespace, env))
+            }
             await env.audit(context, who, "task.create", taskName, namespace: namespace, ["template": .string(name)])
             return json(
                 try await store.task(named: taskName, namespace: namespace).map(view) ?? .null, status: .created)

@@ -41,6 +41,11 @@ package struct NewTask: Sendable {
     package var traceBaggage: String?
     /// Shared by the tasks of one API batch (`X-Batch-ID`).
     package var batchID: UUID?
+    /// A uniqueness key: while another task of the namespace holds it, this one is not created
+    /// (`Store.createTasks` answers the holder). Held while the holder is active, or for
+    /// `uniqueWindowSeconds` after it was created when that is set.
+    package var uniqueKey: String?
+    package var uniqueWindowSeconds: Double?
 
     package init(name: String, executor: String, schedule: Schedule) {
         self.name = name
@@ -53,6 +58,9 @@ package struct NewTask: Sendable {
     package static let defaultScheduleToStartSeconds: Double = 3600
     /// The longest schedule-to-start timeout: a week (the database refuses more).
     package static let maxScheduleToStartSeconds: Double = 604_800
+
+    /// The longest uniqueness window: 30 days.
+    package static let maxUniqueWindowSeconds: Double = 30 * 86_400
 
     /// Largest `parameters` (encoded JSON): they are copied into every run's message.
     package static let maxParameterBytes = 64 * 1024
@@ -120,6 +128,14 @@ package struct NewTask: Sendable {
                     field: "concurrency_limit", value: concurrencyLimit.map(String.init) ?? "(missing)",
                     hint: "a whole number of at least 1, given together with concurrency_key '\(k)'")
             }
+        }
+        if let k = uniqueKey, k.isEmpty || k.count > 200 {
+            throw ValidationError(field: "unique.key", value: k, hint: "1 to 200 characters")
+        }
+        if let w = uniqueWindowSeconds, !(1...Self.maxUniqueWindowSeconds).contains(w) {
+            throw ValidationError(
+                field: "unique.window", value: String(w),
+                hint: "seconds (or 30s, 10m, 1h, 7d) from 1 s to 30 days")
         }
         if let g = group, g.isEmpty || g.count > 200 {
             throw ValidationError(field: "group", value: g, hint: "1 to 200 characters")

@@ -25,6 +25,7 @@ package import Foundation
 /// depends_on: [extract]           # then schedule must be 'manual'
 /// trigger_rule: all_success       # all_success | all_done | one_failed
 /// callback_url: https://example.com/hooks/conveyor
+/// unique: {key: "invoice:42", scope: active}   # or {key: …, scope: window, window: 1h}
 /// paused: false
 /// ```
 package enum TaskSpec {
@@ -33,7 +34,7 @@ package enum TaskSpec {
         "max_catchup", "queue",
         "priority", "timeout", "schedule_to_start_timeout", "retry", "overlap", "concurrency", "group", "labels",
         "depends_on", "trigger_rule",
-        "callback_url", "paused",
+        "callback_url", "paused", "unique",
     ]
 
     /// Decodes one task. `path` prefixes field names in errors (for example `tasks[3]`).
@@ -172,6 +173,42 @@ package enum TaskSpec {
             t.triggerRule = r
         }
         t.callbackURL = try string("callback_url")
+        if let u = o["unique"], u != .null {
+            let hint =
+                #"a mapping {key: "invoice:42"} (scope active, the default) or {key: …, scope: window, window: 1h}"#
+            guard let uo = u.objectValue, let key = uo["key"]?.stringValue,
+                Set(uo.keys).isSubset(of: ["key", "scope", "window"])
+            else {
+                throw ValidationError(field: field("unique"), value: "\(u)", hint: hint)
+            }
+            t.uniqueKey = key
+            let window: Double?
+            switch uo["window"] {
+            case nil, .null?: window = nil
+            case .number(let n)?: window = n
+            case .string(let s)?: window = try Schedule.duration(s, field: field("unique.window"))
+            case let v?: throw ValidationError(field: field("unique.window"), value: "\(v)", hint: hint)
+            }
+            switch uo["scope"]?.stringValue ?? (window == nil ? "active" : "window") {
+            case "active":
+                guard window == nil else {
+                    throw ValidationError(
+                        field: field("unique.window"), value: "\(uo["window"]!)",
+                        hint: "a window goes with scope window; scope active holds the key while the task is active")
+                }
+            case "window":
+                guard let window else {
+                    throw ValidationError(
+                        field: field("unique.window"), value: "(missing)",
+                        hint: "scope window needs a window: how long after creation the key is held, e.g. 1h")
+                }
+                t.uniqueWindowSeconds = window
+            default:
+                throw ValidationError(
+                    field: field("unique.scope"), value: "\(uo["scope"]!)",
+                    hint: "active (while the task is active) or window (for a time after creation)")
+            }
+        }
         if let p = o["paused"], p != .null {
             guard case .bool(let b) = p else {
                 throw ValidationError(field: field("paused"), value: "\(p)", hint: "true or false")
@@ -221,6 +258,11 @@ package enum TaskSpec {
         if let g = t.group { o["group"] = .string(g) }
         if !t.dependsOn.isEmpty { o["depends_on"] = .array(t.dependsOn.map(JSONValue.string)) }
         if let u = t.callbackURL { o["callback_url"] = .string(u) }
+        if let k = t.uniqueKey {
+            o["unique"] =
+                t.uniqueWindowSeconds.map { .object(["key": .string(k), "scope": "window", "window": .number($0)]) }
+                ?? .object(["key": .string(k), "scope": "active"])
+        }
         return .object(o)
     }
 

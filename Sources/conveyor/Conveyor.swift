@@ -28,7 +28,7 @@ struct Conveyor: AsyncParsableCommand {
         version: ConveyorVersion.current,
         subcommands: [
             Migrate.self, DispatcherCommand.self, WorkerCommand.self, Dev.self, APICommand.self, APIKeyCommand.self,
-            CronCommand.self, Bench.self, BenchAPI.self,
+            EnqueueGrantCommand.self, CronCommand.self, Bench.self, BenchAPI.self,
         ])
 
     /// ArgumentParser's main, except that a failure's message goes out through the log sink: in

@@ -33,6 +33,10 @@ struct TaskGroup: AsyncParsableCommand {
         @Option(help: "Seconds a run may take.") var timeout: Double?
         @Option(help: "Seconds a published run may wait for a worker before it ends expired (default 3600).")
         var scheduleToStartTimeout: Double?
+        @Option(help: "A uniqueness key: while a task of the namespace holds it, this one is not created.")
+        var unique: String?
+        @Option(help: "With --unique: hold the key this long after creation (30s, 10m, 1h) instead of while active.")
+        var uniqueWindow: String?
 
         func run() async throws {
             var task: [String: JSONValue] = ["name": .string(name), "executor": .string(executor)]
@@ -52,8 +56,21 @@ struct TaskGroup: AsyncParsableCommand {
             }
             if let timeout { task["timeout"] = .number(timeout) }
             if let s = scheduleToStartTimeout { task["schedule_to_start_timeout"] = .number(s) }
-            _ = try await global.client().call(.POST, "/v1/tasks", body: .object(task), accept: [201])
-            global.show(.object(["created": .string(name)]), names: ["task/\(name)"]) { _ in "created \(name)" }
+            if let unique {
+                task["unique"] = .object(
+                    ["key": .string(unique)].merging(uniqueWindow.map { ["window": .string($0)] } ?? [:]) { a, _ in a })
+            } else if uniqueWindow != nil {
+                throw CLIError(
+                    "--unique-window needs --unique", fix: "give the key: --unique invoice:42 --unique-window 1h")
+            }
+            let r = try await global.client().call(.POST, "/v1/tasks", body: .object(task), accept: [200, 201])
+            // 200: another task holds the key, and nothing was created.
+            let held = r.status == 200
+            let holder = Output.text(r.json["name"])
+            global.show(
+                .object(held ? ["deduplicated": .string(holder)] : ["created": .string(name)]),
+                names: ["task/\(held ? holder : name)"]
+            ) { _ in held ? "not created: task \(holder) holds unique key \(unique ?? "")" : "created \(name)" }
         }
     }
 
@@ -92,12 +109,14 @@ struct TaskGroup: AsyncParsableCommand {
             let progress = Progress(total: tasks.count, label: "tasks")
             var done = 0
             var batches: [String] = []
+            var deduplicated = 0
             progress.update(0)
             for start in stride(from: 0, to: tasks.count, by: batchSize) {
                 let chunk = Array(tasks[start..<min(start + batchSize, tasks.count)])
                 do {
                     let reply = try await client.call(.POST, "/v1/tasks", body: .array(chunk), accept: [201])
                     batches.append(reply.json["batch_id"]?.stringValue ?? "?")
+                    deduplicated += Int(reply.json["deduplicated"]?.doubleValue ?? 0)
                 } catch var e as CLIError {
                     // Field paths name the item in the batch; say which task of the file it is.
                     if let r = e.message.range(of: #"tasks\[(\d+)\]"#, options: .regularExpression),
@@ -118,11 +137,15 @@ struct TaskGroup: AsyncParsableCommand {
                 progress.update(done)
             }
             global.show(
-                .object(["submitted": .number(Double(done)), "batches": .array(batches.map(JSONValue.string))]),
+                .object([
+                    "submitted": .number(Double(done)), "deduplicated": .number(Double(deduplicated)),
+                    "batches": .array(batches.map(JSONValue.string)),
+                ]),
                 names: tasks.map { "task/" + Output.text($0["name"]) }
             ) { _ in
                 "submitted \(done) tasks in \(batches.count) batch\(batches.count == 1 ? "" : "es"): "
                     + batches.joined(separator: ", ")
+                    + (deduplicated > 0 ? " (\(deduplicated) not created: their unique key was held)" : "")
             }
         }
     }

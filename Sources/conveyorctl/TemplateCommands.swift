@@ -113,9 +113,15 @@ struct TemplateGroup: AsyncParsableCommand {
             let values = try settings(sets, example: "region=eu")
             let r = try await client.call(
                 .POST, "/v1/templates/\(path(template))/tasks",
-                body: .object(["name": .string(name), "values": .object(values)]), accept: [201]
+                body: .object(["name": .string(name), "values": .object(values)]), accept: [200, 201]
             ).json
-            global.show(r, names: ["task/\(name)"]) { _ in "created \(name) from template \(template)" }
+            let holder = Output.text(r["name"])
+            let held = r["deduplicated"] == true
+            global.show(r, names: ["task/\(held ? holder : name)"]) { _ in
+                held
+                    ? "not created: task \(holder) holds the template's unique key"
+                    : "created \(name) from template \(template)"
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ import Yams
 /// The REST API in-process against the real database, called over HTTP.
 @Suite("REST API (real PostgreSQL)", .serialized)
 struct APITests {
-    struct Client {
+    struct Client: Sendable {
         let base: String
         let http: OutboundHTTP
 

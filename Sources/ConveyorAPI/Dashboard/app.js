@@ -4,7 +4,8 @@
 
 const store = window.sessionStorage;
 let stream = null;        // the live-events reader of the current page, cancelled on navigation
-let onStats = null;       // what the current page does with each live `stats` event
+let onStats = null;       // what the current page does with each live `stats` event (a page's build returns it)
+let routeGeneration = 0;  // which route() call is the latest: only it may show its page
 let flash = "";           // the result of the last action, shown once on the next page drawn
 
 function takeFlash() { const f = flash; flash = ""; return f; }
@@ -42,6 +43,7 @@ function signOut(message) {
   store.removeItem("credential");
   if (stream) { stream.cancel(); stream = null; }
   document.getElementById("nav").hidden = true;
+  routeGeneration++;  // a page still loading is not shown after signing out
   document.getElementById("view").replaceChildren();
   document.getElementById("signin").hidden = false;
   document.getElementById("signin-error").textContent = message || "";
@@ -124,7 +126,7 @@ const pages = {
     };
     draw(await api("GET", "/v1/overview"));
     await drawQueues();
-    onStats = (o) => { draw(o); drawQueues().catch(() => {}); };
+    return (o) => { draw(o); drawQueues().catch(() => {}); };
   },
 
   async tasks(view) {
@@ -184,7 +186,7 @@ const pages = {
         [link("#/run/" + r.id, r.id.slice(0, 8)), r.task_id.slice(0, 8), stateCell(r.state), r.attempt, r.worker_id || "–", when(r.started_at)]), "Nothing running now."));
     };
     await load();
-    onStats = () => { load().catch(() => {}); };
+    return () => { load().catch(() => {}); };
   },
 
   async workers(view) {
@@ -213,13 +215,24 @@ async function route() {
   const [page, arg] = (location.hash.replace(/^#\//, "") || "overview").split("/");
   const name = page === "tasks" && arg ? "task" : page;
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.getAttribute("href") === "#/" + page);
+  // A page is built aside and shown only if no later route (a hash change while it loaded, or
+  // the sign-in's own route) has begun meanwhile: two builds into one view interleaved, and the
+  // page showed the headings of one and the data of neither.
+  const current = ++routeGeneration;
   const view = document.getElementById("view");
-  view.replaceChildren();
+  const built = document.createElement("div");
   onStats = null;
   try {
-    await (pages[name] || pages.overview)(view, arg && decodeURIComponent(arg));
+    const handler = await (pages[name] || pages.overview)(built, arg && decodeURIComponent(arg));
+    if (current !== routeGeneration) return;
+    view.replaceChildren(...built.childNodes);
+    onStats = handler || null;
     view.setAttribute("data-loaded", name);
-  } catch (e) { view.append(errorBox(e)); view.setAttribute("data-loaded", "error"); }
+  } catch (e) {
+    if (current !== routeGeneration) return;
+    view.replaceChildren(errorBox(e));
+    view.setAttribute("data-loaded", "error");
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
