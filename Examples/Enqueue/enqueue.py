@@ -20,7 +20,7 @@ def enqueue(cur, name, executor, parameters, **options):
     """Adds a one-off task in the transaction `cur` is in; returns (task_id, run_id)."""
     named = ", ".join(f"{k} => %({k})s" for k in options)
     cur.execute(
-        "SELECT task_id, run_id FROM conveyor.enqueue(name => %(name)s, executor => %(executor)s, "
+        "SELECT task_id, run_id FROM conveyor_enqueue(name => %(name)s, executor => %(executor)s, "
         "parameters => %(parameters)s::jsonb" + (", " + named if named else "") + ")",
         {"name": name, "executor": executor, "parameters": json.dumps(parameters), **options})
     return cur.fetchone()

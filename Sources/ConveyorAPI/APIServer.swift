@@ -352,6 +352,9 @@ package enum APIServer {
         if let v = r.startedAt { o["started_at"] = .string(Timestamp.format(v)) }
         if let v = r.finishedAt { o["finished_at"] = .string(Timestamp.format(v)) }
         if let v = r.dispatchedAt { o["dispatched_at"] = .string(Timestamp.format(v)) }
+        if let v = r.result, let value = try? JSONDecoder().decode(JSONValue.self, from: Data(v.utf8)) {
+            o["result"] = value
+        }
         o["priority"] = .string(r.priority.name)
         return .object(o)
     }

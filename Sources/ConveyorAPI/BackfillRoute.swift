@@ -19,7 +19,7 @@ extension APIServer {
                     #"send {"from": "2026-11-01T00:00:00Z", "to": "2026-11-08T00:00:00Z"} (max_runs, priority, dry_run optional)"#,
                     field: "body")
             }
-            let known = ["dry_run", "from", "max_runs", "priority", "to"]
+            let known = ["dry_run", "from", "max_runs", "overlap", "priority", "to"]
             if let unknown = o.keys.sorted().first(where: { !known.contains($0) }) {
                 throw Problem(
                     .badRequest, "invalid request", "unknown field; known fields are \(known.joined(separator: ", "))",
@@ -60,12 +60,22 @@ extension APIServer {
                 }
                 dryRun = b
             }
+            var oneAtATime = false
+            if let v = o["overlap"], v != .null {
+                guard let text = v.stringValue, ["allow", "queue"].contains(text) else {
+                    throw Problem(
+                        .badRequest, "invalid request",
+                        "allow (every occurrence due at once) or queue (one at a time, oldest first)",
+                        field: "overlap", value: "\(v)")
+                }
+                oneAtATime = text == "queue"
+            }
             if !dryRun { try submitLimit(env, who, priorities: [priority ?? task.priority]) }
             let trace = Traces.headers(ServiceContext.current ?? .topLevel)
             guard
                 let entries = try await env.store.backfill(
                     taskID: task.id, from: from, to: to, maxRuns: maxRuns, priority: priority, dryRun: dryRun,
-                    traceParent: trace["traceparent"], baggage: trace["baggage"])
+                    oneAtATime: oneAtATime, traceParent: trace["traceparent"], baggage: trace["baggage"])
             else { throw Problem(.notFound, "not found", "no task named '\(task.name)'") }
             let created = entries.filter { $0.runID != nil }.count
             let existing = entries.filter { $0.existing != nil }.count
@@ -81,6 +91,7 @@ extension APIServer {
                 [
                     "task": .string(task.name), "from": .string(Timestamp.format(from)),
                     "to": .string(Timestamp.format(to)), "dry_run": .bool(dryRun),
+                    "overlap": .string(oneAtATime ? "queue" : "allow"),
                     "occurrences": .number(Double(entries.count)), "created": .number(Double(created)),
                     "existing": .number(Double(existing)),
                     "runs": .array(

@@ -12,6 +12,7 @@ package enum MessageCodec {
         w.field("attempt", m.attempt)
         w.field("executor", m.executor)
         w.field("idempotency_key", m.idempotencyKey)
+        if let inputs = m.inputs { w.field("inputs", inputs) }
         w.field("occurrence", Timestamp.format(m.occurrence))
         w.field("parameters", m.parameters)
         w.field("proof", m.proof)
@@ -39,6 +40,7 @@ package enum MessageCodec {
         w.field("exit_code", m.exitCode)
         w.field("outcome", m.outcome?.rawValue)
         w.field("output", m.output)
+        if let result = m.result { w.field("result", result) }
         w.field("run_id", m.runID.lowercasedString)
         w.field("started_at", m.startedAt.map(Timestamp.format))
         w.field("version", m.version)
@@ -132,6 +134,9 @@ package enum MessageCodec {
         m.errorClass = m.errorClass?.storable
         m.errorMessage = m.errorMessage?.storable
         m.workerID = m.workerID.storable
+        // A worker bounds its results; one that does not (or is not ours) is bounded here, so an
+        // oversized result is marked, never the reason a status is lost.
+        m.result = StatusMessage.bounded(m.result?.storable)
         guard m.version == 1 else {
             throw ValidationError(
                 field: "version", value: String(m.version),
@@ -209,4 +214,18 @@ extension String {
     /// wire is about to be stored (status and heartbeat messages, dead letters); unchanged, and
     /// not copied, when it holds no NUL.
     package var storable: String { utf8.contains(0) ? replacingOccurrences(of: "\0", with: "\u{FFFD}") : self }
+}
+
+extension JSONValue {
+    /// This value with every string and key as PostgreSQL can hold it (`String.storable`): jsonb
+    /// refuses `\u0000` as text does NUL.
+    package var storable: JSONValue {
+        switch self {
+        case .string(let s): .string(s.storable)
+        case .array(let a): .array(a.map(\.storable))
+        case .object(let o):
+            .object(Dictionary(o.map { ($0.key.storable, $0.value.storable) }, uniquingKeysWith: { a, _ in a }))
+        default: self
+        }
+    }
 }

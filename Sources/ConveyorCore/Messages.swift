@@ -30,6 +30,30 @@ package struct TaskMessage: Sendable, Hashable, Codable {
     /// The attempt's status proof, signed by the dispatcher: the worker returns it on every
     /// status of this attempt, and a status without it changes nothing. Never given to executors.
     package var proof: String?
+    /// For a dependent in a workflow run: its upstreams' results, by upstream task name (only
+    /// those that returned one), at most `maxInputsBytes` encoded. Absent otherwise.
+    package var inputs: JSONValue?
+
+    /// The most inputs a task message carries, encoded: 96 KiB (three upstream results of the
+    /// largest size), so a shell command can take them in one environment variable.
+    package static let maxInputsBytes = 96 * 1024
+
+    /// `inputs` as it may travel: unchanged when it fits, else each upstream's result larger than
+    /// an even share is replaced by the truncation marker (`StatusMessage.bounded`'s shape).
+    package static func bounded(inputs: JSONValue?) -> JSONValue? {
+        guard let inputs, case .object(let o) = inputs, inputs.jsonBytes.count > maxInputsBytes else { return inputs }
+        let share = maxInputsBytes / max(o.count, 1) - 256
+        return .object(
+            o.mapValues { v in
+                let bytes = v.jsonBytes
+                guard bytes.count > share else { return v }
+                return .object([
+                    "conveyor_truncated": true, "bytes": .number(Double(bytes.count)),
+                    "limit": .number(Double(max(share, 0))),
+                    "head": .string(String(decoding: bytes.prefix(max(min(share, 4096), 0)), as: UTF8.self)),
+                ])
+            })
+    }
 
     package init(
         runID: UUID, taskID: UUID, taskName: String, occurrence: Date, attempt: Int, queue: String,
@@ -58,6 +82,7 @@ package struct TaskMessage: Sendable, Hashable, Codable {
         case idempotencyKey = "idempotency_key"
         case startBy = "start_by"
         case proof
+        case inputs
     }
 }
 
@@ -150,11 +175,32 @@ package struct StatusMessage: Sendable, Hashable, Codable {
     /// The proof the attempt's task message carried (`TaskMessage.proof`): the key of the seal
     /// the worker puts on this status (`StatusProof.seal`). Never encoded: it does not travel back.
     package var proof: String?
+    /// On `finished`: the structured result the executor returned (any JSON value), at most
+    /// `StatusMessage.maxResultBytes` encoded; a larger one travels as `StatusMessage.truncated`.
+    package var result: JSONValue?
+
+    /// The largest result a status carries, encoded: 32 KiB.
+    package static let maxResultBytes = 32 * 1024
+
+    /// `result` as it may travel and be stored: unchanged when it fits in `maxResultBytes`,
+    /// else a marker object `{"conveyor_truncated": true, "bytes": N, "limit": L, "head": "…"}`
+    /// whose `head` is the start of the encoded JSON, so the status is never lost for its size.
+    package static func bounded(_ result: JSONValue?) -> JSONValue? {
+        guard let result else { return nil }
+        let bytes = result.jsonBytes
+        guard bytes.count > maxResultBytes else { return result }
+        let head = String(decoding: bytes.prefix(4096), as: UTF8.self)
+        return .object([
+            "conveyor_truncated": true, "bytes": .number(Double(bytes.count)),
+            "limit": .number(Double(maxResultBytes)), "head": .string(head.storable),
+        ])
+    }
 
     package init(
         runID: UUID, attempt: Int, event: StatusEvent, outcome: Outcome? = nil, exitCode: Int? = nil,
         output: String? = nil, errorClass: String? = nil, errorMessage: String? = nil,
-        workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil, proof: String? = nil
+        workerID: String, at: Date = Date(), startedAt: Date? = nil, detached: Bool? = nil, proof: String? = nil,
+        result: JSONValue? = nil
     ) {
         self.runID = runID
         self.attempt = attempt
@@ -169,10 +215,12 @@ package struct StatusMessage: Sendable, Hashable, Codable {
         self.startedAt = startedAt
         self.detached = detached
         self.proof = proof
+        self.result = result
     }
 
     enum CodingKeys: String, CodingKey {
         case version
+        case result
         case runID = "run_id"
         case attempt, event, outcome
         case exitCode = "exit_code"

@@ -134,7 +134,7 @@ package struct RetryPolicy: Sendable, Hashable {
     /// Error classes of failures that retrying cannot fix, not retried unless `retry_on` names them.
     package static let notRetriedByDefault: Set<String> = [
         "http_refused", "http_invalid_url", "bad_parameters", "command_not_allowed", "argument_blocked",
-        "cwd_not_allowed",
+        "cwd_not_allowed", "invalid_result",
     ]
 
     /// Whether an attempt that ended in `state` is retried.

@@ -25,7 +25,7 @@ extension Store {
     /// what is to come), a task without a recurring schedule, more occurrences than `maxRuns`
     /// (named with the count, up to `maxBackfill`).
     package func backfill(
-        taskID: UUID, from: Date, to: Date, maxRuns: Int, priority: Priority?, dryRun: Bool,
+        taskID: UUID, from: Date, to: Date, maxRuns: Int, priority: Priority?, dryRun: Bool, oneAtATime: Bool = false,
         traceParent: String? = nil, baggage: String? = nil
     ) async throws -> [BackfillEntry]? {
         guard (1...Self.maxBackfill).contains(maxRuns) else {
@@ -94,6 +94,9 @@ extension Store {
             let isRoot = try row.bool(7)
             var runs = NewRuns()
             var workflows: (ids: [UUID], occurrences: [Date]) = ([], [])
+            // One at a time (overlap queue): the first is due now, each other waits for the
+            // occurrence before it to end (released in `settle`), oldest first.
+            let backfillID = oneAtATime ? UUID() : nil
             for i in entries.indices where entries[i].existing == nil {
                 let id = UUID()
                 var workflow: UUID?
@@ -104,8 +107,9 @@ extension Store {
                 }
                 runs.append(
                     id: id, task: taskID, occurrence: entries[i].occurrence, attempt: 1, queue: try row.string(3),
-                    shard: try row.int(4), delay: 0, priority: try priority?.rawValue ?? row.int(5),
-                    key: row[6], workflow: workflow, traceparent: traceParent, baggage: baggage)
+                    shard: try row.int(4), delay: oneAtATime && !runs.isEmpty ? nil : 0,
+                    priority: try priority?.rawValue ?? row.int(5),
+                    key: row[6], workflow: workflow, traceparent: traceParent, baggage: baggage, backfill: backfillID)
                 entries[i].runID = id
             }
             if !workflows.ids.isEmpty {

@@ -161,7 +161,7 @@ extension Store {
     /// What a claimed run's task message is made of, in select-list order (runs as `r`, tasks as `t`).
     enum MessageColumn: Int, RowColumn {
         case runID, taskID, taskName, executor, parameters, queue, timeoutSeconds, occurrence, attempt, traceparent
-        case priority, baggage, scheduleToStart, startBy
+        case priority, baggage, scheduleToStart, startBy, inputs
 
         func sql(alias _: String) -> String {
             switch self {
@@ -180,6 +180,18 @@ extension Store {
             case .scheduleToStart: "t.schedule_to_start_seconds"
             // On the database's clock, as every deadline is (a dispatcher's clock may be off).
             case .startBy: "now() + make_interval(secs => t.schedule_to_start_seconds)"
+            // A dependent's upstream results in its workflow run (the latest attempt of each that
+            // returned one), by upstream name; only runs of a workflow pay for the lookup.
+            case .inputs:
+                """
+                CASE WHEN r.workflow_run_id IS NOT NULL THEN (
+                    SELECT jsonb_object_agg(u.name, x.result)::text
+                    FROM task_dependencies d JOIN tasks u ON u.id = d.upstream_id
+                    JOIN LATERAL (SELECT y.result FROM runs y WHERE y.task_id = d.upstream_id
+                                    AND y.workflow_run_id = r.workflow_run_id AND y.result IS NOT NULL
+                                  ORDER BY y.attempt DESC LIMIT 1) x ON true
+                    WHERE d.task_id = r.task_id) END
+                """
             }
         }
     }
@@ -194,6 +206,7 @@ extension Store {
             executor: try r.string(C.executor), parameters: try json(try r.string(C.parameters)),
             timeoutSeconds: try r.double(C.timeoutSeconds))
         m.startBy = try r.date(C.startBy)
+        m.inputs = TaskMessage.bounded(inputs: try r[C.inputs].map(json))
         return ClaimedRun(
             message: m, traceparent: r[C.traceparent] ?? q.newTraceParent(nil), baggage: r[C.baggage],
             priority: Priority(rawValue: try r.int(C.priority)) ?? .normal,

@@ -1,19 +1,19 @@
 import ConveyorPostgres
 
 extension Store {
-    /// Lets `role` (an existing PostgreSQL role) call `conveyor.enqueue(...)` for `namespace`:
-    /// USAGE on schema `conveyor`, EXECUTE on the function, a row in `enqueue_grants`. Nothing
+    /// Lets `role` (an existing PostgreSQL role) call `conveyor_enqueue(...)` for `namespace`:
+    /// EXECUTE on the function and a row in `enqueue_grants`. Nothing
     /// on any table. Fails naming the role when it does not exist.
     package func grantEnqueue(role: String, namespace: String) async throws {
         _ = try await pool.withConnection { c in
-            try await c.query("SELECT conveyor.grant_enqueue($1, $2)", [role, namespace])
+            try await c.query("SELECT conveyor_grant_enqueue($1, $2)", [role, namespace])
         }
     }
 
     /// Takes a grant back; with the role's last one, its privileges on the schema and function.
     package func revokeEnqueue(role: String, namespace: String) async throws {
         _ = try await pool.withConnection { c in
-            try await c.query("SELECT conveyor.revoke_enqueue($1, $2)", [role, namespace])
+            try await c.query("SELECT conveyor_revoke_enqueue($1, $2)", [role, namespace])
         }
     }
 

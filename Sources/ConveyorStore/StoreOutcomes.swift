@@ -33,11 +33,12 @@ package struct SettleResult: Sendable, Equatable {
 struct Ended {
     var id: UUID, task: UUID, occurrence: Date, attempt: Int, state: RunState, exitCode: Int?, errorClass: String?
     var workflow: UUID?, queue: String, shard: Int, priority: Int, key: String?, traceparent: String?, baggage: String?
+    var backfill: UUID?
 
     /// The columns read, in select-list order (of `runs`, in a RETURNING or a SELECT).
     enum Column: Int, RowColumn {
         case id, task, occurrence, attempt, state, exitCode, errorClass, workflow, queue, shard, priority, key
-        case traceparent, baggage
+        case traceparent, baggage, backfill
 
         func sql(alias _: String) -> String {
             switch self {
@@ -55,6 +56,7 @@ struct Ended {
             case .key: "runs.concurrency_key"
             case .traceparent: "runs.traceparent"
             case .baggage: "runs.baggage"
+            case .backfill: "runs.backfill_id"
             }
         }
     }
@@ -77,6 +79,7 @@ struct Ended {
         key = r[C.key]
         traceparent = r[C.traceparent]
         baggage = r[C.baggage]
+        backfill = r[C.backfill].flatMap(UUID.init(uuidString:))
     }
 }
 
@@ -154,10 +157,11 @@ extension Store {
                     UPDATE runs SET state = u.state, finished_at = u.at, started_at = coalesce(runs.started_at,
                         u.started, u.at), dispatched_at = coalesce(runs.dispatched_at, now()),
                                     worker_id = u.worker, exit_code = u.exit_code, output = u.output,
-                                    error_class = u.error_class, error_message = u.error_message
+                                    error_class = u.error_class, error_message = u.error_message,
+                                    result = u.result::jsonb
                     FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::int[], $6::text[],
-                        $7::text[], $8::text[], $10::timestamptz[])
-                         AS u(id, state, at, worker, exit_code, output, error_class, error_message, started)
+                        $7::text[], $8::text[], $10::timestamptz[], $11::text[])
+                         AS u(id, state, at, worker, exit_code, output, error_class, error_message, started, result)
                     WHERE runs.id = u.id AND runs.state = ANY($9::text[])
                     RETURNING \(Ended.columns)
                     """,
@@ -165,7 +169,7 @@ extension Store {
                         f.map(\.runID), f.map { ($0.outcome ?? .failed).runState.rawValue }, f.map(\.at),
                         f.map(\.workerID),
                         f.map { $0.exitCode }, f.map(\.output), f.map(\.errorClass), f.map(\.errorMessage), finishable,
-                        f.map(\.startedAt),
+                        f.map(\.startedAt), f.map { $0.result.map { String(decoding: $0.jsonBytes, as: UTF8.self) } },
                     ]
                 ).rows.map(Ended.init)
                 n += ended.count

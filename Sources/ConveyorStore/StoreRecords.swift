@@ -60,6 +60,8 @@ package struct RunRecord: Sendable {
     package var priority: Priority
     package var workflowRunID: UUID?
     package var availableAt: Date?
+    /// The structured result its executor returned (JSON text), if any.
+    package var result: String?
 }
 
 extension Store {
@@ -145,7 +147,7 @@ extension Store {
     enum RunColumn: Int, RowColumn {
         case id, taskID, occurrence, attempt, state, workerID, exitCode, output, errorClass, errorMessage, traceID
         case traceparent, publishCount, dispatchedAt, startedAt, finishedAt, reason, priority, workflowRunID
-        case availableAt
+        case availableAt, result
 
         func sql(alias a: String) -> String {
             switch self {
@@ -170,6 +172,7 @@ extension Store {
             case .workflowRunID: "\(a)workflow_run_id"
             // A run held back (overlap queue, dependency wait) is available at 'infinity': none.
             case .availableAt: "CASE WHEN \(a)available_at < 'infinity' THEN \(a)available_at END"
+            case .result: "\(a)result::text"
             }
         }
     }
@@ -191,7 +194,7 @@ extension Store {
             finishedAt: try r.optionalDate(C.finishedAt), reason: r[C.reason],
             priority: Priority(rawValue: try r.int(C.priority)) ?? .normal,
             workflowRunID: r[C.workflowRunID].flatMap(UUID.init(uuidString:)),
-            availableAt: try r.optionalDate(C.availableAt))
+            availableAt: try r.optionalDate(C.availableAt), result: r[C.result])
     }
 
     static func json(_ text: String) throws -> JSONValue {

@@ -55,7 +55,7 @@ extension Store {
                         shard: e.shard,
                         delay: p.retry.delay(afterAttempt: e.attempt), priority: e.priority, key: e.key,
                         workflow: e.workflow,
-                        traceparent: e.traceparent, baggage: e.baggage)
+                        traceparent: e.traceparent, baggage: e.baggage, backfill: e.backfill)
                     continue
                 }
                 let poison = e.errorClass.map(RetryPolicy.poisonClasses.contains) ?? false
@@ -98,6 +98,19 @@ extension Store {
                     UPDATE runs SET available_at = now()
                     WHERE task_id = ANY($1::uuid[]) AND state = 'scheduled' AND available_at = 'infinity'
                     """, [queueTasks]
+                ).affectedRows
+            }
+            // A backfill run one at a time: the occurrence after the one that ended may start.
+            let backfills = Array(Set(occurrenceDone.compactMap(\.backfill)))
+            if !backfills.isEmpty {
+                result.released += try await c.query(
+                    """
+                    UPDATE runs SET available_at = now()
+                    WHERE id IN (SELECT DISTINCT ON (backfill_id) id FROM runs
+                                 WHERE backfill_id = ANY($1::uuid[]) AND state = 'scheduled'
+                                   AND available_at = 'infinity'
+                                 ORDER BY backfill_id, occurrence)
+                    """, [backfills]
                 ).affectedRows
             }
             let (next, scheduled) = try await dependents(of: occurrenceDone.filter { $0.workflow != nil }, c)

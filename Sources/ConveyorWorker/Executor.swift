@@ -28,6 +28,10 @@ public struct ExecutionContext: Sendable {
     /// The execute span's context: an executor's own spans are its children
     /// (`Traces.startSpan(_:context:)`), as the HTTP and shell executors' are.
     public var trace: ServiceContext
+    /// For a dependent in a workflow run: its upstreams' structured results, by upstream task
+    /// name (those that returned one). Shell commands get it as `CONVEYOR_INPUTS`; the http
+    /// executor adds it to a JSON object body as `inputs`.
+    public var inputs: JSONValue?
 
     public init(
         runID: UUID, taskName: String, attempt: Int, parameters: JSONValue, timeout: Duration,
@@ -64,16 +68,21 @@ public struct ExecutionResult: Sendable, Equatable {
     public var output: String?
     public var errorClass: String?
     public var errorMessage: String?
+    /// A structured result (any JSON value): it travels on the status message, is stored with the
+    /// run, and is shown by the API, the CLI and the dashboard. Encoded, at most 32 KiB; a larger
+    /// one is replaced by a marker (`{"conveyor_truncated": true, …}`).
+    public var result: JSONValue?
 
     public init(
         outcome: Outcome, exitCode: Int? = nil, output: String? = nil, errorClass: String? = nil,
-        errorMessage: String? = nil
+        errorMessage: String? = nil, result: JSONValue? = nil
     ) {
         self.outcome = outcome
         self.exitCode = exitCode
         self.output = output
         self.errorClass = errorClass
         self.errorMessage = errorMessage
+        self.result = result
     }
 
     public static let succeeded = ExecutionResult(outcome: .succeeded)

@@ -16,7 +16,9 @@ import Tracing
 ///
 /// Parameters: `url` (required), `method` (GET, HEAD, POST, PUT, PATCH or DELETE; default GET),
 /// `headers` (object of strings), `body` (a string sent as is, or any other JSON value sent as
-/// JSON). The task's timeout bounds the whole exchange.
+/// JSON). The task's timeout bounds the whole exchange. A dependent's upstream results
+/// (`ExecutionContext.inputs`) are added to a JSON object body as `inputs`; with no body, a
+/// POST, PUT or PATCH sends `{"inputs": …}`.
 ///
 /// Redirects: a hop to another origin (scheme, host or port) drops `Authorization`, `Cookie`,
 /// `Proxy-Authorization` and every header from `parameters.headers`; one that would send the
@@ -27,6 +29,9 @@ import Tracing
 /// `Conveyor-Occurrence-Key: <task id>@<occurrence>` (every attempt of the occurrence), and the
 /// W3C `traceparent`, `tracestate` and `baggage` of the request's client span (a child of the
 /// worker's execute span).
+/// Result: a 2xx response whose `Content-Type` is JSON (`application/json`, `…+json`) is also the
+/// run's structured result, parsed (a body cut at `max_response_bytes` is marked, not parsed);
+/// `parameters.result: none` turns that off.
 /// Outcome: 2xx succeeds (the body is the output); any other status fails with error class
 /// `http_<status>` (408, 429 and 5xx are retried by default, other 4xx are not); a refused or
 /// invalid URL fails as `http_refused` / `http_invalid_url` (not retried by default); connect,
@@ -71,7 +76,7 @@ package struct HTTPExecutor: Executor {
             var output = String(decoding: response.body, as: UTF8.self)
             if response.truncated { output += "\n[… response truncated at \(policy.maxResponseBytes) bytes]" }
             if (200..<300).contains(response.status) {
-                return ExecutionResult(outcome: .succeeded, output: output)
+                return ExecutionResult(outcome: .succeeded, output: output, result: Self.result(of: response, context))
             }
             // Stored as the run's error: the URL without its query (tokens, signatures).
             return .failed(
@@ -83,6 +88,21 @@ package struct HTTPExecutor: Executor {
             }
             return .failed("http_\(error.kind.rawValue)", error.message)
         }
+    }
+
+    /// A JSON response's body as the run's result (see the type's comment).
+    static func result(of response: OutboundResponse, _ context: ExecutionContext) -> JSONValue? {
+        guard context.parameters["result"]?.stringValue != "none" else { return nil }
+        let type = response.headers.first { $0.0.lowercased() == "content-type" }?.1.lowercased() ?? ""
+        let media = type.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        guard media == "application/json" || media.hasSuffix("+json") else { return nil }
+        guard !response.truncated else {
+            return .object([
+                "conveyor_truncated": true, "limit": .number(Double(response.body.count)),
+                "head": .string(String(decoding: response.body.prefix(4096), as: UTF8.self).storable),
+            ])
+        }
+        return try? JSONDecoder().decode(JSONValue.self, from: Data(response.body))
     }
 
     static func request(_ context: ExecutionContext) throws(ValidationError) -> OutboundRequest {
@@ -126,7 +146,20 @@ package struct HTTPExecutor: Executor {
             }
         }
         var body: [UInt8] = []
-        switch p["body"] {
+        // A dependent's upstream results go in a JSON object body as `inputs` (a key the body
+        // already has is left alone); without a body, a POST, PUT or PATCH sends {"inputs": …}.
+        var given = p["body"]
+        if let inputs = context.inputs {
+            switch given {
+            case .object(var o)?:
+                if o["inputs"] == nil { o["inputs"] = inputs }
+                given = .object(o)
+            case nil, .null?:
+                if ["POST", "PUT", "PATCH"].contains(method) { given = .object(["inputs": inputs]) }
+            default: break
+            }
+        }
+        switch given {
         case nil, .null?: break
         case .string(let s)?: body = Array(s.utf8)
         case let v?:

@@ -26,10 +26,12 @@ import Tracing
 ///   `output_limit_bytes` per stream and run).
 /// - `kill_grace_ms` (default 2000): time between SIGTERM and SIGKILL on timeout or cancel.
 ///
-/// Parameters: `argv` (list of strings, required), `env` (object of strings), `cwd` (string).
+/// Parameters: `argv` (list of strings, required), `env` (object of strings), `cwd` (string),
+/// `result` (`last_line`: the last non-empty line of stdout is the run's JSON result; a last
+/// line that is not JSON fails the run as `invalid_result`; default none).
 ///
 /// The child gets `CONVEYOR_RUN_ID` (this attempt), `CONVEYOR_OCCURRENCE_KEY` (every attempt of
-/// the occurrence), `CONVEYOR_ATTEMPT`, `TRACEPARENT`, `TRACESTATE`, a fixed
+/// the occurrence), `CONVEYOR_ATTEMPT`, `CONVEYOR_INPUTS` (a dependent's upstream results, JSON), `TRACEPARENT`, `TRACESTATE`, a fixed
 /// `PATH=/usr/local/bin:/usr/bin:/bin`, the `inherit_env` names and the task's `env`; names that
 /// change how programs load or start (`LD_*`, `BASH_ENV`, `NODE_OPTIONS`, …) are refused. No
 /// descriptor of the worker but the three standard ones reaches it. When the command exits,
@@ -206,10 +208,16 @@ package struct ShellExecutor: Executor {
                 env[k] = s
             }
         }
+        if let r = context.parameters["result"], r != .null, r.stringValue != "last_line" {
+            return .failure(
+                .init("bad_parameters", "parameters.result is 'last_line' (the last line of stdout is the JSON result)")
+            )
+        }
         env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
         env["CONVEYOR_RUN_ID"] = context.idempotencyKey
         env["CONVEYOR_OCCURRENCE_KEY"] = context.occurrenceKey
         env["CONVEYOR_ATTEMPT"] = String(context.attempt)
+        if let inputs = context.inputs { env["CONVEYOR_INPUTS"] = String(decoding: inputs.jsonBytes, as: UTF8.self) }
 
         var cwd = allowedRoots[0]
         if let requested = context.parameters["cwd"] {
@@ -268,9 +276,22 @@ package struct ShellExecutor: Executor {
         case .success(let p):
             let output = p.stdout + (p.stderr.isEmpty ? "" : (p.stdout.isEmpty ? "" : "\n") + "[stderr]\n" + p.stderr)
             if let code = p.exitCode {
-                return code == 0
-                    ? ExecutionResult(outcome: .succeeded, exitCode: 0, output: output)
-                    : .failed("exit_code", "exited with status \(code)", exitCode: Int(code), output: output)
+                guard code == 0 else {
+                    return .failed("exit_code", "exited with status \(code)", exitCode: Int(code), output: output)
+                }
+                guard context.parameters["result"]?.stringValue == "last_line" else {
+                    return ExecutionResult(outcome: .succeeded, exitCode: 0, output: output)
+                }
+                let last = p.stdout.split(whereSeparator: \.isNewline).last { !$0.allSatisfy(\.isWhitespace) }
+                guard let last, let value = try? JSONDecoder().decode(JSONValue.self, from: Data(last.utf8)) else {
+                    return .failed(
+                        "invalid_result",
+                        """
+                        parameters.result is last_line, but the last line of stdout is not JSON: \
+                        \(String((last ?? "(no output)").prefix(200)))
+                        """, exitCode: 0, output: output)
+                }
+                return ExecutionResult(outcome: .succeeded, exitCode: 0, output: output, result: value)
             }
             let sig = p.signal ?? 0
             return ExecutionResult(

@@ -55,12 +55,14 @@ extension Worker {
         for (k, v) in trace { statusHeaders[k] = .string(v) }
 
         let timeout = Duration.milliseconds(Int64(message.timeoutSeconds * 1000))
-        let context = ExecutionContext(
+        var made = ExecutionContext(
             runID: message.runID, taskName: message.taskName, attempt: message.attempt,
             parameters: message.parameters, timeout: timeout,
             traceparent: trace["traceparent"], tracestate: trace["tracestate"],
             idempotencyKey: message.idempotencyKey,
             occurrenceKey: message.occurrenceKey, logger: log, trace: span.context)
+        made.inputs = message.inputs
+        let context = made
         // A run past its executor's limit waits here, before its timeout starts.
         let slot = set.slots[message.executor]
         if let slot, !(await slot.acquire()) { return }  // shutdown while waiting: left for redelivery
@@ -146,7 +148,7 @@ extension Worker {
             runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
             exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
             errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
-            startedAt: startedAt, proof: message.proof)
+            startedAt: startedAt, proof: message.proof, result: StatusMessage.bounded(result.result))
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }
         if !detached.isSet { source(of: delivery).ack(delivery) }

@@ -4,15 +4,15 @@ import ConveyorStore
 import Foundation
 
 /// `conveyor enqueue-grant ROLE`: an application's database role may call
-/// `conveyor.enqueue(...)` inside its own transactions (docs/enqueue.md), and nothing else.
+/// `conveyor_enqueue(...)` inside its own transactions (docs/enqueue.md), and nothing else.
 struct EnqueueGrantCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "enqueue-grant",
         abstract:
-            "Let a PostgreSQL role enqueue tasks with conveyor.enqueue(...) in one namespace (needs database access).",
+            "Let a PostgreSQL role enqueue tasks with conveyor_enqueue(...) in one namespace (needs database access).",
         discussion: """
             The role must exist (a database administrator creates it: CREATE ROLE app LOGIN PASSWORD '...'). It \
-            gets USAGE on schema conveyor and EXECUTE on the function, and no privilege on any table. --revoke \
+            gets EXECUTE on the function and no privilege on any table. --revoke \
             takes a namespace's grant back; with the role's last one, the privileges too. --list shows the grants. \
             Example: conveyor enqueue-grant orders_app --namespace shop
             """)
@@ -46,7 +46,7 @@ struct EnqueueGrantCommand: AsyncParsableCommand {
         print(
             revoke
                 ? "role \(role) may no longer enqueue into namespace \(namespace)"
-                : "role \(role) may enqueue into namespace \(namespace): SELECT * FROM conveyor.enqueue(name => ..., executor => ...)"
+                : "role \(role) may enqueue into namespace \(namespace): SELECT * FROM conveyor_enqueue(name => ..., executor => ...)"
         )
     }
 }

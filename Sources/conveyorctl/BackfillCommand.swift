@@ -19,6 +19,8 @@ extension TaskGroup {
         @Option(help: "The range's end (ISO-8601), excluded; at most now.") var to: String
         @Option(help: "Refuse if the range holds more occurrences than this (1 to 10000).") var maxRuns = 1000
         @Option(help: "The runs' priority (default the task's).") var priority: String?
+        @Option(help: "allow (every occurrence due at once) or queue (one at a time, oldest first).")
+        var overlap: String?
         @Flag(help: "List the occurrences and what each has; run nothing.") var dryRun = false
 
         func run() async throws {
@@ -27,6 +29,7 @@ extension TaskGroup {
                 "dry_run": .bool(dryRun),
             ]
             if let priority { body["priority"] = .string(priority) }
+            if let overlap { body["overlap"] = .string(overlap) }
             let r = try await global.client().call(
                 .POST, "/v1/tasks/" + path(name) + "/backfill", body: .object(body), accept: [200, 202]
             ).json

@@ -153,7 +153,7 @@ struct RunGroup: AsyncParsableCommand {
                     r,
                     [
                         "id", "task_id", "state", "attempt", "occurrence", "started_at", "finished_at", "worker_id",
-                        "exit_code", "error_class", "error_message", "reason", "trace_id",
+                        "exit_code", "error_class", "error_message", "reason", "trace_id", "result",
                     ], width: 13)
                 let callbacks = (r["callbacks"]?.arrayValue ?? []).map { c in
                     Output.field(

@@ -114,7 +114,8 @@ struct BackfillTests {
                     (#"{"from": "\#(from)", "to": "\#(to)", "max_runs": 2}"#, "max_runs"),
                     (#"{"from": "\#(from)", "to": "\#(to)", "max_runs": 1e300}"#, "max_runs"),
                     (#"{"from": "\#(from)", "to": "\#(to)", "priority": "urgent"}"#, "priority"),
-                    (#"{"from": "\#(from)", "to": "\#(to)", "overlap": "allow"}"#, "overlap"),
+                    (#"{"from": "\#(from)", "to": "\#(to)", "overlap": "forbid"}"#, "overlap"),
+                    (#"{"from": "\#(from)", "to": "\#(to)", "catch_up": true}"#, "catch_up"),
                 ] {
                     let r = try await api.call("POST", "/v1/tasks/hourly/backfill", key: op, body: b)
                     #expect(r.status == 400 && r.json["field"]?.stringValue == field, "\(b): \(r.json)")
@@ -139,6 +140,47 @@ struct BackfillTests {
                     try await api.call("POST", "/v1/tasks/hourly/backfill", key: other, body: body + "}").status == 404)
                 #expect(try await sys.count("SELECT count(*) FROM runs") == 5, "refusals made nothing")
                 #expect(try await sys.count("SELECT count(*) FROM audit_log WHERE action = 'task.backfill'") == 2)
+            }
+        }
+    }
+
+    /// `overlap: queue`: one at a time, oldest first, each after the one before has ended.
+    @Test func aQueuedBackfillRunsOneOccurrenceAtATimeOldestFirst() async throws {
+        try await System.with { sys in
+            try await APITests.withAPI(sys) { api, _ in
+                let op = try await APITests.key(sys, role: .operator, namespace: "default")
+                let created = try await api.call(
+                    "POST", "/v1/tasks", key: op,
+                    body:
+                        #"{"name": "slow", "executor": "scripted", "queue": "\#(sys.queue)", "schedule": "0 * * * *", "parameters": {"sleep_ms": 300}}"#
+                )
+                #expect(created.status == 201, "\(created.json)")
+                let now = Date()
+                let from = Timestamp.format(now.addingTimeInterval(-3600 * 28))
+                let to = Timestamp.format(now.addingTimeInterval(-3600 * 24))
+                let r = try await api.call(
+                    "POST", "/v1/tasks/slow/backfill", key: op,
+                    body: #"{"from": "\#(from)", "to": "\#(to)", "overlap": "queue"}"#)
+                #expect(r.status == 202 && r.json["created"] == 4 && r.json["overlap"] == "queue", "\(r.json)")
+                #expect(
+                    try await sys.count("SELECT count(*) FROM runs WHERE available_at = 'infinity'") == 3,
+                    "all but the oldest wait")
+                let recorder = Recorder()
+                let worker = sys.worker(["scripted": ScriptedExecutor(recorder: recorder)], concurrency: 8)
+                try await withServices([sys.dispatcher(), worker]) {
+                    _ = try await sys.eventually(timeout: .seconds(30), "the four runs succeed") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 4
+                    }
+                }
+                // In occurrence order, each started after the one before finished.
+                let rows = try await sys.rows(
+                    """
+                    SELECT (started_at >= lag(finished_at) OVER (ORDER BY occurrence))::text,
+                           (started_at >= lag(started_at) OVER (ORDER BY occurrence))::text
+                    FROM runs ORDER BY occurrence
+                    """)
+                #expect(rows.dropFirst().allSatisfy { $0 == ["true", "true"] }, "\(rows)")
+                #expect(recorder.total == 4)
             }
         }
     }

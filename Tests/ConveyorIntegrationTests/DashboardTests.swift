@@ -10,7 +10,8 @@ struct EchoExecutor: Executor {
     func execute(_ context: ExecutionContext) async -> ExecutionResult {
         ExecutionResult(
             outcome: .succeeded, exitCode: 0,
-            output: "report for \(context.parameters["customer"]?.stringValue ?? "?") written\n")
+            output: "report for \(context.parameters["customer"]?.stringValue ?? "?") written\n",
+            result: ["customer": context.parameters["customer"] ?? .null, "rows": 12])
     }
 }
 
@@ -87,6 +88,7 @@ struct DashboardTests {
                         "the task page shows its runs with trace ids")
                     #expect(page("run").contains(runID) && page("run").contains(traceID), "\(page("run"))")
                     #expect(page("run").contains("report for acme written"), "the run's output")
+                    #expect(page("run").contains(#""rows": 12"#), "the run's result: \(page("run"))")
                     #expect(page("run").contains("Attempts of this occurrence") && page("run").contains("(this)"))
                     #expect(page("workers").contains("dash-worker"))
                     #expect(page("dead").contains("Re-drive"), "\(page("dead"))")

@@ -494,6 +494,18 @@ struct OutboxAndMigrationTests {
                 try await c.query("SELECT count(*) FROM schema_migrations").first!.int(0)
             }
             #expect(n == migrator.migrations.count)
+            // Nothing outside the schema the tables are in: a schema named like Conveyor's
+            // database role (`conveyor`) becomes that role's first search_path entry, and every
+            // later unqualified CREATE went there, schema_migrations included.
+            let schemas = try await pool.withConnection { c in
+                try await c.query(
+                    """
+                    SELECT nspname FROM pg_namespace
+                    WHERE nspname NOT LIKE 'pg\\_%' AND nspname NOT IN ('public', 'information_schema')
+                    """
+                ).rows.compactMap { $0[0] }
+            }
+            #expect(schemas.isEmpty, "migrations created schemas \(schemas)")
         }
     }
 

@@ -5,7 +5,7 @@ import ConveyorStore
 import Foundation
 import Testing
 
-/// `conveyor.enqueue(...)`: work enqueued inside the application's own transaction exists if and
+/// `conveyor_enqueue(...)`: work enqueued inside the application's own transaction exists if and
 /// only if that transaction commits; the role that calls it can do nothing else; it refuses what
 /// the API refuses, naming the same field.
 @Suite("Enqueue in the application's transaction (real PostgreSQL and RabbitMQ)", .serialized)
@@ -29,13 +29,13 @@ struct EnqueueFunctionTests {
             let result = try await body(String(role), pool, url)
             pool.close()
             try await sys.pool.withConnection { c in
-                _ = try await c.query("SELECT conveyor.revoke_enqueue($1, 'default')", [String(role)])
+                _ = try await c.query("SELECT conveyor_revoke_enqueue($1, 'default')", [String(role)])
             }
             _ = try? await admin.simple("DROP OWNED BY \(role); DROP ROLE \(role)")
             return result
         } catch {
             pool.close()
-            _ = try? await admin.simple("REVOKE ALL ON SCHEMA conveyor FROM \(role)")
+            _ = try? await admin.simple("DROP ROLE \(role)")
             throw error
         }
     }
@@ -63,7 +63,7 @@ struct EnqueueFunctionTests {
             try await Self.withApplicationRole(sys) { role, app, url in
                 let before = await Self.sqlState {
                     _ = try await app.withConnection { c in
-                        try await c.query("SELECT * FROM conveyor.enqueue(name => 'x', executor => 'record')")
+                        try await c.query("SELECT * FROM conveyor_enqueue(name => 'x', executor => 'record')")
                     }
                 }
                 #expect(before.state == "42501", "no grant yet: \(before)")
@@ -76,7 +76,7 @@ struct EnqueueFunctionTests {
                 // The role can call the function, and nothing else.
                 for sql in [
                     "SELECT count(*) FROM tasks", "DELETE FROM runs",
-                    "SELECT conveyor.grant_enqueue('\(role)', 'other')",
+                    "SELECT conveyor_grant_enqueue('\(role)', 'other')",
                     "INSERT INTO tasks (id, name, executor, schedule, shard) VALUES (gen_random_uuid(), 'x', 'x', 'once', 0)",
                 ] {
                     let r = await Self.sqlState { _ = try await app.withConnection { c in try await c.query(sql) } }
@@ -85,7 +85,7 @@ struct EnqueueFunctionTests {
                 let elsewhere = await Self.sqlState {
                     _ = try await app.withConnection { c in
                         try await c.query(
-                            "SELECT * FROM conveyor.enqueue(name => 'x', executor => 'record', namespace => 'other')")
+                            "SELECT * FROM conveyor_enqueue(name => 'x', executor => 'record', namespace => 'other')")
                     }
                 }
                 #expect(elsewhere.state == "42501" && elsewhere.message.hasPrefix("namespace:"), "\(elsewhere)")
@@ -100,7 +100,7 @@ struct EnqueueFunctionTests {
                         let started = ContinuousClock.now
                         let row = try await c.query(
                             """
-                            SELECT task_id, run_id FROM conveyor.enqueue(name => $1, executor => 'record', queue => $2,
+                            SELECT task_id, run_id FROM conveyor_enqueue(name => $1, executor => 'record', queue => $2,
                                 parameters => $3::jsonb)
                             """, ["order-\(i)", sys.queue, #"{"order": \#(i)}"#]
                         ).rows[0]
@@ -171,7 +171,7 @@ struct EnqueueFunctionTests {
                 #expect(revoked.status == 0, "\(revoked.err)")
                 let after = await Self.sqlState {
                     _ = try await app.withConnection { c in
-                        try await c.query("SELECT * FROM conveyor.enqueue(name => 'late', executor => 'record')")
+                        try await c.query("SELECT * FROM conveyor_enqueue(name => 'late', executor => 'record')")
                     }
                 }
                 #expect(after.state == "42501", "revoked: \(after)")
@@ -235,7 +235,7 @@ struct EnqueueFunctionTests {
                         let sql = await Self.sqlState {
                             _ = try await app.withConnection { c in
                                 try await c.query(
-                                    "SELECT * FROM conveyor.enqueue(name => \(name), executor => \(rest))")
+                                    "SELECT * FROM conveyor_enqueue(name => \(name), executor => \(rest))")
                             }
                         }
                         #expect(sql.state == "22023" && sql.message.hasPrefix("\(field):"), "\(field): \(sql)")
@@ -249,7 +249,7 @@ struct EnqueueFunctionTests {
                     _ = try await api.call("POST", "/v1/tasks", key: k, body: #"{"name": "taken", "executor": "noop"}"#)
                     let dup = await Self.sqlState {
                         _ = try await app.withConnection { c in
-                            try await c.query("SELECT * FROM conveyor.enqueue(name => 'taken', executor => 'noop')")
+                            try await c.query("SELECT * FROM conveyor_enqueue(name => 'taken', executor => 'noop')")
                         }
                     }
                     #expect(dup.state == "23505" && dup.message.hasPrefix("name:"), "\(dup)")

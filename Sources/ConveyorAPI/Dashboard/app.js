@@ -173,6 +173,7 @@ const pages = {
       h("h3", {}, "Attempts of this occurrence"),
       table(["Run", "Attempt", "State", "Finished", "Error"], (r.attempts || []).map(a =>
         [a.id === r.id ? a.id.slice(0, 8) + " (this)" : link("#/run/" + a.id, a.id.slice(0, 8)), a.attempt, stateCell(a.state), when(a.finished_at), a.error_message || "–"])),
+      h("h3", {}, "Result"), h("pre", { id: "result" }, r.result === undefined ? "(no result)" : JSON.stringify(r.result, null, 2)),
       h("h3", {}, "Output"), h("pre", { id: "output" }, r.output || "(no output)"));
   },
 

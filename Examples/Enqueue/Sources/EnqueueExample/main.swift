@@ -50,7 +50,7 @@ _ = run(conn, "BEGIN")
 // Your own writes go here, in the same transaction.
 let row = run(
     conn,
-    "SELECT task_id, run_id FROM conveyor.enqueue(name => $1, executor => 'noop', parameters => $2::jsonb)",
+    "SELECT task_id, run_id FROM conveyor_enqueue(name => $1, executor => 'noop', parameters => $2::jsonb)",
     [args[2], #"{"from": "swift"}"#])
 if args.contains("--rollback") {
     _ = run(conn, "ROLLBACK")
