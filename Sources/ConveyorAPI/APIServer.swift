@@ -330,7 +330,10 @@ package enum APIServer {
         o["misfire"] = .string(t.misfire)
         o["overlap"] = .string(t.overlap)
         o["trigger_rule"] = .string(t.triggerRule)
-        if let spec = try? JSONDecoder().decode(JSONValue.self, from: Data(t.spec.utf8)), let u = spec["unique"] {
+        // Most tasks have no uniqueness key: their spec is not decoded for one (a page lists 100).
+        if t.spec.contains(#""unique""#), let spec = try? JSONDecoder().decode(JSONValue.self, from: Data(t.spec.utf8)),
+            let u = spec["unique"]
+        {
             o["unique"] = u
         }
         return .object(o)

@@ -158,8 +158,8 @@ extension APIServer {
                     "the \(key) of a task cannot change; create a new task and delete this one", field: key,
                     value: "\(fields[key]!)")
             }
-            let currentSpec = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
-            if let u = fields["unique"], u != (currentSpec["unique"] ?? .null) {
+            let current = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
+            if let u = fields["unique"], u != (current["unique"] ?? .null) {
                 throw Problem(
                     .badRequest, "invalid request",
                     "a task's uniqueness key cannot change in place; create a new task with the new unique",
@@ -178,7 +178,6 @@ extension APIServer {
                     field: key,
                     value: "\(fields[key]!)")
             }
-            let current = (try? JSONDecoder().decode(JSONValue.self, from: Data(task.spec.utf8))) ?? .object([:])
             // The name is the path's (checked above to be unchanged).
             var changes = fields.filter { $0.key != "paused" }
             changes["name"] = .string(task.name)

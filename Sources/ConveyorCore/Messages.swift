@@ -47,11 +47,7 @@ package struct TaskMessage: Sendable, Hashable, Codable {
             o.mapValues { v in
                 let bytes = v.jsonBytes
                 guard bytes.count > share else { return v }
-                return .object([
-                    "conveyor_truncated": true, "bytes": .number(Double(bytes.count)),
-                    "limit": .number(Double(max(share, 0))),
-                    "head": .string(String(decoding: bytes.prefix(max(min(share, 4096), 0)), as: UTF8.self)),
-                ])
+                return .truncationMarker(of: bytes, bytes: bytes.count, limit: max(share, 0))
             })
     }
 
@@ -189,11 +185,7 @@ package struct StatusMessage: Sendable, Hashable, Codable {
         guard let result else { return nil }
         let bytes = result.jsonBytes
         guard bytes.count > maxResultBytes else { return result }
-        let head = String(decoding: bytes.prefix(4096), as: UTF8.self)
-        return .object([
-            "conveyor_truncated": true, "bytes": .number(Double(bytes.count)),
-            "limit": .number(Double(maxResultBytes)), "head": .string(head.storable),
-        ])
+        return .truncationMarker(of: bytes, bytes: bytes.count, limit: maxResultBytes)
     }
 
     package init(
@@ -232,5 +224,19 @@ package struct StatusMessage: Sendable, Hashable, Codable {
         case at
         case startedAt = "started_at"
         case detached
+    }
+}
+
+extension JSONValue {
+    /// What stands for a JSON value too large to carry or store (a result, an upstream's input):
+    /// `{"conveyor_truncated": true, "bytes": N, "limit": L, "head": "<its first 4 KiB>"}`, the
+    /// head cut from `encoded` and storable; `bytes` absent when the whole size is not known.
+    package static func truncationMarker(of encoded: [UInt8], bytes: Int?, limit: Int) -> JSONValue {
+        var o: [String: JSONValue] = [
+            "conveyor_truncated": true, "limit": .number(Double(limit)),
+            "head": .string(String(decoding: encoded.prefix(min(limit, 4096)), as: UTF8.self).storable),
+        ]
+        if let bytes { o["bytes"] = .number(Double(bytes)) }
+        return .object(o)
     }
 }

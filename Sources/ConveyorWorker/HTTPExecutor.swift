@@ -97,10 +97,7 @@ package struct HTTPExecutor: Executor {
         let media = type.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
         guard media == "application/json" || media.hasSuffix("+json") else { return nil }
         guard !response.truncated else {
-            return .object([
-                "conveyor_truncated": true, "limit": .number(Double(response.body.count)),
-                "head": .string(String(decoding: response.body.prefix(4096), as: UTF8.self).storable),
-            ])
+            return .truncationMarker(of: response.body, bytes: nil, limit: response.body.count)
         }
         return try? JSONDecoder().decode(JSONValue.self, from: Data(response.body))
     }
