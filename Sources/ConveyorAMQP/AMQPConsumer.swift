@@ -133,7 +133,7 @@ package final class AMQPConsumer: Sendable {
             generation += 1
             let session: AMQPSession
             do throws(AMQPError) {
-                session = try AMQPSession(configuration: configuration, topology: topology, generation: generation)
+                session = try owner.connect(topology: topology, generation: generation)
                 do throws(AMQPError) {
                     if !cancelRequested.load(ordering: .relaxed) {
                         let arena = CArena()
@@ -161,6 +161,7 @@ package final class AMQPConsumer: Sendable {
             } catch {
                 attempt += 1
                 owner.failed(error)
+                owner.moveOn()
                 logger.warning(
                     "amqp consumer connect failed, retrying",
                     metadata: [
@@ -174,14 +175,21 @@ package final class AMQPConsumer: Sendable {
             connected.store(true, ordering: .relaxed)
             consuming.store(!cancelRequested.load(ordering: .relaxed), ordering: .relaxed)
             logger.info(
-                "amqp consumer connected", metadata: ["amqp.queues": "\(queues)", "amqp.generation": "\(generation)"])
+                "amqp consumer connected",
+                metadata: [
+                    "amqp.url": "\(session.endpoint.redacted)", "amqp.queues": "\(queues)",
+                    "amqp.generation": "\(generation)",
+                ])
             let error = serve(session)
             connected.store(false, ordering: .relaxed)
             consuming.store(false, ordering: .relaxed)
             dropCommands()  // tags of this connection are void now
             if let error {
                 owner.failed(error)
-                logger.warning("amqp consumer connection lost", metadata: ["error": "\(error)"])
+                owner.moveOn()
+                logger.warning(
+                    "amqp consumer connection lost",
+                    metadata: ["amqp.url": "\(session.endpoint.redacted)", "error": "\(error)"])
                 session.abandon()
                 attempt = 1
                 owner.sleepBackoff(attempt)

@@ -17,10 +17,14 @@ package struct QueueStats: Sendable, Equatable {
 ///
 /// The connection sends no heartbeats (the broker does not close it for idling); a question on a
 /// connection that has died fails within `operationTimeout`, and is then asked once more on a new
-/// connection. `close()` ends the connection; a question after it opens a new one.
+/// connection: to each endpoint of the broker list in turn, until one answers. `close()` ends the
+/// connection; a question after it opens a new one.
 package final class AMQPInspector: @unchecked Sendable {
-    // @unchecked: `session` is read and written only on `queue`, which runs one block at a time.
+    // @unchecked: `session` and `next` are read and written only on `queue`, which runs one
+    // block at a time.
     private var session: AMQPSession?
+    /// The endpoint a new connection tries first (random at start, as publishers and consumers do).
+    private var next: Int
     private let queue = DispatchQueue(label: "conveyor.amqp.inspector")
     private let opened = Atomic<Int>(0)
     private let configuration: AMQPConfiguration
@@ -30,6 +34,7 @@ package final class AMQPInspector: @unchecked Sendable {
         c.heartbeat = .zero
         c.name += " inspector"
         self.configuration = c
+        next = c.startAtFirstEndpoint ? 0 : Int.random(in: 0..<1024)
     }
 
     deinit { session?.close() }
@@ -78,14 +83,26 @@ package final class AMQPInspector: @unchecked Sendable {
                 session = nil
             }
         }
-        let fresh = try AMQPSession(configuration: configuration, topology: AMQPTopology(), generation: 0)
-        opened.add(1, ordering: .relaxed)
-        session = fresh
-        do { return try question(fresh) } catch {
-            fresh.abandon()
-            session = nil
-            throw error
+        let endpoints = try configuration.endpoints()
+        var last = AMQPError(code: .connection, message: "no broker endpoint")
+        for _ in endpoints.indices {
+            let endpoint = endpoints[next % endpoints.count]
+            do throws(AMQPError) {
+                let fresh = try AMQPSession(
+                    configuration: configuration, endpoint: endpoint, topology: AMQPTopology(), generation: 0)
+                opened.add(1, ordering: .relaxed)
+                session = fresh
+                do { return try question(fresh) } catch {
+                    fresh.abandon()
+                    session = nil
+                    throw error
+                }
+            } catch {
+                next += 1
+                last = error
+            }
         }
+        throw last
     }
 
     private static func inspect(_ names: [String], _ session: AMQPSession) throws(AMQPError) -> [QueueStats] {

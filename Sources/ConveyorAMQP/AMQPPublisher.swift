@@ -138,8 +138,7 @@ package final class AMQPPublisher: Sendable {
             generation += 1
             let session: AMQPSession
             do throws(AMQPError) {
-                session = try AMQPSession(
-                    configuration: configuration, topology: topology.withLock { $0 }, generation: generation)
+                session = try owner.connect(topology: topology.withLock { $0 }, generation: generation)
                 amqp_confirm_select(session.conn, session.channel)
                 do throws(AMQPError) {
                     try AMQPSession.check(amqp_get_rpc_reply(session.conn), "confirm.select")
@@ -150,6 +149,7 @@ package final class AMQPPublisher: Sendable {
             } catch {
                 attempt += 1
                 owner.failed(error)
+                owner.moveOn()
                 failInbox(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
                 failDeclarations(
                     AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
@@ -168,12 +168,15 @@ package final class AMQPPublisher: Sendable {
             connected.store(true, ordering: .relaxed)
             logger.info(
                 "amqp publisher connected",
-                metadata: ["amqp.url": "\(configuration.redactedURL)", "amqp.generation": "\(generation)"])
+                metadata: ["amqp.url": "\(session.endpoint.redacted)", "amqp.generation": "\(generation)"])
             let error = serve(session)
             connected.store(false, ordering: .relaxed)
             if let error {
                 owner.failed(error)
-                logger.warning("amqp publisher connection lost", metadata: ["error": "\(error)"])
+                owner.moveOn()
+                logger.warning(
+                    "amqp publisher connection lost",
+                    metadata: ["amqp.url": "\(session.endpoint.redacted)", "error": "\(error)"])
                 session.abandon()
                 attempt = 1
                 owner.sleepBackoff(attempt)

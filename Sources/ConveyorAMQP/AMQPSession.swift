@@ -11,8 +11,14 @@ final class AMQPSession {
     let channel: amqp_channel_t = 1
     private var open = true
 
-    init(configuration: AMQPConfiguration, topology: AMQPTopology, generation: UInt64) throws(AMQPError) {
-        let ep = try configuration.endpoint()
+    /// The broker endpoint this session is connected to (one entry of the configuration's list).
+    let endpoint: AMQPConfiguration.Endpoint
+
+    init(
+        configuration: AMQPConfiguration, endpoint ep: AMQPConfiguration.Endpoint, topology: AMQPTopology,
+        generation: UInt64
+    ) throws(AMQPError) {
+        endpoint = ep
         guard let conn = amqp_new_connection() else { throw AMQPError(code: .connection, message: "out of memory") }
         self.conn = conn
         self.generation = generation
@@ -26,7 +32,7 @@ final class AMQPSession {
                 throw AMQPError(
                     code: .connection,
                     message:
-                        "cannot connect to \(configuration.redactedURL): \(String(cString: amqp_error_string2(status)))"
+                        "cannot connect to \(ep.redacted): \(String(cString: amqp_error_string2(status)))"
                 )
             }
             // With nothing listening on a local port inside the ephemeral range, a reconnect can
@@ -37,7 +43,7 @@ final class AMQPSession {
                     code: .connection,
                     message:
                         """
-                        cannot connect to \(configuration.redactedURL): nothing listens there (the socket connected \
+                        cannot connect to \(ep.redacted): nothing listens there (the socket connected \
                         to itself)
                         """
                 )
@@ -47,7 +53,7 @@ final class AMQPSession {
             let heartbeat = Int32(configuration.heartbeat.components.seconds)
             let login = CRabbitMQ_login_plain(
                 conn, ep.vhost, 0, 131_072, heartbeat, ep.user, ep.password, configuration.name)
-            try Self.check(login, "login to \(configuration.redactedURL)")
+            try Self.check(login, "login to \(ep.redacted)")
             amqp_channel_open(conn, channel)
             try Self.check(amqp_get_rpc_reply(conn), "channel.open")
             try declare(topology)

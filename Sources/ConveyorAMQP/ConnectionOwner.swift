@@ -19,10 +19,15 @@ final class ConnectionOwner: Sendable {
     private let lastError = Mutex<AMQPError?>(nil)
     /// `publish` or `consume`: the reconnect counter's label.
     let role: String
+    /// Which entry of the broker list the next connection tries. It starts at random, so the
+    /// connections of a fleet spread over a cluster's nodes, and moves on after each failed
+    /// connect and each lost connection.
+    private let cursor: Atomic<Int>
 
     init(configuration: AMQPConfiguration, role: String) {
         self.configuration = configuration
         self.role = role
+        cursor = Atomic(configuration.startAtFirstEndpoint ? 0 : Int.random(in: 0..<1024))
         // Present at 0 from the start, so a dashboard sees the series before the first reconnect.
         CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment(
             by: 0)
@@ -74,6 +79,18 @@ final class ConnectionOwner: Sendable {
     }
 
     func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }
+
+    /// Opens a session on the broker endpoint the cursor points at (one of `configuration.url`'s
+    /// entries). Callers call `moveOn` when it fails or its connection is later lost.
+    func connect(topology: AMQPTopology, generation: UInt64) throws(AMQPError) -> AMQPSession {
+        let endpoints = try configuration.endpoints()
+        let endpoint = endpoints[cursor.load(ordering: .relaxed) % endpoints.count]
+        return try AMQPSession(
+            configuration: configuration, endpoint: endpoint, topology: topology, generation: generation)
+    }
+
+    /// The next connection tries the next endpoint of the list (the same one when there is one).
+    func moveOn() { cursor.add(1, ordering: .relaxed) }
     func reconnected() {
         reconnects.add(1, ordering: .relaxed)
         CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment()
@@ -111,7 +128,7 @@ final class ConnectionOwner: Sendable {
         while !ready() {
             let last = lastError.withLock { $0 }
             if let last, last.replyCode == 403 {
-                let user = (try? configuration.endpoint().user) ?? "?"
+                let user = (try? configuration.endpoints().first?.user) ?? "?"
                 let needs = Self.permissionNeeded(by: last.message).map { " The operation needs \($0)." } ?? ""
                 throw AMQPError(
                     code: .accessRefused,

@@ -93,11 +93,22 @@ public struct WorkerConfiguration: Sendable {
 }
 
 extension AMQPConfiguration {
-    /// `amqp.url` (default `amqp://127.0.0.1:55672/%2F`), `amqp.heartbeat_seconds` (10),
+    /// `amqp.url` (default `amqp://127.0.0.1:55672/%2F`; several URLs separated by commas for a
+    /// cluster) or `amqp.endpoints` (the same as a list), `amqp.heartbeat_seconds` (10),
     /// `amqp.connect_retry_seconds` (60) and `amqp.reconnect_max_ms` (2000), from a settings file
     /// and the environment.
     public init(settings s: Settings) throws {
-        self.init(url: try s.string("amqp.url", default: "amqp://127.0.0.1:55672/%2F"))
+        let url = try s.optionalString("amqp.url")
+        let list = try s.strings("amqp.endpoints", default: [])
+        if url != nil && !list.isEmpty {
+            throw s.bad(
+                "amqp.endpoints",
+                """
+                amqp.url (env CONVEYOR_AMQP_URL) is set too: give the brokers in one of them, either as \
+                amqp.endpoints or as a comma-separated amqp.url
+                """)
+        }
+        self.init(url: list.isEmpty ? url ?? "amqp://127.0.0.1:55672/%2F" : list.joined(separator: ","))
         heartbeat = .seconds(try s.int("amqp.heartbeat_seconds", default: 10, range: 0...600))
         connectRetryFor = .seconds(try s.int("amqp.connect_retry_seconds", default: 60, range: 0...3600))
         reconnectCap = try s.milliseconds("amqp.reconnect_max_ms", default: 2_000, range: 100...60_000)

@@ -49,6 +49,41 @@ import Testing
         }
     }
 
+    /// Issue 25: several brokers, as one comma-separated URL or as a list; each entry checked at
+    /// start-up and named when wrong, passwords never shown.
+    @Test func aBrokerListIsReadCheckedAndRedacted() async throws {
+        let env = [
+            "CONVEYOR_AMQP_URL": "amqp://u:s1@a:5672/%2F, amqp://u:s1@b:5673/%2F,amqp://u:s1@c/v"
+        ]
+        let joined = try AMQPConfiguration(settings: try await Settings.load(file: nil, environment: env))
+        #expect(try joined.endpoints().map(\.host) == ["a", "b", "c"])
+        #expect(try joined.endpoints().map(\.port) == [5672, 5673, 5672])
+        #expect(try joined.endpoints().map(\.vhost) == ["/", "/", "v"])
+        #expect(!joined.redactedURL.contains("s1"))
+        #expect(try joined.endpoints().allSatisfy { !$0.redacted.contains("s1") })
+
+        let file = try yaml("amqp:\n  endpoints:\n    - amqp://u:p@a:5672/%2F\n    - amqp://u:p@b:5672/%2F\n")
+        let listed = try AMQPConfiguration(settings: try await Settings.load(file: file, environment: [:]))
+        #expect(try listed.endpoints().map(\.host) == ["a", "b"])
+
+        let both = try await Settings.load(file: file, environment: ["CONVEYOR_AMQP_URL": "amqp://u:p@x/%2F"])
+        #expect { try AMQPConfiguration(settings: both) } throws: { e in
+            "\(e)".contains("amqp.endpoints") && "\(e)".contains("CONVEYOR_AMQP_URL")
+        }
+        // A password with a raw comma splits the entry: the tail is named, the fix given.
+        #expect { try AMQPConfiguration(url: "amqp://u:hunter,two@h:5672/%2F").validate() } throws: { e in
+            let text = "\(e)"
+            return text.contains("entry 2 of 2") && text.contains("%2C") && !text.contains("hunter")
+                && !text.contains("two@")
+        }
+        #expect { try AMQPConfiguration(url: "amqps://u:secret@h:5671/%2F").validate() } throws: { e in
+            "\(e)".contains("TLS") && !"\(e)".contains("secret")
+        }
+        #expect { try AMQPConfiguration(url: " , ").validate() } throws: { "\($0)".contains("empty") }
+        #expect(throws: Never.self) { try AMQPConfiguration(url: "amqp://u:pa%2Css@h:5672/%2F").validate() }
+        #expect(try AMQPConfiguration(url: "amqp://u:pa%2Css@h:5672/%2F").endpoints()[0].password == "pa,ss")
+    }
+
     @Test func malformedYAMLIsAClearError() async throws {
         let file = try yaml("worker: [unclosed\n")
         await #expect { try await Settings.load(file: file) } throws: { "\($0)".contains(file) }

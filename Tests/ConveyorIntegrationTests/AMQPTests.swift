@@ -202,6 +202,68 @@ struct AMQPTests {
         con.ack(d)
     }
 
+    /// A broker list (issue 25): a connection that cannot be made tries the next endpoint, and one
+    /// that is lost moves to the next. Two forwarders stand for two nodes of a cluster; every
+    /// connection starts at the first (`startAtFirstEndpoint`). The first dies with the publisher,
+    /// the consumer and the inspector connected through it: all three must carry on through the
+    /// second. Then a list whose first entry never answered: each connects through the second.
+    @Test func aBrokerListMovesToTheNextEndpointWhenOneDies() async throws {
+        let (t, topo, base) = try make(Servers.uniquePrefix())
+        let port = try #require(try base.endpoints().first?.port)
+        let first = try TCPForwarder(upstreamPort: port)
+        let second = try TCPForwarder(upstreamPort: port)
+        defer { second.stop() }
+        func via(_ ports: [Int]) -> AMQPConfiguration {
+            var c = base
+            c.url = ports.map { base.url.replacingOccurrences(of: ":\(port)/", with: ":\($0)/") }
+                .joined(separator: " , ")
+            c.startAtFirstEndpoint = true
+            return c
+        }
+        let cfg = via([first.port, second.port])
+        #expect(try cfg.endpoints().map(\.port) == [first.port, second.port])
+        let pub = AMQPPublisher(configuration: cfg, topology: topo, logger: Servers.logger)
+        pub.start()
+        defer { pub.stop() }
+        let con = AMQPConsumer(
+            configuration: cfg, topology: topo, queues: [t.workQueue("default")], prefetch: 10, logger: Servers.logger)
+        con.start()
+        defer { con.stop() }
+        let inspector = AMQPInspector(configuration: cfg)
+        defer { inspector.close() }
+        try await pub.waitUntilConnected()
+        try await con.waitUntilConsuming()
+        try await inspector.ping()
+        #expect(first.connectionsForwarded == 3)
+        #expect(second.connectionsForwarded == 0)
+
+        first.kill()
+        let moved = try await System.poll(timeout: .seconds(15)) {
+            pub.reconnectCount >= 1 && con.reconnectCount >= 1 && pub.isConnected && con.isConsuming
+        }
+        #expect(moved, "the publisher and consumer did not move to the second endpoint")
+        try await inspector.ping()
+        #expect(second.connectionsForwarded == 3)
+        try await pub.publish(message(t, 7))
+        var it = con.deliveries.makeAsyncIterator()
+        let d = try #require(await it.next())
+        #expect(d.properties.messageID == "id-7")
+        con.ack(d)
+
+        // A first entry that refuses every connection from the start.
+        let late = via([first.port, second.port])
+        let pub2 = AMQPPublisher(configuration: late, topology: topo, logger: Servers.logger)
+        pub2.start()
+        defer { pub2.stop() }
+        try await pub2.waitUntilConnected()
+        try await pub2.publish(message(t, 8))
+        #expect(second.connectionsForwarded == 4)
+        let fresh = AMQPInspector(configuration: late)
+        defer { fresh.close() }
+        try await fresh.ping()
+        #expect(second.connectionsForwarded == 5)
+    }
+
     /// A queue deleted under its consumer: the broker sends `basic.cancel` (we announce
     /// `consumer_cancel_notify`), and the consumer reconnects, which declares the queue and its
     /// binding again. Without that it would sit silent on a dead consumer until its connection

@@ -1,4 +1,5 @@
 import ConveyorPostgres
+import ConveyorStore
 import Foundation
 import Logging
 import Synchronization
@@ -304,6 +305,45 @@ struct PostgresTests {
             }
             #expect(sessions == 3, "three LISTEN sessions within 30 s")
             #expect(listener.backoffWaits >= 2, "a backoff before each reconnect: \(listener.backoffWaits)")
+        }
+    }
+
+    /// Issue 25: a libpq multi-host URL (a primary and its standbys), whose first host never
+    /// answers, with `target_session_attrs=read-write`: migrations, the pool and LISTEN all reach
+    /// the writable host. (The fault suite's cluster scenario does this through a real promotion.)
+    @Test func aMultiHostURLReachesTheWritableHost() async throws {
+        try await Servers.withDatabase { url in
+            let hosts = try #require(url.firstRange(of: "@")).upperBound
+            var multi = url
+            multi.insert(contentsOf: "127.0.0.1:1,", at: hosts)
+            multi += (multi.contains("?") ? "&" : "?") + "target_session_attrs=read-write&connect_timeout=5"
+            #expect(multi.contains("@127.0.0.1:1,127.0.0.1:"))
+            let pool = PostgresPool(configuration: .init(url: multi), logger: Servers.logger)
+            defer { pool.close() }
+            try await Migrator(logger: Servers.logger).migrate(pool)
+            let writable = try await pool.withConnection { c in
+                try await c.query("SELECT NOT pg_is_in_recovery(), count(*) FROM schema_migrations").rows.first
+            }
+            #expect(writable?[0] == "t")
+            #expect(Int(writable?[1] ?? "") ?? 0 > 10)
+            let listener = PostgresListener(url: multi, channels: ["conveyor_due"], logger: Servers.logger)
+            listener.start()
+            defer { listener.stop() }
+            let watchdog = Task {
+                try? await Task.sleep(for: .seconds(30))
+                listener.stop()
+            }
+            defer { watchdog.cancel() }
+            var heard = false
+            for await note in listener.notifications {
+                if note == "reconnected" {
+                    try await pool.withConnection { c in _ = try await c.simple("NOTIFY conveyor_due") }
+                } else if note == "conveyor_due" {
+                    heard = true
+                    break
+                }
+            }
+            #expect(heard, "the listener on the multi-host URL heard the NOTIFY within 30 s")
         }
     }
 

@@ -13,6 +13,8 @@ final class TCPForwarder: Sendable {
         var holding = false
         var held: [Int32] = []
         var stopped = false
+        /// Both sockets of every connection forwarded (never closed here, so never reused).
+        var forwarded: [Int32] = []
     }
 
     init(upstreamPort: Int) throws {
@@ -56,6 +58,16 @@ final class TCPForwarder: Sendable {
         close(listener)
     }
 
+    /// Connections forwarded so far.
+    var connectionsForwarded: Int { state.withLock { $0.forwarded.count / 2 } }
+
+    /// Stops accepting, and ends every connection forwarded so far: the server behind it is gone,
+    /// as far as its clients can tell.
+    func kill() {
+        stop()
+        for fd in state.withLock({ $0.forwarded }) { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
     private static func loopback(port: UInt16) -> sockaddr_in {
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
@@ -85,6 +97,7 @@ final class TCPForwarder: Sendable {
                 close(upstream)
                 continue
             }
+            state.withLock { $0.forwarded += [client, upstream] }
             Thread.detachNewThread { Self.copy(from: client, to: upstream) }
             Thread.detachNewThread { Self.copy(from: upstream, to: client) }
         }
