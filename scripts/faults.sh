@@ -6,6 +6,13 @@
 #   scripts/faults.sh --full       the full profile (N = 10,000 where it applies)
 #   scripts/faults.sh --filter X   only the scenarios whose test name contains X
 #   scripts/faults.sh --no-build   use the test build already made (scripts/test.sh does)
+#   scripts/faults.sh --no-cluster skip the cluster pass
+#
+# Then a second pass, the cluster scenarios (ClusterFaultSuite, issue 25), against the cluster bed
+# of scripts/cluster.sh: three RabbitMQ nodes and a PostgreSQL primary with a synchronous standby.
+# The standard variables (CONVEYOR_AMQP_URL, CONVEYOR_TEST_PG_ADMIN_URL, …) point at the cluster
+# for that pass: every process gets all three brokers and the multi-host database URL. The fast
+# profile runs one cluster scenario, the full one all of them. The cluster is stopped afterwards.
 #
 # It starts its own PostgreSQL and RabbitMQ under .local/faults, because it restarts, kills and
 # starves them. Their ports, 26432 and 26672 (CONVEYOR_FAULT_PG_PORT, CONVEYOR_FAULT_AMQP_PORT),
@@ -19,12 +26,14 @@ cd "$ROOT"
 PROFILE=fast
 FILTER=FaultSuite
 BUILD=1
+CLUSTER=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --full) PROFILE=full;;
     --filter) FILTER="FaultSuite.*$2"; shift;;
     --no-build) BUILD=0;;
-    *) echo "usage: $0 [--full] [--filter NAME] [--no-build]" >&2; exit 2;;
+    --no-cluster) CLUSTER=0;;
+    *) echo "usage: $0 [--full] [--filter NAME] [--no-build] [--no-cluster]" >&2; exit 2;;
   esac
   shift
 done
@@ -48,7 +57,24 @@ cc -shared -fPIC -O2 -o "$CONVEYOR_FAULT_FAKETIME_SHIM" scripts/faketime_timerfd
 : > "$CONVEYOR_FAULT_RESULTS"
 if [ "$BUILD" = 1 ]; then swift build --build-tests; fi
 status=0
-swift test --skip-build --no-parallel --filter "$FILTER" || status=$?
+swift test --skip-build --no-parallel --skip ClusterFaultSuite --filter "$FILTER" || status=$?
+if [ "$CLUSTER" = 1 ]; then
+  scripts/cluster.sh start
+  (
+    # shellcheck disable=SC1091
+    source "$ROOT/.local/cluster/env"
+    export CONVEYOR_FAULT_CLUSTER=1
+    export CONVEYOR_DATABASE_URL="$CONVEYOR_CLUSTER_DATABASE_URL"
+    export CONVEYOR_TEST_PG_ADMIN_URL="$CONVEYOR_CLUSTER_PG_ADMIN_URL"
+    export CONVEYOR_AMQP_URL="$CONVEYOR_CLUSTER_AMQP_URLS_DISPATCHER"
+    export CONVEYOR_WORKER_AMQP_URL="$CONVEYOR_CLUSTER_AMQP_URLS_WORKER"
+    export CONVEYOR_API_AMQP_URL="$CONVEYOR_CLUSTER_AMQP_URLS_API"
+    export CONVEYOR_TEST_AMQP_ADMIN_URL="$CONVEYOR_CLUSTER_AMQP_URLS_ADMIN"
+    export CONVEYOR_RABBITMQCTL="$ROOT/scripts/cluster.sh ctl 1"
+    swift test --skip-build --no-parallel --filter "ClusterFaultSuite${FILTER#FaultSuite}"
+  ) || status=$?
+  scripts/cluster.sh stop || true
+fi
 echo
 echo "fault suite, $PROFILE profile ($(date -u +%FT%TZ), $(nproc) cores):"
 cat "$CONVEYOR_FAULT_RESULTS"

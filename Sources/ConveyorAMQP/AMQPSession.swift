@@ -56,7 +56,7 @@ final class AMQPSession {
             try Self.check(login, "login to \(ep.redacted)")
             amqp_channel_open(conn, channel)
             try Self.check(amqp_get_rpc_reply(conn), "channel.open")
-            try declare(topology)
+            try declare(topology, onlyMissing: generation > 1)
         } catch {
             // The broker may already have closed the connection: a polite close would wait for
             // replies that never come (up to the RPC timeout). Drop it instead.
@@ -91,29 +91,79 @@ final class AMQPSession {
     /// Whether frames are already buffered, so a read won't block.
     var hasBufferedInput: Bool { amqp_frames_enqueued(conn) != 0 || amqp_data_in_buffer(conn) != 0 }
 
-    func declare(_ topology: AMQPTopology) throws(AMQPError) {
+    /// Declares `topology`: exchanges, queues, then bindings.
+    ///
+    /// With `onlyMissing` (a reconnect: a process's first connection always declares everything),
+    /// each exchange and queue is looked up first (a passive declare) and only a missing one is
+    /// declared, with its bindings (every binding, when an exchange was missing). A lookup reads
+    /// the broker's metadata; a declare of a new object or any bind writes it, in a transaction
+    /// across the cluster's nodes, and that transaction waits while a node is cut off but not yet
+    /// counted down (RabbitMQ's `net_ticktime`, 60 s by default). Without this, every process
+    /// reconnecting during a partition waited out its 10 s operation timeout on `queue.bind` at
+    /// each node in turn (issue 25, cluster scenario C2).
+    func declare(_ topology: AMQPTopology, onlyMissing: Bool = false) throws(AMQPError) {
         // The arena owns the C strings and tables: keep it alive until the last C call returns
         // (without this, an optimized build may free it before the call reads them).
         let arena = CArena()
         try withExtendedLifetime(arena) { () throws(AMQPError) in
+            var bindAll = !onlyMissing
+            var bindQueues = Set<String>()
             for e in topology.exchanges {
+                if onlyMissing && !e.passive {
+                    let found = try exists("exchange.declare (passive) \(e.name)") {
+                        amqp_exchange_declare(
+                            conn, channel, arena.bytes(e.name), arena.bytes(e.type), 1, 1, 0, 0,
+                            amqp_table_t(num_entries: 0, entries: nil))
+                    }
+                    if found { continue }
+                    bindAll = true
+                }
                 amqp_exchange_declare(
                     conn, channel, arena.bytes(e.name), arena.bytes(e.type), e.passive ? 1 : 0, 1, 0, 0,
                     amqp_table_t(num_entries: 0, entries: nil))
                 try Self.check(amqp_get_rpc_reply(conn), "exchange.declare \(e.name)")
             }
             for q in topology.queues {
+                if onlyMissing && !q.passive {
+                    let found = try exists("queue.declare (passive) \(q.name)") {
+                        amqp_queue_declare(
+                            conn, channel, arena.bytes(q.name), 1, q.durable ? 1 : 0, 0, 0,
+                            amqp_table_t(num_entries: 0, entries: nil))
+                    }
+                    if found { continue }
+                    bindQueues.insert(q.name)
+                }
                 amqp_queue_declare(
-                    conn, channel, arena.bytes(q.name), q.passive ? 1 : 0, 1, 0, 0, arena.table(q.arguments))
+                    conn, channel, arena.bytes(q.name), q.passive ? 1 : 0, q.durable ? 1 : 0, 0, 0,
+                    arena.table(q.arguments))
                 try Self.check(amqp_get_rpc_reply(conn), "queue.declare \(q.name)")
             }
-            for b in topology.bindings {
+            for b in topology.bindings where bindAll || bindQueues.contains(b.queue) {
                 amqp_queue_bind(
                     conn, channel, arena.bytes(b.queue), arena.bytes(b.exchange), arena.bytes(b.routingKey),
                     amqp_table_t(num_entries: 0, entries: nil))
                 try Self.check(amqp_get_rpc_reply(conn), "queue.bind \(b.queue)")
             }
         }
+    }
+
+    /// Sends a passive declare and reads its answer: whether the object exists. A 404 closes the
+    /// channel; it is acknowledged and opened again under the same number.
+    private func exists(_ what: String, _ send: () -> Void) throws(AMQPError) -> Bool {
+        send()
+        let reply = amqp_get_rpc_reply(conn)
+        if reply.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION, reply.reply.id == CRabbitMQ_CHANNEL_CLOSE_METHOD,
+            let close = reply.reply.decoded?.assumingMemoryBound(to: amqp_channel_close_t.self),
+            close.pointee.reply_code == 404
+        {
+            var closeOK = amqp_channel_close_ok_t(dummy: 0)
+            _ = amqp_send_method(conn, channel, CRabbitMQ_CHANNEL_CLOSE_OK_METHOD, &closeOK)
+            amqp_channel_open(conn, channel)
+            try Self.check(amqp_get_rpc_reply(conn), "channel.open")
+            return false
+        }
+        try Self.check(reply, what)
+        return true
     }
 
     func close() {

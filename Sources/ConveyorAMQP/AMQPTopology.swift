@@ -17,10 +17,15 @@ package struct AMQPTopology: Sendable, Hashable {
         package var name: String
         package var arguments: AMQPHeaders
         package var passive: Bool
-        package init(name: String, arguments: AMQPHeaders, passive: Bool = false) {
+        /// Whether the queue outlives a broker restart. A transient classic queue is deleted when
+        /// its node goes down, so in a cluster its client can declare it again on another node at
+        /// once; a durable classic queue is unavailable (404) until its node returns.
+        package var durable: Bool
+        package init(name: String, arguments: AMQPHeaders, passive: Bool = false, durable: Bool = true) {
             self.name = name
             self.arguments = arguments
             self.passive = passive
+            self.durable = durable
         }
         /// Checks that a queue exists, without creating it.
         package static func existing(_ name: String) -> Queue { Queue(name: name, arguments: [:], passive: true) }

@@ -116,13 +116,17 @@ package struct ConveyorTopology: Sendable, Hashable {
     }
 
     /// The control exchange (passively: dispatchers declare it) and one worker's own queue on it.
+    /// The queue is transient: when its node dies, the broker deletes it and the worker declares
+    /// it again on the node it reconnects to. A durable one stayed unavailable (404, "home node
+    /// … is down") until that node came back: no cancel reached the worker meanwhile (issue 25,
+    /// seen in the cluster scenario C1).
     package func control(worker: String) -> AMQPTopology {
         AMQPTopology(
             exchanges: [.init(name: controlExchange, type: "fanout", passive: true)],
             queues: [
                 .init(
                     name: controlQueue(worker: worker),
-                    arguments: ["x-queue-type": .string("classic"), "x-expires": .int(60_000)])
+                    arguments: ["x-queue-type": .string("classic"), "x-expires": .int(60_000)], durable: false)
             ],
             bindings: [.init(queue: controlQueue(worker: worker), exchange: controlExchange, routingKey: "")])
     }

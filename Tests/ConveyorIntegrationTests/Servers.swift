@@ -75,9 +75,12 @@ enum Servers {
         }
     }
 
+    /// The URL with another database name; its query (`?target_session_attrs=…`) kept.
     static func replaceDatabase(in url: String, with db: String) -> String {
-        guard let slash = url.lastIndex(of: "/") else { return url }
-        return String(url[...slash]) + db
+        let query = url.firstIndex(of: "?").map { String(url[$0...]) } ?? ""
+        let path = url.dropLast(query.count)
+        guard let slash = path.lastIndex(of: "/") else { return url }
+        return String(path[...slash]) + db + query
     }
 
     /// A unique topology prefix, so tests never share broker queues.
