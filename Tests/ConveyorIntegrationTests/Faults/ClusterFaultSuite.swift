@@ -243,15 +243,15 @@ struct ClusterFaultSuite {
             try await bed.until("30 % done", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n * 3 / 10
             }
-            let before = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
             let killed = ContinuousClock.now
             try await Cluster.run(["pg-kill-primary"])
             try await Cluster.run(["pg-promote"])
             let promoted = ContinuousClock.now - killed
-            // The count can only grow from `before` on the new primary: every commit the old one
-            // acknowledged is there (synchronous replication), so more means a new outcome.
+            // Counted on the new primary, once the test's own pool reaches it: a larger count
+            // later is an outcome recorded there, not one the old primary had already streamed.
+            let atPromotion = try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
             let came = try await bed.until("an outcome after the promotion", timeout: .seconds(60), &report) {
-                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > before
+                try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") > atPromotion
             }
             report.recovery = came ? ContinuousClock.now - killed : nil
             let apiBack = try await bed.until("the api ready on the new primary", timeout: .seconds(60), &report) {
