@@ -161,11 +161,11 @@ package final class AMQPConsumer: Sendable {
             } catch {
                 attempt += 1
                 owner.failed(error)
-                owner.moveOn()
+                let endpoint = owner.moveOn()
                 logger.warning(
                     "amqp consumer connect failed, retrying",
                     metadata: [
-                        "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)",
+                        "amqp.url": "\(endpoint)", "attempt": "\(attempt)", "error": "\(error)",
                     ])
                 owner.sleepBackoff(attempt)
                 continue

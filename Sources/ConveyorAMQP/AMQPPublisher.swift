@@ -149,14 +149,14 @@ package final class AMQPPublisher: Sendable {
             } catch {
                 attempt += 1
                 owner.failed(error)
-                owner.moveOn()
+                let endpoint = owner.moveOn()
                 failInbox(AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
                 failDeclarations(
                     AMQPError(code: .notConnected, message: "not connected to the broker: \(error.message)"))
                 logger.warning(
                     "amqp publisher connect failed, retrying",
                     metadata: [
-                        "amqp.url": "\(configuration.redactedURL)", "attempt": "\(attempt)", "error": "\(error)",
+                        "amqp.url": "\(endpoint)", "attempt": "\(attempt)", "error": "\(error)",
                     ])
                 owner.sleepBackoff(attempt)
                 continue

@@ -90,7 +90,15 @@ final class ConnectionOwner: Sendable {
     }
 
     /// The next connection tries the next endpoint of the list (the same one when there is one).
-    func moveOn() { cursor.add(1, ordering: .relaxed) }
+    /// Returns the endpoint left (password masked), for the log line that says why.
+    @discardableResult
+    func moveOn() -> String {
+        let left = cursor.add(1, ordering: .relaxed).oldValue
+        guard let endpoints = try? configuration.endpoints(), !endpoints.isEmpty else {
+            return configuration.redactedURL
+        }
+        return endpoints[left % endpoints.count].redacted
+    }
     func reconnected() {
         reconnects.add(1, ordering: .relaxed)
         CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment()
