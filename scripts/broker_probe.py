@@ -6,7 +6,9 @@ role's user (deploy/broker-permissions.tsv) can and cannot do.
   broker_probe.py --url amqp://… OP [OP …]
 
 Each OP is `publish:EXCHANGE:ROUTING_KEY`, `consume:QUEUE`, `delete:QUEUE`, `declare:QUEUE`
-(create), `passive:QUEUE` (look up) or `bind:QUEUE:EXCHANGE`. Every OP runs on a channel of its
+(create), `passive:QUEUE` (look up), `bind:QUEUE:EXCHANGE`, `unbind:QUEUE:EXCHANGE:ROUTING_KEY`
+or `delete-exchange:EXCHANGE` (the last two as an operator would: AMQPTests changes the topology
+under Conveyor's connections with them). Every OP runs on a channel of its
 own (a refusal closes the channel). Prints one JSON object: {OP: "ok" or "<code> <reply text>"}.
 """
 import argparse
@@ -31,6 +33,11 @@ def run(ch, op):
         ch.queue_declare(queue=rest, durable=True)
     elif kind == "passive":
         ch.queue_declare(queue=rest, passive=True)
+    elif kind == "unbind":
+        queue, exchange, key = rest.split(":", 2)
+        ch.queue_unbind(queue=queue, exchange=exchange, routing_key=key)
+    elif kind == "delete-exchange":
+        ch.exchange_delete(exchange=rest)
     elif kind == "bind":
         queue, _, exchange = rest.partition(":")
         ch.queue_bind(queue=queue, exchange=exchange, routing_key="probe")

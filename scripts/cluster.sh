@@ -514,37 +514,13 @@ reachable_node() {
   return 1
 }
 
-mq_password() {
-  local f="$DIR/amqp/$1.password"
-  if [ ! -s "$f" ]; then
-    mkdir -p "$DIR/amqp"
-    (umask 077; head -c 24 /dev/urandom | base64 | tr -d '=+/\n' > "$f")
-  fi
-  cat "$f"
-}
-
-# scripts/services.sh's users and permissions, once for the cluster (users replicate), on node 1.
-setup_users() {
-  local table="$ROOT/deploy/broker-permissions.tsv" marker="$MQ_DIR/conveyor-users.sha"
-  local sum; sum="$(sha256sum "$table" | cut -d' ' -f1)"
-  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$sum" ] && [ -s "$DIR/amqp/api.password" ]; then return; fi
-  log "creating broker users conveyor-admin, conveyor-dispatcher, conveyor-worker, conveyor-api"
-  local users role user conf write read
-  users="$(mqctl 1 -q list_users | awk '{print $1}')"
-  for role in admin dispatcher worker api; do
-    user="conveyor-$role"
-    if grep -qx "$user" <<<"$users"; then mqctl 1 -q change_password "$user" "$(mq_password "$role")" >/dev/null
-    else mqctl 1 -q add_user "$user" "$(mq_password "$role")" >/dev/null; fi
-  done
-  mqctl 1 -q set_permissions -p / conveyor-admin '.*' '.*' '.*' >/dev/null
-  mqctl 1 -q set_user_tags conveyor-admin administrator >/dev/null
-  while IFS=$'\t' read -r role conf write read; do
-    case "$role" in ''|'#'*|role) continue;; esac
-    mqctl 1 -q set_permissions -p / "conveyor-$role" "${conf//\{p\}/[^.]+}" "${write//\{p\}/[^.]+}" "${read//\{p\}/[^.]+}" >/dev/null
-  done < "$table"
-  if grep -qx guest <<<"$users"; then mqctl 1 -q delete_user guest >/dev/null; fi
-  echo "$sum" > "$marker"
-}
+# scripts/services.sh's users and permissions (scripts/broker-users.sh), once for the cluster
+# (users replicate), through node 1; passwords under $DIR/amqp.
+# shellcheck source=scripts/broker-users.sh
+source "$ROOT/scripts/broker-users.sh"
+mq_password() { broker_password "$DIR/amqp" "$1"; }
+mqctl_1() { mqctl 1 "$@"; }
+setup_users() { broker_users mqctl_1 "$DIR/amqp" "$MQ_DIR/conveyor-users.sha"; }
 
 # Something on the host accepts TCP connections at ADDR:PORT (the way the clients come).
 tcp_open() { timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null; }

@@ -153,42 +153,11 @@ CONF
   log "rabbitmq did not start; see $MQ_DIR/server.out and $MQ_DIR/log"; tail -20 "$MQ_DIR/server.out" >&2; exit 1
 }
 
-# Broker users, one per role, with the permissions of deploy/broker-permissions.tsv ({p} is any
-# one-word prefix here, so the test suites' per-test prefixes work). `conveyor-admin` holds every
-# permission and is for the test suites and people, never for a component. Passwords are made
-# once, under $LOCAL/amqp (mode 600). `guest` is deleted. Skipped when this node already has the
-# users of this very table (a marker beside the node's data, so a fresh node gets them again).
-mq_password() {
-  local f="$LOCAL/amqp/$1.password"
-  if [ ! -s "$f" ]; then
-    mkdir -p "$LOCAL/amqp"
-    (umask 077; head -c 24 /dev/urandom | base64 | tr -d '=+/\n' > "$f")
-  fi
-  cat "$f"
-}
-
-setup_mq_users() {
-  local table="$ROOT/deploy/broker-permissions.tsv" marker="$MQ_DIR/mnesia/conveyor-users.sha"
-  local sum; sum="$(sha256sum "$table" | cut -d' ' -f1)"
-  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$sum" ] && [ -s "$LOCAL/amqp/api.password" ]; then return; fi
-  log "creating broker users conveyor-admin, conveyor-dispatcher, conveyor-worker, conveyor-api"
-  local users role user conf write read
-  users="$(mqctl -q list_users | awk '{print $1}')"
-  for role in admin dispatcher worker api; do
-    user="conveyor-$role"
-    if grep -qx "$user" <<<"$users"; then mqctl -q change_password "$user" "$(mq_password "$role")" >/dev/null
-    else mqctl -q add_user "$user" "$(mq_password "$role")" >/dev/null; fi
-  done
-  mqctl -q set_permissions -p / conveyor-admin '.*' '.*' '.*' >/dev/null
-  mqctl -q set_user_tags conveyor-admin administrator >/dev/null
-  while IFS=$'\t' read -r role conf write read; do
-    case "$role" in ''|'#'*|role) continue;; esac
-    # </dev/null: rabbitmqctl reads stdin, which would swallow the rest of the table.
-    mqctl -q set_permissions -p / "conveyor-$role" "${conf//\{p\}/[^.]+}" "${write//\{p\}/[^.]+}" "${read//\{p\}/[^.]+}" >/dev/null </dev/null
-  done < "$table"
-  if grep -qx guest <<<"$users"; then mqctl -q delete_user guest >/dev/null; fi
-  echo "$sum" > "$marker"
-}
+# Broker users and their passwords (under $LOCAL/amqp): scripts/broker-users.sh.
+# shellcheck source=scripts/broker-users.sh
+source "$ROOT/scripts/broker-users.sh"
+mq_password() { broker_password "$LOCAL/amqp" "$1"; }
+setup_mq_users() { broker_users mqctl "$LOCAL/amqp" "$MQ_DIR/mnesia/conveyor-users.sha"; }
 
 amqp_url() { echo "amqp://conveyor-$1:$(mq_password "$1")@127.0.0.1:$AMQP_PORT/%2F"; }
 

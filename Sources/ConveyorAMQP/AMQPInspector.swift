@@ -88,8 +88,7 @@ package final class AMQPInspector: @unchecked Sendable {
         for _ in endpoints.indices {
             let endpoint = endpoints[next % endpoints.count]
             do throws(AMQPError) {
-                let fresh = try AMQPSession(
-                    configuration: configuration, endpoint: endpoint, topology: AMQPTopology(), generation: 0)
+                let fresh = try AMQPSession(configuration: configuration, endpoint: endpoint, generation: 0)
                 opened.add(1, ordering: .relaxed)
                 session = fresh
                 do { return try question(fresh) } catch {

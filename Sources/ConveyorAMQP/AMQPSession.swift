@@ -1,7 +1,8 @@
 import CRabbitMQ
 import Foundation
 
-/// One live AMQP connection with channel 1 open and the topology declared.
+/// One live AMQP connection with channel 1 open (`ConnectionOwner.connect` then declares the
+/// topology on it).
 ///
 /// Not Sendable: a session is created, used and closed on its owner's single thread
 /// (rabbitmq-c connections belong to one thread).
@@ -15,8 +16,7 @@ final class AMQPSession {
     let endpoint: AMQPConfiguration.Endpoint
 
     init(
-        configuration: AMQPConfiguration, endpoint ep: AMQPConfiguration.Endpoint, topology: AMQPTopology,
-        generation: UInt64
+        configuration: AMQPConfiguration, endpoint ep: AMQPConfiguration.Endpoint, generation: UInt64
     ) throws(AMQPError) {
         endpoint = ep
         guard let conn = amqp_new_connection() else { throw AMQPError(code: .connection, message: "out of memory") }
@@ -56,7 +56,6 @@ final class AMQPSession {
             try Self.check(login, "login to \(ep.redacted)")
             amqp_channel_open(conn, channel)
             try Self.check(amqp_get_rpc_reply(conn), "channel.open")
-            try declare(topology, onlyMissing: generation > 1)
         } catch {
             // The broker may already have closed the connection: a polite close would wait for
             // replies that never come (up to the RPC timeout). Drop it instead.
@@ -93,8 +92,8 @@ final class AMQPSession {
 
     /// Declares `topology`: exchanges, queues, then bindings.
     ///
-    /// With `onlyMissing` (a reconnect: a process's first connection always declares everything),
-    /// each exchange and queue is looked up first (a passive declare) and only a missing one is
+    /// With `onlyMissing` (a reconnect after a connection that declared the whole topology:
+    /// `ConnectionOwner.connect` decides), each exchange and queue is looked up first (a passive declare) and only a missing one is
     /// declared, with its bindings (every binding, when an exchange was missing). A lookup reads
     /// the broker's metadata; a declare of a new object or any bind writes it, in a transaction
     /// across the cluster's nodes, and that transaction waits while a node is cut off but not yet

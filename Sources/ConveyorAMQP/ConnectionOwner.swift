@@ -23,11 +23,19 @@ final class ConnectionOwner: Sendable {
     /// connections of a fleet spread over a cluster's nodes, and moves on after each failed
     /// connect and each lost connection.
     private let cursor: Atomic<Int>
+    /// Whether a connection has declared the whole topology, so a reconnect need only look it up
+    /// and declare what is missing. Cleared while a declaration is under way: one cut short (a
+    /// queue declared, the connection lost before its binding) leaves the next connection to
+    /// declare everything again, or the binding would never be made.
+    private let declared = Atomic<Bool>(false)
+    /// The broker list, parsed once (start-up has already checked it: `AMQPConfiguration.validate`).
+    private let endpoints: Result<[AMQPConfiguration.Endpoint], AMQPError>
 
     init(configuration: AMQPConfiguration, role: String) {
         self.configuration = configuration
         self.role = role
         cursor = Atomic(configuration.startAtFirstEndpoint ? 0 : Int.random(in: 0..<1024))
+        endpoints = Result { () throws(AMQPError) in try configuration.endpoints() }
         // Present at 0 from the start, so a dashboard sees the series before the first reconnect.
         CoreMetrics.Counter(label: "conveyor_amqp_reconnects_total", dimensions: [("connection", role)]).increment(
             by: 0)
@@ -81,12 +89,22 @@ final class ConnectionOwner: Sendable {
     func failed(_ error: AMQPError) { lastError.withLock { $0 = error } }
 
     /// Opens a session on the broker endpoint the cursor points at (one of `configuration.url`'s
-    /// entries). Callers call `moveOn` when it fails or its connection is later lost.
+    /// entries) and declares `topology` on it: all of it the first time, and again after a
+    /// declaration was cut short; only what is missing after one completed. Callers call `moveOn`
+    /// when it fails or its connection is later lost.
     func connect(topology: AMQPTopology, generation: UInt64) throws(AMQPError) -> AMQPSession {
-        let endpoints = try configuration.endpoints()
+        let endpoints = try self.endpoints.get()
         let endpoint = endpoints[cursor.load(ordering: .relaxed) % endpoints.count]
-        return try AMQPSession(
-            configuration: configuration, endpoint: endpoint, topology: topology, generation: generation)
+        let session = try AMQPSession(configuration: configuration, endpoint: endpoint, generation: generation)
+        let onlyMissing = declared.exchange(false, ordering: .relaxed)
+        do throws(AMQPError) {
+            try session.declare(topology, onlyMissing: onlyMissing)
+        } catch {
+            session.abandon()  // never a polite close on a connection the broker may have dropped
+            throw error
+        }
+        declared.store(true, ordering: .relaxed)
+        return session
     }
 
     /// The next connection tries the next endpoint of the list (the same one when there is one).
@@ -94,9 +112,7 @@ final class ConnectionOwner: Sendable {
     @discardableResult
     func moveOn() -> String {
         let left = cursor.add(1, ordering: .relaxed).oldValue
-        guard let endpoints = try? configuration.endpoints(), !endpoints.isEmpty else {
-            return configuration.redactedURL
-        }
+        guard case .success(let endpoints) = self.endpoints else { return configuration.redactedURL }
         return endpoints[left % endpoints.count].redacted
     }
     func reconnected() {
@@ -136,7 +152,7 @@ final class ConnectionOwner: Sendable {
         while !ready() {
             let last = lastError.withLock { $0 }
             if let last, last.replyCode == 403 {
-                let user = (try? configuration.endpoints().first?.user) ?? "?"
+                let user = (try? endpoints.get().first?.user) ?? "?"
                 let needs = Self.permissionNeeded(by: last.message).map { " The operation needs \($0)." } ?? ""
                 throw AMQPError(
                     code: .accessRefused,

@@ -290,22 +290,32 @@ struct PostgresTests {
                 url: url + (url.contains("?") ? "&" : "?") + "options=-c%20idle_session_timeout%3D100",
                 channels: ["conveyor_due"], retry: .init(base: .milliseconds(20), cap: .seconds(30)),
                 logger: Servers.logger)
-            listener.start()
-            defer { listener.stop() }
-            // A bound, not a synchronisation: stopping ends the stream, and the count below says why.
-            let watchdog = Task {
-                try? await Task.sleep(for: .seconds(30))
-                listener.stop()
-            }
-            defer { watchdog.cancel() }
-            var sessions = 0
-            for await note in listener.notifications where note == "reconnected" {
-                sessions += 1
-                if sessions == 3 { break }
+            let sessions = await Self.listening(listener) {
+                var sessions = 0
+                for await note in listener.notifications where note == "reconnected" {
+                    sessions += 1
+                    if sessions == 3 { break }
+                }
+                return sessions
             }
             #expect(sessions == 3, "three LISTEN sessions within 30 s")
             #expect(listener.backoffWaits >= 2, "a backoff before each reconnect: \(listener.backoffWaits)")
         }
+    }
+
+    /// Starts `listener`, runs `body`, then stops it. The listener is stopped after `limit` at the
+    /// latest, which ends its notifications: a bound on `body`, not a synchronisation.
+    static func listening<T>(
+        _ listener: PostgresListener, within limit: Duration = .seconds(30), _ body: () async throws -> T
+    ) async rethrows -> T {
+        listener.start()
+        defer { listener.stop() }
+        let watchdog = Task {
+            try? await Task.sleep(for: limit)
+            listener.stop()
+        }
+        defer { watchdog.cancel() }
+        return try await body()
     }
 
     /// Issue 25: a libpq multi-host URL (a primary and its standbys), whose first host never
@@ -327,21 +337,15 @@ struct PostgresTests {
             #expect(writable?[0] == "t")
             #expect(Int(writable?[1] ?? "") ?? 0 > 10)
             let listener = PostgresListener(url: multi, channels: ["conveyor_due"], logger: Servers.logger)
-            listener.start()
-            defer { listener.stop() }
-            let watchdog = Task {
-                try? await Task.sleep(for: .seconds(30))
-                listener.stop()
-            }
-            defer { watchdog.cancel() }
-            var heard = false
-            for await note in listener.notifications {
-                if note == "reconnected" {
-                    try await pool.withConnection { c in _ = try await c.simple("NOTIFY conveyor_due") }
-                } else if note == "conveyor_due" {
-                    heard = true
-                    break
+            let heard = try await Self.listening(listener) {
+                for await note in listener.notifications {
+                    if note == "reconnected" {
+                        try await pool.withConnection { c in _ = try await c.simple("NOTIFY conveyor_due") }
+                    } else if note == "conveyor_due" {
+                        return true
+                    }
                 }
+                return false
             }
             #expect(heard, "the listener on the multi-host URL heard the NOTIFY within 30 s")
         }

@@ -41,6 +41,18 @@ enum Cluster {
 @Suite(
     "ClusterFaultSuite", .enabled(if: Cluster.enabled, "run by scripts/faults.sh (its cluster pass)"), .serialized)
 struct ClusterFaultSuite {
+    /// One cluster scenario: waits until the cluster is whole, then runs `body` on a fresh bed
+    /// with the fleet ready (`fleet`).
+    static func scenario(
+        _ name: String, _ title: String, n: Int, _ body: (FaultBed, inout FaultReport) async throws -> Void
+    ) async throws {
+        try await Cluster.run(["await"])
+        try await FaultBed.scenario(name, title, n: n) { bed, report in
+            try await fleet(bed, &report)
+            try await body(bed, &report)
+        }
+    }
+
     /// Two dispatchers and three workers (16 runs at once each), each with a status port; waits
     /// until every one is ready, then writes the quorum-queue registry to disk on every node.
     static func fleet(_ bed: FaultBed, _ report: inout FaultReport) async throws {
@@ -87,10 +99,8 @@ struct ClusterFaultSuite {
     @Test(arguments: leaders)
     func c1KillTheQueueLeaderMidBurst(_ which: Leader) async throws {
         let n = FaultProfile.n(fast: 2000, full: 10_000)
-        try await Cluster.run(["await"])
-        try await FaultBed.scenario("cluster-kill-\(which.rawValue)", "C1 kill \(which.rawValue) leader", n: n) {
+        try await Self.scenario("cluster-kill-\(which.rawValue)", "C1 kill \(which.rawValue) leader", n: n) {
             bed, report in
-            try await Self.fleet(bed, &report)
             let topology = ConveyorTopology(prefix: bed.sys.prefix)
             let queue = which == .work ? topology.workQueue(bed.sys.queue) : topology.statusQueue
             let node = try await Cluster.leader(queue)
@@ -124,9 +134,7 @@ struct ClusterFaultSuite {
     @Test(.enabled(if: FaultProfile.full, "full profile only"))
     func c2PartitionANodeForThirtySeconds() async throws {
         let n = 10_000
-        try await Cluster.run(["await"])
-        try await FaultBed.scenario("cluster-partition", "C2 node partitioned 30 s", n: n) { bed, report in
-            try await Self.fleet(bed, &report)
+        try await Self.scenario("cluster-partition", "C2 node partitioned 30 s", n: n) { bed, report in
             let queue = ConveyorTopology(prefix: bed.sys.prefix).workQueue(bed.sys.queue)
             // 200 ms a run over 48 slots: the burst lasts about 40 s, past the 30 s cut.
             try await bed.create(bed.sinkTasks(n, ms: 200))
@@ -161,9 +169,7 @@ struct ClusterFaultSuite {
     @Test(.enabled(if: FaultProfile.full, "full profile only"))
     func c3RollingRestartUnderASteadyRate() async throws {
         let n = 10_000
-        try await Cluster.run(["await"])
-        try await FaultBed.scenario("cluster-rolling", "C3 rolling node restart", n: n) { bed, report in
-            try await Self.fleet(bed, &report)
+        try await Self.scenario("cluster-rolling", "C3 rolling node restart", n: n) { bed, report in
             let tasks = bed.sinkTasks(n, ms: 20)
             let chunk = 50
             let start = ContinuousClock.now
@@ -190,9 +196,9 @@ struct ClusterFaultSuite {
                     """
                     SELECT coalesce(extract(epoch FROM max(gap)), 0)::text FROM (
                       SELECT finished_at - lag(finished_at) OVER (ORDER BY finished_at) AS gap FROM runs
-                      WHERE state = 'succeeded' AND finished_at BETWEEN '\(since)'::timestamptz AND '\(until)'::timestamptz
+                      WHERE state = 'succeeded' AND finished_at BETWEEN $1::timestamptz AND $2::timestamptz
                     ) g
-                    """)[0][0].flatMap(Double.init) ?? 99
+                    """, [since, until])[0][0].flatMap(Double.init) ?? 99
             report.recovery = .milliseconds(Int64(gap * 1000))
             report.require(gap < 15, "outcomes paused \(gap) s during the restarts")
             let restarts = try await bed.count(
@@ -214,31 +220,17 @@ struct ClusterFaultSuite {
     @Test(.enabled(if: FaultProfile.full, "full profile only"))
     func c4PromoteTheStandbyWhenThePrimaryDies() async throws {
         let n = 10_000
-        try await Cluster.run(["await"])
-        do {
-            try await promotion(n: n)
-        } catch {
-            _ = try? await Cluster.run(["reset"])
-            _ = try? await Cluster.run(["start"])
-            throw error
-        }
+        var failure: (any Error)?
+        do { try await promotion(n: n) } catch { failure = error }
+        // Whatever happened, a fresh primary and standby for whatever runs next.
         try await Cluster.run(["reset"])
         try await Cluster.run(["start"])
+        if let failure { throw failure }
     }
 
     func promotion(n: Int) async throws {
-        try await FaultBed.scenario("cluster-promote", "C4 primary killed, promoted", n: n) { bed, report in
-            try await Self.fleet(bed, &report)
-            let apiPort = try FaultBed.freePort()
-            try bed.start(
-                "api", ["api"],
-                env: bed.commonEnvironment.merging([
-                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                    "CONVEYOR_AMQP_URL": bed.sys.apiAMQPURL,
-                ]) { _, b in b })
-            try await bed.until("api ready", timeout: .seconds(30), &report) {
-                await FaultBed.httpStatus(port: apiPort) == 200
-            }
+        try await Self.scenario("cluster-promote", "C4 primary killed, promoted", n: n) { bed, report in
+            let apiPort = try await bed.startAPI(&report)
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % done", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n * 3 / 10

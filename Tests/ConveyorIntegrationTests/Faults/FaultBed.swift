@@ -275,6 +275,19 @@ final class FaultBed {
         try start(id, ["worker"], env: env.merging(extra) { _, b in b }, wrapper: wrapper)
     }
 
+    /// An API process on a free port, with the API's own broker login; waits until it answers
+    /// /readyz. Returns the port.
+    func startAPI(_ report: inout FaultReport, id: String = "api") async throws -> Int {
+        let port = try Self.freePort()
+        try start(
+            id, ["api"],
+            env: commonEnvironment.merging([
+                "CONVEYOR_API_PORT": "\(port)", "CONVEYOR_API_HOST": "127.0.0.1", "CONVEYOR_AMQP_URL": sys.apiAMQPURL,
+            ]) { _, b in b })
+        try await until("api ready", timeout: .seconds(30), &report) { await Self.httpStatus(port: port) == 200 }
+        return port
+    }
+
     /// Starts `conveyor <args>` (through `wrapper`, e.g. `ip netns exec …`), its output in the
     /// bed's log folder. Spawned with posix_spawn and reaped with waitpid by the bed itself:
     /// Foundation's `Process` was seen to miss children's exits here and hang in `waitUntilExit`.
@@ -383,7 +396,9 @@ final class FaultBed {
         try await retrying { try await self.sys.count(sql, params) }
     }
 
-    func rows(_ sql: String) async throws -> [[String?]] { try await retrying { try await self.sys.rows(sql) } }
+    func rows(_ sql: String, _ params: [any PostgresEncodable] = []) async throws -> [[String?]] {
+        try await retrying { try await self.sys.rows(sql, params) }
+    }
 
     func retrying<T>(_ body: () async throws -> T) async throws -> T {
         let deadline = ContinuousClock.now + .seconds(30)

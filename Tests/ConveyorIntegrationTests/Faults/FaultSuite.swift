@@ -254,16 +254,7 @@ struct FaultSuite {
         let n = FaultProfile.n(fast: 2000, full: 10_000)
         try await FaultBed.scenario("pg-restart", "5 postgres restart", n: n) { bed, report in
             try Self.fleet(bed, concurrency: 16)
-            let apiPort = try FaultBed.freePort()
-            try bed.start(
-                "api", ["api"],
-                env: bed.commonEnvironment.merging([
-                    "CONVEYOR_API_PORT": "\(apiPort)", "CONVEYOR_API_HOST": "127.0.0.1",
-                    "CONVEYOR_AMQP_URL": bed.sys.apiAMQPURL,
-                ]) { _, b in b })
-            try await bed.until("api ready", timeout: .seconds(30), &report) {
-                await FaultBed.httpStatus(port: apiPort) == 200
-            }
+            let apiPort = try await bed.startAPI(&report)
             try await bed.create(bed.sinkTasks(n, ms: 20))
             try await bed.until("30 % done", timeout: .seconds(60), &report) {
                 try await bed.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") >= n * 3 / 10
