@@ -31,6 +31,8 @@ package final class Dispatcher: Service, Sendable {
     let maintenanceWakeup = Wakeup()
     /// Records the status queue (its own service, run and stopped by `run()`).
     let recorder: StatusRecorder
+    /// Confirmed runs waiting for their `dispatched` mark.
+    let marks: DispatchMarks
     /// Delivers callbacks (its own service, run and stopped by `run()`).
     let callbacks: CallbackDeliverer
     /// The work queues this dispatcher has declared.
@@ -111,6 +113,7 @@ package final class Dispatcher: Service, Sendable {
         self.workQueues = workQueues
         let wakeup = Wakeup()
         self.wakeup = wakeup
+        marks = DispatchMarks(lease: configuration.publishLease)
         let proofs = StatusProofs(store: store)
         self.proofs = proofs
         let callbacks = CallbackDeliverer(
@@ -234,7 +237,8 @@ package final class Dispatcher: Service, Sendable {
                 }
                 try await withThrowingDiscardingTaskGroup { group in
                     let all: [@Sendable () async throws -> Void] = [
-                        { await self.scanLoop() }, { await self.maintenanceLoop() }, { await self.deadLetterLoop() },
+                        { await self.scanLoop() }, { await self.markLoop() }, { await self.maintenanceLoop() },
+                        { await self.deadLetterLoop() },
                         { try await self.recorder.run() }, { try await self.callbacks.run() },
                     ]
                     for part in all {
@@ -251,6 +255,7 @@ package final class Dispatcher: Service, Sendable {
         } onGracefulShutdown: {
             self.stopping.store(true, ordering: .relaxed)
             self.wakeup.signal()
+            self.marks.wakeup.signal()
             self.maintenanceWakeup.signal()
             self.deadConsumer.stopConsuming()
         }

@@ -37,6 +37,31 @@ extension Dispatcher {
             }
             await wakeup.wait(timeout: sleep)
         }
+        // Stopping: the runs this loop published are marked now, not a moment later.
+        await mark(marks.take(confirmedBefore: .zero).due)
+    }
+
+    /// Marks confirmed runs `dispatched` once they are `marks.delay` old (`DispatchMarks`).
+    func markLoop() async {
+        while !stopping.load(ordering: .relaxed) {
+            let (due, nextIn) = marks.take(confirmedBefore: marks.delay)
+            await mark(due)
+            await marks.wakeup.wait(timeout: nextIn ?? .seconds(60))
+        }
+    }
+
+    /// Marks runs still `queued` as `dispatched`, dated from their confirm.
+    func mark(_ due: [DispatchMarks.Pending]) async {
+        guard !due.isEmpty else { return }
+        let now = ContinuousClock.now
+        do {
+            try await store.markDispatched(
+                due.map { ($0.id, $0.startWithin, (now - $0.confirmed).inSeconds) }, grace: configuration.lostGrace)
+        } catch {
+            // The rows stay `queued`: any dispatcher republishes them when the lease ends.
+            logger.warning(
+                "marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
+        }
     }
 
     /// One scan tick; returns how much it did (runs created plus runs published: 0 means nothing
@@ -118,14 +143,15 @@ extension Dispatcher {
             ConveyorMetrics.dispatched(queue: key.queue, priority: key.priority.name, count: runs.count)
         }
         if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
-        do {
-            try await store.markDispatched(
-                confirmed.map { ($0.message.runID, $0.scheduleToStartSeconds) }, grace: configuration.lostGrace)
-            if !failed.isEmpty { try await store.retryPublishSoon(failed, delay: .seconds(1)) }
-        } catch {
-            // The rows stay `queued`: any dispatcher republishes them when the lease ends.
-            logger.warning(
-                "marking dispatched failed; runs will be republished after the lease", metadata: ["error": "\(error)"])
+        // Marked `dispatched` by `markLoop` a moment later, unless a status moves them on first.
+        marks.add(confirmed.map { ($0.message.runID, $0.scheduleToStartSeconds) })
+        if !failed.isEmpty {
+            do { try await store.retryPublishSoon(failed, delay: .seconds(1)) } catch {
+                // The rows stay `queued`: any dispatcher republishes them when the lease ends.
+                logger.warning(
+                    "shortening the lease of failed publishes failed; they are republished after the lease",
+                    metadata: ["error": "\(error)"])
+            }
         }
         counters.withLock {
             $0.published += ok.count

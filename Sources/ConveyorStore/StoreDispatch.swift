@@ -360,20 +360,23 @@ extension Store {
         FROM next LEFT JOIN backlog ON true
         """
 
-    /// Marks runs the broker confirmed as `dispatched` (forward only), each with its start
-    /// deadline: `startWithin` seconds (its task's schedule-to-start timeout) plus `grace` from now.
-    package func markDispatched(_ runs: [(id: UUID, startWithin: Double)], grace: Duration) async throws {
+    /// Marks runs the broker confirmed `age` seconds ago as `dispatched` (forward only: a run a
+    /// status moved on is left alone), dated from the confirm, each with its start deadline:
+    /// `startWithin` seconds (its task's schedule-to-start timeout) plus `grace` from the confirm.
+    package func markDispatched(
+        _ runs: [(id: UUID, startWithin: Double, age: Double)], grace: Duration
+    ) async throws {
         guard !runs.isEmpty else { return }
         _ = try await pool.withConnection { c in
             // Rows locked in id order, as status recording does, so the two never deadlock.
             try await c.query(
                 """
-                UPDATE runs SET state = 'dispatched', dispatched_at = now(),
-                                deadline_at = now() + make_interval(secs => u.within + $3)
-                FROM unnest($1::uuid[], $2::float8[]) AS u(id, within)
+                UPDATE runs SET state = 'dispatched', dispatched_at = now() - make_interval(secs => u.age),
+                                deadline_at = now() + make_interval(secs => u.within + $3 - u.age)
+                FROM unnest($1::uuid[], $2::float8[], $4::float8[]) AS u(id, within, age)
                 WHERE runs.id = u.id AND runs.id IN (SELECT id FROM runs WHERE id = ANY($1::uuid[]) AND state = 'queued'
                     ORDER BY id FOR UPDATE)
-                """, [runs.map(\.id), runs.map(\.startWithin), grace.inSeconds])
+                """, [runs.map(\.id), runs.map(\.startWithin), grace.inSeconds, runs.map(\.age)])
         }
     }
 
