@@ -119,14 +119,15 @@ extension Store {
             // Lock the rows in one order (by id) first: dispatchers recording overlapping
             // batches then wait for each other instead of deadlocking.
             try await c.query("SELECT 1 FROM runs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", [allIDs])
-            // A status may be recorded before the dispatcher marks its run dispatched (the worker beat
-            // the confirm, and `markDispatched` then finds it past `queued`): a delivered run was
-            // dispatched by now, so `dispatched_at` is never left empty.
+            // A status is usually recorded before the dispatcher marks its run dispatched (the mark
+            // waits a moment after the confirm, and then finds the run past `queued`): a delivered
+            // run was dispatched by the time it started, so `dispatched_at` is never left empty,
+            // and never later than the start its worker reports (nor than now).
             if !s.isEmpty {
                 n += try await c.query(
                     """
                     UPDATE runs r SET state = 'running', started_at = coalesce(r.started_at, u.at), worker_id =
-                        u.worker, dispatched_at = coalesce(r.dispatched_at, now()),
+                        u.worker, dispatched_at = coalesce(r.dispatched_at, least(u.at, now())),
                                       deadline_at = now() + make_interval(secs => t.timeout_seconds + $5),
                                       detached = r.detached OR u.detached
                     FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $6::bool[]) AS u(id, at, worker, detached),
@@ -155,7 +156,8 @@ extension Store {
                 ended = try await c.query(
                     """
                     UPDATE runs SET state = u.state, finished_at = u.at, started_at = coalesce(runs.started_at,
-                        u.started, u.at), dispatched_at = coalesce(runs.dispatched_at, now()),
+                        u.started, u.at), dispatched_at = coalesce(runs.dispatched_at,
+                        least(runs.started_at, u.started, u.at, now())),
                                     worker_id = u.worker, exit_code = u.exit_code, output = u.output,
                                     error_class = u.error_class, error_message = u.error_message,
                                     result = u.result::jsonb

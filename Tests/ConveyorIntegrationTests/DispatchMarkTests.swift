@@ -50,6 +50,8 @@ struct DispatchMarkTests {
             // due (a second): no run was ever written `dispatched`.
             #expect(try await sys.count("SELECT count(*) FROM test_states_seen WHERE state = 'dispatched'") == 0)
             #expect(try await sys.count("SELECT count(*) FROM runs WHERE dispatched_at IS NULL") == 0)
+            // Dated from the run's start as its worker reported it: never after it started.
+            #expect(try await sys.count("SELECT count(*) FROM runs WHERE dispatched_at > started_at") == 0)
         }
     }
 
