@@ -38,13 +38,13 @@ extension Dispatcher {
             await wakeup.wait(timeout: sleep)
         }
         // Stopping: the runs this loop published are marked now, not a moment later.
-        await mark(marks.take(confirmedBefore: .zero).due)
+        await mark(marks.takeDue(all: true).due)
     }
 
     /// Marks confirmed runs `dispatched` once they are `marks.delay` old (`DispatchMarks`).
     func markLoop() async {
-        while !stopping.load(ordering: .relaxed) {
-            let (due, nextIn) = marks.take(confirmedBefore: marks.delay)
+        while !stopping.load(ordering: .relaxed) && !Task.isCancelled {
+            let (due, nextIn) = marks.takeDue()
             await mark(due)
             await marks.wakeup.wait(timeout: nextIn ?? .seconds(60))
         }
@@ -113,6 +113,7 @@ extension Dispatcher {
 
     /// Claims one task group and publishes what it claimed; returns runs created plus runs published.
     func dispatchGroup(_ request: ClaimRequest, spans: DispatchSpans = DispatchSpans()) async -> Int {
+        let claimed = ContinuousClock.now  // no later than the lease's start (the claim's now())
         let result: ClaimResult
         do {
             result = try await store.claimDue(request)
@@ -144,7 +145,7 @@ extension Dispatcher {
         }
         if !failed.isEmpty { ConveyorMetrics.publishFailed(failed.count) }
         // Marked `dispatched` by `markLoop` a moment later, unless a status moves them on first.
-        marks.add(confirmed.map { ($0.message.runID, $0.scheduleToStartSeconds) })
+        marks.add(confirmed.map { ($0.message.runID, $0.scheduleToStartSeconds) }, claimed: claimed)
         if !failed.isEmpty {
             do { try await store.retryPublishSoon(failed, delay: .seconds(1)) } catch {
                 // The rows stay `queued`: any dispatcher republishes them when the lease ends.
