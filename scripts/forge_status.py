@@ -3,11 +3,14 @@
 Conveyor's own code. The adversarial suite (AdversarialTests, docs/security.md) uses it to
 forge `conveyor.status.v1` messages for runs the forger does not hold.
 
-  forge_status.py --url amqp://… --exchange PREFIX.status --statuses FILE
+  forge_status.py --url amqp://… --exchange PREFIX.status --statuses FILE [--batch]
 
 FILE is a JSON list of {"raw": "<the body, as text>", "seal": "<conveyor-status-mac>" or null},
 each published byte for byte (persistent, type conveyor.status.v1, routing key "status", the seal
-as a header when given), with publisher confirms. Prints the number published.
+as a header when given), with publisher confirms. With --batch they travel 64 to a message, as
+conveyor.status-batch.v1 (docs/architecture.md, "Message contract"), serialized by Python's json
+module: {"version": 1, "statuses": [{"body": raw, "seal": seal}, …]}. Prints the number of
+statuses published.
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ def main():
     ap.add_argument("--url", required=True)
     ap.add_argument("--exchange", required=True)
     ap.add_argument("--statuses", required=True)
+    ap.add_argument("--batch", action="store_true")
     a = ap.parse_args()
     with open(a.statuses) as f:
         bodies = json.load(f)
@@ -28,6 +32,19 @@ def main():
     ch = conn.channel()
     ch.confirm_delivery()
     sent = 0
+    if a.batch:
+        for i in range(0, len(bodies), 64):
+            chunk = bodies[i:i + 64]
+            statuses = [{"body": e["raw"], **({"seal": e["seal"]} if e.get("seal") else {})} for e in chunk]
+            props = pika.BasicProperties(
+                type="conveyor.status-batch.v1", content_type="application/json", delivery_mode=2,
+                headers={"conveyor-statuses": len(chunk)})
+            body = json.dumps({"version": 1, "statuses": statuses}).encode()
+            ch.basic_publish(exchange=a.exchange, routing_key="status", body=body, properties=props)
+            sent += len(chunk)
+        conn.close()
+        print(sent)
+        return
     for entry in bodies:
         headers = {"conveyor-status-mac": entry["seal"]} if entry.get("seal") else None
         props = pika.BasicProperties(type="conveyor.status.v1", content_type="application/json", delivery_mode=2, headers=headers)

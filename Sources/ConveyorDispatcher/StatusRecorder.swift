@@ -92,8 +92,15 @@ final class StatusRecorder: Service, Sendable {
     func recordUntilDrained() async {
         while true {
             let ended = pumped.load(ordering: .acquiring)
+            // Up to `batchSize` statuses per transaction, a batch message counting as the statuses
+            // it says it carries (at most `maxStatusesPerBatch`; its body decides what is recorded).
             let batch = buffer.withLock { b -> [AMQPDelivery] in
-                let n = min(b.count, batchSize)
+                var n = 0
+                var statuses = 0
+                while n < b.count, n == 0 || statuses + Self.statuses(in: b[n]) <= batchSize {
+                    statuses += Self.statuses(in: b[n])
+                    n += 1
+                }
                 defer { b.removeFirst(n) }
                 return Array(b.prefix(n))
             }
@@ -121,36 +128,56 @@ final class StatusRecorder: Service, Sendable {
         // has one span per 128 statuses. A batch of heartbeats only has none.
         var spans: [(span: any Span, links: Int)] = []
         defer { for s in spans { s.span.end() } }
+        /// One status, alone or from a batch: checked against its attempt's proof, then linked.
+        func accept(_ body: [UInt8], seal: String?, headers: AMQPHeaders) throws(ValidationError) {
+            let e = try MessageCodec.decodeStatus(body)
+            if let refusal = proof.check(seal: seal, body: body, runID: e.runID, attempt: e.attempt) {
+                refuse(e, refusal)  // changes nothing; acked with the batch (the multiple ack covers it)
+                return
+            }
+            events.append(e)
+            if spans.last.map({ $0.links >= Self.maxRecordLinks }) ?? true {
+                spans.append((Traces.startSpan("record \(queue)", context: .topLevel, kind: .consumer), 0))
+            }
+            spans[spans.count - 1].links += 1
+            if let recording = spans.last?.span, recording.isRecording {
+                recording.addLink(
+                    SpanLink(
+                        context: Traces.context(headers, using: AMQPHeadersExtractor()),
+                        attributes: Self.linkAttributes(e)))
+            }
+        }
         for d in batch {
             do throws(ValidationError) {
                 switch d.properties.type {
                 case heartbeatMessageType?: beats.append(try MessageCodec.decodeHeartbeat(d.body))
                 case nil, statusMessageType?:
-                    let e = try MessageCodec.decodeStatus(d.body)
-                    let seal = d.properties.headers[StatusProof.sealHeader]?.stringValue
-                    if let refusal = proof.check(seal: seal, body: d.body, runID: e.runID, attempt: e.attempt) {
-                        // Changes nothing; acked with the batch (the multiple ack below covers it).
-                        refuse(e, refusal)
-                        last = d
-                        continue
-                    }
-                    events.append(e)
-                    if spans.last.map({ $0.links >= Self.maxRecordLinks }) ?? true {
-                        spans.append(
-                            (Traces.startSpan("record \(queue)", context: .topLevel, kind: .consumer), 0)
-                        )
-                    }
-                    spans[spans.count - 1].links += 1
-                    if let recording = spans.last?.span, recording.isRecording {
-                        recording.addLink(
-                            SpanLink(
-                                context: Traces.context(d.properties.headers, using: AMQPHeadersExtractor()),
-                                attributes: Self.linkAttributes(e)))
+                    try accept(
+                        d.body, seal: d.properties.headers[StatusProof.sealHeader]?.stringValue,
+                        headers: d.properties.headers)
+                case statusBatchMessageType?:
+                    // A batch that is not one is dead-lettered whole (below); a status in it that is
+                    // malformed is counted and dropped alone, as the others are good.
+                    for item in try MessageCodec.decode(batch: d.body) {
+                        var headers: AMQPHeaders = [:]
+                        if let tp = item.traceparent { headers["traceparent"] = .string(tp) }
+                        if let ts = item.tracestate { headers["tracestate"] = .string(ts) }
+                        do throws(ValidationError) {
+                            try accept(item.body, seal: item.seal, headers: headers)
+                        } catch {
+                            logger.warning(
+                                "malformed status in a batch dropped; the batch's other statuses are recorded",
+                                metadata: ["amqp.message_id": "\(d.properties.messageID ?? "")", "error": "\(error)"])
+                            counters.withLock { $0.rejected += 1 }
+                            ConveyorMetrics.statusRejected(reason: StatusRefusal.malformed.rawValue)
+                        }
                     }
                 case let other?:
                     throw ValidationError(
                         field: "type", value: other,
-                        hint: "the status queue takes \(statusMessageType) and \(heartbeatMessageType)")
+                        hint:
+                            "the status queue takes \(statusMessageType), \(statusBatchMessageType) and \(heartbeatMessageType)"
+                    )
                 }
                 last = d
             } catch {
@@ -230,6 +257,18 @@ final class StatusRecorder: Service, Sendable {
     @discardableResult
     func untilCommitted(_ what: String, _ body: () async throws -> Void) async -> Bool {
         await retryUntilCommitted(what, logger: logger, stopping: { stopping.load(ordering: .relaxed) }, body)
+    }
+
+    /// How many statuses a delivery says it carries: 1, or a batch's count header (bounded).
+    static func statuses(in d: AMQPDelivery) -> Int {
+        guard d.properties.type == statusBatchMessageType else { return 1 }
+        let n: Int? =
+            switch d.properties.headers[MessageCodec.batchCountHeader] {
+            case .int(let v)?: Int(exactly: v)
+            case .string(let s)?: Int(s)
+            default: nil
+            }
+        return min(max(n ?? MessageCodec.maxStatusesPerBatch, 1), MessageCodec.maxStatusesPerBatch)
     }
 
     /// Links one record span holds at most (OpenTelemetry's default `LinkCountLimit`).

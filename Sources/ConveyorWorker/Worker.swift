@@ -36,6 +36,8 @@ public final class Worker: Service, Sendable {
     /// This worker's control queue: cancel requests fanned out by dispatchers.
     let control: AMQPConsumer
     let publisher: AMQPPublisher
+    /// Sends statuses through `publisher`, several to a message when several wait.
+    package let statuses: StatusBatcher
     /// Cancel signals of the runs in flight, and runs cancelled recently (a task message that
     /// arrives after its cancel is skipped).
     let cancels = CancelRegistry()
@@ -90,6 +92,7 @@ public final class Worker: Service, Sendable {
         publisher = AMQPPublisher(
             configuration: amqp.named("\(named) status"), topology: topology.workerPublish,
             window: 1024, logger: logger)
+        statuses = StatusBatcher(publisher: publisher, exchange: topology.statusExchange)
         control = AMQPConsumer(
             configuration: amqp.named("\(named) control"), topology: topology.control(worker: configuration.id),
             queues: [topology.controlQueue(worker: configuration.id)], prefetch: 100, logger: logger)

@@ -140,15 +140,17 @@ struct AdversarialTests {
         ]
     }
 
-    /// Publishes `forgeries` to the status exchange with pika (another client than Conveyor's).
-    static func forge(_ sys: System, _ forgeries: [Forgery]) async throws {
+    /// Publishes `forgeries` to the status exchange with pika (another client than Conveyor's),
+    /// each alone or, `batched`, 64 to a `conveyor.status-batch.v1` message.
+    static func forge(_ sys: System, _ forgeries: [Forgery], batched: Bool = false) async throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("forged-\(UUID()).json")
         try Data(JSONValue.array(forgeries.map(\.json)).jsonBytes).write(to: file)
         defer { try? FileManager.default.removeItem(at: file) }
-        let args = [
-            FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
-            "--exchange", ConveyorTopology(prefix: sys.prefix).statusExchange, "--statuses", file.path,
-        ]
+        let args =
+            [
+                FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
+                "--exchange", ConveyorTopology(prefix: sys.prefix).statusExchange, "--statuses", file.path,
+            ] + (batched ? ["--batch"] : [])
         let r = try await runRequired("python3", args)
         try #require(r.status == 0, "pika could not publish: \(r.err)")
         #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(forgeries.count)")
@@ -158,8 +160,10 @@ struct AdversarialTests {
     /// does not hold: the proof in the body but no seal, a random seal, a seal made with another
     /// run's or another attempt's proof, and the seal of a `started` it saw, put on its own body.
     /// None changes a run; each is counted; then the real worker's statuses record every run
-    /// once. Before status proofs, the first forgery alone ended every run.
-    @Test func s04_forgedStatusesChangeNothingAndTheRealOnesRecordOnce() async throws {
+    /// once. Before status proofs, the first forgery alone ended every run. Batched, the same
+    /// forgeries travel in status batches (Python's JSON, not Conveyor's): each is refused alone.
+    @Test(arguments: [false, true])
+    func s04_forgedStatusesChangeNothingAndTheRealOnesRecordOnce(batched: Bool) async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
@@ -173,7 +177,7 @@ struct AdversarialTests {
                 for (i, r) in runs.enumerated() {
                     bodies += Self.forgeries(r.id, other: runs[(i + 1) % runs.count].id, signer)
                 }
-                try await Self.forge(sys, bodies)
+                try await Self.forge(sys, bodies, batched: batched)
                 _ = try await sys.eventually(timeout: .seconds(20), "every forgery refused") {
                     dispatcher.stats.statusForged == bodies.count
                 }
