@@ -77,7 +77,7 @@ let package = Package(
 
         // Conveyor's broker objects: the names and shapes of its exchanges and queues (ConveyorTopology),
         // isolation lanes, and work-queue depths. The AMQP wrapper below it knows AMQP, not Conveyor.
-        .target(name: "ConveyorBroker", dependencies: ["ConveyorAMQP"]),
+        .target(name: "ConveyorBroker", dependencies: ["ConveyorAMQP", "ConveyorCore"]),
 
         // Test-only faults a process injects into itself (CONVEYOR_TEST_FAULTS): signals and kills,
         // outside the pure Core; `package` access, so no product exposes them.

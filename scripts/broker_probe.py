@@ -8,8 +8,12 @@ role's user (deploy/broker-permissions.tsv) can and cannot do.
 Each OP is `publish:EXCHANGE:ROUTING_KEY`, `consume:QUEUE`, `delete:QUEUE`, `declare:QUEUE`
 (create), `passive:QUEUE` (look up), `bind:QUEUE:EXCHANGE`, `unbind:QUEUE:EXCHANGE:ROUTING_KEY`
 or `delete-exchange:EXCHANGE` (the last two as an operator would: AMQPTests changes the topology
-under Conveyor's connections with them). Every OP runs on a channel of its
-own (a refusal closes the channel). Prints one JSON object: {OP: "ok" or "<code> <reply text>"}.
+under Conveyor's connections with them), or `read:QUEUE`: takes every message waiting and
+answers, as a JSON text, a list of {"type", "body"}, each body parsed by Python's json (a
+`conveyor.status-batch.v1` body's statuses too: each item's `body` string becomes an object), so
+a consumer written elsewhere reads what Conveyor sent. Every OP runs on a channel of its
+own (a refusal closes the channel). Prints one JSON object: {OP: "ok", "<code> <reply text>" or
+what `read` answers}.
 """
 import argparse
 import json
@@ -18,8 +22,23 @@ import pika
 import pika.exceptions
 
 
+def read(ch, queue):
+    out = []
+    while True:
+        method, props, body = ch.basic_get(queue=queue, auto_ack=True)
+        if method is None:
+            return json.dumps(out)
+        parsed = json.loads(body)
+        if props.type == "conveyor.status-batch.v1":
+            for item in parsed["statuses"]:
+                item["body"] = json.loads(item["body"])
+        out.append({"type": props.type, "body": parsed})
+
+
 def run(ch, op):
     kind, _, rest = op.partition(":")
+    if kind == "read":
+        return read(ch, rest)
     if kind == "publish":
         exchange, _, key = rest.partition(":")
         ch.confirm_delivery()
@@ -55,8 +74,7 @@ def main():
     for op in a.ops:
         ch = conn.channel()
         try:
-            run(ch, op)
-            out[op] = "ok"
+            out[op] = run(ch, op) or "ok"
             ch.close()
         except pika.exceptions.ChannelClosedByBroker as e:
             out[op] = f"{e.reply_code} {e.reply_text}"

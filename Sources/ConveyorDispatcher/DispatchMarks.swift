@@ -7,7 +7,7 @@ import Synchronization
 /// The mark waits `delay` after the confirm. Most runs are reported on by then (the broker
 /// backlog is bounded, and a short run takes milliseconds): the status moves the run from
 /// `queued` straight to `running` or its outcome, and the mark finds nothing to change. That
-/// spares PostgreSQL a row version per run, about a tenth of a burst's CPU (docs/benchmarks.md,
+/// spares PostgreSQL a row version per run, 11 % of its CPU in a burst (docs/benchmarks.md,
 /// "The deferred dispatch mark"). A run still `queued` after `delay` waits in the broker; it is
 /// marked then, with the time of its confirm. A run is due for its mark at `delay` after its
 /// confirm or half its lease after its claim, whichever comes first, so a slow confirm does not
@@ -25,7 +25,8 @@ final class DispatchMarks: Sendable {
     let delay: Duration
     let lease: Duration
     private let pending = Mutex<[Pending]>([])
-    /// Signalled when the first run is added to an empty list, and on shutdown.
+    /// Signalled when runs are added (their due time may come before the one the loop waits
+    /// for: a slow confirm's half-lease bound), and on shutdown.
     let wakeup = Wakeup()
 
     /// A quarter of the publish lease, at most one second.
@@ -39,13 +40,11 @@ final class DispatchMarks: Sendable {
         guard !runs.isEmpty else { return }
         let now = ContinuousClock.now
         let due = min(now + delay, claimed + lease / 2)
-        let wasEmpty = pending.withLock { p in
-            let wasEmpty = p.isEmpty
+        pending.withLock { p in
             p.append(
                 contentsOf: runs.map { Pending(id: $0.id, startWithin: $0.startWithin, confirmed: now, due: due) })
-            return wasEmpty
         }
-        if wasEmpty { wakeup.signal() }
+        wakeup.signal()
     }
 
     /// Takes the runs due for their mark (all of them when `all`), and says how long until the

@@ -1,4 +1,5 @@
 import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import ConveyorStore
 import ConveyorTelemetry
@@ -97,8 +98,9 @@ final class StatusRecorder: Service, Sendable {
             let batch = buffer.withLock { b -> [AMQPDelivery] in
                 var n = 0
                 var statuses = 0
-                while n < b.count, n == 0 || statuses + Self.statuses(in: b[n]) <= batchSize {
+                while n < b.count {
                     statuses += Self.statuses(in: b[n])
+                    if n > 0 && statuses > batchSize { break }  // the first delivery is always taken
                     n += 1
                 }
                 defer { b.removeFirst(n) }
@@ -159,11 +161,8 @@ final class StatusRecorder: Service, Sendable {
                     // A batch that is not one is dead-lettered whole (below); a status in it that is
                     // malformed is counted and dropped alone, as the others are good.
                     for item in try MessageCodec.decode(batch: d.body) {
-                        var headers: AMQPHeaders = [:]
-                        if let tp = item.traceparent { headers["traceparent"] = .string(tp) }
-                        if let ts = item.tracestate { headers["tracestate"] = .string(ts) }
                         do throws(ValidationError) {
-                            try accept(item.body, seal: item.seal, headers: headers)
+                            try accept(item.body, seal: item.seal, headers: item.traceHeaders)
                         } catch {
                             logger.warning(
                                 "malformed status in a batch dropped; the batch's other statuses are recorded",

@@ -1,4 +1,5 @@
-import ConveyorAMQP
+package import ConveyorAMQP
+import ConveyorBroker
 import ConveyorCore
 import Foundation
 package import Synchronization
@@ -14,7 +15,6 @@ package import Synchronization
 package final class StatusBatcher: Sendable {
     private struct Waiting {
         var message: AMQPOutgoingMessage
-        var item: StatusBatchItem
         var done: CheckedContinuation<Result<Void, AMQPError>, Never>
     }
     private struct State {
@@ -28,21 +28,22 @@ package final class StatusBatcher: Sendable {
     /// Broker messages and statuses sent (a test and the worker's stats read them).
     package let sent = Mutex((messages: 0, statuses: 0))
 
-    init(publisher: AMQPPublisher, exchange: String) {
+    package init(publisher: AMQPPublisher, exchange: String) {
         self.publisher = publisher
         self.exchange = exchange
     }
 
-    /// Sends one status (`message` as it would travel alone, `item` the same in a batch's form);
-    /// returns when the broker confirmed the message that carried it, or why it did not.
-    func send(_ message: AMQPOutgoingMessage, item: StatusBatchItem) async throws(AMQPError) {
+    /// Sends one status (`message`, as it would travel alone); returns when the broker confirmed
+    /// the message that carried it, or throws why it did not.
+    package func send(_ message: AMQPOutgoingMessage) async throws(AMQPError) {
         let result = await withCheckedContinuation { (done: CheckedContinuation<Result<Void, AMQPError>, Never>) in
             let start = state.withLock { s in
-                s.waiting.append(Waiting(message: message, item: item, done: done))
+                s.waiting.append(Waiting(message: message, done: done))
                 defer { s.sending = true }
                 return !s.sending
             }
-            // The sender lives while statuses wait, and ends when none is left.
+            // The sender lives while statuses wait and ends when none is left: a task of its own, as
+            // no caller should carry the others' batches after its own was confirmed.
             if start { Task { await self.sendWhileWaiting() } }
         }
         try result.get()
@@ -57,7 +58,7 @@ package final class StatusBatcher: Sendable {
                 return Array(s.waiting.prefix(n))
             }
             if batch.isEmpty { return }
-            let message = batch.count == 1 ? batch[0].message : batchMessage(batch.map(\.item))
+            let message = batch.count == 1 ? batch[0].message : batchMessage(batch.map { StatusBatchItem($0.message) })
             let result: Result<Void, AMQPError>
             do throws(AMQPError) {
                 try await publisher.publish(message)

@@ -41,13 +41,10 @@ extension Worker {
                 contentType: "application/json", messageID: "\(status.runID.lowercasedString):\(status.event.rawValue)",
                 type: statusMessageType, timestamp: UInt64(Date().timeIntervalSince1970), persistent: true,
                 headers: headers))
-        let item = StatusBatchItem(
-            body: body, seal: headers[StatusProof.sealHeader]?.stringValue,
-            traceparent: headers["traceparent"]?.stringValue, tracestate: headers["tracestate"]?.stringValue)
         var attempt = 0
         while true {
             do {
-                try await statuses.send(message, item: item)
+                try await statuses.send(message)
                 return true
             } catch {
                 attempt += 1

@@ -49,12 +49,7 @@ struct StatusBatchTests {
                     runID: runs[2].id, attempt: 1, event: .finished, outcome: .failed, workerID: "mallory")
                 forged.proof = "AAAAAAAAAAAAAAAAAAAAAA"
                 let items =
-                    (good + [forged]).map { s in
-                        let m = sealedStatus(s, exchange: "")
-                        return StatusBatchItem(
-                            body: m.body, seal: m.properties.headers[StatusProof.sealHeader]?.stringValue,
-                            traceparent: nil, tracestate: nil)
-                    } + [
+                    (good + [forged]).map { StatusBatchItem(sealedStatus($0, exchange: "")) } + [
                         StatusBatchItem(
                             body: Array("{\"run_id\": 7}".utf8), seal: nil, traceparent: nil, tracestate: nil)
                     ]
@@ -80,6 +75,74 @@ struct StatusBatchTests {
                         "SELECT count(*) FROM runs WHERE id = $1 AND state IN ('queued', 'dispatched')", [runs[2].id])
                         == 1, "the forged status changed nothing")
             }
+        }
+    }
+    /// A consumer written elsewhere reads what a worker's `StatusBatcher` sends: pika takes the
+    /// messages off the status queue and Python's json parses them (each batched status's body
+    /// too). A status sent alone travels as `conveyor.status.v1`; statuses sent while one is in
+    /// flight travel together in `conveyor.status-batch.v1`, each with the seal it had alone.
+    @Test func pikaReadsStatusesSentAloneAndInBatches() async throws {
+        struct Read: Decodable {
+            struct Status: Decodable {
+                var runID: String
+                enum CodingKeys: String, CodingKey { case runID = "run_id" }
+            }
+            struct Item: Decodable {
+                var body: Status
+                var seal: String?
+            }
+            struct Body: Decodable {
+                var runID: String?
+                var statuses: [Item]?
+                enum CodingKeys: String, CodingKey {
+                    case runID = "run_id"
+                    case statuses
+                }
+            }
+            var type: String
+            var body: Body
+        }
+        try await System.with { sys in
+            let topology = ConveyorTopology(prefix: sys.prefix)
+            let ids = (0..<31).map { _ in UUID() }
+            let messages = ids.map { id in
+                var s = StatusMessage(runID: id, attempt: 1, event: .finished, outcome: .succeeded, workerID: "w")
+                s.proof = "AAAAAAAAAAAAAAAAAAAAAA"
+                return sealedStatus(s, exchange: topology.statusExchange, persistent: true)
+            }
+            var seals: [String: String] = [:]
+            for (id, m) in zip(ids, messages) {
+                seals[id.lowercasedString] = m.properties.headers[StatusProof.sealHeader]?.stringValue
+            }
+            try await sys.withPublisher(topology.status) { pub, _ in
+                let batcher = StatusBatcher(publisher: pub, exchange: topology.statusExchange)
+                try await batcher.send(messages[0])  // alone: nothing else waits
+                try await withThrowingTaskGroup(of: Void.self) { g in
+                    for m in messages.dropFirst() { g.addTask { try await batcher.send(m) } }
+                    try await g.waitForAll()
+                }
+                let sent = batcher.sent.withLock { $0 }
+                #expect(sent.statuses == 31 && sent.messages < 31, "\(sent)")
+            }
+            let op = "read:\(topology.statusQueue)"
+            let probe = try await BrokerIdentityTests.probe(sys.amqp.url, [op])
+            let read = try JSONDecoder().decode([Read].self, from: Data(try #require(probe[op]).utf8))
+            #expect(read.first?.type == statusMessageType)
+            #expect(read.first?.body.runID == ids[0].lowercasedString)
+            #expect(read.contains { $0.type == statusBatchMessageType })
+            var seen: [String] = []
+            for m in read {
+                if m.type == statusBatchMessageType {
+                    for item in m.body.statuses ?? [] {
+                        seen.append(item.body.runID)
+                        #expect(item.seal == seals[item.body.runID], "a batched status keeps its own seal")
+                    }
+                } else {
+                    #expect(m.type == statusMessageType)
+                    seen += m.body.runID.map { [$0] } ?? []
+                }
+            }
+            #expect(seen.sorted() == ids.map(\.lowercasedString).sorted(), "every status once, none lost or doubled")
         }
     }
 }
