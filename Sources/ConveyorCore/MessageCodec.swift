@@ -107,7 +107,9 @@ package enum MessageCodec {
     }
 
     package static func decodeTask(_ body: [UInt8]) throws(ValidationError) -> TaskMessage {
-        let m: TaskMessage = try decode(body, kind: "task message")
+        let m = try read(body, kind: "task message") { (r: inout JSONReader) throws(JSONReader.Failure) in
+            try TaskMessage(reading: &r)
+        }
         guard m.version == 1 else {
             throw ValidationError(
                 field: "version", value: String(m.version),
@@ -127,7 +129,9 @@ package enum MessageCodec {
     }
 
     package static func decodeStatus(_ body: [UInt8]) throws(ValidationError) -> StatusMessage {
-        var m: StatusMessage = try decode(body, kind: "status message")
+        var m = try read(body, kind: "status message") { (r: inout JSONReader) throws(JSONReader.Failure) in
+            try StatusMessage(reading: &r)
+        }
         // Its text is stored as it came (an executor's output may hold any byte), but as text
         // PostgreSQL can hold: see `String.storable`.
         m.output = m.output?.storable
@@ -174,6 +178,34 @@ package enum MessageCodec {
             throw validation(from: error, kind: kind)
         } catch {
             throw ValidationError(field: "body", value: "", hint: "not valid JSON for a \(kind)")
+        }
+    }
+
+    /// Reads a hot-path message with `JSONReader`, its refusals as `ValidationError`s naming the field.
+    static func read<T>(
+        _ body: [UInt8], kind: String, _ reader: (inout JSONReader) throws(JSONReader.Failure) -> T
+    ) throws(ValidationError) -> T {
+        guard body.count <= maxBodyBytes else {
+            throw ValidationError(
+                field: "body", value: "\(body.count) bytes", hint: "a \(kind) may be at most \(maxBodyBytes) bytes")
+        }
+        do {
+            return try JSONReader.read(body, reader)
+        } catch {
+            let field = error.field
+            switch error.kind {
+            case .syntax:
+                throw ValidationError(field: "body", value: "", hint: "not valid JSON for a \(kind): \(error.detail)")
+            case .missing:
+                throw ValidationError(field: field, value: "(missing)", hint: "a \(kind) must carry '\(field)'")
+            case .type:
+                throw ValidationError(
+                    field: field, value: "", hint: "wrong type: \(error.detail), found \(error.found)")
+            case .value:
+                throw ValidationError(field: field, value: error.found, hint: "expected \(error.detail)")
+            case .duplicate:
+                throw ValidationError(field: field, value: "", hint: error.detail)
+            }
         }
     }
 

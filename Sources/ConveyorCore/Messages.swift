@@ -141,7 +141,7 @@ package struct HeartbeatMessage: Sendable, Hashable, Codable {
 }
 
 /// What a status message reports.
-package enum StatusEvent: String, Sendable, Codable {
+package enum StatusEvent: String, Sendable, Codable, CaseIterable {
     case started
     case heartbeat
     case finished

@@ -48,33 +48,40 @@ extension MessageCodec {
         return w.bytes
     }
 
-    private struct BatchBody: Decodable {
-        struct Item: Decodable {
-            var body: String
-            var seal: String?
-            var traceparent: String?
-            var tracestate: String?
-        }
-        var version: Int
-        var statuses: [Item]
-    }
-
     /// The statuses of a batch, each still to be decoded and checked as a status message alone.
     package static func decode(batch body: [UInt8]) throws(ValidationError) -> [StatusBatchItem] {
-        let b: BatchBody = try decode(body, kind: "status batch")
-        guard b.version == 1 else {
+        let (version, statuses) = try read(body, kind: "status batch") {
+            (r: inout JSONReader) throws(JSONReader.Failure) in
+            var members = JSONMembers()
+            var version: Int?
+            var statuses: [StatusBatchItem]?
+            try r.object { (r: inout JSONReader, key: String) throws(JSONReader.Failure) in
+                switch key {
+                case "version":
+                    try members.see(0)
+                    version = try r.int()
+                case "statuses":
+                    try members.see(1)
+                    var items: [StatusBatchItem] = []
+                    try r.array { (r: inout JSONReader, _: Int) throws(JSONReader.Failure) in
+                        items.append(try StatusBatchItem(reading: &r))
+                    }
+                    statuses = items
+                default: try r.skip()
+                }
+            }
+            return (try members.required(version, "version"), try members.required(statuses, "statuses"))
+        }
+        guard version == 1 else {
             throw ValidationError(
-                field: "version", value: String(b.version),
+                field: "version", value: String(version),
                 hint: "this dispatcher understands \(statusBatchMessageType) (version 1) only")
         }
-        guard (1...maxStatusesPerBatch).contains(b.statuses.count) else {
+        guard (1...maxStatusesPerBatch).contains(statuses.count) else {
             throw ValidationError(
-                field: "statuses", value: "\(b.statuses.count) statuses",
+                field: "statuses", value: "\(statuses.count) statuses",
                 hint: "a batch carries 1 to \(maxStatusesPerBatch) statuses; send more as several batches")
         }
-        return b.statuses.map {
-            StatusBatchItem(
-                body: Array($0.body.utf8), seal: $0.seal, traceparent: $0.traceparent, tracestate: $0.tracestate)
-        }
+        return statuses
     }
 }

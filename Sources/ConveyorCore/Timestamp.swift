@@ -14,6 +14,34 @@ package enum Timestamp {
         let days = secs >= 0 ? secs / 86_400 : (secs - 86_399) / 86_400
         secs -= days * 86_400
         let (y, m, d) = Civil.date(fromDays: days)
+        // Years 0 to 9999 (every instant stored or sent) are written as 27 bytes in place: this runs
+        // several times per run on the hot path (messages, SQL arrays).
+        if (0...9999).contains(y) {
+            return String(unsafeUninitializedCapacity: 27) { out in
+                func put(_ v: Int64, width: Int, at: Int) {
+                    var v = v
+                    for k in stride(from: at + width - 1, through: at, by: -1) {
+                        out[k] = UInt8(truncatingIfNeeded: 48 + v % 10)
+                        v /= 10
+                    }
+                }
+                put(y, width: 4, at: 0)
+                put(m, width: 2, at: 5)
+                put(d, width: 2, at: 8)
+                put(secs / 3600, width: 2, at: 11)
+                put(secs % 3600 / 60, width: 2, at: 14)
+                put(secs % 60, width: 2, at: 17)
+                put(micros, width: 6, at: 20)
+                out[4] = UInt8(ascii: "-")
+                out[7] = UInt8(ascii: "-")
+                out[10] = UInt8(ascii: "T")
+                out[13] = UInt8(ascii: ":")
+                out[16] = UInt8(ascii: ":")
+                out[19] = UInt8(ascii: ".")
+                out[26] = UInt8(ascii: "Z")
+                return 27
+            }
+        }
         func pad(_ v: Int64, _ w: Int) -> String {
             let s = String(v)
             return s.count >= w ? s : String(repeating: "0", count: w - s.count) + s

@@ -267,6 +267,28 @@ import Tracing
         #expect(Timestamp.format(Date(timeIntervalSince1970: 951_782_400)) == "2000-02-29T00:00:00.000000Z")
     }
 
+    /// The in-place form against Foundation's calendar, over instants from 1600 to 9999 (before and
+    /// after the epoch); past 9999 the general form still writes the year whole.
+    @Test func formatsAsTheGregorianCalendarSays() {
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = .gmt
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<2000 {
+            let micros = Int64.random(in: -11_676_096_000_000_000...253_402_300_799_999_999, using: &rng)
+            let d = Date(timeIntervalSince1970: Double(micros) / 1_000_000)
+            let c = calendar.dateComponents([.year, .month, .day, .hour, .minute, .second], from: d)
+            let exact = Int64((d.timeIntervalSince1970 * 1_000_000).rounded())
+            let fraction = ((exact % 1_000_000) + 1_000_000) % 1_000_000
+            let whole = Date(timeIntervalSince1970: Double((exact - fraction) / 1_000_000))
+            let w = calendar.dateComponents([.year, .month, .day, .hour, .minute, .second], from: whole)
+            let expected = String(
+                format: "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", w.year!, w.month!, w.day!, w.hour!, w.minute!,
+                w.second!, Int(fraction))
+            #expect(Timestamp.format(d) == expected, "\(micros) \(c)")
+        }
+        #expect(Timestamp.format(Date(timeIntervalSince1970: 253_402_300_800)) == "10000-01-01T00:00:00.000000Z")
+    }
+
     @Test(arguments: [
         "", "2026-13-01T00:00:00Z", "2026-11-23T12:00:00", "2026-11-23T12:00:00Zjunk", "2026-11-23X12:00:00Z",
         "2026-11-23T12:00:00.Z",

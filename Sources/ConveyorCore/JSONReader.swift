@@ -1,0 +1,436 @@
+package import Foundation
+
+/// A one-pass reader of JSON (RFC 8259) for the wire messages on the hot path: task messages,
+/// statuses and status batches. Foundation's `JSONDecoder` went through `Codable` for each field
+/// and cost a worker 13 % and the dispatcher 15 % of their CPU in a burst (docs/benchmarks.md,
+/// "One-pass message decoding"); `JSONWriter` is its counterpart on the encoding side.
+///
+/// It is strict where a hostile body could make it lenient: the whole input must be one value
+/// with nothing after it, strings must be valid UTF-8 with no raw control characters and only
+/// paired surrogate escapes, numbers follow JSON's grammar and must be finite, and values nest at
+/// most `maxDepth` deep (the stack stays bounded whatever the body). Refusals are `Failure`s that
+/// name the field by its path.
+package struct JSONReader: ~Copyable {
+    /// What was wrong, and where.
+    package struct Failure: Error, Sendable, Equatable {
+        package enum Kind: Sendable, Equatable {
+            /// Not JSON at all (or not UTF-8): the body is refused whole.
+            case syntax
+            /// A required member is absent.
+            case missing
+            /// A member holds another kind of value than the field takes.
+            case type
+            /// A member's value is of the right kind but not acceptable (a bad UUID, instant, name).
+            case value
+            /// A member appears twice in one object.
+            case duplicate
+        }
+        package var kind: Kind
+        /// The field, outermost first: `["statuses", "[3]", "body"]`.
+        package var path: [String] = []
+        /// What was found (for `value`, the value given).
+        package var found: String = ""
+        /// What was expected, or what is wrong.
+        package var detail: String
+
+        /// `statuses[3].body`, or `body` for the message as a whole.
+        package var field: String {
+            guard !path.isEmpty else { return "body" }
+            var s = ""
+            for p in path {
+                if !s.isEmpty && !p.hasPrefix("[") { s += "." }
+                s += p
+            }
+            return s
+        }
+    }
+
+    /// Deepest nesting of arrays and objects accepted (as Foundation's decoder allows).
+    package static let maxDepth = 512
+
+    private let b: UnsafeBufferPointer<UInt8>
+    private var i = 0
+
+    private init(_ b: UnsafeBufferPointer<UInt8>) { self.b = b }
+
+    /// Reads `bytes` with `body`, which must consume exactly one JSON value; only whitespace may follow.
+    package static func read<T>(_ bytes: [UInt8], _ body: (inout JSONReader) throws(Failure) -> T) throws(Failure)
+        -> T
+    {
+        let result: Result<T, Failure> = bytes.withUnsafeBufferPointer { buf in
+            var r = JSONReader(buf)
+            do throws(Failure) {
+                let v = try body(&r)
+                r.skipSpace()
+                guard r.i == r.b.count else { throw r.syntax("unexpected data after the JSON value") }
+                return .success(v)
+            } catch {
+                return .failure(error)
+            }
+        }
+        return try result.get()
+    }
+
+    // MARK: structure
+
+    /// Reads an object, giving each member's key to `each`, which must read the member's value.
+    /// A failure inside a member names its key in the path.
+    package mutating func object(_ each: (inout JSONReader, String) throws(Failure) -> Void) throws(Failure) {
+        try open(UInt8(ascii: "{"), "an object")
+        skipSpace()
+        if peek() == UInt8(ascii: "}") {
+            i += 1
+            return
+        }
+        while true {
+            skipSpace()
+            guard peek() == UInt8(ascii: "\"") else { throw syntax("expected a member name in quotes") }
+            let key = try rawString()
+            skipSpace()
+            guard peek() == UInt8(ascii: ":") else { throw syntax("expected ':' after a member name") }
+            i += 1
+            do throws(Failure) {
+                try each(&self, key)
+            } catch {
+                var e = error
+                if e.kind != .syntax { e.path.insert(key, at: 0) }
+                throw e
+            }
+            skipSpace()
+            switch peek() {
+            case UInt8(ascii: ","): i += 1
+            case UInt8(ascii: "}"):
+                i += 1
+                return
+            default: throw syntax("expected ',' or '}' in an object")
+            }
+        }
+    }
+
+    /// Reads an array, giving each element's index to `each`, which must read the element.
+    package mutating func array(_ each: (inout JSONReader, Int) throws(Failure) -> Void) throws(Failure) {
+        try open(UInt8(ascii: "["), "an array")
+        skipSpace()
+        if peek() == UInt8(ascii: "]") {
+            i += 1
+            return
+        }
+        var n = 0
+        while true {
+            do throws(Failure) {
+                try each(&self, n)
+            } catch {
+                var e = error
+                if e.kind != .syntax { e.path.insert("[\(n)]", at: 0) }
+                throw e
+            }
+            n += 1
+            skipSpace()
+            switch peek() {
+            case UInt8(ascii: ","): i += 1
+            case UInt8(ascii: "]"):
+                i += 1
+                return
+            default: throw syntax("expected ',' or ']' in an array")
+            }
+        }
+    }
+
+    // MARK: scalars
+
+    /// Consumes a `null` if one is next.
+    package mutating func null() -> Bool {
+        skipSpace()
+        guard literal("null") else { return false }
+        return true
+    }
+
+    package mutating func string() throws(Failure) -> String {
+        skipSpace()
+        guard peek() == UInt8(ascii: "\"") else { throw mismatch("a string") }
+        return try rawString()
+    }
+
+    package mutating func bool() throws(Failure) -> Bool {
+        skipSpace()
+        if literal("true") { return true }
+        if literal("false") { return false }
+        throw mismatch("true or false")
+    }
+
+    package mutating func double() throws(Failure) -> Double {
+        skipSpace()
+        guard let c = peek(), c == UInt8(ascii: "-") || isDigit(c) else { throw mismatch("a number") }
+        return try number()
+    }
+
+    /// An integer: a number with no fraction, in `Int`'s range.
+    package mutating func int() throws(Failure) -> Int {
+        skipSpace()
+        guard let c = peek(), c == UInt8(ascii: "-") || isDigit(c) else { throw mismatch("an integer") }
+        let start = i
+        let d = try number()
+        if let n = Int(exactly: d) { return n }
+        let text = String(decoding: b[start..<i], as: UTF8.self)
+        throw Failure(kind: .value, found: text, detail: "a whole number (within ±\(Int.max))")
+    }
+
+    /// Any JSON value, as `JSONValue`.
+    package mutating func value() throws(Failure) -> JSONValue { try value(depth: 0) }
+
+    private mutating func value(depth: Int) throws(Failure) -> JSONValue {
+        skipSpace()
+        guard let c = peek() else { throw syntax("unexpected end of input") }
+        switch c {
+        case UInt8(ascii: "\""): return .string(try rawString())
+        case UInt8(ascii: "{"):
+            guard depth < Self.maxDepth else { throw syntax("values nested more than \(Self.maxDepth) deep") }
+            var o: [String: JSONValue] = [:]
+            try object { (r: inout JSONReader, key: String) throws(Failure) in
+                guard o.updateValue(try r.value(depth: depth + 1), forKey: key) == nil else {
+                    throw Failure(kind: .duplicate, detail: "a member may appear once; this one appears twice")
+                }
+            }
+            return .object(o)
+        case UInt8(ascii: "["):
+            guard depth < Self.maxDepth else { throw syntax("values nested more than \(Self.maxDepth) deep") }
+            var a: [JSONValue] = []
+            try array { (r: inout JSONReader, _: Int) throws(Failure) in a.append(try r.value(depth: depth + 1)) }
+            return .array(a)
+        case UInt8(ascii: "t"), UInt8(ascii: "f"): return .bool(try bool())
+        case UInt8(ascii: "n"):
+            guard null() else { throw syntax("expected a JSON value") }
+            return .null
+        default:
+            guard c == UInt8(ascii: "-") || isDigit(c) else { throw syntax("expected a JSON value") }
+            return .number(try number())
+        }
+    }
+
+    /// Reads and drops one value of any kind (a member this version does not know).
+    package mutating func skip() throws(Failure) { _ = try value(depth: 0) }
+
+    // MARK: lexing
+
+    private func peek() -> UInt8? { i < b.count ? b[i] : nil }
+
+    private func isDigit(_ c: UInt8) -> Bool { c >= UInt8(ascii: "0") && c <= UInt8(ascii: "9") }
+
+    private mutating func skipSpace() {
+        while i < b.count {
+            switch b[i] {
+            case UInt8(ascii: " "), UInt8(ascii: "\t"), UInt8(ascii: "\n"), UInt8(ascii: "\r"): i += 1
+            default: return
+            }
+        }
+    }
+
+    private mutating func open(_ c: UInt8, _ what: String) throws(Failure) {
+        skipSpace()
+        guard peek() == c else { throw mismatch(what) }
+        i += 1
+    }
+
+    private mutating func literal(_ word: StaticString) -> Bool {
+        let n = word.utf8CodeUnitCount
+        guard i + n <= b.count else { return false }
+        for k in 0..<n where b[i + k] != word.utf8Start[k] { return false }
+        i += n
+        return true
+    }
+
+    /// A number per JSON's grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`, finite.
+    private mutating func number() throws(Failure) -> Double {
+        let start = i
+        if peek() == UInt8(ascii: "-") { i += 1 }
+        guard let first = peek(), isDigit(first) else { throw syntax("a number needs digits") }
+        i += 1
+        if first != UInt8(ascii: "0") { while let c = peek(), isDigit(c) { i += 1 } }
+        var integral = true
+        if peek() == UInt8(ascii: ".") {
+            integral = false
+            i += 1
+            guard let c = peek(), isDigit(c) else { throw syntax("a number needs digits after '.'") }
+            while let c = peek(), isDigit(c) { i += 1 }
+        }
+        if peek() == UInt8(ascii: "e") || peek() == UInt8(ascii: "E") {
+            integral = false
+            i += 1
+            if peek() == UInt8(ascii: "+") || peek() == UInt8(ascii: "-") { i += 1 }
+            guard let c = peek(), isDigit(c) else { throw syntax("a number needs digits in its exponent") }
+            while let c = peek(), isDigit(c) { i += 1 }
+        }
+        // Short integers (counts, attempts, exit codes) are summed here; the rest go to the
+        // standard library's correctly rounded parser.
+        if integral && i - start <= 18 {
+            var v = 0
+            for k in start..<i where b[k] != UInt8(ascii: "-") { v = v * 10 + Int(b[k] - UInt8(ascii: "0")) }
+            return Double(b[start] == UInt8(ascii: "-") ? -v : v)
+        }
+        let text = String(decoding: b[start..<i], as: UTF8.self)
+        guard let d = Double(text), d.isFinite else {
+            throw Failure(kind: .value, found: text, detail: "a number within the range of a 64-bit float")
+        }
+        return d
+    }
+
+    /// A string starting at its opening quote: escapes resolved, UTF-8 checked.
+    private mutating func rawString() throws(Failure) -> String {
+        i += 1
+        let start = i
+        // The common case: no escape, so the bytes are the string.
+        while i < b.count {
+            let c = b[i]
+            if c == UInt8(ascii: "\"") {
+                defer { i += 1 }
+                return try text(UnsafeBufferPointer(rebasing: b[start..<i]))
+            }
+            if c == UInt8(ascii: "\\") { break }
+            guard c >= 0x20 else { throw syntax("a control character inside a string must be escaped") }
+            i += 1
+        }
+        var out = Array(b[start..<i])
+        while i < b.count {
+            let c = b[i]
+            i += 1
+            switch c {
+            case UInt8(ascii: "\""): return try out.withUnsafeBufferPointer { (o) throws(Failure) in try text(o) }
+            case UInt8(ascii: "\\"):
+                guard let e = peek() else { break }
+                i += 1
+                switch e {
+                case UInt8(ascii: "\""), UInt8(ascii: "\\"), UInt8(ascii: "/"): out.append(e)
+                case UInt8(ascii: "b"): out.append(0x08)
+                case UInt8(ascii: "f"): out.append(0x0C)
+                case UInt8(ascii: "n"): out.append(0x0A)
+                case UInt8(ascii: "r"): out.append(0x0D)
+                case UInt8(ascii: "t"): out.append(0x09)
+                case UInt8(ascii: "u"):
+                    var scalar = try hex4()
+                    if (0xD800...0xDBFF).contains(scalar) {
+                        guard literal("\\u") else { throw syntax("an unpaired surrogate in a \\u escape") }
+                        let low = try hex4()
+                        guard (0xDC00...0xDFFF).contains(low) else {
+                            throw syntax("an unpaired surrogate in a \\u escape")
+                        }
+                        scalar = 0x10000 + ((scalar - 0xD800) << 10) + (low - 0xDC00)
+                    } else if (0xDC00...0xDFFF).contains(scalar) {
+                        throw syntax("an unpaired surrogate in a \\u escape")
+                    }
+                    out.append(contentsOf: String(Character(Unicode.Scalar(scalar)!)).utf8)
+                default: throw syntax("an unknown escape '\\\(Character(Unicode.Scalar(e)))' in a string")
+                }
+            default:
+                guard c >= 0x20 else { throw syntax("a control character inside a string must be escaped") }
+                out.append(c)
+            }
+        }
+        throw syntax("a string is not closed")
+    }
+
+    private mutating func hex4() throws(Failure) -> UInt32 {
+        guard i + 4 <= b.count else { throw syntax("a \\u escape needs four hex digits") }
+        var v: UInt32 = 0
+        for _ in 0..<4 {
+            let c = b[i]
+            let d: UInt8
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): d = c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): d = c - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): d = c - UInt8(ascii: "A") + 10
+            default: throw syntax("a \\u escape needs four hex digits")
+            }
+            v = v << 4 | UInt32(d)
+            i += 1
+        }
+        return v
+    }
+
+    private func text(_ bytes: UnsafeBufferPointer<UInt8>) throws(Failure) -> String {
+        guard let s = String(validating: bytes, as: UTF8.self) else { throw syntax("a string is not valid UTF-8") }
+        return s
+    }
+
+    private func syntax(_ detail: String) -> Failure {
+        Failure(kind: .syntax, found: "", detail: "\(detail) (at byte \(i))")
+    }
+
+    /// The value here is of another kind than `expected`.
+    private func mismatch(_ expected: String) -> Failure {
+        let found: String =
+            switch peek() {
+            case nil: "the end of the input"
+            case UInt8(ascii: "\"")?: "a string"
+            case UInt8(ascii: "{")?: "an object"
+            case UInt8(ascii: "[")?: "an array"
+            case UInt8(ascii: "t")?, UInt8(ascii: "f")?: "true or false"
+            case UInt8(ascii: "n")?: "null"
+            case let c? where c == UInt8(ascii: "-") || isDigit(c): "a number"
+            default: "not a JSON value"
+            }
+        return Failure(
+            kind: found == "not a JSON value" ? .syntax : .type, found: found, detail: "expected \(expected)")
+    }
+}
+
+extension JSONReader {
+    /// A `uuid` in its canonical text form.
+    package mutating func uuid() throws(Failure) -> UUID {
+        let s = try string()
+        guard let id = UUID(canonical: s) else {
+            throw Failure(kind: .value, found: s, detail: "a UUID such as 0b4f6a3c-5d1e-4e8a-9c2b-7f3d2e1a0c9b")
+        }
+        return id
+    }
+
+    /// An ISO-8601 instant (`Timestamp.parse`).
+    package mutating func instant() throws(Failure) -> Date {
+        let s = try string()
+        guard let d = Timestamp.parse(s) else {
+            throw Failure(kind: .value, found: s, detail: "an ISO-8601 instant such as 2026-11-23T12:00:00.000Z")
+        }
+        return d
+    }
+
+    /// A string naming one case of `T`.
+    package mutating func name<T: RawRepresentable & CaseIterable>(of _: T.Type) throws(Failure) -> T
+    where T.RawValue == String {
+        let s = try string()
+        guard let v = T(rawValue: s) else {
+            throw Failure(
+                kind: .value, found: s, detail: "one of \(T.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        return v
+    }
+
+    /// `read` or nil when the member is `null`.
+    package mutating func optional<T>(_ read: (inout JSONReader) throws(Failure) -> T) throws(Failure) -> T? {
+        if null() { return nil }
+        return try read(&self)
+    }
+}
+
+/// Which members of an object were seen, to refuse one given twice and name one missing.
+package struct JSONMembers {
+    private var seen: UInt64 = 0
+
+    package init() {}
+
+    /// Marks member `index` (below 64) seen; a second time is a `duplicate` failure.
+    package mutating func see(_ index: Int) throws(JSONReader.Failure) {
+        let bit: UInt64 = 1 << UInt64(index)
+        guard seen & bit == 0 else {
+            throw JSONReader.Failure(
+                kind: .duplicate, detail: "a member may appear once; this one appears twice")
+        }
+        seen |= bit
+    }
+
+    /// The value of a required member, or a `missing` failure naming it.
+    package func required<T>(_ v: T?, _ key: String) throws(JSONReader.Failure) -> T {
+        guard let v else {
+            throw JSONReader.Failure(kind: .missing, path: [key], found: "(missing)", detail: "")
+        }
+        return v
+    }
+}
