@@ -434,3 +434,11 @@ package struct JSONMembers {
         return v
     }
 }
+
+extension JSONValue {
+    /// Parses one JSON value (`JSONReader`: strict, bounded depth), such as PostgreSQL's text form
+    /// of a `jsonb` column read on the hot path (a task's parameters in each claimed run).
+    package init(json bytes: [UInt8]) throws(JSONReader.Failure) {
+        self = try JSONReader.read(bytes) { (r: inout JSONReader) throws(JSONReader.Failure) in try r.value() }
+    }
+}

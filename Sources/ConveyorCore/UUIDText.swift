@@ -24,6 +24,19 @@ extension UUID {
 }
 
 extension UUID {
+    /// Appends the canonical lowercase form's 36 bytes (as `lowercasedString`, without a string).
+    package func appendLowercased(to out: inout [UInt8]) {
+        withUnsafeBytes(of: uuid) { bytes in
+            for (i, b) in bytes.enumerated() {
+                if i == 4 || i == 6 || i == 8 || i == 10 { out.append(UInt8(ascii: "-")) }
+                out.append(hexDigits[Int(b >> 4)])
+                out.append(hexDigits[Int(b & 0x0F)])
+            }
+        }
+    }
+}
+
+extension UUID {
     /// PostgreSQL's order of `uuid` values (their bytes, compared as unsigned), which is also the
     /// order of their hex text; rows are locked in it. Made without building strings.
     package func precedes(_ other: UUID) -> Bool {

@@ -238,7 +238,11 @@ import Tracing
             ids.sorted { $0.precedes($1) } == ids.sorted { $0.uuidString < $1.uuidString }, "byte order is text order")
         #expect(
             [UUID(uuidString: "0AF76519-16CD-43DD-8448-EB211C80319C")!].postgresText
-                == #"{"0af76519-16cd-43dd-8448-eb211c80319c"}"#)
+                == "{0af76519-16cd-43dd-8448-eb211c80319c}", "hex and dashes need no quotes")
+        let id = UUID()
+        #expect([id, nil].postgresText == "{\(id.lowercasedString),NULL}")
+        let instant = Date(timeIntervalSince1970: 1_795_435_200.25)
+        #expect([instant, nil].postgresText == "{2026-11-23T12:00:00.250000Z,NULL}")
     }
 
     @Test func timestampsParseWhatTheServerPrints() {

@@ -15,15 +15,21 @@ struct PostgresTests {
             let rows = try await c.query(
                 """
                 SELECT $1::text, $2::int + 1, $3::uuid[], array_length($3::uuid[], 1), $4::text IS NULL, \
-                $5::timestamptz
+                $5::timestamptz, ($6::uuid[])[1] = $7::uuid AND ($6::uuid[])[2] IS NULL, \
+                ($8::timestamptz[])[1] = '2023-11-14 22:13:20.25+00' AND ($8::timestamptz[])[2] IS NULL
                 """,
-                [evil, 41, ids, String?.none, Date(timeIntervalSince1970: 1_700_000_000.25)])
+                [
+                    evil, 41, ids, String?.none, Date(timeIntervalSince1970: 1_700_000_000.25), [ids[0], nil], ids[0],
+                    [Date(timeIntervalSince1970: 1_700_000_000.25), nil],
+                ])
             let r = try #require(rows.first)
             #expect(try r.string(0) == evil)
             #expect(try r.int(1) == 42)
             #expect(try r.int(3) == 2)
             #expect(try r.bool(4))
             #expect(try r.date(5).timeIntervalSince1970 == 1_700_000_000.25)
+            #expect(try r.bool(6), "a uuid array with a NULL, its elements unquoted")
+            #expect(try r.bool(7), "a timestamptz array with a NULL, its elements unquoted")
         }
     }
 
