@@ -50,6 +50,8 @@ package struct JSONReader: ~Copyable {
 
     private let b: UnsafeBufferPointer<UInt8>
     private var i = 0
+    /// Objects and arrays open here, counted from the top of the document (as Foundation counts).
+    private var depth = 0
 
     private init(_ b: UnsafeBufferPointer<UInt8>) { self.b = b }
 
@@ -80,10 +82,12 @@ package struct JSONReader: ~Copyable {
         skipSpace()
         if peek() == UInt8(ascii: "}") {
             i += 1
+            depth -= 1
             return
         }
         while true {
             skipSpace()
+            if peek() == UInt8(ascii: "}") { throw syntax("a comma before '}'") }
             guard peek() == UInt8(ascii: "\"") else { throw syntax("expected a member name in quotes") }
             let key = try rawString()
             skipSpace()
@@ -101,6 +105,7 @@ package struct JSONReader: ~Copyable {
             case UInt8(ascii: ","): i += 1
             case UInt8(ascii: "}"):
                 i += 1
+                depth -= 1
                 return
             default: throw syntax("expected ',' or '}' in an object")
             }
@@ -113,10 +118,13 @@ package struct JSONReader: ~Copyable {
         skipSpace()
         if peek() == UInt8(ascii: "]") {
             i += 1
+            depth -= 1
             return
         }
         var n = 0
         while true {
+            skipSpace()
+            if n > 0 && peek() == UInt8(ascii: "]") { throw syntax("a comma before ']'") }
             do throws(Failure) {
                 try each(&self, n)
             } catch {
@@ -130,6 +138,7 @@ package struct JSONReader: ~Copyable {
             case UInt8(ascii: ","): i += 1
             case UInt8(ascii: "]"):
                 i += 1
+                depth -= 1
                 return
             default: throw syntax("expected ',' or ']' in an array")
             }
@@ -164,38 +173,48 @@ package struct JSONReader: ~Copyable {
         return try number()
     }
 
-    /// An integer: a number with no fraction, in `Int`'s range.
+    /// An integer: a number with no fraction (`2`, or `2.0`, `2e0`), in `Int`'s range; digits
+    /// alone are read exactly, to the last one.
     package mutating func int() throws(Failure) -> Int {
         skipSpace()
         guard let c = peek(), c == UInt8(ascii: "-") || isDigit(c) else { throw mismatch("an integer") }
         let start = i
         let d = try number()
-        if let n = Int(exactly: d) { return n }
+        var exact: Int? = 0
+        var k = start
+        let negative = b[k] == UInt8(ascii: "-")
+        if negative { k += 1 }
+        while k < i, isDigit(b[k]), let v = exact {
+            let digit = Int(b[k] - UInt8(ascii: "0"))
+            let (m, o1) = v.multipliedReportingOverflow(by: 10)
+            let (n, o2) = negative ? m.subtractingReportingOverflow(digit) : m.addingReportingOverflow(digit)
+            exact = o1 || o2 ? nil : n
+            k += 1
+        }
+        if k == i, let exact { return exact }
+        // A fraction or an exponent: whole, and small enough for a float to hold exactly.
+        if k < i, let n = Int(exactly: d), abs(d) <= 9_007_199_254_740_992 { return n }
         let text = String(decoding: b[start..<i], as: UTF8.self)
-        throw Failure(kind: .value, found: text, detail: "a whole number (within ±\(Int.max))")
+        throw Failure(kind: .value, found: text, detail: "a whole number from \(Int.min) to \(Int.max)")
     }
 
     /// Any JSON value, as `JSONValue`.
-    package mutating func value() throws(Failure) -> JSONValue { try value(depth: 0) }
-
-    private mutating func value(depth: Int) throws(Failure) -> JSONValue {
+    package mutating func value() throws(Failure) -> JSONValue {
         skipSpace()
         guard let c = peek() else { throw syntax("unexpected end of input") }
         switch c {
         case UInt8(ascii: "\""): return .string(try rawString())
         case UInt8(ascii: "{"):
-            guard depth < Self.maxDepth else { throw syntax("values nested more than \(Self.maxDepth) deep") }
             var o: [String: JSONValue] = [:]
             try object { (r: inout JSONReader, key: String) throws(Failure) in
-                guard o.updateValue(try r.value(depth: depth + 1), forKey: key) == nil else {
+                guard o.updateValue(try r.value(), forKey: key) == nil else {
                     throw Failure(kind: .duplicate, detail: "a member may appear once; this one appears twice")
                 }
             }
             return .object(o)
         case UInt8(ascii: "["):
-            guard depth < Self.maxDepth else { throw syntax("values nested more than \(Self.maxDepth) deep") }
             var a: [JSONValue] = []
-            try array { (r: inout JSONReader, _: Int) throws(Failure) in a.append(try r.value(depth: depth + 1)) }
+            try array { (r: inout JSONReader, _: Int) throws(Failure) in a.append(try r.value()) }
             return .array(a)
         case UInt8(ascii: "t"), UInt8(ascii: "f"): return .bool(try bool())
         case UInt8(ascii: "n"):
@@ -207,8 +226,17 @@ package struct JSONReader: ~Copyable {
         }
     }
 
-    /// Reads and drops one value of any kind (a member this version does not know).
-    package mutating func skip() throws(Failure) { _ = try value(depth: 0) }
+    /// Reads and drops one value of any kind (a member this version does not know), checked as
+    /// strictly as any other but built into nothing.
+    package mutating func skip() throws(Failure) {
+        skipSpace()
+        switch peek() {
+        case UInt8(ascii: "{")?: try object { (r: inout JSONReader, _: String) throws(Failure) in try r.skip() }
+        case UInt8(ascii: "[")?: try array { (r: inout JSONReader, _: Int) throws(Failure) in try r.skip() }
+        case UInt8(ascii: "\"")?: _ = try rawString()
+        default: _ = try value()
+        }
+    }
 
     // MARK: lexing
 
@@ -228,7 +256,9 @@ package struct JSONReader: ~Copyable {
     private mutating func open(_ c: UInt8, _ what: String) throws(Failure) {
         skipSpace()
         guard peek() == c else { throw mismatch(what) }
+        guard depth < Self.maxDepth else { throw syntax("values nested more than \(Self.maxDepth) deep") }
         i += 1
+        depth += 1
     }
 
     private mutating func literal(_ word: StaticString) -> Bool {
@@ -357,19 +387,23 @@ package struct JSONReader: ~Copyable {
 
     /// The value here is of another kind than `expected`.
     private func mismatch(_ expected: String) -> Failure {
-        let found: String =
+        func starts(_ word: String) -> Bool {
+            let w = Array(word.utf8)
+            return i + w.count <= b.count && b[i..<(i + w.count)].elementsEqual(w)
+        }
+        let found: String? =
             switch peek() {
-            case nil: "the end of the input"
             case UInt8(ascii: "\"")?: "a string"
             case UInt8(ascii: "{")?: "an object"
             case UInt8(ascii: "[")?: "an array"
-            case UInt8(ascii: "t")?, UInt8(ascii: "f")?: "true or false"
-            case UInt8(ascii: "n")?: "null"
-            case let c? where c == UInt8(ascii: "-") || isDigit(c): "a number"
-            default: "not a JSON value"
+            case UInt8(ascii: "t")? where starts("true"), UInt8(ascii: "f")? where starts("false"): "true or false"
+            case UInt8(ascii: "n")? where starts("null"): "null"
+            case let c? where isDigit(c): "a number"
+            case UInt8(ascii: "-")? where i + 1 < b.count && isDigit(b[i + 1]): "a number"
+            default: nil  // the end of the input, a broken literal, or no JSON value at all
             }
-        return Failure(
-            kind: found == "not a JSON value" ? .syntax : .type, found: found, detail: "expected \(expected)")
+        guard let found else { return syntax("expected \(expected)") }
+        return Failure(kind: .type, found: found, detail: "expected \(expected)")
     }
 }
 
@@ -413,6 +447,8 @@ extension JSONReader {
 /// Which members of an object were seen, to refuse one given twice and name one missing.
 package struct JSONMembers {
     private var seen: UInt64 = 0
+    /// Members the reader does not know, kept only when some appear (a newer sender's additions).
+    private var unknown: Set<String> = []
 
     package init() {}
 
@@ -424,6 +460,15 @@ package struct JSONMembers {
                 kind: .duplicate, detail: "a member may appear once; this one appears twice")
         }
         seen |= bit
+    }
+
+    /// Skips a member this version does not know; a second one of the same name is a
+    /// `duplicate` failure, as for the known ones.
+    package mutating func skipUnknown(_ key: String, _ r: inout JSONReader) throws(JSONReader.Failure) {
+        guard unknown.insert(key).inserted else {
+            throw JSONReader.Failure(kind: .duplicate, detail: "a member may appear once; this one appears twice")
+        }
+        try r.skip()
     }
 
     /// The value of a required member, or a `missing` failure naming it.

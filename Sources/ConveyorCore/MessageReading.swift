@@ -66,7 +66,7 @@ extension TaskMessage {
             case "inputs":
                 try members.see(13)
                 inputs = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.value() }
-            default: try r.skip()
+            default: try members.skipUnknown(key, &r)
             }
         }
         self.init(
@@ -148,7 +148,7 @@ extension StatusMessage {
             case "result":
                 try members.see(13)
                 result = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.value() }
-            default: try r.skip()
+            default: try members.skipUnknown(key, &r)
             }
         }
         self.init(
@@ -182,7 +182,7 @@ extension StatusBatchItem {
             case "tracestate":
                 try members.see(3)
                 tracestate = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
-            default: try r.skip()
+            default: try members.skipUnknown(key, &r)
             }
         }
         self.init(

@@ -67,7 +67,7 @@ extension MessageCodec {
                         items.append(try StatusBatchItem(reading: &r))
                     }
                     statuses = items
-                default: try r.skip()
+                default: try members.skipUnknown(key, &r)
                 }
             }
             return (try members.required(version, "version"), try members.required(statuses, "statuses"))

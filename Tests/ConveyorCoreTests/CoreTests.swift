@@ -291,6 +291,15 @@ import Tracing
             #expect(Timestamp.format(d) == expected, "\(micros) \(c)")
         }
         #expect(Timestamp.format(Date(timeIntervalSince1970: 253_402_300_800)) == "10000-01-01T00:00:00.000000Z")
+        // The ends of the in-place form, a microsecond before the epoch, and a rounding that
+        // carries into the next second.
+        for (t, text) in [
+            (-62_167_219_200.0, "0000-01-01T00:00:00.000000Z"), (-0.000_001, "1969-12-31T23:59:59.999999Z"),
+            (253_402_300_799.5, "9999-12-31T23:59:59.500000Z"),
+            (1_795_435_199.999_999_6, "2026-11-23T12:00:00.000000Z"),
+        ] {
+            #expect(Timestamp.format(Date(timeIntervalSince1970: t)) == text, "\(t)")
+        }
     }
 
     @Test(arguments: [

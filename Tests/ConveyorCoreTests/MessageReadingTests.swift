@@ -51,13 +51,11 @@ import Testing
     /// UUID that is not 32 hex digits in the 8-4-4-4-12 form (Foundation's parser reads other
     /// bytes as digits).
     static func refusedOnPurpose<T>(_ read: ([UInt8]) throws(ValidationError) -> T, _ body: [UInt8]) -> Bool {
-        let text = String(decoding: body, as: UTF8.self)
-        if text.range(of: #",\s*[}\]]"#, options: .regularExpression) != nil { return true }
         do {
             _ = try read(body)
             return false
         } catch {
-            return error.hint.contains("twice")
+            return error.hint.contains("twice") || error.hint.contains("a comma before")
                 || (["run_id", "task_id"].contains(error.field) && UUID(canonical: error.value) == nil)
         }
     }
@@ -191,6 +189,37 @@ import Testing
         let twice = Self.refusal(Self.statusJSON(#""worker_id":"someone-else""#))
         #expect(twice?.field == "worker_id" && twice?.hint.contains("twice") == true)
         #expect(Self.refusal(Self.statusJSON(#""x-unknown":[1,{"a":null}]"#)) == nil, "unknown members are skipped")
+        let unknownTwice = Self.refusal(Self.statusJSON(#""x-new":1,"x-new":2"#))
+        #expect(unknownTwice?.field == "x-new" && unknownTwice?.hint.contains("twice") == true)
+        let nestedTwice = Self.refusal(Self.statusJSON(#""result":{"a":1,"a":2}"#))
+        #expect(nestedTwice?.field == "result.a" && nestedTwice?.hint.contains("twice") == true)
+    }
+
+    /// Integers are read exactly, to the last digit and across `Int`'s whole range (a float
+    /// holds 53 bits); a whole number written with a fraction or an exponent is taken.
+    @Test func integersAreReadExactly() throws {
+        func exitCode(_ text: String) -> Int? {
+            try? MessageCodec.decodeStatus(Array(Self.statusJSON(#""exit_code":\#(text)"#).utf8)).exitCode
+        }
+        #expect(exitCode("9007199254740993") == 9_007_199_254_740_993)
+        #expect(exitCode("\(Int.max)") == Int.max)
+        #expect(exitCode("\(Int.min)") == Int.min)
+        #expect(exitCode("-0") == 0)
+        #expect(exitCode("2.0") == 2 && exitCode("1e2") == 100 && exitCode("-25E-1") == nil)
+        let over = Self.refusal(Self.statusJSON(#""exit_code":9223372036854775808"#))
+        #expect(over?.field == "exit_code" && over?.value == "9223372036854775808")
+        #expect(Self.refusal(Self.statusJSON(#""exit_code":-9223372036854775809"#))?.field == "exit_code")
+    }
+
+    /// Depth counts from the top of the document, as Foundation counts it: the status is one
+    /// level, so its result may nest `maxDepth - 1` more, and not one more; an unknown member
+    /// is held to the same bound while it is skipped.
+    @Test func nestingIsBoundedFromTheTop() {
+        func nested(_ n: Int) -> String { String(repeating: "[", count: n) + String(repeating: "]", count: n) }
+        #expect(Self.refusal(Self.statusJSON(#""result":\#(nested(JSONReader.maxDepth - 1))"#)) == nil)
+        #expect(Self.refusal(Self.statusJSON(#""result":\#(nested(JSONReader.maxDepth))"#))?.field == "body")
+        #expect(Self.refusal(Self.statusJSON(#""x-new":\#(nested(JSONReader.maxDepth - 1))"#)) == nil)
+        #expect(Self.refusal(Self.statusJSON(#""x-new":\#(nested(JSONReader.maxDepth))"#))?.field == "body")
     }
 
     @Test func hostileBodiesAreRefusedWithoutHarm() {
@@ -210,6 +239,12 @@ import Testing
             #expect(Self.refusal(Self.statusJSON(bad)) != nil, "\(bad)")
         }
         #expect(Self.refusal(Self.statusJSON("") + " x")?.field == "body", "trailing data")
+        for broken in [#""detached":nul"#, #""exit_code":-x"#, #""result":[1,]"#, #""result":{"a":1,}"#] {
+            #expect(Self.refusal(Self.statusJSON(broken))?.field == "body", "\(broken): refused as not JSON")
+        }
+        #expect(Self.refusal(Self.statusJSON(#""result":[1,]"#))?.hint.contains("a comma before ']'") == true)
+        #expect(Self.refusal(#"{"version":"#)?.field == "body", "the end of the input")
+        #expect(Self.refusal("\u{FEFF}" + Self.statusJSON(""))?.field == "body", "a byte-order mark")
         #expect(Self.refusal(Self.statusJSON("") + " \n") == nil, "trailing whitespace")
         var invalidUTF8 = Array(Self.statusJSON(#""output":"ab""#).utf8)
         invalidUTF8[invalidUTF8.firstIndex(of: UInt8(ascii: "b"))!] = 0xFF
