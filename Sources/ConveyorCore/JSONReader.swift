@@ -78,70 +78,64 @@ package struct JSONReader: ~Copyable {
     /// Reads an object, giving each member's key to `each`, which must read the member's value.
     /// A failure inside a member names its key in the path.
     package mutating func object(_ each: (inout JSONReader, String) throws(Failure) -> Void) throws(Failure) {
-        try open(UInt8(ascii: "{"), "an object")
-        skipSpace()
-        if peek() == UInt8(ascii: "}") {
-            i += 1
-            depth -= 1
-            return
-        }
-        while true {
-            skipSpace()
-            if peek() == UInt8(ascii: "}") { throw syntax("a comma before '}'") }
-            guard peek() == UInt8(ascii: "\"") else { throw syntax("expected a member name in quotes") }
-            let key = try rawString()
-            skipSpace()
-            guard peek() == UInt8(ascii: ":") else { throw syntax("expected ':' after a member name") }
-            i += 1
-            do throws(Failure) {
-                try each(&self, key)
-            } catch {
-                var e = error
-                if e.kind != .syntax { e.path.insert(key, at: 0) }
-                throw e
-            }
-            skipSpace()
-            switch peek() {
-            case UInt8(ascii: ","): i += 1
-            case UInt8(ascii: "}"):
-                i += 1
-                depth -= 1
-                return
-            default: throw syntax("expected ',' or '}' in an object")
-            }
+        try elements(UInt8(ascii: "{"), UInt8(ascii: "}"), "an object") { (r: inout JSONReader, _) throws(Failure) in
+            guard r.peek() == UInt8(ascii: "\"") else { throw r.syntax("expected a member name in quotes") }
+            let key = try r.rawString()
+            r.skipSpace()
+            guard r.peek() == UInt8(ascii: ":") else { throw r.syntax("expected ':' after a member name") }
+            r.i += 1
+            try r.under(key) { (r: inout JSONReader) throws(Failure) in try each(&r, key) }
         }
     }
 
     /// Reads an array, giving each element's index to `each`, which must read the element.
     package mutating func array(_ each: (inout JSONReader, Int) throws(Failure) -> Void) throws(Failure) {
-        try open(UInt8(ascii: "["), "an array")
+        try elements(UInt8(ascii: "["), UInt8(ascii: "]"), "an array") { (r: inout JSONReader, n) throws(Failure) in
+            try r.under("[\(n)]") { (r: inout JSONReader) throws(Failure) in try each(&r, n) }
+        }
+    }
+
+    /// The comma-separated elements between `open` and `close`, each read by `each`.
+    private mutating func elements(
+        _ open: UInt8, _ close: UInt8, _ what: String, _ each: (inout JSONReader, Int) throws(Failure) -> Void
+    ) throws(Failure) {
+        try self.open(open, what)
         skipSpace()
-        if peek() == UInt8(ascii: "]") {
+        if peek() == close {
             i += 1
             depth -= 1
             return
         }
+        let closing = Character(Unicode.Scalar(close))
         var n = 0
         while true {
             skipSpace()
-            if n > 0 && peek() == UInt8(ascii: "]") { throw syntax("a comma before ']'") }
-            do throws(Failure) {
-                try each(&self, n)
-            } catch {
-                var e = error
-                if e.kind != .syntax { e.path.insert("[\(n)]", at: 0) }
-                throw e
-            }
+            if peek() == close { throw syntax("a comma before '\(closing)'") }
+            try each(&self, n)
             n += 1
             skipSpace()
             switch peek() {
             case UInt8(ascii: ","): i += 1
-            case UInt8(ascii: "]"):
+            case close:
                 i += 1
                 depth -= 1
                 return
-            default: throw syntax("expected ',' or ']' in an array")
+            default: throw syntax("expected ',' or '\(closing)' in \(what)")
             }
+        }
+    }
+
+    /// Runs `body`, naming `component` (a member's key, an element's index) in the path of a
+    /// failure inside it; the name is made only then.
+    private mutating func under(
+        _ component: @autoclosure () -> String, _ body: (inout JSONReader) throws(Failure) -> Void
+    ) throws(Failure) {
+        do throws(Failure) {
+            try body(&self)
+        } catch {
+            var e = error
+            if e.kind != .syntax { e.path.insert(component(), at: 0) }
+            throw e
         }
     }
 
@@ -437,11 +431,12 @@ extension JSONReader {
         return v
     }
 
-    /// `read` or nil when the member is `null`.
-    package mutating func optional<T>(_ read: (inout JSONReader) throws(Failure) -> T) throws(Failure) -> T? {
-        if null() { return nil }
-        return try read(&self)
-    }
+    // An optional member's value: nil when it is `null`.
+    package mutating func optionalString() throws(Failure) -> String? { null() ? nil : try string() }
+    package mutating func optionalInt() throws(Failure) -> Int? { null() ? nil : try int() }
+    package mutating func optionalBool() throws(Failure) -> Bool? { null() ? nil : try bool() }
+    package mutating func optionalInstant() throws(Failure) -> Date? { null() ? nil : try instant() }
+    package mutating func optionalValue() throws(Failure) -> JSONValue? { null() ? nil : try value() }
 }
 
 /// Which members of an object were seen, to refuse one given twice and name one missing.

@@ -59,13 +59,13 @@ extension TaskMessage {
                 idempotencyKey = try r.string()
             case "start_by":
                 try members.see(11)
-                startBy = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.instant() }
+                startBy = try r.optionalInstant()
             case "proof":
                 try members.see(12)
-                proof = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                proof = try r.optionalString()
             case "inputs":
                 try members.see(13)
-                inputs = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.value() }
+                inputs = try r.optionalValue()
             default: try members.skipUnknown(key, &r)
             }
         }
@@ -118,21 +118,19 @@ extension StatusMessage {
                 event = try r.name(of: StatusEvent.self)
             case "outcome":
                 try members.see(4)
-                outcome = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in
-                    try r.name(of: Outcome.self)
-                }
+                outcome = r.null() ? nil : try r.name(of: Outcome.self)
             case "exit_code":
                 try members.see(5)
-                exitCode = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.int() }
+                exitCode = try r.optionalInt()
             case "output":
                 try members.see(6)
-                output = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                output = try r.optionalString()
             case "error_class":
                 try members.see(7)
-                errorClass = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                errorClass = try r.optionalString()
             case "error_message":
                 try members.see(8)
-                errorMessage = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                errorMessage = try r.optionalString()
             case "worker_id":
                 try members.see(9)
                 workerID = try r.string()
@@ -141,13 +139,13 @@ extension StatusMessage {
                 at = try r.instant()
             case "started_at":
                 try members.see(11)
-                startedAt = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.instant() }
+                startedAt = try r.optionalInstant()
             case "detached":
                 try members.see(12)
-                detached = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.bool() }
+                detached = try r.optionalBool()
             case "result":
                 try members.see(13)
-                result = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.value() }
+                result = try r.optionalValue()
             default: try members.skipUnknown(key, &r)
             }
         }
@@ -175,13 +173,13 @@ extension StatusBatchItem {
                 body = try r.string()
             case "seal":
                 try members.see(1)
-                seal = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                seal = try r.optionalString()
             case "traceparent":
                 try members.see(2)
-                traceparent = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                traceparent = try r.optionalString()
             case "tracestate":
                 try members.see(3)
-                tracestate = try r.optional { (r: inout JSONReader) throws(JSONReader.Failure) in try r.string() }
+                tracestate = try r.optionalString()
             default: try members.skipUnknown(key, &r)
             }
         }

@@ -31,6 +31,7 @@ struct StatusBatchTests {
             #expect(sent.messages < 500, "statuses per message: \(sent)")
             #expect(dispatcher.stats.outcomesRecorded == 1000)
             #expect(dispatcher.stats.statusRejected == 0)
+            #expect(recorder.executions.withLock { $0.count == 1000 && $0.values.allSatisfy { $0 == 1 } })
         }
     }
 
