@@ -41,6 +41,9 @@ public final class Worker: Service, Sendable {
     /// Cancel signals of the runs in flight, and runs cancelled recently (a task message that
     /// arrives after its cancel is skipped).
     let cancels = CancelRegistry()
+    /// The deadlines of the runs in flight (timeouts, `started` reports). Its loop runs as long
+    /// as `run` does, drain included, so a run's timeout fires while the worker drains.
+    let timers = RunTimers()
     let topology: ConveyorTopology
     let logger: Logger
     let counts: WorkerCounts
@@ -152,7 +155,7 @@ public final class Worker: Service, Sendable {
         lanes.start()
         control.start()
         do {
-            try await consumeAndDrain()
+            try await timers.serving { () async throws in try await consumeAndDrain() }
         } catch {
             await closeConnections()
             throw error

@@ -82,10 +82,10 @@ extension Worker {
     }
 }
 
-/// Cancel signals for runs in flight, and cancels that arrived before their run.
+/// The runs in flight, to which a cancel request is posted, and cancels that arrived before their run.
 final class CancelRegistry: Sendable {
     struct State {
-        var inFlight: [UUID: Wakeup] = [:]
+        var inFlight: [UUID: RunEvents] = [:]
         /// Cancelled run ids in arrival order, at most `limit`.
         var recent: [UUID] = []
         var recentSet: Set<UUID> = []
@@ -93,11 +93,7 @@ final class CancelRegistry: Sendable {
     let state = Mutex(State())
     let limit = 10_000
 
-    func register(_ id: UUID) -> Wakeup {
-        let w = Wakeup()
-        state.withLock { $0.inFlight[id] = w }
-        return w
-    }
+    func register(_ id: UUID, _ events: RunEvents) { state.withLock { $0.inFlight[id] = events } }
 
     func unregister(_ id: UUID) { _ = state.withLock { $0.inFlight.removeValue(forKey: id) } }
 
@@ -106,17 +102,17 @@ final class CancelRegistry: Sendable {
 
     func wasCancelled(_ id: UUID) -> Bool { state.withLock { $0.recentSet.contains(id) } }
 
-    /// Marks the run cancelled and signals it if in flight; returns whether it was in flight.
+    /// Marks the run cancelled and tells it if in flight; returns whether it was in flight.
     @discardableResult
     func cancel(_ id: UUID) -> Bool {
-        let w: Wakeup? = state.withLock { s in
+        let w: RunEvents? = state.withLock { s in
             if s.recentSet.insert(id).inserted {
                 s.recent.append(id)
                 if s.recent.count > limit { s.recentSet.remove(s.recent.removeFirst()) }
             }
             return s.inFlight[id]
         }
-        w?.signal()
+        w?.post(.cancelRequested)
         return w != nil
     }
 }

@@ -78,7 +78,8 @@ extension Worker {
             counts.count(.expired)
             return
         }
-        let cancelSignal = cancels.register(message.runID)
+        let events = RunEvents()
+        cancels.register(message.runID, events)
         defer { cancels.unregister(message.runID) }
         let startedAt = Date()
         let started = StatusMessage(
@@ -95,31 +96,18 @@ extension Worker {
         } else {
             let headers = statusHeaders
             let log = log
-            result = await withTaskGroup(of: ResultBox?.self) { group in
-                group.addTask {
-                    await self.reportWhileRunning(
-                        started, delivery: delivery, detached: detached, headers: headers, log: log)
-                    return nil
-                }
-                let executorName = message.executor
-                group.addTask {
-                    let began = ContinuousClock.now
-                    let r = await Self.runBoxed(executor, context, cancel: cancelSignal)
-                    ConveyorMetrics.executorDuration(executor: executorName, ContinuousClock.now - began)
-                    return r
-                }
-                var result: ResultBox?
-                while let r = await group.next() {
-                    if let r {
-                        result = r
-                        group.cancelAll()
+            let began = ContinuousClock.now
+            result = await Self.runBoxed(
+                executor, context, events: events, timers: timers,
+                report: (
+                    after: configuration.startedAfter,
+                    {
+                        await self.reportWhileRunning(
+                            started, delivery: delivery, detached: detached, headers: headers, log: log)
                     }
-                }
-                return result
-                    ?? ResultBox(
-                        ExecutionResult(
-                            outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing"))
-            }.value
+                )
+            ).value
+            ConveyorMetrics.executorDuration(executor: message.executor, ContinuousClock.now - began)
         }
         if Task.isCancelled {
             // The drain deadline passed. A run still held by the broker is left unacked, and the
@@ -175,23 +163,23 @@ extension Worker {
 
     struct DrainDeadlinePassed: Error { var left: Int }
 
-    /// Reports a run while it goes: `started` once it has run `started_after_ms` (shorter runs
-    /// report only `finished`), and once it has run `detach_after_ms`, `started` again marked
-    /// detached and then the ack of its task message. A detached run no longer depends on the
-    /// broker's consumer timeout; this worker's heartbeats protect it instead. Ends early when
-    /// the run ends (the task is cancelled).
+    /// Reports a run while it goes, from the moment it has run `started_after_ms` (shorter runs
+    /// report only `finished`): `started` now, and once it has run `detach_after_ms`, `started`
+    /// again marked detached and then the ack of its task message. A detached run no longer
+    /// depends on the broker's consumer timeout; this worker's heartbeats protect it instead.
+    /// Ends early when the run ends (the task is cancelled).
     func reportWhileRunning(
         _ started: StatusMessage, delivery: AMQPDelivery, detached: Flag, headers: AMQPHeaders, log: Logger
     ) async {
         let after = configuration.startedAfter
         let detachAfter = configuration.detachAfter
         let detachNow = detachAfter != nil && detachAfter! <= after
-        do { try await Task.sleep(for: after) } catch { return }
         var first = started
         if detachNow { first.detached = true }
         guard await publishStatus(first, headers: headers, log: log), !Task.isCancelled else { return }
         if detachNow { return detach(delivery, flag: detached, log: log) }
         guard let detachAfter else { return }
+        // Only runs past `started_after_ms` come here, so a timer of their own costs little.
         do { try await Task.sleep(for: detachAfter - after) } catch { return }
         var second = started
         second.detached = true
@@ -206,64 +194,103 @@ extension Worker {
         log.info("long run detached: task message acknowledged, heartbeats protect the run from here")
     }
 
-    /// `runBoxed(_:_:cancel:)` for tests: the timeout mechanism alone.
-    package static func runForTesting(_ executor: any Executor, _ context: ExecutionContext) async -> ExecutionResult {
-        await runBoxed(executor, context).value
+    /// `runBoxed` for tests: the timeout mechanism alone, on `timers` (running), or on timers
+    /// of its own.
+    package static func runForTesting(
+        _ executor: any Executor, _ context: ExecutionContext, timers: RunTimers? = nil
+    ) async -> ExecutionResult {
+        if let timers { return await runBoxed(executor, context, events: RunEvents(), timers: timers).value }
+        let timers = RunTimers()
+        return await timers.serving { await runBoxed(executor, context, events: RunEvents(), timers: timers) }.value
     }
 
-    /// Runs the executor; past `timeout`, or when `cancel` is signalled, its task is cancelled
-    /// (the shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
+    /// Runs the executor as the one child task of the run. Its timeout is a deadline on
+    /// `timers`; past it, or on a cancel request posted to `events`, the child is cancelled (the
+    /// shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
+    /// `report` starts beside the executor once the run has gone `after`, and is cancelled when
+    /// the run ends.
     /// The result comes back boxed: Swift 6.3's -O loses part of a large result computed before a
     /// suspension (here `cleanup`) and returned after it (docs/architecture.md).
-    static func runBoxed(_ executor: any Executor, _ context: ExecutionContext, cancel: Wakeup? = nil) async
-        -> ResultBox
-    {
-        enum Step: Sendable {
-            case done(ResultBox)
-            case timeout, cancelRequested, stopped
-        }
-        let result = await withTaskGroup(of: Step.self) { group in
-            group.addTask { .done(ResultBox(await executor.execute(context))) }
-            group.addTask {
-                do { try await Task.sleep(for: context.timeout) } catch { return .stopped }
-                return .timeout
-            }
-            if let cancel {
-                // No timer of its own: the group's cancellation (result or timeout) ends the wait.
-                group.addTask { await cancel.waitUntilSignalled() ? .cancelRequested : .stopped }
-            }
-            var result: ExecutionResult?
-            var ended: Step?
-            while let step = await group.next() {
-                switch step {
-                case .done(let r):
-                    result = r.value
-                    group.cancelAll()
+    static func runBoxed(
+        _ executor: any Executor, _ context: ExecutionContext, events: RunEvents, timers: RunTimers,
+        report: (after: Duration, body: @Sendable () async -> Void)? = nil
+    ) async -> ResultBox {
+        let start = ContinuousClock.now
+        let timeout = timers.schedule(at: start + context.timeout) { events.post(.timeout) }
+        let reportDue = report.map { r in timers.schedule(at: start + r.after) { events.post(.reportDue) } }
+        let result = await withTaskGroup(of: Void.self) { group in
+            group.addTask { events.post(.finished(ResultBox(await executor.execute(context)))) }
+            var ended: RunEvents.Event?
+            while true {
+                let event = await events.next()
+                switch event {
+                case .finished(let r):
+                    timers.cancel(timeout)
+                    if let reportDue { timers.cancel(reportDue) }
+                    group.cancelAll()  // a report under way stops
+                    var final = r.value
+                    switch ended {
+                    case .timeout?:
+                        final.outcome = .timedOut
+                        final.errorClass = "timeout"
+                        final.errorMessage = "exceeded the task timeout of \(context.timeout)"
+                    case .cancelRequested?:
+                        final.outcome = .cancelled
+                        final.errorClass = "cancelled"
+                        final.errorMessage = "cancelled by request; the executor was stopped"
+                    default: break
+                    }
+                    return ResultBox(final)
                 case .timeout, .cancelRequested:
-                    if ended == nil && result == nil { ended = step }
+                    if ended == nil { ended = event }
                     group.cancelAll()  // the executor's task is cancelled and stops
-                case .stopped: break
+                case .reportDue:
+                    if ended == nil, let report { group.addTask { await report.body() } }
                 }
             }
-            var final =
-                result
-                ?? ExecutionResult(outcome: .failed, errorClass: "executor", errorMessage: "executor returned nothing")
-            switch ended {
-            case .timeout?:
-                final.outcome = .timedOut
-                final.errorClass = "timeout"
-                final.errorMessage = "exceeded the task timeout of \(context.timeout)"
-            case .cancelRequested?:
-                final.outcome = .cancelled
-                final.errorClass = "cancelled"
-                final.errorMessage = "cancelled by request; the executor was stopped"
-            default: break
-            }
-            return ResultBox(final)
         }
         // The cleanup hook runs whatever the end: success, failure, timeout, cancel or shutdown.
         await executor.cleanup(context, result: result.value)
         return result
+    }
+}
+
+/// What happens to one run while it goes, in the order it happens: its executor's result, its
+/// timeout, a cancel request, the moment to report `started`. The run's task waits here for the
+/// next, instead of in child tasks of its own; the executor's task always posts `finished` last.
+final class RunEvents: Sendable {
+    enum Event: Sendable {
+        case finished(ResultBox)
+        case timeout, cancelRequested, reportDue
+    }
+    private struct State {
+        var waiting: [Event] = []
+        var waiter: CheckedContinuation<Event, Never>?
+    }
+    private let state = Mutex(State())
+
+    func post(_ event: Event) {
+        let waiter: CheckedContinuation<Event, Never>? = state.withLock { s in
+            guard let w = s.waiter else {
+                s.waiting.append(event)
+                return nil
+            }
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume(returning: event)
+    }
+
+    /// The next event. Not ended by cancellation: a cancelled run's executor still posts `finished`.
+    func next() async -> Event {
+        await withCheckedContinuation { (c: CheckedContinuation<Event, Never>) in
+            let ready: Event? = state.withLock { s in
+                guard s.waiting.isEmpty else { return s.waiting.removeFirst() }
+                s.waiter = c
+                return nil
+            }
+            if let ready { c.resume(returning: ready) }
+        }
     }
 }
 

@@ -152,6 +152,55 @@ struct ShutdownTests {
         }
     }
 
+    /// A draining worker still keeps its runs' timeouts: runs that pass theirs during the drain
+    /// are stopped and reported `timed_out` then, not held until the drain deadline (here a clock
+    /// that never moves) or cut by it.
+    @Test func aRunsTimeoutFiresWhileItsWorkerDrains() async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            let clock = ManualClock()
+            let gate = Gate()
+            let held = Recorder()
+            let worker = sys.worker(["hold": HeldExecutor(gate: gate, recorder: held)], id: "draining") {
+                $0.clock = clock
+                $0.shutdownGrace = .seconds(30)
+            }
+            try await withServices([dispatcher]) {
+                let group = ServiceGroup(configuration: .init(services: [worker], logger: Servers.logger))
+                let stopped = Gate()
+                let running = Task {
+                    defer { stopped.open() }
+                    try await group.run()
+                }
+                let tasks = sys.tasks(3, executor: "hold").map { t in
+                    var t = t
+                    t.timeoutSeconds = 2
+                    return t
+                }
+                try await sys.store.createTasks(tasks)
+                try await sys.eventually(timeout: .seconds(30), "3 runs held by the worker") { held.total == 3 }
+                await group.triggerGracefulShutdown()
+                try await sys.eventually(timeout: .seconds(10), "the drain waits for its deadline") {
+                    clock.sleepers == 2 && !worker.isReady
+                }
+                let returned = await withTaskGroup(of: Bool.self) { race in
+                    race.addTask { await stopped.wait() }
+                    race.addTask { (try? await Task.sleep(for: .seconds(20))) == nil }
+                    defer { race.cancelAll() }
+                    return await race.next() ?? false
+                }
+                try #require(returned, "the worker did not stop within 20 s: its runs' timeouts did not fire")
+                try await running.value
+                #expect(held.cancelled.withLock { $0.count } == 3, "each executor was stopped by its timeout")
+                try await sys.eventually("3 runs timed out on the draining worker") {
+                    try await sys.count(
+                        "SELECT count(*) FROM runs WHERE state = 'timed_out' AND worker_id = 'draining'") == 3
+                }
+                try await sys.expectNothingToRedeliver()
+            }
+        }
+    }
+
     /// The dispatcher stops intake, lets every part finish the work in hand, and only then closes
     /// its connections. Here the status recorder is in the middle of a batch (its transaction
     /// waits on row locks this test holds) when shutdown begins: every other part returns, the
