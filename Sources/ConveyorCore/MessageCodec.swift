@@ -118,9 +118,10 @@ package enum MessageCodec {
         guard m.attempt >= 1 else {
             throw ValidationError(field: "attempt", value: String(m.attempt), hint: "attempts count from 1")
         }
-        guard m.timeoutSeconds > 0, m.timeoutSeconds.isFinite else {
+        guard m.timeoutSeconds > 0, m.timeoutSeconds <= TaskMessage.maxTimeoutSeconds else {
             throw ValidationError(
-                field: "timeout_seconds", value: String(m.timeoutSeconds), hint: "must be a positive number of seconds")
+                field: "timeout_seconds", value: String(m.timeoutSeconds),
+                hint: "must be a positive number of seconds, at most \(Int(TaskMessage.maxTimeoutSeconds)) (365 days)")
         }
         guard !m.executor.isEmpty else {
             throw ValidationError(field: "executor", value: "", hint: "name one of the worker's executors")

@@ -7,6 +7,10 @@ package let statusMessageType = "conveyor.status.v1"
 
 /// Body of a task message (`conveyor.run.v1`): everything a worker needs to run one attempt.
 package struct TaskMessage: Sendable, Hashable, Codable {
+    /// The longest run timeout: 365 days. Tasks are refused above it, and so are task messages:
+    /// a run's deadline is arithmetic on this number (microseconds, milliseconds, intervals),
+    /// which a larger one overflows.
+    package static let maxTimeoutSeconds: Double = 31_536_000
     package var version: Int = 1
     package var runID: UUID
     package var taskID: UUID

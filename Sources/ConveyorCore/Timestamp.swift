@@ -8,7 +8,11 @@ package import Foundation
 package enum Timestamp {
     /// `2026-11-23T12:00:00.123456Z`
     package static func format(_ date: Date) -> String {
-        let totalMicros = Int64((date.timeIntervalSince1970 * 1_000_000).rounded())
+        // An instant past ±9 × 10^12 s (±285,000 years: no clock's, only arithmetic on a hostile
+        // number) is written as that bound; converting it to microseconds would trap.
+        let seconds = date.timeIntervalSince1970
+        let bounded = seconds.isNaN ? 0 : min(max(seconds, -9e12), 9e12)
+        let totalMicros = Int64((bounded * 1_000_000).rounded())
         var secs = totalMicros >= 0 ? totalMicros / 1_000_000 : (totalMicros - 999_999) / 1_000_000
         let micros = totalMicros - secs * 1_000_000
         let days = secs >= 0 ? secs / 86_400 : (secs - 86_399) / 86_400

@@ -96,8 +96,10 @@ package struct NewTask: Sendable {
         guard QueueName.isValid(queue) else {
             throw ValidationError(field: "queue", value: queue, hint: QueueName.hint)
         }
-        guard timeoutSeconds > 0, timeoutSeconds.isFinite else {
-            throw ValidationError(field: "timeout", value: String(timeoutSeconds), hint: "a positive number of seconds")
+        guard timeoutSeconds > 0, timeoutSeconds <= TaskMessage.maxTimeoutSeconds else {
+            throw ValidationError(
+                field: "timeout", value: String(timeoutSeconds),
+                hint: "a positive number of seconds, at most \(Int(TaskMessage.maxTimeoutSeconds)) (365 days)")
         }
         guard scheduleToStartSeconds > 0, scheduleToStartSeconds <= Self.maxScheduleToStartSeconds else {
             throw ValidationError(

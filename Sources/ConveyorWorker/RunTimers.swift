@@ -79,7 +79,7 @@ package final class RunTimers: Sendable {
             for entry in due { entry.fire() }
             due.removeAll(keepingCapacity: true)
             if let next {
-                await earlier.wait(timeout: now.duration(to: next))
+                await earlier.wait(timeout: ContinuousClock.now.duration(to: next))
             } else if await !earlier.waitUntilSignalled() {
                 return
             }

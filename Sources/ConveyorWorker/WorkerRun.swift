@@ -174,6 +174,7 @@ extension Worker {
         let after = configuration.startedAfter
         let detachAfter = configuration.detachAfter
         let detachNow = detachAfter != nil && detachAfter! <= after
+        guard !Task.isCancelled else { return }
         var first = started
         if detachNow { first.detached = true }
         guard await publishStatus(first, headers: headers, log: log), !Task.isCancelled else { return }
@@ -204,7 +205,7 @@ extension Worker {
         return await timers.serving { await runBoxed(executor, context, events: RunEvents(), timers: timers) }.value
     }
 
-    /// Runs the executor as the one child task of the run. Its timeout is a deadline on
+    /// Runs the executor as a child task of the run. Its timeout is a deadline on
     /// `timers`; past it, or on a cancel request posted to `events`, the child is cancelled (the
     /// shell executor kills its process group) and the outcome is `timed_out` or `cancelled`.
     /// `report` starts beside the executor once the run has gone `after`, and is cancelled when
@@ -217,9 +218,13 @@ extension Worker {
     ) async -> ResultBox {
         let start = ContinuousClock.now
         let timeout = timers.schedule(at: start + context.timeout) { events.post(.timeout) }
-        let reportDue = report.map { r in timers.schedule(at: start + r.after) { events.post(.reportDue) } }
+        // `started_after_ms: 0` reports as the executor starts, with no deadline to wait for.
+        let reportDue = report.flatMap { r in
+            r.after > .zero ? timers.schedule(at: start + r.after) { events.post(.reportDue) } : nil
+        }
         let result = await withTaskGroup(of: Void.self) { group in
             group.addTask { events.post(.finished(ResultBox(await executor.execute(context)))) }
+            if let report, report.after <= .zero { group.addTask { await report.body() } }
             var ended: RunEvents.Event?
             while true {
                 let event = await events.next()
@@ -245,7 +250,9 @@ extension Worker {
                     if ended == nil { ended = event }
                     group.cancelAll()  // the executor's task is cancelled and stops
                 case .reportDue:
-                    if ended == nil, let report { group.addTask { await report.body() } }
+                    // Not once the run is ending (timeout, cancel, the drain deadline): a run cut
+                    // by the drain publishes nothing, and is redelivered.
+                    if ended == nil, let report { _ = group.addTaskUnlessCancelled { await report.body() } }
                 }
             }
         }
@@ -257,7 +264,8 @@ extension Worker {
 
 /// What happens to one run while it goes, in the order it happens: its executor's result, its
 /// timeout, a cancel request, the moment to report `started`. The run's task waits here for the
-/// next, instead of in child tasks of its own; the executor's task always posts `finished` last.
+/// next, instead of in child tasks of its own, until `finished`, which the executor's task always
+/// posts (a late timeout or cancel after it is left unread).
 final class RunEvents: Sendable {
     enum Event: Sendable {
         case finished(ResultBox)

@@ -302,6 +302,18 @@ import Tracing
         }
     }
 
+    /// A date from arithmetic on a hostile number (a task's timeout added to now) is written, not
+    /// a trap: the dispatcher formats each run's deadline this way.
+    @Test func anInstantNoClockReachesIsWrittenAsTheBound() {
+        #expect(Timestamp.format(Date(timeIntervalSince1970: 1e300)) == "287168-08-24T16:00:00.000000Z")
+        #expect(Timestamp.format(Date(timeIntervalSince1970: 1e13)) == "287168-08-24T16:00:00.000000Z")
+        #expect(
+            Timestamp.format(Date(timeIntervalSince1970: -1e300))
+                == Timestamp.format(Date(timeIntervalSince1970: -9e12)))
+        #expect(Timestamp.format(Date(timeIntervalSince1970: .infinity)).hasPrefix("287168-"))
+        #expect(Timestamp.format(Date(timeIntervalSince1970: .nan)) == "1970-01-01T00:00:00.000000Z")
+    }
+
     @Test(arguments: [
         "", "2026-13-01T00:00:00Z", "2026-11-23T12:00:00", "2026-11-23T12:00:00Zjunk", "2026-11-23X12:00:00Z",
         "2026-11-23T12:00:00.Z",

@@ -43,6 +43,7 @@ import Testing
         let fired = Mutex<[(Int, ContinuousClock.Instant)]>([])
         let allFired = Wakeup()
         var generator = SystemRandomNumberGenerator()
+        // All are scheduled and cancelled before the loop runs, so none can pass meanwhile.
         let start = ContinuousClock.now + .milliseconds(50)
         let n = 600
         let deadlines = (0..<n).map { i in
@@ -52,19 +53,20 @@ import Testing
         }
         let cancelled = Set((0..<n - 1).filter { _ in Bool.random(using: &generator) })
         let expected = n - cancelled.count
+        var entries: [RunTimers.Entry] = []
+        for (i, d) in deadlines.enumerated() {
+            entries.append(
+                timers.schedule(at: d) {
+                    let count = fired.withLock { f in
+                        f.append((i, ContinuousClock.now))
+                        return f.count
+                    }
+                    if count == expected { allFired.signal() }
+                })
+        }
+        for i in cancelled.shuffled(using: &generator) { timers.cancel(entries[i]) }
+        #expect(timers.count == expected)
         try await timers.serving { () async throws in
-            var entries: [RunTimers.Entry] = []
-            for (i, d) in deadlines.enumerated() {
-                entries.append(
-                    timers.schedule(at: d) {
-                        let count = fired.withLock { f in
-                            f.append((i, ContinuousClock.now))
-                            return f.count
-                        }
-                        if count == expected { allFired.signal() }
-                    })
-            }
-            for i in cancelled.shuffled(using: &generator) { timers.cancel(entries[i]) }
             try #require(await allFired.wait(timeout: .seconds(10)), "every kept entry fired")
         }
         let order = fired.withLock { $0 }

@@ -351,6 +351,68 @@ struct EndToEndTests {
         }
     }
 
+    /// A timeout no clock can hold, from the three places one can come from: the API's and
+    /// spec files' validation refuses it, naming the field; the SQL enqueue function stores it
+    /// (it checks only that it is positive), and the dispatcher publishes that run and its worker
+    /// refuses it, so the run ends dead with the reason; a message published straight to the
+    /// work queue with one is refused. Before the bound, the dispatcher trapped formatting the
+    /// run's deadline and the worker trapped making its timer, each on every redelivery.
+    @Test func aTimeoutNoClockCanHoldIsRefusedNotACrash() async throws {
+        try await System.with { sys in
+            var huge = sys.tasks(1, name: "forever")[0]
+            huge.timeoutSeconds = 1e13
+            let refused = await #expect(throws: ValidationError.self) { try await sys.store.createTasks([huge]) }
+            #expect(
+                refused?.field == "timeout" && refused?.hint.contains("31536000") == true,
+                "\(String(describing: refused))")
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
+            let topo = ConveyorTopology(prefix: sys.prefix)
+            let pub = AMQPPublisher(
+                configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
+            pub.start()
+            defer { pub.stop() }
+            try await pub.waitUntilConnected()
+            try await withServices([dispatcher, worker]) {
+                try await EnqueueFunctionTests.withApplicationRole(sys) { role, app, _ in
+                    try await sys.pool.withConnection { c in
+                        _ = try await c.query("SELECT conveyor_grant_enqueue($1, 'default')", [role])
+                    }
+                    try await app.withConnection { c in
+                        _ = try await c.query(
+                            """
+                            SELECT * FROM conveyor_enqueue(name => 'forever', executor => 'record', queue => $1,
+                                timeout => 1e300)
+                            """, [sys.queue])
+                    }
+                }
+                var message = TaskMessage(
+                    runID: UUID(), taskID: UUID(), taskName: "hostile", occurrence: Date(), attempt: 1,
+                    queue: sys.queue,
+                    executor: "record", parameters: [:], timeoutSeconds: 1e300)
+                message.proof = "not-a-proof"
+                try await pub.publish(
+                    AMQPOutgoingMessage(
+                        exchange: topo.tasksExchange, routingKey: sys.queue, body: MessageCodec.encode(message),
+                        properties: AMQPProperties(type: taskMessageType)))
+                try await sys.store.createTasks(sys.tasks(3, name: "good"))
+                try await sys.eventually("the enqueued run ended dead, the good ones succeeded, two dead letters") {
+                    let dead = try await sys.count(
+                        """
+                        SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'forever' AND
+                            r.state = 'dead' AND r.error_message LIKE '%timeout_seconds%31536000%'
+                        """)
+                    let good = try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
+                    let letters = try await sys.count("SELECT count(*) FROM dead_letters")
+                    return dead == 1 && good == 3 && letters == 2
+                }
+                #expect(recorder.total == 3, "only the good runs executed")
+                #expect(worker.stats.rejected == 2)
+            }
+        }
+    }
+
     /// SIGTERM to a worker process with runs in hand.
     enum Drain: String, CaseIterable, Sendable, CustomTestStringConvertible {
         /// The grace outlasts the runs: they finish where they are, acked, never redelivered.

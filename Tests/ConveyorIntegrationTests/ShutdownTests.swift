@@ -174,7 +174,7 @@ struct ShutdownTests {
                 }
                 let tasks = sys.tasks(3, executor: "hold").map { t in
                     var t = t
-                    t.timeoutSeconds = 2
+                    t.timeoutSeconds = 5
                     return t
                 }
                 try await sys.store.createTasks(tasks)
@@ -183,6 +183,8 @@ struct ShutdownTests {
                 try await sys.eventually(timeout: .seconds(10), "the drain waits for its deadline") {
                     clock.sleepers == 2 && !worker.isReady
                 }
+                // Draining with the runs still held: the timeouts to come fire within the drain.
+                try #require(worker.stats.inFlight == 3 && held.cancelled.withLock { $0.isEmpty })
                 let returned = await withTaskGroup(of: Bool.self) { race in
                     race.addTask { await stopped.wait() }
                     race.addTask { (try? await Task.sleep(for: .seconds(20))) == nil }
