@@ -537,6 +537,23 @@ struct EndToEndTests {
 
 @Suite("Outbox and migrations", .enabled(if: Servers.available, Comment(rawValue: Servers.skipMessage)), .serialized)
 struct OutboxAndMigrationTests {
+    /// The refresh after a burst (`Store.analyze`): the planner learns the tables' sizes at once,
+    /// not a minute later from autovacuum.
+    @Test func theRefreshAfterABurstCountsTheRows() async throws {
+        try await System.with { sys in
+            try await sys.store.createTasks(sys.tasks(4000, name: "burst"))
+            try await sys.store.analyze()
+            let row = try await sys.rows(
+                "SELECT c.reltuples::bigint, (SELECT count(*) FROM tasks) FROM pg_class c WHERE c.oid = 'tasks'::regclass"
+            )[0]
+            let estimated = Double(row[0] ?? "") ?? -1
+            let counted = Double(row[1] ?? "") ?? 0
+            #expect(
+                counted >= 4000 && abs(estimated - counted) <= counted * 0.2,
+                "the planner's row count \(estimated), counted \(counted)")
+        }
+    }
+
     @Test func migrateIsSafeToRunConcurrentlyAndTwice() async throws {
         try await Servers.withDatabase { url in
             let pool = PostgresPool(configuration: .init(url: url), logger: Servers.logger)
