@@ -306,17 +306,29 @@ struct EndToEndTests {
         }
     }
 
+    /// A publisher of the test's own onto the work queue, connected, for messages no dispatcher
+    /// would send; the caller stops it.
+    static func rawPublisher(_ sys: System) async throws -> (AMQPPublisher, ConveyorTopology) {
+        let topo = ConveyorTopology(prefix: sys.prefix)
+        let pub = AMQPPublisher(
+            configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
+        pub.start()
+        do {
+            try await pub.waitUntilConnected()
+        } catch {
+            pub.stop()
+            throw error
+        }
+        return (pub, topo)
+    }
+
     @Test func malformedMessagesAndUnknownExecutorsAreDeadLetteredWithAReason() async throws {
         try await System.with { sys in
             let recorder = Recorder()
             let dispatcher = sys.dispatcher()
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
-            let topo = ConveyorTopology(prefix: sys.prefix)
-            let pub = AMQPPublisher(
-                configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
-            pub.start()
+            let (pub, topo) = try await Self.rawPublisher(sys)
             defer { pub.stop() }
-            try await pub.waitUntilConnected()
             try await withServices([dispatcher, worker]) {
                 try await sys.store.createTasks(sys.tasks(5, executor: "no-such-executor", name: "unknown"))
                 try await sys.store.createTasks(sys.tasks(5, name: "good"))
@@ -368,12 +380,8 @@ struct EndToEndTests {
             let recorder = Recorder()
             let dispatcher = sys.dispatcher()
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
-            let topo = ConveyorTopology(prefix: sys.prefix)
-            let pub = AMQPPublisher(
-                configuration: sys.amqp, topology: topo.work(queues: [sys.queue]), logger: Servers.logger)
-            pub.start()
+            let (pub, topo) = try await Self.rawPublisher(sys)
             defer { pub.stop() }
-            try await pub.waitUntilConnected()
             try await withServices([dispatcher, worker]) {
                 try await EnqueueFunctionTests.withApplicationRole(sys) { role, app, _ in
                     try await sys.pool.withConnection { c in

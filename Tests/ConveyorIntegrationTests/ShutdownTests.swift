@@ -29,6 +29,16 @@ final class Gate: Sendable {
         for w in waiters { w.resume(returning: true) }
     }
 
+    /// Whether the gate opens within `limit`.
+    func opens(within limit: Duration) async -> Bool {
+        await withTaskGroup(of: Bool.self) { race in
+            race.addTask { await self.wait() }
+            race.addTask { (try? await Task.sleep(for: limit)) == nil }
+            defer { race.cancelAll() }
+            return await race.next() ?? false
+        }
+    }
+
     func wait() async -> Bool {
         let id = state.withLock { s in
             defer { s.nextID += 1 }
@@ -116,12 +126,7 @@ struct ShutdownTests {
                 case .withinGrace: gate.open()
                 case .pastGrace: clock.advance(by: grace)
                 }
-                let returned = await withTaskGroup(of: Bool.self) { race in
-                    race.addTask { await stopped.wait() }
-                    race.addTask { (try? await Task.sleep(for: .seconds(20))) == nil }
-                    defer { race.cancelAll() }
-                    return await race.next() ?? false
-                }
+                let returned = await stopped.opens(within: .seconds(20))
                 try #require(returned, "the worker did not stop within 20 s of its runs ending or its deadline")
                 try await running.value
                 // Returned means closed: a process exits right after, and an ack still queued on
@@ -185,12 +190,7 @@ struct ShutdownTests {
                 }
                 // Draining with the runs still held: the timeouts to come fire within the drain.
                 try #require(worker.stats.inFlight == 3 && held.cancelled.withLock { $0.isEmpty })
-                let returned = await withTaskGroup(of: Bool.self) { race in
-                    race.addTask { await stopped.wait() }
-                    race.addTask { (try? await Task.sleep(for: .seconds(20))) == nil }
-                    defer { race.cancelAll() }
-                    return await race.next() ?? false
-                }
+                let returned = await stopped.opens(within: .seconds(20))
                 try #require(returned, "the worker did not stop within 20 s: its runs' timeouts did not fire")
                 try await running.value
                 #expect(held.cancelled.withLock { $0.count } == 3, "each executor was stopped by its timeout")
