@@ -164,11 +164,21 @@ package struct RetryPolicy: Sendable, Hashable {
         min(capSeconds, baseSeconds * pow(factor, Double(max(attempt - 1, 0))))
     }
 
-    /// The delay before attempt `attempt + 1`, in seconds.
+    /// The delay before attempt `attempt + 1`, in seconds: at most `maxDelaySeconds`, whatever
+    /// was stored (a policy from before the bound may hold 1e300, which the database's interval
+    /// arithmetic refuses, and the outcome that asked for the retry would not be recorded).
     package func delay(afterAttempt attempt: Int) -> Double {
-        let c = ceiling(afterAttempt: attempt)
-        return jitter ? Double.random(in: 0...max(c, 0)) : c
+        var c = ceiling(afterAttempt: attempt)
+        if !(c >= 0) { c = 0 }
+        c = min(c, Self.maxDelaySeconds)
+        return jitter ? Double.random(in: 0...c) : c
     }
+
+    /// The longest delay between attempts, and the largest `base_seconds` and `cap_seconds` a
+    /// task may set: 365 days.
+    package static let maxDelaySeconds: Double = 31_536_000
+    /// What `base_seconds` and `cap_seconds` take.
+    package static let secondsHint = "a number of seconds from 0 to 31536000 (365 days)"
 
     /// Parses the stored JSON object and attempts; every key is optional.
     package init(maxAttempts: Int, json: JSONValue) throws(ValidationError) {
@@ -198,9 +208,9 @@ package struct RetryPolicy: Sendable, Hashable {
             }
             return n
         }
-        baseSeconds = try number("base_seconds", 1, { $0 >= 0 }, "a number of seconds, 0 or more")
+        baseSeconds = try number("base_seconds", 1, { $0 >= 0 }, Self.secondsHint)
         factor = try number("factor", 2, { $0 >= 1 }, "a number of at least 1 (1 = constant delay)")
-        capSeconds = try number("cap_seconds", 300, { $0 >= 0 }, "a number of seconds, 0 or more")
+        capSeconds = try number("cap_seconds", 300, { $0 >= 0 }, Self.secondsHint)
         if let j = o["jitter"] {
             guard case .bool(let b) = j else {
                 throw ValidationError(field: "retry.jitter", value: "\(j)", hint: "true or false")

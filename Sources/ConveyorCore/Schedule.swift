@@ -43,19 +43,25 @@ package enum Schedule: Sendable, Hashable {
         )
     }
 
-    /// Parses `30s`, `1500ms`, `5m`, `2h`, `1d` into seconds (at least 10 ms).
+    /// Parses `30s`, `1500ms`, `5m`, `2h`, `1d` into seconds (at least 10 ms, at most
+    /// `maxDurationSeconds`: an interval's text and its next times are arithmetic on the number).
     package static func duration(_ spec: String, field: String, whole: String? = nil) throws(ValidationError) -> Double
     {
         let s = spec.trimmingCharacters(in: .whitespaces).lowercased()
         let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)]
         for (suffix, factor) in units where s.hasSuffix(suffix) {
-            if let n = Double(s.dropLast(suffix.count)), n > 0, n.isFinite, n * factor >= 0.01 { return n * factor }
+            if let n = Double(s.dropLast(suffix.count)), n > 0, n * factor >= 0.01, n * factor <= maxDurationSeconds {
+                return n * factor
+            }
             break
         }
         throw ValidationError(
             field: field, value: whole ?? spec,
-            hint: "a positive number with a unit ms, s, m, h or d, at least 10ms, for example '30s'")
+            hint: "a positive number with a unit ms, s, m, h or d, from 10ms to 3650d, for example '30s'")
     }
+
+    /// The longest duration `duration(_:field:whole:)` accepts: 3,650 days (ten years).
+    package static let maxDurationSeconds: Double = 315_360_000
 
     /// The stored form, the inverse of `init(parsing:)`.
     package var text: String {

@@ -96,6 +96,10 @@ package struct NewTask: Sendable {
         guard QueueName.isValid(queue) else {
             throw ValidationError(field: "queue", value: queue, hint: QueueName.hint)
         }
+        for (key, seconds) in [("base_seconds", retry.baseSeconds), ("cap_seconds", retry.capSeconds)]
+        where !(seconds <= RetryPolicy.maxDelaySeconds) {
+            throw ValidationError(field: "retry.\(key)", value: String(seconds), hint: RetryPolicy.secondsHint)
+        }
         guard timeoutSeconds > 0, timeoutSeconds <= TaskMessage.maxTimeoutSeconds else {
             throw ValidationError(
                 field: "timeout", value: String(timeoutSeconds),

@@ -82,8 +82,8 @@ struct RunGroup: AsyncParsableCommand {
         @Argument(help: "The run's id.") var id: String
         @Option(help: "Seconds to wait at most.") var timeout: Double = 3600
         func validate() throws {
-            guard timeout.isFinite, timeout > 0 else {
-                throw ValidationError("--timeout must be above 0; got \(timeout)")
+            guard timeout > 0, timeout <= 31_536_000 else {
+                throw ValidationError("--timeout must be seconds above 0, at most 31536000 (365 days); got \(timeout)")
             }
         }
         func run() async throws {

@@ -38,6 +38,18 @@ struct TaskGroup: AsyncParsableCommand {
         @Option(help: "With --unique: hold the key this long after creation (30s, 10m, 1h) instead of while active.")
         var uniqueWindow: String?
 
+        func validate() throws {
+            // Not sent as they are: JSON has no infinity or NaN (such a number would go as null,
+            // which the API reads as "the default").
+            if let timeout, !(timeout > 0 && timeout <= 31_536_000) {
+                throw ValidationError("--timeout must be seconds above 0, at most 31536000 (365 days); got \(timeout)")
+            }
+            if let s = scheduleToStartTimeout, !(s > 0 && s <= 604_800) {
+                throw ValidationError(
+                    "--schedule-to-start-timeout must be seconds above 0, at most 604800 (a week); got \(s)")
+            }
+        }
+
         func run() async throws {
             var task: [String: JSONValue] = ["name": .string(name), "executor": .string(executor)]
             if let params {

@@ -444,10 +444,34 @@ struct OpenAPITests {
                     ),
                     (#"{"name": "h", "executor": "noop", "timeout": -1e300}"#, "timeout"),
                     (#"{"name": "h", "executor": "noop", "schedule": 1e300}"#, "schedule"),
+                    // Numbers in text and in policies that no clock or interval can hold: they
+                    // crashed the API (an interval's text, a cron's first time after `after`) or
+                    // jammed the recording of outcomes (a retry's delay).
+                    (#"{"name": "h", "executor": "noop", "schedule": "every 1e300s"}"#, "schedule"),
+                    (#"{"name": "h", "executor": "noop", "schedule": "every 1e305d"}"#, "schedule"),
+                    (#"{"name": "h", "executor": "noop", "schedule": "every 3651d"}"#, "schedule"),
+                    (#"{"name": "h", "executor": "noop", "schedule": "0 * * * *", "after": "1e300s"}"#, "after"),
+                    (#"{"name": "h", "executor": "noop", "timeout": 1e13}"#, "timeout"),
+                    (
+                        #"{"name": "h", "executor": "noop", "retry": {"max_attempts": 2, "base_seconds": 1e300}}"#,
+                        "retry.base_seconds"
+                    ),
+                    (
+                        #"{"name": "h", "executor": "noop", "retry": {"max_attempts": 2, "cap_seconds": 31536001}}"#,
+                        "retry.cap_seconds"
+                    ),
                 ] {
                     let r = try await api.call("POST", "/v1/tasks", key: k, body: body)
                     #expect(r.status == 400 && r.json["field"]?.stringValue == field, "\(body): \(r.status) \(r.json)")
                 }
+                // The bounds themselves are accepted.
+                let edge = try await api.call(
+                    "POST", "/v1/tasks", key: k,
+                    body: #"""
+                        {"name": "edge", "executor": "noop", "schedule": "every 3650d", "timeout": 31536000,
+                         "retry": {"max_attempts": 2, "base_seconds": 31536000, "cap_seconds": 31536000}}
+                        """#)
+                #expect(edge.status == 201, "\(edge.json)")
                 let group = try await api.call(
                     "POST", "/v1/tasks", key: k, body: #"{"name": "g", "executor": "noop", "group": 1e300}"#)
                 #expect(group.status == 201 && group.json["group"] == "1e+300", "\(group.json)")

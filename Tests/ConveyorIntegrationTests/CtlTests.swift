@@ -564,6 +564,21 @@ struct CtlTests {
 
     /// Every command's help ends with an example of itself; completion scripts are generated for
     /// bash, zsh and fish, and know the newest commands.
+    /// Numbers JSON cannot carry, or no clock can hold, are refused before any request: an
+    /// infinite `--timeout` used to go as null, which the API reads as "the default" (300 s).
+    @Test(arguments: [
+        ["task", "add", "t", "--executor", "noop", "--timeout", "inf"],
+        ["task", "add", "t", "--executor", "noop", "--timeout", "nan"],
+        ["task", "add", "t", "--executor", "noop", "--timeout", "31536001"],
+        ["task", "add", "t", "--executor", "noop", "--schedule-to-start-timeout", "inf"],
+        ["run", "wait", "00000000-0000-0000-0000-000000000000", "--timeout", "1e30"],
+        ["queue", "drain", "q", "--timeout", "1e30"],
+    ])
+    func numbersNoRequestCanCarryAreRefusedNamingTheFlag(_ args: [String]) throws {
+        let r = try Self.ctl(args, env: ["CONVEYOR_API_URL": "http://127.0.0.1:9", "CONVEYOR_API_KEY": "k"])
+        #expect(r.status != 0 && r.err.contains("--") && r.err.contains("timeout must be"), "\(r.err)")
+    }
+
     @Test func everyCommandsHelpHasAnExampleAndCompletionsAreGenerated() throws {
         let dump = try Self.ctl(["--experimental-dump-help"], env: [:])
         let root = try #require(try Self.json(dump.out)["command"], "\(dump.err)")

@@ -421,6 +421,38 @@ struct EndToEndTests {
         }
     }
 
+    /// A retry policy stored before its bound (base and cap 1e300, as the API took them): the
+    /// retry's delay is clamped to 365 days, so the failed outcome is recorded and the retry
+    /// waits. Before, the database refused the interval, and the recorder retried that batch
+    /// forever: no outcome on the status queue was recorded after it.
+    @Test func aRetryDelayNoIntervalCanHoldIsClampedNotAJam() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            var task = sys.tasks(1, executor: "scripted", parameters: ["fail": true], name: "old-policy")[0]
+            task.retry.maxAttempts = 2
+            try await sys.store.createTasks([task])
+            let updated = try await sys.rows(
+                """
+                UPDATE tasks SET retry_policy = retry_policy || '{"base_seconds": 1e300, "cap_seconds": 1e300}'::jsonb
+                WHERE name = 'old-policy-0' RETURNING id
+                """)
+            try #require(updated.count == 1)
+            try await withServices([sys.dispatcher(), sys.worker(["scripted": ScriptedExecutor(recorder: recorder)])]) {
+                try await sys.store.createTasks(sys.tasks(2, executor: "scripted", name: "after"))
+                try await sys.eventually("the failure recorded, its retry waiting, the later runs recorded") {
+                    let failed = try await sys.count("SELECT count(*) FROM runs WHERE attempt = 1 AND state = 'failed'")
+                    let waiting = try await sys.count(
+                        """
+                        SELECT count(*) FROM runs WHERE attempt = 2 AND state = 'scheduled'
+                            AND available_at <= now() + interval '366 days'
+                        """)
+                    let after = try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'")
+                    return failed == 1 && waiting == 1 && after == 2
+                }
+            }
+        }
+    }
+
     /// SIGTERM to a worker process with runs in hand.
     enum Drain: String, CaseIterable, Sendable, CustomTestStringConvertible {
         /// The grace outlasts the runs: they finish where they are, acked, never redelivered.
