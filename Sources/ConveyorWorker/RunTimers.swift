@@ -35,6 +35,8 @@ package final class RunTimers: Sendable {
         /// The deadline the loop sleeps toward (set by the loop alone); nil when it waits for any
         /// deadline at all.
         var armed: ContinuousClock.Instant?
+        /// Times the loop has looked at the heap (the cost the design keeps low).
+        var passes = 0
     }
     private let state = Mutex(State())
     /// Wakes the loop for a deadline earlier than `armed`.
@@ -65,6 +67,8 @@ package final class RunTimers: Sendable {
     package var count: Int { state.withLock { $0.heap.count } }
     /// The deadline the loop sleeps toward now, if any.
     package var armed: ContinuousClock.Instant? { state.withLock { $0.armed } }
+    /// Times the loop has looked at the heap since it started.
+    package var passes: Int { state.withLock { $0.passes } }
 
     /// Fires deadlines as they pass, until the task is cancelled.
     package func run() async {
@@ -72,6 +76,7 @@ package final class RunTimers: Sendable {
         while !Task.isCancelled {
             let now = ContinuousClock.now
             let next: ContinuousClock.Instant? = state.withLock { s in
+                s.passes += 1
                 while let first = s.heap.first, first.deadline <= now { due.append(s.remove(at: 0)) }
                 s.armed = s.heap.first?.deadline
                 return s.armed

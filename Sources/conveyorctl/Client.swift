@@ -236,6 +236,19 @@ struct APIClient: Sendable {
 }
 
 /// `-o`: what a command prints.
+/// Checks a flag's seconds before any request: above 0 and at most `max`. JSON has no infinity
+/// or NaN (such a number would go as null, which the API reads as "the default"), and a wait
+/// past the bound would overflow its clock.
+func checkSeconds(
+    _ value: Double, flag: String, max: Double = TaskMessage.maxTimeoutSeconds, named: String = "365 days"
+)
+    throws
+{
+    guard value > 0, value <= max else {
+        throw ValidationError("--\(flag) must be seconds above 0, at most \(Int(max)) (\(named)); got \(value)")
+    }
+}
+
 enum OutputFormat: String, CaseIterable, ExpressibleByArgument, Sendable {
     /// Columns for people.
     case table

@@ -82,9 +82,7 @@ struct RunGroup: AsyncParsableCommand {
         @Argument(help: "The run's id.") var id: String
         @Option(help: "Seconds to wait at most.") var timeout: Double = 3600
         func validate() throws {
-            guard timeout > 0, timeout <= 31_536_000 else {
-                throw ValidationError("--timeout must be seconds above 0, at most 31536000 (365 days); got \(timeout)")
-            }
+            try checkSeconds(timeout, flag: "timeout")
         }
         func run() async throws {
             let r = try await RunGroup.waitForRun(try global.client(), id, timeout: timeout)

@@ -77,9 +77,7 @@ struct QueueGroup: AsyncParsableCommand {
         @Option(help: "Seconds to wait at most.") var timeout: Double = 600
 
         func validate() throws {
-            guard timeout > 0, timeout <= 31_536_000 else {
-                throw ValidationError("--timeout must be seconds above 0, at most 31536000 (365 days); got \(timeout)")
-            }
+            try checkSeconds(timeout, flag: "timeout")
         }
 
         func run() async throws {

@@ -39,14 +39,9 @@ struct TaskGroup: AsyncParsableCommand {
         var uniqueWindow: String?
 
         func validate() throws {
-            // Not sent as they are: JSON has no infinity or NaN (such a number would go as null,
-            // which the API reads as "the default").
-            if let timeout, !(timeout > 0 && timeout <= 31_536_000) {
-                throw ValidationError("--timeout must be seconds above 0, at most 31536000 (365 days); got \(timeout)")
-            }
-            if let s = scheduleToStartTimeout, !(s > 0 && s <= 604_800) {
-                throw ValidationError(
-                    "--schedule-to-start-timeout must be seconds above 0, at most 604800 (a week); got \(s)")
+            if let timeout { try checkSeconds(timeout, flag: "timeout") }
+            if let s = scheduleToStartTimeout {
+                try checkSeconds(s, flag: "schedule-to-start-timeout", max: 604_800, named: "a week")
             }
         }
 

@@ -141,16 +141,22 @@ struct AdversarialTests {
     }
 
     /// Publishes `forgeries` to the status exchange with pika (another client than Conveyor's),
-    /// each alone or, `batched`, 64 to a `conveyor.status-batch.v1` message.
-    static func forge(_ sys: System, _ forgeries: [Forgery], batched: Bool = false) async throws {
+    /// each alone or, `batched`, 64 to a `conveyor.status-batch.v1` message; with `to`, each alone
+    /// to that exchange and routing key as that message type (a task message, say).
+    static func forge(
+        _ sys: System, _ forgeries: [Forgery], batched: Bool = false,
+        to: (exchange: String, routingKey: String, type: String)? = nil
+    ) async throws {
         let file = FileManager.default.temporaryDirectory.appendingPathComponent("forged-\(UUID()).json")
         try Data(JSONValue.array(forgeries.map(\.json)).jsonBytes).write(to: file)
         defer { try? FileManager.default.removeItem(at: file) }
         let args =
             [
                 FileManager.default.currentDirectoryPath + "/scripts/forge_status.py", "--url", sys.amqp.url,
-                "--exchange", ConveyorTopology(prefix: sys.prefix).statusExchange, "--statuses", file.path,
+                "--exchange", to?.exchange ?? ConveyorTopology(prefix: sys.prefix).statusExchange,
+                "--statuses", file.path,
             ] + (batched ? ["--batch"] : [])
+            + (to.map { ["--routing-key", $0.routingKey, "--type", $0.type] } ?? [])
         let r = try await runRequired("python3", args)
         try #require(r.status == 0, "pika could not publish: \(r.err)")
         #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(forgeries.count)")

@@ -380,8 +380,7 @@ struct EndToEndTests {
             let recorder = Recorder()
             let dispatcher = sys.dispatcher()
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
-            let (pub, topo) = try await Self.rawPublisher(sys)
-            defer { pub.stop() }
+            let topo = ConveyorTopology(prefix: sys.prefix)
             try await withServices([dispatcher, worker]) {
                 try await EnqueueFunctionTests.withApplicationRole(sys) { role, app, _ in
                     try await sys.pool.withConnection { c in
@@ -400,10 +399,10 @@ struct EndToEndTests {
                     queue: sys.queue,
                     executor: "record", parameters: [:], timeoutSeconds: 1e300)
                 message.proof = "not-a-proof"
-                try await pub.publish(
-                    AMQPOutgoingMessage(
-                        exchange: topo.tasksExchange, routingKey: sys.queue, body: MessageCodec.encode(message),
-                        properties: AMQPProperties(type: taskMessageType)))
+                // Published by pika, another client than Conveyor's, byte for byte.
+                try await AdversarialTests.forge(
+                    sys, [.init(body: MessageCodec.encode(message), seal: nil)],
+                    to: (topo.tasksExchange, sys.queue, taskMessageType))
                 try await sys.store.createTasks(sys.tasks(3, name: "good"))
                 try await sys.eventually("the enqueued run ended dead, the good ones succeeded, two dead letters") {
                     let dead = try await sys.count(

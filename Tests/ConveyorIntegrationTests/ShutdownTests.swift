@@ -93,6 +93,18 @@ struct ShutdownTests {
         var testDescription: String { rawValue }
     }
 
+    /// Runs `worker` in a service group of its own: the group (to shut it down), a gate that
+    /// opens when it has returned, and its task.
+    static func start(_ worker: Worker) -> (group: ServiceGroup, stopped: Gate, running: Task<Void, any Error>) {
+        let group = ServiceGroup(configuration: .init(services: [worker], logger: Servers.logger))
+        let stopped = Gate()
+        let running = Task {
+            defer { stopped.open() }
+            try await group.run()
+        }
+        return (group, stopped, running)
+    }
+
     @Test(arguments: Drain.allCases)
     func aWorkerStopsIntakeDrainsToItsDeadlineThenCloses(_ drain: Drain) async throws {
         try await System.with { sys in
@@ -106,12 +118,7 @@ struct ShutdownTests {
                 $0.shutdownGrace = grace
             }
             try await withServices([dispatcher]) {
-                let group = ServiceGroup(configuration: .init(services: [worker], logger: Servers.logger))
-                let stopped = Gate()
-                let running = Task {
-                    defer { stopped.open() }
-                    try await group.run()
-                }
+                let (group, stopped, running) = Self.start(worker)
                 try await sys.store.createTasks(sys.tasks(3, executor: "hold"))
                 try await sys.eventually(timeout: .seconds(30), "3 runs held by the worker") { held.total == 3 }
 
@@ -171,12 +178,7 @@ struct ShutdownTests {
                 $0.shutdownGrace = .seconds(30)
             }
             try await withServices([dispatcher]) {
-                let group = ServiceGroup(configuration: .init(services: [worker], logger: Servers.logger))
-                let stopped = Gate()
-                let running = Task {
-                    defer { stopped.open() }
-                    try await group.run()
-                }
+                let (group, stopped, running) = Self.start(worker)
                 let tasks = sys.tasks(3, executor: "hold").map { t in
                     var t = t
                     t.timeoutSeconds = 5
