@@ -26,6 +26,18 @@ extension Bench {
         }
     }
 
+    /// Removes the bench's runs and tasks, then VACUUMs both tables, so the next bench starts from
+    /// the state this one found: back-to-back bursts left each 60,000 dead row versions that
+    /// autovacuum did not keep up with (the tasks table grew to 684 MB over a dozen bursts, and
+    /// each burst ran slower than the one before).
+    func removeRows(_ pool: PostgresPool, queue: String) async throws {
+        try await pool.withConnection { c in
+            try await c.query("DELETE FROM runs WHERE queue = $1", [queue])
+            try await c.query("DELETE FROM tasks WHERE queue = $1", [queue])
+            try await c.simple("VACUUM runs, tasks")
+        }
+    }
+
     /// Prints `result` as one JSON object (`--json`) or as `text`.
     func emit(_ result: some Encodable, text: String) throws {
         if json {

@@ -95,10 +95,7 @@ extension Bench {
             ).first!
         }
         for (_, p) in children where p.isRunning { p.terminate() }
-        try await pool.withConnection { c in
-            try await c.query("DELETE FROM runs WHERE queue = $1", [queue])
-            try await c.query("DELETE FROM tasks WHERE queue = $1", [queue])
-        }
+        try await removeRows(pool, queue: queue)
         let runs = try stats.int(0)
         let lateness = float8Array(stats[3])
         var cpuMS: [String: Double] = [:]
