@@ -214,6 +214,15 @@ struct EnqueueFunctionTests {
                             #""name": "ok", "executor": "noop", "timeout": -1"#
                         ),
                         ("timeout", "'ok'", "'noop', timeout => 0", #""name": "ok", "executor": "noop", "timeout": 0"#),
+                        // Past 365 days: the function accepted these until migration 0018.
+                        (
+                            "timeout", "'ok'", "'noop', timeout => 31536001",
+                            #""name": "ok", "executor": "noop", "timeout": 31536001"#
+                        ),
+                        (
+                            "timeout", "'ok'", "'noop', timeout => 1e13",
+                            #""name": "ok", "executor": "noop", "timeout": 1e13"#
+                        ),
                         (
                             "schedule_to_start_timeout", "'ok'", "'noop', schedule_to_start_timeout => 604801",
                             #""name": "ok", "executor": "noop", "schedule_to_start_timeout": 604801"#
@@ -244,7 +253,25 @@ struct EnqueueFunctionTests {
                         #expect(
                             r.status == 400 && r.json["field"]?.stringValue == field, "\(field): \(r.status) \(r.json)")
                     }
+                    // NaN, which JSON cannot carry to the API, passed the function's `timeout > 0` (PostgreSQL
+                    // orders NaN above every number).
+                    let nan = await Self.sqlState {
+                        _ = try await app.withConnection { c in
+                            try await c.query(
+                                "SELECT * FROM conveyor_enqueue(name => 'ok', executor => 'noop', timeout => 'NaN')")
+                        }
+                    }
+                    #expect(nan.state == "22023" && nan.message.hasPrefix("timeout:"), "\(nan)")
                     #expect(try await sys.count("SELECT count(*) FROM tasks") == 0, "nothing was created by either")
+                    // The bound itself is accepted by both.
+                    let edge = try await app.withConnection { c in
+                        try await c.query(
+                            "SELECT * FROM conveyor_enqueue(name => 'year', executor => 'noop', timeout => 31536000)")
+                    }
+                    #expect(edge.rows.count == 1)
+                    let apiEdge = try await api.call(
+                        "POST", "/v1/tasks", key: k, body: #"{"name": "api-year", "executor": "noop", "timeout": 31536000}"#)
+                    #expect(apiEdge.status == 201, "\(apiEdge.status) \(apiEdge.json)")
                     // A name that exists: 23505 from the function, 409 from the API, both naming it.
                     _ = try await api.call("POST", "/v1/tasks", key: k, body: #"{"name": "taken", "executor": "noop"}"#)
                     let dup = await Self.sqlState {
