@@ -270,7 +270,8 @@ struct EnqueueFunctionTests {
                     }
                     #expect(edge.rows.count == 1)
                     let apiEdge = try await api.call(
-                        "POST", "/v1/tasks", key: k, body: #"{"name": "api-year", "executor": "noop", "timeout": 31536000}"#)
+                        "POST", "/v1/tasks", key: k,
+                        body: #"{"name": "api-year", "executor": "noop", "timeout": 31536000}"#)
                     #expect(apiEdge.status == 201, "\(apiEdge.status) \(apiEdge.json)")
                     // A name that exists: 23505 from the function, 409 from the API, both naming it.
                     _ = try await api.call("POST", "/v1/tasks", key: k, body: #"{"name": "taken", "executor": "noop"}"#)
