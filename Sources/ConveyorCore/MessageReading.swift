@@ -122,6 +122,13 @@ extension StatusMessage {
             case "exit_code":
                 try members.see(5)
                 exitCode = try r.optionalInt()
+                // Stored in an `integer` column: a larger one made PostgreSQL refuse the whole batch
+                // it came in, and the recorder retried that batch forever.
+                if let e = exitCode, !StatusMessage.exitCodes.contains(e) {
+                    throw JSONReader.Failure(
+                        kind: .value, found: String(e),
+                        detail: "a whole number from \(Int32.min) to \(Int32.max), or null")
+                }
             case "output":
                 try members.see(6)
                 output = try r.optionalString()

@@ -159,7 +159,11 @@ package struct StatusMessage: Sendable, Hashable, Codable {
     package var event: StatusEvent
     /// Set when `event == .finished`.
     package var outcome: Outcome?
+    /// A 32-bit signed integer (runs.exit_code is PostgreSQL's `integer`); a status with another is
+    /// malformed.
     package var exitCode: Int?
+    /// The exit codes a status may carry.
+    package static let exitCodes = Int(Int32.min)...Int(Int32.max)
     package var output: String?
     package var errorClass: String?
     package var errorMessage: String?

@@ -132,10 +132,23 @@ extension Worker {
                     code: .error,
                     message: [result.errorClass, result.errorMessage].compactMap { $0 }.joined(separator: ": ")))
         }
+        // An executor's exit code outside 32 bits (a custom executor may report any Int) travels as
+        // null, with the code in the error message: a status carrying it would be refused as malformed.
+        var exitCode = result.exitCode
+        var errorMessage = result.errorMessage
+        if let code = exitCode, !StatusMessage.exitCodes.contains(code) {
+            exitCode = nil
+            errorMessage =
+                (errorMessage.map { $0 + " " } ?? "")
+                + "(exit code \(code) is outside 32 bits; reported as null)"
+            log.warning(
+                "executor reported an exit code outside 32 bits; reported as null",
+                metadata: ["executor.exit_code": "\(code)", "executor": "\(message.executor)"])
+        }
         let finished = StatusMessage(
             runID: message.runID, attempt: message.attempt, event: .finished, outcome: result.outcome,
-            exitCode: result.exitCode, output: result.output.map { String($0.suffix(65_536)) },
-            errorClass: result.errorClass, errorMessage: result.errorMessage, workerID: configuration.id,
+            exitCode: exitCode, output: result.output.map { String($0.suffix(65_536)) },
+            errorClass: result.errorClass, errorMessage: errorMessage, workerID: configuration.id,
             startedAt: startedAt, proof: message.proof, result: StatusMessage.bounded(result.result))
         // Ack only after the finished status is confirmed; otherwise the broker redelivers the task.
         guard await publishStatus(finished, headers: statusHeaders, log: log) else { return }

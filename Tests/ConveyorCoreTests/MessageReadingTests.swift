@@ -198,17 +198,34 @@ import Testing
     /// Integers are read exactly, to the last digit and across `Int`'s whole range (a float
     /// holds 53 bits); a whole number written with a fraction or an exponent is taken.
     @Test func integersAreReadExactly() throws {
+        func status(attempt text: String) -> String {
+            #"{"version":1,"run_id":"\#(UUID())","attempt":\#(text),"event":"started","worker_id":"w","at":"2026-11-23T12:00:00Z"}"#
+        }
+        func attempt(_ text: String) -> Int? {
+            try? MessageCodec.decodeStatus(Array(status(attempt: text).utf8)).attempt
+        }
+        #expect(attempt("9007199254740993") == 9_007_199_254_740_993)
+        #expect(attempt("\(Int.max)") == Int.max)
+        #expect(attempt("\(Int.min)") == Int.min)
+        #expect(attempt("-0") == 0)
+        #expect(attempt("2.0") == 2 && attempt("1e2") == 100 && attempt("-25E-1") == nil)
+        let over = Self.refusal(status(attempt: "9223372036854775808"))
+        #expect(over?.field == "attempt" && over?.value == "9223372036854775808")
+        #expect(Self.refusal(status(attempt: "-9223372036854775809"))?.field == "attempt")
+    }
+
+    /// An exit code is stored in PostgreSQL's `integer`: one outside 32 bits is refused naming
+    /// `exit_code` (it made the database refuse the whole batch it came in).
+    @Test func anExitCodeOutside32BitsIsRefused() {
         func exitCode(_ text: String) -> Int? {
             try? MessageCodec.decodeStatus(Array(Self.statusJSON(#""exit_code":\#(text)"#).utf8)).exitCode
         }
-        #expect(exitCode("9007199254740993") == 9_007_199_254_740_993)
-        #expect(exitCode("\(Int.max)") == Int.max)
-        #expect(exitCode("\(Int.min)") == Int.min)
-        #expect(exitCode("-0") == 0)
-        #expect(exitCode("2.0") == 2 && exitCode("1e2") == 100 && exitCode("-25E-1") == nil)
-        let over = Self.refusal(Self.statusJSON(#""exit_code":9223372036854775808"#))
-        #expect(over?.field == "exit_code" && over?.value == "9223372036854775808")
-        #expect(Self.refusal(Self.statusJSON(#""exit_code":-9223372036854775809"#))?.field == "exit_code")
+        #expect(exitCode("2147483647") == 2_147_483_647 && exitCode("-2147483648") == -2_147_483_648)
+        #expect(exitCode("null") == nil && Self.refusal(Self.statusJSON(#""exit_code":null"#)) == nil)
+        let over = Self.refusal(Self.statusJSON(#""exit_code":2147483648"#))
+        #expect(over?.field == "exit_code" && over?.value == "2147483648" && over?.hint.contains("2147483647") == true)
+        #expect(Self.refusal(Self.statusJSON(#""exit_code":-2147483649"#))?.field == "exit_code")
+        #expect(Self.refusal(Self.statusJSON(#""exit_code":1e13"#))?.field == "exit_code")
     }
 
     /// Depth counts from the top of the document, as Foundation counts it: the status is one

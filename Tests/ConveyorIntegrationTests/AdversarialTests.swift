@@ -207,6 +207,52 @@ struct AdversarialTests {
         }
     }
 
+    /// A worker that holds the attempt's proof but reports an exit code PostgreSQL's `integer`
+    /// cannot hold (broken or hostile: Conveyor's own worker sends such a code as null): the status
+    /// is refused as malformed, naming `exit_code`, and the statuses beside it are recorded. Before
+    /// the bound the database refused the whole batch, and the recorder retried it forever:
+    /// nothing after it was recorded.
+    @Test(arguments: [false, true])
+    func aSealedStatusWithAnExitCodeNoColumnHoldsIsRefusedAndTheOthersRecorded(batched: Bool) async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(3))
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 3
+                }
+                let runs = try await sys.store.runs(limit: 10)
+                let signer = StatusProof(secret: try await sys.store.statusKey())
+                func sealed(_ id: UUID, exitCode: Double) -> Forgery {
+                    let body = JSONValue.object([
+                        "version": 1, "run_id": .string(id.lowercasedString), "attempt": 1, "event": "finished",
+                        "outcome": "failed", "exit_code": .number(exitCode), "worker_id": "broken-worker",
+                        "at": .string(Timestamp.format(Date())),
+                    ]).jsonBytes
+                    return Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1)))
+                }
+                try await Self.forge(
+                    sys,
+                    [
+                        sealed(runs[0].id, exitCode: 1_099_511_627_776), sealed(runs[1].id, exitCode: 3),
+                        sealed(runs[2].id, exitCode: 4),
+                    ],
+                    batched: batched)
+                try #require(
+                    try await sys.eventually(timeout: .seconds(20), "the two good statuses are recorded") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 2
+                    })
+                #expect(
+                    try await sys.count("SELECT count(*) FROM runs WHERE exit_code IN (3, 4)") == 2)
+                #expect(
+                    try await sys.count(
+                        "SELECT count(*) FROM runs WHERE id = $1 AND state = 'dispatched'", [runs[0].id]) == 1)
+                #expect(dispatcher.stats.statusRejected == 1)
+                #expect(dispatcher.stats.statusForged == 0)
+            }
+        }
+    }
+
     /// S5. A task message dead-lettered by an outsider (a body naming another run, without that
     /// attempt's proof) is kept, but ends no run.
     @Test func s05_aForgedDeadLetterEndsNoRun() async throws {

@@ -363,6 +363,36 @@ struct EndToEndTests {
         }
     }
 
+    /// A custom executor reports an exit code PostgreSQL's `integer` cannot hold (`ExecutionResult`
+    /// takes any Int): the worker reports it as null, naming the code in the error message, and
+    /// the run ends failed; the runs beside it are recorded. Before, the status carried the code,
+    /// the database refused the batch it came in, and the recorder retried that batch forever.
+    @Test func anExitCodeOutside32BitsIsRecordedAsNullNotABlockedRecorder() async throws {
+        try await System.with { sys in
+            let recorder = Recorder()
+            try await withServices([sys.dispatcher(), sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                try await sys.store.createTasks(
+                    [
+                        try sys.task([
+                            "name": "huge-exit", "parameters": .object(["fail": true, "exit_code": 1_099_511_627_776]),
+                        ])
+                    ] + (0..<5).map { try sys.task(["name": .string("beside-\($0)")]) })
+                try #require(
+                    try await sys.eventually(timeout: .seconds(20), "all six are recorded") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE finished_at IS NOT NULL") == 6
+                    })
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 5)
+                #expect(
+                    try await sys.count(
+                        """
+                        SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name = 'huge-exit'
+                          AND r.state = 'failed' AND r.exit_code IS NULL
+                          AND r.error_message LIKE '%exit code 1099511627776 is outside 32 bits%'
+                        """) == 1)
+            }
+        }
+    }
+
     /// A timeout no clock can hold, from the three places one can come from: the API's and
     /// spec files' validation refuses it, naming the field; the SQL enqueue function stores it
     /// (it checks only that it is positive), and the dispatcher publishes that run and its worker

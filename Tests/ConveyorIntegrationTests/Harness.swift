@@ -25,7 +25,7 @@ final class Recorder: Sendable {
 }
 
 /// Behaves as its parameters say: `sleep_ms` (stops early when cancelled), `fail_times` (fails
-/// attempts 1…k with exit code 1), `fail` (always fails). Records starts in order.
+/// attempts 1…k with exit code 1), `fail` (always fails, with `exit_code` or 1). Records starts in order.
 struct ScriptedExecutor: Executor {
     let recorder: Recorder
 
@@ -41,7 +41,11 @@ struct ScriptedExecutor: Executor {
         if let k = context.parameters["fail_times"]?.doubleValue, context.attempt <= Int(k) {
             return .failed("exit_code", "scripted failure of attempt \(context.attempt)", exitCode: 1)
         }
-        if context.parameters["fail"] == .bool(true) { return .failed("exit_code", "scripted failure", exitCode: 1) }
+        if context.parameters["fail"] == .bool(true) {
+            return .failed(
+                "exit_code", "scripted failure",
+                exitCode: context.parameters["exit_code"]?.doubleValue.map { Int($0) } ?? 1)
+        }
         return .succeeded
     }
 }
