@@ -271,6 +271,18 @@ import Tracing
         #expect(Timestamp.format(Date(timeIntervalSince1970: 951_782_400)) == "2000-02-29T00:00:00.000000Z")
     }
 
+    /// PostgreSQL has no year 0: an instant before 0001-01-01T00:00:00Z is not read (one stored
+    /// made the database refuse the statement), and every instant read can be written back.
+    @Test func instantsBeforeYearOneAreNotRead() {
+        #expect(Timestamp.parse("0000-01-01T00:00:00Z") == nil)
+        #expect(Timestamp.parse("0000-12-31T23:59:59.999Z") == nil)
+        #expect(Timestamp.parse("0001-01-01T00:30:00+01:00") == nil, "year 0 once the offset is applied")
+        let first = Timestamp.parse("0001-01-01T00:00:00Z")
+        #expect(first?.timeIntervalSince1970 == Double(Timestamp.earliestSeconds))
+        #expect(first.map(Timestamp.format) == "0001-01-01T00:00:00.000000Z")
+        #expect(Timestamp.parse("9999-12-31T23:59:59Z") != nil)
+    }
+
     /// The in-place form against Foundation's calendar, over instants from 1600 to 9999 (before and
     /// after the epoch); past 9999 the general form still writes the year whole.
     @Test func formatsAsTheGregorianCalendarSays() {

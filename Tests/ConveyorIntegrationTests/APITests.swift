@@ -452,6 +452,8 @@ struct OpenAPITests {
                     (#"{"name": "h", "executor": "noop", "schedule": "every 3651d"}"#, "schedule"),
                     (#"{"name": "h", "executor": "noop", "schedule": "0 * * * *", "after": "1e300s"}"#, "after"),
                     (#"{"name": "h", "executor": "noop", "timeout": 1e13}"#, "timeout"),
+                    // An instant PostgreSQL cannot store (it has no year 0).
+                    (#"{"name": "h", "executor": "noop", "start": "0000-06-01T00:00:00Z"}"#, "start"),
                     (
                         #"{"name": "h", "executor": "noop", "retry": {"max_attempts": 2, "base_seconds": 1e300}}"#,
                         "retry.base_seconds"

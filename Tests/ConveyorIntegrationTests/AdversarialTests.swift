@@ -253,6 +253,67 @@ struct AdversarialTests {
         }
     }
 
+    /// Instants PostgreSQL cannot store (it has no year 0): a heartbeat, which needs no proof, and
+    /// a sealed status (alone and batched) dated `0000-01-01`, published with pika, are refused as
+    /// malformed naming `at`, and the real work after them is recorded. Before, each parsed,
+    /// PostgreSQL refused the batch it came in (22008), and the recorder retried that batch
+    /// forever: any holder of the broker login stopped every outcome with one heartbeat.
+    @Test(arguments: [false, true])
+    func instantsBeforeYearOneAreRefusedNotABlockedRecorder(batched: Bool) async throws {
+        try await System.with { sys in
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher]) {
+                try await sys.store.createTasks(sys.tasks(2))
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 2
+                }
+                let runs = try await sys.store.runs(limit: 10)
+                let signer = StatusProof(secret: try await sys.store.statusKey())
+                let yearZero = "0000-01-01T00:00:00Z"
+                let status = JSONValue.object([
+                    "version": 1, "run_id": .string(runs[0].id.lowercasedString), "attempt": 1, "event": "finished",
+                    "outcome": "succeeded", "worker_id": "broken-worker", "at": .string(yearZero),
+                ]).jsonBytes
+                // One offset away from year 1 is year 0 too.
+                let started = JSONValue.object([
+                    "version": 1, "run_id": .string(runs[1].id.lowercasedString), "attempt": 1, "event": "started",
+                    "worker_id": "broken-worker", "at": "0001-01-01T00:30:00+01:00",
+                ]).jsonBytes
+                try await Self.forge(
+                    sys,
+                    [
+                        Forgery(
+                            body: status,
+                            seal: StatusProof.seal(status, proof: signer.sign(runID: runs[0].id, attempt: 1))),
+                        Forgery(
+                            body: started,
+                            seal: StatusProof.seal(started, proof: signer.sign(runID: runs[1].id, attempt: 1))),
+                    ],
+                    batched: batched)
+                let heartbeat = JSONValue.object([
+                    "version": 1, "worker_id": "anyone", "host": "h", "queues": .array([.string(sys.queue)]),
+                    "executors": .array(["noop"]), "concurrency": 1, "in_flight": .array([]), "interval_seconds": 5,
+                    "at": .string(yearZero),
+                ]).jsonBytes
+                try await Self.forge(
+                    sys, [Forgery(body: heartbeat, seal: nil)],
+                    to: (ConveyorTopology(prefix: sys.prefix).statusExchange, "status", heartbeatMessageType))
+                _ = try await sys.eventually(timeout: .seconds(20), "all three refused") {
+                    dispatcher.stats.statusRejected == 3
+                }
+                #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'anyone'") == 0)
+                let recorder = Recorder()
+                _ = try await withServices([sys.worker(["record": RecordingExecutor(recorder: recorder)])]) {
+                    try #require(
+                        try await sys.eventually(timeout: .seconds(20), "the real work is recorded") {
+                            try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
+                        })
+                }
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'broken-worker'") == 0)
+            }
+        }
+    }
+
     /// S5. A task message dead-lettered by an outsider (a body naming another run, without that
     /// attempt's proof) is kept, but ends no run.
     @Test func s05_aForgedDeadLetterEndsNoRun() async throws {
