@@ -80,6 +80,12 @@ package enum MessageCodec {
             throw ValidationError(
                 field: "interval_seconds", value: "\(m.intervalSeconds)", hint: "between 0 and 3600 seconds")
         }
+        // Stored in an `integer` column: a larger number made PostgreSQL refuse the batch the
+        // heartbeat came in, which the recorder retried forever.
+        guard (0...Int(Int32.max)).contains(m.concurrency) else {
+            throw ValidationError(
+                field: "concurrency", value: String(m.concurrency), hint: "a whole number from 0 to \(Int32.max)")
+        }
         return m
     }
 

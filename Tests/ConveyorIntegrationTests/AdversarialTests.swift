@@ -253,13 +253,14 @@ struct AdversarialTests {
         }
     }
 
-    /// Instants PostgreSQL cannot store (it has no year 0): a heartbeat, which needs no proof, and
-    /// a sealed status (alone and batched) dated `0000-01-01`, published with pika, are refused as
-    /// malformed naming `at`, and the real work after them is recorded. Before, each parsed,
-    /// PostgreSQL refused the batch it came in (22008), and the recorder retried that batch
-    /// forever: any holder of the broker login stopped every outcome with one heartbeat.
+    /// Values PostgreSQL cannot store: a heartbeat, which needs no proof, dated `0000-01-01` (it
+    /// has no year 0) or with a concurrency past `integer`, and sealed statuses (alone and
+    /// batched) dated in year 0, published with pika, are refused as malformed naming the field,
+    /// and the real work after them is recorded. Before, each was read, PostgreSQL refused the
+    /// batch it came in (22008, 22003), and the recorder retried that batch forever: any holder of
+    /// the broker login stopped every outcome with one heartbeat.
     @Test(arguments: [false, true])
-    func instantsBeforeYearOneAreRefusedNotABlockedRecorder(batched: Bool) async throws {
+    func valuesNoColumnHoldsAreRefusedNotABlockedRecorder(batched: Bool) async throws {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
@@ -290,16 +291,23 @@ struct AdversarialTests {
                             seal: StatusProof.seal(started, proof: signer.sign(runID: runs[1].id, attempt: 1))),
                     ],
                     batched: batched)
-                let heartbeat = JSONValue.object([
-                    "version": 1, "worker_id": "anyone", "host": "h", "queues": .array([.string(sys.queue)]),
-                    "executors": .array(["noop"]), "concurrency": 1, "in_flight": .array([]), "interval_seconds": 5,
-                    "at": .string(yearZero),
-                ]).jsonBytes
+                func heartbeat(concurrency: Double, at: String) -> Forgery {
+                    let body = JSONValue.object([
+                        "version": 1, "worker_id": "anyone", "host": "h", "queues": .array([.string(sys.queue)]),
+                        "executors": .array(["noop"]), "concurrency": .number(concurrency), "in_flight": .array([]),
+                        "interval_seconds": 5, "at": .string(at),
+                    ]).jsonBytes
+                    return Forgery(body: body, seal: nil)
+                }
                 try await Self.forge(
-                    sys, [Forgery(body: heartbeat, seal: nil)],
+                    sys,
+                    [
+                        heartbeat(concurrency: 1, at: yearZero),
+                        heartbeat(concurrency: 1_099_511_627_776, at: Timestamp.format(Date())),
+                    ],
                     to: (ConveyorTopology(prefix: sys.prefix).statusExchange, "status", heartbeatMessageType))
-                _ = try await sys.eventually(timeout: .seconds(20), "all three refused") {
-                    dispatcher.stats.statusRejected == 3
+                _ = try await sys.eventually(timeout: .seconds(20), "all four refused") {
+                    dispatcher.stats.statusRejected == 4
                 }
                 #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'anyone'") == 0)
                 let recorder = Recorder()
