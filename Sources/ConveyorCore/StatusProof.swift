@@ -84,4 +84,8 @@ package enum StatusRefusal: String, Sendable {
     /// A seal that is not this body's with this attempt's proof: forged, replayed from another
     /// status or run (acked away).
     case badProof = "bad_proof"
+    /// Readable and sealed, but PostgreSQL refused to store a value in it for good (a data
+    /// exception or an integrity violation, which retrying cannot change): set aside alone so
+    /// that the statuses beside and behind it are recorded; its run is left as it was.
+    case refusedByDatabase = "refused_by_database"
 }

@@ -1,6 +1,7 @@
 import ConveyorAMQP
 import ConveyorBroker
 import ConveyorCore
+import ConveyorPostgres
 import ConveyorStore
 import ConveyorTelemetry
 import Foundation
@@ -195,12 +196,16 @@ final class StatusRecorder: Service, Sendable {
         }
         if !beats.isEmpty { await hooks.heartbeatQueues(beats.flatMap(\.queues)) }
         let committed = await untilCommitted("recording statuses") {
-            let left = try await store.recordHeartbeats(beats)
+            let left = try await isolatingRefusals(
+                beats[...], empty: [String](), merge: +, setAside: setAside, store.recordHeartbeats)
             for id in left {
                 logger.info("worker left: drained and said goodbye; shown stopped", metadata: ["worker.id": "\(id)"])
             }
             if !left.isEmpty { counters.withLock { $0.workersLeft += left.count } }
-            let r = try await store.record(events, lostGrace: lostGrace)
+            let r = try await isolatingRefusals(
+                events[...], empty: RecordResult.none, merge: { $0.adding($1) },
+                setAside: setAside
+            ) { try await store.record($0, lostGrace: lostGrace) }
             let now = Date()
             var finished: [String: Int] = [:]
             for e in events {
@@ -230,6 +235,71 @@ final class StatusRecorder: Service, Sendable {
             }
         }
         return committed
+    }
+
+    /// Records `items` with `body`, and when the database refuses them for good (`refusedForGood`),
+    /// records each half alone, down to the one item whose value it refuses, which is set aside.
+    /// Every other error is thrown, so the caller retries the whole batch (recording is
+    /// idempotent: what a half already committed is recorded again as a no-op).
+    ///
+    /// Why: a batch is recorded in one statement per kind, so a single value PostgreSQL cannot
+    /// store (an exit code past `integer`, an instant in year 0) failed the whole batch, and the
+    /// recorder retried it forever: no outcome behind it was recorded, fleet-wide. The messages
+    /// are bounded where they are read; this is the mechanism for whatever a bound misses.
+    func isolatingRefusals<Item, Result>(
+        _ items: ArraySlice<Item>, empty: Result, merge: (Result, Result) -> Result,
+        setAside: (Item, any Error) -> Void, _ body: ([Item]) async throws -> Result
+    ) async throws -> Result {
+        do {
+            return try await body(Array(items))
+        } catch  where Self.refusedForGood(error) && !items.isEmpty {
+            guard items.count > 1 else {
+                setAside(items[items.startIndex], error)
+                return empty
+            }
+            let middle = items.startIndex + items.count / 2
+            let a = try await isolatingRefusals(
+                items[..<middle], empty: empty, merge: merge, setAside: setAside, body)
+            let b = try await isolatingRefusals(
+                items[middle...], empty: empty, merge: merge, setAside: setAside, body)
+            return merge(a, b)
+        }
+    }
+
+    /// A refusal that recording the same values again cannot change: a data exception (SQLSTATE
+    /// class 22: a number out of range, an instant the database cannot hold) or an integrity
+    /// violation (class 23). Anything else (a lost connection, a deadlock, a timeout) is retried.
+    static func refusedForGood(_ error: any Error) -> Bool {
+        guard let e = error as? PostgresError, let state = e.sqlState else { return false }
+        return state.hasPrefix("22") || state.hasPrefix("23")
+    }
+
+    /// A status the database refused for good: counted and logged (with the run, so an operator
+    /// can find it; once a minute per worker id). Its run is left as it was and ends by the usual
+    /// liveness rules (lost past its deadline, expired past its start deadline), then by its
+    /// retry policy.
+    func setAside(_ e: StatusMessage, _ error: any Error) {
+        counters.withLock { $0.rejected += 1 }
+        ConveyorMetrics.statusRejected(reason: StatusRefusal.refusedByDatabase.rawValue)
+        let source = String(e.workerID.prefix(200))
+        guard refusals.shouldLog(source) else { return }
+        logger.error(
+            "status refused by the database and set aside; the statuses beside it are recorded",
+            metadata: [
+                "run.id": "\(e.runID)", "status.attempt": "\(e.attempt)", "status.event": "\(e.event.rawValue)",
+                "worker.id": "\(source)", "error": "\(error)", "note": "logged once a minute per worker id",
+            ])
+    }
+
+    /// A heartbeat the database refused for good: counted and logged, the others recorded.
+    func setAside(_ beat: HeartbeatMessage, _ error: any Error) {
+        counters.withLock { $0.rejected += 1 }
+        ConveyorMetrics.statusRejected(reason: StatusRefusal.refusedByDatabase.rawValue)
+        let source = String(beat.workerID.prefix(200))
+        guard refusals.shouldLog(source) else { return }
+        logger.error(
+            "heartbeat refused by the database and dropped; the statuses beside it are recorded",
+            metadata: ["worker.id": "\(source)", "error": "\(error)", "note": "logged once a minute per worker id"])
     }
 
     /// Counts and (rate-limited) logs a status without its attempt's proof.

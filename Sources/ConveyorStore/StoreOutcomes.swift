@@ -12,6 +12,24 @@ package struct RecordResult: Sendable, Equatable {
     package var outcomes: Int
     /// What followed from the outcomes (retries, dead runs, dependents).
     package var settled = SettleResult()
+
+    /// Nothing recorded.
+    package static let none = RecordResult(applied: 0, ignored: 0, outcomes: 0)
+
+    /// The two results together (a batch recorded in parts).
+    package func adding(_ o: RecordResult) -> RecordResult {
+        var r = self
+        r.applied += o.applied
+        r.ignored += o.ignored
+        r.outcomes += o.outcomes
+        r.settled.retried += o.settled.retried
+        r.settled.dead += o.settled.dead
+        r.settled.dependentsScheduled += o.settled.dependentsScheduled
+        r.settled.dependentsSkipped += o.settled.dependentsSkipped
+        r.settled.released += o.settled.released
+        r.settled.callbacks += o.settled.callbacks
+        return r
+    }
 }
 
 /// What followed from runs ending.

@@ -363,6 +363,54 @@ struct EndToEndTests {
         }
     }
 
+    /// A status whose value the database refuses for good (here a trigger the test installs
+    /// refuses one task's outcome with SQLSTATE 22023, as PostgreSQL refused an exit code past
+    /// `integer` or an instant in year 0) is set aside alone: the statuses behind it are recorded,
+    /// it is counted (`refused_by_database`), and its run is left as it was. Before, the recorder
+    /// retried that batch forever, and no outcome behind it was recorded.
+    @Test func aStatusTheDatabaseRefusesIsSetAsideAndTheOthersRecorded() async throws {
+        try await System.with { sys in
+            _ = try await sys.rows(
+                """
+                CREATE FUNCTION test_refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.state = 'succeeded' AND EXISTS (SELECT 1 FROM tasks WHERE id = NEW.task_id AND name = 'poison')
+                    THEN
+                        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'refused by the test';
+                    END IF;
+                    RETURN NEW;
+                END $$
+                """)
+            _ = try await sys.rows(
+                """
+                CREATE TRIGGER test_refuse_poison BEFORE UPDATE ON runs FOR EACH ROW
+                    EXECUTE FUNCTION test_refuse_poison()
+                """)
+            let recorder = Recorder()
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher, sys.worker(["script": ScriptedExecutor(recorder: recorder)])]) {
+                try await sys.store.createTasks([try sys.task(["name": "poison"])])
+                try await sys.eventually("the poison's outcome reached the recorder") {
+                    dispatcher.stats.statusRejected == 1
+                        || dispatcher.stats.statusApplied == 0
+                            && recorder.starts.withLock { $0.count } == 1
+                }
+                try await sys.store.createTasks(try (0..<5).map { try sys.task(["name": .string("behind-\($0)")]) })
+                try #require(
+                    try await sys.eventually(timeout: .seconds(20), "the five behind it are recorded") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 5
+                    })
+                #expect(dispatcher.stats.statusRejected == 1)
+                #expect(
+                    try await sys.count(
+                        """
+                        SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id
+                        WHERE t.name = 'poison' AND r.finished_at IS NULL
+                        """) == 1, "left as it was")
+            }
+        }
+    }
+
     /// A custom executor reports an exit code PostgreSQL's `integer` cannot hold (`ExecutionResult`
     /// takes any Int): the worker reports it as null, naming the code in the error message, and
     /// the run ends failed; the runs beside it are recorded. Before, the status carried the code,
