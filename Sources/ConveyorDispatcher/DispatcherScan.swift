@@ -101,6 +101,7 @@ extension Dispatcher {
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited
                     request.straightToQueue = !probe.runsReady
+                    request.leasesExpired = probe.leasesExpired
                     return await self.dispatchGroup(request, spans: spans)
                 }
             }

@@ -21,6 +21,9 @@ package struct ScanProbe: Sendable {
     /// Whether a `scheduled` run is ready now (a retry, a held-back run, work over a backlog).
     /// When none is, due tasks may skip `scheduled` and go straight to `queued`.
     package var runsReady = true
+    /// Whether a `queued` run's lease has run out (its dispatcher died before the broker's
+    /// confirm): only then does a claim look for them (step 3).
+    package var leasesExpired = true
     package var backlog: [String: Int] = [:]
     /// Queues with a rate limit (`queue_limits`).
     package var rateLimited: Set<String> = []
@@ -52,6 +55,8 @@ package struct ClaimRequest: Sendable {
     /// ahead of them (no `scheduled` run ready, from the probe), their queue has room, and no
     /// concurrency key, rate limit or overlap wait applies. One row version fewer per run.
     package var straightToQueue = false
+    /// Whether to look for `queued` runs past their lease (step 3): the probe saw one.
+    package var leasesExpired = true
     /// Makes the trace context of a new run, given the task's stored context (if any).
     package var newTraceParent: @Sendable (String?) -> String
 
@@ -106,11 +111,17 @@ extension Store {
             result.cancelled = made.cancelled
             var rest = q
             rest.room = made.roomLeft
-            let (ready, held) = try await Self.claimReady(rest, c)
-            result.runs = made.queued + ready
-            result.heldBack = held
+            // Step 2 only when something may be ready: the probe saw a ready run, or step 1 made
+            // `scheduled` ones (held by a key, a rate limit or a full queue).
+            if !q.straightToQueue || made.scheduled > 0 {
+                let (ready, held) = try await Self.claimReady(rest, c)
+                result.runs = made.queued + ready
+                result.heldBack = held
+            } else {
+                result.runs = made.queued
+            }
             let room = q.limit - result.runs.count
-            if room > 0 { result.runs += try await Self.claimExpiredLeases(q, room: room, c) }
+            if room > 0 && q.leasesExpired { result.runs += try await Self.claimExpiredLeases(q, room: room, c) }
             return result
         }
     }
@@ -119,6 +130,8 @@ extension Store {
     /// `queued`, and each queue's room left after them.
     struct Materialized {
         var created = 0
+        /// Of `created`, the runs written `scheduled`.
+        var scheduled = 0
         var cancelled: [UUID] = []
         var queued: [ClaimedRun] = []
         var roomLeft: [String: Int]
@@ -292,7 +305,8 @@ extension Store {
                     $3::timestamptz[])
                 """, [workflows.ids, workflows.roots, workflows.occurrences])
         }
-        var created = try await runs.insert(state: "scheduled", c)
+        let scheduled = try await runs.insert(state: "scheduled", c)
+        var created = scheduled
         var queued: [ClaimedRun] = []
         if !direct.isEmpty {
             created += try await direct.insert(state: "queued", c)
@@ -315,7 +329,8 @@ extension Store {
             FROM unnest($1::uuid[], $2::timestamptz[], $3::int[], $4::bool[]) AS u(id, next, skipped, fired)
             WHERE tasks.id = u.id
             """, [taskIDs, nextTimes, skips, fired])
-        return Materialized(created: created, cancelled: cancelled, queued: queued, roomLeft: room)
+        return Materialized(
+            created: created, scheduled: scheduled, cancelled: cancelled, queued: queued, roomLeft: room)
     }
 
     /// One round trip before a scan: when something is next due (a task, a ready run, an expired
@@ -331,6 +346,7 @@ extension Store {
                 if let q = r[2] { probe.backlog[q] = try r.int(3) }
                 probe.runsReady = try r.bool(4)
                 probe.paused = Set(Self.textArray(r[5] ?? "{}"))
+                probe.leasesExpired = try r.bool(6)
             }
             return probe
         }
@@ -343,20 +359,23 @@ extension Store {
             SELECT min((SELECT r.available_at FROM runs r WHERE r.state = 'scheduled' AND r.priority = p AND
                 r.available_at < 'infinity'
                         ORDER BY r.available_at LIMIT 1)) AS at FROM unnest($1::smallint[]) p
+        ), lease AS (
+            SELECT min(available_at) AS at FROM runs WHERE state = 'queued'
         ), next AS (
             SELECT least(
                 (SELECT min(next_run_at) FROM tasks WHERE NOT paused AND deleted_at IS NULL AND next_run_at IS NOT
                     NULL),
                 (SELECT at FROM ready),
-                (SELECT min(available_at) FROM runs WHERE state = 'queued')) AS at,
+                (SELECT at FROM lease)) AS at,
                 (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_limits) AS limited,
                 coalesce((SELECT at <= now() FROM ready), false) AS runs_ready,
-                (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_pauses) AS paused
+                (SELECT coalesce(array_agg(queue ORDER BY queue), '{}') FROM queue_pauses) AS paused,
+                coalesce((SELECT at <= now() FROM lease), false) AS leases_expired
         ), backlog AS (
             SELECT queue, count(*) AS n FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue
         )
         SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n, next.runs_ready,
-            next.paused::text
+            next.paused::text, next.leases_expired
         FROM next LEFT JOIN backlog ON true
         """
 
