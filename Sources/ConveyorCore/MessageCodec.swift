@@ -148,6 +148,12 @@ package enum MessageCodec {
         // A worker bounds its results; one that does not (or is not ours) is bounded here, so an
         // oversized result is marked, never the reason a status is lost.
         m.result = StatusMessage.bounded(m.result?.storable)
+        // As a heartbeat's: a longer id (about 2.7 KB) overflowed an index entry, and PostgreSQL
+        // refused the batch (54000).
+        guard !m.workerID.isEmpty, m.workerID.count <= 200 else {
+            throw ValidationError(
+                field: "worker_id", value: String(m.workerID.prefix(200)), hint: "a worker id of 1 to 200 characters")
+        }
         guard m.version == 1 else {
             throw ValidationError(
                 field: "version", value: String(m.version),

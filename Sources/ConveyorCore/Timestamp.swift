@@ -54,7 +54,7 @@ package enum Timestamp {
         return "\(date)T\(pad(secs / 3600, 2)):\(pad(secs % 3600 / 60, 2)):\(pad(secs % 60, 2)).\(pad(micros, 6))Z"
     }
 
-    /// Parses `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])`, from 0001-01-01T00:00:00Z on (nil before).
+    /// Parses `YYYY-MM-DD[T ]HH:MM:SS[.fraction](Z|±HH[:MM])`, from 0001-01-01T00:00:00Z up to 9999-12-31T23:59:59Z (nil outside).
     package static func parse(_ s: String) -> Date? {
         let b = Array(s.utf8)
         guard b.count >= 19 else { return nil }
@@ -112,12 +112,16 @@ package enum Timestamp {
         let seconds = days * 86_400 + Int64(h * 3600 + mi * 60 + sec - offset)
         // PostgreSQL has no year 0 (nor a sign in this format): an instant before year 1, stored,
         // made it refuse the whole statement, a status batch with it, which was retried forever.
-        guard seconds >= earliestSeconds else { return nil }
+        guard seconds >= earliestSeconds, seconds < endSeconds else { return nil }
         return Date(timeIntervalSince1970: Double(seconds) + frac)
     }
 
     /// 0001-01-01T00:00:00Z, the earliest instant `parse` reads: every one it reads can be stored.
     package static let earliestSeconds: Int64 = -62_135_596_800
+    /// 10000-01-01T00:00:00Z, which `parse` does not reach (an offset or a rounded fraction could
+    /// carry 9999-12-31 over): PostgreSQL prints that year with five digits, which `parse` would
+    /// not read back.
+    package static let endSeconds: Int64 = 253_402_300_800
 }
 
 /// Proleptic Gregorian calendar arithmetic on day numbers (days since 1970-01-01), after

@@ -13,7 +13,9 @@ import Tracing
 /// Records what workers report on the status queue: statuses and heartbeats, in batches of up
 /// to `dispatcher.status_batch_size`: a batch's statuses in one transaction (its heartbeats in a
 /// statement of their own), acked (one multiple ack) only once both committed. A status without
-/// its attempt's proof changes nothing; a malformed message is dead-lettered.
+/// its attempt's proof changes nothing; a malformed message is dead-lettered; a batch the
+/// database refuses for good is recorded in parts, and the one status it refuses set aside
+/// (`isolatingRefusals`).
 ///
 /// Shutdown: it stops consuming, records every status already received, and returns; the
 /// dispatcher closes the connection after it. A batch it cannot commit while stopping stays
@@ -67,6 +69,12 @@ final class StatusRecorder: Service, Sendable {
     var stats: Counters { counters.withLock { $0 } }
 
     func run() async throws {
+        // The refusal that alerts exists from the start at 0, so its first increase shows.
+        ConveyorMetrics.statusRejected(reason: StatusRefusal.refusedByDatabase.rawValue, by: 0)
+        try await runRecording()
+    }
+
+    func runRecording() async throws {
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 group.addTask { await self.pump() }
@@ -195,35 +203,57 @@ final class StatusRecorder: Service, Sendable {
                 queue: queue, statuses: s.links, batch: batch.count)
         }
         if !beats.isEmpty { await hooks.heartbeatQueues(beats.flatMap(\.queues)) }
+        // What committed, over every attempt: a transient error after part of a batch committed
+        // retries the whole batch, and the parts already recorded are then no-ops (`ignored`).
+        var recorded = RecordResult.none
+        var left: Set<String> = []
+        // Set aside in the attempt that committed (each attempt decides afresh).
+        var asideStatuses: [(StatusMessage, any Error)] = []
+        var asideBeats: [(HeartbeatMessage, any Error)] = []
         let committed = await untilCommitted("recording statuses") {
-            let left = try await isolatingRefusals(
-                beats[...], empty: [String](), merge: +, setAside: setAside, store.recordHeartbeats)
-            for id in left {
+            asideStatuses = []
+            asideBeats = []
+            try await isolatingRefusals(beats[...], setAside: { asideBeats.append(($0, $1)) }) { part in
+                left.formUnion(try await store.recordHeartbeats(part))
+            }
+            try await isolatingRefusals(events[...], setAside: { asideStatuses.append(($0, $1)) }) { part in
+                recorded = recorded.adding(try await store.record(part, lostGrace: lostGrace))
+            }
+            consumer.ack(last, multiple: true)
+        }
+        if committed {
+            for id in left.sorted() {
                 logger.info("worker left: drained and said goodbye; shown stopped", metadata: ["worker.id": "\(id)"])
             }
-            if !left.isEmpty { counters.withLock { $0.workersLeft += left.count } }
-            let r = try await isolatingRefusals(
-                events[...], empty: RecordResult.none, merge: { $0.adding($1) },
-                setAside: setAside
-            ) { try await store.record($0, lostGrace: lostGrace) }
+            struct Key: Hashable {
+                var run: UUID
+                var attempt: Int
+                var event: StatusEvent
+                init(_ e: StatusMessage) { (run, attempt, event) = (e.runID, e.attempt, e.event) }
+            }
+            let aside = Set(asideStatuses.map { Key($0.0) })
             let now = Date()
             var finished: [String: Int] = [:]
-            for e in events {
+            for e in events where !aside.contains(Key(e)) {
                 ConveyorMetrics.statusLag(seconds: now.timeIntervalSince(e.at))
                 if e.event == .finished, let o = e.outcome { finished[o.rawValue, default: 0] += 1 }
             }
             ConveyorMetrics.finished(finished)
+            let r = recorded
             if r.settled.retried > 0 { ConveyorMetrics.retried(r.settled.retried) }
             if r.settled.dead > 0 { ConveyorMetrics.dead(r.settled.dead) }
             counters.withLock {
-                $0.heartbeats += beats.count
+                $0.workersLeft += left.count
+                $0.heartbeats += beats.count - asideBeats.count
                 $0.applied += r.applied
                 $0.ignored += r.ignored
                 $0.outcomes += r.outcomes
                 $0.retried += r.settled.retried
                 $0.dead += r.settled.dead
             }
-            consumer.ack(last, multiple: true)
+            for (e, error) in asideStatuses { setAside(e, error) }
+            for (b, error) in asideBeats { setAside(b, error) }
+            await keep(asideStatuses)
             hooks.committed(r)
         }
         if !committed {
@@ -238,40 +268,73 @@ final class StatusRecorder: Service, Sendable {
     }
 
     /// Records `items` with `body`, and when the database refuses them for good (`refusedForGood`),
-    /// records each half alone, down to the one item whose value it refuses, which is set aside.
-    /// Every other error is thrown, so the caller retries the whole batch (recording is
-    /// idempotent: what a half already committed is recorded again as a no-op).
+    /// records each half alone, down to the one item whose value it refuses, which is set aside
+    /// (after one more try alone: a refusal caused by a race, such as a dependent's task deleted
+    /// while its upstream finished, passes the second time). Every other error is thrown, so the
+    /// caller retries the whole batch (recording is idempotent: what a part already committed is
+    /// recorded again as a no-op). When every item of two or more is refused, the cause is not
+    /// one item's value but the database (a constraint or trigger every status meets): that is
+    /// thrown too, and the batch waits, unacknowledged, as any batch did before this mechanism.
     ///
     /// Why: a batch is recorded in one statement per kind, so a single value PostgreSQL cannot
     /// store (an exit code past `integer`, an instant in year 0) failed the whole batch, and the
     /// recorder retried it forever: no outcome behind it was recorded, fleet-wide. The messages
     /// are bounded where they are read; this is the mechanism for whatever a bound misses.
-    func isolatingRefusals<Item, Result>(
-        _ items: ArraySlice<Item>, empty: Result, merge: (Result, Result) -> Result,
-        setAside: (Item, any Error) -> Void, _ body: ([Item]) async throws -> Result
-    ) async throws -> Result {
-        do {
-            return try await body(Array(items))
-        } catch  where Self.refusedForGood(error) && !items.isEmpty {
-            guard items.count > 1 else {
-                setAside(items[items.startIndex], error)
-                return empty
+    func isolatingRefusals<Item>(
+        _ items: ArraySlice<Item>, setAside: (Item, any Error) -> Void, _ body: ([Item]) async throws -> Void
+    ) async throws {
+        var aside = 0
+        var first: (any Error)?
+        func split(_ part: ArraySlice<Item>) async throws {
+            do {
+                try await body(Array(part))
+            } catch  where Self.refusedForGood(error) && !part.isEmpty {
+                first = first ?? error
+                guard part.count > 1 else {
+                    // Alone, once more: a race passes now; a value the database cannot take does not.
+                    do {
+                        try await body(Array(part))
+                    } catch  where Self.refusedForGood(error) {
+                        aside += 1
+                        setAside(part[part.startIndex], error)
+                    }
+                    return
+                }
+                let middle = part.startIndex + part.count / 2
+                try await split(part[..<middle])
+                try await split(part[middle...])
             }
-            let middle = items.startIndex + items.count / 2
-            let a = try await isolatingRefusals(
-                items[..<middle], empty: empty, merge: merge, setAside: setAside, body)
-            let b = try await isolatingRefusals(
-                items[middle...], empty: empty, merge: merge, setAside: setAside, body)
-            return merge(a, b)
         }
+        try await split(items)
+        if items.count > 1 && aside == items.count, let first { throw first }
     }
 
     /// A refusal that recording the same values again cannot change: a data exception (SQLSTATE
-    /// class 22: a number out of range, an instant the database cannot hold) or an integrity
-    /// violation (class 23). Anything else (a lost connection, a deadlock, a timeout) is retried.
+    /// class 22: a number out of range, an instant the database cannot hold), an integrity
+    /// violation (class 23) or a limit exceeded (class 54: a text too long for an index entry).
+    /// Anything else (a lost connection, a deadlock, a timeout) is retried.
     static func refusedForGood(_ error: any Error) -> Bool {
         guard let e = error as? PostgresError, let state = e.sqlState else { return false }
-        return state.hasPrefix("22") || state.hasPrefix("23")
+        return state.hasPrefix("22") || state.hasPrefix("23") || state.hasPrefix("54")
+    }
+
+    /// Keeps the statuses set aside in `dead_letters` (no run id: they end no run; the run id is
+    /// in the reason), so that an operator can read what the worker sent. Best effort: a status
+    /// that cannot be kept is in the log.
+    func keep(_ aside: [(StatusMessage, any Error)]) async {
+        guard !aside.isEmpty else { return }
+        let letters = aside.map { e, error in
+            DeadLetter(
+                runID: nil,
+                reason:
+                    "refused_by_database: run \(e.runID.lowercasedString) attempt \(e.attempt) \(e.event.rawValue): \(error)",
+                source: queue, type: statusMessageType,
+                body: String(decoding: MessageCodec.encode(e), as: UTF8.self))
+        }
+        do { _ = try await store.recordDeadLetters(letters) } catch {
+            logger.error(
+                "statuses set aside could not be kept in dead_letters", metadata: ["error": "\(error)"])
+        }
     }
 
     /// A status the database refused for good: counted and logged (with the run, so an operator

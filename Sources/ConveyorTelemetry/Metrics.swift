@@ -79,9 +79,9 @@ package enum ConveyorMetrics {
     }
     package static func dead(_ n: Int) { deadRuns.increment(by: n) }
     package static func deadLetter() { deadLetters.increment() }
-    /// A status or heartbeat refused: `malformed`, `no_proof` or `bad_proof`.
-    package static func statusRejected(reason: String) {
-        Counter(label: "conveyor_status_rejected_total", dimensions: [("reason", reason)]).increment()
+    /// A status or heartbeat refused: `malformed`, `no_proof`, `bad_proof` or `refused_by_database`.
+    package static func statusRejected(reason: String, by n: Int = 1) {
+        Counter(label: "conveyor_status_rejected_total", dimensions: [("reason", reason)]).increment(by: n)
     }
     package static func queueDepth(queue: String, _ ready: Int, consumers: Int) {
         Gauge(label: "conveyor_queue_depth", dimensions: [("queue", queue)]).record(ready)

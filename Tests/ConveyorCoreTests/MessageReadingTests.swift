@@ -214,6 +214,18 @@ import Testing
         #expect(Self.refusal(status(attempt: "-9223372036854775809"))?.field == "attempt")
     }
 
+    /// A status's worker id is 1 to 200 characters, as a heartbeat's: a longer one overflowed an
+    /// index entry of `runs`, and PostgreSQL refused the whole batch it came in.
+    @Test func aWorkerIDPast200CharactersIsRefused() {
+        func status(_ worker: String) -> String {
+            #"{"version":1,"run_id":"\#(UUID())","attempt":1,"event":"started","worker_id":"\#(worker)","at":"2026-11-23T12:00:00Z"}"#
+        }
+        let refusal = Self.refusal(status(String(repeating: "w", count: 201)))
+        #expect(refusal?.field == "worker_id", "\(String(describing: refusal))")
+        #expect(Self.refusal(status(String(repeating: "w", count: 200))) == nil)
+        #expect(Self.refusal(status(""))?.field == "worker_id")
+    }
+
     /// An exit code is stored in PostgreSQL's `integer`: one outside 32 bits is refused naming
     /// `exit_code` (it made the database refuse the whole batch it came in).
     @Test func anExitCodeOutside32BitsIsRefused() {

@@ -238,10 +238,9 @@ struct AdversarialTests {
                         sealed(runs[2].id, exitCode: 4),
                     ],
                     batched: batched)
-                try #require(
-                    try await sys.eventually(timeout: .seconds(20), "the two good statuses are recorded") {
-                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 2
-                    })
+                try await sys.eventually(timeout: .seconds(20), "the two good statuses are recorded") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 2
+                }
                 #expect(
                     try await sys.count("SELECT count(*) FROM runs WHERE exit_code IN (3, 4)") == 2)
                 #expect(
@@ -312,12 +311,100 @@ struct AdversarialTests {
                 #expect(try await sys.count("SELECT count(*) FROM workers WHERE id = 'anyone'") == 0)
                 let recorder = Recorder()
                 _ = try await withServices([sys.worker(["record": RecordingExecutor(recorder: recorder)])]) {
-                    try #require(
-                        try await sys.eventually(timeout: .seconds(20), "the real work is recorded") {
-                            try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
-                        })
+                    try await sys.eventually(timeout: .seconds(20), "the real work is recorded") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
+                    }
                 }
                 #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'broken-worker'") == 0)
+            }
+        }
+    }
+
+    /// Sealed statuses of six runs in one batch message, of which the database (a trigger the
+    /// test installs) refuses one: the batch is recorded in parts, the refused status set aside
+    /// and kept in `dead_letters`, the five others recorded. Then a refusal every status meets
+    /// (the trigger refusing all): nothing is set aside, the batch waits unacknowledged, and once
+    /// the cause is gone every status is recorded.
+    @Test func aBatchTheDatabaseRefusesIsRecordedInPartsUnlessEveryStatusIsRefused() async throws {
+        try await System.with { sys in
+            // The switch is a table (pooled sessions would not see a new setting); the sequence
+            // counts refusals (it advances even when the refusing transaction rolls back).
+            _ = try await sys.rows("CREATE TABLE test_switch (refuse_all boolean NOT NULL)")
+            _ = try await sys.rows("INSERT INTO test_switch VALUES (false)")
+            _ = try await sys.rows("CREATE SEQUENCE test_refusals")
+            _ = try await sys.rows(
+                """
+                CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.state = 'failed' AND ((SELECT refuse_all FROM test_switch) OR EXISTS (
+                        SELECT 1 FROM tasks WHERE id = NEW.task_id AND name = 'poison'))
+                    THEN
+                        PERFORM nextval('test_refusals');
+                        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'refused by the test';
+                    END IF;
+                    RETURN NEW;
+                END $$
+                """)
+            _ = try await sys.rows(
+                "CREATE TRIGGER test_refuse BEFORE UPDATE ON runs FOR EACH ROW EXECUTE FUNCTION test_refuse()")
+            let dispatcher = sys.dispatcher()
+            try await withServices([dispatcher]) {
+                let signer = StatusProof(secret: try await sys.store.statusKey())
+                func failed(_ id: UUID) -> Forgery {
+                    let body = JSONValue.object([
+                        "version": 1, "run_id": .string(id.lowercasedString), "attempt": 1, "event": "finished",
+                        "outcome": "failed", "exit_code": 7, "worker_id": "sealed-worker",
+                        "at": .string(Timestamp.format(Date())),
+                    ]).jsonBytes
+                    return Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1)))
+                }
+                try await sys.store.createTasks(
+                    [try sys.task(["name": "poison"])] + (0..<5).map { try sys.task(["name": .string("good-\($0)")]) })
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 6
+                }
+                let ids = try await sys.store.runs(limit: 10).map(\.id)
+                try await Self.forge(sys, ids.map(failed), batched: true)
+                try await sys.eventually(timeout: .seconds(20), "the five good ones are recorded") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 5
+                }
+                #expect(dispatcher.stats.statusRejected == 1)
+                #expect(
+                    try await sys.count(
+                        """
+                        SELECT count(*) FROM runs r JOIN tasks t ON t.id = r.task_id
+                        WHERE t.name = 'poison' AND r.state = 'dispatched'
+                        """) == 1)
+                #expect(
+                    try await sys.count(
+                        """
+                        SELECT count(*) FROM dead_letters WHERE run_id IS NULL AND type = 'conveyor.status.v1'
+                          AND reason LIKE 'refused_by_database: run %' AND body LIKE '%sealed-worker%'
+                        """) == 1)
+
+                // Every status refused: the database, not a status, is the cause.
+                _ = try await sys.rows("UPDATE test_switch SET refuse_all = true")
+                let refusals = try await sys.count("SELECT last_value FROM test_refusals")
+                try await sys.store.createTasks(try (0..<4).map { try sys.task(["name": .string("later-\($0)")]) })
+                try await sys.eventually {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 5
+                }
+                let later = try await sys.rows(
+                    """
+                    SELECT r.id FROM runs r JOIN tasks t ON t.id = r.task_id WHERE t.name LIKE 'later-%'
+                    """
+                ).compactMap { $0[0].flatMap(UUID.init(uuidString:)) }
+                try await Self.forge(sys, later.map(failed), batched: true)
+                // Two rounds of the batch and its parts (11 refusals each), the second after a retry.
+                try await sys.eventually(timeout: .seconds(20), "the recorder retried the whole batch") {
+                    try await sys.count("SELECT last_value FROM test_refusals") >= refusals + 22
+                }
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 5)
+                #expect(dispatcher.stats.statusRejected == 1, "nothing more set aside")
+                _ = try await sys.rows("UPDATE test_switch SET refuse_all = false")
+                try await sys.eventually(timeout: .seconds(30), "recorded once the cause is gone") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 9
+                }
             }
         }
     }

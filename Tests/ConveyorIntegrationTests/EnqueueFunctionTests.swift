@@ -214,6 +214,15 @@ struct EnqueueFunctionTests {
                             #""name": "ok", "executor": "noop", "timeout": -1"#
                         ),
                         ("timeout", "'ok'", "'noop', timeout => 0", #""name": "ok", "executor": "noop", "timeout": 0"#),
+                        // Instants PostgreSQL takes and the API does not: BC, infinity (0018).
+                        (
+                            "start", "'ok'", "'noop', start => '0001-01-01 BC'",
+                            #""name": "ok", "executor": "noop", "start": "0000-06-01T00:00:00Z""#
+                        ),
+                        (
+                            "start", "'ok'", "'noop', start => 'infinity'",
+                            #""name": "ok", "executor": "noop", "start": "10000-01-01T00:00:00Z""#
+                        ),
                         // Past 365 days: the function accepted these until migration 0018.
                         (
                             "timeout", "'ok'", "'noop', timeout => 31536001",

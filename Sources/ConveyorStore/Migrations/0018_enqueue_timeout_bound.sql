@@ -1,7 +1,8 @@
 -- conveyor_enqueue refuses a timeout the API refuses (docs/enqueue.md): more than 365 days
 -- (TaskMessage.maxTimeoutSeconds; 0.10.0 bounded the API, the messages and the dispatcher, and
 -- the function was left accepting them), and NaN, which passed `timeout > 0`. Such a task's run
--- was refused by every worker instead of failing the caller's INSERT with the field named.
+-- was refused by every worker instead of failing the caller's INSERT with the field named. It
+-- also refuses a `start` before year 1 or past 9999 (BC, infinity), which the API refuses.
 -- CREATE OR REPLACE keeps the function's owner, SECURITY DEFINER and the EXECUTE grants.
 
 CREATE OR REPLACE FUNCTION conveyor_enqueue(
@@ -65,6 +66,13 @@ BEGIN
     IF conveyor_enqueue.timeout IS NULL OR NOT (conveyor_enqueue.timeout > 0 AND conveyor_enqueue.timeout <= 31536000) THEN
         RAISE EXCEPTION USING ERRCODE = '22023', COLUMN = 'timeout',
             MESSAGE = format('timeout: a positive number of seconds, at most 31536000 (365 days) (got %s)', coalesce(conveyor_enqueue.timeout::text, 'null'));
+    END IF;
+    -- As the API reads instants: from year 1 to 9999 (a BC or infinite start sorted first among
+    -- due tasks, and the dispatcher could not read it back).
+    IF conveyor_enqueue.start IS NOT NULL AND NOT (conveyor_enqueue.start >= '0001-01-01T00:00:00Z'
+                                                   AND conveyor_enqueue.start < '10000-01-01T00:00:00Z') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', COLUMN = 'start',
+            MESSAGE = format('start: an instant from 0001-01-01 to 9999-12-31 UTC (got %s)', conveyor_enqueue.start);
     END IF;
     IF conveyor_enqueue.schedule_to_start_timeout IS NULL OR NOT (conveyor_enqueue.schedule_to_start_timeout > 0 AND conveyor_enqueue.schedule_to_start_timeout <= 604800) THEN
         RAISE EXCEPTION USING ERRCODE = '22023', COLUMN = 'schedule_to_start_timeout',
