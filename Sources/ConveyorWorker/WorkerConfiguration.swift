@@ -62,7 +62,13 @@ public struct WorkerConfiguration: Sendable {
     }
 
     public init(settings s: Settings) throws(ValidationError) {
-        self.init(id: try s.optionalString("worker.id"))
+        let id = try s.optionalString("worker.id")
+        // Heartbeats and statuses carry it, and the dispatcher refuses one longer than 200
+        // characters (runs.worker_id is indexed): such a worker's runs would never be recorded.
+        if let id, id.isEmpty || id.count > 200 {
+            throw s.bad("worker.id", "1 to 200 characters, e.g. the pod name (default: host-pid)")
+        }
+        self.init(id: id)
         queues = try s.strings("worker.queues", default: ["default"])
         guard !queues.isEmpty else { throw s.bad("worker.queues", "list at least one queue, e.g. [default]") }
         for q in queues where !QueueName.isValid(q) {

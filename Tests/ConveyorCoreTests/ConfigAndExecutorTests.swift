@@ -35,6 +35,18 @@ import Testing
         #expect(throws: ValidationError.self) { try WorkerConfiguration(settings: zero) }
     }
 
+    /// A worker id the dispatcher would refuse (statuses and heartbeats carry at most 200
+    /// characters) is refused at start-up, naming the key.
+    @Test func aWorkerIDPast200CharactersIsRefusedAtStartUp() async throws {
+        let long = try await Settings.load(
+            file: nil, environment: ["CONVEYOR_WORKER_ID": String(repeating: "w", count: 201)])
+        #expect { try WorkerConfiguration(settings: long) } throws: { e in
+            "\(e)".contains("worker.id") && "\(e)".contains("200")
+        }
+        let ok = try await Settings.load(file: nil, environment: ["CONVEYOR_WORKER_ID": "pod-7"])
+        #expect(try WorkerConfiguration(settings: ok).id == "pod-7")
+    }
+
     @Test func theReconnectCapComesFromSettingsAndIsBounded() async throws {
         let none = try await Settings.load(file: nil, environment: [:])
         #expect(
