@@ -51,7 +51,8 @@ public struct WorkerConfiguration: Sendable {
         shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),
         prefix: String = "conveyor", deliveryLimit: Int = 5
     ) {
-        self.id = id ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+        // A host name may be 253 characters; a worker id is at most 200 (the dispatcher's bound).
+        self.id = id ?? "\(ProcessInfo.processInfo.hostName.prefix(180))-\(ProcessInfo.processInfo.processIdentifier)"
         self.queues = queues
         self.concurrency = concurrency
         self.executorNames = executorNames
