@@ -439,11 +439,11 @@ struct EndToEndTests {
         }
     }
 
-    /// A timeout no clock can hold, from the three places one can come from: the API's and
-    /// spec files' validation refuses it, naming the field; the SQL enqueue function stores it
-    /// (it checks only that it is positive), and the dispatcher publishes that run and its worker
-    /// refuses it, so the run ends dead with the reason; a message published straight to the
-    /// work queue with one is refused. Before the bound, the dispatcher trapped formatting the
+    /// A timeout no clock can hold, from the places one can come from: the API's and spec
+    /// files' validation refuses it, naming the field (the SQL enqueue function too, since 0018);
+    /// a task stored with one before the bound is published and its worker refuses it, so the
+    /// run ends dead with the reason; a message published straight to the work queue with one is
+    /// refused. Before the bound, the dispatcher trapped formatting the
     /// run's deadline and the worker trapped making its timer, each on every redelivery.
     @Test func aTimeoutNoClockCanHoldIsRefusedNotACrash() async throws {
         try await System.with { sys in
@@ -458,18 +458,14 @@ struct EndToEndTests {
             let worker = sys.worker(["record": RecordingExecutor(recorder: recorder)])
             let topo = ConveyorTopology(prefix: sys.prefix)
             try await withServices([dispatcher, worker]) {
-                try await EnqueueFunctionTests.withApplicationRole(sys) { role, app, _ in
-                    try await sys.pool.withConnection { c in
-                        _ = try await c.query("SELECT conveyor_grant_enqueue($1, 'default')", [role])
-                    }
-                    try await app.withConnection { c in
-                        _ = try await c.query(
-                            """
-                            SELECT * FROM conveyor_enqueue(name => 'forever', executor => 'record', queue => $1,
-                                timeout => 1e300)
-                            """, [sys.queue])
-                    }
-                }
+                // A task stored with one before the bound (by an earlier version, or by
+                // conveyor_enqueue before migration 0018, which refuses it now: EnqueueFunctionTests).
+                var stored = NewTask(name: "forever", executor: "record", schedule: .once)
+                stored.queue = sys.queue
+                stored.startAt = Date().addingTimeInterval(3600)
+                try await sys.store.createTasks([stored])
+                _ = try await sys.rows(
+                    "UPDATE tasks SET timeout_seconds = 1e300, next_run_at = now() WHERE name = 'forever' RETURNING id")
                 var message = TaskMessage(
                     runID: UUID(), taskID: UUID(), taskName: "hostile", occurrence: Date(), attempt: 1,
                     queue: sys.queue,

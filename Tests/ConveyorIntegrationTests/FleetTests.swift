@@ -82,10 +82,10 @@ struct FleetTests {
             }
             defer { for p in processes.values where p.isRunning { kill(p.processIdentifier, SIGKILL) } }
             try await withServices([dispatcher]) {
-                try #require(
-                    try await sys.eventually(timeout: .seconds(30), "both workers beat") {
-                        try await sys.count("SELECT count(*) FROM workers WHERE state = 'active'") == 2
-                    })
+                let waited1 = try await sys.eventually(timeout: .seconds(30), "both workers beat") {
+                    try await sys.count("SELECT count(*) FROM workers WHERE state = 'active'") == 2
+                }
+                try #require(waited1)
                 let leaving = try #require(processes["leaving"])
                 let killed = try #require(processes["killed"])
                 kill(leaving.processIdentifier, SIGTERM)
@@ -93,19 +93,19 @@ struct FleetTests {
                 leaving.waitUntilExit()
                 killed.waitUntilExit()
                 #expect(leaving.terminationStatus == 0)
-                try #require(
-                    try await sys.eventually(timeout: .seconds(20), "the killed worker is declared lost") {
-                        try await sys.count("SELECT count(*) FROM workers WHERE id = 'killed' AND state = 'lost'") == 1
-                    })
+                let waited2 = try await sys.eventually(timeout: .seconds(20), "the killed worker is declared lost") {
+                    try await sys.count("SELECT count(*) FROM workers WHERE id = 'killed' AND state = 'lost'") == 1
+                }
+                try #require(waited2)
                 // The goodbye may come after the killed worker's last beat (the drain takes a moment):
                 // judge the leaving worker once it, too, has been silent past the lost threshold
                 // (3 × 200 ms) and two maintenance passes (200 ms each).
-                try #require(
-                    try await sys.eventually(timeout: .seconds(20), "the leaving worker is silent for 1 s") {
-                        try await sys.count(
-                            "SELECT count(*) FROM workers WHERE id = 'leaving' AND now() - last_heartbeat > interval '1 s'"
-                        ) == 1
-                    })
+                let waited3 = try await sys.eventually(timeout: .seconds(20), "the leaving worker is silent for 1 s") {
+                    try await sys.count(
+                        "SELECT count(*) FROM workers WHERE id = 'leaving' AND now() - last_heartbeat > interval '1 s'"
+                    ) == 1
+                }
+                try #require(waited3)
                 let rows = try await sys.rows(
                     "SELECT state, (stopped_at IS NOT NULL)::text FROM workers WHERE id = 'leaving'")
                 #expect(rows.first == ["stopped", "true"], "\(rows)")

@@ -195,9 +195,11 @@ struct System {
 
     /// Polls until `condition` holds or `timeout` passes; records a test issue if it never does.
     ///
-    /// Call it directly, never inside `#expect(…)`: an async closure passed inside the macro's
-    /// expansion was seen to be run by a later call in its place (Swift 6.3.1), so waits passed
-    /// without waiting.
+    /// Call it directly, never inside `#expect(…)` or `#require(…)`: an async closure passed
+    /// inside the macro's expansion was seen to be run by a later call in its place (Swift 6.3.1),
+    /// so waits passed without waiting, or (with `#require`, 2026-12-05) waited on a later
+    /// condition and failed. Keep the result and require that: `let ok = try await
+    /// sys.eventually { … }; try #require(ok)`.
     @discardableResult
     func eventually(
         timeout: Duration = .seconds(60), _ what: String = "condition",

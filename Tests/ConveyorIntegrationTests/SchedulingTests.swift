@@ -37,24 +37,24 @@ struct SchedulingTests {
             }
             try await withServices([dispatcher, worker]) {
                 try await sys.store.createTasks(tasks)
-                try #require(
-                    try await sys.eventually(timeout: .seconds(20), "the six runs are made") {
-                        try await sys.count("SELECT count(*) FROM runs") == 6
-                    })
+                let waited1 = try await sys.eventually(timeout: .seconds(20), "the six runs are made") {
+                    try await sys.count("SELECT count(*) FROM runs") == 6
+                }
+                try #require(waited1)
                 let scans = dispatcher.stats.scans
-                try #require(
-                    try await sys.eventually(timeout: .seconds(20), "three more scans") {
-                        dispatcher.stats.scans >= scans + 3
-                    })
+                let waited2 = try await sys.eventually(timeout: .seconds(20), "three more scans") {
+                    dispatcher.stats.scans >= scans + 3
+                }
+                try #require(waited2)
                 #expect(try await sys.count("SELECT count(*) FROM runs WHERE state <> 'scheduled'") == 0)
                 #expect(dispatcher.stats.published == 0)
                 let stats = try await sys.store.queueStats(namespace: nil)
                 #expect(stats.first?.paused == true && stats.first?.waiting == 6, "\(stats)")
                 #expect(try await sys.store.resumeQueue(sys.queue))
-                try #require(
-                    try await sys.eventually(timeout: .seconds(30), "all six succeed once resumed") {
-                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 6
-                    })
+                let waited3 = try await sys.eventually(timeout: .seconds(30), "all six succeed once resumed") {
+                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 6
+                }
+                try #require(waited3)
             }
             let order = recorder.starts.withLock { $0.map(\.0) }
             #expect(order == ["p1", "p3", "p5", "p0", "p2", "p4"], "\(order)")

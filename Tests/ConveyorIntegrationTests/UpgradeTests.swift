@@ -22,25 +22,25 @@ struct UpgradeTests {
                 #expect(waiting.json["detail"]?.stringValue?.contains(last) == true, "\(waiting.json)")
                 let dispatcher = sys.dispatcher()
                 try await withServices([dispatcher]) {
-                    try #require(
-                        try await sys.eventually(timeout: .seconds(20), "the dispatcher looked twice") {
-                            dispatcher.stats.schemaWaits >= 2
-                        })
+                    let waited1 = try await sys.eventually(timeout: .seconds(20), "the dispatcher looked twice") {
+                        dispatcher.stats.schemaWaits >= 2
+                    }
+                    try #require(waited1)
                     #expect(!dispatcher.isReady)
                     #expect(try await sys.count("SELECT count(*) FROM runs") == 0, "no run made on an old schema")
                     // `conveyor migrate` records it (its objects are still there).
                     _ = try await sys.rows(
                         "INSERT INTO schema_migrations (version) VALUES ('\(last)') RETURNING version")
-                    try #require(
-                        try await sys.eventually(timeout: .seconds(20), "the run is dispatched") {
-                            try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1
-                        })
+                    let waited2 = try await sys.eventually(timeout: .seconds(20), "the run is dispatched") {
+                        try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 1
+                    }
+                    try #require(waited2)
                     #expect(dispatcher.isReady)
                 }
-                try #require(
-                    try await sys.eventually(timeout: .seconds(10), "the API is ready") {
-                        try await api.call("GET", "/readyz").status == 200
-                    })
+                let waited3 = try await sys.eventually(timeout: .seconds(10), "the API is ready") {
+                    try await api.call("GET", "/readyz").status == 200
+                }
+                try #require(waited3)
             }
         }
     }
