@@ -342,27 +342,31 @@ final class StatusRecorder: Service, Sendable {
     /// liveness rules (lost past its deadline, expired past its start deadline), then by its
     /// retry policy.
     func setAside(_ e: StatusMessage, _ error: any Error) {
-        counters.withLock { $0.rejected += 1 }
-        ConveyorMetrics.statusRejected(reason: StatusRefusal.refusedByDatabase.rawValue)
-        let source = String(e.workerID.prefix(200))
-        guard refusals.shouldLog(source) else { return }
-        logger.error(
+        reportSetAside(
             "status refused by the database and set aside; the statuses beside it are recorded",
+            worker: e.workerID, error: error,
             metadata: [
                 "run.id": "\(e.runID)", "status.attempt": "\(e.attempt)", "status.event": "\(e.event.rawValue)",
-                "worker.id": "\(source)", "error": "\(error)", "note": "logged once a minute per worker id",
             ])
     }
 
     /// A heartbeat the database refused for good: counted and logged, the others recorded.
     func setAside(_ beat: HeartbeatMessage, _ error: any Error) {
+        reportSetAside(
+            "heartbeat refused by the database and dropped; the statuses beside it are recorded",
+            worker: beat.workerID, error: error)
+    }
+
+    func reportSetAside(_ message: Logger.Message, worker: String, error: any Error, metadata: Logger.Metadata = [:]) {
         counters.withLock { $0.rejected += 1 }
         ConveyorMetrics.statusRejected(reason: StatusRefusal.refusedByDatabase.rawValue)
-        let source = String(beat.workerID.prefix(200))
+        let source = String(worker.prefix(200))
         guard refusals.shouldLog(source) else { return }
         logger.error(
-            "heartbeat refused by the database and dropped; the statuses beside it are recorded",
-            metadata: ["worker.id": "\(source)", "error": "\(error)", "note": "logged once a minute per worker id"])
+            message,
+            metadata: metadata.merging([
+                "worker.id": "\(source)", "error": "\(error)", "note": "logged once a minute per worker id",
+            ]) { a, _ in a })
     }
 
     /// Counts and (rate-limited) logs a status without its attempt's proof.

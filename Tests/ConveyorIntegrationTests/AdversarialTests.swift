@@ -162,6 +162,29 @@ struct AdversarialTests {
         #expect(r.out.trimmingCharacters(in: .whitespacesAndNewlines) == "\(forgeries.count)")
     }
 
+    /// A status of attempt 1 of run `id`, sealed with that attempt's proof (what a worker holding
+    /// the run's message can send): `finished`, `failed`, from `sealed-worker`, now, with `fields`
+    /// over those.
+    static func sealedStatus(_ id: UUID, _ signer: StatusProof, _ fields: [String: JSONValue] = [:]) -> Forgery {
+        var o: [String: JSONValue] = [
+            "version": 1, "run_id": .string(id.lowercasedString), "attempt": 1, "event": "finished",
+            "outcome": "failed", "worker_id": "sealed-worker", "at": .string(Timestamp.format(Date())),
+        ]
+        o.merge(fields) { _, new in new }
+        let body = JSONValue.object(o).jsonBytes
+        return Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1)))
+    }
+
+    /// Creates `tasks` and waits until the running dispatcher has published each one's run (no
+    /// worker consumes them); returns the runs' ids and the dispatchers' signer.
+    static func dispatched(_ sys: System, _ tasks: [NewTask]) async throws -> (ids: [UUID], signer: StatusProof) {
+        try await sys.store.createTasks(tasks)
+        try await sys.eventually {
+            try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == tasks.count
+        }
+        return (try await sys.store.runs(limit: 100).map(\.id), StatusProof(secret: try await sys.store.statusKey()))
+    }
+
     /// S4. With the broker login, an outsider publishes `finished/succeeded` statuses for runs it
     /// does not hold: the proof in the body but no seal, a random seal, a seal made with another
     /// run's or another attempt's proof, and the seal of a `started` it saw, put on its own body.
@@ -217,25 +240,13 @@ struct AdversarialTests {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
-                try await sys.store.createTasks(sys.tasks(3))
-                try await sys.eventually {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 3
-                }
-                let runs = try await sys.store.runs(limit: 10)
-                let signer = StatusProof(secret: try await sys.store.statusKey())
-                func sealed(_ id: UUID, exitCode: Double) -> Forgery {
-                    let body = JSONValue.object([
-                        "version": 1, "run_id": .string(id.lowercasedString), "attempt": 1, "event": "finished",
-                        "outcome": "failed", "exit_code": .number(exitCode), "worker_id": "broken-worker",
-                        "at": .string(Timestamp.format(Date())),
-                    ]).jsonBytes
-                    return Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1)))
-                }
+                let (ids, signer) = try await Self.dispatched(sys, sys.tasks(3))
                 try await Self.forge(
                     sys,
                     [
-                        sealed(runs[0].id, exitCode: 1_099_511_627_776), sealed(runs[1].id, exitCode: 3),
-                        sealed(runs[2].id, exitCode: 4),
+                        Self.sealedStatus(ids[0], signer, ["exit_code": 1_099_511_627_776]),
+                        Self.sealedStatus(ids[1], signer, ["exit_code": 3]),
+                        Self.sealedStatus(ids[2], signer, ["exit_code": 4]),
                     ],
                     batched: batched)
                 try await sys.eventually(timeout: .seconds(20), "the two good statuses are recorded") {
@@ -245,7 +256,7 @@ struct AdversarialTests {
                     try await sys.count("SELECT count(*) FROM runs WHERE exit_code IN (3, 4)") == 2)
                 #expect(
                     try await sys.count(
-                        "SELECT count(*) FROM runs WHERE id = $1 AND state = 'dispatched'", [runs[0].id]) == 1)
+                        "SELECT count(*) FROM runs WHERE id = $1 AND state = 'dispatched'", [ids[0]]) == 1)
                 #expect(dispatcher.stats.statusRejected == 1)
                 #expect(dispatcher.stats.statusForged == 0)
             }
@@ -263,31 +274,15 @@ struct AdversarialTests {
         try await System.with { sys in
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
-                try await sys.store.createTasks(sys.tasks(2))
-                try await sys.eventually {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 2
-                }
-                let runs = try await sys.store.runs(limit: 10)
-                let signer = StatusProof(secret: try await sys.store.statusKey())
+                let (ids, signer) = try await Self.dispatched(sys, sys.tasks(2))
                 let yearZero = "0000-01-01T00:00:00Z"
-                let status = JSONValue.object([
-                    "version": 1, "run_id": .string(runs[0].id.lowercasedString), "attempt": 1, "event": "finished",
-                    "outcome": "succeeded", "worker_id": "broken-worker", "at": .string(yearZero),
-                ]).jsonBytes
-                // One offset away from year 1 is year 0 too.
-                let started = JSONValue.object([
-                    "version": 1, "run_id": .string(runs[1].id.lowercasedString), "attempt": 1, "event": "started",
-                    "worker_id": "broken-worker", "at": "0001-01-01T00:30:00+01:00",
-                ]).jsonBytes
                 try await Self.forge(
                     sys,
                     [
-                        Forgery(
-                            body: status,
-                            seal: StatusProof.seal(status, proof: signer.sign(runID: runs[0].id, attempt: 1))),
-                        Forgery(
-                            body: started,
-                            seal: StatusProof.seal(started, proof: signer.sign(runID: runs[1].id, attempt: 1))),
+                        Self.sealedStatus(ids[0], signer, ["outcome": "succeeded", "at": .string(yearZero)]),
+                        // One offset away from year 1 is year 0 too.
+                        Self.sealedStatus(
+                            ids[1], signer, ["event": "started", "outcome": .null, "at": "0001-01-01T00:30:00+01:00"]),
                     ],
                     batched: batched)
                 func heartbeat(concurrency: Double, at: String) -> Forgery {
@@ -315,7 +310,7 @@ struct AdversarialTests {
                         try await sys.count("SELECT count(*) FROM runs WHERE state = 'succeeded'") == 2
                     }
                 }
-                #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'broken-worker'") == 0)
+                #expect(try await sys.count("SELECT count(*) FROM runs WHERE worker_id = 'sealed-worker'") == 0)
             }
         }
     }
@@ -349,21 +344,10 @@ struct AdversarialTests {
                 "CREATE TRIGGER test_refuse BEFORE UPDATE ON runs FOR EACH ROW EXECUTE FUNCTION test_refuse()")
             let dispatcher = sys.dispatcher()
             try await withServices([dispatcher]) {
-                let signer = StatusProof(secret: try await sys.store.statusKey())
-                func failed(_ id: UUID) -> Forgery {
-                    let body = JSONValue.object([
-                        "version": 1, "run_id": .string(id.lowercasedString), "attempt": 1, "event": "finished",
-                        "outcome": "failed", "exit_code": 7, "worker_id": "sealed-worker",
-                        "at": .string(Timestamp.format(Date())),
-                    ]).jsonBytes
-                    return Forgery(body: body, seal: StatusProof.seal(body, proof: signer.sign(runID: id, attempt: 1)))
-                }
-                try await sys.store.createTasks(
+                let (ids, signer) = try await Self.dispatched(
+                    sys,
                     [try sys.task(["name": "poison"])] + (0..<5).map { try sys.task(["name": .string("good-\($0)")]) })
-                try await sys.eventually {
-                    try await sys.count("SELECT count(*) FROM runs WHERE state = 'dispatched'") == 6
-                }
-                let ids = try await sys.store.runs(limit: 10).map(\.id)
+                func failed(_ id: UUID) -> Forgery { Self.sealedStatus(id, signer, ["exit_code": 7]) }
                 try await Self.forge(sys, ids.map(failed), batched: true)
                 try await sys.eventually(timeout: .seconds(20), "the five good ones are recorded") {
                     try await sys.count("SELECT count(*) FROM runs WHERE state = 'failed'") == 5
