@@ -73,8 +73,8 @@ package enum MessageCodec {
                 field: "version", value: String(m.version),
                 hint: "this dispatcher understands conveyor.heartbeat.v1 (version 1) only")
         }
-        guard !m.workerID.isEmpty, m.workerID.count <= 200 else {
-            throw ValidationError(field: "worker_id", value: m.workerID, hint: "a worker id of 1 to 200 characters")
+        guard WorkerID.isValid(m.workerID) else {
+            throw ValidationError(field: "worker_id", value: m.workerID, hint: WorkerID.hint)
         }
         guard m.intervalSeconds > 0, m.intervalSeconds <= 3600 else {
             throw ValidationError(
@@ -148,11 +148,8 @@ package enum MessageCodec {
         // A worker bounds its results; one that does not (or is not ours) is bounded here, so an
         // oversized result is marked, never the reason a status is lost.
         m.result = StatusMessage.bounded(m.result?.storable)
-        // As a heartbeat's: a longer id (about 2.7 KB) overflowed an index entry, and PostgreSQL
-        // refused the batch (54000).
-        guard !m.workerID.isEmpty, m.workerID.count <= 200 else {
-            throw ValidationError(
-                field: "worker_id", value: String(m.workerID.prefix(200)), hint: "a worker id of 1 to 200 characters")
+        guard WorkerID.isValid(m.workerID) else {
+            throw ValidationError(field: "worker_id", value: m.workerID, hint: WorkerID.hint)
         }
         guard m.version == 1 else {
             throw ValidationError(

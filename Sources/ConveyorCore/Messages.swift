@@ -102,6 +102,15 @@ package struct ControlMessage: Sendable, Hashable, Codable {
 package let heartbeatMessageType = "conveyor.heartbeat.v1"
 
 /// Body of a heartbeat (`conveyor.heartbeat.v1`): who the worker is and what it holds.
+/// A worker's id, as heartbeats and statuses carry it and `runs.worker_id` stores it (indexed).
+package enum WorkerID {
+    /// At most this many characters: a longer id (about 2.7 KB) overflowed an index entry of
+    /// `runs`, and PostgreSQL refused the whole status batch it came in (54000).
+    package static let maxLength = 200
+    package static let hint = "a worker id of 1 to \(maxLength) characters"
+    package static func isValid(_ id: String) -> Bool { !id.isEmpty && id.count <= maxLength }
+}
+
 package struct HeartbeatMessage: Sendable, Hashable, Codable {
     package var version: Int = 1
     package var workerID: String

@@ -71,10 +71,6 @@ final class StatusRecorder: Service, Sendable {
     func run() async throws {
         // The refusal that alerts exists from the start at 0, so its first increase shows.
         ConveyorMetrics.statusRejected(reason: StatusRefusal.refusedByDatabase.rawValue, by: 0)
-        try await runRecording()
-    }
-
-    func runRecording() async throws {
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 group.addTask { await self.pump() }
@@ -207,10 +203,13 @@ final class StatusRecorder: Service, Sendable {
         // retries the whole batch, and the parts already recorded are then no-ops (`ignored`).
         var recorded = RecordResult.none
         var left: Set<String> = []
-        // Set aside in the attempt that committed (each attempt decides afresh).
+        // The attempt that committed: what it recorded and what it set aside (each attempt
+        // decides afresh).
+        var recordedEvents: [StatusMessage] = []
         var asideStatuses: [(StatusMessage, any Error)] = []
         var asideBeats: [(HeartbeatMessage, any Error)] = []
         let committed = await untilCommitted("recording statuses") {
+            recordedEvents = []
             asideStatuses = []
             asideBeats = []
             try await isolatingRefusals(beats[...], setAside: { asideBeats.append(($0, $1)) }) { part in
@@ -218,6 +217,7 @@ final class StatusRecorder: Service, Sendable {
             }
             try await isolatingRefusals(events[...], setAside: { asideStatuses.append(($0, $1)) }) { part in
                 recorded = recorded.adding(try await store.record(part, lostGrace: lostGrace))
+                recordedEvents += part
             }
             consumer.ack(last, multiple: true)
         }
@@ -225,16 +225,9 @@ final class StatusRecorder: Service, Sendable {
             for id in left.sorted() {
                 logger.info("worker left: drained and said goodbye; shown stopped", metadata: ["worker.id": "\(id)"])
             }
-            struct Key: Hashable {
-                var run: UUID
-                var attempt: Int
-                var event: StatusEvent
-                init(_ e: StatusMessage) { (run, attempt, event) = (e.runID, e.attempt, e.event) }
-            }
-            let aside = Set(asideStatuses.map { Key($0.0) })
             let now = Date()
             var finished: [String: Int] = [:]
-            for e in events where !aside.contains(Key(e)) {
+            for e in recordedEvents {
                 ConveyorMetrics.statusLag(seconds: now.timeIntervalSince(e.at))
                 if e.event == .finished, let o = e.outcome { finished[o.rawValue, default: 0] += 1 }
             }

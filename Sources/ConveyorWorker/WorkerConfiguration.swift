@@ -51,8 +51,10 @@ public struct WorkerConfiguration: Sendable {
         shutdownGrace: Duration = .seconds(25), startedAfter: Duration = .seconds(1),
         prefix: String = "conveyor", deliveryLimit: Int = 5
     ) {
-        // A host name may be 253 characters; a worker id is at most 200 (the dispatcher's bound).
-        self.id = id ?? "\(ProcessInfo.processInfo.hostName.prefix(180))-\(ProcessInfo.processInfo.processIdentifier)"
+        // A host name may be 253 characters; a worker id is at most `WorkerID.maxLength`.
+        self.id =
+            id
+            ?? "\(ProcessInfo.processInfo.hostName.prefix(WorkerID.maxLength - 20))-\(ProcessInfo.processInfo.processIdentifier)"
         self.queues = queues
         self.concurrency = concurrency
         self.executorNames = executorNames
@@ -66,8 +68,8 @@ public struct WorkerConfiguration: Sendable {
         let id = try s.optionalString("worker.id")
         // Heartbeats and statuses carry it, and the dispatcher refuses one longer than 200
         // characters (runs.worker_id is indexed): such a worker's runs would never be recorded.
-        if let id, id.isEmpty || id.count > 200 {
-            throw s.bad("worker.id", "1 to 200 characters, e.g. the pod name (default: host-pid)")
+        if let id, !WorkerID.isValid(id) {
+            throw s.bad("worker.id", "\(WorkerID.hint), e.g. the pod name (default: host-pid)")
         }
         self.init(id: id)
         queues = try s.strings("worker.queues", default: ["default"])
