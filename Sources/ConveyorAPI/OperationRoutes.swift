@@ -114,6 +114,10 @@ extension APIServer {
                     if ContinuousClock.now >= deadline {
                         return json(pendingView(id, pending.task, pending.occurrence))
                     }
+                } else if try await store.run(id: id) != nil {
+                    // A dispatcher made the run between the two reads (it takes the handle and
+                    // draws the task's next one in one commit): read it again at once.
+                    continue
                 } else {
                     throw Problem(.notFound, "not found", "no run \(text)")
                 }

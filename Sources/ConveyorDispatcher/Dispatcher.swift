@@ -46,6 +46,8 @@ package final class Dispatcher: Service, Sendable {
     let probing = Atomic<Bool>(false)
     /// Runs this dispatcher created since its last `ANALYZE` (see `refreshStatisticsAfterBursts`).
     let createdSinceAnalyze = Atomic<Int>(0)
+    /// What the scan knows of the due tasks waiting for room (`DueWalks`).
+    let dueWalks = Mutex(DueWalks())
     /// The status-proof signer, read from PostgreSQL once.
     let proofs: StatusProofs
 
@@ -71,6 +73,8 @@ package final class Dispatcher: Service, Sendable {
         package var deadLetters = 0
         package var cancelsSent = 0
         package var analyzes = 0
+        /// Scan ticks that claimed nothing because due tasks only waited for room (`scanTick`).
+        package var idleWaits = 0
         package var heartbeats = 0
         package var workersLost = 0
         /// Workers that said goodbye (drained; shown `stopped`).
@@ -232,7 +236,11 @@ package final class Dispatcher: Service, Sendable {
             try await withThrowingTaskGroup(of: Void.self) { wakeups in
                 if let listener {
                     wakeups.addTask {
-                        for await _ in listener.notifications { self.wakeup.signal() }
+                        for await _ in listener.notifications {
+                            // A task made due now may sort before where the walks got to.
+                            self.dueWalks.withLock { $0.forgetPositions() }
+                            self.wakeup.signal()
+                        }
                     }
                 }
                 try await withThrowingDiscardingTaskGroup { group in

@@ -10,6 +10,69 @@ import ServiceLifecycle
 import Synchronization
 import Tracing
 
+/// What one dispatcher's scan knows of the due tasks that wait for room as tasks (see
+/// `Store.dueTasks` and docs/architecture.md, "Due tasks wait for room as tasks"): where each task
+/// group's walk got to, and the queues with due tasks left waiting.
+struct DueWalks {
+    /// Each group's walk (its positions), by the number of groups of the tick that walked (a tick
+    /// claims as one group or as `dispatcher.groups`; the shards differ).
+    var positions: [Int: [Int: DueWalk]] = [:]
+    var waiting: Set<String> = []
+    /// Bumped whenever the positions are forgotten, so that a tick that began before does not store its own.
+    var generation = 0
+    var forgottenAt = ContinuousClock.now
+
+    /// How long a position is trusted: a task due by a write whose NOTIFY was lost (the listener
+    /// reconnecting), or skipped while another dispatcher held it locked, is found within this.
+    static let trust: Duration = .seconds(10)
+
+    mutating func forgetPositions() {
+        positions = [:]
+        generation += 1
+        forgottenAt = .now
+    }
+
+    /// When every group of a `groups` tick last walked to the end of the due tasks (none left
+    /// unseen), the earliest of those ends: a claim can find nothing new unless a task became due
+    /// after it (`ScanProbe.newDueIn`).
+    func walkedToTheEnd(groups: Int) -> Date? {
+        guard let layout = positions[groups], layout.count == groups else { return nil }
+        var end: Date?
+        for w in layout.values {
+            guard let p = w.seenUpTo, p.id == DuePosition.end else { return nil }
+            end = min(end ?? p.at, p.at)
+        }
+        return end
+    }
+
+    /// Every due task became a run (a claim with ready runs ahead): nothing is waiting.
+    mutating func forgetAll() {
+        forgetPositions()
+        waiting = []
+    }
+
+    /// Takes in one tick's walks (group → walk, every group of the tick).
+    mutating func merge(_ walks: [Int: DueWalk], groups: Int, generation began: Int) {
+        if began == generation {
+            for (g, w) in walks { positions[groups, default: [:]][g] = w }
+        }
+        let left = walks.values.reduce(into: Set<String>()) { $0.formUnion($1.leftWaiting) }
+        waiting.formUnion(left)
+        // A queue stops waiting when every group found nothing of it left (each has its own shards).
+        if walks.count == groups {
+            let drained = walks.values.map(\.drained).reduce(walks.values.first?.drained ?? []) {
+                $0.intersection($1)
+            }.subtracting(left)
+            waiting.subtract(drained)
+            for (n, layout) in positions {
+                for g in layout.keys {
+                    for queue in drained { positions[n]?[g]?.waitingFrom[queue] = nil }
+                }
+            }
+        }
+    }
+}
+
 extension Dispatcher {
     // MARK: scan and publish
 
@@ -76,8 +139,12 @@ extension Dispatcher {
             ConveyorMetrics.scanDuration(ContinuousClock.now - began)
             counters.withLock { $0.scans += 1 }
         }
+        let since = dueWalks.withLock { w in
+            if ContinuousClock.now - w.forgottenAt > DueWalks.trust { w.forgetPositions() }
+            return w.walkedToTheEnd(groups: groups)
+        }
         let probe: ScanProbe
-        do { probe = try await store.scanProbe() } catch {
+        do { probe = try await store.scanProbe(since: since) } catch {
             logger.warning("scan probe failed", metadata: ["error": "\(error)"])
             return (0, nil)
         }
@@ -89,7 +156,28 @@ extension Dispatcher {
         let room = probe.backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
             .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
         let defaultRoom = share(configuration.maxBacklogPerQueue)
-        let work = await withTaskGroup(of: Int.self) { group in
+        let waitingBatch = max(1, share(configuration.maxBacklogPerQueue / 2))
+        let walks = dueWalks.withLock { w in
+            // With ready runs ahead, every due task becomes a run (priority orders runs): none waits.
+            if probe.runsReady { w.forgetAll() }
+            return w
+        }
+        // Nothing can move when due tasks only wait: no run is ready, no lease ran out, every due
+        // task was seen (none became due since) and none has waited half the misfire grace, and no
+        // waiting queue has room for a batch. Then the tick claims nothing, and wakes when a task
+        // falls due or ages (or sooner: a recorded status, a NOTIFY).
+        if since != nil && !probe.runsReady && !probe.leasesExpired && (probe.newDueIn ?? 1) > 0
+            && walks.waiting.allSatisfy({ (room[$0] ?? defaultRoom) < waitingBatch })
+        {
+            let half = configuration.misfireGrace.inSeconds / 2
+            let waited = -(probe.nextDueIn ?? 0)  // at least the oldest due task's wait
+            if waited < half {
+                let wake = min(probe.newDueIn ?? .infinity, half - waited)
+                counters.withLock { $0.idleWaits += 1 }
+                return (0, wake)
+            }
+        }
+        let (work, walked) = await withTaskGroup(of: (Int, Int, DueWalk?).self) { group in
             for g in 0..<groups {
                 group.addTask {
                     let spans = DispatchSpans()
@@ -102,18 +190,33 @@ extension Dispatcher {
                     request.rateLimited = probe.rateLimited
                     request.straightToQueue = !probe.runsReady
                     request.leasesExpired = probe.leasesExpired
-                    return await self.dispatchGroup(request, spans: spans)
+                    request.seenUpTo = walks.positions[groups]?[g]?.seenUpTo
+                    request.waitingFrom = walks.positions[groups]?[g]?.waitingFrom ?? [:]
+                    request.waiting = walks.waiting
+                    // Half the bound: the broker still holds the other half for the workers, and a
+                    // claim's fixed cost (about six statements) is paid per half a bound of runs.
+                    request.waitingBatch = waitingBatch
+                    let (work, walk) = await self.dispatchGroup(request, spans: spans)
+                    return (g, work, walk)
                 }
             }
             var total = 0
-            for await n in group { total += n }
-            return total
+            var walked: [Int: DueWalk] = [:]
+            for await (g, n, walk) in group {
+                total += n
+                walked[g] = walk
+            }
+            return (total, walked)
+        }
+        if !walked.isEmpty {
+            dueWalks.withLock { $0.merge(walked, groups: groups, generation: walks.generation) }
         }
         return (work, probe.nextDueIn)
     }
 
-    /// Claims one task group and publishes what it claimed; returns runs created plus runs published.
-    func dispatchGroup(_ request: ClaimRequest, spans: DispatchSpans = DispatchSpans()) async -> Int {
+    /// Claims one task group and publishes what it claimed; returns runs created plus runs published,
+    /// and what the claim learned of the due tasks waiting for room.
+    func dispatchGroup(_ request: ClaimRequest, spans: DispatchSpans = DispatchSpans()) async -> (Int, DueWalk?) {
         let claimed = ContinuousClock.now  // no later than the lease's start (the claim's now())
         let result: ClaimResult
         do {
@@ -121,7 +224,7 @@ extension Dispatcher {
         } catch {
             spans.end(failed: error)
             logger.warning("claim failed", metadata: ["dispatcher.group": "\(request.group)", "error": "\(error)"])
-            return 0
+            return (0, nil)
         }
         let live = spans.claimed(result.runs, exchange: topology.tasksExchange)
         if !result.cancelled.isEmpty { maintenanceWakeup.signal() }
@@ -131,7 +234,7 @@ extension Dispatcher {
                 maintenanceWakeup.signal()
             }
         }
-        if result.runs.isEmpty { return result.created }
+        if result.runs.isEmpty { return (result.created, result.walk) }
         if configuration.faults.dispatcherCrash == .afterClaim { FaultInjection.crash() }
         ConveyorMetrics.claimBatch(result.runs.count)
         let (ok, failed) = await publish(result.runs, spans: live)
@@ -159,7 +262,7 @@ extension Dispatcher {
             $0.published += ok.count
             $0.publishFailed += failed.count
         }
-        return result.created + ok.count
+        return (result.created + ok.count, result.walk)
     }
 
     /// Publishes runs with confirms; returns the confirmed and the failed run ids. A run's

@@ -46,30 +46,40 @@ struct NewRuns {
     /// Inserts as `state`; an occurrence's attempt that exists already is left alone. Returns the rows inserted.
     func insert(state: String, _ c: PostgresConnection) async throws -> Int {
         guard !isEmpty else { return 0 }
-        return try await c.query(
-            """
-            INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority,
-                concurrency_key,
-                              workflow_run_id, trace_id, traceparent, reason, finished_at, publish_count, baggage,
-                              backfill_id)
-            SELECT u.id, u.task, u.occ, u.attempt, $14::text, u.queue, u.shard,
-                   CASE WHEN u.delay IS NULL THEN 'infinity'::timestamptz ELSE now() + make_interval(secs => u.delay)
-                       END,
-                   u.prio, u.key, u.wf, nullif(u.trace_id, ''), u.tp, u.reason,
-                   CASE WHEN $14::text = 'skipped' THEN now() END, CASE WHEN $14::text = 'queued' THEN 1 ELSE 0 END,
-                       u.baggage, u.backfill
-            FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[], $5::text[], $6::int[], $7::float8[],
-                $8::smallint[],
-                        $9::text[], $10::uuid[], $11::text[], $12::text[], $13::text[], $15::text[], $16::uuid[])
-                 AS u(id, task, occ, attempt, queue, shard, delay, prio, key, wf, trace_id, tp, reason, baggage,
-                      backfill)
-            ON CONFLICT (task_id, occurrence, attempt) DO NOTHING
-            """,
-            [
-                ids, tasks, occurrences, attempts, queues, shards, delays, priorities, keys, workflows, traceIDs,
-                traceparents,
-                reasons, state, baggages, backfills,
-            ]
-        ).affectedRows
+        return try await c.query(insertSQL, parameters(state: state)).affectedRows
+    }
+
+    /// Inserts as `insert(state:_:)` does; returns the ids of the rows inserted.
+    func insertReturningIDs(state: String, _ c: PostgresConnection) async throws -> Set<UUID> {
+        guard !isEmpty else { return [] }
+        return Set(try await c.query(insertSQL + " RETURNING id", parameters(state: state)).rows.map { try $0.uuid(0) })
+    }
+
+    private func parameters(state: String) -> [any PostgresEncodable] {
+        [
+            ids, tasks, occurrences, attempts, queues, shards, delays, priorities, keys, workflows, traceIDs,
+            traceparents, reasons, state, baggages, backfills,
+        ]
+    }
+
+    private var insertSQL: String {
+        """
+        INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority,
+            concurrency_key,
+                          workflow_run_id, trace_id, traceparent, reason, finished_at, publish_count, baggage,
+                          backfill_id)
+        SELECT u.id, u.task, u.occ, u.attempt, $14::text, u.queue, u.shard,
+               CASE WHEN u.delay IS NULL THEN 'infinity'::timestamptz ELSE now() + make_interval(secs => u.delay)
+                   END,
+               u.prio, u.key, u.wf, nullif(u.trace_id, ''), u.tp, u.reason,
+               CASE WHEN $14::text = 'skipped' THEN now() END, CASE WHEN $14::text = 'queued' THEN 1 ELSE 0 END,
+                   u.baggage, u.backfill
+        FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int[], $5::text[], $6::int[], $7::float8[],
+            $8::smallint[],
+                    $9::text[], $10::uuid[], $11::text[], $12::text[], $13::text[], $15::text[], $16::uuid[])
+             AS u(id, task, occ, attempt, queue, shard, delay, prio, key, wf, trace_id, tp, reason, baggage,
+                  backfill)
+        ON CONFLICT (task_id, occurrence, attempt) DO NOTHING
+        """
     }
 }

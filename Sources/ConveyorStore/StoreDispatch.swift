@@ -24,6 +24,9 @@ package struct ScanProbe: Sendable {
     /// Whether a `queued` run's lease has run out (its dispatcher died before the broker's
     /// confirm): only then does a claim look for them (step 3).
     package var leasesExpired = true
+    /// Seconds until the first task due after the probe's `since` (≤ 0: one is due now; nil: none,
+    /// or no `since`): whether a walk that saw every due task up to `since` would find a new one.
+    package var newDueIn: Double?
     package var backlog: [String: Int] = [:]
     /// Queues with a rate limit (`queue_limits`).
     package var rateLimited: Set<String> = []
@@ -57,6 +60,15 @@ package struct ClaimRequest: Sendable {
     package var straightToQueue = false
     /// Whether to look for `queued` runs past their lease (step 3): the probe saw one.
     package var leasesExpired = true
+    /// Where this group's walk of due tasks goes on from (`Store.dueTasks`); nil: from the start.
+    package var seenUpTo: DuePosition?
+    /// Where this group's claims of each waiting queue go on from, by priority (`DueWalk.waitingFrom`).
+    package var waitingFrom: [String: [Int: DuePosition]] = [:]
+    /// Queues known to have due tasks waiting for room, taken by priority when they have room.
+    package var waiting: Set<String> = []
+    /// The least room worth a claim for a waiting queue: its due tasks are taken in batches of at
+    /// least this many (or all that are left), not one statement per few runs that ended.
+    package var waitingBatch = 1
     /// Makes the trace context of a new run, given the task's stored context (if any).
     package var newTraceParent: @Sendable (String?) -> String
 
@@ -92,6 +104,9 @@ package struct ClaimResult: Sendable {
     package var created = 0
     /// Ready runs held back by a concurrency key or a queue's rate limit.
     package var heldBack = 0
+    /// What the claim learned of the due tasks waiting for room; nil when due tasks did not wait
+    /// (`straightToQueue` off: every due task became a run).
+    package var walk: DueWalk?
 }
 
 extension Store {
@@ -109,6 +124,7 @@ extension Store {
             let made = try await Self.materialize(q, c)
             result.created = made.created
             result.cancelled = made.cancelled
+            result.walk = made.walk
             var rest = q
             rest.room = made.roomLeft
             // Step 2 only when something may be ready: the probe saw a ready run, or step 1 made
@@ -135,12 +151,15 @@ extension Store {
         var cancelled: [UUID] = []
         var queued: [ClaimedRun] = []
         var roomLeft: [String: Int]
+        var walk: DueWalk?
     }
 
     /// What step 1 reads of each due task, in select-list order.
     enum DueColumn: Int, RowColumn {
         case id, schedule, timezone, misfire, maxCatchup, nextRunAt, now, overlap, queue, priority, concurrencyKey
         case shard, traceParent, anchor, active, waiting, isRoot, baggage, nextRunID
+        // What a run written `queued` at once carries in its task message.
+        case name, executor, parameters, timeoutSeconds, scheduleToStart
 
         func sql(alias t: String) -> String {
             switch self {
@@ -175,28 +194,42 @@ extension Store {
             // The root of a workflow: some task depends on it.
             case .isRoot: "EXISTS (SELECT 1 FROM task_dependencies d WHERE d.upstream_id = \(t)id)"
             case .baggage: "\(t)trace_baggage"
+            case .name: "\(t)name"
+            case .executor: "\(t)executor"
+            case .parameters: "\(t)parameters::text"
+            case .timeoutSeconds: "\(t)timeout_seconds"
+            case .scheduleToStart: "\(t)schedule_to_start_seconds"
             }
         }
     }
 
     static let dueColumns = DueColumn.selectList(alias: "t.")
 
-    /// Step 1: due tasks → `scheduled` runs (or `queued`, see `straightToQueue`).
+    /// Step 1: due tasks → `scheduled` runs, or `queued` ones when they may go straight to their
+    /// queue (`straightToQueue`); then a due task of a full queue waits for room as a task.
     static func materialize(_ q: ClaimRequest, _ c: PostgresConnection) async throws -> Materialized {
         typealias C = DueColumn
-        let due = try await c.query(
-            """
-            SELECT \(dueColumns)
-            FROM tasks t
-            WHERE t.next_run_at <= now() AND NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL
-              AND t.shard >= $1::bigint AND t.shard < $2::bigint
-            ORDER BY t.next_run_at
-            LIMIT $3
-            FOR UPDATE SKIP LOCKED
-            """, [q.shards.lower, q.shards.upper, q.limit])
-        guard !due.rows.isEmpty else { return Materialized(roomLeft: q.room) }
+        let due: [(PostgresRow, DueSource)]
+        var walk: DueWalk?
+        if q.straightToQueue {
+            (due, walk) = try await dueTasks(q, room: q.room, c)
+        } else {
+            due = try await c.query(
+                """
+                SELECT \(dueColumns)
+                FROM tasks t
+                WHERE t.next_run_at <= now() AND NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL
+                  AND t.shard >= $1::bigint AND t.shard < $2::bigint
+                ORDER BY t.next_run_at
+                LIMIT $3
+                FOR UPDATE SKIP LOCKED
+                """, [q.shards.lower, q.shards.upper, q.limit]
+            ).rows.map { ($0, .found) }
+        }
+        guard !due.isEmpty else { return Materialized(roomLeft: q.room, walk: walk) }
         var runs = NewRuns()
         var direct = NewRuns()
+        var messages: [UUID: ClaimedRun] = [:]
         var room = q.room
         var taskIDs: [UUID] = []
         var nextTimes: [Date?] = []
@@ -205,7 +238,20 @@ extension Store {
         var replaceTasks: [UUID] = []
         var workflows: (ids: [UUID], roots: [UUID], occurrences: [Date]) = ([], [], [])
         var zones: [String: TimeZone] = [:]
-        for r in due.rows {
+        for (r, source) in due {
+            // A due task of a full queue that would go straight to it waits for room as a task,
+            // untouched (unless it has waited half the misfire grace: then it becomes a run).
+            if var w = walk, source != .aged, r[C.concurrencyKey] == nil {
+                let queue = try r.string(C.queue)
+                if !q.rateLimited.contains(queue) && (room[queue] ?? q.defaultRoom) <= 0 {
+                    w.leftWaiting.insert(queue)
+                    // Taken from a waiting queue but left (catch-up runs used its room): its next
+                    // claim starts from the start again, not after this task.
+                    if source == .waiting { w.waitingFrom[queue] = nil }
+                    walk = w
+                    continue
+                }
+            }
             let taskID = try r.uuid(C.id)
             let now = try r.date(C.now)
             let schedule = try Schedule(parsing: try r.string(C.schedule))
@@ -263,6 +309,8 @@ extension Store {
                     && queueRoom > 0
                 {
                     room[queue] = queueRoom - 1
+                    messages[id] = try directRun(
+                        r, id: id, taskID: taskID, occurrence: occurrence, now: now, traceparent: tp)
                     direct.append(
                         id: id, task: taskID, occurrence: occurrence, attempt: 1, queue: queue,
                         shard: try r.int(C.shard),
@@ -309,14 +357,13 @@ extension Store {
         var created = scheduled
         var queued: [ClaimedRun] = []
         if !direct.isEmpty {
-            created += try await direct.insert(state: "queued", c)
-            // The inserted ones (a conflict on the occurrence key inserts nothing), as messages.
-            queued = try await c.query(
-                """
-                SELECT \(messageColumns) FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.id = ANY($1::uuid[]) AND
-                    r.state = 'queued'
-                """, [direct.ids]
-            ).rows.map { try claimed($0, q) }
+            // The inserted ones (a conflict on the occurrence key inserts nothing), in claim order.
+            let inserted = try await direct.insertReturningIDs(state: "queued", c)
+            created += inserted.count
+            queued = direct.ids.filter(inserted.contains).compactMap { messages[$0] }
+        }
+        if taskIDs.isEmpty {  // every due task read waits for room
+            return Materialized(roomLeft: room, walk: walk)
         }
         try await c.query(
             """
@@ -330,30 +377,50 @@ extension Store {
             WHERE tasks.id = u.id
             """, [taskIDs, nextTimes, skips, fired])
         return Materialized(
-            created: created, scheduled: scheduled, cancelled: cancelled, queued: queued, roomLeft: room)
+            created: created, scheduled: scheduled, cancelled: cancelled, queued: queued, roomLeft: room, walk: walk)
+    }
+
+    /// The message of a run written `queued` by step 1, from its task's row: what `claimed` reads
+    /// back for other runs. Its `start_by` is on the database's clock (the row's `now()`); a run
+    /// made here starts a new workflow run if any, so no upstream has a result for it yet.
+    static func directRun(
+        _ r: PostgresRow, id: UUID, taskID: UUID, occurrence: Date, now: Date, traceparent: String
+    ) throws -> ClaimedRun {
+        typealias C = DueColumn
+        let scheduleToStart = try r.double(C.scheduleToStart)
+        var m = TaskMessage(
+            runID: id, taskID: taskID, taskName: try r.string(C.name), occurrence: occurrence, attempt: 1,
+            queue: try r.string(C.queue), executor: try r.string(C.executor),
+            parameters: try json(try r.string(C.parameters)), timeoutSeconds: try r.double(C.timeoutSeconds))
+        m.startBy = now.addingTimeInterval(scheduleToStart)
+        return ClaimedRun(
+            message: m, traceparent: traceparent, baggage: r[C.baggage],
+            priority: Priority(rawValue: try r.int(C.priority)) ?? .normal, scheduleToStartSeconds: scheduleToStart)
     }
 
     /// One round trip before a scan: when something is next due (a task, a ready run, an expired
     /// lease: due now when ≤ 0), each queue's broker backlog (runs `queued` or `dispatched`), and
     /// the queues with a rate limit. Every part is an index probe, so an idle tick costs one query
     /// whatever the number of tasks or waiting runs.
-    package func scanProbe() async throws -> ScanProbe {
+    package func scanProbe(since: Date? = nil) async throws -> ScanProbe {
         try await pool.withConnection { c in
             var probe = ScanProbe()
-            for r in try await c.query(Self.probeSQL, [Priority.allCases.map(\.rawValue)]).rows {
+            for r in try await c.query(Self.probeSQL, [Priority.allCases.map(\.rawValue), since]).rows {
                 probe.nextDueIn = r[0].flatMap(Double.init)
                 probe.rateLimited = Set(Self.textArray(r[1] ?? "{}"))
                 if let q = r[2] { probe.backlog[q] = try r.int(3) }
                 probe.runsReady = try r.bool(4)
                 probe.paused = Set(Self.textArray(r[5] ?? "{}"))
                 probe.leasesExpired = try r.bool(6)
+                probe.newDueIn = r[7].flatMap(Double.init)
             }
             return probe
         }
     }
 
     /// `runs_ready` is ordered by (priority, available_at), so the earliest ready run is found with
-    /// one probe per priority; waiting runs (`'infinity'`) are not due.
+    /// one probe per priority; waiting runs (`'infinity'`) are not due. `$2`, when given, asks for
+    /// the first task due after it (`ScanProbe.newDueIn`): one more probe of `tasks_due`.
     package static let probeSQL = """
         WITH ready AS (
             SELECT min((SELECT r.available_at FROM runs r WHERE r.state = 'scheduled' AND r.priority = p AND
@@ -375,7 +442,9 @@ extension Store {
             SELECT queue, count(*) AS n FROM runs WHERE state IN ('queued', 'dispatched') GROUP BY queue
         )
         SELECT extract(epoch FROM next.at - now()), next.limited::text, backlog.queue, backlog.n, next.runs_ready,
-            next.paused::text, next.leases_expired
+            next.paused::text, next.leases_expired,
+            extract(epoch FROM (SELECT min(next_run_at) FROM tasks WHERE NOT paused AND deleted_at IS NULL AND
+                next_run_at IS NOT NULL AND next_run_at > $2::timestamptz) - now())
         FROM next LEFT JOIN backlog ON true
         """
 

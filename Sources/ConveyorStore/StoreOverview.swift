@@ -12,8 +12,9 @@ extension Store {
         package var backlog: Int
         package var running: Int
         package var finishedLastMinute: Int
-        /// Runs due and waiting in PostgreSQL to be published (over the backlog bound, held by a
-        /// concurrency key or rate limit, or their queue paused).
+        /// Work due and waiting in PostgreSQL to be published (over the backlog bound, held by a
+        /// concurrency key or rate limit, or its queue paused): runs, and due tasks that wait for
+        /// room as tasks.
         package var waiting = 0
         /// Paused (`queue_pauses`): nothing new is published to it.
         package var paused = false
@@ -24,8 +25,9 @@ extension Store {
         try await pool.withConnection { c in
             try await c.query(
                 """
-                WITH q AS (SELECT queue, count(*) AS n FROM tasks WHERE deleted_at IS NULL AND ($1::text IS NULL OR
-                    namespace = $1) GROUP BY queue),
+                WITH q AS (SELECT queue, count(*) AS n,
+                                  count(*) FILTER (WHERE next_run_at <= now() AND NOT paused) AS due
+                           FROM tasks WHERE deleted_at IS NULL AND ($1::text IS NULL OR namespace = $1) GROUP BY queue),
                      o AS (SELECT r.queue, count(*) FILTER (WHERE r.state IN ('queued', 'dispatched')) AS backlog,
                                   count(*) FILTER (WHERE r.state = 'running') AS running,
                                   count(*) FILTER (WHERE r.state = 'scheduled' AND r.available_at <= now()) AS waiting
@@ -36,7 +38,7 @@ extension Store {
                              AND ($1::text IS NULL OR r.task_id IN (SELECT id FROM tasks WHERE namespace = $1)) GROUP
                                  BY r.queue)
                 SELECT q.queue, q.n, coalesce(o.backlog, 0), coalesce(o.running, 0), coalesce(f.n, 0),
-                       coalesce(o.waiting, 0), EXISTS (SELECT 1 FROM queue_pauses p WHERE p.queue = q.queue)
+                       coalesce(o.waiting, 0) + q.due, EXISTS (SELECT 1 FROM queue_pauses p WHERE p.queue = q.queue)
                 FROM q LEFT JOIN o USING (queue) LEFT JOIN f USING (queue) ORDER BY q.queue LIMIT 1000
                 """, [namespace]
             ).rows.map { r in

@@ -296,7 +296,9 @@ struct Bench: AsyncParsableCommand {
         }
         ticks.sort()
         let plan = try await pool.withConnection { c in
-            try await c.query("EXPLAIN (ANALYZE, BUFFERS) " + Store.probeSQL, [Priority.allCases.map(\.rawValue)]).rows
+            try await c.query(
+                "EXPLAIN (ANALYZE, BUFFERS) " + Store.probeSQL, [Priority.allCases.map(\.rawValue), Date?.none]
+            ).rows
                 .compactMap { $0[0] }
         }
         let total = try await pool.withConnection { c in try await c.query("SELECT count(*) FROM tasks").first!.int(0) }
