@@ -166,16 +166,14 @@ extension Dispatcher {
         // task was seen (none became due since) and none has waited half the misfire grace, and no
         // waiting queue has room for a batch. Then the tick claims nothing, and wakes when a task
         // falls due or ages (or sooner: a recorded status, a NOTIFY).
-        if since != nil && !probe.runsReady && !probe.leasesExpired && (probe.newDueIn ?? 1) > 0
+        let half = configuration.misfireGrace.inSeconds / 2
+        let waited = -(probe.nextDueIn ?? 0)  // at least the oldest due task's wait
+        let nothingNew = since != nil && (probe.newDueIn ?? 1) > 0
+        if nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired
             && walks.waiting.allSatisfy({ (room[$0] ?? defaultRoom) < waitingBatch })
         {
-            let half = configuration.misfireGrace.inSeconds / 2
-            let waited = -(probe.nextDueIn ?? 0)  // at least the oldest due task's wait
-            if waited < half {
-                let wake = min(probe.newDueIn ?? .infinity, half - waited)
-                counters.withLock { $0.idleWaits += 1 }
-                return (0, wake)
-            }
+            counters.withLock { $0.idleWaits += 1 }
+            return (0, min(probe.newDueIn ?? .infinity, half - waited))
         }
         let (work, walked) = await withTaskGroup(of: (Int, Int, DueWalk?).self) { group in
             for g in 0..<groups {
@@ -196,6 +194,8 @@ extension Dispatcher {
                     // Half the bound: the broker still holds the other half for the workers, and a
                     // claim's fixed cost (about six statements) is paid per half a bound of runs.
                     request.waitingBatch = waitingBatch
+                    request.agedPossible = waited >= half
+                    request.newDuePossible = !nothingNew
                     let (work, walk) = await self.dispatchGroup(request, spans: spans)
                     return (g, work, walk)
                 }

@@ -66,6 +66,12 @@ package struct ClaimRequest: Sendable {
     package var waitingFrom: [String: [Int: DuePosition]] = [:]
     /// Queues known to have due tasks waiting for room, taken by priority when they have room.
     package var waiting: Set<String> = []
+    /// Whether a due task may have waited half the misfire grace (the probe's oldest due time says
+    /// so); if not, step 0 of `Store.dueTasks` is not run.
+    package var agedPossible = true
+    /// Whether a task may have fallen due since this group's walk reached its end (the probe's
+    /// first task due after it says so); if not, step 2 of `Store.dueTasks` is not run.
+    package var newDuePossible = true
     /// The least room worth a claim for a waiting queue: its due tasks are taken in batches of at
     /// least this many (or all that are left), not one statement per few runs that ended.
     package var waitingBatch = 1

@@ -65,14 +65,16 @@ extension Store {
             NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL AND t.shard >= $1::bigint AND t.shard <
                 $2::bigint
             """
-        for r in try await c.query(
-            """
-            SELECT \(dueColumns) FROM tasks t
-            WHERE \(base) AND t.next_run_at <= now() - make_interval(secs => $4)
-            ORDER BY t.next_run_at LIMIT $3 FOR UPDATE SKIP LOCKED
-            """, [q.shards.lower, q.shards.upper, q.limit, half]
-        ).rows {
-            rows.append((r, .aged))
+        if q.agedPossible {
+            for r in try await c.query(
+                """
+                SELECT \(dueColumns) FROM tasks t
+                WHERE \(base) AND t.next_run_at <= now() - make_interval(secs => $4)
+                ORDER BY t.next_run_at LIMIT $3 FOR UPDATE SKIP LOCKED
+                """, [q.shards.lower, q.shards.upper, q.limit, half]
+            ).rows {
+                rows.append((r, .aged))
+            }
         }
         for queue in q.waiting.sorted() {
             let room = min(room[queue] ?? q.defaultRoom, q.limit - rows.count)
@@ -111,7 +113,8 @@ extension Store {
             rows += taken.map { ($0, .waiting) }
         }
         let limit = q.limit - rows.count
-        guard limit > 0 else { return (rows, walk) }
+        // Step 2 when it may find something: not after a walk to the end with nothing due since.
+        guard limit > 0, q.newDuePossible || q.seenUpTo?.id != DuePosition.end else { return (rows, walk) }
         // The queue is compared as an expression: PostgreSQL would otherwise estimate from the
         // column's statistics that few rows pass (all due tasks may be in a waiting queue) and sort
         // a sequential scan of the table instead of walking `tasks_due` from the position.
