@@ -21,6 +21,13 @@ struct DueWalks {
     /// Bumped whenever the positions are forgotten, so that a tick that began before does not store its own.
     var generation = 0
     var forgottenAt = ContinuousClock.now
+    /// When each waiting queue was last read (step 1).
+    var claimedAt: [String: ContinuousClock.Instant] = [:]
+
+    /// A waiting queue is read when it has room for half the bound, or when it has any room and
+    /// was not read for this long: in a burst the room comes fast and claims are large; when part
+    /// of the backlog is held up (a broker failover, workers lost) the rest still moves.
+    static let pause: Duration = .milliseconds(200)
 
     /// How long a position is trusted: a task due by a write whose NOTIFY was lost (the listener
     /// reconnecting), or skipped while another dispatcher held it locked, is found within this.
@@ -49,25 +56,24 @@ struct DueWalks {
     mutating func forgetAll() {
         forgetPositions()
         waiting = []
+        claimedAt = [:]
     }
 
-    /// Takes in one tick's walks (group → walk, every group of the tick).
+    /// Takes in one tick's walks (group → walk, of the groups that claimed).
     mutating func merge(_ walks: [Int: DueWalk], groups: Int, generation began: Int) {
         if began == generation {
             for (g, w) in walks { positions[groups, default: [:]][g] = w }
         }
         let left = walks.values.reduce(into: Set<String>()) { $0.formUnion($1.leftWaiting) }
         waiting.formUnion(left)
-        // A queue stops waiting when every group found nothing of it left (each has its own shards).
-        if walks.count == groups {
-            let drained = walks.values.map(\.drained).reduce(walks.values.first?.drained ?? []) {
-                $0.intersection($1)
-            }.subtracting(left)
-            waiting.subtract(drained)
-            for (n, layout) in positions {
-                for g in layout.keys {
-                    for queue in drained { positions[n]?[g]?.waitingFrom[queue] = nil }
-                }
+        // A queue stops waiting when the group that reads the waiting queues (across every
+        // shard) found nothing of it left, and no group left one of its tasks in this tick.
+        let drained = walks.values.reduce(into: Set<String>()) { $0.formUnion($1.drained) }.subtracting(left)
+        waiting.subtract(drained)
+        for queue in drained { claimedAt[queue] = nil }
+        for (n, layout) in positions {
+            for g in layout.keys {
+                for queue in drained { positions[n]?[g]?.waitingFrom[queue] = nil }
             }
         }
     }
@@ -156,7 +162,14 @@ extension Dispatcher {
         let room = probe.backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
             .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
         let defaultRoom = share(configuration.maxBacklogPerQueue)
-        let waitingBatch = max(1, share(configuration.maxBacklogPerQueue / 2))
+        // The waiting queues are read by the tick's first group alone, across every shard, with
+        // their whole room: one statement per queue and tick, not one per group. Half the bound at
+        // a time: the broker still holds the other half for the workers, and a claim's fixed cost
+        // is paid per half a bound of runs.
+        let fullRoom = probe.backlog.mapValues { configuration.maxBacklogPerQueue - $0 }
+            .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
+        let waitingBatch = max(1, configuration.maxBacklogPerQueue / 2)
+        let now = ContinuousClock.now
         let walks = dueWalks.withLock { w in
             // With ready runs ahead, every due task becomes a run (priority orders runs): none waits.
             if probe.runsReady { w.forgetAll() }
@@ -169,14 +182,30 @@ extension Dispatcher {
         let half = configuration.misfireGrace.inSeconds / 2
         let waited = -(probe.nextDueIn ?? 0)  // at least the oldest due task's wait
         let nothingNew = since != nil && (probe.newDueIn ?? 1) > 0
-        if nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired
-            && walks.waiting.allSatisfy({ (room[$0] ?? defaultRoom) < waitingBatch })
-        {
-            counters.withLock { $0.idleWaits += 1 }
-            return (0, min(probe.newDueIn ?? .infinity, half - waited))
+        // The waiting queues worth a claim now, and when the next one with some room will be.
+        var claimWaiting: Set<String> = []
+        var nextClaim = Double.infinity
+        for queue in walks.waiting where (fullRoom[queue] ?? configuration.maxBacklogPerQueue) > 0 {
+            let unread = walks.claimedAt[queue].map { now - $0 } ?? DueWalks.pause
+            if (fullRoom[queue] ?? configuration.maxBacklogPerQueue) >= waitingBatch || unread >= DueWalks.pause {
+                claimWaiting.insert(queue)
+            } else {
+                nextClaim = min(nextClaim, (DueWalks.pause - unread).inSeconds)
+            }
         }
+        if nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired && claimWaiting.isEmpty {
+            counters.withLock { $0.idleWaits += 1 }
+            return (0, min(probe.newDueIn ?? .infinity, half - waited, nextClaim))
+        }
+        let toClaim = claimWaiting
+        if !toClaim.isEmpty {
+            dueWalks.withLock { w in for queue in toClaim { w.claimedAt[queue] = now } }
+        }
+        // Other groups claim only when they may find something: a new due task, an aged one, a
+        // ready run or an expired lease (in a burst that waits for room, none of these).
+        let othersIdle = nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired
         let (work, walked) = await withTaskGroup(of: (Int, Int, DueWalk?).self) { group in
-            for g in 0..<groups {
+            for g in 0..<groups where g == 0 || !othersIdle {
                 group.addTask {
                     let spans = DispatchSpans()
                     var request = ClaimRequest(
@@ -184,6 +213,11 @@ extension Dispatcher {
                         lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
                         newTraceParent: { spans.start(parent: $0) })
                     request.room = room
+                    if g == 0 {
+                        for queue in walks.waiting {
+                            request.room[queue] = fullRoom[queue] ?? self.configuration.maxBacklogPerQueue
+                        }
+                    }
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited
                     request.straightToQueue = !probe.runsReady
@@ -191,9 +225,7 @@ extension Dispatcher {
                     request.seenUpTo = walks.positions[groups]?[g]?.seenUpTo
                     request.waitingFrom = walks.positions[groups]?[g]?.waitingFrom ?? [:]
                     request.waiting = walks.waiting
-                    // Half the bound: the broker still holds the other half for the workers, and a
-                    // claim's fixed cost (about six statements) is paid per half a bound of runs.
-                    request.waitingBatch = waitingBatch
+                    if g == 0 { request.claimWaiting = toClaim }
                     request.agedPossible = waited >= half
                     request.newDuePossible = !nothingNew
                     let (work, walk) = await self.dispatchGroup(request, spans: spans)

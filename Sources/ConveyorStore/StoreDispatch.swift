@@ -64,17 +64,18 @@ package struct ClaimRequest: Sendable {
     package var seenUpTo: DuePosition?
     /// Where this group's claims of each waiting queue go on from, by priority (`DueWalk.waitingFrom`).
     package var waitingFrom: [String: [Int: DuePosition]] = [:]
-    /// Queues known to have due tasks waiting for room, taken by priority when they have room.
+    /// Queues known to have due tasks waiting for room, taken by priority when they have room
+    /// (step 1 of `Store.dueTasks`); the other steps leave them to it.
     package var waiting: Set<String> = []
+    /// The waiting queues this claim reads (step 1), across every shard, with their whole room:
+    /// one group of a tick does, for the queues the dispatcher judged worth a claim.
+    package var claimWaiting: Set<String> = []
     /// Whether a due task may have waited half the misfire grace (the probe's oldest due time says
     /// so); if not, step 0 of `Store.dueTasks` is not run.
     package var agedPossible = true
     /// Whether a task may have fallen due since this group's walk reached its end (the probe's
     /// first task due after it says so); if not, step 2 of `Store.dueTasks` is not run.
     package var newDuePossible = true
-    /// The least room worth a claim for a waiting queue: its due tasks are taken in batches of at
-    /// least this many (or all that are left), not one statement per few runs that ended.
-    package var waitingBatch = 1
     /// Makes the trace context of a new run, given the task's stored context (if any).
     package var newTraceParent: @Sendable (String?) -> String
 

@@ -45,9 +45,9 @@ extension Store {
     /// Step 1's due tasks when due tasks may wait for room as tasks (`ClaimRequest.straightToQueue`):
     ///
     /// 0. tasks due for half the misfire grace, oldest first (they become runs whatever the room);
-    /// 1. for each waiting queue with room, its due tasks by priority, then due time, up to the room
-    ///    (one statement per queue, through `tasks_waiting`), each priority from where the last
-    ///    claim of this group took its last (`request.waitingFrom`);
+    /// 1. for each of `request.claimWaiting` with room, its due tasks of every shard by priority, then due time, up to the room (one statement per queue, through
+    ///    `tasks_waiting`), each priority from where the last such claim took its last
+    ///    (`request.waitingFrom`);
     /// 2. due tasks of the other queues not seen by this group's earlier walks, from
     ///    `request.seenUpTo` on, in due order (`tasks_due`).
     ///
@@ -76,9 +76,9 @@ extension Store {
                 rows.append((r, .aged))
             }
         }
-        for queue in q.waiting.sorted() {
+        for queue in q.claimWaiting.sorted() {
             let room = min(room[queue] ?? q.defaultRoom, q.limit - rows.count)
-            if room < q.waitingBatch { continue }
+            if room <= 0 { continue }
             // Each priority in turn, in due order within it, from the last taken (or from half the
             // misfire grace ago: older ones are step 0's): index range scans that stop at the room,
             // and never walk back over the tasks taken before (their old index entries stay until
@@ -101,11 +101,13 @@ extension Store {
                 LIMIT $3
                 """,
                 [
-                    q.shards.lower, q.shards.upper, room, half, priorities, queue,
+                    0, 1 << 31, room, half, priorities, queue,
                     from.map { $0?.at ?? Self.earliest }, from.map { $0?.id ?? UUID.min }, UUID.max,
                 ]
             ).rows
-            if taken.count < room { walk.drained.insert(queue) }
+            // None left (not merely fewer than the room: another dispatcher may hold some locked,
+            // and it goes on taking them).
+            if taken.isEmpty { walk.drained.insert(queue) }
             for r in taken {
                 walk.waitingFrom[queue, default: [:]][try r.int(DueColumn.priority)] = DuePosition(
                     at: try r.date(DueColumn.nextRunAt), id: try r.uuid(DueColumn.id))
