@@ -69,13 +69,13 @@ struct DueWalks {
         // A queue stops waiting when the group that reads the waiting queues (across every
         // shard) found nothing of it left, and no group left one of its tasks in this tick.
         let drained = walks.values.reduce(into: Set<String>()) { $0.formUnion($1.drained) }.subtracting(left)
+        guard !drained.isEmpty else { return }
         waiting.subtract(drained)
         for queue in drained { claimedAt[queue] = nil }
-        for (n, layout) in positions {
-            for g in layout.keys {
-                for queue in drained { positions[n]?[g]?.waitingFrom[queue] = nil }
-            }
-        }
+        // The other groups' walks passed over the drained queue's tasks (it was waiting) up to their
+        // own claim's now(), later than the read that found it empty: a task of it that fell due
+        // in between sits behind their positions. Drains are rare; walk again from the start.
+        forgetPositions()
     }
 }
 
@@ -168,7 +168,9 @@ extension Dispatcher {
         // is paid per half a bound of runs.
         let fullRoom = probe.backlog.mapValues { configuration.maxBacklogPerQueue - $0 }
             .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
-        let waitingBatch = max(1, configuration.maxBacklogPerQueue / 2)
+        // At most a claim's batch: a read takes no more, and the rest of the room must not wait
+        // for the pause.
+        let waitingBatch = max(1, min(configuration.maxBacklogPerQueue / 2, configuration.batchSize))
         let now = ContinuousClock.now
         let walks = dueWalks.withLock { w in
             // With ready runs ahead, every due task becomes a run (priority orders runs): none waits.
@@ -212,11 +214,11 @@ extension Dispatcher {
                         group: g, groups: groups, limit: self.configuration.batchSize,
                         lease: self.configuration.publishLease, misfireGrace: self.configuration.misfireGrace,
                         newTraceParent: { spans.start(parent: $0) })
+                    // The waiting queues' whole room is the first group's; the others write their
+                    // aged tasks `scheduled`, so that the bound holds.
                     request.room = room
-                    if g == 0 {
-                        for queue in walks.waiting {
-                            request.room[queue] = fullRoom[queue] ?? self.configuration.maxBacklogPerQueue
-                        }
+                    for queue in walks.waiting {
+                        request.room[queue] = g == 0 ? fullRoom[queue] ?? self.configuration.maxBacklogPerQueue : 0
                     }
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited
