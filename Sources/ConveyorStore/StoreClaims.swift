@@ -200,16 +200,30 @@ extension Store {
 
     static func claimed(_ r: PostgresRow, _ q: ClaimRequest) throws -> ClaimedRun {
         typealias C = MessageColumn
-        var m = TaskMessage(
-            runID: try r.uuid(C.runID), taskID: try r.uuid(C.taskID), taskName: try r.string(C.taskName),
+        return try claimedRun(
+            runID: try r.uuid(C.runID), taskID: try r.uuid(C.taskID), name: try r.string(C.taskName),
             occurrence: try r.date(C.occurrence), attempt: try r.int(C.attempt), queue: try r.string(C.queue),
-            executor: try r.string(C.executor), parameters: try json(try r.string(C.parameters)),
-            timeoutSeconds: try r.double(C.timeoutSeconds))
-        m.startBy = try r.date(C.startBy)
-        m.inputs = TaskMessage.bounded(inputs: try r[C.inputs].map(json))
+            executor: try r.string(C.executor), parameters: try r.string(C.parameters),
+            timeoutSeconds: try r.double(C.timeoutSeconds), startBy: try r.date(C.startBy), inputs: r[C.inputs],
+            traceparent: r[C.traceparent] ?? q.newTraceParent(nil), baggage: r[C.baggage],
+            priority: try r.int(C.priority), scheduleToStartSeconds: try r.double(C.scheduleToStart))
+    }
+
+    /// A claimed run and its task message, from the fields of its run and task: the one builder of
+    /// both paths that make runs `queued` (`claimed` from a run's row, `directRun` from a due task's),
+    /// so that a message field is never added to one and missed in the other.
+    static func claimedRun(
+        runID: UUID, taskID: UUID, name: String, occurrence: Date, attempt: Int, queue: String, executor: String,
+        parameters: String, timeoutSeconds: Double, startBy: Date, inputs: String?, traceparent: String,
+        baggage: String?, priority: Int, scheduleToStartSeconds: Double
+    ) throws -> ClaimedRun {
+        var m = TaskMessage(
+            runID: runID, taskID: taskID, taskName: name, occurrence: occurrence, attempt: attempt, queue: queue,
+            executor: executor, parameters: try json(parameters), timeoutSeconds: timeoutSeconds)
+        m.startBy = startBy
+        m.inputs = TaskMessage.bounded(inputs: try inputs.map(json))
         return ClaimedRun(
-            message: m, traceparent: r[C.traceparent] ?? q.newTraceParent(nil), baggage: r[C.baggage],
-            priority: Priority(rawValue: try r.int(C.priority)) ?? .normal,
-            scheduleToStartSeconds: try r.double(C.scheduleToStart))
+            message: m, traceparent: traceparent, baggage: baggage, priority: Priority(rawValue: priority) ?? .normal,
+            scheduleToStartSeconds: scheduleToStartSeconds)
     }
 }

@@ -225,8 +225,7 @@ extension Store {
                 """
                 SELECT \(dueColumns)
                 FROM tasks t
-                WHERE t.next_run_at <= now() AND NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL
-                  AND t.shard >= $1::bigint AND t.shard < $2::bigint
+                WHERE \(dueTask) AND t.next_run_at <= now()
                 ORDER BY t.next_run_at
                 LIMIT $3
                 FOR UPDATE SKIP LOCKED
@@ -248,14 +247,13 @@ extension Store {
         for (r, source) in due {
             // A due task of a full queue that would go straight to it waits for room as a task,
             // untouched (unless it has waited half the misfire grace: then it becomes a run).
-            if var w = walk, source != .aged, r[C.concurrencyKey] == nil {
+            if walk != nil, source != .aged, r[C.concurrencyKey] == nil {
                 let queue = try r.string(C.queue)
                 if !q.rateLimited.contains(queue) && (room[queue] ?? q.defaultRoom) <= 0 {
-                    w.leftWaiting.insert(queue)
+                    walk?.leftWaiting.insert(queue)
                     // Taken from a waiting queue but left (catch-up runs used its room): its next
                     // claim starts from the start again, not after this task.
-                    if source == .waiting { w.waitingFrom[queue] = nil }
-                    walk = w
+                    if source == .waiting { walk?.waitingFrom[queue] = nil }
                     continue
                 }
             }
@@ -395,14 +393,12 @@ extension Store {
     ) throws -> ClaimedRun {
         typealias C = DueColumn
         let scheduleToStart = try r.double(C.scheduleToStart)
-        var m = TaskMessage(
-            runID: id, taskID: taskID, taskName: try r.string(C.name), occurrence: occurrence, attempt: 1,
-            queue: try r.string(C.queue), executor: try r.string(C.executor),
-            parameters: try json(try r.string(C.parameters)), timeoutSeconds: try r.double(C.timeoutSeconds))
-        m.startBy = now.addingTimeInterval(scheduleToStart)
-        return ClaimedRun(
-            message: m, traceparent: traceparent, baggage: r[C.baggage],
-            priority: Priority(rawValue: try r.int(C.priority)) ?? .normal, scheduleToStartSeconds: scheduleToStart)
+        return try claimedRun(
+            runID: id, taskID: taskID, name: try r.string(C.name), occurrence: occurrence, attempt: 1,
+            queue: try r.string(C.queue), executor: try r.string(C.executor), parameters: try r.string(C.parameters),
+            timeoutSeconds: try r.double(C.timeoutSeconds), startBy: now.addingTimeInterval(scheduleToStart),
+            inputs: nil, traceparent: traceparent, baggage: r[C.baggage], priority: try r.int(C.priority),
+            scheduleToStartSeconds: scheduleToStart)
     }
 
     /// One round trip before a scan: when something is next due (a task, a ready run, an expired

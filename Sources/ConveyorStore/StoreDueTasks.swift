@@ -38,7 +38,8 @@ extension Store {
         case aged
         /// Of a queue known to have due tasks waiting for room, taken by priority.
         case waiting
-        /// Found by the walk of tasks not seen before.
+        /// Found by the walk of tasks not seen before; also every row when runs are made `scheduled`
+        /// first (no `DueWalk`), where nothing reads the source.
         case found
     }
 
@@ -61,15 +62,11 @@ extension Store {
         let half = q.misfireGrace.inSeconds / 2
         var rows: [(PostgresRow, DueSource)] = []
         var walk = DueWalk(seenUpTo: q.seenUpTo, waitingFrom: q.waitingFrom)
-        let base = """
-            NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL AND t.shard >= $1::bigint AND t.shard <
-                $2::bigint
-            """
         if q.agedPossible {
             for r in try await c.query(
                 """
                 SELECT \(dueColumns) FROM tasks t
-                WHERE \(base) AND t.next_run_at <= now() - make_interval(secs => $4)
+                WHERE \(dueTask) AND t.next_run_at <= now() - make_interval(secs => $4)
                 ORDER BY t.next_run_at LIMIT $3 FOR UPDATE SKIP LOCKED
                 """, [q.shards.lower, q.shards.upper, q.limit, half]
             ).rows {
@@ -94,7 +91,7 @@ extension Store {
                          (SELECT now() - make_interval(secs => $4) AS at) a) p
                 CROSS JOIN LATERAL (
                     SELECT * FROM tasks t
-                    WHERE t.queue = $6 AND t.priority = p.priority AND \(base)
+                    WHERE t.queue = $6 AND t.priority = p.priority AND \(dueTask)
                       AND (t.priority, t.next_run_at) <= (p.priority, now())
                       AND (t.priority, t.next_run_at, t.id) > (p.priority, p.at, p.id)
                     ORDER BY t.next_run_at, t.id LIMIT $3 FOR UPDATE SKIP LOCKED) t
@@ -102,7 +99,7 @@ extension Store {
                 """,
                 [
                     0, 1 << 31, room, half, priorities, queue,
-                    from.map { $0?.at ?? Self.earliest }, from.map { $0?.id ?? UUID.min }, UUID.max,
+                    from.map { $0?.at ?? Self.earliest }, from.map { $0?.id ?? UUID.min }, DuePosition.end,
                 ]
             ).rows
             // None left (not merely fewer than the room: another dispatcher may hold some locked,
@@ -127,7 +124,7 @@ extension Store {
         let found = try await c.query(
             """
             SELECT \(dueColumns) FROM tasks t
-            WHERE \(base) AND t.next_run_at <= now() AND t.next_run_at > now() - make_interval(secs => $4)
+            WHERE \(dueTask) AND t.next_run_at <= now() AND t.next_run_at > now() - make_interval(secs => $4)
               \(after) AND (t.queue || '') <> ALL($5::text[])
             ORDER BY t.next_run_at, t.id LIMIT $3 FOR UPDATE SKIP LOCKED
             """, parameters
@@ -138,16 +135,15 @@ extension Store {
             // Every due task up to now() was seen: the next walk starts there.
             var now = try found.last?.date(DueColumn.now)
             if now == nil { now = try await c.query("SELECT now()").rows[0].date(0) }
-            walk.seenUpTo = now.map { DuePosition(at: $0, id: UUID.max) }
+            walk.seenUpTo = now.map { DuePosition(at: $0, id: DuePosition.end) }
         }
         // Found in due order; a queue's room goes to the highest priority among them.
-        let ordered = found.enumerated().sorted { a, b in
-            let (pa, pb) = (
-                (try? a.element.int(DueColumn.priority)) ?? 2, (try? b.element.int(DueColumn.priority)) ?? 2
-            )
-            return pa != pb ? pa < pb : a.offset < b.offset
+        // Stable: within a priority, due order stays.
+        let priority = try found.map { try $0.int(DueColumn.priority) }
+        let ordered = found.indices.sorted { a, b in
+            priority[a] != priority[b] ? priority[a] < priority[b] : a < b
         }
-        rows += ordered.map { ($0.element, .found) }
+        rows += ordered.map { (found[$0], .found) }
         return (rows, walk)
     }
 }
@@ -155,6 +151,13 @@ extension Store {
 extension Store {
     /// Before every due time a task can have (the API and the enqueue function refuse earlier ones).
     static let earliest = Date(timeIntervalSince1970: Double(Timestamp.earliestSeconds))
+
+    /// What makes a task (`t`) one that step 1 may read when due, in the shards `[$1, $2)`: every
+    /// read of due tasks starts from it.
+    static let dueTask = """
+        NOT t.paused AND t.deleted_at IS NULL AND t.next_run_at IS NOT NULL AND t.shard >= $1::bigint AND t.shard <
+            $2::bigint
+        """
 }
 
 extension UUID {
