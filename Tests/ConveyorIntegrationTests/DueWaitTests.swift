@@ -113,4 +113,39 @@ struct DueWaitTests {
             }
         }
     }
+
+    /// The walk reads due tasks in due order, but a queue's room goes to the highest priority
+    /// among them: with room for one, a `high` task due after a `low` one takes it, and the `low`
+    /// one waits as a task.
+    @Test func theRoomFoundByAWalkGoesToTheHighestPriority() async throws {
+        try await System.with { sys in
+            var (low, high) = (sys.tasks(1, name: "low")[0], sys.tasks(1, name: "high")[0])
+            low.priority = .low
+            low.startAt = Date().addingTimeInterval(-6)  // due first, not yet half the misfire grace old
+            high.priority = .high
+            high.startAt = Date().addingTimeInterval(-3)
+            try await sys.store.createTasks([low, high])
+            let dispatcher = sys.dispatcher {
+                $0.maxBacklogPerQueue = 1
+                $0.groups = 1
+            }
+            try await withServices([dispatcher]) {
+                let published = try await sys.eventually(timeout: .seconds(20), "one run published") {
+                    dispatcher.stats.published >= 1
+                }
+                try #require(published)
+                let scans = dispatcher.stats.scans
+                let scanned = try await sys.eventually(timeout: .seconds(20), "three more scans") {
+                    dispatcher.stats.scans >= scans + 3
+                }
+                try #require(scanned)
+                let names = try await sys.rows("SELECT t.name FROM runs r JOIN tasks t ON t.id = r.task_id")
+                    .map { $0[0] }
+                #expect(names == ["high-0"], "the room went to \(names)")
+                #expect(
+                    try await sys.count("SELECT count(*) FROM tasks WHERE name = 'low-0' AND next_run_at <= now()") == 1
+                )
+            }
+        }
+    }
 }
