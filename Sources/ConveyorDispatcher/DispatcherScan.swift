@@ -159,15 +159,15 @@ extension Dispatcher {
         // priority orders it. The room is shared out among the groups.
         func share(_ room: Int) -> Int { room <= 0 ? 0 : (room + groups - 1) / groups }
         // A paused queue has no room: its due runs wait in PostgreSQL, in order, until resumed.
-        let room = probe.backlog.mapValues { share(configuration.maxBacklogPerQueue - $0) }
-            .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
-        let defaultRoom = share(configuration.maxBacklogPerQueue)
-        // The waiting queues are read by the tick's first group alone, across every shard, with
-        // their whole room: one statement per queue and tick, not one per group. Half the bound at
-        // a time: the broker still holds the other half for the workers, and a claim's fixed cost
-        // is paid per half a bound of runs.
         let fullRoom = probe.backlog.mapValues { configuration.maxBacklogPerQueue - $0 }
             .merging(probe.paused.map { ($0, 0) }) { _, paused in paused }
+        @Sendable func roomOf(_ queue: String) -> Int { fullRoom[queue] ?? configuration.maxBacklogPerQueue }
+        let room = fullRoom.mapValues(share)
+        let defaultRoom = share(configuration.maxBacklogPerQueue)
+        // The waiting queues are read by the tick's first group alone, across every shard, with
+        // their whole room (`fullRoom`): one statement per queue and tick, not one per group. Half
+        // the bound at a time: the broker still holds the other half for the workers, and a claim's
+        // fixed cost is paid per half a bound of runs.
         // At most a claim's batch: a read takes no more, and the rest of the room must not wait
         // for the pause.
         let waitingBatch = max(1, min(configuration.maxBacklogPerQueue / 2, configuration.batchSize))
@@ -184,18 +184,21 @@ extension Dispatcher {
         let half = configuration.misfireGrace.inSeconds / 2
         let waited = -(probe.nextDueIn ?? 0)  // at least the oldest due task's wait
         let nothingNew = since != nil && (probe.newDueIn ?? 1) > 0
+        // Only the waiting queues' read can move anything (in a burst that waits for room, the
+        // usual case): the groups other than the first have nothing to claim.
+        let othersIdle = nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired
         // The waiting queues worth a claim now, and when the next one with some room will be.
         var claimWaiting: Set<String> = []
         var nextClaim = Double.infinity
-        for queue in walks.waiting where (fullRoom[queue] ?? configuration.maxBacklogPerQueue) > 0 {
+        for queue in walks.waiting where roomOf(queue) > 0 {
             let unread = walks.claimedAt[queue].map { now - $0 } ?? DueWalks.pause
-            if (fullRoom[queue] ?? configuration.maxBacklogPerQueue) >= waitingBatch || unread >= DueWalks.pause {
+            if roomOf(queue) >= waitingBatch || unread >= DueWalks.pause {
                 claimWaiting.insert(queue)
             } else {
                 nextClaim = min(nextClaim, (DueWalks.pause - unread).inSeconds)
             }
         }
-        if nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired && claimWaiting.isEmpty {
+        if othersIdle && claimWaiting.isEmpty {
             counters.withLock { $0.idleWaits += 1 }
             return (0, min(probe.newDueIn ?? .infinity, half - waited, nextClaim))
         }
@@ -203,9 +206,6 @@ extension Dispatcher {
         if !toClaim.isEmpty {
             dueWalks.withLock { w in for queue in toClaim { w.claimedAt[queue] = now } }
         }
-        // Other groups claim only when they may find something: a new due task, an aged one, a
-        // ready run or an expired lease (in a burst that waits for room, none of these).
-        let othersIdle = nothingNew && waited < half && !probe.runsReady && !probe.leasesExpired
         let (work, walked) = await withTaskGroup(of: (Int, Int, DueWalk?).self) { group in
             for g in 0..<groups where g == 0 || !othersIdle {
                 group.addTask {
@@ -218,7 +218,7 @@ extension Dispatcher {
                     // aged tasks `scheduled`, so that the bound holds.
                     request.room = room
                     for queue in walks.waiting {
-                        request.room[queue] = g == 0 ? fullRoom[queue] ?? self.configuration.maxBacklogPerQueue : 0
+                        request.room[queue] = g == 0 ? roomOf(queue) : 0
                     }
                     request.defaultRoom = defaultRoom
                     request.rateLimited = probe.rateLimited

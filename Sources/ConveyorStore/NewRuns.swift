@@ -46,13 +46,14 @@ struct NewRuns {
     /// Inserts as `state`; an occurrence's attempt that exists already is left alone. Returns the rows inserted.
     func insert(state: String, _ c: PostgresConnection) async throws -> Int {
         guard !isEmpty else { return 0 }
-        return try await c.query(insertSQL, parameters(state: state)).affectedRows
+        return try await c.query(Self.insertSQL, parameters(state: state)).affectedRows
     }
 
     /// Inserts as `insert(state:_:)` does; returns the ids of the rows inserted.
     func insertReturningIDs(state: String, _ c: PostgresConnection) async throws -> Set<UUID> {
         guard !isEmpty else { return [] }
-        return Set(try await c.query(insertSQL + " RETURNING id", parameters(state: state)).rows.map { try $0.uuid(0) })
+        return Set(
+            try await c.query(Self.insertSQL + " RETURNING id", parameters(state: state)).rows.map { try $0.uuid(0) })
     }
 
     private func parameters(state: String) -> [any PostgresEncodable] {
@@ -62,8 +63,7 @@ struct NewRuns {
         ]
     }
 
-    private var insertSQL: String {
-        """
+    private static let insertSQL = """
         INSERT INTO runs (id, task_id, occurrence, attempt, state, queue, shard, available_at, priority,
             concurrency_key,
                           workflow_run_id, trace_id, traceparent, reason, finished_at, publish_count, baggage,
@@ -81,5 +81,4 @@ struct NewRuns {
                   backfill)
         ON CONFLICT (task_id, occurrence, attempt) DO NOTHING
         """
-    }
 }

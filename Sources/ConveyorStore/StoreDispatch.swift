@@ -96,9 +96,12 @@ package struct ClaimRequest: Sendable {
     /// priority order, stopping at the limit; with a modulus it guessed 0.5 % and sorted every
     /// ready row instead (docs/benchmarks.md, "100,000 tasks due at once").
     package var shards: (lower: Int, upper: Int) {
-        let span = 1 << 31
+        let span = Self.allShards.upper
         return (group * span / groups, (group + 1) * span / groups)
     }
+
+    /// Every shard: what the waiting queues' read covers (`Store.dueTasks`, step 1).
+    package static let allShards = (lower: 0, upper: 1 << 31)
 }
 
 /// What one claim did.
@@ -247,8 +250,8 @@ extension Store {
         for (r, source) in due {
             // A due task of a full queue that would go straight to it waits for room as a task,
             // untouched (unless it has waited half the misfire grace: then it becomes a run).
+            let queue = try r.string(C.queue)
             if walk != nil, source != .aged, r[C.concurrencyKey] == nil {
-                let queue = try r.string(C.queue)
                 if !q.rateLimited.contains(queue) && (room[queue] ?? q.defaultRoom) <= 0 {
                     walk?.leftWaiting.insert(queue)
                     // Taken from a waiting queue but left (catch-up runs used its room): its next
@@ -308,7 +311,6 @@ extension Store {
                     workflows.roots.append(taskID)
                     workflows.occurrences.append(occurrence)
                 }
-                let queue = try r.string(C.queue)
                 let queueRoom = room[queue] ?? q.defaultRoom
                 if q.straightToQueue && !waiting && r[C.concurrencyKey] == nil && !q.rateLimited.contains(queue)
                     && queueRoom > 0

@@ -73,6 +73,7 @@ extension Store {
                 rows.append((r, .aged))
             }
         }
+        let priorities = Priority.allCases.map(\.rawValue)
         for queue in q.claimWaiting.sorted() {
             let room = min(room[queue] ?? q.defaultRoom, q.limit - rows.count)
             if room <= 0 { continue }
@@ -81,7 +82,6 @@ extension Store {
             // and never walk back over the tasks taken before (their old index entries stay until
             // a vacuum). The bounds are row comparisons led by the priority, which only
             // `tasks_waiting` can serve: PostgreSQL would otherwise walk `tasks_due` and filter.
-            let priorities = Priority.allCases.map(\.rawValue)
             let from = priorities.map { q.waitingFrom[queue]?[$0] }
             let taken = try await c.query(
                 """
@@ -98,7 +98,7 @@ extension Store {
                 LIMIT $3
                 """,
                 [
-                    0, 1 << 31, room, half, priorities, queue,
+                    ClaimRequest.allShards.lower, ClaimRequest.allShards.upper, room, half, priorities, queue,
                     from.map { $0?.at ?? Self.earliest }, from.map { $0?.id ?? UUID.min }, DuePosition.end,
                 ]
             ).rows
@@ -132,8 +132,9 @@ extension Store {
         if found.count == limit, let last = found.last {
             walk.seenUpTo = DuePosition(at: try last.date(DueColumn.nextRunAt), id: try last.uuid(DueColumn.id))
         } else {
-            // Every due task up to now() was seen: the next walk starts there.
-            var now = try found.last?.date(DueColumn.now)
+            // Every due task up to now() was seen: the next walk starts there. now() is the
+            // transaction's start, the same in every row read; only a claim that read none asks.
+            var now = try (found.last ?? rows.last?.0)?.date(DueColumn.now)
             if now == nil { now = try await c.query("SELECT now()").rows[0].date(0) }
             walk.seenUpTo = now.map { DuePosition(at: $0, id: DuePosition.end) }
         }
